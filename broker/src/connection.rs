@@ -1,0 +1,625 @@
+//! One client connection: reads Pulsar commands, answers them, and forwards topic work to
+//! topic actors (Pulsar binary protocol, `PulsarApi.proto`).
+//!
+//! The connection task owns its state (producers, consumers). Outgoing frames go through one
+//! bounded queue to a writer task; topic actors push `CommandMessage`s into the same queue
+//! with `try_send`. Send receipts are kept in arrival order (a `FuturesOrdered`), so each
+//! producer sees its receipts in sequence order, and each is released only after the topic
+//! made the message durable. A full topic queue or too many outstanding receipts pause
+//! reading from the socket (producer backpressure).
+//!
+//! Any malformed frame closes this connection (with a log line); nothing a client sends can
+//! panic the broker or affect other connections. On close, the connection's consumers are
+//! detached, so their unacknowledged messages are redelivered to others.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::FuturesOrdered;
+use futures::{SinkExt, StreamExt};
+use pulsar::message::proto::{
+    self, base_command::Type, command_ack::AckType, command_lookup_topic_response::LookupType,
+    command_partitioned_topic_metadata_response::LookupType as MetadataLookupType,
+    command_subscribe::{InitialPosition, SubType},
+    ServerError,
+};
+use pulsar::message::Message;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::naming::TopicName;
+use crate::protocol::{
+    self, command, error, message_id, success, FrameCodec, LEDGER_ID, MAX_MESSAGE_SIZE,
+    MAX_PROTOCOL_VERSION,
+};
+use crate::registry::Registry;
+use crate::subscription::{ConsumerKey, StoredEntry};
+use crate::topic::{SubscribeRequest, TopicCommand, TopicHandle};
+
+/// Capacity of a connection's outbound frame queue.
+const OUTBOUND_QUEUE: usize = 1024;
+/// Most send receipts outstanding on one connection before we stop reading.
+const MAX_PENDING_RECEIPTS: usize = 10_000;
+/// Most producers and consumers one connection may register.
+const MAX_HANDLES: usize = 10_000;
+
+/// What every connection shares.
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub service_url: String,
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("client sent {0:?} before Connect")]
+    NotConnected(Type),
+    #[error("command type {0} without its body")]
+    MissingBody(i32),
+    #[error("client connection closed")]
+    Closed,
+}
+
+type Receipt = Pin<Box<dyn Future<Output = Message> + Send + Sync>>;
+
+struct Producer {
+    topic: TopicHandle,
+}
+
+struct Connection {
+    id: u64,
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Message>,
+    connected: bool,
+    producers: HashMap<u64, Producer>,
+    consumers: HashMap<u64, TopicHandle>,
+    receipts: FuturesOrdered<Receipt>,
+}
+
+/// Serves one client until it disconnects, misbehaves, or `shutdown` fires.
+pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let peer = socket.peer_addr().ok();
+    let _ = socket.set_nodelay(true);
+    let (rd, wr) = socket.into_split();
+    let mut reader = FramedRead::new(rd, FrameCodec);
+    let (out, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let stop_writer = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(
+        FramedWrite::new(wr, FrameCodec),
+        out_rx,
+        stop_writer.clone(),
+    ));
+    let mut conn = Connection {
+        id,
+        shared,
+        out,
+        connected: false,
+        producers: HashMap::new(),
+        consumers: HashMap::new(),
+        receipts: FuturesOrdered::new(),
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(receipt) = conn.receipts.next(), if !conn.receipts.is_empty() => {
+                if conn.out.send(receipt).await.is_err() {
+                    break;
+                }
+            }
+            frame = reader.next(), if conn.receipts.len() < MAX_PENDING_RECEIPTS => match frame {
+                Some(Ok(msg)) => {
+                    if let Err(e) = conn.handle(msg).await {
+                        tracing::info!(connection = id, ?peer, error = %e, "closing connection");
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(connection = id, ?peer, error = %e, "bad frame; closing connection");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    conn.detach_all().await;
+    stop_writer.cancel();
+    let _ = writer.await;
+}
+
+async fn write_loop(
+    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+    mut rx: mpsc::Receiver<Message>,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => break,
+            msg = rx.recv() => match msg { Some(m) => m, None => break },
+        };
+        if sink.feed(msg).await.is_err() {
+            return;
+        }
+        while let Ok(more) = rx.try_recv() {
+            if sink.feed(more).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.flush().await;
+    let _ = sink.get_mut().shutdown().await;
+}
+
+use tokio::io::AsyncWriteExt as _;
+
+/// Pulls a command's body out of its `Option`, or fails the connection.
+macro_rules! body {
+    ($cmd:expr, $field:ident) => {
+        match $cmd.$field.take() {
+            Some(b) => b,
+            None => return Err(ConnectionError::MissingBody($cmd.r#type)),
+        }
+    };
+}
+
+impl Connection {
+    async fn reply(&self, msg: Message) -> Result<(), ConnectionError> {
+        self.out.send(msg).await.map_err(|_| ConnectionError::Closed)
+    }
+
+    async fn detach_all(&mut self) {
+        for (consumer_id, topic) in self.consumers.drain() {
+            let key = ConsumerKey {
+                connection: self.id,
+                consumer_id,
+            };
+            let _ = topic.tx.send(TopicCommand::CloseConsumer { key }).await;
+        }
+        self.producers.clear();
+    }
+
+    fn key(&self, consumer_id: u64) -> ConsumerKey {
+        ConsumerKey {
+            connection: self.id,
+            consumer_id,
+        }
+    }
+
+    async fn handle(&mut self, msg: Message) -> Result<(), ConnectionError> {
+        let Message {
+            command: mut cmd,
+            payload,
+        } = msg;
+        let Ok(kind) = Type::try_from(cmd.r#type) else {
+            tracing::debug!(connection = self.id, kind = cmd.r#type, "unknown command type");
+            return self.unsupported(&cmd).await;
+        };
+        if !self.connected && !matches!(kind, Type::Connect | Type::Ping | Type::Pong) {
+            return Err(ConnectionError::NotConnected(kind));
+        }
+        match kind {
+            Type::Connect => {
+                let c = body!(cmd, connect);
+                let version = c.protocol_version.unwrap_or(0).clamp(0, MAX_PROTOCOL_VERSION);
+                self.connected = true;
+                tracing::debug!(connection = self.id, client = %c.client_version, version, "connected");
+                self.reply(command(Type::Connected, |r| {
+                    r.connected = Some(proto::CommandConnected {
+                        server_version: concat!("magnetar-broker/", env!("CARGO_PKG_VERSION"))
+                            .to_string(),
+                        protocol_version: Some(version),
+                        max_message_size: Some(MAX_MESSAGE_SIZE as i32),
+                    })
+                }))
+                .await
+            }
+            Type::Ping => {
+                self.reply(command(Type::Pong, |r| r.pong = Some(proto::CommandPong {})))
+                    .await
+            }
+            Type::Pong => Ok(()),
+            Type::PartitionedMetadata => {
+                let c = body!(cmd, partition_metadata);
+                let result = TopicName::parse(&c.topic);
+                self.reply(command(Type::PartitionedMetadataResponse, |r| {
+                    r.partition_metadata_response =
+                        Some(proto::CommandPartitionedTopicMetadataResponse {
+                            request_id: c.request_id,
+                            partitions: result.is_ok().then_some(0),
+                            response: Some(if result.is_ok() {
+                                MetadataLookupType::Success as i32
+                            } else {
+                                MetadataLookupType::Failed as i32
+                            }),
+                            error: result
+                                .as_ref()
+                                .err()
+                                .map(|_| ServerError::InvalidTopicName as i32),
+                            message: result.as_ref().err().map(|e| e.to_string()),
+                        })
+                }))
+                .await
+            }
+            Type::Lookup => {
+                let c = body!(cmd, lookup_topic);
+                let result = TopicName::parse(&c.topic);
+                let url = self.shared.service_url.clone();
+                self.reply(command(Type::LookupResponse, |r| {
+                    r.lookup_topic_response = Some(match result {
+                        Ok(_) => proto::CommandLookupTopicResponse {
+                            request_id: c.request_id,
+                            response: Some(LookupType::Connect as i32),
+                            broker_service_url: Some(url),
+                            authoritative: Some(true),
+                            ..Default::default()
+                        },
+                        Err(e) => proto::CommandLookupTopicResponse {
+                            request_id: c.request_id,
+                            response: Some(LookupType::Failed as i32),
+                            error: Some(ServerError::InvalidTopicName as i32),
+                            message: Some(e.to_string()),
+                            ..Default::default()
+                        },
+                    })
+                }))
+                .await
+            }
+            Type::Producer => {
+                let c = body!(cmd, producer);
+                self.create_producer(c).await
+            }
+            Type::Send => {
+                let c = body!(cmd, send);
+                self.send(c, payload).await
+            }
+            Type::Subscribe => {
+                let c = body!(cmd, subscribe);
+                self.subscribe(c).await
+            }
+            Type::Flow => {
+                let c = body!(cmd, flow);
+                let key = self.key(c.consumer_id);
+                if let Some(topic) = self.consumers.get(&c.consumer_id) {
+                    let permits = c.message_permits;
+                    let _ = topic.tx.send(TopicCommand::Flow { key, permits }).await;
+                }
+                Ok(())
+            }
+            Type::Ack => {
+                let c = body!(cmd, ack);
+                self.ack(c).await
+            }
+            Type::RedeliverUnacknowledgedMessages => {
+                let c = body!(cmd, redeliver_unacknowledged_messages);
+                let key = self.key(c.consumer_id);
+                if let Some(topic) = self.consumers.get(&c.consumer_id) {
+                    let ids: Vec<u64> = c
+                        .message_ids
+                        .iter()
+                        .filter(|m| m.ledger_id == LEDGER_ID)
+                        .map(|m| m.entry_id)
+                        .collect();
+                    let ids = (!c.message_ids.is_empty()).then_some(ids);
+                    let _ = topic.tx.send(TopicCommand::Redeliver { key, ids }).await;
+                }
+                Ok(())
+            }
+            Type::CloseProducer => {
+                let c = body!(cmd, close_producer);
+                self.producers.remove(&c.producer_id);
+                self.reply(success(c.request_id)).await
+            }
+            Type::CloseConsumer => {
+                let c = body!(cmd, close_consumer);
+                let key = self.key(c.consumer_id);
+                if let Some(topic) = self.consumers.remove(&c.consumer_id) {
+                    let _ = topic.tx.send(TopicCommand::CloseConsumer { key }).await;
+                }
+                self.reply(success(c.request_id)).await
+            }
+            Type::Unsubscribe => {
+                let c = body!(cmd, unsubscribe);
+                self.unsubscribe(c).await
+            }
+            Type::GetLastMessageId => {
+                let c = body!(cmd, get_last_message_id);
+                self.get_last_message_id(c).await
+            }
+            Type::GetTopicsOfNamespace => {
+                let c = body!(cmd, get_topics_of_namespace);
+                let topics = self.shared.registry.topics_of_namespace(&c.namespace);
+                self.reply(command(Type::GetTopicsOfNamespaceResponse, |r| {
+                    r.get_topics_of_namespace_response =
+                        Some(proto::CommandGetTopicsOfNamespaceResponse {
+                            request_id: c.request_id,
+                            topics,
+                            filtered: Some(false),
+                            topics_hash: None,
+                            changed: Some(true),
+                        })
+                }))
+                .await
+            }
+            Type::GetSchema => {
+                let c = body!(cmd, get_schema);
+                self.reply(command(Type::GetSchemaResponse, |r| {
+                    r.get_schema_response = Some(proto::CommandGetSchemaResponse {
+                        request_id: c.request_id,
+                        error_code: Some(ServerError::TopicNotFound as i32),
+                        error_message: Some("no schema stored".to_string()),
+                        ..Default::default()
+                    })
+                }))
+                .await
+            }
+            _ => self.unsupported(&cmd).await,
+        }
+    }
+
+    async fn unsupported(&self, cmd: &proto::BaseCommand) -> Result<(), ConnectionError> {
+        match protocol::request_id_of(cmd) {
+            Some(request_id) => {
+                self.reply(error(
+                    request_id,
+                    ServerError::NotAllowedError,
+                    format!("command type {} is not supported", cmd.r#type),
+                ))
+                .await
+            }
+            None => {
+                tracing::debug!(connection = self.id, kind = cmd.r#type, "ignoring unsupported command");
+                Ok(())
+            }
+        }
+    }
+
+    async fn topic(&self, name: &str, request_id: u64) -> Result<Option<TopicHandle>, ConnectionError> {
+        let name = match TopicName::parse(name) {
+            Ok(n) => n,
+            Err(e) => {
+                self.reply(error(request_id, ServerError::InvalidTopicName, e.to_string()))
+                    .await?;
+                return Ok(None);
+            }
+        };
+        match self.shared.registry.get(&name).await {
+            Ok(h) => Ok(Some(h)),
+            Err(e) => {
+                self.reply(error(request_id, ServerError::ServiceNotReady, e.to_string()))
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn create_producer(&mut self, c: proto::CommandProducer) -> Result<(), ConnectionError> {
+        if self.producers.len() >= MAX_HANDLES && !self.producers.contains_key(&c.producer_id) {
+            return self
+                .reply(error(c.request_id, ServerError::ProducerBusy, "too many producers"))
+                .await;
+        }
+        let Some(topic) = self.topic(&c.topic, c.request_id).await? else {
+            return Ok(());
+        };
+        let producer_name = c
+            .producer_name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| format!("magnetar-{}-{}", self.id, c.producer_id));
+        self.producers.insert(c.producer_id, Producer { topic });
+        self.reply(command(Type::ProducerSuccess, |r| {
+            r.producer_success = Some(proto::CommandProducerSuccess {
+                request_id: c.request_id,
+                producer_name,
+                last_sequence_id: Some(-1),
+                producer_ready: Some(true),
+                ..Default::default()
+            })
+        }))
+        .await
+    }
+
+    async fn send(
+        &mut self,
+        c: proto::CommandSend,
+        payload: Option<pulsar::message::Payload>,
+    ) -> Result<(), ConnectionError> {
+        let (producer_id, sequence_id) = (c.producer_id, c.sequence_id);
+        let highest_sequence_id = c.highest_sequence_id;
+        let send_error = move |code: ServerError, text: String| {
+            command(Type::SendError, |r| {
+                r.send_error = Some(proto::CommandSendError {
+                    producer_id,
+                    sequence_id,
+                    error: code as i32,
+                    message: text,
+                })
+            })
+        };
+        let Some(producer) = self.producers.get(&producer_id) else {
+            return self
+                .reply(send_error(ServerError::NotAllowedError, "unknown producer".into()))
+                .await;
+        };
+        let Some(payload) = payload else {
+            return self
+                .reply(send_error(ServerError::NotAllowedError, "send without payload".into()))
+                .await;
+        };
+        if payload.data.len() > MAX_MESSAGE_SIZE {
+            return self
+                .reply(send_error(ServerError::NotAllowedError, "message too large".into()))
+                .await;
+        }
+        let entry = Arc::new(StoredEntry {
+            metadata: payload.metadata,
+            data: payload.data,
+        });
+        let (reply, done) = oneshot::channel();
+        if producer
+            .topic
+            .tx
+            .send(TopicCommand::Publish { entry, reply })
+            .await
+            .is_err()
+        {
+            return self
+                .reply(send_error(ServerError::ServiceNotReady, "topic stopped".into()))
+                .await;
+        }
+        self.receipts.push_back(Box::pin(async move {
+            match done.await {
+                Ok(Ok(id)) => command(Type::SendReceipt, |r| {
+                    r.send_receipt = Some(proto::CommandSendReceipt {
+                        producer_id,
+                        sequence_id,
+                        message_id: Some(message_id(id)),
+                        highest_sequence_id,
+                    })
+                }),
+                Ok(Err((code, text))) => send_error(code, text),
+                Err(_) => send_error(ServerError::PersistenceError, "topic stopped".into()),
+            }
+        }));
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, c: proto::CommandSubscribe) -> Result<(), ConnectionError> {
+        if self.consumers.len() >= MAX_HANDLES && !self.consumers.contains_key(&c.consumer_id) {
+            return self
+                .reply(error(c.request_id, ServerError::ConsumerBusy, "too many consumers"))
+                .await;
+        }
+        let Ok(sub_type) = SubType::try_from(c.sub_type) else {
+            return self
+                .reply(error(c.request_id, ServerError::NotAllowedError, "unknown subscription type"))
+                .await;
+        };
+        let initial_position = c
+            .initial_position
+            .and_then(|p| InitialPosition::try_from(p).ok())
+            .unwrap_or(InitialPosition::Latest);
+        let Some(topic) = self.topic(&c.topic, c.request_id).await? else {
+            return Ok(());
+        };
+        let request = SubscribeRequest {
+            key: self.key(c.consumer_id),
+            subscription: c.subscription,
+            sub_type,
+            durable: c.durable.unwrap_or(true),
+            initial_position,
+            start_message_id: c.start_message_id,
+            tx: self.out.clone(),
+        };
+        let (reply, done) = oneshot::channel();
+        if topic
+            .tx
+            .send(TopicCommand::Subscribe { request, reply })
+            .await
+            .is_err()
+        {
+            return self
+                .reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
+                .await;
+        }
+        match done.await {
+            Ok(Ok(())) => {
+                self.consumers.insert(c.consumer_id, topic);
+                self.reply(success(c.request_id)).await
+            }
+            Ok(Err((code, text))) => self.reply(error(c.request_id, code, text)).await,
+            Err(_) => {
+                self.reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
+                    .await
+            }
+        }
+    }
+
+    async fn ack(&mut self, c: proto::CommandAck) -> Result<(), ConnectionError> {
+        let key = self.key(c.consumer_id);
+        if let Some(topic) = self.consumers.get(&c.consumer_id) {
+            // A batch-index ack (`ack_set` with bits still set) acknowledges only part of an
+            // entry; we track whole entries, so it is ignored and the entry stays pending.
+            let ids: Vec<u64> = c
+                .message_id
+                .iter()
+                .filter(|m| m.ledger_id == LEDGER_ID && m.ack_set.iter().all(|w| *w == 0))
+                .map(|m| m.entry_id)
+                .collect();
+            let cumulative = c.ack_type == AckType::Cumulative as i32;
+            let _ = topic
+                .tx
+                .send(TopicCommand::Ack {
+                    key,
+                    ids,
+                    cumulative,
+                })
+                .await;
+        }
+        if let Some(request_id) = c.request_id {
+            self.reply(command(Type::AckResponse, |r| {
+                r.ack_response = Some(proto::CommandAckResponse {
+                    consumer_id: c.consumer_id,
+                    request_id: Some(request_id),
+                    ..Default::default()
+                })
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, c: proto::CommandUnsubscribe) -> Result<(), ConnectionError> {
+        let key = self.key(c.consumer_id);
+        let Some(topic) = self.consumers.get(&c.consumer_id) else {
+            return self
+                .reply(error(c.request_id, ServerError::ConsumerNotFound, "no such consumer"))
+                .await;
+        };
+        let (reply, done) = oneshot::channel();
+        let _ = topic.tx.send(TopicCommand::Unsubscribe { key, reply }).await;
+        match done.await {
+            Ok(Ok(())) => {
+                self.consumers.remove(&c.consumer_id);
+                self.reply(success(c.request_id)).await
+            }
+            Ok(Err((code, text))) => self.reply(error(c.request_id, code, text)).await,
+            Err(_) => {
+                self.reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
+                    .await
+            }
+        }
+    }
+
+    async fn get_last_message_id(
+        &mut self,
+        c: proto::CommandGetLastMessageId,
+    ) -> Result<(), ConnectionError> {
+        let key = self.key(c.consumer_id);
+        let Some(topic) = self.consumers.get(&c.consumer_id) else {
+            return self
+                .reply(error(c.request_id, ServerError::ConsumerNotFound, "no such consumer"))
+                .await;
+        };
+        let (reply, done) = oneshot::channel();
+        let _ = topic.tx.send(TopicCommand::GetLastMessageId { key, reply }).await;
+        let Ok(last) = done.await else {
+            return self
+                .reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
+                .await;
+        };
+        self.reply(command(Type::GetLastMessageIdResponse, |r| {
+            r.get_last_message_id_response = Some(proto::CommandGetLastMessageIdResponse {
+                last_message_id: message_id(last.last.unwrap_or(u64::MAX)),
+                request_id: c.request_id,
+                consumer_mark_delete_position: last.mark_delete.map(message_id),
+            })
+        }))
+        .await
+    }
+}

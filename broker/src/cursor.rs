@@ -1,0 +1,237 @@
+//! A durable subscription's cursor: what has been acknowledged, persisted to disk.
+//!
+//! The state follows Pulsar's managed cursor: a mark-delete position (here `ack_floor`, the
+//! first entry id *not* known to be acknowledged; everything below it is acknowledged) plus
+//! the set of entries acknowledged individually above it.
+//!
+//! Durability: [`CursorStore::save`] writes a temp file, fsyncs it, renames it over the old
+//! one and fsyncs the directory, so a crash leaves either the old or the new state, never a
+//! mix. Saving may lag behind acknowledgements (callers coalesce), which after a crash means
+//! an acknowledged message can be delivered again, never that an unacknowledged one is lost.
+//! A file that fails its checksum is treated as "nothing acknowledged" for the same reason.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::log::sync_dir;
+use crate::naming;
+
+const MAGIC: &[u8; 4] = b"MGC1";
+const FILE_SUFFIX: &str = ".cursor";
+/// Most individually-acknowledged entries kept above the floor; beyond it, acks of the
+/// highest entries are forgotten (they will be redelivered), keeping the file bounded.
+pub const MAX_INDIVIDUAL_ACKS: usize = 1_000_000;
+
+/// Acknowledgement state of one subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    ack_floor: u64,
+    acked: BTreeSet<u64>,
+}
+
+impl Cursor {
+    /// A cursor with everything below `floor` acknowledged.
+    pub fn at(floor: u64) -> Cursor {
+        Cursor {
+            ack_floor: floor,
+            acked: BTreeSet::new(),
+        }
+    }
+
+    /// First entry id not known to be acknowledged.
+    pub fn ack_floor(&self) -> u64 {
+        self.ack_floor
+    }
+
+    /// Whether entry `id` is acknowledged.
+    pub fn is_acked(&self, id: u64) -> bool {
+        id < self.ack_floor || self.acked.contains(&id)
+    }
+
+    /// Acknowledges one entry. Returns whether anything changed.
+    pub fn ack(&mut self, id: u64) -> bool {
+        if self.is_acked(id) {
+            return false;
+        }
+        if id == self.ack_floor {
+            self.ack_floor += 1;
+            while self.acked.remove(&self.ack_floor) {
+                self.ack_floor += 1;
+            }
+        } else {
+            if self.acked.len() >= MAX_INDIVIDUAL_ACKS {
+                return false;
+            }
+            self.acked.insert(id);
+        }
+        true
+    }
+
+    /// Acknowledges every entry up to and including `id`.
+    pub fn ack_cumulative(&mut self, id: u64) -> bool {
+        if id < self.ack_floor {
+            return false;
+        }
+        self.ack_floor = id + 1;
+        self.acked = self.acked.split_off(&self.ack_floor);
+        while self.acked.remove(&self.ack_floor) {
+            self.ack_floor += 1;
+        }
+        true
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(20 + self.acked.len() * 8);
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&self.ack_floor.to_be_bytes());
+        buf.extend_from_slice(&(self.acked.len() as u64).to_be_bytes());
+        for id in &self.acked {
+            buf.extend_from_slice(&id.to_be_bytes());
+        }
+        let crc = crc32c::crc32c(&buf);
+        buf.extend_from_slice(&crc.to_be_bytes());
+        buf
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Cursor> {
+        let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+        if crc32c::crc32c(body).to_be_bytes() != crc {
+            return None;
+        }
+        let rest = body.strip_prefix(MAGIC)?;
+        let mut words = rest.chunks_exact(8).map(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            u64::from_be_bytes(w)
+        });
+        let ack_floor = words.next()?;
+        let count = words.next()?;
+        let acked: BTreeSet<u64> = words.collect();
+        if acked.len() as u64 != count || rest.len() % 8 != 0 {
+            return None;
+        }
+        Some(Cursor { ack_floor, acked })
+    }
+}
+
+/// Where a topic's cursors live: `<topic dir>/cursors/<escaped subscription>.cursor`.
+pub struct CursorStore {
+    dir: PathBuf,
+}
+
+impl CursorStore {
+    /// Cursor store under a topic's directory.
+    pub fn new(topic_dir: &Path) -> CursorStore {
+        CursorStore {
+            dir: topic_dir.join("cursors"),
+        }
+    }
+
+    fn path(&self, subscription: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}{FILE_SUFFIX}", naming::escape(subscription)))
+    }
+
+    /// Loads every persisted cursor (subscription name, cursor).
+    pub fn load_all(&self) -> io::Result<Vec<(String, Cursor)>> {
+        let mut out = Vec::new();
+        let items = match fs::read_dir(&self.dir) {
+            Ok(items) => items,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for item in items {
+            let item = item?;
+            let file_name = item.file_name();
+            let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(FILE_SUFFIX)) else {
+                continue;
+            };
+            let Some(name) = naming::unescape(stem) else {
+                continue;
+            };
+            let bytes = fs::read(item.path())?;
+            let cursor = Cursor::decode(&bytes).unwrap_or_else(|| {
+                tracing::warn!(subscription = %name, "cursor file corrupt; redelivering from the start");
+                Cursor::default()
+            });
+            out.push((name, cursor));
+        }
+        Ok(out)
+    }
+
+    /// Durably replaces the saved state of `subscription`.
+    pub fn save(&self, subscription: &str, cursor: &Cursor) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let path = self.path(subscription);
+        let tmp = path.with_extension("tmp");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&cursor.encode())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir)
+    }
+
+    /// Durably forgets `subscription`.
+    pub fn delete(&self, subscription: &str) -> io::Result<()> {
+        match fs::remove_file(self.path(subscription)) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn individual_acks_advance_the_floor_when_contiguous() {
+        let mut c = Cursor::at(0);
+        assert!(c.ack(1));
+        assert!(c.ack(2));
+        assert_eq!(c.ack_floor(), 0);
+        assert!(c.ack(0));
+        assert_eq!(c.ack_floor(), 3);
+        assert!(!c.ack(1));
+        assert!(c.ack_cumulative(5));
+        assert_eq!(c.ack_floor(), 6);
+        c.ack(8);
+        c.ack_cumulative(6);
+        assert_eq!(c.ack_floor(), 7);
+        assert!(c.is_acked(8) && !c.is_acked(7));
+    }
+
+    #[test]
+    fn cursor_survives_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CursorStore::new(dir.path());
+        let mut c = Cursor::at(3);
+        c.ack(7);
+        c.ack(9);
+        store.save("sub/with:odd chars", &c).unwrap();
+        store.save("other", &Cursor::at(0)).unwrap();
+        let mut all = store.load_all().unwrap();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1], ("sub/with:odd chars".to_string(), c));
+        store.delete("other").unwrap();
+        assert_eq!(store.load_all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn corrupt_cursor_file_means_nothing_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CursorStore::new(dir.path());
+        store.save("s", &Cursor::at(10)).unwrap();
+        let path = store.path("s");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[6] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let all = store.load_all().unwrap();
+        assert_eq!(all, vec![("s".to_string(), Cursor::default())]);
+    }
+}

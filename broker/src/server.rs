@@ -1,0 +1,157 @@
+//! Starting and stopping the broker: the listener, the accept loop and graceful shutdown.
+//!
+//! [`Broker::start`] binds, opens the data directory and spawns the accept loop on the
+//! current tokio runtime. [`BrokerHandle::shutdown`] stops accepting, closes every
+//! connection, then has every topic commit its pending messages and cursors before
+//! returning, so a clean stop loses nothing and releases all files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::connection::{self, Shared};
+use crate::registry::Registry;
+
+/// Where the broker listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The embedded broker.
+pub struct Broker;
+
+/// A running broker.
+pub struct BrokerHandle {
+    local_addr: SocketAddr,
+    service_url: String,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    accept: tokio::task::JoinHandle<()>,
+    registry: Arc<Registry>,
+}
+
+impl Broker {
+    /// Binds the listener, opens/recovers storage, spawns the accept loop on the current
+    /// tokio runtime.
+    pub async fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
+        let registry = Registry::new(config.data_dir.join("topics")).map_err(|source| {
+            BrokerError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            }
+        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let advertised = if local_addr.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port())
+        } else {
+            local_addr
+        };
+        let service_url = format!("pulsar://{advertised}");
+        let registry = Arc::new(registry);
+        let shared = Arc::new(Shared {
+            registry: registry.clone(),
+            service_url: service_url.clone(),
+        });
+        let shutdown = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            shared,
+            shutdown.clone(),
+            connections.clone(),
+        ));
+        tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "broker started");
+        Ok(BrokerHandle {
+            local_addr,
+            service_url,
+            shutdown,
+            connections,
+            accept,
+            registry,
+        })
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) {
+    let next_id = AtomicU64::new(1);
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, _)) => {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                connections.spawn(connection::serve(
+                    socket,
+                    id,
+                    shared.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => {
+                // E.g. out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl BrokerHandle {
+    /// The address the broker listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `pulsar://host:port` for clients.
+    pub fn service_url(&self) -> String {
+        self.service_url.clone()
+    }
+
+    /// Stops accepting, closes connections, and flushes storage.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.accept.await;
+        self.connections.close();
+        self.connections.wait().await;
+        self.registry.shutdown().await;
+        tracing::info!(local_addr = %self.local_addr, "broker stopped");
+    }
+}

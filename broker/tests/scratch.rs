@@ -1,0 +1,2 @@
+#[path = "../../tests/e2e/broker.rs"]
+mod broker;

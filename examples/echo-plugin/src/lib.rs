@@ -1,0 +1,71 @@
+//! A line echo service, written only against `magnetar-sdk`, as a third party would.
+//!
+//! Every line a client sends comes back prefixed with `echo: `. Three lines misbehave on
+//! purpose, so that operators (and the gateway's tests) can watch the host contain a bad
+//! plugin: `panic` panics, `loop` spins forever, `alloc` allocates without bound. The host
+//! must tear down only this instance, close its connections, and re-create it.
+#![forbid(unsafe_code)]
+
+use magnetar_sdk::{Conn, ConnInfo, Connection, LogLevel, Plugin};
+
+/// The plugin value: nothing shared between connections.
+pub struct Echo;
+
+/// One connection: bytes of an incomplete line wait here.
+pub struct EchoConn {
+    pending: Vec<u8>,
+}
+
+/// Longest line kept; a longer one closes the connection.
+const MAX_LINE: usize = 64 * 1024;
+
+impl Plugin for Echo {
+    type Connection = EchoConn;
+
+    fn new(_config: &str) -> Result<Self, String> {
+        Ok(Echo)
+    }
+
+    fn open(&mut self, _conn: Conn, info: ConnInfo) -> EchoConn {
+        magnetar_sdk::log(LogLevel::Debug, &format!("echo: open from {}", info.peer_addr));
+        EchoConn {
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl Connection for EchoConn {
+    fn on_data(&mut self, conn: Conn, data: Vec<u8>) {
+        self.pending.extend_from_slice(&data);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).trim().to_string();
+            match text.as_str() {
+                "panic" => panic!("asked to panic"),
+                "loop" => spin_forever(),
+                "alloc" => allocate_without_bound(),
+                _ => conn.send(format!("echo: {text}\n").as_bytes()),
+            }
+        }
+        if self.pending.len() > MAX_LINE {
+            conn.close("line too long");
+        }
+    }
+}
+
+fn spin_forever() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+fn allocate_without_bound() {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        hoard.push(vec![1u8; 1 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+magnetar_sdk::export_plugin!(Echo);

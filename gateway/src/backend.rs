@@ -1,0 +1,161 @@
+//! The Pulsar backend.
+//!
+//! The gateway is a Pulsar client (the `pulsar` crate) whatever it talks to: the embedded
+//! broker in this process or an Apache Pulsar cluster; switching is the service URL of the
+//! config. One producer per Pulsar topic is shared by every connection publishing to it;
+//! callers that need order (one connection's publishes) enqueue sequentially and await the
+//! receipts afterwards, so order is kept while many sends are in flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use pulsar::consumer::{ConsumerOptions, InitialPosition};
+use pulsar::producer::SendFuture;
+use pulsar::{Authentication, Consumer, Producer, Pulsar, SubType, TokioExecutor};
+use tokio::sync::OnceCell;
+
+/// A backend failure, in words a log reader understands.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("connecting to Pulsar at {url}: {source}")]
+    Connect { url: String, source: pulsar::Error },
+    #[error("creating a producer on {topic}: {source}")]
+    Producer { topic: String, source: pulsar::Error },
+    #[error("sending to {topic}: {source}")]
+    Send { topic: String, source: pulsar::Error },
+    #[error("subscribing {subscription} on {topic}: {source}")]
+    Subscribe {
+        topic: String,
+        subscription: String,
+        source: pulsar::Error,
+    },
+}
+
+/// A message on its way to Pulsar.
+#[derive(Debug, Default)]
+pub struct OutMessage {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub properties: HashMap<String, String>,
+}
+
+/// How a subscription is opened.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    pub topic: String,
+    pub subscription: String,
+    pub sub_type: SubType,
+    pub durable: bool,
+    pub earliest: bool,
+    /// Flow permits asked of the broker at a time.
+    pub receiver_queue: u32,
+}
+
+type SharedProducer = Arc<tokio::sync::Mutex<Producer<TokioExecutor>>>;
+
+/// The client and its producers.
+pub struct Backend {
+    client: Pulsar<TokioExecutor>,
+    producers: Mutex<HashMap<String, Arc<OnceCell<SharedProducer>>>>,
+}
+
+impl Backend {
+    /// Connects to the service URL, with a token when one is given.
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Backend, BackendError> {
+        let mut builder = Pulsar::builder(url, TokioExecutor);
+        if let Some(token) = token {
+            builder = builder.with_auth(Authentication {
+                name: "token".into(),
+                data: token.as_bytes().to_vec(),
+            });
+        }
+        let client = builder.build().await.map_err(|source| BackendError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
+        Ok(Backend {
+            client,
+            producers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The underlying client, for readers such as the kv.
+    pub fn client(&self) -> &Pulsar<TokioExecutor> {
+        &self.client
+    }
+
+    async fn producer(&self, topic: &str) -> Result<SharedProducer, BackendError> {
+        let cell = {
+            let mut map = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(topic.to_string()).or_default().clone()
+        };
+        let producer = cell
+            .get_or_try_init(|| async {
+                let p = self
+                    .client
+                    .producer()
+                    .with_topic(topic)
+                    .build()
+                    .await
+                    .map_err(|source| BackendError::Producer {
+                        topic: topic.to_string(),
+                        source,
+                    })?;
+                Ok::<_, BackendError>(Arc::new(tokio::sync::Mutex::new(p)))
+            })
+            .await?;
+        Ok(producer.clone())
+    }
+
+    /// Hands a message to the topic's producer and returns the receipt to await. Messages
+    /// enqueued one after another by one caller are stored in that order.
+    pub async fn enqueue(&self, topic: &str, msg: OutMessage) -> Result<SendFuture, BackendError> {
+        let producer = self.producer(topic).await?;
+        let message = pulsar::producer::Message {
+            payload: msg.payload,
+            properties: msg.properties,
+            partition_key: msg.key,
+            ..Default::default()
+        };
+        let mut guard = producer.lock().await;
+        match guard.send_non_blocking(message).await {
+            Ok(fut) => Ok(fut),
+            Err(source) => {
+                drop(guard);
+                // A broken producer is rebuilt by the next send.
+                self.producers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(topic);
+                Err(BackendError::Send {
+                    topic: topic.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Opens a consumer.
+    pub async fn subscribe(&self, opts: &SubscribeOptions) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
+        let mut options = ConsumerOptions::default().durable(opts.durable);
+        options.initial_position = if opts.earliest {
+            InitialPosition::Earliest
+        } else {
+            InitialPosition::Latest
+        };
+        self.client
+            .consumer()
+            .with_topic(opts.topic.clone())
+            .with_subscription(opts.subscription.clone())
+            .with_subscription_type(opts.sub_type)
+            .with_batch_size(opts.receiver_queue.max(1))
+            .with_options(options)
+            .build::<Vec<u8>>()
+            .await
+            .map_err(|source| BackendError::Subscribe {
+                topic: opts.topic.clone(),
+                subscription: opts.subscription.clone(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,180 @@
+//! A small key-value store per namespace, kept in Pulsar.
+//!
+//! Plugins remember things between connections and across gateway restarts (MQTT persistent
+//! sessions, AMQP bindings) through `kv-get`/`kv-put`. The values live in the namespace's
+//! topic `__magnetar_kv`: a put is a message whose key is the kv key, a delete a message with
+//! the property `kv.op=delete`. A gateway loads a namespace on first use by reading the topic
+//! from the start up to a marker it wrote itself (so it has seen every write that was stored
+//! before it asked), then keeps tailing it, so several gateways on one Pulsar cluster converge
+//! on the same values. A value is applied only if its message id is newer than the one
+//! already applied for that key, so a put's own receipt and the tail never reorder it.
+//!
+//! Not done yet: compaction of the topic (Pulsar's compacted topics do it on a cluster).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use futures::StreamExt;
+use tokio::sync::OnceCell;
+
+use crate::backend::{Backend, BackendError, OutMessage, SubscribeOptions};
+
+/// Short name of the kv topic in each namespace (reserved: plugins cannot name it).
+pub const KV_TOPIC: &str = "__magnetar_kv";
+const OP_PROPERTY: &str = "kv.op";
+const MARKER_PROPERTY: &str = "kv.marker";
+
+/// A kv failure.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("kv receipt from {topic}: {message}")]
+    Receipt { topic: String, message: String },
+    #[error("kv topic {topic} ended while loading")]
+    Ended { topic: String },
+}
+
+/// (ledger, entry, batch index): Pulsar's order of messages in one topic.
+type Position = (u64, u64, i32);
+
+#[derive(Default)]
+struct Space {
+    values: RwLock<HashMap<String, (Position, Option<Vec<u8>>)>>,
+}
+
+impl Space {
+    fn apply(&self, key: String, at: Position, value: Option<Vec<u8>>) {
+        let mut values = self.values.write().unwrap_or_else(|p| p.into_inner());
+        match values.get(&key) {
+            Some((seen, _)) if *seen >= at => {}
+            _ => {
+                values.insert(key, (at, value));
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let values = self.values.read().unwrap_or_else(|p| p.into_inner());
+        values.get(key).and_then(|(_, v)| v.clone())
+    }
+}
+
+/// The kv of every namespace this gateway has touched.
+pub struct Kv {
+    backend: Arc<Backend>,
+    spaces: Mutex<HashMap<String, Arc<OnceCell<Arc<Space>>>>>,
+    instance: String,
+}
+
+impl Kv {
+    pub fn new(backend: Arc<Backend>) -> Kv {
+        let instance = format!("{}-{}", std::process::id(), crate::host_api::now_ms());
+        Kv {
+            backend,
+            spaces: Mutex::new(HashMap::new()),
+            instance,
+        }
+    }
+
+    /// Reads a key of the kv topic `topic` (a full Pulsar topic URL).
+    pub async fn get(&self, topic: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.space(topic).await?.get(key))
+    }
+
+    /// Writes (`Some`) or deletes (`None`) a key; returns once Pulsar stored it.
+    pub async fn put(&self, topic: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), KvError> {
+        let space = self.space(topic).await?;
+        let mut properties = HashMap::new();
+        properties.insert(OP_PROPERTY.to_string(), if value.is_some() { "put" } else { "delete" }.to_string());
+        let msg = OutMessage {
+            key: Some(key.to_string()),
+            payload: value.clone().unwrap_or_default(),
+            properties,
+        };
+        let receipt = self.backend.enqueue(topic, msg).await?;
+        let receipt = receipt.await.map_err(|e| KvError::Receipt {
+            topic: topic.to_string(),
+            message: e.to_string(),
+        })?;
+        if let Some(id) = receipt.message_id {
+            space.apply(key.to_string(), (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1)), value);
+        }
+        Ok(())
+    }
+
+    async fn space(&self, topic: &str) -> Result<Arc<Space>, KvError> {
+        let cell = {
+            let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+            spaces.entry(topic.to_string()).or_default().clone()
+        };
+        let space = cell.get_or_try_init(|| self.load(topic)).await?;
+        Ok(space.clone())
+    }
+
+    /// Reads the topic up to a fresh marker, then tails it in the background.
+    async fn load(&self, topic: &str) -> Result<Arc<Space>, KvError> {
+        let mut consumer = self
+            .backend
+            .subscribe(&SubscribeOptions {
+                topic: topic.to_string(),
+                subscription: format!("kv-reader-{}", self.instance),
+                sub_type: pulsar::SubType::Exclusive,
+                durable: false,
+                earliest: true,
+                receiver_queue: 1000,
+            })
+            .await?;
+        let marker = format!("{}-{}", self.instance, crate::host_api::now_ms());
+        let mut properties = HashMap::new();
+        properties.insert(MARKER_PROPERTY.to_string(), marker.clone());
+        let receipt = self
+            .backend
+            .enqueue(topic, OutMessage { key: None, payload: Vec::new(), properties })
+            .await?;
+        receipt.await.map_err(|e| KvError::Receipt {
+            topic: topic.to_string(),
+            message: e.to_string(),
+        })?;
+        let space = Arc::new(Space::default());
+        loop {
+            let Some(msg) = consumer.next().await else {
+                return Err(KvError::Ended { topic: topic.to_string() });
+            };
+            let msg = msg.map_err(|e| KvError::Receipt {
+                topic: topic.to_string(),
+                message: e.to_string(),
+            })?;
+            let _ = consumer.ack(&msg).await;
+            if apply_message(&space, &msg).as_deref() == Some(marker.as_str()) {
+                break;
+            }
+        }
+        let tail = space.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = consumer.next().await {
+                let _ = consumer.ack(&msg).await;
+                apply_message(&tail, &msg);
+            }
+        });
+        Ok(space)
+    }
+}
+
+/// Applies one kv message; returns the marker it carries, if it is one.
+fn apply_message(space: &Space, msg: &pulsar::consumer::Message<Vec<u8>>) -> Option<String> {
+    let meta = msg.metadata();
+    let prop = |name: &str| meta.properties.iter().find(|kv| kv.key == name).map(|kv| kv.value.clone());
+    if let Some(marker) = prop(MARKER_PROPERTY) {
+        return Some(marker);
+    }
+    let key = meta.partition_key.clone()?;
+    let id = &msg.message_id.id;
+    let at = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
+    let value = match prop(OP_PROPERTY).as_deref() {
+        Some("delete") => None,
+        _ => Some(msg.payload.data.clone()),
+    };
+    space.apply(key, at, value);
+    None
+}

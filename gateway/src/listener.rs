@@ -1,0 +1,130 @@
+//! Listening sockets: accept, TLS handshake, and hand-off to a plugin worker.
+//!
+//! Each listener serves one plugin. A connection gets a process-wide id and a worker of its
+//! plugin (round-robin); the TLS handshake runs in the connection's own task with a deadline,
+//! so a client that stalls mid-handshake holds nothing but its socket.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::connection::{self, ConnShared};
+use crate::plugin_host::bindings::magnetar::plugin::types::ConnInfo;
+use crate::plugin_host::{Event, PluginPool};
+
+/// Time a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A bound listener, ready to serve.
+pub struct Listener {
+    pub name: String,
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+    pool: Arc<PluginPool>,
+}
+
+impl Listener {
+    pub async fn bind(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        pool: Arc<PluginPool>,
+    ) -> anyhow::Result<Listener> {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listener {name}: binding {addr}"))?;
+        Ok(Listener {
+            name: name.to_string(),
+            tcp,
+            tls: tls.map(TlsAcceptor::from),
+            pool,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Accepts connections until the task is dropped.
+    pub async fn serve(self) {
+        let name: Arc<str> = Arc::from(self.name.as_str());
+        loop {
+            let (stream, peer) = match self.tcp.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let tls = self.tls.clone();
+            let pool = self.pool.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = accept(stream, peer, name.clone(), tls, pool).await {
+                    tracing::info!(listener = %name, %peer, error = %e, "connection refused");
+                }
+            });
+        }
+    }
+}
+
+async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<str>,
+    tls: Option<TlsAcceptor>,
+    pool: Arc<PluginPool>,
+) -> anyhow::Result<()> {
+    let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let worker = pool.pick();
+    let shared = Arc::new(ConnShared::default());
+    let mut info = ConnInfo {
+        listener: listener.to_string(),
+        peer_addr: peer.to_string(),
+        tls: tls.is_some(),
+        sni: None,
+    };
+    match tls {
+        Some(acceptor) => {
+            let stream = tokio::time::timeout(TLS_HANDSHAKE_DEADLINE, acceptor.accept(stream))
+                .await
+                .context("TLS handshake timed out")?
+                .context("TLS handshake failed")?;
+            info.sni = stream.get_ref().1.server_name().map(str::to_string);
+            start(stream, conn, info, shared, worker).await
+        }
+        None => start(stream, conn, info, shared, worker).await,
+    }
+}
+
+async fn start<S>(
+    stream: S,
+    conn: u64,
+    info: ConnInfo,
+    shared: Arc<ConnShared>,
+    worker: crate::plugin_host::WorkerHandle,
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    tracing::debug!(conn, peer = %info.peer_addr, listener = %info.listener, "connection opened");
+    worker
+        .send(Event::Open {
+            conn,
+            info,
+            shared: shared.clone(),
+        })
+        .await?;
+    connection::run(stream, conn, shared, worker).await;
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! Loading plugins and running their instances.
+//!
+//! A plugin is a WebAssembly component (`magnetar:plugin@0.1.0`, see `sdk/wit/plugin.wit`),
+//! compiled once per process (and cached on disk across restarts by wasmtime's cache) and
+//! instantiated once per worker thread. One instance serves many connections — the
+//! proxy-wasm model — so an idle connection costs the host a few buffers, not an instance.
+//!
+//! Each worker is an OS thread that owns its `Store` and drains a bounded event queue: socket
+//! bytes, completions of backend operations, timers. Wasm runs only on worker threads, never
+//! on the async runtime's threads, so a slow plugin delays its own connections only.
+//!
+//! Containment: every call into an instance runs under an epoch deadline (CPU time) and the
+//! store's memory limit. A trap — a panic, a deadline, a memory-limit hit — poisons only that
+//! instance: the worker closes the instance's connections, builds a fresh instance from the
+//! compiled component, and goes on; other workers and plugins never notice.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::connection::ConnShared;
+use crate::host_api::{HostState, Services};
+use crate::tenancy::Principal;
+
+/// Bindings generated from the WIT; the single source of truth of the ABI.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../sdk/wit",
+        world: "plugin",
+    });
+}
+
+use bindings::magnetar::plugin::types::{ConnInfo, Delivery, OpError};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Events queued per worker before senders wait.
+const WORKER_QUEUE: usize = 4096;
+
+/// Something for a plugin instance to react to.
+pub enum Event {
+    Open {
+        conn: u64,
+        info: ConnInfo,
+        shared: Arc<ConnShared>,
+    },
+    Data {
+        conn: u64,
+        data: Bytes,
+    },
+    Closed {
+        conn: u64,
+    },
+    AuthResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<Principal, OpError>,
+    },
+    PublishResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<(), OpError>,
+    },
+    SubscribeResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<u64, OpError>,
+    },
+    Delivery {
+        conn: u64,
+        delivery: Delivery,
+    },
+    Timer {
+        conn: u64,
+        token: u64,
+    },
+    KvResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<Option<Vec<u8>>, OpError>,
+    },
+}
+
+impl Event {
+    fn conn(&self) -> u64 {
+        match self {
+            Event::Open { conn, .. }
+            | Event::Data { conn, .. }
+            | Event::Closed { conn }
+            | Event::AuthResult { conn, .. }
+            | Event::PublishResult { conn, .. }
+            | Event::SubscribeResult { conn, .. }
+            | Event::Delivery { conn, .. }
+            | Event::Timer { conn, .. }
+            | Event::KvResult { conn, .. } => *conn,
+        }
+    }
+}
+
+/// The sending side of one worker's event queue.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl WorkerHandle {
+    /// Queues an event, waiting while the worker is saturated.
+    pub async fn send(&self, event: Event) -> Result<(), WorkerGone> {
+        self.tx.send(event).await.map_err(|_| WorkerGone)
+    }
+}
+
+/// The worker has stopped (the gateway is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("plugin worker stopped")]
+pub struct WorkerGone;
+
+/// Limits every instance runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceLimits {
+    pub memory_bytes: usize,
+    pub event_deadline: Duration,
+}
+
+/// The wasmtime engine shared by all plugins, with its epoch ticker.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    limits: InstanceLimits,
+}
+
+impl PluginHost {
+    /// Builds the engine: component model, epoch interruption, compile cache in `cache_dir`.
+    pub fn new(limits: InstanceLimits, cache_dir: Option<&std::path::Path>) -> anyhow::Result<PluginHost> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        if let Some(dir) = cache_dir {
+            let mut cache_config = wasmtime::CacheConfig::new();
+            cache_config.with_directory(dir);
+            match wasmtime::Cache::new(cache_config) {
+                Ok(cache) => {
+                    config.cache(Some(cache));
+                }
+                Err(e) => tracing::warn!(error = %e, "compile cache disabled"),
+            }
+        }
+        let engine = Engine::new(&config).map_err(|e| anyhow!("creating the wasmtime engine: {e}"))?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("magnetar-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                match ticker.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            })
+            .context("starting the epoch ticker")?;
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow!("linking the host API: {e}"))?;
+        Ok(PluginHost {
+            engine,
+            linker: Arc::new(linker),
+            limits,
+        })
+    }
+
+    /// Compiles a component (or takes it from the cache).
+    pub fn compile(&self, name: &str, wasm: &[u8]) -> anyhow::Result<Component> {
+        Component::new(&self.engine, wasm).map_err(|e| anyhow!("compiling plugin {name}: {e}"))
+    }
+
+    /// Starts `workers` instances of a plugin, each on its own thread. The first instance is
+    /// built before this returns, so a plugin that fails `init` fails the start.
+    pub fn start_pool(
+        &self,
+        name: &str,
+        component: Component,
+        config_text: String,
+        workers: usize,
+        services: Arc<Services>,
+    ) -> anyhow::Result<Arc<PluginPool>> {
+        let runtime = tokio::runtime::Handle::current();
+        let mut handles = Vec::new();
+        for index in 0..workers.max(1) {
+            let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+            let mut worker = Worker {
+                name: Arc::from(name),
+                engine: self.engine.clone(),
+                linker: self.linker.clone(),
+                component: component.clone(),
+                config_text: config_text.clone(),
+                limits: self.limits,
+                services: services.clone(),
+                events: tx.clone(),
+                runtime: runtime.clone(),
+                instance: None,
+            };
+            worker.instance = Some(worker.instantiate()?);
+            std::thread::Builder::new()
+                .name(format!("plugin-{name}-{index}"))
+                .spawn(move || worker.run(rx))
+                .with_context(|| format!("starting worker {index} of plugin {name}"))?;
+            handles.push(WorkerHandle { tx });
+        }
+        Ok(Arc::new(PluginPool {
+            name: name.to_string(),
+            workers: handles,
+            next: AtomicUsize::new(0),
+        }))
+    }
+}
+
+/// The workers of one plugin; connections are spread over them round-robin.
+pub struct PluginPool {
+    pub name: String,
+    workers: Vec<WorkerHandle>,
+    next: AtomicUsize,
+}
+
+impl PluginPool {
+    /// The worker the next connection goes to.
+    pub fn pick(&self) -> WorkerHandle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        self.workers[i].clone()
+    }
+}
+
+/// A live instance.
+struct Instance {
+    store: Store<HostState>,
+    plugin: bindings::Plugin,
+}
+
+/// One worker thread: one instance of one plugin, and everything it needs to rebuild it.
+struct Worker {
+    name: Arc<str>,
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    component: Component,
+    config_text: String,
+    limits: InstanceLimits,
+    services: Arc<Services>,
+    events: mpsc::Sender<Event>,
+    runtime: tokio::runtime::Handle,
+    instance: Option<Instance>,
+}
+
+impl Worker {
+    fn instantiate(&self) -> anyhow::Result<Instance> {
+        let wasi = WasiCtxBuilder::new().inherit_stderr().build();
+        let state = HostState::new(
+            self.name.clone(),
+            wasi,
+            ResourceTable::new(),
+            StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
+            self.services.clone(),
+            self.events.clone(),
+            self.runtime.clone(),
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s.limits_mut());
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.deadline_ticks());
+        let plugin = bindings::Plugin::instantiate(&mut store, &self.component, &self.linker)
+            .map_err(|e| anyhow!("instantiating plugin {}: {e}", self.name))?;
+        store.set_epoch_deadline(self.deadline_ticks());
+        plugin
+            .magnetar_plugin_handler()
+            .call_init(&mut store, &self.config_text)
+            .map_err(|e| anyhow!("plugin {} trapped in init: {e}", self.name))?
+            .map_err(|e| anyhow!("plugin {} refused its config: {e}", self.name))?;
+        Ok(Instance { store, plugin })
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        let tick = EPOCH_TICK.as_millis().max(1) as u64;
+        (self.limits.event_deadline.as_millis() as u64).div_ceil(tick).max(1)
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+        let ticks = self.deadline_ticks();
+        while let Some(event) = rx.blocking_recv() {
+            let conn = event.conn();
+            if self.instance.is_none() {
+                self.rebuild();
+            }
+            let Some(instance) = self.instance.as_mut() else {
+                // No instance could be built: refuse the connection rather than queue forever.
+                if let Event::Open { shared, .. } = event {
+                    shared.close();
+                }
+                continue;
+            };
+            if let Err(trap) = deliver(instance, event, ticks) {
+                tracing::error!(plugin = %self.name, conn, error = %trap, "plugin instance trapped; closing its connections and starting a new instance");
+                if let Some(mut dead) = self.instance.take() {
+                    dead.store.data_mut().close_all();
+                }
+                self.rebuild();
+            }
+        }
+    }
+
+    fn rebuild(&mut self) {
+        match self.instantiate() {
+            Ok(instance) => self.instance = Some(instance),
+            Err(e) => tracing::error!(plugin = %self.name, error = %e, "could not rebuild the plugin instance"),
+        }
+    }
+}
+
+/// Feeds one event to the instance.
+fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Result<()> {
+    let Instance { store, plugin } = instance;
+    store.set_epoch_deadline(ticks);
+    let h = plugin.magnetar_plugin_handler();
+    match event {
+        Event::Open { conn, info, shared } => {
+            store.data_mut().open(conn, shared);
+            h.call_on_open(&mut *store, conn, &info)
+        }
+        Event::Data { conn, data } => {
+            if !store.data().knows(conn) {
+                return Ok(());
+            }
+            h.call_on_data(&mut *store, conn, &data)
+        }
+        Event::Closed { conn } => {
+            if !store.data().knows(conn) {
+                return Ok(());
+            }
+            let r = h.call_on_closed(&mut *store, conn);
+            store.data_mut().forget(conn);
+            r
+        }
+        Event::AuthResult { conn, token, outcome } => {
+            let outcome = store.data_mut().auth_completed(conn, outcome);
+            match outcome {
+                Some(o) => h.call_on_auth_result(&mut *store, conn, token, o.as_ref()),
+                None => Ok(()),
+            }
+        }
+        Event::PublishResult { conn, token, outcome } if store.data().knows(conn) => {
+            h.call_on_publish_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+        }
+        Event::SubscribeResult { conn, token, outcome } if store.data().knows(conn) => {
+            h.call_on_subscribe_result(&mut *store, conn, token, outcome.as_ref().map(|s| *s))
+        }
+        Event::Delivery { conn, delivery } if store.data().knows(conn) => {
+            h.call_on_delivery(&mut *store, conn, &delivery)
+        }
+        Event::Timer { conn, token } if store.data().knows(conn) => h.call_on_timer(&mut *store, conn, token),
+        Event::KvResult { conn, token, outcome } if store.data().knows(conn) => {
+            h.call_on_kv_result(&mut *store, conn, token, outcome.as_ref().map(|v| v.as_deref()))
+        }
+        // Completions for connections that are gone.
+        _ => Ok(()),
+    }
+}

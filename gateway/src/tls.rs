@@ -1,0 +1,89 @@
+//! Server certificates for TLS listeners.
+//!
+//! With `tls.cert`/`tls.key` in the config, those files are used. Without them, the gateway
+//! makes its own small PKI on first start — a CA and a server certificate for `localhost`,
+//! `127.0.0.1` and `::1`, signed by it — in `data_dir/tls/`, and reuses it on later starts, so
+//! clients can trust `data_dir/tls/ca.pem` once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Where a generated PKI lives under the data directory.
+pub fn generated_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls")
+}
+
+/// Builds the TLS server config from files, or from a generated certificate.
+pub fn server_config(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let (cert_path, key_path) = match (cert, key) {
+        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
+        _ => ensure_generated(&generated_dir(data_dir))?,
+    };
+    let certs = read_certs(&cert_path)?;
+    let key = read_key(&key_path)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("choosing TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .with_context(|| format!("using certificate {} with key {}", cert_path.display(), key_path.display()))?;
+    Ok(Arc::new(config))
+}
+
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificate {}", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("no certificate in {}", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading private key {}", path.display()))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .with_context(|| format!("parsing private key {}", path.display()))?
+        .ok_or_else(|| anyhow!("no private key in {}", path.display()))
+}
+
+/// Generates `ca.pem`, `cert.pem` and `key.pem` in `dir` unless they exist.
+fn ensure_generated(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca_key = rcgen::KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Magnetar local CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).context("signing the CA certificate")?;
+
+    let key = rcgen::KeyPair::generate().context("generating the server key")?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])
+        .context("server certificate parameters")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "magnetar");
+    let cert = params.signed_by(&key, &ca, &ca_key).context("signing the server certificate")?;
+
+    std::fs::write(dir.join("ca.pem"), ca.pem()).context("writing ca.pem")?;
+    std::fs::write(&key_path, key.serialize_pem()).context("writing key.pem")?;
+    std::fs::write(&cert_path, cert.pem() + &ca.pem()).context("writing cert.pem")?;
+    tracing::info!(dir = %dir.display(), "generated a TLS certificate; clients can trust ca.pem");
+    Ok((cert_path, key_path))
+}

@@ -1,0 +1,117 @@
+//! The thin driver between the SDK and the state machine: each SDK callback becomes an
+//! [`Event`] stamped with the host's clock, and each resulting [`Action`] becomes one host
+//! call. No protocol decision is made here.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
+use magnetar_sdk::{Conn, ConnInfo, Connection, Delivery, OpError, Plugin, Principal, SubId};
+
+use crate::config::Config;
+use crate::connection::{Action, Event, MqttConnection};
+
+/// The plugin instance: the parsed config, shared by all its connections.
+pub struct MqttPlugin {
+    config: Config,
+}
+
+/// One client connection: the state machine, driven through the host.
+pub struct MqttConn {
+    machine: MqttConnection,
+}
+
+impl Plugin for MqttPlugin {
+    type Connection = MqttConn;
+
+    fn new(config: &str) -> Result<Self, String> {
+        Ok(MqttPlugin {
+            config: Config::parse(config)?,
+        })
+    }
+
+    fn open(&mut self, conn: Conn, info: ConnInfo) -> MqttConn {
+        // Random per process (std seeds it from WASI randomness): keeps the names of
+        // non-durable subscriptions unique across gateway instances sharing one backend.
+        let nonce = RandomState::new().hash_one(conn.id());
+        let mut machine =
+            MqttConnection::new(conn.id(), self.config, nonce, magnetar_sdk::now_ms());
+        magnetar_sdk::log(
+            magnetar_sdk::LogLevel::Debug,
+            &format!("mqtt conn {}: open from {}", conn.id(), info.peer_addr),
+        );
+        execute(conn, machine.take_actions());
+        MqttConn { machine }
+    }
+}
+
+impl MqttConn {
+    fn feed(&mut self, conn: Conn, event: Event) {
+        let actions = self.machine.handle(magnetar_sdk::now_ms(), event);
+        execute(conn, actions);
+    }
+}
+
+/// Carries out actions in order.
+fn execute(conn: Conn, actions: Vec<Action>) {
+    for action in actions {
+        match action {
+            Action::Send(bytes) => conn.send(&bytes),
+            Action::Close(reason) => conn.close(&reason),
+            Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
+            Action::Publish { token, msg } => conn.publish(token, &msg),
+            Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
+            Action::Unsubscribe { sub, delete } => conn.unsubscribe(sub, delete),
+            Action::Ack { sub, delivery_id } => conn.ack(sub, delivery_id),
+            Action::SetTimer { token, delay_ms } => conn.set_timer(token, delay_ms),
+            Action::KvGet { token, key } => conn.kv_get(token, &key),
+            Action::KvPut { token, key, value } => conn.kv_put(token, &key, value.as_deref()),
+            Action::Log { level, message } => magnetar_sdk::log(level, &message),
+        }
+    }
+}
+
+impl Connection for MqttConn {
+    fn on_data(&mut self, conn: Conn, data: Vec<u8>) {
+        self.feed(conn, Event::Data(data));
+    }
+
+    fn on_closed(&mut self, conn: Conn) {
+        // No host call is valid now; the machine emits none after `Closed`.
+        let _ = self.machine.handle(0, Event::Closed);
+        let _ = conn;
+    }
+
+    fn on_auth_result(&mut self, conn: Conn, token: u64, result: Result<Principal, OpError>) {
+        self.feed(conn, Event::AuthResult { token, result });
+    }
+
+    fn on_publish_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {
+        self.feed(conn, Event::PublishResult { token, result });
+    }
+
+    fn on_subscribe_result(&mut self, conn: Conn, token: u64, result: Result<SubId, OpError>) {
+        self.feed(conn, Event::SubscribeResult { token, result });
+    }
+
+    fn on_delivery(&mut self, conn: Conn, delivery: Delivery) {
+        self.feed(conn, Event::Delivery(delivery));
+    }
+
+    fn on_timer(&mut self, conn: Conn, token: u64) {
+        self.feed(conn, Event::Timer { token });
+    }
+
+    fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
+        self.feed(conn, Event::KvResult { token, result });
+    }
+}
+
+// In this module because the macro calls `Connection` methods and needs the trait in scope.
+// Only for Wasm: the export names (`magnetar:plugin/handler@0.1.0#...`) do not link into a
+// native cdylib, and native builds exist only for the unit tests.
+#[cfg(target_arch = "wasm32")]
+mod export {
+    use super::MqttPlugin;
+    use magnetar_sdk::Connection;
+    magnetar_sdk::export_plugin!(MqttPlugin);
+}

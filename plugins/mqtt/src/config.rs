@@ -1,0 +1,101 @@
+//! Plugin configuration: the `[plugins.mqtt]` table of the gateway config, handed to the
+//! plugin as TOML text.
+//!
+//! Only flat `key = integer` lines are used, so a small parser is enough (no TOML crate in
+//! the component). Unknown keys are refused, so that a typo does not silently fall back to a
+//! default.
+//!
+//! ```toml
+//! max_packet_size = 1048576   # largest MQTT packet accepted, bytes (§2.2.3)
+//! max_inflight = 64           # QoS 1 deliveries awaiting PUBACK, and publishes awaiting the backend
+//! max_subscriptions = 1000    # Topic Filters per session
+//! connect_timeout_ms = 10000  # time from TCP accept to CONNECT
+//! ```
+
+/// Limits of every connection of the plugin instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Largest packet (fixed header included) accepted from a client.
+    pub max_packet_size: usize,
+    /// QoS 1 messages sent to a client and not yet PUBACKed (also the backend subscription's
+    /// `max-unacked`), and client publishes not yet stored by the backend.
+    pub max_inflight: usize,
+    /// Topic Filters one session may hold.
+    pub max_subscriptions: usize,
+    /// Milliseconds a new connection has to send CONNECT.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_packet_size: 1024 * 1024,
+            max_inflight: 64,
+            max_subscriptions: 1000,
+            connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Parses the TOML text; empty text gives the defaults.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let mut config = Config::default();
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| format!("mqtt config line {}: expected `key = value`", n + 1))?;
+            let key = key.trim();
+            let value: u64 = value.trim().replace('_', "").parse().map_err(|_| {
+                format!(
+                    "mqtt config line {}: `{key}` needs a non-negative integer",
+                    n + 1
+                )
+            })?;
+            let range = |lo: u64, hi: u64| {
+                if (lo..=hi).contains(&value) {
+                    Ok(value)
+                } else {
+                    Err(format!("mqtt config: `{key}` must be in {lo}..={hi}"))
+                }
+            };
+            match key {
+                // Remaining Length tops out at 268,435,455 (§2.2.3), plus 5 header bytes.
+                "max_packet_size" => config.max_packet_size = range(16, 268_435_460)? as usize,
+                // Packet Identifiers are 16-bit and non-zero (§2.3.1).
+                "max_inflight" => config.max_inflight = range(1, 65_535)? as usize,
+                "max_subscriptions" => config.max_subscriptions = range(1, 1_000_000)? as usize,
+                "connect_timeout_ms" => config.connect_timeout_ms = range(100, 3_600_000)?,
+                _ => return Err(format!("mqtt config: unknown key `{key}`")),
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default() {
+        assert_eq!(Config::parse(""), Ok(Config::default()));
+        assert_eq!(Config::parse("# nothing\n\n"), Ok(Config::default()));
+    }
+
+    #[test]
+    fn keys_are_parsed_and_checked() {
+        let c = Config::parse("max_packet_size = 2_048 # small\nmax_inflight=8\n").unwrap();
+        assert_eq!(c.max_packet_size, 2048);
+        assert_eq!(c.max_inflight, 8);
+        assert!(Config::parse("max_inflight = 0").is_err());
+        assert!(Config::parse("max_inflight = 70000").is_err());
+        assert!(Config::parse("max_packet_sise = 10").is_err());
+        assert!(Config::parse("max_packet_size = big").is_err());
+        assert!(Config::parse("max_packet_size").is_err());
+    }
+}

@@ -1,0 +1,1010 @@
+//! Drives [`MqttConnection`] with packets and host completions; no host calls.
+
+use super::*;
+use proptest::prelude::*;
+
+const CONN: u64 = 7;
+const SUB: SubId = 42;
+
+fn principal() -> Principal {
+    Principal {
+        user: "u".into(),
+        tenant: "t".into(),
+        namespace: "ns".into(),
+    }
+}
+
+fn err(kind: ErrorKind) -> OpError {
+    OpError {
+        kind,
+        message: "nope".into(),
+    }
+}
+
+fn mqtt_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// A packet with a correct Remaining Length.
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn connect_packet(
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    user: Option<(&str, &str)>,
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_string(&mut body, b"MQTT");
+    body.push(4);
+    let mut flags = if clean { 0x02 } else { 0 };
+    if user.is_some() {
+        flags |= 0xc0;
+    }
+    body.push(flags);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    mqtt_string(&mut body, client_id.as_bytes());
+    if let Some((u, p)) = user {
+        mqtt_string(&mut body, u.as_bytes());
+        mqtt_string(&mut body, p.as_bytes());
+    }
+    packet(0x10, &body)
+}
+
+fn publish_packet(topic: &str, qos: u8, packet_id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    mqtt_string(&mut body, topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&packet_id.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1), &body)
+}
+
+fn subscribe_packet(packet_id: u16, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    for (f, q) in filters {
+        mqtt_string(&mut body, f.as_bytes());
+        body.push(*q);
+    }
+    packet(0x82, &body)
+}
+
+fn unsubscribe_packet(packet_id: u16, filters: &[&str]) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    for f in filters {
+        mqtt_string(&mut body, f.as_bytes());
+    }
+    packet(0xa2, &body)
+}
+
+fn delivery(id: u64, topic: &str, qos: u8, payload: &[u8]) -> Delivery {
+    Delivery {
+        subscription: SUB,
+        delivery_id: id,
+        key: Some(topic.into()),
+        payload: payload.to_vec(),
+        properties: vec![
+            Property {
+                key: PROP_TOPIC.into(),
+                value: topic.into(),
+            },
+            Property {
+                key: PROP_QOS.into(),
+                value: qos.to_string(),
+            },
+        ],
+        publish_time_ms: 0,
+        redelivery_count: 0,
+    }
+}
+
+/// A connection under test, with helpers that pick tokens out of actions.
+struct Harness {
+    c: MqttConnection,
+    now: u64,
+}
+
+impl Harness {
+    fn new() -> (Harness, Vec<Action>) {
+        Self::with_config(Config::default())
+    }
+
+    fn with_config(config: Config) -> (Harness, Vec<Action>) {
+        let mut c = MqttConnection::new(CONN, config, 0xabc, 1_000);
+        let a = c.take_actions();
+        (Harness { c, now: 1_000 }, a)
+    }
+
+    fn data(&mut self, bytes: &[u8]) -> Vec<Action> {
+        self.c.handle(self.now, Event::Data(bytes.to_vec()))
+    }
+
+    fn event(&mut self, e: Event) -> Vec<Action> {
+        self.c.handle(self.now, e)
+    }
+
+    /// CONNECT with Clean Session 1, authenticated; returns the actions after the auth.
+    fn connected(keep_alive: u16) -> Harness {
+        let (mut h, _) = Harness::new();
+        let a = h.data(&connect_packet(
+            "dev1",
+            true,
+            keep_alive,
+            Some(("alice", "secret")),
+        ));
+        let token = auth_token(&a);
+        let a = h.event(Event::AuthResult {
+            token,
+            result: Ok(principal()),
+        });
+        assert_eq!(sent(&a), vec![codec::connack(false, 0)]);
+        h
+    }
+
+    /// Connected, subscribed to `filters`, backend subscription open as [`SUB`].
+    fn subscribed(filters: &[(&str, u8)]) -> Harness {
+        let mut h = Harness::connected(0);
+        let a = h.data(&subscribe_packet(1, filters));
+        let token = subscribe_token(&a);
+        let a = h.event(Event::SubscribeResult {
+            token,
+            result: Ok(SUB),
+        });
+        assert_eq!(sent(&a).len(), 1);
+        h
+    }
+}
+
+fn sent(actions: &[Action]) -> Vec<Vec<u8>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(actions: &[Action]) -> Option<String> {
+    actions.iter().find_map(|a| match a {
+        Action::Close(r) => Some(r.clone()),
+        _ => None,
+    })
+}
+
+fn auth_token(actions: &[Action]) -> u64 {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Authenticate { token, .. } => Some(*token),
+            _ => None,
+        })
+        .expect("an Authenticate action")
+}
+
+fn subscribe_token(actions: &[Action]) -> u64 {
+    subscribe_action(actions).0
+}
+
+fn subscribe_action(actions: &[Action]) -> (u64, SubscriptionSpec) {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Subscribe { token, spec } => Some((*token, spec.clone())),
+            _ => None,
+        })
+        .expect("a Subscribe action")
+}
+
+fn publishes(actions: &[Action]) -> Vec<(u64, OutboundMessage)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish { token, msg } => Some((*token, msg.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn acks(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Ack { delivery_id, .. } => Some(*delivery_id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A kv operation: token, key, and for a put the value written.
+type KvOp = (u64, String, Option<Option<Vec<u8>>>);
+
+fn kv_ops(actions: &[Action]) -> Vec<KvOp> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::KvGet { token, key } => Some((*token, key.clone(), None)),
+            Action::KvPut { token, key, value } => Some((*token, key.clone(), Some(value.clone()))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn timers(actions: &[Action]) -> Vec<(u64, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SetTimer { token, delay_ms } => Some((*token, *delay_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---- CONNECT / CONNACK ----------------------------------------------------------------------
+
+#[test]
+fn connect_authenticates_with_password_then_connack_0() {
+    let (mut h, a) = Harness::new();
+    assert_eq!(
+        timers(&a),
+        vec![(timers(&a)[0].0, 10_000)],
+        "CONNECT timeout armed"
+    );
+    let a = h.data(&connect_packet("dev1", true, 30, Some(("alice", "secret"))));
+    let creds = a
+        .iter()
+        .find_map(|a| match a {
+            Action::Authenticate { creds, .. } => Some(creds.clone()),
+            _ => None,
+        })
+        .unwrap();
+    match creds {
+        Credentials::Password(up) => {
+            assert_eq!(up.user, "alice");
+            assert_eq!(up.password, b"secret");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(sent(&a).is_empty(), "no CONNACK before the auth result");
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    assert_eq!(sent(&a), vec![vec![0x20, 0x02, 0x00, 0x00]]);
+    // Clean Session 1 with a Client Identifier: probe for an earlier session to discard.
+    assert_eq!(kv_ops(&a)[0].1, "mqtt/session/dev1");
+    assert!(closed(&a).is_none());
+}
+
+#[test]
+fn credentials_mapping() {
+    assert!(matches!(credentials(None, None), Credentials::Anonymous));
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl".to_string();
+    assert!(matches!(
+        credentials(Some("token".into()), Some(jwt.clone())),
+        Credentials::Token(t) if t == jwt
+    ));
+    assert!(matches!(
+        credentials(Some(String::new()), Some(jwt.clone())),
+        Credentials::Token(_)
+    ));
+    assert!(matches!(
+        credentials(Some("bob".into()), Some(jwt)),
+        Credentials::Password(_)
+    ));
+    assert!(matches!(
+        credentials(Some("token".into()), Some("plain".into())),
+        Credentials::Password(_)
+    ));
+}
+
+#[test]
+fn not_authorized_gets_connack_5_and_close() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect_packet("dev1", true, 0, Some(("alice", "bad"))));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Err(err(ErrorKind::NotAuthorized)),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(false, 5)]);
+    assert!(closed(&a).unwrap().contains("authentication failed"));
+    assert!(h.c.is_closed());
+    // Nothing after the close.
+    assert!(h.data(&[0xc0, 0x00]).is_empty());
+}
+
+#[test]
+fn backend_failure_during_auth_gets_connack_3() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect_packet("dev1", true, 0, None));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Err(err(ErrorKind::Backend)),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(false, 3)]);
+    assert!(closed(&a).is_some());
+}
+
+#[test]
+fn unsupported_protocol_level_gets_connack_1() {
+    let (mut h, _) = Harness::new();
+    let mut p = connect_packet("dev1", true, 0, None);
+    p[8] = 5; // Protocol Level: MQTT 5.0
+    let a = h.data(&p);
+    assert_eq!(sent(&a), vec![codec::connack(false, 1)]);
+    assert!(closed(&a).unwrap().contains("protocol level 5"));
+}
+
+#[test]
+fn empty_client_id_with_persistent_session_gets_connack_2() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect_packet("", false, 0, None));
+    assert_eq!(sent(&a), vec![codec::connack(false, 2)]);
+    assert!(closed(&a).is_some());
+}
+
+#[test]
+fn empty_client_id_with_clean_session_is_assigned_one() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect_packet("", true, 0, None));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(false, 0)]);
+    assert!(kv_ops(&a).is_empty(), "no earlier session can exist");
+}
+
+#[test]
+fn second_connect_closes() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&connect_packet("dev1", true, 0, None));
+    assert!(closed(&a).unwrap().contains("second CONNECT"));
+}
+
+#[test]
+fn packets_after_connect_wait_for_the_connack() {
+    let (mut h, _) = Harness::new();
+    let mut bytes = connect_packet("dev1", true, 0, None);
+    bytes.extend_from_slice(&[0xc0, 0x00]); // PINGREQ, pipelined
+    let a = h.data(&bytes);
+    assert!(sent(&a).is_empty());
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(false, 0), codec::pingresp()]);
+}
+
+#[test]
+fn connect_split_across_reads() {
+    let (mut h, _) = Harness::new();
+    let p = connect_packet("dev1", true, 0, None);
+    for b in &p[..p.len() - 1] {
+        assert!(h.data(&[*b]).is_empty());
+    }
+    let a = h.data(&p[p.len() - 1..]);
+    auth_token(&a);
+}
+
+// ---- malformed input ------------------------------------------------------------------------
+
+#[test]
+fn first_packet_not_connect_closes() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&[0xc0, 0x00]);
+    assert!(closed(&a).unwrap().contains("first packet must be CONNECT"));
+}
+
+#[test]
+fn http_request_is_named_in_the_close_reason() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        closed(&a).unwrap(),
+        "not MQTT: the client sent an HTTP request"
+    );
+}
+
+#[test]
+fn kafka_request_is_named_in_the_close_reason() {
+    let (mut h, _) = Harness::new();
+    // ApiVersions v3: a 4-byte big-endian length first.
+    let a = h.data(&[0, 0, 0, 0x1e, 0, 0x12, 0, 3, 0, 0, 0, 1]);
+    assert!(closed(&a).unwrap().contains("Kafka"));
+}
+
+#[test]
+fn tls_client_hello_is_named_in_the_close_reason() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&[0x16, 0x03, 0x01, 0x00, 0x05]);
+    assert!(closed(&a).unwrap().contains("TLS"));
+}
+
+#[test]
+fn oversized_remaining_length_closes_before_buffering() {
+    let config = Config {
+        max_packet_size: 1024,
+        ..Config::default()
+    };
+    let (mut h, _) = Harness::with_config(config);
+    let a = h.data(&[0x10, 0xff, 0xff, 0x7f]); // CONNECT announcing ~2 MiB
+    assert!(closed(&a)
+        .unwrap()
+        .contains("exceeds the maximum packet size"));
+    let mut h = Harness::connected(0);
+    let a = h.data(&[0x30, 0xff, 0xff, 0xff, 0x7f]);
+    assert!(closed(&a)
+        .unwrap()
+        .contains("exceeds the maximum packet size"));
+}
+
+#[test]
+fn truncated_frame_waits_then_malformed_body_closes() {
+    let mut h = Harness::connected(0);
+    // PUBLISH announcing 10 bytes, only 3 given: wait.
+    assert!(h.data(&[0x30, 0x0a, 0x00, 0x05, b'a']).is_empty());
+    // A complete frame whose Topic Name length (9) overruns the frame: malformed.
+    let mut h = Harness::connected(0);
+    let a = h.data(&[0x30, 0x03, 0x00, 0x09, b'a']);
+    assert!(closed(&a).unwrap().contains("malformed PUBLISH"));
+}
+
+#[test]
+fn reserved_packet_type_closes() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&[0xf0, 0x00]);
+    assert!(closed(&a).unwrap().contains("reserved packet type"));
+}
+
+#[test]
+fn server_only_packet_from_client_closes() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&codec::connack(false, 0));
+    assert!(closed(&a).unwrap().contains("CONNACK"));
+}
+
+#[test]
+fn pipelined_input_beyond_the_limit_closes() {
+    let config = Config {
+        max_packet_size: 1024,
+        ..Config::default()
+    };
+    let (mut h, _) = Harness::with_config(config);
+    let mut bytes = connect_packet("dev1", true, 0, None);
+    // Paused while authenticating: everything else is buffered, up to a bound.
+    for _ in 0..100 {
+        bytes.extend_from_slice(&publish_packet("a", 0, 0, &[0; 1000]));
+    }
+    let a = h.data(&bytes);
+    assert!(closed(&a).unwrap().contains("exceed the limit"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(
+        proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+        let (mut h, _) = Harness::new();
+        for c in &chunks {
+            h.data(c);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_after_connack_never_panic(chunks in proptest::collection::vec(
+        proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+        let mut h = Harness::connected(10);
+        for c in &chunks {
+            h.data(c);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_behind_a_valid_header_never_panic(
+        first in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let mut h = Harness::connected(10);
+        h.data(&packet(first, &body));
+        let (mut h, _) = Harness::new();
+        h.data(&packet(0x10, &body));
+    }
+}
+
+// ---- PUBLISH from the client ----------------------------------------------------------------
+
+#[test]
+fn qos0_publish_maps_to_the_mqtt_topic_without_ack() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&publish_packet("home/kitchen/temp", 0, 0, b"21.5"));
+    let p = publishes(&a);
+    assert_eq!(p.len(), 1);
+    let msg = &p[0].1;
+    assert_eq!(msg.topic, "mqtt");
+    assert_eq!(msg.key.as_deref(), Some("home/kitchen/temp"));
+    assert_eq!(msg.payload, b"21.5");
+    let props: Vec<(&str, &str)> = msg
+        .properties
+        .iter()
+        .map(|p| (p.key.as_str(), p.value.as_str()))
+        .collect();
+    assert_eq!(
+        props,
+        vec![("mqtt.topic", "home/kitchen/temp"), ("mqtt.qos", "0")]
+    );
+    let a = h.event(Event::PublishResult {
+        token: p[0].0,
+        result: Ok(()),
+    });
+    assert!(sent(&a).is_empty());
+}
+
+#[test]
+fn qos1_puback_only_after_the_backend_stored_it_and_in_order() {
+    let mut h = Harness::connected(0);
+    let mut bytes = publish_packet("a", 1, 10, b"1");
+    bytes.extend_from_slice(&publish_packet("b", 1, 11, b"2"));
+    let a = h.data(&bytes);
+    assert!(sent(&a).is_empty());
+    let p = publishes(&a);
+    assert_eq!(p[1].1.properties[1].value, "1");
+    // The second is stored first: its PUBACK waits for the first (§4.6).
+    let a = h.event(Event::PublishResult {
+        token: p[1].0,
+        result: Ok(()),
+    });
+    assert!(sent(&a).is_empty());
+    let a = h.event(Event::PublishResult {
+        token: p[0].0,
+        result: Ok(()),
+    });
+    assert_eq!(sent(&a), vec![codec::puback(10), codec::puback(11)]);
+}
+
+#[test]
+fn qos1_publish_failure_closes() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&publish_packet("a", 1, 10, b"1"));
+    let p = publishes(&a);
+    let a = h.event(Event::PublishResult {
+        token: p[0].0,
+        result: Err(err(ErrorKind::QuotaExceeded)),
+    });
+    assert!(sent(&a).is_empty());
+    assert!(closed(&a).unwrap().contains("QoS 1 publish failed"));
+}
+
+#[test]
+fn qos2_publish_closes() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&publish_packet("a", 2, 10, b"1"));
+    assert!(closed(&a).unwrap().contains("QoS 2"));
+}
+
+#[test]
+fn wildcard_in_publish_topic_closes() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&publish_packet("a/+/b", 0, 0, b"1"));
+    assert!(closed(&a).is_some());
+    let mut h = Harness::connected(0);
+    let a = h.data(&publish_packet("a/#", 0, 0, b"1"));
+    assert!(closed(&a).is_some());
+    let mut h = Harness::connected(0);
+    let a = h.data(&publish_packet("a\0b", 0, 0, b"1"));
+    assert!(closed(&a).unwrap().contains("U+0000"));
+}
+
+#[test]
+fn publishes_beyond_max_inflight_wait_for_results() {
+    let config = Config {
+        max_inflight: 2,
+        ..Config::default()
+    };
+    let (mut h, _) = Harness::with_config(config);
+    let a = h.data(&connect_packet("d", true, 0, None));
+    let token = auth_token(&a);
+    h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    let mut bytes = Vec::new();
+    for i in 1..=3u16 {
+        bytes.extend_from_slice(&publish_packet("a", 1, i, b"x"));
+    }
+    let a = h.data(&bytes);
+    let p = publishes(&a);
+    assert_eq!(p.len(), 2, "the third waits");
+    let a = h.event(Event::PublishResult {
+        token: p[0].0,
+        result: Ok(()),
+    });
+    assert_eq!(sent(&a), vec![codec::puback(1)]);
+    assert_eq!(
+        publishes(&a).len(),
+        1,
+        "the third goes out once there is room"
+    );
+}
+
+// ---- SUBSCRIBE / deliveries -----------------------------------------------------------------
+
+#[test]
+fn subscribe_opens_one_backend_subscription_and_subacks_after_it() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&subscribe_packet(5, &[("a/+", 1), ("b/#", 2), ("c#", 0)]));
+    assert!(sent(&a).is_empty(), "SUBACK waits for the backend");
+    let (token, spec) = subscribe_action(&a);
+    assert_eq!(spec.topic, "mqtt");
+    assert!(!spec.durable);
+    assert_eq!(spec.name, format!("mqtt-tmp-{CONN}-{:016x}", 0xabc));
+    assert_eq!(spec.initial_position, InitialPosition::Latest);
+    assert_eq!(spec.max_unacked, 64);
+    let a = h.event(Event::SubscribeResult {
+        token,
+        result: Ok(SUB),
+    });
+    assert_eq!(sent(&a), vec![codec::suback(5, &[1, 1, 0x80])]);
+    // A second SUBSCRIBE reuses the subscription: immediate SUBACK.
+    let a = h.data(&subscribe_packet(6, &[("d", 0)]));
+    assert!(publishes(&a).is_empty());
+    assert!(a.iter().all(|a| !matches!(a, Action::Subscribe { .. })));
+    assert_eq!(sent(&a), vec![codec::suback(6, &[0])]);
+    assert_eq!(h.c.filters().len(), 3);
+}
+
+#[test]
+fn subscribe_failure_gives_0x80_and_allows_a_retry() {
+    let mut h = Harness::connected(0);
+    let a = h.data(&subscribe_packet(5, &[("a", 1)]));
+    let token = subscribe_token(&a);
+    let a = h.event(Event::SubscribeResult {
+        token,
+        result: Err(err(ErrorKind::Backend)),
+    });
+    assert_eq!(sent(&a), vec![codec::suback(5, &[0x80])]);
+    assert!(h.c.filters().is_empty());
+    let a = h.data(&subscribe_packet(6, &[("a", 1)]));
+    subscribe_token(&a);
+}
+
+#[test]
+fn subscription_limit_gives_0x80() {
+    let config = Config {
+        max_subscriptions: 1,
+        ..Config::default()
+    };
+    let (mut h, _) = Harness::with_config(config);
+    let a = h.data(&connect_packet("d", true, 0, None));
+    let token = auth_token(&a);
+    h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    let a = h.data(&subscribe_packet(1, &[("a", 0), ("b", 0), ("a", 1)]));
+    let token = subscribe_token(&a);
+    let a = h.event(Event::SubscribeResult {
+        token,
+        result: Ok(SUB),
+    });
+    assert_eq!(sent(&a), vec![codec::suback(1, &[0, 0x80, 1])]);
+}
+
+#[test]
+fn delivery_qos0_is_sent_and_acked_at_once() {
+    let mut h = Harness::subscribed(&[("a/+", 0)]);
+    let a = h.event(Event::Delivery(delivery(100, "a/b", 1, b"hi")));
+    assert_eq!(sent(&a), vec![codec::publish("a/b", None, b"hi").unwrap()]);
+    assert_eq!(acks(&a), vec![100]);
+}
+
+#[test]
+fn delivery_without_a_matching_filter_is_acked_and_dropped() {
+    let mut h = Harness::subscribed(&[("a/+", 1)]);
+    let a = h.event(Event::Delivery(delivery(100, "a/b/c", 1, b"hi")));
+    assert!(sent(&a).is_empty());
+    assert_eq!(acks(&a), vec![100]);
+    let mut d = delivery(101, "a/b", 1, b"hi");
+    d.properties.clear();
+    let a = h.event(Event::Delivery(d));
+    assert!(sent(&a).is_empty());
+    assert_eq!(acks(&a), vec![101]);
+}
+
+#[test]
+fn delivery_qos1_is_acked_on_puback() {
+    let mut h = Harness::subscribed(&[("a/#", 1), ("a/b", 0)]);
+    let a = h.event(Event::Delivery(delivery(100, "a/b", 1, b"hi")));
+    // Highest matching grant is 1, message QoS 1: QoS 1 with Packet Identifier 1.
+    assert_eq!(
+        sent(&a),
+        vec![codec::publish("a/b", Some(1), b"hi").unwrap()]
+    );
+    assert!(acks(&a).is_empty());
+    let a = h.data(&[0x40, 0x02, 0x00, 0x01]);
+    assert_eq!(acks(&a), vec![100]);
+    // A message published at QoS 0 goes out at QoS 0.
+    let a = h.event(Event::Delivery(delivery(101, "a/b", 0, b"x")));
+    assert_eq!(sent(&a), vec![codec::publish("a/b", None, b"x").unwrap()]);
+    assert_eq!(acks(&a), vec![101]);
+}
+
+#[test]
+fn deliveries_beyond_max_inflight_wait_for_pubacks() {
+    let mut h = Harness::subscribed(&[("#", 1)]);
+    for i in 0..64 {
+        let a = h.event(Event::Delivery(delivery(i, "t", 1, b"")));
+        assert_eq!(sent(&a).len(), 1);
+    }
+    let a = h.event(Event::Delivery(delivery(64, "t", 1, b"")));
+    assert!(sent(&a).is_empty());
+    let a = h.data(&[0x40, 0x02, 0x00, 0x05]);
+    assert_eq!(acks(&a), vec![4]);
+    assert_eq!(sent(&a), vec![codec::publish("t", Some(65), b"").unwrap()]);
+}
+
+#[test]
+fn unsubscribe_removes_filters_and_unsubacks() {
+    let mut h = Harness::subscribed(&[("a", 1), ("b", 1)]);
+    let a = h.data(&unsubscribe_packet(9, &["a", "zzz"]));
+    assert_eq!(sent(&a), vec![codec::unsuback(9)]);
+    let a = h.event(Event::Delivery(delivery(1, "a", 1, b"")));
+    assert!(sent(&a).is_empty());
+    assert_eq!(acks(&a), vec![1]);
+}
+
+#[test]
+fn pingreq_gets_pingresp_and_disconnect_closes() {
+    let mut h = Harness::connected(0);
+    assert_eq!(sent(&h.data(&[0xc0, 0x00])), vec![vec![0xd0, 0x00]]);
+    let a = h.data(&[0xe0, 0x00]);
+    assert_eq!(closed(&a).unwrap(), "client sent DISCONNECT");
+}
+
+#[test]
+fn nothing_happens_after_the_socket_closed() {
+    let mut h = Harness::subscribed(&[("#", 1)]);
+    assert!(h.event(Event::Closed).is_empty());
+    assert!(h
+        .event(Event::Delivery(delivery(1, "a", 1, b"")))
+        .is_empty());
+}
+
+// ---- Keep Alive -----------------------------------------------------------------------------
+
+#[test]
+fn keep_alive_timeout_after_one_and_a_half_intervals_of_silence() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect_packet("dev1", true, 10, None));
+    let (token, delay) = timers(&a)[0];
+    assert_eq!(delay, 15_000);
+    let auth = auth_token(&a);
+    h.event(Event::AuthResult {
+        token: auth,
+        result: Ok(principal()),
+    });
+    // Activity at +5 s: the timer at +15 s re-arms for the remaining 5 s.
+    h.now += 5_000;
+    h.data(&[0xc0, 0x00]);
+    h.now += 10_000;
+    let a = h.event(Event::Timer { token });
+    assert!(closed(&a).is_none());
+    let (token, delay) = timers(&a)[0];
+    assert_eq!(delay, 5_000);
+    h.now += 5_000;
+    let a = h.event(Event::Timer { token });
+    assert_eq!(closed(&a).unwrap(), "keep-alive timeout");
+}
+
+#[test]
+fn connect_timeout_closes_a_silent_connection() {
+    let (mut h, a) = Harness::new();
+    let (token, _) = timers(&a)[0];
+    h.now += 10_000;
+    let a = h.event(Event::Timer { token });
+    assert!(closed(&a).unwrap().contains("no CONNECT"));
+}
+
+#[test]
+fn stale_connect_timer_is_ignored_after_connect() {
+    let (mut h, a) = Harness::new();
+    let (connect_timer, _) = timers(&a)[0];
+    let a = h.data(&connect_packet("d", true, 0, None));
+    let token = auth_token(&a);
+    h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    assert!(closed(&h.event(Event::Timer {
+        token: connect_timer
+    }))
+    .is_none());
+}
+
+// ---- persistent sessions --------------------------------------------------------------------
+
+/// CONNECT with Clean Session 0 for "dev/1", authenticated; returns the kv_get token.
+fn persistent_connect(h: &mut Harness) -> u64 {
+    let a = h.data(&connect_packet("dev/1", false, 0, None));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    assert!(sent(&a).is_empty(), "CONNACK waits for the session");
+    let ops = kv_ops(&a);
+    assert_eq!(ops[0].1, "mqtt/session/dev%2F1");
+    assert_eq!(ops[0].2, None, "a kv_get");
+    ops[0].0
+}
+
+#[test]
+fn new_persistent_session_subscribes_durably_and_stores_filters_before_suback() {
+    let (mut h, _) = Harness::new();
+    let get = persistent_connect(&mut h);
+    let a = h.event(Event::KvResult {
+        token: get,
+        result: Ok(None),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(false, 0)]);
+
+    let a = h.data(&subscribe_packet(3, &[("a/#", 1)]));
+    let (sub_token, spec) = subscribe_action(&a);
+    assert_eq!(spec.name, "mqtt-session-dev%2F1");
+    assert!(spec.durable);
+    assert_eq!(spec.mode, SubMode::Exclusive);
+    let put = kv_ops(&a);
+    assert_eq!(put.len(), 1);
+    assert_eq!(put[0].1, "mqtt/session/dev%2F1");
+    let stored = put[0].2.clone().unwrap().unwrap();
+    assert_eq!(
+        session_store::decode(&stored).unwrap(),
+        BTreeMap::from([("a/#".to_string(), 1)])
+    );
+    // Backend first: still waiting for the kv.
+    let a = h.event(Event::SubscribeResult {
+        token: sub_token,
+        result: Ok(SUB),
+    });
+    assert!(sent(&a).is_empty());
+    let a = h.event(Event::KvResult {
+        token: put[0].0,
+        result: Ok(None),
+    });
+    assert_eq!(sent(&a), vec![codec::suback(3, &[1])]);
+
+    // UNSUBSCRIBE saves too, UNSUBACK after the save.
+    let a = h.data(&unsubscribe_packet(4, &["a/#"]));
+    assert!(sent(&a).is_empty());
+    let put = kv_ops(&a);
+    let stored = put[0].2.clone().unwrap().unwrap();
+    assert!(session_store::decode(&stored).unwrap().is_empty());
+    let a = h.event(Event::KvResult {
+        token: put[0].0,
+        result: Ok(None),
+    });
+    assert_eq!(sent(&a), vec![codec::unsuback(4)]);
+}
+
+#[test]
+fn session_saves_are_serialised() {
+    let (mut h, _) = Harness::new();
+    let get = persistent_connect(&mut h);
+    h.event(Event::KvResult {
+        token: get,
+        result: Ok(None),
+    });
+    let mut bytes = subscribe_packet(1, &[("a", 1)]);
+    bytes.extend_from_slice(&subscribe_packet(2, &[("b", 1)]));
+    let a = h.data(&bytes);
+    let sub_token = subscribe_token(&a);
+    let puts = kv_ops(&a);
+    assert_eq!(puts.len(), 1, "one save in flight");
+    h.event(Event::SubscribeResult {
+        token: sub_token,
+        result: Ok(SUB),
+    });
+    let a = h.event(Event::KvResult {
+        token: puts[0].0,
+        result: Ok(None),
+    });
+    assert_eq!(sent(&a), vec![codec::suback(1, &[1])]);
+    let puts = kv_ops(&a);
+    assert_eq!(puts.len(), 1, "the second save follows");
+    let a = h.event(Event::KvResult {
+        token: puts[0].0,
+        result: Ok(None),
+    });
+    assert_eq!(sent(&a), vec![codec::suback(2, &[1])]);
+}
+
+#[test]
+fn stored_session_is_restored_with_session_present() {
+    let (mut h, _) = Harness::new();
+    let get = persistent_connect(&mut h);
+    let stored = session_store::encode(&BTreeMap::from([("a/+".to_string(), 1)]));
+    let a = h.event(Event::KvResult {
+        token: get,
+        result: Ok(Some(stored)),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(true, 0)]);
+    let (token, spec) = subscribe_action(&a);
+    assert_eq!(spec.name, "mqtt-session-dev%2F1");
+    assert!(spec.durable);
+    h.event(Event::SubscribeResult {
+        token,
+        result: Ok(SUB),
+    });
+    // A message queued while away is delivered through the restored filter.
+    let a = h.event(Event::Delivery(delivery(9, "a/b", 1, b"queued")));
+    assert_eq!(
+        sent(&a),
+        vec![codec::publish("a/b", Some(1), b"queued").unwrap()]
+    );
+}
+
+#[test]
+fn session_store_failure_at_connect_gets_connack_3() {
+    let (mut h, _) = Harness::new();
+    let get = persistent_connect(&mut h);
+    let a = h.event(Event::KvResult {
+        token: get,
+        result: Err(err(ErrorKind::Internal)),
+    });
+    assert_eq!(sent(&a), vec![codec::connack(false, 3)]);
+    assert!(closed(&a).is_some());
+}
+
+#[test]
+fn clean_session_discards_an_earlier_persistent_session() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect_packet("dev/1", true, 0, None));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    let probe = kv_ops(&a)[0].0;
+    let a = h.event(Event::KvResult {
+        token: probe,
+        result: Ok(Some(session_store::encode(&BTreeMap::new()))),
+    });
+    let ops = kv_ops(&a);
+    assert_eq!(ops[0].1, "mqtt/session/dev%2F1");
+    assert_eq!(ops[0].2, Some(None), "kv_put(None) deletes the session");
+    let (token, spec) = subscribe_action(&a);
+    assert_eq!(spec.name, "mqtt-session-dev%2F1");
+    let a = h.event(Event::SubscribeResult {
+        token,
+        result: Ok(77),
+    });
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Unsubscribe {
+            sub: 77,
+            delete: true
+        }
+    )));
+}

@@ -1,0 +1,256 @@
+//! The Magnetar plugin SDK.
+//!
+//! A Magnetar plugin is a sans-IO protocol state machine compiled to a WebAssembly component
+//! (`wasm32-wasip2`). The gateway owns the sockets, TLS, authentication, keys and the Pulsar
+//! backend; a plugin turns the bytes of one protocol into host calls (`send`, `publish`,
+//! `subscribe`, ...) and reacts to events (`on_data`, `on_delivery`, ...). The ABI itself is
+//! the WIT package `magnetar:plugin@0.1.0` in `sdk/wit/`; this crate hides the generated glue
+//! behind two traits, in the manner of proxy-wasm's root and stream contexts:
+//!
+//! - [`Plugin`]: one value per plugin instance, built from the plugin's config; it opens a
+//!   [`Connection`] for each new client connection.
+//! - [`Connection`]: the per-connection state machine. Every callback has a default that
+//!   ignores the event, so a plugin overrides only what it needs.
+//!
+//! Long operations complete later through an event carrying the token the plugin chose, so a
+//! connection can have many in flight. Host errors reach the plugin as [`OpError`] values,
+//! never as traps.
+//!
+//! ```no_run
+//! use magnetar_sdk::{Conn, ConnInfo, Connection, Plugin};
+//!
+//! /// Echoes every byte back to its sender.
+//! struct Echo;
+//! struct EchoConn;
+//!
+//! impl Plugin for Echo {
+//!     type Connection = EchoConn;
+//!     fn new(_config: &str) -> Result<Self, String> {
+//!         Ok(Echo)
+//!     }
+//!     fn open(&mut self, _conn: Conn, _info: ConnInfo) -> EchoConn {
+//!         EchoConn
+//!     }
+//! }
+//!
+//! impl Connection for EchoConn {
+//!     fn on_data(&mut self, conn: Conn, data: Vec<u8>) {
+//!         conn.send(&data);
+//!     }
+//! }
+//!
+//! magnetar_sdk::export_plugin!(Echo);
+//! ```
+// `deny`, not `forbid`: the generated bindings need `unsafe` for the canonical ABI; nothing else may.
+#![deny(unsafe_code)]
+
+mod dispatch;
+
+/// Bindings generated from `sdk/wit/plugin.wit`. Plugin authors normally need none of it.
+#[doc(hidden)]
+#[allow(unsafe_code, missing_docs, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin_world",
+        default_bindings_module: "magnetar_sdk::bindings",
+    });
+}
+
+use bindings::magnetar::plugin::host;
+pub use bindings::magnetar::plugin::types::{
+    ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, LogLevel, OpError,
+    OutboundMessage, Principal, Property, SubMode, SubscriptionSpec, UserPassword,
+};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::bindings::exports::magnetar::plugin::handler::Guest;
+    pub use crate::dispatch::Dispatcher;
+}
+
+/// A subscription handle, from [`Connection::on_subscribe_result`].
+pub type SubId = u64;
+
+/// One plugin instance: built once from the plugin's config, it opens a [`Connection`] for
+/// every client connection the host hands it. An instance serves many connections.
+pub trait Plugin: Sized + 'static {
+    /// The per-connection state machine.
+    type Connection: Connection;
+
+    /// Builds the instance from the `[plugins.<name>]` config of the gateway (TOML text,
+    /// empty when there is none). An error refuses to load the plugin.
+    fn new(config: &str) -> Result<Self, String>;
+
+    /// A client connected. Nothing has been read yet.
+    fn open(&mut self, conn: Conn, info: ConnInfo) -> Self::Connection;
+}
+
+/// The state machine of one client connection. Defaults ignore the event.
+#[allow(unused_variables)]
+pub trait Connection: 'static {
+    /// Bytes arrived from the client. They are a stream: a frame may be split across calls.
+    fn on_data(&mut self, conn: Conn, data: Vec<u8>);
+
+    /// The socket is gone. The connection is dropped after this returns.
+    fn on_closed(&mut self, conn: Conn) {}
+
+    /// Outcome of [`Conn::authenticate`].
+    fn on_auth_result(&mut self, conn: Conn, token: u64, result: Result<Principal, OpError>) {}
+
+    /// Outcome of [`Conn::publish`]: `Ok` once the backend stored the message.
+    fn on_publish_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {}
+
+    /// Outcome of [`Conn::subscribe`].
+    fn on_subscribe_result(&mut self, conn: Conn, token: u64, result: Result<SubId, OpError>) {}
+
+    /// A message on one of this connection's subscriptions. Ack it with [`Conn::ack`].
+    fn on_delivery(&mut self, conn: Conn, delivery: Delivery) {}
+
+    /// A timer set with [`Conn::set_timer`] fired.
+    fn on_timer(&mut self, conn: Conn, token: u64) {}
+
+    /// Outcome of [`Conn::kv_get`] (the value, if any) or [`Conn::kv_put`] (`Ok(None)`).
+    fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
+    }
+}
+
+/// A handle on one client connection: every host call that concerns a connection goes
+/// through it. It is a plain id, cheap to copy; calls on a closed connection are ignored by
+/// the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conn(u64);
+
+impl Conn {
+    /// Wraps a raw connection id (as the host numbers them).
+    pub fn from_raw(id: u64) -> Self {
+        Conn(id)
+    }
+
+    /// The raw connection id.
+    pub fn id(self) -> u64 {
+        self.0
+    }
+
+    /// Queues bytes for the client. Order is kept.
+    pub fn send(self, data: &[u8]) {
+        host::send(self.0, data);
+    }
+
+    /// Flushes queued bytes, then closes the connection; `reason` goes to the gateway log.
+    pub fn close(self, reason: &str) {
+        host::close(self.0, reason);
+    }
+
+    /// Checks credentials; completes with [`Connection::on_auth_result`]. Until it succeeds,
+    /// every backend call of this connection fails with [`ErrorKind::NotAuthorized`].
+    pub fn authenticate(self, token: u64, creds: &Credentials) {
+        host::authenticate(self.0, token, creds);
+    }
+
+    /// Stores a message in the connection's namespace; completes with
+    /// [`Connection::on_publish_result`] once the backend has it durably.
+    pub fn publish(self, token: u64, msg: &OutboundMessage) {
+        host::publish(self.0, token, msg);
+    }
+
+    /// Opens a subscription; completes with [`Connection::on_subscribe_result`], then
+    /// deliveries arrive through [`Connection::on_delivery`].
+    pub fn subscribe(self, token: u64, spec: &SubscriptionSpec) {
+        host::subscribe(self.0, token, spec);
+    }
+
+    /// Closes a subscription; with `delete`, a durable one is removed with its backlog.
+    pub fn unsubscribe(self, sub: SubId, delete: bool) {
+        host::unsubscribe(self.0, sub, delete);
+    }
+
+    /// Acknowledges a delivery.
+    pub fn ack(self, sub: SubId, delivery_id: u64) {
+        host::ack(self.0, sub, delivery_id);
+    }
+
+    /// Fires [`Connection::on_timer`] with `token` after `delay_ms`.
+    pub fn set_timer(self, token: u64, delay_ms: u64) {
+        host::set_timer(self.0, token, delay_ms);
+    }
+
+    /// Reads a key of the namespace's kv; completes with [`Connection::on_kv_result`].
+    pub fn kv_get(self, token: u64, key: &str) {
+        host::kv_get(self.0, token, key);
+    }
+
+    /// Writes (`Some`) or deletes (`None`) a key; completes with [`Connection::on_kv_result`].
+    pub fn kv_put(self, token: u64, key: &str, value: Option<&[u8]>) {
+        host::kv_put(self.0, token, key, value);
+    }
+}
+
+/// Writes a line to the gateway's log, tagged with the plugin's name.
+pub fn log(level: LogLevel, message: &str) {
+    host::log(level, message);
+}
+
+/// Milliseconds since the Unix epoch, from the host's clock.
+pub fn now_ms() -> u64 {
+    host::now_ms()
+}
+
+/// Exports a [`Plugin`] type as the component's `magnetar:plugin/handler`.
+///
+/// Use it once, at the top level of the plugin crate: `magnetar_sdk::export_plugin!(MyPlugin);`
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        // Only a Wasm build exports the component interface; a native build of a plugin
+        // crate (for its unit tests) links without it.
+        #[cfg(target_arch = "wasm32")]
+        #[doc(hidden)]
+        struct __MagnetarGuest;
+
+        #[cfg(target_arch = "wasm32")]
+        ::std::thread_local! {
+            static __MAGNETAR_DISPATCHER: ::std::cell::RefCell<$crate::__private::Dispatcher<$plugin>> =
+                ::std::cell::RefCell::new($crate::__private::Dispatcher::new());
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        impl $crate::__private::Guest for __MagnetarGuest {
+            fn init(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.init(&config))
+            }
+            fn on_open(conn: u64, info: $crate::ConnInfo) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.on_open(conn, info))
+            }
+            fn on_data(conn: u64, data: ::std::vec::Vec<u8>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_data(c, h, data)))
+            }
+            fn on_closed(conn: u64) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.on_closed(conn))
+            }
+            fn on_auth_result(conn: u64, token: u64, result: ::std::result::Result<$crate::Principal, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_auth_result(c, h, token, result)))
+            }
+            fn on_publish_result(conn: u64, token: u64, result: ::std::result::Result<(), $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_publish_result(c, h, token, result)))
+            }
+            fn on_subscribe_result(conn: u64, token: u64, result: ::std::result::Result<u64, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_subscribe_result(c, h, token, result)))
+            }
+            fn on_delivery(conn: u64, delivery: $crate::Delivery) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_delivery(c, h, delivery)))
+            }
+            fn on_timer(conn: u64, token: u64) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_timer(c, h, token)))
+            }
+            fn on_kv_result(conn: u64, token: u64, result: ::std::result::Result<::std::option::Option<::std::vec::Vec<u8>>, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_kv_result(c, h, token, result)))
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        $crate::bindings::__export_plugin_world!(__MagnetarGuest with_types_in $crate::bindings);
+    };
+}

@@ -1,0 +1,140 @@
+//! Starts the real `magnetar` binary on free loopback ports with its own data directory, and
+//! stops it (or kills it with SIGKILL) when asked or when the test ends, even on failure.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running gateway process and its ports.
+pub struct Gateway {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub broker: SocketAddr,
+    pub mqtt: SocketAddr,
+    pub mqtts: SocketAddr,
+    pub echo: Option<SocketAddr>,
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// Options of a test gateway.
+#[derive(Default)]
+pub struct Options {
+    /// Also serve the example echo plugin (from the Wasm build directory) on a listener.
+    pub echo_plugin: bool,
+    /// Extra TOML appended to the generated config.
+    pub extra: String,
+}
+
+impl Gateway {
+    pub fn start(opts: Options) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (broker, mqtt, mqtts) = (free_port(), free_port(), free_port());
+        let echo = opts.echo_plugin.then(free_port);
+        let mut config = format!(
+            "[broker]\nlisten = \"{broker}\"\n\n[plugins]\nworkers = 2\nevent_deadline_ms = 200\nmemory_limit_mib = 32\n"
+        );
+        if opts.echo_plugin {
+            config.push_str(&format!("dir = {:?}\n", plugin_dir(dir.path())));
+        }
+        config.push_str(&format!(
+            "\n[[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n[[listeners]]\nname = \"mqtt-tls\"\nbind = \"{mqtts}\"\nplugin = \"mqtt\"\ntls = true\n"
+        ));
+        if let Some(echo) = echo {
+            config.push_str(&format!("\n[[listeners]]\nname = \"echo\"\nbind = \"{echo}\"\nplugin = \"echo_plugin\"\n"));
+        }
+        config.push_str(&opts.extra);
+        let config_path = dir.path().join("magnetar.toml");
+        std::fs::write(&config_path, config).expect("writing config");
+        let mut gw = Gateway {
+            child: None,
+            dir,
+            config_path,
+            broker,
+            mqtt,
+            mqtts,
+            echo,
+        };
+        gw.spawn();
+        gw
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the process (again) on the same ports and data, and waits until it serves.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("magnetar.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning magnetar");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut ports = vec![self.mqtt, self.mqtts, self.broker];
+        ports.extend(self.echo);
+        for addr in ports {
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    panic!("magnetar exited with {status} during start:\n{}", self.log());
+                }
+                assert!(Instant::now() < deadline, "magnetar did not listen on {addr}:\n{}", self.log());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("magnetar.log")).unwrap_or_default()
+    }
+
+    /// The CA that signed the generated server certificate.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.data_dir().join("tls/ca.pem")).expect("generated ca.pem")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = writeln!(std::io::stderr(), "--- magnetar log ---\n{}", self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// A directory holding the example echo plugin, as an operator's plugin directory would.
+fn plugin_dir(base: &Path) -> PathBuf {
+    let dir = base.join("plugins");
+    std::fs::create_dir_all(&dir).expect("plugin dir");
+    let built = Path::new(env!("MAGNETAR_WASM_DIR")).join("echo_plugin.wasm");
+    std::fs::copy(&built, dir.join("echo_plugin.wasm")).expect("copying echo_plugin.wasm");
+    dir
+}

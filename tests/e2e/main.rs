@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `magnetar` binary, the real embedded broker, real sockets and
+//! real third-party clients. One test crate, one module per area.
+
+mod harness;
+mod mqtt;
+mod plugins;

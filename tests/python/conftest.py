@@ -1,0 +1,97 @@
+"""Fixtures that run the real `magnetar` binary on free loopback ports.
+
+Every process a test starts is killed when the test ends, pass or fail, and is bounded in
+time: a gateway that does not listen within 60 s fails the test.
+"""
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MAGNETAR = os.environ.get("MAGNETAR_BIN", str(ROOT / "target" / "release" / "magnetar"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s:\n{log.read_text()}")
+
+
+class Gateway:
+    """A gateway process with its ports, data directory and log."""
+
+    def __init__(self, tmp: Path, extra_config: str = ""):
+        self.tmp = tmp
+        self.data_dir = tmp / "data"
+        self.broker_port = free_port()
+        self.mqtt_port = free_port()
+        self.mqtts_port = free_port()
+        self.config = tmp / "magnetar.toml"
+        self.config.write_text(
+            f'[broker]\nlisten = "127.0.0.1:{self.broker_port}"\n\n'
+            f'[[listeners]]\nname = "mqtt"\nbind = "127.0.0.1:{self.mqtt_port}"\nplugin = "mqtt"\n\n'
+            f'[[listeners]]\nname = "mqtt-tls"\nbind = "127.0.0.1:{self.mqtts_port}"\nplugin = "mqtt"\ntls = true\n'
+            + extra_config
+        )
+        self.log = tmp / "magnetar.log"
+        self.proc = None
+
+    @property
+    def service_url(self) -> str:
+        return f"pulsar://127.0.0.1:{self.broker_port}"
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.data_dir / "tls" / "ca.pem")
+
+    def start(self) -> "Gateway":
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [MAGNETAR, "--config", str(self.config), "--data-dir", str(self.data_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=logf,
+            env={**os.environ, "RUST_LOG": "info"},
+        )
+        for port in (self.broker_port, self.mqtt_port, self.mqtts_port):
+            wait_for_port(port, self.proc, self.log)
+        return self
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    gw = Gateway(tmp_path).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
