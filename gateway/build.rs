@@ -17,9 +17,20 @@ const TARGET: &str = "wasm32-wasip2";
 const BUILTIN: &[(&str, &str)] = &[("mqtt", "magnetar_mqtt.wasm")];
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("gateway/ has a parent").to_path_buf();
-    for watched in ["plugins/Cargo.toml", "plugins/mqtt", "sdk/src", "sdk/wit", "sdk/Cargo.toml", "examples/echo-plugin"] {
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .parent()
+        .expect("gateway/ has a parent")
+        .to_path_buf();
+    for watched in [
+        "plugins/Cargo.toml",
+        "plugins/mqtt",
+        "sdk/src",
+        "sdk/wit",
+        "sdk/Cargo.toml",
+        "examples/echo-plugin",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
@@ -57,8 +68,15 @@ fn main() {
     );
     for (name, file) in BUILTIN {
         let path = wasm_dir.join(file);
-        assert!(path.exists(), "the plugin build produced no {}", path.display());
-        generated.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", path.display().to_string()));
+        assert!(
+            path.exists(),
+            "the plugin build produced no {}",
+            path.display()
+        );
+        generated.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            path.display().to_string()
+        ));
     }
     generated.push_str("];\n");
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -90,5 +108,8 @@ fn sysroot_has_target() -> bool {
         return false;
     };
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Path::new(&sysroot).join("lib/rustlib").join(TARGET).exists()
+    Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .exists()
 }

@@ -20,7 +20,10 @@ use std::sync::Arc;
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use pulsar::message::proto::{
-    self, base_command::Type, command_ack::AckType, command_lookup_topic_response::LookupType,
+    self,
+    base_command::Type,
+    command_ack::AckType,
+    command_lookup_topic_response::LookupType,
     command_partitioned_topic_metadata_response::LookupType as MetadataLookupType,
     command_subscribe::{InitialPosition, SubType},
     ServerError,
@@ -170,7 +173,10 @@ macro_rules! body {
 
 impl Connection {
     async fn reply(&self, msg: Message) -> Result<(), ConnectionError> {
-        self.out.send(msg).await.map_err(|_| ConnectionError::Closed)
+        self.out
+            .send(msg)
+            .await
+            .map_err(|_| ConnectionError::Closed)
     }
 
     async fn detach_all(&mut self) {
@@ -197,7 +203,11 @@ impl Connection {
             payload,
         } = msg;
         let Ok(kind) = Type::try_from(cmd.r#type) else {
-            tracing::debug!(connection = self.id, kind = cmd.r#type, "unknown command type");
+            tracing::debug!(
+                connection = self.id,
+                kind = cmd.r#type,
+                "unknown command type"
+            );
             return self.unsupported(&cmd).await;
         };
         if !self.connected && !matches!(kind, Type::Connect | Type::Ping | Type::Pong) {
@@ -206,7 +216,10 @@ impl Connection {
         match kind {
             Type::Connect => {
                 let c = body!(cmd, connect);
-                let version = c.protocol_version.unwrap_or(0).clamp(0, MAX_PROTOCOL_VERSION);
+                let version = c
+                    .protocol_version
+                    .unwrap_or(0)
+                    .clamp(0, MAX_PROTOCOL_VERSION);
                 self.connected = true;
                 tracing::debug!(connection = self.id, client = %c.client_version, version, "connected");
                 self.reply(command(Type::Connected, |r| {
@@ -220,8 +233,10 @@ impl Connection {
                 .await
             }
             Type::Ping => {
-                self.reply(command(Type::Pong, |r| r.pong = Some(proto::CommandPong {})))
-                    .await
+                self.reply(command(Type::Pong, |r| {
+                    r.pong = Some(proto::CommandPong {})
+                }))
+                .await
             }
             Type::Pong => Ok(()),
             Type::PartitionedMetadata => {
@@ -373,26 +388,42 @@ impl Connection {
                 .await
             }
             None => {
-                tracing::debug!(connection = self.id, kind = cmd.r#type, "ignoring unsupported command");
+                tracing::debug!(
+                    connection = self.id,
+                    kind = cmd.r#type,
+                    "ignoring unsupported command"
+                );
                 Ok(())
             }
         }
     }
 
-    async fn topic(&self, name: &str, request_id: u64) -> Result<Option<TopicHandle>, ConnectionError> {
+    async fn topic(
+        &self,
+        name: &str,
+        request_id: u64,
+    ) -> Result<Option<TopicHandle>, ConnectionError> {
         let name = match TopicName::parse(name) {
             Ok(n) => n,
             Err(e) => {
-                self.reply(error(request_id, ServerError::InvalidTopicName, e.to_string()))
-                    .await?;
+                self.reply(error(
+                    request_id,
+                    ServerError::InvalidTopicName,
+                    e.to_string(),
+                ))
+                .await?;
                 return Ok(None);
             }
         };
         match self.shared.registry.get(&name).await {
             Ok(h) => Ok(Some(h)),
             Err(e) => {
-                self.reply(error(request_id, ServerError::ServiceNotReady, e.to_string()))
-                    .await?;
+                self.reply(error(
+                    request_id,
+                    ServerError::ServiceNotReady,
+                    e.to_string(),
+                ))
+                .await?;
                 Ok(None)
             }
         }
@@ -401,7 +432,11 @@ impl Connection {
     async fn create_producer(&mut self, c: proto::CommandProducer) -> Result<(), ConnectionError> {
         if self.producers.len() >= MAX_HANDLES && !self.producers.contains_key(&c.producer_id) {
             return self
-                .reply(error(c.request_id, ServerError::ProducerBusy, "too many producers"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::ProducerBusy,
+                    "too many producers",
+                ))
                 .await;
         }
         let Some(topic) = self.topic(&c.topic, c.request_id).await? else {
@@ -443,17 +478,26 @@ impl Connection {
         };
         let Some(producer) = self.producers.get(&producer_id) else {
             return self
-                .reply(send_error(ServerError::NotAllowedError, "unknown producer".into()))
+                .reply(send_error(
+                    ServerError::NotAllowedError,
+                    "unknown producer".into(),
+                ))
                 .await;
         };
         let Some(payload) = payload else {
             return self
-                .reply(send_error(ServerError::NotAllowedError, "send without payload".into()))
+                .reply(send_error(
+                    ServerError::NotAllowedError,
+                    "send without payload".into(),
+                ))
                 .await;
         };
         if payload.data.len() > MAX_MESSAGE_SIZE {
             return self
-                .reply(send_error(ServerError::NotAllowedError, "message too large".into()))
+                .reply(send_error(
+                    ServerError::NotAllowedError,
+                    "message too large".into(),
+                ))
                 .await;
         }
         let entry = Arc::new(StoredEntry {
@@ -469,7 +513,10 @@ impl Connection {
             .is_err()
         {
             return self
-                .reply(send_error(ServerError::ServiceNotReady, "topic stopped".into()))
+                .reply(send_error(
+                    ServerError::ServiceNotReady,
+                    "topic stopped".into(),
+                ))
                 .await;
         }
         self.receipts.push_back(Box::pin(async move {
@@ -492,12 +539,20 @@ impl Connection {
     async fn subscribe(&mut self, c: proto::CommandSubscribe) -> Result<(), ConnectionError> {
         if self.consumers.len() >= MAX_HANDLES && !self.consumers.contains_key(&c.consumer_id) {
             return self
-                .reply(error(c.request_id, ServerError::ConsumerBusy, "too many consumers"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::ConsumerBusy,
+                    "too many consumers",
+                ))
                 .await;
         }
         let Ok(sub_type) = SubType::try_from(c.sub_type) else {
             return self
-                .reply(error(c.request_id, ServerError::NotAllowedError, "unknown subscription type"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::NotAllowedError,
+                    "unknown subscription type",
+                ))
                 .await;
         };
         let initial_position = c
@@ -524,7 +579,11 @@ impl Connection {
             .is_err()
         {
             return self
-                .reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::ServiceNotReady,
+                    "topic stopped",
+                ))
                 .await;
         }
         match done.await {
@@ -534,8 +593,12 @@ impl Connection {
             }
             Ok(Err((code, text))) => self.reply(error(c.request_id, code, text)).await,
             Err(_) => {
-                self.reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
-                    .await
+                self.reply(error(
+                    c.request_id,
+                    ServerError::ServiceNotReady,
+                    "topic stopped",
+                ))
+                .await
             }
         }
     }
@@ -578,11 +641,18 @@ impl Connection {
         let key = self.key(c.consumer_id);
         let Some(topic) = self.consumers.get(&c.consumer_id) else {
             return self
-                .reply(error(c.request_id, ServerError::ConsumerNotFound, "no such consumer"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::ConsumerNotFound,
+                    "no such consumer",
+                ))
                 .await;
         };
         let (reply, done) = oneshot::channel();
-        let _ = topic.tx.send(TopicCommand::Unsubscribe { key, reply }).await;
+        let _ = topic
+            .tx
+            .send(TopicCommand::Unsubscribe { key, reply })
+            .await;
         match done.await {
             Ok(Ok(())) => {
                 self.consumers.remove(&c.consumer_id);
@@ -590,8 +660,12 @@ impl Connection {
             }
             Ok(Err((code, text))) => self.reply(error(c.request_id, code, text)).await,
             Err(_) => {
-                self.reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
-                    .await
+                self.reply(error(
+                    c.request_id,
+                    ServerError::ServiceNotReady,
+                    "topic stopped",
+                ))
+                .await
             }
         }
     }
@@ -603,14 +677,25 @@ impl Connection {
         let key = self.key(c.consumer_id);
         let Some(topic) = self.consumers.get(&c.consumer_id) else {
             return self
-                .reply(error(c.request_id, ServerError::ConsumerNotFound, "no such consumer"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::ConsumerNotFound,
+                    "no such consumer",
+                ))
                 .await;
         };
         let (reply, done) = oneshot::channel();
-        let _ = topic.tx.send(TopicCommand::GetLastMessageId { key, reply }).await;
+        let _ = topic
+            .tx
+            .send(TopicCommand::GetLastMessageId { key, reply })
+            .await;
         let Ok(last) = done.await else {
             return self
-                .reply(error(c.request_id, ServerError::ServiceNotReady, "topic stopped"))
+                .reply(error(
+                    c.request_id,
+                    ServerError::ServiceNotReady,
+                    "topic stopped",
+                ))
                 .await;
         };
         self.reply(command(Type::GetLastMessageIdResponse, |r| {

@@ -285,7 +285,9 @@ mod tests {
     use super::*;
 
     fn entries(log: &Log) -> Vec<Vec<u8>> {
-        (0..log.next_entry_id()).map(|i| log.read(i).unwrap()).collect()
+        (0..log.next_entry_id())
+            .map(|i| log.read(i).unwrap())
+            .collect()
     }
 
     #[test]
@@ -297,7 +299,10 @@ mod tests {
         drop(log);
         let log = Log::open(dir.path()).unwrap();
         assert_eq!(log.next_entry_id(), 3);
-        assert_eq!(entries(&log), vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]);
+        assert_eq!(
+            entries(&log),
+            vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()]
+        );
     }
 
     #[test]

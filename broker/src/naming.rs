@@ -78,7 +78,10 @@ impl TopicName {
 
     /// `tenant/namespace` of this topic.
     pub fn namespace(&self) -> &str {
-        let rest = self.canonical.strip_prefix(SCHEME).unwrap_or(&self.canonical);
+        let rest = self
+            .canonical
+            .strip_prefix(SCHEME)
+            .unwrap_or(&self.canonical);
         match rest.rfind('/') {
             Some(i) => rest.get(..i).unwrap_or(rest),
             None => rest,

@@ -166,7 +166,9 @@ mod tests {
         for len in 0..2000usize {
             let mut bytes = Vec::with_capacity(len);
             for _ in 0..len {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 bytes.push((seed >> 33) as u8);
             }
             if let Some(b) = bytes.get_mut(..4) {

@@ -208,7 +208,11 @@ impl Subscription {
         };
         let back: Vec<u64> = match ids {
             None => std::mem::take(&mut c.unacked).into_iter().collect(),
-            Some(ids) => ids.iter().filter(|id| c.unacked.remove(id)).copied().collect(),
+            Some(ids) => ids
+                .iter()
+                .filter(|id| c.unacked.remove(id))
+                .copied()
+                .collect(),
         };
         for id in back {
             self.requeue(id);
@@ -291,7 +295,12 @@ impl Subscription {
 }
 
 /// `CommandMessage` carrying a stored entry (metadata and payload unchanged).
-pub fn message_frame(consumer_id: u64, id: u64, redelivery_count: u32, entry: &StoredEntry) -> Message {
+pub fn message_frame(
+    consumer_id: u64,
+    id: u64,
+    redelivery_count: u32,
+    entry: &StoredEntry,
+) -> Message {
     let mut frame = protocol::command(Type::Message, |c| {
         c.message = Some(CommandMessage {
             consumer_id,
@@ -342,7 +351,8 @@ mod tests {
     fn permits_are_respected_and_order_kept() {
         let mut sub = Subscription::new("s".into(), true, SubType::Exclusive, Cursor::at(0));
         let (tx, mut rx) = mpsc::channel(100);
-        sub.add_consumer(SubType::Exclusive, Consumer::new(key(1), tx)).unwrap();
+        sub.add_consumer(SubType::Exclusive, Consumer::new(key(1), tx))
+            .unwrap();
         let mut read = |_| Some(entry(1));
         assert_eq!(sub.dispatch(10, &mut read), DispatchOutcome::Idle);
         assert!(ids(&mut rx).is_empty());
@@ -350,7 +360,9 @@ mod tests {
         sub.dispatch(10, &mut read);
         assert_eq!(ids(&mut rx), vec![(0, 0), (1, 0), (2, 0)]);
         let (tx2, _rx2) = mpsc::channel(1);
-        assert!(sub.add_consumer(SubType::Exclusive, Consumer::new(key(2), tx2)).is_err());
+        assert!(sub
+            .add_consumer(SubType::Exclusive, Consumer::new(key(2), tx2))
+            .is_err());
     }
 
     #[test]
@@ -358,8 +370,10 @@ mod tests {
         let mut sub = Subscription::new("s".into(), true, SubType::Shared, Cursor::at(0));
         let (tx1, mut rx1) = mpsc::channel(100);
         let (tx2, mut rx2) = mpsc::channel(100);
-        sub.add_consumer(SubType::Shared, Consumer::new(key(1), tx1)).unwrap();
-        sub.add_consumer(SubType::Shared, Consumer::new(key(2), tx2)).unwrap();
+        sub.add_consumer(SubType::Shared, Consumer::new(key(1), tx1))
+            .unwrap();
+        sub.add_consumer(SubType::Shared, Consumer::new(key(2), tx2))
+            .unwrap();
         sub.flow(key(1), 10);
         sub.flow(key(2), 10);
         let mut read = |_| Some(entry(1));
@@ -379,7 +393,8 @@ mod tests {
     fn batch_costs_its_size_and_full_queue_blocks() {
         let mut sub = Subscription::new("s".into(), true, SubType::Exclusive, Cursor::at(0));
         let (tx, mut rx) = mpsc::channel(1);
-        sub.add_consumer(SubType::Exclusive, Consumer::new(key(1), tx)).unwrap();
+        sub.add_consumer(SubType::Exclusive, Consumer::new(key(1), tx))
+            .unwrap();
         sub.flow(key(1), 5);
         let mut read = |_| Some(entry(10));
         assert_eq!(sub.dispatch(3, &mut read), DispatchOutcome::Idle);

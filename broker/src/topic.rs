@@ -79,7 +79,9 @@ pub enum TopicCommand {
         reply: oneshot::Sender<LastMessageId>,
     },
     /// Flush everything and stop.
-    Shutdown { reply: oneshot::Sender<()> },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// Answer to `CommandGetLastMessageId`.
@@ -318,13 +320,14 @@ impl Topic {
                     .await
                     .map_err(|e| (ServerError::PersistenceError, e))?;
             }
-            let sub = Subscription::new(req.subscription.clone(), req.durable, req.sub_type, cursor);
+            let sub =
+                Subscription::new(req.subscription.clone(), req.durable, req.sub_type, cursor);
             self.subscriptions.insert(req.subscription.clone(), sub);
         }
-        let sub = self
-            .subscriptions
-            .get_mut(&req.subscription)
-            .ok_or((ServerError::UnknownError, "subscription vanished".to_string()))?;
+        let sub = self.subscriptions.get_mut(&req.subscription).ok_or((
+            ServerError::UnknownError,
+            "subscription vanished".to_string(),
+        ))?;
         sub.add_consumer(req.sub_type, Consumer::new(req.key, req.tx))?;
         self.consumers.insert(req.key, req.subscription);
         tracing::debug!(topic = %self.name, consumer = ?req.key, "consumer subscribed");
@@ -343,7 +346,11 @@ impl Topic {
                 return latest;
             }
             let inclusive = id.batch_index.is_some_and(|b| b >= 0);
-            let start = if inclusive { id.entry_id } else { id.entry_id + 1 };
+            let start = if inclusive {
+                id.entry_id
+            } else {
+                id.entry_id + 1
+            };
             return start.min(latest);
         }
         match req.initial_position {
@@ -365,11 +372,10 @@ impl Topic {
     }
 
     async fn unsubscribe(&mut self, key: ConsumerKey) -> Result<(), RequestError> {
-        let name = self
-            .consumers
-            .get(&key)
-            .cloned()
-            .ok_or((ServerError::ConsumerNotFound, "no such consumer".to_string()))?;
+        let name = self.consumers.get(&key).cloned().ok_or((
+            ServerError::ConsumerNotFound,
+            "no such consumer".to_string(),
+        ))?;
         let others = self
             .consumers
             .iter()
@@ -449,12 +455,18 @@ impl Topic {
                     self.cache.push(id, p.entry);
                     let _ = p.reply.send(Ok(id));
                 }
-                self.next_id = self.log.lock().map(|l| l.next_entry_id()).unwrap_or(self.next_id);
+                self.next_id = self
+                    .log
+                    .lock()
+                    .map(|l| l.next_entry_id())
+                    .unwrap_or(self.next_id);
             }
             Err(e) => {
                 tracing::error!(topic = %self.name, error = %e, "append failed");
                 for p in pending {
-                    let _ = p.reply.send(Err((ServerError::PersistenceError, e.clone())));
+                    let _ = p
+                        .reply
+                        .send(Err((ServerError::PersistenceError, e.clone())));
                 }
             }
         }

@@ -62,10 +62,19 @@ fn start_magnetar(dir: &std::path::Path) -> (Proc, SocketAddr) {
 }
 
 fn start_mosquitto(dir: &std::path::Path) -> Option<(Proc, SocketAddr)> {
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
     let addr = free_port();
     let config = dir.join("mosquitto.conf");
-    std::fs::write(&config, format!("listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n", addr.port())).ok()?;
+    std::fs::write(
+        &config,
+        format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n",
+            addr.port()
+        ),
+    )
+    .ok()?;
     let child = Command::new(bin)
         .arg("-c")
         .arg(&config)
@@ -85,18 +94,28 @@ struct Figures {
 }
 
 async fn run_once(addr: SocketAddr, qos: QoS, n: usize, tag: &str) -> Figures {
-    let mut so = MqttOptions::new(format!("bench-sub-{tag}"), addr.ip().to_string(), addr.port());
+    let mut so = MqttOptions::new(
+        format!("bench-sub-{tag}"),
+        addr.ip().to_string(),
+        addr.port(),
+    );
     so.set_keep_alive(Duration::from_secs(60));
     so.set_inflight(1000);
     let (sub, mut sub_loop) = AsyncClient::new(so, 10_000);
     let topic = format!("bench/{tag}/data");
-    sub.subscribe(format!("bench/{tag}/#"), qos).await.expect("subscribe");
+    sub.subscribe(format!("bench/{tag}/#"), qos)
+        .await
+        .expect("subscribe");
     loop {
         if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await.expect("sub poll") {
             break;
         }
     }
-    let mut po = MqttOptions::new(format!("bench-pub-{tag}"), addr.ip().to_string(), addr.port());
+    let mut po = MqttOptions::new(
+        format!("bench-pub-{tag}"),
+        addr.ip().to_string(),
+        addr.port(),
+    );
     po.set_keep_alive(Duration::from_secs(60));
     po.set_inflight(1000);
     let (publ, mut pub_loop) = AsyncClient::new(po, 10_000);
@@ -108,7 +127,9 @@ async fn run_once(addr: SocketAddr, qos: QoS, n: usize, tag: &str) -> Figures {
             let mut payload = vec![0u8; PAYLOAD];
             let t = origin.elapsed().as_nanos() as u64;
             payload[..8].copy_from_slice(&t.to_le_bytes());
-            publ.publish(topic.clone(), qos, false, payload).await.expect("publish");
+            publ.publish(topic.clone(), qos, false, payload)
+                .await
+                .expect("publish");
         }
         publ
     });
@@ -130,7 +151,12 @@ async fn run_once(addr: SocketAddr, qos: QoS, n: usize, tag: &str) -> Figures {
     let elapsed = origin.elapsed();
     let _ = publisher.await;
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     Figures {
         rate: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(0.50),
@@ -144,20 +170,31 @@ fn main() {
         println!("mqtt: bench");
         return;
     }
-    let n: usize = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n: usize = std::env::var("BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (_magnetar, magnetar_addr) = start_magnetar(dir.path());
     let mosquitto = start_mosquitto(dir.path());
     println!("MQTT 1→1, {PAYLOAD}-byte payloads, {n} messages per run");
-    println!("{:<10} {:<5} {:>12} {:>10} {:>10} {:>9}", "server", "qos", "msgs/s", "p50", "p99", "received");
+    println!(
+        "{:<10} {:<5} {:>12} {:>10} {:>10} {:>9}",
+        "server", "qos", "msgs/s", "p50", "p99", "received"
+    );
     for (qos, label) in [(QoS::AtMostOnce, "0"), (QoS::AtLeastOnce, "1")] {
         let ours = rt.block_on(run_once(magnetar_addr, qos, n, &format!("m{label}")));
         print_row("magnetar", label, &ours, n);
         if let Some((_, addr)) = &mosquitto {
             let theirs = rt.block_on(run_once(*addr, qos, n, &format!("q{label}")));
             print_row("mosquitto", label, &theirs, n);
-            println!("{:<10} {:<5} {:>11.2}x", "ratio", label, ours.rate / theirs.rate);
+            println!(
+                "{:<10} {:<5} {:>11.2}x",
+                "ratio",
+                label,
+                ours.rate / theirs.rate
+            );
         }
     }
 }

@@ -20,9 +20,15 @@ pub enum BackendError {
     #[error("connecting to Pulsar at {url}: {source}")]
     Connect { url: String, source: pulsar::Error },
     #[error("creating a producer on {topic}: {source}")]
-    Producer { topic: String, source: pulsar::Error },
+    Producer {
+        topic: String,
+        source: pulsar::Error,
+    },
     #[error("sending to {topic}: {source}")]
-    Send { topic: String, source: pulsar::Error },
+    Send {
+        topic: String,
+        source: pulsar::Error,
+    },
     #[error("subscribing {subscription} on {topic}: {source}")]
     Subscribe {
         topic: String,
@@ -69,10 +75,13 @@ impl Backend {
                 data: token.as_bytes().to_vec(),
             });
         }
-        let client = builder.build().await.map_err(|source| BackendError::Connect {
-            url: url.to_string(),
-            source,
-        })?;
+        let client = builder
+            .build()
+            .await
+            .map_err(|source| BackendError::Connect {
+                url: url.to_string(),
+                source,
+            })?;
         Ok(Backend {
             client,
             producers: Mutex::new(HashMap::new()),
@@ -136,7 +145,10 @@ impl Backend {
     }
 
     /// Opens a consumer.
-    pub async fn subscribe(&self, opts: &SubscribeOptions) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
+    pub async fn subscribe(
+        &self,
+        opts: &SubscribeOptions,
+    ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
         let mut options = ConsumerOptions::default().durable(opts.durable);
         options.initial_position = if opts.earliest {
             InitialPosition::Earliest

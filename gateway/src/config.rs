@@ -205,7 +205,10 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             if !names.insert(&l.name) {
-                return Err(format!("key `listeners[{i}].name`: listener name {:?} is used twice", l.name));
+                return Err(format!(
+                    "key `listeners[{i}].name`: listener name {:?} is used twice",
+                    l.name
+                ));
             }
         }
         if self.plugins.memory_limit_mib == 0 {
@@ -218,7 +221,9 @@ impl Config {
             return Err("keys `tls.cert` and `tls.key`: set both or neither".into());
         }
         if !self.broker.embedded && self.backend.service_url.is_none() {
-            return Err("key `backend.service_url`: required when `broker.embedded` is false".into());
+            return Err(
+                "key `backend.service_url`: required when `broker.embedded` is false".into(),
+            );
         }
         for (i, u) in self.auth.users.iter().enumerate() {
             if u.name.is_empty() {

@@ -50,7 +50,10 @@ impl ConnShared {
             return;
         }
         self.queued.fetch_add(data.len(), Ordering::Relaxed);
-        self.out.lock().unwrap_or_else(|p| p.into_inner()).push_back(data);
+        self.out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(data);
         self.out_ready.notify_one();
     }
 
@@ -131,7 +134,14 @@ where
         match read {
             Ok(0) => break "closed by the peer".to_string(),
             Ok(_) => {
-                if worker.send(Event::Data { conn, data: buf.freeze() }).await.is_err() {
+                if worker
+                    .send(Event::Data {
+                        conn,
+                        data: buf.freeze(),
+                    })
+                    .await
+                    .is_err()
+                {
                     break "plugin worker stopped".to_string();
                 }
             }

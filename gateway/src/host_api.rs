@@ -53,9 +53,22 @@ pub struct Services {
 
 /// A backend operation of one connection, run in issue order.
 enum Op {
-    Publish { token: u64, topic: String, msg: OutMessage },
-    KvGet { token: u64, topic: String, key: String },
-    KvPut { token: u64, topic: String, key: String, value: Option<Vec<u8>> },
+    Publish {
+        token: u64,
+        topic: String,
+        msg: OutMessage,
+    },
+    KvGet {
+        token: u64,
+        topic: String,
+        key: String,
+    },
+    KvPut {
+        token: u64,
+        topic: String,
+        key: String,
+        value: Option<Vec<u8>>,
+    },
 }
 
 /// A command to a subscription's delivery task.
@@ -132,7 +145,13 @@ impl HostState {
     /// Registers a new connection and starts its ordered operations task.
     pub fn open(&mut self, conn: u64, shared: Arc<ConnShared>) {
         let (ops, rx) = mpsc::channel(OPS_QUEUE);
-        let task = run_ops(conn, rx, self.services.clone(), self.events.clone(), shared.clone());
+        let task = run_ops(
+            conn,
+            rx,
+            self.services.clone(),
+            self.events.clone(),
+            shared.clone(),
+        );
         self.runtime.spawn(task);
         self.conns.insert(
             conn,
@@ -183,9 +202,12 @@ impl HostState {
     fn principal(&self, conn: u64) -> Result<&Principal, OpError> {
         match self.conns.get(&conn) {
             None => Err(op_error(ErrorKind::NotFound, "no such connection")),
-            Some(ConnSlot { principal: None, .. }) => {
-                Err(op_error(ErrorKind::NotAuthorized, "the connection has not authenticated"))
-            }
+            Some(ConnSlot {
+                principal: None, ..
+            }) => Err(op_error(
+                ErrorKind::NotAuthorized,
+                "the connection has not authenticated",
+            )),
             Some(ConnSlot {
                 principal: Some(p), ..
             }) => Ok(p),
@@ -195,7 +217,8 @@ impl HostState {
     /// A full topic URL for a plugin's short name, checked.
     fn topic(&self, conn: u64, name: &str) -> Result<String, OpError> {
         let principal = self.principal(conn)?;
-        tenancy::validate_name(name).map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))?;
+        tenancy::validate_name(name)
+            .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))?;
         Ok(tenancy::topic_url(principal, name))
     }
 
@@ -264,7 +287,11 @@ impl host::Host for HostState {
             tracing::info!(plugin = %self.plugin, conn, error = %e, "authentication failed");
             op_error(ErrorKind::NotAuthorized, "not authorized")
         });
-        self.complete(Event::AuthResult { conn, token, outcome });
+        self.complete(Event::AuthResult {
+            conn,
+            token,
+            outcome,
+        });
     }
 
     fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
@@ -273,9 +300,20 @@ impl host::Host for HostState {
                 let out = OutMessage {
                     key: msg.key,
                     payload: msg.payload,
-                    properties: msg.properties.into_iter().map(|p| (p.key, p.value)).collect(),
+                    properties: msg
+                        .properties
+                        .into_iter()
+                        .map(|p| (p.key, p.value))
+                        .collect(),
                 };
-                self.queue_op(conn, Op::Publish { token, topic, msg: out });
+                self.queue_op(
+                    conn,
+                    Op::Publish {
+                        token,
+                        topic,
+                        msg: out,
+                    },
+                );
             }
             Err(e) => self.complete(Event::PublishResult {
                 conn,
@@ -386,7 +424,15 @@ impl host::Host for HostState {
         match self.kv_topic(conn) {
             Ok(topic) => {
                 let key = format!("{}/{}", self.plugin, key);
-                self.queue_op(conn, Op::KvPut { token, topic, key, value })
+                self.queue_op(
+                    conn,
+                    Op::KvPut {
+                        token,
+                        topic,
+                        key,
+                        value,
+                    },
+                )
             }
             Err(e) => self.complete(Event::KvResult {
                 conn,
@@ -495,7 +541,13 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
         Err(e) => {
             tracing::warn!(conn, error = %e, "subscribe failed");
             let outcome = Err(op_error(ErrorKind::Backend, e.to_string()));
-            let _ = events.send(Event::SubscribeResult { conn, token, outcome }).await;
+            let _ = events
+                .send(Event::SubscribeResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
             return;
         }
     };

@@ -86,7 +86,10 @@ impl Kv {
     pub async fn put(&self, topic: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), KvError> {
         let space = self.space(topic).await?;
         let mut properties = HashMap::new();
-        properties.insert(OP_PROPERTY.to_string(), if value.is_some() { "put" } else { "delete" }.to_string());
+        properties.insert(
+            OP_PROPERTY.to_string(),
+            if value.is_some() { "put" } else { "delete" }.to_string(),
+        );
         let msg = OutMessage {
             key: Some(key.to_string()),
             payload: value.clone().unwrap_or_default(),
@@ -98,7 +101,11 @@ impl Kv {
             message: e.to_string(),
         })?;
         if let Some(id) = receipt.message_id {
-            space.apply(key.to_string(), (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1)), value);
+            space.apply(
+                key.to_string(),
+                (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1)),
+                value,
+            );
         }
         Ok(())
     }
@@ -130,7 +137,14 @@ impl Kv {
         properties.insert(MARKER_PROPERTY.to_string(), marker.clone());
         let receipt = self
             .backend
-            .enqueue(topic, OutMessage { key: None, payload: Vec::new(), properties })
+            .enqueue(
+                topic,
+                OutMessage {
+                    key: None,
+                    payload: Vec::new(),
+                    properties,
+                },
+            )
             .await?;
         receipt.await.map_err(|e| KvError::Receipt {
             topic: topic.to_string(),
@@ -139,7 +153,9 @@ impl Kv {
         let space = Arc::new(Space::default());
         loop {
             let Some(msg) = consumer.next().await else {
-                return Err(KvError::Ended { topic: topic.to_string() });
+                return Err(KvError::Ended {
+                    topic: topic.to_string(),
+                });
             };
             let msg = msg.map_err(|e| KvError::Receipt {
                 topic: topic.to_string(),
@@ -164,7 +180,12 @@ impl Kv {
 /// Applies one kv message; returns the marker it carries, if it is one.
 fn apply_message(space: &Space, msg: &pulsar::consumer::Message<Vec<u8>>) -> Option<String> {
     let meta = msg.metadata();
-    let prop = |name: &str| meta.properties.iter().find(|kv| kv.key == name).map(|kv| kv.value.clone());
+    let prop = |name: &str| {
+        meta.properties
+            .iter()
+            .find(|kv| kv.key == name)
+            .map(|kv| kv.value.clone())
+    };
     if let Some(marker) = prop(MARKER_PROPERTY) {
         return Some(marker);
     }

@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::connection::{self, ConnShared};
 use crate::plugin_host::bindings::magnetar::plugin::types::ConnInfo;
-use crate::plugin_host::{Event, PluginPool};
+use crate::plugin_host::{Event, PluginPool, WorkerHandle};
 
 /// Time a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
@@ -67,10 +67,11 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             let tls = self.tls.clone();
-            let pool = self.pool.clone();
+            // Picked here, in accept order, so connections spread evenly over the workers.
+            let worker = self.pool.pick();
             let name = name.clone();
             tokio::spawn(async move {
-                if let Err(e) = accept(stream, peer, name.clone(), tls, pool).await {
+                if let Err(e) = accept(stream, peer, name.clone(), tls, worker).await {
                     tracing::info!(listener = %name, %peer, error = %e, "connection refused");
                 }
             });
@@ -83,10 +84,9 @@ async fn accept(
     peer: SocketAddr,
     listener: Arc<str>,
     tls: Option<TlsAcceptor>,
-    pool: Arc<PluginPool>,
+    worker: WorkerHandle,
 ) -> anyhow::Result<()> {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-    let worker = pool.pick();
     let shared = Arc::new(ConnShared::default());
     let mut info = ConnInfo {
         listener: listener.to_string(),
@@ -112,7 +112,7 @@ async fn start<S>(
     conn: u64,
     info: ConnInfo,
     shared: Arc<ConnShared>,
-    worker: crate::plugin_host::WorkerHandle,
+    worker: WorkerHandle,
 ) -> anyhow::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,

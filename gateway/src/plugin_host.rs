@@ -138,7 +138,10 @@ pub struct PluginHost {
 
 impl PluginHost {
     /// Builds the engine: component model, epoch interruption, compile cache in `cache_dir`.
-    pub fn new(limits: InstanceLimits, cache_dir: Option<&std::path::Path>) -> anyhow::Result<PluginHost> {
+    pub fn new(
+        limits: InstanceLimits,
+        cache_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<PluginHost> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -152,7 +155,8 @@ impl PluginHost {
                 Err(e) => tracing::warn!(error = %e, "compile cache disabled"),
             }
         }
-        let engine = Engine::new(&config).map_err(|e| anyhow!("creating the wasmtime engine: {e}"))?;
+        let engine =
+            Engine::new(&config).map_err(|e| anyhow!("creating the wasmtime engine: {e}"))?;
         let ticker = engine.weak();
         std::thread::Builder::new()
             .name("magnetar-epoch".into())
@@ -165,7 +169,8 @@ impl PluginHost {
             })
             .context("starting the epoch ticker")?;
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| anyhow!("linking WASI: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| anyhow!("linking WASI: {e}"))?;
         bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow!("linking the host API: {e}"))?;
         Ok(PluginHost {
@@ -288,7 +293,9 @@ impl Worker {
 
     fn deadline_ticks(&self) -> u64 {
         let tick = EPOCH_TICK.as_millis().max(1) as u64;
-        (self.limits.event_deadline.as_millis() as u64).div_ceil(tick).max(1)
+        (self.limits.event_deadline.as_millis() as u64)
+            .div_ceil(tick)
+            .max(1)
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Event>) {
@@ -318,7 +325,9 @@ impl Worker {
     fn rebuild(&mut self) {
         match self.instantiate() {
             Ok(instance) => self.instance = Some(instance),
-            Err(e) => tracing::error!(plugin = %self.name, error = %e, "could not rebuild the plugin instance"),
+            Err(e) => {
+                tracing::error!(plugin = %self.name, error = %e, "could not rebuild the plugin instance")
+            }
         }
     }
 }
@@ -347,26 +356,47 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             store.data_mut().forget(conn);
             r
         }
-        Event::AuthResult { conn, token, outcome } => {
+        Event::AuthResult {
+            conn,
+            token,
+            outcome,
+        } => {
             let outcome = store.data_mut().auth_completed(conn, outcome);
             match outcome {
                 Some(o) => h.call_on_auth_result(&mut *store, conn, token, o.as_ref()),
                 None => Ok(()),
             }
         }
-        Event::PublishResult { conn, token, outcome } if store.data().knows(conn) => {
+        Event::PublishResult {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => {
             h.call_on_publish_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
         }
-        Event::SubscribeResult { conn, token, outcome } if store.data().knows(conn) => {
+        Event::SubscribeResult {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => {
             h.call_on_subscribe_result(&mut *store, conn, token, outcome.as_ref().map(|s| *s))
         }
         Event::Delivery { conn, delivery } if store.data().knows(conn) => {
             h.call_on_delivery(&mut *store, conn, &delivery)
         }
-        Event::Timer { conn, token } if store.data().knows(conn) => h.call_on_timer(&mut *store, conn, token),
-        Event::KvResult { conn, token, outcome } if store.data().knows(conn) => {
-            h.call_on_kv_result(&mut *store, conn, token, outcome.as_ref().map(|v| v.as_deref()))
+        Event::Timer { conn, token } if store.data().knows(conn) => {
+            h.call_on_timer(&mut *store, conn, token)
         }
+        Event::KvResult {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => h.call_on_kv_result(
+            &mut *store,
+            conn,
+            token,
+            outcome.as_ref().map(|v| v.as_deref()),
+        ),
         // Completions for connections that are gone.
         _ => Ok(()),
     }

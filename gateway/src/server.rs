@@ -44,7 +44,11 @@ impl Server {
         let service_url = match (&config.backend.service_url, &broker) {
             (Some(url), _) => url.clone(),
             (None, Some(b)) => b.service_url(),
-            (None, None) => return Err(anyhow!("no backend: set backend.service_url or broker.embedded")),
+            (None, None) => {
+                return Err(anyhow!(
+                    "no backend: set backend.service_url or broker.embedded"
+                ))
+            }
         };
         let backend = Arc::new(
             Backend::connect(&service_url, config.backend.token.as_deref())
@@ -66,7 +70,9 @@ impl Server {
             Some(&config.data_dir.join("cache")),
         )?;
         let workers = match config.plugins.workers {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             n => n,
         };
         let mut pools = HashMap::new();
@@ -103,7 +109,13 @@ impl Server {
                 .get(&l.plugin)
                 .cloned()
                 .ok_or_else(|| anyhow!("listener {}: plugin {} not started", l.name, l.plugin))?;
-            let bound = Listener::bind(&l.name, l.bind, if l.tls { tls.clone() } else { None }, pool).await?;
+            let bound = Listener::bind(
+                &l.name,
+                l.bind,
+                if l.tls { tls.clone() } else { None },
+                pool,
+            )
+            .await?;
             let addr = bound.local_addr().context("reading a bound address")?;
             tracing::info!(listener = %l.name, %addr, plugin = %l.plugin, tls = l.tls, "listening");
             listeners.push((l.name.clone(), addr, tokio::spawn(bound.serve())));
@@ -114,7 +126,10 @@ impl Server {
 
     /// Bound listener addresses by name.
     pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners.iter().map(|(n, a, _)| (n.clone(), *a)).collect()
+        self.listeners
+            .iter()
+            .map(|(n, a, _)| (n.clone(), *a))
+            .collect()
     }
 
     /// Stops accepting, then stops the broker (which flushes its storage).
@@ -135,7 +150,8 @@ fn load_plugins(config: &Config) -> anyhow::Result<HashMap<String, Vec<u8>>> {
         .map(|(name, wasm)| (name.to_string(), wasm.to_vec()))
         .collect();
     if let Some(dir) = &config.plugins.dir {
-        let entries = std::fs::read_dir(dir).with_context(|| format!("reading plugin directory {}", dir.display()))?;
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("reading plugin directory {}", dir.display()))?;
         for entry in entries {
             let path = entry.context("listing the plugin directory")?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
@@ -144,7 +160,8 @@ fn load_plugins(config: &Config) -> anyhow::Result<HashMap<String, Vec<u8>>> {
             let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
-            let wasm = std::fs::read(&path).with_context(|| format!("reading plugin {}", path.display()))?;
+            let wasm = std::fs::read(&path)
+                .with_context(|| format!("reading plugin {}", path.display()))?;
             tracing::info!(plugin = name, path = %path.display(), "loaded plugin");
             plugins.insert(name.to_string(), wasm);
         }

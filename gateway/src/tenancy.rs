@@ -93,7 +93,9 @@ impl Tenancy {
             }),
             Credentials::Anonymous => Err(AuthError::AnonymousNotAllowed),
             Credentials::Password { user, password } => match self.users.get(user) {
-                Some((expected, principal)) if constant_time_eq(expected, password) => Ok(principal.clone()),
+                Some((expected, principal)) if constant_time_eq(expected, password) => {
+                    Ok(principal.clone())
+                }
                 _ => Err(AuthError::BadPassword),
             },
             Credentials::Token(_) => Err(AuthError::TokensNotConfigured),
@@ -132,7 +134,10 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 
 /// The Pulsar topic of a short name in the principal's namespace.
 pub fn topic_url(principal: &Principal, name: &str) -> String {
-    format!("persistent://{}/{}/{}", principal.tenant, principal.namespace, name)
+    format!(
+        "persistent://{}/{}/{}",
+        principal.tenant, principal.namespace, name
+    )
 }
 
 #[cfg(test)]
@@ -141,7 +146,19 @@ mod tests {
 
     #[test]
     fn names_cannot_escape_the_namespace() {
-        for bad in ["", "a/b", "persistent://x/y/z", "..", "%2F/x", "/a", "a/", "+", "#", "__magnetar_kv", "a b"] {
+        for bad in [
+            "",
+            "a/b",
+            "persistent://x/y/z",
+            "..",
+            "%2F/x",
+            "/a",
+            "a/",
+            "+",
+            "#",
+            "__magnetar_kv",
+            "a b",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["mqtt", "mqtt-session-abc%2Fdef", "a.b_c-d"] {
@@ -161,7 +178,10 @@ mod tests {
             }],
         };
         let t = Tenancy::from_config(&auth);
-        assert_eq!(t.authenticate(&Credentials::Anonymous), Err(AuthError::AnonymousNotAllowed));
+        assert_eq!(
+            t.authenticate(&Credentials::Anonymous),
+            Err(AuthError::AnonymousNotAllowed)
+        );
         let ok = t.authenticate(&Credentials::Password {
             user: "alice".into(),
             password: b"s3cret".to_vec(),

@@ -34,12 +34,19 @@ pub fn server_config(
         .context("choosing TLS versions")?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .with_context(|| format!("using certificate {} with key {}", cert_path.display(), key_path.display()))?;
+        .with_context(|| {
+            format!(
+                "using certificate {} with key {}",
+                cert_path.display(),
+                key_path.display()
+            )
+        })?;
     Ok(Arc::new(config))
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading certificate {}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificate {}", path.display()))?;
@@ -50,7 +57,8 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 }
 
 fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading private key {}", path.display()))?;
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading private key {}", path.display()))?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| format!("parsing private key {}", path.display()))?
         .ok_or_else(|| anyhow!("no private key in {}", path.display()))
@@ -65,21 +73,33 @@ fn ensure_generated(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca_key = rcgen::KeyPair::generate().context("generating the CA key")?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
+    let mut ca_params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "Magnetar local CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).context("signing the CA certificate")?;
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca = ca_params
+        .self_signed(&ca_key)
+        .context("signing the CA certificate")?;
 
     let key = rcgen::KeyPair::generate().context("generating the server key")?;
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])
-        .context("server certificate parameters")?;
+    let mut params = rcgen::CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ])
+    .context("server certificate parameters")?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "magnetar");
-    let cert = params.signed_by(&key, &ca, &ca_key).context("signing the server certificate")?;
+    let cert = params
+        .signed_by(&key, &ca, &ca_key)
+        .context("signing the server certificate")?;
 
     std::fs::write(dir.join("ca.pem"), ca.pem()).context("writing ca.pem")?;
     std::fs::write(&key_path, key.serialize_pem()).context("writing key.pem")?;

@@ -113,8 +113,7 @@ pub trait Connection: 'static {
     fn on_timer(&mut self, conn: Conn, token: u64) {}
 
     /// Outcome of [`Conn::kv_get`] (the value, if any) or [`Conn::kv_put`] (`Ok(None)`).
-    fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
-    }
+    fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {}
 }
 
 /// A handle on one client connection: every host call that concerns a connection goes

@@ -67,7 +67,11 @@ async fn produce(pulsar: &Pulsar<TokioExecutor>, topic: &str, range: std::ops::R
 }
 
 /// Receives `n` messages (acking them if `ack`), returning their payloads as strings.
-async fn receive(consumer: &mut Consumer<Vec<u8>, TokioExecutor>, n: usize, ack: bool) -> Vec<String> {
+async fn receive(
+    consumer: &mut Consumer<Vec<u8>, TokioExecutor>,
+    n: usize,
+    ack: bool,
+) -> Vec<String> {
     let mut out = Vec::new();
     while out.len() < n {
         let msg = tokio::time::timeout(TIMEOUT, consumer.next())
@@ -127,7 +131,10 @@ async fn broker_shared_subscription_splits_and_loses_nothing() {
             () = tokio::time::sleep(TIMEOUT) => panic!("timed out with {} + {}", got_a.len(), got_b.len()),
         }
     }
-    assert!(!got_a.is_empty() && !got_b.is_empty(), "both consumers get messages");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both consumers get messages"
+    );
     let all: BTreeSet<String> = got_a.iter().chain(&got_b).cloned().collect();
     assert_eq!(all, expected(0..100).into_iter().collect::<BTreeSet<_>>());
     assert_eq!(got_a.len() + got_b.len(), 100, "no duplicates");

@@ -48,7 +48,9 @@ impl Gateway {
             "\n[[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n[[listeners]]\nname = \"mqtt-tls\"\nbind = \"{mqtts}\"\nplugin = \"mqtt\"\ntls = true\n"
         ));
         if let Some(echo) = echo {
-            config.push_str(&format!("\n[[listeners]]\nname = \"echo\"\nbind = \"{echo}\"\nplugin = \"echo_plugin\"\n"));
+            config.push_str(&format!(
+                "\n[[listeners]]\nname = \"echo\"\nbind = \"{echo}\"\nplugin = \"echo_plugin\"\n"
+            ));
         }
         config.push_str(&opts.extra);
         let config_path = dir.path().join("magnetar.toml");
@@ -93,10 +95,21 @@ impl Gateway {
         ports.extend(self.echo);
         for addr in ports {
             while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    panic!("magnetar exited with {status} during start:\n{}", self.log());
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!(
+                        "magnetar exited with {status} during start:\n{}",
+                        self.log()
+                    );
                 }
-                assert!(Instant::now() < deadline, "magnetar did not listen on {addr}:\n{}", self.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "magnetar did not listen on {addr}:\n{}",
+                    self.log()
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

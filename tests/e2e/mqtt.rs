@@ -64,7 +64,9 @@ fn publish_all(client: &Client, conn: &mut Connection, msgs: &[(&str, QoS, Vec<u
     let mut acks_due = 0;
     let mut sent = 0;
     for (topic, qos, payload) in msgs {
-        client.publish(*topic, *qos, false, payload.clone()).expect("publish");
+        client
+            .publish(*topic, *qos, false, payload.clone())
+            .expect("publish");
         if *qos == QoS::AtLeastOnce {
             acks_due += 1;
         }
@@ -99,7 +101,9 @@ fn receive(conn: &mut Connection, n: usize) -> Vec<(String, Vec<u8>)> {
 fn assert_quiet(conn: &mut Connection) {
     let until = Instant::now() + Duration::from_millis(700);
     while Instant::now() < until {
-        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) = conn.recv_timeout(Duration::from_millis(100)) {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            conn.recv_timeout(Duration::from_millis(100))
+        {
             panic!("unexpected message on {}", p.topic);
         }
     }
@@ -121,7 +125,11 @@ fn qos0_and_qos1_with_wildcards_over_plaintext_and_tls() {
             ("sensors/b/humidity", QoS::AtLeastOnce, b"40".to_vec()),
             ("alerts/fire/floor2", QoS::AtMostOnce, b"hot".to_vec()),
             ("sensors/c/temp", QoS::AtMostOnce, b"19".to_vec()),
-            ("alerts", QoS::AtLeastOnce, b"parent level matches #".to_vec()),
+            (
+                "alerts",
+                QoS::AtLeastOnce,
+                b"parent level matches #".to_vec(),
+            ),
         ],
     );
     let got: BTreeSet<_> = receive(&mut sub_conn, 4).into_iter().collect();
@@ -145,14 +153,22 @@ fn unsubscribe_stops_delivery() {
     subscribe(&sub, &mut sub_conn, "a/#", QoS::AtLeastOnce);
     subscribe(&sub, &mut sub_conn, "b/#", QoS::AtLeastOnce);
     sub.unsubscribe("a/#").expect("unsubscribe");
-    drive(&mut sub_conn, |ev| matches!(ev, Event::Incoming(Packet::UnsubAck(_))));
+    drive(&mut sub_conn, |ev| {
+        matches!(ev, Event::Incoming(Packet::UnsubAck(_)))
+    });
     let (publ, mut pub_conn, _) = connect(options("unsub-pub", gw.mqtt));
     publish_all(
         &publ,
         &mut pub_conn,
-        &[("a/1", QoS::AtLeastOnce, b"x".to_vec()), ("b/1", QoS::AtLeastOnce, b"y".to_vec())],
+        &[
+            ("a/1", QoS::AtLeastOnce, b"x".to_vec()),
+            ("b/1", QoS::AtLeastOnce, b"y".to_vec()),
+        ],
     );
-    assert_eq!(receive(&mut sub_conn, 1), vec![("b/1".to_string(), b"y".to_vec())]);
+    assert_eq!(
+        receive(&mut sub_conn, 1),
+        vec![("b/1".to_string(), b"y".to_vec())]
+    );
     assert_quiet(&mut sub_conn);
 }
 
@@ -168,8 +184,18 @@ fn persistent_session_gets_qos1_backlog_after_gateway_kill9() {
     drop(sub_conn);
 
     let (publ, mut pub_conn, _) = connect(options("fleet-ctl", gw.mqtt));
-    let msgs: Vec<(String, Vec<u8>)> = (0..30).map(|i| (format!("fleet/{}/cmd", i % 3), format!("cmd-{i}").into_bytes())).collect();
-    let batch: Vec<(&str, QoS, Vec<u8>)> = msgs.iter().map(|(t, p)| (t.as_str(), QoS::AtLeastOnce, p.clone())).collect();
+    let msgs: Vec<(String, Vec<u8>)> = (0..30)
+        .map(|i| {
+            (
+                format!("fleet/{}/cmd", i % 3),
+                format!("cmd-{i}").into_bytes(),
+            )
+        })
+        .collect();
+    let batch: Vec<(&str, QoS, Vec<u8>)> = msgs
+        .iter()
+        .map(|(t, p)| (t.as_str(), QoS::AtLeastOnce, p.clone()))
+        .collect();
     publish_all(&publ, &mut pub_conn, &batch);
     drop(pub_conn);
 
@@ -178,7 +204,10 @@ fn persistent_session_gets_qos1_backlog_after_gateway_kill9() {
     gw.spawn();
 
     let (_sub, mut sub_conn, present) = connect(o);
-    assert!(present, "the persistent session must still be there after a restart");
+    assert!(
+        present,
+        "the persistent session must still be there after a restart"
+    );
     let got: BTreeSet<_> = receive(&mut sub_conn, msgs.len()).into_iter().collect();
     assert_eq!(got, msgs.into_iter().collect::<BTreeSet<_>>());
 }
@@ -186,7 +215,8 @@ fn persistent_session_gets_qos1_backlog_after_gateway_kill9() {
 /// Sends raw bytes and reports whether the gateway closed the socket afterwards.
 fn closed_after(addr: SocketAddr, bytes: &[u8], half_close: bool) -> bool {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
     let _ = s.write_all(bytes);
     if half_close {
         let _ = s.shutdown(std::net::Shutdown::Write);
@@ -216,22 +246,54 @@ fn bad_input_closes_only_that_connection() {
         x ^= x << 5;
         *b = x as u8;
     }
-    let kafka_api_versions = [0, 0, 0, 0x13, 0, 0x12, 0, 3, 0, 0, 0, 1, 0, 9, b'k', b'a', b'f', b'k', b'a', b'-', b'c', b'l', b'i', 0, 0, 0];
+    let kafka_api_versions = [
+        0, 0, 0, 0x13, 0, 0x12, 0, 3, 0, 0, 0, 1, 0, 9, b'k', b'a', b'f', b'k', b'a', b'-', b'c',
+        b'l', b'i', 0, 0, 0,
+    ];
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
         ("random bytes", random, false),
-        ("http request", b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(), false),
+        (
+            "http request",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+            false,
+        ),
         ("kafka request", kafka_api_versions.to_vec(), false),
-        ("oversized frame (256 MB length)", vec![0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q'], false),
-        ("truncated CONNECT", vec![0x10, 0x20, 0x00, 0x04, b'M', b'Q'], true),
-        ("PUBLISH before CONNECT", vec![0x30, 0x05, 0x00, 0x01, b'a', b'h', b'i'], false),
+        (
+            "oversized frame (256 MB length)",
+            vec![0x10, 0xff, 0xff, 0xff, 0x7f, 0, 4, b'M', b'Q'],
+            false,
+        ),
+        (
+            "truncated CONNECT",
+            vec![0x10, 0x20, 0x00, 0x04, b'M', b'Q'],
+            true,
+        ),
+        (
+            "PUBLISH before CONNECT",
+            vec![0x30, 0x05, 0x00, 0x01, b'a', b'h', b'i'],
+            false,
+        ),
     ];
     for (what, bytes, half_close) in &cases {
-        assert!(closed_after(gw.mqtt, bytes, *half_close), "{what}: the gateway must close the connection");
+        assert!(
+            closed_after(gw.mqtt, bytes, *half_close),
+            "{what}: the gateway must close the connection"
+        );
     }
 
     let (publ, mut pub_conn, _) = connect(options("steady-pub", gw.mqtt));
-    publish_all(&publ, &mut pub_conn, &[("steady/ok", QoS::AtLeastOnce, b"still fine".to_vec())]);
-    assert_eq!(receive(&mut sub_conn, 1), vec![("steady/ok".to_string(), b"still fine".to_vec())]);
+    publish_all(
+        &publ,
+        &mut pub_conn,
+        &[("steady/ok", QoS::AtLeastOnce, b"still fine".to_vec())],
+    );
+    assert_eq!(
+        receive(&mut sub_conn, 1),
+        vec![("steady/ok".to_string(), b"still fine".to_vec())]
+    );
     let log = gw.log();
-    assert!(log.contains("plugin closed the connection"), "closes must be logged with a reason:\n{log}");
+    assert!(
+        log.contains("plugin closed the connection"),
+        "closes must be logged with a reason:\n{log}"
+    );
 }

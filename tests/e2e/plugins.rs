@@ -15,7 +15,8 @@ struct Line {
 impl Line {
     fn connect(addr: SocketAddr) -> Line {
         let s = TcpStream::connect(addr).expect("connecting to the echo listener");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         Line {
             reader: BufReader::new(s.try_clone().expect("clone")),
             writer: s,
@@ -23,7 +24,9 @@ impl Line {
     }
 
     fn say(&mut self, text: &str) {
-        self.writer.write_all(format!("{text}\n").as_bytes()).expect("write");
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .expect("write");
     }
 
     fn hear(&mut self) -> Option<String> {
@@ -48,14 +51,22 @@ fn misbehaving_plugin_instance_is_replaced_and_others_go_on() {
     });
     let addr = gw.echo.expect("echo listener");
     for misdeed in ["panic", "loop", "alloc"] {
-        // Two workers, round-robin: consecutive connections land on different instances.
         let mut victim = Line::connect(addr);
-        let mut bystander = Line::connect(addr);
+        let victim_instance = victim.echo("whoami");
+        // Two workers: find a connection served by the other instance.
+        let mut bystander = (0..10)
+            .map(|_| Line::connect(addr))
+            .find_map(|mut l| (l.echo("whoami") != victim_instance).then_some(l))
+            .expect("connections are spread over both instances");
         assert_eq!(victim.echo("hello").as_deref(), Some("echo: hello\n"));
         assert_eq!(bystander.echo("hello").as_deref(), Some("echo: hello\n"));
 
         victim.say(misdeed);
-        assert_eq!(victim.hear(), None, "{misdeed}: the trapped instance's connection must be closed");
+        assert_eq!(
+            victim.hear(),
+            None,
+            "{misdeed}: the trapped instance's connection must be closed"
+        );
         assert_eq!(
             bystander.echo("still there?").as_deref(),
             Some("echo: still there?\n"),
@@ -71,5 +82,8 @@ fn misbehaving_plugin_instance_is_replaced_and_others_go_on() {
         }
     }
     let log = gw.log();
-    assert!(log.contains("plugin instance trapped"), "no trap logged:\n{log}");
+    assert!(
+        log.contains("plugin instance trapped"),
+        "no trap logged:\n{log}"
+    );
 }

@@ -1,6 +1,7 @@
 //! A line echo service, written only against `magnetar-sdk`, as a third party would.
 //!
-//! Every line a client sends comes back prefixed with `echo: `. Three lines misbehave on
+//! Every line a client sends comes back prefixed with `echo: `; `whoami` answers with a number
+//! that identifies the plugin instance serving the connection. Three lines misbehave on
 //! purpose, so that operators (and the gateway's tests) can watch the host contain a bad
 //! plugin: `panic` panics, `loop` spins forever, `alloc` allocates without bound. The host
 //! must tear down only this instance, close its connections, and re-create it.
@@ -8,11 +9,14 @@
 
 use magnetar_sdk::{Conn, ConnInfo, Connection, LogLevel, Plugin};
 
-/// The plugin value: nothing shared between connections.
-pub struct Echo;
+/// The plugin value: a random number naming this instance.
+pub struct Echo {
+    instance: u64,
+}
 
 /// One connection: bytes of an incomplete line wait here.
 pub struct EchoConn {
+    instance: u64,
     pending: Vec<u8>,
 }
 
@@ -23,12 +27,19 @@ impl Plugin for Echo {
     type Connection = EchoConn;
 
     fn new(_config: &str) -> Result<Self, String> {
-        Ok(Echo)
+        use std::hash::BuildHasher;
+        // std seeds RandomState from WASI randomness: a fresh number per instance.
+        let instance = std::collections::hash_map::RandomState::new().hash_one(0u8);
+        Ok(Echo { instance })
     }
 
     fn open(&mut self, _conn: Conn, info: ConnInfo) -> EchoConn {
-        magnetar_sdk::log(LogLevel::Debug, &format!("echo: open from {}", info.peer_addr));
+        magnetar_sdk::log(
+            LogLevel::Debug,
+            &format!("echo: open from {}", info.peer_addr),
+        );
         EchoConn {
+            instance: self.instance,
             pending: Vec::new(),
         }
     }
@@ -39,11 +50,14 @@ impl Connection for EchoConn {
         self.pending.extend_from_slice(&data);
         while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=end).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]).trim().to_string();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1])
+                .trim()
+                .to_string();
             match text.as_str() {
                 "panic" => panic!("asked to panic"),
                 "loop" => spin_forever(),
                 "alloc" => allocate_without_bound(),
+                "whoami" => conn.send(format!("instance: {}\n", self.instance).as_bytes()),
                 _ => conn.send(format!("echo: {text}\n").as_bytes()),
             }
         }
