@@ -3,8 +3,8 @@
 //! Connections talk to it through a bounded channel of [`TopicCommand`]s (a full channel
 //! pauses the sending connection: that is the producer backpressure). Each turn of the actor
 //! drains what is queued, then does all disk work in one blocking step: appends every pending
-//! message with a single fsync (group commit) and saves changed cursors; only then are send
-//! receipts released and entries dispatched. So a receipt always means "on disk", and a
+//! message with a single fsync (group commit) and, at most every `CURSOR_SAVE_INTERVAL`,
+//! saves changed cursors; only then are send receipts released and entries dispatched. So a receipt always means "on disk", and a
 //! consumer never sees an entry that a crash could take back.
 //!
 //! Stored entry format (inside a log record): `[u32 BE metadata length][MessageMetadata
@@ -37,6 +37,12 @@ const MAX_GROUP_COMMIT_BYTES: usize = 8 * 1024 * 1024;
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Most subscriptions per topic (subscription names come from clients).
 const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// How long acks may wait before the cursors they moved are saved. Saving a cursor costs two
+/// fsyncs; saving after every ack would cap a subscription at a few thousand acks per second.
+/// A crash loses at most this much of ack progress, so a few acked messages may be delivered
+/// again (as in Pulsar, whose mark-delete position is also persisted lazily); an unacked
+/// message is never lost.
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(50);
 /// How soon a dispatch that hit a full connection queue is retried.
 const RETRY_BLOCKED: Duration = Duration::from_millis(2);
 
@@ -175,6 +181,7 @@ pub struct Topic {
     cache: EntryCache,
     pending: Vec<PendingPublish>,
     pending_bytes: usize,
+    last_cursor_save: tokio::time::Instant,
 }
 
 /// Opens a topic's storage (blocking: run it off the async threads).
@@ -199,6 +206,7 @@ pub fn open(name: TopicName, dir: PathBuf) -> Result<Topic, crate::log::LogError
         cache: EntryCache::default(),
         pending: Vec::new(),
         pending_bytes: 0,
+        last_cursor_save: tokio::time::Instant::now(),
     })
 }
 
@@ -213,6 +221,7 @@ impl Topic {
                     None => break,
                 },
                 () = tokio::time::sleep(RETRY_BLOCKED), if blocked => None,
+                () = tokio::time::sleep_until(self.last_cursor_save + CURSOR_SAVE_INTERVAL), if self.has_dirty_cursor() => None,
             };
             let mut shutdown = None;
             if let Some(cmd) = first {
@@ -224,14 +233,18 @@ impl Topic {
                     Err(_) => break,
                 }
             }
-            self.commit().await;
+            self.commit(shutdown.is_some()).await;
             blocked = self.dispatch();
             if let Some(reply) = shutdown {
                 let _ = reply.send(());
                 return;
             }
         }
-        self.commit().await;
+        self.commit(true).await;
+    }
+
+    fn has_dirty_cursor(&self) -> bool {
+        self.subscriptions.values().any(|s| s.dirty)
     }
 
     async fn handle(&mut self, cmd: TopicCommand, shutdown: &mut Option<oneshot::Sender<()>>) {
@@ -400,13 +413,19 @@ impl Topic {
 
     /// Group commit: appends all pending messages with one fsync, saves changed cursors,
     /// then answers the publishers.
-    async fn commit(&mut self) {
+    /// Appends pending messages (one fsync) and, when `force` or when the save interval has
+    /// passed, saves the cursors that acks moved.
+    async fn commit(&mut self, force: bool) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
+        let save_cursors = force || self.last_cursor_save.elapsed() >= CURSOR_SAVE_INTERVAL;
+        if save_cursors {
+            self.last_cursor_save = tokio::time::Instant::now();
+        }
         let dirty: Vec<(String, Cursor)> = self
             .subscriptions
             .values_mut()
-            .filter(|s| s.dirty)
+            .filter(|s| save_cursors && s.dirty)
             .map(|s| {
                 s.dirty = false;
                 (s.name.clone(), s.cursor.clone())

@@ -38,9 +38,12 @@ pub enum KvError {
 /// (ledger, entry, batch index): Pulsar's order of messages in one topic.
 type Position = (u64, u64, i32);
 
+/// The newest value seen for a key (`None`: deleted) and where it was written.
+type Versioned = (Position, Option<Vec<u8>>);
+
 #[derive(Default)]
 struct Space {
-    values: RwLock<HashMap<String, (Position, Option<Vec<u8>>)>>,
+    values: RwLock<HashMap<String, Versioned>>,
 }
 
 impl Space {

@@ -52,6 +52,7 @@ async fn produce(pulsar: &Pulsar<TokioExecutor>, topic: &str, range: std::ops::R
         .build()
         .await
         .expect("producer created");
+    // Keep a bounded window of sends in flight (the client refuses too many at once).
     let mut receipts = Vec::new();
     for i in range {
         let receipt = producer
@@ -59,6 +60,11 @@ async fn produce(pulsar: &Pulsar<TokioExecutor>, topic: &str, range: std::ops::R
             .await
             .expect("send queued");
         receipts.push(receipt);
+        if receipts.len() == 50 {
+            for r in receipts.drain(..) {
+                r.await.expect("send receipt");
+            }
+        }
     }
     for r in receipts {
         r.await.expect("send receipt");
@@ -187,7 +193,16 @@ async fn broker_unacked_messages_redelivered_after_consumer_close() {
 async fn broker_second_exclusive_consumer_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = start(dir.path()).await;
-    let pulsar = client(&broker).await;
+    // ConsumerBusy is retried by the client; allow one retry so the refusal surfaces.
+    let pulsar = Pulsar::builder(broker.service_url(), TokioExecutor)
+        .with_operation_retry_options(pulsar::OperationRetryOptions {
+            max_retries: Some(1),
+            retry_delay: Duration::from_millis(50),
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("client connects");
     let _first = consumer(&pulsar, "excl", "only", SubType::Exclusive).await;
     let second = pulsar
         .consumer()

@@ -106,12 +106,5 @@ impl Connection for MqttConn {
     }
 }
 
-// In this module because the macro calls `Connection` methods and needs the trait in scope.
-// Only for Wasm: the export names (`magnetar:plugin/handler@0.1.0#...`) do not link into a
-// native cdylib, and native builds exist only for the unit tests.
-#[cfg(target_arch = "wasm32")]
-mod export {
-    use super::MqttPlugin;
-    use magnetar_sdk::Connection;
-    magnetar_sdk::export_plugin!(MqttPlugin);
-}
+// The macro exports only on Wasm: native builds of this crate exist for the unit tests.
+magnetar_sdk::export_plugin!(MqttPlugin);

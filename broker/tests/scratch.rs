@@ -1,2 +1,0 @@
-#[path = "../../tests/e2e/broker.rs"]
-mod broker;
