@@ -139,13 +139,18 @@ def test_batching_producer_is_consumed_in_order(broker):
     while len(sent) < 95 and time.time() < deadline:
         time.sleep(0.01)
     assert sent == [pulsar.Result.Ok] * 95
+    assert _receive_all(consumer, 95) == [f"b-{i}" for i in range(95)]
+    client.close()
+
+
+def _receive_all(consumer, n):
+    """Receives and acks `n` messages, returning their payloads as text in arrival order."""
     got = []
-    for _ in range(95):
+    for _ in range(n):
         msg = consumer.receive(timeout_millis=10000)
         got.append(msg.data().decode())
         consumer.acknowledge(msg)
-    assert got == [f"b-{i}" for i in range(95)]
-    client.close()
+    return got
 
 
 def test_shared_subscription_splits_messages(broker):
@@ -187,12 +192,7 @@ def test_durable_backlog_survives_kill9(broker):
     broker.start()
     client = _client(broker)
     consumer = client.subscribe(topic, "durable")
-    got = []
-    for _ in range(50):
-        msg = consumer.receive(timeout_millis=10000)
-        got.append(msg.data().decode())
-        consumer.acknowledge(msg)
-    assert got == [f"d-{i}" for i in range(50)]
+    assert _receive_all(consumer, 50) == [f"d-{i}" for i in range(50)]
     client.close()
 
 
