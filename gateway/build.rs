@@ -40,23 +40,35 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("wasm");
+    println!("cargo:rerun-if-env-changed=MAGNETAR_KEEP_WASM");
+    // While one engineer edits a plugin, others can build the gateway with the plugins of
+    // the last good build: MAGNETAR_KEEP_WASM=1 skips the nested build if they exist.
+    let keep = env::var_os("MAGNETAR_KEEP_WASM").is_some_and(|v| v == "1")
+        && BUILTIN
+            .iter()
+            .all(|(_, f)| target_dir.join(TARGET).join("release").join(f).exists());
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--target", TARGET, "--manifest-path"])
-        .arg(root.join("plugins/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // The outer build's flags are for the host target, not for Wasm.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_PRIMARY_PACKAGE")
-        // Under `cargo clippy` the plugins are linted by their own CI step, not here.
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("CLIPPY_ARGS")
-        .status()
-        .expect("running cargo for the Wasm plugins");
+    let status = if keep {
+        println!("cargo:warning=MAGNETAR_KEEP_WASM=1: using the plugins of the last build");
+        std::process::ExitStatus::default()
+    } else {
+        Command::new(cargo)
+            .args(["build", "--release", "--target", TARGET, "--manifest-path"])
+            .arg(root.join("plugins/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir)
+            // The outer build's flags are for the host target, not for Wasm.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("CARGO_PRIMARY_PACKAGE")
+            // Under `cargo clippy` the plugins are linted by their own CI step, not here.
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CLIPPY_ARGS")
+            .status()
+            .expect("running cargo for the Wasm plugins")
+    };
     if !status.success() {
         panic!("building the Wasm plugins (plugins/Cargo.toml) for {TARGET} failed; see the errors above");
     }

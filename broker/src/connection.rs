@@ -34,19 +34,23 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::naming::TopicName;
+use crate::auth::{Action, BrokerAuth};
+use crate::entry::NewEntry;
+use crate::naming::{self, TopicName};
 use crate::protocol::{
-    self, command, error, message_id, success, FrameCodec, LEDGER_ID, MAX_MESSAGE_SIZE,
-    MAX_PROTOCOL_VERSION,
+    self, command, error, message_id, no_message_id, success, Frame, FrameCodec, LEDGER_ID,
+    MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
 };
 use crate::registry::Registry;
-use crate::subscription::{ConsumerKey, StoredEntry};
-use crate::topic::{SubscribeRequest, TopicCommand, TopicHandle};
+use crate::subscription::ConsumerKey;
+use crate::topic::{SeekTarget, SubscribeRequest, TopicCommand, TopicHandle};
 
 /// Capacity of a connection's outbound frame queue.
 const OUTBOUND_QUEUE: usize = 1024;
 /// Most send receipts outstanding on one connection before we stop reading.
 const MAX_PENDING_RECEIPTS: usize = 10_000;
+/// Longest batch-index ack set accepted (64 bits a word: batches of up to 8192 messages).
+const MAX_ACK_SET_WORDS: usize = 128;
 /// Most producers and consumers one connection may register.
 const MAX_HANDLES: usize = 10_000;
 
@@ -54,6 +58,9 @@ const MAX_HANDLES: usize = 10_000;
 pub struct Shared {
     pub registry: Arc<Registry>,
     pub service_url: String,
+    pub auth: Option<BrokerAuth>,
+    /// Prefix of producer names the broker makes up (unique per broker start).
+    pub name_prefix: String,
 }
 
 /// Why a connection ended abnormally.
@@ -65,19 +72,26 @@ enum ConnectionError {
     MissingBody(i32),
     #[error("client connection closed")]
     Closed,
+    #[error("authentication failed: {0}")]
+    AuthenticationFailed(String),
 }
 
 type Receipt = Pin<Box<dyn Future<Output = Message> + Send + Sync>>;
 
 struct Producer {
     topic: TopicHandle,
+    name: Arc<str>,
 }
 
 struct Connection {
     id: u64,
     shared: Arc<Shared>,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Frame>,
     connected: bool,
+    /// The authenticated role (`None` when the broker has no authentication).
+    role: Option<String>,
+    /// The client's `FeatureFlags.supports_broker_entry_metadata`.
+    wants_entry_metadata: bool,
     producers: HashMap<u64, Producer>,
     consumers: HashMap<u64, TopicHandle>,
     receipts: FuturesOrdered<Receipt>,
@@ -101,6 +115,8 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
         shared,
         out,
         connected: false,
+        role: None,
+        wants_entry_metadata: false,
         producers: HashMap::new(),
         consumers: HashMap::new(),
         receipts: FuturesOrdered::new(),
@@ -109,7 +125,7 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(receipt) = conn.receipts.next(), if !conn.receipts.is_empty() => {
-                if conn.out.send(receipt).await.is_err() {
+                if conn.out.send(receipt.into()).await.is_err() {
                     break;
                 }
             }
@@ -135,7 +151,7 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
 
 async fn write_loop(
     mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Frame>,
     stop: CancellationToken,
 ) {
     loop {
@@ -152,6 +168,12 @@ async fn write_loop(
             }
         }
         if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    // Frames queued before the stop (e.g. the error that explains a close) still go out.
+    while let Ok(more) = rx.try_recv() {
+        if sink.feed(more).await.is_err() {
             return;
         }
     }
@@ -174,7 +196,7 @@ macro_rules! body {
 impl Connection {
     async fn reply(&self, msg: Message) -> Result<(), ConnectionError> {
         self.out
-            .send(msg)
+            .send(msg.into())
             .await
             .map_err(|_| ConnectionError::Closed)
     }
@@ -187,7 +209,13 @@ impl Connection {
             };
             let _ = topic.tx.send(TopicCommand::CloseConsumer { key }).await;
         }
-        self.producers.clear();
+        for (_, p) in self.producers.drain() {
+            let _ = p
+                .topic
+                .tx
+                .send(TopicCommand::RemoveProducer { name: p.name })
+                .await;
+        }
     }
 
     fn key(&self, consumer_id: u64) -> ConsumerKey {
@@ -220,6 +248,26 @@ impl Connection {
                     .protocol_version
                     .unwrap_or(0)
                     .clamp(0, MAX_PROTOCOL_VERSION);
+                if let Some(auth) = &self.shared.auth {
+                    match auth.authenticate(c.auth_method_name.as_deref(), c.auth_data.as_deref()) {
+                        Ok(role) => self.role = Some(role),
+                        Err(e) => {
+                            // As Apache Pulsar: an error with request id -1, then close.
+                            self.reply(error(
+                                u64::MAX,
+                                ServerError::AuthenticationError,
+                                e.to_string(),
+                            ))
+                            .await?;
+                            return Err(ConnectionError::AuthenticationFailed(e.to_string()));
+                        }
+                    }
+                }
+                self.wants_entry_metadata = c
+                    .feature_flags
+                    .as_ref()
+                    .and_then(|f| f.supports_broker_entry_metadata)
+                    .unwrap_or(false);
                 self.connected = true;
                 tracing::debug!(connection = self.id, client = %c.client_version, version, "connected");
                 self.reply(command(Type::Connected, |r| {
@@ -242,11 +290,32 @@ impl Connection {
             Type::PartitionedMetadata => {
                 let c = body!(cmd, partition_metadata);
                 let result = TopicName::parse(&c.topic);
+                let partitions = result
+                    .as_ref()
+                    .map(|n| self.shared.registry.partitions(n))
+                    .unwrap_or(0);
+                if let Ok(name) = &result {
+                    if !self.authorized(name, Action::Manage) {
+                        let denied = self.denied(name);
+                        return self
+                            .reply(command(Type::PartitionedMetadataResponse, |r| {
+                                r.partition_metadata_response =
+                                    Some(proto::CommandPartitionedTopicMetadataResponse {
+                                        request_id: c.request_id,
+                                        response: Some(MetadataLookupType::Failed as i32),
+                                        error: Some(ServerError::AuthorizationError as i32),
+                                        message: Some(denied),
+                                        ..Default::default()
+                                    })
+                            }))
+                            .await;
+                    }
+                }
                 self.reply(command(Type::PartitionedMetadataResponse, |r| {
                     r.partition_metadata_response =
                         Some(proto::CommandPartitionedTopicMetadataResponse {
                             request_id: c.request_id,
-                            partitions: result.is_ok().then_some(0),
+                            partitions: result.is_ok().then_some(partitions),
                             response: Some(if result.is_ok() {
                                 MetadataLookupType::Success as i32
                             } else {
@@ -264,6 +333,22 @@ impl Connection {
             Type::Lookup => {
                 let c = body!(cmd, lookup_topic);
                 let result = TopicName::parse(&c.topic);
+                if let Ok(name) = &result {
+                    if !self.authorized(name, Action::Manage) {
+                        let denied = self.denied(name);
+                        return self
+                            .reply(command(Type::LookupResponse, |r| {
+                                r.lookup_topic_response = Some(proto::CommandLookupTopicResponse {
+                                    request_id: c.request_id,
+                                    response: Some(LookupType::Failed as i32),
+                                    error: Some(ServerError::AuthorizationError as i32),
+                                    message: Some(denied),
+                                    ..Default::default()
+                                })
+                            }))
+                            .await;
+                    }
+                }
                 let url = self.shared.service_url.clone();
                 self.reply(command(Type::LookupResponse, |r| {
                     r.lookup_topic_response = Some(match result {
@@ -321,13 +406,23 @@ impl Connection {
                         .map(|m| m.entry_id)
                         .collect();
                     let ids = (!c.message_ids.is_empty()).then_some(ids);
-                    let _ = topic.tx.send(TopicCommand::Redeliver { key, ids }).await;
+                    let epoch = c.consumer_epoch;
+                    let _ = topic
+                        .tx
+                        .send(TopicCommand::Redeliver { key, ids, epoch })
+                        .await;
                 }
                 Ok(())
             }
             Type::CloseProducer => {
                 let c = body!(cmd, close_producer);
-                self.producers.remove(&c.producer_id);
+                if let Some(p) = self.producers.remove(&c.producer_id) {
+                    let _ = p
+                        .topic
+                        .tx
+                        .send(TopicCommand::RemoveProducer { name: p.name })
+                        .await;
+                }
                 self.reply(success(c.request_id)).await
             }
             Type::CloseConsumer => {
@@ -342,12 +437,26 @@ impl Connection {
                 let c = body!(cmd, unsubscribe);
                 self.unsubscribe(c).await
             }
+            Type::Seek => {
+                let c = body!(cmd, seek);
+                self.seek(c).await
+            }
             Type::GetLastMessageId => {
                 let c = body!(cmd, get_last_message_id);
                 self.get_last_message_id(c).await
             }
             Type::GetTopicsOfNamespace => {
                 let c = body!(cmd, get_topics_of_namespace);
+                let (tenant, ns) = naming::split_namespace(&c.namespace);
+                if !self.role_may(tenant, ns, Action::Manage) {
+                    return self
+                        .reply(error(
+                            c.request_id,
+                            ServerError::AuthorizationError,
+                            format!("not authorized for namespace {}", c.namespace),
+                        ))
+                        .await;
+                }
                 let topics = self.shared.registry.topics_of_namespace(&c.namespace);
                 self.reply(command(Type::GetTopicsOfNamespaceResponse, |r| {
                     r.get_topics_of_namespace_response =
@@ -363,13 +472,22 @@ impl Connection {
             }
             Type::GetSchema => {
                 let c = body!(cmd, get_schema);
-                self.reply(command(Type::GetSchemaResponse, |r| {
-                    r.get_schema_response = Some(proto::CommandGetSchemaResponse {
-                        request_id: c.request_id,
-                        error_code: Some(ServerError::TopicNotFound as i32),
-                        error_message: Some("no schema stored".to_string()),
-                        ..Default::default()
-                    })
+                self.get_schema(c).await
+            }
+            Type::GetOrCreateSchema => {
+                let c = body!(cmd, get_or_create_schema);
+                let Some(topic) = self.topic(&c.topic, c.request_id, Action::Produce).await? else {
+                    return Ok(());
+                };
+                let result = Self::schema_version(&topic, c.schema).await;
+                self.reply(command(Type::GetOrCreateSchemaResponse, |r| {
+                    r.get_or_create_schema_response =
+                        Some(proto::CommandGetOrCreateSchemaResponse {
+                            request_id: c.request_id,
+                            error_code: result.as_ref().err().map(|(code, _)| *code as i32),
+                            error_message: result.as_ref().err().map(|(_, m)| m.clone()),
+                            schema_version: result.as_ref().ok().cloned(),
+                        })
                 }))
                 .await
             }
@@ -398,10 +516,33 @@ impl Connection {
         }
     }
 
+    /// Whether this connection's role may do `action` in `tenant/ns`.
+    fn role_may(&self, tenant: &str, ns: &str, action: Action) -> bool {
+        match (&self.shared.auth, &self.role) {
+            (None, _) => true,
+            (Some(auth), Some(role)) => auth.authorizer.authorize(role, tenant, ns, action),
+            (Some(_), None) => false,
+        }
+    }
+
+    fn authorized(&self, topic: &TopicName, action: Action) -> bool {
+        let (tenant, ns) = topic.tenant_and_namespace();
+        self.role_may(tenant, ns, action)
+    }
+
+    fn denied(&self, topic: &TopicName) -> String {
+        format!(
+            "role {} is not authorized for {topic}",
+            self.role.as_deref().unwrap_or("(anonymous)")
+        )
+    }
+
+    /// Opens topic `name` for `action`, answering `request_id` with the error if it cannot.
     async fn topic(
         &self,
         name: &str,
         request_id: u64,
+        action: Action,
     ) -> Result<Option<TopicHandle>, ConnectionError> {
         let name = match TopicName::parse(name) {
             Ok(n) => n,
@@ -415,6 +556,15 @@ impl Connection {
                 return Ok(None);
             }
         };
+        if !self.authorized(&name, action) {
+            self.reply(error(
+                request_id,
+                ServerError::AuthorizationError,
+                self.denied(&name),
+            ))
+            .await?;
+            return Ok(None);
+        }
         match self.shared.registry.get(&name).await {
             Ok(h) => Ok(Some(h)),
             Err(e) => {
@@ -439,19 +589,69 @@ impl Connection {
                 ))
                 .await;
         }
-        let Some(topic) = self.topic(&c.topic, c.request_id).await? else {
+        let Some(topic) = self.topic(&c.topic, c.request_id, Action::Produce).await? else {
             return Ok(());
         };
+        if let Some(old) = self.producers.get(&c.producer_id) {
+            // A retried CommandProducer: the producer exists already.
+            let name = old.name.to_string();
+            return self
+                .reply(command(Type::ProducerSuccess, |r| {
+                    r.producer_success = Some(proto::CommandProducerSuccess {
+                        request_id: c.request_id,
+                        producer_name: name,
+                        last_sequence_id: Some(-1),
+                        producer_ready: Some(true),
+                        ..Default::default()
+                    })
+                }))
+                .await;
+        }
         let producer_name = c
             .producer_name
             .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| format!("magnetar-{}-{}", self.id, c.producer_id));
-        self.producers.insert(c.producer_id, Producer { topic });
+            .unwrap_or_else(|| {
+                format!("{}-{}-{}", self.shared.name_prefix, self.id, c.producer_id)
+            });
+        let name: Arc<str> = producer_name.as_str().into();
+        let schema_version = match c.schema {
+            Some(schema) => match Self::schema_version(&topic, schema).await {
+                Ok(v) => Some(v),
+                Err((code, text)) => return self.reply(error(c.request_id, code, text)).await,
+            },
+            None => None,
+        };
+        let (reply, done) = oneshot::channel();
+        let added = topic
+            .tx
+            .send(TopicCommand::AddProducer {
+                name: name.clone(),
+                reply,
+            })
+            .await;
+        let last_sequence_id = match (added, done.await) {
+            (Ok(()), Ok(Ok(last))) => last,
+            (Ok(()), Ok(Err((code, text)))) => {
+                return self.reply(error(c.request_id, code, text)).await;
+            }
+            _ => {
+                return self
+                    .reply(error(
+                        c.request_id,
+                        ServerError::ServiceNotReady,
+                        "topic stopped",
+                    ))
+                    .await;
+            }
+        };
+        self.producers
+            .insert(c.producer_id, Producer { topic, name });
         self.reply(command(Type::ProducerSuccess, |r| {
             r.producer_success = Some(proto::CommandProducerSuccess {
                 request_id: c.request_id,
                 producer_name,
-                last_sequence_id: Some(-1),
+                last_sequence_id: Some(last_sequence_id),
+                schema_version,
                 producer_ready: Some(true),
                 ..Default::default()
             })
@@ -500,15 +700,24 @@ impl Connection {
                 ))
                 .await;
         }
-        let entry = Arc::new(StoredEntry {
-            metadata: payload.metadata,
-            data: payload.data,
-        });
+        let mut metadata = payload.metadata;
+        // The stored producer name and sequence ids are what de-duplication recovers from.
+        metadata.producer_name = producer.name.to_string();
+        let highest = highest_sequence_id.unwrap_or(sequence_id).max(sequence_id);
+        if metadata.num_messages_in_batch.is_some() && metadata.highest_sequence_id.is_none() {
+            metadata.highest_sequence_id = Some(highest);
+        }
+        let entry = NewEntry::new(metadata, &payload.data);
         let (reply, done) = oneshot::channel();
         if producer
             .topic
             .tx
-            .send(TopicCommand::Publish { entry, reply })
+            .send(TopicCommand::Publish {
+                producer: producer.name.clone(),
+                sequence_ids: (sequence_id, highest),
+                entry: Box::new(entry),
+                reply,
+            })
             .await
             .is_err()
         {
@@ -525,7 +734,7 @@ impl Connection {
                     r.send_receipt = Some(proto::CommandSendReceipt {
                         producer_id,
                         sequence_id,
-                        message_id: Some(message_id(id)),
+                        message_id: Some(id.map_or_else(no_message_id, message_id)),
                         highest_sequence_id,
                     })
                 }),
@@ -559,7 +768,7 @@ impl Connection {
             .initial_position
             .and_then(|p| InitialPosition::try_from(p).ok())
             .unwrap_or(InitialPosition::Latest);
-        let Some(topic) = self.topic(&c.topic, c.request_id).await? else {
+        let Some(topic) = self.topic(&c.topic, c.request_id, Action::Consume).await? else {
             return Ok(());
         };
         let request = SubscribeRequest {
@@ -570,6 +779,10 @@ impl Connection {
             initial_position,
             start_message_id: c.start_message_id,
             tx: self.out.clone(),
+            epoch: c.consumer_epoch,
+            entry_metadata: self.wants_entry_metadata,
+            consumer_name: c.consumer_name.clone().unwrap_or_default(),
+            priority: c.priority_level.unwrap_or(0),
         };
         let (reply, done) = oneshot::channel();
         if topic
@@ -606,20 +819,27 @@ impl Connection {
     async fn ack(&mut self, c: proto::CommandAck) -> Result<(), ConnectionError> {
         let key = self.key(c.consumer_id);
         if let Some(topic) = self.consumers.get(&c.consumer_id) {
-            // A batch-index ack (`ack_set` with bits still set) acknowledges only part of an
-            // entry; we track whole entries, so it is ignored and the entry stays pending.
-            let ids: Vec<u64> = c
-                .message_id
-                .iter()
-                .filter(|m| m.ledger_id == LEDGER_ID && m.ack_set.iter().all(|w| *w == 0))
-                .map(|m| m.entry_id)
-                .collect();
+            // A batch-index ack carries `ack_set`, the bits of the batch's messages still
+            // unacknowledged; an empty or all-zero set acknowledges the whole entry.
             let cumulative = c.ack_type == AckType::Cumulative as i32;
+            let mut ids = Vec::new();
+            let mut partial = Vec::new();
+            for m in c.message_id.iter().filter(|m| m.ledger_id == LEDGER_ID) {
+                if m.ack_set.iter().all(|w| *w == 0) {
+                    ids.push(m.entry_id);
+                } else if m.ack_set.len() <= MAX_ACK_SET_WORDS {
+                    if cumulative {
+                        ids.extend(m.entry_id.checked_sub(1));
+                    }
+                    partial.push((m.entry_id, m.ack_set.clone()));
+                }
+            }
             let _ = topic
                 .tx
                 .send(TopicCommand::Ack {
                     key,
                     ids,
+                    partial,
                     cumulative,
                 })
                 .await;
@@ -670,6 +890,98 @@ impl Connection {
         }
     }
 
+    /// The version of `schema` in `topic`'s registry, adding it if new.
+    async fn schema_version(
+        topic: &TopicHandle,
+        schema: proto::Schema,
+    ) -> Result<Vec<u8>, crate::topic::RequestError> {
+        let (reply, done) = oneshot::channel();
+        let stopped = || (ServerError::ServiceNotReady, "topic stopped".to_string());
+        topic
+            .tx
+            .send(TopicCommand::GetOrCreateSchema { schema, reply })
+            .await
+            .map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?
+    }
+
+    async fn get_schema(&mut self, c: proto::CommandGetSchema) -> Result<(), ConnectionError> {
+        let Some(topic) = self.topic(&c.topic, c.request_id, Action::Consume).await? else {
+            return Ok(());
+        };
+        let (reply, done) = oneshot::channel();
+        let _ = topic
+            .tx
+            .send(TopicCommand::GetSchema {
+                version: c.schema_version,
+                reply,
+            })
+            .await;
+        let result = done
+            .await
+            .unwrap_or_else(|_| Err((ServerError::ServiceNotReady, "topic stopped".into())));
+        self.reply(command(Type::GetSchemaResponse, |r| {
+            r.get_schema_response = Some(match result {
+                Ok((version, schema)) => proto::CommandGetSchemaResponse {
+                    request_id: c.request_id,
+                    schema: Some(schema),
+                    schema_version: Some(version),
+                    ..Default::default()
+                },
+                Err((code, text)) => proto::CommandGetSchemaResponse {
+                    request_id: c.request_id,
+                    error_code: Some(code as i32),
+                    error_message: Some(text),
+                    ..Default::default()
+                },
+            })
+        }))
+        .await
+    }
+
+    async fn seek(&mut self, c: proto::CommandSeek) -> Result<(), ConnectionError> {
+        let key = self.key(c.consumer_id);
+        let target = match (c.message_id, c.message_publish_time) {
+            (_, Some(t)) => SeekTarget::PublishTime(t),
+            (Some(id), None) => SeekTarget::MessageId(id),
+            (None, None) => {
+                return self
+                    .reply(error(
+                        c.request_id,
+                        ServerError::NotAllowedError,
+                        "seek needs a message id or a publish time",
+                    ))
+                    .await;
+            }
+        };
+        let Some(topic) = self.consumers.get(&c.consumer_id) else {
+            return self
+                .reply(error(
+                    c.request_id,
+                    ServerError::ConsumerNotFound,
+                    "no such consumer",
+                ))
+                .await;
+        };
+        let (reply, done) = oneshot::channel();
+        let _ = topic
+            .tx
+            .send(TopicCommand::Seek { key, target, reply })
+            .await;
+        match done.await {
+            Ok(Ok(())) => self.reply(success(c.request_id)).await,
+            Ok(Err((code, text))) => self.reply(error(c.request_id, code, text)).await,
+            Err(_) => {
+                self.reply(error(
+                    c.request_id,
+                    ServerError::ServiceNotReady,
+                    "topic stopped",
+                ))
+                .await
+            }
+        }
+    }
+
     async fn get_last_message_id(
         &mut self,
         c: proto::CommandGetLastMessageId,
@@ -698,9 +1010,16 @@ impl Connection {
                 ))
                 .await;
         };
+        let last_message_id = match last.last {
+            Some((id, batch_index)) => proto::MessageIdData {
+                batch_index,
+                ..message_id(id)
+            },
+            None => no_message_id(),
+        };
         self.reply(command(Type::GetLastMessageIdResponse, |r| {
             r.get_last_message_id_response = Some(proto::CommandGetLastMessageIdResponse {
-                last_message_id: message_id(last.last.unwrap_or(u64::MAX)),
+                last_message_id,
                 request_id: c.request_id,
                 consumer_mark_delete_position: last.mark_delete.map(message_id),
             })

@@ -45,6 +45,15 @@ impl Cursor {
         self.ack_floor
     }
 
+    /// How many entries below `end` are not acknowledged (the backlog).
+    pub fn unacked_below(&self, end: u64) -> u64 {
+        if end <= self.ack_floor {
+            return 0;
+        }
+        let above = self.acked.range(self.ack_floor..end).count() as u64;
+        end.saturating_sub(self.ack_floor).saturating_sub(above)
+    }
+
     /// Whether entry `id` is acknowledged.
     pub fn is_acked(&self, id: u64) -> bool {
         id < self.ack_floor || self.acked.contains(&id)

@@ -2,10 +2,18 @@
 //! protocol, with a durable log. See DESIGN.md, "Embedded broker".
 #![forbid(unsafe_code)]
 
+/// Admin REST API (Pulsar admin v2 paths): tenants, namespaces, topics, partitions.
+mod admin;
+/// Token (JWT) authentication and the authorization hook.
+pub mod auth;
 /// Client connections: command handling per `PulsarApi.proto`.
 mod connection;
 /// Persisted subscription cursors (mark-delete position + individual acks).
 mod cursor;
+/// Sequence-id de-duplication per producer name.
+mod dedup;
+/// The stored entry: log record format, broker-entry metadata (timestamp, index).
+mod entry;
 /// The segmented, checksummed, group-committed append-only log.
 pub mod log;
 /// Topic names and their on-disk escaping.
@@ -14,6 +22,8 @@ pub mod naming;
 mod protocol;
 /// The set of open topics.
 mod registry;
+/// A topic's schema registry (versions of the schemas producers declare).
+mod schema;
 /// Listener, accept loop, start and shutdown.
 mod server;
 /// A subscription's consumers and its dispatcher.
@@ -22,3 +32,4 @@ mod subscription;
 mod topic;
 
 pub use server::{Broker, BrokerConfig, BrokerError, BrokerHandle};
+pub use topic::Retention;

@@ -13,8 +13,12 @@
 //!   older segment is an error (that is bit rot, not a crash, and we will not skip it).
 //! - [`Log::read`] re-checks the CRC, so a corrupt entry is never served.
 //!
-//! Not done here: retention/trimming, read caching (see `topic`), async I/O (callers run
-//! these blocking calls where blocking is acceptable).
+//! - [`Log::remove_segments_before`] deletes whole closed segments from the front (retention,
+//!   decided by the topic); the first entry id then grows, ids never change. A crash during
+//!   removal leaves a prefix of them removed, which `open` accepts.
+//!
+//! Not done here: read caching (see `topic`), async I/O (callers run these blocking calls
+//! where blocking is acceptable).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -59,12 +63,18 @@ pub struct Log {
     dir: PathBuf,
     segments: Vec<Segment>,
     poisoned: bool,
+    segment_bytes: u64,
 }
 
 impl Log {
     /// Opens (creating if needed) the log in `dir`, recovering from a crash as described in
     /// the module docs.
     pub fn open(dir: &Path) -> Result<Log, LogError> {
+        Log::open_with(dir, SEGMENT_BYTES)
+    }
+
+    /// [`Log::open`], rolling to a new segment once one passes `segment_bytes`.
+    pub fn open_with(dir: &Path, segment_bytes: u64) -> Result<Log, LogError> {
         fs::create_dir_all(dir)?;
         let mut bases = Vec::new();
         for item in fs::read_dir(dir)? {
@@ -82,6 +92,7 @@ impl Log {
             dir: dir.to_path_buf(),
             segments: Vec::new(),
             poisoned: false,
+            segment_bytes: segment_bytes.max(1),
         };
         let count = bases.len();
         for (i, base) in bases.into_iter().enumerate() {
@@ -133,7 +144,11 @@ impl Log {
     }
 
     fn append_inner(&mut self, entries: &[&[u8]]) -> Result<(), LogError> {
-        if self.segments.last().is_some_and(|s| s.len >= SEGMENT_BYTES) {
+        if self
+            .segments
+            .last()
+            .is_some_and(|s| s.len >= self.segment_bytes)
+        {
             let base = self.next_entry_id();
             if let Some(old) = self.segments.last() {
                 old.file.sync_all()?;
@@ -184,6 +199,47 @@ impl Log {
             return Err(LogError::ChecksumMismatch(id));
         }
         Ok(data)
+    }
+
+    /// Id of the oldest entry still stored.
+    pub fn first_entry_id(&self) -> u64 {
+        self.segments.first().map_or(0, |s| s.base)
+    }
+
+    /// The closed segments (all but the one being written): first id, end id, bytes.
+    pub fn closed_segments(&self) -> Vec<(u64, u64, u64)> {
+        let n = self.segments.len().saturating_sub(1);
+        self.segments
+            .iter()
+            .take(n)
+            .map(|s| (s.base, s.base + s.offsets.len() as u64, s.len))
+            .collect()
+    }
+
+    /// Deletes the closed segments that hold only entries below `end`, oldest first.
+    /// Returns how many were deleted.
+    pub fn remove_segments_before(&mut self, end: u64) -> Result<usize, LogError> {
+        let mut removed = 0;
+        while self.segments.len() > 1 {
+            let Some(first) = self.segments.first() else {
+                break;
+            };
+            if first.base + first.offsets.len() as u64 > end {
+                break;
+            }
+            fs::remove_file(segment_path(&self.dir, first.base))?;
+            self.segments.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+
+    /// Bytes the log's segments take on disk.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
     }
 
     /// Directory holding this log.
@@ -368,6 +424,27 @@ mod tests {
             Log::open(dir.path()),
             Err(LogError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn front_segments_are_removed_and_reopen_keeps_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open_with(dir.path(), 10).unwrap();
+        for i in 0..5u8 {
+            log.append(&[&[i; 12]]).unwrap();
+        }
+        assert_eq!(log.closed_segments().len(), 4);
+        assert_eq!(log.remove_segments_before(2).unwrap(), 2);
+        assert_eq!(log.first_entry_id(), 2);
+        assert!(matches!(log.read(1), Err(LogError::NoSuchEntry(1))));
+        // The segment being written is never removed.
+        assert_eq!(log.remove_segments_before(100).unwrap(), 2);
+        assert_eq!(log.first_entry_id(), 4);
+        drop(log);
+        let mut log = Log::open_with(dir.path(), 10).unwrap();
+        assert_eq!((log.first_entry_id(), log.next_entry_id()), (4, 5));
+        assert_eq!(log.read(4).unwrap(), vec![4u8; 12]);
+        assert_eq!(log.append(&[b"next"]).unwrap(), 5);
     }
 
     #[test]

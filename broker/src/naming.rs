@@ -9,9 +9,13 @@
 
 use std::fmt;
 
-/// Longest canonical topic name we accept (keeps escaped directory names under 255 bytes
-/// for ordinary names; escaping at most triples a byte).
-pub const MAX_TOPIC_NAME_LEN: usize = 80;
+/// Longest topic name we accept (without the `persistent://` scheme).
+pub const MAX_TOPIC_NAME_LEN: usize = 1024;
+/// Longest directory name used as is; longer escaped names are shortened (see
+/// [`TopicName::dir_name`]). File systems allow 255 bytes.
+const MAX_DIR_NAME: usize = 200;
+/// File in a shortened topic directory that holds the topic's full name.
+pub const NAME_FILE: &str = "topic-name";
 /// Longest subscription name we accept.
 pub const MAX_SUBSCRIPTION_NAME_LEN: usize = 80;
 
@@ -88,13 +92,39 @@ impl TopicName {
         }
     }
 
-    /// The directory name of this topic's log under `data_dir/topics/`.
-    pub fn dir_name(&self) -> String {
-        escape(&self.canonical)
+    /// The tenant and the namespace's own name (`tenant`, `ns` of `tenant/ns`).
+    pub fn tenant_and_namespace(&self) -> (&str, &str) {
+        split_namespace(self.namespace())
     }
 
-    /// Recovers a topic name from a directory name written by [`TopicName::dir_name`].
+    /// The directory name of this topic's log under `data_dir/topics/`: the escaped name,
+    /// or, when that is too long for a file name, a prefix of it, `~` and a 64-bit hash of
+    /// the name (the full name then lives in the directory's [`NAME_FILE`]; `~` never
+    /// appears in an escaped name, so the two forms cannot meet).
+    pub fn dir_name(&self) -> String {
+        let escaped = escape(&self.canonical);
+        if escaped.len() <= MAX_DIR_NAME {
+            return escaped;
+        }
+        let bytes = self.canonical.as_bytes();
+        let hash = (u64::from(crc32c::crc32c(bytes)) << 32)
+            | u64::from(crc32c::crc32c_append(0x9e37_79b9, bytes));
+        // Escaped names are ASCII, so any byte index is a char boundary.
+        let prefix = escaped.get(..MAX_DIR_NAME - 17).unwrap_or("");
+        format!("{prefix}~{hash:016x}")
+    }
+
+    /// Whether [`TopicName::dir_name`] is shortened (the full name is in [`NAME_FILE`]).
+    pub fn is_shortened_dir(dir: &str) -> bool {
+        dir.contains('~')
+    }
+
+    /// Recovers a topic name from a directory name written by [`TopicName::dir_name`]
+    /// (`None` for a shortened one: read its [`NAME_FILE`]).
     pub fn from_dir_name(dir: &str) -> Option<TopicName> {
+        if TopicName::is_shortened_dir(dir) {
+            return None;
+        }
         TopicName::parse(&unescape(dir)?).ok()
     }
 }
@@ -103,6 +133,11 @@ impl fmt::Display for TopicName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.canonical)
     }
+}
+
+/// Splits `tenant/ns` into its two parts (the whole string and "" if there is no `/`).
+pub fn split_namespace(namespace: &str) -> (&str, &str) {
+    namespace.split_once('/').unwrap_or((namespace, ""))
 }
 
 /// Checks a subscription name from the network.
@@ -174,7 +209,20 @@ mod tests {
         assert!(TopicName::parse("non-persistent://a/b/c").is_err());
         assert!(TopicName::parse("a//c").is_err());
         assert!(TopicName::parse("x\u{0}y").is_err());
-        assert!(TopicName::parse(&"x".repeat(500)).is_err());
+        assert!(TopicName::parse(&"x".repeat(1100)).is_err());
+    }
+
+    #[test]
+    fn long_names_get_short_distinct_directories() {
+        let a = TopicName::parse(&format!("t/ns/{}", "é".repeat(300))).unwrap();
+        let b = TopicName::parse(&format!("t/ns/{}x", "é".repeat(300))).unwrap();
+        assert!(a.dir_name().len() <= 200 && b.dir_name().len() <= 200);
+        assert_ne!(a.dir_name(), b.dir_name());
+        assert!(TopicName::is_shortened_dir(&a.dir_name()));
+        assert!(TopicName::from_dir_name(&a.dir_name()).is_none());
+        let short = TopicName::parse("t/ns/short").unwrap();
+        assert_eq!(TopicName::from_dir_name(&short.dir_name()), Some(short));
+        assert!(TopicName::parse(&"x".repeat(2000)).is_err());
     }
 
     #[test]

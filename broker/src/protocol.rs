@@ -5,9 +5,19 @@
 //! whose declared size exceeds [`MAX_FRAME_BYTES`] is an error before anything is buffered,
 //! so a client cannot make us allocate more than that per connection. The inner codec checks
 //! the CRC32C of payload frames.
+//!
+//! Outgoing `CommandMessage` frames are written by [`message_frame`], not by the `pulsar`
+//! codec: the stored entry already holds `[metadata size][metadata][payload]` exactly as the
+//! wire's checksummed part, so a delivery copies it once instead of re-encoding it, and the
+//! frame can carry broker-entry metadata (`0x0e02` + size + `BrokerEntryMetadata` before the
+//! `0x0e01` checksum section, as Apache Pulsar with `exposingBrokerEntryMetadataToClientEnabled`),
+//! which the `pulsar` codec cannot write.
 
-use bytes::BytesMut;
-use pulsar::message::proto::{self, base_command::Type, BaseCommand, MessageIdData, ServerError};
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use pulsar::message::proto::{
+    self, base_command::Type, BaseCommand, BrokerEntryMetadata, MessageIdData, ServerError,
+};
 use pulsar::message::{Codec, Message};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -20,6 +30,52 @@ pub const MAX_PROTOCOL_VERSION: i32 = 19;
 /// Ledger id of every message id: a topic is one continuous log, so the entry id alone is
 /// the position (and equals the topic's entry index).
 pub const LEDGER_ID: u64 = 0;
+
+/// Magic number before a frame's checksum (`0x0e01`).
+const MAGIC_CRC32C: u16 = 0x0e01;
+/// Magic number before broker-entry metadata (`0x0e02`).
+const MAGIC_BROKER_ENTRY_METADATA: u16 = 0x0e02;
+
+/// One outgoing frame: a command built from protobuf types, or bytes already framed.
+#[derive(Debug)]
+pub enum Frame {
+    Command(Box<Message>),
+    Raw(Bytes),
+}
+
+impl From<Message> for Frame {
+    fn from(m: Message) -> Frame {
+        Frame::Command(Box::new(m))
+    }
+}
+
+/// A `CommandMessage` frame: `command`, then broker-entry metadata if given, then the
+/// checksummed `tail` (`[u32 metadata size][metadata][payload]`) whose CRC32C is `tail_crc`.
+pub fn message_frame(
+    command: &BaseCommand,
+    entry_metadata: Option<&BrokerEntryMetadata>,
+    tail: &[u8],
+    tail_crc: u32,
+) -> Bytes {
+    let cmd_len = command.encoded_len();
+    let bem_len = entry_metadata.map_or(0, |m| 6 + m.encoded_len());
+    let total = 4 + cmd_len + bem_len + 6 + tail.len();
+    let mut buf = BytesMut::with_capacity(4 + total);
+    // Sizes are bounded by MAX_FRAME_BYTES (entries are checked on the way in).
+    buf.put_u32(total as u32);
+    buf.put_u32(cmd_len as u32);
+    // Encoding into a buffer with enough capacity cannot fail.
+    let _ = command.encode(&mut buf);
+    if let Some(m) = entry_metadata {
+        buf.put_u16(MAGIC_BROKER_ENTRY_METADATA);
+        buf.put_u32(m.encoded_len() as u32);
+        let _ = m.encode(&mut buf);
+    }
+    buf.put_u16(MAGIC_CRC32C);
+    buf.put_u32(tail_crc);
+    buf.put_slice(tail);
+    buf.freeze()
+}
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +119,19 @@ impl Decoder for FrameCodec {
     }
 }
 
-impl Encoder<Message> for FrameCodec {
+impl Encoder<Frame> for FrameCodec {
     type Error = FrameError;
 
-    fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-        Codec
-            .encode(item, dst)
-            .map_err(|e| FrameError::Malformed(e.to_string()))
+    fn encode(&mut self, item: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match item {
+            Frame::Command(m) => Codec
+                .encode(*m, dst)
+                .map_err(|e| FrameError::Malformed(e.to_string())),
+            Frame::Raw(bytes) => {
+                dst.extend_from_slice(&bytes);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -91,6 +153,15 @@ pub fn message_id(entry_id: u64) -> MessageIdData {
     MessageIdData {
         ledger_id: LEDGER_ID,
         entry_id,
+        ..Default::default()
+    }
+}
+
+/// The "no message" id (-1:-1), e.g. the receipt of a de-duplicated send.
+pub fn no_message_id() -> MessageIdData {
+    MessageIdData {
+        ledger_id: u64::MAX,
+        entry_id: u64::MAX,
         ..Default::default()
     }
 }
@@ -156,9 +227,50 @@ mod tests {
     }
 
     #[test]
+    fn message_frame_is_what_the_pulsar_codec_reads() {
+        let metadata = proto::MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: 4,
+            publish_time: 9,
+            ..Default::default()
+        };
+        let mut tail = Vec::new();
+        tail.extend_from_slice(&(metadata.encoded_len() as u32).to_be_bytes());
+        metadata.encode(&mut tail).unwrap();
+        tail.extend_from_slice(b"payload");
+        let cmd = command(Type::Message, |c| {
+            c.message = Some(proto::CommandMessage {
+                consumer_id: 3,
+                message_id: message_id(5),
+                ..Default::default()
+            })
+        })
+        .command;
+        let frame = message_frame(&cmd, None, &tail, crc32c::crc32c(&tail));
+        let mut buf = BytesMut::from(&frame[..]);
+        let msg = FrameCodec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(msg.command.message.unwrap().message_id.entry_id, 5);
+        let payload = msg.payload.unwrap();
+        assert_eq!(payload.metadata, metadata);
+        assert_eq!(payload.data, b"payload");
+        // With broker-entry metadata: the section sits between command and checksum.
+        let bem = BrokerEntryMetadata {
+            broker_timestamp: Some(77),
+            index: Some(41),
+        };
+        let frame = message_frame(&cmd, Some(&bem), &tail, crc32c::crc32c(&tail));
+        let at = 8 + cmd.encoded_len();
+        assert_eq!(&frame[at..at + 2], &[0x0e, 0x02]);
+        let len = u32::from_be_bytes(frame[at + 2..at + 6].try_into().unwrap()) as usize;
+        let decoded = BrokerEntryMetadata::decode(&frame[at + 6..at + 6 + len]).unwrap();
+        assert_eq!(decoded, bem);
+        assert_eq!(&frame[at + 6 + len..at + 8 + len], &[0x0e, 0x01]);
+    }
+
+    #[test]
     fn round_trip_and_garbage_never_panics() {
         let mut buf = BytesMut::new();
-        FrameCodec.encode(success(7), &mut buf).unwrap();
+        FrameCodec.encode(success(7).into(), &mut buf).unwrap();
         let msg = FrameCodec.decode(&mut buf).unwrap().unwrap();
         assert_eq!(msg.command.success.unwrap().request_id, 7);
         // Arbitrary bytes: errors or waits, never panics.

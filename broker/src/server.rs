@@ -14,14 +14,43 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::BrokerAuth;
 use crate::connection::{self, Shared};
 use crate::registry::Registry;
+use crate::topic::{Retention, TopicSettings};
 
-/// Where the broker listens and keeps its data.
+/// Where the broker listens, keeps its data, and whom it lets in.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Token authentication and authorization; `None` lets every client do anything.
+    pub auth: Option<BrokerAuth>,
+    /// Sequence-id de-duplication per producer name (Pulsar's `brokerDeduplicationEnabled`,
+    /// off by default as in Pulsar: a client that restarts a named producer at sequence id 0
+    /// without reading `last_sequence_id` would otherwise see its messages dropped).
+    pub deduplication: bool,
+    /// Where the admin REST API listens (Pulsar's web port is 8080); `None`: no admin API.
+    pub admin_listen: Option<SocketAddr>,
+    /// How much acknowledged data topics keep (default: everything).
+    pub retention: Retention,
+    /// Size at which a topic's log starts a new segment (retention deletes whole segments).
+    pub segment_bytes: u64,
+}
+
+impl BrokerConfig {
+    /// A broker on `listen` with data in `data_dir`, no authentication, no de-duplication.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> BrokerConfig {
+        BrokerConfig {
+            listen,
+            data_dir,
+            auth: None,
+            deduplication: false,
+            admin_listen: None,
+            retention: Retention::default(),
+            segment_bytes: crate::log::SEGMENT_BYTES,
+        }
+    }
 }
 
 /// Why the broker could not start.
@@ -29,6 +58,11 @@ pub struct BrokerConfig {
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot serve the admin API on {addr}: {source}")]
+    Admin {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -49,6 +83,7 @@ pub struct BrokerHandle {
     shutdown: CancellationToken,
     connections: TaskTracker,
     accept: tokio::task::JoinHandle<()>,
+    admin: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     registry: Arc<Registry>,
 }
 
@@ -56,11 +91,17 @@ impl Broker {
     /// Binds the listener, opens/recovers storage, spawns the accept loop on the current
     /// tokio runtime.
     pub async fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
-        let registry = Registry::new(config.data_dir.join("topics")).map_err(|source| {
-            BrokerError::DataDir {
-                path: config.data_dir.clone(),
-                source,
-            }
+        let registry = Registry::new(
+            &config.data_dir,
+            TopicSettings {
+                deduplication: config.deduplication,
+                segment_bytes: config.segment_bytes,
+                retention: config.retention,
+            },
+        )
+        .map_err(|source| BrokerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
         })?;
         let listener =
             TcpListener::bind(config.listen)
@@ -83,8 +124,23 @@ impl Broker {
         let shared = Arc::new(Shared {
             registry: registry.clone(),
             service_url: service_url.clone(),
+            auth: config.auth.clone(),
+            name_prefix: producer_name_prefix(),
         });
         let shutdown = CancellationToken::new();
+        let admin = match config.admin_listen {
+            Some(addr) => Some(
+                crate::admin::serve(
+                    addr,
+                    registry.clone(),
+                    config.auth.clone(),
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(|source| BrokerError::Admin { addr, source })?,
+            ),
+            None => None,
+        };
         let connections = TaskTracker::new();
         let accept = tokio::spawn(accept_loop(
             listener,
@@ -99,9 +155,20 @@ impl Broker {
             shutdown,
             connections,
             accept,
+            admin,
             registry,
         })
     }
+}
+
+/// Prefix of the producer names the broker makes up: unique per broker start, so that a
+/// made-up name never meets de-duplication state persisted by an earlier run.
+fn producer_name_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("magnetar-{nanos:x}")
 }
 
 async fn accept_loop(
@@ -141,6 +208,11 @@ impl BrokerHandle {
         self.local_addr
     }
 
+    /// The address of the admin REST API, if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
+    }
+
     /// `pulsar://host:port` for clients.
     pub fn service_url(&self) -> String {
         self.service_url.clone()
@@ -150,6 +222,9 @@ impl BrokerHandle {
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         let _ = self.accept.await;
+        if let Some((_, task)) = self.admin {
+            let _ = task.await;
+        }
         self.connections.close();
         self.connections.wait().await;
         self.registry.shutdown().await;

@@ -11,40 +11,55 @@
 //!   until acknowledged; when the consumer closes, disconnects or asks for redelivery, it goes
 //!   back to the subscription with `redelivery_count + 1`.
 //! - Exclusive admits one consumer (a second gets `ConsumerBusy`); Shared round-robins over
-//!   consumers with permits; Failover and Key_Shared are served by a single active consumer
-//!   (the first attached), which keeps their ordering promises without splitting keys.
+//!   consumers with permits.
+//! - Failover: one active consumer, the first by (priority level, consumer name) as Pulsar
+//!   picks on a non-partitioned topic; every consumer is told with
+//!   `CommandActiveConsumerChange`. When the active one changes, what the previous one had
+//!   not acknowledged is delivered again to the new one (Pulsar rewinds the same way).
+//! - Key_Shared: each entry goes to the consumer that wins rendezvous hashing of its key
+//!   (ordering key, else partition key; keyless entries share one slot), so a key sticks to
+//!   one consumer while it stays, and only the keys of a leaving consumer move. Entries are
+//!   handed out in log order, and an entry whose consumer has no permits waits (it blocks the
+//!   entries behind it: per-key order is never broken, at the cost of head-of-line waits).
+//!   Not done: Pulsar's hold-back of keys moving to a newly joined consumer until the old
+//!   owner acknowledged them, and client-chosen (sticky) hash ranges.
+//! - Negative acks (`CommandRedeliverUnacknowledgedMessages` with ids) and redeliver-all
+//!   requeue entries with `redelivery_count + 1`; frames carry the consumer's epoch from the
+//!   last redeliver-all, so a client drops frames that were in flight before it.
+//! - Seek ([`Subscription::reset`]) moves the cursor and detaches every consumer; the
+//!   clients resubscribe (Pulsar does the same) and start from the new position.
+//! - Batch-index acks: an entry acknowledged in part keeps the bit set of its messages still
+//!   unacknowledged; a redelivery carries that set (`CommandMessage.ack_set`) so the client
+//!   skips what was acknowledged, and the entry counts as acknowledged once no bit is left.
+//!   The sets are in memory only: after a restart the whole batch comes again (at least
+//!   once, never lost).
+//! - Delayed delivery (`deliver_at_time`), on Shared and Key_Shared subscriptions as in
+//!   Pulsar: an entry due later is set aside (in memory, bounded; after a restart it is read
+//!   and set aside again) and handed out like a redelivery once due. Other subscription
+//!   types deliver it at once, as Pulsar does.
 //! - Hand-off to a connection uses `try_send` on its bounded queue: a slow connection makes
 //!   the dispatcher pause (the caller retries), it never blocks the topic.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use std::hash::{Hash, Hasher};
+
 use pulsar::message::proto::{
-    base_command::Type, command_subscribe::SubType, CommandMessage, MessageMetadata, ServerError,
+    base_command::Type, command_subscribe::SubType, CommandActiveConsumerChange, CommandMessage,
+    ServerError,
 };
-use pulsar::message::{Message, Payload};
 use tokio::sync::mpsc;
 
 use crate::cursor::Cursor;
-use crate::protocol::{self, message_id};
+pub use crate::entry::StoredEntry;
+use crate::protocol::{self, message_id, Frame};
 
 /// Most entries a subscription keeps queued for redelivery with their counts (bounded by the
 /// log anyway; this bounds the count map).
 const MAX_TRACKED_REDELIVERIES: usize = 1_000_000;
-
-/// A stored entry ready to be sent: decoded metadata and the payload as the producer sent it.
-#[derive(Debug)]
-pub struct StoredEntry {
-    pub metadata: MessageMetadata,
-    pub data: Vec<u8>,
-}
-
-impl StoredEntry {
-    /// Messages in this entry (a batch counts each message).
-    pub fn num_messages(&self) -> i64 {
-        i64::from(self.metadata.num_messages_in_batch.unwrap_or(1).max(1))
-    }
-}
+/// Most delayed entries a subscription sets aside; beyond, reading pauses until some are due.
+const MAX_DELAYED: usize = 1_000_000;
 
 /// Identifies a consumer across connections: `consumer_id` is only unique per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,18 +72,34 @@ pub struct ConsumerKey {
 pub struct Consumer {
     pub key: ConsumerKey,
     /// The connection's outbound frame queue.
-    pub tx: mpsc::Sender<Message>,
+    pub tx: mpsc::Sender<Frame>,
     permits: i64,
     unacked: BTreeSet<u64>,
+    /// Epoch from the client's last redeliver-all (`consumer_epoch`), echoed in messages.
+    epoch: Option<u64>,
+    /// Send broker-entry metadata with each message.
+    entry_metadata: bool,
+    /// `CommandSubscribe.consumer_name` and `priority_level` (Failover picks by them).
+    pub name: String,
+    pub priority: i32,
 }
 
 impl Consumer {
-    pub fn new(key: ConsumerKey, tx: mpsc::Sender<Message>) -> Consumer {
+    pub fn new(
+        key: ConsumerKey,
+        tx: mpsc::Sender<Frame>,
+        epoch: Option<u64>,
+        entry_metadata: bool,
+    ) -> Consumer {
         Consumer {
             key,
             tx,
             permits: 0,
             unacked: BTreeSet::new(),
+            epoch,
+            entry_metadata,
+            name: String::new(),
+            priority: 0,
         }
     }
 }
@@ -93,6 +124,10 @@ pub struct Subscription {
     /// Next entry id never dispatched.
     read_position: u64,
     redeliver: BTreeSet<u64>,
+    /// Batch-index acks: entry → bits of its messages still unacknowledged.
+    partial_acks: HashMap<u64, Vec<i64>>,
+    /// Entries set aside until their delivery time: (ms since the epoch, entry id).
+    delayed: BTreeSet<(u64, u64)>,
     redelivery_counts: HashMap<u64, u32>,
     consumers: Vec<Consumer>,
     next_consumer: usize,
@@ -109,6 +144,8 @@ impl Subscription {
             dirty: false,
             read_position,
             redeliver: BTreeSet::new(),
+            delayed: BTreeSet::new(),
+            partial_acks: HashMap::new(),
             redelivery_counts: HashMap::new(),
             consumers: Vec::new(),
             next_consumer: 0,
@@ -117,6 +154,10 @@ impl Subscription {
 
     pub fn has_consumers(&self) -> bool {
         !self.consumers.is_empty()
+    }
+
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.len()
     }
 
     /// Attaches a consumer, enforcing the subscription type.
@@ -143,7 +184,9 @@ impl Subscription {
             }
         }
         self.sub_type = sub_type;
+        let before = self.active_key();
         self.consumers.push(consumer);
+        self.failover_changed(before);
         Ok(())
     }
 
@@ -152,11 +195,51 @@ impl Subscription {
         let Some(pos) = self.consumers.iter().position(|c| c.key == key) else {
             return false;
         };
+        let before = self.active_key();
         let consumer = self.consumers.remove(pos);
         for id in consumer.unacked {
             self.requeue(id);
         }
+        self.failover_changed(before);
         true
+    }
+
+    /// The active consumer of a Failover subscription.
+    fn active_key(&self) -> Option<ConsumerKey> {
+        if self.sub_type != SubType::Failover {
+            return None;
+        }
+        self.consumers
+            .iter()
+            .min_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)))
+            .map(|c| c.key)
+    }
+
+    /// After a Failover consumer joined or left: if the active one changed, the previous
+    /// one's unacknowledged entries go to the new one, and everyone hears who is active.
+    fn failover_changed(&mut self, before: Option<ConsumerKey>) {
+        let after = self.active_key();
+        if after == before || after.is_none() {
+            return;
+        }
+        if let Some(old) = before.and_then(|k| self.consumers.iter_mut().find(|c| c.key == k)) {
+            let back = std::mem::take(&mut old.unacked);
+            for id in back {
+                if !self.cursor.is_acked(id) {
+                    self.redeliver.insert(id);
+                }
+            }
+        }
+        for c in &self.consumers {
+            let frame = protocol::command(Type::ActiveConsumerChange, |r| {
+                r.active_consumer_change = Some(CommandActiveConsumerChange {
+                    consumer_id: c.key.consumer_id,
+                    is_active: Some(Some(c.key) == after),
+                })
+            });
+            // Advisory only: a full queue just misses the notice.
+            let _ = c.tx.try_send(frame.into());
+        }
     }
 
     fn requeue(&mut self, id: u64) {
@@ -187,6 +270,7 @@ impl Subscription {
                 }
                 self.redeliver = self.redeliver.split_off(&(id.saturating_add(1)));
                 self.redelivery_counts.retain(|k, _| *k > id);
+                self.partial_acks.retain(|k, _| *k > id);
             } else {
                 changed |= self.cursor.ack(id);
                 for c in &mut self.consumers {
@@ -194,18 +278,44 @@ impl Subscription {
                 }
                 self.redeliver.remove(&id);
                 self.redelivery_counts.remove(&id);
+                self.partial_acks.remove(&id);
             }
         }
         self.dirty |= changed && self.durable;
         changed
     }
 
+    /// A batch-index ack of entry `id`: `set` holds the bits of its messages still
+    /// unacknowledged. Returns whether the cursor changed (the whole entry is now acked).
+    pub fn ack_batch_indexes(&mut self, id: u64, set: &[i64]) -> bool {
+        if self.cursor.is_acked(id) {
+            return false;
+        }
+        if !self.partial_acks.contains_key(&id)
+            && self.partial_acks.len() >= MAX_TRACKED_REDELIVERIES
+        {
+            return false;
+        }
+        let left = self.partial_acks.entry(id).or_insert_with(|| set.to_vec());
+        for (word, other) in left.iter_mut().zip(set) {
+            *word &= *other;
+        }
+        if left.iter().all(|w| *w == 0) {
+            self.partial_acks.remove(&id);
+            return self.ack(&[id], false);
+        }
+        false
+    }
+
     /// `CommandRedeliverUnacknowledgedMessages`: all of the consumer's unacked entries, or
-    /// just `ids`.
-    pub fn redeliver(&mut self, key: ConsumerKey, ids: Option<&[u64]>) {
+    /// just `ids` (negative acks); `epoch` is the client's new consumer epoch, if it sent one.
+    pub fn redeliver(&mut self, key: ConsumerKey, ids: Option<&[u64]>, epoch: Option<u64>) {
         let Some(c) = self.consumers.iter_mut().find(|c| c.key == key) else {
             return;
         };
+        if epoch.is_some() {
+            c.epoch = epoch;
+        }
         let back: Vec<u64> = match ids {
             None => std::mem::take(&mut c.unacked).into_iter().collect(),
             Some(ids) => ids
@@ -219,13 +329,36 @@ impl Subscription {
         }
     }
 
+    /// Seek: everything before `position` counts as acknowledged, everything from it on as
+    /// not (individual acks above it are forgotten, as Pulsar's cursor reset does). Returns
+    /// the detached consumers, whom the caller tells to reconnect.
+    pub fn reset(&mut self, position: u64) -> Vec<Consumer> {
+        self.cursor = Cursor::at(position);
+        self.read_position = position;
+        self.redeliver.clear();
+        self.delayed.clear();
+        self.partial_acks.clear();
+        self.redelivery_counts.clear();
+        self.dirty |= self.durable;
+        std::mem::take(&mut self.consumers)
+    }
+
     /// Sends as many entries as permits allow. `end` is the log's next entry id; `read`
     /// fetches an entry (`None` if it cannot be read, which pauses this subscription).
     pub fn dispatch(
         &mut self,
         end: u64,
+        now_ms: u64,
         read: &mut dyn FnMut(u64) -> Option<Arc<StoredEntry>>,
     ) -> DispatchOutcome {
+        while let Some(&(at, id)) = self.delayed.first() {
+            if at > now_ms {
+                break;
+            }
+            self.delayed.pop_first();
+            self.redeliver.insert(id);
+        }
+        let delays = matches!(self.sub_type, SubType::Shared | SubType::KeyShared);
         loop {
             // Next entry: redeliveries first, then the unread tail; skip acknowledged ones.
             let (id, from_redeliver) = if let Some(&id) = self.redeliver.first() {
@@ -239,20 +372,35 @@ impl Subscription {
                 self.advance(id, from_redeliver);
                 continue;
             }
-            let Some(index) = self.pick_consumer() else {
+            if !self.consumers.iter().any(|c| c.permits > 0) {
+                return DispatchOutcome::Idle;
+            }
+            let Some(entry) = read(id) else {
                 return DispatchOutcome::Idle;
             };
-            let Some(entry) = read(id) else {
+            let due = entry.metadata.deliver_at_time.unwrap_or(0);
+            if delays && !from_redeliver && due > 0 && due as u64 > now_ms {
+                if self.delayed.len() >= MAX_DELAYED {
+                    return DispatchOutcome::Idle;
+                }
+                self.delayed.insert((due as u64, id));
+                self.advance(id, false);
+                continue;
+            }
+            let Some(index) = self.pick_consumer(&entry) else {
                 return DispatchOutcome::Idle;
             };
             let Some(consumer) = self.consumers.get_mut(index) else {
                 return DispatchOutcome::Idle;
             };
             let redelivery_count = self.redelivery_counts.get(&id).copied().unwrap_or(0);
-            let frame = message_frame(consumer.key.consumer_id, id, redelivery_count, &entry);
+            let ack_set = self.partial_acks.get(&id).cloned().unwrap_or_default();
+            let frame = message_frame(consumer, id, redelivery_count, ack_set, &entry);
             match consumer.tx.try_send(frame) {
                 Ok(()) => {
-                    consumer.permits -= entry.num_messages();
+                    consumer.permits = consumer
+                        .permits
+                        .saturating_sub(i64::try_from(entry.num_messages()).unwrap_or(i64::MAX));
                     consumer.unacked.insert(id);
                     self.advance(id, from_redeliver);
                     self.next_consumer = index + 1;
@@ -266,6 +414,11 @@ impl Subscription {
         }
     }
 
+    /// When the next delayed entry is due (ms since the epoch).
+    pub fn next_due(&self) -> Option<u64> {
+        self.delayed.first().map(|(at, _)| *at)
+    }
+
     fn advance(&mut self, id: u64, from_redeliver: bool) {
         if from_redeliver {
             self.redeliver.remove(&id);
@@ -274,17 +427,30 @@ impl Subscription {
         }
     }
 
-    fn pick_consumer(&self) -> Option<usize> {
-        match self.sub_type {
+    /// The consumer `entry` goes to now, if it has permits.
+    fn pick_consumer(&self, entry: &StoredEntry) -> Option<usize> {
+        let chosen = match self.sub_type {
             SubType::Shared => {
                 let n = self.consumers.len();
-                (0..n)
+                return (0..n)
                     .map(|i| (self.next_consumer + i) % n)
-                    .find(|&i| self.consumers.get(i).is_some_and(|c| c.permits > 0))
+                    .find(|&i| self.consumers.get(i).is_some_and(|c| c.permits > 0));
             }
-            // Exclusive, Failover, Key_Shared: the first consumer is the active one.
-            _ => self.consumers.first().filter(|c| c.permits > 0).map(|_| 0),
-        }
+            SubType::KeyShared => {
+                let key = sticky_key(entry);
+                self.consumers
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, c)| rendezvous(key, c.key))
+                    .map(|(i, _)| i)
+            }
+            SubType::Failover => {
+                let active = self.active_key();
+                self.consumers.iter().position(|c| Some(c.key) == active)
+            }
+            SubType::Exclusive => self.consumers.first().map(|_| 0),
+        };
+        chosen.filter(|&i| self.consumers.get(i).is_some_and(|c| c.permits > 0))
     }
 
     /// Entries dispatched but not yet acknowledged, over all consumers.
@@ -294,27 +460,50 @@ impl Subscription {
     }
 }
 
+/// The key Key_Shared routes by: the ordering key, else the partition key, else none.
+fn sticky_key(entry: &StoredEntry) -> &[u8] {
+    let m = &entry.metadata;
+    match (&m.ordering_key, &m.partition_key) {
+        (Some(k), _) => k,
+        (None, Some(k)) => k.as_bytes(),
+        (None, None) => &[],
+    }
+}
+
+/// Rendezvous (highest random weight) score of `key` for a consumer.
+fn rendezvous(key: &[u8], consumer: ConsumerKey) -> u64 {
+    // DefaultHasher::new() has fixed keys: the same inputs give the same score.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    consumer.hash(&mut h);
+    h.finish()
+}
+
 /// `CommandMessage` carrying a stored entry (metadata and payload unchanged).
-pub fn message_frame(
-    consumer_id: u64,
+fn message_frame(
+    consumer: &Consumer,
     id: u64,
     redelivery_count: u32,
+    ack_set: Vec<i64>,
     entry: &StoredEntry,
-) -> Message {
-    let mut frame = protocol::command(Type::Message, |c| {
+) -> Frame {
+    let command = protocol::command(Type::Message, |c| {
         c.message = Some(CommandMessage {
-            consumer_id,
+            consumer_id: consumer.key.consumer_id,
             message_id: message_id(id),
             redelivery_count: Some(redelivery_count),
-            ack_set: Vec::new(),
-            consumer_epoch: None,
+            ack_set,
+            consumer_epoch: consumer.epoch,
         })
-    });
-    frame.payload = Some(Payload {
-        metadata: entry.metadata.clone(),
-        data: entry.data.clone(),
-    });
-    frame
+    })
+    .command;
+    let broker = entry.broker.as_ref().filter(|_| consumer.entry_metadata);
+    Frame::Raw(protocol::message_frame(
+        &command,
+        broker,
+        &entry.tail,
+        entry.tail_crc,
+    ))
 }
 
 #[cfg(test)]
@@ -322,13 +511,15 @@ mod tests {
     use super::*;
 
     fn entry(batch: i32) -> Arc<StoredEntry> {
-        Arc::new(StoredEntry {
-            metadata: MessageMetadata {
-                num_messages_in_batch: Some(batch),
-                ..Default::default()
-            },
-            data: b"x".to_vec(),
-        })
+        let metadata = pulsar::message::proto::MessageMetadata {
+            num_messages_in_batch: Some(batch),
+            ..Default::default()
+        };
+        Arc::new(crate::entry::NewEntry::new(metadata, b"x").seal(0, 0).1)
+    }
+
+    fn consumer(id: u64, tx: mpsc::Sender<Frame>) -> Consumer {
+        Consumer::new(key(id), tx, None, false)
     }
 
     fn key(id: u64) -> ConsumerKey {
@@ -338,9 +529,14 @@ mod tests {
         }
     }
 
-    fn ids(rx: &mut mpsc::Receiver<Message>) -> Vec<(u64, u32)> {
+    fn ids(rx: &mut mpsc::Receiver<Frame>) -> Vec<(u64, u32)> {
+        use tokio_util::codec::Decoder as _;
         let mut out = Vec::new();
-        while let Ok(m) = rx.try_recv() {
+        while let Ok(frame) = rx.try_recv() {
+            // Commands (active consumer changes) are not messages.
+            let Frame::Raw(bytes) = frame else { continue };
+            let mut buf = bytes::BytesMut::from(&bytes[..]);
+            let m = protocol::FrameCodec.decode(&mut buf).unwrap().unwrap();
             let msg = m.command.message.unwrap();
             out.push((msg.message_id.entry_id, msg.redelivery_count.unwrap()));
         }
@@ -351,17 +547,17 @@ mod tests {
     fn permits_are_respected_and_order_kept() {
         let mut sub = Subscription::new("s".into(), true, SubType::Exclusive, Cursor::at(0));
         let (tx, mut rx) = mpsc::channel(100);
-        sub.add_consumer(SubType::Exclusive, Consumer::new(key(1), tx))
+        sub.add_consumer(SubType::Exclusive, consumer(1, tx))
             .unwrap();
         let mut read = |_| Some(entry(1));
-        assert_eq!(sub.dispatch(10, &mut read), DispatchOutcome::Idle);
+        assert_eq!(sub.dispatch(10, 0, &mut read), DispatchOutcome::Idle);
         assert!(ids(&mut rx).is_empty());
         sub.flow(key(1), 3);
-        sub.dispatch(10, &mut read);
+        sub.dispatch(10, 0, &mut read);
         assert_eq!(ids(&mut rx), vec![(0, 0), (1, 0), (2, 0)]);
         let (tx2, _rx2) = mpsc::channel(1);
         assert!(sub
-            .add_consumer(SubType::Exclusive, Consumer::new(key(2), tx2))
+            .add_consumer(SubType::Exclusive, consumer(2, tx2))
             .is_err());
     }
 
@@ -370,14 +566,12 @@ mod tests {
         let mut sub = Subscription::new("s".into(), true, SubType::Shared, Cursor::at(0));
         let (tx1, mut rx1) = mpsc::channel(100);
         let (tx2, mut rx2) = mpsc::channel(100);
-        sub.add_consumer(SubType::Shared, Consumer::new(key(1), tx1))
-            .unwrap();
-        sub.add_consumer(SubType::Shared, Consumer::new(key(2), tx2))
-            .unwrap();
+        sub.add_consumer(SubType::Shared, consumer(1, tx1)).unwrap();
+        sub.add_consumer(SubType::Shared, consumer(2, tx2)).unwrap();
         sub.flow(key(1), 10);
         sub.flow(key(2), 10);
         let mut read = |_| Some(entry(1));
-        sub.dispatch(4, &mut read);
+        sub.dispatch(4, 0, &mut read);
         let a = ids(&mut rx1);
         let b = ids(&mut rx2);
         assert_eq!(a.len(), 2);
@@ -385,22 +579,116 @@ mod tests {
         sub.ack(&[a[0].0], false);
         sub.remove_consumer(key(1));
         assert_eq!(sub.unacked_count(), 2);
-        sub.dispatch(4, &mut read);
+        sub.dispatch(4, 0, &mut read);
         assert_eq!(ids(&mut rx2), vec![(a[1].0, 1)]);
+    }
+
+    fn keyed(key: &str) -> Arc<StoredEntry> {
+        let metadata = pulsar::message::proto::MessageMetadata {
+            partition_key: Some(key.to_string()),
+            ..Default::default()
+        };
+        Arc::new(crate::entry::NewEntry::new(metadata, b"x").seal(0, 0).1)
+    }
+
+    #[test]
+    fn key_shared_keeps_each_key_on_one_consumer() {
+        let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
+        let mut rxs = Vec::new();
+        for i in 0..3 {
+            let (tx, rx) = mpsc::channel(1000);
+            sub.add_consumer(SubType::KeyShared, consumer(i, tx))
+                .unwrap();
+            sub.flow(key(i), 1000);
+            rxs.push(rx);
+        }
+        let keys: Vec<String> = (0..200).map(|i| format!("k{}", i % 20)).collect();
+        let mut read = |id: u64| Some(keyed(&keys[id as usize]));
+        sub.dispatch(200, 0, &mut read);
+        let mut owner = HashMap::new();
+        let mut used = 0;
+        for (c, rx) in rxs.iter_mut().enumerate() {
+            let got = ids(rx);
+            used += usize::from(!got.is_empty());
+            let mut last = None;
+            for (id, _) in got {
+                assert!(last < Some(id), "log order per consumer");
+                last = Some(id);
+                assert_eq!(*owner.entry(keys[id as usize].clone()).or_insert(c), c);
+            }
+        }
+        assert_eq!(owner.len(), 20);
+        assert!(used > 1, "keys spread over consumers");
+    }
+
+    #[test]
+    fn failover_active_is_first_by_name_and_takeover_redelivers() {
+        let mut sub = Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0));
+        let (tx_b, mut rx_b) = mpsc::channel(100);
+        let (tx_a, mut rx_a) = mpsc::channel(100);
+        let mut b = consumer(2, tx_b);
+        b.name = "b".into();
+        let mut a = consumer(1, tx_a);
+        a.name = "a".into();
+        sub.add_consumer(SubType::Failover, b).unwrap();
+        sub.add_consumer(SubType::Failover, a).unwrap();
+        sub.flow(key(1), 10);
+        sub.flow(key(2), 10);
+        let mut read = |_| Some(entry(1));
+        sub.dispatch(3, 0, &mut read);
+        let to_a: Vec<u64> = ids(&mut rx_a).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(to_a, vec![0, 1, 2]);
+        assert!(ids(&mut rx_b).is_empty());
+        sub.ack(&[0], false);
+        sub.remove_consumer(key(1));
+        sub.dispatch(4, 0, &mut read);
+        let to_b: Vec<u64> = ids(&mut rx_b).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(to_b, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn delayed_entries_wait_for_their_time_on_shared_only() {
+        let delayed = |at: i64| {
+            let metadata = pulsar::message::proto::MessageMetadata {
+                deliver_at_time: Some(at),
+                ..Default::default()
+            };
+            Arc::new(crate::entry::NewEntry::new(metadata, b"x").seal(0, 0).1)
+        };
+        for (kind, waits) in [(SubType::Shared, true), (SubType::Exclusive, false)] {
+            let mut sub = Subscription::new("s".into(), true, kind, Cursor::at(0));
+            let (tx, mut rx) = mpsc::channel(100);
+            sub.add_consumer(kind, consumer(1, tx)).unwrap();
+            sub.flow(key(1), 10);
+            // Entry 0 is due at t=1000, entry 1 at once.
+            let mut read = |id: u64| Some(if id == 0 { delayed(1000) } else { entry(1) });
+            sub.dispatch(2, 500, &mut read);
+            let first: Vec<u64> = ids(&mut rx).into_iter().map(|(id, _)| id).collect();
+            if waits {
+                assert_eq!(first, vec![1]);
+                assert_eq!(sub.next_due(), Some(1000));
+                sub.dispatch(2, 999, &mut read);
+                assert!(ids(&mut rx).is_empty());
+                sub.dispatch(2, 1000, &mut read);
+                assert_eq!(ids(&mut rx), vec![(0, 0)]);
+            } else {
+                assert_eq!(first, vec![0, 1]);
+            }
+        }
     }
 
     #[test]
     fn batch_costs_its_size_and_full_queue_blocks() {
         let mut sub = Subscription::new("s".into(), true, SubType::Exclusive, Cursor::at(0));
         let (tx, mut rx) = mpsc::channel(1);
-        sub.add_consumer(SubType::Exclusive, Consumer::new(key(1), tx))
+        sub.add_consumer(SubType::Exclusive, consumer(1, tx))
             .unwrap();
         sub.flow(key(1), 5);
         let mut read = |_| Some(entry(10));
-        assert_eq!(sub.dispatch(3, &mut read), DispatchOutcome::Idle);
+        assert_eq!(sub.dispatch(3, 0, &mut read), DispatchOutcome::Idle);
         assert_eq!(ids(&mut rx).len(), 1);
         sub.flow(key(1), 100);
         let mut read = |_| Some(entry(1));
-        assert_eq!(sub.dispatch(3, &mut read), DispatchOutcome::Blocked);
+        assert_eq!(sub.dispatch(3, 0, &mut read), DispatchOutcome::Blocked);
     }
 }

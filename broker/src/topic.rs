@@ -7,26 +7,41 @@
 //! saves changed cursors; only then are send receipts released and entries dispatched. So a receipt always means "on disk", and a
 //! consumer never sees an entry that a crash could take back.
 //!
-//! Stored entry format (inside a log record): `[u32 BE metadata length][MessageMetadata
-//! protobuf][payload as sent]`. Recent entries are kept in a small in-memory cache so that
-//! consumers following the tail do not read the disk.
+//! Entries are stored in the format of [`crate::entry`]; the actor assigns each its
+//! broker timestamp and its continuous message index. Recent entries are kept in a small
+//! in-memory cache so that consumers following the tail do not read the disk.
+//!
+//! De-duplication (when enabled) is [`crate::dedup`]; its state is rebuilt on open by
+//! reading the topic's entries.
+//!
+//! Retention (when configured): closed log segments whose entries every subscription has
+//! acknowledged are deleted once the acknowledged data exceeds the size limit or is older
+//! than the time limit (Pulsar's retention policy, applied per segment as Pulsar applies it
+//! per ledger). Unacknowledged data is never deleted. Without limits, data is kept forever.
+//!
+//! Producer names are unique per topic while connected (`ProducerBusy` otherwise), so two
+//! producers never interleave one sequence.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prost::Message as _;
+use bytes::Bytes;
 use pulsar::message::proto::{
+    base_command::Type,
     command_subscribe::{InitialPosition, SubType},
-    MessageIdData, MessageMetadata, ServerError,
+    CommandCloseConsumer, MessageIdData, Schema, ServerError,
 };
-use pulsar::message::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cursor::{Cursor, CursorStore};
+use crate::dedup::{Dedup, Verdict};
+use crate::entry::{self, NewEntry};
 use crate::log::Log;
 use crate::naming::{self, TopicName};
+use crate::protocol::{self, Frame};
+use crate::schema::{self, SchemaStore};
 use crate::subscription::{Consumer, ConsumerKey, DispatchOutcome, StoredEntry, Subscription};
 
 /// Capacity of a topic's command channel.
@@ -43,18 +58,57 @@ const MAX_SUBSCRIPTIONS: usize = 10_000;
 /// again (as in Pulsar, whose mark-delete position is also persisted lazily); an unacked
 /// message is never lost.
 const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a topic with retention limits looks for segments to delete.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
 /// How soon a dispatch that hit a full connection queue is retried.
 const RETRY_BLOCKED: Duration = Duration::from_millis(2);
+
+/// How much acknowledged data a topic keeps (Pulsar's retention policy); no limit at all
+/// keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep at most this many bytes of acknowledged data.
+    pub max_bytes: Option<u64>,
+    /// Keep acknowledged data at most this long.
+    pub max_age: Option<Duration>,
+}
+
+impl Retention {
+    fn is_limited(&self) -> bool {
+        self.max_bytes.is_some() || self.max_age.is_some()
+    }
+}
+
+/// How topics store and keep data (from `BrokerConfig`).
+#[derive(Debug, Clone, Copy)]
+pub struct TopicSettings {
+    pub deduplication: bool,
+    pub segment_bytes: u64,
+    pub retention: Retention,
+}
 
 /// An error answered to a client request: the protocol's error code and a message.
 pub type RequestError = (ServerError, String);
 
 /// What a connection asks of a topic.
 pub enum TopicCommand {
-    /// Store a message; the reply carries its entry id once it is durable.
+    /// Store a message; the reply carries its entry id once it is durable (`None`: a
+    /// duplicate whose original is durable).
     Publish {
-        entry: Arc<StoredEntry>,
-        reply: oneshot::Sender<Result<u64, RequestError>>,
+        producer: Arc<str>,
+        /// Sequence ids of the first and last message of the entry.
+        sequence_ids: (u64, u64),
+        entry: Box<NewEntry>,
+        reply: oneshot::Sender<Result<Option<u64>, RequestError>>,
+    },
+    /// A producer named `name` attaches; the reply is its last persisted sequence id (-1
+    /// if none or de-duplication is off).
+    AddProducer {
+        name: Arc<str>,
+        reply: oneshot::Sender<Result<i64, RequestError>>,
+    },
+    RemoveProducer {
+        name: Arc<str>,
     },
     Subscribe {
         request: SubscribeRequest,
@@ -67,11 +121,31 @@ pub enum TopicCommand {
     Ack {
         key: ConsumerKey,
         ids: Vec<u64>,
+        /// Batch-index acks: entry and the bits of its messages still unacknowledged.
+        partial: Vec<(u64, Vec<i64>)>,
         cumulative: bool,
     },
     Redeliver {
         key: ConsumerKey,
         ids: Option<Vec<u64>>,
+        epoch: Option<u64>,
+    },
+    /// `CommandGetSchema`: the schema of a version (wire bytes), or the latest; the reply
+    /// carries the version's wire bytes and the schema.
+    GetSchema {
+        version: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<(Vec<u8>, Schema), RequestError>>,
+    },
+    /// `CommandGetOrCreateSchema` (and a producer's schema): the version's wire bytes.
+    GetOrCreateSchema {
+        schema: Schema,
+        reply: oneshot::Sender<Result<Vec<u8>, RequestError>>,
+    },
+    /// `CommandSeek`: reset the consumer's subscription.
+    Seek {
+        key: ConsumerKey,
+        target: SeekTarget,
+        reply: oneshot::Sender<Result<(), RequestError>>,
     },
     CloseConsumer {
         key: ConsumerKey,
@@ -84,16 +158,51 @@ pub enum TopicCommand {
         key: ConsumerKey,
         reply: oneshot::Sender<LastMessageId>,
     },
+    /// Counters for the admin API.
+    Stats {
+        reply: oneshot::Sender<TopicStats>,
+    },
     /// Flush everything and stop.
     Shutdown {
         reply: oneshot::Sender<()>,
     },
 }
 
+/// A topic's statistics (admin API `.../stats`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopicStats {
+    /// Entries in the log.
+    pub entries: u64,
+    /// Messages ever stored (batches count each message).
+    pub messages: u64,
+    pub storage_bytes: u64,
+    pub producers: Vec<String>,
+    pub subscriptions: Vec<SubscriptionStats>,
+}
+
+/// One subscription in [`TopicStats`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriptionStats {
+    pub name: String,
+    pub sub_type: String,
+    pub durable: bool,
+    /// Entries not yet acknowledged.
+    pub backlog: u64,
+    pub consumers: usize,
+}
+
+/// Where a seek goes.
+pub enum SeekTarget {
+    /// To this message id (its entry is the next delivered).
+    MessageId(MessageIdData),
+    /// To the first entry published after this time (ms since the epoch), as Pulsar.
+    PublishTime(u64),
+}
+
 /// Answer to `CommandGetLastMessageId`.
 pub struct LastMessageId {
-    /// Last entry id, `None` for an empty topic.
-    pub last: Option<u64>,
+    /// Last entry id and, for a batch, its last batch index; `None` for an empty topic.
+    pub last: Option<(u64, Option<i32>)>,
     /// The consumer's subscription mark-delete position, if any.
     pub mark_delete: Option<u64>,
 }
@@ -106,7 +215,13 @@ pub struct SubscribeRequest {
     pub durable: bool,
     pub initial_position: InitialPosition,
     pub start_message_id: Option<MessageIdData>,
-    pub tx: mpsc::Sender<Message>,
+    pub tx: mpsc::Sender<Frame>,
+    /// `CommandSubscribe.consumer_epoch`.
+    pub epoch: Option<u64>,
+    /// The client wants broker-entry metadata with each message.
+    pub entry_metadata: bool,
+    pub consumer_name: String,
+    pub priority: i32,
 }
 
 /// Cheap handle to a running topic.
@@ -115,33 +230,12 @@ pub struct TopicHandle {
     pub tx: mpsc::Sender<TopicCommand>,
 }
 
-/// Encodes a message as a log entry.
-pub fn encode_entry(metadata: &MessageMetadata, data: &[u8]) -> Vec<u8> {
-    let meta_len = metadata.encoded_len();
-    let mut buf = Vec::with_capacity(4 + meta_len + data.len());
-    buf.extend_from_slice(&(meta_len as u32).to_be_bytes());
-    // Encoding into a Vec cannot run out of space.
-    let _ = metadata.encode(&mut buf);
-    buf.extend_from_slice(data);
-    buf
-}
-
-/// Decodes a log entry written by [`encode_entry`].
-pub fn decode_entry(bytes: &[u8]) -> Option<StoredEntry> {
-    let (len, rest) = bytes.split_at_checked(4)?;
-    let mut word = [0u8; 4];
-    word.copy_from_slice(len);
-    let (meta, data) = rest.split_at_checked(u32::from_be_bytes(word) as usize)?;
-    Some(StoredEntry {
-        metadata: MessageMetadata::decode(meta).ok()?,
-        data: data.to_vec(),
-    })
-}
-
 struct PendingPublish {
-    bytes: Vec<u8>,
+    record: Bytes,
     entry: Arc<StoredEntry>,
-    reply: oneshot::Sender<Result<u64, RequestError>>,
+    /// Producer name and highest sequence id, when de-duplicating.
+    sequence: Option<(Arc<str>, i64)>,
+    reply: oneshot::Sender<Result<Option<u64>, RequestError>>,
 }
 
 /// Recent entries, contiguous ids, bounded by bytes.
@@ -153,11 +247,11 @@ struct EntryCache {
 
 impl EntryCache {
     fn push(&mut self, id: u64, entry: Arc<StoredEntry>) {
-        self.bytes += entry.data.len();
+        self.bytes += entry.size();
         self.entries.push_back((id, entry));
         while self.bytes > CACHE_BYTES {
             match self.entries.pop_front() {
-                Some((_, e)) => self.bytes -= e.data.len(),
+                Some((_, e)) => self.bytes -= e.size(),
                 None => break,
             }
         }
@@ -176,19 +270,63 @@ pub struct Topic {
     log: Arc<Mutex<Log>>,
     cursors: Arc<CursorStore>,
     next_id: u64,
+    /// Messages stored so far (= index of the next message).
+    next_index: u64,
+    /// Broker timestamp of the last entry (kept monotonic).
+    last_timestamp: u64,
+    dedup: Option<Dedup>,
+    /// Names of the connected producers.
+    producers: HashSet<Arc<str>>,
+    schemas: SchemaStore,
     subscriptions: HashMap<String, Subscription>,
     consumers: HashMap<ConsumerKey, String>,
     cache: EntryCache,
     pending: Vec<PendingPublish>,
     pending_bytes: usize,
     last_cursor_save: tokio::time::Instant,
+    /// When a delayed entry falls due (the actor wakes up to dispatch it).
+    next_due: Option<tokio::time::Instant>,
+    settings: TopicSettings,
+    last_retention: tokio::time::Instant,
 }
 
 /// Opens a topic's storage (blocking: run it off the async threads).
-pub fn open(name: TopicName, dir: PathBuf) -> Result<Topic, crate::log::LogError> {
-    let log = Log::open(&dir)?;
+pub fn open(
+    name: TopicName,
+    dir: PathBuf,
+    settings: TopicSettings,
+) -> Result<Topic, crate::log::LogError> {
+    let log = Log::open_with(&dir, settings.segment_bytes)?;
     let cursors = CursorStore::new(&dir);
+    let schemas = SchemaStore::load(&dir);
     let next_id = log.next_entry_id();
+    let read = |id: u64| {
+        log.read(id)
+            .ok()
+            .and_then(|r| entry::decode(Bytes::from(r)))
+    };
+    // The index continues from the last entry's (a record from before the entry header
+    // existed has none: count entries then).
+    let (next_index, last_timestamp) = match next_id.checked_sub(1).map(|id| (id, read(id))) {
+        None => (0, 0),
+        Some((
+            _,
+            Some(StoredEntry {
+                broker: Some(b), ..
+            }),
+        )) => (
+            b.index.unwrap_or(0).saturating_add(1),
+            b.broker_timestamp.unwrap_or(0),
+        ),
+        Some((id, e)) => {
+            tracing::warn!(topic = %name, entry = id, readable = e.is_some(), "last entry has no index; continuing from the entry count");
+            (next_id, 0)
+        }
+    };
+    // Reads every stored entry: the cost of de-duplication at open (no snapshot yet).
+    let dedup = settings
+        .deduplication
+        .then(|| Dedup::recover((log.first_entry_id()..next_id).filter_map(read)));
     let mut subscriptions = HashMap::new();
     for (sub, cursor) in cursors.load_all()? {
         subscriptions.insert(
@@ -201,12 +339,20 @@ pub fn open(name: TopicName, dir: PathBuf) -> Result<Topic, crate::log::LogError
         log: Arc::new(Mutex::new(log)),
         cursors: Arc::new(cursors),
         next_id,
+        next_index,
+        last_timestamp,
+        dedup,
+        producers: HashSet::new(),
+        schemas,
         subscriptions,
         consumers: HashMap::new(),
         cache: EntryCache::default(),
         pending: Vec::new(),
         pending_bytes: 0,
         last_cursor_save: tokio::time::Instant::now(),
+        next_due: None,
+        settings,
+        last_retention: tokio::time::Instant::now(),
     })
 }
 
@@ -221,6 +367,8 @@ impl Topic {
                     None => break,
                 },
                 () = tokio::time::sleep(RETRY_BLOCKED), if blocked => None,
+                () = sleep_until_opt(self.next_due), if self.next_due.is_some() => None,
+                () = tokio::time::sleep_until(self.last_retention + RETENTION_INTERVAL), if self.settings.retention.is_limited() => None,
                 () = tokio::time::sleep_until(self.last_cursor_save + CURSOR_SAVE_INTERVAL), if self.has_dirty_cursor() => None,
             };
             let mut shutdown = None;
@@ -235,6 +383,12 @@ impl Topic {
             }
             self.commit(shutdown.is_some()).await;
             blocked = self.dispatch();
+            if self.settings.retention.is_limited()
+                && self.last_retention.elapsed() >= RETENTION_INTERVAL
+            {
+                self.last_retention = tokio::time::Instant::now();
+                self.enforce_retention().await;
+            }
             if let Some(reply) = shutdown {
                 let _ = reply.send(());
                 return;
@@ -249,14 +403,50 @@ impl Topic {
 
     async fn handle(&mut self, cmd: TopicCommand, shutdown: &mut Option<oneshot::Sender<()>>) {
         match cmd {
-            TopicCommand::Publish { entry, reply } => {
-                let bytes = encode_entry(&entry.metadata, &entry.data);
-                self.pending_bytes += bytes.len();
-                self.pending.push(PendingPublish {
-                    bytes,
-                    entry,
-                    reply,
-                });
+            TopicCommand::Publish {
+                producer,
+                sequence_ids,
+                entry,
+                reply,
+            } => self.publish(producer, sequence_ids, *entry, reply),
+            TopicCommand::AddProducer { name, reply } => {
+                let result = if self.producers.contains(&name) {
+                    Err((
+                        ServerError::ProducerBusy,
+                        format!("producer {name} is already connected to {}", self.name),
+                    ))
+                } else {
+                    self.producers.insert(name.clone());
+                    Ok(self.dedup.as_ref().map_or(-1, |d| d.last_persisted(&name)))
+                };
+                let _ = reply.send(result);
+            }
+            TopicCommand::RemoveProducer { name } => {
+                self.producers.remove(&name);
+            }
+            TopicCommand::GetSchema { version, reply } => {
+                let wanted = match version.as_deref().map(schema::parse_version) {
+                    Some(None) => None,
+                    Some(Some(v)) => Some(Some(v)),
+                    None => Some(None),
+                };
+                let found = wanted
+                    .and_then(|v| self.schemas.get(v))
+                    .map(|(v, s)| (schema::version_bytes(v), s.clone()))
+                    .ok_or((ServerError::TopicNotFound, "no such schema".to_string()));
+                let _ = reply.send(found);
+            }
+            TopicCommand::GetOrCreateSchema { schema, reply } => {
+                // Rare (once per new schema), so its small blocking write runs inline.
+                let result = self
+                    .schemas
+                    .get_or_create(schema)
+                    .map(schema::version_bytes)
+                    .map_err(|e| (ServerError::IncompatibleSchema, e.to_string()));
+                let _ = reply.send(result);
+            }
+            TopicCommand::Seek { key, target, reply } => {
+                let _ = reply.send(self.seek(key, target));
             }
             TopicCommand::Subscribe { request, reply } => {
                 let result = self.subscribe(request).await;
@@ -270,17 +460,21 @@ impl Topic {
             TopicCommand::Ack {
                 key,
                 ids,
+                partial,
                 cumulative,
             } => {
                 let end = self.next_id;
                 if let Some(sub) = self.subscription_of(key) {
                     let ids: Vec<u64> = ids.into_iter().filter(|id| *id < end).collect();
                     sub.ack(&ids, cumulative);
+                    for (id, set) in partial.iter().filter(|(id, _)| *id < end) {
+                        sub.ack_batch_indexes(*id, set);
+                    }
                 }
             }
-            TopicCommand::Redeliver { key, ids } => {
+            TopicCommand::Redeliver { key, ids, epoch } => {
                 if let Some(sub) = self.subscription_of(key) {
-                    sub.redeliver(key, ids.as_deref());
+                    sub.redeliver(key, ids.as_deref(), epoch);
                 }
             }
             TopicCommand::CloseConsumer { key } => self.close_consumer(key),
@@ -289,14 +483,205 @@ impl Topic {
                 let _ = reply.send(result);
             }
             TopicCommand::GetLastMessageId { key, reply } => {
-                let last = self.next_id.checked_sub(1);
+                let last = self.next_id.checked_sub(1).map(|id| {
+                    // A batch's last message is the last message id (Pulsar returns its
+                    // batch index, so that readers see the whole batch as available).
+                    let batch = self
+                        .read_entry(id)
+                        .and_then(|e| e.metadata.num_messages_in_batch)
+                        .map(|n| n.saturating_sub(1));
+                    (id, batch)
+                });
                 let mark_delete = self
                     .subscription_of(key)
                     .and_then(|s| s.cursor.ack_floor().checked_sub(1));
                 let _ = reply.send(LastMessageId { last, mark_delete });
             }
+            TopicCommand::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
             TopicCommand::Shutdown { reply } => *shutdown = Some(reply),
         }
+    }
+
+    fn stats(&self) -> TopicStats {
+        let storage_bytes = self.log.lock().map(|l| l.size_bytes()).unwrap_or(0);
+        let mut subscriptions: Vec<SubscriptionStats> = self
+            .subscriptions
+            .values()
+            .map(|s| SubscriptionStats {
+                name: s.name.clone(),
+                sub_type: format!("{:?}", s.sub_type),
+                durable: s.durable,
+                backlog: s.cursor.unacked_below(self.next_id),
+                consumers: s.consumer_count(),
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut producers: Vec<String> = self.producers.iter().map(|p| p.to_string()).collect();
+        producers.sort();
+        TopicStats {
+            entries: self.next_id,
+            messages: self.next_index,
+            storage_bytes,
+            producers,
+            subscriptions,
+        }
+    }
+
+    /// Accepts a message into the next group commit, unless it is a duplicate.
+    fn publish(
+        &mut self,
+        producer: Arc<str>,
+        (lowest, highest): (u64, u64),
+        entry: NewEntry,
+        reply: oneshot::Sender<Result<Option<u64>, RequestError>>,
+    ) {
+        // Sequence ids are Java longs on the wire.
+        let (lowest, highest) = (lowest as i64, (highest as i64).max(lowest as i64));
+        let verdict = match &mut self.dedup {
+            Some(dedup) => dedup.check(producer, lowest, highest),
+            None => Verdict::Store(None),
+        };
+        let sequence = match verdict {
+            Verdict::Store(sequence) => sequence,
+            Verdict::Duplicate => {
+                let _ = reply.send(Ok(None));
+                return;
+            }
+            Verdict::InFlight => {
+                let _ = reply.send(Err((
+                    ServerError::PersistenceError,
+                    "duplicate of a message not yet persisted".to_string(),
+                )));
+                return;
+            }
+        };
+        let messages =
+            u64::try_from(entry.metadata.num_messages_in_batch.unwrap_or(1).max(1)).unwrap_or(1);
+        let index = self.next_index + messages - 1;
+        self.next_index += messages;
+        self.last_timestamp = self.last_timestamp.max(now_ms());
+        let (record, entry) = entry.seal(self.last_timestamp, index);
+        self.pending_bytes += record.len();
+        self.pending.push(PendingPublish {
+            record,
+            entry: Arc::new(entry),
+            sequence,
+            reply,
+        });
+    }
+
+    /// `CommandSeek`: resets the consumer's subscription and detaches its consumers, who
+    /// resubscribe (told by `CommandCloseConsumer`, as Pulsar does).
+    fn seek(&mut self, key: ConsumerKey, target: SeekTarget) -> Result<(), RequestError> {
+        let position = match target {
+            SeekTarget::MessageId(id) => position_of(&id, true, self.next_id).max(self.first_id()),
+            SeekTarget::PublishTime(t) => self.first_published_after(t),
+        };
+        let name = self.consumers.get(&key).cloned().ok_or((
+            ServerError::ConsumerNotFound,
+            "no such consumer".to_string(),
+        ))?;
+        let sub = self.subscriptions.get_mut(&name).ok_or((
+            ServerError::ConsumerNotFound,
+            "no such subscription".to_string(),
+        ))?;
+        for c in sub.reset(position) {
+            self.consumers.remove(&c.key);
+            let frame: Frame = protocol::command(Type::CloseConsumer, |r| {
+                r.close_consumer = Some(CommandCloseConsumer {
+                    consumer_id: c.key.consumer_id,
+                    // -1: not an answer to any request of the client.
+                    request_id: u64::MAX,
+                })
+            })
+            .into();
+            if let Err(mpsc::error::TrySendError::Full(frame)) = c.tx.try_send(frame) {
+                let tx = c.tx.clone();
+                tokio::spawn(async move { tx.send(frame).await });
+            }
+        }
+        tracing::debug!(topic = %self.name, subscription = %name, position, "subscription reset");
+        Ok(())
+    }
+
+    /// First entry whose publish time is after `t` (binary search: publish times follow
+    /// the log order as long as producers' clocks agree).
+    fn first_published_after(&self, t: u64) -> u64 {
+        let (mut lo, mut hi) = (self.first_id(), self.next_id);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.read_entry(mid) {
+                Some(e) if e.metadata.publish_time > t => hi = mid,
+                _ => lo = mid + 1,
+            }
+        }
+        lo
+    }
+
+    /// Oldest entry still stored (retention deletes from the front).
+    fn first_id(&self) -> u64 {
+        self.log.lock().map(|l| l.first_entry_id()).unwrap_or(0)
+    }
+
+    /// Deletes the oldest closed segments that every subscription has acknowledged, while
+    /// the acknowledged data exceeds the retention limits (see the module docs).
+    async fn enforce_retention(&mut self) {
+        let limits = self.settings.retention;
+        let floor = self
+            .subscriptions
+            .values()
+            .map(|s| s.cursor.ack_floor())
+            .min()
+            .unwrap_or(self.next_id);
+        let closed = self
+            .log
+            .lock()
+            .map(|l| l.closed_segments())
+            .unwrap_or_default();
+        let consumed: Vec<(u64, u64, u64)> = closed
+            .into_iter()
+            .filter(|(_, end, _)| *end <= floor)
+            .collect();
+        let mut remaining: u64 = consumed.iter().map(|(_, _, bytes)| bytes).sum();
+        let now = now_ms();
+        let mut cut = None;
+        for &(_, end, bytes) in &consumed {
+            let too_big = limits.max_bytes.is_some_and(|max| remaining > max);
+            let too_old = || {
+                let age = limits.max_age?;
+                let newest = self.read_entry(end.checked_sub(1)?)?;
+                let time = newest.broker.as_ref()?.broker_timestamp?;
+                Some(now.saturating_sub(time) > age.as_millis() as u64)
+            };
+            if !(too_big || too_old().unwrap_or(false)) {
+                break;
+            }
+            cut = Some(end);
+            remaining -= bytes;
+        }
+        let Some(end) = cut else { return };
+        let log = self.log.clone();
+        let removed = tokio::task::spawn_blocking(move || match log.lock() {
+            Ok(mut log) => log.remove_segments_before(end).map_err(|e| e.to_string()),
+            Err(_) => Err("log lock poisoned".to_string()),
+        })
+        .await;
+        match removed {
+            Ok(Ok(n)) => {
+                tracing::debug!(topic = %self.name, segments = n, before = end, "retention deleted segments")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %self.name, error = %e, "retention could not delete segments")
+            }
+            Err(e) => tracing::warn!(topic = %self.name, error = %e, "retention task failed"),
+        }
+    }
+
+    /// Entry `id` from the cache or the log (`None` if it cannot be read).
+    fn read_entry(&self, id: u64) -> Option<Arc<StoredEntry>> {
+        read_entry(&self.cache, &self.log, &self.name, id)
     }
 
     fn subscription_of(&mut self, key: ConsumerKey) -> Option<&mut Subscription> {
@@ -341,7 +726,10 @@ impl Topic {
             ServerError::UnknownError,
             "subscription vanished".to_string(),
         ))?;
-        sub.add_consumer(req.sub_type, Consumer::new(req.key, req.tx))?;
+        let mut consumer = Consumer::new(req.key, req.tx, req.epoch, req.entry_metadata);
+        consumer.name = req.consumer_name;
+        consumer.priority = req.priority;
+        sub.add_consumer(req.sub_type, consumer)?;
         self.consumers.insert(req.key, req.subscription);
         tracing::debug!(topic = %self.name, consumer = ?req.key, "consumer subscribed");
         Ok(())
@@ -351,23 +739,12 @@ impl Topic {
     fn start_position(&self, req: &SubscribeRequest) -> u64 {
         let latest = self.next_id;
         if let (Some(id), false) = (&req.start_message_id, req.durable) {
-            // -1 (earliest) and i64::MAX (latest) are the clients' special ids.
-            if id.ledger_id == u64::MAX || id.entry_id == u64::MAX {
-                return 0;
-            }
-            if id.ledger_id >= i64::MAX as u64 || id.entry_id >= i64::MAX as u64 {
-                return latest;
-            }
-            let inclusive = id.batch_index.is_some_and(|b| b >= 0);
-            let start = if inclusive {
-                id.entry_id
-            } else {
-                id.entry_id + 1
-            };
-            return start.min(latest);
+            // As Pulsar: delivery starts at the start id's entry; the client drops it (or
+            // the part of its batch before the id) unless it asked for an inclusive start.
+            return position_of(id, true, latest).max(self.first_id());
         }
         match req.initial_position {
-            InitialPosition::Earliest => 0,
+            InitialPosition::Earliest => self.first_id(),
             InitialPosition::Latest => latest,
         }
     }
@@ -418,6 +795,8 @@ impl Topic {
     async fn commit(&mut self, force: bool) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
+        let start_index =
+            self.next_index - pending.iter().map(|p| p.entry.num_messages()).sum::<u64>();
         let save_cursors = force || self.last_cursor_save.elapsed() >= CURSOR_SAVE_INTERVAL;
         if save_cursors {
             self.last_cursor_save = tokio::time::Instant::now();
@@ -439,7 +818,7 @@ impl Topic {
             let append = if pending.is_empty() {
                 Ok(0)
             } else {
-                let records: Vec<&[u8]> = pending.iter().map(|p| p.bytes.as_slice()).collect();
+                let records: Vec<&[u8]> = pending.iter().map(|p| &p.record[..]).collect();
                 match log.lock() {
                     Ok(mut log) => log.append(&records).map_err(|e| e.to_string()),
                     Err(_) => Err("log lock poisoned".to_string()),
@@ -471,8 +850,12 @@ impl Topic {
             Ok(first) => {
                 for (i, p) in pending.into_iter().enumerate() {
                     let id = first + i as u64;
+                    if let (Some(dedup), Some((producer, highest))) = (&mut self.dedup, p.sequence)
+                    {
+                        dedup.persisted(producer, highest);
+                    }
                     self.cache.push(id, p.entry);
-                    let _ = p.reply.send(Ok(id));
+                    let _ = p.reply.send(Ok(Some(id)));
                 }
                 self.next_id = self
                     .log
@@ -482,6 +865,13 @@ impl Topic {
             }
             Err(e) => {
                 tracing::error!(topic = %self.name, error = %e, "append failed");
+                // Nothing of this commit is stored: its indexes and sequence ids are free.
+                if !pending.is_empty() {
+                    self.next_index = start_index;
+                }
+                if let Some(dedup) = &mut self.dedup {
+                    dedup.forget_in_flight();
+                }
                 for p in pending {
                     let _ = p
                         .reply
@@ -492,37 +882,88 @@ impl Topic {
     }
 
     /// Dispatches on every subscription; true if some connection queue was full.
+    /// Also sets `next_due` to when the first delayed entry falls due.
     fn dispatch(&mut self) -> bool {
         let end = self.next_id;
+        let now = now_ms();
         let (cache, log, name) = (&self.cache, &self.log, &self.name);
-        let mut read = |id: u64| -> Option<Arc<StoredEntry>> {
-            if let Some(e) = cache.get(id) {
-                return Some(e);
-            }
-            let bytes = match log.lock() {
-                Ok(log) => log.read(id),
-                Err(_) => return None,
-            };
-            match bytes.map(|b| decode_entry(&b)) {
-                Ok(Some(entry)) => Some(Arc::new(entry)),
-                Ok(None) => {
-                    tracing::error!(topic = %name, entry = id, "undecodable entry; not served");
-                    None
-                }
-                Err(e) => {
-                    tracing::error!(topic = %name, entry = id, error = %e, "unreadable entry; not served");
-                    None
-                }
-            }
-        };
+        let mut read = |id: u64| read_entry(cache, log, name, id);
         let mut blocked = false;
+        let mut next_due: Option<u64> = None;
         for sub in self.subscriptions.values_mut() {
             if sub.has_consumers() {
-                blocked |= sub.dispatch(end, &mut read) == DispatchOutcome::Blocked;
+                blocked |= sub.dispatch(end, now, &mut read) == DispatchOutcome::Blocked;
+            }
+            if let Some(due) = sub.next_due() {
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
             }
         }
+        self.next_due = next_due.map(|due| {
+            tokio::time::Instant::now() + Duration::from_millis(due.saturating_sub(now))
+        });
         blocked
     }
+}
+
+/// Milliseconds since the Unix epoch (Pulsar's timestamps).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Entry `id` from the cache, else from the log (a checksum or decoding failure is logged
+/// and the entry is not served).
+fn read_entry(
+    cache: &EntryCache,
+    log: &Mutex<Log>,
+    name: &TopicName,
+    id: u64,
+) -> Option<Arc<StoredEntry>> {
+    if let Some(e) = cache.get(id) {
+        return Some(e);
+    }
+    let bytes = match log.lock() {
+        Ok(log) => log.read(id),
+        Err(_) => return None,
+    };
+    match bytes.map(|b| entry::decode(Bytes::from(b))) {
+        Ok(Some(entry)) => Some(Arc::new(entry)),
+        Ok(None) => {
+            tracing::error!(topic = %name, entry = id, "undecodable entry; not served");
+            None
+        }
+        Err(e) => {
+            tracing::error!(topic = %name, entry = id, error = %e, "unreadable entry; not served");
+            None
+        }
+    }
+}
+
+/// The entry position a client's message id names, given the log's end: -1:-1 (earliest)
+/// is 0, an id at or past `i64::MAX` (latest) is the end; otherwise the id's entry if
+/// `inclusive`, else the one after it.
+fn position_of(id: &MessageIdData, inclusive: bool, end: u64) -> u64 {
+    if id.ledger_id == u64::MAX || id.entry_id == u64::MAX {
+        return 0;
+    }
+    if id.ledger_id >= i64::MAX as u64 || id.entry_id >= i64::MAX as u64 {
+        return end;
+    }
+    let start = if inclusive {
+        id.entry_id
+    } else {
+        id.entry_id.saturating_add(1)
+    };
+    start.min(end)
 }
 
 async fn run_blocking<T: Send + 'static>(
@@ -532,26 +973,5 @@ async fn run_blocking<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn entry_round_trip_and_garbage() {
-        let meta = MessageMetadata {
-            producer_name: "p".into(),
-            sequence_id: 3,
-            num_messages_in_batch: Some(2),
-            ..Default::default()
-        };
-        let bytes = encode_entry(&meta, b"payload");
-        let e = decode_entry(&bytes).unwrap();
-        assert_eq!(e.metadata, meta);
-        assert_eq!(e.data, b"payload");
-        assert!(decode_entry(&[0, 0, 0, 9, 1]).is_none());
-        assert!(decode_entry(&[]).is_none());
     }
 }

@@ -1,20 +1,31 @@
-//! MQTT throughput and latency through the gateway, side by side with Mosquitto when it is
-//! installed (Debian `mosquitto`), in one run: 1 publisher → 1 subscriber, 64-byte payloads,
-//! QoS 0 and QoS 1. Each side is a real process on loopback; the clients are `rumqttc`.
+//! MQTT benchmark of the gateway, side by side with Mosquitto (Debian `mosquitto`, when
+//! installed) and `rumqttd` (the Rust broker crate, run by this bench in a child process of
+//! its own), in one run. Each server is a real process on loopback; the clients are `rumqttc`
+//! (throughput) and a minimal TLS MQTT client (idle connections).
 //!
-//! Run: `cargo bench -p magnetar --bench mqtt` (env `BENCH_MESSAGES`, default 20000).
+//! Run: `cargo bench -p magnetar --bench mqtt` — env `BENCH_MESSAGES` (per run and
+//! subscriber, default 10000; 0 skips the throughput table), `BENCH_IDLE` (idle TLS
+//! connections, default 10000; 0 skips), `BENCH_MAGNETAR_LOG` (a file for the gateway's log),
+//! `BENCH_MAGNETAR_ENV` (`K=V K=V`: environment of the gateway process only).
+//! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
-//! Throughput is messages received / (last receive − first publish); latency is publish →
-//! receive, from a timestamp in the payload. Magnetar's QoS 1 is stored and fsync'd by the
-//! broker before the PUBACK; Mosquitto's is in memory.
+//! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),
+//! 64 B and 1 KiB payloads, each server's msgs/s and p99 latency and Magnetar's ratio to
+//! Mosquitto; then the resident memory per idle TLS connection. Magnetar's QoS 1 is stored
+//! and fsync'd by the broker before the PUBACK; Mosquitto's and rumqttd's are in memory.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 
-const PAYLOAD: usize = 64;
+#[path = "mqtt/idle.rs"]
+mod idle;
+#[path = "mqtt/load.rs"]
+mod load;
+#[path = "mqtt/stages.rs"]
+mod stages;
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -22,6 +33,7 @@ fn free_port() -> SocketAddr {
         .expect("free port")
 }
 
+/// A server process, killed when dropped.
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -39,12 +51,32 @@ fn wait_listening(addr: SocketAddr) {
     }
 }
 
-fn start_magnetar(dir: &std::path::Path) -> (Proc, SocketAddr) {
-    let (broker, mqtt) = (free_port(), free_port());
+/// A server under test: plain MQTT address, and TLS MQTT address when it has one.
+struct Server {
+    name: &'static str,
+    proc: Proc,
+    mqtt: SocketAddr,
+    tls: Option<SocketAddr>,
+}
+
+struct Tls {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    der: Vec<u8>,
+}
+
+fn start_magnetar(dir: &std::path::Path, tls: &Tls, extra: &str) -> (Server, SocketAddr) {
+    let (broker, mqtt, mqtts) = (free_port(), free_port(), free_port());
     let config = dir.join("magnetar.toml");
     std::fs::write(
         &config,
-        format!("[broker]\nlisten = \"{broker}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n"),
+        format!(
+            "[broker]\nlisten = \"{broker}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n\
+             [[listeners]]\nname = \"mqtts\"\nbind = \"{mqtts}\"\nplugin = \"mqtt\"\ntls = true\n{extra}",
+            tls.cert.display(),
+            tls.key.display()
+        ),
     )
     .expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
@@ -53,25 +85,48 @@ fn start_magnetar(dir: &std::path::Path) -> (Proc, SocketAddr) {
         .arg("--data-dir")
         .arg(dir.join("data"))
         .env("RUST_LOG", "warn")
+        // E.g. `LD_PRELOAD=… DUMP_HEAPTRACK_OUTPUT=…` for a heap profile of the gateway alone.
+        .envs(
+            std::env::var("BENCH_MAGNETAR_ENV")
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('=')),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match std::env::var_os("BENCH_MAGNETAR_LOG") {
+            Some(path) => std::fs::File::create(path).map_or(Stdio::null(), Stdio::from),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("spawning magnetar");
+    let proc = Proc(child);
     wait_listening(mqtt);
-    (Proc(child), mqtt)
+    wait_listening(mqtts);
+    let server = Server {
+        name: "magnetar",
+        proc,
+        mqtt,
+        tls: Some(mqtts),
+    };
+    (server, broker)
 }
 
-fn start_mosquitto(dir: &std::path::Path) -> Option<(Proc, SocketAddr)> {
+fn start_mosquitto(dir: &std::path::Path, tls: &Tls) -> Option<Server> {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
-    let addr = free_port();
+    let (mqtt, mqtts) = (free_port(), free_port());
     let config = dir.join("mosquitto.conf");
     std::fs::write(
         &config,
         format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n",
-            addr.port()
+            "user root\nallow_anonymous true\nmax_queued_messages 100000\n\
+             listener {} 127.0.0.1\n\
+             listener {} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+            mqtt.port(),
+            mqtts.port(),
+            tls.cert.display(),
+            tls.key.display()
         ),
     )
     .ok()?;
@@ -82,126 +137,209 @@ fn start_mosquitto(dir: &std::path::Path) -> Option<(Proc, SocketAddr)> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    wait_listening(addr);
-    Some((Proc(child), addr))
+    let proc = Proc(child);
+    wait_listening(mqtt);
+    wait_listening(mqtts);
+    Some(Server {
+        name: "mosquitto",
+        proc,
+        mqtt,
+        tls: Some(mqtts),
+    })
 }
 
-struct Figures {
-    rate: f64,
-    p50: Duration,
-    p99: Duration,
-    received: usize,
+/// `rumqttd` in a child process: this bench binary again, with `--serve-rumqttd ADDR`.
+fn start_rumqttd() -> Option<Server> {
+    let mqtt = free_port();
+    let child = Command::new(std::env::current_exe().ok()?)
+        .arg("--serve-rumqttd")
+        .arg(mqtt.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let proc = Proc(child);
+    wait_listening(mqtt);
+    Some(Server {
+        name: "rumqttd",
+        proc,
+        mqtt,
+        tls: None,
+    })
 }
 
-async fn run_once(addr: SocketAddr, qos: QoS, n: usize, tag: &str) -> Figures {
-    let mut so = MqttOptions::new(
-        format!("bench-sub-{tag}"),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    so.set_keep_alive(Duration::from_secs(60));
-    so.set_inflight(1000);
-    let (sub, mut sub_loop) = AsyncClient::new(so, 10_000);
-    let topic = format!("bench/{tag}/data");
-    sub.subscribe(format!("bench/{tag}/#"), qos)
-        .await
-        .expect("subscribe");
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await.expect("sub poll") {
-            break;
-        }
-    }
-    let mut po = MqttOptions::new(
-        format!("bench-pub-{tag}"),
-        addr.ip().to_string(),
-        addr.port(),
-    );
-    po.set_keep_alive(Duration::from_secs(60));
-    po.set_inflight(1000);
-    let (publ, mut pub_loop) = AsyncClient::new(po, 10_000);
-    tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
-
-    let origin = Instant::now();
-    let publisher = tokio::spawn(async move {
-        for _ in 0..n {
-            let mut payload = vec![0u8; PAYLOAD];
-            let t = origin.elapsed().as_nanos() as u64;
-            payload[..8].copy_from_slice(&t.to_le_bytes());
-            publ.publish(topic.clone(), qos, false, payload)
-                .await
-                .expect("publish");
-        }
-        publ
-    });
-    let mut latencies = Vec::with_capacity(n);
-    let deadline = origin + Duration::from_secs(120);
-    while latencies.len() < n && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), sub_loop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                let mut t = [0u8; 8];
-                t.copy_from_slice(&p.payload[..8]);
-                let sent = Duration::from_nanos(u64::from_le_bytes(t));
-                latencies.push(origin.elapsed().saturating_sub(sent));
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("subscriber: {e}"),
-            Err(_) => break,
-        }
-    }
-    let elapsed = origin.elapsed();
-    let _ = publisher.await;
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
+/// The child process side of [`start_rumqttd`]: a plain MQTT 3.1.1 listener on `addr`.
+fn serve_rumqttd(addr: SocketAddr) {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: 1 << 20,
+        max_inflight_count: 1000,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
     };
-    Figures {
-        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: pct(0.50),
-        p99: pct(0.99),
-        received: latencies.len(),
+    let server = rumqttd::ServerSettings {
+        name: "v4-1".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
+    let config = rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: 20_000,
+            max_outgoing_packet_count: 1000,
+            max_segment_size: 100 << 20,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some([("v4-1".to_string(), server)].into_iter().collect()),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    if let Err(e) = broker.start() {
+        eprintln!("rumqttd: {e}");
     }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
         println!("mqtt: bench");
         return;
     }
-    let n: usize = std::env::var("BENCH_MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    if let Some(i) = args.iter().position(|a| a == "--serve-rumqttd") {
+        let addr = args
+            .get(i + 1)
+            .and_then(|a| a.parse().ok())
+            .expect("--serve-rumqttd ADDR");
+        return serve_rumqttd(addr);
+    }
+    let n = env_usize("BENCH_MESSAGES", 10_000);
+    let idle_n = env_usize("BENCH_IDLE", 10_000);
+    let nofile = idle::raise_nofile();
     let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key, der) = idle::certificate(dir.path());
+    let tls = Tls { cert, key, der };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (_magnetar, magnetar_addr) = start_magnetar(dir.path());
-    let mosquitto = start_mosquitto(dir.path());
-    println!("MQTT 1→1, {PAYLOAD}-byte payloads, {n} messages per run");
-    println!(
-        "{:<10} {:<5} {:>12} {:>10} {:>10} {:>9}",
-        "server", "qos", "msgs/s", "p50", "p99", "received"
-    );
-    for (qos, label) in [(QoS::AtMostOnce, "0"), (QoS::AtLeastOnce, "1")] {
-        let ours = rt.block_on(run_once(magnetar_addr, qos, n, &format!("m{label}")));
-        print_row("magnetar", label, &ours, n);
-        if let Some((_, addr)) = &mosquitto {
-            let theirs = rt.block_on(run_once(*addr, qos, n, &format!("q{label}")));
-            print_row("mosquitto", label, &theirs, n);
-            println!(
-                "{:<10} {:<5} {:>11.2}x",
-                "ratio",
-                label,
-                ours.rate / theirs.rate
-            );
+
+    if args.iter().any(|a| a == "--stages") {
+        let extra = std::env::var("BENCH_MAGNETAR_EXTRA")
+            .unwrap_or_default()
+            .replace("\\n", "\n");
+        let (magnetar, broker) = start_magnetar(dir.path(), &tls, &extra);
+        for batch in [64, 1000] {
+            let (p, c) = rt.block_on(stages::pulsar_backlog(broker, n, batch));
+            println!("pulsar producer alone: {p:.0} msgs/s; a consumer of that backlog (batch {batch}): {c:.0} msgs/s");
+            let r = rt.block_on(stages::pulsar_alone(broker, n, batch));
+            println!("pulsar producer -> pulsar consumer (batch {batch}): {r:.0} msgs/s");
+        }
+        let r = rt.block_on(stages::pulsar_to_mqtt(broker, magnetar.mqtt, n));
+        println!("pulsar producer -> gateway -> MQTT QoS 0 subscriber: {r:.0} msgs/s");
+        return;
+    }
+
+    let (magnetar, _) = start_magnetar(dir.path(), &tls, "");
+    let mut servers = vec![magnetar];
+    servers.extend(start_mosquitto(dir.path(), &tls));
+    servers.extend(start_rumqttd());
+    let names: Vec<&str> = servers.iter().map(|s| s.name).collect();
+
+    if n > 0 {
+        throughput(&rt, &servers, &names, n);
+    }
+    if idle_n > 0 {
+        idle_table(&rt, &servers, &tls, idle_n, nofile);
+    }
+}
+
+/// The throughput table: every shape on every server.
+fn throughput(rt: &tokio::runtime::Runtime, servers: &[Server], names: &[&str], n: usize) {
+    println!("MQTT on loopback, {n} messages per subscriber per run; servers: {names:?}\n");
+    let mut header = "| QoS | pubs→subs | payload |".to_string();
+    let mut rule = "|---|---|---|".to_string();
+    for s in servers {
+        header += &format!(" {} msgs/s | {} p99 |", s.name, s.name);
+        rule += "---|---|";
+    }
+    header += " magnetar / mosquitto |";
+    rule += "---|";
+    println!("{header}\n{rule}");
+    let mut run = 0;
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        for (publishers, subscribers) in [(1, 1), (4, 4)] {
+            for payload in [64, 1024] {
+                let shape = load::Shape {
+                    qos,
+                    publishers,
+                    subscribers,
+                    payload,
+                    messages: n,
+                };
+                let mut row = format!(
+                    "| {} | {publishers}→{subscribers} | {payload} B |",
+                    qos as u8
+                );
+                let mut rates = Vec::new();
+                for s in servers {
+                    run += 1;
+                    let f = rt.block_on(load::run(s.mqtt, shape, &format!("r{run}")));
+                    let short = if f.received < f.expected {
+                        format!(" ({}/{})", f.received, f.expected)
+                    } else {
+                        String::new()
+                    };
+                    row += &format!(" {:.0}{short} | {:.1?} |", f.rate, f.p99);
+                    rates.push(f.rate);
+                }
+                match rates.get(1) {
+                    Some(m) if names.get(1) == Some(&"mosquitto") => {
+                        row += &format!(" {:.2}x |", rates[0] / m)
+                    }
+                    _ => row += " – |",
+                }
+                println!("{row}");
+            }
         }
     }
 }
 
-fn print_row(server: &str, qos: &str, f: &Figures, n: usize) {
-    println!(
-        "{:<10} {:<5} {:>12.0} {:>10.2?} {:>10.2?} {:>4}/{}",
-        server, qos, f.rate, f.p50, f.p99, f.received, n
-    );
+/// Memory per idle TLS connection of every server with a TLS port.
+fn idle_table(
+    rt: &tokio::runtime::Runtime,
+    servers: &[Server],
+    tls: &Tls,
+    idle_n: usize,
+    nofile: u64,
+) {
+    {
+        // Each side holds one descriptor per connection, plus some to spare.
+        let cap = (nofile as usize).saturating_sub(512);
+        let count = idle_n.min(cap);
+        if count < idle_n {
+            println!("\n(idle: {idle_n} connections asked, RLIMIT_NOFILE {nofile} allows {count})");
+        }
+        println!("\n| server | idle TLS connections | RSS before | RSS after | per connection | connect time |");
+        println!("|---|---|---|---|---|---|");
+        for s in servers {
+            let Some(addr) = s.tls else { continue };
+            let f = rt.block_on(idle::measure(addr, s.proc.0.id(), count, &tls.der, s.name));
+            println!(
+                "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} s |",
+                s.name,
+                f.connections,
+                f.rss_before as f64 / 1048576.0,
+                f.rss_after as f64 / 1048576.0,
+                f.per_connection() / 1024.0,
+                f.seconds
+            );
+        }
+    }
 }

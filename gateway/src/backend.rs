@@ -104,6 +104,12 @@ impl Backend {
                     .client
                     .producer()
                     .with_topic(topic)
+                    // A full connection queue makes the send wait (backpressure to the
+                    // connections publishing) instead of failing with `SlowDown`.
+                    .with_options(pulsar::ProducerOptions {
+                        block_queue_if_full: true,
+                        ..Default::default()
+                    })
                     .build()
                     .await
                     .map_err(|source| BackendError::Producer {

@@ -33,6 +33,10 @@ pub struct Config {
     pub backend: BackendSection,
     pub tls: TlsSection,
     pub auth: AuthSection,
+    /// Tenants and their limits; a user's tenant that is not listed here gets the defaults.
+    pub tenants: Vec<TenantConfig>,
+    pub encryption: EncryptionSection,
+    pub admin: AdminSection,
     pub plugins: PluginsSection,
     pub listeners: Vec<ListenerConfig>,
 }
@@ -65,27 +69,143 @@ pub struct TlsSection {
     pub cert: Option<PathBuf>,
     /// PEM private key matching `cert`.
     pub key: Option<PathBuf>,
+    /// PEM CA certificates that sign client certificates. Set: clients may present a
+    /// certificate (mTLS); a verified one maps to the user whose `certificate_cn` is its
+    /// subject's common name.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a verified certificate (needs `client_ca`).
+    pub require_client_cert: bool,
+    /// Certificates picked by the server name the client asks for (SNI), e.g. one per
+    /// tenant; other names get `cert`.
+    pub certificates: Vec<SniCertificate>,
+}
+
+/// A certificate served to clients that ask for `server_name`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    pub server_name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Who may connect.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSection {
-    /// Clients without credentials act in `public/default`.
+    /// Clients without credentials act in `anonymous_tenant/anonymous_namespace`.
     pub allow_anonymous: bool,
+    pub anonymous_tenant: String,
+    pub anonymous_namespace: String,
     pub users: Vec<UserConfig>,
+    /// HS256 secret for tokens, base64 (as `pulsar tokens create-secret-key --base64`).
+    pub token_secret: Option<String>,
+    /// HS256 secret for tokens, a file of raw bytes. Unset (with no other token key): a
+    /// secret is generated once in `data_dir/auth/token-secret.key`.
+    pub token_secret_file: Option<PathBuf>,
+    /// RS256 public key (PEM) that verifies tokens, instead of a secret.
+    pub token_public_key_file: Option<PathBuf>,
+    /// RS256 private key (PEM) with which `magnetar token` and the gateway sign tokens.
+    pub token_private_key_file: Option<PathBuf>,
+    /// The role the gateway itself uses on the backend; may do anything.
+    pub superuser_role: String,
+    /// Failed authentications from one address before each further attempt waits.
+    pub failures_before_delay: u32,
 }
 
 /// A user and the namespace everything it does lives in.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
-    pub password: String,
+    /// Plain password, hashed with argon2 when the config is loaded.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// An argon2 PHC string (`$argon2id$v=19$...`), as `magnetar hash-password` prints.
+    #[serde(default)]
+    pub password_hash: Option<String>,
     #[serde(default = "default_tenant")]
     pub tenant: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// Stored SCRAM-SHA-256 credential (`iterations:salt:stored_key:server_key`, base64),
+    /// as the admin API saves it; derived from `password` when that is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scram_sha256: Option<String>,
+    /// Stored SCRAM-SHA-512 credential, as `scram_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scram_sha512: Option<String>,
+    /// Common name of the client certificate (mTLS) that authenticates as this user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_cn: Option<String>,
+    /// What the user may do; empty means produce and consume on every topic of its namespace.
+    #[serde(default)]
+    pub permissions: Vec<PermissionConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Actions on topics matching a pattern (`*` matches any run of characters).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionConfig {
+    pub topics: String,
+    pub actions: Vec<ActionName>,
+}
+
+/// An action a permission grants.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionName {
+    Produce,
+    Consume,
+    Manage,
+}
+
+/// Limits of a tenant or a user; unset means unlimited.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub publish_msgs_per_sec: Option<f64>,
+    pub publish_bytes_per_sec: Option<f64>,
+    pub max_connections: Option<u32>,
+    pub max_subscriptions: Option<u32>,
+    pub max_stored_bytes: Option<u64>,
+}
+
+/// A tenant: its namespaces, whether its payloads are encrypted at rest, its limits.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    #[serde(default = "default_namespaces")]
+    pub namespaces: Vec<String>,
+    /// Encrypt every payload at rest with the tenant's data key.
+    #[serde(default)]
+    pub encryption: bool,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Where the master key that wraps tenants' data keys comes from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionSection {
+    /// A file holding 32 random bytes (raw, or 64 hex digits).
+    pub master_key_file: Option<PathBuf>,
+    /// An environment variable holding 64 hex digits; wins over `master_key_file`. Neither
+    /// set: a key is generated once in `data_dir/keys/master.key`.
+    pub master_key_env: Option<String>,
+}
+
+/// The gateway's admin HTTP API (tenants, users, usage).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Where it listens; unset turns it off.
+    pub listen: Option<SocketAddr>,
+    /// A static bearer token for it; a token of `auth.superuser_role` works too.
+    pub token: Option<String>,
 }
 
 /// How plugins run.
@@ -123,6 +243,10 @@ fn default_namespace() -> String {
     "default".into()
 }
 
+fn default_namespaces() -> Vec<String> {
+    vec![default_namespace()]
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -131,6 +255,9 @@ impl Default for Config {
             backend: BackendSection::default(),
             tls: TlsSection::default(),
             auth: AuthSection::default(),
+            tenants: Vec::new(),
+            encryption: EncryptionSection::default(),
+            admin: AdminSection::default(),
             plugins: PluginsSection::default(),
             listeners: vec![
                 ListenerConfig {
@@ -163,7 +290,24 @@ impl Default for AuthSection {
     fn default() -> Self {
         AuthSection {
             allow_anonymous: true,
+            anonymous_tenant: default_tenant(),
+            anonymous_namespace: default_namespace(),
             users: Vec::new(),
+            token_secret: None,
+            token_secret_file: None,
+            token_public_key_file: None,
+            token_private_key_file: None,
+            superuser_role: "magnetar-gateway".into(),
+            failures_before_delay: 3,
+        }
+    }
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8081))),
+            token: None,
         }
     }
 }
@@ -217,6 +361,9 @@ impl Config {
         if self.plugins.event_deadline_ms == 0 {
             return Err("key `plugins.event_deadline_ms`: must be at least 1".into());
         }
+        if self.tls.require_client_cert && self.tls.client_ca.is_none() {
+            return Err("key `tls.require_client_cert`: needs `tls.client_ca`".into());
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err("keys `tls.cert` and `tls.key`: set both or neither".into());
         }
@@ -229,6 +376,44 @@ impl Config {
             if u.name.is_empty() {
                 return Err(format!("key `auth.users[{i}].name`: must not be empty"));
             }
+            if u.password.is_some() && u.password_hash.is_some() {
+                return Err(format!(
+                    "keys `auth.users[{i}].password` and `password_hash`: set one, not both"
+                ));
+            }
+            if u.name == self.auth.superuser_role {
+                return Err(format!(
+                    "key `auth.users[{i}].name`: {:?} is the superuser role",
+                    u.name
+                ));
+            }
+            for (what, name) in [("tenant", &u.tenant), ("namespace", &u.namespace)] {
+                crate::tenancy::validate_segment(name)
+                    .map_err(|e| format!("key `auth.users[{i}].{what}`: {e}"))?;
+            }
+        }
+        let mut tenants = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            crate::tenancy::validate_segment(&t.name)
+                .map_err(|e| format!("key `tenants[{i}].name`: {e}"))?;
+            if !tenants.insert(&t.name) {
+                return Err(format!(
+                    "key `tenants[{i}].name`: tenant {:?} is listed twice",
+                    t.name
+                ));
+            }
+            for ns in &t.namespaces {
+                crate::tenancy::validate_segment(ns)
+                    .map_err(|e| format!("key `tenants[{i}].namespaces`: {e}"))?;
+            }
+        }
+        let keys = [
+            self.auth.token_secret.is_some(),
+            self.auth.token_secret_file.is_some(),
+            self.auth.token_public_key_file.is_some() || self.auth.token_private_key_file.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() > 1 {
+            return Err("keys `auth.token_secret`, `auth.token_secret_file` and `auth.token_*_key_file`: set one kind of token key".into());
         }
         Ok(())
     }

@@ -1,22 +1,30 @@
-//! One client connection: its socket tasks, its output queue, and its backpressure.
+//! One client connection: its socket task, its output queue, and its backpressure.
 //!
-//! The host owns the socket; the plugin only sees bytes. A connection is two halves:
-//! - the reader reads into a fresh buffer, hands the bytes to the connection's plugin worker
-//!   as an event (a `Bytes`, no copy), and waits before the next read while the connection is
-//!   congested — its output queue over [`HIGH_WATER`] bytes (a slow reader on the other end)
-//!   or too many backend operations in flight — so one slow client holds back only itself;
-//! - the writer drains the output queue: chunks the plugin passed to `send`, each already an
-//!   owned host buffer, written without another copy.
+//! The host owns the socket; the plugin only sees bytes. One task serves a connection and owns
+//! its stream, plain TCP or TLS over TCP ([`Transport`]):
+//! - reads are readiness-based: the task waits for the TCP socket to become readable while
+//!   holding no buffer, then reads into a fresh buffer that leaves with the bytes as an event
+//!   (a `Bytes`, no copy). An idle connection therefore holds no read buffer — what keeps
+//!   10,000 idle TLS connections at a few KiB each. While the connection is congested — its
+//!   output queue over [`HIGH_WATER`] bytes (a slow reader on the other end) or its plugin
+//!   busy with backend operations (see [`ConnShared::input_open`]) — it does not read, so one
+//!   slow client holds back only itself;
+//! - writes drain the output queue: the chunks the plugin passed to `send` (each already an
+//!   owned host buffer) go out together in one vectored write — over TLS, one record for many
+//!   small packets — and a full socket is waited on by readiness, never by blocking reads.
 //!
-//! [`ConnShared`] is what the worker thread and the tasks share; its locks are never held
+//! [`ConnShared`] is what the worker thread and the task share; its locks are never held
 //! across an `.await`.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Ready};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -26,8 +34,30 @@ use crate::plugin_host::{Event, WorkerHandle};
 pub const HIGH_WATER: usize = 1 << 20;
 /// Backend operations in flight above which the connection stops reading.
 pub const MAX_INFLIGHT: usize = 1024;
-/// Size of one socket read.
-const READ_CHUNK: usize = 8 * 1024;
+/// Size of one socket read (the buffer exists only while bytes are being read).
+const READ_CHUNK: usize = 32 * 1024;
+/// Most output chunks given to one vectored write.
+const MAX_IOV: usize = 64;
+/// Time the gateway gives a closing connection to flush what the plugin queued.
+const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A stream a connection task can wait on by readiness: plain TCP, or TLS over TCP.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The TCP socket underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
 
 /// State shared by a connection's tasks and its plugin worker.
 #[derive(Default)]
@@ -35,6 +65,10 @@ pub struct ConnShared {
     out: Mutex<VecDeque<Bytes>>,
     queued: AtomicUsize,
     inflight: AtomicUsize,
+    /// The most backend operations this connection ever had in flight.
+    inflight_peak: AtomicUsize,
+    /// Bytes read and handed to the worker that the plugin has not been given yet.
+    unconsumed: AtomicUsize,
     /// Wakes the writer.
     out_ready: Notify,
     /// Wakes whoever waits for the connection to be uncongested.
@@ -75,13 +109,22 @@ impl ConnShared {
 
     /// A backend operation started.
     pub fn op_started(&self) {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let now = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.inflight_peak.fetch_max(now, Ordering::Relaxed);
     }
 
     /// A backend operation finished.
     pub fn op_finished(&self) {
         let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
-        if before == MAX_INFLIGHT + 1 || before <= 1 {
+        let peak = self.inflight_peak.load(Ordering::Relaxed);
+        if !input_open(before, peak) && input_open(before.saturating_sub(1), peak) {
+            self.relieved.notify_waiters();
+        }
+    }
+
+    /// The plugin was given `n` bytes read from the socket (and started what they asked for).
+    pub fn input_consumed(&self, n: usize) {
+        if self.unconsumed.fetch_sub(n, Ordering::Relaxed) == n {
             self.relieved.notify_waiters();
         }
     }
@@ -91,8 +134,15 @@ impl ConnShared {
         self.queued.load(Ordering::Relaxed) > HIGH_WATER
     }
 
+    /// Whether the connection must not read now: its output is congested, its last bytes
+    /// have not reached the plugin yet, or the plugin is busy (see [`input_open`]).
     fn congested(&self) -> bool {
-        self.output_congested() || self.inflight.load(Ordering::Relaxed) > MAX_INFLIGHT
+        self.output_congested()
+            || self.unconsumed.load(Ordering::Relaxed) > 0
+            || !input_open(
+                self.inflight.load(Ordering::Relaxed),
+                self.inflight_peak.load(Ordering::Relaxed),
+            )
     }
 
     /// Waits until the output queue has drained below the high-water mark.
@@ -112,76 +162,193 @@ impl ConnShared {
         }
     }
 
-    fn take_output(&self) -> VecDeque<Bytes> {
-        std::mem::take(&mut *self.out.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Moves the queued output to `into` (empty on entry), keeping the allocations apart.
+    fn take_output(&self, into: &mut VecDeque<Bytes>) {
+        std::mem::swap(
+            &mut *self.out.lock().unwrap_or_else(|p| p.into_inner()),
+            into,
+        );
+    }
+
+    /// `n` queued bytes reached the socket.
+    fn wrote(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::Relaxed);
+        if before > HIGH_WATER && before - n <= HIGH_WATER {
+            self.relieved.notify_waiters();
+        }
     }
 }
 
+/// Whether a connection with `inflight` backend operations in flight, and at most `peak` ever,
+/// may read more input for its plugin.
+///
+/// A plugin stops decoding input while it has as many operations in flight as its protocol
+/// allows (MQTT's `max_inflight`), and keeps what it was handed meanwhile in its own buffer,
+/// which the host cannot see. It can see the operations, though: while that buffer holds
+/// complete requests, the plugin starts one for every one that finishes, so the count stays at
+/// the plugin's cap, which is at least `peak`. Reading only while fewer than half of `peak` are
+/// in flight therefore hands new bytes to a plugin whose buffer has drained, and the backend's
+/// pace reaches the client's socket instead of piling up inside the plugin (until it gives
+/// up on the client). [`MAX_INFLIGHT`] bounds plugins without a cap of their own.
+fn input_open(inflight: usize, peak: usize) -> bool {
+    inflight == 0 || (inflight <= MAX_INFLIGHT && inflight * 2 < peak)
+}
+
+/// What woke the connection task.
+enum Wake {
+    Closing,
+    Output,
+    Socket(std::io::Result<Ready>),
+    ReadAgain,
+    Relieved,
+}
+
 /// Serves one accepted connection until either side ends it, then tells the worker.
-pub async fn run<S>(stream: S, conn: u64, shared: std::sync::Arc<ConnShared>, worker: WorkerHandle)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, wr) = tokio::io::split(stream);
-    let writer = tokio::spawn(write_loop(wr, shared.clone()));
+pub async fn run<S: Transport>(
+    mut stream: S,
+    conn: u64,
+    shared: std::sync::Arc<ConnShared>,
+    worker: WorkerHandle,
+) {
+    // Output taken from the shared queue and not yet accepted by the socket.
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let mut flushed = true;
+    // The last read filled its buffer: more may be buffered (by TLS) without the socket
+    // becoming readable again.
+    let mut read_again = false;
     let reason = loop {
-        shared.wait_while(|s| s.congested()).await;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let read = tokio::select! {
-            r = rd.read_buf(&mut buf) => r,
-            _ = shared.closed() => break "closed by the gateway".to_string(),
+        let relieved = shared.relieved.notified();
+        tokio::pin!(relieved);
+        relieved.as_mut().enable();
+        let reading = !shared.congested();
+        let mut interest = None;
+        if reading && !read_again {
+            interest = Some(Interest::READABLE);
+        }
+        if !flushed {
+            interest = Some(interest.map_or(Interest::WRITABLE, |i| i | Interest::WRITABLE));
+        }
+        let wake = tokio::select! {
+            biased;
+            _ = shared.closed() => Wake::Closing,
+            _ = shared.out_ready.notified() => Wake::Output,
+            ready = ready(stream.tcp(), interest) => Wake::Socket(ready),
+            _ = std::future::ready(()), if reading && read_again => Wake::ReadAgain,
+            _ = relieved, if !reading => Wake::Relieved,
         };
-        match read {
-            Ok(0) => break "closed by the peer".to_string(),
-            Ok(_) => {
-                if worker
-                    .send(Event::Data {
-                        conn,
-                        data: buf.freeze(),
-                    })
-                    .await
-                    .is_err()
-                {
+        let readable = match wake {
+            Wake::Closing => break "closed by the gateway".to_string(),
+            Wake::Output | Wake::Relieved => false,
+            Wake::ReadAgain => true,
+            Wake::Socket(Err(e)) => break format!("socket error: {e}"),
+            Wake::Socket(Ok(r)) => r.is_readable() || r.is_read_closed(),
+        };
+        match write_ready(&mut stream, &mut pending, &shared) {
+            Ok(done) => flushed = done,
+            Err(e) => break format!("write error: {e}"),
+        }
+        if !(readable && reading) {
+            continue;
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        match stream.read_buf(&mut buf).now_or_never() {
+            // Not readable after all (or TLS wants more of a record): wait for readiness.
+            None => read_again = false,
+            Some(Ok(0)) => break "closed by the peer".to_string(),
+            Some(Ok(n)) => {
+                read_again = n == READ_CHUNK;
+                // No more reading until the plugin had these (and started what they ask).
+                shared.unconsumed.fetch_add(n, Ordering::Relaxed);
+                let event = Event::Data {
+                    conn,
+                    data: buf.freeze(),
+                    shared: shared.clone(),
+                };
+                if worker.send(event).await.is_err() {
                     break "plugin worker stopped".to_string();
                 }
             }
-            Err(e) => break format!("read error: {e}"),
+            Some(Err(e)) => break format!("read error: {e}"),
         }
     };
     shared.close();
-    // The writer flushes what the plugin queued (e.g. a final error packet), within bounds.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // Flush what the plugin queued (e.g. a final error packet), within bounds.
+    let _ = tokio::time::timeout(
+        FLUSH_ON_CLOSE,
+        flush_and_shutdown(&mut stream, &mut pending, &shared),
+    )
+    .await;
     tracing::debug!(conn, %reason, "connection ended");
     let _ = worker.send(Event::Closed { conn }).await;
 }
 
-async fn write_loop<W: AsyncWrite>(wr: W, shared: std::sync::Arc<ConnShared>) {
-    tokio::pin!(wr);
+/// Waits until the socket is ready for `interest`; never, without one.
+async fn ready(tcp: &TcpStream, interest: Option<Interest>) -> std::io::Result<Ready> {
+    match interest {
+        Some(i) => tcp.ready(i).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes queued output until it is all written and flushed (`Ok(true)`) or the socket
+/// would block (`Ok(false)`; the caller waits for it to be writable).
+fn write_ready<S: Transport>(
+    stream: &mut S,
+    pending: &mut VecDeque<Bytes>,
+    shared: &ConnShared,
+) -> std::io::Result<bool> {
     loop {
-        let chunks = shared.take_output();
-        if chunks.is_empty() {
-            if shared.is_closing() {
+        if pending.is_empty() {
+            shared.take_output(pending);
+        }
+        if pending.is_empty() {
+            return match stream.flush().now_or_never() {
+                None => Ok(false),
+                Some(r) => r.map(|()| true),
+            };
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_IOV];
+        let count = pending.len().min(MAX_IOV);
+        for (slot, chunk) in slices.iter_mut().zip(pending.iter()) {
+            *slot = IoSlice::new(chunk);
+        }
+        let written = match stream.write_vectored(&slices[..count]).now_or_never() {
+            None => return Ok(false),
+            Some(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Some(r) => r?,
+        };
+        shared.wrote(written);
+        let mut left = written;
+        while left > 0 {
+            let Some(front) = pending.front_mut() else {
                 break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                pending.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
             }
-            shared.out_ready.notified().await;
-            continue;
-        }
-        let mut written = 0;
-        for chunk in chunks {
-            written += chunk.len();
-            if wr.write_all(&chunk).await.is_err() {
-                shared.close();
-                return;
-            }
-        }
-        if wr.flush().await.is_err() {
-            shared.close();
-            return;
-        }
-        let before = shared.queued.fetch_sub(written, Ordering::Relaxed);
-        if before > HIGH_WATER && before - written <= HIGH_WATER {
-            shared.relieved.notify_waiters();
         }
     }
-    let _ = wr.shutdown().await;
+}
+
+async fn flush_and_shutdown<S: Transport>(
+    stream: &mut S,
+    pending: &mut VecDeque<Bytes>,
+    shared: &ConnShared,
+) -> std::io::Result<()> {
+    loop {
+        if pending.is_empty() {
+            shared.take_output(pending);
+        }
+        let Some(chunk) = pending.pop_front() else {
+            break;
+        };
+        stream.write_all(&chunk).await?;
+        shared.wrote(chunk.len());
+    }
+    stream.flush().await?;
+    stream.shutdown().await
 }

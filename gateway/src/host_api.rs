@@ -13,28 +13,34 @@
 //! Nothing before a successful `authenticate` reaches the backend, and every name the plugin
 //! uses is placed in the principal's namespace (see `tenancy`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use wasmtime::component::ResourceTable;
 use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::backend::{Backend, OutMessage, SubscribeOptions};
+use crate::config::ActionName;
 use crate::connection::ConnShared;
+use crate::crypto::KeyRing;
 use crate::kv::{Kv, KV_TOPIC};
 use crate::plugin_host::bindings::magnetar::plugin::{host, types};
 use crate::plugin_host::Event;
+use crate::quota::{Gauge, Meters, Quotas};
 use crate::tenancy::{self, Credentials, Principal, Tenancy};
 
 use types::{ErrorKind, OpError};
 
 /// Operations queued per connection before `publish` fails fast with `quota-exceeded`.
 const OPS_QUEUE: usize = 4096;
+/// How long a connection's operations task outlives its last operation: an idle connection
+/// holds no task and no queue memory.
+const OPS_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -49,6 +55,51 @@ pub struct Services {
     pub backend: Arc<Backend>,
     pub tenancy: Arc<Tenancy>,
     pub kv: Arc<Kv>,
+    /// Keys claimed by connections (`claim`) and delayed wills, across all instances.
+    pub claims: Claims,
+    /// Tenants' data keys: payloads of encrypting tenants are sealed at rest.
+    pub keys: Arc<KeyRing>,
+    /// Rate limits, connection and subscription limits, usage.
+    pub quotas: Arc<Quotas>,
+}
+
+impl Services {
+    /// Seals a message's payload if the tenant of `topic` (a full URL) encrypts at rest.
+    pub fn seal(&self, topic: &str, msg: &mut OutMessage) -> Result<(), OpError> {
+        let Some(tenant) = tenancy::tenant_of(topic) else {
+            return Ok(());
+        };
+        if !self.tenancy.encrypts(tenant) {
+            return Ok(());
+        }
+        let (sealed, key) = self.keys.seal(tenant, &msg.payload).map_err(|e| {
+            tracing::error!(tenant, error = %e, "cannot seal a payload");
+            op_error(ErrorKind::Internal, "encryption at rest failed")
+        })?;
+        msg.payload = sealed;
+        msg.properties
+            .insert(crate::crypto::KEY_PROPERTY.to_string(), key);
+        Ok(())
+    }
+
+    /// Opens a delivered payload that was sealed at rest (its properties name the key); the
+    /// key property is removed. Plaintext payloads pass through.
+    pub fn unseal(
+        &self,
+        topic: &str,
+        properties: &mut Vec<types::Property>,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, crate::crypto::CryptoError> {
+        let Some(i) = properties
+            .iter()
+            .position(|p| p.key == crate::crypto::KEY_PROPERTY)
+        else {
+            return Ok(payload);
+        };
+        let key = properties.remove(i).value;
+        let tenant = tenancy::tenant_of(topic).unwrap_or_default();
+        self.keys.open(tenant, &key, &payload)
+    }
 }
 
 /// A backend operation of one connection, run in issue order.
@@ -57,6 +108,8 @@ enum Op {
         token: u64,
         topic: String,
         msg: OutMessage,
+        /// Held back until then by a publish-rate quota.
+        not_before: Option<std::time::Instant>,
     },
     KvGet {
         token: u64,
@@ -69,6 +122,36 @@ enum Op {
         key: String,
         value: Option<Vec<u8>>,
     },
+    KvScan {
+        token: u64,
+        topic: String,
+        /// The host's per-plugin key prefix, stripped from the keys found.
+        plugin_prefix: String,
+        prefix: String,
+        start_after: Option<String>,
+        limit: usize,
+    },
+}
+
+/// A connection's backend operations waiting to run, in issue order.
+#[derive(Default)]
+struct OpsQueue {
+    state: std::sync::Mutex<OpsState>,
+    /// Wakes the running task when an operation is queued.
+    added: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OpsState {
+    ops: std::collections::VecDeque<Op>,
+    /// A task is running the operations (there is never more than one).
+    running: bool,
+}
+
+impl OpsQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpsState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A command to a subscription's delivery task.
@@ -81,8 +164,22 @@ enum SubCmd {
 struct ConnSlot {
     shared: Arc<ConnShared>,
     principal: Option<Principal>,
-    ops: mpsc::Sender<Op>,
+    /// The client's address, for rate-limiting failed authentication.
+    peer: Option<std::net::IpAddr>,
+    /// The operations queue, made by the first operation (`queue_op`); its task runs only
+    /// while there is work.
+    ops: Option<Arc<OpsQueue>>,
     subs: HashMap<u64, mpsc::Sender<SubCmd>>,
+    /// The last will to publish when the connection ends (`set-will`).
+    will: Option<PendingWill>,
+    /// Keys this connection claimed (`claim`), in `Claims` form.
+    claims: Vec<String>,
+    /// Its tenant's and user's quotas, once authenticated (holding one connection).
+    meters: Option<Meters>,
+    /// A SCRAM exchange waiting for the client's final message.
+    sasl: Option<crate::sasl::ScramPending>,
+    /// Common name of the client certificate verified at the TLS handshake.
+    client_cert: Option<String>,
 }
 
 /// The store data of one instance.
@@ -142,24 +239,27 @@ impl HostState {
         &mut self.limits
     }
 
-    /// Registers a new connection and starts its ordered operations task.
-    pub fn open(&mut self, conn: u64, shared: Arc<ConnShared>) {
-        let (ops, rx) = mpsc::channel(OPS_QUEUE);
-        let task = run_ops(
-            conn,
-            rx,
-            self.services.clone(),
-            self.events.clone(),
-            shared.clone(),
-        );
-        self.runtime.spawn(task);
+    /// Registers a new connection (its operations task starts with its first operation).
+    pub fn open(
+        &mut self,
+        conn: u64,
+        shared: Arc<ConnShared>,
+        peer: Option<std::net::IpAddr>,
+        client_cert: Option<String>,
+    ) {
         self.conns.insert(
             conn,
             ConnSlot {
                 shared,
                 principal: None,
-                ops,
+                meters: None,
+                sasl: None,
+                client_cert,
+                peer,
+                ops: None,
                 subs: HashMap::new(),
+                will: None,
+                claims: Vec::new(),
             },
         );
     }
@@ -170,13 +270,56 @@ impl HostState {
 
     /// Drops a connection's state: its operations and subscriptions end with it.
     pub fn forget(&mut self, conn: u64) {
-        self.conns.remove(&conn);
+        if let Some(slot) = self.conns.remove(&conn) {
+            self.ended(conn, slot);
+        }
     }
 
     /// Closes every connection of this instance (it trapped).
     pub fn close_all(&mut self) {
-        for (_, slot) in self.conns.drain() {
+        let conns: Vec<_> = self.conns.drain().collect();
+        for (conn, slot) in conns {
             slot.shared.close();
+            self.ended(conn, slot);
+        }
+    }
+
+    /// A connection is gone: its claims are released and its will, if any, is published.
+    fn ended(&self, conn: u64, slot: ConnSlot) {
+        if let Some(m) = &slot.meters {
+            m.release(Gauge::Connections);
+        }
+        let services = &self.services;
+        let mut claims = services.claims.lock();
+        // Taken over: another connection holds one of this one's keys, so its session lives on.
+        let mut resumed = false;
+        for key in &slot.claims {
+            match claims.holders.get(key) {
+                Some(h) if h.conn == conn => {
+                    claims.holders.remove(key);
+                }
+                Some(_) => resumed = true,
+                None => {}
+            }
+        }
+        let Some(will) = slot.will else { return };
+        if will.delay_ms == 0 {
+            self.runtime
+                .spawn(publish_will(services.clone(), will, None));
+        } else if !resumed {
+            claims.next_will += 1;
+            let serial = claims.next_will;
+            let keys = slot.claims.clone();
+            let task = self.runtime.spawn(publish_will(
+                services.clone(),
+                will,
+                Some((serial, keys.clone())),
+            ));
+            for key in keys {
+                claims
+                    .delayed_wills
+                    .insert(key, (serial, task.abort_handle()));
+            }
         }
     }
 
@@ -187,6 +330,30 @@ impl HostState {
         outcome: Result<Principal, OpError>,
     ) -> Option<Result<types::Principal, OpError>> {
         let slot = self.conns.get_mut(&conn)?;
+        let services = &self.services;
+        let outcome = outcome.and_then(|p| {
+            let tenant = services
+                .tenancy
+                .tenant(&p.tenant)
+                .ok_or_else(|| op_error(ErrorKind::NotAuthorized, "the tenant does not exist"))?;
+            let meters = services.quotas.meters(
+                &p.tenant,
+                tenant.limits,
+                &p.user,
+                services.tenancy.user_limits(&p.user),
+            );
+            if !meters.admit(Gauge::Connections) {
+                tracing::info!(conn, tenant = %p.tenant, user = %p.user, "connection limit reached");
+                return Err(op_error(
+                    ErrorKind::QuotaExceeded,
+                    "too many connections for this tenant or user",
+                ));
+            }
+            if let Some(old) = slot.meters.replace(meters) {
+                old.release(Gauge::Connections);
+            }
+            Ok(p)
+        });
         Some(outcome.map(|p| {
             let wire = types::Principal {
                 user: p.user.clone(),
@@ -214,6 +381,25 @@ impl HostState {
         }
     }
 
+    /// A full topic URL for a plugin's short name, checked, that the principal may use for
+    /// `action`.
+    fn authorized_topic(
+        &self,
+        conn: u64,
+        name: &str,
+        action: ActionName,
+    ) -> Result<String, OpError> {
+        let url = self.topic(conn, name)?;
+        let principal = self.principal(conn)?;
+        if !self.services.tenancy.authorize(principal, name, action) {
+            return Err(op_error(
+                ErrorKind::NotAuthorized,
+                format!("{} may not {action:?} on {name}", principal.user),
+            ));
+        }
+        Ok(url)
+    }
+
     /// A full topic URL for a plugin's short name, checked.
     fn topic(&self, conn: u64, name: &str) -> Result<String, OpError> {
         let principal = self.principal(conn)?;
@@ -231,27 +417,57 @@ impl HostState {
     }
 
     fn queue_op(&mut self, conn: u64, op: Op) {
-        let Some(slot) = self.conns.get(&conn) else {
+        let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };
+        let queue = slot.ops.get_or_insert_with(Default::default);
+        // Counted before the task can see (and finish) it.
         slot.shared.op_started();
-        if let Err(err) = slot.ops.try_send(op) {
-            slot.shared.op_finished();
-            let message = "too many operations in flight on this connection";
-            let event = match err.into_inner() {
-                Op::Publish { token, .. } => Event::PublishResult {
-                    conn,
-                    token,
-                    outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
-                },
-                Op::KvGet { token, .. } | Op::KvPut { token, .. } => Event::KvResult {
-                    conn,
-                    token,
-                    outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
-                },
-            };
-            self.complete(event);
+        let start = {
+            let mut state = queue.lock();
+            if state.ops.len() >= OPS_QUEUE {
+                drop(state);
+                slot.shared.op_finished();
+                return self.refuse_op(conn, op);
+            }
+            state.ops.push_back(op);
+            !std::mem::replace(&mut state.running, true)
+        };
+        if start {
+            let task = run_ops(
+                conn,
+                queue.clone(),
+                self.services.clone(),
+                self.events.clone(),
+                slot.shared.clone(),
+            );
+            self.runtime.spawn(task);
+        } else {
+            queue.added.notify_one();
         }
+    }
+
+    /// Fails an operation the connection's full queue refused.
+    fn refuse_op(&self, conn: u64, refused: Op) {
+        let message = "too many operations in flight on this connection";
+        let event = match refused {
+            Op::Publish { token, .. } => Event::PublishResult {
+                conn,
+                token,
+                outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
+            },
+            Op::KvGet { token, .. } | Op::KvPut { token, .. } => Event::KvResult {
+                conn,
+                token,
+                outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
+            },
+            Op::KvScan { token, .. } => Event::KvScanResult {
+                conn,
+                token,
+                outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
+            },
+        };
+        self.complete(event);
     }
 }
 
@@ -275,43 +491,65 @@ impl host::Host for HostState {
         if !self.knows(conn) {
             return;
         }
+        let client_cert = self.conns.get(&conn).and_then(|s| s.client_cert.clone());
         let creds = match creds {
-            types::Credentials::Anonymous => Credentials::Anonymous,
+            // A client that proved who it is with a certificate needs no other credentials.
+            types::Credentials::Anonymous => match client_cert {
+                Some(cn) => Credentials::Certificate(cn),
+                None => Credentials::Anonymous,
+            },
             types::Credentials::Password(up) => Credentials::Password {
                 user: up.user,
                 password: up.password,
             },
             types::Credentials::Token(t) => Credentials::Token(t),
         };
-        let outcome = self.services.tenancy.authenticate(&creds).map_err(|e| {
-            tracing::info!(plugin = %self.plugin, conn, error = %e, "authentication failed");
-            op_error(ErrorKind::NotAuthorized, "not authorized")
-        });
-        self.complete(Event::AuthResult {
-            conn,
-            token,
-            outcome,
+        let peer = self.conns.get(&conn).and_then(|s| s.peer);
+        let tenancy = self.services.tenancy.clone();
+        let events = self.events.clone();
+        let plugin = self.plugin.clone();
+        self.runtime.spawn(async move {
+            let outcome = tenancy.authenticate(creds, peer).await.map_err(|e| {
+                tracing::info!(%plugin, conn, ?peer, error = %e, "authentication failed");
+                op_error(ErrorKind::NotAuthorized, "not authorized")
+            });
+            let _ = events
+                .send(Event::AuthResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
         });
     }
 
     fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
-        match self.topic(conn, &msg.topic) {
+        let topic = self.authorized_topic(conn, &msg.topic, ActionName::Produce);
+        let bytes = msg.payload.len();
+        let mut out = OutMessage {
+            key: msg.key,
+            payload: msg.payload,
+            properties: msg
+                .properties
+                .into_iter()
+                .filter(|p| p.key != crate::crypto::KEY_PROPERTY)
+                .map(|p| (p.key, p.value))
+                .collect(),
+        };
+        match topic.and_then(|t| self.services.seal(&t, &mut out).map(|_| t)) {
             Ok(topic) => {
-                let out = OutMessage {
-                    key: msg.key,
-                    payload: msg.payload,
-                    properties: msg
-                        .properties
-                        .into_iter()
-                        .map(|p| (p.key, p.value))
-                        .collect(),
-                };
+                let not_before = self
+                    .conns
+                    .get(&conn)
+                    .and_then(|s| s.meters.as_ref())
+                    .and_then(|m| m.publish_at(bytes));
                 self.queue_op(
                     conn,
                     Op::Publish {
                         token,
                         topic,
                         msg: out,
+                        not_before,
                     },
                 );
             }
@@ -324,11 +562,13 @@ impl host::Host for HostState {
     }
 
     fn subscribe(&mut self, conn: u64, token: u64, spec: types::SubscriptionSpec) {
-        let topic = match self.topic(conn, &spec.topic).and_then(|t| {
-            tenancy::validate_name(&spec.name)
-                .map(|_| t)
-                .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))
-        }) {
+        let topic = match self
+            .authorized_topic(conn, &spec.topic, ActionName::Consume)
+            .and_then(|t| {
+                tenancy::validate_name(&spec.name)
+                    .map(|_| t)
+                    .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))
+            }) {
             Ok(t) => t,
             Err(e) => {
                 return self.complete(Event::SubscribeResult {
@@ -345,6 +585,20 @@ impl host::Host for HostState {
         let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };
+        let meters = slot.meters.clone();
+        if meters
+            .as_ref()
+            .is_some_and(|m| !m.admit(Gauge::Subscriptions))
+        {
+            return self.complete(Event::SubscribeResult {
+                conn,
+                token,
+                outcome: Err(op_error(
+                    ErrorKind::QuotaExceeded,
+                    "too many subscriptions for this tenant or user",
+                )),
+            });
+        }
         slot.subs.insert(sub, cmd_tx);
         let opts = SubscribeOptions {
             topic,
@@ -368,6 +622,8 @@ impl host::Host for HostState {
                 events: self.events.clone(),
                 shared: slot.shared.clone(),
                 backend: self.services.backend.clone(),
+                services: self.services.clone(),
+                meters,
             },
             opts,
             cmd_rx,
@@ -456,6 +712,199 @@ impl host::Host for HostState {
     fn now_ms(&mut self) -> u64 {
         now_ms()
     }
+
+    fn kv_scan(
+        &mut self,
+        conn: u64,
+        token: u64,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    ) {
+        match self.kv_topic(conn) {
+            Ok(topic) => {
+                let plugin_prefix = format!("{}/", self.plugin);
+                let op = Op::KvScan {
+                    token,
+                    topic,
+                    prefix: format!("{plugin_prefix}{prefix}"),
+                    start_after: start_after.map(|a| format!("{plugin_prefix}{a}")),
+                    plugin_prefix,
+                    limit: limit.clamp(1, KV_SCAN_MAX) as usize,
+                };
+                self.queue_op(conn, op)
+            }
+            Err(e) => self.complete(Event::KvScanResult {
+                conn,
+                token,
+                outcome: Err(e),
+            }),
+        }
+    }
+
+    fn set_will(&mut self, conn: u64, will: Option<types::Will>) {
+        let will = match will {
+            None => None,
+            Some(w) => match self.pending_will(conn, w) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(plugin = %self.plugin, conn, error = %e.message, "will refused");
+                    None
+                }
+            },
+        };
+        if let Some(slot) = self.conns.get_mut(&conn) {
+            slot.will = will;
+        }
+    }
+
+    fn sasl_mechanisms(&mut self) -> Vec<String> {
+        crate::sasl::MECHANISMS
+            .iter()
+            .map(|m| m.to_string())
+            .collect()
+    }
+
+    fn authenticate_sasl(&mut self, conn: u64, token: u64, mechanism: String, response: Vec<u8>) {
+        use crate::plugin_host::SaslStep;
+        use crate::sasl::{self, ScramHash};
+        let Some(slot) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let peer = slot.peer;
+        let pending = slot.sasl.take();
+        let tenancy = self.services.tenancy.clone();
+        let events = self.events.clone();
+        let plugin = self.plugin.clone();
+        let mech = mechanism.clone();
+        let refused = move |why: String| {
+            tracing::info!(%plugin, conn, ?peer, mechanism = %mech, error = %why, "SASL authentication failed");
+            op_error(ErrorKind::NotAuthorized, "not authorized")
+        };
+        let send = move |outcome: Result<SaslStep, OpError>| async move {
+            let _ = events
+                .send(Event::SaslResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
+        };
+        if mechanism == "PLAIN" {
+            let parsed = sasl::parse_plain(&response);
+            self.runtime.spawn(async move {
+                let outcome = match parsed {
+                    Ok((user, password)) => tenancy
+                        .authenticate(Credentials::Password { user, password }, peer)
+                        .await
+                        .map(|p| SaslStep::Success(p, Vec::new()))
+                        .map_err(|e| refused(e.to_string())),
+                    Err(e) => Err(refused(e.to_string())),
+                };
+                send(outcome).await;
+            });
+            return;
+        }
+        let Some(hash) = ScramHash::from_mechanism(&mechanism) else {
+            let e = refused(sasl::SaslError::Mechanism(mechanism.clone()).to_string());
+            self.runtime.spawn(send(Err(e)));
+            return;
+        };
+        match pending {
+            // The client's first message: answer with the server-first challenge.
+            None => {
+                match sasl::scram_first(hash, &response, |u| tenancy.scram_credential(u, hash)) {
+                    Ok((challenge, state)) => {
+                        slot.sasl = Some(state);
+                        self.runtime.spawn(send(Ok(SaslStep::Challenge(challenge))));
+                    }
+                    Err(e) => {
+                        let e = refused(e.to_string());
+                        self.runtime.spawn(send(Err(e)));
+                    }
+                }
+            }
+            // The client's final message: check the proof.
+            Some(state) => {
+                let checked = sasl::scram_final(&state, &response);
+                self.runtime.spawn(async move {
+                    tenancy.note_attempt(peer, checked.is_ok()).await;
+                    let outcome = match checked {
+                        Ok(final_data) => match tenancy.principal_of(state.user()) {
+                            Some(p) => Ok(SaslStep::Success(p, final_data)),
+                            None => Err(refused("the user was deleted".into())),
+                        },
+                        Err(e) => Err(refused(e.to_string())),
+                    };
+                    send(outcome).await;
+                });
+            }
+        }
+    }
+
+    fn claim(&mut self, conn: u64, token: u64, key: String) {
+        let full = match self.principal(conn) {
+            Ok(p) => format!("{}\0{}/{}\0{key}", self.plugin, p.tenant, p.namespace),
+            Err(e) => {
+                return self.complete(Event::ClaimResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
+        let Some(slot) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !slot.claims.contains(&full) {
+            slot.claims.push(full.clone());
+        }
+        let holder = ClaimHolder {
+            conn,
+            events: self.events.clone(),
+            shared: slot.shared.clone(),
+        };
+        let previous = {
+            let mut claims = self.services.claims.lock();
+            if let Some((_, delayed)) = claims.delayed_wills.remove(&full) {
+                delayed.abort();
+            }
+            claims.holders.insert(full, holder)
+        };
+        match previous {
+            Some(prev) if prev.conn != conn && !prev.shared.is_closing() => {
+                let events = self.events.clone();
+                self.runtime.spawn(async move {
+                    let _ = prev
+                        .events
+                        .send(Event::ClaimLost {
+                            conn: prev.conn,
+                            key,
+                        })
+                        .await;
+                    if tokio::time::timeout(CLAIM_GRACE, prev.shared.closed())
+                        .await
+                        .is_err()
+                    {
+                        prev.shared.close();
+                    }
+                    let outcome = Ok(());
+                    let _ = events
+                        .send(Event::ClaimResult {
+                            conn,
+                            token,
+                            outcome,
+                        })
+                        .await;
+                });
+            }
+            _ => self.complete(Event::ClaimResult {
+                conn,
+                token,
+                outcome: Ok(()),
+            }),
+        }
+    }
 }
 
 impl HostState {
@@ -463,54 +912,261 @@ impl HostState {
         let principal = self.principal(conn)?;
         Ok(tenancy::topic_url(principal, KV_TOPIC))
     }
+
+    /// A will resolved against the connection's principal, names checked.
+    fn pending_will(&self, conn: u64, w: types::Will) -> Result<PendingWill, OpError> {
+        // Checked and sealed now, like a `publish`: the same rules whenever it goes out.
+        let topic = self.authorized_topic(conn, &w.msg.topic, ActionName::Produce)?;
+        let kv = match w.kv {
+            Some(write) => Some((
+                self.kv_topic(conn)?,
+                format!("{}/{}", self.plugin, write.key),
+                write.value,
+            )),
+            None => None,
+        };
+        let mut msg = OutMessage {
+            key: w.msg.key,
+            payload: w.msg.payload,
+            properties: w
+                .msg
+                .properties
+                .into_iter()
+                .filter(|p| p.key != crate::crypto::KEY_PROPERTY)
+                .map(|p| (p.key, p.value))
+                .collect(),
+        };
+        self.services.seal(&topic, &mut msg)?;
+        Ok(PendingWill {
+            topic,
+            msg,
+            kv,
+            delay_ms: w.delay_ms,
+        })
+    }
 }
 
-/// Runs a connection's backend operations in issue order, many in flight.
+/// Most entries one `kv-scan` returns.
+const KV_SCAN_MAX: u32 = 1000;
+/// How long an earlier holder of a claimed key has to close before the host closes it.
+const CLAIM_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A will, resolved: full topic URLs and the host's kv key.
+struct PendingWill {
+    topic: String,
+    msg: OutMessage,
+    /// (kv topic, kv key, value) written before the publish.
+    kv: Option<(String, String, Option<Vec<u8>>)>,
+    delay_ms: u64,
+}
+
+/// Who holds a claimed key.
+struct ClaimHolder {
+    conn: u64,
+    events: mpsc::Sender<Event>,
+    shared: Arc<ConnShared>,
+}
+
+/// The keys connections of this process claimed (`claim`), and the delayed wills a new claim
+/// cancels. Keys are `<plugin>\0<tenant>/<namespace>\0<key>`. One lock, never held across an
+/// `.await`.
+#[derive(Default)]
+pub struct Claims {
+    inner: std::sync::Mutex<ClaimsInner>,
+}
+
+#[derive(Default)]
+struct ClaimsInner {
+    holders: HashMap<String, ClaimHolder>,
+    /// Delayed wills of ended connections by claim key: (serial, task).
+    delayed_wills: HashMap<String, (u64, tokio::task::AbortHandle)>,
+    next_will: u64,
+}
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClaimsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Publishes a will (after its delay): the kv write first, then the message. `delayed`
+/// names the entries to remove from `Claims::delayed_wills` once it ran.
+async fn publish_will(
+    services: Arc<Services>,
+    will: PendingWill,
+    delayed: Option<(u64, Vec<String>)>,
+) {
+    if will.delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(will.delay_ms)).await;
+    }
+    if let Some((serial, keys)) = delayed {
+        let mut claims = services.claims.lock();
+        for key in keys {
+            if claims
+                .delayed_wills
+                .get(&key)
+                .is_some_and(|(s, _)| *s == serial)
+            {
+                claims.delayed_wills.remove(&key);
+            }
+        }
+    }
+    if let Some((topic, key, value)) = will.kv {
+        if let Err(e) = services.kv.put(&topic, &key, value).await {
+            tracing::warn!(error = %e, "will: kv write failed");
+        }
+    }
+    let mut msg = will.msg;
+    if let Err(e) = services.seal(&will.topic, &mut msg) {
+        tracing::warn!(topic = %will.topic, error = %e.message, "will not published");
+        return;
+    }
+    let stored = match services.backend.enqueue(&will.topic, msg).await {
+        Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match stored {
+        Ok(()) => tracing::debug!(topic = %will.topic, "will published"),
+        Err(e) => tracing::warn!(topic = %will.topic, error = %e, "will not published"),
+    }
+}
+
+/// Runs a connection's backend operations in issue order, many in flight. Ends after
+/// [`OPS_LINGER`] with nothing queued and nothing in flight (the connection may be gone by
+/// then: what it queued still ran); the next operation starts a new task.
 async fn run_ops(
     conn: u64,
-    mut rx: mpsc::Receiver<Op>,
+    queue: Arc<OpsQueue>,
     services: Arc<Services>,
     events: mpsc::Sender<Event>,
     shared: Arc<ConnShared>,
 ) {
     let mut receipts = FuturesOrdered::new();
+    let idle = tokio::time::sleep(OPS_LINGER);
+    tokio::pin!(idle);
     loop {
-        tokio::select! {
-            op = rx.recv() => {
-                let Some(op) = op else { break };
-                match op {
-                    Op::Publish { token, topic, msg } => {
-                        let sent = services.backend.enqueue(&topic, msg).await;
-                        receipts.push_back(async move {
-                            let outcome = match sent {
-                                Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| {
-                                    op_error(ErrorKind::Backend, format!("storing on {topic}: {e}"))
-                                }),
-                                Err(e) => Err(op_error(ErrorKind::Backend, e.to_string())),
-                            };
-                            Event::PublishResult { conn, token, outcome }
-                        });
-                    }
-                    Op::KvGet { token, topic, key } => {
-                        let outcome = services.kv.get(&topic, &key).await.map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
-                        shared.op_finished();
-                        let _ = events.send(Event::KvResult { conn, token, outcome }).await;
-                    }
-                    Op::KvPut { token, topic, key, value } => {
-                        let outcome = services.kv.put(&topic, &key, value).await.map(|_| None).map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
-                        shared.op_finished();
-                        let _ = events.send(Event::KvResult { conn, token, outcome }).await;
+        // Receipts already in: their events are due before more work starts.
+        while let Some(Some(event)) = receipts.next().now_or_never() {
+            shared.op_finished();
+            let _ = events.send(event).await;
+        }
+        let next = queue.lock().ops.pop_front();
+        let Some(op) = next else {
+            tokio::select! {
+                // A permit is kept when nobody waits: an operation queued since the check
+                // above wakes this at once.
+                () = queue.added.notified() => {}
+                Some(event) = receipts.next(), if !receipts.is_empty() => {
+                    shared.op_finished();
+                    let _ = events.send(event).await;
+                }
+                () = &mut idle, if receipts.is_empty() => {
+                    let mut state = queue.lock();
+                    if state.ops.is_empty() {
+                        state.running = false;
+                        state.ops = Default::default();
+                        return;
                     }
                 }
             }
-            Some(event) = receipts.next(), if !receipts.is_empty() => {
+            continue;
+        };
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + OPS_LINGER);
+        match op {
+            Op::Publish {
+                token,
+                topic,
+                msg,
+                not_before,
+            } => {
+                if let Some(at) = not_before {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let sent = services.backend.enqueue(&topic, msg).await;
+                receipts.push_back(async move {
+                    let outcome = match sent {
+                        Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| {
+                            op_error(ErrorKind::Backend, format!("storing on {topic}: {e}"))
+                        }),
+                        Err(e) => Err(op_error(ErrorKind::Backend, e.to_string())),
+                    };
+                    Event::PublishResult {
+                        conn,
+                        token,
+                        outcome,
+                    }
+                });
+            }
+            Op::KvGet { token, topic, key } => {
+                let outcome = services
+                    .kv
+                    .get(&topic, &key)
+                    .await
+                    .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
                 shared.op_finished();
-                let _ = events.send(event).await;
+                let _ = events
+                    .send(Event::KvResult {
+                        conn,
+                        token,
+                        outcome,
+                    })
+                    .await;
+            }
+            Op::KvScan {
+                token,
+                topic,
+                plugin_prefix,
+                prefix,
+                start_after,
+                limit,
+            } => {
+                let outcome = services
+                    .kv
+                    .scan(&topic, &prefix, start_after.as_deref(), limit)
+                    .await
+                    .map(|found| {
+                        found
+                            .into_iter()
+                            .map(|(key, value)| types::KvEntry {
+                                key: key.strip_prefix(&plugin_prefix).unwrap_or(&key).to_string(),
+                                value,
+                            })
+                            .collect()
+                    })
+                    .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
+                shared.op_finished();
+                let _ = events
+                    .send(Event::KvScanResult {
+                        conn,
+                        token,
+                        outcome,
+                    })
+                    .await;
+            }
+            Op::KvPut {
+                token,
+                topic,
+                key,
+                value,
+            } => {
+                let outcome = services
+                    .kv
+                    .put(&topic, &key, value)
+                    .await
+                    .map(|_| None)
+                    .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
+                shared.op_finished();
+                let _ = events
+                    .send(Event::KvResult {
+                        conn,
+                        token,
+                        outcome,
+                    })
+                    .await;
             }
         }
     }
-    // The connection is gone; its in-flight publishes still complete at the backend.
-    while let Some(_event) = receipts.next().await {}
 }
 
 /// What a subscription's delivery task needs.
@@ -522,6 +1178,20 @@ struct SubTask {
     events: mpsc::Sender<Event>,
     shared: Arc<ConnShared>,
     backend: Arc<Backend>,
+    services: Arc<Services>,
+    /// Quotas the subscription counts against (released when it ends).
+    meters: Option<Meters>,
+}
+
+/// Holds one subscription of a quota until the subscription's task ends.
+struct SubscriptionCount(Option<Meters>);
+
+impl Drop for SubscriptionCount {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.release(Gauge::Subscriptions);
+        }
+    }
 }
 
 /// Opens a consumer, reports the outcome, then delivers until the subscription or its
@@ -535,7 +1205,10 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
         events,
         shared,
         backend,
+        services,
+        meters,
     } = t;
+    let _counted = SubscriptionCount(meters.clone());
     let mut consumer = match backend.subscribe(&opts).await {
         Ok(c) => c,
         Err(e) => {
@@ -562,46 +1235,97 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
     {
         return;
     }
-    let mut outstanding: HashMap<u64, (String, pulsar::proto::MessageIdData)> = HashMap::new();
+    // Unacknowledged deliveries by delivery id (= arrival order).
+    let mut outstanding: BTreeMap<u64, (String, pulsar::proto::MessageIdData)> = BTreeMap::new();
+    // Exclusive and Failover subscriptions have one active consumer reading in order, so a
+    // run of acknowledged messages below every unacknowledged one is one cumulative ack.
+    let cumulative = matches!(
+        opts.sub_type,
+        pulsar::SubType::Exclusive | pulsar::SubType::Failover
+    );
     let mut next_delivery: u64 = 1;
     let mut delete = false;
+    let mut acked = Vec::new();
     loop {
-        let can_deliver = outstanding.len() < max_unacked;
+        let room = max_unacked.saturating_sub(outstanding.len());
         tokio::select! {
             biased;
-            cmd = cmds.recv() => match cmd {
-                Some(SubCmd::Ack(id)) => {
-                    if let Some((topic, msg_id)) = outstanding.remove(&id) {
-                        if let Err(e) = consumer.ack_with_id(&topic, msg_id).await {
-                            tracing::warn!(conn, error = %e, "ack failed");
+            cmd = cmds.recv() => {
+                // Take every command already queued: the plugin's acks arrive one host call
+                // at a time and leave in one batch.
+                let mut stop = cmd.is_none();
+                let mut next = cmd;
+                while let Some(c) = next.take() {
+                    match c {
+                        SubCmd::Ack(id) => acked.extend(outstanding.remove(&id)),
+                        SubCmd::Close { delete: d } => {
+                            delete = d;
+                            stop = true;
+                            break;
                         }
                     }
+                    next = cmds.try_recv().ok();
                 }
-                Some(SubCmd::Close { delete: d }) => { delete = d; break; }
-                None => break,
+                if let Err(e) = ack_batch(&mut consumer, &mut acked, &outstanding, cumulative).await {
+                    tracing::warn!(conn, error = %e, "ack failed");
+                }
+                if stop {
+                    break;
+                }
             },
             _ = shared.closed() => break,
-            msg = consumer.next(), if can_deliver => {
-                let mut msg = match msg {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => { tracing::warn!(conn, error = %e, "consumer failed"); break; }
-                    None => break,
-                };
+            msg = consumer.next(), if room > 0 => {
+                // The first message, then every one the consumer already holds, up to the
+                // room left: one event to the worker for the lot.
+                let mut batch = Vec::new();
+                let mut next = Some(msg);
+                let mut ended = false;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Some(Ok(m)) => batch.push(m),
+                        Some(Err(e)) => { tracing::warn!(conn, error = %e, "consumer failed"); ended = true; break; }
+                        None => { ended = true; break; }
+                    }
+                    if batch.len() < room.min(MAX_DELIVERY_BATCH) {
+                        next = consumer.next().now_or_never();
+                    }
+                }
                 shared.output_relieved().await;
-                let id = next_delivery;
-                next_delivery += 1;
-                let meta = &msg.payload.metadata;
-                let delivery = types::Delivery {
-                    subscription: sub,
-                    delivery_id: id,
-                    key: meta.partition_key.clone(),
-                    properties: meta.properties.iter().map(|kv| types::Property { key: kv.key.clone(), value: kv.value.clone() }).collect(),
-                    publish_time_ms: meta.publish_time,
-                    redelivery_count: 0,
-                    payload: std::mem::take(&mut msg.payload.data),
-                };
-                outstanding.insert(id, (msg.topic.clone(), msg.message_id.id.clone()));
-                if events.send(Event::Delivery { conn, delivery }).await.is_err() {
+                let mut deliveries = Vec::with_capacity(batch.len());
+                for mut msg in batch {
+                    let meta = &msg.payload.metadata;
+                    let mut properties: Vec<types::Property> = meta.properties.iter().map(|kv| types::Property { key: kv.key.clone(), value: kv.value.clone() }).collect();
+                    let payload = match services.unseal(&opts.topic, &mut properties, std::mem::take(&mut msg.payload.data)) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            // Shredded or damaged: nobody can ever read it; it must not block the rest.
+                            tracing::warn!(conn, topic = %opts.topic, error = %e, "dropping a message that does not decrypt");
+                            let _ = consumer.ack(&msg).await;
+                            continue;
+                        }
+                    };
+                    if let Some(m) = &meters {
+                        m.delivered(payload.len());
+                    }
+                    let id = next_delivery;
+                    next_delivery += 1;
+                    deliveries.push(types::Delivery {
+                        subscription: sub,
+                        delivery_id: id,
+                        key: meta.partition_key.clone(),
+                        properties,
+                        publish_time_ms: meta.publish_time,
+                        redelivery_count: 0,
+                        payload,
+                    });
+                    outstanding.insert(id, (msg.topic, msg.message_id.id));
+                }
+                if !deliveries.is_empty()
+                    && events.send(Event::Deliveries { conn, deliveries }).await.is_err()
+                {
+                    break;
+                }
+                if ended {
                     break;
                 }
             }
@@ -613,4 +1337,52 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
         }
     }
     let _ = consumer.close().await;
+}
+
+/// Most deliveries handed to the worker in one event.
+const MAX_DELIVERY_BATCH: usize = 256;
+
+/// Order of message ids within one topic.
+fn id_order(id: &pulsar::proto::MessageIdData) -> (u64, u64, i32) {
+    (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1))
+}
+
+/// Acknowledges `acked` (emptied) to the backend. With `cumulative`, the acknowledged
+/// messages below every still-unacknowledged one go as one cumulative ack at the highest of
+/// them; the others, and every message of a batch entry, go one by one.
+async fn ack_batch(
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+    acked: &mut Vec<(String, pulsar::proto::MessageIdData)>,
+    outstanding: &BTreeMap<u64, (String, pulsar::proto::MessageIdData)>,
+    cumulative: bool,
+) -> Result<(), pulsar::error::ConsumerError> {
+    let mut result = Ok(());
+    let mut upto: Option<(String, pulsar::proto::MessageIdData)> = None;
+    if cumulative {
+        let floor = outstanding.values().map(|(_, id)| id_order(id)).min();
+        let mut rest = Vec::new();
+        for (topic, id) in acked.drain(..) {
+            let below = floor.is_none_or(|f| id_order(&id) < f);
+            if below && id.batch_index.is_none() {
+                if upto
+                    .as_ref()
+                    .is_none_or(|(_, u)| id_order(u) < id_order(&id))
+                {
+                    upto = Some((topic, id));
+                }
+            } else {
+                rest.push((topic, id));
+            }
+        }
+        *acked = rest;
+    }
+    if let Some((topic, id)) = upto {
+        result = consumer.cumulative_ack_with_id(&topic, id).await;
+    }
+    for (topic, id) in acked.drain(..) {
+        if let Err(e) = consumer.ack_with_id(&topic, id).await {
+            result = Err(e);
+        }
+    }
+    result
 }

@@ -33,6 +33,8 @@ pub enum KvError {
     Receipt { topic: String, message: String },
     #[error("kv topic {topic} ended while loading")]
     Ended { topic: String },
+    #[error("kv encryption at rest: {0}")]
+    Crypto(String),
 }
 
 /// (ledger, entry, batch index): Pulsar's order of messages in one topic.
@@ -61,6 +63,29 @@ impl Space {
         let values = self.values.read().unwrap_or_else(|p| p.into_inner());
         values.get(key).and_then(|(_, v)| v.clone())
     }
+
+    /// Live entries under `prefix` after `start_after`, in key order, at most `limit`.
+    /// A full pass over the namespace's keys: fine for thousands of keys, a sorted index is
+    /// the next step when a namespace holds millions.
+    fn scan(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Vec<(String, Vec<u8>)> {
+        let values = self.values.read().unwrap_or_else(|p| p.into_inner());
+        let mut found: Vec<(&String, &Vec<u8>)> = values
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && start_after.is_none_or(|a| k.as_str() > a))
+            .filter_map(|(k, (_, v))| v.as_ref().map(|v| (k, v)))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        found
+            .into_iter()
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
 }
 
 /// The kv of every namespace this gateway has touched.
@@ -68,15 +93,38 @@ pub struct Kv {
     backend: Arc<Backend>,
     spaces: Mutex<HashMap<String, Arc<OnceCell<Arc<Space>>>>>,
     instance: String,
+    /// Seals values of encrypting tenants before they reach Pulsar, opens them on load.
+    at_rest: Option<AtRest>,
+}
+
+/// What the kv needs for encryption at rest.
+#[derive(Clone)]
+pub struct AtRest {
+    pub keys: Arc<crate::crypto::KeyRing>,
+    pub tenancy: Arc<crate::tenancy::Tenancy>,
+}
+
+impl AtRest {
+    fn seal(&self, topic: &str, value: &[u8]) -> Result<Option<(Vec<u8>, String)>, KvError> {
+        match crate::tenancy::tenant_of(topic) {
+            Some(t) if self.tenancy.encrypts(t) => self
+                .keys
+                .seal(t, value)
+                .map(Some)
+                .map_err(|e| KvError::Crypto(e.to_string())),
+            _ => Ok(None),
+        }
+    }
 }
 
 impl Kv {
-    pub fn new(backend: Arc<Backend>) -> Kv {
+    pub fn new(backend: Arc<Backend>, at_rest: Option<AtRest>) -> Kv {
         let instance = format!("{}-{}", std::process::id(), crate::host_api::now_ms());
         Kv {
             backend,
             spaces: Mutex::new(HashMap::new()),
             instance,
+            at_rest,
         }
     }
 
@@ -93,9 +141,16 @@ impl Kv {
             OP_PROPERTY.to_string(),
             if value.is_some() { "put" } else { "delete" }.to_string(),
         );
+        let mut payload = value.clone().unwrap_or_default();
+        if let (Some(at_rest), Some(v)) = (&self.at_rest, &value) {
+            if let Some((sealed, key_id)) = at_rest.seal(topic, v)? {
+                payload = sealed;
+                properties.insert(crate::crypto::KEY_PROPERTY.to_string(), key_id);
+            }
+        }
         let msg = OutMessage {
             key: Some(key.to_string()),
-            payload: value.clone().unwrap_or_default(),
+            payload,
             properties,
         };
         let receipt = self.backend.enqueue(topic, msg).await?;
@@ -111,6 +166,18 @@ impl Kv {
             );
         }
         Ok(())
+    }
+
+    /// Lists up to `limit` live entries whose keys start with `prefix`, after `start_after`,
+    /// in key order.
+    pub async fn scan(
+        &self,
+        topic: &str,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        Ok(self.space(topic).await?.scan(prefix, start_after, limit))
     }
 
     async fn space(&self, topic: &str) -> Result<Arc<Space>, KvError> {
@@ -165,15 +232,19 @@ impl Kv {
                 message: e.to_string(),
             })?;
             let _ = consumer.ack(&msg).await;
-            if apply_message(&space, &msg).as_deref() == Some(marker.as_str()) {
+            if apply_message(&space, &msg, self.at_rest.as_ref(), topic).as_deref()
+                == Some(marker.as_str())
+            {
                 break;
             }
         }
         let tail = space.clone();
+        let at_rest = self.at_rest.clone();
+        let topic = topic.to_string();
         tokio::spawn(async move {
             while let Some(Ok(msg)) = consumer.next().await {
                 let _ = consumer.ack(&msg).await;
-                apply_message(&tail, &msg);
+                apply_message(&tail, &msg, at_rest.as_ref(), &topic);
             }
         });
         Ok(space)
@@ -181,7 +252,12 @@ impl Kv {
 }
 
 /// Applies one kv message; returns the marker it carries, if it is one.
-fn apply_message(space: &Space, msg: &pulsar::consumer::Message<Vec<u8>>) -> Option<String> {
+fn apply_message(
+    space: &Space,
+    msg: &pulsar::consumer::Message<Vec<u8>>,
+    at_rest: Option<&AtRest>,
+    topic: &str,
+) -> Option<String> {
     let meta = msg.metadata();
     let prop = |name: &str| {
         meta.properties
@@ -197,7 +273,21 @@ fn apply_message(space: &Space, msg: &pulsar::consumer::Message<Vec<u8>>) -> Opt
     let at = (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1));
     let value = match prop(OP_PROPERTY).as_deref() {
         Some("delete") => None,
-        _ => Some(msg.payload.data.clone()),
+        _ => match (prop(crate::crypto::KEY_PROPERTY), at_rest) {
+            (None, _) => Some(msg.payload.data.clone()),
+            (Some(key_id), Some(at_rest)) => {
+                let tenant = crate::tenancy::tenant_of(topic).unwrap_or_default();
+                match at_rest.keys.open(tenant, &key_id, &msg.payload.data) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        // Shredded: the value is gone for good, like the tenant's messages.
+                        tracing::warn!(%topic, %key, error = %e, "kv value does not decrypt; treated as deleted");
+                        None
+                    }
+                }
+            }
+            (Some(_), None) => None,
+        },
     };
     space.apply(key, at, value);
     None

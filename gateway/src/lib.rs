@@ -6,12 +6,16 @@
 //! embedded broker (`magnetar-broker`) or a Pulsar cluster, through the same client code.
 #![forbid(unsafe_code)]
 
+/// The admin HTTP API: tenants, users, keys, usage, metrics.
+pub mod admin;
 /// The Pulsar backend: producers, consumers, one code path for embedded and cluster.
 pub mod backend;
 /// The configuration file and its defaults.
 pub mod config;
 /// One client connection: socket tasks, output buffer, backpressure.
 pub mod connection;
+/// Encryption at rest: tenants' data keys and sealed payloads.
+pub mod crypto;
 /// The host calls a plugin makes, carried out for one plugin instance.
 pub mod host_api;
 /// A small key-value store per namespace, kept in a Pulsar topic.
@@ -20,6 +24,10 @@ pub mod kv;
 pub mod listener;
 /// Loading plugins, worker threads, instance lifecycle and fault containment.
 pub mod plugin_host;
+/// Quotas and usage per tenant and user.
+pub mod quota;
+/// SASL PLAIN and SCRAM, run by the host for plugins.
+pub mod sasl;
 /// The running gateway: wires config, broker, backend, plugins and listeners together.
 pub mod server;
 /// Principals, credentials and who may use which names.

@@ -101,9 +101,15 @@ async fn accept(
                 .context("TLS handshake timed out")?
                 .context("TLS handshake failed")?;
             info.sni = stream.get_ref().1.server_name().map(str::to_string);
-            start(stream, conn, info, shared, worker).await
+            let client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(crate::tls::client_common_name);
+            start(stream, conn, info, client_cert, shared, worker).await
         }
-        None => start(stream, conn, info, shared, worker).await,
+        None => start(stream, conn, info, None, shared, worker).await,
     }
 }
 
@@ -111,20 +117,24 @@ async fn start<S>(
     stream: S,
     conn: u64,
     info: ConnInfo,
+    client_cert: Option<String>,
     shared: Arc<ConnShared>,
     worker: WorkerHandle,
 ) -> anyhow::Result<()>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    S: connection::Transport,
 {
     tracing::debug!(conn, peer = %info.peer_addr, listener = %info.listener, "connection opened");
     worker
         .send(Event::Open {
             conn,
             info,
+            client_cert,
             shared: shared.clone(),
         })
         .await?;
-    connection::run(stream, conn, shared, worker).await;
+    // A task of its own: what the accept and the handshake needed is freed now, not kept for
+    // the connection's lifetime inside one larger future.
+    tokio::spawn(connection::run(stream, conn, shared, worker));
     Ok(())
 }

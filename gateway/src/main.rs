@@ -14,12 +14,30 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "magnetar", version, about, long_about)]
 struct Cli {
     /// TOML config file (see examples/magnetar.toml).
-    #[arg(long, short = 'c', value_name = "FILE")]
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Directory for the broker's data, the generated certificate and the compile cache
     /// (overrides `data_dir` of the config).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Prints a JWT for a user of the config (as `pulsar tokens create` does), accepted by
+    /// the gateway's listeners and by the embedded broker.
+    Token {
+        /// The user the token speaks for.
+        #[arg(long)]
+        user: String,
+        /// How long the token is valid (`30m`, `12h`, `7d`, `1y`); unset: no expiry.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// Reads a password from stdin and prints its argon2 hash for `auth.users.password_hash`.
+    HashPassword,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +55,34 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    match cli.command {
+        None => run(config),
+        Some(Command::Token { user, expires_in }) => {
+            let tenancy = magnetar::tenancy::Tenancy::from_config(&config)
+                .context("loading users and token keys")?;
+            // The superuser role's token is the admin API's and native superusers' key.
+            if user != tenancy.superuser_role() && !tenancy.users().iter().any(|u| u.name == user) {
+                anyhow::bail!("no user {user:?} in the config");
+            }
+            println!("{}", tenancy.sign_token(&user, expires_in)?);
+            Ok(())
+        }
+        Some(Command::HashPassword) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from stdin")?;
+            let hash = magnetar::tenancy::hash_password(
+                password.trim_end_matches(['\r', '\n']).as_bytes(),
+            )
+            .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
+    }
+}
+
+fn run(config: magnetar::config::Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("magnetar-io")

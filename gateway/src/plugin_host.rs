@@ -37,7 +37,7 @@ pub mod bindings {
     });
 }
 
-use bindings::magnetar::plugin::types::{ConnInfo, Delivery, OpError};
+use bindings::magnetar::plugin::types::{ConnInfo, Delivery, KvEntry, OpError};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -50,10 +50,14 @@ pub enum Event {
         conn: u64,
         info: ConnInfo,
         shared: Arc<ConnShared>,
+        /// Common name of the client certificate the TLS handshake verified (mTLS).
+        client_cert: Option<String>,
     },
     Data {
         conn: u64,
         data: Bytes,
+        /// Told once the plugin had the bytes: the connection reads on only then.
+        shared: Arc<ConnShared>,
     },
     Closed {
         conn: u64,
@@ -77,6 +81,11 @@ pub enum Event {
         conn: u64,
         delivery: Delivery,
     },
+    /// Several deliveries of one connection, in order: one queue hop for a burst.
+    Deliveries {
+        conn: u64,
+        deliveries: Vec<Delivery>,
+    },
     Timer {
         conn: u64,
         token: u64,
@@ -86,6 +95,34 @@ pub enum Event {
         token: u64,
         outcome: Result<Option<Vec<u8>>, OpError>,
     },
+    KvScanResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<Vec<KvEntry>, OpError>,
+    },
+    ClaimResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<(), OpError>,
+    },
+    /// Another connection claimed `key`, which `conn` held.
+    ClaimLost {
+        conn: u64,
+        key: String,
+    },
+    /// A SASL step: a challenge, or success with the principal and the final data.
+    SaslResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<SaslStep, OpError>,
+    },
+}
+
+/// What one SASL step produced, before the principal is recorded on the connection.
+#[derive(Debug)]
+pub enum SaslStep {
+    Challenge(Vec<u8>),
+    Success(Principal, Vec<u8>),
 }
 
 impl Event {
@@ -98,8 +135,13 @@ impl Event {
             | Event::PublishResult { conn, .. }
             | Event::SubscribeResult { conn, .. }
             | Event::Delivery { conn, .. }
+            | Event::Deliveries { conn, .. }
             | Event::Timer { conn, .. }
-            | Event::KvResult { conn, .. } => *conn,
+            | Event::KvResult { conn, .. }
+            | Event::KvScanResult { conn, .. }
+            | Event::ClaimResult { conn, .. }
+            | Event::ClaimLost { conn, .. }
+            | Event::SaslResult { conn, .. } => *conn,
         }
     }
 }
@@ -307,7 +349,7 @@ impl Worker {
             }
             let Some(instance) = self.instance.as_mut() else {
                 // No instance could be built: refuse the connection rather than queue forever.
-                if let Event::Open { shared, .. } = event {
+                if let Event::Open { shared, .. } | Event::Data { shared, .. } = event {
                     shared.close();
                 }
                 continue;
@@ -338,15 +380,28 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
     store.set_epoch_deadline(ticks);
     let h = plugin.magnetar_plugin_handler();
     match event {
-        Event::Open { conn, info, shared } => {
-            store.data_mut().open(conn, shared);
+        Event::Open {
+            conn,
+            info,
+            shared,
+            client_cert,
+        } => {
+            let peer = info
+                .peer_addr
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip());
+            store.data_mut().open(conn, shared, peer, client_cert);
             h.call_on_open(&mut *store, conn, &info)
         }
-        Event::Data { conn, data } => {
-            if !store.data().knows(conn) {
-                return Ok(());
-            }
-            h.call_on_data(&mut *store, conn, &data)
+        Event::Data { conn, data, shared } => {
+            let r = if store.data().knows(conn) {
+                h.call_on_data(&mut *store, conn, &data)
+            } else {
+                Ok(())
+            };
+            shared.input_consumed(data.len());
+            r
         }
         Event::Closed { conn } => {
             if !store.data().knows(conn) {
@@ -355,6 +410,31 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             let r = h.call_on_closed(&mut *store, conn);
             store.data_mut().forget(conn);
             r
+        }
+        Event::SaslResult {
+            conn,
+            token,
+            outcome,
+        } => {
+            use bindings::magnetar::plugin::types::{SaslOutcome, SaslSuccess};
+            let outcome = match outcome {
+                Ok(SaslStep::Challenge(c)) => Some(Ok(SaslOutcome::Challenge(c))),
+                Ok(SaslStep::Success(p, final_data)) => {
+                    store.data_mut().auth_completed(conn, Ok(p)).map(|r| {
+                        r.map(|principal| {
+                            SaslOutcome::Success(SaslSuccess {
+                                principal,
+                                final_data,
+                            })
+                        })
+                    })
+                }
+                Err(e) => store.data().knows(conn).then_some(Err(e)),
+            };
+            match outcome {
+                Some(o) => h.call_on_sasl_result(&mut *store, conn, token, o.as_ref()),
+                None => Ok(()),
+            }
         }
         Event::AuthResult {
             conn,
@@ -384,6 +464,17 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         Event::Delivery { conn, delivery } if store.data().knows(conn) => {
             h.call_on_delivery(&mut *store, conn, &delivery)
         }
+        Event::Deliveries { conn, deliveries } => {
+            for delivery in &deliveries {
+                // The plugin may close the connection part-way through.
+                if !store.data().knows(conn) {
+                    break;
+                }
+                store.set_epoch_deadline(ticks);
+                h.call_on_delivery(&mut *store, conn, delivery)?;
+            }
+            Ok(())
+        }
         Event::Timer { conn, token } if store.data().knows(conn) => {
             h.call_on_timer(&mut *store, conn, token)
         }
@@ -397,6 +488,23 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome.as_ref().map(|v| v.as_deref()),
         ),
+        Event::KvScanResult {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => {
+            h.call_on_kv_scan_result(&mut *store, conn, token, outcome.as_deref())
+        }
+        Event::ClaimResult {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => {
+            h.call_on_claim_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+        }
+        Event::ClaimLost { conn, key } if store.data().knows(conn) => {
+            h.call_on_claim_lost(&mut *store, conn, &key)
+        }
         // Completions for connections that are gone.
         _ => Ok(()),
     }

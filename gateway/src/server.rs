@@ -29,13 +29,27 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
 
+        let tenancy =
+            Tenancy::from_config(&config).context("loading tenants, users and token keys")?;
+        let changes = crate::admin::Changes::load(&config.data_dir)?;
+        changes
+            .apply(&tenancy)
+            .context("replaying the admin API's saved changes")?;
+        let tenancy = Arc::new(tenancy);
         let broker = if config.broker.embedded {
-            let handle = Broker::start(BrokerConfig {
-                listen: config.broker.listen,
-                data_dir: config.data_dir.join("broker"),
-            })
-            .await
-            .with_context(|| format!("starting the embedded broker on {}", config.broker.listen))?;
+            // The broker checks the same tokens and the same directory as the listeners:
+            // a user's token reaches only its own tenant; anonymous clients (if allowed) only
+            // the anonymous tenant; the gateway itself uses the superuser role.
+            let mut broker_config =
+                BrokerConfig::new(config.broker.listen, config.data_dir.join("broker"));
+            broker_config.auth = Some(magnetar_broker::auth::BrokerAuth {
+                verify_key: tenancy.token_keys().verify.clone(),
+                authorizer: tenancy.clone(),
+                anonymous_role: tenancy.allows_anonymous().then(String::new),
+            });
+            let handle = Broker::start(broker_config).await.with_context(|| {
+                format!("starting the embedded broker on {}", config.broker.listen)
+            })?;
             tracing::info!(addr = %handle.local_addr(), "embedded broker listening");
             Some(handle)
         } else {
@@ -50,15 +64,33 @@ impl Server {
                 ))
             }
         };
+        // On the embedded broker the gateway acts as the superuser role, with a token it signs
+        // itself; on a Pulsar cluster, with the token the config gives it.
+        let token = match (&config.backend.token, &broker) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(_)) => tenancy.sign_token(tenancy.superuser_role(), None).ok(),
+            (None, None) => None,
+        };
         let backend = Arc::new(
-            Backend::connect(&service_url, config.backend.token.as_deref())
+            Backend::connect(&service_url, token.as_deref())
                 .await
                 .context("connecting to the backend")?,
         );
+        let keys = Arc::new(
+            crate::crypto::KeyRing::load(&config.encryption, &config.data_dir)
+                .context("opening the key ring (encryption at rest)")?,
+        );
+        let at_rest = crate::kv::AtRest {
+            keys: keys.clone(),
+            tenancy: tenancy.clone(),
+        };
         let services = Arc::new(Services {
-            kv: Arc::new(Kv::new(backend.clone())),
+            kv: Arc::new(Kv::new(backend.clone(), Some(at_rest))),
             backend,
-            tenancy: Arc::new(Tenancy::from_config(&config.auth)),
+            tenancy,
+            claims: Default::default(),
+            keys,
+            quotas: Arc::new(crate::quota::Quotas::default()),
         });
 
         let plugins = load_plugins(&config)?;
@@ -95,11 +127,7 @@ impl Server {
         }
 
         let tls = if config.listeners.iter().any(|l| l.tls) {
-            Some(crate::tls::server_config(
-                config.tls.cert.as_deref(),
-                config.tls.key.as_deref(),
-                &config.data_dir,
-            )?)
+            Some(crate::tls::server_config(&config.tls, &config.data_dir)?)
         } else {
             None
         };
@@ -119,6 +147,21 @@ impl Server {
             let addr = bound.local_addr().context("reading a bound address")?;
             tracing::info!(listener = %l.name, %addr, plugin = %l.plugin, tls = l.tls, "listening");
             listeners.push((l.name.clone(), addr, tokio::spawn(bound.serve())));
+        }
+        if let Some(addr) = config.admin.listen {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin API: cannot listen on {addr}"))?;
+            let bound = tcp.local_addr().context("reading a bound address")?;
+            tracing::info!(%bound, "admin API listening");
+            let task = tokio::spawn(crate::admin::serve(
+                tcp,
+                services.clone(),
+                config.admin.token.clone(),
+                config.data_dir.clone(),
+                changes,
+            ));
+            listeners.push(("admin".to_string(), bound, task));
         }
         tracing::info!("magnetar ready");
         Ok(Server { broker, listeners })

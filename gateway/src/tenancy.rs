@@ -1,4 +1,4 @@
-//! Principals, credentials, and the names a principal may use.
+//! Tenants, users, credentials, and the names a principal may use.
 //!
 //! Every connection acts as one [`Principal`] once authenticated, and everything it names —
 //! topics, subscriptions, kv keys — is placed inside that principal's tenant and namespace by
@@ -6,12 +6,39 @@
 //! [`validate_name`] keeps free of anything that could reach another namespace (`/`, `://`,
 //! `..`, `%`-escapes); the host alone builds the `persistent://tenant/ns/name` URL.
 //!
-//! This first cut knows users from the config file with plain passwords, and anonymous access;
-//! hashed passwords, tokens, SASL and mTLS build on the same [`Tenancy::authenticate`].
+//! Mechanisms, all behind [`Tenancy::authenticate`]:
+//! - passwords, stored only as argon2id hashes (a plain password in the config is hashed when
+//!   it is loaded); verification runs on the blocking pool, never on a socket task;
+//! - JWT tokens as Pulsar issues them (`sub` = user name, optional `exp`), HS256 or RS256,
+//!   checked by [`magnetar_broker::auth::verify`] — the same code the embedded broker uses;
+//! - anonymous access, where the config allows it.
+//!
+//! A failed authentication costs time: after `failures_before_delay` failures from one
+//! address, each further attempt from it waits (doubling, up to [`MAX_PENALTY`]) before it is
+//! checked, so guessing from one address is slow while other clients are not slowed at all.
+//!
+//! Tenants and users change at run time (the admin API): the directory sits behind a lock
+//! that is only held to copy out what one check needs.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use crate::config::AuthSection;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use magnetar_broker::auth::{self as jwt, Action, Authorizer, SignKey, VerifyKey};
+
+use crate::config::{
+    ActionName, AuthSection, Config, LimitsConfig, PermissionConfig, TenantConfig, UserConfig,
+};
+use crate::sasl::{ScramCredential, ScramHash};
+
+/// Longest wait a failing address is made to sit out before its next attempt.
+pub const MAX_PENALTY: Duration = Duration::from_secs(5);
+/// How long failures from an address are remembered.
+const FAILURE_MEMORY: Duration = Duration::from_secs(60);
 
 /// Who a connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +52,13 @@ pub struct Principal {
 #[derive(Debug, Clone)]
 pub enum Credentials {
     Anonymous,
-    Password { user: String, password: Vec<u8> },
+    Password {
+        user: String,
+        password: Vec<u8>,
+    },
     Token(String),
+    /// The common name of a client certificate the TLS handshake verified.
+    Certificate(String),
 }
 
 /// Why authentication failed. The message goes to the log, not to the client.
@@ -36,8 +68,30 @@ pub enum AuthError {
     AnonymousNotAllowed,
     #[error("unknown user or wrong password")]
     BadPassword,
-    #[error("token authentication is not configured")]
-    TokensNotConfigured,
+    #[error("token refused: {0}")]
+    BadToken(String),
+    #[error("token names user {0:?}, who does not exist")]
+    UnknownTokenUser(String),
+    #[error("no user has client certificate {0:?}")]
+    UnknownCertificate(String),
+}
+
+/// Why the tenancy could not be built from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    #[error("user {user}: {message}")]
+    User { user: String, message: String },
+    #[error("token key {path}: {source}")]
+    KeyFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token key: {0}")]
+    Key(String),
+    #[error("tenant {0:?} does not exist")]
+    NoTenant(String),
+    #[error("user {0:?} does not exist")]
+    NoUser(String),
 }
 
 /// A name a plugin used that the host refuses.
@@ -56,59 +110,587 @@ pub enum NameError {
 /// Longest topic or subscription name a plugin may use.
 pub const MAX_NAME_LEN: usize = 200;
 
-/// Users and what anonymous clients may do.
-#[derive(Debug)]
-pub struct Tenancy {
-    allow_anonymous: bool,
-    users: HashMap<String, (Vec<u8>, Principal)>,
+/// A user as the directory keeps it.
+#[derive(Debug, Clone)]
+struct User {
+    /// argon2 PHC string.
+    hash: String,
+    principal: Principal,
+    permissions: Vec<PermissionConfig>,
+    limits: LimitsConfig,
+    scram_sha256: Option<ScramCredential>,
+    scram_sha512: Option<ScramCredential>,
+    certificate_cn: Option<String>,
 }
 
-impl Tenancy {
-    pub fn from_config(auth: &AuthSection) -> Tenancy {
-        let users = auth
-            .users
-            .iter()
-            .map(|u| {
-                let principal = Principal {
-                    user: u.name.clone(),
-                    tenant: u.tenant.clone(),
-                    namespace: u.namespace.clone(),
-                };
-                (u.name.clone(), (u.password.as_bytes().to_vec(), principal))
+/// A SCRAM credential in its stored text form: `iterations:salt:stored_key:server_key`.
+fn scram_to_text(c: &ScramCredential) -> String {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD;
+    format!(
+        "{}:{}:{}:{}",
+        c.iterations,
+        b.encode(&c.salt),
+        b.encode(&c.stored_key),
+        b.encode(&c.server_key)
+    )
+}
+
+fn scram_from_text(s: &str) -> Option<ScramCredential> {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD;
+    let mut parts = s.split(':');
+    let iterations = parts.next()?.parse().ok()?;
+    let salt = b.decode(parts.next()?).ok()?;
+    let stored_key = b.decode(parts.next()?).ok()?;
+    let server_key = b.decode(parts.next()?).ok()?;
+    Some(ScramCredential {
+        salt,
+        iterations,
+        stored_key,
+        server_key,
+    })
+}
+
+/// A user as the admin API shows it (never with its hash).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct UserView {
+    pub name: String,
+    pub tenant: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub permissions: Vec<PermissionConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Default)]
+struct Directory {
+    tenants: HashMap<String, TenantConfig>,
+    users: HashMap<String, User>,
+}
+
+/// Keys that check (and possibly sign) tokens.
+#[derive(Debug, Clone)]
+pub struct TokenKeys {
+    pub verify: VerifyKey,
+    pub sign: Option<SignKey>,
+}
+
+impl TokenKeys {
+    /// The token key the config names, or the one generated in `data_dir/auth`.
+    pub fn load(auth: &AuthSection, data_dir: &Path) -> Result<TokenKeys, TenancyError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TenancyError::KeyFile {
+                path: path.to_path_buf(),
+                source,
             })
-            .collect();
-        Tenancy {
-            allow_anonymous: auth.allow_anonymous,
-            users,
+        };
+        if let Some(b64) = &auth.token_secret {
+            use base64::Engine;
+            let secret = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| TenancyError::Key(format!("auth.token_secret is not base64: {e}")))?;
+            return Ok(TokenKeys::hs256(secret));
+        }
+        if let Some(path) = &auth.token_secret_file {
+            return Ok(TokenKeys::hs256(read(path)?));
+        }
+        if auth.token_public_key_file.is_some() || auth.token_private_key_file.is_some() {
+            let public = auth
+                .token_public_key_file
+                .as_deref()
+                .ok_or_else(|| TenancyError::Key("auth.token_public_key_file is not set".into()))?;
+            let sign = match &auth.token_private_key_file {
+                Some(p) => Some(SignKey::Rs256(read(p)?)),
+                None => None,
+            };
+            return Ok(TokenKeys {
+                verify: VerifyKey::Rs256(read(public)?),
+                sign,
+            });
+        }
+        let path = data_dir.join("auth").join("token-secret.key");
+        match std::fs::read(&path) {
+            Ok(secret) => Ok(TokenKeys::hs256(secret)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut secret = vec![0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+                write_private(&path, &secret).map_err(|source| TenancyError::KeyFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                tracing::info!(path = %path.display(), "generated a token secret key");
+                Ok(TokenKeys::hs256(secret))
+            }
+            Err(source) => Err(TenancyError::KeyFile { path, source }),
         }
     }
 
-    /// Checks credentials and says who they belong to.
-    pub fn authenticate(&self, creds: &Credentials) -> Result<Principal, AuthError> {
-        match creds {
-            Credentials::Anonymous if self.allow_anonymous => Ok(Principal {
-                user: "anonymous".into(),
-                tenant: "public".into(),
-                namespace: "default".into(),
-            }),
-            Credentials::Anonymous => Err(AuthError::AnonymousNotAllowed),
-            Credentials::Password { user, password } => match self.users.get(user) {
-                Some((expected, principal)) if constant_time_eq(expected, password) => {
-                    Ok(principal.clone())
-                }
-                _ => Err(AuthError::BadPassword),
-            },
-            Credentials::Token(_) => Err(AuthError::TokensNotConfigured),
+    fn hs256(secret: Vec<u8>) -> TokenKeys {
+        TokenKeys {
+            verify: VerifyKey::Hs256(secret.clone()),
+            sign: Some(SignKey::Hs256(secret)),
         }
     }
+}
+
+/// Writes a secret readable by the owner only, creating its directory.
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Hashes a password with argon2id and a random salt (PHC string).
+pub fn hash_password(password: &[u8]) -> Result<String, String> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password, &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Compares secrets without an early exit that would leak how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn verify_password(hash: &str, password: &[u8]) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| Argon2::default().verify_password(password, &h).is_ok())
+        .unwrap_or(false)
+}
+
+/// Tenants, users, token keys and what anonymous clients may do.
+pub struct Tenancy {
+    dir: RwLock<Directory>,
+    allow_anonymous: bool,
+    anonymous: Principal,
+    keys: TokenKeys,
+    superuser_role: String,
+    failures_before_delay: u32,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl std::fmt::Debug for Tenancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenancy")
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tenancy {
+    /// Builds the directory from the config: hashes plain passwords, loads token keys.
+    pub fn from_config(config: &Config) -> Result<Tenancy, TenancyError> {
+        let keys = TokenKeys::load(&config.auth, &config.data_dir)?;
+        let tenancy = Tenancy {
+            dir: RwLock::new(Directory::default()),
+            allow_anonymous: config.auth.allow_anonymous,
+            anonymous: Principal {
+                user: "anonymous".into(),
+                tenant: config.auth.anonymous_tenant.clone(),
+                namespace: config.auth.anonymous_namespace.clone(),
+            },
+            keys,
+            superuser_role: config.auth.superuser_role.clone(),
+            failures_before_delay: config.auth.failures_before_delay,
+            failures: Mutex::new(HashMap::new()),
+        };
+        for t in &config.tenants {
+            tenancy.put_tenant(t.clone());
+        }
+        for u in &config.auth.users {
+            tenancy.put_user_config(u)?;
+        }
+        Ok(tenancy)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
+        self.dir.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
+        self.dir.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The role the gateway itself uses on the backend.
+    pub fn superuser_role(&self) -> &str {
+        &self.superuser_role
+    }
+
+    pub fn token_keys(&self) -> &TokenKeys {
+        &self.keys
+    }
+
+    pub fn allows_anonymous(&self) -> bool {
+        self.allow_anonymous
+    }
+
+    /// Signs a token for `role`, valid for `ttl` if given.
+    pub fn sign_token(&self, role: &str, ttl: Option<Duration>) -> Result<String, TenancyError> {
+        let key = self.keys.sign.as_ref().ok_or_else(|| {
+            TenancyError::Key("no signing key (set auth.token_private_key_file)".into())
+        })?;
+        let exp = ttl.map(|d| crate::host_api::now_ms() / 1000 + d.as_secs());
+        jwt::sign(key, role, exp).map_err(|e| TenancyError::Key(e.to_string()))
+    }
+
+    /// Whether the tenant's payloads are encrypted at rest.
+    pub fn encrypts(&self, tenant: &str) -> bool {
+        self.read()
+            .tenants
+            .get(tenant)
+            .is_some_and(|t| t.encryption)
+    }
+
+    /// Adds or replaces a tenant.
+    pub fn put_tenant(&self, tenant: TenantConfig) {
+        self.write().tenants.insert(tenant.name.clone(), tenant);
+    }
+
+    /// Removes a tenant and its users; returns whether it existed.
+    pub fn delete_tenant(&self, name: &str) -> bool {
+        let mut dir = self.write();
+        dir.users.retain(|_, u| u.principal.tenant != name);
+        dir.tenants.remove(name).is_some()
+    }
+
+    /// A tenant's settings; a tenant only named by users gets the defaults.
+    pub fn tenant(&self, name: &str) -> Option<TenantConfig> {
+        let dir = self.read();
+        dir.tenants.get(name).cloned().or_else(|| {
+            let named = dir.users.values().any(|u| u.principal.tenant == name)
+                || (self.allow_anonymous && self.anonymous.tenant == name);
+            named.then(|| TenantConfig {
+                name: name.to_string(),
+                namespaces: vec![],
+                encryption: false,
+                limits: LimitsConfig::default(),
+            })
+        })
+    }
+
+    pub fn tenants(&self) -> Vec<TenantConfig> {
+        let mut v: Vec<_> = self.read().tenants.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Adds or replaces a user from its config form (hashing a plain password and deriving
+    /// its SCRAM credentials); returns the stored form, which never holds the password.
+    pub fn put_user_config(&self, u: &UserConfig) -> Result<UserConfig, TenancyError> {
+        let err = |message: String| TenancyError::User {
+            user: u.name.clone(),
+            message,
+        };
+        let hash = match (&u.password, &u.password_hash) {
+            (Some(p), None) => hash_password(p.as_bytes()).map_err(err)?,
+            (None, Some(h)) => {
+                PasswordHash::new(h).map_err(|e| err(format!("password_hash: {e}")))?;
+                h.clone()
+            }
+            // Token-only user: no password can match.
+            (None, None) => String::new(),
+            (Some(_), Some(_)) => return Err(err("set password or password_hash".into())),
+        };
+        validate_segment(&u.tenant).map_err(|e| err(e.to_string()))?;
+        validate_segment(&u.namespace).map_err(|e| err(e.to_string()))?;
+        let scram = |hash: ScramHash, stored: &Option<String>| match (&u.password, stored) {
+            (Some(p), _) => Ok(Some(ScramCredential::derive(hash, p.as_bytes()))),
+            (None, Some(text)) => scram_from_text(text)
+                .map(Some)
+                .ok_or_else(|| err(format!("{hash:?} credential is malformed"))),
+            (None, None) => Ok(None),
+        };
+        let scram_sha256 = scram(ScramHash::Sha256, &u.scram_sha256)?;
+        let scram_sha512 = scram(ScramHash::Sha512, &u.scram_sha512)?;
+        let stored = UserConfig {
+            password: None,
+            password_hash: (!hash.is_empty()).then(|| hash.clone()),
+            scram_sha256: scram_sha256.as_ref().map(scram_to_text),
+            scram_sha512: scram_sha512.as_ref().map(scram_to_text),
+            ..u.clone()
+        };
+        self.write().users.insert(
+            u.name.clone(),
+            User {
+                hash,
+                principal: Principal {
+                    user: u.name.clone(),
+                    tenant: u.tenant.clone(),
+                    namespace: u.namespace.clone(),
+                },
+                permissions: u.permissions.clone(),
+                limits: u.limits.clone(),
+                scram_sha256,
+                scram_sha512,
+                certificate_cn: u.certificate_cn.clone(),
+            },
+        );
+        Ok(stored)
+    }
+
+    /// A user's SCRAM credential for `hash`, if one was derived.
+    pub fn scram_credential(&self, user: &str, hash: ScramHash) -> Option<ScramCredential> {
+        let dir = self.read();
+        let u = dir.users.get(user)?;
+        match hash {
+            ScramHash::Sha256 => u.scram_sha256.clone(),
+            ScramHash::Sha512 => u.scram_sha512.clone(),
+        }
+    }
+
+    /// The principal a user acts as.
+    pub fn principal_of(&self, user: &str) -> Option<Principal> {
+        self.read().users.get(user).map(|u| u.principal.clone())
+    }
+
+    /// Counts an authentication outcome from `peer` made outside [`authenticate`]
+    /// (SCRAM), and waits out the address's penalty first.
+    pub async fn note_attempt(&self, peer: Option<IpAddr>, ok: bool) {
+        if let Some(ip) = peer {
+            let wait = self.penalty(ip);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            self.record(ip, ok);
+        }
+    }
+
+    pub fn delete_user(&self, name: &str) -> bool {
+        self.write().users.remove(name).is_some()
+    }
+
+    pub fn users(&self) -> Vec<UserView> {
+        let mut v: Vec<_> = self
+            .read()
+            .users
+            .values()
+            .map(|u| UserView {
+                name: u.principal.user.clone(),
+                tenant: u.principal.tenant.clone(),
+                namespace: u.principal.namespace.clone(),
+                permissions: u.permissions.clone(),
+                limits: u.limits.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A user's own limits.
+    pub fn user_limits(&self, name: &str) -> LimitsConfig {
+        self.read()
+            .users
+            .get(name)
+            .map(|u| u.limits.clone())
+            .unwrap_or_default()
+    }
+
+    /// Checks credentials and says who they belong to. Failures from `peer` are counted
+    /// and make its later attempts wait.
+    pub async fn authenticate(
+        &self,
+        creds: Credentials,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        if let Some(ip) = peer {
+            let wait = self.penalty(ip);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let outcome = self.check(creds).await;
+        if let Some(ip) = peer {
+            self.record(ip, outcome.is_ok());
+        }
+        outcome
+    }
+
+    fn record(&self, ip: IpAddr, ok: bool) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if ok {
+            failures.remove(&ip);
+            return;
+        }
+        let now = Instant::now();
+        let entry = failures.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) > FAILURE_MEMORY {
+            *entry = (0, now);
+        }
+        entry.0 += 1;
+        entry.1 = now;
+        if failures.len() > 100_000 {
+            failures.retain(|_, (_, at)| now.duration_since(*at) < FAILURE_MEMORY);
+        }
+    }
+
+    /// How long an attempt from `ip` waits, given its recent failures.
+    fn penalty(&self, ip: IpAddr) -> Duration {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match failures.get(&ip) {
+            Some((n, at)) if *n >= self.failures_before_delay && at.elapsed() < FAILURE_MEMORY => {
+                let doublings = (n - self.failures_before_delay).min(6);
+                (Duration::from_millis(100) * (1 << doublings)).min(MAX_PENALTY)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+
+    async fn check(&self, creds: Credentials) -> Result<Principal, AuthError> {
+        match creds {
+            Credentials::Anonymous if self.allow_anonymous => Ok(self.anonymous.clone()),
+            Credentials::Anonymous => Err(AuthError::AnonymousNotAllowed),
+            Credentials::Password { user, password } => {
+                // A token may stand in for the password (MQTT clients pass it that way); it
+                // must speak for the same user.
+                if let Some(claims) = std::str::from_utf8(&password)
+                    .ok()
+                    .filter(|t| t.split('.').count() == 3)
+                    .and_then(|t| jwt::verify(&self.keys.verify, t).ok())
+                {
+                    let found = self.read().users.get(&user).map(|u| u.principal.clone());
+                    return match found {
+                        Some(p) if claims.sub == user => Ok(p),
+                        _ => Err(AuthError::BadToken("the token is another user's".into())),
+                    };
+                }
+                let found = self
+                    .read()
+                    .users
+                    .get(&user)
+                    .map(|u| (u.hash.clone(), u.principal.clone()));
+                // Unknown users cost the same hash as known ones.
+                let (hash, principal) = match found {
+                    Some((h, p)) if !h.is_empty() => (h, Some(p)),
+                    _ => (dummy_hash().to_string(), None),
+                };
+                let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+                    .await
+                    .unwrap_or(false);
+                match principal {
+                    Some(p) if ok => Ok(p),
+                    _ => Err(AuthError::BadPassword),
+                }
+            }
+            Credentials::Certificate(cn) => self
+                .read()
+                .users
+                .values()
+                .find(|u| u.certificate_cn.as_deref() == Some(cn.as_str()))
+                .map(|u| u.principal.clone())
+                .ok_or(AuthError::UnknownCertificate(cn)),
+            Credentials::Token(token) => {
+                let claims = jwt::verify(&self.keys.verify, &token)
+                    .map_err(|e| AuthError::BadToken(e.to_string()))?;
+                self.read()
+                    .users
+                    .get(&claims.sub)
+                    .map(|u| u.principal.clone())
+                    .ok_or(AuthError::UnknownTokenUser(claims.sub))
+            }
+        }
+    }
+
+    /// Whether `principal` may do `action` on its topic `name` (a short name).
+    pub fn authorize(&self, principal: &Principal, name: &str, action: ActionName) -> bool {
+        let dir = self.read();
+        let Some(user) = dir.users.get(&principal.user) else {
+            return self.allow_anonymous
+                && principal == &self.anonymous
+                && action != ActionName::Manage;
+        };
+        if user.permissions.is_empty() {
+            return action != ActionName::Manage;
+        }
+        user.permissions
+            .iter()
+            .any(|p| p.actions.contains(&action) && glob_match(&p.topics, name))
+    }
+}
+
+/// A fixed argon2 hash, checked for unknown users so that their answer takes as long.
+fn dummy_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| hash_password(b"magnetar-unknown-user").unwrap_or_default())
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(part) else {
+                return false;
+            };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else if let Some(pos) = rest.find(part) {
+            rest = &rest[pos + part.len()..];
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// The embedded broker asks the same directory: a user's token reaches only its tenant.
+impl Authorizer for Tenancy {
+    fn authorize(&self, role: &str, tenant: &str, namespace: &str, _action: Action) -> bool {
+        if role == self.superuser_role {
+            return true;
+        }
+        if let Some(u) = self.read().users.get(role) {
+            return u.principal.tenant == tenant && u.principal.namespace == namespace;
+        }
+        self.allow_anonymous
+            && role.is_empty()
+            && tenant == self.anonymous.tenant
+            && namespace == self.anonymous.namespace
+    }
+}
+
+/// Checks a tenant or namespace name: what Pulsar allows, minus anything that could nest.
+pub fn validate_segment(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > 64 {
+        return Err(NameError::TooLong);
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        || name.starts_with('.')
+    {
+        return Err(NameError::BadCharacter(name.to_string()));
+    }
+    if name.starts_with("__") {
+        return Err(NameError::Reserved(name.to_string()));
+    }
+    Ok(())
 }
 
 /// Checks a short topic or subscription name from a plugin.
@@ -119,17 +701,24 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    if let Some(c) = name
+    if !name
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '%')))
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '%'))
     {
-        let _ = c;
         return Err(NameError::BadCharacter(name.to_string()));
     }
     if name.starts_with("__") || name == "." || name == ".." {
         return Err(NameError::Reserved(name.to_string()));
     }
     Ok(())
+}
+
+/// The tenant of a `persistent://tenant/namespace/topic` URL.
+pub fn tenant_of(topic_url: &str) -> Option<&str> {
+    let rest = topic_url
+        .strip_prefix("persistent://")
+        .or_else(|| topic_url.strip_prefix("non-persistent://"))?;
+    rest.split('/').next().filter(|t| !t.is_empty())
 }
 
 /// The Pulsar topic of a short name in the principal's namespace.
@@ -164,33 +753,157 @@ mod tests {
         for good in ["mqtt", "mqtt-session-abc%2Fdef", "a.b_c-d"] {
             assert_eq!(validate_name(good), Ok(()), "{good:?} refused");
         }
+        for bad in ["", "a/b", "..", ".x", "__x", "a%2Fb", "a:b"] {
+            assert!(validate_segment(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]
-    fn passwords_and_anonymous() {
-        let auth = AuthSection {
-            allow_anonymous: false,
-            users: vec![crate::config::UserConfig {
-                name: "alice".into(),
-                password: "s3cret".into(),
-                tenant: "acme".into(),
-                namespace: "default".into(),
-            }],
-        };
-        let t = Tenancy::from_config(&auth);
+    fn globs() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("sensors-*", "sensors-1"));
+        assert!(!glob_match("sensors-*", "mqtt"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("a*c*e", "abcdf"));
+        assert!(glob_match("mqtt", "mqtt"));
+    }
+
+    fn two_users(dir: &Path) -> Tenancy {
+        let config = Config::parse(
+            r#"
+            [auth]
+            allow_anonymous = false
+            [[auth.users]]
+            name = "alice"
+            password = "s3cret"
+            tenant = "acme"
+            [[auth.users]]
+            name = "reader"
+            password = "r"
+            tenant = "acme"
+            permissions = [{ topics = "public-*", actions = ["consume"] }]
+            "#,
+        )
+        .unwrap();
+        let mut config = config;
+        config.data_dir = dir.to_path_buf();
+        Tenancy::from_config(&config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn passwords_tokens_and_anonymous() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = two_users(dir.path());
         assert_eq!(
-            t.authenticate(&Credentials::Anonymous),
+            t.authenticate(Credentials::Anonymous, None).await,
             Err(AuthError::AnonymousNotAllowed)
         );
-        let ok = t.authenticate(&Credentials::Password {
-            user: "alice".into(),
-            password: b"s3cret".to_vec(),
-        });
+        let ok = t
+            .authenticate(
+                Credentials::Password {
+                    user: "alice".into(),
+                    password: b"s3cret".to_vec(),
+                },
+                None,
+            )
+            .await;
         assert_eq!(ok.map(|p| p.tenant), Ok("acme".to_string()));
-        let bad = t.authenticate(&Credentials::Password {
-            user: "alice".into(),
-            password: b"s3cre".to_vec(),
-        });
+        let bad = t
+            .authenticate(
+                Credentials::Password {
+                    user: "alice".into(),
+                    password: b"s3cre".to_vec(),
+                },
+                None,
+            )
+            .await;
         assert_eq!(bad, Err(AuthError::BadPassword));
+        let token = t
+            .sign_token("alice", Some(Duration::from_secs(60)))
+            .unwrap();
+        let p = t
+            .authenticate(Credentials::Token(token), None)
+            .await
+            .unwrap();
+        assert_eq!(p.user, "alice");
+        let ghost = t.sign_token("ghost", None).unwrap();
+        assert!(t
+            .authenticate(Credentials::Token(ghost), None)
+            .await
+            .is_err());
+        // The generated key survives a restart: the same token still works.
+        let t2 = two_users(dir.path());
+        let token = t.sign_token("alice", None).unwrap();
+        assert!(t2
+            .authenticate(Credentials::Token(token), None)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn failures_from_one_address_slow_it_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = two_users(dir.path());
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let wrong = || Credentials::Password {
+            user: "alice".into(),
+            password: b"guess".to_vec(),
+        };
+        for _ in 0..3 {
+            assert!(t.authenticate(wrong(), Some(ip)).await.is_err());
+        }
+        assert_eq!(t.penalty(ip), Duration::from_millis(100));
+        assert!(t.authenticate(wrong(), Some(ip)).await.is_err());
+        assert_eq!(t.penalty(ip), Duration::from_millis(200));
+        let other: IpAddr = "127.0.0.10".parse().unwrap();
+        assert_eq!(t.penalty(other), Duration::ZERO);
+    }
+
+    #[test]
+    fn permissions_and_broker_roles() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = two_users(dir.path());
+        let alice = Principal {
+            user: "alice".into(),
+            tenant: "acme".into(),
+            namespace: "default".into(),
+        };
+        let reader = Principal {
+            user: "reader".into(),
+            ..alice.clone()
+        };
+        assert!(t.authorize(&alice, "anything", ActionName::Produce));
+        assert!(!t.authorize(&alice, "anything", ActionName::Manage));
+        assert!(t.authorize(&reader, "public-news", ActionName::Consume));
+        assert!(!t.authorize(&reader, "public-news", ActionName::Produce));
+        assert!(!t.authorize(&reader, "secret", ActionName::Consume));
+        assert!(Authorizer::authorize(
+            &t,
+            "alice",
+            "acme",
+            "default",
+            Action::Produce
+        ));
+        assert!(!Authorizer::authorize(
+            &t,
+            "alice",
+            "globex",
+            "default",
+            Action::Produce
+        ));
+        assert!(Authorizer::authorize(
+            &t,
+            "magnetar-gateway",
+            "globex",
+            "x",
+            Action::Manage
+        ));
+        assert!(!Authorizer::authorize(
+            &t,
+            "",
+            "public",
+            "default",
+            Action::Consume
+        ));
     }
 }

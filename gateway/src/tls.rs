@@ -10,38 +10,101 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 
 /// Where a generated PKI lives under the data directory.
 pub fn generated_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("tls")
 }
 
-/// Builds the TLS server config from files, or from a generated certificate.
+/// Builds the TLS server config from the `[tls]` section: the default certificate (from
+/// files, or generated), certificates chosen by SNI, and optional client certificates.
 pub fn server_config(
-    cert: Option<&Path>,
-    key: Option<&Path>,
+    section: &crate::config::TlsSection,
     data_dir: &Path,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let (cert_path, key_path) = match (cert, key) {
-        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
+    let (cert_path, key_path) = match (&section.cert, &section.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => ensure_generated(&generated_dir(data_dir))?,
     };
-    let certs = read_certs(&cert_path)?;
-    let key = read_key(&key_path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let load = |cert: &Path, key: &Path| -> anyhow::Result<Arc<CertifiedKey>> {
+        let certs = read_certs(cert)?;
+        let key = read_key(key)?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .with_context(|| format!("loading private key {}", key_path_display(cert)))?;
+        Ok(Arc::new(CertifiedKey::new(certs, signing)))
+    };
+    let mut resolver = SniResolver {
+        default: load(&cert_path, &key_path)
+            .with_context(|| format!("using certificate {}", cert_path.display()))?,
+        by_name: std::collections::HashMap::new(),
+    };
+    for c in &section.certificates {
+        let key = load(&c.cert, &c.key)
+            .with_context(|| format!("tls.certificates for {}", c.server_name))?;
+        resolver
+            .by_name
+            .insert(c.server_name.to_ascii_lowercase(), key);
+    }
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("choosing TLS versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .with_context(|| {
-            format!(
-                "using certificate {} with key {}",
-                cert_path.display(),
-                key_path.display()
+        .context("choosing TLS versions")?;
+    let builder = match &section.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots
+                    .add(c)
+                    .with_context(|| format!("client CA {}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if section.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .with_context(|| format!("client CA {}", ca.display()))?,
             )
-        })?;
-    Ok(Arc::new(config))
+        }
+    };
+    Ok(Arc::new(builder.with_cert_resolver(Arc::new(resolver))))
+}
+
+fn key_path_display(cert: &Path) -> String {
+    format!("for {}", cert.display())
+}
+
+/// Picks a certificate by the server name the client asked for.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<CertifiedKey>,
+    by_name: std::collections::HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let named = hello
+            .server_name()
+            .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()));
+        Some(named.unwrap_or(&self.default).clone())
+    }
+}
+
+/// The subject common name of a verified client certificate.
+pub fn client_common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {

@@ -61,8 +61,9 @@ pub mod bindings {
 
 use bindings::magnetar::plugin::host;
 pub use bindings::magnetar::plugin::types::{
-    ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, LogLevel, OpError,
-    OutboundMessage, Principal, Property, SubMode, SubscriptionSpec, UserPassword,
+    ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
+    OpError, OutboundMessage, Principal, Property, SaslOutcome, SaslSuccess, SubMode,
+    SubscriptionSpec, UserPassword, Will,
 };
 
 #[doc(hidden)]
@@ -114,6 +115,21 @@ pub trait Connection: 'static {
 
     /// Outcome of [`Conn::kv_get`] (the value, if any) or [`Conn::kv_put`] (`Ok(None)`).
     fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {}
+
+    /// Outcome of [`Conn::kv_scan`]: entries in key order.
+    fn on_kv_scan_result(&mut self, conn: Conn, token: u64, result: Result<Vec<KvEntry>, OpError>) {
+    }
+
+    /// Outcome of [`Conn::claim`]: `Ok` once the key is this connection's.
+    fn on_claim_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {}
+
+    /// Another connection claimed `key`, which this connection held (session takeover). Say
+    /// goodbye in the protocol and [`Conn::close`]; the host closes the connection 5 s later
+    /// anyway.
+    fn on_claim_lost(&mut self, conn: Conn, key: String) {}
+
+    /// Outcome of [`Conn::authenticate_sasl`]: a challenge for the client, or success.
+    fn on_sasl_result(&mut self, conn: Conn, token: u64, result: Result<SaslOutcome, OpError>) {}
 }
 
 /// A handle on one client connection: every host call that concerns a connection goes
@@ -147,6 +163,12 @@ impl Conn {
     /// every backend call of this connection fails with [`ErrorKind::NotAuthorized`].
     pub fn authenticate(self, token: u64, creds: &Credentials) {
         host::authenticate(self.0, token, creds);
+    }
+
+    /// One step of a SASL exchange the host runs (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512);
+    /// completes with [`Connection::on_sasl_result`].
+    pub fn authenticate_sasl(self, token: u64, mechanism: &str, response: &[u8]) {
+        host::authenticate_sasl(self.0, token, mechanism, response);
     }
 
     /// Stores a message in the connection's namespace; completes with
@@ -185,6 +207,26 @@ impl Conn {
     pub fn kv_put(self, token: u64, key: &str, value: Option<&[u8]>) {
         host::kv_put(self.0, token, key, value);
     }
+
+    /// Lists up to `limit` (at most 1000) entries whose keys start with `prefix`, in key
+    /// order, after `start_after`; completes with [`Connection::on_kv_scan_result`]. A page
+    /// shorter than `limit` is the last one.
+    pub fn kv_scan(self, token: u64, prefix: &str, start_after: Option<&str>, limit: u32) {
+        host::kv_scan(self.0, token, prefix, start_after, limit);
+    }
+
+    /// Registers (`Some`) or clears (`None`) the connection's last will: the host publishes it
+    /// when the connection ends unless it was cleared first (see the WIT docs of `set-will`).
+    pub fn set_will(self, will: Option<&Will>) {
+        host::set_will(self.0, will);
+    }
+
+    /// Claims `key` (e.g. a client identifier) in the plugin's namespace; an earlier holder
+    /// gets [`Connection::on_claim_lost`]. Completes with [`Connection::on_claim_result`]
+    /// once the earlier holder is gone.
+    pub fn claim(self, token: u64, key: &str) {
+        host::claim(self.0, token, key);
+    }
 }
 
 /// Writes a line to the gateway's log, tagged with the plugin's name.
@@ -195,6 +237,11 @@ pub fn log(level: LogLevel, message: &str) {
 /// Milliseconds since the Unix epoch, from the host's clock.
 pub fn now_ms() -> u64 {
     host::now_ms()
+}
+
+/// The SASL mechanisms [`Conn::authenticate_sasl`] offers, best first.
+pub fn sasl_mechanisms() -> Vec<String> {
+    host::sasl_mechanisms()
 }
 
 /// Exports a [`Plugin`] type as the component's `magnetar:plugin/handler`.
@@ -246,6 +293,18 @@ macro_rules! export_plugin {
             }
             fn on_kv_result(conn: u64, token: u64, result: ::std::result::Result<::std::option::Option<::std::vec::Vec<u8>>, $crate::OpError>) {
                 __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_kv_result(c, h, token, result)))
+            }
+            fn on_kv_scan_result(conn: u64, token: u64, result: ::std::result::Result<::std::vec::Vec<$crate::KvEntry>, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_kv_scan_result(c, h, token, result)))
+            }
+            fn on_claim_result(conn: u64, token: u64, result: ::std::result::Result<(), $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_claim_result(c, h, token, result)))
+            }
+            fn on_claim_lost(conn: u64, key: ::std::string::String) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_claim_lost(c, h, key)))
+            }
+            fn on_sasl_result(conn: u64, token: u64, result: ::std::result::Result<$crate::SaslOutcome, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_sasl_result(c, h, token, result)))
             }
         }
 

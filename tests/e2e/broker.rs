@@ -13,12 +13,15 @@ use pulsar::{Consumer, ConsumerOptions, Pulsar, SubType, TokioExecutor};
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn start(dir: &std::path::Path) -> BrokerHandle {
-    Broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        data_dir: dir.to_path_buf(),
-    })
+    start_with(BrokerConfig::new(
+        "127.0.0.1:0".parse().expect("address"),
+        dir.to_path_buf(),
+    ))
     .await
-    .expect("broker starts")
+}
+
+async fn start_with(config: BrokerConfig) -> BrokerHandle {
+    Broker::start(config).await.expect("broker starts")
 }
 
 async fn client(broker: &BrokerHandle) -> Pulsar<TokioExecutor> {
@@ -212,6 +215,405 @@ async fn broker_second_exclusive_consumer_is_refused() {
         .build::<Vec<u8>>()
         .await;
     assert!(second.is_err(), "second exclusive consumer must fail");
+    drop(pulsar);
+    broker.shutdown().await;
+}
+
+// --- token authentication ------------------------------------------------------------------
+
+mod auth {
+    use super::*;
+    use magnetar_broker::auth::{sign, BrokerAuth, SignKey, TenantRoles, VerifyKey};
+    use pulsar::{Authentication, ConnectionRetryOptions, OperationRetryOptions};
+    use std::sync::Arc;
+
+    const SECRET: &[u8] = b"e2e-broker-secret-0123456789abcdef";
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    }
+
+    async fn client_with(
+        broker: &BrokerHandle,
+        token: Option<String>,
+    ) -> Result<Pulsar<TokioExecutor>, pulsar::Error> {
+        let mut builder = Pulsar::builder(broker.service_url(), TokioExecutor)
+            .with_connection_retry_options(ConnectionRetryOptions {
+                max_retries: 0,
+                ..Default::default()
+            })
+            .with_operation_retry_options(OperationRetryOptions {
+                max_retries: Some(0),
+                ..Default::default()
+            });
+        if let Some(token) = token {
+            builder = builder.with_auth(Authentication {
+                name: "token".into(),
+                data: token.into_bytes(),
+            });
+        }
+        builder.build().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_token_auth_admits_valid_tokens_only_to_their_tenant() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut roles = TenantRoles::default();
+        roles.tenants.insert("alice".into(), vec!["acme".into()]);
+        let mut config = BrokerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().into());
+        config.auth = Some(BrokerAuth {
+            verify_key: VerifyKey::Hs256(SECRET.to_vec()),
+            authorizer: Arc::new(roles),
+            anonymous_role: None,
+        });
+        let broker = start_with(config).await;
+        let key = SignKey::Hs256(SECRET.to_vec());
+
+        let alice = sign(&key, "alice", Some(now() + 600)).expect("sign");
+        let pulsar = client_with(&broker, Some(alice))
+            .await
+            .expect("valid token connects");
+        let topic = "persistent://acme/ns/auth";
+        let mut c = consumer(&pulsar, topic, "s", SubType::Exclusive).await;
+        produce(&pulsar, topic, 0..5).await;
+        assert_eq!(receive(&mut c, 5, true).await, expected(0..5));
+        let foreign = pulsar
+            .producer()
+            .with_topic("persistent://globex/ns/auth")
+            .build()
+            .await;
+        assert!(foreign.is_err(), "alice must not produce to another tenant");
+        drop(pulsar);
+
+        let refused = [
+            (
+                "wrong key",
+                Some(sign(&SignKey::Hs256(b"other".to_vec()), "alice", None).expect("sign")),
+            ),
+            (
+                "expired",
+                Some(sign(&key, "alice", Some(now() - 5)).expect("sign")),
+            ),
+            ("garbage", Some("not-a-jwt".to_string())),
+            ("no token", None),
+        ];
+        for (why, token) in refused {
+            let result = tokio::time::timeout(TIMEOUT, client_with(&broker, token))
+                .await
+                .expect("refusal within timeout");
+            assert!(
+                result.is_err(),
+                "{why}: the broker must refuse the connection"
+            );
+        }
+        broker.shutdown().await;
+    }
+}
+
+// --- broker-entry metadata -------------------------------------------------------------
+
+mod entry_metadata {
+    use super::*;
+    use bytes::{Buf, BytesMut};
+    use pulsar::message::proto::{self, base_command::Type, BaseCommand};
+    use pulsar::message::{Codec, Message};
+    use pulsar::producer::ProducerOptions;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    /// One delivered entry as a raw client sees it.
+    #[derive(Debug)]
+    struct Delivered {
+        /// (broker_timestamp, index) from the broker-entry metadata section, if present.
+        entry_metadata: Option<(u64, u64)>,
+        messages: u64,
+    }
+
+    fn varints(mut b: &[u8]) -> Vec<(u64, u64)> {
+        fn varint(b: &mut &[u8]) -> u64 {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let byte = b.get_u8();
+                v |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            v
+        }
+        let mut out = Vec::new();
+        while b.has_remaining() {
+            let key = varint(&mut b);
+            out.push((key >> 3, varint(&mut b)));
+        }
+        out
+    }
+
+    async fn send(stream: &mut TcpStream, command: BaseCommand) {
+        let mut buf = BytesMut::new();
+        Codec
+            .encode(
+                Message {
+                    command,
+                    payload: None,
+                },
+                &mut buf,
+            )
+            .expect("encode");
+        stream.write_all(&buf).await.expect("write");
+    }
+
+    /// Next frame; a broker-entry metadata section is cut out (and returned) so that the
+    /// `pulsar` codec can decode the rest.
+    async fn next(stream: &mut TcpStream, buf: &mut BytesMut) -> (Message, Option<(u64, u64)>) {
+        loop {
+            if buf.len() >= 4 {
+                let total = u32::from_be_bytes(buf[..4].try_into().expect("4")) as usize;
+                if buf.len() >= 4 + total {
+                    let mut frame = buf.split_to(4 + total);
+                    let cmd_len = u32::from_be_bytes(frame[4..8].try_into().expect("4")) as usize;
+                    let at = 8 + cmd_len;
+                    let mut bem = None;
+                    if frame.len() > at + 2 && frame[at..at + 2] == [0x0e, 0x02] {
+                        let len = u32::from_be_bytes(frame[at + 2..at + 6].try_into().expect("4"))
+                            as usize;
+                        let fields = varints(&frame[at + 6..at + 6 + len]);
+                        let get = |f| fields.iter().find(|(k, _)| *k == f).map(|(_, v)| *v);
+                        bem = Some((get(1).expect("timestamp"), get(2).expect("index")));
+                        let rest = frame.split_off(at + 6 + len);
+                        frame.truncate(at);
+                        frame.extend_from_slice(&rest);
+                        let new_total = (frame.len() - 4) as u32;
+                        frame[..4].copy_from_slice(&new_total.to_be_bytes());
+                    }
+                    let msg = Codec
+                        .decode(&mut frame)
+                        .expect("frame")
+                        .expect("whole frame");
+                    return (msg, bem);
+                }
+            }
+            let n = tokio::time::timeout(TIMEOUT, stream.read_buf(buf))
+                .await
+                .expect("frame within timeout")
+                .expect("read");
+            assert!(n > 0, "broker closed the connection");
+        }
+    }
+
+    /// Reads entries of `topic` from the start with a raw client until `messages` messages.
+    async fn read_raw(
+        broker: &BrokerHandle,
+        topic: &str,
+        ask: bool,
+        messages: u64,
+    ) -> Vec<Delivered> {
+        let mut stream = TcpStream::connect(broker.local_addr())
+            .await
+            .expect("connect");
+        let mut buf = BytesMut::new();
+        send(
+            &mut stream,
+            BaseCommand {
+                r#type: Type::Connect as i32,
+                connect: Some(proto::CommandConnect {
+                    client_version: "raw-e2e".into(),
+                    protocol_version: Some(19),
+                    feature_flags: Some(proto::FeatureFlags {
+                        supports_broker_entry_metadata: Some(ask),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+        let (connected, _) = next(&mut stream, &mut buf).await;
+        assert!(connected.command.connected.is_some());
+        send(
+            &mut stream,
+            BaseCommand {
+                r#type: Type::Subscribe as i32,
+                subscribe: Some(proto::CommandSubscribe {
+                    topic: topic.into(),
+                    subscription: "raw".into(),
+                    sub_type: proto::command_subscribe::SubType::Exclusive as i32,
+                    consumer_id: 1,
+                    request_id: 1,
+                    durable: Some(false),
+                    initial_position: Some(
+                        proto::command_subscribe::InitialPosition::Earliest as i32,
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+        let (ok, _) = next(&mut stream, &mut buf).await;
+        assert!(ok.command.success.is_some(), "{:?}", ok.command);
+        send(
+            &mut stream,
+            BaseCommand {
+                r#type: Type::Flow as i32,
+                flow: Some(proto::CommandFlow {
+                    consumer_id: 1,
+                    message_permits: 1000,
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut out = Vec::new();
+        while out.iter().map(|d: &Delivered| d.messages).sum::<u64>() < messages {
+            let (msg, bem) = next(&mut stream, &mut buf).await;
+            let payload = msg.payload.expect("message payload");
+            out.push(Delivered {
+                entry_metadata: bem,
+                messages: payload.metadata.num_messages_in_batch.unwrap_or(1) as u64,
+            });
+        }
+        out
+    }
+
+    async fn produce_batched(
+        pulsar: &Pulsar<TokioExecutor>,
+        topic: &str,
+        batches: usize,
+        size: u32,
+    ) {
+        let mut producer = pulsar
+            .producer()
+            .with_topic(topic)
+            .with_options(ProducerOptions {
+                batch_size: Some(size),
+                ..Default::default()
+            })
+            .build()
+            .await
+            .expect("producer");
+        let mut receipts = Vec::new();
+        for i in 0..(batches as u32 * size) {
+            receipts.push(
+                producer
+                    .send_non_blocking(format!("b-{i}").into_bytes())
+                    .await
+                    .expect("queued"),
+            );
+        }
+        for r in receipts {
+            r.await.expect("receipt");
+        }
+        producer.close().await.expect("close");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_entry_index_counts_messages_continuously_across_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topic = "persistent://public/default/entry-index";
+        {
+            let broker = start(dir.path()).await;
+            let pulsar = client(&broker).await;
+            produce_batched(&pulsar, topic, 2, 4).await;
+            produce(&pulsar, topic, 0..3).await;
+            drop(pulsar);
+            broker.shutdown().await;
+        }
+        let broker = start(dir.path()).await;
+        let pulsar = client(&broker).await;
+        produce(&pulsar, topic, 3..6).await;
+        produce_batched(&pulsar, topic, 1, 3).await;
+
+        let delivered = read_raw(&broker, topic, true, 17).await;
+        let total: u64 = delivered.iter().map(|d| d.messages).sum();
+        assert_eq!(total, 4 + 4 + 3 + 3 + 3, "{delivered:?}");
+        assert!(
+            delivered.iter().any(|d| d.messages > 1),
+            "batches were stored: {delivered:?}"
+        );
+        let mut next_index = 0;
+        let mut last_time = 0;
+        for d in &delivered {
+            let (time, index) = d
+                .entry_metadata
+                .expect("entry metadata for a client that asks");
+            // Pulsar's index is that of the entry's last message.
+            assert_eq!(index + 1 - d.messages, next_index, "{delivered:?}");
+            assert!(time >= last_time && time > 0);
+            next_index = index + 1;
+            last_time = time;
+        }
+        // A client that does not ask gets plain frames.
+        let plain = read_raw(&broker, topic, false, 17).await;
+        assert!(plain.iter().all(|d| d.entry_metadata.is_none()));
+        drop(pulsar);
+        broker.shutdown().await;
+    }
+}
+
+// --- retention ---------------------------------------------------------------------------
+
+fn segment_files(dir: &std::path::Path, topic: &str) -> usize {
+    let topic_dir = dir
+        .join("topics")
+        .join(magnetar_broker::naming::escape(topic));
+    std::fs::read_dir(topic_dir)
+        .expect("topic dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_retention_deletes_only_segments_every_subscription_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = BrokerConfig::new("127.0.0.1:0".parse().expect("addr"), dir.path().into());
+    config.segment_bytes = 4096;
+    config.retention = magnetar_broker::Retention {
+        max_bytes: Some(0),
+        max_age: None,
+    };
+    let broker = start_with(config).await;
+    let pulsar = client(&broker).await;
+    let topic = "persistent://public/default/retained";
+    let mut main = consumer(&pulsar, topic, "main", SubType::Exclusive).await;
+    let mut laggard = consumer(&pulsar, topic, "laggard", SubType::Exclusive).await;
+    produce(&pulsar, topic, 0..300).await;
+    let before = segment_files(dir.path(), topic);
+    assert!(before >= 3, "several segments written ({before})");
+    assert_eq!(receive(&mut main, 300, true).await, expected(0..300));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        segment_files(dir.path(), topic),
+        before,
+        "unacknowledged (laggard) data is kept"
+    );
+    assert_eq!(receive(&mut laggard, 300, true).await, expected(0..300));
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while segment_files(dir.path(), topic) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumed segments deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The topic goes on; a new subscription from the earliest starts at the oldest kept entry.
+    produce(&pulsar, topic, 300..310).await;
+    let mut fresh = consumer(&pulsar, topic, "fresh", SubType::Exclusive).await;
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("msg-309") {
+        got.extend(receive(&mut fresh, 1, true).await);
+    }
+    let first: u32 = got[0]["msg-".len()..].parse().expect("number");
+    assert!(first > 0, "the deleted messages are gone");
+    assert_eq!(got, expected(first..310));
     drop(pulsar);
     broker.shutdown().await;
 }

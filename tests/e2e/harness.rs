@@ -16,13 +16,12 @@ pub struct Gateway {
     pub mqtt: SocketAddr,
     pub mqtts: SocketAddr,
     pub echo: Option<SocketAddr>,
+    /// The admin HTTP API; its token is [`ADMIN_TOKEN`].
+    pub admin: SocketAddr,
 }
 
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port");
-    l.local_addr().expect("local addr")
-}
+/// The admin API token of test gateways.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 
 /// Options of a test gateway.
 #[derive(Default)]
@@ -36,10 +35,19 @@ pub struct Options {
 impl Gateway {
     pub fn start(opts: Options) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (broker, mqtt, mqtts) = (free_port(), free_port(), free_port());
-        let echo = opts.echo_plugin.then(free_port);
+        // All ports are held until all are chosen, so one gateway never gets a port twice.
+        let held: Vec<TcpListener> = (0..5)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port"))
+            .collect();
+        let ports: Vec<SocketAddr> = held
+            .iter()
+            .map(|l| l.local_addr().expect("local addr"))
+            .collect();
+        drop(held);
+        let (broker, mqtt, mqtts, admin) = (ports[0], ports[1], ports[2], ports[3]);
+        let echo = opts.echo_plugin.then_some(ports[4]);
         let mut config = format!(
-            "[broker]\nlisten = \"{broker}\"\n\n[plugins]\nworkers = 2\nevent_deadline_ms = 200\nmemory_limit_mib = 32\n"
+            "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[plugins]\nworkers = 2\nevent_deadline_ms = 200\nmemory_limit_mib = 32\n"
         );
         if opts.echo_plugin {
             config.push_str(&format!("dir = {:?}\n", plugin_dir(dir.path())));
@@ -63,6 +71,7 @@ impl Gateway {
             mqtt,
             mqtts,
             echo,
+            admin,
         };
         gw.spawn();
         gw
@@ -91,7 +100,7 @@ impl Gateway {
             .expect("spawning magnetar");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut ports = vec![self.mqtt, self.mqtts, self.broker];
+        let mut ports = vec![self.mqtt, self.mqtts, self.broker, self.admin];
         ports.extend(self.echo);
         for addr in ports {
             while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {

@@ -5,3 +5,4 @@ mod broker;
 mod harness;
 mod mqtt;
 mod plugins;
+mod tenancy;

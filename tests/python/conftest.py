@@ -22,6 +22,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all are held until all are chosen."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -35,18 +49,20 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
     raise RuntimeError(f"nothing listens on {port} after {timeout}s:\n{log.read_text()}")
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
 class Gateway:
     """A gateway process with its ports, data directory and log."""
 
     def __init__(self, tmp: Path, extra_config: str = ""):
         self.tmp = tmp
         self.data_dir = tmp / "data"
-        self.broker_port = free_port()
-        self.mqtt_port = free_port()
-        self.mqtts_port = free_port()
+        self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port = free_ports(4)
         self.config = tmp / "magnetar.toml"
         self.config.write_text(
             f'[broker]\nlisten = "127.0.0.1:{self.broker_port}"\n\n'
+            f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\ntoken = "{ADMIN_TOKEN}"\n\n'
             f'[[listeners]]\nname = "mqtt"\nbind = "127.0.0.1:{self.mqtt_port}"\nplugin = "mqtt"\n\n'
             f'[[listeners]]\nname = "mqtt-tls"\nbind = "127.0.0.1:{self.mqtts_port}"\nplugin = "mqtt"\ntls = true\n'
             + extra_config
@@ -70,7 +86,7 @@ class Gateway:
             stderr=logf,
             env={**os.environ, "RUST_LOG": "info"},
         )
-        for port in (self.broker_port, self.mqtt_port, self.mqtts_port):
+        for port in (self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port):
             wait_for_port(port, self.proc, self.log)
         return self
 

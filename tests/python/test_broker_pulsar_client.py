@@ -7,7 +7,10 @@ MAGNETAR_BROKER_BIN points at one, starts it on a free port with a temporary dat
 directory, and kills it at the end.
 """
 
+import base64
 import hashlib
+import hmac
+import json
 import os
 import signal
 import socket
@@ -46,19 +49,27 @@ def _free_port():
 class BrokerProcess:
     """One broker process on a fixed port and data directory; can be killed and restarted."""
 
-    def __init__(self, binary, data_dir):
+    def __init__(self, binary, data_dir, args=()):
         self.binary = binary
         self.data_dir = data_dir
+        self.args = list(args)
         self.port = _free_port()
+        self.admin_port = _free_port()
         self.proc = None
 
     @property
     def url(self):
         return f"pulsar://127.0.0.1:{self.port}"
 
+    @property
+    def admin_url(self):
+        return f"http://127.0.0.1:{self.admin_port}/admin/v2"
+
     def start(self):
         self.proc = subprocess.Popen(
-            [str(self.binary), "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)],
+            [str(self.binary), "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)]
+            + ["--admin-listen", f"127.0.0.1:{self.admin_port}"]
+            + self.args,
             stdout=subprocess.DEVNULL,
         )
         deadline = time.time() + 20
@@ -262,4 +273,504 @@ def test_every_receipted_message_survives_kill9_mid_stream(broker):
     missing = receipted - seen
     print(f"kill -9 mid-stream: {len(receipted)} receipted, {len(seen)} recovered")
     assert not missing, f"{len(missing)} receipted messages lost, e.g. {sorted(missing)[:5]}"
+    client.close()
+
+
+# --- token authentication ---------------------------------------------------------------
+
+SECRET = b"magnetar-test-secret-0123456789abcdef"
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwt(claims, secret=SECRET, alg="HS256"):
+    header = _b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    body = _b64url(json.dumps(claims).encode())
+    signing_input = f"{header}.{body}".encode()
+    if alg == "none":
+        return f"{header}.{body}."
+    sig = hmac.new(secret, signing_input, hashlib.sha256).digest()
+    return f"{header}.{body}.{_b64url(sig)}"
+
+
+@pytest.fixture
+def auth_broker(broker_binary, tmp_path):
+    secret_file = tmp_path / "secret.key"
+    # Pulsar's inline form of a secret key: `data:;base64,...`.
+    secret_file.write_text("data:;base64," + base64.b64encode(SECRET).decode())
+    b = BrokerProcess(
+        broker_binary,
+        tmp_path / "data",
+        ["--token-secret-file", str(secret_file), "--superuser", "admin", "--tenant-role", "alice=acme"],
+    )
+    b.start()
+    yield b
+    b.kill9()
+
+
+def _admin(broker, method, path, body=None, token=None):
+    """One admin REST call; returns (status, decoded JSON body or None)."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(broker.admin_url + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, (json.loads(raw) if raw else None)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, (json.loads(raw) if raw else None)
+
+
+def _token_client(broker, token):
+    auth = pulsar.AuthenticationToken(token) if token is not None else None
+    return pulsar.Client(broker.url, authentication=auth, operation_timeout_seconds=2)
+
+
+def test_token_auth_admits_valid_tokens_and_refuses_the_rest(auth_broker):
+    topic = f"persistent://acme/ns/auth-{uuid.uuid4().hex[:8]}"
+    alice = _token_client(auth_broker, _jwt({"sub": "alice", "exp": int(time.time()) + 600}))
+    consumer = alice.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    producer = alice.create_producer(topic)
+    producer.send(b"hello")
+    assert consumer.receive(timeout_millis=5000).data() == b"hello"
+    # Another tenant's topic: authenticated, but not authorized.
+    with pytest.raises(pulsar.PulsarException) as denied:
+        alice.create_producer("persistent://globex/ns/secret")
+    assert "Authoriz" in str(denied.value), denied.value
+    with pytest.raises(pulsar.PulsarException):
+        alice.subscribe("persistent://globex/ns/secret", "s")
+    alice.close()
+
+    admin = _token_client(auth_broker, _jwt({"sub": "admin"}))
+    admin.create_producer("persistent://globex/ns/secret").send(b"x")
+    watcher = admin.subscribe(topic, "watch", initial_position=pulsar.InitialPosition.Earliest)
+
+    refused = {
+        "wrong signature": _jwt({"sub": "alice"}, secret=b"another secret"),
+        "expired": _jwt({"sub": "alice", "exp": int(time.time()) - 10}),
+        "alg none": _jwt({"sub": "admin"}, alg="none"),
+        "no token": None,
+    }
+    for why, token in refused.items():
+        client = _token_client(auth_broker, token)
+        with pytest.raises(pulsar.PulsarException) as err:
+            client.create_producer(topic)
+        # The C++ client retries a refused connection until its operation timeout.
+        assert isinstance(err.value, (pulsar.AuthenticationError, pulsar.ConnectError, pulsar.Timeout)), (
+            why,
+            err.value,
+        )
+        client.close()
+    # Nothing the refused clients tried reached the topic.
+    assert watcher.receive(timeout_millis=5000).data() == b"hello"
+    with pytest.raises(pulsar.Timeout):
+        watcher.receive(timeout_millis=300)
+    admin.close()
+
+    # The admin API takes the same tokens.
+    assert _admin(auth_broker, "GET", "/tenants")[0] == 401
+    alice_token = _jwt({"sub": "alice"})
+    status, tenants = _admin(auth_broker, "GET", "/tenants", token=alice_token)
+    assert status == 200 and tenants == ["acme"], tenants
+    assert _admin(auth_broker, "PUT", "/tenants/globex2", token=alice_token)[0] == 403
+    assert _admin(auth_broker, "PUT", "/tenants/globex2", token=_jwt({"sub": "admin"}))[0] == 204
+
+
+# --- negative acks, redelivery, seek, readers --------------------------------------------
+
+
+def test_negative_ack_redelivers_with_growing_count(broker):
+    client = _client(broker)
+    topic = _topic()
+    for kind in (pulsar.ConsumerType.Shared, pulsar.ConsumerType.Exclusive):
+        sub = f"nack-{kind}"
+        consumer = client.subscribe(
+            topic, sub, consumer_type=kind, negative_ack_redelivery_delay_ms=100,
+            initial_position=pulsar.InitialPosition.Earliest,
+        )
+        if kind == pulsar.ConsumerType.Shared:
+            producer = client.create_producer(topic, batching_enabled=False)
+            for i in range(3):
+                producer.send(f"n-{i}".encode())
+        first = consumer.receive(timeout_millis=5000)
+        assert first.data() == b"n-0" and first.redelivery_count() == 0
+        consumer.negative_acknowledge(first)
+        rest = [consumer.receive(timeout_millis=5000) for _ in range(2)]
+        for m in rest:
+            consumer.acknowledge(m)
+        assert sorted(m.data() for m in rest) == [b"n-1", b"n-2"]
+        again = consumer.receive(timeout_millis=5000)
+        assert again.data() == b"n-0"
+        assert again.redelivery_count() == 1
+        consumer.negative_acknowledge(again)
+        third = consumer.receive(timeout_millis=5000)
+        assert third.data() == b"n-0" and third.redelivery_count() == 2
+        consumer.acknowledge(third)
+        with pytest.raises(pulsar.Timeout):
+            consumer.receive(timeout_millis=300)
+        consumer.close()
+    client.close()
+
+
+def test_ack_of_unknown_message_id_is_harmless(broker):
+    client = _client(broker)
+    topic = _topic()
+    consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    producer = client.create_producer(topic, batching_enabled=False)
+    producer.send(b"a")
+    msg = consumer.receive(timeout_millis=5000)
+    bogus = pulsar.MessageId(-1, 424242, 999999, -1)
+    consumer.acknowledge(bogus)
+    consumer.acknowledge(msg)
+    producer.send(b"b")
+    assert consumer.receive(timeout_millis=5000).data() == b"b"
+    client.close()
+
+
+def _produce_spaced(client, topic, n, gap_after):
+    """Sends n non-batched messages, pausing after `gap_after`; returns their message ids."""
+    producer = client.create_producer(topic, batching_enabled=False)
+    ids = []
+    for i in range(n):
+        ids.append(producer.send(f"m-{i}".encode()))
+        if i == gap_after:
+            time.sleep(0.2)
+    producer.close()
+    return ids
+
+
+def test_seek_by_message_id_and_by_publish_time(broker):
+    client = _client(broker)
+    topic = _topic()
+    consumer = client.subscribe(topic, "seeker", initial_position=pulsar.InitialPosition.Earliest)
+    _produce_spaced(client, topic, 10, gap_after=5)
+    got = [consumer.receive(timeout_millis=5000) for _ in range(10)]
+    for m in got:
+        consumer.acknowledge(m)
+    assert [m.data().decode() for m in got] == [f"m-{i}" for i in range(10)]
+
+    # As with Apache Pulsar, a consumer resumes after the message id it seeks to.
+    consumer.seek(got[3].message_id())
+    assert _receive_all(consumer, 6) == [f"m-{i}" for i in range(4, 10)]
+
+    between = (got[5].publish_timestamp() + got[6].publish_timestamp()) // 2
+    assert got[5].publish_timestamp() < between < got[6].publish_timestamp()
+    consumer.seek(between)
+    assert _receive_all(consumer, 4) == [f"m-{i}" for i in range(6, 10)]
+
+    consumer.seek(pulsar.MessageId.earliest)
+    assert _receive_all(consumer, 10) == [f"m-{i}" for i in range(10)]
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(timeout_millis=300)
+    client.close()
+
+
+def test_readers_last_message_id_and_message_available(broker):
+    client = _client(broker)
+    topic = _topic()
+    empty = client.create_reader(topic, pulsar.MessageId.earliest)
+    assert not empty.has_message_available()
+    ids = _produce_spaced(client, topic, 5, gap_after=-1)
+    assert empty.has_message_available()
+    assert [empty.read_next(5000).data() for _ in range(5)] == [f"m-{i}".encode() for i in range(5)]
+    assert not empty.has_message_available()
+
+    after = client.create_reader(topic, ids[1])
+    assert [after.read_next(5000).data() for _ in range(3)] == [b"m-2", b"m-3", b"m-4"]
+    inclusive = client.create_reader(topic, ids[1], start_message_id_inclusive=True)
+    assert inclusive.read_next(5000).data() == b"m-1"
+    latest = client.create_reader(topic, pulsar.MessageId.latest)
+    assert not latest.has_message_available()
+
+    consumer = client.subscribe(topic, "last")
+    last = consumer.get_last_message_id()
+    assert (last.ledger_id(), last.entry_id()) == (ids[4].ledger_id(), ids[4].entry_id())
+
+    # A reader that seeks goes back, and resumes after the id it seeks to.
+    empty.seek(ids[2])
+    assert empty.read_next(5000).data() == b"m-3"
+    client.close()
+
+
+def test_initial_position_latest_skips_the_backlog(broker):
+    client = _client(broker)
+    topic = _topic()
+    _produce_spaced(client, topic, 3, gap_after=-1)
+    latest = client.subscribe(topic, "latest")
+    earliest = client.subscribe(topic, "earliest", initial_position=pulsar.InitialPosition.Earliest)
+    client.create_producer(topic).send(b"new")
+    assert latest.receive(timeout_millis=5000).data() == b"new"
+    assert _receive_all(earliest, 4) == ["m-0", "m-1", "m-2", "new"]
+    client.close()
+
+
+# --- de-duplication ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dedup_broker(broker_binary, tmp_path):
+    b = BrokerProcess(broker_binary, tmp_path / "data", ["--deduplication"])
+    b.start()
+    yield b
+    b.kill9()
+
+
+def test_dedup_exactly_once_across_resends_and_kill9(dedup_broker):
+    topic = _topic()
+    client = _client(dedup_broker)
+    consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    producer = client.create_producer(topic, producer_name="exactly-once", batching_enabled=False)
+    assert producer.last_sequence_id() == -1
+    for i in range(10):
+        producer.send(f"e-{i}".encode(), sequence_id=i)
+    for i in range(5, 15):  # 5..9 are resends of what is already stored
+        producer.send(f"e-{i}".encode(), sequence_id=i)
+    assert _receive_all(consumer, 15) == [f"e-{i}" for i in range(15)]
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(timeout_millis=300)
+    # A second producer with the same name is refused while the first is connected.
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic, producer_name="exactly-once")
+
+    dedup_broker.kill9()
+    try:
+        client.close()
+    except pulsar.PulsarException:
+        pass
+    dedup_broker.start()
+    client = _client(dedup_broker)
+    producer = client.create_producer(topic, producer_name="exactly-once", batching_enabled=False)
+    assert producer.last_sequence_id() == 14
+    for i in range(10, 20):
+        producer.send(f"e-{i}".encode(), sequence_id=i)
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    seen = []
+    while reader.has_message_available():
+        seen.append(reader.read_next(5000).data().decode())
+    assert seen == [f"e-{i}" for i in range(20)]
+    client.close()
+
+
+# --- Failover and Key_Shared ---------------------------------------------------------------
+
+
+def test_failover_active_consumer_and_takeover(broker):
+    client = _client(broker)
+    topic = _topic()
+    kind = pulsar.ConsumerType.Failover
+    standby = client.subscribe(topic, "fo", consumer_type=kind, consumer_name="b-standby")
+    active = client.subscribe(topic, "fo", consumer_type=kind, consumer_name="a-active")
+    producer = client.create_producer(topic, batching_enabled=False)
+    for i in range(10):
+        producer.send(f"f-{i}".encode())
+    got = [active.receive(timeout_millis=5000) for _ in range(10)]
+    assert [m.data().decode() for m in got] == [f"f-{i}" for i in range(10)]
+    with pytest.raises(pulsar.Timeout):
+        standby.receive(timeout_millis=300)
+    for m in got[:4]:
+        active.acknowledge(m)
+    time.sleep(0.3)  # let the acks reach the broker (the client groups them)
+    active.close()
+    # The standby takes over, from the first unacknowledged message on, in order.
+    assert _receive_all(standby, 6) == [f"f-{i}" for i in range(4, 10)]
+    producer.send(b"f-10")
+    assert standby.receive(timeout_millis=5000).data() == b"f-10"
+    client.close()
+
+
+def test_key_shared_keeps_keys_on_one_consumer_in_order(broker):
+    client = _client(broker)
+    topic = _topic()
+    kind = pulsar.ConsumerType.KeyShared
+    consumers = [client.subscribe(topic, "ks", consumer_type=kind, consumer_name=f"c{i}") for i in range(3)]
+    producer = client.create_producer(topic, batching_enabled=False)
+    n = 300
+    for i in range(n):
+        producer.send(f"{i}".encode(), partition_key=f"key-{i % 12}")
+    seen = {}  # key -> (consumer index, payloads in arrival order)
+    total = 0
+    deadline = time.time() + 30
+    while total < n and time.time() < deadline:
+        for idx, c in enumerate(consumers):
+            try:
+                msg = c.receive(timeout_millis=50)
+            except pulsar.Timeout:
+                continue
+            owner, values = seen.setdefault(msg.partition_key(), (idx, []))
+            assert owner == idx, f"{msg.partition_key()} went to consumers {owner} and {idx}"
+            values.append(int(msg.data()))
+            c.acknowledge(msg)
+            total += 1
+    assert total == n
+    assert len(seen) == 12
+    assert len({owner for owner, _ in seen.values()}) > 1, "keys spread over consumers"
+    for key, (_, values) in seen.items():
+        assert values == sorted(values), f"order of {key} broken: {values}"
+    client.close()
+
+
+# --- schemas and regex subscriptions -------------------------------------------------------
+
+
+def test_typed_json_producer_and_consumer(broker):
+    from pulsar.schema import Integer, JsonSchema, Record, String
+
+    class Reading(Record):
+        sensor = String()
+        value = Integer()
+
+    client = _client(broker)
+    topic = _topic()
+    consumer = client.subscribe(topic, "typed", schema=JsonSchema(Reading))
+    producer = client.create_producer(topic, schema=JsonSchema(Reading))
+    producer.send(Reading(sensor="t1", value=21))
+    msg = consumer.receive(timeout_millis=5000)
+    assert (msg.value().sensor, msg.value().value) == ("t1", 21)
+    # The same schema again is the same version; the registry survives the producer.
+    again = client.create_producer(topic, schema=JsonSchema(Reading))
+    again.send(Reading(sensor="t2", value=22))
+    msg2 = consumer.receive(timeout_millis=5000)
+    assert msg2.value().sensor == "t2"
+    assert msg2.schema_version() == msg.schema_version()
+    client.close()
+
+
+def test_regex_consumer_finds_topics_of_the_namespace(broker):
+    import re
+
+    client = _client(broker)
+    prefix = f"persistent://public/default/rx-{uuid.uuid4().hex[:8]}"
+    for name in ("a", "b"):
+        p = client.create_producer(f"{prefix}-{name}", batching_enabled=False)
+        p.send(f"from-{name}".encode())
+        p.close()
+    consumer = client.subscribe(
+        re.compile(f"{prefix}-.*"), "rx", initial_position=pulsar.InitialPosition.Earliest
+    )
+    got = sorted(_receive_all(consumer, 2))
+    assert got == ["from-a", "from-b"]
+    client.close()
+
+
+# --- admin API and partitioned topics ------------------------------------------------------
+
+
+def test_admin_api_and_partitioned_topic(broker):
+    tenant = f"t{uuid.uuid4().hex[:6]}"
+    assert _admin(broker, "GET", "/clusters") == (200, ["standalone"])
+    assert _admin(broker, "PUT", f"/tenants/{tenant}", {"allowedClusters": ["standalone"]})[0] == 204
+    assert _admin(broker, "PUT", f"/tenants/{tenant}")[0] == 409
+    assert _admin(broker, "PUT", f"/namespaces/{tenant}/ns")[0] == 204
+    assert _admin(broker, "GET", f"/namespaces/{tenant}") == (200, [f"{tenant}/ns"])
+    base = f"/persistent/{tenant}/ns/orders"
+    assert _admin(broker, "PUT", f"{base}/partitions", 3)[0] == 204
+    assert _admin(broker, "PUT", f"{base}/partitions", 3)[0] == 409
+    assert _admin(broker, "GET", f"{base}/partitions") == (200, {"partitions": 3})
+    topic = f"persistent://{tenant}/ns/orders"
+    assert _admin(broker, "GET", f"/persistent/{tenant}/ns/partitioned") == (200, [topic])
+    assert _admin(broker, "GET", f"/persistent/{tenant}/ns")[1] == [f"{topic}-partition-{i}" for i in range(3)]
+
+    client = _client(broker)
+    consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    producer = client.create_producer(topic, batching_enabled=False)
+    for i in range(30):
+        producer.send(f"{i}".encode(), partition_key=f"k{i % 5}")
+    by_key = {}
+    partitions = set()
+    for _ in range(30):
+        msg = consumer.receive(timeout_millis=5000)
+        by_key.setdefault(msg.partition_key(), []).append(int(msg.data()))
+        partitions.add(msg.topic_name())
+        consumer.acknowledge(msg)
+    assert sum(len(v) for v in by_key.values()) == 30
+    assert all(v == sorted(v) for v in by_key.values()), by_key
+    assert len(partitions) > 1, partitions
+
+    stats = [_admin(broker, "GET", f"{base}-partition-{i}/stats") for i in range(3)]
+    assert all(status == 200 and "s" in st["subscriptions"] for status, st in stats), stats
+    assert sum(st["msgInCounter"] for _, st in stats) == 30, stats
+    # In use: refused; once closed: deleted with its partitions.
+    assert _admin(broker, "DELETE", f"{base}/partitions")[0] == 412
+    client.close()
+    assert _admin(broker, "DELETE", f"{base}/partitions")[0] == 204
+    assert _admin(broker, "GET", f"/persistent/{tenant}/ns") == (200, [])
+    assert _admin(broker, "DELETE", f"/namespaces/{tenant}/ns")[0] == 204
+    assert _admin(broker, "DELETE", f"/tenants/{tenant}")[0] == 204
+    assert _admin(broker, "GET", f"{base}/stats")[0] == 404
+
+
+def test_delayed_delivery_on_shared_subscription(broker):
+    from datetime import timedelta
+
+    client = _client(broker)
+    topic = _topic()
+    consumer = client.subscribe(topic, "delayed", consumer_type=pulsar.ConsumerType.Shared)
+    producer = client.create_producer(topic, batching_enabled=False)
+    start = time.time()
+    producer.send(b"later", deliver_after=timedelta(milliseconds=1500))
+    producer.send(b"now")
+    first = consumer.receive(timeout_millis=5000)
+    assert first.data() == b"now"
+    assert time.time() - start < 1.0
+    second = consumer.receive(timeout_millis=5000)
+    assert second.data() == b"later"
+    assert time.time() - start >= 1.4
+    consumer.acknowledge(first)
+    consumer.acknowledge(second)
+    client.close()
+
+
+def test_batch_index_acks_redeliver_only_the_unacked_messages(broker):
+    client = _client(broker)
+    topic = _topic()
+    consumer = client.subscribe(
+        topic, "bi", consumer_type=pulsar.ConsumerType.Shared, batch_index_ack_enabled=True,
+        initial_position=pulsar.InitialPosition.Earliest,
+    )
+    producer = client.create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    for i in range(10):
+        producer.send_async(f"x-{i}".encode(), None)
+    producer.flush()
+    got = [consumer.receive(timeout_millis=5000) for _ in range(10)]
+    assert len({(m.message_id().ledger_id(), m.message_id().entry_id()) for m in got}) == 1, "one batch"
+    for m in got[::2]:  # ack the even ones only
+        consumer.acknowledge(m)
+    time.sleep(0.3)  # the client groups acks
+    consumer.close()
+    again = client.subscribe(topic, "bi", consumer_type=pulsar.ConsumerType.Shared, batch_index_ack_enabled=True)
+    redelivered = sorted(again.receive(timeout_millis=5000).data().decode() for _ in range(5))
+    assert redelivered == [f"x-{i}" for i in range(1, 10, 2)]
+    with pytest.raises(pulsar.Timeout):
+        again.receive(timeout_millis=300)
+    client.close()
+
+
+def test_long_topic_names_work_and_are_listed_after_restart(broker):
+    name = "long-" + "x" * 400 + uuid.uuid4().hex[:8]
+    topic = f"persistent://public/default/{name}"
+    client = _client(broker)
+    consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
+    client.create_producer(topic, batching_enabled=False).send(b"long")
+    assert consumer.receive(timeout_millis=5000).data() == b"long"
+    broker.kill9()
+    try:
+        client.close()
+    except pulsar.PulsarException:
+        pass
+    broker.start()
+    status, topics = _admin(broker, "GET", "/persistent/public/default")
+    assert status == 200 and topic in topics
+    client = _client(broker)
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    assert reader.read_next(5000).data() == b"long"
     client.close()

@@ -14,7 +14,7 @@ TIMEOUT = 20
 class Paho:
     """A connected paho client whose received messages land in a queue."""
 
-    def __init__(self, port, client_id=None, tls_ca=None, clean_session=True):
+    def __init__(self, port, client_id=None, tls_ca=None, clean_session=True, will=None):
         self.messages = queue.Queue()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -24,7 +24,17 @@ class Paho:
         )
         if tls_ca:
             self.client.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED)
-        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.qos))
+        self.full = queue.Queue()
+        self.disconnects = queue.Queue()
+
+        def on_message(c, u, m):
+            self.messages.put((m.topic, m.payload, m.qos))
+            self.full.put(m)
+
+        self.client.on_message = on_message
+        self.client.on_disconnect = lambda c, u, flags, rc, p: self.disconnects.put(rc)
+        if will:
+            self.client.will_set(*will)
         self.client.connect("localhost" if tls_ca else "127.0.0.1", port, keepalive=30)
         self.client.loop_start()
         deadline = TIMEOUT
@@ -43,8 +53,8 @@ class Paho:
         codes = acked.get(timeout=TIMEOUT)
         assert not any(rc.is_failure for rc in codes), codes
 
-    def publish(self, topic, payload, qos):
-        info = self.client.publish(topic, payload, qos)
+    def publish(self, topic, payload, qos, retain=False):
+        info = self.client.publish(topic, payload, qos, retain=retain)
         info.wait_for_publish(timeout=TIMEOUT)
         assert info.is_published()
 
@@ -130,3 +140,89 @@ def test_mqtt_subscriber_gets_what_pulsar_producer_sent(gateway):
     finally:
         sub.close()
         client.close()
+
+
+def test_qos2_exactly_once_both_ways(gateway):
+    sub = Paho(gateway.mqtt_port)
+    pub = Paho(gateway.mqtt_port)
+    try:
+        sub.subscribe("exact/#", 2)
+        for i in range(10):
+            pub.publish(f"exact/{i}", f"m{i}".encode(), 2)
+        got = sorted(sub.receive(10))
+        assert got == sorted((f"exact/{i}", f"m{i}".encode(), 2) for i in range(10))
+        with pytest.raises(queue.Empty):
+            sub.messages.get(timeout=0.7)
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_retained_message_on_subscribe_and_cleared_by_empty_payload(gateway):
+    pub = Paho(gateway.mqtt_port)
+    try:
+        pub.publish("status/door", b"open", 1, retain=True)
+        pub.publish("status/window", b"closed", 2, retain=True)
+        sub = Paho(gateway.mqtt_port)
+        try:
+            sub.subscribe("status/+", 2)
+            got = sorted((m.topic, m.payload, m.qos, m.retain) for m in (sub.full.get(timeout=TIMEOUT) for _ in range(2)))
+            assert got == [("status/door", b"open", 1, True), ("status/window", b"closed", 2, True)]
+            # Established subscription: RETAIN 0 (§3.3.1.3).
+            pub.publish("status/door", b"", 1, retain=True)
+            m = sub.full.get(timeout=TIMEOUT)
+            assert (m.topic, m.payload, m.retain) == ("status/door", b"", False)
+        finally:
+            sub.close()
+        late = Paho(gateway.mqtt_port)
+        try:
+            late.subscribe("status/#", 1)
+            m = late.full.get(timeout=TIMEOUT)
+            assert (m.topic, m.payload, m.retain) == ("status/window", b"closed", True)
+            with pytest.raises(queue.Empty):
+                late.full.get(timeout=0.7)
+        finally:
+            late.close()
+    finally:
+        pub.close()
+
+
+def test_will_published_when_the_socket_dies_not_after_disconnect(gateway):
+    watch = Paho(gateway.mqtt_port)
+    try:
+        watch.subscribe("lwt/#", 1)
+        polite = Paho(gateway.mqtt_port, will=("lwt/polite", b"no", 1, False))
+        polite.close()
+        rude = Paho(gateway.mqtt_port, will=("lwt/rude", b"gone", 1, True))
+        rude.client.loop_stop()
+        rude.client.socket().close()
+        m = watch.full.get(timeout=TIMEOUT)
+        assert (m.topic, m.payload, m.qos) == ("lwt/rude", b"gone", 1)
+        with pytest.raises(queue.Empty):
+            watch.full.get(timeout=0.7)
+        # Will Retain: the will is now the topic's retained message.
+        late = Paho(gateway.mqtt_port)
+        try:
+            late.subscribe("lwt/rude", 1)
+            m = late.full.get(timeout=TIMEOUT)
+            assert (m.payload, m.retain) == (b"gone", True)
+        finally:
+            late.close()
+    finally:
+        watch.close()
+
+
+def test_same_client_id_takes_the_session_over(gateway):
+    first = Paho(gateway.mqtt_port, client_id="paho-twin", clean_session=False)
+    first.client.reconnect_delay_set(60, 60)
+    first.subscribe("twin/#", 1)
+    second = Paho(gateway.mqtt_port, client_id="paho-twin", clean_session=False)
+    pub = Paho(gateway.mqtt_port)
+    try:
+        first.disconnects.get(timeout=TIMEOUT)
+        pub.publish("twin/a", b"for the second", 1)
+        assert second.receive(1) == [("twin/a", b"for the second", 1)]
+    finally:
+        first.client.loop_stop()
+        second.close()
+        pub.close()

@@ -1,32 +1,108 @@
 //! `magnetar-broker --listen 127.0.0.1:6650 --data-dir DIR`: runs the embedded broker alone
 //! (for tests with other clients, and for trying it out). Stops cleanly on Ctrl-C.
+//!
+//! Token authentication as Pulsar's `AuthenticationProviderToken`: `--token-secret-file`
+//! (HS256; raw bytes, or `data:;base64,...`) or `--token-public-key-file` (RS256, PEM).
+//! `--superuser ROLE` may do anything; `--tenant-role ROLE=TENANT` lets ROLE use TENANT;
+//! `--anonymous-role ROLE` admits clients without a token as ROLE.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use magnetar_broker::auth::{secret_from_file_bytes, BrokerAuth, TenantRoles, VerifyKey};
 use magnetar_broker::{Broker, BrokerConfig};
 
-const USAGE: &str = "usage: magnetar-broker [--listen ADDR:PORT] [--data-dir DIR]";
+const USAGE: &str = "usage: magnetar-broker [--listen ADDR:PORT] [--data-dir DIR] [--deduplication]
+       [--admin-listen ADDR:PORT|none]  (admin REST API, default 127.0.0.1:8080)
+       [--retention-size BYTES] [--retention-time SECONDS] [--segment-bytes BYTES]
+       [--token-secret-file FILE | --token-public-key-file FILE] [--superuser ROLE]...
+       [--tenant-role ROLE=TENANT]... [--anonymous-role ROLE]";
 
 fn parse_args() -> Result<BrokerConfig, String> {
-    let mut listen: SocketAddr = ([127, 0, 0, 1], 6650).into();
-    let mut data_dir = PathBuf::from("magnetar-data");
+    let mut config = BrokerConfig::new(([127, 0, 0, 1], 6650).into(), "magnetar-data".into());
+    config.admin_listen = Some(([127, 0, 0, 1], 8080).into());
+    let mut key = None;
+    let mut roles = TenantRoles::default();
+    let mut anonymous_role = None;
     let mut args = std::env::args().skip(1);
+    let value = |args: &mut std::iter::Skip<std::env::Args>, flag: &str| {
+        args.next().ok_or_else(|| format!("{flag} needs a value"))
+    };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
-                let v = args.next().ok_or("--listen needs a value")?;
-                listen = v.parse().map_err(|e| format!("--listen {v}: {e}"))?;
+                let v = value(&mut args, "--listen")?;
+                config.listen = v
+                    .parse::<SocketAddr>()
+                    .map_err(|e| format!("--listen {v}: {e}"))?;
             }
-            "--data-dir" => {
-                data_dir = args.next().ok_or("--data-dir needs a value")?.into();
+            "--data-dir" => config.data_dir = PathBuf::from(value(&mut args, "--data-dir")?),
+            "--deduplication" => config.deduplication = true,
+            "--retention-size" => {
+                let v = value(&mut args, "--retention-size")?;
+                config.retention.max_bytes = Some(
+                    v.parse()
+                        .map_err(|e| format!("--retention-size {v}: {e}"))?,
+                );
             }
+            "--retention-time" => {
+                let v = value(&mut args, "--retention-time")?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|e| format!("--retention-time {v}: {e}"))?;
+                config.retention.max_age = Some(std::time::Duration::from_secs(secs));
+            }
+            "--segment-bytes" => {
+                let v = value(&mut args, "--segment-bytes")?;
+                config.segment_bytes =
+                    v.parse().map_err(|e| format!("--segment-bytes {v}: {e}"))?;
+            }
+            "--admin-listen" => {
+                let v = value(&mut args, "--admin-listen")?;
+                config.admin_listen = match v.as_str() {
+                    "none" => None,
+                    _ => Some(
+                        v.parse::<SocketAddr>()
+                            .map_err(|e| format!("--admin-listen {v}: {e}"))?,
+                    ),
+                };
+            }
+            "--token-secret-file" => {
+                let path = value(&mut args, "--token-secret-file")?;
+                let bytes = std::fs::read(&path).map_err(|e| format!("reading {path}: {e}"))?;
+                let secret = secret_from_file_bytes(&bytes).map_err(|e| format!("{path}: {e}"))?;
+                key = Some(VerifyKey::Hs256(secret));
+            }
+            "--token-public-key-file" => {
+                let path = value(&mut args, "--token-public-key-file")?;
+                let pem = std::fs::read(&path).map_err(|e| format!("reading {path}: {e}"))?;
+                key = Some(VerifyKey::Rs256(pem));
+            }
+            "--superuser" => roles.superusers.push(value(&mut args, "--superuser")?),
+            "--tenant-role" => {
+                let v = value(&mut args, "--tenant-role")?;
+                let (role, tenant) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--tenant-role {v}: expected ROLE=TENANT"))?;
+                roles
+                    .tenants
+                    .entry(role.to_string())
+                    .or_default()
+                    .push(tenant.to_string());
+            }
+            "--anonymous-role" => anonymous_role = Some(value(&mut args, "--anonymous-role")?),
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
     }
-    Ok(BrokerConfig { listen, data_dir })
+    config.auth = key.map(|verify_key| BrokerAuth {
+        verify_key,
+        authorizer: Arc::new(roles),
+        anonymous_role,
+    });
+    Ok(config)
 }
 
 #[tokio::main]

@@ -5,9 +5,14 @@
 //! purpose, so that operators (and the gateway's tests) can watch the host contain a bad
 //! plugin: `panic` panics, `loop` spins forever, `alloc` allocates without bound. The host
 //! must tear down only this instance, close its connections, and re-create it.
+//!
+//! It also exposes the host's SASL service line by line, so that any SASL client can drive
+//! it: `mechanisms` lists what the host offers; `sasl MECHANISM HEX` passes one client
+//! message (hex-encoded) to the host and answers `challenge HEX`, `ok USER TENANT HEX` (the
+//! mechanism's final data) or `fail`.
 #![forbid(unsafe_code)]
 
-use magnetar_sdk::{Conn, ConnInfo, Connection, LogLevel, Plugin};
+use magnetar_sdk::{Conn, ConnInfo, Connection, LogLevel, OpError, Plugin, SaslOutcome};
 
 /// The plugin value: a random number naming this instance.
 pub struct Echo {
@@ -58,6 +63,18 @@ impl Connection for EchoConn {
                 "loop" => spin_forever(),
                 "alloc" => allocate_without_bound(),
                 "whoami" => conn.send(format!("instance: {}\n", self.instance).as_bytes()),
+                "mechanisms" => {
+                    conn.send(format!("{}\n", magnetar_sdk::sasl_mechanisms().join(" ")).as_bytes())
+                }
+                _ if text.starts_with("sasl ") => {
+                    let mut parts = text.split_whitespace().skip(1);
+                    match (parts.next(), parts.next().and_then(from_hex)) {
+                        (Some(mechanism), Some(response)) => {
+                            conn.authenticate_sasl(0, mechanism, &response)
+                        }
+                        _ => conn.send(b"fail usage: sasl MECHANISM HEX\n"),
+                    }
+                }
                 _ => conn.send(format!("echo: {text}\n").as_bytes()),
             }
         }
@@ -65,6 +82,34 @@ impl Connection for EchoConn {
             conn.close("line too long");
         }
     }
+
+    fn on_sasl_result(&mut self, conn: Conn, _token: u64, result: Result<SaslOutcome, OpError>) {
+        let line = match result {
+            Ok(SaslOutcome::Challenge(c)) => format!("challenge {}\n", to_hex(&c)),
+            Ok(SaslOutcome::Success(s)) => format!(
+                "ok {} {} {}\n",
+                s.principal.user,
+                s.principal.tenant,
+                to_hex(&s.final_data)
+            ),
+            Err(_) => "fail\n".to_string(),
+        };
+        conn.send(line.as_bytes());
+    }
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn spin_forever() -> ! {

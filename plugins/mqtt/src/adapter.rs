@@ -4,8 +4,11 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::rc::Rc;
 
-use magnetar_sdk::{Conn, ConnInfo, Connection, Delivery, OpError, Plugin, Principal, SubId};
+use magnetar_sdk::{
+    Conn, ConnInfo, Connection, Delivery, KvEntry, OpError, Plugin, Principal, SaslOutcome, SubId,
+};
 
 use crate::config::Config;
 use crate::connection::{Action, Event, MqttConnection};
@@ -13,6 +16,8 @@ use crate::connection::{Action, Event, MqttConnection};
 /// The plugin instance: the parsed config, shared by all its connections.
 pub struct MqttPlugin {
     config: Config,
+    /// The host's SASL mechanisms (MQTT 5.0 enhanced authentication), asked once.
+    sasl_mechanisms: Option<Rc<[String]>>,
 }
 
 /// One client connection: the state machine, driven through the host.
@@ -26,6 +31,7 @@ impl Plugin for MqttPlugin {
     fn new(config: &str) -> Result<Self, String> {
         Ok(MqttPlugin {
             config: Config::parse(config)?,
+            sasl_mechanisms: None,
         })
     }
 
@@ -33,8 +39,13 @@ impl Plugin for MqttPlugin {
         // Random per process (std seeds it from WASI randomness): keeps the names of
         // non-durable subscriptions unique across gateway instances sharing one backend.
         let nonce = RandomState::new().hash_one(conn.id());
+        let mechanisms = self
+            .sasl_mechanisms
+            .get_or_insert_with(|| Rc::from(magnetar_sdk::sasl_mechanisms()))
+            .clone();
         let mut machine =
-            MqttConnection::new(conn.id(), self.config, nonce, magnetar_sdk::now_ms());
+            MqttConnection::new(conn.id(), self.config, nonce, magnetar_sdk::now_ms())
+                .with_sasl_mechanisms(mechanisms);
         magnetar_sdk::log(
             magnetar_sdk::LogLevel::Debug,
             &format!("mqtt conn {}: open from {}", conn.id(), info.peer_addr),
@@ -58,6 +69,11 @@ fn execute(conn: Conn, actions: Vec<Action>) {
             Action::Send(bytes) => conn.send(&bytes),
             Action::Close(reason) => conn.close(&reason),
             Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
+            Action::AuthenticateSasl {
+                token,
+                mechanism,
+                response,
+            } => conn.authenticate_sasl(token, &mechanism, &response),
             Action::Publish { token, msg } => conn.publish(token, &msg),
             Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
             Action::Unsubscribe { sub, delete } => conn.unsubscribe(sub, delete),
@@ -65,6 +81,14 @@ fn execute(conn: Conn, actions: Vec<Action>) {
             Action::SetTimer { token, delay_ms } => conn.set_timer(token, delay_ms),
             Action::KvGet { token, key } => conn.kv_get(token, &key),
             Action::KvPut { token, key, value } => conn.kv_put(token, &key, value.as_deref()),
+            Action::KvScan {
+                token,
+                prefix,
+                start_after,
+                limit,
+            } => conn.kv_scan(token, &prefix, start_after.as_deref(), limit),
+            Action::SetWill(will) => conn.set_will(will.as_ref()),
+            Action::Claim { token, key } => conn.claim(token, &key),
             Action::Log { level, message } => magnetar_sdk::log(level, &message),
         }
     }
@@ -85,6 +109,10 @@ impl Connection for MqttConn {
         self.feed(conn, Event::AuthResult { token, result });
     }
 
+    fn on_sasl_result(&mut self, conn: Conn, token: u64, result: Result<SaslOutcome, OpError>) {
+        self.feed(conn, Event::SaslResult { token, result });
+    }
+
     fn on_publish_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {
         self.feed(conn, Event::PublishResult { token, result });
     }
@@ -103,6 +131,18 @@ impl Connection for MqttConn {
 
     fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
         self.feed(conn, Event::KvResult { token, result });
+    }
+
+    fn on_kv_scan_result(&mut self, conn: Conn, token: u64, result: Result<Vec<KvEntry>, OpError>) {
+        self.feed(conn, Event::KvScanResult { token, result });
+    }
+
+    fn on_claim_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {
+        self.feed(conn, Event::ClaimResult { token, result });
+    }
+
+    fn on_claim_lost(&mut self, conn: Conn, _key: String) {
+        self.feed(conn, Event::ClaimLost);
     }
 }
 

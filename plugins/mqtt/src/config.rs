@@ -6,7 +6,7 @@
 //! default.
 //!
 //! ```toml
-//! max_packet_size = 1048576   # largest MQTT packet accepted, bytes (§2.2.3)
+//! max_packet_size = 1048576   # largest MQTT packet accepted, bytes (§2.2.3; 5.0 CONNACK Maximum Packet Size)
 //! max_inflight = 64           # QoS 1 deliveries awaiting PUBACK, and publishes awaiting the backend
 //! max_subscriptions = 1000    # Topic Filters per session
 //! connect_timeout_ms = 10000  # time from TCP accept to CONNECT
@@ -18,7 +18,8 @@ pub struct Config {
     /// Largest packet (fixed header included) accepted from a client.
     pub max_packet_size: usize,
     /// QoS 1 messages sent to a client and not yet PUBACKed (also the backend subscription's
-    /// `max-unacked`), and client publishes not yet stored by the backend.
+    /// `max-unacked`; an MQTT 5.0 client's smaller Receive Maximum wins), and client
+    /// publishes not yet stored by the backend (the CONNACK Receive Maximum of 5.0).
     pub max_inflight: usize,
     /// Topic Filters one session may hold.
     pub max_subscriptions: usize,

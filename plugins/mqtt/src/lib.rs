@@ -1,4 +1,6 @@
-//! The MQTT 3.1.1 protocol plugin of Magnetar ([OASIS MQTT 3.1.1]).
+//! The MQTT 3.1.1 and 5.0 protocol plugin of Magnetar ([OASIS MQTT 3.1.1], [OASIS MQTT 5.0]).
+//! The CONNECT's Protocol Level picks the version per connection; one state machine serves
+//! both, with 5.0 additions (properties, reason codes, flow control) where 5.0 has them.
 //!
 //! A sans-IO state machine ([`connection::MqttConnection`]) turns MQTT Control Packets into
 //! host calls (authenticate, publish, subscribe, ack, kv, timers); a thin adapter
@@ -10,7 +12,11 @@
 //! All MQTT topics of a namespace map onto **one** Pulsar topic, short name `mqtt` (the host
 //! places it at `persistent://<tenant>/<namespace>/mqtt`). Each message carries:
 //! - the full MQTT Topic Name in the property `mqtt.topic`, and as the Pulsar message key;
-//! - the QoS it was published with in the property `mqtt.qos` (`0` or `1`);
+//! - the QoS it was published with in the property `mqtt.qos` (`0`, `1` or `2`);
+//! - `mqtt.retain = 1` when it was published with RETAIN; `mqtt.sender`, the publishing
+//!   Client Identifier (No Local);
+//! - the MQTT 5.0 PUBLISH properties as `mqtt.*` properties, User Properties also as plain
+//!   Pulsar properties ([`message`] has the exact mapping);
 //! - the MQTT payload unchanged.
 //!
 //! Why: a wildcard subscriber can never miss a message on a topic that did not exist when it
@@ -21,11 +27,15 @@
 //! path is to shard by the first topic level into a fixed set of Pulsar topics (`mqtt-<n>`);
 //! a filter whose first level is a wildcard then reads all shards.
 //!
-//! Each connection has at most one backend subscription on `mqtt`:
-//! - Clean Session 1: a non-durable, exclusive subscription `mqtt-tmp-<conn id>-<nonce>`
-//!   starting at the latest message; the host drops it when the connection closes.
-//! - Clean Session 0 (persistent session, §3.1.2.4): the durable, exclusive subscription
-//!   `mqtt-session-<escaped client id>`, which queues QoS 1 messages while the client is away.
+//! Each connection has one main backend subscription on `mqtt` (plus one per share group it
+//! joined, see [`subscription`]):
+//! - Clean Session 1 / Session Expiry Interval 0: a non-durable, exclusive subscription
+//!   `mqtt-tmp-<conn id>-<nonce>` starting at the latest message; the host drops it when the
+//!   connection closes.
+//! - Clean Session 0 / Session Expiry Interval > 0 (persistent session, §3.1.2.4): the
+//!   durable, exclusive subscription `mqtt-session-<escaped client id>` (a 5.0 Clean Start
+//!   that replaces an earlier session gets `...-<nonce>`, named in the stored session), which
+//!   queues QoS 1 and 2 messages while the client is away.
 //!   The session's Topic Filters are stored in the host kv under
 //!   `mqtt/session/<escaped client id>` ([`session_store`]), written on every SUBSCRIBE and
 //!   UNSUBSCRIBE before the SUBACK/UNSUBACK, so they survive the client being away and a
@@ -36,21 +46,84 @@
 //!   unsubscribed with `delete = true` (the ABI has no delete-by-name). This runs after the
 //!   CONNACK, in the background.
 //!
+//! # Session expiry (MQTT 5.0 §3.1.2.11.2, §4.1)
+//!
+//! The stored session holds its Session Expiry Interval and, when the plugin saw the
+//! connection end (DISCONNECT, keep-alive timeout), the time it ended. A CONNECT with Clean
+//! Start 0 finds an expired session gone (Session Present 0, its backlog deleted). A session
+//! whose connection vanished without the plugin seeing it (peer reset, gateway crash) has no
+//! end time and so does not expire until it is next used: the plugin cannot write after
+//! `on-closed`, and a periodic kv write per idle connection would cost more than the
+//! backlog. A 5.0 CONNECT with Clean Start 0 and Session Expiry Interval 0 starts a new
+//! session instead of resuming one that ends with the connection (a simplification).
+//!
+//! # QoS 2 (§4.3.3)
+//!
+//! From the client, "Method B" of the spec's figure 4.3: the message goes to the backend when
+//! the PUBLISH arrives; once stored, its Packet Identifier is recorded and PUBREC sent. A
+//! resent PUBLISH with a recorded identifier gets PUBREC again and is not stored again;
+//! PUBREL forgets the identifier, then PUBCOMP. In a persistent session the recorded
+//! identifiers are written to the host kv (`mqtt/qos2/<client id>`, [`session_store::Qos2State`])
+//! *before* the PUBREC and PUBCOMP they guard, so a resend after a reconnect or a gateway
+//! `kill -9` is still recognised. The one window left: a crash after the backend stored the
+//! message and before the kv write (about one kv round trip) makes the client's resend a
+//! duplicate — never a loss. Pulsar cannot write two topics atomically without transactions.
+//!
+//! To the client: PUBLISH QoS 2, and on PUBREC the backend delivery is acked and PUBREL sent;
+//! the owed PUBREL is recorded (kv, persistent sessions) and resent with its identifier after
+//! a reconnect (§4.4). A PUBLISH the client had not PUBRECed when the connection dropped is
+//! redelivered by the backend with a new Packet Identifier, so a client that had received it
+//! may see it twice (the plugin gets no stable message id to reuse the old identifier).
+//!
+//! # Retained messages, wills, takeover
+//!
+//! Retained messages are kv entries `mqtt/retained/<topic>` ([`retained`]), written before the
+//! PUBACK; an empty retained payload deletes the entry (and is still delivered to current
+//! subscribers, §3.3.1.3). After each SUBACK the plugin scans the keys under the filter's
+//! literal first levels, page by page while the client keeps up, and sends matches with
+//! RETAIN 1 at min(stored QoS, granted QoS). Live messages go to established subscriptions
+//! with RETAIN 0.
+//!
+//! The Will Message is handed to the host with `set-will` after the CONNACK; the host publishes
+//! it (with its retained write if Will Retain) whenever the connection ends without a
+//! DISCONNECT (or with a 5.0 DISCONNECT 0x04): peer gone, keep-alive timeout, protocol error,
+//! takeover, instance trap. The 5.0 Will Delay Interval becomes the will's `delay-ms`
+//! (at most the Session Expiry Interval, §3.1.3.2.2); the host drops a delayed will when the
+//! session is resumed (`claim`). Will Properties travel like PUBLISH properties.
+//!
+//! # MQTT 5.0 enhanced authentication (§4.12)
+//!
+//! A CONNECT with an Authentication Method the host offers (`sasl-mechanisms`:
+//! SCRAM-SHA-256/512, PLAIN) runs `authenticate-sasl`: each challenge goes to the client in
+//! AUTH 0x18, each AUTH 0x18 answer back to the host; success gives the CONNACK the method
+//! and the final data (SCRAM's `v=`). Another method gets CONNACK 0x8C. Re-authentication
+//! (AUTH 0x19) runs the same exchange and must yield the same principal, else DISCONNECT
+//! 0x87.
+//!
+//! The Client Identifier is claimed through the host (`claim`) before the session is read; the
+//! connection that held it is closed (§3.1.4), as Mosquitto does, and its will published.
+//!
 //! # Credentials
 //!
 //! No User Name → `Credentials::Anonymous`. User Name empty or `token` with a Password that
 //! looks like a JWT (three base64url parts, first starting `eyJ`) → `Credentials::Token`, as
 //! Pulsar token authentication issues them. Otherwise `Credentials::Password`.
-//! NotAuthorized → CONNACK 0x05; any other host failure → CONNACK 0x03; then close.
+//! NotAuthorized → CONNACK 0x05 (5.0: 0x87); QuotaExceeded, e.g. the tenant's connection
+//! limit → 0x03 (5.0: 0x97 Quota exceeded); any other host failure → 0x03 (5.0: 0x88); then
+//! close.
 //!
 //! # Codec
 //!
-//! `mqtt-codec-kit` 1.0 (feature `v4`; maintained, builds for wasm32-wasip2) decodes and
-//! encodes the packets. Framing is ours, so the packet size limit is checked on the fixed
+//! 3.1.1: `mqtt-codec-kit` 1.0 (feature `v4`; maintained, builds for wasm32-wasip2) decodes
+//! and encodes the packets. Framing is ours, so the packet size limit is checked on the fixed
 //! header before a body is buffered, and the crate only ever sees one complete frame (its
 //! length arithmetic is unchecked and sound only then). CONNECT's protocol level and all of
-//! SUBSCRIBE are parsed here, see [`codec`]. One limit of the crate: it decodes the CONNECT
-//! Password as UTF-8, so a binary password makes the CONNECT malformed.
+//! SUBSCRIBE are parsed here, see [`codec`]. One limit of the crate: it decodes the 3.1.1
+//! CONNECT Password as UTF-8, so a binary password makes the CONNECT malformed.
+//!
+//! 5.0: `codec::v5`, our own, because the crate's `v5` module cannot carry an empty Topic
+//! Name (Topic Aliases) nor several Subscription Identifiers, reads DUP from the wrong bit and
+//! does not check property rules; the crate's v5 packets serve as the test oracle.
 //!
 //! # Configuration
 //!
@@ -60,37 +133,67 @@
 //! `max-unacked`, and client publishes awaiting the backend), `max_subscriptions` (default
 //! 1000 filters per session), `connect_timeout_ms` (default 10 s).
 //!
-//! # MQTT 3.1.1 features
+//! # Features (3.1.1 and 5.0)
 //!
 //! | feature | status |
 //! |---|---|
-//! | CONNECT / CONNACK, return codes 0x00, 0x01, 0x02, 0x03, 0x05 (§3.1, §3.2) | done |
+//! | CONNECT / CONNACK, 3.1.1 return codes 0x00–0x05 (§3.1, §3.2) | done |
+//! | MQTT 5.0 CONNECT / CONNACK: Receive Maximum, Maximum Packet Size, Topic Alias Maximum, Assigned Client Identifier; reason strings on refusals | done |
+//! | 5.0 Server Keep Alive | not sent: the client's Keep Alive is never clamped |
+//! | 5.0 Request Response Information / Response Information | accepted; no Response Information is sent (optional, §3.1.2.11.6) |
+//! | 5.0 Request Problem Information | done: 0 suppresses reason strings on acks (CONNACK and DISCONNECT keep them) |
 //! | username/password, anonymous, JWT token authentication | done |
-//! | Keep Alive, 1.5 × interval (§3.1.2.10) and a CONNECT timeout | done |
-//! | PUBLISH QoS 0 and QoS 1 from the client, PUBACK after the backend stored it (§3.3, §3.4) | done |
-//! | PUBLISH QoS 0 and QoS 1 to the client, backend ack on PUBACK (§4.3) | done |
-//! | SUBSCRIBE / SUBACK with `+` and `#` (§3.8, §3.9, §4.7), granted QoS ≤ 1 | done |
-//! | UNSUBSCRIBE / UNSUBACK (§3.10, §3.11), PINGREQ / PINGRESP, DISCONNECT | done |
-//! | persistent sessions (Clean Session 0): filters and queued QoS 1 messages | done |
-//! | `$`-topics not matched by leading wildcards (§4.7.2) | done |
-//! | QoS 2 (PUBREC / PUBREL / PUBCOMP) | not yet: closes the connection |
-//! | Retained messages (§3.3.1.3) | not yet: RETAIN is ignored, the message is published |
-//! | Will Message (§3.1.2.5) | not yet: accepted and ignored |
-//! | Session takeover by a second connection with the same Client Identifier (§3.1.4) | not yet |
-//! | MQTT 5.0 | not yet: CONNACK 0x01 |
+//! | 5.0 enhanced authentication, AUTH (§4.12), SCRAM-SHA-256/512 and PLAIN through the host; re-authentication | done |
+//! | Keep Alive, 1.5 × interval (§3.1.2.10) and a CONNECT timeout; 5.0: DISCONNECT 0x8D | done |
+//! | PUBLISH QoS 0 / 1 / 2 both ways, PUBACK / PUBREC after the backend stored the message (§3.3–§3.7, §4.3) | done |
+//! | QoS 2 state in the kv across reconnects and `kill -9` (§4.3.3, §4.4) | done (one crash window, see above; unPUBRECed messages get a new id after a reconnect) |
+//! | 5.0 reason codes on PUBACK / PUBREC (0x87, 0x90, 0x97, 0x80), PUBREL / PUBCOMP; negative PUBREC from the client ends the flow | done |
+//! | 5.0 reason codes on SUBACK (granted QoS, 0x80, 0x87, 0x8F, 0x97) and UNSUBACK (0x00, 0x11) | done |
+//! | 5.0 PUBLISH properties end to end through Pulsar: User Properties, Content Type, Response Topic, Correlation Data, Payload Format Indicator, Message Expiry Interval | done |
+//! | 5.0 Message Expiry: expired messages are not delivered (queued, retained), the remaining interval is sent | done (a retained Will Message does not expire: its store time is unknown) |
+//! | 5.0 Payload Format Indicator 1: payload checked as UTF-8, else PUBACK/PUBREC 0x99 and dropped (as Mosquitto) | done (Will payloads are not checked) |
+//! | 5.0 Topic Aliases from the client (Topic Alias Maximum 32, 0x94 on a bad one) and to the client (first 32 topics, when it allows) | done |
+//! | 5.0 Receive Maximum: never more unacked QoS 1/2 PUBLISHes than the client allows (§4.9) | done; the server's own Receive Maximum is enforced by not reading the socket (no 0x93) |
+//! | 5.0 Maximum Packet Size: larger packets are not sent to the client, a message is dropped as if delivered; inbound ones get 0x95 | done |
+//! | 5.0 Subscription Options: No Local, Retain As Published, Retain Handling 0/1/2 | done |
+//! | 5.0 Subscription Identifiers, all matching ones on each PUBLISH | done |
+//! | 5.0 Clean Start + Session Expiry Interval (0 = ends at disconnect), DISCONNECT changing it | done (see "Session expiry" for the limits) |
+//! | 5.0 server DISCONNECT with reason: 0x8E takeover, 0x8D keep alive, 0x81 malformed, 0x82 protocol error, 0x95 too large, 0x94 topic alias, 0x90 topic name | done |
+//! | 5.0 DISCONNECT 0x04 (with Will Message), Will Delay Interval, Will Properties | done |
+//! | SUBSCRIBE / SUBACK with `+` and `#` (§3.8, §3.9, §4.7), UNSUBSCRIBE, PINGREQ, DISCONNECT | done |
+//! | persistent sessions: filters (with options and identifiers) and queued QoS 1/2 messages | done |
+//! | Retained messages: stored in the kv (Pulsar), sent after SUBACK with RETAIN 1, cleared by an empty payload, RETAIN 0 to established subscriptions (§3.3.1.3) | done |
+//! | Will Message, Will QoS, Will Retain (§3.1.2.5–§3.1.2.7) | done |
+//! | Session takeover by a second connection with the same Client Identifier (§3.1.4) | done within one gateway process; across gateways the durable subscription is exclusive, the newcomer retries 5 s |
+//! | Shared subscriptions `$share/group/filter` (5.0 §4.8.2), for 3.1.1 and 5.0 clients: a durable Pulsar Shared subscription per group and filter | done (no retained messages on them; messages wait while a group has no member) |
+//! | `$`-topics: not matched by leading wildcards (§4.7.2); clients may not publish to `$SYS` (PUBACK/PUBREC, 5.0 with 0x87, message dropped) | done |
+//! | Fuzzing of the decoders and the state machine | bounded proptests in the unit tests (`cargo fuzz` needs nightly and `cargo-fuzz`, neither of which CI has): arbitrary bytes into the 3.1.1 and 5.0 decoders and into connected 3.1.1 and 5.0 state machines never panic |
+//!
+//! Where the specification leaves room, Mosquitto's behaviour is followed: the old connection
+//! is closed on takeover and its will published; a retained message with QoS 2 is delivered
+//! at the subscription's granted QoS; a PUBREL for an unknown identifier gets PUBCOMP; a
+//! PUBLISH to `$SYS/...` is acknowledged and dropped (5.0: reason 0x87); authentication
+//! failures get 0x87 Not authorized; shared subscriptions are accepted from 3.1.1 clients.
 //!
 //! [OASIS MQTT 3.1.1]: https://docs.oasis-open.org/mqtt/mqtt/v3.1.1/os/mqtt-v3.1.1-os.html
+//! [OASIS MQTT 5.0]: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html
 #![forbid(unsafe_code)]
 
 /// The SDK adapter and the component export.
 pub mod adapter;
-/// MQTT 3.1.1 framing, packet decoding and encoding (§2, §3).
+/// MQTT framing, packet decoding and encoding (§2, §3): 3.1.1, and 5.0 in `codec::v5`.
 pub mod codec;
 /// The plugin's configuration.
 pub mod config;
 /// The per-connection protocol state machine.
 pub mod connection;
+/// An MQTT message as a Pulsar message: topic, QoS, MQTT 5.0 properties.
+pub mod message;
+/// Retained messages: kv keys and stored form (§3.3.1.3).
+pub mod retained;
 /// Persistent-session names and their stored form (§3.1.2.4).
 pub mod session_store;
+/// Subscriptions and their options; shared subscriptions (MQTT 5.0 §4.8.2).
+pub mod subscription;
 /// Topic Name and Topic Filter rules and matching (§4.7).
 pub mod topic;

@@ -1,4 +1,4 @@
-//! Topic Names and Topic Filters (MQTT 3.1.1 §4.7): validation and wildcard matching.
+//! Topic Names and Topic Filters (MQTT 3.1.1 / 5.0 §4.7): validation and wildcard matching.
 //!
 //! Matching is done here, in the plugin, because every MQTT topic of a namespace lives in one
 //! Pulsar topic (see the crate docs): each delivery is matched against the connection's
@@ -33,6 +33,12 @@ pub fn validate_name(name: &str) -> Result<(), TopicNameError> {
     } else {
         Ok(())
     }
+}
+
+/// Whether a client may not publish to `name`: `$SYS` and its subtopics are the server's
+/// (§4.7.2). Mosquitto refuses them the same way; other `$` topics are open.
+pub fn is_server_topic(name: &str) -> bool {
+    name == "$SYS" || name.starts_with("$SYS/")
 }
 
 /// Whether `filter` is a valid Topic Filter (§4.7.1): non-empty, no NUL, `#` only as the
@@ -106,6 +112,15 @@ mod tests {
         assert_eq!(validate_name("a/+"), Err(TopicNameError::Wildcard));
         assert_eq!(validate_name("a/#"), Err(TopicNameError::Wildcard));
         assert_eq!(validate_name("a\0"), Err(TopicNameError::Nul));
+    }
+
+    #[test]
+    fn sys_topics_are_the_servers() {
+        assert!(is_server_topic("$SYS"));
+        assert!(is_server_topic("$SYS/broker/load"));
+        assert!(!is_server_topic("$SYSTEM/x"));
+        assert!(!is_server_topic("$app/x"));
+        assert!(!is_server_topic("a/$SYS"));
     }
 
     #[test]

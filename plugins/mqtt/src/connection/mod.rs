@@ -1,43 +1,49 @@
-//! The sans-IO state machine of one MQTT 3.1.1 connection.
+//! The sans-IO state machine of one MQTT connection, 3.1.1 or 5.0 (the CONNECT decides).
 //!
 //! [`MqttConnection`] is fed [`Event`]s (bytes, completions of host operations, deliveries,
 //! timers), each with the current time, and answers with [`Action`]s for the host to carry
 //! out. It never calls the host itself, so tests drive it directly (quinn-proto style); the
 //! thin adapter in `adapter.rs` turns actions into `magnetar_sdk::Conn` calls.
 //!
-//! Lifecycle (§3.1, §3.2): `AwaitConnect` → CONNECT → `Connecting` (authenticate, then for a
-//! persistent session read it from the kv) → CONNACK → `Connected` → `Closed`. While
-//! `Connecting`, later packets wait unparsed in the input buffer: §3.1.4 forbids processing
-//! them before the CONNECT is accepted.
+//! Lifecycle (§3.1, §3.2): `AwaitConnect` → CONNECT → (`Authenticating`: MQTT 5.0 enhanced
+//! authentication, AUTH packets, §4.12) → `Connecting` (authenticate, claim the Client
+//! Identifier, read a persistent session from the kv) → CONNACK → `Connected` → `Closed`.
+//! While `Connecting`, later packets wait unparsed in the input buffer: §3.1.4 forbids
+//! processing them before the CONNECT is accepted.
 //!
 //! Guarantees:
 //! - QoS 1 from the client (§4.3.2): PUBACK only after the backend stored the message, and
-//!   PUBACKs leave in the order the PUBLISHes came (§4.6). A failed QoS 1 publish closes the
-//!   connection (3.1.1 has no negative PUBACK), so the client resends.
+//!   PUBACKs leave in the order the PUBLISHes came (§4.6). A failed QoS 1 publish closes a
+//!   3.1.1 connection (no negative PUBACK), so the client resends; a 5.0 client gets the
+//!   PUBACK with a failure Reason Code (0x80, 0x87, 0x97).
 //! - QoS 1 to the client: a delivery is acked to the backend only when the client's PUBACK
 //!   arrives, so unacknowledged messages are redelivered after a reconnect or restart.
+//! - Flow control (MQTT 5.0 §4.9): never more QoS 1/2 PUBLISHes awaiting acknowledgement
+//!   than the client's Receive Maximum (and the configured `max_inflight`).
 //! - Bounded memory per connection: one packet of at most `max_packet_size` plus pipelined
-//!   input up to twice that; at most `max_inflight` publishes and deliveries in flight; at
-//!   most `max_subscriptions` filters.
+//!   input up to twice that; at most `max_inflight` publishes and deliveries in flight per
+//!   backend subscription; at most `max_subscriptions` filters; at most [`TOPIC_ALIAS_MAX`]
+//!   Topic Aliases each way.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
 
 use magnetar_sdk::{
-    Credentials, Delivery, ErrorKind, InitialPosition, LogLevel, OpError, OutboundMessage,
-    Principal, Property, SubId, SubMode, SubscriptionSpec, UserPassword,
+    Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel, OpError,
+    OutboundMessage, Principal, SaslOutcome, SubId, SubMode, SubscriptionSpec, UserPassword, Will,
 };
 
-use crate::codec::{self, Connect, DecodeError, Inbound, Publish, SubscribeEntry};
+use crate::codec::v5::{self, reason};
+use crate::codec::{
+    self, Connect, DecodeError, Inbound, Properties, Publish, PublishFlags, SubscribeEntry,
+};
 use crate::config::Config;
-use crate::session_store;
+use crate::message::{self, application_properties, remaining_expiry};
+pub use crate::message::{PROP_QOS, PROP_RETAIN, PROP_SENDER, PROP_TOPIC, PULSAR_TOPIC};
+use crate::retained;
+use crate::session_store::{self, Qos2State, StoredSession};
+use crate::subscription::{self, parse_shared, Subscription};
 use crate::topic;
-
-/// The one Pulsar topic (short name) that carries every MQTT topic of a namespace.
-pub const PULSAR_TOPIC: &str = "mqtt";
-/// Message property holding the full MQTT Topic Name.
-pub const PROP_TOPIC: &str = "mqtt.topic";
-/// Message property holding the QoS the message was published with (`0` or `1`).
-pub const PROP_QOS: &str = "mqtt.qos";
 
 /// Connect Return Codes (§3.2.2.3).
 mod return_code {
@@ -48,8 +54,21 @@ mod return_code {
     pub const NOT_AUTHORIZED: u8 = 0x05;
 }
 
-/// SUBACK return code for a refused filter (§3.9.3).
+/// SUBACK return code for a refused filter (3.1.1 §3.9.3).
 const SUBACK_FAILURE: u8 = 0x80;
+
+/// Topic Aliases the server accepts from a client (CONNACK Topic Alias Maximum), and at most
+/// this many it assigns to a client that allows them (MQTT 5.0 §3.3.2.3.4).
+pub const TOPIC_ALIAS_MAX: u16 = 32;
+
+/// Attempts to open a durable subscription that is still held by a connection that is going
+/// away (session takeover), and the pause between them.
+const BACKEND_RETRIES: u32 = 25;
+const BACKEND_RETRY_MS: u64 = 200;
+
+/// Longest reason string we send (they are ours; the client's Maximum Packet Size still
+/// applies to the whole packet).
+const REASON_STRING_MAX: usize = 200;
 
 /// Something that happened to the connection.
 #[derive(Debug, Clone)]
@@ -59,6 +78,11 @@ pub enum Event {
     AuthResult {
         token: u64,
         result: Result<Principal, OpError>,
+    },
+    /// A step of a SASL exchange (MQTT 5.0 enhanced authentication).
+    SaslResult {
+        token: u64,
+        result: Result<SaslOutcome, OpError>,
     },
     PublishResult {
         token: u64,
@@ -76,6 +100,16 @@ pub enum Event {
         token: u64,
         result: Result<Option<Vec<u8>>, OpError>,
     },
+    KvScanResult {
+        token: u64,
+        result: Result<Vec<KvEntry>, OpError>,
+    },
+    ClaimResult {
+        token: u64,
+        result: Result<(), OpError>,
+    },
+    /// A new connection with this Client Identifier took the session over (§3.1.4).
+    ClaimLost,
     /// The socket is gone; no action may follow.
     Closed,
 }
@@ -88,6 +122,11 @@ pub enum Action {
     Authenticate {
         token: u64,
         creds: Credentials,
+    },
+    AuthenticateSasl {
+        token: u64,
+        mechanism: String,
+        response: Vec<u8>,
     },
     Publish {
         token: u64,
@@ -118,6 +157,17 @@ pub enum Action {
         key: String,
         value: Option<Vec<u8>>,
     },
+    KvScan {
+        token: u64,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    },
+    SetWill(Option<Will>),
+    Claim {
+        token: u64,
+        key: String,
+    },
     Log {
         level: LogLevel,
         message: String,
@@ -127,32 +177,54 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitConnect,
+    /// MQTT 5.0 enhanced authentication: only AUTH packets until it succeeds (§4.12).
+    Authenticating,
     Connecting,
     Connected,
     Closed,
 }
 
 /// A long host operation in flight, by token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Op {
     Auth,
-    /// `kv_get` of a persistent session at CONNECT.
+    /// A step of enhanced authentication (SASL through the host).
+    Sasl,
+    /// Claiming the Client Identifier (session takeover, §3.1.4).
+    Claim,
+    /// `kv_get` of a persistent session's filters at CONNECT.
     LoadSession,
-    /// `kv_get` at a Clean Session CONNECT: was there an earlier persistent session to drop?
+    /// `kv_get` of a persistent session's QoS 2 state at CONNECT.
+    LoadQos2,
+    /// `kv_get` at a clean CONNECT: was there an earlier session to drop?
     ProbeOldSession,
-    /// `kv_put(None)` of the earlier session.
+    /// `kv_put(None)` of the earlier session, or a write whose result does not matter.
     DropOldSession,
     /// Opening the earlier session's durable subscription, only to delete it.
     OpenOldSubscription,
-    /// Opening this connection's backend subscription; `restore` when re-opening a session.
+    /// Opening this connection's main backend subscription; `restore` when re-opening a
+    /// session.
     OpenBackend {
+        restore: bool,
+    },
+    /// Opening the Shared backend subscription of a `$share/...` filter.
+    OpenShared {
+        filter: String,
         restore: bool,
     },
     /// `kv_put` of the filter set as of `generation`.
     SaveSession {
         generation: u64,
     },
+    /// `kv_put` of the QoS 2 state as of `generation`.
+    SaveQos2 {
+        generation: u64,
+    },
     Publish,
+    /// `kv_put` of a retained message (or its removal).
+    StoreRetained,
+    /// `kv_scan` of the retained messages a new subscription may match.
+    ScanRetained(ScanJob),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,20 +240,51 @@ enum Backend {
     Open(SubId),
 }
 
-/// A client PUBLISH waiting for the backend.
-#[derive(Debug)]
-struct InboundPublish {
-    token: u64,
-    /// QoS 1 only: the PUBACK to send once stored.
-    packet_id: Option<u16>,
-    stored: bool,
+/// The acknowledgement a client packet gets once its conditions hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckReply {
+    None,
+    Puback(u16),
+    Pubrec(u16),
+    Pubcomp(u16),
 }
 
-/// A SUBACK or UNSUBACK waiting for the backend subscription and/or the session save.
+/// A client PUBLISH or PUBREL waiting for the backend and/or the QoS 2 state to be saved.
+/// These leave in arrival order (§4.6).
+#[derive(Debug)]
+struct PendingAck {
+    /// Backend operations (the publish, a retained write) still running.
+    tokens: Vec<u64>,
+    qos: u8,
+    reply: AckReply,
+    /// MQTT 5.0 Reason Code of the reply (0 success).
+    reason: u8,
+    /// QoS 2: the Packet Identifier to record as stored once `tokens` are done.
+    qos2_id: Option<u16>,
+    /// The QoS 2 state generation that must be saved before the reply (0: none).
+    waits_qos2: u64,
+}
+
+impl PendingAck {
+    fn reply(qos: u8, reply: AckReply, reason: u8) -> Self {
+        PendingAck {
+            tokens: Vec::new(),
+            qos,
+            reply,
+            reason,
+            qos2_id: None,
+            waits_qos2: 0,
+        }
+    }
+}
+
+/// A SUBACK or UNSUBACK waiting for backend subscriptions and/or the session save.
 #[derive(Debug)]
 struct PendingReply {
     kind: Reply,
-    waits_backend: bool,
+    /// Backend subscriptions that must be open first: `None` the main one, `Some(filter)`
+    /// the Shared one of a `$share/...` filter.
+    waits: Vec<Option<String>>,
     waits_generation: u64,
 }
 
@@ -190,52 +293,160 @@ enum Reply {
     Suback {
         packet_id: u16,
         codes: Vec<u8>,
-        added: Vec<String>,
+        added: Vec<Added>,
     },
     Unsuback {
         packet_id: u16,
+        codes: Vec<u8>,
     },
 }
 
-/// A QoS 1 delivery waiting for a free Packet Identifier.
+/// A filter a SUBSCRIBE added: its place among the Reason Codes, and whether retained
+/// messages follow the SUBACK (Retain Handling, non-shared only).
 #[derive(Debug)]
-struct WaitingDelivery {
-    delivery: Delivery,
-    topic: String,
+struct Added {
+    filter: String,
+    index: usize,
+    scan: bool,
 }
 
-/// The protocol state of one MQTT 3.1.1 connection. See the module docs.
+/// A page of retained messages to read for a new subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ScanJob {
+    filter: String,
+    granted: u8,
+    sub_id: Option<u32>,
+    start_after: Option<String>,
+}
+
+/// A message for the client, waiting for a free Packet Identifier (QoS > 0).
+#[derive(Debug)]
+struct Outgoing {
+    topic: String,
+    payload: Vec<u8>,
+    qos: u8,
+    retain: bool,
+    /// MQTT 5.0 application properties, Message Expiry Interval as published.
+    properties: Properties,
+    /// When the message was published (ms), the base of its expiry; 0 unknown.
+    published_ms: u64,
+    sub_ids: Vec<u32>,
+    /// The backend delivery to ack once the client has it; `None` for a retained message.
+    backend: Option<(SubId, u64)>,
+}
+
+/// A QoS 1 or 2 PUBLISH sent to the client and not yet fully acknowledged.
+#[derive(Debug)]
+struct Inflight {
+    qos: u8,
+    backend: Option<(SubId, u64)>,
+    /// QoS 2: PUBREC received, PUBREL sent, PUBCOMP awaited.
+    released: bool,
+}
+
+/// What a persistent session's CONNECT has read from the kv so far.
+#[derive(Debug, Default)]
+struct Loading {
+    filters: Option<Option<Vec<u8>>>,
+    qos2: Option<Option<Vec<u8>>>,
+}
+
+/// What the client told us about itself in an MQTT 5.0 CONNECT (§3.1.2.11).
+#[derive(Debug, Clone)]
+struct ClientLimits {
+    /// Receive Maximum: QoS 1/2 PUBLISHes it accepts unacknowledged.
+    receive_maximum: usize,
+    /// Maximum Packet Size it accepts.
+    maximum_packet_size: usize,
+    /// Topic Aliases we may assign (capped at [`TOPIC_ALIAS_MAX`]).
+    topic_alias_maximum: u16,
+    /// Request Problem Information: reason strings on acks are allowed.
+    problem_information: bool,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            receive_maximum: usize::from(u16::MAX),
+            maximum_packet_size: usize::MAX,
+            topic_alias_maximum: 0,
+            problem_information: true,
+        }
+    }
+}
+
+/// The protocol state of one MQTT connection. See the module docs.
 #[derive(Debug)]
 pub struct MqttConnection {
     conn_id: u64,
     nonce: u64,
     config: Config,
+    sasl_mechanisms: Rc<[String]>,
     phase: Phase,
     actions: Vec<Action>,
     inbuf: Vec<u8>,
     next_token: u64,
     ops: HashMap<u64, Op>,
+    now_ms: u64,
 
     timer: Option<(u64, TimerKind)>,
     keep_alive_ms: u64,
     last_activity_ms: u64,
 
+    /// Protocol Level 5.
+    v5: bool,
     client_id: String,
-    clean_session: bool,
+    /// The Client Identifier was assigned by us (empty in the CONNECT).
+    assigned_id: bool,
+    /// Clean Session (3.1.1) / Clean Start (5.0).
+    clean_start: bool,
+    /// Session Expiry Interval, seconds: 0 ends with the connection, `u32::MAX` never
+    /// (3.1.1 Clean Session 0).
+    session_expiry: u32,
+    limits: ClientLimits,
+    /// Enhanced authentication: the method, a host step in flight, a re-authentication.
+    auth_method: Option<String>,
+    sasl_pending: bool,
+    reauth: bool,
+    /// Properties of the coming CONNACK (Assigned Client Identifier, authentication).
+    connack_props: Properties,
     principal: Option<Principal>,
+    will: Option<codec::Will>,
+    loading: Loading,
 
-    filters: BTreeMap<String, u8>,
+    filters: BTreeMap<String, Subscription>,
+    /// The durable subscription's name when it is not the default one.
+    session_name: Option<String>,
     backend: Backend,
+    /// Shared backend subscriptions, by `$share/...` filter.
+    shared: BTreeMap<String, Backend>,
+    backend_retries: u32,
+    /// Token and `restore` of the timer that retries opening the durable subscription.
+    retry_timer: Option<(u64, bool)>,
     generation: u64,
     saved_generation: u64,
     save_in_flight: bool,
     replies: VecDeque<PendingReply>,
 
-    publishes: VecDeque<InboundPublish>,
+    acks: VecDeque<PendingAck>,
+    /// QoS 2 from the client: stored, waiting for PUBREL (§4.3.3).
+    qos2_in: BTreeSet<u16>,
+    /// QoS 2 to the client: PUBREC received, waiting for PUBCOMP.
+    qos2_released: BTreeSet<u16>,
+    qos2_generation: u64,
+    qos2_saved: u64,
+    qos2_save_in_flight: bool,
 
-    inflight_out: HashMap<u16, (SubId, u64)>,
-    waiting_out: VecDeque<WaitingDelivery>,
+    /// Topic Aliases the client set (§3.3.2.3.4).
+    aliases_in: HashMap<u16, String>,
+    /// Topic Aliases we set for the client.
+    aliases_out: HashMap<String, u16>,
+
+    inflight_out: HashMap<u16, Inflight>,
+    waiting_out: VecDeque<Outgoing>,
     next_packet_id: u16,
+    scans: VecDeque<ScanJob>,
+    scan_in_flight: bool,
 }
 
 impl MqttConnection {
@@ -247,31 +458,63 @@ impl MqttConnection {
             conn_id,
             nonce,
             config,
+            sasl_mechanisms: Rc::from(Vec::new()),
             phase: Phase::AwaitConnect,
             actions: Vec::new(),
             inbuf: Vec::new(),
             next_token: 1,
             ops: HashMap::new(),
+            now_ms,
             timer: None,
             keep_alive_ms: 0,
             last_activity_ms: now_ms,
+            v5: false,
             client_id: String::new(),
-            clean_session: true,
+            assigned_id: false,
+            clean_start: true,
+            session_expiry: 0,
+            limits: ClientLimits::default(),
+            auth_method: None,
+            sasl_pending: false,
+            reauth: false,
+            connack_props: Properties::default(),
             principal: None,
+            will: None,
+            loading: Loading::default(),
             filters: BTreeMap::new(),
+            session_name: None,
             backend: Backend::Closed,
+            shared: BTreeMap::new(),
+            backend_retries: 0,
+            retry_timer: None,
             generation: 0,
             saved_generation: 0,
             save_in_flight: false,
             replies: VecDeque::new(),
-            publishes: VecDeque::new(),
+            acks: VecDeque::new(),
+            qos2_in: BTreeSet::new(),
+            qos2_released: BTreeSet::new(),
+            qos2_generation: 0,
+            qos2_saved: 0,
+            qos2_save_in_flight: false,
+            aliases_in: HashMap::new(),
+            aliases_out: HashMap::new(),
             inflight_out: HashMap::new(),
             waiting_out: VecDeque::new(),
             next_packet_id: 1,
+            scans: VecDeque::new(),
+            scan_in_flight: false,
         };
         let delay = c.config.connect_timeout_ms;
         c.arm_timer(TimerKind::Connect, delay);
         c
+    }
+
+    /// The SASL mechanisms the host offers (`sasl-mechanisms`), for MQTT 5.0 enhanced
+    /// authentication; without them a CONNECT with an Authentication Method gets 0x8C.
+    pub fn with_sasl_mechanisms(mut self, mechanisms: Rc<[String]>) -> Self {
+        self.sasl_mechanisms = mechanisms;
+        self
     }
 
     /// The actions produced so far, oldest first.
@@ -284,22 +527,34 @@ impl MqttConnection {
         self.phase == Phase::Closed
     }
 
-    /// The Topic Filters of the session and their granted QoS.
-    pub fn filters(&self) -> &BTreeMap<String, u8> {
+    /// The Topic Filters of the session and what was granted.
+    pub fn filters(&self) -> &BTreeMap<String, Subscription> {
         &self.filters
     }
 
     /// Feeds one event at `now_ms`; returns the actions it caused.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
         if self.phase != Phase::Closed {
+            self.now_ms = now_ms;
             match event {
                 Event::Data(bytes) => self.inbuf.extend_from_slice(&bytes),
                 Event::AuthResult { token, result } => self.on_auth_result(token, result),
+                Event::SaslResult { token, result } => self.on_sasl_result(token, result),
                 Event::PublishResult { token, result } => self.on_publish_result(token, result),
                 Event::SubscribeResult { token, result } => self.on_subscribe_result(token, result),
                 Event::Delivery(d) => self.on_delivery(d),
                 Event::Timer { token } => self.on_timer(now_ms, token),
                 Event::KvResult { token, result } => self.on_kv_result(token, result),
+                Event::KvScanResult { token, result } => self.on_scan_result(token, result),
+                Event::ClaimResult { token, result } => self.on_claim_result(token, result),
+                Event::ClaimLost => {
+                    // The will stays registered: the host publishes it as for any other end
+                    // of the network connection (as Mosquitto does on a takeover).
+                    self.disconnect(
+                        reason::SESSION_TAKEN_OVER,
+                        "session taken over by a new connection with the same Client Identifier (§3.1.4)",
+                    )
+                }
                 Event::Closed => {
                     self.phase = Phase::Closed;
                     self.inbuf = Vec::new();
@@ -320,7 +575,17 @@ impl MqttConnection {
         t
     }
 
+    /// Queues a packet; an MQTT 5.0 client's Maximum Packet Size is never exceeded
+    /// (§3.1.2.11.4: the packet is dropped instead).
     fn send(&mut self, bytes: Vec<u8>) {
+        if bytes.len() > self.limits.maximum_packet_size {
+            let n = bytes.len();
+            self.log(
+                LogLevel::Debug,
+                format!("dropping a {n}-byte packet over the client's Maximum Packet Size"),
+            );
+            return;
+        }
         self.actions.push(Action::Send(bytes));
     }
 
@@ -338,6 +603,42 @@ impl MqttConnection {
         }
     }
 
+    /// Ends the connection for a protocol reason. An MQTT 5.0 client first gets the reason
+    /// code: in a DISCONNECT once connected (§3.14.2.1), in the CONNACK before.
+    fn disconnect(&mut self, code: u8, reason: impl Into<String>) {
+        let reason = reason.into();
+        if self.v5 {
+            let props = Properties {
+                reason_string: Some(reason_string(&reason)),
+                ..Properties::default()
+            };
+            match self.phase {
+                Phase::Connected => self.send(v5::disconnect(code, &props)),
+                Phase::Authenticating | Phase::Connecting => {
+                    self.send(v5::connack(false, code, &props))
+                }
+                Phase::AwaitConnect | Phase::Closed => {}
+            }
+        }
+        self.close(reason);
+    }
+
+    /// Refuses the CONNECT: CONNACK with the 3.1.1 return code or the 5.0 reason code
+    /// (`None`: a 3.1.1 client just sees the close), then close.
+    fn refuse(&mut self, v3_code: Option<u8>, v5_code: u8, reason: impl Into<String>) {
+        let reason = reason.into();
+        if self.v5 {
+            let props = Properties {
+                reason_string: Some(reason_string(&reason)),
+                ..Properties::default()
+            };
+            self.send(v5::connack(false, v5_code, &props));
+        } else if let Some(code) = v3_code {
+            self.send(codec::connack(false, code));
+        }
+        self.close(reason);
+    }
+
     fn arm_timer(&mut self, kind: TimerKind, delay_ms: u64) {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
@@ -345,8 +646,15 @@ impl MqttConnection {
         self.actions.push(Action::SetTimer { token, delay_ms });
     }
 
+    /// Whether the session outlives the connection (3.1.1 Clean Session 0, 5.0 Session
+    /// Expiry Interval > 0), so its filters and QoS 2 state are kept in the kv.
     fn persistent(&self) -> bool {
-        !self.clean_session
+        self.session_expiry > 0
+    }
+
+    /// QoS 1/2 PUBLISHes the client may have unacknowledged (§4.9).
+    fn send_quota(&self) -> usize {
+        self.config.max_inflight.min(self.limits.receive_maximum)
     }
 
     // ---- input ----------------------------------------------------------------------------
@@ -357,8 +665,8 @@ impl MqttConnection {
         loop {
             let paused = match self.phase {
                 Phase::Closed | Phase::Connecting => true,
-                Phase::Connected => self.publishes.len() >= self.config.max_inflight,
-                Phase::AwaitConnect => false,
+                Phase::Connected => self.acks.len() >= self.config.max_inflight,
+                Phase::AwaitConnect | Phase::Authenticating => false,
             };
             let Some(buf) = self.inbuf.get(pos..) else {
                 break;
@@ -372,7 +680,7 @@ impl MqttConnection {
                     return;
                 }
             }
-            match codec::decode(buf, self.config.max_packet_size) {
+            match codec::decode(buf, self.config.max_packet_size, self.v5) {
                 Ok(None) => break,
                 Ok(Some((packet, n))) => {
                     pos += n;
@@ -390,7 +698,12 @@ impl MqttConnection {
                     return;
                 }
                 Err(e) => {
-                    self.close(e.to_string());
+                    let code = match e {
+                        DecodeError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
+                        DecodeError::Protocol { .. } => reason::PROTOCOL_ERROR,
+                        _ => reason::MALFORMED_PACKET,
+                    };
+                    self.disconnect(code, e.to_string());
                     return;
                 }
             }
@@ -401,521 +714,92 @@ impl MqttConnection {
         self.inbuf.drain(..pos.min(self.inbuf.len()));
         let limit = self.config.max_packet_size.saturating_mul(2).max(64 * 1024);
         if self.inbuf.len() > limit {
-            self.close(format!(
-                "{} unprocessed bytes from the client exceed the limit of {limit}",
-                self.inbuf.len()
-            ));
+            let n = self.inbuf.len();
+            self.disconnect(
+                reason::RECEIVE_MAXIMUM_EXCEEDED,
+                format!("{n} unprocessed bytes from the client exceed the limit of {limit}"),
+            );
         }
     }
 
     fn on_packet(&mut self, packet: Inbound) {
+        const PROTOCOL: u8 = reason::PROTOCOL_ERROR;
         match (self.phase, packet) {
-            (Phase::AwaitConnect, Inbound::Connect(c)) => self.on_connect(c),
-            (_, Inbound::Connect(_)) => self.close("second CONNECT on a connection (§3.1)"),
+            (Phase::AwaitConnect, Inbound::Connect(c)) => self.on_connect(*c),
+            (_, Inbound::Connect(_)) => self.disconnect(PROTOCOL, "second CONNECT (§3.1)"),
             (Phase::AwaitConnect, _) => self.close("first packet must be CONNECT (§3.1)"),
+            (_, Inbound::Auth { reason, properties }) => self.on_auth_packet(reason, properties),
+            (Phase::Authenticating, _) => {
+                self.disconnect(PROTOCOL, "only AUTH before the CONNACK (§4.12)")
+            }
             (_, Inbound::Publish(p)) => self.on_publish(p),
             (_, Inbound::Puback(id)) => self.on_puback(id),
-            (_, Inbound::Pubrec(_) | Inbound::Pubrel(_) | Inbound::Pubcomp(_)) => {
-                self.close("QoS 2 flow (PUBREC/PUBREL/PUBCOMP) is not supported")
-            }
-            (_, Inbound::Subscribe { packet_id, entries }) => self.on_subscribe(packet_id, entries),
+            (_, Inbound::Pubrec(id, code)) => self.on_pubrec(id, code),
+            (_, Inbound::Pubrel(id)) => self.on_pubrel(id),
+            (_, Inbound::Pubcomp(id)) => self.on_pubcomp(id),
+            (
+                _,
+                Inbound::Subscribe {
+                    packet_id,
+                    entries,
+                    subscription_id,
+                },
+            ) => self.on_subscribe(packet_id, entries, subscription_id),
             (_, Inbound::Unsubscribe { packet_id, filters }) => {
                 self.on_unsubscribe(packet_id, filters)
             }
             (_, Inbound::Pingreq) => self.send(codec::pingresp()),
-            (_, Inbound::Disconnect) => self.close("client sent DISCONNECT"),
-            (_, Inbound::ServerOnly(name)) => {
-                self.close(format!("client sent {name}, which only a server sends"))
-            }
-        }
-    }
-
-    // ---- CONNECT / CONNACK (§3.1, §3.2) -----------------------------------------------------
-
-    fn on_connect(&mut self, c: Connect) {
-        self.phase = Phase::Connecting;
-        self.clean_session = c.clean_session;
-        if c.client_id.is_empty() {
-            if !c.clean_session {
-                self.send(codec::connack(false, return_code::IDENTIFIER_REJECTED));
-                self.close("empty Client Identifier with Clean Session 0 (§3.1.3.1)");
-                return;
-            }
-            self.client_id = format!("auto-{:x}-{:x}", self.conn_id, self.nonce);
-        } else {
-            self.client_id = c.client_id;
-        }
-        if c.has_will {
-            self.log(LogLevel::Info, "Will Message ignored: not supported yet");
-        }
-        self.keep_alive_ms = u64::from(c.keep_alive) * 1500;
-        if self.keep_alive_ms > 0 {
-            self.arm_timer(TimerKind::KeepAlive, self.keep_alive_ms);
-        } else {
-            self.timer = None;
-        }
-        let creds = credentials(c.username, c.password);
-        let token = self.token(Op::Auth);
-        self.actions.push(Action::Authenticate { token, creds });
-    }
-
-    fn on_auth_result(&mut self, token: u64, result: Result<Principal, OpError>) {
-        if self.ops.remove(&token) != Some(Op::Auth) {
-            return;
-        }
-        match result {
-            Ok(principal) => {
-                self.principal = Some(principal);
-                let key = session_store::kv_key(&self.client_id);
-                if self.persistent() {
-                    let token = self.token(Op::LoadSession);
-                    self.actions.push(Action::KvGet { token, key });
-                } else {
-                    self.accept(false);
-                    if !self.client_id.starts_with("auto-") {
-                        let token = self.token(Op::ProbeOldSession);
-                        self.actions.push(Action::KvGet { token, key });
-                    }
-                }
-            }
-            Err(e) => {
-                let code = if e.kind == ErrorKind::NotAuthorized {
-                    return_code::NOT_AUTHORIZED
-                } else {
-                    return_code::SERVER_UNAVAILABLE
-                };
-                self.send(codec::connack(false, code));
-                self.close(format!("authentication failed: {}", e.message));
-            }
-        }
-    }
-
-    /// Sends CONNACK 0 and starts processing what the client sent after CONNECT.
-    fn accept(&mut self, session_present: bool) {
-        self.send(codec::connack(session_present, return_code::ACCEPTED));
-        self.phase = Phase::Connected;
-    }
-
-    fn on_kv_result(&mut self, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
-        let Some(op) = self.ops.remove(&token) else {
-            return;
-        };
-        match (op, result) {
-            (Op::LoadSession, Ok(Some(bytes))) => match session_store::decode(&bytes) {
-                Ok(filters) => {
-                    self.filters = filters;
-                    self.accept(true);
-                    self.open_backend(true);
-                }
-                Err(e) => {
-                    self.log(
-                        LogLevel::Warn,
-                        format!("stored session unreadable, starting a new one: {e}"),
-                    );
-                    self.accept(false);
-                }
-            },
-            (Op::LoadSession, Ok(None)) => self.accept(false),
-            (Op::LoadSession, Err(e)) => {
-                self.send(codec::connack(false, return_code::SERVER_UNAVAILABLE));
-                self.close(format!("session store unavailable: {}", e.message));
-            }
-            (Op::ProbeOldSession, Ok(Some(_))) => {
-                // §3.1.2.4: Clean Session 1 discards any previous session.
-                let key = session_store::kv_key(&self.client_id);
-                let token = self.token(Op::DropOldSession);
-                self.actions.push(Action::KvPut {
-                    token,
-                    key,
-                    value: None,
-                });
-                let spec = self.durable_spec();
-                let token = self.token(Op::OpenOldSubscription);
-                self.actions.push(Action::Subscribe { token, spec });
-            }
-            (Op::ProbeOldSession, Ok(None)) | (Op::DropOldSession, Ok(_)) => {}
-            (Op::ProbeOldSession | Op::DropOldSession, Err(e)) => {
-                self.log(
-                    LogLevel::Warn,
-                    format!("could not discard the earlier session: {}", e.message),
-                );
-            }
-            (Op::SaveSession { generation }, Ok(_)) => {
-                self.save_in_flight = false;
-                self.saved_generation = self.saved_generation.max(generation);
-                self.save_session();
-                self.flush_replies();
-            }
-            (Op::SaveSession { .. }, Err(e)) => {
-                self.close(format!("could not store the session: {}", e.message));
-            }
-            _ => {}
-        }
-    }
-
-    // ---- PUBLISH from the client (§3.3, §3.4) ------------------------------------------------
-
-    fn on_publish(&mut self, p: Publish) {
-        if let Err(e) = topic::validate_name(&p.topic) {
-            self.close(format!("PUBLISH refused: {e}"));
-            return;
-        }
-        if p.qos == 2 {
-            self.log(LogLevel::Warn, "QoS 2 PUBLISH: not supported, closing");
-            self.close("QoS 2 PUBLISH is not supported");
-            return;
-        }
-        let msg = OutboundMessage {
-            topic: PULSAR_TOPIC.to_string(),
-            key: Some(p.topic.clone()),
-            payload: p.payload,
-            properties: vec![
-                Property {
-                    key: PROP_TOPIC.to_string(),
-                    value: p.topic,
+            (
+                _,
+                Inbound::Disconnect {
+                    reason,
+                    session_expiry,
                 },
-                Property {
-                    key: PROP_QOS.to_string(),
-                    value: p.qos.to_string(),
-                },
-            ],
-        };
-        let token = self.token(Op::Publish);
-        self.publishes.push_back(InboundPublish {
-            token,
-            packet_id: p.packet_id,
-            stored: false,
-        });
-        self.actions.push(Action::Publish { token, msg });
+            ) => self.on_disconnect(reason, session_expiry),
+            (_, Inbound::ServerOnly(name)) => self.disconnect(
+                PROTOCOL,
+                format!("client sent {name}, which only a server sends"),
+            ),
+        }
     }
 
-    fn on_publish_result(&mut self, token: u64, result: Result<(), OpError>) {
-        if self.ops.remove(&token) != Some(Op::Publish) {
-            return;
-        }
-        let Some(entry) = self.publishes.iter_mut().find(|p| p.token == token) else {
-            return;
-        };
-        entry.stored = true;
-        if let Err(e) = result {
-            if entry.packet_id.is_some() {
-                // 3.1.1 has no negative PUBACK: closing makes the client resend.
-                self.close(format!("QoS 1 publish failed: {}", e.message));
+    /// DISCONNECT from the client (§3.14): the will is dropped unless the Reason Code is
+    /// 0x04 (MQTT 5.0 §3.14.2.1); a new Session Expiry Interval applies from now.
+    fn on_disconnect(&mut self, code: u8, session_expiry: Option<u32>) {
+        let was_persistent = self.persistent();
+        if let Some(expiry) = session_expiry {
+            if self.session_expiry == 0 && expiry > 0 {
+                self.disconnect(
+                    reason::PROTOCOL_ERROR,
+                    "Session Expiry Interval set on DISCONNECT after 0 on CONNECT (§3.14.2.2.2)",
+                );
                 return;
             }
-            self.log(
-                LogLevel::Warn,
-                format!("QoS 0 publish dropped: {}", e.message),
-            );
+            self.session_expiry = expiry;
         }
-        // PUBACKs leave in PUBLISH order (§4.6).
-        while self.publishes.front().is_some_and(|p| p.stored) {
-            if let Some(InboundPublish {
-                packet_id: Some(id),
-                ..
-            }) = self.publishes.pop_front()
-            {
-                self.send(codec::puback(id));
-            }
+        if code != reason::DISCONNECT_WITH_WILL {
+            self.actions.push(Action::SetWill(None));
         }
-    }
-
-    // ---- SUBSCRIBE / UNSUBSCRIBE (§3.8–§3.11) -------------------------------------------------
-
-    fn on_subscribe(&mut self, packet_id: u16, entries: Vec<SubscribeEntry>) {
-        let mut codes = Vec::with_capacity(entries.len());
-        let mut added = Vec::new();
-        for e in entries {
-            let room = self.filters.contains_key(&e.filter)
-                || self.filters.len() < self.config.max_subscriptions;
-            if !topic::is_valid_filter(&e.filter) || !room {
-                codes.push(SUBACK_FAILURE);
-                continue;
-            }
-            // This cut grants at most QoS 1 (§3.9.3 allows a lower grant).
-            let granted = e.qos.min(1);
-            codes.push(granted);
-            self.filters.insert(e.filter.clone(), granted);
-            added.push(e.filter);
-        }
-        if !added.is_empty() {
-            if self.backend == Backend::Closed {
-                self.open_backend(false);
-            }
-            self.changed_filters();
-        }
-        let waits_backend = !added.is_empty() && !matches!(self.backend, Backend::Open(_));
-        self.replies.push_back(PendingReply {
-            kind: Reply::Suback {
-                packet_id,
-                codes,
-                added,
-            },
-            waits_backend,
-            waits_generation: self.generation,
-        });
-        self.flush_replies();
-    }
-
-    fn on_unsubscribe(&mut self, packet_id: u16, filters: Vec<String>) {
-        let mut changed = false;
-        for f in filters {
-            changed |= self.filters.remove(&f).is_some();
-        }
-        if changed {
-            self.changed_filters();
-        }
-        self.replies.push_back(PendingReply {
-            kind: Reply::Unsuback { packet_id },
-            waits_backend: false,
-            waits_generation: self.generation,
-        });
-        self.flush_replies();
-    }
-
-    /// The filter set changed: a persistent session must be saved before the reply.
-    fn changed_filters(&mut self) {
-        if self.persistent() {
-            self.generation += 1;
-            self.save_session();
-        }
-    }
-
-    /// Writes the filter set if it changed since the last save; one save in flight at a time,
-    /// so saves cannot land out of order.
-    fn save_session(&mut self) {
-        if !self.persistent() || self.save_in_flight || self.saved_generation >= self.generation {
-            return;
-        }
-        self.save_in_flight = true;
-        let generation = self.generation;
-        let key = session_store::kv_key(&self.client_id);
-        let value = Some(session_store::encode(&self.filters));
-        let token = self.token(Op::SaveSession { generation });
-        self.actions.push(Action::KvPut { token, key, value });
-    }
-
-    /// Sends the SUBACKs/UNSUBACKs whose conditions hold, in packet order.
-    fn flush_replies(&mut self) {
-        let backend_open = matches!(self.backend, Backend::Open(_));
-        while let Some(front) = self.replies.front() {
-            if (front.waits_backend && !backend_open)
-                || (self.persistent() && front.waits_generation > self.saved_generation)
-            {
-                break;
-            }
-            let Some(reply) = self.replies.pop_front() else {
-                break;
-            };
-            match reply.kind {
-                Reply::Suback {
-                    packet_id, codes, ..
-                } => self.send(codec::suback(packet_id, &codes)),
-                Reply::Unsuback { packet_id } => self.send(codec::unsuback(packet_id)),
-            }
-        }
-    }
-
-    /// The spec of this connection's backend subscription (see the crate docs).
-    fn backend_spec(&self) -> SubscriptionSpec {
-        if self.persistent() {
-            self.durable_spec()
+        if was_persistent && !self.persistent() {
+            self.drop_session();
         } else {
-            SubscriptionSpec {
-                topic: PULSAR_TOPIC.to_string(),
-                name: format!("mqtt-tmp-{}-{:016x}", self.conn_id, self.nonce),
-                mode: SubMode::Exclusive,
-                durable: false,
-                initial_position: InitialPosition::Latest,
-                max_unacked: self.max_unacked(),
-            }
+            self.record_session_end();
         }
-    }
-
-    fn durable_spec(&self) -> SubscriptionSpec {
-        SubscriptionSpec {
-            topic: PULSAR_TOPIC.to_string(),
-            name: session_store::durable_subscription(&self.client_id),
-            mode: SubMode::Exclusive,
-            durable: true,
-            initial_position: InitialPosition::Latest,
-            max_unacked: self.max_unacked(),
-        }
-    }
-
-    fn max_unacked(&self) -> u32 {
-        u32::try_from(self.config.max_inflight).unwrap_or(u32::MAX)
-    }
-
-    fn open_backend(&mut self, restore: bool) {
-        self.backend = Backend::Opening;
-        let spec = self.backend_spec();
-        let token = self.token(Op::OpenBackend { restore });
-        self.actions.push(Action::Subscribe { token, spec });
-    }
-
-    fn on_subscribe_result(&mut self, token: u64, result: Result<SubId, OpError>) {
-        match (self.ops.remove(&token), result) {
-            (Some(Op::OpenBackend { .. }), Ok(sub)) => {
-                self.backend = Backend::Open(sub);
-                self.flush_replies();
-            }
-            (Some(Op::OpenBackend { restore: true }), Err(e)) => {
-                self.close(format!(
-                    "could not reopen the session's subscription: {}",
-                    e.message
-                ));
-            }
-            (Some(Op::OpenBackend { restore: false }), Err(e)) => {
-                self.log(
-                    LogLevel::Warn,
-                    format!("backend subscription failed: {}", e.message),
-                );
-                self.backend = Backend::Closed;
-                let mut removed = Vec::new();
-                for reply in self.replies.iter_mut().filter(|r| r.waits_backend) {
-                    reply.waits_backend = false;
-                    if let Reply::Suback { codes, added, .. } = &mut reply.kind {
-                        codes.iter_mut().for_each(|c| *c = SUBACK_FAILURE);
-                        removed.append(added);
-                    }
-                }
-                for f in removed {
-                    self.filters.remove(&f);
-                }
-                self.changed_filters();
-                self.flush_replies();
-            }
-            (Some(Op::OpenOldSubscription), Ok(sub)) => {
-                self.actions.push(Action::Unsubscribe { sub, delete: true });
-            }
-            (Some(Op::OpenOldSubscription), Err(e)) => {
-                self.log(
-                    LogLevel::Warn,
-                    format!(
-                        "could not delete the earlier session's subscription: {}",
-                        e.message
-                    ),
-                );
-            }
-            _ => {}
-        }
-    }
-
-    // ---- deliveries to the client (§3.3, §3.4, §4.3) -----------------------------------------
-
-    fn on_delivery(&mut self, d: Delivery) {
-        let Backend::Open(sub) = self.backend else {
-            return;
-        };
-        if d.subscription != sub {
-            // E.g. the earlier session's subscription, opened only to be deleted.
-            return;
-        }
-        let property = |key: &str| {
-            d.properties
-                .iter()
-                .find(|p| p.key == key)
-                .map(|p| p.value.clone())
-        };
-        let message_qos: u8 = match property(PROP_QOS).as_deref() {
-            Some("1") | Some("2") => 1,
-            _ => 0,
-        };
-        let Some(topic) = property(PROP_TOPIC) else {
-            self.actions.push(Action::Ack {
-                sub,
-                delivery_id: d.delivery_id,
-            });
-            return;
-        };
-        let granted = self
-            .filters
-            .iter()
-            .filter(|(f, _)| topic::matches(f, &topic))
-            .map(|(_, q)| *q)
-            .max();
-        let qos = match granted {
-            None => {
-                self.actions.push(Action::Ack {
-                    sub,
-                    delivery_id: d.delivery_id,
-                });
-                return;
-            }
-            Some(g) => g.min(message_qos),
-        };
-        if qos == 0 {
-            if let Some(bytes) = codec::publish(&topic, None, &d.payload) {
-                self.send(bytes);
-            }
-            self.actions.push(Action::Ack {
-                sub,
-                delivery_id: d.delivery_id,
-            });
-        } else if self.inflight_out.len() < self.config.max_inflight {
-            self.send_qos1(sub, d, &topic);
-        } else if self.waiting_out.len() < self.config.max_inflight {
-            self.waiting_out
-                .push_back(WaitingDelivery { delivery: d, topic });
-        } else {
-            self.close("backend delivered more messages than max-unacked allows");
-        }
-    }
-
-    fn send_qos1(&mut self, sub: SubId, d: Delivery, topic: &str) {
-        let Some(packet_id) = self.allocate_packet_id() else {
-            self.close("no free Packet Identifier");
-            return;
-        };
-        match codec::publish(topic, Some(packet_id), &d.payload) {
-            Some(bytes) => {
-                self.inflight_out.insert(packet_id, (sub, d.delivery_id));
-                self.send(bytes);
-            }
-            None => {
-                self.log(
-                    LogLevel::Warn,
-                    format!("dropping a message with invalid topic {topic:?}"),
-                );
-                self.actions.push(Action::Ack {
-                    sub,
-                    delivery_id: d.delivery_id,
-                });
-            }
-        }
-    }
-
-    /// The next Packet Identifier not in use (§2.3.1: non-zero, unique among in-flight).
-    fn allocate_packet_id(&mut self) -> Option<u16> {
-        for _ in 0..u16::MAX {
-            let id = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if !self.inflight_out.contains_key(&id) {
-                return Some(id);
-            }
-        }
-        None
-    }
-
-    fn on_puback(&mut self, packet_id: u16) {
-        let Some((sub, delivery_id)) = self.inflight_out.remove(&packet_id) else {
-            self.log(
-                LogLevel::Debug,
-                format!("PUBACK for unknown Packet Identifier {packet_id}"),
-            );
-            return;
-        };
-        self.actions.push(Action::Ack { sub, delivery_id });
-        if let Some(w) = self.waiting_out.pop_front() {
-            let sub = w.delivery.subscription;
-            self.send_qos1(sub, w.delivery, &w.topic);
-        }
+        self.close(format!("client sent DISCONNECT ({code:#04x})"));
     }
 
     // ---- timers (§3.1.2.10 Keep Alive) ------------------------------------------------------
 
     fn on_timer(&mut self, now_ms: u64, token: u64) {
+        if let Some((retry, restore)) = self.retry_timer {
+            if retry == token {
+                self.retry_timer = None;
+                if self.backend == Backend::Opening {
+                    self.open_backend(restore);
+                }
+                return;
+            }
+        }
         let Some((current, kind)) = self.timer else {
             return;
         };
@@ -935,7 +819,8 @@ impl MqttConnection {
             TimerKind::KeepAlive => {
                 let idle = now_ms.saturating_sub(self.last_activity_ms);
                 if idle >= self.keep_alive_ms {
-                    self.close("keep-alive timeout");
+                    self.record_session_end();
+                    self.disconnect(reason::KEEP_ALIVE_TIMEOUT, "keep-alive timeout");
                 } else {
                     self.arm_timer(TimerKind::KeepAlive, self.keep_alive_ms - idle);
                 }
@@ -944,23 +829,46 @@ impl MqttConnection {
     }
 }
 
+/// The reason string of a failed PUBACK / PUBREC.
+fn ack_reason_string(code: u8) -> &'static str {
+    match code {
+        reason::NOT_AUTHORIZED => "not authorized to publish to this topic",
+        reason::QUOTA_EXCEEDED => "publish quota exceeded",
+        reason::TOPIC_NAME_INVALID => "invalid Topic Name",
+        reason::PAYLOAD_FORMAT_INVALID => {
+            "payload is not UTF-8 as its Payload Format Indicator says"
+        }
+        _ => "the message could not be stored",
+    }
+}
+
+/// A reason string of ours, cut to [`REASON_STRING_MAX`] bytes on a character boundary.
+fn reason_string(text: &str) -> String {
+    let mut end = text.len().min(REASON_STRING_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.get(..end).unwrap_or_default().to_string()
+}
+
 /// The credentials of a CONNECT (§3.1.3.4, §3.1.3.5).
 ///
-/// - no User Name: `Anonymous`;
+/// - no User Name: `Anonymous` (an MQTT 5.0 Password without User Name is ignored);
 /// - User Name empty or `token`, and a Password shaped like a JWT (three base64url parts,
 ///   the first starting `eyJ`): `Token(password)`, as Pulsar token authentication expects;
 /// - otherwise `Password { user, password }` (an absent Password is empty).
-pub fn credentials(username: Option<String>, password: Option<String>) -> Credentials {
+pub fn credentials(username: Option<String>, password: Option<Vec<u8>>) -> Credentials {
     match (username, password) {
         (None, _) => Credentials::Anonymous,
         (Some(user), Some(password))
-            if (user.is_empty() || user == "token") && looks_like_jwt(&password) =>
+            if (user.is_empty() || user == "token")
+                && std::str::from_utf8(&password).is_ok_and(looks_like_jwt) =>
         {
-            Credentials::Token(password)
+            Credentials::Token(String::from_utf8_lossy(&password).into_owned())
         }
         (Some(user), password) => Credentials::Password(UserPassword {
             user,
-            password: password.unwrap_or_default().into_bytes(),
+            password: password.unwrap_or_default(),
         }),
     }
 }
@@ -1004,6 +912,15 @@ fn not_a_connect(buf: &[u8]) -> Option<String> {
     };
     Some(reason)
 }
+
+/// CONNECT / CONNACK, enhanced authentication, opening and ending the session.
+mod connect;
+/// Messages to the client and their acknowledgements.
+mod deliver;
+/// PUBLISH / PUBREL from the client and their acknowledgements.
+mod publish;
+/// SUBSCRIBE / UNSUBSCRIBE, backend subscriptions, retained messages for new ones.
+mod subscribe;
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
-//! MQTT 3.1.1 wire format: framing (§2.2 Fixed header), decoding of the Control Packets a
-//! client sends and encoding of the ones a server sends.
+//! MQTT wire format: framing (§2.2 Fixed header), decoding of the Control Packets a client
+//! sends and encoding of the ones a server sends. This module holds the framing, the decoded
+//! packet types both protocol versions share, and MQTT 3.1.1; [`v5`] holds MQTT 5.0.
 //!
 //! Framing is ours: we read the fixed header and its Remaining Length (§2.2.3) and refuse a
 //! packet larger than the configured maximum *before* any of its body is kept, so a client
@@ -14,18 +15,25 @@
 //! - SUBSCRIBE (§3.8): parsed entirely here, so that one invalid Topic Filter yields return
 //!   code 0x80 for that filter in the SUBACK instead of failing the whole packet.
 //!
+//! CONNECT picks the version: Protocol Level 4 is decoded as 3.1.1, level 5 by [`v5`], and
+//! every later packet of the connection by the same version's decoder.
+//!
 //! Nothing in this module panics on input.
+
+pub mod v5;
 
 use std::io::Cursor;
 
 use mqtt_codec_kit::common::packet::EncodablePacket;
 use mqtt_codec_kit::common::qos::QoSWithPacketIdentifier;
-use mqtt_codec_kit::common::{Decodable, Encodable, QualityOfService, TopicNameRef};
+use mqtt_codec_kit::common::{Decodable, Encodable, QualityOfService, TopicName};
 use mqtt_codec_kit::v4::control::ConnectReturnCode;
 use mqtt_codec_kit::v4::packet::{
-    ConnackPacket, PingrespPacket, PubackPacket, PublishPacketRef, SubackPacket, UnsubackPacket,
-    VariablePacket,
+    ConnackPacket, PingrespPacket, PubackPacket, PubcompPacket, PublishPacket, PubrecPacket,
+    PubrelPacket, SubackPacket, UnsubackPacket, VariablePacket,
 };
+
+pub use v5::Properties;
 
 /// Protocol Level of MQTT 3.1.1 (§3.1.2.2).
 pub const PROTOCOL_LEVEL_3_1_1: u8 = 4;
@@ -46,15 +54,30 @@ pub enum DecodeError {
     /// §3.1.2.1: the Protocol Name is not `MQTT` (MQTT 3.1's `MQIsdp` included).
     #[error("unsupported protocol name {0:?}")]
     UnsupportedProtocolName(String),
-    /// §3.1.2.2: a Protocol Level other than 4; the server answers CONNACK 0x01.
-    #[error("unsupported protocol level {0} (only MQTT 3.1.1, level 4, is supported)")]
+    /// §3.1.2.2: a Protocol Level other than 4 and 5; the server answers CONNACK 0x01.
+    #[error(
+        "unsupported protocol level {0} (MQTT 3.1.1, level 4, and 5.0, level 5, are supported)"
+    )]
     UnsupportedProtocolLevel(u8),
-    /// Any other violation of the packet's format.
+    /// Any other violation of the packet's format (MQTT 5.0 reason code 0x81).
     #[error("malformed {packet}: {reason}")]
     Malformed {
         packet: &'static str,
         reason: String,
     },
+    /// A well-formed packet that breaks a rule on values (MQTT 5.0 reason code 0x82).
+    #[error("protocol error in {packet}: {reason}")]
+    Protocol {
+        packet: &'static str,
+        reason: String,
+    },
+}
+
+fn protocol(packet: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Protocol {
+        packet,
+        reason: reason.into(),
+    }
 }
 
 fn malformed(packet: &'static str, reason: impl Into<String>) -> DecodeError {
@@ -67,14 +90,30 @@ fn malformed(packet: &'static str, reason: impl Into<String>) -> DecodeError {
 /// CONNECT (§3.1), the parts the server uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
+    /// Protocol Level: 4 (3.1.1) or 5 (5.0).
+    pub protocol: u8,
     pub client_id: String,
+    /// Clean Session (3.1.1) or Clean Start (5.0).
     pub clean_session: bool,
     /// Keep Alive in seconds (§3.1.2.10); 0 turns the mechanism off.
     pub keep_alive: u16,
     pub username: Option<String>,
-    pub password: Option<String>,
-    /// Whether a Will Message was given (§3.1.2.5); not supported yet, see the crate docs.
-    pub has_will: bool,
+    pub password: Option<Vec<u8>>,
+    /// The Will Message (§3.1.2.5, §3.1.3.2, §3.1.3.3), if the Will Flag is set.
+    pub will: Option<Will>,
+    /// MQTT 5.0 CONNECT properties (§3.1.2.11); empty for 3.1.1.
+    pub properties: Properties,
+}
+
+/// A Will Message of a CONNECT (§3.1.2.5–§3.1.2.7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5.0 Will Properties (§3.1.3.2); empty for 3.1.1.
+    pub properties: Properties,
 }
 
 /// PUBLISH (§3.3).
@@ -87,6 +126,8 @@ pub struct Publish {
     pub retain: bool,
     pub dup: bool,
     pub payload: Vec<u8>,
+    /// MQTT 5.0 PUBLISH properties (§3.3.2.3); empty for 3.1.1.
+    pub properties: Properties,
 }
 
 /// One Topic Filter of a SUBSCRIBE with its requested QoS (§3.8.3).
@@ -94,23 +135,40 @@ pub struct Publish {
 pub struct SubscribeEntry {
     pub filter: String,
     pub qos: u8,
+    /// MQTT 5.0 Subscription Options; all off for 3.1.1.
+    pub options: SubscriptionOptions,
+}
+
+/// MQTT 5.0 Subscription Options besides the QoS (§3.8.3.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    /// Messages this connection's Client Identifier published are not sent back.
+    pub no_local: bool,
+    /// Forwarded messages keep the RETAIN flag they were published with.
+    pub retain_as_published: bool,
+    /// 0: send retained messages on subscribe; 1: only if the subscription is new; 2: never.
+    pub retain_handling: u8,
 }
 
 /// A Control Packet a client may send, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
-    Connect(Connect),
+    /// CONNECT (§3.1), boxed: it is by far the largest packet.
+    Connect(Box<Connect>),
     Publish(Publish),
     /// PUBACK (§3.4).
     Puback(u16),
-    /// PUBREC (§3.5), PUBREL (§3.6), PUBCOMP (§3.7): the QoS 2 flow.
-    Pubrec(u16),
+    /// PUBREC (§3.5) with its Reason Code (0 in 3.1.1), PUBREL (§3.6), PUBCOMP (§3.7): the
+    /// QoS 2 flow.
+    Pubrec(u16, u8),
     Pubrel(u16),
     Pubcomp(u16),
     /// SUBSCRIBE (§3.8).
     Subscribe {
         packet_id: u16,
         entries: Vec<SubscribeEntry>,
+        /// MQTT 5.0 Subscription Identifier (§3.8.2.1.2).
+        subscription_id: Option<u32>,
     },
     /// UNSUBSCRIBE (§3.10).
     Unsubscribe {
@@ -119,8 +177,17 @@ pub enum Inbound {
     },
     /// PINGREQ (§3.12).
     Pingreq,
-    /// DISCONNECT (§3.14).
-    Disconnect,
+    /// DISCONNECT (§3.14), with the MQTT 5.0 Reason Code (0 in 3.1.1) and a new Session
+    /// Expiry Interval, if the client sent one.
+    Disconnect {
+        reason: u8,
+        session_expiry: Option<u32>,
+    },
+    /// AUTH (MQTT 5.0 §3.15).
+    Auth {
+        reason: u8,
+        properties: Properties,
+    },
     /// A packet only a server may send (CONNACK, SUBACK, UNSUBACK, PINGRESP), named.
     ServerOnly(&'static str),
 }
@@ -150,9 +217,15 @@ pub fn packet_type(first: u8) -> u8 {
     first >> 4
 }
 
-/// Decodes the first packet of `buf`. `Ok(None)`: more bytes are needed. `Ok(Some((packet,
-/// n)))`: `n` bytes were one packet. The size limit is checked on the fixed header alone.
-pub fn decode(buf: &[u8], max_packet_size: usize) -> Result<Option<(Inbound, usize)>, DecodeError> {
+/// Decodes the first packet of `buf`, as MQTT 5.0 when `v5` (the connection's CONNECT said
+/// so), else as 3.1.1; a CONNECT is decoded by the version it names. `Ok(None)`: more bytes
+/// are needed. `Ok(Some((packet, n)))`: `n` bytes were one packet. The size limit is checked
+/// on the fixed header alone.
+pub fn decode(
+    buf: &[u8],
+    max_packet_size: usize,
+    v5: bool,
+) -> Result<Option<(Inbound, usize)>, DecodeError> {
     let Some((first, remaining, header_len)) = fixed_header(buf)? else {
         return Ok(None);
     };
@@ -169,10 +242,21 @@ pub fn decode(buf: &[u8], max_packet_size: usize) -> Result<Option<(Inbound, usi
     };
     let body = frame.get(header_len..).unwrap_or_default();
     let flags = first & 0x0f;
+    if v5 {
+        return Ok(Some((v5::decode(first, body)?, frame.len())));
+    }
     let packet = match packet_type(first) {
         0 | 15 => return Err(DecodeError::ReservedType(packet_type(first))),
         1 => {
-            check_connect_header(body)?;
+            if check_connect_header(body)? == v5::PROTOCOL_LEVEL_5 {
+                if flags != 0 {
+                    return Err(malformed("CONNECT", "fixed header flags (§2.1.3)"));
+                }
+                return Ok(Some((
+                    Inbound::Connect(Box::new(v5::connect(body)?)),
+                    frame.len(),
+                )));
+            }
             from_codec(frame, header_len)?
         }
         2 => Inbound::ServerOnly("CONNACK"),
@@ -185,8 +269,8 @@ pub fn decode(buf: &[u8], max_packet_size: usize) -> Result<Option<(Inbound, usi
     Ok(Some((packet, frame.len())))
 }
 
-/// §3.1.2.1 and §3.1.2.2: Protocol Name `MQTT`, Protocol Level 4.
-fn check_connect_header(body: &[u8]) -> Result<(), DecodeError> {
+/// §3.1.2.1 and §3.1.2.2: Protocol Name `MQTT`, Protocol Level 4 or 5, which it returns.
+fn check_connect_header(body: &[u8]) -> Result<u8, DecodeError> {
     let name_len = match body.get(..2) {
         Some(&[hi, lo]) => usize::from(u16::from_be_bytes([hi, lo])),
         _ => return Err(malformed("CONNECT", "no Protocol Name")),
@@ -202,10 +286,10 @@ fn check_connect_header(body: &[u8]) -> Result<(), DecodeError> {
     let level = *body
         .get(2 + name_len)
         .ok_or_else(|| malformed("CONNECT", "no Protocol Level"))?;
-    if level != PROTOCOL_LEVEL_3_1_1 {
+    if level != PROTOCOL_LEVEL_3_1_1 && level != v5::PROTOCOL_LEVEL_5 {
         return Err(DecodeError::UnsupportedProtocolLevel(level));
     }
-    Ok(())
+    Ok(level)
 }
 
 fn nonzero_id(packet: &'static str, id: u16) -> Result<u16, DecodeError> {
@@ -229,14 +313,22 @@ fn from_codec(frame: &[u8], header_len: usize) -> Result<Inbound, DecodeError> {
                     "Password without User Name (§3.1.2.9)",
                 ));
             }
-            Inbound::Connect(Connect {
+            Inbound::Connect(Box::new(Connect {
+                protocol: PROTOCOL_LEVEL_3_1_1,
                 client_id: p.client_identifier().to_owned(),
                 clean_session: p.clean_session(),
                 keep_alive: p.keep_alive(),
                 username: p.username().map(str::to_owned),
-                password: p.password().map(str::to_owned),
-                has_will: p.will().is_some(),
-            })
+                password: p.password().map(|p| p.as_bytes().to_vec()),
+                will: p.will().map(|w| Will {
+                    topic: w.topic().to_string(),
+                    payload: w.message().0.clone(),
+                    qos: w.qos() as u8,
+                    retain: w.retain(),
+                    properties: Properties::default(),
+                }),
+                properties: Properties::default(),
+            }))
         }
         VariablePacket::PublishPacket(p) => {
             let (qos, packet_id) = p.qos().split();
@@ -248,10 +340,11 @@ fn from_codec(frame: &[u8], header_len: usize) -> Result<Inbound, DecodeError> {
                 retain: p.retain(),
                 dup: p.dup(),
                 payload: p.payload().to_vec(),
+                properties: Properties::default(),
             })
         }
         VariablePacket::PubackPacket(p) => Inbound::Puback(p.packet_identifier()),
-        VariablePacket::PubrecPacket(p) => Inbound::Pubrec(p.packet_identifier()),
+        VariablePacket::PubrecPacket(p) => Inbound::Pubrec(p.packet_identifier(), 0),
         VariablePacket::PubrelPacket(p) => Inbound::Pubrel(p.packet_identifier()),
         VariablePacket::PubcompPacket(p) => Inbound::Pubcomp(p.packet_identifier()),
         VariablePacket::UnsubscribePacket(p) => {
@@ -264,7 +357,10 @@ fn from_codec(frame: &[u8], header_len: usize) -> Result<Inbound, DecodeError> {
             }
         }
         VariablePacket::PingreqPacket(_) => Inbound::Pingreq,
-        VariablePacket::DisconnectPacket(_) => Inbound::Disconnect,
+        VariablePacket::DisconnectPacket(_) => Inbound::Disconnect {
+            reason: 0,
+            session_expiry: None,
+        },
         VariablePacket::ConnackPacket(_) => Inbound::ServerOnly("CONNACK"),
         VariablePacket::SubscribePacket(_) => {
             return Err(malformed(
@@ -356,13 +452,21 @@ fn decode_subscribe(flags: u8, body: &[u8]) -> Result<Inbound, DecodeError> {
                 format!("Requested QoS byte {qos:#04x} (§3.8.3.1)"),
             ));
         }
-        entries.push(SubscribeEntry { filter, qos });
+        entries.push(SubscribeEntry {
+            filter,
+            qos,
+            options: SubscriptionOptions::default(),
+        });
         rest = rest.get(3 + len..).unwrap_or_default();
     }
     if entries.is_empty() {
         return Err(malformed(P, "no Topic Filter (§3.8.3)"));
     }
-    Ok(Inbound::Subscribe { packet_id, entries })
+    Ok(Inbound::Subscribe {
+        packet_id,
+        entries,
+        subscription_id: None,
+    })
 }
 
 fn encode(packet: &impl Encodable) -> Vec<u8> {
@@ -381,15 +485,54 @@ pub fn connack(session_present: bool, return_code: u8) -> Vec<u8> {
     ))
 }
 
+/// The header flags and Packet Identifier of a PUBLISH to a client (§3.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishFlags {
+    /// 0, 1 or 2; a Packet Identifier goes with 1 and 2.
+    pub qos: u8,
+    pub packet_id: u16,
+    pub retain: bool,
+    pub dup: bool,
+}
+
+impl PublishFlags {
+    /// QoS 0, no flags.
+    pub const QOS0: PublishFlags = PublishFlags {
+        qos: 0,
+        packet_id: 0,
+        retain: false,
+        dup: false,
+    };
+}
+
 /// PUBLISH (§3.3) to a client; `None` when `topic` is not a valid Topic Name (it came from
 /// a message property, so it is not trusted either).
-pub fn publish(topic: &str, packet_id: Option<u16>, payload: &[u8]) -> Option<Vec<u8>> {
-    let topic = TopicNameRef::new(topic).ok()?;
-    let qos = match packet_id {
-        Some(id) => QoSWithPacketIdentifier::new(QualityOfService::Level1, id),
-        None => QoSWithPacketIdentifier::Level0,
+pub fn publish(topic: &str, flags: PublishFlags, payload: Vec<u8>) -> Option<Vec<u8>> {
+    let topic = TopicName::new(topic.to_string()).ok()?;
+    let qos = match flags.qos {
+        0 => QoSWithPacketIdentifier::Level0,
+        1 => QoSWithPacketIdentifier::new(QualityOfService::Level1, flags.packet_id),
+        _ => QoSWithPacketIdentifier::new(QualityOfService::Level2, flags.packet_id),
     };
-    Some(encode(&PublishPacketRef::new(topic, qos, payload)))
+    let mut packet = PublishPacket::new(topic, qos, payload);
+    packet.set_retain(flags.retain);
+    packet.set_dup(flags.dup && flags.qos > 0);
+    Some(encode(&packet))
+}
+
+/// PUBREC (§3.5).
+pub fn pubrec(packet_id: u16) -> Vec<u8> {
+    encode(&PubrecPacket::new(packet_id))
+}
+
+/// PUBREL (§3.6).
+pub fn pubrel(packet_id: u16) -> Vec<u8> {
+    encode(&PubrelPacket::new(packet_id))
+}
+
+/// PUBCOMP (§3.7).
+pub fn pubcomp(packet_id: u16) -> Vec<u8> {
+    encode(&PubcompPacket::new(packet_id))
 }
 
 /// PUBACK (§3.4).
@@ -430,16 +573,16 @@ mod tests {
 
     #[test]
     fn incomplete_header_and_body_need_more_bytes() {
-        assert_eq!(decode(&[], MAX), Ok(None));
-        assert_eq!(decode(&[0x30], MAX), Ok(None));
-        assert_eq!(decode(&[0x30, 0x80], MAX), Ok(None));
-        assert_eq!(decode(&[0x30, 0x05, 0x00], MAX), Ok(None));
+        assert_eq!(decode(&[], MAX, false), Ok(None));
+        assert_eq!(decode(&[0x30], MAX, false), Ok(None));
+        assert_eq!(decode(&[0x30, 0x80], MAX, false), Ok(None));
+        assert_eq!(decode(&[0x30, 0x05, 0x00], MAX, false), Ok(None));
     }
 
     #[test]
     fn five_byte_remaining_length_is_malformed() {
         assert_eq!(
-            decode(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], MAX),
+            decode(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], MAX, false),
             Err(DecodeError::MalformedRemainingLength)
         );
     }
@@ -447,24 +590,36 @@ mod tests {
     #[test]
     fn oversized_packet_is_refused_from_its_header() {
         // 268,435,455 bytes announced; only the header is present.
-        let err = decode(&[0x30, 0xff, 0xff, 0xff, 0x7f], MAX);
+        let err = decode(&[0x30, 0xff, 0xff, 0xff, 0x7f], MAX, false);
         assert!(matches!(err, Err(DecodeError::TooLarge { .. })), "{err:?}");
     }
 
     #[test]
     fn pingreq_and_disconnect() {
-        assert_eq!(decode(&[0xc0, 0x00], MAX), Ok(Some((Inbound::Pingreq, 2))));
         assert_eq!(
-            decode(&[0xe0, 0x00], MAX),
-            Ok(Some((Inbound::Disconnect, 2)))
+            decode(&[0xc0, 0x00], MAX, false),
+            Ok(Some((Inbound::Pingreq, 2)))
         );
-        assert!(decode(&[0xc0, 0x01, 0x00], MAX).is_err(), "trailing byte");
+        assert_eq!(
+            decode(&[0xe0, 0x00], MAX, false),
+            Ok(Some((
+                Inbound::Disconnect {
+                    reason: 0,
+                    session_expiry: None
+                },
+                2
+            )))
+        );
+        assert!(
+            decode(&[0xc0, 0x01, 0x00], MAX, false).is_err(),
+            "trailing byte"
+        );
     }
 
     #[test]
     fn string_overrunning_its_frame_is_malformed() {
         // PUBLISH, Remaining Length 3, Topic Name length 9.
-        let err = decode(&[0x30, 0x03, 0x00, 0x09, b'a'], MAX);
+        let err = decode(&[0x30, 0x03, 0x00, 0x09, b'a'], MAX, false);
         assert!(
             matches!(
                 err,
@@ -486,7 +641,7 @@ mod tests {
             p.push(q);
         }
         p[1] = (p.len() - 2) as u8;
-        let (packet, n) = decode(&p, MAX).unwrap().unwrap();
+        let (packet, n) = decode(&p, MAX, false).unwrap().unwrap();
         assert_eq!(n, p.len());
         assert_eq!(
             packet,
@@ -495,13 +650,16 @@ mod tests {
                 entries: vec![
                     SubscribeEntry {
                         filter: "a/#".into(),
-                        qos: 1
+                        qos: 1,
+                        options: SubscriptionOptions::default(),
                     },
                     SubscribeEntry {
                         filter: "a#".into(),
-                        qos: 0
+                        qos: 0,
+                        options: SubscriptionOptions::default(),
                     },
-                ]
+                ],
+                subscription_id: None,
             }
         );
     }
@@ -517,12 +675,34 @@ mod tests {
         );
         assert_eq!(unsuback(3), vec![0xb0, 0x02, 0x00, 0x03]);
         assert_eq!(pingresp(), vec![0xd0, 0x00]);
+        let qos1 = PublishFlags {
+            qos: 1,
+            packet_id: 1,
+            ..PublishFlags::QOS0
+        };
         assert_eq!(
-            publish("a/b", Some(1), b"x"),
+            publish("a/b", qos1, b"x".to_vec()),
             Some(vec![
                 0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x01, b'x'
             ])
         );
-        assert_eq!(publish("a/+", None, b"x"), None);
+        let qos2_dup_retain = PublishFlags {
+            qos: 2,
+            packet_id: 5,
+            retain: true,
+            dup: true,
+        };
+        assert_eq!(
+            publish("t", qos2_dup_retain, b"y".to_vec()),
+            Some(vec![0x3d, 0x06, 0x00, 0x01, b't', 0x00, 0x05, b'y'])
+        );
+        assert_eq!(
+            publish("t", PublishFlags::QOS0, Vec::new()),
+            Some(vec![0x30, 0x03, 0x00, 0x01, b't'])
+        );
+        assert_eq!(publish("a/+", PublishFlags::QOS0, b"x".to_vec()), None);
+        assert_eq!(pubrec(7), vec![0x50, 0x02, 0x00, 0x07]);
+        assert_eq!(pubrel(7), vec![0x62, 0x02, 0x00, 0x07]);
+        assert_eq!(pubcomp(7), vec![0x70, 0x02, 0x00, 0x07]);
     }
 }
