@@ -223,6 +223,8 @@ struct TenantBody {
     #[serde(default)]
     encryption: bool,
     #[serde(default)]
+    pulsar_encryption: Option<crate::config::PulsarEncryptionConfig>,
+    #[serde(default)]
     limits: LimitsConfig,
 }
 
@@ -243,6 +245,7 @@ async fn put_tenant(
         name: name.clone(),
         namespaces,
         encryption: body.encryption,
+        pulsar_encryption: body.pulsar_encryption,
         limits: body.limits,
     };
     a.services.tenancy.put_tenant(tenant.clone());

@@ -43,6 +43,8 @@ pub struct OutMessage {
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub properties: HashMap<String, String>,
+    /// Pulsar end-to-end encryption metadata, when the payload is sealed in that format.
+    pub encryption: Option<(Vec<pulsar::proto::EncryptionKeys>, Vec<u8>)>,
 }
 
 /// How a subscription is opened.
@@ -126,10 +128,16 @@ impl Backend {
     /// enqueued one after another by one caller are stored in that order.
     pub async fn enqueue(&self, topic: &str, msg: OutMessage) -> Result<SendFuture, BackendError> {
         let producer = self.producer(topic).await?;
+        let (encryption_keys, encryption_param) = match msg.encryption {
+            Some((keys, iv)) => (keys, Some(iv)),
+            None => (Vec::new(), None),
+        };
         let message = pulsar::producer::Message {
             payload: msg.payload,
             properties: msg.properties,
             partition_key: msg.key,
+            encryption_keys,
+            encryption_param,
             ..Default::default()
         };
         let mut guard = producer.lock().await;

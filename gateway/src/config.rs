@@ -183,8 +183,24 @@ pub struct TenantConfig {
     /// Encrypt every payload at rest with the tenant's data key.
     #[serde(default)]
     pub encryption: bool,
+    /// Write payloads in Pulsar's end-to-end encryption format instead, so that the
+    /// tenant's own Pulsar clients decrypt them with a `CryptoKeyReader`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulsar_encryption: Option<PulsarEncryptionConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+}
+
+/// The tenant's RSA key pair for Pulsar's end-to-end encryption format.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PulsarEncryptionConfig {
+    /// The key name consumers' `CryptoKeyReader` is asked for.
+    pub key_name: String,
+    /// RSA public key (PEM, `openssl rsa -pubout`).
+    pub public_key: PathBuf,
+    /// RSA private key (PEM), for the gateway to decrypt what it delivers.
+    pub private_key: PathBuf,
 }
 
 /// Where the master key that wraps tenants' data keys comes from.
@@ -233,6 +249,48 @@ pub struct ListenerConfig {
     pub plugin: String,
     #[serde(default)]
     pub tls: bool,
+    /// Speak WebSocket (RFC 6455) on this port, over TLS (`wss://`) if `tls` is set: the
+    /// plugin sees the payloads of binary messages as its byte stream (see `websocket.rs`).
+    #[serde(default)]
+    pub websocket: bool,
+    /// The only request path upgraded (e.g. `"/mqtt"`); unset upgrades every path, as
+    /// Mosquitto does.
+    #[serde(default)]
+    pub websocket_path: Option<String>,
+    /// Subprotocols a WebSocket client may ask for; it must offer one of them, which the
+    /// gateway echoes. Empty: none is required.
+    #[serde(default = "default_websocket_subprotocols")]
+    pub websocket_subprotocols: Vec<String>,
+    /// Largest incoming WebSocket message in bytes (a message is held whole before its bytes
+    /// reach the plugin); keep it at least the plugin's largest packet.
+    #[serde(default = "default_websocket_max_message_size")]
+    pub websocket_max_message_size: usize,
+}
+
+impl ListenerConfig {
+    /// A listener with the defaults for everything but its name, address, plugin and TLS.
+    pub fn new(name: &str, bind: SocketAddr, plugin: &str, tls: bool) -> ListenerConfig {
+        ListenerConfig {
+            name: name.into(),
+            bind,
+            plugin: plugin.into(),
+            tls,
+            websocket: false,
+            websocket_path: None,
+            websocket_subprotocols: default_websocket_subprotocols(),
+            websocket_max_message_size: default_websocket_max_message_size(),
+        }
+    }
+}
+
+/// `mqtt` (MQTT 3.1.1 and 5.0, §6.0) and `mqttv3.1` (MQTT 3.1 clients), as Mosquitto accepts.
+fn default_websocket_subprotocols() -> Vec<String> {
+    vec!["mqtt".into(), "mqttv3.1".into()]
+}
+
+/// 1 MiB: the MQTT plugin's default `max_packet_size`.
+fn default_websocket_max_message_size() -> usize {
+    1024 * 1024
 }
 
 fn default_tenant() -> String {
@@ -260,17 +318,27 @@ impl Default for Config {
             admin: AdminSection::default(),
             plugins: PluginsSection::default(),
             listeners: vec![
+                ListenerConfig::new(
+                    "mqtt",
+                    SocketAddr::from(([127, 0, 0, 1], 1883)),
+                    "mqtt",
+                    false,
+                ),
+                ListenerConfig::new(
+                    "mqtt-tls",
+                    SocketAddr::from(([127, 0, 0, 1], 8883)),
+                    "mqtt",
+                    true,
+                ),
+                // Mosquitto's customary WebSocket port (8080 is Pulsar's admin port).
                 ListenerConfig {
-                    name: "mqtt".into(),
-                    bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
-                    plugin: "mqtt".into(),
-                    tls: false,
-                },
-                ListenerConfig {
-                    name: "mqtt-tls".into(),
-                    bind: SocketAddr::from(([127, 0, 0, 1], 8883)),
-                    plugin: "mqtt".into(),
-                    tls: true,
+                    websocket: true,
+                    ..ListenerConfig::new(
+                        "mqtt-ws",
+                        SocketAddr::from(([127, 0, 0, 1], 9001)),
+                        "mqtt",
+                        false,
+                    )
                 },
             ],
         }
@@ -352,6 +420,27 @@ impl Config {
                 return Err(format!(
                     "key `listeners[{i}].name`: listener name {:?} is used twice",
                     l.name
+                ));
+            }
+            let ws_options_set = l.websocket_path.is_some()
+                || l.websocket_subprotocols != default_websocket_subprotocols()
+                || l.websocket_max_message_size != default_websocket_max_message_size();
+            if ws_options_set && !l.websocket {
+                return Err(format!(
+                    "key `listeners[{i}].websocket_*`: set only with `websocket = true`"
+                ));
+            }
+            if l.websocket_path
+                .as_ref()
+                .is_some_and(|p| !p.starts_with('/'))
+            {
+                return Err(format!(
+                    "key `listeners[{i}].websocket_path`: must start with `/`"
+                ));
+            }
+            if l.websocket && l.websocket_max_message_size < 16 {
+                return Err(format!(
+                    "key `listeners[{i}].websocket_max_message_size`: must be at least 16"
                 ));
             }
         }
@@ -436,9 +525,44 @@ mod tests {
     fn empty_config_is_standalone_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.broker.embedded);
-        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners.len(), 3);
         assert_eq!(c.listeners[0].bind.port(), 1883);
         assert_eq!(c.listeners[1].bind.port(), 8883);
+        assert_eq!(c.listeners[2].bind.port(), 9001);
+        assert!(c.listeners[2].websocket && !c.listeners[2].tls);
+    }
+
+    #[test]
+    fn example_config_is_valid_and_lists_the_default_listeners() {
+        let c = Config::parse(include_str!("../../examples/magnetar.toml")).unwrap();
+        let ports: Vec<_> = c.listeners.iter().map(|l| l.bind.port()).collect();
+        assert_eq!(ports, [1883, 8883, 9001]);
+        assert!(c.listeners[2].websocket);
+    }
+
+    #[test]
+    fn websocket_listener_options() {
+        let c = Config::parse(
+            "[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:1\"\nplugin = \"mqtt\"\n\
+             tls = true\nwebsocket = true\nwebsocket_path = \"/mqtt\"\n",
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert!(l.websocket && l.tls);
+        assert_eq!(l.websocket_path.as_deref(), Some("/mqtt"));
+        assert_eq!(l.websocket_subprotocols, ["mqtt", "mqttv3.1"]);
+        let err = Config::parse(
+            "[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:1\"\nplugin = \"mqtt\"\n\
+             websocket_path = \"/mqtt\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("websocket = true"), "{err}");
+        let err = Config::parse(
+            "[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:1\"\nplugin = \"mqtt\"\n\
+             websocket = true\nwebsocket_path = \"mqtt\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("websocket_path"), "{err}");
     }
 
     #[test]

@@ -45,6 +45,12 @@ const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(5);
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// The TCP socket underneath.
     fn tcp(&self) -> &TcpStream;
+
+    /// Whether the stream holds bytes of its own to write (TLS: an answer to a record read,
+    /// such as a key update), to be flushed even when the plugin sends nothing.
+    fn wants_write(&self) -> bool {
+        false
+    }
 }
 
 impl Transport for TcpStream {
@@ -56,6 +62,10 @@ impl Transport for TcpStream {
 impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+
+    fn wants_write(&self) -> bool {
+        self.get_ref().1.wants_write()
     }
 }
 
@@ -216,7 +226,7 @@ pub async fn run<S: Transport>(
     // The last read filled its buffer: more may be buffered (by TLS) without the socket
     // becoming readable again.
     let mut read_again = false;
-    let reason = loop {
+    let reason = 'conn: loop {
         let relieved = shared.relieved.notified();
         tokio::pin!(relieved);
         relieved.as_mut().enable();
@@ -250,25 +260,45 @@ pub async fn run<S: Transport>(
         if !(readable && reading) {
             continue;
         }
+        // Read until the stream would block or the buffer is full: a TLS stream hands out one
+        // decrypted record per read, and records it already holds never make the socket
+        // readable again.
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        match stream.read_buf(&mut buf).now_or_never() {
-            // Not readable after all (or TLS wants more of a record): wait for readiness.
-            None => read_again = false,
-            Some(Ok(0)) => break "closed by the peer".to_string(),
-            Some(Ok(n)) => {
-                read_again = n == READ_CHUNK;
-                // No more reading until the plugin had these (and started what they ask).
-                shared.unconsumed.fetch_add(n, Ordering::Relaxed);
-                let event = Event::Data {
-                    conn,
-                    data: buf.freeze(),
-                    shared: shared.clone(),
-                };
-                if worker.send(event).await.is_err() {
-                    break "plugin worker stopped".to_string();
+        let mut eof = false;
+        read_again = false;
+        while buf.len() < READ_CHUNK {
+            match stream.read_buf(&mut buf).now_or_never() {
+                // Not readable after all (or TLS wants more of a record): wait for readiness.
+                None => break,
+                Some(Ok(0)) => {
+                    eof = true;
+                    break;
                 }
+                Some(Ok(_)) => read_again = buf.len() >= READ_CHUNK,
+                Some(Err(e)) if buf.is_empty() => break 'conn format!("read error: {e}"),
+                // Deliver what came before the error; the next read reports it.
+                Some(Err(_)) => break,
             }
-            Some(Err(e)) => break format!("read error: {e}"),
+        }
+        if !buf.is_empty() {
+            let n = buf.len();
+            // No more reading until the plugin had these (and started what they ask).
+            shared.unconsumed.fetch_add(n, Ordering::Relaxed);
+            let event = Event::Data {
+                conn,
+                data: buf.freeze(),
+                shared: shared.clone(),
+            };
+            if worker.send(event).await.is_err() {
+                break "plugin worker stopped".to_string();
+            }
+        } else if eof {
+            break "closed by the peer".to_string();
+        }
+        // Reading may have queued TLS records of the stream's own (never a spin: with the
+        // socket full, the write clears its readiness and the task waits to be writable).
+        if stream.wants_write() {
+            flushed = false;
         }
     };
     shared.close();

@@ -14,11 +14,11 @@
 //! active and keeps the old ones, so old messages still open. Shredding deletes every key of
 //! the tenant: what was sealed with them can never be opened again, wherever copies went.
 //!
-//! Pulsar's own end-to-end format (`encryption_keys` / `encryption_algo` /
-//! `encryption_param` in `MessageMetadata`, which the official clients decrypt with a
-//! `CryptoKeyReader`) is not written: the `pulsar` crate (6.9) keeps those fields in its
-//! crate-private `ProducerMessage`, and its public `producer::Message` has no way to set
-//! them. The key id therefore travels in a message property.
+//! A tenant with `pulsar_encryption` (an RSA key pair) gets Pulsar's own end-to-end format
+//! instead ([`PulsarE2e`]): `MessageMetadata.encryption_keys` / `encryption_param`, which the
+//! official clients decrypt with a `CryptoKeyReader` holding the tenant's private key. The
+//! `pulsar` crate cannot set those fields through its public API; the vendored copy in
+//! `third_party/pulsar` adds them to `producer::Message` (see its README).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -414,5 +414,252 @@ mod tests {
         std::fs::write(dir.path().join("keys/master.key"), [7u8; 32]).unwrap();
         let r2 = ring(dir.path());
         assert!(r2.open("acme", &prop, &a).is_err());
+    }
+}
+
+/// Pulsar's end-to-end encryption format, as the official clients write and read it
+/// (`MessageCrypto` of the C++ client): a 32-byte AES-256-GCM data key, encrypted for each
+/// key name with RSA-OAEP (SHA-1, MGF1-SHA-1) into `MessageMetadata.encryption_keys`; a
+/// 12-byte IV in `encryption_param`; the payload is `ciphertext ‖ 16-byte tag`, without
+/// associated data. Like the official producer, a data key serves many messages and is
+/// replaced every [`E2E_KEY_LIFETIME`]; like the official consumer, decrypted data keys are
+/// cached by their encrypted form, so the RSA private-key operation runs once per data key.
+pub struct PulsarE2e {
+    key_name: String,
+    public: rsa::RsaPublicKey,
+    private: rsa::RsaPrivateKey,
+    /// The current data key, its encrypted form, and when it was made.
+    current: std::sync::Mutex<Option<DataKey>>,
+    /// Encrypted data key → data key.
+    opened: std::sync::Mutex<HashMap<Vec<u8>, [u8; 32]>>,
+}
+
+/// A Pulsar-format data key in use, with its RSA-encrypted form.
+struct DataKey {
+    made: std::time::Instant,
+    key: [u8; 32],
+    wrapped: Vec<u8>,
+}
+
+/// How long one Pulsar-format data key is used (the official clients use 4 hours).
+pub const E2E_KEY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
+
+impl std::fmt::Debug for PulsarE2e {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PulsarE2e")
+            .field("key_name", &self.key_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A payload sealed in Pulsar's format: what goes into the message and its metadata.
+#[derive(Debug, Clone, Default)]
+pub struct PulsarSealed {
+    pub payload: Vec<u8>,
+    pub encryption_keys: Vec<pulsar::proto::EncryptionKeys>,
+    pub encryption_param: Vec<u8>,
+}
+
+impl PulsarE2e {
+    /// Loads the tenant's key pair.
+    pub fn load(cfg: &crate::config::PulsarEncryptionConfig) -> Result<PulsarE2e, CryptoError> {
+        use rsa::pkcs1::DecodeRsaPrivateKey;
+        use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| CryptoError::Store {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let bad = |p: &Path, e: String| CryptoError::Damaged {
+            path: p.to_path_buf(),
+            message: e,
+        };
+        let public_pem = read(&cfg.public_key)?;
+        let public = rsa::RsaPublicKey::from_public_key_pem(&public_pem)
+            .or_else(|_| {
+                use rsa::pkcs1::DecodeRsaPublicKey;
+                rsa::RsaPublicKey::from_pkcs1_pem(&public_pem)
+            })
+            .map_err(|e| bad(&cfg.public_key, e.to_string()))?;
+        let private_pem = read(&cfg.private_key)?;
+        let private = rsa::RsaPrivateKey::from_pkcs1_pem(&private_pem)
+            .or_else(|_| rsa::RsaPrivateKey::from_pkcs8_pem(&private_pem))
+            .map_err(|e| bad(&cfg.private_key, e.to_string()))?;
+        Ok(PulsarE2e {
+            key_name: cfg.key_name.clone(),
+            public,
+            private,
+            current: std::sync::Mutex::new(None),
+            opened: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn data_key(&self) -> Result<([u8; 32], Vec<u8>), CryptoError> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = current.as_ref() {
+            if d.made.elapsed() < E2E_KEY_LIFETIME {
+                return Ok((d.key, d.wrapped.clone()));
+            }
+        }
+        let key = random::<32>();
+        let wrapped = self
+            .public
+            .encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha1::Sha1>(), &key)
+            .map_err(|e| CryptoError::MasterKey(format!("RSA-OAEP: {e}")))?;
+        *current = Some(DataKey {
+            made: std::time::Instant::now(),
+            key,
+            wrapped: wrapped.clone(),
+        });
+        Ok((key, wrapped))
+    }
+
+    /// Seals a payload in Pulsar's format.
+    pub fn seal(&self, payload: &[u8]) -> Result<PulsarSealed, CryptoError> {
+        let (key, wrapped) = self.data_key()?;
+        let iv = random::<NONCE_LEN>();
+        let sealed = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key))
+            .encrypt(Nonce::from_slice(&iv), payload)
+            .map_err(|_| CryptoError::Open)?;
+        Ok(PulsarSealed {
+            payload: sealed,
+            encryption_keys: vec![pulsar::proto::EncryptionKeys {
+                key: self.key_name.clone(),
+                value: wrapped,
+                metadata: Vec::new(),
+            }],
+            encryption_param: iv.to_vec(),
+        })
+    }
+
+    /// Opens a payload in Pulsar's format (from the gateway or any official producer that
+    /// encrypted for this key name).
+    pub fn open(
+        &self,
+        keys: &[pulsar::proto::EncryptionKeys],
+        iv: &[u8],
+        payload: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let ours = keys
+            .iter()
+            .find(|k| k.key == self.key_name)
+            .ok_or_else(|| CryptoError::NoKey {
+                tenant: "(pulsar e2e)".into(),
+                key_id: keys
+                    .iter()
+                    .map(|k| k.key.clone())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            })?;
+        let cached = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ours.value)
+            .copied();
+        let key = match cached {
+            Some(k) => k,
+            None => {
+                let k = self
+                    .private
+                    .decrypt(rsa::Oaep::new::<sha1::Sha1>(), &ours.value)
+                    .map_err(|_| CryptoError::Open)?;
+                let k: [u8; 32] = k.try_into().map_err(|_| CryptoError::Open)?;
+                let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+                if opened.len() > 1024 {
+                    opened.clear();
+                }
+                opened.insert(ours.value.clone(), k);
+                k
+            }
+        };
+        if iv.len() != NONCE_LEN {
+            return Err(CryptoError::Open);
+        }
+        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key))
+            .decrypt(Nonce::from_slice(iv), payload)
+            .map_err(|_| CryptoError::Open)
+    }
+}
+
+#[cfg(test)]
+mod e2e_tests {
+    use super::*;
+
+    #[test]
+    fn pulsar_format_round_trip_and_key_reuse() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let dir = tempfile::tempdir().unwrap();
+        let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        let public = private.to_public_key();
+        std::fs::write(
+            dir.path().join("priv.pem"),
+            private.to_pkcs1_pem(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("pub.pem"),
+            public.to_public_key_pem(LineEnding::LF).unwrap(),
+        )
+        .unwrap();
+        let e2e = PulsarE2e::load(&crate::config::PulsarEncryptionConfig {
+            key_name: "acme-key".into(),
+            public_key: dir.path().join("pub.pem"),
+            private_key: dir.path().join("priv.pem"),
+        })
+        .unwrap();
+        let a = e2e.seal(b"hello pulsar").unwrap();
+        let b = e2e.seal(b"second").unwrap();
+        assert_eq!(
+            a.encryption_keys[0].value, b.encryption_keys[0].value,
+            "one data key"
+        );
+        assert_ne!(
+            a.encryption_param, b.encryption_param,
+            "fresh IV per message"
+        );
+        assert_eq!(a.payload.len(), b"hello pulsar".len() + 16);
+        assert_eq!(
+            e2e.open(&a.encryption_keys, &a.encryption_param, &a.payload)
+                .unwrap(),
+            b"hello pulsar"
+        );
+        let mut other = a.encryption_keys.clone();
+        other[0].key = "someone-else".into();
+        assert!(e2e.open(&other, &a.encryption_param, &a.payload).is_err());
+    }
+}
+
+/// Tenants' [`PulsarE2e`] key pairs, loaded on first use and reloaded when the tenant's
+/// configuration changes.
+#[derive(Debug, Default)]
+pub struct E2eKeys {
+    loaded: RwLock<HashMap<String, (crate::config::PulsarEncryptionConfig, Arc<PulsarE2e>)>>,
+}
+
+impl E2eKeys {
+    pub fn get(
+        &self,
+        tenant: &str,
+        cfg: &crate::config::PulsarEncryptionConfig,
+    ) -> Result<Arc<PulsarE2e>, CryptoError> {
+        if let Some((c, k)) = self
+            .loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            if c == cfg {
+                return Ok(k.clone());
+            }
+        }
+        let keys = Arc::new(PulsarE2e::load(cfg)?);
+        self.loaded
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), (cfg.clone(), keys.clone()));
+        Ok(keys)
     }
 }

@@ -61,6 +61,8 @@ pub struct Services {
     pub keys: Arc<KeyRing>,
     /// Rate limits, connection and subscription limits, usage.
     pub quotas: Arc<Quotas>,
+    /// Tenants' key pairs for Pulsar's end-to-end encryption format, loaded on first use.
+    pub pulsar_e2e: crate::crypto::E2eKeys,
 }
 
 impl Services {
@@ -70,6 +72,19 @@ impl Services {
             return Ok(());
         };
         if !self.tenancy.encrypts(tenant) {
+            return Ok(());
+        }
+        if let Some(cfg) = self.tenancy.pulsar_encryption(tenant) {
+            let sealed = self
+                .pulsar_e2e
+                .get(tenant, &cfg)
+                .and_then(|k| k.seal(&msg.payload))
+                .map_err(|e| {
+                    tracing::error!(tenant, error = %e, "cannot seal a payload (Pulsar format)");
+                    op_error(ErrorKind::Internal, "encryption at rest failed")
+                })?;
+            msg.payload = sealed.payload;
+            msg.encryption = Some((sealed.encryption_keys, sealed.encryption_param));
             return Ok(());
         }
         let (sealed, key) = self.keys.seal(tenant, &msg.payload).map_err(|e| {
@@ -88,8 +103,19 @@ impl Services {
         &self,
         topic: &str,
         properties: &mut Vec<types::Property>,
+        pulsar_encryption: Option<(&[pulsar::proto::EncryptionKeys], &[u8])>,
         payload: Vec<u8>,
     ) -> Result<Vec<u8>, crate::crypto::CryptoError> {
+        if let Some((keys, iv)) = pulsar_encryption.filter(|(k, _)| !k.is_empty()) {
+            let tenant = tenancy::tenant_of(topic).unwrap_or_default();
+            let cfg = self.tenancy.pulsar_encryption(tenant).ok_or_else(|| {
+                crate::crypto::CryptoError::NoKey {
+                    tenant: tenant.to_string(),
+                    key_id: "(no Pulsar encryption key pair configured)".into(),
+                }
+            })?;
+            return self.pulsar_e2e.get(tenant, &cfg)?.open(keys, iv, &payload);
+        }
         let Some(i) = properties
             .iter()
             .position(|p| p.key == crate::crypto::KEY_PROPERTY)
@@ -193,6 +219,8 @@ pub struct HostState {
     runtime: tokio::runtime::Handle,
     conns: HashMap<u64, ConnSlot>,
     next_sub: u64,
+    /// The instance's timer task, started by the first `set-timer`.
+    timers: Option<mpsc::UnboundedSender<Timer>>,
 }
 
 impl WasiView for HostState {
@@ -232,6 +260,7 @@ impl HostState {
             runtime,
             conns: HashMap::new(),
             next_sub: 1,
+            timers: None,
         }
     }
 
@@ -535,6 +564,7 @@ impl host::Host for HostState {
                 .filter(|p| p.key != crate::crypto::KEY_PROPERTY)
                 .map(|p| (p.key, p.value))
                 .collect(),
+            encryption: None,
         };
         match topic.and_then(|t| self.services.seal(&t, &mut out).map(|_| t)) {
             Ok(topic) => {
@@ -649,16 +679,19 @@ impl host::Host for HostState {
         let Some(slot) = self.conns.get(&conn) else {
             return;
         };
-        let events = self.events.clone();
-        let shared = slot.shared.clone();
-        self.runtime.spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(delay_ms)) => {
-                    let _ = events.send(Event::Timer { conn, token }).await;
-                }
-                _ = shared.closed() => {}
-            }
+        let timer = Timer {
+            at: tokio::time::Instant::now() + std::time::Duration::from_millis(delay_ms),
+            seq: 0,
+            conn,
+            token,
+            shared: slot.shared.clone(),
+        };
+        let timers = self.timers.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.runtime.spawn(run_timers(rx, self.events.clone()));
+            tx
         });
+        let _ = timers.send(timer);
     }
 
     fn kv_get(&mut self, conn: u64, token: u64, key: String) {
@@ -935,6 +968,7 @@ impl HostState {
                 .filter(|p| p.key != crate::crypto::KEY_PROPERTY)
                 .map(|p| (p.key, p.value))
                 .collect(),
+            encryption: None,
         };
         self.services.seal(&topic, &mut msg)?;
         Ok(PendingWill {
@@ -1016,12 +1050,8 @@ async fn publish_will(
             tracing::warn!(error = %e, "will: kv write failed");
         }
     }
-    let mut msg = will.msg;
-    if let Err(e) = services.seal(&will.topic, &mut msg) {
-        tracing::warn!(topic = %will.topic, error = %e.message, "will not published");
-        return;
-    }
-    let stored = match services.backend.enqueue(&will.topic, msg).await {
+    // Sealed already, when it was set (`set_will`).
+    let stored = match services.backend.enqueue(&will.topic, will.msg).await {
         Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -1041,6 +1071,8 @@ async fn run_ops(
     events: mpsc::Sender<Event>,
     shared: Arc<ConnShared>,
 ) {
+    // The backend's futures are large: boxed while they run, so that the task (which lives
+    // as long as the connection is busy) stays small.
     let mut receipts = FuturesOrdered::new();
     let idle = tokio::time::sleep(OPS_LINGER);
     tokio::pin!(idle);
@@ -1083,7 +1115,7 @@ async fn run_ops(
                 if let Some(at) = not_before {
                     tokio::time::sleep_until(at.into()).await;
                 }
-                let sent = services.backend.enqueue(&topic, msg).await;
+                let sent = Box::pin(services.backend.enqueue(&topic, msg)).await;
                 receipts.push_back(async move {
                     let outcome = match sent {
                         Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| {
@@ -1099,9 +1131,7 @@ async fn run_ops(
                 });
             }
             Op::KvGet { token, topic, key } => {
-                let outcome = services
-                    .kv
-                    .get(&topic, &key)
+                let outcome = Box::pin(services.kv.get(&topic, &key))
                     .await
                     .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
                 shared.op_finished();
@@ -1121,20 +1151,23 @@ async fn run_ops(
                 start_after,
                 limit,
             } => {
-                let outcome = services
-                    .kv
-                    .scan(&topic, &prefix, start_after.as_deref(), limit)
-                    .await
-                    .map(|found| {
-                        found
-                            .into_iter()
-                            .map(|(key, value)| types::KvEntry {
-                                key: key.strip_prefix(&plugin_prefix).unwrap_or(&key).to_string(),
-                                value,
-                            })
-                            .collect()
-                    })
-                    .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
+                let outcome = Box::pin(services.kv.scan(
+                    &topic,
+                    &prefix,
+                    start_after.as_deref(),
+                    limit,
+                ))
+                .await
+                .map(|found| {
+                    found
+                        .into_iter()
+                        .map(|(key, value)| types::KvEntry {
+                            key: key.strip_prefix(&plugin_prefix).unwrap_or(&key).to_string(),
+                            value,
+                        })
+                        .collect()
+                })
+                .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
                 shared.op_finished();
                 let _ = events
                     .send(Event::KvScanResult {
@@ -1150,9 +1183,7 @@ async fn run_ops(
                 key,
                 value,
             } => {
-                let outcome = services
-                    .kv
-                    .put(&topic, &key, value)
+                let outcome = Box::pin(services.kv.put(&topic, &key, value))
                     .await
                     .map(|_| None)
                     .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
@@ -1164,6 +1195,70 @@ async fn run_ops(
                         outcome,
                     })
                     .await;
+            }
+        }
+    }
+}
+
+/// A plugin timer (`set-timer`), due at `at`.
+struct Timer {
+    at: tokio::time::Instant,
+    /// Order of arming, among timers due at the same instant.
+    seq: u64,
+    conn: u64,
+    token: u64,
+    shared: Arc<ConnShared>,
+}
+
+impl Timer {
+    fn key(&self) -> (tokio::time::Instant, u64) {
+        (self.at, self.seq)
+    }
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Timer {}
+
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Timer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// Fires the timers of one instance: one task and a heap of deadlines rather than a task per
+/// timer (every MQTT connection keeps a keep-alive timer). A timer of a closing connection is
+/// dropped. Ends with the instance.
+async fn run_timers(mut rx: mpsc::UnboundedReceiver<Timer>, events: mpsc::Sender<Event>) {
+    let mut due = std::collections::BinaryHeap::new();
+    let mut seq = 0;
+    loop {
+        let next = due.peek().map(|t: &std::cmp::Reverse<Timer>| t.0.at);
+        tokio::select! {
+            timer = rx.recv() => {
+                let Some(mut timer) = timer else { return };
+                seq += 1;
+                timer.seq = seq;
+                due.push(std::cmp::Reverse(timer));
+            }
+            () = tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)), if next.is_some() => {
+                let now = tokio::time::Instant::now();
+                while due.peek().is_some_and(|t| t.0.at <= now) {
+                    let Some(std::cmp::Reverse(t)) = due.pop() else { break };
+                    if !t.shared.is_closing() {
+                        let _ = events.send(Event::Timer { conn: t.conn, token: t.token }).await;
+                    }
+                }
             }
         }
     }
@@ -1295,7 +1390,8 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
                 for mut msg in batch {
                     let meta = &msg.payload.metadata;
                     let mut properties: Vec<types::Property> = meta.properties.iter().map(|kv| types::Property { key: kv.key.clone(), value: kv.value.clone() }).collect();
-                    let payload = match services.unseal(&opts.topic, &mut properties, std::mem::take(&mut msg.payload.data)) {
+                    let e2e = Some((meta.encryption_keys.as_slice(), meta.encryption_param.as_deref().unwrap_or_default()));
+                    let payload = match services.unseal(&opts.topic, &mut properties, e2e, std::mem::take(&mut msg.payload.data)) {
                         Ok(p) => p,
                         Err(e) => {
                             // Shredded or damaged: nobody can ever read it; it must not block the rest.

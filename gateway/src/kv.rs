@@ -152,6 +152,7 @@ impl Kv {
             key: Some(key.to_string()),
             payload,
             properties,
+            encryption: None,
         };
         let receipt = self.backend.enqueue(topic, msg).await?;
         let receipt = receipt.await.map_err(|e| KvError::Receipt {
@@ -213,6 +214,7 @@ impl Kv {
                     key: None,
                     payload: Vec::new(),
                     properties,
+                    encryption: None,
                 },
             )
             .await?;

@@ -34,6 +34,8 @@ pub mod server;
 pub mod tenancy;
 /// Server certificates: from files, or generated at start.
 pub mod tls;
+/// WebSocket as a listener transport: the Upgrade handshake, binary messages as a byte stream.
+pub mod websocket;
 
 /// Plugins embedded in the binary at build time (see `build.rs`).
 pub mod builtin {

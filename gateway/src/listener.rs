@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::connection::{self, ConnShared};
 use crate::plugin_host::bindings::magnetar::plugin::types::ConnInfo;
 use crate::plugin_host::{Event, PluginPool, WorkerHandle};
+use crate::websocket::WebSocketOptions;
 
 /// Time a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
@@ -28,6 +29,8 @@ pub struct Listener {
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
     pool: Arc<PluginPool>,
+    /// Set: connections speak WebSocket, upgraded before the plugin sees them.
+    websocket: Option<Arc<WebSocketOptions>>,
 }
 
 impl Listener {
@@ -45,7 +48,14 @@ impl Listener {
             tcp,
             tls: tls.map(TlsAcceptor::from),
             pool,
+            websocket: None,
         })
+    }
+
+    /// Serves the listener's connections over WebSocket (see [`crate::websocket`]).
+    pub fn with_websocket(mut self, options: Option<WebSocketOptions>) -> Listener {
+        self.websocket = options.map(Arc::new);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -67,11 +77,12 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             let tls = self.tls.clone();
+            let ws = self.websocket.clone();
             // Picked here, in accept order, so connections spread evenly over the workers.
             let worker = self.pool.pick();
             let name = name.clone();
             tokio::spawn(async move {
-                if let Err(e) = accept(stream, peer, name.clone(), tls, worker).await {
+                if let Err(e) = accept(stream, peer, name.clone(), tls, ws, worker).await {
                     tracing::info!(listener = %name, %peer, error = %e, "connection refused");
                 }
             });
@@ -84,6 +95,7 @@ async fn accept(
     peer: SocketAddr,
     listener: Arc<str>,
     tls: Option<TlsAcceptor>,
+    ws: Option<Arc<WebSocketOptions>>,
     worker: WorkerHandle,
 ) -> anyhow::Result<()> {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
@@ -107,9 +119,31 @@ async fn accept(
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(crate::tls::client_common_name);
+            upgrade(stream, ws, conn, info, client_cert, shared, worker).await
+        }
+        None => upgrade(stream, ws, conn, info, None, shared, worker).await,
+    }
+}
+
+/// Runs the WebSocket handshake first on a WebSocket listener, then starts the connection.
+async fn upgrade<S>(
+    stream: S,
+    ws: Option<Arc<WebSocketOptions>>,
+    conn: u64,
+    info: ConnInfo,
+    client_cert: Option<String>,
+    shared: Arc<ConnShared>,
+    worker: WorkerHandle,
+) -> anyhow::Result<()>
+where
+    S: connection::Transport,
+{
+    match ws {
+        Some(options) => {
+            let stream = crate::websocket::accept(stream, &options).await?;
             start(stream, conn, info, client_cert, shared, worker).await
         }
-        None => start(stream, conn, info, None, shared, worker).await,
+        None => start(stream, conn, info, client_cert, shared, worker).await,
     }
 }
 

@@ -91,6 +91,7 @@ impl Server {
             claims: Default::default(),
             keys,
             quotas: Arc::new(crate::quota::Quotas::default()),
+            pulsar_e2e: Default::default(),
         });
 
         let plugins = load_plugins(&config)?;
@@ -143,9 +144,10 @@ impl Server {
                 if l.tls { tls.clone() } else { None },
                 pool,
             )
-            .await?;
+            .await?
+            .with_websocket(crate::websocket::WebSocketOptions::from_listener(l));
             let addr = bound.local_addr().context("reading a bound address")?;
-            tracing::info!(listener = %l.name, %addr, plugin = %l.plugin, tls = l.tls, "listening");
+            tracing::info!(listener = %l.name, %addr, plugin = %l.plugin, tls = l.tls, websocket = l.websocket, "listening");
             listeners.push((l.name.clone(), addr, tokio::spawn(bound.serve())));
         }
         if let Some(addr) = config.admin.listen {

@@ -352,12 +352,20 @@ impl Tenancy {
         jwt::sign(key, role, exp).map_err(|e| TenancyError::Key(e.to_string()))
     }
 
-    /// Whether the tenant's payloads are encrypted at rest.
+    /// Whether the tenant's payloads (and kv values) are encrypted at rest.
     pub fn encrypts(&self, tenant: &str) -> bool {
         self.read()
             .tenants
             .get(tenant)
-            .is_some_and(|t| t.encryption)
+            .is_some_and(|t| t.encryption || t.pulsar_encryption.is_some())
+    }
+
+    /// The tenant's key pair for Pulsar's end-to-end format, if it uses it.
+    pub fn pulsar_encryption(&self, tenant: &str) -> Option<crate::config::PulsarEncryptionConfig> {
+        self.read()
+            .tenants
+            .get(tenant)
+            .and_then(|t| t.pulsar_encryption.clone())
     }
 
     /// Adds or replaces a tenant.
@@ -382,6 +390,7 @@ impl Tenancy {
                 name: name.to_string(),
                 namespaces: vec![],
                 encryption: false,
+                pulsar_encryption: None,
                 limits: LimitsConfig::default(),
             })
         })

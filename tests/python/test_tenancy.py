@@ -2,8 +2,10 @@
 tokens from `magnetar token` work with pulsar-client's AuthenticationToken on the embedded
 broker's port and as MQTT passwords (paho); no tenant reaches another's topics."""
 
+import json
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pulsar
 import pytest
 
-from conftest import MAGNETAR, Gateway
+from conftest import ADMIN_TOKEN, MAGNETAR, Gateway
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "two-tenants.toml"
 
@@ -119,3 +121,65 @@ def test_mqtt_tenants_with_passwords_and_tokens(two_tenants):
         c.disconnect()
     assert received["alice"] == [("shared/name", b"from-acme")]
     assert received["bob"] == [("shared/name", b"from-globex")]
+
+
+def test_pulsar_end_to_end_encryption_format_with_the_official_client(two_tenants, tmp_path):
+    """A tenant with `pulsar_encryption` gets Pulsar's own end-to-end format: its native
+    consumer decrypts with a CryptoKeyReader, and what its native producer encrypted reaches
+    MQTT subscribers in plaintext."""
+    gw = two_tenants
+    priv, pub = tmp_path / "acme_priv.pem", tmp_path / "acme_pub.pem"
+    # As Pulsar's encryption cookbook makes them.
+    subprocess.run(["openssl", "genrsa", "-out", str(priv), "2048"], check=True, capture_output=True)
+    subprocess.run(["openssl", "rsa", "-in", str(priv), "-pubout", "-out", str(pub)],
+                   check=True, capture_output=True)
+    body = json.dumps({"encryption": True, "pulsar_encryption": {
+        "key_name": "acme-key", "public_key": str(pub), "private_key": str(priv)}})
+    req = urllib.request.Request(f"http://127.0.0.1:{gw.admin_port}/admin/v1/tenants/acme", data=body.encode(),
+                                 method="PUT", headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                                        "Content-Type": "application/json"})
+    assert urllib.request.urlopen(req, timeout=10).status == 200
+
+    received = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="e2e-sub")
+    sub.username_pw_set("alice", "alice-secret")
+    sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
+    sub.connect("127.0.0.1", gw.mqtt_port)
+    sub.loop_start()
+    sub.subscribe("vault/#", qos=1)
+    time.sleep(0.5)
+    pub_c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="e2e-pub")
+    pub_c.username_pw_set("alice", "alice-secret")
+    pub_c.connect("127.0.0.1", gw.mqtt_port)
+    pub_c.loop_start()
+    pub_c.publish("vault/mqtt", b"sealed-by-the-gateway", qos=1).wait_for_publish(10)
+
+    alice = pulsar.AuthenticationToken(token(gw, "alice"))
+    client = pulsar.Client(gw.service_url, authentication=alice, operation_timeout_seconds=10)
+    try:
+        reader = pulsar.CryptoKeyReader(str(pub), str(priv))
+        consumer = client.subscribe("persistent://acme/default/mqtt", "native-e2e",
+                                    initial_position=pulsar.InitialPosition.Earliest,
+                                    crypto_key_reader=reader)
+        msg = consumer.receive(timeout_millis=10000)
+        assert msg.data() == b"sealed-by-the-gateway"
+        assert msg.properties().get("mqtt.topic") == "vault/mqtt"
+        # Without the key: ciphertext only.
+        blind = client.subscribe("persistent://acme/default/mqtt", "native-blind",
+                                 initial_position=pulsar.InitialPosition.Earliest,
+                                 crypto_failure_action=pulsar.ConsumerCryptoFailureAction.CONSUME)
+        raw = blind.receive(timeout_millis=10000).data()
+        assert b"sealed-by-the-gateway" not in raw and len(raw) == len(b"sealed-by-the-gateway") + 16
+        # The other way: the tenant's own producer encrypts; MQTT subscribers get plaintext.
+        producer = client.create_producer("persistent://acme/default/mqtt", encryption_key="acme-key",
+                                          crypto_key_reader=reader)
+        producer.send(b"sealed-by-the-client", properties={"mqtt.topic": "vault/native", "mqtt.qos": "1"})
+        deadline = time.time() + 10
+        while len(received) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.close()
+        for c in (sub, pub_c):
+            c.loop_stop()
+            c.disconnect()
+    assert received == [("vault/mqtt", b"sealed-by-the-gateway"), ("vault/native", b"sealed-by-the-client")]

@@ -91,6 +91,11 @@ pub struct Message {
     /// UTC Unix timestamp in milliseconds, time at which the message should be
     /// delivered to consumers
     pub deliver_at_time: ::std::option::Option<i64>,
+    /// (magnetar patch) end-to-end encryption done by the caller: the data key encrypted
+    /// for each key name, as Pulsar's `MessageMetadata.encryption_keys`
+    pub encryption_keys: ::std::vec::Vec<EncryptionKeys>,
+    /// (magnetar patch) `MessageMetadata.encryption_param`: the AES-GCM IV
+    pub encryption_param: ::std::option::Option<Vec<u8>>,
 }
 
 /// internal message type carrying options that must be defined
@@ -140,6 +145,8 @@ impl From<Message> for ProducerMessage {
             event_time: m.event_time,
             schema_version: m.schema_version,
             deliver_at_time: m.deliver_at_time,
+            encryption_keys: m.encryption_keys,
+            encryption_param: m.encryption_param,
             ..Default::default()
         }
     }
@@ -1871,6 +1878,8 @@ mod tests {
             event_time: Some(42),
             schema_version: Some(vec![9, 9]),
             deliver_at_time: Some(123456789),
+            encryption_keys: vec![],
+            encryption_param: None,
         };
 
         let pm: ProducerMessage = m.clone().into();
