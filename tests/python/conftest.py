@@ -55,10 +55,21 @@ ADMIN_TOKEN = "test-admin-token"
 class Gateway:
     """A gateway process with its ports, data directory and log."""
 
-    def __init__(self, tmp: Path, extra_config: str = ""):
+    def __init__(self, tmp: Path, extra_config: str = "", websocket: bool = False):
         self.tmp = tmp
         self.data_dir = tmp / "data"
-        self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port = free_ports(4)
+        ports = free_ports(6 if websocket else 4)
+        self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port = ports[:4]
+        # With `websocket`: MQTT over WebSocket on `ws_port` (any path) and over TLS on
+        # `wss_port` (path `/mqtt` only).
+        self.ws_port, self.wss_port = ports[4:] if websocket else (None, None)
+        if websocket:
+            extra_config = (
+                f'\n[[listeners]]\nname = "mqtt-ws"\nbind = "127.0.0.1:{self.ws_port}"\n'
+                'plugin = "mqtt"\nwebsocket = true\n\n'
+                f'[[listeners]]\nname = "mqtt-wss"\nbind = "127.0.0.1:{self.wss_port}"\n'
+                'plugin = "mqtt"\ntls = true\nwebsocket = true\nwebsocket_path = "/mqtt"\n'
+            ) + extra_config
         self.config = tmp / "magnetar.toml"
         self.config.write_text(
             f'[broker]\nlisten = "127.0.0.1:{self.broker_port}"\n\n'
@@ -86,7 +97,8 @@ class Gateway:
             stderr=logf,
             env={**os.environ, "RUST_LOG": "info"},
         )
-        for port in (self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port):
+        ports = (self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port)
+        for port in ports + ((self.ws_port, self.wss_port) if self.ws_port else ()):
             wait_for_port(port, self.proc, self.log)
         return self
 

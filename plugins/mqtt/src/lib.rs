@@ -143,6 +143,8 @@
 //! | 5.0 Request Response Information / Response Information | accepted; no Response Information is sent (optional, §3.1.2.11.6) |
 //! | 5.0 Request Problem Information | done: 0 suppresses reason strings on acks (CONNACK and DISCONNECT keep them) |
 //! | username/password, anonymous, JWT token authentication | done |
+//! | transports: TCP (1883), TLS (8883), WebSocket `ws://` (9001) and `wss://` with subprotocol `mqtt` / `mqttv3.1` — the host's listener transports, so the plugin sees one byte stream | done |
+//! | client-certificate (mTLS) login: the host maps a verified certificate to its user when CONNECT has no username | done |
 //! | 5.0 enhanced authentication, AUTH (§4.12), SCRAM-SHA-256/512 and PLAIN through the host; re-authentication | done |
 //! | Keep Alive, 1.5 × interval (§3.1.2.10) and a CONNECT timeout; 5.0: DISCONNECT 0x8D | done |
 //! | PUBLISH QoS 0 / 1 / 2 both ways, PUBACK / PUBREC after the backend stored the message (§3.3–§3.7, §4.3) | done |
