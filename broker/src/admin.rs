@@ -23,7 +23,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Action, BrokerAuth};
@@ -71,7 +70,7 @@ pub async fn serve(
     auth: Option<BrokerAuth>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = crate::server::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = router(Arc::new(Admin { registry, auth }));
     let task = tokio::spawn(async move {

@@ -8,9 +8,21 @@
 //! made the message durable. A full topic queue or too many outstanding receipts pause
 //! reading from the socket (producer backpressure).
 //!
-//! Any malformed frame closes this connection (with a log line); nothing a client sends can
-//! panic the broker or affect other connections. On close, the connection's consumers are
-//! detached, so their unacknowledged messages are redelivered to others.
+//! Bad input is answered, then handled per connection; nothing a client sends can panic the
+//! broker or affect other connections (tests: `broker/tests/bad_input.rs`):
+//! - a frame over the size limit or not decodable: `CommandError` (request id -1), close;
+//! - a `Send` whose payload fails its CRC32C: `SendError` with `ChecksumError`, nothing is
+//!   stored, the connection goes on (as Apache Pulsar); another command with a bad payload
+//!   checksum: `CommandError`, close;
+//! - a command before `Connect`: `CommandError` for its request, close;
+//! - protocol misuse on a connected client (send before producer, ack receipt for an
+//!   unknown consumer, a consumer id reused for another topic while in use): the
+//!   protocol's error answer (`SendError`, `AckResponse` with `ConsumerNotFound`,
+//!   `CommandError` with `ConsumerBusy`), and the connection goes on. Acks, flow permits
+//!   and redelivery requests for unknown consumers or entries are ignored, as Pulsar does.
+//!
+//! On close, the connection's consumers are detached, so their unacknowledged messages are
+//! redelivered to others.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,8 +50,8 @@ use crate::auth::{Action, BrokerAuth};
 use crate::entry::NewEntry;
 use crate::naming::{self, TopicName};
 use crate::protocol::{
-    self, command, error, message_id, no_message_id, success, Frame, FrameCodec, LEDGER_ID,
-    MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
+    self, command, error, message_id, no_message_id, success, Frame, FrameCodec, Inbound,
+    LEDGER_ID, MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
 };
 use crate::registry::Registry;
 use crate::subscription::ConsumerKey;
@@ -72,6 +84,8 @@ enum ConnectionError {
     MissingBody(i32),
     #[error("client connection closed")]
     Closed,
+    #[error("command type {0} with a payload that failed its checksum")]
+    ChecksumMismatch(i32),
     #[error("authentication failed: {0}")]
     AuthenticationFailed(String),
 }
@@ -130,14 +144,25 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
                 }
             }
             frame = reader.next(), if conn.receipts.len() < MAX_PENDING_RECEIPTS => match frame {
-                Some(Ok(msg)) => {
-                    if let Err(e) = conn.handle(msg).await {
+                Some(Ok(Inbound::Message(msg))) => {
+                    if let Err(e) = conn.handle(*msg).await {
                         tracing::info!(connection = id, ?peer, error = %e, "closing connection");
+                        break;
+                    }
+                }
+                Some(Ok(Inbound::ChecksumMismatch(cmd))) => {
+                    tracing::warn!(connection = id, ?peer, "payload checksum mismatch");
+                    if conn.checksum_mismatch(*cmd).await.is_err() {
                         break;
                     }
                 }
                 Some(Err(e)) => {
                     tracing::warn!(connection = id, ?peer, error = %e, "bad frame; closing connection");
+                    // The frame's request id is unknown: -1, as Apache Pulsar for errors
+                    // that answer no request. The writer sends it before closing.
+                    let _ = conn.out.try_send(
+                        error(u64::MAX, ServerError::NotAllowedError, e.to_string()).into(),
+                    );
                     break;
                 }
                 None => break,
@@ -239,6 +264,13 @@ impl Connection {
             return self.unsupported(&cmd).await;
         };
         if !self.connected && !matches!(kind, Type::Connect | Type::Ping | Type::Pong) {
+            let request_id = protocol::request_id_of(&cmd).unwrap_or(u64::MAX);
+            self.reply(error(
+                request_id,
+                ServerError::NotAllowedError,
+                format!("{kind:?} before Connect"),
+            ))
+            .await?;
             return Err(ConnectionError::NotConnected(kind));
         }
         match kind {
@@ -495,6 +527,34 @@ impl Connection {
         }
     }
 
+    /// A frame whose payload failed its checksum: a `Send` is refused with `ChecksumError`
+    /// (nothing is stored; the client may resend), anything else ends the connection.
+    async fn checksum_mismatch(&mut self, cmd: proto::BaseCommand) -> Result<(), ConnectionError> {
+        match cmd.send {
+            Some(c) if self.connected => {
+                self.reply(command(Type::SendError, |r| {
+                    r.send_error = Some(proto::CommandSendError {
+                        producer_id: c.producer_id,
+                        sequence_id: c.sequence_id,
+                        error: ServerError::ChecksumError as i32,
+                        message: "payload checksum mismatch; message not stored".to_string(),
+                    })
+                }))
+                .await
+            }
+            _ => {
+                let request_id = protocol::request_id_of(&cmd).unwrap_or(u64::MAX);
+                self.reply(error(
+                    request_id,
+                    ServerError::ChecksumError,
+                    "payload checksum mismatch",
+                ))
+                .await?;
+                Err(ConnectionError::ChecksumMismatch(cmd.r#type))
+            }
+        }
+    }
+
     async fn unsupported(&self, cmd: &proto::BaseCommand) -> Result<(), ConnectionError> {
         match protocol::request_id_of(cmd) {
             Some(request_id) => {
@@ -626,6 +686,8 @@ impl Connection {
             .tx
             .send(TopicCommand::AddProducer {
                 name: name.clone(),
+                // ProducerAccessMode: 0 is Shared; every other mode is exclusive.
+                exclusive: c.producer_access_mode.unwrap_or(0) != 0,
                 reply,
             })
             .await;
@@ -771,6 +833,22 @@ impl Connection {
         let Some(topic) = self.topic(&c.topic, c.request_id, Action::Consume).await? else {
             return Ok(());
         };
+        if let Some(existing) = self.consumers.get(&c.consumer_id) {
+            // The same id again on the same topic is a retried subscribe (the topic decides);
+            // on another topic it would orphan the first consumer.
+            if !existing.tx.same_channel(&topic.tx) {
+                return self
+                    .reply(error(
+                        c.request_id,
+                        ServerError::ConsumerBusy,
+                        format!(
+                            "consumer id {} is already in use on this connection",
+                            c.consumer_id
+                        ),
+                    ))
+                    .await;
+            }
+        }
         let request = SubscribeRequest {
             key: self.key(c.consumer_id),
             subscription: c.subscription,
@@ -845,10 +923,14 @@ impl Connection {
                 .await;
         }
         if let Some(request_id) = c.request_id {
+            // An ack receipt: an ack for a consumer this connection does not have fails.
+            let known = self.consumers.contains_key(&c.consumer_id);
             self.reply(command(Type::AckResponse, |r| {
                 r.ack_response = Some(proto::CommandAckResponse {
                     consumer_id: c.consumer_id,
                     request_id: Some(request_id),
+                    error: (!known).then_some(ServerError::ConsumerNotFound as i32),
+                    message: (!known).then(|| format!("no consumer {}", c.consumer_id)),
                     ..Default::default()
                 })
             }))

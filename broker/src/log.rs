@@ -46,7 +46,7 @@ pub enum LogError {
     NoSuchEntry(u64),
     #[error("checksum mismatch reading entry {0}")]
     ChecksumMismatch(u64),
-    #[error("an earlier write failed; the log is read-only until reopened")]
+    #[error("an earlier write failed and its partial records cannot be removed yet")]
     Poisoned,
 }
 
@@ -124,11 +124,16 @@ impl Log {
     }
 
     /// Appends `entries` in order and makes them durable with one fsync. Returns the id of
-    /// the first one. On error nothing is acknowledged and the log refuses further appends
-    /// (a partially written tail is repaired by the next [`Log::open`]).
+    /// the first one. On error (disk full, read-only file system, I/O error) none of them is
+    /// acknowledged, and the last segment is cut back to its last durable record before
+    /// anything else is appended: right away if the file allows it, else at the start of a
+    /// later append (so the log resumes by itself once space returns or the file system is
+    /// writable again). Until then appends fail. If the process dies before the cut, the
+    /// unacknowledged records may survive (whole and checksummed, or as a torn tail that
+    /// [`Log::open`] repairs): a failed append may be stored, an acknowledged one always is.
     pub fn append(&mut self, entries: &[&[u8]]) -> Result<u64, LogError> {
         if self.poisoned {
-            return Err(LogError::Poisoned);
+            self.repair()?;
         }
         for e in entries {
             if e.len() > MAX_ENTRY_BYTES {
@@ -139,8 +144,21 @@ impl Log {
         let result = self.append_inner(entries);
         if result.is_err() {
             self.poisoned = true;
+            if let Err(e) = self.repair() {
+                tracing::warn!(log = %self.dir.display(), error = %e, "cannot cut back a failed append yet");
+            }
         }
         result.map(|()| first)
+    }
+
+    /// Truncates the last segment to its last acknowledged record (dropping what a failed
+    /// append left) and makes that durable; clears the poisoned state on success.
+    fn repair(&mut self) -> Result<(), LogError> {
+        let seg = self.segments.last().ok_or(LogError::Poisoned)?;
+        seg.file.set_len(seg.len)?;
+        seg.file.sync_all()?;
+        self.poisoned = false;
+        Ok(())
     }
 
     fn append_inner(&mut self, entries: &[&[u8]]) -> Result<(), LogError> {

@@ -13,7 +13,7 @@
 //! `0x0e01` checksum section, as Apache Pulsar with `exposingBrokerEntryMetadataToClientEnabled`),
 //! which the `pulsar` codec cannot write.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use pulsar::message::proto::{
     self, base_command::Type, BaseCommand, BrokerEntryMetadata, MessageIdData, ServerError,
@@ -92,11 +92,49 @@ pub enum FrameError {
 #[derive(Default)]
 pub struct FrameCodec;
 
+/// One decoded incoming frame.
+#[derive(Debug)]
+pub enum Inbound {
+    Message(Box<Message>),
+    /// A well-framed command whose payload failed its CRC32C: the command is intact, so the
+    /// connection answers it (`SendError` with `ChecksumError`, as Apache Pulsar's
+    /// `ServerCnx`) and goes on; the frame is consumed.
+    ChecksumMismatch(Box<BaseCommand>),
+}
+
+#[cfg(test)]
+impl Inbound {
+    /// The message, if the frame was intact.
+    pub fn into_message(self) -> Option<Message> {
+        match self {
+            Inbound::Message(m) => Some(*m),
+            Inbound::ChecksumMismatch(_) => None,
+        }
+    }
+}
+
+/// `Some(command)` if `frame` (after its size word) carries a payload section whose
+/// checksum is wrong. Anything not well-formed enough to tell is left to the inner codec.
+fn checksum_mismatch(frame: &[u8]) -> Option<BaseCommand> {
+    let cmd_size = u32::from_be_bytes(frame.get(..4)?.try_into().ok()?) as usize;
+    let cmd = frame.get(4..4usize.checked_add(cmd_size)?)?;
+    let rest = frame.get(4 + cmd_size..)?;
+    if rest.get(..2)? != MAGIC_CRC32C.to_be_bytes() {
+        return None;
+    }
+    let crc = u32::from_be_bytes(rest.get(2..6)?.try_into().ok()?);
+    let checked = rest.get(6..)?;
+    if crc32c::crc32c(checked) == crc {
+        return None;
+    }
+    BaseCommand::decode(cmd).ok()
+}
+
 impl Decoder for FrameCodec {
-    type Item = Message;
+    type Item = Inbound;
     type Error = FrameError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Inbound>, FrameError> {
         let Some(size) = src.get(..4) else {
             return Ok(None);
         };
@@ -113,8 +151,13 @@ impl Decoder for FrameCodec {
             src.reserve(size + 4 - src.len());
             return Ok(None);
         }
+        if let Some(cmd) = src.get(4..4 + size).and_then(checksum_mismatch) {
+            src.advance(size + 4);
+            return Ok(Some(Inbound::ChecksumMismatch(Box::new(cmd))));
+        }
         Codec
             .decode(src)
+            .map(|m| m.map(|m| Inbound::Message(Box::new(m))))
             .map_err(|e| FrameError::Malformed(e.to_string()))
     }
 }
@@ -248,7 +291,12 @@ mod tests {
         .command;
         let frame = message_frame(&cmd, None, &tail, crc32c::crc32c(&tail));
         let mut buf = BytesMut::from(&frame[..]);
-        let msg = FrameCodec.decode(&mut buf).unwrap().unwrap();
+        let msg = FrameCodec
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap()
+            .into_message()
+            .unwrap();
         assert_eq!(msg.command.message.unwrap().message_id.entry_id, 5);
         let payload = msg.payload.unwrap();
         assert_eq!(payload.metadata, metadata);
@@ -268,10 +316,59 @@ mod tests {
     }
 
     #[test]
+    fn bad_payload_checksum_yields_the_command_and_consumes_the_frame() {
+        let metadata = proto::MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: 4,
+            ..Default::default()
+        };
+        let send = command(Type::Send, |c| {
+            c.send = Some(proto::CommandSend {
+                producer_id: 1,
+                sequence_id: 4,
+                ..Default::default()
+            })
+        })
+        .command;
+        let mut buf = BytesMut::new();
+        Codec
+            .encode(
+                Message {
+                    command: send,
+                    payload: Some(pulsar::message::Payload {
+                        metadata,
+                        data: b"payload".to_vec(),
+                    }),
+                },
+                &mut buf,
+            )
+            .unwrap();
+        let last = buf.len() - 1;
+        buf[last] ^= 0x01;
+        FrameCodec.encode(success(8).into(), &mut buf).unwrap();
+        match FrameCodec.decode(&mut buf).unwrap().unwrap() {
+            Inbound::ChecksumMismatch(cmd) => assert_eq!(cmd.send.unwrap().sequence_id, 4),
+            other => panic!("expected a checksum mismatch, got {other:?}"),
+        }
+        let next = FrameCodec
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap()
+            .into_message()
+            .unwrap();
+        assert_eq!(next.command.success.unwrap().request_id, 8);
+    }
+
+    #[test]
     fn round_trip_and_garbage_never_panics() {
         let mut buf = BytesMut::new();
         FrameCodec.encode(success(7).into(), &mut buf).unwrap();
-        let msg = FrameCodec.decode(&mut buf).unwrap().unwrap();
+        let msg = FrameCodec
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap()
+            .into_message()
+            .unwrap();
         assert_eq!(msg.command.success.unwrap().request_id, 7);
         // Arbitrary bytes: errors or waits, never panics.
         let mut seed = 12345u64;

@@ -103,13 +103,12 @@ impl Broker {
             path: config.data_dir.clone(),
             source,
         })?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| BrokerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind(config.listen)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
             addr: config.listen,
             source,
@@ -158,6 +157,31 @@ impl Broker {
             admin,
             registry,
         })
+    }
+}
+
+/// How long [`bind`] keeps retrying a port that is in use.
+const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Binds the listener (`SO_REUSEADDR` is set by tokio, so connections of a killed
+/// predecessor in `TIME_WAIT` do not block us). A fixed port that is still in use is retried
+/// for [`BIND_RETRY`]: right after a restart it can briefly be held by a socket that is
+/// not ours to wait for, e.g. a client that reconnected while nothing listened and whose
+/// ephemeral port happened to be this one (a TCP self-connection).
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.port() != 0
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(%addr, "address in use; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            result => return result,
+        }
     }
 }
 

@@ -536,7 +536,12 @@ mod tests {
             // Commands (active consumer changes) are not messages.
             let Frame::Raw(bytes) = frame else { continue };
             let mut buf = bytes::BytesMut::from(&bytes[..]);
-            let m = protocol::FrameCodec.decode(&mut buf).unwrap().unwrap();
+            let m = protocol::FrameCodec
+                .decode(&mut buf)
+                .unwrap()
+                .unwrap()
+                .into_message()
+                .unwrap();
             let msg = m.command.message.unwrap();
             out.push((msg.message_id.entry_id, msg.redelivery_count.unwrap()));
         }

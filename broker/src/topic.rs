@@ -20,7 +20,11 @@
 //! per ledger). Unacknowledged data is never deleted. Without limits, data is kept forever.
 //!
 //! Producer names are unique per topic while connected (`ProducerBusy` otherwise), so two
-//! producers never interleave one sequence.
+//! producers never interleave one sequence. Producer access modes (`CommandProducer.
+//! producer_access_mode`): an Exclusive producer is refused while other producers are
+//! connected, and refuses every other producer while it is (`ProducerBusy`, as Pulsar).
+//! WaitForExclusive and ExclusiveWithFencing are treated as Exclusive: refused, not queued,
+//! and nobody is fenced.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -105,6 +109,8 @@ pub enum TopicCommand {
     /// if none or de-duplication is off).
     AddProducer {
         name: Arc<str>,
+        /// Any access mode other than Shared.
+        exclusive: bool,
         reply: oneshot::Sender<Result<i64, RequestError>>,
     },
     RemoveProducer {
@@ -277,6 +283,8 @@ pub struct Topic {
     dedup: Option<Dedup>,
     /// Names of the connected producers.
     producers: HashSet<Arc<str>>,
+    /// The connected producer with an exclusive access mode, if any.
+    exclusive_producer: Option<Arc<str>>,
     schemas: SchemaStore,
     subscriptions: HashMap<String, Subscription>,
     consumers: HashMap<ConsumerKey, String>,
@@ -343,6 +351,7 @@ pub fn open(
         last_timestamp,
         dedup,
         producers: HashSet::new(),
+        exclusive_producer: None,
         schemas,
         subscriptions,
         consumers: HashMap::new(),
@@ -409,20 +418,35 @@ impl Topic {
                 entry,
                 reply,
             } => self.publish(producer, sequence_ids, *entry, reply),
-            TopicCommand::AddProducer { name, reply } => {
+            TopicCommand::AddProducer {
+                name,
+                exclusive,
+                reply,
+            } => {
+                let busy = |why: String| Err((ServerError::ProducerBusy, why));
                 let result = if self.producers.contains(&name) {
-                    Err((
-                        ServerError::ProducerBusy,
-                        format!("producer {name} is already connected to {}", self.name),
+                    busy(format!(
+                        "producer {name} is already connected to {}",
+                        self.name
                     ))
+                } else if let Some(owner) = &self.exclusive_producer {
+                    busy(format!("{} has the exclusive producer {owner}", self.name))
+                } else if exclusive && !self.producers.is_empty() {
+                    busy(format!("{} has other producers", self.name))
                 } else {
                     self.producers.insert(name.clone());
+                    if exclusive {
+                        self.exclusive_producer = Some(name.clone());
+                    }
                     Ok(self.dedup.as_ref().map_or(-1, |d| d.last_persisted(&name)))
                 };
                 let _ = reply.send(result);
             }
             TopicCommand::RemoveProducer { name } => {
                 self.producers.remove(&name);
+                if self.exclusive_producer.as_ref() == Some(&name) {
+                    self.exclusive_producer = None;
+                }
             }
             TopicCommand::GetSchema { version, reply } => {
                 let wanted = match version.as_deref().map(schema::parse_version) {

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,9 +42,22 @@ def _binary():
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (32768-60999 by default).
+
+    A port from the ephemeral range can be taken, while a killed broker restarts, by a
+    client's own outgoing socket (a reconnecting client may even connect to itself), which
+    made restarts fail with "Address already in use".
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 class BrokerProcess:
@@ -55,6 +69,7 @@ class BrokerProcess:
         self.args = list(args)
         self.port = _free_port()
         self.admin_port = _free_port()
+        self.log = Path(str(data_dir) + ".log")
         self.proc = None
 
     @property
@@ -65,28 +80,41 @@ class BrokerProcess:
     def admin_url(self):
         return f"http://127.0.0.1:{self.admin_port}/admin/v2"
 
-    def start(self):
-        self.proc = subprocess.Popen(
-            [str(self.binary), "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)]
-            + ["--admin-listen", f"127.0.0.1:{self.admin_port}"]
-            + self.args,
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.proc.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("broker did not start listening")
+    def start(self, env=None):
+        # The broker itself retries a port still in use for 5 s; two more attempts cover a
+        # slower release. The previous process is always reaped before (see kill9/stop).
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [str(self.binary), "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.data_dir)]
+                    + ["--admin-listen", f"127.0.0.1:{self.admin_port}"]
+                    + self.args,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    env=env,
+                )
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                    return
+                except OSError:
+                    time.sleep(0.05)
+            tail = self.log.read_text(errors="replace")[-2000:]
+            if self.proc.poll() is None:
+                self.kill9()
+                raise RuntimeError(f"broker did not start listening:\n{tail}")
+            if "Address already in use" not in tail or attempt == 2:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{tail}")
+            time.sleep(0.5)
 
     def kill9(self):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        if self.proc:
+            self.proc.wait()  # reaped: its sockets and files are released
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -773,4 +801,23 @@ def test_long_topic_names_work_and_are_listed_after_restart(broker):
     client = _client(broker)
     reader = client.create_reader(topic, pulsar.MessageId.earliest)
     assert reader.read_next(5000).data() == b"long"
+    client.close()
+
+
+def test_exclusive_producer_access_mode(broker):
+    client = _client(broker)
+    topic = _topic()
+    exclusive = client.create_producer(topic, access_mode=pulsar.ProducerAccessMode.Exclusive)
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic)
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic, access_mode=pulsar.ProducerAccessMode.Exclusive)
+    exclusive.send(b"only me")
+    exclusive.close()
+    shared = client.create_producer(topic)
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic, access_mode=pulsar.ProducerAccessMode.Exclusive)
+    shared.send(b"shared again")
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    assert [reader.read_next(5000).data() for _ in range(2)] == [b"only me", b"shared again"]
     client.close()
