@@ -31,5 +31,5 @@ mod subscription;
 /// The per-topic actor: storage, subscriptions, dispatch.
 mod topic;
 
-pub use server::{Broker, BrokerConfig, BrokerError, BrokerHandle};
+pub use server::{Broker, BrokerConfig, BrokerError, BrokerHandle, StorageProbe};
 pub use topic::Retention;

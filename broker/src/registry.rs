@@ -159,6 +159,25 @@ impl Registry {
         out.into_iter().collect()
     }
 
+    /// Bytes stored by every topic of `tenant` (what a storage quota counts).
+    pub async fn tenant_storage_bytes(&self, tenant: &str) -> u64 {
+        let names: Vec<TopicName> = match self.known.lock() {
+            Ok(known) => known
+                .iter()
+                .filter(|t| t.tenant_and_namespace().0 == tenant)
+                .cloned()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut total = 0;
+        for name in names {
+            if let Ok(stats) = self.stats(&name).await {
+                total += stats.storage_bytes;
+            }
+        }
+        total
+    }
+
     /// Partitioned topics of `tenant/ns` and their partition counts.
     pub fn partitioned_in(&self, namespace: &str) -> Vec<(String, u32)> {
         self.with_metadata(|m| {

@@ -76,6 +76,17 @@ pub enum BrokerError {
 /// The embedded broker.
 pub struct Broker;
 
+/// Reads the bytes each tenant's topics store; cheap to clone.
+#[derive(Clone)]
+pub struct StorageProbe(Arc<Registry>);
+
+impl StorageProbe {
+    /// Bytes stored by every topic of `tenant`.
+    pub async fn tenant_storage_bytes(&self, tenant: &str) -> u64 {
+        self.0.tenant_storage_bytes(tenant).await
+    }
+}
+
 /// A running broker.
 pub struct BrokerHandle {
     local_addr: SocketAddr,
@@ -235,6 +246,11 @@ impl BrokerHandle {
     /// The address of the admin REST API, if it runs.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// A handle that reads how many bytes each tenant stores (for storage quotas).
+    pub fn storage_probe(&self) -> StorageProbe {
+        StorageProbe(self.registry.clone())
     }
 
     /// `pulsar://host:port` for clients.

@@ -486,7 +486,7 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     let mut out = String::new();
     let usage = a.services.quotas.tenant_usage();
     type Series = (&'static str, &'static str, fn(&crate::quota::Usage) -> f64);
-    let series: [Series; 8] = [
+    let series: [Series; 9] = [
         ("magnetar_tenant_connections", "gauge", |u| {
             u.connections as f64
         }),
@@ -510,6 +510,9 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
         }),
         ("magnetar_tenant_refused_total", "counter", |u| {
             u.refused as f64
+        }),
+        ("magnetar_tenant_stored_bytes", "gauge", |u| {
+            u.stored_bytes as f64
         }),
     ];
     for (name, kind, value) in series {

@@ -566,6 +566,20 @@ impl host::Host for HostState {
                 .collect(),
             encryption: None,
         };
+        let storage_full = self
+            .conns
+            .get(&conn)
+            .and_then(|s| s.meters.as_ref())
+            .is_some_and(|m| m.tenant.storage_full());
+        let topic = topic.and_then(|t| {
+            if storage_full {
+                return Err(op_error(
+                    ErrorKind::QuotaExceeded,
+                    "the tenant's storage quota is used up",
+                ));
+            }
+            Ok(t)
+        });
         match topic.and_then(|t| self.services.seal(&t, &mut out).map(|_| t)) {
             Ok(topic) => {
                 let not_before = self

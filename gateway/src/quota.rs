@@ -68,6 +68,8 @@ pub struct Usage {
     pub throttled_msgs: u64,
     /// Connections and subscriptions refused by a limit.
     pub refused: u64,
+    /// Bytes the tenant's topics hold in the backend (sampled every few seconds).
+    pub stored_bytes: u64,
 }
 
 /// One tenant's or one user's limits and usage.
@@ -82,6 +84,7 @@ pub struct Meter {
     delivered_bytes: AtomicU64,
     throttled_msgs: AtomicU64,
     refused: AtomicU64,
+    stored_bytes: AtomicU64,
 }
 
 impl Meter {
@@ -96,6 +99,7 @@ impl Meter {
             delivered_bytes: AtomicU64::new(0),
             throttled_msgs: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            stored_bytes: AtomicU64::new(0),
         };
         m.set_limits(limits);
         m
@@ -146,7 +150,19 @@ impl Meter {
             delivered_bytes: self.delivered_bytes.load(Ordering::Relaxed),
             throttled_msgs: self.throttled_msgs.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
+            stored_bytes: self.stored_bytes.load(Ordering::Relaxed),
         }
+    }
+
+    /// Whether the tenant's stored bytes are at or over its `max_stored_bytes`.
+    pub fn storage_full(&self) -> bool {
+        let max = self
+            .limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .max_stored_bytes;
+        max.is_some_and(|m| self.stored_bytes.load(Ordering::Relaxed) >= m)
     }
 }
 
@@ -263,6 +279,28 @@ impl Quotas {
         {
             m.set_limits(limits);
         }
+    }
+
+    /// Records a tenant's stored bytes, as sampled from the backend.
+    pub fn set_stored_bytes(&self, tenant: &str, bytes: u64) {
+        if let Some(m) = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+        {
+            m.stored_bytes.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Tenants that have a meter.
+    pub fn tenant_names(&self) -> Vec<String> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Usage of every tenant seen since start.

@@ -21,6 +21,8 @@ use crate::tenancy::Tenancy;
 pub struct Server {
     broker: Option<BrokerHandle>,
     listeners: Vec<(String, SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// Tasks that are not listeners (the storage-quota sampler).
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Server {
@@ -133,6 +135,7 @@ impl Server {
             None
         };
         let mut listeners = Vec::new();
+        let mut background = Vec::new();
         for l in &config.listeners {
             let pool = pools
                 .get(&l.plugin)
@@ -165,8 +168,33 @@ impl Server {
             ));
             listeners.push(("admin".to_string(), bound, task));
         }
+        if let Some(b) = &broker {
+            // Storage quotas: the embedded broker's figures per tenant, sampled every 2 s.
+            let storage = b.storage_probe();
+            let quotas = services.quotas.clone();
+            let tenancy = services.tenancy.clone();
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+                loop {
+                    tick.tick().await;
+                    for tenant in quotas.tenant_names() {
+                        let limited = tenancy
+                            .tenant(&tenant)
+                            .is_some_and(|t| t.limits.max_stored_bytes.is_some());
+                        if limited {
+                            let bytes = storage.tenant_storage_bytes(&tenant).await;
+                            quotas.set_stored_bytes(&tenant, bytes);
+                        }
+                    }
+                }
+            }));
+        }
         tracing::info!("magnetar ready");
-        Ok(Server { broker, listeners })
+        Ok(Server {
+            broker,
+            listeners,
+            background,
+        })
     }
 
     /// Bound listener addresses by name.
@@ -179,6 +207,9 @@ impl Server {
 
     /// Stops accepting, then stops the broker (which flushes its storage).
     pub async fn shutdown(self) {
+        for task in &self.background {
+            task.abort();
+        }
         for (_, _, task) in &self.listeners {
             task.abort();
         }

@@ -850,6 +850,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rs256_tokens_from_a_key_pair() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+        let dir = tempfile::tempdir().unwrap();
+        let private = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        let (priv_path, pub_path) = (dir.path().join("k.pem"), dir.path().join("k.pub"));
+        std::fs::write(
+            &priv_path,
+            private.to_pkcs1_pem(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        let public = private
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap();
+        std::fs::write(&pub_path, public).unwrap();
+        let mut config = Config::parse(&format!(
+            "[auth]\nallow_anonymous = false\ntoken_public_key_file = {pub_path:?}\ntoken_private_key_file = {priv_path:?}\n[[auth.users]]\nname = \"alice\"\ntenant = \"acme\"\n"
+        ))
+        .unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let t = Tenancy::from_config(&config).unwrap();
+        let token = t
+            .sign_token("alice", Some(Duration::from_secs(60)))
+            .unwrap();
+        let p = t
+            .authenticate(Credentials::Token(token.clone()), None)
+            .await
+            .unwrap();
+        assert_eq!(p.tenant, "acme");
+        // An HS256 token made with the public key as its secret (the classic confusion) fails.
+        let forged = jwt::sign(
+            &SignKey::Hs256(std::fs::read(&pub_path).unwrap()),
+            "alice",
+            None,
+        )
+        .unwrap();
+        assert!(t
+            .authenticate(Credentials::Token(forged), None)
+            .await
+            .is_err());
+        // A verify-only gateway (no private key) still checks tokens but cannot make them.
+        let mut verify_only = config.clone();
+        verify_only.auth.token_private_key_file = None;
+        let v = Tenancy::from_config(&verify_only).unwrap();
+        assert!(v
+            .authenticate(Credentials::Token(token), None)
+            .await
+            .is_ok());
+        assert!(v.sign_token("alice", None).is_err());
+    }
+
+    #[tokio::test]
     async fn failures_from_one_address_slow_it_down() {
         let dir = tempfile::tempdir().unwrap();
         let t = two_users(dir.path());

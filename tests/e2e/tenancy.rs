@@ -840,3 +840,61 @@ fn admin_api_changes_apply_live_and_survive_a_restart() {
         "{metrics}"
     );
 }
+
+#[test]
+fn storage_quota_refuses_publishes_once_the_tenant_is_full() {
+    let gw = two_tenants("");
+    let (s, body) = http(
+        gw.admin,
+        "PUT",
+        "/admin/v1/tenants/acme",
+        Some(ADMIN_TOKEN),
+        r#"{"encryption": true, "limits": {"max_stored_bytes": 20000}}"#,
+    );
+    assert_eq!(s, 200, "{body}");
+    let (alice, mut conn) = connect(mqtt_options("filler", gw.mqtt, "alice", "alice-secret"));
+    // 1 KiB at a time, each waited for, until the gateway refuses (MQTT 3.1.1 has no
+    // negative PUBACK: the connection is closed) or 15 s pass.
+    let mut stored = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let refused = 'fill: loop {
+        assert!(
+            Instant::now() < deadline,
+            "never refused after {stored} KiB"
+        );
+        if alice
+            .publish("fill", QoS::AtLeastOnce, false, vec![7u8; 1024])
+            .is_err()
+        {
+            break 'fill true;
+        }
+        let acked = Instant::now() + Duration::from_secs(5);
+        loop {
+            match conn.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                    stored += 1;
+                    break;
+                }
+                Ok(Err(_)) => break 'fill true,
+                _ if Instant::now() > acked => break 'fill true,
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(refused);
+    assert!(stored >= 19, "refused after only {stored} KiB");
+    // The other tenant is not affected, and usage shows the stored bytes.
+    let (bob, mut bob_conn) = connect(mqtt_options("bob-free", gw.mqtt, "bob", "bob-secret"));
+    publish_acked(&bob, &mut bob_conn, "fill", &[vec![1u8; 1024]]);
+    let (s, body) = http(
+        gw.admin,
+        "GET",
+        "/admin/v1/tenants/acme/usage",
+        Some(ADMIN_TOKEN),
+        "",
+    );
+    assert_eq!(s, 200);
+    let usage: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(usage["stored_bytes"].as_u64() >= Some(20000), "{body}");
+}
