@@ -1148,14 +1148,16 @@ async fn run_ops(
                 let outcome = Box::pin(services.kv.get(&topic, &key))
                     .await
                     .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
-                shared.op_finished();
-                let _ = events
-                    .send(Event::KvResult {
+                op_done(
+                    &shared,
+                    &events,
+                    Event::KvResult {
                         conn,
                         token,
                         outcome,
-                    })
-                    .await;
+                    },
+                )
+                .await;
             }
             Op::KvScan {
                 token,
@@ -1182,14 +1184,16 @@ async fn run_ops(
                         .collect()
                 })
                 .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
-                shared.op_finished();
-                let _ = events
-                    .send(Event::KvScanResult {
+                op_done(
+                    &shared,
+                    &events,
+                    Event::KvScanResult {
                         conn,
                         token,
                         outcome,
-                    })
-                    .await;
+                    },
+                )
+                .await;
             }
             Op::KvPut {
                 token,
@@ -1201,14 +1205,16 @@ async fn run_ops(
                     .await
                     .map(|_| None)
                     .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
-                shared.op_finished();
-                let _ = events
-                    .send(Event::KvResult {
+                op_done(
+                    &shared,
+                    &events,
+                    Event::KvResult {
                         conn,
                         token,
                         outcome,
-                    })
-                    .await;
+                    },
+                )
+                .await;
             }
         }
     }
@@ -1276,6 +1282,12 @@ async fn run_timers(mut rx: mpsc::UnboundedReceiver<Timer>, events: mpsc::Sender
             }
         }
     }
+}
+
+/// Reports a finished kv operation of a connection and releases its in-flight slot.
+async fn op_done(shared: &ConnShared, events: &mpsc::Sender<Event>, event: Event) {
+    shared.op_finished();
+    let _ = events.send(event).await;
 }
 
 /// What a subscription's delivery task needs.

@@ -204,6 +204,19 @@ pub fn http(
     (status, body)
 }
 
+/// acme's usage from the admin API, parsed and as text (for assertion messages).
+fn acme_usage(gw: &Gateway) -> (serde_json::Value, String) {
+    let (s, body) = http(
+        gw.admin,
+        "GET",
+        "/admin/v1/tenants/acme/usage",
+        Some(ADMIN_TOKEN),
+        "",
+    );
+    assert_eq!(s, 200, "{body}");
+    (serde_json::from_str(&body).expect("usage json"), body)
+}
+
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -638,15 +651,7 @@ fn quotas_slow_one_tenant_and_spare_the_other() {
     let (c, conn) = &mut held[0];
     publish_acked(c, conn, "still", &[b"works".to_vec()]);
     let (_b, _bc) = connect(mqtt_options("bob-ok", gw.mqtt, "bob", "bob-secret"));
-    let (s, body) = http(
-        gw.admin,
-        "GET",
-        "/admin/v1/tenants/acme/usage",
-        Some(ADMIN_TOKEN),
-        "",
-    );
-    assert_eq!(s, 200);
-    let usage: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let (usage, body) = acme_usage(&gw);
     assert!(usage["published_msgs"].as_u64() >= Some(N as u64), "{body}");
     assert!(usage["refused"].as_u64() >= Some(5), "{body}");
     assert!(usage["throttled_msgs"].as_u64() > Some(0), "{body}");
@@ -887,14 +892,6 @@ fn storage_quota_refuses_publishes_once_the_tenant_is_full() {
     // The other tenant is not affected, and usage shows the stored bytes.
     let (bob, mut bob_conn) = connect(mqtt_options("bob-free", gw.mqtt, "bob", "bob-secret"));
     publish_acked(&bob, &mut bob_conn, "fill", &[vec![1u8; 1024]]);
-    let (s, body) = http(
-        gw.admin,
-        "GET",
-        "/admin/v1/tenants/acme/usage",
-        Some(ADMIN_TOKEN),
-        "",
-    );
-    assert_eq!(s, 200);
-    let usage: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let (usage, body) = acme_usage(&gw);
     assert!(usage["stored_bytes"].as_u64() >= Some(20000), "{body}");
 }
