@@ -1105,7 +1105,7 @@ mod tests {
 
     proptest! {
         /// The decoder over any body of any packet type: an error or a packet, never a panic
-        /// (the bounded stand-in for a `cargo fuzz` target, see the crate docs).
+        /// (a quick check in the unit tests; `plugins/mqtt/fuzz` has the libFuzzer targets).
         #[test]
         fn arbitrary_bodies_never_panic(first in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = decode(first, &body);

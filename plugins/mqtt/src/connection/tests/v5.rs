@@ -777,7 +777,7 @@ fn enhanced_authentication_runs_sasl_through_the_host() {
 
 proptest! {
     /// The whole v5 state machine: a valid CONNECT then arbitrary bytes, with the auth
-    /// granted, never panics (the bounded stand-in for a `cargo fuzz` target).
+    /// granted, never panics (a quick check; `plugins/mqtt/fuzz` has the libFuzzer target).
     #[test]
     fn arbitrary_v5_traffic_never_panics(chunks in proptest::collection::vec(
         proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
