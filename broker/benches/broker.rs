@@ -11,14 +11,25 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, StreamExt};
 use magnetar_broker::{Broker, BrokerConfig};
+use prost::Message as _;
 use pulsar::consumer::InitialPosition;
+use pulsar::message::proto::{self, base_command::Type, BaseCommand};
+use pulsar::message::{Codec, Message, Payload};
 use pulsar::producer::ProducerOptions;
 use pulsar::{ConsumerOptions, Pulsar, TokioExecutor};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Encoder, Framed, FramedRead};
 
 /// Sends in flight per producer (a tenth of it without batching).
 const WINDOW: usize = 1000;
@@ -27,6 +38,7 @@ const CONSUME_MAX: usize = 300_000;
 
 struct Disk {
     write_mb_s: f64,
+    fsync_p50: Duration,
     fsync_p99: Duration,
 }
 
@@ -57,6 +69,7 @@ fn measure_disk(dir: &Path) -> Disk {
     let _ = std::fs::remove_file(&path);
     Disk {
         write_mb_s,
+        fsync_p50: percentile(&mut lat, 0.5),
         fsync_p99: percentile(&mut lat, 0.99),
     }
 }
@@ -84,6 +97,7 @@ async fn scenario(
     batching: bool,
     producers: usize,
     secs: f64,
+    consume: bool,
 ) -> Run {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
@@ -93,6 +107,12 @@ async fn scenario(
             batch_size: batching.then_some(1000),
             batch_byte_size: batching.then_some(128 * 1024),
             batch_timeout: batching.then_some(Duration::from_millis(1)),
+            // Wait for room in the client's send queue (shared by the producers of one
+            // connection, 100 frames). Without it `send_non_blocking` fails with `SlowDown`
+            // when the queue is full, and a producer with nothing of its own in flight
+            // retries at once: four producers then spin on two cores, starving the broker
+            // (`MAGNETAR_BENCH_TRY_SEND=1` shows it).
+            block_queue_if_full: std::env::var_os("MAGNETAR_BENCH_TRY_SEND").is_none(),
             ..Default::default()
         };
         let mut producer = pulsar
@@ -143,6 +163,15 @@ async fn scenario(
     let produced = lat.len();
     let p50 = percentile(&mut lat, 0.5);
     let p99 = percentile(&mut lat, 0.99);
+    if !consume {
+        return Run {
+            produced,
+            produce_secs,
+            p50,
+            p99,
+            consume_rate: 0.0,
+        };
+    }
     let mut consumer: pulsar::Consumer<Vec<u8>, _> = pulsar
         .consumer()
         .with_topic(topic)
@@ -176,6 +205,268 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// One producer (unbatched), `rate` sends per second offered (`None`: one send in flight,
+/// the next sent when its receipt arrives). Returns each send's time from the call to its
+/// receipt, after a warm-up.
+async fn pulsar_latency(
+    pulsar: &Pulsar<TokioExecutor>,
+    topic: &str,
+    size: usize,
+    rate: Option<f64>,
+    secs: f64,
+) -> Vec<Duration> {
+    let mut producer = pulsar
+        .producer()
+        .with_topic(topic)
+        .with_options(ProducerOptions {
+            // A burst waits for room in the client's queue instead of failing.
+            block_queue_if_full: true,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .expect("producer");
+    let payload = vec![b'l'; size];
+    for _ in 0..WARMUP {
+        let r = producer.send_non_blocking(payload.clone()).await;
+        r.expect("send").await.expect("receipt");
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut lat = Vec::new();
+    let Some(rate) = rate else {
+        while Instant::now() < deadline {
+            let t = Instant::now();
+            let r = producer.send_non_blocking(payload.clone()).await;
+            r.expect("send").await.expect("receipt");
+            lat.push(t.elapsed());
+        }
+        return lat;
+    };
+    // The runtime's timer has 1 ms steps, so a thread paces the sends (the OS sleeps to
+    // about 0.1 ms) and hands each tick to this task.
+    let (tick_tx, mut ticks) = tokio::sync::mpsc::channel::<()>(1024);
+    let spacing = Duration::from_secs_f64(1.0 / rate);
+    let pacer = std::thread::spawn(move || {
+        let mut next = Instant::now();
+        while next < deadline {
+            next += spacing;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tick_tx.blocking_send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut inflight = FuturesUnordered::new();
+    let mut ticking = true;
+    loop {
+        tokio::select! {
+            tick = ticks.recv(), if ticking => match tick {
+                Some(()) => {
+                    let t = Instant::now();
+                    let r = producer.send_non_blocking(payload.clone()).await.expect("send");
+                    inflight.push(async move {
+                        r.await.expect("receipt");
+                        t.elapsed()
+                    });
+                }
+                None => ticking = false,
+            },
+            Some(l) = inflight.next() => lat.push(l),
+            else => break,
+        }
+    }
+    let _ = pacer.join();
+    lat
+}
+
+/// Messages sent before latencies are recorded (connection and file warm-up).
+const WARMUP: usize = 200;
+
+/// The lean load generator: one raw Pulsar connection with one producer, writing
+/// pre-encoded `CommandSend` frames (a batch of `batch` messages of `size` bytes, encoded as
+/// a `pulsar`-crate batching producer encodes it) with up to `window` frames in flight, and
+/// counting receipts. It spends almost no CPU per message, so it measures the broker.
+struct RawProducer {
+    read: FramedRead<OwnedReadHalf, Codec>,
+    write: OwnedWriteHalf,
+    frames: Vec<Bytes>,
+}
+
+fn raw_command(kind: Type, fill: impl FnOnce(&mut BaseCommand)) -> Message {
+    let mut command = BaseCommand {
+        r#type: kind as i32,
+        ..Default::default()
+    };
+    fill(&mut command);
+    Message {
+        command,
+        payload: None,
+    }
+}
+
+impl RawProducer {
+    async fn open(addr: SocketAddr, topic: &str, size: usize, batch: usize) -> RawProducer {
+        let socket = TcpStream::connect(addr).await.expect("connect");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut framed = Framed::new(socket, Codec);
+        framed
+            .send(raw_command(Type::Connect, |c| {
+                c.connect = Some(proto::CommandConnect {
+                    client_version: "magnetar-bench".into(),
+                    protocol_version: Some(19),
+                    ..Default::default()
+                })
+            }))
+            .await
+            .expect("connect");
+        let reply = framed.next().await.expect("open").expect("frame");
+        assert!(reply.command.connected.is_some(), "connected");
+        framed
+            .send(raw_command(Type::Producer, |c| {
+                c.producer = Some(proto::CommandProducer {
+                    topic: topic.into(),
+                    producer_id: 1,
+                    request_id: 1,
+                    ..Default::default()
+                })
+            }))
+            .await
+            .expect("producer");
+        let reply = framed.next().await.expect("open").expect("frame");
+        let name = reply
+            .command
+            .producer_success
+            .expect("producer success")
+            .producer_name;
+        // Distinct sequence ids, reused in turn (de-duplication is off).
+        let frames = (0..16u64)
+            .map(|seq| {
+                let (data, in_batch) = if batch > 1 {
+                    let mut data = Vec::new();
+                    for _ in 0..batch {
+                        let meta = proto::SingleMessageMetadata {
+                            payload_size: size as i32,
+                            ..Default::default()
+                        };
+                        data.extend_from_slice(&(meta.encoded_len() as u32).to_be_bytes());
+                        meta.encode(&mut data).expect("encode");
+                        data.extend(std::iter::repeat_n(b'r', size));
+                    }
+                    (data, Some(batch as i32))
+                } else {
+                    (vec![b'r'; size], None)
+                };
+                let msg = Message {
+                    command: BaseCommand {
+                        r#type: Type::Send as i32,
+                        send: Some(proto::CommandSend {
+                            producer_id: 1,
+                            sequence_id: seq,
+                            num_messages: in_batch,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    payload: Some(Payload {
+                        metadata: proto::MessageMetadata {
+                            producer_name: name.clone(),
+                            sequence_id: seq,
+                            publish_time: 1,
+                            num_messages_in_batch: in_batch,
+                            ..Default::default()
+                        },
+                        data,
+                    }),
+                };
+                let mut buf = BytesMut::new();
+                Codec.encode(msg, &mut buf).expect("encode");
+                buf.freeze()
+            })
+            .collect();
+        let parts = framed.into_parts();
+        assert!(parts.read_buf.is_empty(), "no stray frames");
+        let (rd, wr) = parts.io.into_split();
+        RawProducer {
+            read: FramedRead::new(rd, Codec),
+            write: wr,
+            frames,
+        }
+    }
+
+    /// Sends for `secs` with `window` frames in flight; returns each frame's time from its
+    /// write to its receipt.
+    async fn run(self, window: usize, secs: f64) -> Vec<Duration> {
+        let RawProducer {
+            mut read,
+            mut write,
+            frames,
+        } = self;
+        let credits = Arc::new(tokio::sync::Semaphore::new(window));
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let writer = {
+            let credits = credits.clone();
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    credits.acquire().await.expect("semaphore").forget();
+                    let frame = &frames[n % frames.len()];
+                    n += 1;
+                    let _ = sent_tx.send(Instant::now());
+                    write.write_all(frame).await.expect("write");
+                }
+                write
+            })
+        };
+        let mut lat = Vec::new();
+        while let Some(t) = sent_rx.recv().await {
+            loop {
+                let reply = read.next().await.expect("open").expect("frame");
+                if reply.command.send_receipt.is_some() {
+                    break;
+                }
+                assert!(reply.command.send_error.is_none(), "send error");
+            }
+            lat.push(t.elapsed());
+            credits.add_permits(1);
+        }
+        drop(writer.await);
+        lat
+    }
+}
+
+/// `producers` raw connections on one topic for `secs`; returns messages/s and latencies.
+async fn raw_scenario(
+    addr: SocketAddr,
+    topic: &str,
+    size: usize,
+    batch: usize,
+    producers: usize,
+    window: usize,
+    secs: f64,
+) -> (f64, Vec<Duration>) {
+    let mut tasks = Vec::new();
+    for _ in 0..producers {
+        let p = RawProducer::open(addr, topic, size, batch).await;
+        tasks.push(tokio::spawn(p.run(window, secs)));
+    }
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("raw producer"));
+    }
+    let rate = (lat.len() * batch) as f64 / start.elapsed().as_secs_f64();
+    (rate, lat)
+}
+
+/// Which parts of the bench run: `MAGNETAR_BENCH_ONLY` is a comma-separated subset of
+/// `table,latency,raw` (default: all).
+fn wanted(part: &str) -> bool {
+    std::env::var("MAGNETAR_BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p == part))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let base = std::env::var_os("MAGNETAR_BENCH_DIR")
@@ -197,35 +488,107 @@ async fn main() {
         .build()
         .await
         .expect("client");
+    let fsync_p99 = disk.fsync_p99.as_secs_f64().max(1e-9);
     println!(
-        "disk ({}): sequential write+fsync {:.0} MB/s, 4 KiB write+fsync p99 {:.2} ms\n",
+        "disk ({}): sequential write+fsync {:.0} MB/s, 4 KiB write+fsync p50 {:.3} ms, p99 {:.3} ms\n",
         base.display(),
         disk.write_mb_s,
+        ms(disk.fsync_p50),
         ms(disk.fsync_p99)
     );
-    println!("| size | batching | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms | p99 / fsync p99 | consume msgs/s |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut n = 0;
-    for size in [100usize, 1024] {
-        for batching in [true, false] {
+    let mut topic = || {
+        n += 1;
+        format!("persistent://public/default/bench-{n}")
+    };
+    if wanted("latency") {
+        println!("Send-receipt latency, one producer, unbatched (client: `pulsar` crate unless `raw`):\n");
+        println!(
+            "| size | client | load | sends | receipt p50 ms | receipt p99 ms | p99 / fsync p99 |"
+        );
+        println!("|---:|---|---|---:|---:|---:|---:|");
+        let row = |size: usize, client: &str, load: &str, mut lat: Vec<Duration>| {
+            let sends = lat.len();
+            let p50 = percentile(&mut lat, 0.5);
+            let p99 = percentile(&mut lat, 0.99);
+            println!(
+                "| {size} B | {client} | {load} | {sends} | {:.3} | {:.3} | {:.2} |",
+                ms(p50),
+                ms(p99),
+                p99.as_secs_f64() / fsync_p99
+            );
+        };
+        for size in [100usize, 1024] {
+            let lat = pulsar_latency(&pulsar, &topic(), size, None, secs).await;
+            row(size, "pulsar", "1 in flight", lat);
+            let (_, mut lat) =
+                raw_scenario(broker.local_addr(), &topic(), size, 1, 1, 1, secs).await;
+            lat.drain(..WARMUP.min(lat.len()));
+            row(size, "raw", "1 in flight", lat);
+            let peak = scenario(&pulsar, &topic(), size, false, 1, secs.min(2.0), false).await;
+            let rate = 0.2 * peak.produced as f64 / peak.produce_secs;
+            let lat = pulsar_latency(&pulsar, &topic(), size, Some(rate), secs).await;
+            row(size, "pulsar", &format!("{rate:.0}/s (20% of peak)"), lat);
+        }
+        println!();
+    }
+    if wanted("table") {
+        println!("Throughput, `pulsar` crate (1,000 sends in flight per producer batched, 100 unbatched):\n");
+        println!("| size | batching | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms | p99 / fsync p99 | consume msgs/s |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for size in [100usize, 1024] {
+            for batching in [true, false] {
+                for producers in [1usize, 4] {
+                    let r =
+                        scenario(&pulsar, &topic(), size, batching, producers, secs, true).await;
+                    let rate = r.produced as f64 / r.produce_secs;
+                    let mb = rate * size as f64 / 1e6;
+                    println!(
+                        "| {size} B | {} | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} | {:.1} | {:.0} |",
+                        if batching { "on" } else { "off" },
+                        mb / disk.write_mb_s,
+                        ms(r.p50),
+                        ms(r.p99),
+                        r.p99.as_secs_f64() / fsync_p99,
+                        r.consume_rate
+                    );
+                }
+            }
+        }
+        println!();
+    }
+    if wanted("raw") {
+        println!("Throughput, lean raw-socket generator (pre-encoded batches of 1,000, {RAW_WINDOW} in flight per connection):\n");
+        println!("| size | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for size in [100usize, 1024] {
             for producers in [1usize, 4] {
-                n += 1;
-                let topic = format!("persistent://public/default/bench-{n}");
-                let r = scenario(&pulsar, &topic, size, batching, producers, secs).await;
-                let rate = r.produced as f64 / r.produce_secs;
+                let (rate, mut lat) = raw_scenario(
+                    broker.local_addr(),
+                    &topic(),
+                    size,
+                    1000,
+                    producers,
+                    RAW_WINDOW,
+                    secs,
+                )
+                .await;
                 let mb = rate * size as f64 / 1e6;
+                let p50 = percentile(&mut lat, 0.5);
+                let p99 = percentile(&mut lat, 0.99);
                 println!(
-                    "| {size} B | {} | {producers} | {rate:.0} | {mb:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
-                    if batching { "on" } else { "off" },
+                    "| {size} B | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} |",
                     mb / disk.write_mb_s,
-                    ms(r.p50),
-                    ms(r.p99),
-                    r.p99.as_secs_f64() / disk.fsync_p99.as_secs_f64().max(1e-9),
-                    r.consume_rate
+                    ms(p50),
+                    ms(p99)
                 );
             }
         }
+        println!();
     }
     drop(pulsar);
     broker.shutdown().await;
 }
+
+/// Batches in flight per raw connection.
+const RAW_WINDOW: usize = 8;

@@ -3,10 +3,12 @@
 //!
 //! The connection task owns its state (producers, consumers). Outgoing frames go through one
 //! bounded queue to a writer task; topic actors push `CommandMessage`s into the same queue
-//! with `try_send`. Send receipts are kept in arrival order (a `FuturesOrdered`), so each
-//! producer sees its receipts in sequence order, and each is released only after the topic
-//! made the message durable. A full topic queue or too many outstanding receipts pause
-//! reading from the socket (producer backpressure).
+//! with `try_send`. A topic answers each `Send` through a [`ReceiptSink`] that goes straight
+//! to the writer task (no hop through the connection task: the receipt is on the socket as
+//! soon as the fsync that covers the message returns). A topic answers its sends in the
+//! order it received them, so each producer sees its receipts in sequence order. A full
+//! topic queue or too many outstanding receipts pause reading from the socket (producer
+//! backpressure).
 //!
 //! Bad input is answered, then handled per connection; nothing a client sends can panic the
 //! broker or affect other connections (tests: `broker/tests/bad_input.rs`):
@@ -25,11 +27,8 @@
 //! redelivered to others.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use pulsar::message::proto::{
     self,
@@ -42,7 +41,7 @@ use pulsar::message::proto::{
 };
 use pulsar::message::Message;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +54,7 @@ use crate::protocol::{
 };
 use crate::registry::Registry;
 use crate::subscription::ConsumerKey;
-use crate::topic::{SeekTarget, SubscribeRequest, TopicCommand, TopicHandle};
+use crate::topic::{RequestError, SeekTarget, SubscribeRequest, TopicCommand, TopicHandle};
 
 /// Capacity of a connection's outbound frame queue.
 const OUTBOUND_QUEUE: usize = 1024;
@@ -90,7 +89,83 @@ enum ConnectionError {
     AuthenticationFailed(String),
 }
 
-type Receipt = Pin<Box<dyn Future<Output = Message> + Send + Sync>>;
+/// A receipt on its way to the writer task, with the permit that bounds them.
+type ReceiptFrame = (Message, OwnedSemaphorePermit);
+
+/// Where a topic answers one `CommandSend` (`CommandSendReceipt` or `CommandSendError`):
+/// straight into the connection's receipt queue, read by its writer task. Dropped unanswered
+/// (the topic stopped), it answers `SendError` itself, so no send is left without an answer.
+pub struct ReceiptSink {
+    armed: Option<ArmedSink>,
+}
+
+struct ArmedSink {
+    tx: mpsc::Sender<ReceiptFrame>,
+    permit: OwnedSemaphorePermit,
+    producer_id: u64,
+    sequence_id: u64,
+    highest_sequence_id: Option<u64>,
+}
+
+impl ReceiptSink {
+    /// Answers the send: `Ok(Some(entry id))` stored, `Ok(None)` a duplicate of a stored
+    /// message, `Err` refused.
+    pub fn send(mut self, result: Result<Option<u64>, RequestError>) {
+        if let Some(sink) = self.armed.take() {
+            sink.answer(result);
+        }
+    }
+}
+
+impl Drop for ReceiptSink {
+    fn drop(&mut self) {
+        if let Some(sink) = self.armed.take() {
+            sink.answer(Err((ServerError::PersistenceError, "topic stopped".into())));
+        }
+    }
+}
+
+impl ArmedSink {
+    fn answer(self, result: Result<Option<u64>, RequestError>) {
+        let ArmedSink {
+            tx,
+            permit,
+            producer_id,
+            sequence_id,
+            highest_sequence_id,
+        } = self;
+        let frame = match result {
+            Ok(id) => command(Type::SendReceipt, |r| {
+                r.send_receipt = Some(proto::CommandSendReceipt {
+                    producer_id,
+                    sequence_id,
+                    message_id: Some(id.map_or_else(no_message_id, message_id)),
+                    highest_sequence_id,
+                })
+            }),
+            Err((code, text)) => send_error_frame(producer_id, sequence_id, code, text),
+        };
+        // Never full: the queue has a slot for every permit and this answer holds one. An
+        // error means the writer is gone (the connection is closing): nobody to tell.
+        let _ = tx.try_send((frame, permit));
+    }
+}
+
+fn send_error_frame(
+    producer_id: u64,
+    sequence_id: u64,
+    code: ServerError,
+    text: String,
+) -> Message {
+    command(Type::SendError, |r| {
+        r.send_error = Some(proto::CommandSendError {
+            producer_id,
+            sequence_id,
+            error: code as i32,
+            message: text,
+        })
+    })
+}
 
 struct Producer {
     topic: TopicHandle,
@@ -108,7 +183,9 @@ struct Connection {
     wants_entry_metadata: bool,
     producers: HashMap<u64, Producer>,
     consumers: HashMap<u64, TopicHandle>,
-    receipts: FuturesOrdered<Receipt>,
+    /// Receipts outstanding on this connection (at most `MAX_PENDING_RECEIPTS`).
+    receipt_permits: Arc<Semaphore>,
+    receipt_tx: mpsc::Sender<ReceiptFrame>,
 }
 
 /// Serves one client until it disconnects, misbehaves, or `shutdown` fires.
@@ -118,10 +195,12 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec);
     let (out, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (receipt_tx, receipt_rx) = mpsc::channel(MAX_PENDING_RECEIPTS);
     let stop_writer = CancellationToken::new();
     let writer = tokio::spawn(write_loop(
         FramedWrite::new(wr, FrameCodec),
         out_rx,
+        receipt_rx,
         stop_writer.clone(),
     ));
     let mut conn = Connection {
@@ -133,17 +212,13 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
         wants_entry_metadata: false,
         producers: HashMap::new(),
         consumers: HashMap::new(),
-        receipts: FuturesOrdered::new(),
+        receipt_permits: Arc::new(Semaphore::new(MAX_PENDING_RECEIPTS)),
+        receipt_tx,
     };
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(receipt) = conn.receipts.next(), if !conn.receipts.is_empty() => {
-                if conn.out.send(receipt.into()).await.is_err() {
-                    break;
-                }
-            }
-            frame = reader.next(), if conn.receipts.len() < MAX_PENDING_RECEIPTS => match frame {
+            frame = reader.next() => match frame {
                 Some(Ok(Inbound::Message(msg))) => {
                     if let Err(e) = conn.handle(*msg).await {
                         tracing::info!(connection = id, ?peer, error = %e, "closing connection");
@@ -174,18 +249,27 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
     let _ = writer.await;
 }
 
+/// Writes the connection's outgoing frames and its send receipts, as many as are queued per
+/// write. A receipt's permit is released once its frame is in the socket buffer.
 async fn write_loop(
     mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
     mut rx: mpsc::Receiver<Frame>,
+    mut receipts: mpsc::Receiver<ReceiptFrame>,
     stop: CancellationToken,
 ) {
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => break,
+            Some((receipt, _permit)) = receipts.recv() => Frame::from(receipt),
             msg = rx.recv() => match msg { Some(m) => m, None => break },
         };
         if sink.feed(msg).await.is_err() {
             return;
+        }
+        while let Ok((receipt, _permit)) = receipts.try_recv() {
+            if sink.feed(receipt.into()).await.is_err() {
+                return;
+            }
         }
         while let Ok(more) = rx.try_recv() {
             if sink.feed(more).await.is_err() {
@@ -729,14 +813,7 @@ impl Connection {
         let (producer_id, sequence_id) = (c.producer_id, c.sequence_id);
         let highest_sequence_id = c.highest_sequence_id;
         let send_error = move |code: ServerError, text: String| {
-            command(Type::SendError, |r| {
-                r.send_error = Some(proto::CommandSendError {
-                    producer_id,
-                    sequence_id,
-                    error: code as i32,
-                    message: text,
-                })
-            })
+            send_error_frame(producer_id, sequence_id, code, text)
         };
         let Some(producer) = self.producers.get(&producer_id) else {
             return self
@@ -770,8 +847,23 @@ impl Connection {
             metadata.highest_sequence_id = Some(highest);
         }
         let entry = NewEntry::new(metadata, &payload.data);
-        let (reply, done) = oneshot::channel();
-        if producer
+        // Waiting here for a permit pauses reading: the backpressure on a client that does
+        // not read its receipts.
+        let Ok(permit) = self.receipt_permits.clone().acquire_owned().await else {
+            return Err(ConnectionError::Closed);
+        };
+        let reply = ReceiptSink {
+            armed: Some(ArmedSink {
+                tx: self.receipt_tx.clone(),
+                permit,
+                producer_id,
+                sequence_id,
+                highest_sequence_id,
+            }),
+        };
+        // If the topic has stopped, the command comes back and dropping it answers the
+        // send with an error (see `ReceiptSink`).
+        let _ = producer
             .topic
             .tx
             .send(TopicCommand::Publish {
@@ -780,30 +872,7 @@ impl Connection {
                 entry: Box::new(entry),
                 reply,
             })
-            .await
-            .is_err()
-        {
-            return self
-                .reply(send_error(
-                    ServerError::ServiceNotReady,
-                    "topic stopped".into(),
-                ))
-                .await;
-        }
-        self.receipts.push_back(Box::pin(async move {
-            match done.await {
-                Ok(Ok(id)) => command(Type::SendReceipt, |r| {
-                    r.send_receipt = Some(proto::CommandSendReceipt {
-                        producer_id,
-                        sequence_id,
-                        message_id: Some(id.map_or_else(no_message_id, message_id)),
-                        highest_sequence_id,
-                    })
-                }),
-                Ok(Err((code, text))) => send_error(code, text),
-                Err(_) => send_error(ServerError::PersistenceError, "topic stopped".into()),
-            }
-        }));
+            .await;
         Ok(())
     }
 

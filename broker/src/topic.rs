@@ -3,9 +3,14 @@
 //! Connections talk to it through a bounded channel of [`TopicCommand`]s (a full channel
 //! pauses the sending connection: that is the producer backpressure). Each turn of the actor
 //! drains what is queued, then does all disk work in one blocking step: appends every pending
-//! message with a single fsync (group commit) and, at most every `CURSOR_SAVE_INTERVAL`,
-//! saves changed cursors; only then are send receipts released and entries dispatched. So a receipt always means "on disk", and a
+//! message with a single fsync (group commit), answers their senders right there (straight
+//! into each connection's writer), and, at most every `CURSOR_SAVE_INTERVAL`, saves changed
+//! cursors; only then are entries dispatched. So a receipt always means "on disk", and a
 //! consumer never sees an entry that a crash could take back.
+//!
+//! Group commit does not wait to fill: an idle topic appends, syncs and answers a message
+//! at once. A batch forms only from what arrives while the previous fsync runs (the actor
+//! is busy with it, so commands queue in its channel).
 //!
 //! Entries are stored in the format of [`crate::entry`]; the actor assigns each its
 //! broker timestamp and its continuous message index. Recent entries are kept in a small
@@ -39,6 +44,7 @@ use pulsar::message::proto::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::connection::ReceiptSink;
 use crate::cursor::{Cursor, CursorStore};
 use crate::dedup::{Dedup, Verdict};
 use crate::entry::{self, NewEntry};
@@ -103,7 +109,7 @@ pub enum TopicCommand {
         /// Sequence ids of the first and last message of the entry.
         sequence_ids: (u64, u64),
         entry: Box<NewEntry>,
-        reply: oneshot::Sender<Result<Option<u64>, RequestError>>,
+        reply: ReceiptSink,
     },
     /// A producer named `name` attaches; the reply is its last persisted sequence id (-1
     /// if none or de-duplication is off).
@@ -236,12 +242,28 @@ pub struct TopicHandle {
     pub tx: mpsc::Sender<TopicCommand>,
 }
 
-struct PendingPublish {
-    record: Bytes,
+/// A send waiting for the next group commit.
+enum PendingPublish {
+    /// A message to store.
+    Store {
+        record: Bytes,
+        entry: Arc<StoredEntry>,
+        /// Producer name and highest sequence id, when de-duplicating.
+        sequence: Option<(Arc<str>, i64)>,
+        reply: ReceiptSink,
+    },
+    /// A send answered without storing (a duplicate), in turn with the sends before it, so
+    /// that its producer's receipts stay in sequence order.
+    Answer {
+        result: Result<Option<u64>, RequestError>,
+        reply: ReceiptSink,
+    },
+}
+
+/// A stored message, back from the group commit for the cache and de-duplication.
+struct Committed {
     entry: Arc<StoredEntry>,
-    /// Producer name and highest sequence id, when de-duplicating.
     sequence: Option<(Arc<str>, i64)>,
-    reply: oneshot::Sender<Result<Option<u64>, RequestError>>,
 }
 
 /// Recent entries, contiguous ids, bounded by bytes.
@@ -559,7 +581,7 @@ impl Topic {
         producer: Arc<str>,
         (lowest, highest): (u64, u64),
         entry: NewEntry,
-        reply: oneshot::Sender<Result<Option<u64>, RequestError>>,
+        reply: ReceiptSink,
     ) {
         // Sequence ids are Java longs on the wire.
         let (lowest, highest) = (lowest as i64, (highest as i64).max(lowest as i64));
@@ -567,17 +589,19 @@ impl Topic {
             Some(dedup) => dedup.check(producer, lowest, highest),
             None => Verdict::Store(None),
         };
-        let sequence = match verdict {
-            Verdict::Store(sequence) => sequence,
-            Verdict::Duplicate => {
-                let _ = reply.send(Ok(None));
-                return;
-            }
-            Verdict::InFlight => {
-                let _ = reply.send(Err((
-                    ServerError::PersistenceError,
-                    "duplicate of a message not yet persisted".to_string(),
-                )));
+        let result = match verdict {
+            Verdict::Store(sequence) => Ok(sequence),
+            Verdict::Duplicate => Err(Ok(None)),
+            Verdict::InFlight => Err(Err((
+                ServerError::PersistenceError,
+                "duplicate of a message not yet persisted".to_string(),
+            ))),
+        };
+        let sequence = match result {
+            Ok(sequence) => sequence,
+            Err(result) if self.pending.is_empty() => return reply.send(result),
+            Err(result) => {
+                self.pending.push(PendingPublish::Answer { result, reply });
                 return;
             }
         };
@@ -588,7 +612,7 @@ impl Topic {
         self.last_timestamp = self.last_timestamp.max(now_ms());
         let (record, entry) = entry.seal(self.last_timestamp, index);
         self.pending_bytes += record.len();
-        self.pending.push(PendingPublish {
+        self.pending.push(PendingPublish::Store {
             record,
             entry: Arc::new(entry),
             sequence,
@@ -812,15 +836,20 @@ impl Topic {
         Ok(())
     }
 
-    /// Group commit: appends all pending messages with one fsync, saves changed cursors,
-    /// then answers the publishers.
-    /// Appends pending messages (one fsync) and, when `force` or when the save interval has
-    /// passed, saves the cursors that acks moved.
+    /// Group commit: appends all pending messages with one fsync and answers their senders
+    /// from the storage thread as soon as it returns; then, when `force` or when the save
+    /// interval has passed, saves the cursors that acks moved.
     async fn commit(&mut self, force: bool) {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let start_index =
-            self.next_index - pending.iter().map(|p| p.entry.num_messages()).sum::<u64>();
+        let messages: u64 = pending
+            .iter()
+            .map(|p| match p {
+                PendingPublish::Store { entry, .. } => entry.num_messages(),
+                PendingPublish::Answer { .. } => 0,
+            })
+            .sum();
+        let start_index = self.next_index - messages;
         let save_cursors = force || self.last_cursor_save.elapsed() >= CURSOR_SAVE_INTERVAL;
         if save_cursors {
             self.last_cursor_save = tokio::time::Instant::now();
@@ -838,23 +867,15 @@ impl Topic {
             return;
         }
         let (log, cursors) = (self.log.clone(), self.cursors.clone());
-        let (pending, append, saved) = match tokio::task::spawn_blocking(move || {
-            let append = if pending.is_empty() {
-                Ok(0)
-            } else {
-                let records: Vec<&[u8]> = pending.iter().map(|p| &p.record[..]).collect();
-                match log.lock() {
-                    Ok(mut log) => log.append(&records).map_err(|e| e.to_string()),
-                    Err(_) => Err("log lock poisoned".to_string()),
-                }
-            };
+        let (append, saved) = match tokio::task::spawn_blocking(move || {
+            let append = append_and_answer(&log, pending);
             let mut saved = Ok(());
             for (name, cursor) in &dirty {
                 if let Err(e) = cursors.save(name, cursor) {
                     saved = Err((name.clone(), e));
                 }
             }
-            (pending, append, saved)
+            (append, saved)
         })
         .await
         {
@@ -871,15 +892,13 @@ impl Topic {
             }
         }
         match append {
-            Ok(first) => {
-                for (i, p) in pending.into_iter().enumerate() {
-                    let id = first + i as u64;
-                    if let (Some(dedup), Some((producer, highest))) = (&mut self.dedup, p.sequence)
+            Ok((first, committed)) => {
+                for (i, c) in committed.into_iter().enumerate() {
+                    if let (Some(dedup), Some((producer, highest))) = (&mut self.dedup, c.sequence)
                     {
                         dedup.persisted(producer, highest);
                     }
-                    self.cache.push(id, p.entry);
-                    let _ = p.reply.send(Ok(Some(id)));
+                    self.cache.push(first + i as u64, c.entry);
                 }
                 self.next_id = self
                     .log
@@ -890,16 +909,9 @@ impl Topic {
             Err(e) => {
                 tracing::error!(topic = %self.name, error = %e, "append failed");
                 // Nothing of this commit is stored: its indexes and sequence ids are free.
-                if !pending.is_empty() {
-                    self.next_index = start_index;
-                }
+                self.next_index = start_index;
                 if let Some(dedup) = &mut self.dedup {
                     dedup.forget_in_flight();
-                }
-                for p in pending {
-                    let _ = p
-                        .reply
-                        .send(Err((ServerError::PersistenceError, e.clone())));
                 }
             }
         }
@@ -935,6 +947,53 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Appends the pending messages with one fsync, then answers every pending send in order
+/// (runs on a blocking thread, so a receipt leaves as soon as the fsync returns). Returns the
+/// first entry id and the stored messages, or the error every sender was told.
+fn append_and_answer(
+    log: &Mutex<Log>,
+    pending: Vec<PendingPublish>,
+) -> Result<(u64, Vec<Committed>), String> {
+    let records: Vec<&[u8]> = pending
+        .iter()
+        .filter_map(|p| match p {
+            PendingPublish::Store { record, .. } => Some(&record[..]),
+            PendingPublish::Answer { .. } => None,
+        })
+        .collect();
+    let append = if records.is_empty() {
+        Ok(0)
+    } else {
+        match log.lock() {
+            Ok(mut log) => log.append(&records).map_err(|e| e.to_string()),
+            Err(_) => Err("log lock poisoned".to_string()),
+        }
+    };
+    drop(records);
+    let mut committed = Vec::with_capacity(pending.len());
+    for p in pending {
+        match (p, &append) {
+            (
+                PendingPublish::Store {
+                    entry,
+                    sequence,
+                    reply,
+                    ..
+                },
+                Ok(first),
+            ) => {
+                reply.send(Ok(Some(first + committed.len() as u64)));
+                committed.push(Committed { entry, sequence });
+            }
+            (PendingPublish::Store { reply, .. }, Err(e)) => {
+                reply.send(Err((ServerError::PersistenceError, e.clone())));
+            }
+            (PendingPublish::Answer { result, reply }, _) => reply.send(result),
+        }
+    }
+    append.map(|first| (first, committed))
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
