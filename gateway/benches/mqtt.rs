@@ -6,7 +6,8 @@
 //! Run: `cargo bench -p magnetar --bench mqtt` — env `BENCH_MESSAGES` (per run and
 //! subscriber, default 10000; 0 skips the throughput table), `BENCH_IDLE` (idle TLS
 //! connections, default 10000; 0 skips), `BENCH_MAGNETAR_LOG` (a file for the gateway's log),
-//! `BENCH_MAGNETAR_ENV` (`K=V K=V`: environment of the gateway process only).
+//! `BENCH_MAGNETAR_ENV` (`K=V K=V`: environment of the gateway process only), `BENCH_ONLY`
+//! (`QoS/publishers/payload` rows, comma-separated, e.g. `0/1/1024,1/4/64`).
 //! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
 //! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),
@@ -273,9 +274,15 @@ fn throughput(rt: &tokio::runtime::Runtime, servers: &[Server], names: &[&str], 
     rule += "---|";
     println!("{header}\n{rule}");
     let mut run = 0;
+    // `BENCH_ONLY=0/1/1024,1/4/64`: only these rows (QoS/publishers/payload).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         for (publishers, subscribers) in [(1, 1), (4, 4)] {
             for payload in [64, 1024] {
+                let tag = format!("{}/{publishers}/{payload}", qos as u8);
+                if !only.is_empty() && !only.split(',').any(|o| o.trim() == tag) {
+                    continue;
+                }
                 let shape = load::Shape {
                     qos,
                     publishers,

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -79,6 +79,11 @@ pub struct ConnShared {
     inflight_peak: AtomicUsize,
     /// Bytes read and handed to the worker that the plugin has not been given yet.
     unconsumed: AtomicUsize,
+    /// The plugin said whether to read (`set-reading`): then its word, not the guess of
+    /// [`input_open`], decides.
+    reading_explicit: AtomicBool,
+    /// The plugin's last `set-reading`.
+    reading: AtomicBool,
     /// Wakes the writer.
     out_ready: Notify,
     /// Wakes whoever waits for the connection to be uncongested.
@@ -127,7 +132,21 @@ impl ConnShared {
     pub fn op_finished(&self) {
         let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
         let peak = self.inflight_peak.load(Ordering::Relaxed);
-        if !input_open(before, peak) && input_open(before.saturating_sub(1), peak) {
+        let explicit = self.reading_explicit.load(Ordering::Relaxed);
+        let reopened = if explicit {
+            before == MAX_INFLIGHT + 1
+        } else {
+            !input_open(before, peak) && input_open(before.saturating_sub(1), peak)
+        };
+        if reopened {
+            self.relieved.notify_waiters();
+        }
+    }
+
+    /// The plugin's `set-reading`.
+    pub fn set_reading(&self, reading: bool) {
+        self.reading_explicit.store(true, Ordering::Relaxed);
+        if !self.reading.swap(reading, Ordering::Relaxed) && reading {
             self.relieved.notify_waiters();
         }
     }
@@ -147,12 +166,13 @@ impl ConnShared {
     /// Whether the connection must not read now: its output is congested, its last bytes
     /// have not reached the plugin yet, or the plugin is busy (see [`input_open`]).
     fn congested(&self) -> bool {
-        self.output_congested()
-            || self.unconsumed.load(Ordering::Relaxed) > 0
-            || !input_open(
-                self.inflight.load(Ordering::Relaxed),
-                self.inflight_peak.load(Ordering::Relaxed),
-            )
+        let inflight = self.inflight.load(Ordering::Relaxed);
+        let plugin_busy = if self.reading_explicit.load(Ordering::Relaxed) {
+            !self.reading.load(Ordering::Relaxed) || inflight > MAX_INFLIGHT
+        } else {
+            !input_open(inflight, self.inflight_peak.load(Ordering::Relaxed))
+        };
+        self.output_congested() || self.unconsumed.load(Ordering::Relaxed) > 0 || plugin_busy
     }
 
     /// Waits until the output queue has drained below the high-water mark.

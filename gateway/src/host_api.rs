@@ -509,6 +509,12 @@ impl host::Host for HostState {
         }
     }
 
+    fn set_reading(&mut self, conn: u64, reading: bool) {
+        if let Some(slot) = self.conns.get(&conn) {
+            slot.shared.set_reading(reading);
+        }
+    }
+
     fn close(&mut self, conn: u64, reason: String) {
         if let Some(slot) = self.conns.get(&conn) {
             tracing::info!(plugin = %self.plugin, conn, %reason, "plugin closed the connection");
@@ -1367,6 +1373,7 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
     let mut next_delivery: u64 = 1;
     let mut delete = false;
     let mut acked = Vec::new();
+    let mut batches = PartialBatches::default();
     loop {
         let room = max_unacked.saturating_sub(outstanding.len());
         tokio::select! {
@@ -1387,7 +1394,7 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
                     }
                     next = cmds.try_recv().ok();
                 }
-                if let Err(e) = ack_batch(&mut consumer, &mut acked, &outstanding, cumulative).await {
+                if let Err(e) = ack_batch(&mut consumer, &mut acked, &mut batches, &outstanding, cumulative).await {
                     tracing::warn!(conn, error = %e, "ack failed");
                 }
                 if stop {
@@ -1464,45 +1471,94 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
 /// Most deliveries handed to the worker in one event.
 const MAX_DELIVERY_BATCH: usize = 256;
 
-/// Order of message ids within one topic.
-fn id_order(id: &pulsar::proto::MessageIdData) -> (u64, u64, i32) {
-    (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1))
+/// An entry of a topic: where a batch's messages are acknowledged together.
+type EntryKey = (String, u64, u64, i32);
+
+fn entry_key(topic: &str, id: &pulsar::proto::MessageIdData) -> EntryKey {
+    (
+        topic.to_string(),
+        id.ledger_id,
+        id.entry_id,
+        id.partition.unwrap_or(-1),
+    )
 }
 
-/// Acknowledges `acked` (emptied) to the backend. With `cumulative`, the acknowledged
-/// messages below every still-unacknowledged one go as one cumulative ack at the highest of
-/// them; the others, and every message of a batch entry, go one by one.
+/// The id of a whole entry (no batch index): acknowledging it acknowledges all its messages.
+fn entry_id(id: &pulsar::proto::MessageIdData) -> pulsar::proto::MessageIdData {
+    pulsar::proto::MessageIdData {
+        ledger_id: id.ledger_id,
+        entry_id: id.entry_id,
+        partition: id.partition,
+        ..Default::default()
+    }
+}
+
+/// Batch entries some but not all of whose messages are acknowledged: (size, acked so far).
+/// An entry is acknowledged to the backend once all its messages are; until then it is held
+/// here, so that a connection that ends part-way gets the rest again (never fewer).
+#[derive(Default)]
+struct PartialBatches(HashMap<EntryKey, (i32, i32)>);
+
+/// Acknowledges `acked` (emptied) to the backend, entry by entry: a message of a batch entry
+/// counts towards its entry, which is acknowledged when complete. With `cumulative`, the
+/// complete entries below every entry still (partly) unacknowledged go as one cumulative ack
+/// at the highest of them; the others go as one individual ack command per topic.
 async fn ack_batch(
     consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
     acked: &mut Vec<(String, pulsar::proto::MessageIdData)>,
+    batches: &mut PartialBatches,
     outstanding: &BTreeMap<u64, (String, pulsar::proto::MessageIdData)>,
     cumulative: bool,
 ) -> Result<(), pulsar::error::ConsumerError> {
+    let mut complete: Vec<(String, pulsar::proto::MessageIdData)> = Vec::new();
+    for (topic, id) in acked.drain(..) {
+        match (id.batch_index, id.batch_size) {
+            (Some(_), Some(size)) if size > 1 => {
+                let key = entry_key(&topic, &id);
+                let done = {
+                    let counted = batches.0.entry(key.clone()).or_insert((size, 0));
+                    counted.1 += 1;
+                    counted.1 >= counted.0
+                };
+                if done {
+                    batches.0.remove(&key);
+                    complete.push((topic, entry_id(&id)));
+                }
+            }
+            _ => complete.push((topic, entry_id(&id))),
+        }
+    }
     let mut result = Ok(());
-    let mut upto: Option<(String, pulsar::proto::MessageIdData)> = None;
     if cumulative {
-        let floor = outstanding.values().map(|(_, id)| id_order(id)).min();
+        // Entries not wholly acknowledged: held back, and a floor for the cumulative ack.
+        let floor = outstanding
+            .values()
+            .map(|(_, id)| (id.ledger_id, id.entry_id))
+            .chain(batches.0.keys().map(|k| (k.1, k.2)))
+            .min();
+        let order = |id: &pulsar::proto::MessageIdData| (id.ledger_id, id.entry_id);
+        let mut upto: Option<(String, pulsar::proto::MessageIdData)> = None;
         let mut rest = Vec::new();
-        for (topic, id) in acked.drain(..) {
-            let below = floor.is_none_or(|f| id_order(&id) < f);
-            if below && id.batch_index.is_none() {
-                if upto
-                    .as_ref()
-                    .is_none_or(|(_, u)| id_order(u) < id_order(&id))
-                {
+        for (topic, id) in complete.drain(..) {
+            if floor.is_none_or(|f| order(&id) < f) {
+                if upto.as_ref().is_none_or(|(_, u)| order(u) < order(&id)) {
                     upto = Some((topic, id));
                 }
             } else {
                 rest.push((topic, id));
             }
         }
-        *acked = rest;
+        complete = rest;
+        if let Some((topic, id)) = upto {
+            result = consumer.cumulative_ack_with_id(&topic, id).await;
+        }
     }
-    if let Some((topic, id)) = upto {
-        result = consumer.cumulative_ack_with_id(&topic, id).await;
+    let mut by_topic: HashMap<String, Vec<pulsar::proto::MessageIdData>> = HashMap::new();
+    for (topic, id) in complete {
+        by_topic.entry(topic).or_default().push(id);
     }
-    for (topic, id) in acked.drain(..) {
-        if let Err(e) = consumer.ack_with_id(&topic, id).await {
+    for (topic, ids) in by_topic {
+        if let Err(e) = consumer.ack_many_with_id(&topic, ids).await {
             result = Err(e);
         }
     }

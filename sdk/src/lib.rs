@@ -193,6 +193,12 @@ impl Conn {
         host::ack(self.0, sub, delivery_id);
     }
 
+    /// Asks the host to stop (`false`) or resume (`true`) reading the connection's socket:
+    /// backpressure from the plugin's own protocol window to the client's TCP connection.
+    pub fn set_reading(self, reading: bool) {
+        host::set_reading(self.0, reading);
+    }
+
     /// Fires [`Connection::on_timer`] with `token` after `delay_ms`.
     pub fn set_timer(self, token: u64, delay_ms: u64) {
         host::set_timer(self.0, token, delay_ms);

@@ -46,8 +46,8 @@ fn nodelay_all(peer: SocketAddr) {
     }
 }
 
-/// Publishes `n` messages (64 B) as fast as the producer takes them; returns when all are
-/// stored.
+/// Publishes `n` messages (64 B, or `BENCH_STAGE_PAYLOAD` bytes) as fast as the producer
+/// takes them, batched as the gateway's producers batch; returns when all are stored.
 async fn produce(
     client: &Pulsar<TokioExecutor>,
     topic: &str,
@@ -59,15 +59,22 @@ async fn produce(
         .with_topic(topic)
         .with_options(pulsar::ProducerOptions {
             block_queue_if_full: true,
+            batch_size: Some(magnetar::backend::BATCH_MESSAGES),
+            batch_byte_size: Some(magnetar::backend::BATCH_BYTES),
+            batch_timeout: Some(magnetar::backend::BATCH_DELAY),
             ..Default::default()
         })
         .build()
         .await
         .expect("producer");
+    let size = std::env::var("BENCH_STAGE_PAYLOAD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
     let mut receipts = Vec::with_capacity(n);
     for _ in 0..n {
         let msg = pulsar::producer::Message {
-            payload: vec![7u8; 64],
+            payload: vec![7u8; size],
             properties: properties.clone(),
             ..Default::default()
         };

@@ -20,9 +20,10 @@ pub struct MqttPlugin {
     sasl_mechanisms: Option<Rc<[String]>>,
 }
 
-/// One client connection: the state machine, driven through the host.
+/// One client connection: the state machine, driven through the host. Boxed: the SDK keeps
+/// connections in a hash table, whose spare slots would otherwise each be a whole machine.
 pub struct MqttConn {
-    machine: MqttConnection,
+    machine: Box<MqttConnection>,
 }
 
 impl Plugin for MqttPlugin {
@@ -51,7 +52,9 @@ impl Plugin for MqttPlugin {
             &format!("mqtt conn {}: open from {}", conn.id(), info.peer_addr),
         );
         execute(conn, machine.take_actions());
-        MqttConn { machine }
+        MqttConn {
+            machine: Box::new(machine),
+        }
     }
 }
 
@@ -68,6 +71,7 @@ fn execute(conn: Conn, actions: Vec<Action>) {
         match action {
             Action::Send(bytes) => conn.send(&bytes),
             Action::Close(reason) => conn.close(&reason),
+            Action::SetReading(reading) => conn.set_reading(reading),
             Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
             Action::AuthenticateSasl {
                 token,

@@ -7,7 +7,9 @@
 //!
 //! ```toml
 //! max_packet_size = 1048576   # largest MQTT packet accepted, bytes (§2.2.3; 5.0 CONNACK Maximum Packet Size)
-//! max_inflight = 64           # QoS 1 deliveries awaiting PUBACK, and publishes awaiting the backend
+//! max_inflight = 64           # QoS 1 deliveries awaiting PUBACK; QoS 1/2 publishes the client may have unacknowledged (5.0 Receive Maximum)
+//! max_pending_publishes = 1024 # publishes of any QoS read from the client and not yet stored by the backend
+//! delivery_window = 1024      # messages the backend may hand a subscription before they are acknowledged
 //! max_subscriptions = 1000    # Topic Filters per session
 //! connect_timeout_ms = 10000  # time from TCP accept to CONNECT
 //! ```
@@ -21,6 +23,14 @@ pub struct Config {
     /// `max-unacked`; an MQTT 5.0 client's smaller Receive Maximum wins), and client
     /// publishes not yet stored by the backend (the CONNACK Receive Maximum of 5.0).
     pub max_inflight: usize,
+    /// Publishes of any QoS read from a client and not yet stored by the backend: beyond
+    /// this the connection is not read (backpressure). QoS 0 publishes wait for nothing
+    /// else, so this window, not `max_inflight`, bounds a QoS 0 publisher's rate.
+    pub max_pending_publishes: usize,
+    /// Messages a backend subscription may hand the connection before they are
+    /// acknowledged (QoS 0: once written; QoS 1/2: once the client acknowledged them). At
+    /// least `max_inflight`; a QoS 1/2 message beyond the client's window waits in the plugin.
+    pub delivery_window: usize,
     /// Topic Filters one session may hold.
     pub max_subscriptions: usize,
     /// Milliseconds a new connection has to send CONNECT.
@@ -32,6 +42,8 @@ impl Default for Config {
         Config {
             max_packet_size: 1024 * 1024,
             max_inflight: 64,
+            max_pending_publishes: 1024,
+            delivery_window: 1024,
             max_subscriptions: 1000,
             connect_timeout_ms: 10_000,
         }
@@ -69,6 +81,8 @@ impl Config {
                 "max_packet_size" => config.max_packet_size = range(16, 268_435_460)? as usize,
                 // Packet Identifiers are 16-bit and non-zero (§2.3.1).
                 "max_inflight" => config.max_inflight = range(1, 65_535)? as usize,
+                "max_pending_publishes" => config.max_pending_publishes = range(1, 4096)? as usize,
+                "delivery_window" => config.delivery_window = range(1, 10_000)? as usize,
                 "max_subscriptions" => config.max_subscriptions = range(1, 1_000_000)? as usize,
                 "connect_timeout_ms" => config.connect_timeout_ms = range(100, 3_600_000)?,
                 _ => return Err(format!("mqtt config: unknown key `{key}`")),

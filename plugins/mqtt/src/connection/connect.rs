@@ -37,7 +37,7 @@ impl MqttConnection {
             self.assigned_id = true;
             if self.v5 {
                 // §3.2.2.3.7
-                self.connack_props.assigned_client_identifier = Some(self.client_id.clone());
+                self.connack_props().assigned_client_identifier = Some(self.client_id.clone());
             }
         } else {
             self.client_id = c.client_id;
@@ -52,7 +52,7 @@ impl MqttConnection {
                 return;
             }
         }
-        self.will = c.will;
+        self.will = c.will.map(Box::new);
         self.keep_alive_ms = u64::from(c.keep_alive) * 1500;
         if self.keep_alive_ms > 0 {
             self.arm_timer(TimerKind::KeepAlive, self.keep_alive_ms);
@@ -167,8 +167,9 @@ impl MqttConnection {
                     };
                     self.send(v5::auth(reason::SUCCESS, &props));
                 } else {
-                    self.connack_props.authentication_method = method;
-                    self.connack_props.authentication_data = data;
+                    let props = self.connack_props();
+                    props.authentication_method = method;
+                    props.authentication_data = data;
                     self.phase = Phase::Connecting;
                     self.authenticated(s.principal);
                 }
@@ -279,7 +280,10 @@ impl MqttConnection {
     /// the client sent after CONNECT.
     pub(super) fn accept(&mut self, session_present: bool) {
         if self.v5 {
-            let mut props = std::mem::take(&mut self.connack_props);
+            let mut props = self
+                .connack_props
+                .take()
+                .map_or_else(Properties::default, |p| *p);
             props.receive_maximum = u16::try_from(self.config.max_inflight).ok();
             props.maximum_packet_size = u32::try_from(self.config.max_packet_size).ok();
             props.topic_alias_maximum = Some(TOPIC_ALIAS_MAX);
@@ -289,7 +293,7 @@ impl MqttConnection {
         }
         self.phase = Phase::Connected;
         if let Some(w) = self.will.take() {
-            let will = self.will_for_host(w);
+            let will = self.will_for_host(*w);
             self.actions.push(Action::SetWill(Some(will)));
         }
     }

@@ -57,8 +57,8 @@ impl MqttConnection {
             sub_ids: matching.iter().filter_map(|s| s.id).collect(),
             backend: Some((from, d.delivery_id)),
         };
-        // Each backend subscription hands out at most `max_inflight` unacked deliveries.
-        let bound = self.config.max_inflight * (1 + self.shared.len()) + retained::PAGE as usize;
+        // Each backend subscription hands out at most `max_unacked` unacked deliveries.
+        let bound = self.max_unacked() as usize * (1 + self.shared.len()) + retained::PAGE as usize;
         if out.qos > 0 && self.waiting_out.len() >= bound {
             self.disconnect(
                 reason::IMPLEMENTATION_SPECIFIC_ERROR,

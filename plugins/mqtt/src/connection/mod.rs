@@ -21,7 +21,8 @@
 //! - Flow control (MQTT 5.0 §4.9): never more QoS 1/2 PUBLISHes awaiting acknowledgement
 //!   than the client's Receive Maximum (and the configured `max_inflight`).
 //! - Bounded memory per connection: one packet of at most `max_packet_size` plus pipelined
-//!   input up to twice that; at most `max_inflight` publishes and deliveries in flight per
+//!   input up to twice that; at most `max_pending_publishes` publishes and
+//!   `delivery_window` deliveries in flight per
 //!   backend subscription; at most `max_subscriptions` filters; at most [`TOPIC_ALIAS_MAX`]
 //!   Topic Aliases each way.
 
@@ -119,6 +120,8 @@ pub enum Event {
 pub enum Action {
     Send(Vec<u8>),
     Close(String),
+    /// Whether the host should read the socket (backpressure, see `process_input`).
+    SetReading(bool),
     Authenticate {
         token: u64,
         creds: Credentials,
@@ -385,6 +388,9 @@ pub struct MqttConnection {
     phase: Phase,
     actions: Vec<Action>,
     inbuf: Vec<u8>,
+    /// What the host was last told by `SetReading`. Starts `false`, so the first input
+    /// tells the host that this plugin steers reading itself (the host's guess is off).
+    reading: bool,
     next_token: u64,
     ops: HashMap<u64, Op>,
     now_ms: u64,
@@ -408,10 +414,12 @@ pub struct MqttConnection {
     auth_method: Option<String>,
     sasl_pending: bool,
     reauth: bool,
-    /// Properties of the coming CONNACK (Assigned Client Identifier, authentication).
-    connack_props: Properties,
+    /// Properties of the coming CONNACK (Assigned Client Identifier, authentication); boxed,
+    /// like the will, because they live only until the CONNACK and would otherwise add ~400
+    /// bytes to every idle connection.
+    connack_props: Option<Box<Properties>>,
     principal: Option<Principal>,
-    will: Option<codec::Will>,
+    will: Option<Box<codec::Will>>,
     loading: Loading,
 
     filters: BTreeMap<String, Subscription>,
@@ -462,6 +470,7 @@ impl MqttConnection {
             phase: Phase::AwaitConnect,
             actions: Vec::new(),
             inbuf: Vec::new(),
+            reading: false,
             next_token: 1,
             ops: HashMap::new(),
             now_ms,
@@ -477,7 +486,7 @@ impl MqttConnection {
             auth_method: None,
             sasl_pending: false,
             reauth: false,
-            connack_props: Properties::default(),
+            connack_props: None,
             principal: None,
             will: None,
             loading: Loading::default(),
@@ -537,6 +546,8 @@ impl MqttConnection {
         if self.phase != Phase::Closed {
             self.now_ms = now_ms;
             match event {
+                // Nothing pending: the event's buffer becomes the input buffer, no copy.
+                Event::Data(bytes) if self.inbuf.is_empty() => self.inbuf = bytes,
                 Event::Data(bytes) => self.inbuf.extend_from_slice(&bytes),
                 Event::AuthResult { token, result } => self.on_auth_result(token, result),
                 Event::SaslResult { token, result } => self.on_sasl_result(token, result),
@@ -562,8 +573,42 @@ impl MqttConnection {
             }
             // New bytes, or an event that lifted a pause (CONNACK sent, a publish stored).
             self.process_input(now_ms);
+            self.release_idle_capacity();
         }
         self.take_actions()
+    }
+
+    /// Frees the allocations of collections that are empty again, so that an idle connection
+    /// holds only its live state (10,000 idle connections are the norm for an IoT fleet).
+    /// Cheap: an emptied collection is rare on a busy connection, and refilling it costs one
+    /// small allocation.
+    fn release_idle_capacity(&mut self) {
+        if self.inbuf.is_empty() {
+            self.inbuf = Vec::new();
+        }
+        if self.ops.is_empty() && self.ops.capacity() > 0 {
+            self.ops = HashMap::new();
+        }
+        if self.inflight_out.is_empty() && self.inflight_out.capacity() > 0 {
+            self.inflight_out = HashMap::new();
+        }
+        if self.acks.is_empty() {
+            self.acks = VecDeque::new();
+        }
+        if self.replies.is_empty() {
+            self.replies = VecDeque::new();
+        }
+        if self.waiting_out.is_empty() {
+            self.waiting_out = VecDeque::new();
+        }
+        if self.scans.is_empty() {
+            self.scans = VecDeque::new();
+        }
+    }
+
+    /// The properties of the coming CONNACK, allocated when the first one is set.
+    fn connack_props(&mut self) -> &mut Properties {
+        self.connack_props.get_or_insert_with(Box::default)
     }
 
     // ---- plumbing -------------------------------------------------------------------------
@@ -662,16 +707,8 @@ impl MqttConnection {
     /// Decodes and handles buffered packets while the state allows it.
     fn process_input(&mut self, now_ms: u64) {
         let mut pos = 0;
-        loop {
-            let paused = match self.phase {
-                Phase::Closed | Phase::Connecting => true,
-                Phase::Connected => self.acks.len() >= self.config.max_inflight,
-                Phase::AwaitConnect | Phase::Authenticating => false,
-            };
-            let Some(buf) = self.inbuf.get(pos..) else {
-                break;
-            };
-            if paused || buf.is_empty() {
+        while let Some(buf) = self.inbuf.get(pos..) {
+            if self.input_paused() || buf.is_empty() {
                 break;
             }
             if self.phase == Phase::AwaitConnect {
@@ -712,6 +749,13 @@ impl MqttConnection {
             return;
         }
         self.inbuf.drain(..pos.min(self.inbuf.len()));
+        // Backpressure: while decoding is paused with bytes left over, the host stops reading
+        // the socket, so the client is slowed by TCP instead of filling this buffer.
+        let reading = self.inbuf.is_empty() || !self.input_paused();
+        if reading != self.reading {
+            self.reading = reading;
+            self.actions.push(Action::SetReading(reading));
+        }
         let limit = self.config.max_packet_size.saturating_mul(2).max(64 * 1024);
         if self.inbuf.len() > limit {
             let n = self.inbuf.len();
@@ -719,6 +763,16 @@ impl MqttConnection {
                 reason::RECEIVE_MAXIMUM_EXCEEDED,
                 format!("{n} unprocessed bytes from the client exceed the limit of {limit}"),
             );
+        }
+    }
+
+    /// Whether decoding waits: for the CONNECT's outcome, or for room in the window of
+    /// publishes awaiting the backend.
+    fn input_paused(&self) -> bool {
+        match self.phase {
+            Phase::Closed | Phase::Connecting => true,
+            Phase::Connected => self.acks.len() >= self.config.max_pending_publishes,
+            Phase::AwaitConnect | Phase::Authenticating => false,
         }
     }
 

@@ -224,7 +224,8 @@ impl MqttConnection {
     }
 
     pub(super) fn max_unacked(&self) -> u32 {
-        u32::try_from(self.config.max_inflight).unwrap_or(u32::MAX)
+        let window = self.config.delivery_window.max(self.config.max_inflight);
+        u32::try_from(window).unwrap_or(u32::MAX)
     }
 
     pub(super) fn open_backend(&mut self, restore: bool) {

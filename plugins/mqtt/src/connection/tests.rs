@@ -458,8 +458,13 @@ fn packets_after_connect_wait_for_the_connack() {
 fn connect_split_across_reads() {
     let (mut h, _) = Harness::new();
     let p = connect_packet("dev1", true, 0, None);
-    for b in &p[..p.len() - 1] {
-        assert!(h.data(&[*b]).is_empty());
+    for (i, b) in p[..p.len() - 1].iter().enumerate() {
+        let a = h.data(&[*b]);
+        // The first input only tells the host that the plugin steers reading.
+        match i {
+            0 => assert!(matches!(a.as_slice(), [Action::SetReading(true)]), "{a:?}"),
+            _ => assert!(a.is_empty(), "{a:?}"),
+        }
     }
     let a = h.data(&p[p.len() - 1..]);
     auth_token(&a);
@@ -1144,9 +1149,9 @@ fn wildcard_in_publish_topic_closes() {
 }
 
 #[test]
-fn publishes_beyond_max_inflight_wait_for_results() {
+fn publishes_beyond_the_pending_window_wait_for_results() {
     let config = Config {
-        max_inflight: 2,
+        max_pending_publishes: 2,
         ..Config::default()
     };
     let (mut h, _) = Harness::with_config(config);
@@ -1163,6 +1168,10 @@ fn publishes_beyond_max_inflight_wait_for_results() {
     let a = h.data(&bytes);
     let p = publishes(&a);
     assert_eq!(p.len(), 2, "the third waits");
+    assert!(
+        a.iter().any(|x| matches!(x, Action::SetReading(false))),
+        "the host stops reading while undecoded bytes wait: {a:?}"
+    );
     let a = h.event(Event::PublishResult {
         token: p[0].0,
         result: Ok(()),
@@ -1172,6 +1181,10 @@ fn publishes_beyond_max_inflight_wait_for_results() {
         publishes(&a).len(),
         1,
         "the third goes out once there is room"
+    );
+    assert!(
+        a.iter().any(|x| matches!(x, Action::SetReading(true))),
+        "reading resumes once the buffer drained: {a:?}"
     );
 }
 
@@ -1187,7 +1200,7 @@ fn subscribe_opens_one_backend_subscription_and_subacks_after_it() {
     assert!(!spec.durable);
     assert_eq!(spec.name, format!("mqtt-tmp-{CONN}-{:016x}", 0xabc));
     assert_eq!(spec.initial_position, InitialPosition::Latest);
-    assert_eq!(spec.max_unacked, 64);
+    assert_eq!(spec.max_unacked, 1024, "the delivery window");
     let a = h.event(Event::SubscribeResult {
         token,
         result: Ok(SUB),

@@ -45,6 +45,9 @@ impl Iterator for BatchedMessageIterator {
         if let Some(batched_message) = self.messages.next() {
             let id = MessageIdData {
                 batch_index: Some(index as i32),
+                // magnetar patch: the batch's size travels with each id, so that a caller can
+                // tell when every message of an entry is acknowledged.
+                batch_size: Some(self.total_messages as i32),
                 ..self.message_id.clone()
             };
 

@@ -17,6 +17,8 @@ pub enum EngineEvent<Exe: Executor> {
 
 pub enum EngineMessage<Exe: Executor> {
     Ack(MessageIdData, bool),
+    /// magnetar patch: several individual acks in one `CommandAck`.
+    AckMany(Vec<MessageIdData>),
     Nack(MessageIdData),
     UnackedRedelivery,
     GetConnection(oneshot::Sender<Arc<Connection<Exe>>>),

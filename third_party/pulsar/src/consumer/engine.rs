@@ -286,6 +286,20 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                 self.ack(message_id, cumulative).await;
                 true
             }
+            Some(EngineMessage::AckMany(message_ids)) => {
+                for id in &message_ids {
+                    self.unacked_messages.remove(id);
+                }
+                if let Err(e) = self
+                    .connection
+                    .sender()
+                    .send_ack(self.id, message_ids, false)
+                    .await
+                {
+                    error!("ack error: {:?}", e);
+                }
+                true
+            }
             Some(EngineMessage::Nack(message_id)) => {
                 if let Err(e) = self
                     .connection

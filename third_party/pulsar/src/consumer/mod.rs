@@ -130,6 +130,18 @@ impl<T: DeserializeMessage, Exe: Executor> Consumer<T, Exe> {
         }
     }
 
+    /// magnetar patch: acknowledges several messages of one topic in one `CommandAck`.
+    pub async fn ack_many_with_id(
+        &mut self,
+        topic: &str,
+        msg_ids: Vec<MessageIdData>,
+    ) -> Result<(), ConsumerError> {
+        match &mut self.inner {
+            InnerConsumer::Single(c) => c.ack_many_with_id(msg_ids).await,
+            InnerConsumer::Multi(c) => c.ack_many_with_id(topic, msg_ids).await,
+        }
+    }
+
     /// acknowledges a message and all the preceding messages
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn cumulative_ack(&mut self, msg: &Message<T>) -> Result<(), ConsumerError> {

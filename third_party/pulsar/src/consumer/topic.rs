@@ -196,6 +196,17 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
         Ok(())
     }
 
+    /// magnetar patch: acknowledges several messages in one `CommandAck`.
+    pub async fn ack_many_with_id(
+        &mut self,
+        msg_ids: Vec<MessageIdData>,
+    ) -> Result<(), ConsumerError> {
+        self.engine_tx
+            .send(EngineMessage::AckMany(msg_ids))
+            .await?;
+        Ok(())
+    }
+
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub(crate) fn acker(&self) -> mpsc::UnboundedSender<EngineMessage<Exe>> {
         self.engine_tx.clone()
