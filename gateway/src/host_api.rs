@@ -1374,6 +1374,9 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
     let mut delete = false;
     let mut acked = Vec::new();
     let mut batches = PartialBatches::default();
+    // Whether every entry so far arrived after the ones before it (see `ack_batch`).
+    let mut in_order = true;
+    let mut last_entry: Option<(u64, u64)> = None;
     loop {
         let room = max_unacked.saturating_sub(outstanding.len());
         tokio::select! {
@@ -1394,7 +1397,7 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
                     }
                     next = cmds.try_recv().ok();
                 }
-                if let Err(e) = ack_batch(&mut consumer, &mut acked, &mut batches, &outstanding, cumulative).await {
+                if let Err(e) = ack_batch(&mut consumer, &mut acked, &mut batches, &outstanding, cumulative, in_order).await {
                     tracing::warn!(conn, error = %e, "ack failed");
                 }
                 if stop {
@@ -1447,6 +1450,9 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
                         redelivery_count: 0,
                         payload,
                     });
+                    let entry = (msg.message_id.id.ledger_id, msg.message_id.id.entry_id);
+                    in_order &= last_entry.is_none_or(|last| last <= entry);
+                    last_entry = Some(entry);
                     outstanding.insert(id, (msg.topic, msg.message_id.id));
                 }
                 if !deliveries.is_empty()
@@ -1509,6 +1515,7 @@ async fn ack_batch(
     batches: &mut PartialBatches,
     outstanding: &BTreeMap<u64, (String, pulsar::proto::MessageIdData)>,
     cumulative: bool,
+    in_order: bool,
 ) -> Result<(), pulsar::error::ConsumerError> {
     let mut complete: Vec<(String, pulsar::proto::MessageIdData)> = Vec::new();
     for (topic, id) in acked.drain(..) {
@@ -1530,12 +1537,16 @@ async fn ack_batch(
     }
     let mut result = Ok(());
     if cumulative {
-        // Entries not wholly acknowledged: held back, and a floor for the cumulative ack.
-        let floor = outstanding
-            .values()
-            .map(|(_, id)| (id.ledger_id, id.entry_id))
-            .chain(batches.0.keys().map(|k| (k.1, k.2)))
-            .min();
+        // The oldest unacknowledged entry is the floor for the cumulative ack (a partly
+        // acknowledged batch still has its other messages among the outstanding). While
+        // entries arrived in log order, that is the first delivery (the map is in delivery
+        // order); after a redelivery out of order, all of them are looked at.
+        let entry = |id: &pulsar::proto::MessageIdData| (id.ledger_id, id.entry_id);
+        let floor = if in_order {
+            outstanding.values().next().map(|(_, id)| entry(id))
+        } else {
+            outstanding.values().map(|(_, id)| entry(id)).min()
+        };
         let order = |id: &pulsar::proto::MessageIdData| (id.ledger_id, id.entry_id);
         let mut upto: Option<(String, pulsar::proto::MessageIdData)> = None;
         let mut rest = Vec::new();

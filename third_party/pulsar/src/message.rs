@@ -14,7 +14,6 @@ use self::proto::*;
 pub use self::proto::{BaseCommand, MessageMetadata as Metadata};
 use crate::{connection::RequestKey, error::ConnectionError};
 
-const CRC_CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 
 /// Pulsar binary message
 ///
@@ -255,12 +254,16 @@ impl tokio_util::codec::Encoder<Message> for Codec {
         let header_size = if item.payload.is_some() { 18 } else { 8 };
         // Total size does not include the size of the 'totalSize' field, so we subtract 4
         let total_size = command_size + metadata_size + payload_size + header_size - 4;
-        let mut buf = Vec::with_capacity(total_size + 4);
+        // magnetar patch: the frame is written straight into `dst` (the stock crate built it
+        // in a temporary Vec and copied it over).
+        dst.reserve(total_size + 4);
+        let start = dst.len();
+        let buf = dst;
 
         // Simple command frame
         buf.put_u32(total_size as u32);
         buf.put_u32(command_size as u32);
-        item.command.encode(&mut buf)?;
+        item.command.encode(buf)?;
 
         // Payload command frame
         if let Some(payload) = &item.payload {
@@ -271,17 +274,14 @@ impl tokio_util::codec::Encoder<Message> for Codec {
 
             let metadata_offset = buf.len();
             buf.put_u32(metadata_size as u32);
-            payload.metadata.encode(&mut buf)?;
+            payload.metadata.encode(buf)?;
             buf.put(&payload.data[..]);
 
-            let crc = CRC_CASTAGNOLI.checksum(&buf[metadata_offset..]);
+            let crc = crc32c::crc32c(&buf[metadata_offset..]);
             let mut crc_buf: &mut [u8] = &mut buf[crc_offset..metadata_offset];
             crc_buf.put_u32(crc);
         }
-        if dst.remaining_mut() < buf.len() {
-            dst.reserve(buf.len());
-        }
-        dst.put_slice(&buf);
+        let buf = &buf[start..];
         trace!("Encoder sending {} bytes", buf.len());
         //        println!("Wrote message {:?}", item);
         Ok(())
@@ -325,13 +325,16 @@ impl tokio_util::codec::Decoder for Codec {
 
                         let metadata = Metadata::decode(payload_frame.metadata)?;
 
-                        //computing crc from metadata using the CRC_CASTAGNOLI checksum
-                        let mut reconstructed_crc_data = Vec::new();
-                        reconstructed_crc_data.put_u32(payload_frame.metadata_size);
-                        reconstructed_crc_data.extend_from_slice(payload_frame.metadata);
-                        reconstructed_crc_data.extend_from_slice(buf);
-
-                        let computed_crc_32 = CRC_CASTAGNOLI.checksum(&reconstructed_crc_data);
+                        // magnetar patch: CRC32C (Castagnoli) over size, metadata and payload
+                        // in place, hardware-accelerated, instead of copying them into one
+                        // buffer for a table-driven checksum.
+                        let computed_crc_32 = crc32c::crc32c_append(
+                            crc32c::crc32c_append(
+                                crc32c::crc32c(&payload_frame.metadata_size.to_be_bytes()),
+                                payload_frame.metadata,
+                            ),
+                            buf,
+                        );
 
                         let checksum32 = payload_frame.checksum;
                         if checksum32 == computed_crc_32 {
@@ -401,7 +404,7 @@ impl asynchronous_codec::Encoder for Codec {
             payload.metadata.encode(&mut buf)?;
             buf.put(&payload.data[..]);
 
-            let crc = CRC_CASTAGNOLI.checksum(&buf[metadata_offset..]);
+            let crc = crc32c::crc32c(&buf[metadata_offset..]);
             let mut crc_buf: &mut [u8] = &mut buf[crc_offset..metadata_offset];
             crc_buf.put_u32(crc);
         }
@@ -452,13 +455,16 @@ impl asynchronous_codec::Decoder for Codec {
 
                         let metadata = Metadata::decode(payload_frame.metadata)?;
 
-                        //computing crc from metadata using the CRC_CASTAGNOLI checksum
-                        let mut reconstructed_crc_data = Vec::new();
-                        reconstructed_crc_data.put_u32(payload_frame.metadata_size);
-                        reconstructed_crc_data.extend_from_slice(payload_frame.metadata);
-                        reconstructed_crc_data.extend_from_slice(buf);
-
-                        let computed_crc_32 = CRC_CASTAGNOLI.checksum(&reconstructed_crc_data);
+                        // magnetar patch: CRC32C (Castagnoli) over size, metadata and payload
+                        // in place, hardware-accelerated, instead of copying them into one
+                        // buffer for a table-driven checksum.
+                        let computed_crc_32 = crc32c::crc32c_append(
+                            crc32c::crc32c_append(
+                                crc32c::crc32c(&payload_frame.metadata_size.to_be_bytes()),
+                                payload_frame.metadata,
+                            ),
+                            buf,
+                        );
 
                         let checksum32 = payload_frame.checksum;
                         if checksum32 == computed_crc_32 {
