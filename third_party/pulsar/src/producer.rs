@@ -1553,6 +1553,9 @@ async fn batch_process_loop(
     }
 }
 
+/// Batches of one producer awaiting their receipts at a time (magnetar patch).
+const MAX_BATCHES_IN_FLIGHT: usize = 16;
+
 #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
 async fn message_send_loop<Exe>(
     mut msg_receiver: mpsc::Receiver<Vec<BatchItem>>,
@@ -1562,8 +1565,23 @@ async fn message_send_loop<Exe>(
     Exe: Executor,
 {
     let producer_id = connection.id;
+    // magnetar patch: up to MAX_BATCHES_IN_FLIGHT batches await their receipts while the
+    // next ones are sent (the stock loop waited for each receipt before sending on, so a
+    // producer's rate was one batch per broker round trip, fsync included).
+    let mut inflight = futures::stream::FuturesUnordered::new();
     loop {
-        match msg_receiver.next().await {
+        let next = if inflight.is_empty() {
+            msg_receiver.next().await
+        } else if inflight.len() >= MAX_BATCHES_IN_FLIGHT {
+            let _ = inflight.next().await;
+            continue;
+        } else {
+            match future::select(msg_receiver.next(), inflight.next()).await {
+                Either::Left((item, _)) => item,
+                Either::Right(_) => continue,
+            }
+        };
+        match next {
             Some(mut batch_items) => {
                 if batch_items.is_empty() {
                     error!(
@@ -1613,35 +1631,39 @@ async fn message_send_loop<Exe>(
 
                 trace!("sending a batched message of size {}", counter);
 
-                let send = async || {
-                    let compressed_message =
-                        compress_message(message, &connection.options.compression)?;
-                    connection.send(compressed_message).await?.await
+                // Sent in order here; only the receipt is awaited concurrently.
+                let sent = match compress_message(message, &connection.options.compression) {
+                    Ok(m) => connection.send(m).await,
+                    Err(e) => Err(e),
                 };
-                match send().await {
-                    Ok(receipt) => {
-                        for (batch_index, tx) in receipts.into_iter().enumerate() {
-                            let mut receipt = receipt.clone();
-                            if let Some(msg_id) = &mut receipt.message_id {
-                                msg_id.batch_index = Some(batch_index as i32);
-                                msg_id.batch_size = Some(counter as i32);
+                inflight.push(async move {
+                    match async { sent?.await }.await {
+                        Ok(receipt) => {
+                            for (batch_index, tx) in receipts.into_iter().enumerate() {
+                                let mut receipt = receipt.clone();
+                                if let Some(msg_id) = &mut receipt.message_id {
+                                    msg_id.batch_index = Some(batch_index as i32);
+                                    msg_id.batch_size = Some(counter as i32);
+                                }
+                                let _ = tx.send(Ok(receipt));
                             }
-                            let _ = tx.send(Ok(receipt));
+                            if let Some(flush_tx) = flush_tx {
+                                let _ = flush_tx.send(());
+                            }
                         }
-                        if let Some(flush_tx) = flush_tx {
-                            let _ = flush_tx.send(());
+                        Err(e) => {
+                            let error = Arc::new(e);
+                            for tx in receipts {
+                                let _ = tx.send(Err(Error::Producer(ProducerError::Batch(
+                                    error.clone(),
+                                ))));
+                            }
                         }
                     }
-                    Err(e) => {
-                        let error = Arc::new(e);
-                        for tx in receipts {
-                            let _ =
-                                tx.send(Err(Error::Producer(ProducerError::Batch(error.clone()))));
-                        }
-                    }
-                };
+                });
             }
             None => {
+                while inflight.next().await.is_some() {}
                 debug!("producer {producer_id} message_send_loop: channel closed, exiting");
                 let close_result = connection.close().await;
                 let _ = close_sender.send(close_result).inspect_err(|e| {
