@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
-use magnetar_broker::{Broker, BrokerConfig};
+use magnetar_broker::{command as raw_command, Broker, BrokerConfig};
 use prost::Message as _;
 use pulsar::consumer::InitialPosition;
 use pulsar::message::proto::{self, base_command::Type, BaseCommand};
@@ -292,18 +292,6 @@ struct RawProducer {
     read: FramedRead<OwnedReadHalf, Codec>,
     write: OwnedWriteHalf,
     frames: Vec<Bytes>,
-}
-
-fn raw_command(kind: Type, fill: impl FnOnce(&mut BaseCommand)) -> Message {
-    let mut command = BaseCommand {
-        r#type: kind as i32,
-        ..Default::default()
-    };
-    fill(&mut command);
-    Message {
-        command,
-        payload: None,
-    }
 }
 
 impl RawProducer {

@@ -20,6 +20,9 @@ pub mod log;
 pub mod naming;
 /// Frame codec (size-bounded) and reply builders.
 mod protocol;
+/// Builds a command-only Pulsar frame: for raw-socket clients such as the bench's load
+/// generator and the bad-input tests.
+pub use protocol::command;
 /// The set of open topics.
 mod registry;
 /// A topic's schema registry (versions of the schemas producers declare).

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
-use magnetar_broker::{Broker, BrokerConfig, BrokerHandle};
+use magnetar_broker::{command as cmd, Broker, BrokerConfig, BrokerHandle};
 use pulsar::consumer::InitialPosition;
-use pulsar::message::proto::{self, base_command::Type, BaseCommand, MessageMetadata, ServerError};
+use pulsar::message::proto::{self, base_command::Type, MessageMetadata, ServerError};
 use pulsar::message::{Codec, Message, Payload};
 use pulsar::{Consumer, ConsumerOptions, Producer, Pulsar, TokioExecutor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,18 +18,6 @@ use tokio_util::codec::{Encoder, Framed};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const TOPIC: &str = "persistent://public/default/bystander";
-
-fn cmd(kind: Type, fill: impl FnOnce(&mut BaseCommand)) -> Message {
-    let mut command = BaseCommand {
-        r#type: kind as i32,
-        ..Default::default()
-    };
-    fill(&mut command);
-    Message {
-        command,
-        payload: None,
-    }
-}
 
 fn connect() -> Message {
     cmd(Type::Connect, |c| {

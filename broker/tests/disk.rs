@@ -9,9 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use magnetar_broker::{Broker, BrokerConfig, BrokerHandle};
+use magnetar_broker::{command as cmd, Broker, BrokerConfig, BrokerHandle};
 use pulsar::message::proto::{self, base_command::Type, BaseCommand, MessageMetadata, ServerError};
-use pulsar::message::{Codec, Message, Payload};
+use pulsar::message::{Codec, Payload};
 use pulsar::{Pulsar, TokioExecutor};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
@@ -75,18 +75,6 @@ fn payload(i: u32) -> Vec<u8> {
 struct RawProducer {
     framed: Framed<TcpStream, Codec>,
     sequence_id: u64,
-}
-
-fn cmd(kind: Type, fill: impl FnOnce(&mut BaseCommand)) -> Message {
-    let mut command = BaseCommand {
-        r#type: kind as i32,
-        ..Default::default()
-    };
-    fill(&mut command);
-    Message {
-        command,
-        payload: None,
-    }
 }
 
 impl RawProducer {
