@@ -323,13 +323,7 @@ mod tests {
         })
         .command;
         let frame = message_frame(&cmd, None, &tail, crc32c::crc32c(&tail));
-        let mut buf = BytesMut::from(&frame[..]);
-        let msg = FrameCodec
-            .decode(&mut buf)
-            .unwrap()
-            .unwrap()
-            .into_message()
-            .unwrap();
+        let msg = decode_one(&mut BytesMut::from(&frame[..]));
         assert_eq!(msg.command.message.unwrap().message_id.entry_id, 5);
         let payload = msg.payload.unwrap();
         assert_eq!(payload.metadata, metadata);
@@ -429,16 +423,21 @@ mod tests {
         assert_eq!(payload.metadata.num_messages_in_batch, Some(2));
     }
 
+    /// One complete frame decoded as a message (the test fails otherwise).
+    fn decode_one(buf: &mut BytesMut) -> Message {
+        FrameCodec
+            .decode(buf)
+            .unwrap()
+            .unwrap()
+            .into_message()
+            .unwrap()
+    }
+
     #[test]
     fn round_trip_and_garbage_never_panics() {
         let mut buf = BytesMut::new();
         FrameCodec.encode(success(7).into(), &mut buf).unwrap();
-        let msg = FrameCodec
-            .decode(&mut buf)
-            .unwrap()
-            .unwrap()
-            .into_message()
-            .unwrap();
+        let msg = decode_one(&mut buf);
         assert_eq!(msg.command.success.unwrap().request_id, 7);
         // Arbitrary bytes: errors or waits, never panics.
         let mut seed = 12345u64;

@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use magnetar_mqtt::codec::{self, Inbound, Publish, PublishFlags};
-use magnetar_mqtt_fuzz::{assert_decodes_to, check_decode, encode_client};
+use magnetar_mqtt::codec::{self, Inbound, Publish};
+use magnetar_mqtt_fuzz::{assert_decodes_to, check_decode, encode_client, publish_flags};
 
 fuzz_target!(|data: &[u8]| {
     let Some((packet, _)) = check_decode(data, false) else {
@@ -19,12 +19,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let server = match &packet {
         Inbound::Publish(p) => {
-            let flags = PublishFlags {
-                qos: p.qos,
-                packet_id: p.packet_id.unwrap_or(0),
-                retain: p.retain,
-                dup: p.dup,
-            };
+            let flags = publish_flags(p);
             // `None`: not a Topic Name the server would send (the connection checks it too).
             let Some(bytes) = codec::publish(&p.topic, flags, p.payload.clone()) else {
                 return;

@@ -7,8 +7,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use magnetar_mqtt::codec::v5::{self, id};
-use magnetar_mqtt::codec::{Inbound, Properties, Publish, PublishFlags};
-use magnetar_mqtt_fuzz::{assert_decodes_to, check_decode, encode_client};
+use magnetar_mqtt::codec::{Inbound, Properties, Publish};
+use magnetar_mqtt_fuzz::{assert_decodes_to, check_decode, encode_client, publish_flags};
 
 /// Every property identifier the decoder knows, so that all of them round-trip.
 const ALL_PROPERTIES: &[u8] = &[
@@ -61,12 +61,7 @@ fuzz_target!(|data: &[u8]| {
     let none = Properties::default();
     let server = match &packet {
         Inbound::Publish(p) => {
-            let flags = PublishFlags {
-                qos: p.qos,
-                packet_id: p.packet_id.unwrap_or(0),
-                retain: p.retain,
-                dup: p.dup,
-            };
+            let flags = publish_flags(p);
             let bytes = v5::publish(&p.topic, flags, &p.properties, &p.payload);
             // The server never sets DUP on a QoS 0 PUBLISH (§3.3.1.1).
             let expected = Inbound::Publish(Publish {

@@ -196,6 +196,16 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
+/// The flags a server would send a decoded PUBLISH back with.
+pub fn publish_flags(p: &codec::Publish) -> codec::PublishFlags {
+    codec::PublishFlags {
+        qos: p.qos,
+        packet_id: p.packet_id.unwrap_or(0),
+        retain: p.retain,
+        dup: p.dup,
+    }
+}
+
 /// A packet with its fixed header (§2.2): first byte, Remaining Length, body.
 pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
