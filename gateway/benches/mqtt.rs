@@ -7,7 +7,8 @@
 //! subscriber, default 10000; 0 skips the throughput table), `BENCH_IDLE` (idle TLS
 //! connections, default 10000; 0 skips), `BENCH_MAGNETAR_LOG` (a file for the gateway's log),
 //! `BENCH_MAGNETAR_ENV` (`K=V K=V`: environment of the gateway process only), `BENCH_ONLY`
-//! (`QoS/publishers/payload` rows, comma-separated, e.g. `0/1/1024,1/4/64`).
+//! (`QoS/publishers/payload` rows, comma-separated, e.g. `0/1/1024,1/4/64`),
+//! `BENCH_NO_RUMQTTD` (set: skip rumqttd).
 //! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
 //! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),
@@ -250,7 +251,10 @@ fn main() {
     let (magnetar, _) = start_magnetar(dir.path(), &tls, "");
     let mut servers = vec![magnetar];
     servers.extend(start_mosquitto(dir.path(), &tls));
-    servers.extend(start_rumqttd());
+    // `BENCH_NO_RUMQTTD=1`: magnetar and Mosquitto only (quicker).
+    if std::env::var_os("BENCH_NO_RUMQTTD").is_none() {
+        servers.extend(start_rumqttd());
+    }
     let names: Vec<&str> = servers.iter().map(|s| s.name).collect();
 
     if n > 0 {
@@ -267,11 +271,14 @@ fn throughput(rt: &tokio::runtime::Runtime, servers: &[Server], names: &[&str], 
     let mut header = "| QoS | pubs→subs | payload |".to_string();
     let mut rule = "|---|---|---|".to_string();
     for s in servers {
-        header += &format!(" {} msgs/s | {} p99 |", s.name, s.name);
-        rule += "---|---|";
+        header += &format!(
+            " {} msgs/s | {} p99 | {} CPU µs/msg |",
+            s.name, s.name, s.name
+        );
+        rule += "---|---|---|";
     }
-    header += " magnetar / mosquitto |";
-    rule += "---|";
+    header += " magnetar / mosquitto | CPU per msg, magnetar / mosquitto |";
+    rule += "---|---|";
     println!("{header}\n{rule}");
     let mut run = 0;
     // `BENCH_ONLY=0/1/1024,1/4/64`: only these rows (QoS/publishers/payload).
@@ -295,27 +302,62 @@ fn throughput(rt: &tokio::runtime::Runtime, servers: &[Server], names: &[&str], 
                     qos as u8
                 );
                 let mut rates = Vec::new();
+                let mut cpus = Vec::new();
                 for s in servers {
                     run += 1;
+                    let before = cpu_seconds(s.proc.0.id());
                     let f = rt.block_on(load::run(s.mqtt, shape, &format!("r{run}")));
+                    let used = cpu_seconds(s.proc.0.id()) - before;
                     let short = if f.received < f.expected {
                         format!(" ({}/{})", f.received, f.expected)
                     } else {
                         String::new()
                     };
-                    row += &format!(" {:.0}{short} | {:.1?} |", f.rate, f.p99);
+                    // The server's own CPU time (user + system) per message received: unlike
+                    // msgs/s, barely moved by other load on the machine.
+                    let per_msg = used * 1e6 / f.received.max(1) as f64;
+                    row += &format!(" {:.0}{short} | {:.1?} | {per_msg:.1} |", f.rate, f.p99);
                     rates.push(f.rate);
+                    cpus.push(per_msg);
                 }
-                match rates.get(1) {
-                    Some(m) if names.get(1) == Some(&"mosquitto") => {
-                        row += &format!(" {:.2}x |", rates[0] / m)
+                match (rates.get(1), cpus.get(1)) {
+                    (Some(m), Some(c)) if names.get(1) == Some(&"mosquitto") => {
+                        row += &format!(" {:.2}x | {:.2}x |", rates[0] / m, cpus[0] / c)
                     }
-                    _ => row += " – |",
+                    _ => row += " – | – |",
                 }
                 println!("{row}");
             }
         }
     }
+}
+
+/// CPU time (user + system) a process has used so far, in seconds (0 if unknown).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, hence the last ')'): state is
+    // field 3, utime and stime fields 14 and 15, in clock ticks.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// Memory per idle TLS connection of every server with a TLS port.

@@ -1098,19 +1098,15 @@ async fn run_ops(
     tokio::pin!(idle);
     loop {
         // Receipts already in: their events are due before more work starts.
-        while let Some(Some(event)) = receipts.next().now_or_never() {
-            shared.op_finished();
-            let _ = events.send(event).await;
-        }
+        receipts_done(conn, None, &mut receipts, &shared, &events).await;
         let next = queue.lock().ops.pop_front();
         let Some(op) = next else {
             tokio::select! {
                 // A permit is kept when nobody waits: an operation queued since the check
                 // above wakes this at once.
                 () = queue.added.notified() => {}
-                Some(event) = receipts.next(), if !receipts.is_empty() => {
-                    shared.op_finished();
-                    let _ = events.send(event).await;
+                Some(first) = receipts.next(), if !receipts.is_empty() => {
+                    receipts_done(conn, Some(first), &mut receipts, &shared, &events).await;
                 }
                 () = &mut idle, if receipts.is_empty() => {
                     let mut state = queue.lock();
@@ -1143,11 +1139,7 @@ async fn run_ops(
                         }),
                         Err(e) => Err(op_error(ErrorKind::Backend, e.to_string())),
                     };
-                    Event::PublishResult {
-                        conn,
-                        token,
-                        outcome,
-                    }
+                    types::PublishResult { token, outcome }
                 });
             }
             Op::KvGet { token, topic, key } => {
@@ -1224,6 +1216,38 @@ async fn run_ops(
             }
         }
     }
+}
+
+/// Hands the plugin `first` and every other receipt already in, as one event: a batch of
+/// the backend's receipts arrives together.
+async fn receipts_done<F>(
+    conn: u64,
+    first: Option<types::PublishResult>,
+    receipts: &mut FuturesOrdered<F>,
+    shared: &ConnShared,
+    events: &mpsc::Sender<Event>,
+) where
+    F: std::future::Future<Output = types::PublishResult>,
+{
+    let mut results: Vec<_> = first.into_iter().collect();
+    while let Some(Some(r)) = receipts.next().now_or_never() {
+        results.push(r);
+    }
+    if results.is_empty() {
+        return;
+    }
+    for _ in &results {
+        shared.op_finished();
+    }
+    let event = match <[_; 1]>::try_from(results) {
+        Ok([r]) => Event::PublishResult {
+            conn,
+            token: r.token,
+            outcome: r.outcome,
+        },
+        Err(results) => Event::PublishResults { conn, results },
+    };
+    let _ = events.send(event).await;
 }
 
 /// A plugin timer (`set-timer`), due at `at`.

@@ -37,7 +37,7 @@ pub mod bindings {
     });
 }
 
-use bindings::magnetar::plugin::types::{ConnInfo, Delivery, KvEntry, OpError};
+use bindings::magnetar::plugin::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -71,6 +71,11 @@ pub enum Event {
         conn: u64,
         token: u64,
         outcome: Result<(), OpError>,
+    },
+    /// Several publish outcomes of one connection, in order (a batch of receipts).
+    PublishResults {
+        conn: u64,
+        results: Vec<PublishResult>,
     },
     SubscribeResult {
         conn: u64,
@@ -133,6 +138,7 @@ impl Event {
             | Event::Closed { conn }
             | Event::AuthResult { conn, .. }
             | Event::PublishResult { conn, .. }
+            | Event::PublishResults { conn, .. }
             | Event::SubscribeResult { conn, .. }
             | Event::Delivery { conn, .. }
             | Event::Deliveries { conn, .. }
@@ -464,16 +470,12 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         Event::Delivery { conn, delivery } if store.data().knows(conn) => {
             h.call_on_delivery(&mut *store, conn, &delivery)
         }
-        Event::Deliveries { conn, deliveries } => {
-            for delivery in &deliveries {
-                // The plugin may close the connection part-way through.
-                if !store.data().knows(conn) {
-                    break;
-                }
-                store.set_epoch_deadline(ticks);
-                h.call_on_delivery(&mut *store, conn, delivery)?;
-            }
-            Ok(())
+        // One call for the lot: the plugin can answer them together.
+        Event::Deliveries { conn, deliveries } if store.data().knows(conn) => {
+            h.call_on_deliveries(&mut *store, conn, &deliveries)
+        }
+        Event::PublishResults { conn, results } if store.data().knows(conn) => {
+            h.call_on_publish_results(&mut *store, conn, &results)
         }
         Event::Timer { conn, token } if store.data().knows(conn) => {
             h.call_on_timer(&mut *store, conn, token)

@@ -62,8 +62,8 @@ pub mod bindings {
 use bindings::magnetar::plugin::host;
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
-    OpError, OutboundMessage, Principal, Property, SaslOutcome, SaslSuccess, SubMode,
-    SubscriptionSpec, UserPassword, Will,
+    OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
+    SubMode, SubscriptionSpec, UserPassword, Will,
 };
 
 #[doc(hidden)]
@@ -109,6 +109,23 @@ pub trait Connection: 'static {
 
     /// A message on one of this connection's subscriptions. Ack it with [`Conn::ack`].
     fn on_delivery(&mut self, conn: Conn, delivery: Delivery) {}
+
+    /// Several messages that arrived together, in order. The default hands each to
+    /// [`Connection::on_delivery`]; a plugin that answers them together (e.g. one
+    /// [`Conn::send`] for all) overrides it.
+    fn on_deliveries(&mut self, conn: Conn, deliveries: Vec<Delivery>) {
+        for delivery in deliveries {
+            self.on_delivery(conn, delivery);
+        }
+    }
+
+    /// Several outcomes of [`Conn::publish`] that arrived together, in order. The default
+    /// hands each to [`Connection::on_publish_result`].
+    fn on_publish_results(&mut self, conn: Conn, results: Vec<PublishResult>) {
+        for r in results {
+            self.on_publish_result(conn, r.token, r.outcome);
+        }
+    }
 
     /// A timer set with [`Conn::set_timer`] fired.
     fn on_timer(&mut self, conn: Conn, token: u64) {}
@@ -293,6 +310,12 @@ macro_rules! export_plugin {
             }
             fn on_delivery(conn: u64, delivery: $crate::Delivery) {
                 __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_delivery(c, h, delivery)))
+            }
+            fn on_deliveries(conn: u64, deliveries: ::std::vec::Vec<$crate::Delivery>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_deliveries(c, h, deliveries)))
+            }
+            fn on_publish_results(conn: u64, results: ::std::vec::Vec<$crate::PublishResult>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_publish_results(c, h, results)))
             }
             fn on_timer(conn: u64, token: u64) {
                 __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_timer(c, h, token)))

@@ -7,7 +7,8 @@ use std::hash::BuildHasher;
 use std::rc::Rc;
 
 use magnetar_sdk::{
-    Conn, ConnInfo, Connection, Delivery, KvEntry, OpError, Plugin, Principal, SaslOutcome, SubId,
+    Conn, ConnInfo, Connection, Delivery, KvEntry, OpError, Plugin, Principal, PublishResult,
+    SaslOutcome, SubId,
 };
 
 use crate::config::Config;
@@ -63,13 +64,42 @@ impl MqttConn {
         let actions = self.machine.handle(magnetar_sdk::now_ms(), event);
         execute(conn, actions);
     }
+
+    /// Events that arrived together: their actions are carried out together, so that the
+    /// packets they send leave in one host call.
+    fn feed_all(&mut self, conn: Conn, events: impl Iterator<Item = Event>) {
+        let now = magnetar_sdk::now_ms();
+        let mut actions = Vec::new();
+        for event in events {
+            actions.extend(self.machine.handle(now, event));
+        }
+        execute(conn, actions);
+    }
 }
 
-/// Carries out actions in order.
+/// Packets sent by consecutive actions leave in one host call up to this size.
+const SEND_COALESCE: usize = 64 * 1024;
+
+/// Carries out actions in order; consecutive sends are joined (the byte stream is the same).
 fn execute(conn: Conn, actions: Vec<Action>) {
+    let mut pending: Vec<u8> = Vec::new();
     for action in actions {
+        if let Action::Send(bytes) = action {
+            if pending.is_empty() {
+                pending = bytes;
+            } else {
+                pending.extend_from_slice(&bytes);
+            }
+            if pending.len() >= SEND_COALESCE {
+                conn.send(&std::mem::take(&mut pending));
+            }
+            continue;
+        }
+        if !pending.is_empty() {
+            conn.send(&std::mem::take(&mut pending));
+        }
         match action {
-            Action::Send(bytes) => conn.send(&bytes),
+            Action::Send(_) => {}
             Action::Close(reason) => conn.close(&reason),
             Action::SetReading(reading) => conn.set_reading(reading),
             Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
@@ -95,6 +125,9 @@ fn execute(conn: Conn, actions: Vec<Action>) {
             Action::Claim { token, key } => conn.claim(token, &key),
             Action::Log { level, message } => magnetar_sdk::log(level, &message),
         }
+    }
+    if !pending.is_empty() {
+        conn.send(&pending);
     }
 }
 
@@ -127,6 +160,18 @@ impl Connection for MqttConn {
 
     fn on_delivery(&mut self, conn: Conn, delivery: Delivery) {
         self.feed(conn, Event::Delivery(delivery));
+    }
+
+    fn on_deliveries(&mut self, conn: Conn, deliveries: Vec<Delivery>) {
+        self.feed_all(conn, deliveries.into_iter().map(Event::Delivery));
+    }
+
+    fn on_publish_results(&mut self, conn: Conn, results: Vec<PublishResult>) {
+        let events = results.into_iter().map(|r| Event::PublishResult {
+            token: r.token,
+            result: r.outcome,
+        });
+        self.feed_all(conn, events);
     }
 
     fn on_timer(&mut self, conn: Conn, token: u64) {
