@@ -49,7 +49,7 @@ use crate::auth::{Action, BrokerAuth};
 use crate::entry::NewEntry;
 use crate::naming::{self, TopicName};
 use crate::protocol::{
-    self, command, error, message_id, no_message_id, success, Frame, FrameCodec, Inbound,
+    self, command, error, message_id, no_message_id, success, Frame, FrameCodec, Inbound, Received,
     LEDGER_ID, MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
 };
 use crate::registry::Registry;
@@ -87,6 +87,22 @@ enum ConnectionError {
     ChecksumMismatch(i32),
     #[error("authentication failed: {0}")]
     AuthenticationFailed(String),
+}
+
+/// A `Send`'s payload: as received (the usual path), or as the `pulsar` codec decoded it.
+enum SendPayload {
+    Received(Box<Received>),
+    Decoded(Box<pulsar::message::Payload>),
+}
+
+impl SendPayload {
+    /// Bytes of the payload.
+    fn len(&self) -> usize {
+        match self {
+            SendPayload::Received(r) => r.payload().len(),
+            SendPayload::Decoded(p) => p.data.len(),
+        }
+    }
 }
 
 /// A receipt on its way to the writer task, with the permit that bounds them.
@@ -225,6 +241,12 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
                         break;
                     }
                 }
+                Some(Ok(Inbound::Payload(received))) => {
+                    if let Err(e) = conn.received(*received).await {
+                        tracing::info!(connection = id, ?peer, error = %e, "closing connection");
+                        break;
+                    }
+                }
                 Some(Ok(Inbound::ChecksumMismatch(cmd))) => {
                     tracing::warn!(connection = id, ?peer, "payload checksum mismatch");
                     if conn.checksum_mismatch(*cmd).await.is_err() {
@@ -332,6 +354,16 @@ impl Connection {
             connection: self.id,
             consumer_id,
         }
+    }
+
+    /// A payload frame: a `Send` of a connected client goes straight to [`Connection::send`]
+    /// with its bytes as received; anything else takes the general path.
+    async fn received(&mut self, mut r: Received) -> Result<(), ConnectionError> {
+        if !(self.connected && r.command.r#type == Type::Send as i32) {
+            return self.handle(r.into_message()).await;
+        }
+        let c = body!(r.command, send);
+        self.send(c, Some(SendPayload::Received(Box::new(r)))).await
     }
 
     async fn handle(&mut self, msg: Message) -> Result<(), ConnectionError> {
@@ -492,7 +524,8 @@ impl Connection {
             }
             Type::Send => {
                 let c = body!(cmd, send);
-                self.send(c, payload).await
+                self.send(c, payload.map(|p| SendPayload::Decoded(Box::new(p))))
+                    .await
             }
             Type::Subscribe => {
                 let c = body!(cmd, subscribe);
@@ -808,7 +841,7 @@ impl Connection {
     async fn send(
         &mut self,
         c: proto::CommandSend,
-        payload: Option<pulsar::message::Payload>,
+        payload: Option<SendPayload>,
     ) -> Result<(), ConnectionError> {
         let (producer_id, sequence_id) = (c.producer_id, c.sequence_id);
         let highest_sequence_id = c.highest_sequence_id;
@@ -831,7 +864,7 @@ impl Connection {
                 ))
                 .await;
         };
-        if payload.data.len() > MAX_MESSAGE_SIZE {
+        if payload.len() > MAX_MESSAGE_SIZE {
             return self
                 .reply(send_error(
                     ServerError::NotAllowedError,
@@ -839,14 +872,37 @@ impl Connection {
                 ))
                 .await;
         }
-        let mut metadata = payload.metadata;
-        // The stored producer name and sequence ids are what de-duplication recovers from.
-        metadata.producer_name = producer.name.to_string();
+        // The stored producer name and sequence ids are what de-duplication recovers from
+        // (a batch's highest sequence id defaults to its sequence id there).
         let highest = highest_sequence_id.unwrap_or(sequence_id).max(sequence_id);
-        if metadata.num_messages_in_batch.is_some() && metadata.highest_sequence_id.is_none() {
-            metadata.highest_sequence_id = Some(highest);
-        }
-        let entry = NewEntry::new(metadata, &payload.data);
+        let needs_highest = |m: &proto::MessageMetadata| {
+            m.num_messages_in_batch.is_some()
+                && m.highest_sequence_id.is_none()
+                && m.sequence_id != highest
+        };
+        let entry = match payload {
+            // The usual case: stored byte for byte as received.
+            SendPayload::Received(r)
+                if r.metadata.producer_name == *producer.name && !needs_highest(&r.metadata) =>
+            {
+                let r = *r;
+                NewEntry::from_wire(r.metadata, r.tail, r.tail_crc)
+            }
+            payload => {
+                let (mut metadata, data) = match payload {
+                    SendPayload::Received(r) => (r.metadata.clone(), r.payload()),
+                    SendPayload::Decoded(p) => {
+                        let p = *p;
+                        (p.metadata, p.data.into())
+                    }
+                };
+                metadata.producer_name = producer.name.to_string();
+                if needs_highest(&metadata) {
+                    metadata.highest_sequence_id = Some(highest);
+                }
+                NewEntry::new(metadata, &data)
+            }
+        };
         // Waiting here for a permit pauses reading: the backpressure on a client that does
         // not read its receipts.
         let Ok(permit) = self.receipt_permits.clone().acquire_owned().await else {

@@ -60,44 +60,76 @@ impl StoredEntry {
     }
 }
 
-/// A new entry being published: its log record with a blank header (filled in by
-/// [`NewEntry::seal`] in the topic actor, which alone knows the index) and its metadata.
+/// A new entry being published: its tail and metadata; the header is written by
+/// [`NewEntry::seal`] in the topic actor, which alone knows the index.
 pub struct NewEntry {
-    record: Vec<u8>,
+    tail: Bytes,
     pub metadata: MessageMetadata,
     tail_crc: u32,
+}
+
+/// A sealed entry's log record, in its two parts: the header, and the tail (shared with the
+/// [`StoredEntry`], so the record is not assembled in memory before the log writes it).
+pub struct Record {
+    pub header: [u8; HEADER_BYTES],
+    pub tail: Bytes,
+}
+
+impl Record {
+    /// Bytes in the log (before the log's own framing).
+    pub fn size(&self) -> usize {
+        HEADER_BYTES + self.tail.len()
+    }
+
+    /// The record in one piece.
+    #[cfg(test)]
+    pub fn to_bytes(&self) -> Bytes {
+        [&self.header[..], &self.tail].concat().into()
+    }
 }
 
 impl NewEntry {
     /// Encodes `metadata` and `payload` (done on the connection's task, not the topic's).
     pub fn new(metadata: MessageMetadata, payload: &[u8]) -> NewEntry {
         let meta_len = metadata.encoded_len();
-        let mut record = Vec::with_capacity(HEADER_BYTES + 4 + meta_len + payload.len());
-        record.resize(HEADER_BYTES, 0);
+        let mut tail = Vec::with_capacity(4 + meta_len + payload.len());
         // Metadata is bounded by the frame size limit, far below u32::MAX.
-        record.extend_from_slice(&(meta_len as u32).to_be_bytes());
+        tail.extend_from_slice(&(meta_len as u32).to_be_bytes());
         // Encoding into a Vec cannot run out of space.
-        let _ = metadata.encode(&mut record);
-        record.extend_from_slice(payload);
-        let tail_crc = record.get(HEADER_BYTES..).map_or(0, crc32c::crc32c);
+        let _ = metadata.encode(&mut tail);
+        tail.extend_from_slice(payload);
+        let tail_crc = crc32c::crc32c(&tail);
         NewEntry {
-            record,
+            tail: tail.into(),
             metadata,
             tail_crc,
         }
     }
 
-    /// Writes the header; returns the log record and the entry to cache and deliver.
-    pub fn seal(mut self, broker_timestamp: u64, index: u64) -> (Bytes, StoredEntry) {
-        if let Some(h) = self.record.get_mut(..HEADER_BYTES) {
-            h[..2].copy_from_slice(&HEADER_MAGIC);
-            h[2..10].copy_from_slice(&broker_timestamp.to_be_bytes());
-            h[10..18].copy_from_slice(&index.to_be_bytes());
+    /// An entry whose tail is the checked part of the client's payload frame as received,
+    /// `metadata` decoded from it unchanged, and `tail_crc` the frame's verified checksum:
+    /// no copy, no re-encoding, no second checksum pass.
+    pub fn from_wire(metadata: MessageMetadata, tail: Bytes, tail_crc: u32) -> NewEntry {
+        NewEntry {
+            tail,
+            metadata,
+            tail_crc,
         }
-        let record = Bytes::from(self.record);
+    }
+
+    /// Fills in the header; returns the log record and the entry to cache and deliver.
+    pub fn seal(self, broker_timestamp: u64, index: u64) -> (Record, StoredEntry) {
+        let mut header = [0u8; HEADER_BYTES];
+        header[..2].copy_from_slice(&HEADER_MAGIC);
+        header[2..10].copy_from_slice(&broker_timestamp.to_be_bytes());
+        header[10..18].copy_from_slice(&index.to_be_bytes());
+        let record = Record {
+            header,
+            tail: self.tail.clone(),
+        };
         let entry = StoredEntry {
             metadata: self.metadata,
-            tail: record.slice(HEADER_BYTES..),
+            tail: self.tail,
             tail_crc: self.tail_crc,
             broker: Some(BrokerEntryMetadata {
                 broker_timestamp: Some(broker_timestamp),
@@ -146,6 +178,7 @@ mod tests {
             ..Default::default()
         };
         let (record, sealed) = NewEntry::new(meta.clone(), b"payload").seal(1234, 41);
+        let record = record.to_bytes();
         let e = decode(record.clone()).unwrap();
         assert_eq!(e.metadata, meta);
         assert_eq!(e.payload(), b"payload");

@@ -4,9 +4,10 @@
 //! [`FrameCodec`] wraps `pulsar::message::Codec` with the limit that codec lacks: a frame
 //! whose declared size exceeds [`MAX_FRAME_BYTES`] is an error before anything is buffered,
 //! so a client cannot make us allocate more than that per connection. Payload frames
-//! (`Send`) it decodes itself: one hardware CRC32C pass and one copy of the payload, where
-//! the inner codec copies the checked part twice and checksums it in software (measured: the
-//! largest broker-side cost per byte of a batched produce).
+//! (`Send`) it decodes itself: one hardware CRC32C pass and no copy ([`Received`] keeps the
+//! checked part as a slice of the read buffer, which is what the log stores), where the inner
+//! codec copies the checked part twice and checksums it in software (measured: the largest
+//! broker-side cost per byte of a batched produce).
 //!
 //! Outgoing `CommandMessage` frames are written by [`message_frame`], not by the `pulsar`
 //! codec: the stored entry already holds `[metadata size][metadata][payload]` exactly as the
@@ -98,6 +99,8 @@ pub struct FrameCodec;
 #[derive(Debug)]
 pub enum Inbound {
     Message(Box<Message>),
+    /// A payload frame (`Send`), its checksum verified.
+    Payload(Box<Received>),
     /// A well-framed command whose payload failed its CRC32C: the command is intact, so the
     /// connection answers it (`SendError` with `ChecksumError`, as Apache Pulsar's
     /// `ServerCnx`) and goes on; the frame is consumed.
@@ -110,9 +113,53 @@ impl Inbound {
     pub fn into_message(self) -> Option<Message> {
         match self {
             Inbound::Message(m) => Some(*m),
+            Inbound::Payload(r) => Some(r.into_message()),
             Inbound::ChecksumMismatch(_) => None,
         }
     }
+}
+
+/// A payload frame as received: its command, its decoded metadata, and the part the frame's
+/// CRC32C covers (`[u32 metadata size][metadata][payload]`), kept as a slice of the read
+/// buffer: the log stores it as it is unless the broker must change the metadata.
+#[derive(Debug)]
+pub struct Received {
+    pub command: BaseCommand,
+    pub metadata: proto::MessageMetadata,
+    /// The checked part, as received.
+    pub tail: Bytes,
+    /// CRC32C of `tail` (verified).
+    pub tail_crc: u32,
+    /// Where the payload starts in `tail`.
+    payload_start: usize,
+}
+
+impl Received {
+    /// The payload as sent (a batch or a single message, compressed or not).
+    pub fn payload(&self) -> Bytes {
+        self.tail.slice(self.payload_start.min(self.tail.len())..)
+    }
+
+    /// The same frame as the `pulsar` codec decodes it (copies the payload).
+    pub fn into_message(self) -> Message {
+        let data = self.payload().to_vec();
+        Message {
+            command: self.command,
+            payload: Some(pulsar::message::Payload {
+                metadata: self.metadata,
+                data,
+            }),
+        }
+    }
+}
+
+/// Where the parts of a payload frame are, within the frame after its size word.
+struct Parsed {
+    command: BaseCommand,
+    metadata: proto::MessageMetadata,
+    crc: u32,
+    tail_start: usize,
+    payload_start: usize,
 }
 
 /// A frame (after its size word) read as a payload frame.
@@ -122,7 +169,7 @@ enum PayloadFrame {
     NotOne,
     /// The payload section's checksum is wrong; the command is intact.
     BadChecksum(Box<BaseCommand>),
-    Message(Box<Message>),
+    Parsed(Box<Parsed>),
 }
 
 /// Decodes `[u32 command size][command][0x0e01][u32 CRC32C][u32 metadata size][metadata]
@@ -145,10 +192,12 @@ fn payload_frame(frame: &[u8]) -> PayloadFrame {
         let meta_size = u32::from_be_bytes(checked.get(..4)?.try_into().ok()?) as usize;
         let meta = checked.get(4..4usize.checked_add(meta_size)?)?;
         let metadata = proto::MessageMetadata::decode(meta).ok()?;
-        let data = checked.get(4 + meta_size..)?.to_vec();
-        Some(PayloadFrame::Message(Box::new(Message {
+        Some(PayloadFrame::Parsed(Box::new(Parsed {
             command,
-            payload: Some(pulsar::message::Payload { metadata, data }),
+            metadata,
+            crc,
+            tail_start: 4 + cmd_size + 6,
+            payload_start: 4 + meta_size,
         })))
     };
     parse().unwrap_or(PayloadFrame::NotOne)
@@ -182,9 +231,24 @@ impl Decoder for FrameCodec {
                     src.advance(size + 4);
                     return Ok(Some(Inbound::ChecksumMismatch(cmd)));
                 }
-                PayloadFrame::Message(msg) => {
-                    src.advance(size + 4);
-                    return Ok(Some(Inbound::Message(msg)));
+                PayloadFrame::Parsed(p) => {
+                    let frame = src.split_to(size + 4).freeze();
+                    let Parsed {
+                        command,
+                        metadata,
+                        crc,
+                        tail_start,
+                        payload_start,
+                    } = *p;
+                    // In range: `payload_frame` read it at this offset (+ the size word).
+                    let tail = frame.slice((4 + tail_start).min(frame.len())..);
+                    return Ok(Some(Inbound::Payload(Box::new(Received {
+                        command,
+                        metadata,
+                        tail,
+                        tail_crc: crc,
+                        payload_start,
+                    }))));
                 }
             }
         }

@@ -1,16 +1,21 @@
 //! A topic: one actor task owning the topic's log, subscriptions and cursors.
 //!
 //! Connections talk to it through a bounded channel of [`TopicCommand`]s (a full channel
-//! pauses the sending connection: that is the producer backpressure). Each turn of the actor
-//! drains what is queued, then does all disk work in one blocking step: appends every pending
-//! message with a single fsync (group commit), answers their senders right there (straight
-//! into each connection's writer), and, at most every `CURSOR_SAVE_INTERVAL`, saves changed
-//! cursors; only then are entries dispatched. So a receipt always means "on disk", and a
-//! consumer never sees an entry that a crash could take back.
+//! pauses the sending connection: that is the producer backpressure). Disk work runs as
+//! group commits on blocking threads: each appends every pending message with a single
+//! fsync, answers their senders right there (straight into each connection's writer), and,
+//! at most every `CURSOR_SAVE_INTERVAL`, saves changed cursors. Entries are dispatched only
+//! once their commit is back. So a receipt always means "on disk", and a consumer never sees
+//! an entry that a crash could take back.
 //!
 //! Group commit does not wait to fill: an idle topic appends, syncs and answers a message
-//! at once. A batch forms only from what arrives while the previous fsync runs (the actor
-//! is busy with it, so commands queue in its channel).
+//! at once. While a commit runs, the actor goes on taking commands and starts the next group
+//! with what arrived meanwhile: its write overlaps the running fsync, its own fsync follows
+//! (see `log`'s `write`/`finish`), so a send waits for little more than one fsync. Two
+//! commits at most are in flight (`MAX_UNSYNCED_WRITES`); past `MAX_GROUP_COMMIT_BYTES`
+//! pending the actor stops reading its channel. A [`Baton`] passed from each commit to the
+//! next keeps log order, receipt order and cursor saves in sequence; after a failed commit
+//! the later one in flight fails too, and no new one starts until both are back.
 //!
 //! Entries are stored in the format of [`crate::entry`]; the actor assigns each its
 //! broker timestamp and its continuous message index. Recent entries are kept in a small
@@ -43,12 +48,13 @@ use pulsar::message::proto::{
     CommandCloseConsumer, MessageIdData, Schema, ServerError,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinError, JoinHandle};
 
 use crate::connection::ReceiptSink;
 use crate::cursor::{Cursor, CursorStore};
 use crate::dedup::{Dedup, Verdict};
 use crate::entry::{self, NewEntry};
-use crate::log::Log;
+use crate::log::{Log, RecordParts, MAX_UNSYNCED_WRITES};
 use crate::naming::{self, TopicName};
 use crate::protocol::{self, Frame};
 use crate::schema::{self, SchemaStore};
@@ -56,8 +62,10 @@ use crate::subscription::{Consumer, ConsumerKey, DispatchOutcome, StoredEntry, S
 
 /// Capacity of a topic's command channel.
 pub const COMMAND_QUEUE: usize = 1024;
-/// Most bytes of messages gathered into one group commit.
-const MAX_GROUP_COMMIT_BYTES: usize = 8 * 1024 * 1024;
+/// Most bytes of messages gathered into one group commit. Small enough that one group's
+/// write and the previous group's fsync take about as long and overlap (8 MiB measured
+/// slower: see README, "Broker").
+const MAX_GROUP_COMMIT_BYTES: usize = 2 * 1024 * 1024;
 /// Recent entries kept in memory for tailing consumers.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Most subscriptions per topic (subscription names come from clients).
@@ -246,7 +254,7 @@ pub struct TopicHandle {
 enum PendingPublish {
     /// A message to store.
     Store {
-        record: Bytes,
+        record: entry::Record,
         entry: Arc<StoredEntry>,
         /// Producer name and highest sequence id, when de-duplicating.
         sequence: Option<(Arc<str>, i64)>,
@@ -260,10 +268,67 @@ enum PendingPublish {
     },
 }
 
+impl PendingPublish {
+    /// Messages this send stores (a batch counts each).
+    fn messages(&self) -> u64 {
+        match self {
+            PendingPublish::Store { entry, .. } => entry.num_messages(),
+            PendingPublish::Answer { .. } => 0,
+        }
+    }
+}
+
 /// A stored message, back from the group commit for the cache and de-duplication.
 struct Committed {
     entry: Arc<StoredEntry>,
     sequence: Option<(Arc<str>, i64)>,
+}
+
+/// What a group commit's blocking task returns.
+struct CommitOutcome {
+    /// First entry id and the stored messages, or the error every sender was told.
+    append: Result<(u64, Vec<Committed>), String>,
+    /// The subscription whose cursor could not be saved, if any.
+    saved: Result<(), (String, std::io::Error)>,
+    /// Message index of the group's first message (freed again if the append failed).
+    start_index: u64,
+    /// The topic's failure count when the commit started (see `Topic::committed`).
+    generation: u64,
+}
+
+/// How a group commit follows the one started before it: its records are written after
+/// that one's (`written`), and it appends them, answers and saves cursors only after that
+/// one has (`finished`: whether it succeeded; a closed channel counts as a failure).
+struct Baton {
+    written: std::sync::mpsc::Receiver<()>,
+    finished: std::sync::mpsc::Receiver<bool>,
+}
+
+/// The sending ends of a commit's [`Baton`].
+struct BatonTx {
+    written: std::sync::mpsc::SyncSender<()>,
+    finished: std::sync::mpsc::SyncSender<bool>,
+}
+
+fn baton() -> (BatonTx, Baton) {
+    let (written_tx, written) = std::sync::mpsc::sync_channel(1);
+    let (finished_tx, finished) = std::sync::mpsc::sync_channel(1);
+    (
+        BatonTx {
+            written: written_tx,
+            finished: finished_tx,
+        },
+        Baton { written, finished },
+    )
+}
+
+/// Why the actor woke up.
+enum Wake {
+    Command(TopicCommand),
+    /// Every handle is gone.
+    Closed,
+    Committed(Result<CommitOutcome, JoinError>),
+    Timer,
 }
 
 /// Recent entries, contiguous ids, bounded by bytes.
@@ -313,6 +378,15 @@ pub struct Topic {
     cache: EntryCache,
     pending: Vec<PendingPublish>,
     pending_bytes: usize,
+    /// The group commits in flight, oldest first (at most `MAX_UNSYNCED_WRITES`).
+    storing: VecDeque<JoinHandle<CommitOutcome>>,
+    /// The baton of the newest commit in `storing`, for the next one.
+    baton: Option<Baton>,
+    /// Commits that failed so far; a commit's outcome from an older count is already
+    /// accounted for.
+    generation: u64,
+    /// A commit failed: start none until those in flight are back.
+    draining: bool,
     last_cursor_save: tokio::time::Instant,
     /// When a delayed entry falls due (the actor wakes up to dispatch it).
     next_due: Option<tokio::time::Instant>,
@@ -380,6 +454,10 @@ pub fn open(
         cache: EntryCache::default(),
         pending: Vec::new(),
         pending_bytes: 0,
+        storing: VecDeque::new(),
+        baton: None,
+        generation: 0,
+        draining: false,
         last_cursor_save: tokio::time::Instant::now(),
         next_due: None,
         settings,
@@ -391,28 +469,47 @@ impl Topic {
     /// Runs the actor until [`TopicCommand::Shutdown`] or until every handle is dropped.
     pub async fn run(mut self, mut rx: mpsc::Receiver<TopicCommand>) {
         let mut blocked = false;
+        let mut shutdown = None;
+        let mut closed = false;
         loop {
-            let first = tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(cmd) => Some(cmd),
-                    None => break,
-                },
-                () = tokio::time::sleep(RETRY_BLOCKED), if blocked => None,
-                () = sleep_until_opt(self.next_due), if self.next_due.is_some() => None,
-                () = tokio::time::sleep_until(self.last_retention + RETENTION_INTERVAL), if self.settings.retention.is_limited() => None,
-                () = tokio::time::sleep_until(self.last_cursor_save + CURSOR_SAVE_INTERVAL), if self.has_dirty_cursor() => None,
+            let stopping = closed || shutdown.is_some();
+            let taking = !stopping && self.pending_bytes < MAX_GROUP_COMMIT_BYTES;
+            let save_due = self.can_start_commit() && self.has_dirty_cursor();
+            let wake = tokio::select! {
+                cmd = rx.recv(), if taking => cmd.map_or(Wake::Closed, Wake::Command),
+                done = join_front(&mut self.storing) => Wake::Committed(done),
+                () = tokio::time::sleep(RETRY_BLOCKED), if blocked => Wake::Timer,
+                () = sleep_until_opt(self.next_due), if self.next_due.is_some() => Wake::Timer,
+                () = tokio::time::sleep_until(self.last_retention + RETENTION_INTERVAL), if self.settings.retention.is_limited() => Wake::Timer,
+                () = tokio::time::sleep_until(self.last_cursor_save + CURSOR_SAVE_INTERVAL), if save_due => Wake::Timer,
             };
-            let mut shutdown = None;
-            if let Some(cmd) = first {
-                self.handle(cmd, &mut shutdown).await;
+            match wake {
+                Wake::Command(cmd) => {
+                    self.handle(cmd, &mut shutdown).await;
+                    while shutdown.is_none() && self.pending_bytes < MAX_GROUP_COMMIT_BYTES {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.handle(cmd, &mut shutdown).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Closed => closed = true,
+                Wake::Committed(done) => {
+                    self.storing.pop_front();
+                    self.committed(done);
+                }
+                Wake::Timer => {}
             }
-            while shutdown.is_none() && self.pending_bytes < MAX_GROUP_COMMIT_BYTES {
-                match rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd, &mut shutdown).await,
-                    Err(_) => break,
+            let stopping = closed || shutdown.is_some();
+            if self.storing.is_empty() {
+                self.draining = false;
+                self.baton = None;
+            }
+            if self.can_start_commit() {
+                if let Some(task) = self.start_commit(stopping) {
+                    self.storing.push_back(task);
                 }
             }
-            self.commit(shutdown.is_some()).await;
             blocked = self.dispatch();
             if self.settings.retention.is_limited()
                 && self.last_retention.elapsed() >= RETENTION_INTERVAL
@@ -420,12 +517,18 @@ impl Topic {
                 self.last_retention = tokio::time::Instant::now();
                 self.enforce_retention().await;
             }
-            if let Some(reply) = shutdown {
-                let _ = reply.send(());
+            // Stopped once the last commit (with every cursor) is back.
+            if stopping && self.storing.is_empty() {
+                if let Some(reply) = shutdown {
+                    let _ = reply.send(());
+                }
                 return;
             }
         }
-        self.commit(true).await;
+    }
+
+    fn can_start_commit(&self) -> bool {
+        self.storing.len() < MAX_UNSYNCED_WRITES && !self.draining
     }
 
     fn has_dirty_cursor(&self) -> bool {
@@ -599,7 +702,10 @@ impl Topic {
         };
         let sequence = match result {
             Ok(sequence) => sequence,
-            Err(result) if self.pending.is_empty() => return reply.send(result),
+            // Nothing of this producer's is awaiting a receipt: answer at once.
+            Err(result) if self.pending.is_empty() && self.storing.is_empty() => {
+                return reply.send(result)
+            }
             Err(result) => {
                 self.pending.push(PendingPublish::Answer { result, reply });
                 return;
@@ -611,7 +717,7 @@ impl Topic {
         self.next_index += messages;
         self.last_timestamp = self.last_timestamp.max(now_ms());
         let (record, entry) = entry.seal(self.last_timestamp, index);
-        self.pending_bytes += record.len();
+        self.pending_bytes += record.size();
         self.pending.push(PendingPublish::Store {
             record,
             entry: Arc::new(entry),
@@ -836,21 +942,19 @@ impl Topic {
         Ok(())
     }
 
-    /// Group commit: appends all pending messages with one fsync and answers their senders
-    /// from the storage thread as soon as it returns; then, when `force` or when the save
-    /// interval has passed, saves the cursors that acks moved.
-    async fn commit(&mut self, force: bool) {
+    /// Starts a group commit (see the module docs) of all pending messages and, when `force`
+    /// or when the save interval has passed, of the cursors that acks moved; `None` if there
+    /// is nothing to do.
+    fn start_commit(&mut self, force: bool) -> Option<JoinHandle<CommitOutcome>> {
+        let save_cursors = force || self.last_cursor_save.elapsed() >= CURSOR_SAVE_INTERVAL;
+        if self.pending.is_empty() && !(save_cursors && self.has_dirty_cursor()) {
+            return None;
+        }
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let messages: u64 = pending
-            .iter()
-            .map(|p| match p {
-                PendingPublish::Store { entry, .. } => entry.num_messages(),
-                PendingPublish::Answer { .. } => 0,
-            })
-            .sum();
+        let messages: u64 = pending.iter().map(PendingPublish::messages).sum();
+        // The pending sends are the newest indexes given out.
         let start_index = self.next_index - messages;
-        let save_cursors = force || self.last_cursor_save.elapsed() >= CURSOR_SAVE_INTERVAL;
         if save_cursors {
             self.last_cursor_save = tokio::time::Instant::now();
         }
@@ -863,53 +967,82 @@ impl Topic {
                 (s.name.clone(), s.cursor.clone())
             })
             .collect();
-        if pending.is_empty() && dirty.is_empty() {
-            return;
-        }
         let (log, cursors) = (self.log.clone(), self.cursors.clone());
-        let (append, saved) = match tokio::task::spawn_blocking(move || {
-            let append = append_and_answer(&log, pending);
+        let (next, mine) = baton();
+        // With nothing in flight, the newest baton is from a commit already back.
+        let previous = self
+            .baton
+            .replace(mine)
+            .filter(|_| !self.storing.is_empty());
+        let generation = self.generation;
+        Some(tokio::task::spawn_blocking(move || {
+            let append = append_and_answer(&log, pending, previous, &next.written);
             let mut saved = Ok(());
             for (name, cursor) in &dirty {
                 if let Err(e) = cursors.save(name, cursor) {
                     saved = Err((name.clone(), e));
                 }
             }
-            (append, saved)
-        })
-        .await
-        {
-            Ok(result) => result,
+            let _ = next.finished.send(append.is_ok());
+            CommitOutcome {
+                append,
+                saved,
+                start_index,
+                generation,
+            }
+        }))
+    }
+
+    /// Takes in a finished group commit: caches its entries for dispatch, or, if it failed,
+    /// fails the sends gathered since too (their indexes follow the failed ones, which are
+    /// handed out again).
+    fn committed(&mut self, done: Result<CommitOutcome, JoinError>) {
+        let outcome = match done {
+            Ok(outcome) => outcome,
             Err(e) => {
+                // Only a panic gets here; its senders were answered by their dropped sinks.
                 tracing::error!(topic = %self.name, error = %e, "storage task failed");
                 return;
             }
         };
-        if let Err((sub, e)) = saved {
+        if let Err((sub, e)) = outcome.saved {
             tracing::error!(topic = %self.name, subscription = %sub, error = %e, "saving cursor failed");
             if let Some(s) = self.subscriptions.get_mut(&sub) {
                 s.dirty = true;
             }
         }
-        match append {
+        match outcome.append {
             Ok((first, committed)) => {
                 for (i, c) in committed.into_iter().enumerate() {
                     if let (Some(dedup), Some((producer, highest))) = (&mut self.dedup, c.sequence)
                     {
                         dedup.persisted(producer, highest);
                     }
-                    self.cache.push(first + i as u64, c.entry);
+                    let id = first + i as u64;
+                    self.cache.push(id, c.entry);
+                    // Not the log's end: a later commit may be appended already, but its
+                    // entries are dispatched when its own outcome is here.
+                    self.next_id = id + 1;
                 }
-                self.next_id = self
-                    .log
-                    .lock()
-                    .map(|l| l.next_entry_id())
-                    .unwrap_or(self.next_id);
+            }
+            Err(e) if outcome.generation != self.generation => {
+                // After a failure the later commit in flight fails too: already rolled back.
+                tracing::debug!(topic = %self.name, error = %e, "append after a failed one failed");
             }
             Err(e) => {
+                self.generation += 1;
+                self.draining = true;
                 tracing::error!(topic = %self.name, error = %e, "append failed");
-                // Nothing of this commit is stored: its indexes and sequence ids are free.
-                self.next_index = start_index;
+                self.pending_bytes = 0;
+                for p in std::mem::take(&mut self.pending) {
+                    match p {
+                        PendingPublish::Store { reply, .. } => {
+                            reply.send(Err((ServerError::PersistenceError, e.clone())))
+                        }
+                        PendingPublish::Answer { result, reply } => reply.send(result),
+                    }
+                }
+                self.next_index = outcome.start_index;
                 if let Some(dedup) = &mut self.dedup {
                     dedup.forget_in_flight();
                 }
@@ -950,26 +1083,57 @@ fn now_ms() -> u64 {
 }
 
 /// Appends the pending messages with one fsync, then answers every pending send in order
-/// (runs on a blocking thread, so a receipt leaves as soon as the fsync returns). Returns the
-/// first entry id and the stored messages, or the error every sender was told.
+/// (runs on a blocking thread, so a receipt leaves as soon as the fsync returns). Writes
+/// after the `previous` commit wrote, signals `written`, and appends and answers only after
+/// the previous commit finished (failing if it failed). Returns the first entry id and the
+/// stored messages, or the error every sender was told.
 fn append_and_answer(
     log: &Mutex<Log>,
     pending: Vec<PendingPublish>,
+    previous: Option<Baton>,
+    written: &std::sync::mpsc::SyncSender<()>,
 ) -> Result<(u64, Vec<Committed>), String> {
-    let records: Vec<&[u8]> = pending
+    let records: Vec<RecordParts> = pending
         .iter()
         .filter_map(|p| match p {
-            PendingPublish::Store { record, .. } => Some(&record[..]),
+            PendingPublish::Store { record, .. } => Some(RecordParts {
+                head: &record.header,
+                body: &record.tail,
+            }),
             PendingPublish::Answer { .. } => None,
         })
         .collect();
-    let append = if records.is_empty() {
-        Ok(0)
+    // The fsync runs without the lock, so that the actor's reads and the next commit's
+    // write go on meanwhile.
+    let locked = || log.lock().map_err(|_| "log lock poisoned".to_string());
+    if let Some(previous) = &previous {
+        // A closed channel also means the previous commit is past its write.
+        let _ = previous.written.recv();
+    }
+    let unsynced = if records.is_empty() {
+        Ok(None)
     } else {
-        match log.lock() {
-            Ok(mut log) => log.append(&records).map_err(|e| e.to_string()),
-            Err(_) => Err("log lock poisoned".to_string()),
+        locked().and_then(|mut l| l.write(&records).map(Some).map_err(|e| e.to_string()))
+    };
+    let _ = written.send(());
+    let synced = match &unsynced {
+        Ok(Some(u)) => u.sync(),
+        _ => Ok(()),
+    };
+    // Answers go out after the previous commit's (each producer's receipts stay in order).
+    let previous_ok = previous.is_none_or(|p| p.finished.recv().unwrap_or(false));
+    let earlier_failed = "an earlier group commit failed";
+    let append = match unsynced {
+        Ok(Some(unsynced)) => {
+            let synced = synced.and_then(|()| match previous_ok {
+                true => Ok(()),
+                false => Err(std::io::Error::other(earlier_failed)),
+            });
+            locked().and_then(|mut l| l.finish(unsynced, synced).map_err(|e| e.to_string()))
         }
+        Ok(None) if previous_ok => Ok(0),
+        Ok(None) => Err(earlier_failed.to_string()),
+        Err(e) => Err(e),
     };
     drop(records);
     let mut committed = Vec::with_capacity(pending.len());
@@ -994,6 +1158,16 @@ fn append_and_answer(
         }
     }
     append.map(|first| (first, committed))
+}
+
+/// The oldest running commit's outcome; never ready without one.
+async fn join_front(
+    tasks: &mut VecDeque<JoinHandle<CommitOutcome>>,
+) -> Result<CommitOutcome, JoinError> {
+    match tasks.front_mut() {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
