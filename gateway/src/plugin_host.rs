@@ -193,6 +193,11 @@ impl PluginHost {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        // `MAGNETAR_WASM_PERFMAP=1` writes /tmp/perf-<pid>.map, so that `perf report` names
+        // the plugins' compiled functions (profiling only; off by default).
+        if std::env::var_os("MAGNETAR_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         if let Some(dir) = cache_dir {
             let mut cache_config = wasmtime::CacheConfig::new();
             cache_config.with_directory(dir);
