@@ -98,36 +98,41 @@ fn execute(conn: Conn, actions: Vec<Action>) {
         if !pending.is_empty() {
             conn.send(&std::mem::take(&mut pending));
         }
-        match action {
-            Action::Send(_) => {}
-            Action::Close(reason) => conn.close(&reason),
-            Action::SetReading(reading) => conn.set_reading(reading),
-            Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
-            Action::AuthenticateSasl {
-                token,
-                mechanism,
-                response,
-            } => conn.authenticate_sasl(token, &mechanism, &response),
-            Action::Publish { token, msg } => conn.publish(token, &msg),
-            Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
-            Action::Unsubscribe { sub, delete } => conn.unsubscribe(sub, delete),
-            Action::Ack { sub, delivery_id } => conn.ack(sub, delivery_id),
-            Action::SetTimer { token, delay_ms } => conn.set_timer(token, delay_ms),
-            Action::KvGet { token, key } => conn.kv_get(token, &key),
-            Action::KvPut { token, key, value } => conn.kv_put(token, &key, value.as_deref()),
-            Action::KvScan {
-                token,
-                prefix,
-                start_after,
-                limit,
-            } => conn.kv_scan(token, &prefix, start_after.as_deref(), limit),
-            Action::SetWill(will) => conn.set_will(will.as_ref()),
-            Action::Claim { token, key } => conn.claim(token, &key),
-            Action::Log { level, message } => magnetar_sdk::log(level, &message),
-        }
+        call(conn, action);
     }
     if !pending.is_empty() {
         conn.send(&pending);
+    }
+}
+
+/// The host call of one action.
+fn call(conn: Conn, action: Action) {
+    match action {
+        Action::Send(bytes) => conn.send(&bytes),
+        Action::Close(reason) => conn.close(&reason),
+        Action::SetReading(reading) => conn.set_reading(reading),
+        Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
+        Action::AuthenticateSasl {
+            token,
+            mechanism,
+            response,
+        } => conn.authenticate_sasl(token, &mechanism, &response),
+        Action::Publish { token, msg } => conn.publish(token, &msg),
+        Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
+        Action::Unsubscribe { sub, delete } => conn.unsubscribe(sub, delete),
+        Action::Ack { sub, delivery_id } => conn.ack(sub, delivery_id),
+        Action::SetTimer { token, delay_ms } => conn.set_timer(token, delay_ms),
+        Action::KvGet { token, key } => conn.kv_get(token, &key),
+        Action::KvPut { token, key, value } => conn.kv_put(token, &key, value.as_deref()),
+        Action::KvScan {
+            token,
+            prefix,
+            start_after,
+            limit,
+        } => conn.kv_scan(token, &prefix, start_after.as_deref(), limit),
+        Action::SetWill(will) => conn.set_will(will.as_ref()),
+        Action::Claim { token, key } => conn.claim(token, &key),
+        Action::Log { level, message } => magnetar_sdk::log(level, &message),
     }
 }
 
