@@ -40,6 +40,7 @@ use pulsar::message::proto::{
     ServerError,
 };
 use pulsar::message::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -204,11 +205,26 @@ struct Connection {
     receipt_tx: mpsc::Sender<ReceiptFrame>,
 }
 
-/// Serves one client until it disconnects, misbehaves, or `shutdown` fires.
+/// Serves one TCP client until it disconnects, misbehaves, or `shutdown` fires.
 pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: CancellationToken) {
     let peer = socket.peer_addr().ok();
     let _ = socket.set_nodelay(true);
     let (rd, wr) = socket.into_split();
+    serve_stream(rd, wr, peer, id, shared, shutdown).await;
+}
+
+/// Serves one client on any byte stream (a TCP socket's halves, or an in-process pipe).
+pub async fn serve_stream<R, W>(
+    rd: R,
+    wr: W,
+    peer: Option<std::net::SocketAddr>,
+    id: u64,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut reader = FramedRead::new(rd, FrameCodec);
     let (out, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let (receipt_tx, receipt_rx) = mpsc::channel(MAX_PENDING_RECEIPTS);
@@ -273,8 +289,8 @@ pub async fn serve(socket: TcpStream, id: u64, shared: Arc<Shared>, shutdown: Ca
 
 /// Writes the connection's outgoing frames and its send receipts, as many as are queued per
 /// write. A receipt's permit is released once its frame is in the socket buffer.
-async fn write_loop(
-    mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut sink: FramedWrite<W, FrameCodec>,
     mut rx: mpsc::Receiver<Frame>,
     mut receipts: mpsc::Receiver<ReceiptFrame>,
     stop: CancellationToken,

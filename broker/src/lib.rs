@@ -34,5 +34,5 @@ mod subscription;
 /// The per-topic actor: storage, subscriptions, dispatch.
 mod topic;
 
-pub use server::{Broker, BrokerConfig, BrokerError, BrokerHandle, StorageProbe};
+pub use server::{Broker, BrokerConfig, BrokerError, BrokerHandle, InProcess, StorageProbe};
 pub use topic::Retention;

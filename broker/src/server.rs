@@ -96,7 +96,43 @@ pub struct BrokerHandle {
     accept: tokio::task::JoinHandle<()>,
     admin: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     registry: Arc<Registry>,
+    shared: Arc<Shared>,
+    next_id: Arc<AtomicU64>,
 }
+
+/// Opens connections to a running broker inside its process: a client speaks the Pulsar
+/// protocol on such a stream exactly as on a TCP connection, without the kernel in between
+/// (the gateway's own client uses it for the embedded broker). Each is served, and closed at
+/// shutdown, like an accepted connection.
+#[derive(Clone)]
+pub struct InProcess {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    next_id: Arc<AtomicU64>,
+}
+
+impl InProcess {
+    /// A new connection; the broker serves the other end of the pipe.
+    pub fn connect(&self) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
+        let (rd, wr) = tokio::io::split(server);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.connections.spawn(connection::serve_stream(
+            rd,
+            wr,
+            None,
+            id,
+            self.shared.clone(),
+            self.shutdown.clone(),
+        ));
+        client
+    }
+}
+
+/// Bytes an in-process connection buffers each way before its writer waits for the reader
+/// (what a loopback socket's buffers do for TCP clients).
+const IN_PROCESS_BUFFER: usize = 1024 * 1024;
 
 impl Broker {
     /// Binds the listener, opens/recovers storage, spawns the accept loop on the current
@@ -152,11 +188,13 @@ impl Broker {
             None => None,
         };
         let connections = TaskTracker::new();
+        let next_id = Arc::new(AtomicU64::new(1));
         let accept = tokio::spawn(accept_loop(
             listener,
-            shared,
+            shared.clone(),
             shutdown.clone(),
             connections.clone(),
+            next_id.clone(),
         ));
         tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "broker started");
         Ok(BrokerHandle {
@@ -167,6 +205,8 @@ impl Broker {
             accept,
             admin,
             registry,
+            shared,
+            next_id,
         })
     }
 }
@@ -211,8 +251,8 @@ async fn accept_loop(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    next_id: Arc<AtomicU64>,
 ) {
-    let next_id = AtomicU64::new(1);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -251,6 +291,16 @@ impl BrokerHandle {
     /// A handle that reads how many bytes each tenant stores (for storage quotas).
     pub fn storage_probe(&self) -> StorageProbe {
         StorageProbe(self.registry.clone())
+    }
+
+    /// Opens connections to this broker inside the process (see [`InProcess`]).
+    pub fn in_process(&self) -> InProcess {
+        InProcess {
+            shared: self.shared.clone(),
+            shutdown: self.shutdown.clone(),
+            connections: self.connections.clone(),
+            next_id: self.next_id.clone(),
+        }
     }
 
     /// `pulsar://host:port` for clients.

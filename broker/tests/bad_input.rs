@@ -1,7 +1,7 @@
 //! Hostile and wrong input on raw sockets: each misbehaving client gets a clear answer
 //! (`CommandError`, `SendError`, `AckResponse` with an error, or a close after an error)
 //! while a well-behaved client of the `pulsar` crate on the same broker keeps producing and
-//! consuming.
+//! consuming. Also: the in-process connection a client in the broker's own process uses.
 
 use std::time::Duration;
 
@@ -324,4 +324,87 @@ async fn bad_input_gets_a_clear_error_and_disturbs_no_other_client() {
     fresh.alive().await;
     drop(pulsar);
     broker.shutdown().await;
+}
+
+/// Opens the broker's in-process connections for a `pulsar` crate client.
+struct InProcessConnector(magnetar_broker::InProcess);
+
+impl pulsar::Connector for InProcessConnector {
+    fn connect(&self, _url: &url::Url) -> std::io::Result<Box<dyn pulsar::ConnectorStream>> {
+        Ok(Box::new(self.0.connect()))
+    }
+}
+
+/// A client on an in-process connection (what the gateway uses for its embedded broker) and
+/// one on TCP see the same topics: each reads what the other wrote, in order; shutting the
+/// broker down ends the in-process connections too instead of waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_and_tcp_clients_share_topics_and_shutdown_ends_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(BrokerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().into(),
+    ))
+    .await
+    .unwrap();
+    let topic = "persistent://public/default/in-process";
+    let tcp: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
+        .build()
+        .await
+        .unwrap();
+    let local: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
+        .with_connector(std::sync::Arc::new(InProcessConnector(broker.in_process())))
+        .build()
+        .await
+        .unwrap();
+    let subscribe = |client: &Pulsar<TokioExecutor>, name: &str| {
+        client
+            .consumer()
+            .with_topic(topic)
+            .with_subscription(name)
+            .with_options(
+                ConsumerOptions::default().with_initial_position(InitialPosition::Earliest),
+            )
+            .build::<Vec<u8>>()
+    };
+    let mut tcp_reader = subscribe(&tcp, "tcp").await.unwrap();
+    let mut local_reader = subscribe(&local, "local").await.unwrap();
+    let mut local_writer = local.producer().with_topic(topic).build().await.unwrap();
+    let mut tcp_writer = tcp.producer().with_topic(topic).build().await.unwrap();
+    for i in 0..50 {
+        local_writer
+            .send_non_blocking(format!("local {i}").into_bytes())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for i in 0..50 {
+        tcp_writer
+            .send_non_blocking(format!("tcp {i}").into_bytes())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let expected: Vec<String> = (0..50)
+        .map(|i| format!("local {i}"))
+        .chain((0..50).map(|i| format!("tcp {i}")))
+        .collect();
+    for reader in [&mut tcp_reader, &mut local_reader] {
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let msg = tokio::time::timeout(TIMEOUT, reader.next())
+                .await
+                .expect("message in time")
+                .unwrap()
+                .unwrap();
+            reader.ack(&msg).await.unwrap();
+            got.push(String::from_utf8(msg.payload.data).unwrap());
+        }
+        assert_eq!(got, expected);
+    }
+    tokio::time::timeout(TIMEOUT, broker.shutdown())
+        .await
+        .expect("shutdown does not wait for in-process clients");
 }

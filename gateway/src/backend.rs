@@ -78,6 +78,15 @@ pub const BATCH_BYTES: usize = 128 * 1024;
 /// Producers by topic and whether they batch, each made once.
 type Producers = HashMap<(String, bool), Arc<OnceCell<SharedProducer>>>;
 
+/// Opens the client's connections to the embedded broker inside the process.
+struct InProcessConnector(magnetar_broker::InProcess);
+
+impl pulsar::Connector for InProcessConnector {
+    fn connect(&self, _url: &url::Url) -> std::io::Result<Box<dyn pulsar::ConnectorStream>> {
+        Ok(Box::new(self.0.connect()))
+    }
+}
+
 /// The client and its producers.
 pub struct Backend {
     client: Pulsar<TokioExecutor>,
@@ -85,9 +94,18 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Connects to the service URL, with a token when one is given.
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Backend, BackendError> {
+    /// Connects to the service URL, with a token when one is given. With `in_process` (the
+    /// embedded broker of this process) every broker connection is an in-process pipe
+    /// instead of a loopback TCP connection: the same Pulsar protocol, without the kernel.
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        in_process: Option<magnetar_broker::InProcess>,
+    ) -> Result<Backend, BackendError> {
         let mut builder = Pulsar::builder(url, TokioExecutor);
+        if let Some(broker) = in_process {
+            builder = builder.with_connector(Arc::new(InProcessConnector(broker)));
+        }
         if let Some(token) = token {
             builder = builder.with_auth(Authentication {
                 name: "token".into(),

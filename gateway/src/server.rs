@@ -74,9 +74,17 @@ impl Server {
             (None, None) => None,
         };
         let backend = Arc::new(
-            Backend::connect(&service_url, token.as_deref())
-                .await
-                .context("connecting to the backend")?,
+            Backend::connect(
+                &service_url,
+                token.as_deref(),
+                // The embedded broker is reached in-process unless the config names a URL.
+                match (&config.backend.service_url, &broker) {
+                    (None, Some(b)) => Some(b.in_process()),
+                    _ => None,
+                },
+            )
+            .await
+            .context("connecting to the backend")?,
         );
         let keys = Arc::new(
             crate::crypto::KeyRing::load(&config.encryption, &config.data_dir)

@@ -180,6 +180,7 @@ impl<Exe: Executor> Pulsar<Exe> {
         operation_retry_parameters: Option<OperationRetryOptions>,
         tls_options: Option<TlsOptions>,
         outbound_channel_size: Option<usize>,
+        connector: Option<Arc<dyn crate::connection_manager::Connector>>,
         executor: Exe,
     ) -> Result<Self, Error> {
         let url: String = url.into();
@@ -193,6 +194,7 @@ impl<Exe: Executor> Pulsar<Exe> {
             operation_retry_options.clone(),
             tls_options,
             outbound_channel_size,
+            connector,
             executor.clone(),
         )
         .await?;
@@ -256,6 +258,7 @@ impl<Exe: Executor> Pulsar<Exe> {
             operation_retry_options: None,
             tls_options: None,
             outbound_channel_size: None,
+            connector: None,
             executor,
         }
     }
@@ -491,6 +494,7 @@ pub struct PulsarBuilder<Exe: Executor> {
     operation_retry_options: Option<OperationRetryOptions>,
     tls_options: Option<TlsOptions>,
     outbound_channel_size: Option<usize>,
+    connector: Option<Arc<dyn crate::connection_manager::Connector>>,
     executor: Exe,
 }
 
@@ -595,6 +599,12 @@ impl<Exe: Executor> PulsarBuilder<Exe> {
         self
     }
 
+    /// magnetar patch: every broker connection is opened by `connector` instead of TCP.
+    pub fn with_connector(mut self, connector: Arc<dyn crate::connection_manager::Connector>) -> Self {
+        self.connector = Some(connector);
+        self
+    }
+
     /// creates the Pulsar client and connects it
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn build(self) -> Result<Pulsar<Exe>, Error> {
@@ -605,6 +615,7 @@ impl<Exe: Executor> PulsarBuilder<Exe> {
             operation_retry_options,
             tls_options,
             outbound_channel_size,
+            connector,
             executor,
         } = self;
 
@@ -615,6 +626,7 @@ impl<Exe: Executor> PulsarBuilder<Exe> {
             operation_retry_options,
             tls_options,
             outbound_channel_size,
+            connector,
             executor,
         )
         .await?;

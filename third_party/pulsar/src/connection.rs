@@ -921,12 +921,53 @@ impl<Exe: Executor> Connection<Exe> {
         connection_timeout: Duration,
         operation_timeout: Duration,
         outbound_channel_size: usize,
+        connector: Option<Arc<dyn crate::connection_manager::Connector>>,
         executor: Arc<Exe>,
     ) -> Result<Connection<Exe>, ConnectionError> {
         if url.scheme() != "pulsar" && url.scheme() != "pulsar+ssl" {
             error!("invalid scheme: {}", url.scheme());
             return Err(ConnectionError::NotFound);
         }
+        // magnetar patch: a connector replaces the TCP (and TLS) connection.
+        #[cfg(any(
+            feature = "tokio-runtime",
+            feature = "tokio-rustls-runtime-aws-lc-rs",
+            feature = "tokio-rustls-runtime-ring"
+        ))]
+        if let Some(connector) = connector {
+            let id = Uuid::new_v4();
+            let stream = connector.connect(&url)?;
+            let connect = async {
+                let stream = tokio_util::codec::Framed::new(stream, Codec);
+                Connection::connect(
+                    id,
+                    stream,
+                    auth_data,
+                    proxy_to_broker_url,
+                    executor.clone(),
+                    operation_timeout,
+                    outbound_channel_size,
+                )
+                .await
+            };
+            let delay_f = executor.delay(connection_timeout);
+            pin_mut!(connect);
+            pin_mut!(delay_f);
+            return match select(connect, delay_f).await {
+                Either::Left((Ok(sender), _)) => Ok(Connection { id, url, sender }),
+                Either::Left((Err(e), _)) => Err(e),
+                Either::Right(_) => Err(ConnectionError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timeout connecting to the Pulsar server",
+                ))),
+            };
+        }
+        #[cfg(not(any(
+            feature = "tokio-runtime",
+            feature = "tokio-rustls-runtime-aws-lc-rs",
+            feature = "tokio-rustls-runtime-ring"
+        )))]
+        let _ = connector;
         let hostname = url.host().map(|s| s.to_string());
 
         let tls = match url.scheme() {

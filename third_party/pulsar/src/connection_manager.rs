@@ -10,6 +10,49 @@ use url::Url;
 
 use crate::{connection::Connection, error::ConnectionError, executor::Executor, Certificate};
 
+/// magnetar patch: a byte stream a [`Connector`] opens instead of a TCP socket.
+#[cfg(any(
+    feature = "tokio-runtime",
+    feature = "tokio-rustls-runtime-aws-lc-rs",
+    feature = "tokio-rustls-runtime-ring"
+))]
+pub trait ConnectorStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static
+{
+}
+
+#[cfg(any(
+    feature = "tokio-runtime",
+    feature = "tokio-rustls-runtime-aws-lc-rs",
+    feature = "tokio-rustls-runtime-ring"
+))]
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static>
+    ConnectorStream for T
+{
+}
+
+/// magnetar patch: opens every broker connection of a client (e.g. an in-process pipe to a
+/// broker in the same process) instead of a TCP connection to the broker's address. The
+/// Pulsar protocol on it is unchanged; TLS options do not apply.
+#[cfg(any(
+    feature = "tokio-runtime",
+    feature = "tokio-rustls-runtime-aws-lc-rs",
+    feature = "tokio-rustls-runtime-ring"
+))]
+pub trait Connector: Send + Sync + 'static {
+    /// Opens a connection to the broker `url` names, at once (no waiting: an in-process
+    /// pipe, a socket pair).
+    fn connect(&self, url: &Url) -> std::io::Result<Box<dyn ConnectorStream>>;
+}
+
+/// magnetar patch: no connector unless a tokio runtime feature is on.
+#[cfg(not(any(
+    feature = "tokio-runtime",
+    feature = "tokio-rustls-runtime-aws-lc-rs",
+    feature = "tokio-rustls-runtime-ring"
+)))]
+pub trait Connector: Send + Sync + 'static {}
+
 /// holds connection information for a broker
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct BrokerAddress {
@@ -180,6 +223,7 @@ pub struct ConnectionManager<Exe: Executor> {
     pub(crate) tls_options: TlsOptions,
     certificate_chain: Vec<Certificate>,
     outbound_channel_size: usize,
+    connector: Option<Arc<dyn Connector>>,
 }
 
 impl<Exe: Executor> ConnectionManager<Exe> {
@@ -191,6 +235,7 @@ impl<Exe: Executor> ConnectionManager<Exe> {
         operation_retry_options: OperationRetryOptions,
         tls: Option<TlsOptions>,
         outbound_channel_size: usize,
+        connector: Option<Arc<dyn Connector>>,
         executor: Arc<Exe>,
     ) -> Result<Self, ConnectionError> {
         let connection_retry_options = connection_retry.unwrap_or_default();
@@ -248,6 +293,7 @@ impl<Exe: Executor> ConnectionManager<Exe> {
             tls_options,
             certificate_chain,
             outbound_channel_size,
+            connector,
         };
         let broker_address = BrokerAddress {
             url: url.clone(),
@@ -386,6 +432,7 @@ impl<Exe: Executor> ConnectionManager<Exe> {
                 self.connection_retry_options.connection_timeout,
                 self.operation_retry_options.operation_timeout,
                 self.outbound_channel_size,
+                self.connector.clone(),
                 self.executor.clone(),
             )
             .await

@@ -190,8 +190,14 @@ pub use admin::AdminClient;
 pub use client::{DeserializeMessage, Pulsar, PulsarBuilder, SerializeMessage};
 pub use connection::Authentication;
 pub use connection_manager::{
-    BrokerAddress, ConnectionRetryOptions, OperationRetryOptions, TlsOptions,
+    BrokerAddress, ConnectionRetryOptions, Connector, OperationRetryOptions, TlsOptions,
 };
+#[cfg(any(
+    feature = "tokio-runtime",
+    feature = "tokio-rustls-runtime-aws-lc-rs",
+    feature = "tokio-rustls-runtime-ring"
+))]
+pub use connection_manager::ConnectorStream;
 pub use consumer::{Consumer, ConsumerBuilder, ConsumerOptions};
 pub use error::Error;
 #[cfg(any(
