@@ -183,6 +183,7 @@ impl OpsQueue {
 /// A command to a subscription's delivery task.
 enum SubCmd {
     Ack(u64),
+    AckMany(Vec<u64>),
     Close { delete: bool },
 }
 
@@ -691,6 +692,14 @@ impl host::Host for HostState {
         if let Some(tx) = self.conns.get(&conn).and_then(|s| s.subs.get(&sub)) {
             if tx.try_send(SubCmd::Ack(delivery_id)).is_err() {
                 tracing::warn!(plugin = %self.plugin, conn, sub, "ack dropped: more acks than deliveries");
+            }
+        }
+    }
+
+    fn ack_many(&mut self, conn: u64, sub: u64, delivery_ids: Vec<u64>) {
+        if let Some(tx) = self.conns.get(&conn).and_then(|s| s.subs.get(&sub)) {
+            if tx.try_send(SubCmd::AckMany(delivery_ids)).is_err() {
+                tracing::warn!(plugin = %self.plugin, conn, sub, "acks dropped: more acks than deliveries");
             }
         }
     }
@@ -1413,6 +1422,9 @@ async fn run_subscription(t: SubTask, opts: SubscribeOptions, mut cmds: mpsc::Re
                 while let Some(c) = next.take() {
                     match c {
                         SubCmd::Ack(id) => acked.extend(outstanding.remove(&id)),
+                        SubCmd::AckMany(ids) => {
+                            acked.extend(ids.iter().filter_map(|id| outstanding.remove(id)))
+                        }
                         SubCmd::Close { delete: d } => {
                             delete = d;
                             stop = true;

@@ -210,6 +210,11 @@ impl Conn {
         host::ack(self.0, sub, delivery_id);
     }
 
+    /// Acknowledges several deliveries of one subscription in one host call.
+    pub fn ack_many(self, sub: SubId, delivery_ids: &[u64]) {
+        host::ack_many(self.0, sub, delivery_ids);
+    }
+
     /// Asks the host to stop (`false`) or resume (`true`) reading the connection's socket:
     /// backpressure from the plugin's own protocol window to the client's TCP connection.
     pub fn set_reading(self, reading: bool) {

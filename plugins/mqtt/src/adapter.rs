@@ -80,28 +80,49 @@ impl MqttConn {
 /// Packets sent by consecutive actions leave in one host call up to this size.
 const SEND_COALESCE: usize = 64 * 1024;
 
-/// Carries out actions in order; consecutive sends are joined (the byte stream is the same).
+/// Carries out actions in order, except that sends and acks commute: consecutive sends are
+/// joined (the byte stream is the same), and acks wait, gathered per subscription, until an
+/// action that is neither (e.g. an unsubscribe) or the end. A batch of QoS 0 deliveries
+/// (send, ack, send, ack...) thus leaves as one `send` and one `ack-many`. An ack a moment
+/// later than its send changes nothing a client can see.
 fn execute(conn: Conn, actions: Vec<Action>) {
     let mut pending: Vec<u8> = Vec::new();
+    let mut acks: Vec<(SubId, Vec<u64>)> = Vec::new();
     for action in actions {
-        if let Action::Send(bytes) = action {
-            if pending.is_empty() {
-                pending = bytes;
-            } else {
-                pending.extend_from_slice(&bytes);
+        match action {
+            Action::Send(bytes) => {
+                if pending.is_empty() {
+                    pending = bytes;
+                } else {
+                    pending.extend_from_slice(&bytes);
+                }
+                if pending.len() >= SEND_COALESCE {
+                    conn.send(&std::mem::take(&mut pending));
+                }
             }
-            if pending.len() >= SEND_COALESCE {
-                conn.send(&std::mem::take(&mut pending));
+            Action::Ack { sub, delivery_id } => match acks.iter_mut().find(|(s, _)| *s == sub) {
+                Some((_, ids)) => ids.push(delivery_id),
+                None => acks.push((sub, vec![delivery_id])),
+            },
+            other => {
+                flush(conn, &mut pending, &mut acks);
+                call(conn, other);
             }
-            continue;
         }
-        if !pending.is_empty() {
-            conn.send(&std::mem::take(&mut pending));
-        }
-        call(conn, action);
     }
+    flush(conn, &mut pending, &mut acks);
+}
+
+/// Sends the joined packets, then the gathered acks.
+fn flush(conn: Conn, pending: &mut Vec<u8>, acks: &mut Vec<(SubId, Vec<u64>)>) {
     if !pending.is_empty() {
-        conn.send(&pending);
+        conn.send(&std::mem::take(pending));
+    }
+    for (sub, ids) in acks.drain(..) {
+        match ids.as_slice() {
+            [one] => conn.ack(sub, *one),
+            _ => conn.ack_many(sub, &ids),
+        }
     }
 }
 
