@@ -7,7 +7,9 @@
 //!
 //! `cargo bench -p magnetar-broker --bench broker` (about a minute). `MAGNETAR_BENCH_DIR`
 //! picks the disk (default: the system temp dir); `MAGNETAR_BENCH_SECS` the seconds of
-//! producing per scenario (default 3).
+//! producing per scenario (default 3); `MAGNETAR_BENCH_SIZES` the message sizes of the table
+//! and raw rows (default `100,1024`). The table and raw rows print the process's CPU time
+//! (user + system, client and broker together) per message produced.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -31,8 +33,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Encoder, Framed, FramedRead};
 
-/// Sends in flight per producer (a tenth of it without batching).
-const WINDOW: usize = 1000;
+/// Sends in flight per unbatched producer (ten times this, at least, with batching).
+const WINDOW: usize = 100;
 /// Messages consumed per scenario (from the start of its backlog).
 const CONSUME_MAX: usize = 300_000;
 
@@ -87,6 +89,8 @@ struct Run {
     produce_secs: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time (user + system) of the whole process (client and broker) while producing.
+    produce_cpu_secs: f64,
     consume_rate: f64,
 }
 
@@ -101,6 +105,7 @@ async fn scenario(
 ) -> Run {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let mut tasks = Vec::new();
     for _ in 0..producers {
         let options = ProducerOptions {
@@ -126,7 +131,14 @@ async fn scenario(
             let payload = vec![b'm'; size];
             let mut inflight: VecDeque<(Instant, pulsar::producer::SendFuture)> = VecDeque::new();
             let mut lat = Vec::new();
-            let window = if batching { WINDOW } else { WINDOW / 10 };
+            // Batched: as many sends as 16 MiB of payload, the raw generator's window (a
+            // Java client's default memory limit is 64 MiB). With 1,000 (one batch) a
+            // producer had one batch at a time awaiting its fsync.
+            let window = if batching {
+                (RAW_WINDOW_BYTES / size).max(10 * WINDOW)
+            } else {
+                WINDOW
+            };
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let receipt = match producer.send_non_blocking(payload.clone()).await {
@@ -160,6 +172,7 @@ async fn scenario(
         lat.extend(t.await.expect("producer task"));
     }
     let produce_secs = start.elapsed().as_secs_f64();
+    let produce_cpu_secs = cpu_seconds() - cpu_start;
     let produced = lat.len();
     let p50 = percentile(&mut lat, 0.5);
     let p99 = percentile(&mut lat, 0.99);
@@ -169,6 +182,7 @@ async fn scenario(
             produce_secs,
             p50,
             p99,
+            produce_cpu_secs,
             consume_rate: 0.0,
         };
     }
@@ -197,8 +211,41 @@ async fn scenario(
         produce_secs,
         p50,
         p99,
+        produce_cpu_secs,
         consume_rate,
     }
+}
+
+/// CPU time (user + system) this process has used so far, in seconds (0 if unknown).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, hence the last ')'): utime and
+    // stime are fields 14 and 15, in clock ticks.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / clock_ticks()
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`), asked once; 100 if unknown.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -425,7 +472,8 @@ impl RawProducer {
     }
 }
 
-/// `producers` raw connections on one topic for `secs`; returns messages/s and latencies.
+/// `producers` raw connections on one topic for `secs`; returns messages/s, the process's CPU
+/// µs per message (the broker's, the generator spends little) and latencies.
 async fn raw_scenario(
     addr: SocketAddr,
     topic: &str,
@@ -434,25 +482,38 @@ async fn raw_scenario(
     producers: usize,
     window: usize,
     secs: f64,
-) -> (f64, Vec<Duration>) {
+) -> (f64, f64, Vec<Duration>) {
     let mut tasks = Vec::new();
     for _ in 0..producers {
         let p = RawProducer::open(addr, topic, size, batch).await;
         tasks.push(tokio::spawn(p.run(window, secs)));
     }
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let mut lat = Vec::new();
     for t in tasks {
         lat.extend(t.await.expect("raw producer"));
     }
-    let rate = (lat.len() * batch) as f64 / start.elapsed().as_secs_f64();
-    (rate, lat)
+    let messages = (lat.len() * batch).max(1) as f64;
+    let rate = messages / start.elapsed().as_secs_f64();
+    let cpu_us = (cpu_seconds() - cpu_start) * 1e6 / messages;
+    (rate, cpu_us, lat)
 }
 
 /// Which parts of the bench run: `MAGNETAR_BENCH_ONLY` is a comma-separated subset of
 /// `table,latency,raw` (default: all).
 fn wanted(part: &str) -> bool {
     std::env::var("MAGNETAR_BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p == part))
+}
+
+/// Message sizes of the table and raw rows: `MAGNETAR_BENCH_SIZES`, comma-separated bytes
+/// (default `100,1024`).
+fn sizes() -> Vec<usize> {
+    std::env::var("MAGNETAR_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![100, 1024])
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -509,7 +570,7 @@ async fn main() {
         for size in [100usize, 1024] {
             let lat = pulsar_latency(&pulsar, &topic(), size, None, secs).await;
             row(size, "pulsar", "1 in flight", lat);
-            let (_, mut lat) =
+            let (_, _, mut lat) =
                 raw_scenario(broker.local_addr(), &topic(), size, 1, 1, 1, secs).await;
             lat.drain(..WARMUP.min(lat.len()));
             row(size, "raw", "1 in flight", lat);
@@ -521,10 +582,10 @@ async fn main() {
         println!();
     }
     if wanted("table") {
-        println!("Throughput, `pulsar` crate (1,000 sends in flight per producer batched, 100 unbatched):\n");
-        println!("| size | batching | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms | p99 / fsync p99 | consume msgs/s |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for size in [100usize, 1024] {
+        println!("Throughput, `pulsar` crate (16 MiB of sends in flight per producer batched, 100 unbatched):\n");
+        println!("| size | batching | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms | p99 / fsync p99 | CPU µs/msg | consume msgs/s |");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for size in sizes() {
             for batching in [true, false] {
                 for producers in [1usize, 4] {
                     let r =
@@ -532,12 +593,13 @@ async fn main() {
                     let rate = r.produced as f64 / r.produce_secs;
                     let mb = rate * size as f64 / 1e6;
                     println!(
-                        "| {size} B | {} | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} | {:.1} | {:.0} |",
+                        "| {size} B | {} | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} | {:.1} | {:.2} | {:.0} |",
                         if batching { "on" } else { "off" },
                         mb / disk.write_mb_s,
                         ms(r.p50),
                         ms(r.p99),
                         r.p99.as_secs_f64() / fsync_p99,
+                        r.produce_cpu_secs * 1e6 / r.produced.max(1) as f64,
                         r.consume_rate
                     );
                 }
@@ -550,11 +612,11 @@ async fn main() {
             "Throughput, lean raw-socket generator (pre-encoded batches of 1,000, {} MiB in flight per connection):\n",
             RAW_WINDOW_BYTES >> 20
         );
-        println!("| size | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
-        for size in [100usize, 1024] {
+        println!("| size | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms | CPU µs/msg |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for size in sizes() {
             for producers in [1usize, 4] {
-                let (rate, mut lat) = raw_scenario(
+                let (rate, cpu_us, mut lat) = raw_scenario(
                     broker.local_addr(),
                     &topic(),
                     size,
@@ -568,7 +630,7 @@ async fn main() {
                 let p50 = percentile(&mut lat, 0.5);
                 let p99 = percentile(&mut lat, 0.99);
                 println!(
-                    "| {size} B | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} |",
+                    "| {size} B | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} | {cpu_us:.2} |",
                     mb / disk.write_mb_s,
                     ms(p50),
                     ms(p99)

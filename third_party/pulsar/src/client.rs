@@ -448,7 +448,7 @@ impl<Exe: Executor> Pulsar<Exe> {
                 resolver,
             })
             .map_err(|_| Error::Custom("producer unexpectedly disconnected".into()))?;
-        Ok(SendFuture(future))
+        Ok(SendFuture::oneshot(future))
     }
 
     /// Creates an [`AdminClient`][crate::AdminClient] for this cluster.

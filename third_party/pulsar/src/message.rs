@@ -14,7 +14,6 @@ use self::proto::*;
 pub use self::proto::{BaseCommand, MessageMetadata as Metadata};
 use crate::{connection::RequestKey, error::ConnectionError};
 
-
 /// Pulsar binary message
 ///
 /// this structure holds any command sent to pulsar, like looking up a topic or
@@ -593,11 +592,25 @@ pub(crate) fn parse_batched_message(
 }
 
 impl BatchedMessage {
-    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
+    #[cfg(test)]
     pub(crate) fn serialize(&self, w: &mut Vec<u8>) {
-        w.put_u32(self.metadata.encoded_len() as u32);
-        let _ = self.metadata.encode(w);
-        w.put_slice(&self.payload);
+        Self::serialize_parts(&self.metadata, &self.payload, w);
+    }
+
+    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
+    /// (magnetar patch) the batching producer writes each message straight into its batch,
+    /// without building a `BatchedMessage` first
+    pub(crate) fn serialize_parts(
+        metadata: &SingleMessageMetadata,
+        payload: &[u8],
+        w: &mut Vec<u8>,
+    ) {
+        let len = metadata.encoded_len();
+        w.reserve(4 + len + payload.len());
+        w.put_u32(len as u32);
+        // a Vec grows as needed: encoding into it cannot fail
+        let _ = metadata.encode(w);
+        w.put_slice(payload);
     }
 }
 

@@ -12,12 +12,12 @@ use std::{
 
 use base64::Engine;
 use futures::{
-    channel::{mpsc, oneshot},
+    channel::oneshot,
     future::{self, try_join_all, Either},
     lock::{Mutex, MutexGuard},
     pin_mut,
-    task::{Context, Poll},
-    Future, SinkExt, StreamExt,
+    task::{AtomicWaker, Context, Poll, Waker},
+    Future, StreamExt,
 };
 use rand::Rng;
 
@@ -45,22 +45,63 @@ type ProducerName = String;
 /// it contains a channel on which we can await to get the message receipt.
 /// Depending on the producer's configuration (batching, flow control, etc)and
 /// the server's load, the send receipt could come much later after sending it
-pub struct SendFuture(pub(crate) oneshot::Receiver<Result<CommandSendReceipt, Error>>);
+pub struct SendFuture(pub(crate) SendFutureInner);
+
+/// (magnetar patch) a message of a batch waits on its batch's shared receipt instead of a
+/// oneshot channel of its own (one allocation and one channel send per batch, not per message)
+pub(crate) enum SendFutureInner {
+    Oneshot(oneshot::Receiver<Result<CommandSendReceipt, Error>>),
+    Batched {
+        receipt: Arc<BatchReceipt>,
+        /// this message's index in the batch
+        index: u32,
+        /// where this future's waker is kept in the batch's receipt, once registered
+        waker_slot: Option<usize>,
+    },
+}
+
+#[cfg(test)]
+impl SendFutureInner {
+    /// the receipt if it is in, as `oneshot::Receiver::try_recv` (tests)
+    pub(crate) fn try_recv(
+        &mut self,
+    ) -> Result<Option<Result<CommandSendReceipt, Error>>, oneshot::Canceled> {
+        match self {
+            SendFutureInner::Oneshot(rx) => rx.try_recv(),
+            SendFutureInner::Batched { receipt, index, .. } => Ok(receipt.result(*index)),
+        }
+    }
+}
+
+impl SendFuture {
+    pub(crate) fn oneshot(rx: oneshot::Receiver<Result<CommandSendReceipt, Error>>) -> Self {
+        SendFuture(SendFutureInner::Oneshot(rx))
+    }
+}
 
 impl Future for SendFuture {
     type Output = Result<CommandSendReceipt, Error>;
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(ProducerError::Custom(
-                "producer unexpectedly disconnected".into(),
-            )
-            .into())),
-            Poll::Pending => Poll::Pending,
+        match &mut self.0 {
+            SendFutureInner::Oneshot(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(r)) => Poll::Ready(r),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(disconnected())),
+                Poll::Pending => Poll::Pending,
+            },
+            SendFutureInner::Batched {
+                receipt,
+                index,
+                waker_slot,
+            } => receipt.poll_message(*index, waker_slot, cx),
         }
     }
+}
+
+/// The error of a message whose producer went away before its receipt.
+fn disconnected() -> Error {
+    ProducerError::Custom("producer unexpectedly disconnected".into()).into()
 }
 
 /// message data that will be sent on a topic
@@ -248,7 +289,7 @@ impl<Exe: Executor> MultiTopicProducer<Exe> {
         let fut = self.send_non_blocking(topic, message).await?;
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(fut.await);
-        Ok(SendFuture(rx))
+        Ok(SendFuture::oneshot(rx))
     }
 
     /// sends one message on a topic
@@ -479,7 +520,7 @@ impl<Exe: Executor> Producer<Exe> {
         let fut = self.send_non_blocking(message).await?;
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(fut.await);
-        Ok(SendFuture(rx))
+        Ok(SendFuture::oneshot(rx))
     }
 
     /// sends a list of messages
@@ -655,33 +696,13 @@ impl<Exe: Executor> TopicProducer<Exe> {
                 batch: None,
             });
         }
-        let executor = client.executor.clone();
-        let batch_storage = BatchStorage {
-            max_size: options.batch_size,
-            max_byte_size: options.batch_byte_size,
-            timeout: options.batch_timeout,
-            size: 0,
-            storage: match options.batch_size {
-                Some(batch_size) => VecDeque::with_capacity(batch_size as usize),
-                None => VecDeque::new(),
-            },
-        };
-        // the message should be received quickly, so a small buffer is okay
-        let (msg_sender, msg_receiver) = mpsc::channel::<BatchItem>(10);
-        let executor_clone = executor.clone();
-        let (batch_sender, batch_receiver) = mpsc::channel::<Vec<BatchItem>>(1);
+        // magnetar patch: the producer adds its messages to the open batch itself (no task
+        // hop per message); `message_send_loop` sends the sealed batches.
+        let queue = Arc::new(BatchQueue::new(&options));
         let (close_sender, close_receiver) =
             oneshot::channel::<Result<CommandSuccess, ConnectionError>>();
-
-        let _ = executor.spawn(Box::pin(batch_process_loop(
-            producer_id,
-            batch_storage,
-            msg_receiver,
-            batch_sender,
-            executor_clone,
-        )));
-        let _ = executor.spawn(Box::pin(message_send_loop(
-            batch_receiver,
+        let _ = client.executor.spawn(Box::pin(message_send_loop(
+            queue.clone(),
             close_sender,
             connection.clone(),
         )));
@@ -693,7 +714,7 @@ impl<Exe: Executor> TopicProducer<Exe> {
             name: producer_name,
             topic,
             batch: Some(Batch {
-                msg_sender,
+                queue,
                 close_receiver,
             }),
             compression,
@@ -726,16 +747,19 @@ impl<Exe: Executor> TopicProducer<Exe> {
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     async fn send(&mut self, message: Message) -> Result<SendFuture, Error> {
-        self.send_raw(message.into()).await
+        match &self.batch {
+            // magnetar patch: straight into the batch, without converting to ProducerMessage
+            Some(batch) => batch.queue.push(message).await,
+            None => self.send_raw(message.into()).await,
+        }
     }
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     async fn send_batch(&mut self) -> Result<(), Error> {
-        match &mut self.batch.as_mut().map(|batch| &mut batch.msg_sender) {
-            Some(msg_sender) => {
+        match &self.batch {
+            Some(batch) => {
                 let (tx, rx) = oneshot::channel::<()>();
-                let item = BatchItem::Flush(tx);
-                let _ = msg_sender.send(item).await;
+                batch.queue.flush(tx);
                 let _ = rx.await; // ignore any error
                 Ok(())
             }
@@ -746,38 +770,23 @@ impl<Exe: Executor> TopicProducer<Exe> {
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub(crate) async fn send_raw(&mut self, message: ProducerMessage) -> Result<SendFuture, Error> {
-        match &mut self.batch.as_mut().map(|batch| &mut batch.msg_sender) {
-            Some(msg_sender) => {
+        match &self.batch {
+            Some(batch) => {
                 // Per-message schema_version is not supported by the Pulsar
                 // protocol for batched messages. The schema_version is set
                 // on the batch envelope when it is sent instead. Any
                 // user-provided schema_version on individual messages is
                 // structurally dropped here.
-                let properties = message
-                    .properties
-                    .into_iter()
-                    .map(|(key, value)| proto::KeyValue { key, value })
-                    .collect();
-                let batched = BatchedMessage {
-                    metadata: proto::SingleMessageMetadata {
-                        properties,
-                        partition_key: message.partition_key,
-                        partition_key_b64_encoded: message.partition_key_b64_encoded,
-                        ordering_key: message.ordering_key,
-                        payload_size: message.payload.len() as i32,
-                        event_time: message.event_time,
-                        ..Default::default()
-                    },
+                let message = Message {
                     payload: message.payload,
+                    properties: message.properties,
+                    partition_key: message.partition_key,
+                    partition_key_b64_encoded: message.partition_key_b64_encoded,
+                    ordering_key: message.ordering_key,
+                    event_time: message.event_time,
+                    ..Default::default()
                 };
-                let (tx, rx) = oneshot::channel();
-                let item = BatchItem::SingleMessage(tx, batched);
-                msg_sender.send(item).await.map_err(|e| {
-                    Error::Producer(ProducerError::Custom(format!(
-                        "failed to send message to batch_process_loop: {e}"
-                    )))
-                })?;
-                Ok(SendFuture(rx))
+                batch.queue.push(message).await
             }
             None if self.options.enabled_batching() => Err(ProducerError::Closed.into()),
             _ => {
@@ -794,7 +803,7 @@ impl<Exe: Executor> TopicProducer<Exe> {
                 self.connection.close().await?;
             }
             Some(mut batch) if self.options.enabled_batching() => {
-                batch.msg_sender.close_channel();
+                batch.queue.close();
                 let close_receiver = &mut batch.close_receiver;
                 return match close_receiver.await {
                     Ok(Ok(_)) => Ok(()),
@@ -975,7 +984,7 @@ impl<Exe: Executor> ProducerConnection<Exe> {
                             self.pending.lock().unwrap().messages.remove(&sequence_id);
                             return Err(e);
                         }
-                        return Ok(SendFuture(rx));
+                        return Ok(SendFuture::oneshot(rx));
                     }
                     Err(ConnectionError::Disconnected) => {}
                     Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {}
@@ -1316,8 +1325,8 @@ impl<Exe: Executor> std::ops::Drop for TopicProducer<Exe> {
         let id = self.id;
         let name = self.name.clone();
         let topic = self.topic.clone();
-        if let Some(mut batch) = self.batch.take() {
-            batch.msg_sender.close_channel();
+        if let Some(batch) = self.batch.take() {
+            batch.queue.close();
         }
         let _ = self.client.executor.spawn(Box::pin(async move {
             if let Err(e) = conn.close().await {
@@ -1437,244 +1446,468 @@ impl<Exe: Executor> ProducerBuilder<Exe> {
     }
 }
 
-struct BatchStorage {
+/// (magnetar patch) Batches of one producer that `message_send_loop` has not taken yet; the
+/// producer waits for room beyond this (the stock crate's channels held about as many).
+const MAX_SEALED_BATCHES: usize = 2;
+
+/// (magnetar patch) A batching producer's open batch and its sealed batches waiting for
+/// `message_send_loop`, shared by the producer and that task.
+///
+/// The stock crate sent every message through a channel (capacity 10) to a batching task,
+/// which moved it into a `VecDeque`, then into a `Vec` handed to the send task through a
+/// second channel: per message a queue node, several moves of a large struct, a oneshot
+/// channel, and a task wake-up every few messages (the two tasks ping-ponged between the
+/// runtime's threads). Now the producer encodes each message straight into the open batch's
+/// payload under a mutex that is never held across an await, and the send task is woken once
+/// per sealed batch.
+struct BatchQueue {
     max_size: Option<u32>,
     max_byte_size: Option<usize>,
     timeout: Option<Duration>,
-    size: usize,
-    storage: VecDeque<BatchItem>,
+    state: std::sync::Mutex<BatchQueueState>,
+    /// wakes `message_send_loop`: a batch was sealed, the producer closed, or the open batch
+    /// got its first message while the loop waits without a timer
+    send_loop: AtomicWaker,
+    /// wakes the producer waiting for room among the sealed batches
+    room: AtomicWaker,
 }
 
-impl BatchStorage {
-    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
-    pub fn push_back(&mut self, item: BatchItem) {
-        if let BatchItem::SingleMessage(_, batched_msg) = &item {
-            self.size += batched_msg.metadata.payload_size as usize;
-        }
-        self.storage.push_back(item);
-    }
+struct BatchQueueState {
+    open: OpenBatch,
+    sealed: VecDeque<OpenBatch>,
+    /// no new messages: the producer was closed or dropped
+    closed: bool,
+    /// `message_send_loop` ended (or its task was dropped)
+    loop_gone: bool,
+    /// `message_send_loop` waits without a timer: the open batch's first message must wake it
+    /// so that it arms the batch timeout
+    loop_needs_start: bool,
+    /// payload capacity for the next batch (the size of the last one)
+    capacity_hint: usize,
+}
 
-    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
-    pub fn get_messages(&mut self) -> Vec<BatchItem> {
-        self.size = 0;
-        self.storage.drain(..).collect()
-    }
+/// A batch being filled (or sealed, waiting to be sent).
+struct OpenBatch {
+    /// the messages, each as `[metadata size][SingleMessageMetadata][payload]`
+    payload: Vec<u8>,
+    count: u32,
+    /// the sum of the messages' payload sizes (what `batch_byte_size` bounds)
+    bytes: usize,
+    /// when the first message was added (the batch timeout runs from there)
+    started: Option<Instant>,
+    receipt: ReceiptCompleter,
+    /// `send_batch` calls that complete with this batch's receipt
+    flushes: Vec<oneshot::Sender<()>>,
+}
 
-    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
-    pub fn ready_to_flush(&self) -> bool {
-        if let Some(max_size) = self.max_size {
-            if self.storage.len() >= max_size as usize {
-                return true;
-            }
+impl OpenBatch {
+    fn new(capacity: usize) -> Self {
+        OpenBatch {
+            payload: Vec::with_capacity(capacity),
+            count: 0,
+            bytes: 0,
+            started: None,
+            receipt: ReceiptCompleter(Arc::new(BatchReceipt::default())),
+            flushes: Vec::new(),
         }
-        if let Some(max_byte_size) = self.max_byte_size {
-            if self.size >= max_byte_size {
-                return true;
-            }
-        }
-        matches!(self.storage.back(), Some(BatchItem::Flush(_)))
     }
 }
 
-enum BatchItem {
-    SingleMessage(
-        oneshot::Sender<Result<CommandSendReceipt, Error>>,
-        BatchedMessage,
-    ),
-    Flush(oneshot::Sender<()>),
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl BatchQueue {
+    fn new(options: &ProducerOptions) -> Self {
+        BatchQueue {
+            max_size: options.batch_size,
+            max_byte_size: options.batch_byte_size,
+            timeout: options.batch_timeout,
+            state: std::sync::Mutex::new(BatchQueueState {
+                open: OpenBatch::new(0),
+                sealed: VecDeque::new(),
+                closed: false,
+                loop_gone: false,
+                loop_needs_start: false,
+                capacity_hint: 0,
+            }),
+            send_loop: AtomicWaker::new(),
+            room: AtomicWaker::new(),
+        }
+    }
+
+    fn is_full(&self, batch: &OpenBatch) -> bool {
+        self.max_size.is_some_and(|max| batch.count >= max)
+            || self.max_byte_size.is_some_and(|max| batch.bytes >= max)
+    }
+
+    /// Seals the open batch: `message_send_loop` sends it next.
+    fn seal(state: &mut BatchQueueState) {
+        let capacity = state.open.payload.len().max(state.capacity_hint / 2);
+        state.capacity_hint = capacity;
+        let batch = std::mem::replace(&mut state.open, OpenBatch::new(capacity));
+        state.sealed.push_back(batch);
+    }
+
+    fn check_open(state: &BatchQueueState) -> Result<(), Error> {
+        if state.closed {
+            Err(ProducerError::Closed.into())
+        } else if state.loop_gone {
+            Err(ProducerError::Custom("the producer's send task ended".into()).into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Adds a message to the open batch (after waiting for room among the sealed batches) and
+    /// returns its receipt future.
+    async fn push(&self, message: Message) -> Result<SendFuture, Error> {
+        let Message {
+            payload,
+            properties,
+            partition_key,
+            partition_key_b64_encoded,
+            ordering_key,
+            event_time,
+            ..
+        } = message;
+        // as the stock crate: the other fields of `Message` have no place in a batched message
+        let metadata = proto::SingleMessageMetadata {
+            properties: properties
+                .into_iter()
+                .map(|(key, value)| proto::KeyValue { key, value })
+                .collect(),
+            partition_key,
+            partition_key_b64_encoded,
+            ordering_key,
+            payload_size: payload.len() as i32,
+            event_time,
+            ..Default::default()
+        };
+        loop {
+            if let Some(result) = self.try_push(&metadata, &payload) {
+                return result;
+            }
+            // the send task is behind: wait for room
+            future::poll_fn(|cx| self.poll_room(cx)).await?;
+        }
+    }
+
+    /// Adds a message to the open batch, unless the sealed batches leave no room (`None`).
+    fn try_push(
+        &self,
+        metadata: &proto::SingleMessageMetadata,
+        payload: &[u8],
+    ) -> Option<Result<SendFuture, Error>> {
+        let mut state = lock(&self.state);
+        if let Err(e) = Self::check_open(&state) {
+            return Some(Err(e));
+        }
+        if state.sealed.len() >= MAX_SEALED_BATCHES {
+            return None;
+        }
+        let open = &mut state.open;
+        let index = open.count;
+        BatchedMessage::serialize_parts(metadata, payload, &mut open.payload);
+        open.count += 1;
+        open.bytes += payload.len();
+        let receipt = open.receipt.0.clone();
+        let wake = if self.is_full(open) {
+            Self::seal(&mut state);
+            true
+        } else if index == 0 {
+            state.open.started = Some(Instant::now());
+            self.timeout.is_some() && std::mem::take(&mut state.loop_needs_start)
+        } else {
+            false
+        };
+        drop(state);
+        if wake {
+            self.send_loop.wake();
+        }
+        Some(Ok(SendFuture(SendFutureInner::Batched {
+            receipt,
+            index,
+            waker_slot: None,
+        })))
+    }
+
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let has_room = |state: &BatchQueueState| {
+            Self::check_open(state).map(|()| state.sealed.len() < MAX_SEALED_BATCHES)
+        };
+        if has_room(&lock(&self.state))? {
+            return Poll::Ready(Ok(()));
+        }
+        self.room.register(cx.waker());
+        match has_room(&lock(&self.state)) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Ok(false) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Seals the open batch (even empty): `tx` completes after its receipt.
+    fn flush(&self, tx: oneshot::Sender<()>) {
+        let mut state = lock(&self.state);
+        if Self::check_open(&state).is_err() {
+            return; // `tx` dropped: the flush completes at once
+        }
+        state.open.flushes.push(tx);
+        Self::seal(&mut state);
+        drop(state);
+        self.send_loop.wake();
+    }
+
+    /// No new messages; the open batch's messages fail (as in the stock crate), the sealed
+    /// ones are still sent, then `message_send_loop` closes the producer.
+    fn close(&self) {
+        let mut state = lock(&self.state);
+        state.closed = true;
+        let open = std::mem::replace(&mut state.open, OpenBatch::new(0));
+        drop(state);
+        if open.count > 0 {
+            warn!(
+                "a batching producer closed with {} messages not flushed",
+                open.count
+            );
+        }
+        open.receipt.0.complete(BatchOutcome::Closed, open.count);
+        self.send_loop.wake();
+        self.room.wake();
+    }
+}
+
+/// Marks the queue gone when `message_send_loop` ends or its task is dropped: the batches it
+/// did not send fail, and the producer's next send returns an error.
+struct SendLoopGuard(Arc<BatchQueue>);
+
+impl Drop for SendLoopGuard {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.state);
+        state.loop_gone = true;
+        let open = std::mem::replace(&mut state.open, OpenBatch::new(0));
+        let sealed = std::mem::take(&mut state.sealed);
+        drop(state);
+        // their receipts fail as "producer unexpectedly disconnected" when dropped
+        drop(open);
+        drop(sealed);
+        self.0.room.wake();
+    }
+}
+
+/// (magnetar patch) The receipt of one batch, shared by the `SendFuture`s of its messages.
+#[derive(Default)]
+pub(crate) struct BatchReceipt {
+    /// set once, with the batch's message count: read without a lock
+    outcome: std::sync::OnceLock<(BatchOutcome, u32)>,
+    /// the wakers of the futures waiting; each future remembers its slot
+    wakers: std::sync::Mutex<Vec<Waker>>,
+}
+
+enum BatchOutcome {
+    Receipt(CommandSendReceipt),
+    Failed(Arc<Error>),
+    Closed,
+    Disconnected,
+}
+
+impl BatchReceipt {
+    /// Completes the batch (only the first call counts) and wakes its waiting futures.
+    fn complete(&self, outcome: BatchOutcome, count: u32) {
+        if self.outcome.set((outcome, count)).is_err() {
+            return;
+        }
+        // a future that found no outcome registers its waker under this lock, then looks
+        // again: it sees the outcome, or its waker is taken here
+        let wakers = std::mem::take(&mut *lock(&self.wakers));
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    fn result(&self, index: u32) -> Option<Result<CommandSendReceipt, Error>> {
+        let (outcome, count) = self.outcome.get()?;
+        Some(match outcome {
+            BatchOutcome::Receipt(receipt) => {
+                let mut receipt = receipt.clone();
+                if let Some(msg_id) = &mut receipt.message_id {
+                    msg_id.batch_index = Some(index as i32);
+                    msg_id.batch_size = Some(*count as i32);
+                }
+                Ok(receipt)
+            }
+            BatchOutcome::Failed(e) => Err(ProducerError::Batch(e.clone()).into()),
+            BatchOutcome::Closed => Err(ProducerError::Closed.into()),
+            BatchOutcome::Disconnected => Err(disconnected()),
+        })
+    }
+
+    fn poll_message(
+        &self,
+        index: u32,
+        waker_slot: &mut Option<usize>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<CommandSendReceipt, Error>> {
+        if let Some(result) = self.result(index) {
+            return Poll::Ready(result);
+        }
+        let mut wakers = lock(&self.wakers);
+        if let Some(result) = self.result(index) {
+            return Poll::Ready(result);
+        }
+        match waker_slot.and_then(|slot| wakers.get_mut(slot)) {
+            Some(waker) => waker.clone_from(cx.waker()),
+            None => {
+                *waker_slot = Some(wakers.len());
+                wakers.push(cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Completes its batch's receipt when dropped without having done so (the batch was dropped
+/// unsent or its send task ended): the messages then fail like a dropped oneshot sender.
+struct ReceiptCompleter(Arc<BatchReceipt>);
+
+impl Drop for ReceiptCompleter {
+    fn drop(&mut self) {
+        self.0.complete(BatchOutcome::Disconnected, 0);
+    }
 }
 
 struct Batch {
-    // sends a message or trigger a flush
-    msg_sender: mpsc::Sender<BatchItem>,
-    // receives the notification when `bath_process_loop` is closed
+    queue: Arc<BatchQueue>,
+    // receives the notification when `message_send_loop` is closed
     close_receiver: oneshot::Receiver<Result<CommandSuccess, ConnectionError>>,
-}
-
-#[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
-async fn batch_process_loop(
-    producer_id: ProducerId,
-    mut batch_storage: BatchStorage,
-    mut msg_receiver: mpsc::Receiver<BatchItem>,
-    mut batch_sender: mpsc::Sender<Vec<BatchItem>>,
-    executor: impl Executor,
-) {
-    let mut recv_future = msg_receiver.next();
-    let mut timer_future: Pin<Box<dyn Future<Output = ()> + Send + 'static>> =
-        Box::pin(future::pending());
-
-    let flush = async |batch_sender: &mut mpsc::Sender<Vec<BatchItem>>,
-                       messages: Vec<BatchItem>| {
-        if !messages.is_empty() {
-            let _ = batch_sender.send(messages).await;
-        }
-    };
-
-    loop {
-        match future::select(recv_future, timer_future).await {
-            Either::Left((Some(batch_item), previous_timer_future)) => {
-                batch_storage.push_back(batch_item);
-                if batch_storage.ready_to_flush() {
-                    flush(&mut batch_sender, batch_storage.get_messages()).await;
-                    timer_future = Box::pin(future::pending());
-                } else {
-                    timer_future = match batch_storage.timeout {
-                        Some(timeout) if batch_storage.storage.len() == 1 => {
-                            Box::pin(executor.delay(timeout))
-                        }
-                        _ => previous_timer_future,
-                    };
-                }
-                recv_future = msg_receiver.next();
-            }
-            Either::Left((None, _)) => {
-                let count = batch_storage.storage.len();
-                if count > 0 {
-                    warn!("producer {}'s batch_process_loop exits when there are {} messages not flushed",
-                        producer_id, count);
-                    for item in batch_storage.get_messages() {
-                        if let BatchItem::SingleMessage(tx, _) = item {
-                            let _ = tx.send(Err(Error::Producer(ProducerError::Closed)));
-                        }
-                    }
-                } else {
-                    info!("producer {producer_id}'s batch_process_loop: channel closed, exiting");
-                }
-                break;
-            }
-            Either::Right((_, previous_recv_future)) => {
-                if batch_storage.timeout.is_some() {
-                    flush(&mut batch_sender, batch_storage.get_messages()).await;
-                }
-                timer_future = Box::pin(future::pending());
-                recv_future = previous_recv_future;
-            }
-        }
-    }
 }
 
 /// Batches of one producer awaiting their receipts at a time (magnetar patch).
 const MAX_BATCHES_IN_FLIGHT: usize = 16;
 
+/// Takes the next sealed batch (or seals the open one when its timeout expired); `None` once
+/// the producer is closed and every sealed batch was taken.
+fn poll_next_batch<Exe: Executor>(
+    queue: &BatchQueue,
+    executor: &Exe,
+    timer: &mut Option<(Instant, Pin<Box<crate::executor::Delay>>)>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<OpenBatch>> {
+    queue.send_loop.register(cx.waker());
+    loop {
+        let mut state = lock(&queue.state);
+        if let Some(batch) = state.sealed.pop_front() {
+            drop(state);
+            queue.room.wake();
+            return Poll::Ready(Some(batch));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        let deadline = match (queue.timeout, state.open.started) {
+            (Some(timeout), Some(started)) => started + timeout,
+            _ => {
+                state.loop_needs_start = true;
+                *timer = None;
+                return Poll::Pending;
+            }
+        };
+        state.loop_needs_start = false;
+        let now = Instant::now();
+        if deadline <= now {
+            BatchQueue::seal(&mut state);
+            continue;
+        }
+        drop(state);
+        if timer.as_ref().is_none_or(|(at, _)| *at != deadline) {
+            *timer = Some((deadline, Box::pin(executor.delay(deadline - now))));
+        }
+        if let Some((_, delay)) = timer {
+            match delay.as_mut().poll(cx) {
+                Poll::Ready(()) => *timer = None, // the deadline check above seals it
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
 async fn message_send_loop<Exe>(
-    mut msg_receiver: mpsc::Receiver<Vec<BatchItem>>,
+    queue: Arc<BatchQueue>,
     close_sender: oneshot::Sender<Result<CommandSuccess, ConnectionError>>,
     connection: Arc<ProducerConnection<Exe>>,
 ) where
     Exe: Executor,
 {
+    let _guard = SendLoopGuard(queue.clone());
     let producer_id = connection.id;
+    let executor = connection.client.executor.clone();
+    let mut timer = None;
     // magnetar patch: up to MAX_BATCHES_IN_FLIGHT batches await their receipts while the
     // next ones are sent (the stock loop waited for each receipt before sending on, so a
     // producer's rate was one batch per broker round trip, fsync included).
     let mut inflight = futures::stream::FuturesUnordered::new();
     loop {
-        let next = if inflight.is_empty() {
-            msg_receiver.next().await
-        } else if inflight.len() >= MAX_BATCHES_IN_FLIGHT {
-            let _ = inflight.next().await;
-            continue;
-        } else {
-            match future::select(msg_receiver.next(), inflight.next()).await {
-                Either::Left((item, _)) => item,
-                Either::Right(_) => continue,
+        let next = future::poll_fn(|cx| {
+            while let Poll::Ready(Some(())) = inflight.poll_next_unpin(cx) {}
+            if inflight.len() >= MAX_BATCHES_IN_FLIGHT {
+                return Poll::Pending;
             }
+            poll_next_batch(&queue, &executor, &mut timer, cx)
+        })
+        .await;
+        let Some(batch) = next else {
+            while inflight.next().await.is_some() {}
+            debug!("producer {producer_id} message_send_loop: closed, exiting");
+            let close_result = connection.close().await;
+            let _ = close_sender.send(close_result).inspect_err(|e| {
+                warn!(
+                    "{producer_id} could not notify the message_send_loop is closed: {:?}, the producer might be dropped without closing",
+                    e
+                );
+            });
+            break;
         };
-        match next {
-            Some(mut batch_items) => {
-                if batch_items.is_empty() {
-                    error!(
-                        "producer {}'s message_send_loop received an empty batch unexpectedly",
-                        producer_id
-                    );
-                    continue;
-                }
-                let mut payload: Vec<u8> = Vec::new();
-                let mut receipts = Vec::new();
-
-                let flush_tx = {
-                    if let Some(BatchItem::Flush(_)) = batch_items.last() {
-                        if let BatchItem::Flush(tx) = batch_items.pop().unwrap() {
-                            Some(tx)
-                        } else {
-                            unreachable!()
-                        }
-                    } else {
-                        None
-                    }
-                };
-                let counter = batch_items.len();
-                for item in batch_items {
-                    if let BatchItem::SingleMessage(tx, batched_msg) = item {
-                        receipts.push(tx);
-                        batched_msg.serialize(&mut payload);
-                    } else {
-                        error!(
-                            "producer {}'s message_send_loop received a Flush item unexpectedly",
-                            producer_id
-                        );
-                    }
-                }
-                if counter == 0 {
-                    if let Some(flush_tx) = flush_tx {
-                        let _ = flush_tx.send(());
-                    }
-                    continue;
-                }
-
-                let message = ProducerMessage {
-                    payload,
-                    num_messages_in_batch: Some(counter as i32),
-                    ..Default::default()
-                };
-
-                trace!("sending a batched message of size {}", counter);
-
-                // Sent in order here; only the receipt is awaited concurrently.
-                let sent = match compress_message(message, &connection.options.compression) {
-                    Ok(m) => connection.send(m).await,
-                    Err(e) => Err(e),
-                };
-                inflight.push(async move {
-                    match async { sent?.await }.await {
-                        Ok(receipt) => {
-                            for (batch_index, tx) in receipts.into_iter().enumerate() {
-                                let mut receipt = receipt.clone();
-                                if let Some(msg_id) = &mut receipt.message_id {
-                                    msg_id.batch_index = Some(batch_index as i32);
-                                    msg_id.batch_size = Some(counter as i32);
-                                }
-                                let _ = tx.send(Ok(receipt));
-                            }
-                            if let Some(flush_tx) = flush_tx {
-                                let _ = flush_tx.send(());
-                            }
-                        }
-                        Err(e) => {
-                            let error = Arc::new(e);
-                            for tx in receipts {
-                                let _ = tx.send(Err(Error::Producer(ProducerError::Batch(
-                                    error.clone(),
-                                ))));
-                            }
-                        }
-                    }
-                });
+        let OpenBatch {
+            payload,
+            count,
+            receipt,
+            flushes,
+            ..
+        } = batch;
+        if count == 0 {
+            for flush in flushes {
+                let _ = flush.send(());
             }
-            None => {
-                while inflight.next().await.is_some() {}
-                debug!("producer {producer_id} message_send_loop: channel closed, exiting");
-                let close_result = connection.close().await;
-                let _ = close_sender.send(close_result).inspect_err(|e| {
-                    warn!(
-                        "{producer_id} could not notify the message_send_loop is closed: {:?}, the producer might be dropped without closing",
-                        e
-                    );
-                });
-                break;
-            }
+            continue;
         }
+        let message = ProducerMessage {
+            payload,
+            num_messages_in_batch: Some(count as i32),
+            ..Default::default()
+        };
+
+        trace!("sending a batched message of size {}", count);
+
+        // Sent in order here; only the receipt is awaited concurrently.
+        let sent = match compress_message(message, &connection.options.compression) {
+            Ok(m) => connection.send(m).await,
+            Err(e) => Err(e),
+        };
+        inflight.push(async move {
+            match async { sent?.await }.await {
+                Ok(r) => {
+                    receipt.0.complete(BatchOutcome::Receipt(r), count);
+                    for flush in flushes {
+                        let _ = flush.send(());
+                    }
+                }
+                Err(e) => receipt.0.complete(BatchOutcome::Failed(Arc::new(e)), count),
+            }
+        });
     }
 }
 
@@ -1811,7 +2044,7 @@ impl<T: SerializeMessage + Sized, Exe: Executor> MessageBuilder<'_, T, Exe> {
         let fut = self.send_non_blocking().await?;
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(fut.await);
-        Ok(SendFuture(rx))
+        Ok(SendFuture::oneshot(rx))
     }
 
     /// sends the message through the producer that created it
@@ -1869,7 +2102,7 @@ mod tests {
         // Drop the sender immediately to simulate an unexpected disconnect:
         drop(tx);
 
-        let fut = SendFuture(rx);
+        let fut = SendFuture::oneshot(rx);
         let err = block_on(fut).expect_err("expected an error when sender is dropped");
 
         // It should be mapped to a ProducerError::Custom inside Error::Producer
@@ -1882,6 +2115,126 @@ mod tests {
             }
             other => panic!("unexpected error variant: {:?}", other),
         }
+    }
+
+    /// (magnetar patch) every message of a batch gets the batch's receipt with its own index
+    #[test]
+    fn batch_receipt_resolves_each_message() {
+        let receipt = Arc::new(BatchReceipt::default());
+        let mut futures: Vec<SendFuture> = (0..3)
+            .map(|index| {
+                SendFuture(SendFutureInner::Batched {
+                    receipt: receipt.clone(),
+                    index,
+                    waker_slot: None,
+                })
+            })
+            .collect();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut futures[1]).poll(&mut cx).is_pending());
+        let msg_id = proto::MessageIdData {
+            ledger_id: 1,
+            entry_id: 7,
+            ..Default::default()
+        };
+        receipt.complete(
+            BatchOutcome::Receipt(CommandSendReceipt {
+                producer_id: 3,
+                sequence_id: 5,
+                message_id: Some(msg_id),
+                highest_sequence_id: None,
+            }),
+            3,
+        );
+        for (index, fut) in futures.into_iter().enumerate() {
+            let receipt = block_on(fut).expect("receipt");
+            let id = receipt.message_id.expect("message id");
+            assert_eq!(
+                (id.entry_id, id.batch_index, id.batch_size),
+                (7, Some(index as i32), Some(3))
+            );
+        }
+    }
+
+    /// (magnetar patch) a batch dropped unsent fails its messages, as a dropped oneshot did
+    #[test]
+    fn dropped_batch_fails_its_messages() {
+        let queue = BatchQueue::new(&ProducerOptions {
+            batch_size: Some(10),
+            ..Default::default()
+        });
+        let message = Message {
+            payload: b"a".to_vec(),
+            ..Default::default()
+        };
+        let fut = block_on(queue.push(message)).expect("push");
+        // the send task ends without sending the open batch
+        drop(SendLoopGuard(Arc::new(queue)));
+        match block_on(fut) {
+            Err(Error::Producer(ProducerError::Custom(msg))) => {
+                assert!(msg.contains("unexpectedly disconnected"), "{msg}")
+            }
+            other => panic!("unexpected result: {:?}", other.map(|_| ())),
+        }
+    }
+
+    /// (magnetar patch) closing fails the open batch's messages and refuses new ones
+    #[test]
+    fn closed_batch_queue_fails_open_messages() {
+        let queue = BatchQueue::new(&ProducerOptions {
+            batch_size: Some(10),
+            ..Default::default()
+        });
+        let msg = |s: &str| Message {
+            payload: s.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let fut = block_on(queue.push(msg("a"))).expect("push");
+        queue.close();
+        assert!(matches!(
+            block_on(fut),
+            Err(Error::Producer(ProducerError::Closed))
+        ));
+        assert!(matches!(
+            block_on(queue.push(msg("b"))),
+            Err(Error::Producer(ProducerError::Closed))
+        ));
+    }
+
+    /// (magnetar patch) a full batch is sealed; the producer waits while two sealed batches
+    /// wait for the send task
+    #[test]
+    fn full_batches_are_sealed_in_order() {
+        let queue = BatchQueue::new(&ProducerOptions {
+            batch_size: Some(2),
+            ..Default::default()
+        });
+        let msg = |s: &str| Message {
+            payload: s.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        for s in ["a", "b", "c", "d"] {
+            block_on(queue.push(msg(s))).expect("push");
+        }
+        {
+            let state = lock(&queue.state);
+            assert_eq!(state.sealed.len(), 2);
+            assert_eq!(state.open.count, 0);
+            let counts: Vec<u32> = state.sealed.iter().map(|b| b.count).collect();
+            assert_eq!(counts, vec![2, 2]);
+            let first =
+                crate::message::parse_batched_message(2, &state.sealed[0].payload).expect("batch");
+            assert_eq!(first[0].payload, b"a");
+            assert_eq!(first[1].payload, b"b");
+            assert_eq!(first[1].metadata.payload_size, 1);
+        }
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut blocked = Box::pin(queue.push(msg("e")));
+        assert!(blocked.as_mut().poll(&mut cx).is_pending());
+        lock(&queue.state).sealed.pop_front();
+        assert!(blocked.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]
