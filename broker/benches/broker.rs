@@ -11,6 +11,9 @@
 //! and raw rows (default `100,1024`). The table and raw rows print the process's CPU time
 //! (user + system, client and broker together) per message produced.
 
+#[path = "support/proc_cpu.rs"]
+mod proc_cpu;
+
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -218,34 +221,7 @@ async fn scenario(
 
 /// CPU time (user + system) this process has used so far, in seconds (0 if unknown).
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces, hence the last ')'): utime and
-    // stime are fields 14 and 15, in clock ticks.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    ticks / clock_ticks()
-}
-
-/// The kernel's clock ticks per second (`getconf CLK_TCK`), asked once; 100 if unknown.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    proc_cpu::cpu_seconds("/proc/self/stat")
 }
 
 fn ms(d: Duration) -> f64 {

@@ -129,19 +129,29 @@ async fn bystander_round_trip(
     assert_eq!(msg.payload.data, text.as_bytes());
 }
 
+/// A broker on a free loopback port with its data in `dir`.
+async fn start(dir: &std::path::Path) -> BrokerHandle {
+    Broker::start(BrokerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.into(),
+    ))
+    .await
+    .unwrap()
+}
+
+/// A `pulsar` crate client of `broker` over TCP.
+async fn client(broker: &BrokerHandle) -> Pulsar<TokioExecutor> {
+    Pulsar::builder(broker.service_url(), TokioExecutor)
+        .build()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error_and_disturbs_no_other_client() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(BrokerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().into(),
-    ))
-    .await
-    .unwrap();
-    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
-        .build()
-        .await
-        .unwrap();
+    let broker = start(dir.path()).await;
+    let pulsar = client(&broker).await;
     let mut consumer: Consumer<Vec<u8>, TokioExecutor> = pulsar
         .consumer()
         .with_topic(TOPIC)
@@ -341,17 +351,9 @@ impl pulsar::Connector for InProcessConnector {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_and_tcp_clients_share_topics_and_shutdown_ends_both() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(BrokerConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        dir.path().into(),
-    ))
-    .await
-    .unwrap();
+    let broker = start(dir.path()).await;
     let topic = "persistent://public/default/in-process";
-    let tcp: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
-        .build()
-        .await
-        .unwrap();
+    let tcp = client(&broker).await;
     let local: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
         .with_connector(std::sync::Arc::new(InProcessConnector(broker.in_process())))
         .build()

@@ -26,6 +26,8 @@ use rumqttc::QoS;
 mod idle;
 #[path = "mqtt/load.rs"]
 mod load;
+#[path = "../../broker/benches/support/proc_cpu.rs"]
+mod proc_cpu;
 #[path = "mqtt/stages.rs"]
 mod stages;
 
@@ -334,34 +336,7 @@ fn throughput(rt: &tokio::runtime::Runtime, servers: &[Server], names: &[&str], 
 
 /// CPU time (user + system) a process has used so far, in seconds (0 if unknown).
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces, hence the last ')'): state is
-    // field 3, utime and stime fields 14 and 15, in clock ticks.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    ticks / clock_ticks()
-}
-
-/// The kernel's clock ticks per second (`getconf CLK_TCK`), asked once; 100 if unknown.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    proc_cpu::cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// Memory per idle TLS connection of every server with a TLS port.
