@@ -373,21 +373,14 @@ async fn in_process_and_tcp_clients_share_topics_and_shutdown_ends_both() {
     let mut local_reader = subscribe(&local, "local").await.unwrap();
     let mut local_writer = local.producer().with_topic(topic).build().await.unwrap();
     let mut tcp_writer = tcp.producer().with_topic(topic).build().await.unwrap();
-    for i in 0..50 {
-        local_writer
-            .send_non_blocking(format!("local {i}").into_bytes())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    for i in 0..50 {
-        tcp_writer
-            .send_non_blocking(format!("tcp {i}").into_bytes())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+    for (writer, name) in [(&mut local_writer, "local"), (&mut tcp_writer, "tcp")] {
+        for i in 0..50 {
+            let receipt = writer
+                .send_non_blocking(format!("{name} {i}").into_bytes())
+                .await
+                .unwrap();
+            receipt.await.unwrap();
+        }
     }
     let expected: Vec<String> = (0..50)
         .map(|i| format!("local {i}"))
