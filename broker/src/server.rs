@@ -96,8 +96,7 @@ pub struct BrokerHandle {
     accept: tokio::task::JoinHandle<()>,
     admin: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     registry: Arc<Registry>,
-    shared: Arc<Shared>,
-    next_id: Arc<AtomicU64>,
+    in_process: InProcess,
 }
 
 /// Opens connections to a running broker inside its process: a client speaks the Pulsar
@@ -127,6 +126,13 @@ impl InProcess {
             self.shutdown.clone(),
         ));
         client
+    }
+}
+
+/// A `pulsar` crate client built with this connector reaches the broker in-process.
+impl pulsar::Connector for InProcess {
+    fn connect(&self, _url: &url::Url) -> std::io::Result<Box<dyn pulsar::ConnectorStream>> {
+        Ok(Box::new(InProcess::connect(self)))
     }
 }
 
@@ -188,13 +194,18 @@ impl Broker {
             None => None,
         };
         let connections = TaskTracker::new();
-        let next_id = Arc::new(AtomicU64::new(1));
+        let in_process = InProcess {
+            shared: shared.clone(),
+            shutdown: shutdown.clone(),
+            connections: connections.clone(),
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
         let accept = tokio::spawn(accept_loop(
             listener,
-            shared.clone(),
+            shared,
             shutdown.clone(),
             connections.clone(),
-            next_id.clone(),
+            in_process.next_id.clone(),
         ));
         tracing::info!(%local_addr, data_dir = %config.data_dir.display(), "broker started");
         Ok(BrokerHandle {
@@ -205,8 +216,7 @@ impl Broker {
             accept,
             admin,
             registry,
-            shared,
-            next_id,
+            in_process,
         })
     }
 }
@@ -295,12 +305,7 @@ impl BrokerHandle {
 
     /// Opens connections to this broker inside the process (see [`InProcess`]).
     pub fn in_process(&self) -> InProcess {
-        InProcess {
-            shared: self.shared.clone(),
-            shutdown: self.shutdown.clone(),
-            connections: self.connections.clone(),
-            next_id: self.next_id.clone(),
-        }
+        self.in_process.clone()
     }
 
     /// `pulsar://host:port` for clients.

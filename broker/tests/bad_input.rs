@@ -336,15 +336,6 @@ async fn bad_input_gets_a_clear_error_and_disturbs_no_other_client() {
     broker.shutdown().await;
 }
 
-/// Opens the broker's in-process connections for a `pulsar` crate client.
-struct InProcessConnector(magnetar_broker::InProcess);
-
-impl pulsar::Connector for InProcessConnector {
-    fn connect(&self, _url: &url::Url) -> std::io::Result<Box<dyn pulsar::ConnectorStream>> {
-        Ok(Box::new(self.0.connect()))
-    }
-}
-
 /// A client on an in-process connection (what the gateway uses for its embedded broker) and
 /// one on TCP see the same topics: each reads what the other wrote, in order; shutting the
 /// broker down ends the in-process connections too instead of waiting for them.
@@ -355,7 +346,7 @@ async fn in_process_and_tcp_clients_share_topics_and_shutdown_ends_both() {
     let topic = "persistent://public/default/in-process";
     let tcp = client(&broker).await;
     let local: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
-        .with_connector(std::sync::Arc::new(InProcessConnector(broker.in_process())))
+        .with_connector(std::sync::Arc::new(broker.in_process()))
         .build()
         .await
         .unwrap();

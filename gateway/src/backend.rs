@@ -78,15 +78,6 @@ pub const BATCH_BYTES: usize = 128 * 1024;
 /// Producers by topic and whether they batch, each made once.
 type Producers = HashMap<(String, bool), Arc<OnceCell<SharedProducer>>>;
 
-/// Opens the client's connections to the embedded broker inside the process.
-struct InProcessConnector(magnetar_broker::InProcess);
-
-impl pulsar::Connector for InProcessConnector {
-    fn connect(&self, _url: &url::Url) -> std::io::Result<Box<dyn pulsar::ConnectorStream>> {
-        Ok(Box::new(self.0.connect()))
-    }
-}
-
 /// The client and its producers.
 pub struct Backend {
     client: Pulsar<TokioExecutor>,
@@ -104,7 +95,7 @@ impl Backend {
     ) -> Result<Backend, BackendError> {
         let mut builder = Pulsar::builder(url, TokioExecutor);
         if let Some(broker) = in_process {
-            builder = builder.with_connector(Arc::new(InProcessConnector(broker)));
+            builder = builder.with_connector(Arc::new(broker));
         }
         if let Some(token) = token {
             builder = builder.with_auth(Authentication {

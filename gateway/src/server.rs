@@ -57,9 +57,11 @@ impl Server {
         } else {
             None
         };
-        let service_url = match (&config.backend.service_url, &broker) {
-            (Some(url), _) => url.clone(),
-            (None, Some(b)) => b.service_url(),
+        // The embedded broker is reached in-process (no loopback TCP) unless the config
+        // names a URL.
+        let (service_url, in_process) = match (&config.backend.service_url, &broker) {
+            (Some(url), _) => (url.clone(), None),
+            (None, Some(b)) => (b.service_url(), Some(b.in_process())),
             (None, None) => {
                 return Err(anyhow!(
                     "no backend: set backend.service_url or broker.embedded"
@@ -74,17 +76,9 @@ impl Server {
             (None, None) => None,
         };
         let backend = Arc::new(
-            Backend::connect(
-                &service_url,
-                token.as_deref(),
-                // The embedded broker is reached in-process unless the config names a URL.
-                match (&config.backend.service_url, &broker) {
-                    (None, Some(b)) => Some(b.in_process()),
-                    _ => None,
-                },
-            )
-            .await
-            .context("connecting to the backend")?,
+            Backend::connect(&service_url, token.as_deref(), in_process)
+                .await
+                .context("connecting to the backend")?,
         );
         let keys = Arc::new(
             crate::crypto::KeyRing::load(&config.encryption, &config.data_dir)
