@@ -3,7 +3,9 @@
 //! disk's own limits measured in the same run: sequential write + fsync throughput and the
 //! p99 of one small write + fsync. Prints a Markdown table with the ratios to the targets
 //! of issue 4 (batched 100-byte produce within 2x of the disk's sequential-write limit;
-//! receipt p99 within 2x of one fsync's p99).
+//! receipt p99 within 2x of one fsync's p99). The latency rows also print the p99 of the
+//! fsyncs the broker itself made during the row (`magnetar_broker::stats`): under sustained
+//! load the disk's tail is longer than the short quiet probe before the rows sees.
 //!
 //! `cargo bench -p magnetar-broker --bench broker` (about a minute). `MAGNETAR_BENCH_DIR`
 //! picks the disk (default: the system temp dir); `MAGNETAR_BENCH_SECS` the seconds of
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
+use magnetar_broker::stats::{self, Snapshot};
 use magnetar_broker::{command as raw_command, Broker, BrokerConfig};
 use prost::Message as _;
 use pulsar::consumer::InitialPosition;
@@ -48,7 +51,8 @@ struct Disk {
 }
 
 /// Sequential 1 MiB writes each followed by `sync_data` (throughput), then 4 KiB writes
-/// each followed by `sync_data` (latency): what the broker's group commit does.
+/// each followed by `sync_data` for 2 s (latency, thousands of samples so that the p99 is
+/// not a handful of them): what the broker's group commit does.
 fn measure_disk(dir: &Path) -> Disk {
     let path = dir.join("disk-probe");
     let mut f = std::fs::File::create(&path).expect("probe file");
@@ -64,7 +68,7 @@ fn measure_disk(dir: &Path) -> Disk {
     let small = vec![0xa5u8; 4096];
     let mut lat = Vec::new();
     let start = Instant::now();
-    while lat.len() < 2000 && start.elapsed() < Duration::from_secs(3) {
+    while lat.len() < 50_000 && start.elapsed() < Duration::from_secs(2) {
         let t = Instant::now();
         f.write_all(&small).expect("write");
         f.sync_data().expect("fsync");
@@ -228,16 +232,39 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The broker's own histograms (process-wide; this bench runs one broker and no other log).
+struct BrokerSeen {
+    fsync: Snapshot,
+    receipt: Snapshot,
+}
+
+impl BrokerSeen {
+    fn now() -> BrokerSeen {
+        BrokerSeen {
+            fsync: stats::FSYNC.snapshot(),
+            receipt: stats::RECEIPT.snapshot(),
+        }
+    }
+
+    /// What the broker recorded from `self` until now.
+    fn since(&self) -> BrokerSeen {
+        BrokerSeen {
+            fsync: &stats::FSYNC.snapshot() - &self.fsync,
+            receipt: &stats::RECEIPT.snapshot() - &self.receipt,
+        }
+    }
+}
+
 /// One producer (unbatched), `rate` sends per second offered (`None`: one send in flight,
 /// the next sent when its receipt arrives). Returns each send's time from the call to its
-/// receipt, after a warm-up.
+/// receipt, after a warm-up, and what the broker saw meanwhile.
 async fn pulsar_latency(
     pulsar: &Pulsar<TokioExecutor>,
     topic: &str,
     size: usize,
     rate: Option<f64>,
     secs: f64,
-) -> Vec<Duration> {
+) -> (Vec<Duration>, BrokerSeen) {
     let mut producer = pulsar
         .producer()
         .with_topic(topic)
@@ -254,6 +281,7 @@ async fn pulsar_latency(
         let r = producer.send_non_blocking(payload.clone()).await;
         r.expect("send").await.expect("receipt");
     }
+    let seen = BrokerSeen::now();
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut lat = Vec::new();
     let Some(rate) = rate else {
@@ -263,7 +291,7 @@ async fn pulsar_latency(
             r.expect("send").await.expect("receipt");
             lat.push(t.elapsed());
         }
-        return lat;
+        return (lat, seen.since());
     };
     // The runtime's timer has 1 ms steps, so a thread paces the sends (the OS sleeps to
     // about 0.1 ms) and hands each tick to this task.
@@ -301,7 +329,7 @@ async fn pulsar_latency(
         }
     }
     let _ = pacer.join();
-    lat
+    (lat, seen.since())
 }
 
 /// Messages sent before latencies are recorded (connection and file warm-up).
@@ -528,32 +556,52 @@ async fn main() {
     };
     if wanted("latency") {
         println!("Send-receipt latency, one producer, unbatched (client: `pulsar` crate unless `raw`):\n");
+        // "broker": the broker's own histograms over the row (bucket upper bounds: 10 µs
+        // steps below 10 ms); "receipt" alone is the client's, from the call to the receipt.
         println!(
-            "| size | client | load | sends | receipt p50 ms | receipt p99 ms | p99 / fsync p99 |"
+            "| size | client | load | sends | receipt p50 ms | receipt p99 ms | p99 / fsync p99 | broker fsyncs | broker fsync p99 ms | p99 / broker fsync p99 | broker fsync max ms | broker receipt p99 ms |"
         );
-        println!("|---:|---|---|---:|---:|---:|---:|");
-        let row = |size: usize, client: &str, load: &str, mut lat: Vec<Duration>| {
+        println!("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let row = |size: usize,
+                   client: &str,
+                   load: &str,
+                   mut lat: Vec<Duration>,
+                   seen: BrokerSeen| {
             let sends = lat.len();
             let p50 = percentile(&mut lat, 0.5);
             let p99 = percentile(&mut lat, 0.99);
+            let broker_fsync_p99 = seen.fsync.p99().unwrap_or_default();
             println!(
-                "| {size} B | {client} | {load} | {sends} | {:.3} | {:.3} | {:.2} |",
+                "| {size} B | {client} | {load} | {sends} | {:.3} | {:.3} | {:.2} | {} | {:.3} | {:.2} | {:.3} | {:.3} |",
                 ms(p50),
                 ms(p99),
-                p99.as_secs_f64() / fsync_p99
+                p99.as_secs_f64() / fsync_p99,
+                seen.fsync.count(),
+                ms(broker_fsync_p99),
+                p99.as_secs_f64() / broker_fsync_p99.as_secs_f64().max(1e-9),
+                ms(seen.fsync.max().unwrap_or_default()),
+                ms(seen.receipt.p99().unwrap_or_default()),
             );
         };
         for size in [100usize, 1024] {
-            let lat = pulsar_latency(&pulsar, &topic(), size, None, secs).await;
-            row(size, "pulsar", "1 in flight", lat);
+            let (lat, seen) = pulsar_latency(&pulsar, &topic(), size, None, secs).await;
+            row(size, "pulsar", "1 in flight", lat, seen);
+            // The broker's histograms here include the warm-up's sends (one in flight too).
+            let before = BrokerSeen::now();
             let (_, _, mut lat) =
                 raw_scenario(broker.local_addr(), &topic(), size, 1, 1, 1, secs).await;
             lat.drain(..WARMUP.min(lat.len()));
-            row(size, "raw", "1 in flight", lat);
+            row(size, "raw", "1 in flight", lat, before.since());
             let peak = scenario(&pulsar, &topic(), size, false, 1, secs.min(2.0), false).await;
             let rate = 0.2 * peak.produced as f64 / peak.produce_secs;
-            let lat = pulsar_latency(&pulsar, &topic(), size, Some(rate), secs).await;
-            row(size, "pulsar", &format!("{rate:.0}/s (20% of peak)"), lat);
+            let (lat, seen) = pulsar_latency(&pulsar, &topic(), size, Some(rate), secs).await;
+            row(
+                size,
+                "pulsar",
+                &format!("{rate:.0}/s (20% of peak)"),
+                lat,
+                seen,
+            );
         }
         println!();
     }

@@ -7,9 +7,14 @@
 //! `DELETE`). Success of a change is `204 No Content`, as Pulsar answers; errors are
 //! `{"reason": ...}` with 401/403/404/409/412/400/500.
 //!
+//! Also `GET /metrics`: the broker's latency histograms (see `stats`) in the Prometheus text
+//! format, as Pulsar serves its metrics on the same port.
+//!
 //! Authentication: when the broker has token authentication, every request needs
 //! `Authorization: Bearer <token>`, and the role must be authorized (`Action::Manage`) for
-//! the tenant/namespace it touches; lists show only what the role may manage.
+//! the tenant/namespace it touches; lists show only what the role may manage. `/metrics` is
+//! open, as Pulsar's is by default (`authenticateMetricsEndpoint=false`): scrapers carry no
+//! token, and it names no tenant, topic or client.
 //!
 //! Not done: policies, permissions, retention settings, subscriptions management, topic
 //! unloading, non-persistent topics.
@@ -116,6 +121,7 @@ fn router(admin: Arc<Admin>) -> Router {
             "/admin/v2/persistent/{tenant}/{ns}/{topic}/stats",
             get(stats),
         )
+        .route("/metrics", get(metrics))
         .with_state(admin)
 }
 
@@ -169,6 +175,17 @@ fn check_segment(what: &str, s: &str) -> ApiResult<()> {
         ));
     }
     Ok(())
+}
+
+/// Prometheus text exposition format 0.0.4.
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::stats::prometheus_text(),
+    )
 }
 
 async fn clusters() -> Json<Vec<&'static str>> {

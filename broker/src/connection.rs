@@ -117,6 +117,9 @@ pub struct ReceiptSink {
 }
 
 struct ArmedSink {
+    /// When the send was handed to its topic, for [`crate::stats::RECEIPT`] (the std clock:
+    /// receipts are answered on blocking threads, and a paused test clock would read zero).
+    handed_over: std::time::Instant,
     tx: mpsc::Sender<ReceiptFrame>,
     permit: OwnedSemaphorePermit,
     producer_id: u64,
@@ -145,12 +148,14 @@ impl Drop for ReceiptSink {
 impl ArmedSink {
     fn answer(self, result: Result<Option<u64>, RequestError>) {
         let ArmedSink {
+            handed_over,
             tx,
             permit,
             producer_id,
             sequence_id,
             highest_sequence_id,
         } = self;
+        let stored = matches!(result, Ok(Some(_)));
         let frame = match result {
             Ok(id) => command(Type::SendReceipt, |r| {
                 r.send_receipt = Some(proto::CommandSendReceipt {
@@ -162,6 +167,9 @@ impl ArmedSink {
             }),
             Err((code, text)) => send_error_frame(producer_id, sequence_id, code, text),
         };
+        if stored {
+            crate::stats::RECEIPT.record(handed_over.elapsed());
+        }
         // Never full: the queue has a slot for every permit and this answer holds one. An
         // error means the writer is gone (the connection is closing): nobody to tell.
         let _ = tx.try_send((frame, permit));
@@ -926,6 +934,7 @@ impl Connection {
         };
         let reply = ReceiptSink {
             armed: Some(ArmedSink {
+                handed_over: std::time::Instant::now(),
                 tx: self.receipt_tx.clone(),
                 permit,
                 producer_id,

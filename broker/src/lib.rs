@@ -29,6 +29,8 @@ mod registry;
 mod schema;
 /// Listener, accept loop, start and shutdown.
 mod server;
+/// Process-wide latency histograms (log fsync, send receipt) for `/metrics` and benches.
+pub mod stats;
 /// A subscription's consumers and its dispatcher.
 mod subscription;
 /// The per-topic actor: storage, subscriptions, dispatch.

@@ -127,9 +127,12 @@ pub struct Unsynced {
 }
 
 impl Unsynced {
-    /// `fdatasync` of the segment the records went to.
+    /// `fdatasync` of the segment the records went to, timed into [`crate::stats::FSYNC`].
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        let start = std::time::Instant::now();
+        let synced = self.file.sync_data();
+        crate::stats::FSYNC.record(start.elapsed());
+        synced
     }
 }
 
