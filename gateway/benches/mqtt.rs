@@ -8,7 +8,8 @@
 //! connections, default 10000; 0 skips), `BENCH_MAGNETAR_LOG` (a file for the gateway's log),
 //! `BENCH_MAGNETAR_ENV` (`K=V K=V`: environment of the gateway process only), `BENCH_ONLY`
 //! (`QoS/publishers/payload` rows, comma-separated, e.g. `0/1/1024,1/4/64`),
-//! `BENCH_NO_RUMQTTD` (set: skip rumqttd).
+//! `BENCH_NO_RUMQTTD` (set: skip rumqttd), `BENCH_MAGNETAR_BIN` (another gateway binary, for
+//! A/B runs of two builds).
 //! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
 //! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),
@@ -83,7 +84,10 @@ fn start_magnetar(dir: &std::path::Path, tls: &Tls, extra: &str) -> (Server, Soc
         ),
     )
     .expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
+    // `BENCH_MAGNETAR_BIN`: another build of the gateway (A/B comparisons of two builds).
+    let bin = std::env::var("BENCH_MAGNETAR_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_magnetar").to_string());
+    let child = Command::new(bin)
         .arg("--config")
         .arg(&config)
         .arg("--data-dir")

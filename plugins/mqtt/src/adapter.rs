@@ -12,7 +12,7 @@ use magnetar_sdk::{
 };
 
 use crate::config::Config;
-use crate::connection::{Action, Event, MqttConnection};
+use crate::connection::{Action, Event, MqttConnection, SEND_COALESCE};
 
 /// The plugin instance: the parsed config, shared by all its connections.
 pub struct MqttPlugin {
@@ -68,23 +68,17 @@ impl MqttConn {
     /// Events that arrived together: their actions are carried out together, so that the
     /// packets they send leave in one host call.
     fn feed_all(&mut self, conn: Conn, events: impl Iterator<Item = Event>) {
-        let now = magnetar_sdk::now_ms();
-        let mut actions = Vec::new();
-        for event in events {
-            actions.extend(self.machine.handle(now, event));
-        }
+        let actions = self.machine.handle_all(magnetar_sdk::now_ms(), events);
         execute(conn, actions);
     }
 }
-
-/// Packets sent by consecutive actions leave in one host call up to this size.
-const SEND_COALESCE: usize = 64 * 1024;
 
 /// Carries out actions in order, except that sends and acks commute: consecutive sends are
 /// joined (the byte stream is the same), and acks wait, gathered per subscription, until an
 /// action that is neither (e.g. an unsubscribe) or the end. A batch of QoS 0 deliveries
 /// (send, ack, send, ack...) thus leaves as one `send` and one `ack-many`. An ack a moment
-/// later than its send changes nothing a client can see.
+/// later than its send changes nothing a client can see. (The machine already encodes
+/// consecutive packets into one `Send`; joining here covers what it cannot.)
 fn execute(conn: Conn, actions: Vec<Action>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut acks: Vec<(SubId, Vec<u64>)> = Vec::new();

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         Inbound::Publish(p) => {
             let flags = publish_flags(p);
             // `None`: not a Topic Name the server would send (the connection checks it too).
-            let Some(bytes) = codec::publish(&p.topic, flags, p.payload.clone()) else {
+            let Some(bytes) = codec::publish(&p.topic, flags, &p.payload) else {
                 return;
             };
             // The server never sets DUP on a QoS 0 PUBLISH (§3.3.1.1).

@@ -9,11 +9,14 @@
 //! packet. That matters: the crate subtracts lengths without checks, which is sound only when
 //! its reader cannot run past the frame.
 //!
-//! Two packets are parsed partly by hand, because the crate's behaviour does not fit a server:
+//! Three packets are parsed partly or wholly by hand, because the crate's behaviour does not
+//! fit a server:
 //! - CONNECT (§3.1.2.1, §3.1.2.2): we read the Protocol Name and Level first, so that an
 //!   unsupported level gets CONNACK 0x01 (the crate would fail the whole packet).
 //! - SUBSCRIBE (§3.8): parsed entirely here, so that one invalid Topic Filter yields return
 //!   code 0x80 for that filter in the SUBACK instead of failing the whole packet.
+//! - PUBLISH (§3.3), both ways: the hot path. The crate copies a payload three times on the
+//!   way in and once more on the way out; ours copies it once each way ([`v5::publish_into`]).
 //!
 //! CONNECT picks the version: Protocol Level 4 is decoded as 3.1.1, level 5 by [`v5`], and
 //! every later packet of the connection by the same version's decoder.
@@ -25,12 +28,11 @@ pub mod v5;
 use std::io::Cursor;
 
 use mqtt_codec_kit::common::packet::EncodablePacket;
-use mqtt_codec_kit::common::qos::QoSWithPacketIdentifier;
-use mqtt_codec_kit::common::{Decodable, Encodable, QualityOfService, TopicName};
+use mqtt_codec_kit::common::{Decodable, Encodable, TopicNameRef};
 use mqtt_codec_kit::v4::control::ConnectReturnCode;
 use mqtt_codec_kit::v4::packet::{
-    ConnackPacket, PingrespPacket, PubackPacket, PubcompPacket, PublishPacket, PubrecPacket,
-    PubrelPacket, SubackPacket, UnsubackPacket, VariablePacket,
+    ConnackPacket, PingrespPacket, PubackPacket, PubcompPacket, PubrecPacket, PubrelPacket,
+    SubackPacket, UnsubackPacket, VariablePacket,
 };
 
 pub use v5::Properties;
@@ -194,7 +196,7 @@ pub enum Inbound {
 
 /// Reads the fixed header (§2.2) at the start of `buf`: `(first byte, Remaining Length,
 /// header length)`, or `None` while it is incomplete.
-fn fixed_header(buf: &[u8]) -> Result<Option<(u8, u32, usize)>, DecodeError> {
+pub(crate) fn fixed_header(buf: &[u8]) -> Result<Option<(u8, u32, usize)>, DecodeError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -260,6 +262,7 @@ pub fn decode(
             from_codec(frame, header_len)?
         }
         2 => Inbound::ServerOnly("CONNACK"),
+        3 => Inbound::Publish(v5::decode_publish_3_1_1(flags, body)?),
         8 => decode_subscribe(flags, body)?,
         9 => Inbound::ServerOnly("SUBACK"),
         11 => Inbound::ServerOnly("UNSUBACK"),
@@ -330,19 +333,11 @@ fn from_codec(frame: &[u8], header_len: usize) -> Result<Inbound, DecodeError> {
                 properties: Properties::default(),
             }))
         }
-        VariablePacket::PublishPacket(p) => {
-            let (qos, packet_id) = p.qos().split();
-            let packet_id = packet_id.map(|id| nonzero_id("PUBLISH", id)).transpose()?;
-            Inbound::Publish(Publish {
-                topic: p.topic_name().to_string(),
-                qos: qos as u8,
-                packet_id,
-                retain: p.retain(),
-                dup: p.dup(),
-                payload: p.payload().to_vec(),
-                properties: Properties::default(),
-            })
-        }
+        // `decode` hands PUBLISH to the hand decoder before the crate sees it.
+        VariablePacket::PublishPacket(_) => Inbound::Publish(v5::decode_publish_3_1_1(
+            frame.first().map_or(0, |b| b & 0x0f),
+            frame.get(header_len..).unwrap_or_default(),
+        )?),
         VariablePacket::PubackPacket(p) => Inbound::Puback(p.packet_identifier()),
         VariablePacket::PubrecPacket(p) => Inbound::Pubrec(p.packet_identifier(), 0),
         VariablePacket::PubrelPacket(p) => Inbound::Pubrel(p.packet_identifier()),
@@ -375,8 +370,8 @@ fn from_codec(frame: &[u8], header_len: usize) -> Result<Inbound, DecodeError> {
 }
 
 /// The crate reads a string that is shorter than its length prefix says without complaint,
-/// and ignores trailing bytes. PUBLISH (the hot path) gets a direct check of its Topic Name
-/// length; every other packet is small, so it is re-encoded and compared with the frame.
+/// and ignores trailing bytes. Every packet it decodes is small (PUBLISH is decoded by hand),
+/// so it is re-encoded and compared with the frame.
 fn check_exact(
     frame: &[u8],
     header_len: usize,
@@ -384,10 +379,7 @@ fn check_exact(
 ) -> Result<(), DecodeError> {
     let body = frame.get(header_len..).unwrap_or_default();
     let exact = match packet {
-        VariablePacket::PublishPacket(_) => match body.get(..2) {
-            Some(&[hi, lo]) => 2 + usize::from(u16::from_be_bytes([hi, lo])) <= body.len(),
-            _ => false,
-        },
+        VariablePacket::PublishPacket(_) => true,
         _ => {
             let mut again = Vec::with_capacity(body.len());
             packet.encode_packet(&mut again).is_ok() && again == body
@@ -507,17 +499,18 @@ impl PublishFlags {
 
 /// PUBLISH (§3.3) to a client; `None` when `topic` is not a valid Topic Name (it came from
 /// a message property, so it is not trusted either).
-pub fn publish(topic: &str, flags: PublishFlags, payload: Vec<u8>) -> Option<Vec<u8>> {
-    let topic = TopicName::new(topic.to_string()).ok()?;
-    let qos = match flags.qos {
-        0 => QoSWithPacketIdentifier::Level0,
-        1 => QoSWithPacketIdentifier::new(QualityOfService::Level1, flags.packet_id),
-        _ => QoSWithPacketIdentifier::new(QualityOfService::Level2, flags.packet_id),
-    };
-    let mut packet = PublishPacket::new(topic, qos, payload);
-    packet.set_retain(flags.retain);
-    packet.set_dup(flags.dup && flags.qos > 0);
-    Some(encode(&packet))
+pub fn publish(topic: &str, flags: PublishFlags, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    publish_into(&mut out, topic, flags, payload).then_some(out)
+}
+
+/// [`publish`], appended to `out`; `false` (and nothing appended) for an invalid Topic Name.
+pub fn publish_into(out: &mut Vec<u8>, topic: &str, flags: PublishFlags, payload: &[u8]) -> bool {
+    if TopicNameRef::new(topic).is_err() {
+        return false;
+    }
+    v5::publish_into(out, topic, flags, None, payload);
+    true
 }
 
 /// PUBREC (§3.5).
@@ -633,6 +626,51 @@ mod tests {
     }
 
     #[test]
+    fn publish_3_1_1_decodes_by_hand_and_refuses_what_the_spec_refuses() {
+        // QoS 1, DUP, RETAIN, "a/b", Packet Identifier 7, payload "hi".
+        let bytes = [
+            0x3b, 0x09, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x07, b'h', b'i',
+        ];
+        assert_eq!(
+            decode(&bytes, MAX, false),
+            Ok(Some((
+                Inbound::Publish(Publish {
+                    topic: "a/b".into(),
+                    qos: 1,
+                    packet_id: Some(7),
+                    retain: true,
+                    dup: true,
+                    payload: b"hi".to_vec(),
+                    properties: Properties::default(),
+                }),
+                bytes.len()
+            )))
+        );
+        let refused: [&[u8]; 5] = [
+            &[0x30, 0x02, 0x00, 0x00],             // empty Topic Name (§4.7.3)
+            &[0x30, 0x03, 0x00, 0x01, b'#'],       // wildcard in a Topic Name (§4.7.3)
+            &[0x36, 0x03, 0x00, 0x01, b't'],       // QoS 3 (§3.3.1.2)
+            &[0x32, 0x05, 0x00, 0x01, b't', 0, 0], // Packet Identifier 0 (§2.3.1)
+            &[0x32, 0x04, 0x00, 0x01, b't', 0],    // Packet Identifier cut short
+        ];
+        for bytes in refused {
+            let err = decode(bytes, MAX, false);
+            assert!(
+                matches!(
+                    err,
+                    Err(DecodeError::Malformed {
+                        packet: "PUBLISH",
+                        ..
+                    })
+                ),
+                "{bytes:?}: {err:?}"
+            );
+        }
+        // Not UTF-8 (§1.5.3).
+        assert!(decode(&[0x30, 0x03, 0x00, 0x01, 0xff], MAX, false).is_err());
+    }
+
+    #[test]
     fn subscribe_keeps_invalid_filters_for_the_suback() {
         let mut p = vec![0x82, 0, 0x00, 0x07];
         for (f, q) in [("a/#", 1u8), ("a#", 0)] {
@@ -681,7 +719,7 @@ mod tests {
             ..PublishFlags::QOS0
         };
         assert_eq!(
-            publish("a/b", qos1, b"x".to_vec()),
+            publish("a/b", qos1, b"x"),
             Some(vec![
                 0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x01, b'x'
             ])
@@ -693,14 +731,14 @@ mod tests {
             dup: true,
         };
         assert_eq!(
-            publish("t", qos2_dup_retain, b"y".to_vec()),
+            publish("t", qos2_dup_retain, b"y"),
             Some(vec![0x3d, 0x06, 0x00, 0x01, b't', 0x00, 0x05, b'y'])
         );
         assert_eq!(
-            publish("t", PublishFlags::QOS0, Vec::new()),
+            publish("t", PublishFlags::QOS0, &[]),
             Some(vec![0x30, 0x03, 0x00, 0x01, b't'])
         );
-        assert_eq!(publish("a/+", PublishFlags::QOS0, b"x".to_vec()), None);
+        assert_eq!(publish("a/+", PublishFlags::QOS0, b"x"), None);
         assert_eq!(pubrec(7), vec![0x50, 0x02, 0x00, 0x07]);
         assert_eq!(pubrel(7), vec![0x62, 0x02, 0x00, 0x07]);
         assert_eq!(pubcomp(7), vec![0x70, 0x02, 0x00, 0x07]);

@@ -455,7 +455,7 @@ pub fn decode(first: u8, body: &[u8]) -> Result<Inbound, DecodeError> {
             return connect(body).map(|c| Inbound::Connect(Box::new(c)));
         }
         2 => Inbound::ServerOnly("CONNACK"),
-        3 => Inbound::Publish(decode_publish(flags, &mut r)?),
+        3 => Inbound::Publish(decode_publish(flags, &mut r, true)?),
         4..=7 => {
             expect_flags(if kind == 6 { 0b0010 } else { 0 })?;
             let packet_id = nonzero_id(name, r.u16()?)?;
@@ -626,7 +626,28 @@ pub fn connect(body: &[u8]) -> Result<Connect, DecodeError> {
     })
 }
 
-fn decode_publish(flags: u8, r: &mut Reader) -> Result<Publish, DecodeError> {
+/// PUBLISH from an MQTT 3.1.1 client (§3.3 of 3.1.1): the 5.0 layout without the
+/// properties, and a Topic Name that may not be empty (3.1.1 has no Topic Aliases) nor hold
+/// a wildcard (§4.7.3; the 5.0 decoder leaves those to the connection, which also checks
+/// aliases). Decoded here rather than by `mqtt-codec-kit` because this is the hot path: the
+/// crate reads the payload with `read_to_end` into a growing vector and hands out owned
+/// copies, three copies of every payload in all.
+pub fn decode_publish_3_1_1(flags: u8, body: &[u8]) -> Result<Publish, DecodeError> {
+    let mut r = Reader {
+        buf: body,
+        packet: "PUBLISH",
+    };
+    let publish = decode_publish(flags, &mut r, false)?;
+    if mqtt_codec_kit::common::TopicNameRef::new(&publish.topic).is_err() {
+        return Err(malformed(
+            "PUBLISH",
+            "Topic Name empty or with a wildcard (§4.7.3)",
+        ));
+    }
+    Ok(publish)
+}
+
+fn decode_publish(flags: u8, r: &mut Reader, v5: bool) -> Result<Publish, DecodeError> {
     const P: &str = "PUBLISH";
     let qos = (flags >> 1) & 0x03;
     if qos == 3 {
@@ -638,7 +659,10 @@ fn decode_publish(flags: u8, r: &mut Reader) -> Result<Publish, DecodeError> {
     } else {
         None
     };
-    let properties = r.properties(allowed::PUBLISH)?;
+    let properties = match v5 {
+        true => r.properties(allowed::PUBLISH)?,
+        false => Properties::default(),
+    };
     Ok(Publish {
         topic,
         qos,
@@ -876,18 +900,46 @@ pub fn auth(reason_code: u8, p: &Properties) -> Vec<u8> {
 
 /// PUBLISH to a client (§3.3). `topic` is empty when a Topic Alias stands for it.
 pub fn publish(topic: &str, flags: PublishFlags, p: &Properties, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(topic.len() + payload.len() + 16);
-    put_bytes(&mut body, topic.as_bytes());
-    if flags.qos > 0 {
-        body.extend_from_slice(&flags.packet_id.to_be_bytes());
+    let mut out = Vec::new();
+    publish_into(&mut out, topic, flags, Some(p), payload);
+    out
+}
+
+/// Appends a PUBLISH to `out`: with properties (`Some`, MQTT 5.0) or without (3.1.1, whose
+/// PUBLISH is the 5.0 layout without them). The payload is copied once, straight to its
+/// place: deliveries are the hot path.
+pub fn publish_into(
+    out: &mut Vec<u8>,
+    topic: &str,
+    flags: PublishFlags,
+    p: Option<&Properties>,
+    payload: &[u8],
+) {
+    let mut props = Vec::new();
+    if let Some(p) = p {
+        put_properties(&mut props, p);
     }
-    put_properties(&mut body, p);
-    body.extend_from_slice(payload);
-    let first = 0x30
-        | (u8::from(flags.dup && flags.qos > 0) << 3)
-        | (flags.qos.min(2) << 1)
-        | u8::from(flags.retain);
-    frame(first, &body)
+    let topic = topic
+        .as_bytes()
+        .get(..topic.len().min(usize::from(u16::MAX)))
+        .unwrap_or_default();
+    let id_len = if flags.qos > 0 { 2 } else { 0 };
+    let body_len = 2 + topic.len() + id_len + props.len() + payload.len();
+    out.reserve(body_len + 5);
+    out.push(
+        0x30 | (u8::from(flags.dup && flags.qos > 0) << 3)
+            | (flags.qos.min(2) << 1)
+            | u8::from(flags.retain),
+    );
+    // A body over the Remaining Length's 268,435,455 bytes is refused by the caller's
+    // Maximum Packet Size check (the gateway's limit is far lower).
+    put_varint(out, u32::try_from(body_len).unwrap_or(u32::MAX));
+    put_bytes(out, topic);
+    if flags.qos > 0 {
+        out.extend_from_slice(&flags.packet_id.to_be_bytes());
+    }
+    out.extend_from_slice(&props);
+    out.extend_from_slice(payload);
 }
 
 /// Reads a Property Length and the properties at the start of `bytes` (a stored form, not a

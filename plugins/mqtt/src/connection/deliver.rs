@@ -103,7 +103,7 @@ impl MqttConnection {
             dup: false,
         };
         let topic = out.topic;
-        let bytes = if self.v5 {
+        let sent = if self.v5 {
             self.publish_v5(
                 &topic,
                 flags,
@@ -113,36 +113,38 @@ impl MqttConnection {
                 &out.payload,
             )
         } else {
-            codec::publish(&topic, flags, out.payload)
+            let mut valid = false;
+            let fits = self.queue_packet(|b| {
+                valid = codec::publish_into(b, &topic, flags, &out.payload);
+            });
+            valid && fits
         };
-        match bytes {
-            Some(bytes) => {
-                self.send(bytes);
-                if out.qos > 0 {
-                    self.inflight_out.insert(
-                        packet_id,
-                        Inflight {
-                            qos: out.qos,
-                            backend: out.backend,
-                            released: false,
-                        },
-                    );
-                    return;
-                }
+        if sent {
+            if out.qos > 0 {
+                self.inflight_out.insert(
+                    packet_id,
+                    Inflight {
+                        qos: out.qos,
+                        backend: out.backend,
+                        released: false,
+                    },
+                );
+                return;
             }
-            None => self.log(
+        } else {
+            self.log(
                 LogLevel::Warn,
                 format!("dropping a message for topic {topic:?}: invalid, or over the client's Maximum Packet Size"),
-            ),
+            );
         }
         if let Some((sub, delivery_id)) = out.backend {
             self.actions.push(Action::Ack { sub, delivery_id });
         }
     }
 
-    /// An MQTT 5.0 PUBLISH to the client, with a Topic Alias where the client allows them
-    /// (the first [`TOPIC_ALIAS_MAX`] topics get one, kept for the connection); `None` when
-    /// the topic is invalid or the packet exceeds the client's Maximum Packet Size.
+    /// Queues an MQTT 5.0 PUBLISH to the client, with a Topic Alias where the client allows
+    /// them (the first [`TOPIC_ALIAS_MAX`] topics get one, kept for the connection); `false`
+    /// when the topic is invalid or the packet exceeds the client's Maximum Packet Size.
     pub(super) fn publish_v5(
         &mut self,
         topic: &str,
@@ -151,8 +153,10 @@ impl MqttConnection {
         remaining_expiry: Option<u32>,
         sub_ids: Vec<u32>,
         payload: &[u8],
-    ) -> Option<Vec<u8>> {
-        topic::validate_name(topic).ok()?;
+    ) -> bool {
+        if topic::validate_name(topic).is_err() {
+            return false;
+        }
         props.message_expiry_interval = remaining_expiry;
         props.subscription_identifiers = sub_ids;
         let known = self.aliases_out.get(topic).copied();
@@ -164,14 +168,13 @@ impl MqttConnection {
         };
         props.topic_alias = known.or(new_alias);
         let name = if known.is_some() { "" } else { topic };
-        let bytes = v5::publish(name, flags, &props, payload);
-        if bytes.len() > self.limits.maximum_packet_size {
-            return None;
+        if !self.queue_packet(|b| v5::publish_into(b, name, flags, Some(&props), payload)) {
+            return false;
         }
         if let Some(alias) = new_alias {
             self.aliases_out.insert(topic.to_string(), alias);
         }
-        Some(bytes)
+        true
     }
 
     /// A Packet Identifier became free: send what waits for one, then read on.

@@ -62,6 +62,9 @@ const SUBACK_FAILURE: u8 = 0x80;
 /// this many it assigns to a client that allows them (MQTT 5.0 §3.3.2.3.4).
 pub const TOPIC_ALIAS_MAX: u16 = 32;
 
+/// Packets queued one after another share one `Send` action up to this many bytes.
+pub const SEND_COALESCE: usize = 64 * 1024;
+
 /// Attempts to open a durable subscription that is still held by a connection that is going
 /// away (session takeover), and the pause between them.
 const BACKEND_RETRIES: u32 = 25;
@@ -543,6 +546,24 @@ impl MqttConnection {
 
     /// Feeds one event at `now_ms`; returns the actions it caused.
     pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
+        self.apply(now_ms, event);
+        self.take_actions()
+    }
+
+    /// Feeds events that arrived together (e.g. a batch of deliveries); returns the actions
+    /// they caused, their packets joined as far as [`SEND_COALESCE`] allows.
+    pub fn handle_all(
+        &mut self,
+        now_ms: u64,
+        events: impl IntoIterator<Item = Event>,
+    ) -> Vec<Action> {
+        for event in events {
+            self.apply(now_ms, event);
+        }
+        self.take_actions()
+    }
+
+    fn apply(&mut self, now_ms: u64, event: Event) {
         if self.phase != Phase::Closed {
             self.now_ms = now_ms;
             match event {
@@ -575,7 +596,6 @@ impl MqttConnection {
             self.process_input(now_ms);
             self.release_idle_capacity();
         }
-        self.take_actions()
     }
 
     /// Frees the allocations of collections that are empty again, so that an idle connection
@@ -623,15 +643,44 @@ impl MqttConnection {
     /// Queues a packet; an MQTT 5.0 client's Maximum Packet Size is never exceeded
     /// (§3.1.2.11.4: the packet is dropped instead).
     fn send(&mut self, bytes: Vec<u8>) {
-        if bytes.len() > self.limits.maximum_packet_size {
-            let n = bytes.len();
+        let n = bytes.len();
+        if !self.queue_packet(|out| out.extend_from_slice(&bytes)) {
             self.log(
                 LogLevel::Debug,
                 format!("dropping a {n}-byte packet over the client's Maximum Packet Size"),
             );
-            return;
         }
-        self.actions.push(Action::Send(bytes));
+    }
+
+    /// Appends the packet `encode` writes to the bytes queued for the client, unless it is
+    /// over the client's Maximum Packet Size (`false`: nothing queued). Consecutive packets
+    /// share one `Send` up to [`SEND_COALESCE`] bytes, acks in between included (they commute
+    /// with sends, see `adapter::execute`), so a batch of deliveries is encoded straight into
+    /// one buffer and leaves in one host call.
+    fn queue_packet(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
+        let max = self.limits.maximum_packet_size;
+        let last = self
+            .actions
+            .iter()
+            .rposition(|a| !matches!(a, Action::Ack { .. }));
+        if let Some(Action::Send(out)) = last.and_then(|i| self.actions.get_mut(i)) {
+            if out.len() < SEND_COALESCE {
+                let start = out.len();
+                encode(out);
+                if out.len() - start > max {
+                    out.truncate(start);
+                    return false;
+                }
+                return true;
+            }
+        }
+        let mut out = Vec::new();
+        encode(&mut out);
+        if out.len() > max {
+            return false;
+        }
+        self.actions.push(Action::Send(out));
+        true
     }
 
     fn log(&mut self, level: LogLevel, message: impl std::fmt::Display) {

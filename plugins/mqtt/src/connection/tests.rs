@@ -218,17 +218,23 @@ fn out_publish(topic: &str, qos: u8, packet_id: u16, retain: bool, payload: &[u8
         retain,
         dup: false,
     };
-    codec::publish(topic, flags, payload.to_vec()).unwrap()
+    codec::publish(topic, flags, payload).unwrap()
 }
 
+/// The packets sent, one per element, whether or not the machine joined them in one `Send`.
 fn sent(actions: &[Action]) -> Vec<Vec<u8>> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send(b) => Some(b.clone()),
-            _ => None,
-        })
-        .collect()
+    let mut packets = Vec::new();
+    for a in actions {
+        if let Action::Send(mut rest) = a.clone() {
+            while !rest.is_empty() {
+                let (_, remaining, header_len) =
+                    codec::fixed_header(&rest).unwrap().expect("a whole packet");
+                let tail = rest.split_off(header_len + remaining as usize);
+                packets.push(std::mem::replace(&mut rest, tail));
+            }
+        }
+    }
+    packets
 }
 
 fn closed(actions: &[Action]) -> Option<String> {
@@ -1257,6 +1263,24 @@ fn delivery_qos0_is_sent_and_acked_at_once() {
     let a = h.event(Event::Delivery(delivery(100, "a/b", 1, b"hi")));
     assert_eq!(sent(&a), vec![out_publish("a/b", 0, 0, false, b"hi")]);
     assert_eq!(acks(&a), vec![100]);
+}
+
+#[test]
+fn a_batch_of_deliveries_leaves_as_one_send_in_order() {
+    let mut h = Harness::subscribed(&[("a/+", 0)]);
+    let batch = (0..3).map(|i| Event::Delivery(delivery(100 + i, "a/b", 0, &[b'0' + i as u8])));
+    let a = h.c.handle_all(h.now, batch);
+    let sends = a.iter().filter(|a| matches!(a, Action::Send(_))).count();
+    assert_eq!(sends, 1, "{a:?}");
+    assert_eq!(
+        sent(&a),
+        vec![
+            out_publish("a/b", 0, 0, false, b"0"),
+            out_publish("a/b", 0, 0, false, b"1"),
+            out_publish("a/b", 0, 0, false, b"2"),
+        ]
+    );
+    assert_eq!(acks(&a), vec![100, 101, 102]);
 }
 
 #[test]
