@@ -12,9 +12,9 @@
 //! All MQTT topics of a namespace map onto **one** Pulsar topic, short name `mqtt` (the host
 //! places it at `persistent://<tenant>/<namespace>/mqtt`). Each message carries:
 //! - the full MQTT Topic Name in the property `mqtt.topic`, and as the Pulsar message key;
-//! - the QoS it was published with in the property `mqtt.qos` (`0`, `1` or `2`);
+//! - the QoS it was published with in the property `mqtt.qos` (`1` or `2`; absent for 0);
 //! - `mqtt.retain = 1` when it was published with RETAIN; `mqtt.sender`, the publishing
-//!   Client Identifier (No Local);
+//!   Client Identifier, while the publisher's session has a No Local subscription;
 //! - the MQTT 5.0 PUBLISH properties as `mqtt.*` properties, User Properties also as plain
 //!   Pulsar properties ([`message`] has the exact mapping);
 //! - the MQTT payload unchanged.

@@ -314,11 +314,12 @@ impl MqttConnection {
             .unwrap_or(0)
             .min(self.session_expiry);
         Will {
+            // With the sender: the session's No Local subscriptions may come after this.
             msg: message::to_pulsar(
                 &w.topic,
                 w.qos,
                 w.retain,
-                &self.client_id,
+                Some(&self.client_id),
                 &props,
                 w.payload,
             ),

@@ -619,11 +619,8 @@ fn qos0_publish_maps_to_the_mqtt_topic_without_ack() {
         .collect();
     assert_eq!(
         props,
-        vec![
-            ("mqtt.topic", "home/kitchen/temp"),
-            ("mqtt.qos", "0"),
-            ("mqtt.sender", "dev1")
-        ]
+        vec![("mqtt.topic", "home/kitchen/temp")],
+        "QoS 0 is the default, and no No Local subscription needs the sender"
     );
     let a = h.event(Event::PublishResult {
         token: p[0].0,

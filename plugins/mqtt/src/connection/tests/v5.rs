@@ -112,7 +112,7 @@ fn subscribed5(props: &Properties, entries: &[(&str, u8)], sub_id: Option<u32>) 
 }
 
 fn delivery5(id: u64, topic: &str, qos: u8, props: &Properties, sender: &str) -> Delivery {
-    let msg = message::to_pulsar(topic, qos, false, sender, props, b"m".to_vec());
+    let msg = message::to_pulsar(topic, qos, false, Some(sender), props, b"m".to_vec());
     Delivery {
         subscription: SUB,
         delivery_id: id,
@@ -253,7 +253,8 @@ fn properties_travel_in_the_pulsar_message() {
     };
     let m = message::from_delivery(&d).unwrap();
     assert_eq!(m.properties, props);
-    assert_eq!(m.sender.as_deref(), Some("dev5"));
+    // No No Local subscription in this session: no sender.
+    assert_eq!(m.sender, None);
 }
 
 #[test]
@@ -349,6 +350,25 @@ fn no_local_skips_own_messages_and_subscription_identifiers_are_sent() {
     // PUBLISH "a/x", properties: Subscription Identifier 9.
     assert_eq!(p[0][2..7], [0, 3, b'a', b'/', b'x']);
     assert_eq!(p[0][7..10], [2, id::SUBSCRIPTION_IDENTIFIER, 9]);
+}
+
+#[test]
+fn the_sender_travels_only_while_the_session_has_a_no_local_subscription() {
+    let sender_of = |a: &[Action]| {
+        let p = publishes(a);
+        p[0].1
+            .properties
+            .iter()
+            .find(|p| p.key == PROP_SENDER)
+            .map(|p| p.value.clone())
+    };
+    // QoS 0, without and with No Local.
+    let mut h = subscribed5(&no_props(), &[("a/#", 0)], None);
+    let a = h.data(&publish5("a/x", 0, 0, &no_props(), b"m"));
+    assert_eq!(sender_of(&a), None);
+    let mut h = subscribed5(&no_props(), &[("a/#", 0b0000_0100)], None);
+    let a = h.data(&publish5("a/x", 0, 0, &no_props(), b"m"));
+    assert_eq!(sender_of(&a).as_deref(), Some("dev5"));
 }
 
 #[test]
