@@ -75,8 +75,9 @@ pub const BATCH_MESSAGES: u32 = 1000;
 /// Most payload bytes in one batch.
 pub const BATCH_BYTES: usize = 128 * 1024;
 
-/// Producers by topic and whether they batch, each made once.
-type Producers = HashMap<(String, bool), Arc<OnceCell<SharedProducer>>>;
+/// Producers by topic, each made once: `[unbatched, batched]`, so that a lookup by `&str`
+/// needs no key allocation.
+type Producers = HashMap<String, [Arc<OnceCell<SharedProducer>>; 2]>;
 
 /// The client and its producers.
 pub struct Backend {
@@ -121,10 +122,18 @@ impl Backend {
         &self.client
     }
 
+    /// The topic's producer when it is made already: the common case, without awaiting.
+    fn existing_producer(&self, topic: &str, batched: bool) -> Option<SharedProducer> {
+        let map = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(topic)?[usize::from(batched)].get().cloned()
+    }
+
+    /// The topic's producer, made on first use. The future is large (it holds a producer's
+    /// creation), so callers box it, and only when [`Backend::existing_producer`] has none.
     async fn producer(&self, topic: &str, batched: bool) -> Result<SharedProducer, BackendError> {
         let cell = {
             let mut map = self.producers.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry((topic.to_string(), batched)).or_default().clone()
+            map.entry(topic.to_string()).or_default()[usize::from(batched)].clone()
         };
         let producer = cell
             .get_or_try_init(|| async {
@@ -154,10 +163,14 @@ impl Backend {
     }
 
     /// Hands a message to the topic's producer and returns the receipt to await. Messages
-    /// enqueued one after another by one caller are stored in that order.
+    /// enqueued one after another by one caller are stored in that order. The future stays
+    /// small (no producer creation inside, see [`Backend::producer`]): one per publish.
     pub async fn enqueue(&self, topic: &str, msg: OutMessage) -> Result<SendFuture, BackendError> {
         let batched = msg.encryption.is_none();
-        let producer = self.producer(topic, batched).await?;
+        let producer = match self.existing_producer(topic, batched) {
+            Some(p) => p,
+            None => Box::pin(self.producer(topic, batched)).await?,
+        };
         let (encryption_keys, encryption_param) = match msg.encryption {
             Some((keys, iv)) => (keys, Some(iv)),
             None => (Vec::new(), None),
@@ -176,10 +189,14 @@ impl Backend {
             Err(source) => {
                 drop(guard);
                 // A broken producer is rebuilt by the next send.
-                self.producers
+                if let Some(cells) = self
+                    .producers
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(topic.to_string(), batched));
+                    .get_mut(topic)
+                {
+                    cells[usize::from(batched)] = Arc::default();
+                }
                 Err(BackendError::Send {
                     topic: topic.to_string(),
                     source,

@@ -791,7 +791,10 @@ impl<Exe: Executor> TopicProducer<Exe> {
             None if self.options.enabled_batching() => Err(ProducerError::Closed.into()),
             _ => {
                 let compressed_message = compress_message(message, &self.compression)?;
-                self.connection.send(compressed_message).await
+                // magnetar patch: boxed, because this future holds a reconnection and is
+                // kilobytes large; unboxed, every batched send (the branch above) would
+                // create and move a future that size.
+                Box::pin(self.connection.send(compressed_message)).await
             }
         }
     }
