@@ -52,7 +52,10 @@ struct Disk {
 
 /// Sequential 1 MiB writes each followed by `sync_data` (throughput), then 4 KiB writes
 /// each followed by `sync_data` for 2 s (latency, thousands of samples so that the p99 is
-/// not a handful of them): what the broker's group commit does.
+/// not a handful of them): what the broker's group commit does. Like the log, the throughput
+/// loop drops each synced MiB from the page cache, so that the next write reuses those pages:
+/// on this VM a page never used before costs a fault in the host, and without that the
+/// probe's figure swings 2x with what the previous process happened to free.
 fn measure_disk(dir: &Path) -> Disk {
     let path = dir.join("disk-probe");
     let mut f = std::fs::File::create(&path).expect("probe file");
@@ -62,6 +65,12 @@ fn measure_disk(dir: &Path) -> Disk {
     while start.elapsed() < Duration::from_secs(3) && written < (512 << 20) {
         f.write_all(&chunk).expect("write");
         f.sync_data().expect("fsync");
+        let _ = rustix::fs::fadvise(
+            &f,
+            written as u64,
+            std::num::NonZeroU64::new(chunk.len() as u64),
+            rustix::fs::Advice::DontNeed,
+        );
         written += chunk.len();
     }
     let write_mb_s = written as f64 / 1e6 / start.elapsed().as_secs_f64();

@@ -73,6 +73,8 @@ pub struct NewEntry {
 pub struct Record {
     pub header: [u8; HEADER_BYTES],
     pub tail: Bytes,
+    /// CRC32C of `tail` (the log derives the record's checksum from it).
+    pub tail_crc: u32,
 }
 
 impl Record {
@@ -126,6 +128,7 @@ impl NewEntry {
         let record = Record {
             header,
             tail: self.tail.clone(),
+            tail_crc: self.tail_crc,
         };
         let entry = StoredEntry {
             metadata: self.metadata,

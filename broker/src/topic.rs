@@ -54,7 +54,7 @@ use crate::connection::ReceiptSink;
 use crate::cursor::{Cursor, CursorStore};
 use crate::dedup::{Dedup, Verdict};
 use crate::entry::{self, NewEntry};
-use crate::log::{Log, RecordParts, MAX_UNSYNCED_WRITES};
+use crate::log::{CachedPages, Log, RecordParts, MAX_UNSYNCED_WRITES};
 use crate::naming::{self, TopicName};
 use crate::protocol::{self, Frame};
 use crate::schema::{self, SchemaStore};
@@ -284,10 +284,12 @@ struct Committed {
     sequence: Option<(Arc<str>, i64)>,
 }
 
+/// A group commit's first entry id and stored messages, or the error every sender was told.
+type Appended = Result<(u64, Vec<Committed>), String>;
+
 /// What a group commit's blocking task returns.
 struct CommitOutcome {
-    /// First entry id and the stored messages, or the error every sender was told.
-    append: Result<(u64, Vec<Committed>), String>,
+    append: Appended,
     /// The subscription whose cursor could not be saved, if any.
     saved: Result<(), (String, std::io::Error)>,
     /// Message index of the group's first message (freed again if the append failed).
@@ -976,7 +978,7 @@ impl Topic {
             .filter(|_| !self.storing.is_empty());
         let generation = self.generation;
         Some(tokio::task::spawn_blocking(move || {
-            let append = append_and_answer(&log, pending, previous, &next.written);
+            let (append, cached) = append_and_answer(&log, pending, previous, &next.written);
             let mut saved = Ok(());
             for (name, cursor) in &dirty {
                 if let Err(e) = cursors.save(name, cursor) {
@@ -984,6 +986,10 @@ impl Topic {
                 }
             }
             let _ = next.finished.send(append.is_ok());
+            // Off the way of this commit's receipts and of the next commit's.
+            if let Some(cached) = cached {
+                cached.drop_clean();
+            }
             CommitOutcome {
                 append,
                 saved,
@@ -1086,19 +1092,21 @@ fn now_ms() -> u64 {
 /// (runs on a blocking thread, so a receipt leaves as soon as the fsync returns). Writes
 /// after the `previous` commit wrote, signals `written`, and appends and answers only after
 /// the previous commit finished (failing if it failed). Returns the first entry id and the
-/// stored messages, or the error every sender was told.
+/// stored messages, or the error every sender was told; and the appended records' pages,
+/// for the caller to drop from the page cache once nothing waits for it.
 fn append_and_answer(
     log: &Mutex<Log>,
     pending: Vec<PendingPublish>,
     previous: Option<Baton>,
     written: &std::sync::mpsc::SyncSender<()>,
-) -> Result<(u64, Vec<Committed>), String> {
+) -> (Appended, Option<CachedPages>) {
     let records: Vec<RecordParts> = pending
         .iter()
         .filter_map(|p| match p {
             PendingPublish::Store { record, .. } => Some(RecordParts {
                 head: &record.header,
                 body: &record.tail,
+                body_crc: Some(record.tail_crc),
             }),
             PendingPublish::Answer { .. } => None,
         })
@@ -1123,8 +1131,10 @@ fn append_and_answer(
     // Answers go out after the previous commit's (each producer's receipts stay in order).
     let previous_ok = previous.is_none_or(|p| p.finished.recv().unwrap_or(false));
     let earlier_failed = "an earlier group commit failed";
+    let mut cached = None;
     let append = match unsynced {
         Ok(Some(unsynced)) => {
+            cached = Some(unsynced.cached());
             let synced = synced.and_then(|()| match previous_ok {
                 true => Ok(()),
                 false => Err(std::io::Error::other(earlier_failed)),
@@ -1157,7 +1167,8 @@ fn append_and_answer(
             (PendingPublish::Answer { result, reply }, _) => reply.send(result),
         }
     }
-    append.map(|first| (first, committed))
+    let cached = cached.filter(|_| append.is_ok());
+    (append.map(|first| (first, committed)), cached)
 }
 
 /// The oldest running commit's outcome; never ready without one.
