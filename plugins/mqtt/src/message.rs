@@ -69,9 +69,9 @@ pub struct Message {
     pub properties: Properties,
 }
 
-/// The Pulsar message of an MQTT PUBLISH.
+/// The Pulsar message of an MQTT PUBLISH (`topic` becomes the key, a copy the property).
 pub fn to_pulsar(
-    topic: &str,
+    topic: String,
     qos: u8,
     retain: bool,
     sender: Option<&str>,
@@ -85,7 +85,7 @@ pub fn to_pulsar(
             value,
         })
     };
-    put(PROP_TOPIC, topic.to_string());
+    put(PROP_TOPIC, topic.clone());
     if qos > 0 {
         put(PROP_QOS, qos.to_string());
     }
@@ -127,21 +127,23 @@ pub fn to_pulsar(
     }
     OutboundMessage {
         topic: PULSAR_TOPIC.to_string(),
-        key: Some(topic.to_string()),
+        key: Some(topic),
         payload,
         properties,
     }
 }
 
-/// The message of a delivery; `None` without `mqtt.topic` (not an MQTT message).
-pub fn from_delivery(d: &Delivery) -> Option<Message> {
+/// The message of a delivery; `None` without `mqtt.topic` (not an MQTT message). The topic
+/// is taken out of the delivery's properties (an empty string is left there), not copied.
+pub fn from_delivery(d: &mut Delivery) -> Option<Message> {
+    let topic = std::mem::take(&mut d.properties.iter_mut().find(|p| p.key == PROP_TOPIC)?.value);
+    let d = &*d;
     let get = |key: &str| {
         d.properties
             .iter()
             .find(|p| p.key == key)
             .map(|p| p.value.as_str())
     };
-    let topic = get(PROP_TOPIC)?.to_string();
     let qos = match get(PROP_QOS) {
         Some("1") => 1,
         Some("2") => 2,
@@ -262,7 +264,7 @@ mod tests {
             ],
             ..Properties::default()
         };
-        let msg = to_pulsar("t/1", 1, true, Some("dev"), &props, b"x".to_vec());
+        let msg = to_pulsar("t/1".into(), 1, true, Some("dev"), &props, b"x".to_vec());
         // The first `a` and nothing reserved become plain Pulsar properties too.
         let plain: Vec<_> = msg
             .properties
@@ -271,7 +273,7 @@ mod tests {
             .map(|p| (p.key.as_str(), p.value.as_str()))
             .collect();
         assert_eq!(plain, vec![("a", "1"), ("k=&%", "v&=%")]);
-        let d = Delivery {
+        let mut d = Delivery {
             subscription: 1,
             delivery_id: 1,
             key: msg.key.clone(),
@@ -280,7 +282,7 @@ mod tests {
             publish_time_ms: 5,
             redelivery_count: 0,
         };
-        let m = from_delivery(&d).unwrap();
+        let m = from_delivery(&mut d).unwrap();
         assert_eq!(m.topic, "t/1");
         assert_eq!((m.qos, m.retain), (1, true));
         assert_eq!(m.sender.as_deref(), Some("dev"));
@@ -289,7 +291,7 @@ mod tests {
 
     #[test]
     fn foreign_properties_become_user_properties() {
-        let d = Delivery {
+        let mut d = Delivery {
             subscription: 1,
             delivery_id: 1,
             key: None,
@@ -307,7 +309,7 @@ mod tests {
             publish_time_ms: 0,
             redelivery_count: 0,
         };
-        let m = from_delivery(&d).unwrap();
+        let m = from_delivery(&mut d).unwrap();
         assert_eq!(
             m.properties.user_properties,
             vec![("origin".into(), "pulsar".into())]

@@ -28,7 +28,7 @@ pub mod v5;
 use std::io::Cursor;
 
 use mqtt_codec_kit::common::packet::EncodablePacket;
-use mqtt_codec_kit::common::{Decodable, Encodable, TopicNameRef};
+use mqtt_codec_kit::common::{Decodable, Encodable};
 use mqtt_codec_kit::v4::control::ConnectReturnCode;
 use mqtt_codec_kit::v4::packet::{
     ConnackPacket, PingrespPacket, PubackPacket, PubcompPacket, PubrecPacket, PubrelPacket,
@@ -506,7 +506,7 @@ pub fn publish(topic: &str, flags: PublishFlags, payload: &[u8]) -> Option<Vec<u
 
 /// [`publish`], appended to `out`; `false` (and nothing appended) for an invalid Topic Name.
 pub fn publish_into(out: &mut Vec<u8>, topic: &str, flags: PublishFlags, payload: &[u8]) -> bool {
-    if TopicNameRef::new(topic).is_err() {
+    if crate::topic::validate_name(topic).is_err() {
         return false;
     }
     v5::publish_into(out, topic, flags, None, payload);

@@ -638,12 +638,7 @@ pub fn decode_publish_3_1_1(flags: u8, body: &[u8]) -> Result<Publish, DecodeErr
         packet: "PUBLISH",
     };
     let publish = decode_publish(flags, &mut r, false)?;
-    if mqtt_codec_kit::common::TopicNameRef::new(&publish.topic).is_err() {
-        return Err(malformed(
-            "PUBLISH",
-            "Topic Name empty or with a wildcard (§4.7.3)",
-        ));
-    }
+    crate::topic::validate_name(&publish.topic).map_err(|e| malformed("PUBLISH", e.to_string()))?;
     Ok(publish)
 }
 

@@ -316,7 +316,7 @@ impl MqttConnection {
         Will {
             // With the sender: the session's No Local subscriptions may come after this.
             msg: message::to_pulsar(
-                &w.topic,
+                w.topic,
                 w.qos,
                 w.retain,
                 Some(&self.client_id),

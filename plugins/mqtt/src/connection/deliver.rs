@@ -6,7 +6,7 @@ use super::*;
 impl MqttConnection {
     // ---- deliveries to the client (§3.3–§3.7, §4.3) ------------------------------------------
 
-    pub(super) fn on_delivery(&mut self, d: Delivery) {
+    pub(super) fn on_delivery(&mut self, mut d: Delivery) {
         let from = d.subscription;
         let shared_filter = if self.backend == Backend::Open(from) {
             None
@@ -21,29 +21,41 @@ impl MqttConnection {
             sub: from,
             delivery_id: d.delivery_id,
         };
-        let Some(m) = message::from_delivery(&d) else {
+        let Some(m) = message::from_delivery(&mut d) else {
             self.actions.push(ack);
             return;
         };
         // The subscriptions this message goes out for: a share group's one filter, or every
         // matching non-shared filter (one PUBLISH at the highest QoS, all identifiers).
-        let matching: Vec<Subscription> = match &shared_filter {
-            Some(f) => match (parse_shared(f), self.filters.get(f)) {
-                (Some(Ok((_, inner))), Some(sub)) if topic::matches(inner, &m.topic) => vec![*sub],
-                _ => Vec::new(),
-            },
-            None => self
-                .filters
-                .iter()
-                .filter(|(f, s)| {
-                    parse_shared(f).is_none()
+        // Folded as they are found: no list per delivery.
+        let mut granted: Option<u8> = None;
+        let mut retain_as_published = false;
+        let mut sub_ids = Vec::new();
+        let mut take = |s: &Subscription| {
+            granted = Some(granted.map_or(s.qos, |g| g.max(s.qos)));
+            retain_as_published |= s.options.retain_as_published;
+            sub_ids.extend(s.id);
+        };
+        match &shared_filter {
+            Some(f) => {
+                if let (Some(Ok((_, inner))), Some(sub)) = (parse_shared(f), self.filters.get(f)) {
+                    if topic::matches(inner, &m.topic) {
+                        take(sub);
+                    }
+                }
+            }
+            None => {
+                for (f, s) in &self.filters {
+                    if parse_shared(f).is_none()
                         && topic::matches(f, &m.topic)
                         && !(s.options.no_local && m.sender.as_deref() == Some(&self.client_id))
-                })
-                .map(|(_, s)| *s)
-                .collect(),
-        };
-        let Some(granted) = matching.iter().map(|s| s.qos).max() else {
+                    {
+                        take(s);
+                    }
+                }
+            }
+        }
+        let Some(granted) = granted else {
             self.actions.push(ack);
             return;
         };
@@ -51,10 +63,10 @@ impl MqttConnection {
             topic: m.topic,
             payload: d.payload,
             qos: granted.min(m.qos),
-            retain: m.retain && matching.iter().any(|s| s.options.retain_as_published),
+            retain: m.retain && retain_as_published,
             properties: m.properties,
             published_ms: d.publish_time_ms,
-            sub_ids: matching.iter().filter_map(|s| s.id).collect(),
+            sub_ids,
             backend: Some((from, d.delivery_id)),
         };
         // Each backend subscription hands out at most `max_unacked` unacked deliveries.

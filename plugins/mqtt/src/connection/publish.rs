@@ -86,7 +86,7 @@ impl MqttConnection {
         // Only this session's own No Local subscriptions look at the sender (§3.8.3.1).
         let no_local = self.filters.values().any(|s| s.options.no_local);
         let msg = message::to_pulsar(
-            &p.topic,
+            p.topic,
             p.qos,
             p.retain,
             no_local.then_some(self.client_id.as_str()),

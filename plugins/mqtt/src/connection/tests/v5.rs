@@ -112,7 +112,7 @@ fn subscribed5(props: &Properties, entries: &[(&str, u8)], sub_id: Option<u32>) 
 }
 
 fn delivery5(id: u64, topic: &str, qos: u8, props: &Properties, sender: &str) -> Delivery {
-    let msg = message::to_pulsar(topic, qos, false, Some(sender), props, b"m".to_vec());
+    let msg = message::to_pulsar(topic.into(), qos, false, Some(sender), props, b"m".to_vec());
     Delivery {
         subscription: SUB,
         delivery_id: id,
@@ -242,7 +242,7 @@ fn properties_travel_in_the_pulsar_message() {
     };
     let a = h.data(&publish5("a/b", 0, 0, &props, b"{}"));
     let msg = &publishes(&a)[0].1;
-    let d = Delivery {
+    let mut d = Delivery {
         subscription: SUB,
         delivery_id: 1,
         key: msg.key.clone(),
@@ -251,7 +251,7 @@ fn properties_travel_in_the_pulsar_message() {
         publish_time_ms: 0,
         redelivery_count: 0,
     };
-    let m = message::from_delivery(&d).unwrap();
+    let m = message::from_delivery(&mut d).unwrap();
     assert_eq!(m.properties, props);
     // No No Local subscription in this session: no sender.
     assert_eq!(m.sender, None);
