@@ -12,7 +12,7 @@ use magnetar_sdk::{
 };
 
 use crate::config::Config;
-use crate::connection::{Action, Event, MqttConnection, SEND_COALESCE};
+use crate::connection::{Action, Event, MqttConnection};
 
 /// The plugin instance: the parsed config, shared by all its connections.
 pub struct MqttPlugin {
@@ -73,45 +73,31 @@ impl MqttConn {
     }
 }
 
-/// Carries out actions in order, except that sends and acks commute: consecutive sends are
-/// joined (the byte stream is the same), and acks wait, gathered per subscription, until an
-/// action that is neither (e.g. an unsubscribe) or the end. A batch of QoS 0 deliveries
-/// (send, ack, send, ack...) thus leaves as one `send` and one `ack-many`. An ack a moment
-/// later than its send changes nothing a client can see. (The machine already encodes
-/// consecutive packets into one `Send`; joining here covers what it cannot.)
+/// Carries out actions in order, except that acks wait, gathered per subscription, until an
+/// action that is neither a send nor an ack (e.g. an unsubscribe) or the end: sends and acks
+/// commute, since an ack a moment later than its send changes nothing a client can see. A
+/// batch of QoS 0 deliveries (which the machine already encodes into one `Send`) thus costs
+/// one `send` and one `ack-many`.
 fn execute(conn: Conn, actions: Vec<Action>) {
-    let mut pending: Vec<u8> = Vec::new();
     let mut acks: Vec<(SubId, Vec<u64>)> = Vec::new();
     for action in actions {
         match action {
-            Action::Send(bytes) => {
-                if pending.is_empty() {
-                    pending = bytes;
-                } else {
-                    pending.extend_from_slice(&bytes);
-                }
-                if pending.len() >= SEND_COALESCE {
-                    conn.send(&std::mem::take(&mut pending));
-                }
-            }
+            Action::Send(bytes) => conn.send(&bytes),
             Action::Ack { sub, delivery_id } => match acks.iter_mut().find(|(s, _)| *s == sub) {
                 Some((_, ids)) => ids.push(delivery_id),
                 None => acks.push((sub, vec![delivery_id])),
             },
             other => {
-                flush(conn, &mut pending, &mut acks);
+                flush_acks(conn, &mut acks);
                 call(conn, other);
             }
         }
     }
-    flush(conn, &mut pending, &mut acks);
+    flush_acks(conn, &mut acks);
 }
 
-/// Sends the joined packets, then the gathered acks.
-fn flush(conn: Conn, pending: &mut Vec<u8>, acks: &mut Vec<(SubId, Vec<u64>)>) {
-    if !pending.is_empty() {
-        conn.send(&std::mem::take(pending));
-    }
+/// Sends the gathered acks.
+fn flush_acks(conn: Conn, acks: &mut Vec<(SubId, Vec<u64>)>) {
     for (sub, ids) in acks.drain(..) {
         match ids.as_slice() {
             [one] => conn.ack(sub, *one),
