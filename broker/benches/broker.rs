@@ -10,7 +10,7 @@
 //! `cargo bench -p magnetar-broker --bench broker` (about a minute). `MAGNETAR_BENCH_DIR`
 //! picks the disk (default: the system temp dir); `MAGNETAR_BENCH_SECS` the seconds of
 //! producing per scenario (default 3); `MAGNETAR_BENCH_SIZES` the message sizes of the table
-//! and raw rows (default `100,1024`). The table and raw rows print the process's CPU time
+//! and raw rows (default `100,1024`); `MAGNETAR_BENCH_ROWS` the table's rows (e.g. `100/on/4`). The table and raw rows print the process's CPU time
 //! (user + system, client and broker together) per message produced.
 
 #[path = "support/proc_cpu.rs"]
@@ -151,7 +151,7 @@ async fn scenario(
             // Java client's default memory limit is 64 MiB). With 1,000 (one batch) a
             // producer had one batch at a time awaiting its fsync.
             let window = if batching {
-                (RAW_WINDOW_BYTES / size).max(10 * WINDOW)
+                (window_bytes() / size).max(10 * WINDOW)
             } else {
                 WINDOW
             };
@@ -545,6 +545,23 @@ fn wanted(part: &str) -> bool {
     std::env::var("MAGNETAR_BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p == part))
 }
 
+/// Bytes of sends in flight per batching producer: `MAGNETAR_BENCH_WINDOW_KIB` (default: the
+/// raw generator's window).
+fn window_bytes() -> usize {
+    std::env::var("MAGNETAR_BENCH_WINDOW_KIB")
+        .ok()
+        .and_then(|k| k.parse::<usize>().ok())
+        .map_or(RAW_WINDOW_BYTES, |k| k << 10)
+}
+
+/// Which table rows run: `MAGNETAR_BENCH_ROWS` is a comma-separated subset of
+/// `size/batching/producers` tags, e.g. `100/on/4,1024/off/1` (default: all).
+fn row_wanted(size: usize, batching: bool, producers: usize) -> bool {
+    let tag = format!("{size}/{}/{producers}", if batching { "on" } else { "off" });
+    std::env::var("MAGNETAR_BENCH_ROWS")
+        .map_or(true, |rows| rows.split(',').any(|r| r.trim() == tag))
+}
+
 /// Message sizes of the table and raw rows: `MAGNETAR_BENCH_SIZES`, comma-separated bytes
 /// (default `100,1024`).
 fn sizes() -> Vec<usize> {
@@ -647,6 +664,9 @@ async fn main() {
         for size in sizes() {
             for batching in [true, false] {
                 for producers in [1usize, 4] {
+                    if !row_wanted(size, batching, producers) {
+                        continue;
+                    }
                     let r =
                         scenario(&pulsar, &topic(), size, batching, producers, secs, true).await;
                     let rate = r.produced as f64 / r.produce_secs;

@@ -238,10 +238,11 @@ fn main() {
     let tls = Tls { cert, key, der };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
+    // `BENCH_MAGNETAR_EXTRA`: more gateway configuration (TOML, `\n` for newlines).
+    let extra = std::env::var("BENCH_MAGNETAR_EXTRA")
+        .unwrap_or_default()
+        .replace("\\n", "\n");
     if args.iter().any(|a| a == "--stages") {
-        let extra = std::env::var("BENCH_MAGNETAR_EXTRA")
-            .unwrap_or_default()
-            .replace("\\n", "\n");
         let (magnetar, broker) = start_magnetar(dir.path(), &tls, &extra);
         for batch in [64, 1000] {
             let (p, c) = rt.block_on(stages::pulsar_backlog(broker, n, batch));
@@ -254,7 +255,7 @@ fn main() {
         return;
     }
 
-    let (magnetar, _) = start_magnetar(dir.path(), &tls, "");
+    let (magnetar, _) = start_magnetar(dir.path(), &tls, &extra);
     let mut servers = vec![magnetar];
     servers.extend(start_mosquitto(dir.path(), &tls));
     // `BENCH_NO_RUMQTTD=1`: magnetar and Mosquitto only (quicker).
