@@ -561,12 +561,61 @@ fn pipelined_input_beyond_the_limit_closes() {
     };
     let (mut h, _) = Harness::with_config(config);
     let mut bytes = connect_packet("dev1", true, 0, None);
-    // Paused while authenticating: everything else is buffered, up to a bound.
-    for _ in 0..100 {
+    // Paused while authenticating: everything else is buffered, up to a bound (twice the
+    // largest packet, and at least two of the host's largest reads, 512 KiB).
+    for _ in 0..600 {
         bytes.extend_from_slice(&publish_packet("a", 0, 0, &[0; 1000]));
     }
     let a = h.data(&bytes);
     assert!(closed(&a).unwrap().contains("exceed the limit"));
+}
+
+#[test]
+fn a_full_read_of_pipelined_publishes_is_decoded_as_room_frees_up() {
+    let config = Config {
+        max_packet_size: 2048,
+        max_pending_publishes: 16,
+        ..Config::default()
+    };
+    let (mut h, _) = Harness::with_config(config);
+    let a = h.data(&connect_packet("dev1", true, 0, Some(("alice", "secret"))));
+    let token = auth_token(&a);
+    h.event(Event::AuthResult {
+        token,
+        result: Ok(principal()),
+    });
+    // One 256 KiB read of 250 QoS 0 publishes: 16 at a time reach the backend, and every
+    // outcome lets the next ones through, all of them in order.
+    let mut bytes = Vec::new();
+    for i in 0..250u32 {
+        bytes.extend_from_slice(&publish_packet("a", 0, 0, &i.to_be_bytes().repeat(256)));
+    }
+    let mut actions = h.data(&bytes);
+    assert!(closed(&actions).is_none(), "{actions:?}");
+    let mut seen = Vec::new();
+    while seen.len() < 250 {
+        let published: Vec<(u64, u32)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish { token, msg } => {
+                    let first = msg.payload.get(..4)?.try_into().ok()?;
+                    Some((*token, u32::from_be_bytes(first)))
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(!published.is_empty(), "stalled after {} publishes", seen.len());
+        assert!(published.len() <= 16, "the window holds");
+        seen.extend(published.iter().map(|(_, i)| *i));
+        actions = Vec::new();
+        for (token, _) in published {
+            actions.extend(h.event(Event::PublishResult {
+                token,
+                result: Ok(()),
+            }));
+        }
+    }
+    assert_eq!(seen, (0..250).collect::<Vec<_>>());
 }
 
 proptest! {
