@@ -167,7 +167,7 @@ async fn scenario(
             let sample = if batching { 16 } else { 1 };
             let mut now = Instant::now();
             while now < deadline {
-                let timed = sent % sample == 0;
+                let timed = sent.is_multiple_of(sample);
                 let receipt = match producer.send_non_blocking(payload.clone()).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -186,7 +186,7 @@ async fn scenario(
                         lat.extend(receipt_latency(t, r, &mut now).await);
                     }
                 }
-                if sent % sample == 0 {
+                if sent.is_multiple_of(sample) {
                     now = Instant::now();
                 }
             }
