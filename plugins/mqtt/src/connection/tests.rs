@@ -604,7 +604,11 @@ fn a_full_read_of_pipelined_publishes_is_decoded_as_room_frees_up() {
                 _ => None,
             })
             .collect();
-        assert!(!published.is_empty(), "stalled after {} publishes", seen.len());
+        assert!(
+            !published.is_empty(),
+            "stalled after {} publishes",
+            seen.len()
+        );
         assert!(published.len() <= 16, "the window holds");
         seen.extend(published.iter().map(|(_, i)| *i));
         actions = Vec::new();
