@@ -612,7 +612,6 @@ impl MqttConnection {
     fn release_idle_capacity(&mut self) {
         if self.inbuf.is_empty() {
             self.inbuf = Vec::new();
-            self.inpos = 0;
         }
         if self.ops.is_empty() && self.ops.capacity() > 0 {
             self.ops = HashMap::new();
@@ -807,8 +806,8 @@ impl MqttConnection {
             return;
         }
         // Decoded bytes leave the buffer once they are half of it: a paused connection decodes
-        // a few packets per publish outcome, and moving a 256 KiB read's rest forward after
-        // each of those was the plugin's largest cost at 1 KiB messages.
+        // a few packets per publish outcome, and moving the rest of a 256 KiB read forward
+        // after each of those made a read cost quadratic in its size.
         self.inpos = pos.min(self.inbuf.len());
         if self.inpos == self.inbuf.len() {
             self.inbuf.clear();
