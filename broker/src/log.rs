@@ -172,7 +172,8 @@ pub struct Log {
     segments: Vec<Segment>,
     poisoned: bool,
     segment_bytes: u64,
-    /// [`Log::write`]s awaiting their [`Log::finish`].
+    /// [`Log::write`]s of this epoch awaiting their [`Log::finish`] (a failure voids the
+    /// others: their `finish` only reports [`LogError::CutBack`]).
     unsynced: usize,
     /// While `unsynced > 0`: where the next write goes in the last segment, and how many
     /// records the unsynced writes hold.
@@ -357,11 +358,12 @@ impl Log {
     /// pass an error of its own to drop the records), appends the records (returns the id of
     /// the first) or, on error, cuts them back as `append` does. Call in the order written.
     pub fn finish(&mut self, unsynced: Unsynced, synced: io::Result<()>) -> Result<u64, LogError> {
-        self.unsynced = self.unsynced.saturating_sub(1);
         if unsynced.epoch != self.epoch {
-            // Already cut back by an earlier failure; cutting again could drop a later write.
+            // Already cut back by an earlier failure (and no longer counted); cutting again
+            // could drop a later write.
             return Err(LogError::CutBack);
         }
+        self.unsynced = self.unsynced.saturating_sub(1);
         if let Err(e) = synced {
             self.failed();
             return Err(e.into());
@@ -381,9 +383,19 @@ impl Log {
         Ok(unsynced.first)
     }
 
-    /// After a failed write or sync: nothing past the last appended record may stay.
+    /// A storage task ended between [`Log::write`] and [`Log::finish`] (it panicked): its
+    /// records, and those of every other write in flight, are cut back as after a failed
+    /// sync, and the log takes writes again. Without this, a write never finished would
+    /// count against [`MAX_UNSYNCED_WRITES`] for good and the log would refuse every write.
+    pub fn abandon_writes(&mut self) {
+        self.failed();
+    }
+
+    /// After a failed write or sync: nothing past the last appended record may stay, and the
+    /// writes in flight are void.
     fn failed(&mut self) {
         self.epoch += 1;
+        self.unsynced = 0;
         self.written_records = 0;
         self.poisoned = true;
         if let Err(e) = self.repair() {
@@ -815,6 +827,42 @@ mod tests {
         let log = Log::open(dir.path()).unwrap();
         assert_eq!(log.next_entry_id(), 4);
         assert_eq!(log.read(3).unwrap(), b"e1");
+    }
+
+    #[test]
+    fn writes_abandoned_by_a_dead_task_are_cut_back_and_the_log_takes_writes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path()).unwrap();
+        let a = log.write(&parts(&[b"a"])).unwrap();
+        let synced = a.sync();
+        assert_eq!(log.finish(a, synced).unwrap(), 0);
+        // Two writes whose task dies before `finish` (their `Unsynced` dropped or late).
+        let b = log.write(&parts(&[b"b"])).unwrap();
+        let c = log.write(&parts(&[b"c"])).unwrap();
+        assert!(matches!(
+            log.write(&parts(&[b"d"])),
+            Err(LogError::WriteInFlight)
+        ));
+        log.abandon_writes();
+        let d = log.write(&parts(&[b"d"])).unwrap();
+        let e = log.write(&parts(&[b"e"])).unwrap();
+        drop(b);
+        let synced = c.sync();
+        assert!(matches!(log.finish(c, synced), Err(LogError::CutBack)));
+        // A void write's late `finish` frees no slot: `d` and `e` still hold both.
+        assert!(matches!(
+            log.write(&parts(&[b"f"])),
+            Err(LogError::WriteInFlight)
+        ));
+        let (sd, se) = (d.sync(), e.sync());
+        assert_eq!(log.finish(d, sd).unwrap(), 1);
+        assert_eq!(log.finish(e, se).unwrap(), 2);
+        drop(log);
+        let log = Log::open(dir.path()).unwrap();
+        assert_eq!(
+            entries(&log),
+            vec![b"a".to_vec(), b"d".to_vec(), b"e".to_vec()]
+        );
     }
 
     #[test]

@@ -1007,7 +1007,14 @@ impl Topic {
             Ok(outcome) => outcome,
             Err(e) => {
                 // Only a panic gets here; its senders were answered by their dropped sinks.
+                // Its write was never finished: the log cuts it back, with any commit in flight
+                // after it (whose outcome then fails as usual), and takes writes again.
                 tracing::error!(topic = %self.name, error = %e, "storage task failed");
+                let mut log = self.log.lock().unwrap_or_else(|poisoned| {
+                    self.log.clear_poison();
+                    poisoned.into_inner()
+                });
+                log.abandon_writes();
                 return;
             }
         };
