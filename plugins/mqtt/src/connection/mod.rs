@@ -63,7 +63,7 @@ const SUBACK_FAILURE: u8 = 0x80;
 pub const TOPIC_ALIAS_MAX: u16 = 32;
 
 /// Packets queued one after another share one `Send` action up to this many bytes.
-pub const SEND_COALESCE: usize = 64 * 1024;
+const SEND_COALESCE: usize = 64 * 1024;
 
 /// Attempts to open a durable subscription that is still held by a connection that is going
 /// away (session takeover), and the pause between them.
