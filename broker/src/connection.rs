@@ -137,6 +137,14 @@ impl ReceiptSink {
     }
 }
 
+#[cfg(test)]
+impl ReceiptSink {
+    /// A sink that answers nobody (tests of a topic on its own).
+    pub(crate) fn detached() -> ReceiptSink {
+        ReceiptSink { armed: None }
+    }
+}
+
 impl Drop for ReceiptSink {
     fn drop(&mut self) {
         if let Some(sink) = self.armed.take() {
