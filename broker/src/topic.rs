@@ -21,8 +21,9 @@
 //! broker timestamp and its continuous message index. Recent entries are kept in a small
 //! in-memory cache so that consumers following the tail do not read the disk.
 //!
-//! De-duplication (when enabled) is [`crate::dedup`]; its state is rebuilt on open by
-//! reading the topic's entries.
+//! De-duplication (when enabled) is [`crate::dedup`]; its state is rebuilt on open from its
+//! latest snapshot (saved with cursors, every `dedup::SNAPSHOT_ENTRIES` entries or so) and
+//! the entries after it.
 //!
 //! Retention (when configured): closed log segments whose entries every subscription has
 //! acknowledged are deleted once the acknowledged data exceeds the size limit or is older
@@ -52,7 +53,7 @@ use tokio::task::{JoinError, JoinHandle};
 
 use crate::connection::ReceiptSink;
 use crate::cursor::{Cursor, CursorStore};
-use crate::dedup::{Dedup, Verdict};
+use crate::dedup::{self, Dedup, Verdict};
 use crate::entry::{self, NewEntry};
 use crate::log::{CachedPages, Log, RecordParts, MAX_UNSYNCED_WRITES};
 use crate::naming::{self, TopicName};
@@ -370,6 +371,10 @@ pub struct Topic {
     /// Broker timestamp of the last entry (kept monotonic).
     last_timestamp: u64,
     dedup: Option<Dedup>,
+    /// The first entry id the latest de-duplication snapshot does not cover.
+    dedup_snapshot_end: u64,
+    /// Where the topic's files are.
+    dir: PathBuf,
     /// Names of the connected producers.
     producers: HashSet<Arc<str>>,
     /// The connected producer with an exclusive access mode, if any.
@@ -442,10 +447,18 @@ pub fn open(
             (next_id, 0)
         }
     };
-    // Reads every stored entry: the cost of de-duplication at open (no snapshot yet).
-    let dedup = settings
+    // Reads the entries after the snapshot (all of them without one), the cost of
+    // de-duplication at open. A snapshot past the log's end is not trusted.
+    let snapshot = settings
         .deduplication
-        .then(|| Dedup::recover((log.first_entry_id()..next_id).filter_map(read)));
+        .then(|| dedup::Snapshot::load(&dir))
+        .flatten()
+        .filter(|s| s.end <= next_id);
+    let dedup_snapshot_end = snapshot.as_ref().map_or(0, |s| s.end);
+    let dedup = settings.deduplication.then(|| {
+        let from = dedup_snapshot_end.max(log.first_entry_id());
+        Dedup::recover(snapshot, (from..next_id).filter_map(read))
+    });
     let mut subscriptions = HashMap::new();
     for (sub, cursor) in cursors.load_all()? {
         subscriptions.insert(
@@ -461,6 +474,8 @@ pub fn open(
         next_index,
         last_timestamp,
         dedup,
+        dedup_snapshot_end,
+        dir,
         producers: HashSet::new(),
         exclusive_producer: None,
         schemas,
@@ -985,6 +1000,17 @@ impl Topic {
                 (s.name.clone(), s.cursor.clone())
             })
             .collect();
+        // Only with cursors, so at most every `CURSOR_SAVE_INTERVAL`.
+        let snapshot = match &self.dedup {
+            Some(dedup)
+                if save_cursors
+                    && self.next_id >= self.dedup_snapshot_end + dedup::SNAPSHOT_ENTRIES =>
+            {
+                self.dedup_snapshot_end = self.next_id;
+                Some((dedup.snapshot(self.next_id), self.dir.clone()))
+            }
+            _ => None,
+        };
         let (log, cursors) = (self.log.clone(), self.cursors.clone());
         let (next, mine) = baton();
         // With nothing in flight, the newest baton is from a commit already back.
@@ -1004,6 +1030,12 @@ impl Topic {
             for (name, cursor) in &dirty {
                 if let Err(e) = cursors.save(name, cursor) {
                     saved = Err((name.clone(), e));
+                }
+            }
+            if let Some((snapshot, dir)) = snapshot {
+                // Without it, opening reads more entries; nothing else is lost.
+                if let Err(e) = snapshot.save(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "saving the de-duplication snapshot failed");
                 }
             }
             let _ = next.finished.send(append.is_ok());
@@ -1297,8 +1329,12 @@ mod tests {
     use pulsar::message::proto::MessageMetadata;
 
     fn open_topic(dir: &std::path::Path) -> Topic {
+        open_with_dedup(dir, false)
+    }
+
+    fn open_with_dedup(dir: &std::path::Path, deduplication: bool) -> Topic {
         let settings = TopicSettings {
-            deduplication: false,
+            deduplication,
             segment_bytes: 1 << 20,
             retention: Retention::default(),
         };
@@ -1307,19 +1343,28 @@ mod tests {
 
     /// A send of a batch of `messages` (answered to nobody).
     fn send(topic: &mut Topic, messages: i32) {
+        send_from(topic, 0, messages);
+    }
+
+    /// A send by producer `p` of a batch of `messages`, the first with sequence id `first`.
+    fn send_from(topic: &mut Topic, first: u64, messages: i32) {
+        let last = first + messages as u64 - 1;
         let metadata = MessageMetadata {
             producer_name: "p".into(),
+            sequence_id: first,
+            highest_sequence_id: Some(last),
             publish_time: 1,
             num_messages_in_batch: Some(messages),
             ..Default::default()
         };
         let entry = NewEntry::new(metadata, b"x");
-        topic.publish("p".into(), (0, 0), entry, ReceiptSink::detached());
+        topic.publish("p".into(), (first, last), entry, ReceiptSink::detached());
     }
 
-    /// Starts a group commit of the pending sends, as the actor does.
+    /// Starts a group commit of the pending sends, as the actor does (saving cursors: and
+    /// so a de-duplication snapshot when one is due).
     fn start(topic: &mut Topic) {
-        let started = topic.start_commit(false).unwrap();
+        let started = topic.start_commit(true).unwrap();
         topic.storing.push_back(started);
     }
 
@@ -1376,5 +1421,40 @@ mod tests {
         start(&mut topic);
         finish_oldest(&mut topic).await;
         assert_eq!(stored_indexes(&topic), vec![2, 4, 5]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn de_duplication_state_is_opened_from_its_snapshot_and_the_entries_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut topic = open_with_dedup(dir.path(), true);
+        for seq in 0..dedup::SNAPSHOT_ENTRIES {
+            send_from(&mut topic, seq, 1);
+        }
+        start(&mut topic);
+        finish_oldest(&mut topic).await;
+        assert_eq!(dedup::Snapshot::load(dir.path()), None);
+        // The next commit saves the state of the first 1000 entries.
+        send_from(&mut topic, 1000, 1);
+        start(&mut topic);
+        finish_oldest(&mut topic).await;
+        let snapshot = dedup::Snapshot::load(dir.path()).unwrap();
+        assert_eq!(snapshot.end, 1000);
+        drop(topic);
+        let topic = open_with_dedup(dir.path(), true);
+        let last = |t: &Topic, p: &str| t.dedup.as_ref().unwrap().last_persisted(p);
+        assert_eq!(last(&topic, "p"), 1000);
+        drop(topic);
+        // Opening reads only the entries after the snapshot: one that knows only producer
+        // q and covers every entry shows q's state and nothing of p's.
+        let mut other = Dedup::default();
+        other.persisted("q".into(), 42);
+        other.snapshot(1001).save(dir.path()).unwrap();
+        let topic = open_with_dedup(dir.path(), true);
+        assert_eq!((last(&topic, "p"), last(&topic, "q")), (-1, 42));
+        drop(topic);
+        // One that claims more entries than the log holds is not trusted: every entry is read.
+        other.snapshot(1002).save(dir.path()).unwrap();
+        let topic = open_with_dedup(dir.path(), true);
+        assert_eq!((last(&topic, "p"), last(&topic, "q")), (1000, -1));
     }
 }
