@@ -2,7 +2,9 @@
 //!
 //! The state follows Pulsar's managed cursor: a mark-delete position (here `ack_floor`, the
 //! first entry id *not* known to be acknowledged; everything below it is acknowledged) plus
-//! the set of entries acknowledged individually above it.
+//! the set of entries acknowledged individually above it, plus, for batch entries acknowledged
+//! message by message (batch-index acks), the messages still unacknowledged (Pulsar's
+//! `batchDeletedIndexes`), so that after a restart a batch comes back with only those.
 //!
 //! Durability: [`CursorStore::save`] writes a temp file, fsyncs it, renames it over the old
 //! one and fsyncs the directory, so a crash leaves either the old or the new state, never a
@@ -24,7 +26,7 @@
 //! `tests/python/test_broker_robustness.py::test_kill9_loop_under_load_loses_no_receipt_and_cursor_never_goes_back`,
 //! which reads these files while the broker is dead.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -32,17 +34,27 @@ use std::path::{Path, PathBuf};
 use crate::log::sync_dir;
 use crate::naming;
 
+/// Floor and individual acks.
 const MAGIC: &[u8; 4] = b"MGC1";
+/// The same, followed by the batch-index acks (written only when there are some, so a file
+/// without any stays readable by a broker that predates them).
+const MAGIC_WITH_BATCHES: &[u8; 4] = b"MGC2";
 const FILE_SUFFIX: &str = ".cursor";
 /// Most individually-acknowledged entries kept above the floor; beyond it, acks of the
 /// highest entries are forgotten (they will be redelivered), keeping the file bounded.
 pub const MAX_INDIVIDUAL_ACKS: usize = 1_000_000;
+/// Most batch entries with batch-index acks kept; beyond, further entries' batch-index acks
+/// are ignored until they are acknowledged whole (their messages are redelivered).
+pub const MAX_PARTIAL_BATCHES: usize = 100_000;
 
 /// Acknowledgement state of one subscription.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cursor {
     ack_floor: u64,
     acked: BTreeSet<u64>,
+    /// Batch entries partly acknowledged: entry id → bit set of its messages still
+    /// unacknowledged (`CommandAck`'s `ack_set` layout: bit `i % 64` of word `i / 64`).
+    partial: BTreeMap<u64, Vec<i64>>,
 }
 
 impl Cursor {
@@ -51,6 +63,7 @@ impl Cursor {
         Cursor {
             ack_floor: floor,
             acked: BTreeSet::new(),
+            partial: BTreeMap::new(),
         }
     }
 
@@ -73,11 +86,51 @@ impl Cursor {
         id < self.ack_floor || self.acked.contains(&id)
     }
 
+    /// The messages of batch entry `id` still unacknowledged, if some were acknowledged by
+    /// batch index (the `ack_set` a redelivery carries).
+    pub fn unacked_in_batch(&self, id: u64) -> Option<&[i64]> {
+        self.partial.get(&id).map(Vec::as_slice)
+    }
+
+    /// A batch-index ack of entry `id`: `unacked` holds the bits of its messages the client
+    /// still has not acknowledged. The entry counts as acknowledged once no bit is left.
+    /// Returns whether anything changed.
+    pub fn ack_batch_indexes(&mut self, id: u64, unacked: &[i64]) -> bool {
+        if self.is_acked(id) {
+            return false;
+        }
+        let full = self.partial.len() >= MAX_PARTIAL_BATCHES;
+        let changed = match self.partial.get_mut(&id) {
+            Some(left) => {
+                let mut changed = false;
+                for (word, other) in left.iter_mut().zip(unacked) {
+                    changed |= *word & *other != *word;
+                    *word &= *other;
+                }
+                changed
+            }
+            None if full => false,
+            None => {
+                self.partial.insert(id, unacked.to_vec());
+                true
+            }
+        };
+        if self
+            .partial
+            .get(&id)
+            .is_some_and(|left| left.iter().all(|w| *w == 0))
+        {
+            return self.ack(id);
+        }
+        changed
+    }
+
     /// Acknowledges one entry. Returns whether anything changed.
     pub fn ack(&mut self, id: u64) -> bool {
         if self.is_acked(id) {
             return false;
         }
+        self.partial.remove(&id);
         if id == self.ack_floor {
             self.ack_floor += 1;
             while self.acked.remove(&self.ack_floor) {
@@ -102,16 +155,32 @@ impl Cursor {
         while self.acked.remove(&self.ack_floor) {
             self.ack_floor += 1;
         }
+        self.partial = self.partial.split_off(&self.ack_floor);
         true
     }
 
+    /// `[MGC1][floor][count][ids]([count][id][words][word]*)?[crc32c]`, all big-endian u64s;
+    /// the part in parentheses only under `MGC2`.
     fn encode(&self) -> Vec<u8> {
         let mut buf = Vec::with_capacity(20 + self.acked.len() * 8);
-        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(match self.partial.is_empty() {
+            true => MAGIC,
+            false => MAGIC_WITH_BATCHES,
+        });
         buf.extend_from_slice(&self.ack_floor.to_be_bytes());
         buf.extend_from_slice(&(self.acked.len() as u64).to_be_bytes());
         for id in &self.acked {
             buf.extend_from_slice(&id.to_be_bytes());
+        }
+        if !self.partial.is_empty() {
+            buf.extend_from_slice(&(self.partial.len() as u64).to_be_bytes());
+            for (id, words) in &self.partial {
+                buf.extend_from_slice(&id.to_be_bytes());
+                buf.extend_from_slice(&(words.len() as u64).to_be_bytes());
+                for word in words {
+                    buf.extend_from_slice(&word.to_be_bytes());
+                }
+            }
         }
         let crc = crc32c::crc32c(&buf);
         buf.extend_from_slice(&crc.to_be_bytes());
@@ -123,7 +192,13 @@ impl Cursor {
         if crc32c::crc32c(body).to_be_bytes() != crc {
             return None;
         }
-        let rest = body.strip_prefix(MAGIC)?;
+        let (rest, with_batches) = match body.strip_prefix(MAGIC) {
+            Some(rest) => (rest, false),
+            None => (body.strip_prefix(MAGIC_WITH_BATCHES)?, true),
+        };
+        if rest.len() % 8 != 0 {
+            return None;
+        }
         let mut words = rest.chunks_exact(8).map(|c| {
             let mut w = [0u8; 8];
             w.copy_from_slice(c);
@@ -131,11 +206,30 @@ impl Cursor {
         });
         let ack_floor = words.next()?;
         let count = words.next()?;
-        let acked: BTreeSet<u64> = words.collect();
-        if acked.len() as u64 != count || rest.len() % 8 != 0 {
+        let acked: BTreeSet<u64> = words.by_ref().take(usize::try_from(count).ok()?).collect();
+        if acked.len() as u64 != count {
             return None;
         }
-        Some(Cursor { ack_floor, acked })
+        let mut partial = BTreeMap::new();
+        if with_batches {
+            for _ in 0..words.next()? {
+                let id = words.next()?;
+                let len = usize::try_from(words.next()?).ok()?;
+                let set: Vec<i64> = words.by_ref().take(len).map(|w| w as i64).collect();
+                if set.len() != len {
+                    return None;
+                }
+                partial.insert(id, set);
+            }
+        }
+        if words.next().is_some() {
+            return None;
+        }
+        Some(Cursor {
+            ack_floor,
+            acked,
+            partial,
+        })
     }
 }
 
@@ -256,5 +350,46 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let all = store.load_all().unwrap();
         assert_eq!(all, vec![("s".to_string(), Cursor::default())]);
+    }
+
+    #[test]
+    fn batch_index_acks_are_kept_until_the_whole_entry_is_acked() {
+        let mut c = Cursor::at(0);
+        // Entry 2 is a batch of 4: messages 0 and 2 acked (bits 1 and 3 still unacked).
+        assert!(c.ack_batch_indexes(2, &[0b1010]));
+        assert_eq!(c.unacked_in_batch(2), Some(&[0b1010i64][..]));
+        assert!(!c.ack_batch_indexes(2, &[0b1010]), "nothing new");
+        assert!(c.ack_batch_indexes(2, &[0b1000]));
+        assert!(!c.is_acked(2));
+        assert!(c.ack_batch_indexes(2, &[0]));
+        assert!(c.is_acked(2) && c.unacked_in_batch(2).is_none());
+        c.ack_batch_indexes(5, &[0b1]);
+        c.ack_batch_indexes(9, &[0b1]);
+        c.ack_cumulative(6);
+        assert_eq!(c.unacked_in_batch(5), None);
+        assert_eq!(c.unacked_in_batch(9), Some(&[0b1i64][..]));
+        c.ack(9);
+        assert_eq!(c.unacked_in_batch(9), None);
+    }
+
+    #[test]
+    fn batch_index_acks_survive_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CursorStore::new(dir.path());
+        let mut c = Cursor::at(3);
+        c.ack(7);
+        c.ack_batch_indexes(4, &[0b110, -1]);
+        c.ack_batch_indexes(8, &[i64::MIN]);
+        store.save("s", &c).unwrap();
+        assert_eq!(&fs::read(store.path("s")).unwrap()[..4], MAGIC_WITH_BATCHES);
+        assert_eq!(
+            store.load_all().unwrap(),
+            vec![("s".to_string(), c.clone())]
+        );
+        // Once no batch is partly acked, the file is in the older format again.
+        c.ack_cumulative(8);
+        store.save("s", &c).unwrap();
+        assert_eq!(&fs::read(store.path("s")).unwrap()[..4], MAGIC);
+        assert_eq!(store.load_all().unwrap(), vec![("s".to_string(), c)]);
     }
 }

@@ -21,8 +21,12 @@
 //!   one consumer while it stays, and only the keys of a leaving consumer move. Entries are
 //!   handed out in log order, and an entry whose consumer has no permits waits (it blocks the
 //!   entries behind it: per-key order is never broken, at the cost of head-of-line waits).
-//!   Not done: Pulsar's hold-back of keys moving to a newly joined consumer until the old
-//!   owner acknowledged them, and client-chosen (sticky) hash ranges.
+//!   A consumer that joins while entries handed out before are unacknowledged is "recently
+//!   joined", as in Pulsar (`recentlyJoinedConsumers`, the default without
+//!   `allowOutOfOrderDelivery`): it gets only entries from before its join until everything
+//!   before it is acknowledged, so a key that moves to it is not delivered there while its
+//!   earlier messages may still be in the old owner's hands. Its newer entries wait meanwhile
+//!   (head-of-line, as for permits). Not done: client-chosen (sticky) hash ranges.
 //! - Negative acks (`CommandRedeliverUnacknowledgedMessages` with ids) and redeliver-all
 //!   requeue entries with `redelivery_count + 1`; frames carry the consumer's epoch from the
 //!   last redeliver-all, so a client drops frames that were in flight before it.
@@ -31,8 +35,8 @@
 //! - Batch-index acks: an entry acknowledged in part keeps the bit set of its messages still
 //!   unacknowledged; a redelivery carries that set (`CommandMessage.ack_set`) so the client
 //!   skips what was acknowledged, and the entry counts as acknowledged once no bit is left.
-//!   The sets are in memory only: after a restart the whole batch comes again (at least
-//!   once, never lost).
+//!   The sets are part of the cursor ([`Cursor`]), so they are saved with it and a batch
+//!   comes back after a restart with only what was not acknowledged.
 //! - Delayed delivery (`deliver_at_time`), on Shared and Key_Shared subscriptions as in
 //!   Pulsar: an entry due later is set aside (in memory, bounded; after a restart it is read
 //!   and set aside again) and handed out like a redelivery once due. Other subscription
@@ -82,6 +86,9 @@ pub struct Consumer {
     /// `CommandSubscribe.consumer_name` and `priority_level` (Failover picks by them).
     pub name: String,
     pub priority: i32,
+    /// Key_Shared: the read position when this consumer joined, while entries before it
+    /// are unacknowledged (it gets none from there on until they are).
+    joined_at: Option<u64>,
 }
 
 impl Consumer {
@@ -100,6 +107,7 @@ impl Consumer {
             entry_metadata,
             name: String::new(),
             priority: 0,
+            joined_at: None,
         }
     }
 }
@@ -124,8 +132,6 @@ pub struct Subscription {
     /// Next entry id never dispatched.
     read_position: u64,
     redeliver: BTreeSet<u64>,
-    /// Batch-index acks: entry → bits of its messages still unacknowledged.
-    partial_acks: HashMap<u64, Vec<i64>>,
     /// Entries set aside until their delivery time: (ms since the epoch, entry id).
     delayed: BTreeSet<(u64, u64)>,
     redelivery_counts: HashMap<u64, u32>,
@@ -145,7 +151,6 @@ impl Subscription {
             read_position,
             redeliver: BTreeSet::new(),
             delayed: BTreeSet::new(),
-            partial_acks: HashMap::new(),
             redelivery_counts: HashMap::new(),
             consumers: Vec::new(),
             next_consumer: 0,
@@ -185,6 +190,13 @@ impl Subscription {
         }
         self.sub_type = sub_type;
         let before = self.active_key();
+        let mut consumer = consumer;
+        if sub_type == SubType::KeyShared
+            && !self.consumers.is_empty()
+            && self.cursor.ack_floor() < self.read_position
+        {
+            consumer.joined_at = Some(self.read_position);
+        }
         self.consumers.push(consumer);
         self.failover_changed(before);
         Ok(())
@@ -270,7 +282,6 @@ impl Subscription {
                 }
                 self.redeliver = self.redeliver.split_off(&(id.saturating_add(1)));
                 self.redelivery_counts.retain(|k, _| *k > id);
-                self.partial_acks.retain(|k, _| *k > id);
             } else {
                 changed |= self.cursor.ack(id);
                 for c in &mut self.consumers {
@@ -278,7 +289,6 @@ impl Subscription {
                 }
                 self.redeliver.remove(&id);
                 self.redelivery_counts.remove(&id);
-                self.partial_acks.remove(&id);
             }
         }
         self.dirty |= changed && self.durable;
@@ -286,25 +296,21 @@ impl Subscription {
     }
 
     /// A batch-index ack of entry `id`: `set` holds the bits of its messages still
-    /// unacknowledged. Returns whether the cursor changed (the whole entry is now acked).
+    /// unacknowledged (kept in the cursor, so persisted). Once none is left the entry is
+    /// acknowledged whole. Returns whether the cursor changed.
     pub fn ack_batch_indexes(&mut self, id: u64, set: &[i64]) -> bool {
+        if !self.cursor.ack_batch_indexes(id, set) {
+            return false;
+        }
         if self.cursor.is_acked(id) {
-            return false;
+            for c in &mut self.consumers {
+                c.unacked.remove(&id);
+            }
+            self.redeliver.remove(&id);
+            self.redelivery_counts.remove(&id);
         }
-        if !self.partial_acks.contains_key(&id)
-            && self.partial_acks.len() >= MAX_TRACKED_REDELIVERIES
-        {
-            return false;
-        }
-        let left = self.partial_acks.entry(id).or_insert_with(|| set.to_vec());
-        for (word, other) in left.iter_mut().zip(set) {
-            *word &= *other;
-        }
-        if left.iter().all(|w| *w == 0) {
-            self.partial_acks.remove(&id);
-            return self.ack(&[id], false);
-        }
-        false
+        self.dirty |= self.durable;
+        true
     }
 
     /// `CommandRedeliverUnacknowledgedMessages`: all of the consumer's unacked entries, or
@@ -337,7 +343,6 @@ impl Subscription {
         self.read_position = position;
         self.redeliver.clear();
         self.delayed.clear();
-        self.partial_acks.clear();
         self.redelivery_counts.clear();
         self.dirty |= self.durable;
         std::mem::take(&mut self.consumers)
@@ -390,11 +395,25 @@ impl Subscription {
             let Some(index) = self.pick_consumer(&entry) else {
                 return DispatchOutcome::Idle;
             };
+            let floor = self.cursor.ack_floor();
             let Some(consumer) = self.consumers.get_mut(index) else {
                 return DispatchOutcome::Idle;
             };
+            if let Some(joined_at) = consumer.joined_at {
+                if floor >= joined_at {
+                    consumer.joined_at = None;
+                } else if id >= joined_at {
+                    // Held back until what was handed out before the join is acknowledged
+                    // (an ack dispatches again).
+                    return DispatchOutcome::Idle;
+                }
+            }
             let redelivery_count = self.redelivery_counts.get(&id).copied().unwrap_or(0);
-            let ack_set = self.partial_acks.get(&id).cloned().unwrap_or_default();
+            let ack_set = self
+                .cursor
+                .unacked_in_batch(id)
+                .map(<[i64]>::to_vec)
+                .unwrap_or_default();
             let frame = message_frame(consumer, id, redelivery_count, ack_set, &entry);
             match consumer.tx.try_send(frame) {
                 Ok(()) => {
@@ -695,5 +714,42 @@ mod tests {
         sub.flow(key(1), 100);
         let mut read = |_| Some(entry(1));
         assert_eq!(sub.dispatch(3, 0, &mut read), DispatchOutcome::Blocked);
+    }
+
+    #[test]
+    fn key_shared_holds_back_a_recently_joined_consumer_until_earlier_entries_are_acked() {
+        let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
+        let (tx1, mut rx1) = mpsc::channel(1000);
+        sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
+            .unwrap();
+        sub.flow(key(1), 1000);
+        let keys: Vec<String> = (0..100).map(|i| format!("k{}", i % 10)).collect();
+        let mut read = |id: u64| Some(keyed(&keys[id as usize]));
+        sub.dispatch(10, 0, &mut read);
+        assert_eq!(ids(&mut rx1).len(), 10, "every key on the only consumer");
+        // Consumer 2 joins with entries 0..10 unacknowledged: the keys it takes over get no
+        // newer entry there until those are acknowledged.
+        let (tx2, mut rx2) = mpsc::channel(1000);
+        sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
+            .unwrap();
+        sub.flow(key(2), 1000);
+        sub.dispatch(100, 0, &mut read);
+        let first: Vec<u64> = ids(&mut rx1).into_iter().map(|(id, _)| id).collect();
+        assert!(ids(&mut rx2).is_empty(), "held back");
+        assert!(
+            first.iter().all(|id| *id >= 10),
+            "only consumer 1's newer entries"
+        );
+        let mut acked: Vec<u64> = (0..10).collect();
+        acked.extend(&first);
+        sub.ack(&acked, false);
+        sub.dispatch(100, 0, &mut read);
+        let (a, b): (Vec<_>, Vec<_>) = (ids(&mut rx1), ids(&mut rx2));
+        assert!(
+            !b.is_empty(),
+            "consumer 2 gets its keys once the earlier entries are acked"
+        );
+        let total = first.len() + a.len() + b.len();
+        assert_eq!(total, 90, "every later entry delivered once");
     }
 }

@@ -645,6 +645,44 @@ def test_key_shared_keeps_keys_on_one_consumer_in_order(broker):
     client.close()
 
 
+def test_key_shared_new_consumer_waits_for_the_old_owner_to_ack(broker):
+    """A consumer joining a Key_Shared subscription while earlier messages are unacknowledged
+    gets no newer message until those are acknowledged (the keys moving to it could otherwise
+    be processed there while their earlier messages are still with the old owner)."""
+    client = _client(broker)
+    topic = _topic()
+    kind = pulsar.ConsumerType.KeyShared
+    first = client.subscribe(topic, "ks", consumer_type=kind, consumer_name="a")
+    producer = client.create_producer(topic, batching_enabled=False)
+    for i in range(20):
+        producer.send(f"{i}".encode(), partition_key=f"key-{i % 10}")
+    early = [first.receive(timeout_millis=5000) for _ in range(20)]
+    second = client.subscribe(topic, "ks", consumer_type=kind, consumer_name="b")
+    for i in range(20, 60):
+        producer.send(f"{i}".encode(), partition_key=f"key-{i % 10}")
+    with pytest.raises(pulsar.Timeout):
+        second.receive(timeout_millis=1000)
+    for m in early:
+        first.acknowledge(m)
+    got = {0: [], 1: []}
+    deadline = time.time() + 20
+    while len(got[0]) + len(got[1]) < 40 and time.time() < deadline:
+        for idx, c in enumerate((first, second)):
+            try:
+                msg = c.receive(timeout_millis=50)
+            except pulsar.Timeout:
+                continue
+            got[idx].append((msg.partition_key(), int(msg.data())))
+            c.acknowledge(msg)
+    assert sorted(v for _, v in got[0] + got[1]) == list(range(20, 60))
+    assert got[1], "keys moved to the new consumer once the old owner acknowledged"
+    for idx in (0, 1):
+        for key in {k for k, _ in got[idx]}:
+            values = [v for k, v in got[idx] if k == key]
+            assert values == sorted(values), f"order of {key} broken: {values}"
+    client.close()
+
+
 # --- schemas and regex subscriptions -------------------------------------------------------
 
 
@@ -780,6 +818,42 @@ def test_batch_index_acks_redeliver_only_the_unacked_messages(broker):
     assert redelivered == [f"x-{i}" for i in range(1, 10, 2)]
     with pytest.raises(pulsar.Timeout):
         again.receive(timeout_millis=300)
+    client.close()
+
+
+def test_batch_index_acks_survive_a_broker_crash(broker):
+    """Half a batch acknowledged by batch index, then kill -9 after the cursor's save interval:
+    after the restart only the other half comes back."""
+    client = _client(broker)
+    topic = _topic()
+    subscribe = lambda: client.subscribe(  # noqa: E731
+        topic, "bi", consumer_type=pulsar.ConsumerType.Shared, batch_index_ack_enabled=True,
+        initial_position=pulsar.InitialPosition.Earliest,
+    )
+    consumer = subscribe()
+    producer = client.create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    for i in range(10):
+        producer.send_async(f"y-{i}".encode(), None)
+    producer.flush()
+    got = [consumer.receive(timeout_millis=5000) for _ in range(10)]
+    assert len({(m.message_id().ledger_id(), m.message_id().entry_id()) for m in got}) == 1, "one batch"
+    for m in got[:6]:
+        consumer.acknowledge(m)
+    time.sleep(0.5)  # the client groups acks (100 ms), the broker saves cursors (50 ms)
+    broker.kill9()
+    try:
+        client.close()
+    except pulsar.PulsarException:
+        pass
+    broker.start()
+    client = _client(broker)
+    consumer = subscribe()
+    redelivered = sorted(consumer.receive(timeout_millis=5000).data().decode() for _ in range(4))
+    assert redelivered == [f"y-{i}" for i in range(6, 10)]
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(timeout_millis=300)
     client.close()
 
 

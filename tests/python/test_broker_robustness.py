@@ -34,13 +34,21 @@ def _check(data):
 
 
 def _read_cursor(path):
-    """The broker's persisted cursor file (`broker/src/cursor.rs`): MGC1, ack floor, count,
-    individually acked entry ids, CRC32C. Returns (floor, set of acked ids above it)."""
+    """The broker's persisted cursor file (`broker/src/cursor.rs`): MGC1 or MGC2, ack floor,
+    count, individually acked entry ids, under MGC2 the partly acked batches, CRC32C.
+    Returns (floor, set of acked ids above it)."""
     data = path.read_bytes()
-    assert data[:4] == b"MGC1", "cursor file magic"
+    assert data[:4] in (b"MGC1", b"MGC2"), "cursor file magic"
     floor, count = struct.unpack(">QQ", data[4:20])
-    ids = struct.unpack(f">{count}Q", data[20 : 20 + 8 * count])
-    assert len(data) == 20 + 8 * count + 4
+    end = 20 + 8 * count
+    ids = struct.unpack(f">{count}Q", data[20:end])
+    if data[:4] == b"MGC2":
+        (batches,) = struct.unpack(">Q", data[end : end + 8])
+        end += 8
+        for _ in range(batches):
+            _entry, words = struct.unpack(">QQ", data[end : end + 16])
+            end += 16 + 8 * words
+    assert len(data) == end + 4
     return floor, set(ids)
 
 
