@@ -55,7 +55,9 @@ use crate::protocol::{
 };
 use crate::registry::Registry;
 use crate::subscription::ConsumerKey;
-use crate::topic::{RequestError, SeekTarget, SubscribeRequest, TopicCommand, TopicHandle};
+use crate::topic::{
+    AccessMode, Attached, RequestError, SeekTarget, SubscribeRequest, TopicCommand, TopicHandle,
+};
 
 /// Capacity of a connection's outbound frame queue.
 const OUTBOUND_QUEUE: usize = 1024;
@@ -801,28 +803,35 @@ impl Connection {
         let Some(topic) = self.topic(&c.topic, c.request_id, Action::Produce).await? else {
             return Ok(());
         };
-        if let Some(old) = self.producers.get(&c.producer_id) {
-            // A retried CommandProducer: the producer exists already.
-            let name = old.name.to_string();
-            return self
-                .reply(command(Type::ProducerSuccess, |r| {
-                    r.producer_success = Some(proto::CommandProducerSuccess {
-                        request_id: c.request_id,
-                        producer_name: name,
-                        last_sequence_id: Some(-1),
-                        producer_ready: Some(true),
-                        ..Default::default()
-                    })
-                }))
-                .await;
-        }
-        let producer_name = c
-            .producer_name
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| {
-                format!("{}-{}-{}", self.shared.name_prefix, self.id, c.producer_id)
-            });
-        let name: Arc<str> = producer_name.as_str().into();
+        // The same id again: a client retrying or reconnecting its producer (the topic
+        // decides whether it is still attached); on another topic it would orphan the first.
+        let again = match self.producers.get(&c.producer_id) {
+            Some(old) if !old.topic.tx.same_channel(&topic.tx) => {
+                return self
+                    .reply(error(
+                        c.request_id,
+                        ServerError::ProducerBusy,
+                        format!(
+                            "producer id {} is already in use on this connection",
+                            c.producer_id
+                        ),
+                    ))
+                    .await;
+            }
+            Some(old) => Some(old.name.clone()),
+            None => None,
+        };
+        let name: Arc<str> = match &again {
+            Some(name) => name.clone(),
+            None => c
+                .producer_name
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| {
+                    format!("{}-{}-{}", self.shared.name_prefix, self.id, c.producer_id)
+                })
+                .into(),
+        };
+        let producer_name = name.to_string();
         let schema_version = match c.schema {
             Some(schema) => match Self::schema_version(&topic, schema).await {
                 Ok(v) => Some(v),
@@ -835,14 +844,17 @@ impl Connection {
             .tx
             .send(TopicCommand::AddProducer {
                 name: name.clone(),
-                // ProducerAccessMode: 0 is Shared; every other mode is exclusive.
-                exclusive: c.producer_access_mode.unwrap_or(0) != 0,
+                mode: AccessMode::from_wire(c.producer_access_mode),
+                again: again.is_some(),
+                connection: (c.producer_id, self.out.clone()),
                 reply,
             })
             .await;
-        let last_sequence_id = match (added, done.await) {
-            (Ok(()), Ok(Ok(last))) => last,
+        let attached = match (added, done.await) {
+            (Ok(()), Ok(Ok(attached))) => attached,
             (Ok(()), Ok(Err((code, text)))) => {
+                // A producer that is no longer attached (fenced) is gone from here too.
+                self.producers.remove(&c.producer_id);
                 return self.reply(error(c.request_id, code, text)).await;
             }
             _ => {
@@ -857,17 +869,35 @@ impl Connection {
         };
         self.producers
             .insert(c.producer_id, Producer { topic, name });
-        self.reply(command(Type::ProducerSuccess, |r| {
-            r.producer_success = Some(proto::CommandProducerSuccess {
-                request_id: c.request_id,
-                producer_name,
-                last_sequence_id: Some(last_sequence_id),
-                schema_version,
-                producer_ready: Some(true),
-                ..Default::default()
+        let request_id = c.request_id;
+        let success = move |last_sequence_id, ready| {
+            command(Type::ProducerSuccess, |r| {
+                r.producer_success = Some(proto::CommandProducerSuccess {
+                    request_id,
+                    producer_name: producer_name.clone(),
+                    last_sequence_id: Some(last_sequence_id),
+                    schema_version: schema_version.clone(),
+                    producer_ready: Some(ready),
+                    ..Default::default()
+                })
             })
-        }))
-        .await
+        };
+        match attached {
+            Attached::Ready(last) => self.reply(success(last, true)).await,
+            Attached::Queued(ready) => {
+                // WaitForExclusive: the client waits for a second answer, ready, which
+                // comes when the topic admits the producer (never, if it goes first).
+                let queued = success(-1, false);
+                self.reply(queued).await?;
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    if let Ok(last) = ready.await {
+                        let _ = out.send(success(last, true).into()).await;
+                    }
+                });
+                Ok(())
+            }
+        }
     }
 
     async fn send(

@@ -32,12 +32,18 @@
 //!
 //! Producer names are unique per topic while connected (`ProducerBusy` otherwise), so two
 //! producers never interleave one sequence. Producer access modes (`CommandProducer.
-//! producer_access_mode`): an Exclusive producer is refused while other producers are
-//! connected, and refuses every other producer while it is (`ProducerBusy`, as Pulsar).
-//! WaitForExclusive and ExclusiveWithFencing are treated as Exclusive: refused, not queued,
-//! and nobody is fenced.
+//! producer_access_mode`, [`AccessMode`]), as Pulsar:
+//! - Exclusive is refused while other producers are connected, and refuses every other
+//!   producer while it is (`ProducerBusy`).
+//! - WaitForExclusive gets the topic at once if nobody produces, else it queues (its
+//!   `CommandProducerSuccess` says `producer_ready: false`) and gets the topic, first come
+//!   first served, when the last producer leaves (a second `CommandProducerSuccess`, ready).
+//! - ExclusiveWithFencing gets the topic at once: the producers connected are fenced (told
+//!   with `CommandCloseProducer`; their sends and their reconnection fail with
+//!   `ProducerFenced`).
+//! A send from a producer that is not (or no longer) attached is refused.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -46,7 +52,7 @@ use bytes::Bytes;
 use pulsar::message::proto::{
     base_command::Type,
     command_subscribe::{InitialPosition, SubType},
-    CommandCloseConsumer, MessageIdData, Schema, ServerError,
+    CommandCloseConsumer, CommandCloseProducer, MessageIdData, Schema, ServerError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
@@ -109,6 +115,39 @@ pub struct TopicSettings {
 /// An error answered to a client request: the protocol's error code and a message.
 pub type RequestError = (ServerError, String);
 
+/// Pulsar's `ProducerAccessMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessMode {
+    Shared,
+    Exclusive,
+    WaitForExclusive,
+    ExclusiveWithFencing,
+}
+
+impl AccessMode {
+    /// From `CommandProducer.producer_access_mode` (absent: Shared; unknown: Exclusive, the
+    /// strictest that needs no support from the client).
+    pub fn from_wire(mode: Option<i32>) -> AccessMode {
+        match mode.unwrap_or(0) {
+            0 => AccessMode::Shared,
+            2 => AccessMode::WaitForExclusive,
+            3 => AccessMode::ExclusiveWithFencing,
+            _ => AccessMode::Exclusive,
+        }
+    }
+}
+
+/// A producer's attachment: ready with its last persisted sequence id (-1 if none or
+/// de-duplication is off), or queued for exclusive access (the id follows when it has it).
+#[derive(Debug)]
+pub enum Attached {
+    Ready(i64),
+    Queued(oneshot::Receiver<i64>),
+}
+
+/// An attached producer's id on its connection and that connection's frame queue.
+type ProducerConnection = (u64, mpsc::Sender<Frame>);
+
 /// What a connection asks of a topic.
 pub enum TopicCommand {
     /// Store a message; the reply carries its entry id once it is durable (`None`: a
@@ -120,13 +159,16 @@ pub enum TopicCommand {
         entry: Box<NewEntry>,
         reply: ReceiptSink,
     },
-    /// A producer named `name` attaches; the reply is its last persisted sequence id (-1
-    /// if none or de-duplication is off).
+    /// A producer named `name` attaches.
     AddProducer {
         name: Arc<str>,
-        /// Any access mode other than Shared.
-        exclusive: bool,
-        reply: oneshot::Sender<Result<i64, RequestError>>,
+        mode: AccessMode,
+        /// The producer's id on its connection was seen before: a client retrying or
+        /// reconnecting it (fine if still attached; `ProducerFenced` if it was fenced).
+        again: bool,
+        /// The producer's id and its connection's frame queue (fencing closes it there).
+        connection: (u64, mpsc::Sender<Frame>),
+        reply: oneshot::Sender<Result<Attached, RequestError>>,
     },
     RemoveProducer {
         name: Arc<str>,
@@ -375,10 +417,12 @@ pub struct Topic {
     dedup_snapshot_end: u64,
     /// Where the topic's files are.
     dir: PathBuf,
-    /// Names of the connected producers.
-    producers: HashSet<Arc<str>>,
-    /// The connected producer with an exclusive access mode, if any.
+    /// The attached producers, by name.
+    producers: HashMap<Arc<str>, ProducerConnection>,
+    /// The attached producer with an exclusive access mode, if any.
     exclusive_producer: Option<Arc<str>>,
+    /// WaitForExclusive producers queued for the topic, first come first served.
+    waiting_producers: VecDeque<(Arc<str>, ProducerConnection, oneshot::Sender<i64>)>,
     schemas: SchemaStore,
     subscriptions: HashMap<String, Subscription>,
     consumers: HashMap<ConsumerKey, String>,
@@ -476,8 +520,9 @@ pub fn open(
         dedup,
         dedup_snapshot_end,
         dir,
-        producers: HashSet::new(),
+        producers: HashMap::new(),
         exclusive_producer: None,
+        waiting_producers: VecDeque::new(),
         schemas,
         subscriptions,
         consumers: HashMap::new(),
@@ -560,6 +605,92 @@ impl Topic {
         }
     }
 
+    /// `TopicCommand::AddProducer`, by access mode (see the module docs).
+    fn add_producer(
+        &mut self,
+        name: Arc<str>,
+        mode: AccessMode,
+        again: bool,
+        connection: ProducerConnection,
+    ) -> Result<Attached, RequestError> {
+        let last = |t: &Topic| t.dedup.as_ref().map_or(-1, |d| d.last_persisted(&name));
+        if again && self.producers.contains_key(&name) {
+            return Ok(Attached::Ready(last(self)));
+        }
+        let busy = |why: String| Err((ServerError::ProducerBusy, why));
+        if self.producers.contains_key(&name)
+            || self.waiting_producers.iter().any(|(n, ..)| *n == name)
+        {
+            return busy(format!(
+                "producer {name} is already connected to {}",
+                self.name
+            ));
+        }
+        if let (true, Some(owner)) = (again, &self.exclusive_producer) {
+            return Err((
+                ServerError::ProducerFenced,
+                format!("{} has the exclusive producer {owner}", self.name),
+            ));
+        }
+        match mode {
+            AccessMode::Shared | AccessMode::Exclusive => {
+                if let Some(owner) = &self.exclusive_producer {
+                    return busy(format!("{} has the exclusive producer {owner}", self.name));
+                }
+                if mode == AccessMode::Exclusive && !self.producers.is_empty() {
+                    return busy(format!("{} has other producers", self.name));
+                }
+            }
+            AccessMode::WaitForExclusive => {
+                if !self.producers.is_empty() || !self.waiting_producers.is_empty() {
+                    let (tx, rx) = oneshot::channel();
+                    self.waiting_producers.push_back((name, connection, tx));
+                    return Ok(Attached::Queued(rx));
+                }
+            }
+            AccessMode::ExclusiveWithFencing => self.fence_producers(),
+        }
+        if mode != AccessMode::Shared {
+            self.exclusive_producer = Some(name.clone());
+        }
+        self.producers.insert(name.clone(), connection);
+        Ok(Attached::Ready(last(self)))
+    }
+
+    /// Detaches every producer and tells each client with `CommandCloseProducer`.
+    fn fence_producers(&mut self) {
+        for (name, (producer_id, tx)) in self.producers.drain() {
+            tracing::info!(topic = %self.name, producer = %name, "producer fenced");
+            let frame: Frame = protocol::command(Type::CloseProducer, |r| {
+                r.close_producer = Some(CommandCloseProducer {
+                    producer_id,
+                    // -1: not an answer to any request of the client.
+                    request_id: u64::MAX,
+                })
+            })
+            .into();
+            if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
+                tokio::spawn(async move { tx.send(frame).await });
+            }
+        }
+        self.exclusive_producer = None;
+    }
+
+    /// Once no producer is attached, the first queued WaitForExclusive producer whose client
+    /// still waits gets the topic.
+    fn admit_waiting_producer(&mut self) {
+        while self.producers.is_empty() {
+            let Some((name, connection, ready)) = self.waiting_producers.pop_front() else {
+                return;
+            };
+            let last = self.dedup.as_ref().map_or(-1, |d| d.last_persisted(&name));
+            if ready.send(last).is_ok() {
+                self.exclusive_producer = Some(name.clone());
+                self.producers.insert(name, connection);
+            }
+        }
+    }
+
     fn can_start_commit(&self) -> bool {
         self.storing.len() < MAX_UNSYNCED_WRITES && !self.draining
     }
@@ -578,33 +709,22 @@ impl Topic {
             } => self.publish(producer, sequence_ids, *entry, reply),
             TopicCommand::AddProducer {
                 name,
-                exclusive,
+                mode,
+                again,
+                connection,
                 reply,
             } => {
-                let busy = |why: String| Err((ServerError::ProducerBusy, why));
-                let result = if self.producers.contains(&name) {
-                    busy(format!(
-                        "producer {name} is already connected to {}",
-                        self.name
-                    ))
-                } else if let Some(owner) = &self.exclusive_producer {
-                    busy(format!("{} has the exclusive producer {owner}", self.name))
-                } else if exclusive && !self.producers.is_empty() {
-                    busy(format!("{} has other producers", self.name))
-                } else {
-                    self.producers.insert(name.clone());
-                    if exclusive {
-                        self.exclusive_producer = Some(name.clone());
-                    }
-                    Ok(self.dedup.as_ref().map_or(-1, |d| d.last_persisted(&name)))
-                };
+                let result = self.add_producer(name, mode, again, connection);
                 let _ = reply.send(result);
             }
             TopicCommand::RemoveProducer { name } => {
                 self.producers.remove(&name);
+                self.waiting_producers
+                    .retain(|(waiting, ..)| *waiting != name);
                 if self.exclusive_producer.as_ref() == Some(&name) {
                     self.exclusive_producer = None;
                 }
+                self.admit_waiting_producer();
             }
             TopicCommand::GetSchema { version, reply } => {
                 let wanted = match version.as_deref().map(schema::parse_version) {
@@ -700,7 +820,7 @@ impl Topic {
             })
             .collect();
         subscriptions.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut producers: Vec<String> = self.producers.iter().map(|p| p.to_string()).collect();
+        let mut producers: Vec<String> = self.producers.keys().map(|p| p.to_string()).collect();
         producers.sort();
         TopicStats {
             entries: self.next_id,
@@ -719,6 +839,10 @@ impl Topic {
         entry: NewEntry,
         reply: ReceiptSink,
     ) {
+        if !self.producers.contains_key(&producer) {
+            let why = format!("producer {producer} is not attached to {}", self.name);
+            return reply.send(Err((ServerError::ProducerFenced, why)));
+        }
         // Sequence ids are Java longs on the wire.
         let (lowest, highest) = (lowest as i64, (highest as i64).max(lowest as i64));
         let verdict = match &mut self.dedup {
@@ -1338,7 +1462,11 @@ mod tests {
             segment_bytes: 1 << 20,
             retention: Retention::default(),
         };
-        open(TopicName::parse("t").unwrap(), dir.to_path_buf(), settings).unwrap()
+        let mut topic = open(TopicName::parse("t").unwrap(), dir.to_path_buf(), settings).unwrap();
+        let (tx, _) = mpsc::channel(1);
+        let attached = topic.add_producer("p".into(), AccessMode::Shared, false, (0, tx));
+        assert!(matches!(attached, Ok(Attached::Ready(_))));
+        topic
     }
 
     /// A send of a batch of `messages` (answered to nobody).

@@ -878,6 +878,57 @@ def test_long_topic_names_work_and_are_listed_after_restart(broker):
     client.close()
 
 
+def test_wait_for_exclusive_producer_gets_the_topic_when_the_others_leave(broker):
+    client = _client(broker)
+    topic = _topic()
+    shared = client.create_producer(topic, producer_name="first")
+    created = {}
+
+    def wait_for_it():
+        created["producer"] = client.create_producer(
+            topic, producer_name="waiter", access_mode=pulsar.ProducerAccessMode.WaitForExclusive
+        )
+
+    waiting = threading.Thread(target=wait_for_it, daemon=True)
+    waiting.start()
+    waiting.join(1.5)
+    assert waiting.is_alive(), "queued while another producer is connected"
+    shared.send(b"before")
+    shared.close()
+    waiting.join(10)
+    assert not waiting.is_alive() and "producer" in created, "admitted once the topic was free"
+    waiter = created["producer"]
+    waiter.send(b"after")
+    # It holds the topic exclusively now.
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic)
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    assert [reader.read_next(5000).data() for _ in range(2)] == [b"before", b"after"]
+    client.close()
+
+
+def test_exclusive_with_fencing_producer_fences_the_others(broker):
+    client = _client(broker)
+    topic = _topic()
+    old = client.create_producer(topic, producer_name="old", send_timeout_millis=5000)
+    old.send(b"old-1")
+    new = client.create_producer(
+        topic, producer_name="new", access_mode=pulsar.ProducerAccessMode.ExclusiveWithFencing
+    )
+    new.send(b"new-1")
+    with pytest.raises(pulsar.PulsarException):
+        old.send(b"old-2")
+    with pytest.raises(pulsar.PulsarException):
+        client.create_producer(topic)
+    new.send(b"new-2")
+    reader = client.create_reader(topic, pulsar.MessageId.earliest)
+    got = [reader.read_next(5000).data() for _ in range(3)]
+    assert got == [b"old-1", b"new-1", b"new-2"]
+    with pytest.raises(pulsar.Timeout):
+        reader.read_next(300)
+    client.close()
+
+
 def test_exclusive_producer_access_mode(broker):
     client = _client(broker)
     topic = _topic()
