@@ -1049,6 +1049,7 @@ impl Connection {
             entry_metadata: self.wants_entry_metadata,
             consumer_name: c.consumer_name.clone().unwrap_or_default(),
             priority: c.priority_level.unwrap_or(0),
+            key_shared: c.key_shared_meta.clone(),
         };
         let (reply, done) = oneshot::channel();
         if topic

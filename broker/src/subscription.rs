@@ -26,7 +26,12 @@
 //!   `allowOutOfOrderDelivery`): it gets only entries from before its join until everything
 //!   before it is acknowledged, so a key that moves to it is not delivered there while its
 //!   earlier messages may still be in the old owner's hands. Its newer entries wait meanwhile
-//!   (head-of-line, as for permits). Not done: client-chosen (sticky) hash ranges.
+//!   (head-of-line, as for permits; `allowOutOfOrderDelivery` skips the hold-back).
+//!   Consumers in Sticky mode (`KeySharedMeta`) choose their hash ranges instead: an entry
+//!   goes to the consumer whose ranges hold its key's hash (Murmur3-32 of the key, as
+//!   Pulsar's, modulo 65,536; keyless entries hash `NONE_KEY`), and waits while no consumer
+//!   holds it. Overlapping ranges, and a consumer whose mode differs from the subscription's
+//!   consumers', are refused with `ConsumerAssignError`.
 //! - Negative acks (`CommandRedeliverUnacknowledgedMessages` with ids) and redeliver-all
 //!   requeue entries with `redelivery_count + 1`; frames carry the consumer's epoch from the
 //!   last redeliver-all, so a client drops frames that were in flight before it.
@@ -89,6 +94,10 @@ pub struct Consumer {
     /// Key_Shared: the read position when this consumer joined, while entries before it
     /// are unacknowledged (it gets none from there on until they are).
     joined_at: Option<u64>,
+    /// Key_Shared: the hash ranges (inclusive) a Sticky consumer chose; empty in AutoSplit.
+    pub hash_ranges: Vec<(u32, u32)>,
+    /// Key_Shared: `allowOutOfOrderDelivery` (no hold-back when it joins).
+    pub out_of_order: bool,
 }
 
 impl Consumer {
@@ -108,6 +117,8 @@ impl Consumer {
             name: String::new(),
             priority: 0,
             joined_at: None,
+            hash_ranges: Vec::new(),
+            out_of_order: false,
         }
     }
 }
@@ -188,10 +199,14 @@ impl Subscription {
                 ));
             }
         }
+        if sub_type == SubType::KeyShared {
+            self.check_hash_ranges(&consumer)?;
+        }
         self.sub_type = sub_type;
         let before = self.active_key();
         let mut consumer = consumer;
         if sub_type == SubType::KeyShared
+            && !consumer.out_of_order
             && !self.consumers.is_empty()
             && self.cursor.ack_floor() < self.read_position
         {
@@ -199,6 +214,45 @@ impl Subscription {
         }
         self.consumers.push(consumer);
         self.failover_changed(before);
+        Ok(())
+    }
+
+    /// A Key_Shared consumer's mode must be its subscription's, and a Sticky consumer's
+    /// ranges must be well-formed and overlap nobody's.
+    fn check_hash_ranges(&self, consumer: &Consumer) -> Result<(), (ServerError, String)> {
+        let refuse = |why: String| Err((ServerError::ConsumerAssignError, why));
+        let sticky = !consumer.hash_ranges.is_empty();
+        if let Some(other) = self.consumers.first() {
+            if other.hash_ranges.is_empty() == sticky {
+                let mode = |s: bool| if s { "Sticky" } else { "AutoSplit" };
+                return refuse(format!(
+                    "subscription {} is Key_Shared {}, not {}",
+                    self.name,
+                    mode(!sticky),
+                    mode(sticky)
+                ));
+            }
+        }
+        let mut taken: Vec<(u32, u32)> = self
+            .consumers
+            .iter()
+            .flat_map(|c| c.hash_ranges.iter().copied())
+            .collect();
+        for &(start, end) in &consumer.hash_ranges {
+            if start > end || end >= HASH_RANGE {
+                return refuse(format!(
+                    "hash range [{start}, {end}] is not within [0, {}]",
+                    HASH_RANGE - 1
+                ));
+            }
+            if let Some((s, e)) = taken.iter().find(|(s, e)| start <= *e && *s <= end) {
+                return refuse(format!(
+                    "hash range [{start}, {end}] overlaps [{s}, {e}] of subscription {}",
+                    self.name
+                ));
+            }
+            taken.push((start, end));
+        }
         Ok(())
     }
 
@@ -457,11 +511,20 @@ impl Subscription {
             }
             SubType::KeyShared => {
                 let key = sticky_key(entry);
-                self.consumers
-                    .iter()
-                    .enumerate()
-                    .max_by_key(|(_, c)| rendezvous(key, c.key))
-                    .map(|(i, _)| i)
+                if self.consumers.iter().any(|c| !c.hash_ranges.is_empty()) {
+                    let hash = sticky_hash(key);
+                    self.consumers.iter().position(|c| {
+                        c.hash_ranges
+                            .iter()
+                            .any(|(start, end)| (*start..=*end).contains(&hash))
+                    })
+                } else {
+                    self.consumers
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(_, c)| rendezvous(key, c.key))
+                        .map(|(i, _)| i)
+                }
             }
             SubType::Failover => {
                 let active = self.active_key();
@@ -487,6 +550,19 @@ fn sticky_key(entry: &StoredEntry) -> &[u8] {
         (None, Some(k)) => k.as_bytes(),
         (None, None) => &[],
     }
+}
+
+/// Size of Key_Shared's hash space (Pulsar's `DEFAULT_RANGE_SIZE`).
+pub const HASH_RANGE: u32 = 1 << 16;
+
+/// A key's hash for Sticky ranges, as Pulsar computes it (Murmur3-32 with seed 0, its sign
+/// bit cleared, modulo [`HASH_RANGE`]; 0, which Pulsar 4 keeps for "not set", becomes 1); a
+/// keyless entry hashes Pulsar's `NONE_KEY`.
+fn sticky_hash(key: &[u8]) -> u32 {
+    let key = if key.is_empty() { b"NONE_KEY" } else { key };
+    // Reading a slice cannot fail.
+    let hash = murmur3::murmur3_32(&mut &key[..], 0).unwrap_or(0);
+    ((hash & 0x7fff_ffff) % HASH_RANGE).max(1)
 }
 
 /// Rendezvous (highest random weight) score of `key` for a consumer.
@@ -751,5 +827,51 @@ mod tests {
         );
         let total = first.len() + a.len() + b.len();
         assert_eq!(total, 90, "every later entry delivered once");
+    }
+
+    fn sticky(id: u64, tx: mpsc::Sender<Frame>, ranges: &[(u32, u32)]) -> Consumer {
+        let mut c = consumer(id, tx);
+        c.hash_ranges = ranges.to_vec();
+        c
+    }
+
+    #[test]
+    fn sticky_hash_is_pulsars_murmur3() {
+        // Murmur3-32 (seed 0) of "hello" is 0x248bfa47.
+        assert_eq!(sticky_hash(b"hello"), 0xfa47);
+        assert_eq!(sticky_hash(b""), sticky_hash(b"NONE_KEY"));
+    }
+
+    #[test]
+    fn key_shared_sticky_ranges_route_by_hash_and_must_not_overlap() {
+        let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
+        let (tx1, mut rx1) = mpsc::channel(1000);
+        let (tx2, mut rx2) = mpsc::channel(1000);
+        sub.add_consumer(SubType::KeyShared, sticky(1, tx1, &[(0, 32767)]))
+            .unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let overlap =
+            sub.add_consumer(SubType::KeyShared, sticky(9, tx.clone(), &[(30000, 40000)]));
+        assert_eq!(overlap.unwrap_err().0, ServerError::ConsumerAssignError);
+        let auto = sub.add_consumer(SubType::KeyShared, consumer(9, tx.clone()));
+        assert_eq!(auto.unwrap_err().0, ServerError::ConsumerAssignError);
+        let outside = sub.add_consumer(SubType::KeyShared, sticky(9, tx, &[(40000, 70000)]));
+        assert_eq!(outside.unwrap_err().0, ServerError::ConsumerAssignError);
+        sub.add_consumer(SubType::KeyShared, sticky(2, tx2, &[(32768, 65535)]))
+            .unwrap();
+        sub.flow(key(1), 1000);
+        sub.flow(key(2), 1000);
+        let keys: Vec<String> = (0..200).map(|i| format!("k{}", i % 40)).collect();
+        let mut read = |id: u64| Some(keyed(&keys[id as usize]));
+        sub.dispatch(200, 0, &mut read);
+        let (a, b) = (ids(&mut rx1), ids(&mut rx2));
+        assert_eq!(a.len() + b.len(), 200);
+        assert!(!a.is_empty() && !b.is_empty());
+        for (id, _) in a {
+            assert!(sticky_hash(keys[id as usize].as_bytes()) < 32768);
+        }
+        for (id, _) in b {
+            assert!(sticky_hash(keys[id as usize].as_bytes()) >= 32768);
+        }
     }
 }

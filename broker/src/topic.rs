@@ -52,7 +52,8 @@ use bytes::Bytes;
 use pulsar::message::proto::{
     base_command::Type,
     command_subscribe::{InitialPosition, SubType},
-    CommandCloseConsumer, CommandCloseProducer, MessageIdData, Schema, ServerError,
+    CommandCloseConsumer, CommandCloseProducer, KeySharedMeta, KeySharedMode, MessageIdData,
+    Schema, ServerError,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinError, JoinHandle};
@@ -285,6 +286,8 @@ pub struct SubscribeRequest {
     pub entry_metadata: bool,
     pub consumer_name: String,
     pub priority: i32,
+    /// `CommandSubscribe.key_shared_meta` (Key_Shared mode, Sticky ranges, out-of-order).
+    pub key_shared: Option<KeySharedMeta>,
 }
 
 /// Cheap handle to a running topic.
@@ -1040,6 +1043,24 @@ impl Topic {
         let mut consumer = Consumer::new(req.key, req.tx, req.epoch, req.entry_metadata);
         consumer.name = req.consumer_name;
         consumer.priority = req.priority;
+        if let Some(meta) = req.key_shared {
+            if meta.key_shared_mode == KeySharedMode::Sticky as i32 {
+                // Negative bounds become out-of-range ones, which the subscription refuses.
+                let bound = |v: i32| u32::try_from(v).unwrap_or(u32::MAX);
+                consumer.hash_ranges = meta
+                    .hash_ranges
+                    .iter()
+                    .map(|r| (bound(r.start), bound(r.end)))
+                    .collect();
+                if consumer.hash_ranges.is_empty() {
+                    return Err((
+                        ServerError::ConsumerAssignError,
+                        "a Sticky Key_Shared consumer needs hash ranges".to_string(),
+                    ));
+                }
+            }
+            consumer.out_of_order = meta.allow_out_of_order_delivery.unwrap_or(false);
+        }
         sub.add_consumer(req.sub_type, consumer)?;
         self.consumers.insert(req.key, req.subscription);
         tracing::debug!(topic = %self.name, consumer = ?req.key, "consumer subscribed");

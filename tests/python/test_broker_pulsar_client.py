@@ -683,6 +683,45 @@ def test_key_shared_new_consumer_waits_for_the_old_owner_to_ack(broker):
     client.close()
 
 
+def test_key_shared_sticky_hash_ranges_route_keys_by_pulsars_hash(broker):
+    import mmh3
+
+    def sticky_hash(key):  # Pulsar's: Murmur3-32, sign bit cleared, modulo 65536 (0 -> 1)
+        return max((mmh3.hash(key.encode(), 0, signed=False) & 0x7FFFFFFF) % 65536, 1)
+
+    client = _client(broker)
+    topic = _topic()
+    kind = pulsar.ConsumerType.KeyShared
+
+    def sticky(name, ranges):
+        policy = pulsar.ConsumerKeySharedPolicy(pulsar.KeySharedMode.Sticky, sticky_ranges=ranges)
+        return client.subscribe(topic, "sticky", consumer_type=kind, consumer_name=name, key_shared_policy=policy)
+
+    low = sticky("low", [(0, 32767)])
+    with pytest.raises(pulsar.PulsarException):
+        sticky("overlapping", [(30000, 40000)])
+    high = sticky("high", [(32768, 65535)])
+    producer = client.create_producer(topic, batching_enabled=False)
+    keys = [f"key-{i}" for i in range(40)]
+    for i, key in enumerate(keys * 3):
+        producer.send(f"{i}".encode(), partition_key=key)
+    got = {"low": [], "high": []}
+    deadline = time.time() + 20
+    while len(got["low"]) + len(got["high"]) < 120 and time.time() < deadline:
+        for name, c in (("low", low), ("high", high)):
+            try:
+                msg = c.receive(timeout_millis=50)
+            except pulsar.Timeout:
+                continue
+            got[name].append(msg.partition_key())
+            c.acknowledge(msg)
+    assert len(got["low"]) + len(got["high"]) == 120
+    assert got["low"] and got["high"]
+    assert all(sticky_hash(k) <= 32767 for k in got["low"])
+    assert all(sticky_hash(k) >= 32768 for k in got["high"])
+    client.close()
+
+
 # --- schemas and regex subscriptions -------------------------------------------------------
 
 
