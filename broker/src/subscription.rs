@@ -19,14 +19,16 @@
 //! - Key_Shared: each entry goes to the consumer that wins rendezvous hashing of its key
 //!   (ordering key, else partition key; keyless entries share one slot), so a key sticks to
 //!   one consumer while it stays, and only the keys of a leaving consumer move. Entries are
-//!   handed out in log order, and an entry whose consumer has no permits waits (it blocks the
-//!   entries behind it: per-key order is never broken, at the cost of head-of-line waits).
+//!   handed out in log order per key: an entry whose consumer cannot take it now (no
+//!   permits) is passed over, and so is every later entry of its key in that pass, while the
+//!   other keys' entries go on (at most `MAX_SKIPPED` passed over; beyond, reading waits).
+//!   Passed-over entries are tried first, in order, in the next passes.
 //!   A consumer that joins while entries handed out before are unacknowledged is "recently
 //!   joined", as in Pulsar (`recentlyJoinedConsumers`, the default without
 //!   `allowOutOfOrderDelivery`): it gets only entries from before its join until everything
 //!   before it is acknowledged, so a key that moves to it is not delivered there while its
-//!   earlier messages may still be in the old owner's hands. Its newer entries wait meanwhile
-//!   (head-of-line, as for permits; `allowOutOfOrderDelivery` skips the hold-back).
+//!   earlier messages may still be in the old owner's hands (its newer entries are passed
+//!   over meanwhile; `allowOutOfOrderDelivery` skips the hold-back).
 //!   Consumers in Sticky mode (`KeySharedMeta`) choose their hash ranges instead: an entry
 //!   goes to the consumer whose ranges hold its key's hash (Murmur3-32 of the key, as
 //!   Pulsar's, modulo 65,536; keyless entries hash `NONE_KEY`), and waits while no consumer
@@ -49,7 +51,7 @@
 //! - Hand-off to a connection uses `try_send` on its bounded queue: a slow connection makes
 //!   the dispatcher pause (the caller retries), it never blocks the topic.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use std::hash::{Hash, Hasher};
@@ -67,6 +69,9 @@ use crate::protocol::{self, message_id, Frame};
 /// Most entries a subscription keeps queued for redelivery with their counts (bounded by the
 /// log anyway; this bounds the count map).
 const MAX_TRACKED_REDELIVERIES: usize = 1_000_000;
+/// Most Key_Shared entries a subscription passes over for consumers that cannot take them
+/// (Pulsar's look-ahead limit); beyond, reading pauses until they can.
+const MAX_SKIPPED: usize = 10_000;
 /// Most delayed entries a subscription sets aside; beyond, reading pauses until some are due.
 const MAX_DELAYED: usize = 1_000_000;
 
@@ -143,6 +148,9 @@ pub struct Subscription {
     /// Next entry id never dispatched.
     read_position: u64,
     redeliver: BTreeSet<u64>,
+    /// Key_Shared entries passed over because their consumer could not take them (they are
+    /// in `redeliver` too), with their keys' hashes.
+    skipped: HashMap<u64, KeyHash>,
     /// Entries set aside until their delivery time: (ms since the epoch, entry id).
     delayed: BTreeSet<(u64, u64)>,
     redelivery_counts: HashMap<u64, u32>,
@@ -163,6 +171,7 @@ impl Subscription {
             redeliver: BTreeSet::new(),
             delayed: BTreeSet::new(),
             redelivery_counts: HashMap::new(),
+            skipped: HashMap::new(),
             consumers: Vec::new(),
             next_consumer: 0,
         }
@@ -335,6 +344,7 @@ impl Subscription {
                     c.unacked = c.unacked.split_off(&(id.saturating_add(1)));
                 }
                 self.redeliver = self.redeliver.split_off(&(id.saturating_add(1)));
+                self.skipped.retain(|k, _| *k > id);
                 self.redelivery_counts.retain(|k, _| *k > id);
             } else {
                 changed |= self.cursor.ack(id);
@@ -342,6 +352,7 @@ impl Subscription {
                     c.unacked.remove(&id);
                 }
                 self.redeliver.remove(&id);
+                self.skipped.remove(&id);
                 self.redelivery_counts.remove(&id);
             }
         }
@@ -361,6 +372,7 @@ impl Subscription {
                 c.unacked.remove(&id);
             }
             self.redeliver.remove(&id);
+            self.skipped.remove(&id);
             self.redelivery_counts.remove(&id);
         }
         self.dirty |= self.durable;
@@ -396,6 +408,7 @@ impl Subscription {
         self.cursor = Cursor::at(position);
         self.read_position = position;
         self.redeliver.clear();
+        self.skipped.clear();
         self.delayed.clear();
         self.redelivery_counts.clear();
         self.dirty |= self.durable;
@@ -418,9 +431,20 @@ impl Subscription {
             self.redeliver.insert(id);
         }
         let delays = matches!(self.sub_type, SubType::Shared | SubType::KeyShared);
+        let key_shared = self.sub_type == SubType::KeyShared;
+        let floor = self.cursor.ack_floor();
+        for c in &mut self.consumers {
+            if c.joined_at.is_some_and(|joined_at| floor >= joined_at) {
+                c.joined_at = None;
+            }
+        }
+        // Key_Shared: redeliveries below `pass_from` were passed over in this pass, and so
+        // were the keys in `passed_keys` (a later entry of such a key waits too).
+        let mut pass_from = 0;
+        let mut passed_keys: HashSet<u64> = HashSet::new();
         loop {
             // Next entry: redeliveries first, then the unread tail; skip acknowledged ones.
-            let (id, from_redeliver) = if let Some(&id) = self.redeliver.first() {
+            let (id, from_redeliver) = if let Some(&id) = self.redeliver.range(pass_from..).next() {
                 (id, true)
             } else if self.read_position < end {
                 (self.read_position, false)
@@ -434,6 +458,14 @@ impl Subscription {
             if !self.consumers.iter().any(|c| c.permits > 0) {
                 return DispatchOutcome::Idle;
             }
+            // An entry passed over before: judged again without reading it.
+            if let Some(hash) = self.skipped.get(&id).copied() {
+                if self.passes_over(id, hash, &passed_keys) {
+                    passed_keys.insert(hash.route);
+                    pass_from = id + 1;
+                    continue;
+                }
+            }
             let Some(entry) = read(id) else {
                 return DispatchOutcome::Idle;
             };
@@ -446,22 +478,29 @@ impl Subscription {
                 self.advance(id, false);
                 continue;
             }
+            if key_shared {
+                let hash = key_hash(&entry);
+                if self.passes_over(id, hash, &passed_keys) {
+                    // Its consumer cannot take it now: the entries of other keys go on.
+                    if !from_redeliver {
+                        if self.skipped.len() >= MAX_SKIPPED {
+                            return DispatchOutcome::Idle;
+                        }
+                        self.redeliver.insert(id);
+                        self.read_position = id + 1;
+                    }
+                    self.skipped.insert(id, hash);
+                    passed_keys.insert(hash.route);
+                    pass_from = id + 1;
+                    continue;
+                }
+            }
             let Some(index) = self.pick_consumer(&entry) else {
                 return DispatchOutcome::Idle;
             };
-            let floor = self.cursor.ack_floor();
             let Some(consumer) = self.consumers.get_mut(index) else {
                 return DispatchOutcome::Idle;
             };
-            if let Some(joined_at) = consumer.joined_at {
-                if floor >= joined_at {
-                    consumer.joined_at = None;
-                } else if id >= joined_at {
-                    // Held back until what was handed out before the join is acknowledged
-                    // (an ack dispatches again).
-                    return DispatchOutcome::Idle;
-                }
-            }
             let redelivery_count = self.redelivery_counts.get(&id).copied().unwrap_or(0);
             let ack_set = self
                 .cursor
@@ -487,6 +526,37 @@ impl Subscription {
         }
     }
 
+    /// Key_Shared: whether entry `id` (key hashes `hash`) waits in this pass: an earlier
+    /// entry of its key waits, its consumer has no permits, or its consumer joined recently
+    /// and the entry is from after the join.
+    fn passes_over(&self, id: u64, hash: KeyHash, passed_keys: &HashSet<u64>) -> bool {
+        if passed_keys.contains(&hash.route) {
+            return true;
+        }
+        match self.target(hash).and_then(|i| self.consumers.get(i)) {
+            Some(c) => c.permits <= 0 || c.joined_at.is_some_and(|joined_at| id >= joined_at),
+            None => true,
+        }
+    }
+
+    /// Key_Shared: the consumer whose key range holds `hash` (Sticky), or that wins
+    /// rendezvous hashing of the key (AutoSplit), with or without permits.
+    fn target(&self, hash: KeyHash) -> Option<usize> {
+        if self.consumers.iter().any(|c| !c.hash_ranges.is_empty()) {
+            self.consumers.iter().position(|c| {
+                c.hash_ranges
+                    .iter()
+                    .any(|(start, end)| (*start..=*end).contains(&hash.sticky))
+            })
+        } else {
+            self.consumers
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, c)| rendezvous(hash.route, c.key))
+                .map(|(i, _)| i)
+        }
+    }
+
     /// When the next delayed entry is due (ms since the epoch).
     pub fn next_due(&self) -> Option<u64> {
         self.delayed.first().map(|(at, _)| *at)
@@ -495,6 +565,7 @@ impl Subscription {
     fn advance(&mut self, id: u64, from_redeliver: bool) {
         if from_redeliver {
             self.redeliver.remove(&id);
+            self.skipped.remove(&id);
         } else {
             self.read_position = id + 1;
         }
@@ -509,23 +580,7 @@ impl Subscription {
                     .map(|i| (self.next_consumer + i) % n)
                     .find(|&i| self.consumers.get(i).is_some_and(|c| c.permits > 0));
             }
-            SubType::KeyShared => {
-                let key = sticky_key(entry);
-                if self.consumers.iter().any(|c| !c.hash_ranges.is_empty()) {
-                    let hash = sticky_hash(key);
-                    self.consumers.iter().position(|c| {
-                        c.hash_ranges
-                            .iter()
-                            .any(|(start, end)| (*start..=*end).contains(&hash))
-                    })
-                } else {
-                    self.consumers
-                        .iter()
-                        .enumerate()
-                        .max_by_key(|(_, c)| rendezvous(key, c.key))
-                        .map(|(i, _)| i)
-                }
-            }
+            SubType::KeyShared => self.target(key_hash(entry)),
             SubType::Failover => {
                 let active = self.active_key();
                 self.consumers.iter().position(|c| Some(c.key) == active)
@@ -565,9 +620,28 @@ fn sticky_hash(key: &[u8]) -> u32 {
     ((hash & 0x7fff_ffff) % HASH_RANGE).max(1)
 }
 
-/// Rendezvous (highest random weight) score of `key` for a consumer.
-fn rendezvous(key: &[u8], consumer: ConsumerKey) -> u64 {
-    // DefaultHasher::new() has fixed keys: the same inputs give the same score.
+/// The hashes Key_Shared routes an entry's key by.
+#[derive(Debug, Clone, Copy)]
+struct KeyHash {
+    /// For rendezvous hashing (AutoSplit), and to tell keys apart within a dispatch pass.
+    route: u64,
+    /// For Sticky ranges.
+    sticky: u32,
+}
+
+fn key_hash(entry: &StoredEntry) -> KeyHash {
+    let key = sticky_key(entry);
+    // DefaultHasher::new() has fixed keys: the same key always hashes the same.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    KeyHash {
+        route: h.finish(),
+        sticky: sticky_hash(key),
+    }
+}
+
+/// Rendezvous (highest random weight) score of a key (its route hash) for a consumer.
+fn rendezvous(key: u64, consumer: ConsumerKey) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     consumer.hash(&mut h);
@@ -873,5 +947,39 @@ mod tests {
         for (id, _) in b {
             assert!(sticky_hash(keys[id as usize].as_bytes()) >= 32768);
         }
+    }
+
+    #[test]
+    fn key_shared_consumer_without_permits_does_not_stall_the_other_keys() {
+        let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
+        let (tx1, mut rx1) = mpsc::channel(1000);
+        let (tx2, mut rx2) = mpsc::channel(1000);
+        sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
+            .unwrap();
+        sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
+            .unwrap();
+        sub.flow(key(1), 3);
+        sub.flow(key(2), 1000);
+        let keys: Vec<String> = (0..100).map(|i| format!("k{}", i % 10)).collect();
+        let mut read = |id: u64| Some(keyed(&keys[id as usize]));
+        sub.dispatch(100, 0, &mut read);
+        let owner = |id: u64, sub: &Subscription| {
+            let hash = key_hash(&keyed(&keys[id as usize]));
+            sub.target(hash).map(|i| sub.consumers[i].key)
+        };
+        let slow: Vec<u64> = (0..100)
+            .filter(|id| owner(*id, &sub) == Some(key(1)))
+            .collect();
+        let fast = 100 - slow.len();
+        assert!(!slow.is_empty() && fast > 0);
+        let got2: Vec<u64> = ids(&mut rx2).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(got2.len(), fast, "every entry of the other consumer's keys");
+        let mut got1: Vec<u64> = ids(&mut rx1).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(got1, slow[..3].to_vec(), "the slow consumer's first three");
+        // More permits: the rest follows, in log order.
+        sub.flow(key(1), 1000);
+        sub.dispatch(100, 0, &mut read);
+        got1.extend(ids(&mut rx1).into_iter().map(|(id, _)| id));
+        assert_eq!(got1, slow);
     }
 }

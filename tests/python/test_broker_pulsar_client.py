@@ -683,6 +683,45 @@ def test_key_shared_new_consumer_waits_for_the_old_owner_to_ack(broker):
     client.close()
 
 
+def test_key_shared_consumer_that_stops_reading_does_not_stall_the_others(broker):
+    client = _client(broker)
+    topic = _topic()
+    kind = pulsar.ConsumerType.KeyShared
+    stuck = client.subscribe(topic, "ks", consumer_type=kind, consumer_name="stuck", receiver_queue_size=10)
+    live = client.subscribe(topic, "ks", consumer_type=kind, consumer_name="live")
+    producer = client.create_producer(topic, batching_enabled=False)
+    n = 400
+    for i in range(n):
+        producer.send_async(f"{i}".encode(), None, partition_key=f"key-{i % 16}")
+    producer.flush()
+    got = []
+    while True:
+        try:
+            msg = live.receive(timeout_millis=2000)
+        except pulsar.Timeout:
+            break
+        got.append((msg.partition_key(), int(msg.data())))
+        live.acknowledge(msg)
+    live_keys = {k for k, _ in got}
+    assert 0 < len(live_keys) < 16, "keys on both consumers"
+    expected = [i for i in range(n) if f"key-{i % 16}" in live_keys]
+    assert sorted(v for _, v in got) == expected, "every message of its keys, though the other stopped reading"
+    for key in live_keys:
+        values = [v for k, v in got if k == key]
+        assert values == sorted(values), f"order of {key} broken"
+    # The stuck consumer's messages wait for it, in order.
+    rest = []
+    while True:
+        try:
+            msg = stuck.receive(timeout_millis=2000)
+        except pulsar.Timeout:
+            break
+        rest.append(int(msg.data()))
+        stuck.acknowledge(msg)
+    assert sorted(rest) == [i for i in range(n) if f"key-{i % 16}" not in live_keys]
+    client.close()
+
+
 def test_key_shared_sticky_hash_ranges_route_keys_by_pulsars_hash(broker):
     import mmh3
 
