@@ -31,7 +31,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::log::sync_dir;
+use crate::log::{append_checksum, checked_contents, sync_dir};
 use crate::naming;
 
 /// Floor and individual acks.
@@ -182,16 +182,12 @@ impl Cursor {
                 }
             }
         }
-        let crc = crc32c::crc32c(&buf);
-        buf.extend_from_slice(&crc.to_be_bytes());
+        append_checksum(&mut buf);
         buf
     }
 
     fn decode(bytes: &[u8]) -> Option<Cursor> {
-        let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-        if crc32c::crc32c(body).to_be_bytes() != crc {
-            return None;
-        }
+        let body = checked_contents(bytes)?;
         let (rest, with_batches) = match body.strip_prefix(MAGIC) {
             Some(rest) => (rest, false),
             None => (body.strip_prefix(MAGIC_WITH_BATCHES)?, true),

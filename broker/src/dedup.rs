@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::entry::StoredEntry;
+use crate::log::{append_checksum, checked_contents};
 
 /// Most producer names whose sequence ids a topic tracks.
 pub const MAX_PRODUCERS: usize = 100_000;
@@ -155,17 +156,12 @@ impl Snapshot {
             buf.extend_from_slice(name.as_bytes());
             buf.extend_from_slice(&highest.to_be_bytes());
         }
-        let crc = crc32c::crc32c(&buf);
-        buf.extend_from_slice(&crc.to_be_bytes());
+        append_checksum(&mut buf);
         buf
     }
 
     fn decode(bytes: &[u8]) -> Option<Snapshot> {
-        let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-        if crc32c::crc32c(body).to_be_bytes() != crc {
-            return None;
-        }
-        let mut rest = body.strip_prefix(SNAPSHOT_MAGIC)?;
+        let mut rest = checked_contents(bytes)?.strip_prefix(SNAPSHOT_MAGIC)?;
         let mut take = |n: usize| -> Option<&[u8]> {
             let (head, tail) = rest.split_at_checked(n)?;
             rest = tail;

@@ -667,6 +667,18 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Ends a small state file (cursor, schemas, snapshot) with the CRC32C of what is in it.
+pub(crate) fn append_checksum(buf: &mut Vec<u8>) {
+    let crc = crc32c::crc32c(buf);
+    buf.extend_from_slice(&crc.to_be_bytes());
+}
+
+/// A small state file's contents without their checksum, if it matches (not torn or damaged).
+pub(crate) fn checked_contents(bytes: &[u8]) -> Option<&[u8]> {
+    let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    (crc32c::crc32c(body).to_be_bytes() == crc).then_some(body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

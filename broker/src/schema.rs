@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use prost::Message as _;
 use pulsar::message::proto::Schema;
 
-use crate::log::sync_dir;
+use crate::log::{append_checksum, checked_contents, sync_dir};
 
 /// Most schema versions one topic keeps (schemas come from clients).
 pub const MAX_VERSIONS: usize = 1000;
@@ -102,7 +102,7 @@ impl SchemaStore {
             // Encoding into a Vec cannot fail.
             let _ = s.encode(&mut buf);
         }
-        buf.extend_from_slice(&crc32c::crc32c(&buf).to_be_bytes());
+        append_checksum(&mut buf);
         let tmp = self.path.with_extension("tmp");
         let mut f = fs::File::create(&tmp)?;
         f.write_all(&buf)?;
@@ -114,10 +114,7 @@ impl SchemaStore {
 }
 
 fn decode(bytes: &[u8]) -> Option<Vec<Schema>> {
-    let (mut body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-    if crc32c::crc32c(body).to_be_bytes() != crc {
-        return None;
-    }
+    let mut body = checked_contents(bytes)?;
     let mut out = Vec::new();
     while !body.is_empty() {
         let (len, rest) = body.split_at_checked(4)?;

@@ -192,6 +192,22 @@ def _receive_all(consumer, n):
     return got
 
 
+def _receive_from_each(consumers, n, value=lambda msg: msg.data().decode(), seconds=20):
+    """Receives and acks up to `n` messages in all from `consumers` (name -> consumer), taking
+    turns; returns name -> `value` of each message in arrival order."""
+    got = {name: [] for name in consumers}
+    deadline = time.time() + seconds
+    while sum(map(len, got.values())) < n and time.time() < deadline:
+        for name, c in consumers.items():
+            try:
+                msg = c.receive(timeout_millis=50)
+            except pulsar.Timeout:
+                continue
+            got[name].append(value(msg))
+            c.acknowledge(msg)
+    return got
+
+
 def test_shared_subscription_splits_messages(broker):
     client = _client(broker)
     topic = _topic()
@@ -200,16 +216,7 @@ def test_shared_subscription_splits_messages(broker):
     producer = client.create_producer(topic, batching_enabled=False)
     for i in range(60):
         producer.send(f"s-{i}".encode())
-    got = {"a": [], "b": []}
-    deadline = time.time() + 20
-    while len(got["a"]) + len(got["b"]) < 60 and time.time() < deadline:
-        for name, c in (("a", a), ("b", b)):
-            try:
-                msg = c.receive(timeout_millis=100)
-            except pulsar.Timeout:
-                continue
-            got[name].append(msg.data().decode())
-            c.acknowledge(msg)
+    got = _receive_from_each({"a": a, "b": b}, 60)
     assert got["a"] and got["b"], got
     assert sorted(got["a"] + got["b"]) == sorted(f"s-{i}" for i in range(60))
     client.close()
@@ -664,16 +671,7 @@ def test_key_shared_new_consumer_waits_for_the_old_owner_to_ack(broker):
         second.receive(timeout_millis=1000)
     for m in early:
         first.acknowledge(m)
-    got = {0: [], 1: []}
-    deadline = time.time() + 20
-    while len(got[0]) + len(got[1]) < 40 and time.time() < deadline:
-        for idx, c in enumerate((first, second)):
-            try:
-                msg = c.receive(timeout_millis=50)
-            except pulsar.Timeout:
-                continue
-            got[idx].append((msg.partition_key(), int(msg.data())))
-            c.acknowledge(msg)
+    got = _receive_from_each({0: first, 1: second}, 40, lambda msg: (msg.partition_key(), int(msg.data())))
     assert sorted(v for _, v in got[0] + got[1]) == list(range(20, 60))
     assert got[1], "keys moved to the new consumer once the old owner acknowledged"
     for idx in (0, 1):
@@ -744,16 +742,7 @@ def test_key_shared_sticky_hash_ranges_route_keys_by_pulsars_hash(broker):
     keys = [f"key-{i}" for i in range(40)]
     for i, key in enumerate(keys * 3):
         producer.send(f"{i}".encode(), partition_key=key)
-    got = {"low": [], "high": []}
-    deadline = time.time() + 20
-    while len(got["low"]) + len(got["high"]) < 120 and time.time() < deadline:
-        for name, c in (("low", low), ("high", high)):
-            try:
-                msg = c.receive(timeout_millis=50)
-            except pulsar.Timeout:
-                continue
-            got[name].append(msg.partition_key())
-            c.acknowledge(msg)
+    got = _receive_from_each({"low": low, "high": high}, 120, lambda msg: msg.partition_key())
     assert len(got["low"]) + len(got["high"]) == 120
     assert got["low"] and got["high"]
     assert all(sticky_hash(k) <= 32767 for k in got["low"])
