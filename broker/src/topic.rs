@@ -147,7 +147,7 @@ pub enum Attached {
 }
 
 /// An attached producer's id on its connection and that connection's frame queue.
-type ProducerConnection = (u64, mpsc::Sender<Frame>);
+pub type ProducerConnection = (u64, mpsc::Sender<Frame>);
 
 /// What a connection asks of a topic.
 pub enum TopicCommand {
@@ -168,7 +168,7 @@ pub enum TopicCommand {
         /// reconnecting it (fine if still attached; `ProducerFenced` if it was fenced).
         again: bool,
         /// The producer's id and its connection's frame queue (fencing closes it there).
-        connection: (u64, mpsc::Sender<Frame>),
+        connection: ProducerConnection,
         reply: oneshot::Sender<Result<Attached, RequestError>>,
     },
     RemoveProducer {
