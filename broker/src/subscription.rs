@@ -151,6 +151,12 @@ pub struct Subscription {
     /// Key_Shared entries passed over because their consumer could not take them (they are
     /// in `redeliver` too), with their keys' hashes.
     skipped: HashMap<u64, KeyHash>,
+    /// Key_Shared: the keys passed over by the last pass, if it read every entry and nothing
+    /// that could let a passed-over entry go has happened since (permits for a consumer
+    /// that had none, a consumer joining or leaving, a redelivery, an ack that ends a
+    /// hold-back). The next pass then reads only new entries, instead of judging every
+    /// passed-over entry again.
+    settled_keys: Option<HashSet<u64>>,
     /// Entries set aside until their delivery time: (ms since the epoch, entry id).
     delayed: BTreeSet<(u64, u64)>,
     redelivery_counts: HashMap<u64, u32>,
@@ -172,6 +178,7 @@ impl Subscription {
             delayed: BTreeSet::new(),
             redelivery_counts: HashMap::new(),
             skipped: HashMap::new(),
+            settled_keys: None,
             consumers: Vec::new(),
             next_consumer: 0,
         }
@@ -293,6 +300,8 @@ impl Subscription {
     /// After a Failover consumer joined or left: if the active one changed, the previous
     /// one's unacknowledged entries go to the new one, and everyone hears who is active.
     fn failover_changed(&mut self, before: Option<ConsumerKey>) {
+        // Called whenever a consumer joins or leaves: Key_Shared routes change too.
+        self.settled_keys = None;
         let after = self.active_key();
         if after == before || after.is_none() {
             return;
@@ -325,11 +334,15 @@ impl Subscription {
             *self.redelivery_counts.entry(id).or_insert(0) += 1;
         }
         self.redeliver.insert(id);
+        self.settled_keys = None;
     }
 
     /// `CommandFlow`: adds permits.
     pub fn flow(&mut self, key: ConsumerKey, permits: u32) {
         if let Some(c) = self.consumers.iter_mut().find(|c| c.key == key) {
+            if c.permits <= 0 {
+                self.settled_keys = None;
+            }
             c.permits = c.permits.saturating_add(i64::from(permits));
         }
     }
@@ -357,7 +370,21 @@ impl Subscription {
             }
         }
         self.dirty |= changed && self.durable;
+        self.unsettle_if_hold_back_ends();
         changed
+    }
+
+    /// After an ack: a recently joined consumer whose hold-back ends can take entries it was
+    /// passed over for.
+    fn unsettle_if_hold_back_ends(&mut self) {
+        let floor = self.cursor.ack_floor();
+        if self
+            .consumers
+            .iter()
+            .any(|c| c.joined_at.is_some_and(|joined_at| floor >= joined_at))
+        {
+            self.settled_keys = None;
+        }
     }
 
     /// A batch-index ack of entry `id`: `set` holds the bits of its messages still
@@ -374,6 +401,7 @@ impl Subscription {
             self.redeliver.remove(&id);
             self.skipped.remove(&id);
             self.redelivery_counts.remove(&id);
+            self.unsettle_if_hold_back_ends();
         }
         self.dirty |= self.durable;
         true
@@ -409,6 +437,7 @@ impl Subscription {
         self.read_position = position;
         self.redeliver.clear();
         self.skipped.clear();
+        self.settled_keys = None;
         self.delayed.clear();
         self.redelivery_counts.clear();
         self.dirty |= self.durable;
@@ -429,6 +458,7 @@ impl Subscription {
             }
             self.delayed.pop_first();
             self.redeliver.insert(id);
+            self.settled_keys = None;
         }
         let delays = matches!(self.sub_type, SubType::Shared | SubType::KeyShared);
         let key_shared = self.sub_type == SubType::KeyShared;
@@ -439,9 +469,12 @@ impl Subscription {
             }
         }
         // Key_Shared: redeliveries below `pass_from` were passed over in this pass, and so
-        // were the keys in `passed_keys` (a later entry of such a key waits too).
-        let mut pass_from = 0;
-        let mut passed_keys: HashSet<u64> = HashSet::new();
+        // were the keys in `passed_keys` (a later entry of such a key waits too). A settled
+        // subscription starts past them all, with the keys the last pass passed over.
+        let (mut pass_from, mut passed_keys) = match self.settled_keys.take() {
+            Some(keys) if key_shared => (u64::MAX, keys),
+            _ => (0, HashSet::new()),
+        };
         loop {
             // Next entry: redeliveries first, then the unread tail; skip acknowledged ones.
             let (id, from_redeliver) = if let Some(&id) = self.redeliver.range(pass_from..).next() {
@@ -449,6 +482,9 @@ impl Subscription {
             } else if self.read_position < end {
                 (self.read_position, false)
             } else {
+                if key_shared {
+                    self.settled_keys = Some(passed_keys);
+                }
                 return DispatchOutcome::Idle;
             };
             if self.cursor.is_acked(id) {
@@ -484,6 +520,8 @@ impl Subscription {
                     // Its consumer cannot take it now: the entries of other keys go on.
                     if !from_redeliver {
                         if self.skipped.len() >= MAX_SKIPPED {
+                            // Every passed-over entry was judged: settled until it changes.
+                            self.settled_keys = Some(passed_keys);
                             return DispatchOutcome::Idle;
                         }
                         self.redeliver.insert(id);
@@ -517,7 +555,13 @@ impl Subscription {
                     self.advance(id, from_redeliver);
                     self.next_consumer = index + 1;
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => return DispatchOutcome::Blocked,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if key_shared && !from_redeliver {
+                        // Reading the tail: every passed-over entry was judged in this pass.
+                        self.settled_keys = Some(passed_keys);
+                    }
+                    return DispatchOutcome::Blocked;
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     let key = consumer.key;
                     self.remove_consumer(key);
@@ -981,5 +1025,37 @@ mod tests {
         sub.dispatch(100, 0, &mut read);
         got1.extend(ids(&mut rx1).into_iter().map(|(id, _)| id));
         assert_eq!(got1, slow);
+    }
+
+    #[test]
+    fn key_shared_reads_passed_over_entries_once_and_sends_them_in_order_later() {
+        let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
+        let (tx1, mut rx1) = mpsc::channel(1000);
+        let (tx2, mut rx2) = mpsc::channel(1000);
+        sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
+            .unwrap();
+        sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
+            .unwrap();
+        sub.flow(key(2), 1000);
+        let keys: Vec<String> = (0..200).map(|i| format!("k{}", i % 10)).collect();
+        let reads = std::cell::Cell::new(0);
+        let mut read = |id: u64| {
+            reads.set(reads.get() + 1);
+            Some(keyed(&keys[id as usize]))
+        };
+        sub.dispatch(100, 0, &mut read);
+        assert_eq!(reads.get(), 100);
+        let fast = ids(&mut rx2).len();
+        // New entries: only they are read (passed-over ones are judged by their key hash).
+        sub.dispatch(110, 0, &mut read);
+        assert_eq!(reads.get(), 110);
+        let fast = fast + ids(&mut rx2).len();
+        assert!(ids(&mut rx1).is_empty());
+        // Permits for the consumer that had none: its entries go, in order.
+        sub.flow(key(1), 1000);
+        sub.dispatch(110, 0, &mut read);
+        let slow: Vec<u64> = ids(&mut rx1).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(slow.len() + fast, 110);
+        assert!(slow.windows(2).all(|w| w[0] < w[1]));
     }
 }
