@@ -993,15 +993,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn key_shared_consumer_without_permits_does_not_stall_the_other_keys() {
+    /// A Key_Shared subscription with consumers 1 and 2 (no permits yet), and their queues.
+    fn key_shared_pair() -> (Subscription, mpsc::Receiver<Frame>, mpsc::Receiver<Frame>) {
         let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
-        let (tx1, mut rx1) = mpsc::channel(1000);
-        let (tx2, mut rx2) = mpsc::channel(1000);
+        let (tx1, rx1) = mpsc::channel(1000);
+        let (tx2, rx2) = mpsc::channel(1000);
         sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
             .unwrap();
         sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
             .unwrap();
+        (sub, rx1, rx2)
+    }
+
+    #[test]
+    fn key_shared_consumer_without_permits_does_not_stall_the_other_keys() {
+        let (mut sub, mut rx1, mut rx2) = key_shared_pair();
         sub.flow(key(1), 3);
         sub.flow(key(2), 1000);
         let keys: Vec<String> = (0..100).map(|i| format!("k{}", i % 10)).collect();
@@ -1029,13 +1035,7 @@ mod tests {
 
     #[test]
     fn key_shared_reads_passed_over_entries_once_and_sends_them_in_order_later() {
-        let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
-        let (tx1, mut rx1) = mpsc::channel(1000);
-        let (tx2, mut rx2) = mpsc::channel(1000);
-        sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
-            .unwrap();
-        sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
-            .unwrap();
+        let (mut sub, mut rx1, mut rx2) = key_shared_pair();
         sub.flow(key(2), 1000);
         let keys: Vec<String> = (0..200).map(|i| format!("k{}", i % 10)).collect();
         let reads = std::cell::Cell::new(0);

@@ -861,6 +861,20 @@ def test_delayed_delivery_on_shared_subscription(broker):
     client.close()
 
 
+def _send_one_batch_of_ten(client, topic, consumer, prefix):
+    """Sends `<prefix>-0` .. `<prefix>-9` as one batch and returns the 10 messages `consumer`
+    receives (not acknowledged)."""
+    producer = client.create_producer(
+        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
+    )
+    for i in range(10):
+        producer.send_async(f"{prefix}-{i}".encode(), None)
+    producer.flush()
+    got = [consumer.receive(timeout_millis=5000) for _ in range(10)]
+    assert len({(m.message_id().ledger_id(), m.message_id().entry_id()) for m in got}) == 1, "one batch"
+    return got
+
+
 def test_batch_index_acks_redeliver_only_the_unacked_messages(broker):
     client = _client(broker)
     topic = _topic()
@@ -868,14 +882,7 @@ def test_batch_index_acks_redeliver_only_the_unacked_messages(broker):
         topic, "bi", consumer_type=pulsar.ConsumerType.Shared, batch_index_ack_enabled=True,
         initial_position=pulsar.InitialPosition.Earliest,
     )
-    producer = client.create_producer(
-        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
-    )
-    for i in range(10):
-        producer.send_async(f"x-{i}".encode(), None)
-    producer.flush()
-    got = [consumer.receive(timeout_millis=5000) for _ in range(10)]
-    assert len({(m.message_id().ledger_id(), m.message_id().entry_id()) for m in got}) == 1, "one batch"
+    got = _send_one_batch_of_ten(client, topic, consumer, "x")
     for m in got[::2]:  # ack the even ones only
         consumer.acknowledge(m)
     time.sleep(0.3)  # the client groups acks
@@ -898,14 +905,7 @@ def test_batch_index_acks_survive_a_broker_crash(broker):
         initial_position=pulsar.InitialPosition.Earliest,
     )
     consumer = subscribe()
-    producer = client.create_producer(
-        topic, batching_enabled=True, batching_max_messages=10, batching_max_publish_delay_ms=1000
-    )
-    for i in range(10):
-        producer.send_async(f"y-{i}".encode(), None)
-    producer.flush()
-    got = [consumer.receive(timeout_millis=5000) for _ in range(10)]
-    assert len({(m.message_id().ledger_id(), m.message_id().entry_id()) for m in got}) == 1, "one batch"
+    got = _send_one_batch_of_ten(client, topic, consumer, "y")
     for m in got[:6]:
         consumer.acknowledge(m)
     time.sleep(0.5)  # the client groups acks (100 ms), the broker saves cursors (50 ms)
