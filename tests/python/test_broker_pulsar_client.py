@@ -192,6 +192,18 @@ def _receive_all(consumer, n):
     return got
 
 
+def _receive_until_quiet(consumer, value=lambda msg: msg.data().decode(), quiet_ms=2000):
+    """Receives and acks until nothing comes for `quiet_ms`; returns `value` of each message."""
+    got = []
+    while True:
+        try:
+            msg = consumer.receive(timeout_millis=quiet_ms)
+        except pulsar.Timeout:
+            return got
+        got.append(value(msg))
+        consumer.acknowledge(msg)
+
+
 def _receive_from_each(consumers, n, value=lambda msg: msg.data().decode(), seconds=20):
     """Receives and acks up to `n` messages in all from `consumers` (name -> consumer), taking
     turns; returns name -> `value` of each message in arrival order."""
@@ -297,14 +309,7 @@ def test_every_receipted_message_survives_kill9_mid_stream(broker):
     broker.start()
     client = _client(broker)
     consumer = client.subscribe(topic, "check", initial_position=pulsar.InitialPosition.Earliest)
-    seen = set()
-    while True:
-        try:
-            msg = consumer.receive(timeout_millis=3000)
-        except pulsar.Timeout:
-            break
-        seen.add(_check(msg.data()))
-        consumer.acknowledge(msg)
+    seen = set(_receive_until_quiet(consumer, lambda msg: _check(msg.data()), quiet_ms=3000))
     missing = receipted - seen
     print(f"kill -9 mid-stream: {len(receipted)} receipted, {len(seen)} recovered")
     assert not missing, f"{len(missing)} receipted messages lost, e.g. {sorted(missing)[:5]}"
@@ -692,14 +697,7 @@ def test_key_shared_consumer_that_stops_reading_does_not_stall_the_others(broker
     for i in range(n):
         producer.send_async(f"{i}".encode(), None, partition_key=f"key-{i % 16}")
     producer.flush()
-    got = []
-    while True:
-        try:
-            msg = live.receive(timeout_millis=2000)
-        except pulsar.Timeout:
-            break
-        got.append((msg.partition_key(), int(msg.data())))
-        live.acknowledge(msg)
+    got = _receive_until_quiet(live, lambda msg: (msg.partition_key(), int(msg.data())))
     live_keys = {k for k, _ in got}
     assert 0 < len(live_keys) < 16, "keys on both consumers"
     expected = [i for i in range(n) if f"key-{i % 16}" in live_keys]
@@ -708,14 +706,7 @@ def test_key_shared_consumer_that_stops_reading_does_not_stall_the_others(broker
         values = [v for k, v in got if k == key]
         assert values == sorted(values), f"order of {key} broken"
     # The stuck consumer's messages wait for it, in order.
-    rest = []
-    while True:
-        try:
-            msg = stuck.receive(timeout_millis=2000)
-        except pulsar.Timeout:
-            break
-        rest.append(int(msg.data()))
-        stuck.acknowledge(msg)
+    rest = _receive_until_quiet(stuck, lambda msg: int(msg.data()))
     assert sorted(rest) == [i for i in range(n) if f"key-{i % 16}" not in live_keys]
     client.close()
 
