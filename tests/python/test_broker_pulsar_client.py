@@ -192,6 +192,18 @@ def _receive_all(consumer, n):
     return got
 
 
+def _crash_and_restart(broker, client):
+    """kill -9 of the broker, then a restart on the same data; returns a new client (the old
+    one's close may fail: its broker is gone)."""
+    broker.kill9()
+    try:
+        client.close()
+    except pulsar.PulsarException:
+        pass
+    broker.start()
+    return _client(broker)
+
+
 def _receive_until_quiet(consumer, value=lambda msg: msg.data().decode(), quiet_ms=2000):
     """Receives and acks until nothing comes for `quiet_ms`; returns `value` of each message."""
     got = []
@@ -242,13 +254,7 @@ def test_durable_backlog_survives_kill9(broker):
     producer = client.create_producer(topic, batching_enabled=False)
     for i in range(50):
         producer.send(f"d-{i}".encode())  # returns only after the receipt
-    broker.kill9()
-    try:
-        client.close()  # may fail: its broker is gone
-    except pulsar.PulsarException:
-        pass
-    broker.start()
-    client = _client(broker)
+    client = _crash_and_restart(broker, client)
     consumer = client.subscribe(topic, "durable")
     assert _receive_all(consumer, 50) == [f"d-{i}" for i in range(50)]
     client.close()
@@ -580,13 +586,7 @@ def test_dedup_exactly_once_across_resends_and_kill9(dedup_broker):
     with pytest.raises(pulsar.PulsarException):
         client.create_producer(topic, producer_name="exactly-once")
 
-    dedup_broker.kill9()
-    try:
-        client.close()
-    except pulsar.PulsarException:
-        pass
-    dedup_broker.start()
-    client = _client(dedup_broker)
+    client = _crash_and_restart(dedup_broker, client)
     producer = client.create_producer(topic, producer_name="exactly-once", batching_enabled=False)
     assert producer.last_sequence_id() == 14
     for i in range(10, 20):
@@ -900,13 +900,7 @@ def test_batch_index_acks_survive_a_broker_crash(broker):
     for m in got[:6]:
         consumer.acknowledge(m)
     time.sleep(0.5)  # the client groups acks (100 ms), the broker saves cursors (50 ms)
-    broker.kill9()
-    try:
-        client.close()
-    except pulsar.PulsarException:
-        pass
-    broker.start()
-    client = _client(broker)
+    client = _crash_and_restart(broker, client)
     consumer = subscribe()
     redelivered = sorted(consumer.receive(timeout_millis=5000).data().decode() for _ in range(4))
     assert redelivered == [f"y-{i}" for i in range(6, 10)]
@@ -922,15 +916,9 @@ def test_long_topic_names_work_and_are_listed_after_restart(broker):
     consumer = client.subscribe(topic, "s", initial_position=pulsar.InitialPosition.Earliest)
     client.create_producer(topic, batching_enabled=False).send(b"long")
     assert consumer.receive(timeout_millis=5000).data() == b"long"
-    broker.kill9()
-    try:
-        client.close()
-    except pulsar.PulsarException:
-        pass
-    broker.start()
+    client = _crash_and_restart(broker, client)
     status, topics = _admin(broker, "GET", "/persistent/public/default")
     assert status == 200 and topic in topics
-    client = _client(broker)
     reader = client.create_reader(topic, pulsar.MessageId.earliest)
     assert reader.read_next(5000).data() == b"long"
     client.close()
