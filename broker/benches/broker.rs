@@ -10,8 +10,11 @@
 //! `cargo bench -p magnetar-broker --bench broker` (about a minute). `MAGNETAR_BENCH_DIR`
 //! picks the disk (default: the system temp dir); `MAGNETAR_BENCH_SECS` the seconds of
 //! producing per scenario (default 3); `MAGNETAR_BENCH_SIZES` the message sizes of the table
-//! and raw rows (default `100,1024`); `MAGNETAR_BENCH_ROWS` the table's rows (e.g. `100/on/4`). The table and raw rows print the process's CPU time
-//! (user + system, client and broker together) per message produced.
+//! and raw rows (default `100,1024`); `MAGNETAR_BENCH_ROWS` the table's rows (e.g. `100/on/4`);
+//! `MAGNETAR_BENCH_IN_PROCESS=1` connects the `pulsar` crate through the broker's in-process
+//! pipe (the gateway's link to its embedded broker) instead of loopback TCP. The table and raw
+//! rows print the process's CPU time (user + system, client and broker together) per message
+//! produced.
 
 #[path = "support/proc_cpu.rs"]
 mod proc_cpu;
@@ -599,10 +602,11 @@ async fn main() {
     ))
     .await
     .expect("broker");
-    let pulsar: Pulsar<TokioExecutor> = Pulsar::builder(broker.service_url(), TokioExecutor)
-        .build()
-        .await
-        .expect("client");
+    let mut builder = Pulsar::builder(broker.service_url(), TokioExecutor);
+    if std::env::var_os("MAGNETAR_BENCH_IN_PROCESS").is_some() {
+        builder = builder.with_connector(Arc::new(broker.in_process()));
+    }
+    let pulsar: Pulsar<TokioExecutor> = builder.build().await.expect("client");
     let fsync_p99 = disk.fsync_p99.as_secs_f64().max(1e-9);
     println!(
         "disk ({}): sequential write+fsync {:.0} MB/s, 4 KiB write+fsync p50 {:.3} ms, p99 {:.3} ms\n",

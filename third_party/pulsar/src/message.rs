@@ -597,6 +597,20 @@ impl BatchedMessage {
         Self::serialize_parts(&self.metadata, &self.payload, w);
     }
 
+    /// (magnetar patch) a message that has only a payload: its `SingleMessageMetadata` is
+    /// `payload_size` alone (field 3, a varint), the bytes prost writes for
+    /// `SingleMessageMetadata { payload_size, ..Default::default() }`
+    pub(crate) fn serialize_plain(payload: &[u8], w: &mut Vec<u8>) {
+        const PAYLOAD_SIZE_KEY: u8 = 3 << 3; // field 3, wire type 0 (varint)
+        let size = payload.len() as i32 as u64;
+        let len = 1 + prost::encoding::encoded_len_varint(size);
+        w.reserve(4 + len + payload.len());
+        w.put_u32(len as u32);
+        w.put_u8(PAYLOAD_SIZE_KEY);
+        prost::encoding::encode_varint(size, w);
+        w.put_slice(payload);
+    }
+
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     /// (magnetar patch) the batching producer writes each message straight into its batch,
     /// without building a `BatchedMessage` first
@@ -664,6 +678,23 @@ mod tests {
             Codec, Message,
         },
     };
+
+    #[test]
+    fn a_plain_batched_message_is_encoded_as_prost_encodes_its_metadata() {
+        use super::{proto::SingleMessageMetadata, BatchedMessage};
+        for size in [0usize, 1, 100, 127, 128, 16_383, 16_384, 1 << 20] {
+            let payload = vec![7u8; size];
+            let metadata = SingleMessageMetadata {
+                payload_size: size as i32,
+                ..Default::default()
+            };
+            let mut expected = Vec::new();
+            BatchedMessage::serialize_parts(&metadata, &payload, &mut expected);
+            let mut plain = Vec::new();
+            BatchedMessage::serialize_plain(&payload, &mut plain);
+            assert_eq!(plain, expected, "payload of {size} bytes");
+        }
+    }
 
     #[test]
     fn send_persistence_error_is_handled_as_producer_close() {

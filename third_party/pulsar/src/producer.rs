@@ -1604,7 +1604,6 @@ impl BatchQueue {
 
     /// Adds a message to the open batch, unless the sealed batches leave no room (`None`).
     fn try_push(&self, entry: &BatchEntry) -> Option<Result<SendFuture, Error>> {
-        let BatchEntry { metadata, payload } = entry;
         let mut state = lock(&self.state);
         if let Err(e) = Self::check_open(&state) {
             return Some(Err(e));
@@ -1614,7 +1613,16 @@ impl BatchQueue {
         }
         let open = &mut state.open;
         let index = open.count;
-        BatchedMessage::serialize_parts(metadata, payload, &mut open.payload);
+        let payload = match entry {
+            BatchEntry::Plain(payload) => {
+                BatchedMessage::serialize_plain(payload, &mut open.payload);
+                payload
+            }
+            BatchEntry::Full { metadata, payload } => {
+                BatchedMessage::serialize_parts(metadata, payload, &mut open.payload);
+                payload
+            }
+        };
         open.count += 1;
         open.bytes += payload.len();
         let receipt = open.receipt.0.clone();
@@ -1686,9 +1694,16 @@ impl BatchQueue {
 
 /// (magnetar patch) A message as its batch stores it: `[size][SingleMessageMetadata][payload]`
 /// is encoded from these.
-struct BatchEntry {
-    metadata: proto::SingleMessageMetadata,
-    payload: Vec<u8>,
+enum BatchEntry {
+    /// a message with nothing but its payload (the common case): its metadata is the payload
+    /// size alone, written without building a `SingleMessageMetadata` (building, encoding and
+    /// dropping that 112-byte struct per message was about 7% of the broker bench's 100 B
+    /// batched row)
+    Plain(Vec<u8>),
+    Full {
+        metadata: proto::SingleMessageMetadata,
+        payload: Vec<u8>,
+    },
 }
 
 impl BatchEntry {
@@ -1703,16 +1718,19 @@ impl BatchEntry {
             ..
         } = message;
         // as the stock crate: the other fields of `Message` have no place in a batched message
+        if properties.is_empty()
+            && partition_key.is_none()
+            && partition_key_b64_encoded.is_none()
+            && ordering_key.is_none()
+            && event_time.is_none()
+        {
+            return BatchEntry::Plain(payload);
+        }
         let metadata = proto::SingleMessageMetadata {
-            // most messages have no properties: skip the map's iterator then
-            properties: if properties.is_empty() {
-                Vec::new()
-            } else {
-                properties
-                    .into_iter()
-                    .map(|(key, value)| proto::KeyValue { key, value })
-                    .collect()
-            },
+            properties: properties
+                .into_iter()
+                .map(|(key, value)| proto::KeyValue { key, value })
+                .collect(),
             partition_key,
             partition_key_b64_encoded,
             ordering_key,
@@ -1720,7 +1738,7 @@ impl BatchEntry {
             event_time,
             ..Default::default()
         };
-        BatchEntry { metadata, payload }
+        BatchEntry::Full { metadata, payload }
     }
 }
 
