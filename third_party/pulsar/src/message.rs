@@ -600,6 +600,7 @@ impl BatchedMessage {
     /// (magnetar patch) a message that has only a payload: its `SingleMessageMetadata` is
     /// `payload_size` alone (field 3, a varint), the bytes prost writes for
     /// `SingleMessageMetadata { payload_size, ..Default::default() }`
+    #[inline]
     pub(crate) fn serialize_plain(payload: &[u8], w: &mut Vec<u8>) {
         const PAYLOAD_SIZE_KEY: u8 = 3 << 3; // field 3, wire type 0 (varint)
         let size = payload.len() as i32 as u64;

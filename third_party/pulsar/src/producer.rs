@@ -83,6 +83,7 @@ impl Future for SendFuture {
     type Output = Result<CommandSendReceipt, Error>;
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
             SendFutureInner::Oneshot(rx) => match Pin::new(rx).poll(cx) {
@@ -1603,6 +1604,7 @@ impl BatchQueue {
     }
 
     /// Adds a message to the open batch, unless the sealed batches leave no room (`None`).
+    #[inline]
     fn try_push(&self, entry: &BatchEntry) -> Option<Result<SendFuture, Error>> {
         let mut state = lock(&self.state);
         if let Err(e) = Self::check_open(&state) {
@@ -1707,6 +1709,7 @@ enum BatchEntry {
 }
 
 impl BatchEntry {
+    #[inline]
     fn new(message: Message) -> Self {
         let Message {
             payload,
@@ -1790,6 +1793,7 @@ impl BatchReceipt {
         }
     }
 
+    #[inline]
     fn result(&self, index: u32) -> Option<Result<CommandSendReceipt, Error>> {
         let (outcome, count) = self.outcome.get()?;
         Some(match outcome {
@@ -1807,6 +1811,7 @@ impl BatchReceipt {
         })
     }
 
+    #[inline]
     fn poll_message(
         &self,
         index: u32,
