@@ -31,7 +31,7 @@ use crate::{
     executor::{Executor, ExecutorKind},
     message::{
         proto::{self, command_subscribe::SubType},
-        BaseCommand, Codec, Message,
+        BaseCommand, Codec, Message, Outbound,
     },
     producer::{self, ProducerOptions},
     Certificate,
@@ -101,7 +101,7 @@ impl crate::authentication::Authentication for Authentication {
 
 pub(crate) struct Receiver<S: Stream<Item = Result<Message, ConnectionError>>> {
     inbound: Pin<Box<S>>,
-    control_tx: async_channel::Sender<Message>,
+    control_tx: async_channel::Sender<Outbound>,
     error: SharedError,
     pending_requests: BTreeMap<RequestKey, oneshot::Sender<Message>>,
     consumers: BTreeMap<u64, mpsc::UnboundedSender<Message>>,
@@ -117,7 +117,7 @@ impl<S: Stream<Item = Result<Message, ConnectionError>>> Receiver<S> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub fn new(
         inbound: S,
-        control_tx: async_channel::Sender<Message>,
+        control_tx: async_channel::Sender<Outbound>,
         error: SharedError,
         registrations: mpsc::UnboundedReceiver<Register>,
         shutdown: oneshot::Receiver<()>,
@@ -206,7 +206,7 @@ impl<S: Stream<Item = Result<Message, ConnectionError>>> Future for Receiver<S> 
                             command: BaseCommand { ping: Some(_), .. },
                             ..
                         } => {
-                            if self.control_tx.try_send(messages::pong()).is_err() {
+                            if self.control_tx.try_send(messages::pong().into()).is_err() {
                                 error!("failed to send pong: control channel closed");
                                 self.error.set(ConnectionError::Disconnected);
                             }
@@ -361,8 +361,8 @@ enum SendChannel {
 //#[derive(Clone)]
 pub struct ConnectionSender<Exe: Executor> {
     connection_id: Uuid,
-    data_tx: async_channel::Sender<Message>,
-    control_tx: async_channel::Sender<Message>,
+    data_tx: async_channel::Sender<Outbound>,
+    control_tx: async_channel::Sender<Outbound>,
     registrations: mpsc::UnboundedSender<Register>,
     receiver_shutdown: Option<oneshot::Sender<()>>,
     request_id: SerialId,
@@ -376,8 +376,8 @@ impl<Exe: Executor> ConnectionSender<Exe> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub(crate) fn new(
         connection_id: Uuid,
-        data_tx: async_channel::Sender<Message>,
-        control_tx: async_channel::Sender<Message>,
+        data_tx: async_channel::Sender<Outbound>,
+        control_tx: async_channel::Sender<Outbound>,
         registrations: mpsc::UnboundedSender<Register>,
         receiver_shutdown: oneshot::Sender<()>,
         request_id: SerialId,
@@ -434,7 +434,7 @@ impl<Exe: Executor> ConnectionSender<Exe> {
         match (
             self.registrations
                 .unbounded_send(Register::Ping { resolver }),
-            self.control_tx.send(messages::ping()).await?,
+            self.control_tx.send(messages::ping().into()).await?,
         ) {
             (Ok(_), ()) => {
                 debug!("set timeout to {:?} for ping-pong", self.operation_timeout);
@@ -622,7 +622,7 @@ impl<Exe: Executor> ConnectionSender<Exe> {
         message_permits: u32,
     ) -> Result<(), ConnectionError> {
         self.control_tx
-            .send(messages::flow(consumer_id, message_permits))
+            .send(messages::flow(consumer_id, message_permits).into())
             .await?;
         Ok(())
     }
@@ -635,7 +635,7 @@ impl<Exe: Executor> ConnectionSender<Exe> {
         cumulative: bool,
     ) -> Result<(), ConnectionError> {
         self.control_tx
-            .send(messages::ack(consumer_id, message_ids, cumulative))
+            .send(messages::ack(consumer_id, message_ids, cumulative).into())
             .await?;
         Ok(())
     }
@@ -647,10 +647,9 @@ impl<Exe: Executor> ConnectionSender<Exe> {
         message_ids: Vec<proto::MessageIdData>,
     ) -> Result<(), ConnectionError> {
         self.control_tx
-            .send(messages::redeliver_unacknowleged_messages(
-                consumer_id,
-                message_ids,
-            ))
+            .send(
+                messages::redeliver_unacknowleged_messages(consumer_id, message_ids).into(),
+            )
             .await?;
         Ok(())
     }
@@ -728,7 +727,7 @@ impl<Exe: Executor> ConnectionSender<Exe> {
     {
         // RPCs other than CommandSend go through the unbounded control channel so they are
         // never throttled by producer-side backpressure on the bounded data channel.
-        self.send_message_non_blocking(msg, key, extract, SendChannel::Control)
+        self.send_message_non_blocking(msg.into(), key, extract, SendChannel::Control)
             .await?
             .await
     }
@@ -736,7 +735,7 @@ impl<Exe: Executor> ConnectionSender<Exe> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     async fn send_message_non_blocking<R: Debug, F>(
         &self,
-        msg: Message,
+        msg: Outbound,
         key: RequestKey,
         extract: F,
         via: SendChannel,
@@ -1334,7 +1333,7 @@ impl<Exe: Executor> Connection<Exe> {
     }
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
-    pub async fn connect<S>(
+    pub(crate) async fn connect<S>(
         connection_id: Uuid,
         mut stream: S,
         auth: Option<Arc<Mutex<Box<dyn crate::authentication::Authentication>>>>,
@@ -1345,7 +1344,7 @@ impl<Exe: Executor> Connection<Exe> {
     ) -> Result<ConnectionSender<Exe>, ConnectionError>
     where
         S: Stream<Item = Result<Message, ConnectionError>>,
-        S: Sink<Message, Error = ConnectionError>,
+        S: Sink<Outbound, Error = ConnectionError>,
         S: Send + std::marker::Unpin + 'static,
     {
         let auth_data = Self::prepare_auth_data(auth.clone()).await?;
@@ -1353,7 +1352,7 @@ impl<Exe: Executor> Connection<Exe> {
             .send({
                 let msg = messages::connect(auth_data, proxy_to_broker_url);
                 trace!("connection message: {:?}", msg);
-                msg
+                msg.into()
             })
             .await?;
 
@@ -1452,7 +1451,9 @@ impl<Exe: Executor> Connection<Exe> {
                     while auth_challenge_rx.next().await.is_some() {
                         match Self::prepare_auth_data(auth.clone()).await {
                             Ok(Some(auth_data)) => {
-                                let _ = control_tx.send(messages::auth_challenge(auth_data)).await;
+                                let _ = control_tx
+                                    .send(messages::auth_challenge(auth_data).into())
+                                    .await;
                             }
                             Ok(None) => (),
                             Err(e) => {
@@ -1561,7 +1562,7 @@ pub(crate) mod messages {
         consumer::ConsumerOptions,
         message::{
             proto::{self, base_command::Type as CommandType, command_subscribe::SubType},
-            Message, Payload,
+            Message, Outbound,
         },
         producer::{self, ProducerOptions},
     };
@@ -1692,14 +1693,15 @@ pub(crate) mod messages {
         producer_name: String,
         sequence_id: u64,
         message: producer::ProducerMessage,
-    ) -> Message {
+    ) -> Outbound {
         let properties = message
             .properties
             .into_iter()
             .map(|(key, value)| proto::KeyValue { key, value })
             .collect();
 
-        Message {
+        // magnetar patch: the payload stays shared with the producer's copy for resending
+        Outbound::Send {
             command: proto::BaseCommand {
                 r#type: CommandType::Send as i32,
                 send: Some(proto::CommandSend {
@@ -1710,8 +1712,7 @@ pub(crate) mod messages {
                 }),
                 ..Default::default()
             },
-            payload: Some(Payload {
-                metadata: proto::MessageMetadata {
+            metadata: proto::MessageMetadata {
                     producer_name,
                     sequence_id,
                     properties,
@@ -1732,8 +1733,7 @@ pub(crate) mod messages {
                     deliver_at_time: message.deliver_at_time,
                     ..Default::default()
                 },
-                data: message.payload,
-            }),
+            data: message.payload,
         }
     }
 
@@ -2005,7 +2005,7 @@ mod tests {
     use tokio::{net::TcpListener, sync::RwLock};
     use uuid::Uuid;
 
-    use super::{Connection, Receiver, Register, RequestKey};
+    use super::{Connection, Outbound, Receiver, Register, RequestKey};
     #[cfg(any(
         feature = "tokio-runtime",
         feature = "tokio-rustls-runtime-aws-lc-rs",
@@ -2096,6 +2096,9 @@ mod tests {
             .await
             .expect("timed out waiting for pong on control channel")
             .expect("control channel closed unexpectedly");
+        let Outbound::Message(pong) = pong else {
+            panic!("expected a pong message on the control channel, got {pong:?}");
+        };
 
         assert!(
             pong.command.pong.is_some(),

@@ -243,48 +243,95 @@ impl tokio_util::codec::Encoder<Message> for Codec {
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), ConnectionError> {
-        let command_size = item.command.encoded_len();
-        let metadata_size = item
-            .payload
-            .as_ref()
-            .map(|p| p.metadata.encoded_len())
-            .unwrap_or(0);
-        let payload_size = item.payload.as_ref().map(|p| p.data.len()).unwrap_or(0);
-        let header_size = if item.payload.is_some() { 18 } else { 8 };
-        // Total size does not include the size of the 'totalSize' field, so we subtract 4
-        let total_size = command_size + metadata_size + payload_size + header_size - 4;
-        // magnetar patch: the frame is written straight into `dst` (the stock crate built it
-        // in a temporary Vec and copied it over).
-        dst.reserve(total_size + 4);
-        let start = dst.len();
-        let buf = dst;
-
-        // Simple command frame
-        buf.put_u32(total_size as u32);
-        buf.put_u32(command_size as u32);
-        item.command.encode(buf)?;
-
-        // Payload command frame
-        if let Some(payload) = &item.payload {
-            buf.put_u16(0x0e01);
-
-            let crc_offset = buf.len();
-            buf.put_u32(0); // NOTE: Checksum (CRC32c). Overrwritten later to avoid copying.
-
-            let metadata_offset = buf.len();
-            buf.put_u32(metadata_size as u32);
-            payload.metadata.encode(buf)?;
-            buf.put(&payload.data[..]);
-
-            let crc = crc32c::crc32c(&buf[metadata_offset..]);
-            let mut crc_buf: &mut [u8] = &mut buf[crc_offset..metadata_offset];
-            crc_buf.put_u32(crc);
-        }
-        let buf = &buf[start..];
-        trace!("Encoder sending {} bytes", buf.len());
-        //        println!("Wrote message {:?}", item);
-        Ok(())
+        let payload = item.payload.as_ref().map(|p| (&p.metadata, &p.data[..]));
+        encode_frame(&item.command, payload, dst)
     }
+}
+
+#[cfg(any(
+    feature = "tokio-runtime",
+    feature = "tokio-rustls-runtime-aws-lc-rs",
+    feature = "tokio-rustls-runtime-ring"
+))]
+impl tokio_util::codec::Encoder<Outbound> for Codec {
+    type Error = ConnectionError;
+
+    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
+    fn encode(&mut self, item: Outbound, dst: &mut BytesMut) -> Result<(), ConnectionError> {
+        match item {
+            Outbound::Message(message) => {
+                tokio_util::codec::Encoder::<Message>::encode(self, message, dst)
+            }
+            Outbound::Send {
+                command,
+                metadata,
+                data,
+            } => encode_frame(&command, Some((&metadata, &data[..])), dst),
+        }
+    }
+}
+
+/// (magnetar patch) What a connection writes: a message, or a `Send` whose payload is shared
+/// (`Bytes`) with the copy its producer keeps for resending after a reconnection, so that
+/// keeping that copy no longer copies the payload (a whole batch, every batch).
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Message(Message),
+    Send {
+        command: BaseCommand,
+        metadata: Metadata,
+        data: bytes::Bytes,
+    },
+}
+
+impl From<Message> for Outbound {
+    fn from(message: Message) -> Self {
+        Outbound::Message(message)
+    }
+}
+
+/// Writes a frame: the command, then the payload section when there is one.
+fn encode_frame(
+    command: &BaseCommand,
+    payload: Option<(&Metadata, &[u8])>,
+    dst: &mut BytesMut,
+) -> Result<(), ConnectionError> {
+    let command_size = command.encoded_len();
+    let metadata_size = payload.map(|(m, _)| m.encoded_len()).unwrap_or(0);
+    let payload_size = payload.map(|(_, d)| d.len()).unwrap_or(0);
+    let header_size = if payload.is_some() { 18 } else { 8 };
+    // Total size does not include the size of the 'totalSize' field, so we subtract 4
+    let total_size = command_size + metadata_size + payload_size + header_size - 4;
+    // magnetar patch: the frame is written straight into `dst` (the stock crate built it
+    // in a temporary Vec and copied it over).
+    dst.reserve(total_size + 4);
+    let start = dst.len();
+    let buf = dst;
+
+    // Simple command frame
+    buf.put_u32(total_size as u32);
+    buf.put_u32(command_size as u32);
+    command.encode(buf)?;
+
+    // Payload command frame
+    if let Some((metadata, data)) = payload {
+        buf.put_u16(0x0e01);
+
+        let crc_offset = buf.len();
+        buf.put_u32(0); // NOTE: Checksum (CRC32c). Overrwritten later to avoid copying.
+
+        let metadata_offset = buf.len();
+        buf.put_u32(metadata_size as u32);
+        metadata.encode(buf)?;
+        buf.put(data);
+
+        let crc = crc32c::crc32c(&buf[metadata_offset..]);
+        let mut crc_buf: &mut [u8] = &mut buf[crc_offset..metadata_offset];
+        crc_buf.put_u32(crc);
+    }
+    let buf = &buf[start..];
+    trace!("Encoder sending {} bytes", buf.len());
+    Ok(())
 }
 
 #[cfg(any(
@@ -369,51 +416,22 @@ impl tokio_util::codec::Decoder for Codec {
     feature = "async-std-rustls-runtime-ring"
 ))]
 impl asynchronous_codec::Encoder for Codec {
-    type Item<'a> = Message;
+    type Item<'a> = Outbound;
     type Error = ConnectionError;
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
-    fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), ConnectionError> {
-        let command_size = item.command.encoded_len();
-        let metadata_size = item
-            .payload
-            .as_ref()
-            .map(|p| p.metadata.encoded_len())
-            .unwrap_or(0);
-        let payload_size = item.payload.as_ref().map(|p| p.data.len()).unwrap_or(0);
-        let header_size = if item.payload.is_some() { 18 } else { 8 };
-        // Total size does not include the size of the 'totalSize' field, so we subtract 4
-        let total_size = command_size + metadata_size + payload_size + header_size - 4;
-        let mut buf = Vec::with_capacity(total_size + 4);
-
-        // Simple command frame
-        buf.put_u32(total_size as u32);
-        buf.put_u32(command_size as u32);
-        item.command.encode(&mut buf)?;
-
-        // Payload command frame
-        if let Some(payload) = &item.payload {
-            buf.put_u16(0x0e01);
-
-            let crc_offset = buf.len();
-            buf.put_u32(0); // NOTE: Checksum (CRC32c). Overrwritten later to avoid copying.
-
-            let metadata_offset = buf.len();
-            buf.put_u32(metadata_size as u32);
-            payload.metadata.encode(&mut buf)?;
-            buf.put(&payload.data[..]);
-
-            let crc = crc32c::crc32c(&buf[metadata_offset..]);
-            let mut crc_buf: &mut [u8] = &mut buf[crc_offset..metadata_offset];
-            crc_buf.put_u32(crc);
+    fn encode(&mut self, item: Outbound, dst: &mut BytesMut) -> Result<(), ConnectionError> {
+        match item {
+            Outbound::Message(message) => {
+                let payload = message.payload.as_ref().map(|p| (&p.metadata, &p.data[..]));
+                encode_frame(&message.command, payload, dst)
+            }
+            Outbound::Send {
+                command,
+                metadata,
+                data,
+            } => encode_frame(&command, Some((&metadata, &data[..])), dst),
         }
-        if dst.remaining_mut() < buf.len() {
-            dst.reserve(buf.len());
-        }
-        dst.put_slice(&buf);
-        trace!("Encoder sending {} bytes", buf.len());
-        //        println!("Wrote message {:?}", item);
-        Ok(())
     }
 }
 

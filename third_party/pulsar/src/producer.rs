@@ -144,7 +144,9 @@ pub struct Message {
 /// by the producer
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ProducerMessage {
-    pub payload: Vec<u8>,
+    /// (magnetar patch) shared with the connection's frame: keeping a copy for resending
+    /// after a reconnection does not copy it
+    pub payload: bytes::Bytes,
     pub properties: HashMap<String, String>,
     ///key to decide partition for the msg
     pub partition_key: ::std::option::Option<String>,
@@ -178,7 +180,7 @@ impl From<Message> for ProducerMessage {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     fn from(m: Message) -> Self {
         ProducerMessage {
-            payload: m.payload,
+            payload: m.payload.into(),
             properties: m.properties,
             partition_key: m.partition_key,
             partition_key_b64_encoded: m.partition_key_b64_encoded,
@@ -805,7 +807,7 @@ impl<Exe: Executor> TopicProducer<Exe> {
                 // user-provided schema_version on individual messages is
                 // structurally dropped here.
                 let message = Message {
-                    payload: message.payload,
+                    payload: message.payload.into(),
                     properties: message.properties,
                     partition_key: message.partition_key,
                     partition_key_b64_encoded: message.partition_key_b64_encoded,
@@ -866,7 +868,7 @@ fn compress_message(
                     .map_err(ProducerError::Io)?;
 
             message.uncompressed_size = Some(message.payload.len() as u32);
-            message.payload = compressed_payload;
+            message.payload = compressed_payload.into();
             message.compression = Some(proto::CompressionType::Lz4.into());
             message
         }
@@ -878,7 +880,7 @@ fn compress_message(
             let compressed_payload = e.finish().map_err(ProducerError::Io)?;
 
             message.uncompressed_size = Some(message.payload.len() as u32);
-            message.payload = compressed_payload;
+            message.payload = compressed_payload.into();
             message.compression = Some(proto::CompressionType::Zlib.into());
             message
         }
@@ -887,7 +889,7 @@ fn compress_message(
             let compressed_payload = zstd::encode_all(&message.payload[..], compression.level)
                 .map_err(ProducerError::Io)?;
             message.uncompressed_size = Some(message.payload.len() as u32);
-            message.payload = compressed_payload;
+            message.payload = compressed_payload.into();
             message.compression = Some(proto::CompressionType::Zstd.into());
             message
         }
@@ -903,7 +905,7 @@ fn compress_message(
             }
 
             message.uncompressed_size = Some(message.payload.len() as u32);
-            message.payload = compressed_payload;
+            message.payload = compressed_payload.into();
             message.compression = Some(proto::CompressionType::Snappy.into());
             message
         }
@@ -1952,7 +1954,7 @@ async fn message_send_loop<Exe>(
             continue;
         }
         let message = ProducerMessage {
-            payload,
+            payload: payload.into(),
             num_messages_in_batch: Some(count as i32),
             ..Default::default()
         };
