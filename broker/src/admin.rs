@@ -3,8 +3,8 @@
 //!
 //! Served: clusters (list), tenants (list, create, delete), namespaces (list, create,
 //! delete), persistent topics (list, list partitioned, create, delete, stats) and partitioned
-//! topics (`PUT .../partitions` with the partition count as JSON body, `GET` its metadata,
-//! `DELETE`). Success of a change is `204 No Content`, as Pulsar answers; errors are
+//! topics (`PUT .../partitions` with the partition count as JSON body, a number or a string
+//! holding one, `GET` its metadata, `DELETE`). Success of a change is `204 No Content`, as Pulsar answers; errors are
 //! `{"reason": ...}` with 401/403/404/409/412/400/500.
 //!
 //! Also `GET /metrics`: the broker's latency histograms (see `stats`) in the Prometheus text
@@ -341,7 +341,7 @@ async fn create_partitioned(
 ) -> ApiResult<StatusCode> {
     a.check(&headers, &tenant, &ns)?;
     let name = topic_name(&tenant, &ns, &topic)?;
-    let n: u32 = body.trim().parse().map_err(|_| {
+    let n = partition_count(&body).ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
             "the body must be the number of partitions".into(),
@@ -349,6 +349,18 @@ async fn create_partitioned(
     })?;
     a.registry.create_partitioned(&name, n).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The partition count of a `PUT .../partitions` body: a JSON number (`3`, what `pulsar-admin`
+/// sends) or a JSON string holding one (`"3"`, what the `pulsar` crate's tests send; Pulsar's
+/// JSON reader takes both).
+fn partition_count(body: &str) -> Option<u32> {
+    let body = body.trim();
+    let digits = body
+        .strip_prefix('"')
+        .and_then(|b| b.strip_suffix('"'))
+        .unwrap_or(body);
+    digits.trim().parse().ok()
 }
 
 async fn delete_partitioned(
@@ -393,4 +405,21 @@ async fn stats(
         "publishers": s.producers.iter().map(|p| json!({ "producerName": p })).collect::<Vec<_>>(),
         "subscriptions": subscriptions,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_count;
+
+    #[test]
+    fn a_partition_count_is_a_json_number_or_a_string_holding_one() {
+        assert_eq!(partition_count("3"), Some(3));
+        assert_eq!(partition_count(" 12\n"), Some(12));
+        assert_eq!(partition_count("\"3\""), Some(3));
+        assert_eq!(partition_count("\"\""), None);
+        assert_eq!(partition_count("\"3"), None);
+        assert_eq!(partition_count("-1"), None);
+        assert_eq!(partition_count("three"), None);
+        assert_eq!(partition_count("{\"partitions\": 3}"), None);
+    }
 }

@@ -628,6 +628,10 @@ impl Connection {
                 let c = body!(cmd, get_last_message_id);
                 self.get_last_message_id(c).await
             }
+            Type::ConsumerStats => {
+                let c = body!(cmd, consumer_stats);
+                self.consumer_stats(c).await
+            }
             Type::GetTopicsOfNamespace => {
                 let c = body!(cmd, get_topics_of_namespace);
                 let (tenant, ns) = naming::split_namespace(&c.namespace);
@@ -1251,6 +1255,48 @@ impl Connection {
                 .await
             }
         }
+    }
+
+    /// `CommandConsumerStats` (the `pulsar` crate's `Consumer::get_stats`): the consumer's
+    /// name, permits, unacknowledged entries, subscription type and backlog. Rates are not
+    /// kept, so they are left out.
+    async fn consumer_stats(
+        &mut self,
+        c: proto::CommandConsumerStats,
+    ) -> Result<(), ConnectionError> {
+        let key = self.key(c.consumer_id);
+        let stats = match self.consumers.get(&c.consumer_id) {
+            Some(topic) => {
+                let (reply, done) = oneshot::channel();
+                let _ = topic
+                    .tx
+                    .send(TopicCommand::ConsumerStats { key, reply })
+                    .await;
+                done.await.ok().flatten()
+            }
+            None => None,
+        };
+        let Some((stats, backlog)) = stats else {
+            return self
+                .reply(error(
+                    c.request_id,
+                    ServerError::ConsumerNotFound,
+                    "no such consumer",
+                ))
+                .await;
+        };
+        self.reply(command(Type::ConsumerStatsResponse, |r| {
+            r.consumer_stats_response = Some(proto::CommandConsumerStatsResponse {
+                request_id: c.request_id,
+                consumer_name: Some(stats.name),
+                available_permits: Some(stats.available_permits),
+                unacked_messages: Some(stats.unacked),
+                r#type: Some(stats.sub_type),
+                msg_backlog: Some(backlog),
+                ..Default::default()
+            })
+        }))
+        .await
     }
 
     async fn get_last_message_id(

@@ -75,6 +75,18 @@ const MAX_SKIPPED: usize = 10_000;
 /// Most delayed entries a subscription sets aside; beyond, reading pauses until some are due.
 const MAX_DELAYED: usize = 1_000_000;
 
+/// One consumer's counters, as `CommandConsumerStatsResponse` carries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerStats {
+    pub name: String,
+    /// Messages it may still be sent (its flow permits).
+    pub available_permits: u64,
+    /// Entries sent to it and not yet acknowledged.
+    pub unacked: u64,
+    /// The subscription's type, as Pulsar names it (`Exclusive`, `Shared`...).
+    pub sub_type: String,
+}
+
 /// Identifies a consumer across connections: `consumer_id` is only unique per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConsumerKey {
@@ -190,6 +202,17 @@ impl Subscription {
 
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()
+    }
+
+    /// What `CommandConsumerStats` reports of the consumer `key`, if it is attached here.
+    pub fn consumer_stats(&self, key: ConsumerKey) -> Option<ConsumerStats> {
+        let c = self.consumers.iter().find(|c| c.key == key)?;
+        Some(ConsumerStats {
+            name: c.name.clone(),
+            available_permits: c.permits.max(0) as u64,
+            unacked: c.unacked.len() as u64,
+            sub_type: format!("{:?}", self.sub_type),
+        })
     }
 
     /// Attaches a consumer, enforcing the subscription type.
@@ -759,6 +782,22 @@ mod tests {
             out.push((msg.message_id.entry_id, msg.redelivery_count.unwrap()));
         }
         out
+    }
+
+    #[test]
+    fn consumer_stats_count_permits_left_and_entries_unacknowledged() {
+        let mut sub = Subscription::new("s".into(), true, SubType::Shared, Cursor::at(0));
+        let (tx, _rx) = mpsc::channel(100);
+        sub.add_consumer(SubType::Shared, consumer(1, tx)).unwrap();
+        let mut read = |_| Some(entry(1));
+        sub.flow(key(1), 5);
+        sub.dispatch(3, 0, &mut read);
+        sub.ack(&[1], false);
+        let stats = sub.consumer_stats(key(1)).unwrap();
+        assert_eq!(stats.available_permits, 2);
+        assert_eq!(stats.unacked, 2);
+        assert_eq!(stats.sub_type, "Shared");
+        assert_eq!(sub.consumer_stats(key(2)), None);
     }
 
     #[test]

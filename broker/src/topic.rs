@@ -66,7 +66,9 @@ use crate::log::{CachedPages, Log, RecordParts, MAX_UNSYNCED_WRITES};
 use crate::naming::{self, TopicName};
 use crate::protocol::{self, Frame};
 use crate::schema::{self, SchemaStore};
-use crate::subscription::{Consumer, ConsumerKey, DispatchOutcome, StoredEntry, Subscription};
+use crate::subscription::{
+    Consumer, ConsumerKey, ConsumerStats, DispatchOutcome, StoredEntry, Subscription,
+};
 
 /// Capacity of a topic's command channel.
 pub const COMMAND_QUEUE: usize = 1024;
@@ -221,6 +223,11 @@ pub enum TopicCommand {
     GetLastMessageId {
         key: ConsumerKey,
         reply: oneshot::Sender<LastMessageId>,
+    },
+    /// A consumer's counters and its subscription's backlog (`None`: not attached here).
+    ConsumerStats {
+        key: ConsumerKey,
+        reply: oneshot::Sender<Option<(ConsumerStats, u64)>>,
     },
     /// Counters for the admin API.
     Stats {
@@ -801,6 +808,14 @@ impl Topic {
                     .subscription_of(key)
                     .and_then(|s| s.cursor.ack_floor().checked_sub(1));
                 let _ = reply.send(LastMessageId { last, mark_delete });
+            }
+            TopicCommand::ConsumerStats { key, reply } => {
+                let next_id = self.next_id;
+                let stats = self.subscription_of(key).and_then(|s| {
+                    let backlog = s.cursor.unacked_below(next_id);
+                    s.consumer_stats(key).map(|c| (c, backlog))
+                });
+                let _ = reply.send(stats);
             }
             TopicCommand::Stats { reply } => {
                 let _ = reply.send(self.stats());
