@@ -704,7 +704,7 @@ async fn main() {
         println!();
     }
     if wanted("table") {
-        println!("Throughput, `pulsar` crate (16 MiB of sends in flight per producer batched, 100 unbatched):\n");
+        println!("Throughput, `pulsar` crate (batched: receipts awaited up to 16 MiB of sends per producer; unbatched: 100 sends in flight):\n");
         println!("| size | batching | producers | produce msgs/s | produce MB/s | vs disk MB/s | receipt p50 ms | receipt p99 ms | p99 / fsync p99 | CPU µs/msg | consume msgs/s |");
         println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for size in sizes() {
