@@ -1135,13 +1135,7 @@ impl Connection {
     async fn unsubscribe(&mut self, c: proto::CommandUnsubscribe) -> Result<(), ConnectionError> {
         let key = self.key(c.consumer_id);
         let Some(topic) = self.consumers.get(&c.consumer_id) else {
-            return self
-                .reply(error(
-                    c.request_id,
-                    ServerError::ConsumerNotFound,
-                    "no such consumer",
-                ))
-                .await;
+            return self.no_such_consumer(c.request_id).await;
         };
         let (reply, done) = oneshot::channel();
         let _ = topic
@@ -1230,13 +1224,7 @@ impl Connection {
             }
         };
         let Some(topic) = self.consumers.get(&c.consumer_id) else {
-            return self
-                .reply(error(
-                    c.request_id,
-                    ServerError::ConsumerNotFound,
-                    "no such consumer",
-                ))
-                .await;
+            return self.no_such_consumer(c.request_id).await;
         };
         let (reply, done) = oneshot::channel();
         let _ = topic
@@ -1277,13 +1265,7 @@ impl Connection {
             None => None,
         };
         let Some((stats, backlog)) = stats else {
-            return self
-                .reply(error(
-                    c.request_id,
-                    ServerError::ConsumerNotFound,
-                    "no such consumer",
-                ))
-                .await;
+            return self.no_such_consumer(c.request_id).await;
         };
         self.reply(command(Type::ConsumerStatsResponse, |r| {
             r.consumer_stats_response = Some(proto::CommandConsumerStatsResponse {
@@ -1299,19 +1281,23 @@ impl Connection {
         .await
     }
 
+    /// The answer to a request about a consumer this connection does not have.
+    async fn no_such_consumer(&self, request_id: u64) -> Result<(), ConnectionError> {
+        self.reply(error(
+            request_id,
+            ServerError::ConsumerNotFound,
+            "no such consumer",
+        ))
+        .await
+    }
+
     async fn get_last_message_id(
         &mut self,
         c: proto::CommandGetLastMessageId,
     ) -> Result<(), ConnectionError> {
         let key = self.key(c.consumer_id);
         let Some(topic) = self.consumers.get(&c.consumer_id) else {
-            return self
-                .reply(error(
-                    c.request_id,
-                    ServerError::ConsumerNotFound,
-                    "no such consumer",
-                ))
-                .await;
+            return self.no_such_consumer(c.request_id).await;
         };
         let (reply, done) = oneshot::channel();
         let _ = topic
