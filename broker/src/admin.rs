@@ -4,7 +4,8 @@
 //! Served: clusters (list), tenants (list, create, delete), namespaces (list, create,
 //! delete), persistent topics (list, list partitioned, create, delete, stats) and partitioned
 //! topics (`PUT .../partitions` with the partition count as JSON body, a number or a string
-//! holding one, `GET` its metadata, `DELETE`). Success of a change is `204 No Content`, as Pulsar answers; errors are
+//! holding one, `GET` its metadata, `DELETE`), topic unload (`PUT .../unload`: producers and
+//! consumers are closed and reconnect, the topic is opened again on next use). Success of a change is `204 No Content`, as Pulsar answers; errors are
 //! `{"reason": ...}` with 401/403/404/409/412/400/500.
 //!
 //! Also `GET /metrics`: the broker's latency histograms (see `stats`) in the Prometheus text
@@ -16,8 +17,8 @@
 //! open, as Pulsar's is by default (`authenticateMetricsEndpoint=false`): scrapers carry no
 //! token, and it names no tenant, topic or client.
 //!
-//! Not done: policies, permissions, retention settings, subscriptions management, topic
-//! unloading, non-persistent topics.
+//! Not done: policies, permissions, retention settings, subscriptions management, unloading
+//! a partitioned topic by its base name, non-persistent topics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -120,6 +121,10 @@ fn router(admin: Arc<Admin>) -> Router {
         .route(
             "/admin/v2/persistent/{tenant}/{ns}/{topic}/stats",
             get(stats),
+        )
+        .route(
+            "/admin/v2/persistent/{tenant}/{ns}/{topic}/unload",
+            axum::routing::put(unload),
         )
         .route("/metrics", get(metrics))
         .with_state(admin)
@@ -371,6 +376,17 @@ async fn delete_partitioned(
     a.check(&headers, &tenant, &ns)?;
     let name = topic_name(&tenant, &ns, &topic)?;
     a.registry.delete_partitioned(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn unload(
+    State(a): Shared,
+    headers: HeaderMap,
+    Path((tenant, ns, topic)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    a.check(&headers, &tenant, &ns)?;
+    let name = topic_name(&tenant, &ns, &topic)?;
+    a.registry.unload(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -809,6 +809,14 @@ impl Connection {
         };
         // The same id again: a client retrying or reconnecting its producer (the topic
         // decides whether it is still attached); on another topic it would orphan the first.
+        // A producer closed by an unload left its stopped topic's handle here: it is gone.
+        if self
+            .producers
+            .get(&c.producer_id)
+            .is_some_and(|old| old.topic.tx.is_closed())
+        {
+            self.producers.remove(&c.producer_id);
+        }
         let again = match self.producers.get(&c.producer_id) {
             Some(old) if !old.topic.tx.same_channel(&topic.tx) => {
                 return self
@@ -1025,6 +1033,14 @@ impl Connection {
         let Some(topic) = self.topic(&c.topic, c.request_id, Action::Consume).await? else {
             return Ok(());
         };
+        // A consumer closed by an unload left its stopped topic's handle here: it is gone.
+        if self
+            .consumers
+            .get(&c.consumer_id)
+            .is_some_and(|old| old.tx.is_closed())
+        {
+            self.consumers.remove(&c.consumer_id);
+        }
         if let Some(existing) = self.consumers.get(&c.consumer_id) {
             // The same id again on the same topic is a retried subscribe (the topic decides);
             // on another topic it would orphan the first consumer.

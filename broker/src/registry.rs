@@ -423,6 +423,23 @@ impl Registry {
         Ok(())
     }
 
+    /// Unloads topic `name`, as Pulsar's admin `unload` does: its producers and consumers are
+    /// closed (their clients reconnect), its state is flushed and the topic is opened again on
+    /// next use. A topic that is not open is left as it is.
+    pub async fn unload(&self, name: &TopicName) -> Result<(), RegistryError> {
+        if !self.known.lock().is_ok_and(|k| k.contains(name)) {
+            return Err(RegistryError::NotFound(format!("topic {name}")));
+        }
+        let mut open = self.open.lock().await;
+        if let Some(h) = open.remove(name) {
+            let (reply, done) = oneshot::channel();
+            if h.tx.send(TopicCommand::Unload { reply }).await.is_ok() {
+                let _ = done.await;
+            }
+        }
+        Ok(())
+    }
+
     /// Creates (opens) non-partitioned topic `name`.
     pub async fn create(&self, name: &TopicName) -> Result<(), RegistryError> {
         if self.exists(name) {

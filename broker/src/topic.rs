@@ -237,6 +237,12 @@ pub enum TopicCommand {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// Close every producer and consumer (`CommandCloseProducer`, `CommandCloseConsumer`:
+    /// their clients reconnect, to the topic opened again), then flush and stop (the admin
+    /// API's unload).
+    Unload {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A topic's statistics (admin API `.../stats`).
@@ -667,6 +673,19 @@ impl Topic {
         Ok(Attached::Ready(last(self)))
     }
 
+    /// Detaches every producer and consumer and tells their clients (unload).
+    fn close_all(&mut self) {
+        tracing::info!(topic = %self.name, "unloading");
+        self.fence_producers();
+        self.waiting_producers.clear();
+        for sub in self.subscriptions.values_mut() {
+            for c in sub.take_consumers() {
+                self.consumers.remove(&c.key);
+                send_close_consumer(&c);
+            }
+        }
+    }
+
     /// Detaches every producer and tells each client with `CommandCloseProducer`.
     fn fence_producers(&mut self) {
         for (name, (producer_id, tx)) in self.producers.drain() {
@@ -821,6 +840,10 @@ impl Topic {
                 let _ = reply.send(self.stats());
             }
             TopicCommand::Shutdown { reply } => *shutdown = Some(reply),
+            TopicCommand::Unload { reply } => {
+                self.close_all();
+                *shutdown = Some(reply);
+            }
         }
     }
 
@@ -918,18 +941,7 @@ impl Topic {
         ))?;
         for c in sub.reset(position) {
             self.consumers.remove(&c.key);
-            let frame: Frame = protocol::command(Type::CloseConsumer, |r| {
-                r.close_consumer = Some(CommandCloseConsumer {
-                    consumer_id: c.key.consumer_id,
-                    // -1: not an answer to any request of the client.
-                    request_id: u64::MAX,
-                })
-            })
-            .into();
-            if let Err(mpsc::error::TrySendError::Full(frame)) = c.tx.try_send(frame) {
-                let tx = c.tx.clone();
-                tokio::spawn(async move { tx.send(frame).await });
-            }
+            send_close_consumer(&c);
         }
         tracing::debug!(topic = %self.name, subscription = %name, position, "subscription reset");
         Ok(())
@@ -1480,6 +1492,22 @@ async fn run_blocking<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Tells a detached consumer's client with `CommandCloseConsumer` (it subscribes again).
+fn send_close_consumer(c: &Consumer) {
+    let frame: Frame = protocol::command(Type::CloseConsumer, |r| {
+        r.close_consumer = Some(CommandCloseConsumer {
+            consumer_id: c.key.consumer_id,
+            // -1: not an answer to any request of the client.
+            request_id: u64::MAX,
+        })
+    })
+    .into();
+    if let Err(mpsc::error::TrySendError::Full(frame)) = c.tx.try_send(frame) {
+        let tx = c.tx.clone();
+        tokio::spawn(async move { tx.send(frame).await });
     }
 }
 

@@ -992,3 +992,32 @@ def test_exclusive_producer_access_mode(broker):
     reader = client.create_reader(topic, pulsar.MessageId.earliest)
     assert [reader.read_next(5000).data() for _ in range(2)] == [b"only me", b"shared again"]
     client.close()
+
+
+def test_unload_closes_clients_that_reconnect_and_lose_nothing(broker):
+    """`PUT .../unload` closes the topic's producer and consumer (CommandCloseProducer and
+    CommandCloseConsumer); the official client reconnects both, every send gets its receipt,
+    and every message arrives, in order, exactly once (the first half, acked before the
+    unload, is not redelivered: the unload saved the cursor)."""
+    client = _client(broker)
+    topic = _topic()
+    consumer = client.subscribe(topic, "sub")
+    producer = client.create_producer(topic, batching_enabled=False)
+    for i in range(50):
+        producer.send(f"m{i}".encode())
+    assert _receive_all(consumer, 50) == [f"m{i}" for i in range(50)]
+    # The client sends acks grouped, every 100 ms: let them reach the broker first (acks
+    # still in the client at the unload are lost with the old consumer, as on Pulsar).
+    time.sleep(0.5)
+
+    path = "/persistent/public/default/" + topic.rsplit("/", 1)[1] + "/unload"
+    assert _admin(broker, "PUT", path)[0] == 204
+    for i in range(50, 100):
+        producer.send(f"m{i}".encode())
+    assert _receive_all(consumer, 50) == [f"m{i}" for i in range(50, 100)]
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(timeout_millis=500)
+
+    missing = "/persistent/public/default/no-such-topic/unload"
+    assert _admin(broker, "PUT", missing)[0] == 404
+    client.close()
