@@ -5,8 +5,9 @@
 //! delete), persistent topics (list, list partitioned, create, delete, stats) and partitioned
 //! topics (`PUT .../partitions` with the partition count as JSON body, a number or a string
 //! holding one, `GET` its metadata, `DELETE`), topic unload (`PUT .../unload`: producers and
-//! consumers are closed and reconnect, the topic is opened again on next use). Success of a change is `204 No Content`, as Pulsar answers; errors are
-//! `{"reason": ...}` with 401/403/404/409/412/400/500.
+//! consumers are closed and reconnect, the topic is opened again on next use). Success of a
+//! change is `204 No Content`, as Pulsar answers; errors are `{"reason": ...}` with
+//! 401/403/404/409/412/400/500.
 //!
 //! Also `GET /metrics`: the broker's latency histograms (see `stats`) in the Prometheus text
 //! format, as Pulsar serves its metrics on the same port.
@@ -154,6 +155,18 @@ impl Admin {
     }
 
     /// Checks the caller may manage `tenant/ns`, or 401/403.
+    /// The persistent topic a request names, once the caller may manage its namespace.
+    fn topic(
+        &self,
+        headers: &HeaderMap,
+        tenant: &str,
+        ns: &str,
+        topic: &str,
+    ) -> ApiResult<TopicName> {
+        self.check(headers, tenant, ns)?;
+        topic_name(tenant, ns, topic)
+    }
+
     fn check(&self, headers: &HeaderMap, tenant: &str, ns: &str) -> ApiResult<()> {
         let role = self.role(headers)?;
         if self.may(&role, tenant, ns) {
@@ -311,8 +324,7 @@ async fn create_topic(
     headers: HeaderMap,
     Path((tenant, ns, topic)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     a.registry.create(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -322,8 +334,7 @@ async fn delete_topic(
     headers: HeaderMap,
     Path((tenant, ns, topic)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     a.registry.delete(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -333,8 +344,7 @@ async fn partitions(
     headers: HeaderMap,
     Path((tenant, ns, topic)): Path<(String, String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     Ok(Json(json!({ "partitions": a.registry.partitions(&name) })))
 }
 
@@ -344,8 +354,7 @@ async fn create_partitioned(
     Path((tenant, ns, topic)): Path<(String, String, String)>,
     body: String,
 ) -> ApiResult<StatusCode> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     let n = partition_count(&body).ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -373,8 +382,7 @@ async fn delete_partitioned(
     headers: HeaderMap,
     Path((tenant, ns, topic)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     a.registry.delete_partitioned(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -384,8 +392,7 @@ async fn unload(
     headers: HeaderMap,
     Path((tenant, ns, topic)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     a.registry.unload(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -395,8 +402,7 @@ async fn stats(
     headers: HeaderMap,
     Path((tenant, ns, topic)): Path<(String, String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    a.check(&headers, &tenant, &ns)?;
-    let name = topic_name(&tenant, &ns, &topic)?;
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
     let s = a.registry.stats(&name).await?;
     // Pulsar's field names where they exist, so its tools read them.
     let subscriptions: serde_json::Map<String, serde_json::Value> = s

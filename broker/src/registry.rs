@@ -370,11 +370,18 @@ impl Registry {
         self.known.lock().is_ok_and(|k| k.contains(name)) || self.partitions(name) > 0
     }
 
+    /// `NotFound` unless non-partitioned topic `name` exists.
+    fn ensure_known(&self, name: &TopicName) -> Result<(), RegistryError> {
+        if self.known.lock().is_ok_and(|k| k.contains(name)) {
+            Ok(())
+        } else {
+            Err(RegistryError::NotFound(format!("topic {name}")))
+        }
+    }
+
     /// Statistics of topic `name` (opening it).
     pub async fn stats(&self, name: &TopicName) -> Result<TopicStats, RegistryError> {
-        if !self.known.lock().is_ok_and(|k| k.contains(name)) {
-            return Err(RegistryError::NotFound(format!("topic {name}")));
-        }
+        self.ensure_known(name)?;
         let handle = self.get(name).await?;
         let (reply, done) = oneshot::channel();
         let stopped = || RegistryError::Storage("topic stopped".into());
@@ -388,9 +395,7 @@ impl Registry {
 
     /// Deletes topic `name` and its data; refused while producers or consumers use it.
     pub async fn delete(&self, name: &TopicName) -> Result<(), RegistryError> {
-        if !self.known.lock().is_ok_and(|k| k.contains(name)) {
-            return Err(RegistryError::NotFound(format!("topic {name}")));
-        }
+        self.ensure_known(name)?;
         let mut open = self.open.lock().await;
         if let Some(h) = open.get(name) {
             let (reply, done) = oneshot::channel();
@@ -427,9 +432,7 @@ impl Registry {
     /// closed (their clients reconnect), its state is flushed and the topic is opened again on
     /// next use. A topic that is not open is left as it is.
     pub async fn unload(&self, name: &TopicName) -> Result<(), RegistryError> {
-        if !self.known.lock().is_ok_and(|k| k.contains(name)) {
-            return Err(RegistryError::NotFound(format!("topic {name}")));
-        }
+        self.ensure_known(name)?;
         let mut open = self.open.lock().await;
         if let Some(h) = open.remove(name) {
             let (reply, done) = oneshot::channel();

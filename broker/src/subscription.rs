@@ -452,15 +452,15 @@ impl Subscription {
         }
     }
 
-    /// Seek: everything before `position` counts as acknowledged, everything from it on as
-    /// not (individual acks above it are forgotten, as Pulsar's cursor reset does). Returns
-    /// the detached consumers, whom the caller tells to reconnect.
     /// Detaches every consumer (the topic is being unloaded: its cursor is saved and the
     /// unacknowledged entries come back when the topic is opened again).
     pub fn take_consumers(&mut self) -> Vec<Consumer> {
         std::mem::take(&mut self.consumers)
     }
 
+    /// Seek: everything before `position` counts as acknowledged, everything from it on as
+    /// not (individual acks above it are forgotten, as Pulsar's cursor reset does). Returns
+    /// the detached consumers, whom the caller tells to reconnect.
     pub fn reset(&mut self, position: u64) -> Vec<Consumer> {
         self.cursor = Cursor::at(position);
         self.read_position = position;

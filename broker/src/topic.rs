@@ -698,9 +698,7 @@ impl Topic {
                 })
             })
             .into();
-            if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
-                tokio::spawn(async move { tx.send(frame).await });
-            }
+            send_unasked(&tx, frame);
         }
         self.exclusive_producer = None;
     }
@@ -1505,8 +1503,14 @@ fn send_close_consumer(c: &Consumer) {
         })
     })
     .into();
-    if let Err(mpsc::error::TrySendError::Full(frame)) = c.tx.try_send(frame) {
-        let tx = c.tx.clone();
+    send_unasked(&c.tx, frame);
+}
+
+/// Sends a frame the client did not ask for (a close) without waiting: when the connection's
+/// queue is full, a task waits for room.
+fn send_unasked(tx: &mpsc::Sender<Frame>, frame: Frame) {
+    if let Err(mpsc::error::TrySendError::Full(frame)) = tx.try_send(frame) {
+        let tx = tx.clone();
         tokio::spawn(async move { tx.send(frame).await });
     }
 }
