@@ -20,6 +20,8 @@ pub const NAME_FILE: &str = "topic-name";
 pub const MAX_SUBSCRIPTION_NAME_LEN: usize = 80;
 
 const SCHEME: &str = "persistent://";
+/// What joins a partitioned topic's name and a partition's index (`t-partition-0`).
+const PARTITION_SUFFIX: &str = "-partition-";
 
 /// A validated, canonical persistent topic name (`persistent://tenant/namespace/local`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -90,6 +92,15 @@ impl TopicName {
             Some(i) => rest.get(..i).unwrap_or(rest),
             None => rest,
         }
+    }
+
+    /// The partition this topic is of a partitioned topic (`name-partition-N`), if any.
+    pub fn partition_index(&self) -> Option<u32> {
+        let (_, index) = self.canonical.rsplit_once(PARTITION_SUFFIX)?;
+        if index.len() > 1 && index.starts_with('0') {
+            return None;
+        }
+        index.parse().ok()
     }
 
     /// The tenant and the namespace's own name (`tenant`, `ns` of `tenant/ns`).
@@ -200,6 +211,18 @@ mod tests {
         assert_eq!(b, c);
         assert_eq!(a.as_str(), "persistent://public/default/foo");
         assert_eq!(a.namespace(), "public/default");
+    }
+
+    #[test]
+    fn a_partition_knows_its_index() {
+        let index = |name: &str| TopicName::parse(name).unwrap().partition_index();
+        assert_eq!(index("t-partition-0"), Some(0));
+        assert_eq!(index("a/b/t-partition-12"), Some(12));
+        assert_eq!(index("t-partition-x-partition-3"), Some(3));
+        assert_eq!(index("t"), None);
+        assert_eq!(index("t-partition-"), None);
+        assert_eq!(index("t-partition-01"), None);
+        assert_eq!(index("t-partition-3x"), None);
     }
 
     #[test]

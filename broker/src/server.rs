@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,10 @@ pub struct BrokerConfig {
     pub retention: Retention,
     /// Size at which a topic's log starts a new segment (retention deletes whole segments).
     pub segment_bytes: u64,
+    /// How long a Failover consumer that takes over from one still attached waits before
+    /// messages go to it, so that the previous one can acknowledge what it holds (Pulsar's
+    /// `activeConsumerFailoverDelayTimeMillis`, 1 s by default).
+    pub failover_delay: Duration,
 }
 
 impl BrokerConfig {
@@ -49,6 +54,7 @@ impl BrokerConfig {
             admin_listen: None,
             retention: Retention::default(),
             segment_bytes: crate::log::SEGMENT_BYTES,
+            failover_delay: Duration::from_secs(1),
         }
     }
 }
@@ -150,6 +156,8 @@ impl Broker {
                 deduplication: config.deduplication,
                 segment_bytes: config.segment_bytes,
                 retention: config.retention,
+                failover_delay_ms: u64::try_from(config.failover_delay.as_millis())
+                    .unwrap_or(u64::MAX),
             },
         )
         .map_err(|source| BrokerError::DataDir {
@@ -222,7 +230,7 @@ impl Broker {
 }
 
 /// How long [`bind`] keeps retrying a port that is in use.
-const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+const BIND_RETRY: Duration = Duration::from_secs(5);
 
 /// Binds the listener (`SO_REUSEADDR` is set by tokio, so connections of a killed
 /// predecessor in `TIME_WAIT` do not block us). A fixed port that is still in use is retried

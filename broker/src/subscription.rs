@@ -12,10 +12,16 @@
 //!   back to the subscription with `redelivery_count + 1`.
 //! - Exclusive admits one consumer (a second gets `ConsumerBusy`); Shared round-robins over
 //!   consumers with permits.
-//! - Failover: one active consumer, the first by (priority level, consumer name) as Pulsar
-//!   picks on a non-partitioned topic; every consumer is told with
+//! - Failover: one active consumer, chosen as Pulsar chooses among the consumers of the
+//!   highest priority sorted by name: on a partition, the one at the partition's index modulo
+//!   their number; on another topic, the one next on a hash ring of their names after the
+//!   topic's hash ([`FailoverSlot`]). Every consumer is told with
 //!   `CommandActiveConsumerChange`. When the active one changes, what the previous one had
-//!   not acknowledged is delivered again to the new one (Pulsar rewinds the same way).
+//!   not acknowledged is delivered again to the new one (Pulsar rewinds the same way). A
+//!   change waits a delay (1 s by default, Pulsar's `activeConsumerFailoverDelayTimeMillis`)
+//!   unless the previous active consumer left: the first consumer too, so that consumers
+//!   starting together all join before one gets anything, and a consumer taking over from
+//!   one still attached, so that the old one acknowledges what it has first.
 //! - Key_Shared: each entry goes to the consumer that wins rendezvous hashing of its key
 //!   (ordering key, else partition key; keyless entries share one slot), so a key sticks to
 //!   one consumer while it stays, and only the keys of a leaving consumer move. Entries are
@@ -174,6 +180,59 @@ pub struct Subscription {
     redelivery_counts: HashMap<u64, u32>,
     consumers: Vec<Consumer>,
     next_consumer: usize,
+    /// Failover: the active consumer.
+    active: Option<ConsumerKey>,
+    /// Failover: how long a consumer that takes the active role from one still attached
+    /// waits before entries go to it (Pulsar's `activeConsumerFailoverDelayTimeMillis`).
+    failover_delay_ms: u64,
+    /// Failover: what picks the active consumer (see [`FailoverSlot`]).
+    failover_slot: FailoverSlot,
+    /// Failover: a takeover waiting for its delay.
+    takeover: Option<Takeover>,
+}
+
+/// What picks a Failover subscription's active consumer among those of the highest priority
+/// (lowest level) sorted by name, as Pulsar picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverSlot {
+    /// A partition of a partitioned topic: the consumer at the partition's index modulo their
+    /// number, so the partitions spread over the consumers.
+    Partition(u32),
+    /// Any other topic: the consumer next on a hash ring of their names (100 points each)
+    /// after this hash of the topic's name, so the topics of a multi-topic consumer spread.
+    TopicHash(u32),
+}
+
+impl FailoverSlot {
+    /// The slot of the topic `name` (canonical), a partition if `partition` is its index.
+    pub fn of(name: &str, partition: Option<u32>) -> FailoverSlot {
+        match partition {
+            Some(index) => FailoverSlot::Partition(index),
+            None => FailoverSlot::TopicHash(murmur3_31(name.as_bytes())),
+        }
+    }
+}
+
+/// Points each consumer has on the Failover hash ring (Pulsar's
+/// `CONSUMER_CONSISTENT_HASH_REPLICAS`).
+const RING_POINTS: u32 = 100;
+
+/// Murmur3-32 (seed 0) with its sign bit cleared, Pulsar's `makeHash`.
+fn murmur3_31(bytes: &[u8]) -> u32 {
+    // Reading a slice cannot fail.
+    murmur3::murmur3_32(&mut &bytes[..], 0).unwrap_or(0) & 0x7fff_ffff
+}
+
+/// A Failover change of active consumer, waiting: nothing is dispatched until `due_ms`; then
+/// what `from` (the previous active one, if still attached) has not acknowledged by then goes
+/// to the new one. The wait lets `from` finish and acknowledge what it holds, and lets
+/// consumers that start together all join before one is chosen, so that little is delivered
+/// twice (Pulsar waits the same way).
+#[derive(Debug, Clone, Copy)]
+struct Takeover {
+    from: Option<ConsumerKey>,
+    /// Milliseconds since the Unix epoch.
+    due_ms: u64,
 }
 
 impl Subscription {
@@ -193,7 +252,19 @@ impl Subscription {
             settled_keys: None,
             consumers: Vec::new(),
             next_consumer: 0,
+            active: None,
+            failover_delay_ms: 0,
+            failover_slot: FailoverSlot::TopicHash(0),
+            takeover: None,
         }
+    }
+
+    /// Failover settings: the delay before a new active consumer gets entries, and what
+    /// picks it.
+    pub fn with_failover(mut self, delay_ms: u64, slot: FailoverSlot) -> Subscription {
+        self.failover_delay_ms = delay_ms;
+        self.failover_slot = slot;
+        self
     }
 
     pub fn has_consumers(&self) -> bool {
@@ -215,11 +286,13 @@ impl Subscription {
         })
     }
 
-    /// Attaches a consumer, enforcing the subscription type.
+    /// Attaches a consumer, enforcing the subscription type. `now_ms` (since the Unix epoch)
+    /// starts the delay of a Failover change of active consumer.
     pub fn add_consumer(
         &mut self,
         sub_type: SubType,
         consumer: Consumer,
+        now_ms: u64,
     ) -> Result<(), (ServerError, String)> {
         if !self.consumers.is_empty() {
             if sub_type != self.sub_type {
@@ -242,7 +315,7 @@ impl Subscription {
             self.check_hash_ranges(&consumer)?;
         }
         self.sub_type = sub_type;
-        let before = self.active_key();
+        let before = self.active;
         let mut consumer = consumer;
         if sub_type == SubType::KeyShared
             && !consumer.out_of_order
@@ -252,7 +325,13 @@ impl Subscription {
             consumer.joined_at = Some(self.read_position);
         }
         self.consumers.push(consumer);
-        self.failover_changed(before);
+        self.failover_changed(before, now_ms);
+        if self.sub_type == SubType::Failover && self.takeover.is_none() && self.active == before {
+            // The active consumer stays: the new one hears that it is not it.
+            if let Some(c) = self.consumers.last() {
+                notify_active(c, self.active);
+            }
+        }
         Ok(())
     }
 
@@ -296,40 +375,102 @@ impl Subscription {
     }
 
     /// Detaches a consumer; its unacknowledged entries return for redelivery.
-    pub fn remove_consumer(&mut self, key: ConsumerKey) -> bool {
+    pub fn remove_consumer(&mut self, key: ConsumerKey, now_ms: u64) -> bool {
         let Some(pos) = self.consumers.iter().position(|c| c.key == key) else {
             return false;
         };
-        let before = self.active_key();
+        let before = self.active;
         let consumer = self.consumers.remove(pos);
         for id in consumer.unacked {
             self.requeue(id);
         }
-        self.failover_changed(before);
+        self.failover_changed(before, now_ms);
         true
     }
 
-    /// The active consumer of a Failover subscription.
+    /// The active consumer of a Failover subscription (see [`FailoverSlot`]).
     fn active_key(&self) -> Option<ConsumerKey> {
         if self.sub_type != SubType::Failover {
             return None;
         }
-        self.consumers
+        let top = self.consumers.iter().map(|c| c.priority).min()?;
+        let mut first: Vec<&Consumer> = self
+            .consumers
             .iter()
-            .min_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)))
-            .map(|c| c.key)
+            .filter(|c| c.priority == top)
+            .collect();
+        // Stable: equal names stay in the order they joined.
+        first.sort_by(|a, b| a.name.cmp(&b.name));
+        let index = match self.failover_slot {
+            FailoverSlot::Partition(p) => p as usize % first.len().max(1),
+            FailoverSlot::TopicHash(topic) => {
+                // The first point at or after the topic's, else the first point; a point two
+                // consumers share goes to the later one.
+                let mut next: Option<(u32, usize)> = None;
+                let mut lowest: Option<(u32, usize)> = None;
+                for (i, c) in first.iter().enumerate() {
+                    for point in 0..RING_POINTS {
+                        let h = murmur3_31(format!("{}{point}", c.name).as_bytes());
+                        if h >= topic && next.is_none_or(|(n, _)| h <= n) {
+                            next = Some((h, i));
+                        }
+                        if lowest.is_none_or(|(l, _)| h <= l) {
+                            lowest = Some((h, i));
+                        }
+                    }
+                }
+                next.or(lowest).map_or(0, |(_, i)| i)
+            }
+        };
+        first.get(index).map(|c| c.key)
     }
 
-    /// After a Failover consumer joined or left: if the active one changed, the previous
-    /// one's unacknowledged entries go to the new one, and everyone hears who is active.
-    fn failover_changed(&mut self, before: Option<ConsumerKey>) {
+    /// After a consumer joined or left: on Failover, if the active one changed, the previous
+    /// one's unacknowledged entries go to the new one and everyone hears who is active. At
+    /// once if the previous one left; otherwise (it is still attached, or there was none)
+    /// after the delay.
+    fn failover_changed(&mut self, before: Option<ConsumerKey>, now_ms: u64) {
         // Called whenever a consumer joins or leaves: Key_Shared routes change too.
         self.settled_keys = None;
-        let after = self.active_key();
-        if after == before || after.is_none() {
+        self.active = self.active_key();
+        if let Some(takeover) = self.takeover {
+            match takeover.from {
+                // The consumer it was from is active again: it never stopped.
+                Some(from) if self.active == Some(from) => self.takeover = None,
+                // It left: what it held came back when it did, nothing to wait for.
+                Some(from) if !self.consumers.iter().any(|c| c.key == from) => {
+                    self.finish_takeover()
+                }
+                None if self.active.is_none() => self.takeover = None,
+                _ => {}
+            }
             return;
         }
-        if let Some(old) = before.and_then(|k| self.consumers.iter_mut().find(|c| c.key == k)) {
+        if self.active == before || self.active.is_none() {
+            return;
+        }
+        let from = before.filter(|k| self.consumers.iter().any(|c| c.key == *k));
+        if self.failover_delay_ms > 0 && (from.is_some() || before.is_none()) {
+            self.takeover = Some(Takeover {
+                from,
+                due_ms: now_ms.saturating_add(self.failover_delay_ms),
+            });
+        } else {
+            self.hand_over(from);
+        }
+    }
+
+    /// Ends a waiting takeover: entries go to the active consumer from now on.
+    fn finish_takeover(&mut self) {
+        if let Some(takeover) = self.takeover.take() {
+            self.hand_over(takeover.from);
+        }
+    }
+
+    /// The active consumer changed from `from`: what `from` has not acknowledged is delivered
+    /// again (to the active one), and every consumer hears who is active.
+    fn hand_over(&mut self, from: Option<ConsumerKey>) {
+        if let Some(old) = from.and_then(|k| self.consumers.iter_mut().find(|c| c.key == k)) {
             let back = std::mem::take(&mut old.unacked);
             for id in back {
                 if !self.cursor.is_acked(id) {
@@ -338,14 +479,7 @@ impl Subscription {
             }
         }
         for c in &self.consumers {
-            let frame = protocol::command(Type::ActiveConsumerChange, |r| {
-                r.active_consumer_change = Some(CommandActiveConsumerChange {
-                    consumer_id: c.key.consumer_id,
-                    is_active: Some(Some(c.key) == after),
-                })
-            });
-            // Advisory only: a full queue just misses the notice.
-            let _ = c.tx.try_send(frame.into());
+            notify_active(c, self.active);
         }
     }
 
@@ -455,6 +589,12 @@ impl Subscription {
     /// Detaches every consumer (the topic is being unloaded: its cursor is saved and the
     /// unacknowledged entries come back when the topic is opened again).
     pub fn take_consumers(&mut self) -> Vec<Consumer> {
+        self.detach_all()
+    }
+
+    fn detach_all(&mut self) -> Vec<Consumer> {
+        self.active = None;
+        self.takeover = None;
         std::mem::take(&mut self.consumers)
     }
 
@@ -470,7 +610,7 @@ impl Subscription {
         self.delayed.clear();
         self.redelivery_counts.clear();
         self.dirty |= self.durable;
-        std::mem::take(&mut self.consumers)
+        self.detach_all()
     }
 
     /// Sends as many entries as permits allow. `end` is the log's next entry id; `read`
@@ -481,6 +621,11 @@ impl Subscription {
         now_ms: u64,
         read: &mut dyn FnMut(u64) -> Option<Arc<StoredEntry>>,
     ) -> DispatchOutcome {
+        match self.takeover {
+            Some(takeover) if takeover.due_ms > now_ms => return DispatchOutcome::Idle,
+            Some(_) => self.finish_takeover(),
+            None => {}
+        }
         while let Some(&(at, id)) = self.delayed.first() {
             if at > now_ms {
                 break;
@@ -593,7 +738,7 @@ impl Subscription {
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     let key = consumer.key;
-                    self.remove_consumer(key);
+                    self.remove_consumer(key, now_ms);
                 }
             }
         }
@@ -630,9 +775,15 @@ impl Subscription {
         }
     }
 
-    /// When the next delayed entry is due (ms since the epoch).
+    /// When the next delayed entry or a waiting Failover takeover is due (ms since the
+    /// epoch).
     pub fn next_due(&self) -> Option<u64> {
-        self.delayed.first().map(|(at, _)| *at)
+        let delayed = self.delayed.first().map(|(at, _)| *at);
+        let takeover = self.takeover.map(|t| t.due_ms);
+        match (delayed, takeover) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn advance(&mut self, id: u64, from_redeliver: bool) {
@@ -654,10 +805,10 @@ impl Subscription {
                     .find(|&i| self.consumers.get(i).is_some_and(|c| c.permits > 0));
             }
             SubType::KeyShared => self.target(key_hash(entry)),
-            SubType::Failover => {
-                let active = self.active_key();
-                self.consumers.iter().position(|c| Some(c.key) == active)
-            }
+            SubType::Failover => self
+                .consumers
+                .iter()
+                .position(|c| Some(c.key) == self.active),
             SubType::Exclusive => self.consumers.first().map(|_| 0),
         };
         chosen.filter(|&i| self.consumers.get(i).is_some_and(|c| c.permits > 0))
@@ -668,6 +819,18 @@ impl Subscription {
     fn unacked_count(&self) -> usize {
         self.consumers.iter().map(|c| c.unacked.len()).sum()
     }
+}
+
+/// Tells a Failover consumer whether it is the active one (`CommandActiveConsumerChange`).
+fn notify_active(consumer: &Consumer, active: Option<ConsumerKey>) {
+    let frame = protocol::command(Type::ActiveConsumerChange, |r| {
+        r.active_consumer_change = Some(CommandActiveConsumerChange {
+            consumer_id: consumer.key.consumer_id,
+            is_active: Some(Some(consumer.key) == active),
+        })
+    });
+    // Advisory only: a full queue just misses the notice.
+    let _ = consumer.tx.try_send(frame.into());
 }
 
 /// The key Key_Shared routes by: the ordering key, else the partition key, else none.
@@ -794,7 +957,8 @@ mod tests {
     fn consumer_stats_count_permits_left_and_entries_unacknowledged() {
         let mut sub = Subscription::new("s".into(), true, SubType::Shared, Cursor::at(0));
         let (tx, _rx) = mpsc::channel(100);
-        sub.add_consumer(SubType::Shared, consumer(1, tx)).unwrap();
+        sub.add_consumer(SubType::Shared, consumer(1, tx), 0)
+            .unwrap();
         let mut read = |_| Some(entry(1));
         sub.flow(key(1), 5);
         sub.dispatch(3, 0, &mut read);
@@ -810,7 +974,7 @@ mod tests {
     fn permits_are_respected_and_order_kept() {
         let mut sub = Subscription::new("s".into(), true, SubType::Exclusive, Cursor::at(0));
         let (tx, mut rx) = mpsc::channel(100);
-        sub.add_consumer(SubType::Exclusive, consumer(1, tx))
+        sub.add_consumer(SubType::Exclusive, consumer(1, tx), 0)
             .unwrap();
         let mut read = |_| Some(entry(1));
         assert_eq!(sub.dispatch(10, 0, &mut read), DispatchOutcome::Idle);
@@ -820,7 +984,7 @@ mod tests {
         assert_eq!(ids(&mut rx), vec![(0, 0), (1, 0), (2, 0)]);
         let (tx2, _rx2) = mpsc::channel(1);
         assert!(sub
-            .add_consumer(SubType::Exclusive, consumer(2, tx2))
+            .add_consumer(SubType::Exclusive, consumer(2, tx2), 0)
             .is_err());
     }
 
@@ -829,8 +993,10 @@ mod tests {
         let mut sub = Subscription::new("s".into(), true, SubType::Shared, Cursor::at(0));
         let (tx1, mut rx1) = mpsc::channel(100);
         let (tx2, mut rx2) = mpsc::channel(100);
-        sub.add_consumer(SubType::Shared, consumer(1, tx1)).unwrap();
-        sub.add_consumer(SubType::Shared, consumer(2, tx2)).unwrap();
+        sub.add_consumer(SubType::Shared, consumer(1, tx1), 0)
+            .unwrap();
+        sub.add_consumer(SubType::Shared, consumer(2, tx2), 0)
+            .unwrap();
         sub.flow(key(1), 10);
         sub.flow(key(2), 10);
         let mut read = |_| Some(entry(1));
@@ -840,7 +1006,7 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert_eq!(b.len(), 2);
         sub.ack(&[a[0].0], false);
-        sub.remove_consumer(key(1));
+        sub.remove_consumer(key(1), 0);
         assert_eq!(sub.unacked_count(), 2);
         sub.dispatch(4, 0, &mut read);
         assert_eq!(ids(&mut rx2), vec![(a[1].0, 1)]);
@@ -860,7 +1026,7 @@ mod tests {
         let mut rxs = Vec::new();
         for i in 0..3 {
             let (tx, rx) = mpsc::channel(1000);
-            sub.add_consumer(SubType::KeyShared, consumer(i, tx))
+            sub.add_consumer(SubType::KeyShared, consumer(i, tx), 0)
                 .unwrap();
             sub.flow(key(i), 1000);
             rxs.push(rx);
@@ -884,29 +1050,169 @@ mod tests {
         assert!(used > 1, "keys spread over consumers");
     }
 
+    /// Drains a consumer's queue: the entry ids of its messages, and what its
+    /// `CommandActiveConsumerChange` notices said (is it active), in order.
+    fn failover_frames(rx: &mut mpsc::Receiver<Frame>) -> (Vec<u64>, Vec<bool>) {
+        use tokio_util::codec::Decoder as _;
+        let (mut entries, mut notices) = (Vec::new(), Vec::new());
+        while let Ok(frame) = rx.try_recv() {
+            match frame {
+                Frame::Command(m) => {
+                    let change = m.command.active_consumer_change.unwrap();
+                    notices.push(change.is_active.unwrap());
+                }
+                Frame::Raw(bytes) => {
+                    let mut buf = bytes::BytesMut::from(&bytes[..]);
+                    let m = protocol::FrameCodec.decode(&mut buf).unwrap().unwrap();
+                    let m = m.into_message().unwrap();
+                    entries.push(m.command.message.unwrap().message_id.entry_id);
+                }
+            }
+        }
+        (entries, notices)
+    }
+
+    fn failover_consumer(id: u64, name: &str) -> (Consumer, mpsc::Receiver<Frame>) {
+        let (tx, rx) = mpsc::channel(100);
+        let mut c = consumer(id, tx);
+        c.name = name.into();
+        (c, rx)
+    }
+
+    /// A Failover subscription on partition 0 (its active consumer is the first by name)
+    /// with a 1 s delay.
+    fn failover_sub() -> Subscription {
+        Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0))
+            .with_failover(1000, FailoverSlot::Partition(0))
+    }
+
     #[test]
     fn failover_active_is_first_by_name_and_takeover_redelivers() {
-        let mut sub = Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0));
-        let (tx_b, mut rx_b) = mpsc::channel(100);
-        let (tx_a, mut rx_a) = mpsc::channel(100);
-        let mut b = consumer(2, tx_b);
-        b.name = "b".into();
-        let mut a = consumer(1, tx_a);
-        a.name = "a".into();
-        sub.add_consumer(SubType::Failover, b).unwrap();
-        sub.add_consumer(SubType::Failover, a).unwrap();
+        let mut sub = Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0))
+            .with_failover(0, FailoverSlot::Partition(0));
+        let (b, mut rx_b) = failover_consumer(2, "b");
+        let (a, mut rx_a) = failover_consumer(1, "a");
+        sub.add_consumer(SubType::Failover, b, 0).unwrap();
+        sub.add_consumer(SubType::Failover, a, 0).unwrap();
         sub.flow(key(1), 10);
         sub.flow(key(2), 10);
         let mut read = |_| Some(entry(1));
         sub.dispatch(3, 0, &mut read);
-        let to_a: Vec<u64> = ids(&mut rx_a).into_iter().map(|(id, _)| id).collect();
-        assert_eq!(to_a, vec![0, 1, 2]);
-        assert!(ids(&mut rx_b).is_empty());
+        assert_eq!(failover_frames(&mut rx_a).0, vec![0, 1, 2]);
+        assert!(failover_frames(&mut rx_b).0.is_empty());
         sub.ack(&[0], false);
-        sub.remove_consumer(key(1));
+        sub.remove_consumer(key(1), 0);
         sub.dispatch(4, 0, &mut read);
-        let to_b: Vec<u64> = ids(&mut rx_b).into_iter().map(|(id, _)| id).collect();
-        assert_eq!(to_b, vec![1, 2, 3]);
+        assert_eq!(failover_frames(&mut rx_b).0, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn failover_waits_its_delay_before_a_new_active_consumer_gets_entries() {
+        let mut sub = failover_sub();
+        let mut read = |_| Some(entry(1));
+        let (b, mut rx_b) = failover_consumer(2, "b");
+        sub.add_consumer(SubType::Failover, b, 0).unwrap();
+        sub.flow(key(2), 10);
+        // The first consumer waits too: others starting with it join before one is chosen.
+        assert_eq!(sub.next_due(), Some(1000));
+        sub.dispatch(4, 999, &mut read);
+        assert_eq!(failover_frames(&mut rx_b), (vec![], vec![]));
+        sub.dispatch(4, 1000, &mut read);
+        assert_eq!(failover_frames(&mut rx_b), (vec![0, 1, 2, 3], vec![true]));
+        assert_eq!(sub.next_due(), None);
+
+        // "a" sorts first and takes over from "b", which is still attached: after the delay.
+        let (a, mut rx_a) = failover_consumer(1, "a");
+        sub.add_consumer(SubType::Failover, a, 5_000).unwrap();
+        sub.flow(key(1), 10);
+        assert_eq!(sub.next_due(), Some(6_000));
+        sub.dispatch(6, 5_999, &mut read);
+        assert_eq!(failover_frames(&mut rx_a), (vec![], vec![]));
+        assert_eq!(failover_frames(&mut rx_b), (vec![], vec![]));
+        // Meanwhile "b" acknowledges what it finished: that is not delivered again.
+        sub.ack(&[0, 1], false);
+        sub.dispatch(6, 6_000, &mut read);
+        assert_eq!(failover_frames(&mut rx_a), (vec![2, 3, 4, 5], vec![true]));
+        assert_eq!(failover_frames(&mut rx_b), (vec![], vec![false]));
+
+        // A consumer that does not change who is active hears at once that it is a standby.
+        let (c, mut rx_c) = failover_consumer(3, "c");
+        sub.add_consumer(SubType::Failover, c, 7_000).unwrap();
+        assert_eq!(sub.next_due(), None);
+        assert_eq!(failover_frames(&mut rx_c), (vec![], vec![false]));
+    }
+
+    #[test]
+    fn failover_takeover_ends_early_when_either_side_leaves() {
+        let mut read = |_| Some(entry(1));
+        for leaving in [1, 2] {
+            let mut sub = failover_sub();
+            let (b, mut rx_b) = failover_consumer(2, "b");
+            let (a, mut rx_a) = failover_consumer(1, "a");
+            sub.add_consumer(SubType::Failover, b, 0).unwrap();
+            sub.flow(key(2), 10);
+            sub.dispatch(2, 1000, &mut read);
+            sub.add_consumer(SubType::Failover, a, 1000).unwrap();
+            sub.flow(key(1), 10);
+            sub.remove_consumer(key(leaving), 1500);
+            sub.dispatch(3, 1500, &mut read);
+            let (to_a, _) = failover_frames(&mut rx_a);
+            let (to_b, _) = failover_frames(&mut rx_b);
+            if leaving == 1 {
+                // The newcomer left: "b" never stopped being active.
+                assert_eq!((to_a, to_b), (vec![], vec![0, 1, 2]));
+            } else {
+                // The previous one left: what it held goes to "a" at once.
+                assert_eq!((to_a, to_b), (vec![0, 1, 2], vec![0, 1]));
+            }
+        }
+    }
+
+    #[test]
+    fn failover_partitions_spread_over_consumers() {
+        let mut read = |_| Some(entry(1));
+        let mut active = Vec::new();
+        for partition in 0..4 {
+            let mut sub = Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0))
+                .with_failover(1000, FailoverSlot::Partition(partition));
+            let (b, mut rx_b) = failover_consumer(2, "b");
+            let (a, mut rx_a) = failover_consumer(1, "a");
+            sub.add_consumer(SubType::Failover, b, 0).unwrap();
+            sub.add_consumer(SubType::Failover, a, 10).unwrap();
+            sub.flow(key(1), 10);
+            sub.flow(key(2), 10);
+            // Both joined within the first one's delay: one choice, one notice each.
+            sub.dispatch(1, 1000, &mut read);
+            let (to_a, heard_a) = failover_frames(&mut rx_a);
+            let (to_b, heard_b) = failover_frames(&mut rx_b);
+            assert_eq!(heard_a, vec![to_b.is_empty()]);
+            assert_eq!(heard_b, vec![to_a.is_empty()]);
+            active.push(if to_a.is_empty() { "b" } else { "a" });
+        }
+        assert_eq!(active, ["a", "b", "a", "b"]);
+    }
+
+    #[test]
+    fn failover_topics_spread_over_consumers_whatever_the_join_order() {
+        let active = |topic: &str, names: &[&str]| {
+            let slot = FailoverSlot::of(topic, None);
+            let mut sub = Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0))
+                .with_failover(0, slot);
+            for (i, name) in names.iter().enumerate() {
+                let (c, _rx) = failover_consumer(i as u64, name);
+                sub.add_consumer(SubType::Failover, c, 0).unwrap();
+            }
+            let key = sub.active.unwrap();
+            names[key.consumer_id as usize].to_string()
+        };
+        let mut chosen = HashSet::new();
+        for t in 0..20 {
+            let topic = format!("persistent://public/default/t{t}");
+            let one = active(&topic, &["x", "y", "z"]);
+            assert_eq!(one, active(&topic, &["z", "x", "y"]));
+            chosen.insert(one);
+        }
+        assert_eq!(chosen.len(), 3, "20 topics spread over 3 consumers");
     }
 
     #[test]
@@ -921,7 +1227,7 @@ mod tests {
         for (kind, waits) in [(SubType::Shared, true), (SubType::Exclusive, false)] {
             let mut sub = Subscription::new("s".into(), true, kind, Cursor::at(0));
             let (tx, mut rx) = mpsc::channel(100);
-            sub.add_consumer(kind, consumer(1, tx)).unwrap();
+            sub.add_consumer(kind, consumer(1, tx), 0).unwrap();
             sub.flow(key(1), 10);
             // Entry 0 is due at t=1000, entry 1 at once.
             let mut read = |id: u64| Some(if id == 0 { delayed(1000) } else { entry(1) });
@@ -944,7 +1250,7 @@ mod tests {
     fn batch_costs_its_size_and_full_queue_blocks() {
         let mut sub = Subscription::new("s".into(), true, SubType::Exclusive, Cursor::at(0));
         let (tx, mut rx) = mpsc::channel(1);
-        sub.add_consumer(SubType::Exclusive, consumer(1, tx))
+        sub.add_consumer(SubType::Exclusive, consumer(1, tx), 0)
             .unwrap();
         sub.flow(key(1), 5);
         let mut read = |_| Some(entry(10));
@@ -959,7 +1265,7 @@ mod tests {
     fn key_shared_holds_back_a_recently_joined_consumer_until_earlier_entries_are_acked() {
         let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
         let (tx1, mut rx1) = mpsc::channel(1000);
-        sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
+        sub.add_consumer(SubType::KeyShared, consumer(1, tx1), 0)
             .unwrap();
         sub.flow(key(1), 1000);
         let keys: Vec<String> = (0..100).map(|i| format!("k{}", i % 10)).collect();
@@ -969,7 +1275,7 @@ mod tests {
         // Consumer 2 joins with entries 0..10 unacknowledged: the keys it takes over get no
         // newer entry there until those are acknowledged.
         let (tx2, mut rx2) = mpsc::channel(1000);
-        sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
+        sub.add_consumer(SubType::KeyShared, consumer(2, tx2), 0)
             .unwrap();
         sub.flow(key(2), 1000);
         sub.dispatch(100, 0, &mut read);
@@ -1010,17 +1316,20 @@ mod tests {
         let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
         let (tx1, mut rx1) = mpsc::channel(1000);
         let (tx2, mut rx2) = mpsc::channel(1000);
-        sub.add_consumer(SubType::KeyShared, sticky(1, tx1, &[(0, 32767)]))
+        sub.add_consumer(SubType::KeyShared, sticky(1, tx1, &[(0, 32767)]), 0)
             .unwrap();
         let (tx, _rx) = mpsc::channel(1);
-        let overlap =
-            sub.add_consumer(SubType::KeyShared, sticky(9, tx.clone(), &[(30000, 40000)]));
+        let overlap = sub.add_consumer(
+            SubType::KeyShared,
+            sticky(9, tx.clone(), &[(30000, 40000)]),
+            0,
+        );
         assert_eq!(overlap.unwrap_err().0, ServerError::ConsumerAssignError);
-        let auto = sub.add_consumer(SubType::KeyShared, consumer(9, tx.clone()));
+        let auto = sub.add_consumer(SubType::KeyShared, consumer(9, tx.clone()), 0);
         assert_eq!(auto.unwrap_err().0, ServerError::ConsumerAssignError);
-        let outside = sub.add_consumer(SubType::KeyShared, sticky(9, tx, &[(40000, 70000)]));
+        let outside = sub.add_consumer(SubType::KeyShared, sticky(9, tx, &[(40000, 70000)]), 0);
         assert_eq!(outside.unwrap_err().0, ServerError::ConsumerAssignError);
-        sub.add_consumer(SubType::KeyShared, sticky(2, tx2, &[(32768, 65535)]))
+        sub.add_consumer(SubType::KeyShared, sticky(2, tx2, &[(32768, 65535)]), 0)
             .unwrap();
         sub.flow(key(1), 1000);
         sub.flow(key(2), 1000);
@@ -1043,9 +1352,9 @@ mod tests {
         let mut sub = Subscription::new("s".into(), true, SubType::KeyShared, Cursor::at(0));
         let (tx1, rx1) = mpsc::channel(1000);
         let (tx2, rx2) = mpsc::channel(1000);
-        sub.add_consumer(SubType::KeyShared, consumer(1, tx1))
+        sub.add_consumer(SubType::KeyShared, consumer(1, tx1), 0)
             .unwrap();
-        sub.add_consumer(SubType::KeyShared, consumer(2, tx2))
+        sub.add_consumer(SubType::KeyShared, consumer(2, tx2), 0)
             .unwrap();
         (sub, rx1, rx2)
     }

@@ -67,7 +67,7 @@ use crate::naming::{self, TopicName};
 use crate::protocol::{self, Frame};
 use crate::schema::{self, SchemaStore};
 use crate::subscription::{
-    Consumer, ConsumerKey, ConsumerStats, DispatchOutcome, StoredEntry, Subscription,
+    Consumer, ConsumerKey, ConsumerStats, DispatchOutcome, FailoverSlot, StoredEntry, Subscription,
 };
 
 /// Capacity of a topic's command channel.
@@ -113,6 +113,8 @@ pub struct TopicSettings {
     pub deduplication: bool,
     pub segment_bytes: u64,
     pub retention: Retention,
+    /// Failover subscriptions: the takeover delay, in milliseconds.
+    pub failover_delay_ms: u64,
 }
 
 /// An error answered to a client request: the protocol's error code and a message.
@@ -520,10 +522,12 @@ pub fn open(
         Dedup::recover(snapshot, (from..next_id).filter_map(read))
     });
     let mut subscriptions = HashMap::new();
+    let slot = FailoverSlot::of(name.as_str(), name.partition_index());
     for (sub, cursor) in cursors.load_all()? {
         subscriptions.insert(
             sub.clone(),
-            Subscription::new(sub, true, SubType::Exclusive, cursor),
+            Subscription::new(sub, true, SubType::Exclusive, cursor)
+                .with_failover(settings.failover_delay_ms, slot),
         );
     }
     Ok(Topic {
@@ -1058,7 +1062,11 @@ impl Topic {
                     .map_err(|e| (ServerError::PersistenceError, e))?;
             }
             let sub =
-                Subscription::new(req.subscription.clone(), req.durable, req.sub_type, cursor);
+                Subscription::new(req.subscription.clone(), req.durable, req.sub_type, cursor)
+                    .with_failover(
+                        self.settings.failover_delay_ms,
+                        FailoverSlot::of(self.name.as_str(), self.name.partition_index()),
+                    );
             self.subscriptions.insert(req.subscription.clone(), sub);
         }
         let sub = self.subscriptions.get_mut(&req.subscription).ok_or((
@@ -1086,7 +1094,7 @@ impl Topic {
             }
             consumer.out_of_order = meta.allow_out_of_order_delivery.unwrap_or(false);
         }
-        sub.add_consumer(req.sub_type, consumer)?;
+        sub.add_consumer(req.sub_type, consumer, now_ms())?;
         self.consumers.insert(req.key, req.subscription);
         tracing::debug!(topic = %self.name, consumer = ?req.key, "consumer subscribed");
         Ok(())
@@ -1111,7 +1119,7 @@ impl Topic {
             return;
         };
         if let Some(sub) = self.subscriptions.get_mut(&name) {
-            sub.remove_consumer(key);
+            sub.remove_consumer(key, now_ms());
             if !sub.durable && !sub.has_consumers() {
                 self.subscriptions.remove(&name);
             }
@@ -1529,6 +1537,7 @@ mod tests {
             deduplication,
             segment_bytes: 1 << 20,
             retention: Retention::default(),
+            failover_delay_ms: 0,
         };
         let mut topic = open(TopicName::parse("t").unwrap(), dir.to_path_buf(), settings).unwrap();
         let (tx, _) = mpsc::channel(1);

@@ -602,9 +602,18 @@ def test_dedup_exactly_once_across_resends_and_kill9(dedup_broker):
 # --- Failover and Key_Shared ---------------------------------------------------------------
 
 
+def _partitioned_topic(broker, partitions):
+    """A new partitioned topic. On a partition, Failover's active consumer is the one at the
+    partition's index among the consumers sorted by name (on other topics a hash of the
+    topic's name picks it)."""
+    name = f"py-{uuid.uuid4().hex[:12]}"
+    assert _admin(broker, "PUT", f"/persistent/public/default/{name}/partitions", partitions)[0] == 204
+    return f"persistent://public/default/{name}"
+
+
 def test_failover_active_consumer_and_takeover(broker):
     client = _client(broker)
-    topic = _topic()
+    topic = _partitioned_topic(broker, 1)
     kind = pulsar.ConsumerType.Failover
     standby = client.subscribe(topic, "fo", consumer_type=kind, consumer_name="b-standby")
     active = client.subscribe(topic, "fo", consumer_type=kind, consumer_name="a-active")
@@ -623,6 +632,65 @@ def test_failover_active_consumer_and_takeover(broker):
     assert _receive_all(standby, 6) == [f"f-{i}" for i in range(4, 10)]
     producer.send(b"f-10")
     assert standby.receive(timeout_millis=5000).data() == b"f-10"
+    client.close()
+
+
+def test_failover_takeover_waits_for_the_previous_consumer_to_ack(broker):
+    """A Failover consumer that joins and takes the active role from one still attached gets
+    nothing for a second (Pulsar's `activeConsumerFailoverDelayTimeMillis`); then it gets what
+    the previous one had not acknowledged by then, and everything new. What the previous one
+    acknowledged in that second is not delivered twice."""
+    client = _client(broker)
+    topic = _partitioned_topic(broker, 1)
+    kind = pulsar.ConsumerType.Failover
+    old = client.subscribe(topic, "fo", consumer_type=kind, consumer_name="b-old")
+    producer = client.create_producer(topic, batching_enabled=False)
+    for i in range(10):
+        producer.send(f"t-{i}".encode())
+    held = [old.receive(timeout_millis=5000) for _ in range(10)]
+    for m in held[:5]:
+        old.acknowledge(m)
+    time.sleep(0.3)  # let the acks reach the broker (the client groups them)
+    joined = time.monotonic()
+    new = client.subscribe(topic, "fo", consumer_type=kind, consumer_name="a-new")
+    # Within the delay the old consumer finishes two more; new messages wait.
+    for m in held[5:7]:
+        old.acknowledge(m)
+    for i in range(10, 15):
+        producer.send(f"t-{i}".encode())
+    first = new.receive(timeout_millis=5000)
+    waited = time.monotonic() - joined
+    assert waited >= 0.5, f"the takeover came after {waited:.2f} s"
+    rest = _receive_all(new, 7)
+    assert [first.data().decode()] + rest == [f"t-{i}" for i in range(7, 15)]
+    with pytest.raises(pulsar.Timeout):
+        old.receive(timeout_millis=300)
+    client.close()
+
+
+def test_failover_spreads_partitions_over_consumers(broker):
+    client = _client(broker)
+    topic = _partitioned_topic(broker, 2)
+    kind = pulsar.ConsumerType.Failover
+    # Both join within the first one's delay, so nothing goes out before the choice.
+    consumers = {n: client.subscribe(topic, "fo", consumer_type=kind, consumer_name=n) for n in ["b", "a"]}
+    producer = client.create_producer(topic, batching_enabled=False)
+    for i in range(20):
+        producer.send(f"{i}".encode(), partition_key=f"k{i}")
+    partitions = {}
+    total = 0
+    deadline = time.time() + 30
+    while total < 20 and time.time() < deadline:
+        for name, c in consumers.items():
+            try:
+                msg = c.receive(timeout_millis=50)
+            except pulsar.Timeout:
+                continue
+            partitions.setdefault(name, set()).add(msg.topic_name().rsplit("-", 1)[1])
+            c.acknowledge(msg)
+            total += 1
+    assert total == 20
+    assert partitions == {"a": {"0"}, "b": {"1"}}, partitions
     client.close()
 
 

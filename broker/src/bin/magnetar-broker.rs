@@ -17,6 +17,7 @@ use magnetar_broker::{Broker, BrokerConfig};
 const USAGE: &str = "usage: magnetar-broker [--listen ADDR:PORT] [--data-dir DIR] [--deduplication]
        [--admin-listen ADDR:PORT|none]  (admin REST API, default 127.0.0.1:8080)
        [--retention-size BYTES] [--retention-time SECONDS] [--segment-bytes BYTES]
+       [--failover-delay-ms MS]  (a Failover takeover's wait, default 1000)
        [--token-secret-file FILE | --token-public-key-file FILE] [--superuser ROLE]...
        [--tenant-role ROLE=TENANT]... [--anonymous-role ROLE]";
 
@@ -58,6 +59,13 @@ fn parse_args() -> Result<BrokerConfig, String> {
                 let v = value(&mut args, "--segment-bytes")?;
                 config.segment_bytes =
                     v.parse().map_err(|e| format!("--segment-bytes {v}: {e}"))?;
+            }
+            "--failover-delay-ms" => {
+                let v = value(&mut args, "--failover-delay-ms")?;
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|e| format!("--failover-delay-ms {v}: {e}"))?;
+                config.failover_delay = std::time::Duration::from_millis(ms);
             }
             "--admin-listen" => {
                 let v = value(&mut args, "--admin-listen")?;
