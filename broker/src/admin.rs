@@ -5,7 +5,8 @@
 //! delete), persistent topics (list, list partitioned, create, delete, stats) and partitioned
 //! topics (`PUT .../partitions` with the partition count as JSON body, a number or a string
 //! holding one, `GET` its metadata, `DELETE`), topic unload (`PUT .../unload`: producers and
-//! consumers are closed and reconnect, the topic is opened again on next use). Success of a
+//! consumers are closed and reconnect, the topic is opened again on next use; a partitioned
+//! topic's name unloads all its partitions). Success of a
 //! change is `204 No Content`, as Pulsar answers; errors are `{"reason": ...}` with
 //! 401/403/404/409/412/400/500.
 //!
@@ -18,8 +19,8 @@
 //! open, as Pulsar's is by default (`authenticateMetricsEndpoint=false`): scrapers carry no
 //! token, and it names no tenant, topic or client.
 //!
-//! Not done: policies, permissions, retention settings, subscriptions management, unloading
-//! a partitioned topic by its base name, non-persistent topics.
+//! Not done: policies, permissions, retention settings, subscriptions management,
+//! non-persistent topics.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -430,8 +430,26 @@ impl Registry {
 
     /// Unloads topic `name`, as Pulsar's admin `unload` does: its producers and consumers are
     /// closed (their clients reconnect), its state is flushed and the topic is opened again on
-    /// next use. A topic that is not open is left as it is.
+    /// next use. A topic that is not open is left as it is. A partitioned topic's name
+    /// unloads each of its partitions.
     pub async fn unload(&self, name: &TopicName) -> Result<(), RegistryError> {
+        let n = self.partitions(name);
+        if n == 0 {
+            return self.unload_one(name).await;
+        }
+        for i in 0..n {
+            if let Ok(p) = TopicName::parse(&format!("{name}-partition-{i}")) {
+                match self.unload_one(&p).await {
+                    // A partition nobody has used yet has nothing to unload.
+                    Ok(()) | Err(RegistryError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn unload_one(&self, name: &TopicName) -> Result<(), RegistryError> {
         self.ensure_known(name)?;
         let mut open = self.open.lock().await;
         if let Some(h) = open.remove(name) {

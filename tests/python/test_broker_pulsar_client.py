@@ -1089,3 +1089,22 @@ def test_unload_closes_clients_that_reconnect_and_lose_nothing(broker):
     missing = "/persistent/public/default/no-such-topic/unload"
     assert _admin(broker, "PUT", missing)[0] == 404
     client.close()
+
+
+def test_unload_of_a_partitioned_topic_unloads_its_partitions(broker):
+    client = _client(broker)
+    topic = _partitioned_topic(broker, 3)
+    consumer = client.subscribe(topic, "sub")
+    producer = client.create_producer(topic, batching_enabled=False)
+    # Only two of the three partitions are used: the third has nothing to unload.
+    for i in range(20):
+        producer.send(f"m{i}".encode(), partition_key="a" if i % 2 else "b")
+    assert sorted(_receive_all(consumer, 20)) == sorted(f"m{i}" for i in range(20))
+    time.sleep(0.5)  # the client's grouped acks reach the broker
+    assert _admin(broker, "PUT", "/persistent/public/default/" + topic.rsplit("/", 1)[1] + "/unload")[0] == 204
+    for i in range(20, 40):
+        producer.send(f"m{i}".encode(), partition_key="a" if i % 2 else "b")
+    assert sorted(_receive_all(consumer, 20)) == sorted(f"m{i}" for i in range(20, 40))
+    with pytest.raises(pulsar.Timeout):
+        consumer.receive(timeout_millis=500)
+    client.close()
