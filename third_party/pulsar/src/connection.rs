@@ -1562,7 +1562,7 @@ pub(crate) mod messages {
         consumer::ConsumerOptions,
         message::{
             proto::{self, base_command::Type as CommandType, command_subscribe::SubType},
-            Message, Outbound,
+            Message, Outbound, SendFrame,
         },
         producer::{self, ProducerOptions},
     };
@@ -1701,7 +1701,7 @@ pub(crate) mod messages {
             .collect();
 
         // magnetar patch: the payload stays shared with the producer's copy for resending
-        Outbound::Send {
+        Outbound::Send(Box::new(SendFrame {
             command: proto::BaseCommand {
                 r#type: CommandType::Send as i32,
                 send: Some(proto::CommandSend {
@@ -1734,7 +1734,7 @@ pub(crate) mod messages {
                     ..Default::default()
                 },
             data: message.payload,
-        }
+        }))
     }
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]

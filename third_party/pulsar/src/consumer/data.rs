@@ -11,7 +11,9 @@ use crate::{
 pub type MessageIdDataReceiver = mpsc::Receiver<Result<(MessageIdData, Payload), Error>>;
 
 pub enum EngineEvent<Exe: Executor> {
-    Message(Option<RawMessage>),
+    /// (magnetar patch) boxed: a `RawMessage` is 4.8 KB, and every ack passed through this
+    /// enum's channel at that size
+    Message(Option<Box<RawMessage>>),
     EngineMessage(Option<EngineMessage<Exe>>),
 }
 

@@ -138,7 +138,9 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             }
 
             if let Some(messages_rx) = self.messages_rx.take() {
-                self.register_source(messages_rx, |msg| EngineEvent::Message(msg))
+                self.register_source(messages_rx, |msg| {
+                    EngineEvent::Message(msg.map(Box::new))
+                })
                     .map_err(|_| {
                         Error::Custom(String::from("Error registering messages_rx source"))
                     })?;
@@ -216,7 +218,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                 }
                 Ok(Some(EngineEvent::Message(msg))) => {
                     debug!("consumer engine: received message, {:?}", msg);
-                    let out = self.handle_message_opt(msg).await;
+                    let out = self.handle_message_opt(msg.map(|m| *m)).await;
                     if let Some(res) = out {
                         return res;
                     }
