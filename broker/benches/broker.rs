@@ -12,7 +12,8 @@
 //! producing per scenario (default 3); `MAGNETAR_BENCH_SIZES` the message sizes of the table
 //! and raw rows (default `100,1024`); `MAGNETAR_BENCH_ROWS` the table's rows (e.g. `100/on/4`);
 //! `MAGNETAR_BENCH_IN_PROCESS=1` connects the `pulsar` crate through the broker's in-process
-//! pipe (the gateway's link to its embedded broker) instead of loopback TCP. The table and raw
+//! pipe (the gateway's link to its embedded broker) instead of loopback TCP;
+//! `MAGNETAR_BENCH_PROBE_MIB` stops the probe's sequential writes after that many MiB. The table and raw
 //! rows print the process's CPU time (user + system, client and broker together) per message
 //! produced.
 
@@ -61,14 +62,18 @@ struct Disk {
 /// that the probe's figure swings 2x with what the previous process happened to free.
 /// The throughput loop runs its full 3 s, as long as a row: it stopped at 512 MiB before,
 /// which this VM's disk took in under half a second, a burst about 15% faster than what it
-/// sustains over seconds (1,354 against 1,149 MB/s, means of three alternating runs).
+/// sustains over seconds (1,354 against 1,149 MB/s, means of three alternating runs of
+/// `MAGNETAR_BENCH_ONLY=none`, with and without `MAGNETAR_BENCH_PROBE_MIB=512`, the old cap).
 fn measure_disk(dir: &Path) -> Disk {
     let path = dir.join("disk-probe");
     let mut f = std::fs::File::create(&path).expect("probe file");
     let chunk = vec![0x5au8; 1 << 20];
     let start = Instant::now();
     let mut written = 0usize;
-    while start.elapsed() < Duration::from_secs(3) {
+    let cap: Option<usize> = std::env::var("MAGNETAR_BENCH_PROBE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    while start.elapsed() < Duration::from_secs(3) && cap.is_none_or(|mib| written < mib << 20) {
         f.write_all(&chunk).expect("write");
         f.sync_data().expect("fsync");
         let _ = rustix::fs::fadvise(

@@ -94,6 +94,11 @@ impl TopicName {
         }
     }
 
+    /// Partition `index` of this partitioned topic (`name-partition-N`).
+    pub fn partition(&self, index: u32) -> Result<TopicName, NameError> {
+        TopicName::parse(&format!("{}{PARTITION_SUFFIX}{index}", self.canonical))
+    }
+
     /// The partition this topic is of a partitioned topic (`name-partition-N`), if any.
     pub fn partition_index(&self) -> Option<u32> {
         let (_, index) = self.canonical.rsplit_once(PARTITION_SUFFIX)?;

@@ -331,7 +331,7 @@ impl Registry {
             )));
         }
         // Partition names must themselves be valid topic names.
-        TopicName::parse(&format!("{name}-partition-{}", partitions - 1))
+        name.partition(partitions - 1)
             .map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let plain = self.known.lock().is_ok_and(|k| k.contains(name));
         self.update_metadata(|m| {
@@ -350,13 +350,8 @@ impl Registry {
         if n == 0 {
             return Err(RegistryError::NotFound(format!("partitioned topic {name}")));
         }
-        for i in 0..n {
-            if let Ok(p) = TopicName::parse(&format!("{name}-partition-{i}")) {
-                match self.delete(&p).await {
-                    Ok(()) | Err(RegistryError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        for p in partition_names(name, n) {
+            not_found_is_done(self.delete(&p).await)?;
         }
         self.update_metadata(|m| {
             m.partitioned.remove(name.as_str());
@@ -437,14 +432,9 @@ impl Registry {
         if n == 0 {
             return self.unload_one(name).await;
         }
-        for i in 0..n {
-            if let Ok(p) = TopicName::parse(&format!("{name}-partition-{i}")) {
-                match self.unload_one(&p).await {
-                    // A partition nobody has used yet has nothing to unload.
-                    Ok(()) | Err(RegistryError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        for p in partition_names(name, n) {
+            // A partition nobody has used yet has nothing to unload.
+            not_found_is_done(self.unload_one(&p).await)?;
         }
         Ok(())
     }
@@ -509,5 +499,20 @@ fn claim_dir(name: &TopicName, dir: &Path) -> Result<(), String> {
             write_atomically(&file, name.as_str().as_bytes()).map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The partitions of partitioned topic `name` (`n` of them) that are valid topic names
+/// (`create_partitioned` refuses a count whose last partition name is not).
+fn partition_names(name: &TopicName, n: u32) -> impl Iterator<Item = TopicName> + '_ {
+    (0..n).filter_map(|i| name.partition(i).ok())
+}
+
+/// A step over a partitioned topic's partitions: a partition never used (so never stored)
+/// counts as done.
+fn not_found_is_done(result: Result<(), RegistryError>) -> Result<(), RegistryError> {
+    match result {
+        Err(RegistryError::NotFound(_)) => Ok(()),
+        other => other,
     }
 }

@@ -61,6 +61,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use std::hash::{Hash, Hasher};
+use std::io::Write as _;
 
 use pulsar::message::proto::{
     base_command::Type, command_subscribe::SubType, CommandActiveConsumerChange, CommandMessage,
@@ -70,6 +71,7 @@ use tokio::sync::mpsc;
 
 use crate::cursor::Cursor;
 pub use crate::entry::StoredEntry;
+use crate::naming::TopicName;
 use crate::protocol::{self, message_id, Frame};
 
 /// Most entries a subscription keeps queued for redelivery with their counts (bounded by the
@@ -182,8 +184,8 @@ pub struct Subscription {
     next_consumer: usize,
     /// Failover: the active consumer.
     active: Option<ConsumerKey>,
-    /// Failover: how long a consumer that takes the active role from one still attached
-    /// waits before entries go to it (Pulsar's `activeConsumerFailoverDelayTimeMillis`).
+    /// Failover: how long a new active consumer waits before entries go to it, unless the
+    /// previous one left (Pulsar's `activeConsumerFailoverDelayTimeMillis`; see `Takeover`).
     failover_delay_ms: u64,
     /// Failover: what picks the active consumer (see [`FailoverSlot`]).
     failover_slot: FailoverSlot,
@@ -204,11 +206,11 @@ pub enum FailoverSlot {
 }
 
 impl FailoverSlot {
-    /// The slot of the topic `name` (canonical), a partition if `partition` is its index.
-    pub fn of(name: &str, partition: Option<u32>) -> FailoverSlot {
-        match partition {
+    /// The slot of topic `name`.
+    pub fn of(name: &TopicName) -> FailoverSlot {
+        match name.partition_index() {
             Some(index) => FailoverSlot::Partition(index),
-            None => FailoverSlot::TopicHash(murmur3_31(name.as_bytes())),
+            None => FailoverSlot::TopicHash(murmur3_31(name.as_str().as_bytes())),
         }
     }
 }
@@ -408,9 +410,15 @@ impl Subscription {
                 // consumers share goes to the later one.
                 let mut next: Option<(u32, usize)> = None;
                 let mut lowest: Option<(u32, usize)> = None;
+                let mut point_key = Vec::new();
                 for (i, c) in first.iter().enumerate() {
                     for point in 0..RING_POINTS {
-                        let h = murmur3_31(format!("{}{point}", c.name).as_bytes());
+                        // The consumer's name followed by the point's number.
+                        point_key.clear();
+                        point_key.extend_from_slice(c.name.as_bytes());
+                        // Writing to a `Vec` cannot fail.
+                        let _ = write!(point_key, "{point}");
+                        let h = murmur3_31(&point_key);
                         if h >= topic && next.is_none_or(|(n, _)| h <= n) {
                             next = Some((h, i));
                         }
@@ -852,8 +860,7 @@ pub const HASH_RANGE: u32 = 1 << 16;
 fn sticky_hash(key: &[u8]) -> u32 {
     let key = if key.is_empty() { b"NONE_KEY" } else { key };
     // Reading a slice cannot fail.
-    let hash = murmur3::murmur3_32(&mut &key[..], 0).unwrap_or(0);
-    ((hash & 0x7fff_ffff) % HASH_RANGE).max(1)
+    (murmur3_31(key) % HASH_RANGE).max(1)
 }
 
 /// The hashes Key_Shared routes an entry's key by.
@@ -1195,7 +1202,7 @@ mod tests {
     #[test]
     fn failover_topics_spread_over_consumers_whatever_the_join_order() {
         let active = |topic: &str, names: &[&str]| {
-            let slot = FailoverSlot::of(topic, None);
+            let slot = FailoverSlot::of(&TopicName::parse(topic).unwrap());
             let mut sub = Subscription::new("s".into(), true, SubType::Failover, Cursor::at(0))
                 .with_failover(0, slot);
             for (i, name) in names.iter().enumerate() {

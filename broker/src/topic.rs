@@ -522,7 +522,7 @@ pub fn open(
         Dedup::recover(snapshot, (from..next_id).filter_map(read))
     });
     let mut subscriptions = HashMap::new();
-    let slot = FailoverSlot::of(name.as_str(), name.partition_index());
+    let slot = FailoverSlot::of(&name);
     for (sub, cursor) in cursors.load_all()? {
         subscriptions.insert(
             sub.clone(),
@@ -1065,7 +1065,7 @@ impl Topic {
                 Subscription::new(req.subscription.clone(), req.durable, req.sub_type, cursor)
                     .with_failover(
                         self.settings.failover_delay_ms,
-                        FailoverSlot::of(self.name.as_str(), self.name.partition_index()),
+                        FailoverSlot::of(&self.name),
                     );
             self.subscriptions.insert(req.subscription.clone(), sub);
         }
