@@ -357,6 +357,10 @@ enum SendChannel {
     DataTrySend,
 }
 
+/// Frames the connection's writer feeds before one flush (magnetar patch): bounds what one
+/// write gathers when the queues hold more.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
+
 /// An owned type that can send messages like a connection
 //#[derive(Clone)]
 pub struct ConnectionSender<Exe: Executor> {
@@ -1431,7 +1435,30 @@ impl<Exe: Executor> Connection<Exe> {
                         Err(_) => break,
                     },
                 };
-                if let Err(e) = sink.send(msg).await {
+                // (magnetar patch) Frames already queued go out with this one: fed to the
+                // codec's buffer and flushed once, control plane first. `send` flushed every
+                // frame, one write syscall per ack, flow or receipt-bound send.
+                if let Err(e) = sink.feed(msg).await {
+                    err.set(e);
+                    break;
+                }
+                let mut fed = 1;
+                let mut failed = None;
+                while fed < MAX_FRAMES_PER_FLUSH {
+                    let Ok(msg) = control_rx.try_recv().or_else(|_| data_rx.try_recv()) else {
+                        break;
+                    };
+                    if let Err(e) = sink.feed(msg).await {
+                        failed = Some(e);
+                        break;
+                    }
+                    fed += 1;
+                }
+                if let Some(e) = failed {
+                    err.set(e);
+                    break;
+                }
+                if let Err(e) = sink.flush().await {
                     err.set(e);
                     break;
                 }
