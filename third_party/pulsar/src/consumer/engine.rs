@@ -30,6 +30,8 @@ use crate::{
 };
 
 const SYSTEM_PROPERTY_REAL_TOPIC: &str = "REAL_TOPIC";
+/// Individual acks gathered into one `CommandAck` at most (magnetar patch).
+const MAX_ACKS_PER_COMMAND: usize = 1000;
 const SYSTEM_PROPERTY_ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
 
 pub struct ConsumerEngine<Exe: Executor> {
@@ -45,6 +47,8 @@ pub struct ConsumerEngine<Exe: Executor> {
     engine_rx: Option<mpsc::UnboundedReceiver<EngineMessage<Exe>>>,
     event_rx: mpsc::UnboundedReceiver<EngineEvent<Exe>>,
     event_tx: UnboundedSender<EngineEvent<Exe>>,
+    /// (magnetar patch) an event taken off `event_rx` while gathering acks, handled next
+    deferred: Option<EngineEvent<Exe>>,
     batch_size: u32,
     remaining_messages: i64,
     unacked_message_redelivery_delay: Option<Duration>,
@@ -85,6 +89,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             engine_rx: Some(engine_rx),
             event_rx,
             event_tx,
+            deferred: None,
             batch_size,
             remaining_messages: batch_size as i64,
             unacked_message_redelivery_delay,
@@ -201,7 +206,11 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                 self.remaining_messages = self.batch_size as i64;
             }
 
-            match Self::timeout(self.event_rx.next(), Duration::from_secs(1)).await {
+            let event = match self.deferred.take() {
+                Some(event) => Ok(Some(event)),
+                None => Self::timeout(self.event_rx.next(), Duration::from_secs(1)).await,
+            };
+            match event {
                 Err(_) => {
                     // If you are reading this comment, you may have an issue where you have
                     // received a batched message that is greater that the batch
@@ -284,22 +293,16 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                 trace!("ack channel was closed");
                 false
             }
-            Some(EngineMessage::Ack(message_id, cumulative)) => {
-                self.ack(message_id, cumulative).await;
+            Some(EngineMessage::Ack(message_id, false)) => {
+                self.ack_individually(vec![message_id]).await;
+                true
+            }
+            Some(EngineMessage::Ack(message_id, true)) => {
+                self.ack(message_id, true).await;
                 true
             }
             Some(EngineMessage::AckMany(message_ids)) => {
-                for id in &message_ids {
-                    self.unacked_messages.remove(id);
-                }
-                if let Err(e) = self
-                    .connection
-                    .sender()
-                    .send_ack(self.id, message_ids, false)
-                    .await
-                {
-                    error!("ack error: {:?}", e);
-                }
+                self.ack_individually(message_ids).await;
                 true
             }
             Some(EngineMessage::Nack(message_id)) => {
@@ -353,6 +356,42 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                 });
                 true
             }
+        }
+    }
+
+    /// (magnetar patch) Individual acks, with those already queued behind them (up to
+    /// `MAX_ACKS_PER_COMMAND`), go out in one `CommandAck`: its `message_id` is repeated. The
+    /// first event that is not an individual ack stops the gathering and is handled next, so
+    /// acks, nacks and redelivery requests keep their order. Nothing waits: an ack alone in
+    /// the queue is sent at once (the Java client instead delays acks by up to 100 ms,
+    /// `acknowledgmentGroupTime`).
+    async fn ack_individually(&mut self, mut message_ids: Vec<MessageIdData>) {
+        while message_ids.len() < MAX_ACKS_PER_COMMAND {
+            match self.event_rx.try_recv() {
+                Ok(EngineEvent::EngineMessage(Some(EngineMessage::Ack(id, false)))) => {
+                    message_ids.push(id)
+                }
+                Ok(EngineEvent::EngineMessage(Some(EngineMessage::AckMany(ids)))) => {
+                    message_ids.extend(ids)
+                }
+                Ok(other) => {
+                    self.deferred = Some(other);
+                    break;
+                }
+                // empty, or closed (the next `next()` sees the end)
+                Err(_) => break,
+            }
+        }
+        for id in &message_ids {
+            self.unacked_messages.remove(id);
+        }
+        if let Err(e) = self
+            .connection
+            .sender()
+            .send_ack(self.id, message_ids, false)
+            .await
+        {
+            error!("ack error: {:?}", e);
         }
     }
 
