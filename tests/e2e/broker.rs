@@ -192,6 +192,56 @@ async fn broker_unacked_messages_redelivered_after_consumer_close() {
     broker.shutdown().await;
 }
 
+/// A consumer that acks as fast as it reads: the client gathers the acks queued behind each
+/// other into one command, and a nack between them keeps its place. Every acked message stays
+/// acked (none comes back to a new consumer), every nacked one comes back once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_burst_of_acks_with_nacks_between_loses_no_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = start(dir.path()).await;
+    let pulsar = client(&broker).await;
+    let topic = "ack-burst";
+    let mut c = consumer(&pulsar, topic, "work", SubType::Shared).await;
+    produce(&pulsar, topic, 0..3000).await;
+    let mut first_pass = BTreeSet::new();
+    let mut redelivered = Vec::new();
+    while first_pass.len() + redelivered.len() < 3000 + 300 {
+        let msg = tokio::time::timeout(TIMEOUT, c.next())
+            .await
+            .expect("message within timeout")
+            .expect("stream open")
+            .expect("message ok");
+        let body = String::from_utf8(msg.payload.data.clone()).expect("utf8");
+        let i: u32 = body["msg-".len()..].parse().expect("number");
+        if first_pass.insert(i) {
+            if i % 10 == 0 {
+                c.nack(&msg).await.expect("nack");
+            } else {
+                c.ack(&msg).await.expect("ack");
+            }
+        } else {
+            assert_eq!(i % 10, 0, "msg-{i} was acked, yet delivered again");
+            c.ack(&msg).await.expect("ack");
+            redelivered.push(i);
+        }
+    }
+    redelivered.sort_unstable();
+    assert_eq!(redelivered, (0..3000).step_by(10).collect::<Vec<_>>());
+    // Acks are sent as they are queued, not on a timer; the pause only lets the last few
+    // reach the broker before the close, which does not wait for them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.close().await.expect("close");
+    let mut next = consumer(&pulsar, topic, "work", SubType::Shared).await;
+    produce(&pulsar, topic, 3000..3001).await;
+    assert_eq!(
+        receive(&mut next, 1, true).await,
+        expected(3000..3001),
+        "nothing acked is delivered again"
+    );
+    drop(pulsar);
+    broker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_second_exclusive_consumer_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
