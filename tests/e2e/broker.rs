@@ -214,13 +214,16 @@ async fn broker_burst_of_acks_with_nacks_between_loses_no_ack() {
         let body = String::from_utf8(msg.payload.data.clone()).expect("utf8");
         let i: u32 = body["msg-".len()..].parse().expect("number");
         if first_pass.insert(i) {
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 c.nack(&msg).await.expect("nack");
             } else {
                 c.ack(&msg).await.expect("ack");
             }
         } else {
-            assert_eq!(i % 10, 0, "msg-{i} was acked, yet delivered again");
+            assert!(
+                i.is_multiple_of(10),
+                "msg-{i} was acked, yet delivered again"
+            );
             c.ack(&msg).await.expect("ack");
             redelivered.push(i);
         }
