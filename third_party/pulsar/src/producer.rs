@@ -55,8 +55,9 @@ pub(crate) enum SendFutureInner {
         receipt: Arc<BatchReceipt>,
         /// this message's index in the batch
         index: u32,
-        /// where this future's waker is kept in the batch's receipt, once registered
-        waker_slot: Option<usize>,
+        /// where this future's waker is kept in the batch's receipt, once registered (a u32,
+        /// as `index`: the future is 24 bytes, not 32, and callers keep thousands in flight)
+        waker_slot: Option<u32>,
     },
 }
 
@@ -1817,7 +1818,7 @@ impl BatchReceipt {
     fn poll_message(
         &self,
         index: u32,
-        waker_slot: &mut Option<usize>,
+        waker_slot: &mut Option<u32>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<CommandSendReceipt, Error>> {
         if let Some(result) = self.result(index) {
@@ -1827,10 +1828,10 @@ impl BatchReceipt {
         if let Some(result) = self.result(index) {
             return Poll::Ready(result);
         }
-        match waker_slot.and_then(|slot| wakers.get_mut(slot)) {
+        match waker_slot.and_then(|slot| wakers.get_mut(slot as usize)) {
             Some(waker) => waker.clone_from(cx.waker()),
             None => {
-                *waker_slot = Some(wakers.len());
+                *waker_slot = u32::try_from(wakers.len()).ok();
                 wakers.push(cx.waker().clone());
             }
         }
