@@ -16,8 +16,8 @@
 //! `MAGNETAR_BENCH_PROBE_MIB` stops the probe's sequential writes after that many MiB;
 //! `MAGNETAR_BENCH_ROUNDS` the rounds of the target part (default 5: a probe and the batched
 //! 100 B, 4 producer row each, judged on the median); `MAGNETAR_BENCH_ONLY` a comma-separated
-//! subset of the parts `latency,table,target,raw`. The table and raw rows print the process's CPU time (user + system, client and broker together) per message
-//! produced.
+//! subset of the parts `latency,table,target,raw`. The table, target and raw rows print the
+//! process's CPU time (user + system, client and broker together) per message produced.
 
 #[path = "support/proc_cpu.rs"]
 mod proc_cpu;
@@ -123,6 +123,18 @@ struct Run {
     consume_rate: f64,
 }
 
+impl Run {
+    /// Messages produced per second.
+    fn rate(&self) -> f64 {
+        self.produced as f64 / self.produce_secs
+    }
+
+    /// CPU microseconds (whole process) per message produced.
+    fn cpu_us_per_msg(&self) -> f64 {
+        self.produce_cpu_secs * 1e6 / self.produced.max(1) as f64
+    }
+}
+
 async fn scenario(
     pulsar: &Pulsar<TokioExecutor>,
     topic: &str,
@@ -158,7 +170,15 @@ async fn scenario(
             .expect("producer");
         tasks.push(tokio::spawn(async move {
             let payload = vec![b'm'; size];
-            let mut inflight = Inflight::default();
+            // Batched, every 16th send is timed (`Inflight`; every receipt is awaited): at
+            // 100 B, a clock read per send and a growing array of 7 million latencies were a
+            // tenth of the process's CPU in `perf`, the bench's cost, not the client's or the
+            // broker's. A periodic sample of sends that pass through the same batches has the
+            // same percentiles. `now` is the latest reading; a receipt already in when its
+            // turn comes is timed against it (off by at most a few sends, a microsecond or
+            // so, against latencies of milliseconds).
+            let sample = if batching { 16 } else { 1 };
+            let mut inflight = Inflight::new(sample);
             let mut lat = Vec::new();
             let mut sent = 0usize;
             // Batched: at most as many sends as 16 MiB of payload, the raw generator's window
@@ -171,15 +191,6 @@ async fn scenario(
             } else {
                 WINDOW
             };
-            // Batched, every 16th send is timed (every receipt is awaited): at 100 B, a clock
-            // read per send and a growing array of 7 million latencies were a tenth of the
-            // process's CPU in `perf`, the bench's cost, not the client's or the broker's. A
-            // periodic sample of sends that pass through the same batches has the same
-            // percentiles. `now` is the latest reading; a receipt already in when its turn
-            // comes is timed against it (off by at most a few sends, a microsecond or so,
-            // against latencies of milliseconds).
-            let sample = if batching { 16 } else { 1 };
-            inflight.sample = sample;
             let mut now = Instant::now();
             while now < deadline {
                 let receipt = match producer.send_non_blocking(payload.clone()).await {
@@ -292,24 +303,33 @@ fn drain_ready(inflight: &mut Inflight, lat: &mut Vec<Duration>, now: Instant) {
 /// its send time is kept apart, so that the queue holds the receipt futures alone (24 bytes
 /// each, not 48 with an `Option<Instant>` beside each): tens of thousands are in flight per
 /// producer, and each is written once and read back thousands of sends later.
-#[derive(Default)]
 struct Inflight {
     receipts: VecDeque<pulsar::producer::SendFuture>,
     /// the send times of the timed sends still in `receipts`
     times: VecDeque<Instant>,
     /// sends popped so far (the sequence number of the front)
     popped: usize,
+    /// every `sample`th send is timed (at least 1)
     sample: usize,
 }
 
 impl Inflight {
+    fn new(sample: usize) -> Self {
+        Inflight {
+            receipts: VecDeque::new(),
+            times: VecDeque::new(),
+            popped: 0,
+            sample: sample.max(1),
+        }
+    }
+
     fn len(&self) -> usize {
         self.receipts.len()
     }
 
     /// Adds a send made at `now` (kept only when this send is a timed one).
     fn push(&mut self, receipt: pulsar::producer::SendFuture, now: Instant) {
-        if (self.popped + self.receipts.len()).is_multiple_of(self.sample.max(1)) {
+        if (self.popped + self.receipts.len()).is_multiple_of(self.sample) {
             self.times.push_back(now);
         }
         self.receipts.push_back(receipt);
@@ -318,7 +338,7 @@ impl Inflight {
     /// The oldest send: its send time if it was timed, and its receipt.
     fn pop_front(&mut self) -> Option<(Option<Instant>, pulsar::producer::SendFuture)> {
         let receipt = self.receipts.pop_front()?;
-        let timed = self.popped.is_multiple_of(self.sample.max(1));
+        let timed = self.popped.is_multiple_of(self.sample);
         self.popped += 1;
         Some((if timed { self.times.pop_front() } else { None }, receipt))
     }
@@ -757,7 +777,7 @@ async fn main() {
                     }
                     let r =
                         scenario(&pulsar, &topic(), size, batching, producers, secs, true).await;
-                    let rate = r.produced as f64 / r.produce_secs;
+                    let rate = r.rate();
                     let mb = rate * size as f64 / 1e6;
                     println!(
                         "| {size} B | {} | {producers} | {rate:.0} | {mb:.1} | {:.3} | {:.2} | {:.2} | {:.1} | {:.2} | {:.0} |",
@@ -766,7 +786,7 @@ async fn main() {
                         ms(r.p50),
                         ms(r.p99),
                         r.p99.as_secs_f64() / fsync_p99,
-                        r.produce_cpu_secs * 1e6 / r.produced.max(1) as f64,
+                        r.cpu_us_per_msg(),
                         r.consume_rate
                     );
                 }
@@ -776,7 +796,7 @@ async fn main() {
     }
     if wanted("target") {
         // One run of a row is one sample of a noisy figure: on these shared 2 cores a run of
-        // the 100 B / on / 4 row swung 0.38-0.54 of its probe. The target is judged on the
+        // the 100 B / on / 4 row swung 0.36-0.70 of its probe (README). The target is judged on the
         // median of several rounds, each a fresh disk probe right before its row.
         let rounds = std::env::var("MAGNETAR_BENCH_ROUNDS")
             .ok()
@@ -792,14 +812,14 @@ async fn main() {
         for round in 1..=rounds {
             let disk = measure_disk(dir.path());
             let r = scenario(&pulsar, &topic(), 100, true, 4, secs, false).await;
-            let rate = r.produced as f64 / r.produce_secs;
+            let rate = r.rate();
             let mb = rate * 100.0 / 1e6;
             let ratio = mb / disk.write_mb_s;
             ratios.push(ratio);
             println!(
                 "| {round} | {:.0} | {rate:.0} | {mb:.1} | {ratio:.3} | {:.2} |",
                 disk.write_mb_s,
-                r.produce_cpu_secs * 1e6 / r.produced.max(1) as f64,
+                r.cpu_us_per_msg(),
             );
         }
         ratios.sort_by(f64::total_cmp);
