@@ -647,7 +647,7 @@ async fn raw_scenario(
 }
 
 /// Which parts of the bench run: `MAGNETAR_BENCH_ONLY` is a comma-separated subset of
-/// `table,latency,raw` (default: all).
+/// `table,latency,raw,target` (default: all; `none` runs only the disk probe).
 fn wanted(part: &str) -> bool {
     std::env::var("MAGNETAR_BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p == part))
 }
@@ -796,7 +796,7 @@ async fn main() {
     }
     if wanted("target") {
         // One run of a row is one sample of a noisy figure: on these shared 2 cores a run of
-        // the 100 B / on / 4 row swung 0.36-0.70 of its probe (README). The target is judged on the
+        // the 100 B / on / 4 row swung 0.36-0.70 of its probe (docs/performance-log.md). The target is judged on the
         // median of several rounds, each a fresh disk probe right before its row.
         let rounds = std::env::var("MAGNETAR_BENCH_ROUNDS")
             .ok()

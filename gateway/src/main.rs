@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 /// jemalloc instead of glibc malloc: with many threads allocating small, long-lived objects
 /// (a TLS session, a socket task per connection), glibc's per-thread arenas fragment, and
-/// 10,000 idle TLS connections measured ~2 KiB more each (README, idle memory). Background
+/// 10,000 idle TLS connections measured ~2 KiB more each (docs/benchmarks.md, idle memory). Background
 /// threads return freed pages to the system without waiting for the next allocation.
 #[cfg(unix)]
 #[global_allocator]
