@@ -45,6 +45,16 @@
 #![deny(unsafe_code)]
 
 mod dispatch;
+/// Framed input: a byte stream cut into frames, bounded, with backpressure.
+pub mod input;
+/// The machine contract: events in with the time, actions out; the [`Driver`].
+pub mod machine;
+/// Operation tokens: allocate, look up, complete.
+pub mod ops;
+/// Where a machine queues its actions: coalesced sends, gathered acks.
+pub mod outbox;
+
+pub use machine::{Action, Driver, Event, Machine};
 
 /// Bindings generated from `sdk/wit/plugin.wit`. Plugin authors normally need none of it.
 #[doc(hidden)]
