@@ -1,7 +1,7 @@
 //! Drives [`MqttConnection`] with packets and host completions; no host calls.
 
 use super::*;
-use magnetar_sdk::Property;
+use magnetar_sdk::{OutboundMessage, Property};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
 
@@ -285,12 +285,14 @@ fn publishes(actions: &[Action]) -> Vec<(u64, OutboundMessage)> {
         .collect()
 }
 
+/// The deliveries acked, whether one by one or gathered by the outbox.
 fn acks(actions: &[Action]) -> Vec<u64> {
     actions
         .iter()
-        .filter_map(|a| match a {
-            Action::Ack { delivery_id, .. } => Some(*delivery_id),
-            _ => None,
+        .flat_map(|a| match a {
+            Action::Ack { delivery_id, .. } => vec![*delivery_id],
+            Action::AckMany { delivery_ids, .. } => delivery_ids.clone(),
+            _ => Vec::new(),
         })
         .collect()
 }
@@ -1144,7 +1146,7 @@ fn connack_waits_for_the_claim_and_a_lost_claim_closes() {
         },
     );
     assert_eq!(sent(&a), vec![codec::connack(false, 0)]);
-    let a = h.c.handle(h.now, Event::ClaimLost);
+    let a = h.c.handle(h.now, Event::ClaimLost { key: "dev1".into() });
     assert!(closed(&a).unwrap().contains("taken over"));
 
     let (mut h, _) = Harness::new();
