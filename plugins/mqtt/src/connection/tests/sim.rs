@@ -29,12 +29,22 @@ fn connected(clean: bool, keep_alive: u16) -> SimHost<MqttConnection> {
     h
 }
 
-/// The only open backend subscription.
-fn only_subscription(h: &SimHost<MqttConnection>) -> (SubId, SubscriptionSpec) {
-    match h.subscriptions().as_slice() {
+/// Connected as [`connected`] does, then subscribed to `filter` (SUBACK read); the backend
+/// subscription's handle and spec.
+fn subscribed(
+    clean: bool,
+    filter: &str,
+    qos: u8,
+) -> (SimHost<MqttConnection>, SubId, SubscriptionSpec) {
+    let mut h = connected(clean, 0);
+    h.data(&subscribe_packet(1, &[(filter, qos)]));
+    h.run();
+    assert_eq!(received(&mut h), [codec::suback(1, &[qos])]);
+    let (sub, spec) = match h.subscriptions().as_slice() {
         [(id, spec)] => (*id, (*spec).clone()),
         other => panic!("one subscription expected: {other:?}"),
-    }
+    };
+    (h, sub, spec)
 }
 
 #[test]
@@ -81,11 +91,7 @@ fn not_authorized_gets_connack_5_and_close() {
 
 #[test]
 fn qos1_publish_is_pubacked_once_stored_and_reaches_a_subscriber() {
-    let mut h = connected(true, 0);
-    h.data(&subscribe_packet(1, &[("a/#", 1)]));
-    h.run();
-    assert_eq!(received(&mut h), [codec::suback(1, &[1])]);
-    let (sub, spec) = only_subscription(&h);
+    let (mut h, sub, spec) = subscribed(true, "a/#", 1);
     assert_eq!(spec.topic, PULSAR_TOPIC);
 
     h.data(&publish_packet("a/b", 1, 10, b"hi"));
@@ -113,11 +119,7 @@ fn qos1_publish_is_pubacked_once_stored_and_reaches_a_subscriber() {
 
 #[test]
 fn qos0_deliveries_of_a_batch_leave_in_one_send_with_one_ack() {
-    let mut h = connected(true, 0);
-    h.data(&subscribe_packet(1, &[("a/+", 0)]));
-    h.run();
-    received(&mut h);
-    let (sub, _) = only_subscription(&h);
+    let (mut h, sub, _) = subscribed(true, "a/+", 0);
     for i in 0..3u8 {
         h.data(&publish_packet("a/b", 0, 0, &[b'0' + i]));
     }
@@ -152,11 +154,7 @@ fn keep_alive_timeout_after_one_and_a_half_intervals_of_silence() {
 
 #[test]
 fn persistent_session_keeps_filters_in_the_kv_and_messages_while_away() {
-    let mut h = connected(false, 0);
-    h.data(&subscribe_packet(3, &[("a/+", 1)]));
-    h.run();
-    assert_eq!(received(&mut h), [codec::suback(3, &[1])]);
-    let (_, spec) = only_subscription(&h);
+    let (mut h, _, spec) = subscribed(false, "a/+", 1);
     assert!(spec.durable);
     let stored = h
         .kv()
