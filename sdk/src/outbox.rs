@@ -186,19 +186,17 @@ impl Outbox {
 
     /// Turns the gathered acks into actions, one per subscription.
     fn place_acks(&mut self) {
-        for (sub, mut ids) in self.acks.drain(..) {
+        // Taken, not drained: an idle connection keeps no allocation for acks.
+        for (sub, ids) in std::mem::take(&mut self.acks) {
             let action = match ids.as_slice() {
                 [one] => Action::Ack {
                     sub,
                     delivery_id: *one,
                 },
-                _ => {
-                    ids.shrink_to_fit();
-                    Action::AckMany {
-                        sub,
-                        delivery_ids: ids,
-                    }
-                }
+                _ => Action::AckMany {
+                    sub,
+                    delivery_ids: ids,
+                },
             };
             self.actions.push(action);
         }
