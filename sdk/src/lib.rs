@@ -16,6 +16,15 @@
 //! connection can have many in flight. Host errors reach the plugin as [`OpError`] values,
 //! never as traps.
 //!
+//! # The plugin kit
+//!
+//! A protocol plugin is best written as a sans-IO [`Machine`]: a value fed [`Event`]s with
+//! the current time that answers with [`Action`]s, run against the host by a [`Driver`]
+//! (then the plugin's adapter is a [`Plugin`] impl that builds the machine) and natively, in
+//! `cargo test`, by the simulated host of [`testing`]. The parts every protocol needs come
+//! with it: [`ops`] (operation tokens), [`input`] (a framed, bounded input buffer that steers
+//! the host's reading), [`outbox`] (coalesced sends, gathered acks).
+//!
 //! ```no_run
 //! use magnetar_sdk::{Conn, ConnInfo, Connection, Plugin};
 //!
@@ -45,6 +54,18 @@
 #![deny(unsafe_code)]
 
 mod dispatch;
+/// Framed input: a byte stream cut into frames, bounded, with backpressure.
+pub mod input;
+/// The machine contract: events in with the time, actions out; the [`Driver`].
+pub mod machine;
+/// Operation tokens: allocate, look up, complete.
+pub mod ops;
+/// Where a machine queues its actions: coalesced sends, gathered acks.
+pub mod outbox;
+/// A simulated host to run a machine natively in `cargo test`.
+pub mod testing;
+
+pub use machine::{Action, Driver, Event, Machine};
 
 /// Bindings generated from `sdk/wit/plugin.wit`. Plugin authors normally need none of it.
 #[doc(hidden)]

@@ -20,7 +20,9 @@ use std::collections::VecDeque;
 use libfuzzer_sys::fuzz_target;
 use magnetar_mqtt::codec::{v5, Properties};
 use magnetar_mqtt::config::Config;
-use magnetar_mqtt::connection::{Action, Event, MqttConnection, PROP_QOS, PROP_RETAIN, PROP_TOPIC};
+use magnetar_mqtt::connection::{
+    Action, Event, Machine, MqttConnection, PROP_QOS, PROP_RETAIN, PROP_TOPIC,
+};
 use magnetar_mqtt_fuzz::{announced_size, frame};
 use magnetar_sdk::{Delivery, ErrorKind, OpError, Principal, Property};
 
@@ -199,7 +201,9 @@ impl Host {
                 self.timers.push((token, delay_ms));
                 return None;
             }
-            Action::Unsubscribe { .. } | Action::Ack { .. } => return None,
+            Action::Unsubscribe { .. } | Action::Ack { .. } | Action::AckMany { .. } => {
+                return None
+            }
             Action::SetWill(_) | Action::Log { .. } | Action::SetReading(_) => return None,
             // SASL is not offered (no mechanisms), so this is never asked; refuse it anyway.
             Action::AuthenticateSasl { token, .. } => Event::SaslResult {

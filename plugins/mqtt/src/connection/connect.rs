@@ -75,14 +75,14 @@ impl MqttConnection {
             return;
         }
         let creds = credentials(c.username, c.password);
-        let token = self.token(Op::Auth);
-        self.actions.push(Action::Authenticate { token, creds });
+        let token = self.ops.start(Op::Auth);
+        self.out.push(Action::Authenticate { token, creds });
     }
 
     pub(super) fn sasl_step(&mut self, mechanism: String, response: Vec<u8>) {
         self.sasl_pending = true;
-        let token = self.token(Op::Sasl);
-        self.actions.push(Action::AuthenticateSasl {
+        let token = self.ops.start(Op::Sasl);
+        self.out.push(Action::AuthenticateSasl {
             token,
             mechanism,
             response,
@@ -127,7 +127,7 @@ impl MqttConnection {
     }
 
     pub(super) fn on_sasl_result(&mut self, token: u64, result: Result<SaslOutcome, OpError>) {
-        if self.ops.remove(&token) != Some(Op::Sasl) {
+        if self.ops.complete(token) != Some(Op::Sasl) {
             return;
         }
         self.sasl_pending = false;
@@ -185,7 +185,7 @@ impl MqttConnection {
     }
 
     pub(super) fn on_auth_result(&mut self, token: u64, result: Result<Principal, OpError>) {
-        if self.ops.remove(&token) != Some(Op::Auth) {
+        if self.ops.complete(token) != Some(Op::Auth) {
             return;
         }
         match result {
@@ -216,14 +216,14 @@ impl MqttConnection {
             self.open_session();
         } else {
             // §3.1.4: a second connection with this Client Identifier takes over.
-            let token = self.token(Op::Claim);
+            let token = self.ops.start(Op::Claim);
             let key = self.client_id.clone();
-            self.actions.push(Action::Claim { token, key });
+            self.out.push(Action::Claim { token, key });
         }
     }
 
     pub(super) fn on_claim_result(&mut self, token: u64, result: Result<(), OpError>) {
-        if self.ops.remove(&token) != Some(Op::Claim) {
+        if self.ops.complete(token) != Some(Op::Claim) {
             return;
         }
         match result {
@@ -240,12 +240,12 @@ impl MqttConnection {
     /// discard whatever session the Client Identifier had (§3.1.2.4).
     pub(super) fn open_session(&mut self) {
         if !self.clean_start && self.persistent() {
-            let token = self.token(Op::LoadSession);
+            let token = self.ops.start(Op::LoadSession);
             let key = session_store::kv_key(&self.client_id);
-            self.actions.push(Action::KvGet { token, key });
-            let token = self.token(Op::LoadQos2);
+            self.out.push(Action::KvGet { token, key });
+            let token = self.ops.start(Op::LoadQos2);
             let key = session_store::qos2_key(&self.client_id);
-            self.actions.push(Action::KvGet { token, key });
+            self.out.push(Action::KvGet { token, key });
             return;
         }
         if self.persistent() {
@@ -255,9 +255,9 @@ impl MqttConnection {
         }
         self.accept(false);
         if !self.assigned_id {
-            let token = self.token(Op::ProbeOldSession);
+            let token = self.ops.start(Op::ProbeOldSession);
             let key = session_store::kv_key(&self.client_id);
-            self.actions.push(Action::KvGet { token, key });
+            self.out.push(Action::KvGet { token, key });
         }
     }
 
@@ -269,10 +269,10 @@ impl MqttConnection {
             session_store::durable_subscription(&self.client_id),
             self.nonce ^ self.conn_id
         ));
-        let token = self.token(Op::DropOldSession);
+        let token = self.ops.start(Op::DropOldSession);
         let key = session_store::qos2_key(&self.client_id);
         let value = Some(Qos2State::default().encode());
-        self.actions.push(Action::KvPut { token, key, value });
+        self.out.push(Action::KvPut { token, key, value });
         self.changed_filters();
     }
 
@@ -294,7 +294,7 @@ impl MqttConnection {
         self.phase = Phase::Connected;
         if let Some(w) = self.will.take() {
             let will = self.will_for_host(*w);
-            self.actions.push(Action::SetWill(Some(will)));
+            self.out.push(Action::SetWill(Some(will)));
         }
     }
 
@@ -343,10 +343,10 @@ impl MqttConnection {
         if self.phase != Phase::Connected || !self.persistent() || self.session_expiry == u32::MAX {
             return;
         }
-        let token = self.token(Op::DropOldSession);
+        let token = self.ops.start(Op::DropOldSession);
         let key = session_store::kv_key(&self.client_id);
         let value = Some(session_store::encode(&self.stored_session(true)));
-        self.actions.push(Action::KvPut { token, key, value });
+        self.out.push(Action::KvPut { token, key, value });
     }
 
     /// Deletes the kv records of the Client Identifier's session (filters, QoS 2 state).
@@ -355,8 +355,8 @@ impl MqttConnection {
             session_store::kv_key(&self.client_id),
             session_store::qos2_key(&self.client_id),
         ] {
-            let token = self.token(Op::DropOldSession);
-            self.actions.push(Action::KvPut {
+            let token = self.ops.start(Op::DropOldSession);
+            self.out.push(Action::KvPut {
                 token,
                 key,
                 value: None,
@@ -369,7 +369,7 @@ impl MqttConnection {
     pub(super) fn drop_session(&mut self) {
         self.delete_session_records();
         if let Backend::Open(sub) = self.backend {
-            self.actions.push(Action::Unsubscribe { sub, delete: true });
+            self.out.push(Action::Unsubscribe { sub, delete: true });
         }
     }
 
@@ -451,12 +451,12 @@ impl MqttConnection {
             return;
         }
         let spec = self.durable_spec(name);
-        let token = self.token(Op::OpenOldSubscription);
-        self.actions.push(Action::Subscribe { token, spec });
+        let token = self.ops.start(Op::OpenOldSubscription);
+        self.out.push(Action::Subscribe { token, spec });
     }
 
     pub(super) fn on_kv_result(&mut self, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
-        let Some(op) = self.ops.remove(&token) else {
+        let Some(op) = self.ops.complete(token) else {
             return;
         };
         match (op, result) {

@@ -22,7 +22,7 @@ impl MqttConnection {
             delivery_id: d.delivery_id,
         };
         let Some(m) = message::from_delivery(&mut d) else {
-            self.actions.push(ack);
+            self.out.push(ack);
             return;
         };
         // The subscriptions this message goes out for: a share group's one filter, or every
@@ -56,7 +56,7 @@ impl MqttConnection {
             }
         }
         let Some(granted) = granted else {
-            self.actions.push(ack);
+            self.out.push(ack);
             return;
         };
         let out = Outgoing {
@@ -89,7 +89,7 @@ impl MqttConnection {
         let interval = out.properties.message_expiry_interval;
         let Some(remaining) = remaining_expiry(interval, out.published_ms, self.now_ms) else {
             if let Some((sub, delivery_id)) = out.backend {
-                self.actions.push(Action::Ack { sub, delivery_id });
+                self.out.push(Action::Ack { sub, delivery_id });
             }
             return;
         };
@@ -150,7 +150,7 @@ impl MqttConnection {
             );
         }
         if let Some((sub, delivery_id)) = out.backend {
-            self.actions.push(Action::Ack { sub, delivery_id });
+            self.out.push(Action::Ack { sub, delivery_id });
         }
     }
 
@@ -231,7 +231,7 @@ impl MqttConnection {
             ..
         }) = self.inflight_out.remove(&packet_id)
         {
-            self.actions.push(Action::Ack { sub, delivery_id });
+            self.out.push(Action::Ack { sub, delivery_id });
         }
         self.pump_outgoing();
     }
@@ -254,7 +254,7 @@ impl MqttConnection {
                 ..
             }) = self.inflight_out.remove(&packet_id)
             {
-                self.actions.push(Action::Ack { sub, delivery_id });
+                self.out.push(Action::Ack { sub, delivery_id });
             }
             self.pump_outgoing();
             return;
@@ -262,7 +262,7 @@ impl MqttConnection {
         if !entry.released {
             entry.released = true;
             if let Some((sub, delivery_id)) = entry.backend.take() {
-                self.actions.push(Action::Ack { sub, delivery_id });
+                self.out.push(Action::Ack { sub, delivery_id });
             }
             self.qos2_released.insert(packet_id);
             self.qos2_changed();

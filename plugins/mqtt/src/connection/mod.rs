@@ -2,8 +2,11 @@
 //!
 //! [`MqttConnection`] is fed [`Event`]s (bytes, completions of host operations, deliveries,
 //! timers), each with the current time, and answers with [`Action`]s for the host to carry
-//! out. It never calls the host itself, so tests drive it directly (quinn-proto style); the
-//! thin adapter in `adapter.rs` turns actions into `magnetar_sdk::Conn` calls.
+//! out. It never calls the host itself, so tests drive it directly (quinn-proto style), on
+//! the SDK's simulated host too; it is a `magnetar_sdk::Machine`, which the SDK's `Driver`
+//! runs against the real host (`adapter.rs`). The SDK's kit holds the protocol-neutral parts:
+//! the op tokens, the framed input with its backpressure, and the outbox that joins packets
+//! and gathers acks.
 //!
 //! Lifecycle (§3.1, §3.2): `AwaitConnect` → CONNECT → (`Authenticating`: MQTT 5.0 enhanced
 //! authentication, AUTH packets, §4.12) → `Connecting` (authenticate, claim the Client
@@ -29,9 +32,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 
+use magnetar_sdk::input::Input;
+use magnetar_sdk::ops::Ops;
+use magnetar_sdk::outbox::Outbox;
+pub use magnetar_sdk::{Action, Event, Machine};
 use magnetar_sdk::{
     Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel, OpError,
-    OutboundMessage, Principal, SaslOutcome, SubId, SubMode, SubscriptionSpec, UserPassword, Will,
+    Principal, SaslOutcome, SubId, SubMode, SubscriptionSpec, UserPassword, Will,
 };
 
 use crate::codec::v5::{self, reason};
@@ -65,6 +72,10 @@ pub const TOPIC_ALIAS_MAX: u16 = 32;
 /// Packets queued one after another share one `Send` action up to this many bytes.
 const SEND_COALESCE: usize = 64 * 1024;
 
+/// Undecoded bytes a connection may hold at least: the host reads up to 256 KiB at a time,
+/// and one more read may arrive before it sees `SetReading(false)`.
+const MIN_INPUT_LIMIT: usize = 512 * 1024;
+
 /// Attempts to open a durable subscription that is still held by a connection that is going
 /// away (session takeover), and the pause between them.
 const BACKEND_RETRIES: u32 = 25;
@@ -73,112 +84,6 @@ const BACKEND_RETRY_MS: u64 = 200;
 /// Longest reason string we send (they are ours; the client's Maximum Packet Size still
 /// applies to the whole packet).
 const REASON_STRING_MAX: usize = 200;
-
-/// Something that happened to the connection.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// Bytes from the client.
-    Data(Vec<u8>),
-    AuthResult {
-        token: u64,
-        result: Result<Principal, OpError>,
-    },
-    /// A step of a SASL exchange (MQTT 5.0 enhanced authentication).
-    SaslResult {
-        token: u64,
-        result: Result<SaslOutcome, OpError>,
-    },
-    PublishResult {
-        token: u64,
-        result: Result<(), OpError>,
-    },
-    SubscribeResult {
-        token: u64,
-        result: Result<SubId, OpError>,
-    },
-    Delivery(Delivery),
-    Timer {
-        token: u64,
-    },
-    KvResult {
-        token: u64,
-        result: Result<Option<Vec<u8>>, OpError>,
-    },
-    KvScanResult {
-        token: u64,
-        result: Result<Vec<KvEntry>, OpError>,
-    },
-    ClaimResult {
-        token: u64,
-        result: Result<(), OpError>,
-    },
-    /// A new connection with this Client Identifier took the session over (§3.1.4).
-    ClaimLost,
-    /// The socket is gone; no action may follow.
-    Closed,
-}
-
-/// Something the host must do for the connection, in order.
-#[derive(Debug, Clone)]
-pub enum Action {
-    Send(Vec<u8>),
-    Close(String),
-    /// Whether the host should read the socket (backpressure, see `process_input`).
-    SetReading(bool),
-    Authenticate {
-        token: u64,
-        creds: Credentials,
-    },
-    AuthenticateSasl {
-        token: u64,
-        mechanism: String,
-        response: Vec<u8>,
-    },
-    Publish {
-        token: u64,
-        msg: OutboundMessage,
-    },
-    Subscribe {
-        token: u64,
-        spec: SubscriptionSpec,
-    },
-    Unsubscribe {
-        sub: SubId,
-        delete: bool,
-    },
-    Ack {
-        sub: SubId,
-        delivery_id: u64,
-    },
-    SetTimer {
-        token: u64,
-        delay_ms: u64,
-    },
-    KvGet {
-        token: u64,
-        key: String,
-    },
-    KvPut {
-        token: u64,
-        key: String,
-        value: Option<Vec<u8>>,
-    },
-    KvScan {
-        token: u64,
-        prefix: String,
-        start_after: Option<String>,
-        limit: u32,
-    },
-    SetWill(Option<Will>),
-    Claim {
-        token: u64,
-        key: String,
-    },
-    Log {
-        level: LogLevel,
-        message: String,
-    },
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -389,15 +294,10 @@ pub struct MqttConnection {
     config: Config,
     sasl_mechanisms: Rc<[String]>,
     phase: Phase,
-    actions: Vec<Action>,
-    /// Bytes from the client; the first `inpos` of them are decoded already.
-    inbuf: Vec<u8>,
-    inpos: usize,
-    /// What the host was last told by `SetReading`. Starts `false`, so the first input
-    /// tells the host that this plugin steers reading itself (the host's guess is off).
-    reading: bool,
-    next_token: u64,
-    ops: HashMap<u64, Op>,
+    out: Outbox,
+    /// Bytes from the client, framed by `codec::decode`; it tells the host when to read.
+    input: Input,
+    ops: Ops<Op>,
     now_ms: u64,
 
     timer: Option<(u64, TimerKind)>,
@@ -473,12 +373,14 @@ impl MqttConnection {
             config,
             sasl_mechanisms: Rc::from(Vec::new()),
             phase: Phase::AwaitConnect,
-            actions: Vec::new(),
-            inbuf: Vec::new(),
-            inpos: 0,
-            reading: false,
-            next_token: 1,
-            ops: HashMap::new(),
+            out: Outbox::with_coalesce_limit(SEND_COALESCE),
+            input: Input::new(
+                config
+                    .max_packet_size
+                    .saturating_mul(2)
+                    .max(MIN_INPUT_LIMIT),
+            ),
+            ops: Ops::new(),
             now_ms,
             timer: None,
             keep_alive_ms: 0,
@@ -532,11 +434,6 @@ impl MqttConnection {
         self
     }
 
-    /// The actions produced so far, oldest first.
-    pub fn take_actions(&mut self) -> Vec<Action> {
-        std::mem::take(&mut self.actions)
-    }
-
     /// Whether the connection is closed (by either side); later events are ignored.
     pub fn is_closed(&self) -> bool {
         self.phase == Phase::Closed
@@ -546,36 +443,15 @@ impl MqttConnection {
     pub fn filters(&self) -> &BTreeMap<String, Subscription> {
         &self.filters
     }
+}
 
-    /// Feeds one event at `now_ms`; returns the actions it caused.
-    pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
-        self.apply(now_ms, event);
-        self.take_actions()
-    }
-
-    /// Feeds events that arrived together (e.g. a batch of deliveries); returns the actions
-    /// they caused, their packets joined as far as [`SEND_COALESCE`] allows.
-    pub fn handle_all(
-        &mut self,
-        now_ms: u64,
-        events: impl IntoIterator<Item = Event>,
-    ) -> Vec<Action> {
-        for event in events {
-            self.apply(now_ms, event);
-        }
-        self.take_actions()
-    }
-
+/// Events in with the time, actions out: the SDK's `Driver` runs it against the host.
+impl Machine for MqttConnection {
     fn apply(&mut self, now_ms: u64, event: Event) {
         if self.phase != Phase::Closed {
             self.now_ms = now_ms;
             match event {
-                // Nothing pending: the event's buffer becomes the input buffer, no copy.
-                Event::Data(bytes) if self.inpos == self.inbuf.len() => {
-                    self.inbuf = bytes;
-                    self.inpos = 0;
-                }
-                Event::Data(bytes) => self.inbuf.extend_from_slice(&bytes),
+                Event::Data(bytes) => self.input.push(bytes),
                 Event::AuthResult { token, result } => self.on_auth_result(token, result),
                 Event::SaslResult { token, result } => self.on_sasl_result(token, result),
                 Event::PublishResult { token, result } => self.on_publish_result(token, result),
@@ -585,7 +461,7 @@ impl MqttConnection {
                 Event::KvResult { token, result } => self.on_kv_result(token, result),
                 Event::KvScanResult { token, result } => self.on_scan_result(token, result),
                 Event::ClaimResult { token, result } => self.on_claim_result(token, result),
-                Event::ClaimLost => {
+                Event::ClaimLost { .. } => {
                     // The will stays registered: the host publishes it as for any other end
                     // of the network connection (as Mosquitto does on a takeover).
                     self.disconnect(
@@ -595,8 +471,7 @@ impl MqttConnection {
                 }
                 Event::Closed => {
                     self.phase = Phase::Closed;
-                    self.inbuf = Vec::new();
-                    self.inpos = 0;
+                    self.input.clear();
                 }
             }
             // New bytes, or an event that lifted a pause (CONNACK sent, a publish stored).
@@ -605,17 +480,19 @@ impl MqttConnection {
         }
     }
 
+    /// The actions produced so far, oldest first, packets joined and acks gathered.
+    fn take_actions(&mut self) -> Vec<Action> {
+        self.out.take()
+    }
+}
+
+impl MqttConnection {
     /// Frees the allocations of collections that are empty again, so that an idle connection
     /// holds only its live state (10,000 idle connections are the norm for an IoT fleet).
     /// Cheap: an emptied collection is rare on a busy connection, and refilling it costs one
     /// small allocation.
     fn release_idle_capacity(&mut self) {
-        if self.inbuf.is_empty() {
-            self.inbuf = Vec::new();
-        }
-        if self.ops.is_empty() && self.ops.capacity() > 0 {
-            self.ops = HashMap::new();
-        }
+        self.ops.release_idle_capacity();
         if self.inflight_out.is_empty() && self.inflight_out.capacity() > 0 {
             self.inflight_out = HashMap::new();
         }
@@ -640,13 +517,6 @@ impl MqttConnection {
 
     // ---- plumbing -------------------------------------------------------------------------
 
-    fn token(&mut self, op: Op) -> u64 {
-        let t = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1);
-        self.ops.insert(t, op);
-        t
-    }
-
     /// Queues a packet; an MQTT 5.0 client's Maximum Packet Size is never exceeded
     /// (§3.1.2.11.4: the packet is dropped instead).
     fn send(&mut self, bytes: Vec<u8>) {
@@ -661,47 +531,24 @@ impl MqttConnection {
 
     /// Appends the packet `encode` writes to the bytes queued for the client, unless it is
     /// over the client's Maximum Packet Size (`false`: nothing queued). Consecutive packets
-    /// share one `Send` up to [`SEND_COALESCE`] bytes, acks in between included (they commute
-    /// with sends, see `adapter::execute`), so a batch of deliveries is encoded straight into
-    /// one buffer and leaves in one host call.
+    /// share one `Send` up to [`SEND_COALESCE`] bytes, acks in between included (the outbox
+    /// gathers those), so a batch of deliveries is encoded straight into one buffer and
+    /// leaves in one host call.
     fn queue_packet(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> bool {
-        let max = self.limits.maximum_packet_size;
-        let last = self
-            .actions
-            .iter()
-            .rposition(|a| !matches!(a, Action::Ack { .. }));
-        if let Some(Action::Send(out)) = last.and_then(|i| self.actions.get_mut(i)) {
-            if out.len() < SEND_COALESCE {
-                let start = out.len();
-                encode(out);
-                if out.len() - start > max {
-                    out.truncate(start);
-                    return false;
-                }
-                return true;
-            }
-        }
-        let mut out = Vec::new();
-        encode(&mut out);
-        if out.len() > max {
-            return false;
-        }
-        self.actions.push(Action::Send(out));
-        true
+        self.out.send_with(self.limits.maximum_packet_size, encode)
     }
 
     fn log(&mut self, level: LogLevel, message: impl std::fmt::Display) {
         let message = format!("mqtt conn {} ({}): {message}", self.conn_id, self.client_id);
-        self.actions.push(Action::Log { level, message });
+        self.out.push(Action::Log { level, message });
     }
 
     /// Closes the connection once; everything after is ignored.
     fn close(&mut self, reason: impl Into<String>) {
         if self.phase != Phase::Closed {
             self.phase = Phase::Closed;
-            self.inbuf = Vec::new();
-            self.inpos = 0;
-            self.actions.push(Action::Close(reason.into()));
+            self.input.clear();
+            self.out.push(Action::Close(reason.into()));
         }
     }
 
@@ -742,10 +589,9 @@ impl MqttConnection {
     }
 
     fn arm_timer(&mut self, kind: TimerKind, delay_ms: u64) {
-        let token = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1);
+        let token = self.ops.token();
         self.timer = Some((token, kind));
-        self.actions.push(Action::SetTimer { token, delay_ms });
+        self.out.push(Action::SetTimer { token, delay_ms });
     }
 
     /// Whether the session outlives the connection (3.1.1 Clean Session 0, 5.0 Session
@@ -761,23 +607,21 @@ impl MqttConnection {
 
     // ---- input ----------------------------------------------------------------------------
 
-    /// Decodes and handles buffered packets while the state allows it.
+    /// Decodes and handles buffered packets while the state allows it; then the input tells
+    /// the host whether to read (backpressure: while decoding is paused with bytes left over,
+    /// the client is slowed by TCP instead of filling the buffer) and checks its bound.
     fn process_input(&mut self, now_ms: u64) {
-        let mut pos = self.inpos;
-        while let Some(buf) = self.inbuf.get(pos..) {
-            if self.input_paused() || buf.is_empty() {
-                break;
-            }
+        while !self.input_paused() {
             if self.phase == Phase::AwaitConnect {
-                if let Some(reason) = not_a_connect(buf) {
+                if let Some(reason) = not_a_connect(self.input.pending()) {
                     self.close(reason);
                     return;
                 }
             }
-            match codec::decode(buf, self.config.max_packet_size, self.v5) {
+            let (max, v5) = (self.config.max_packet_size, self.v5);
+            match self.input.next_frame(|buf| codec::decode(buf, max, v5)) {
                 Ok(None) => break,
-                Ok(Some((packet, n))) => {
-                    pos += n;
+                Ok(Some(packet)) => {
                     self.last_activity_ms = now_ms;
                     self.on_packet(packet);
                 }
@@ -805,38 +649,9 @@ impl MqttConnection {
         if self.phase == Phase::Closed {
             return;
         }
-        // Decoded bytes leave the buffer once they are half of it: a paused connection decodes
-        // a few packets per publish outcome, and moving the rest of a 256 KiB read forward
-        // after each of those made a read cost quadratic in its size.
-        self.inpos = pos.min(self.inbuf.len());
-        if self.inpos == self.inbuf.len() {
-            self.inbuf.clear();
-            self.inpos = 0;
-        } else if self.inpos >= self.inbuf.len() / 2 {
-            self.inbuf.drain(..self.inpos);
-            self.inpos = 0;
-        }
-        let unread = self.inbuf.len() - self.inpos;
-        // Backpressure: while decoding is paused with bytes left over, the host stops reading
-        // the socket, so the client is slowed by TCP instead of filling this buffer.
-        let reading = unread == 0 || !self.input_paused();
-        if reading != self.reading {
-            self.reading = reading;
-            self.actions.push(Action::SetReading(reading));
-        }
-        // The host reads up to 256 KiB at a time, and one more read may arrive before it sees
-        // `SetReading(false)`.
-        let limit = self
-            .config
-            .max_packet_size
-            .saturating_mul(2)
-            .max(512 * 1024);
-        if unread > limit {
-            let n = unread;
-            self.disconnect(
-                reason::RECEIVE_MAXIMUM_EXCEEDED,
-                format!("{n} unprocessed bytes from the client exceed the limit of {limit}"),
-            );
+        let paused = self.input_paused();
+        if let Err(e) = self.input.settle(paused, &mut self.out) {
+            self.disconnect(reason::RECEIVE_MAXIMUM_EXCEEDED, e.to_string());
         }
     }
 
@@ -906,7 +721,7 @@ impl MqttConnection {
             self.session_expiry = expiry;
         }
         if code != reason::DISCONNECT_WITH_WILL {
-            self.actions.push(Action::SetWill(None));
+            self.out.push(Action::SetWill(None));
         }
         if was_persistent && !self.persistent() {
             self.drop_session();

@@ -76,11 +76,11 @@ impl MqttConnection {
         let mut tokens = Vec::with_capacity(2);
         if p.retain {
             // §3.3.1.3: store (or, with an empty payload, remove) the retained message.
-            let token = self.token(Op::StoreRetained);
+            let token = self.ops.start(Op::StoreRetained);
             let value = (!p.payload.is_empty())
                 .then(|| retained::encode(p.qos, self.now_ms, &props, &p.payload));
             let key = retained::key(&p.topic);
-            self.actions.push(Action::KvPut { token, key, value });
+            self.out.push(Action::KvPut { token, key, value });
             tokens.push(token);
         }
         // Only this session's own No Local subscriptions look at the sender (§3.8.3.1).
@@ -93,7 +93,7 @@ impl MqttConnection {
             &props,
             p.payload,
         );
-        let token = self.token(Op::Publish);
+        let token = self.ops.start(Op::Publish);
         tokens.push(token);
         let (reply, qos2_id) = match (p.qos, p.packet_id) {
             (1, Some(id)) => (AckReply::Puback(id), None),
@@ -108,7 +108,7 @@ impl MqttConnection {
             qos2_id,
             waits_qos2: 0,
         });
-        self.actions.push(Action::Publish { token, msg });
+        self.out.push(Action::Publish { token, msg });
     }
 
     /// MQTT 5.0 Topic Alias from the client (§3.3.2.3.4): an alias with a Topic Name sets it,
@@ -149,7 +149,7 @@ impl MqttConnection {
     }
 
     pub(super) fn on_publish_result(&mut self, token: u64, result: Result<(), OpError>) {
-        if self.ops.remove(&token) != Some(Op::Publish) {
+        if self.ops.complete(token) != Some(Op::Publish) {
             return;
         }
         self.backend_op_done(token, result);
@@ -281,7 +281,7 @@ impl MqttConnection {
         };
         let key = session_store::qos2_key(&self.client_id);
         let value = Some(state.encode());
-        let token = self.token(Op::SaveQos2 { generation });
-        self.actions.push(Action::KvPut { token, key, value });
+        let token = self.ops.start(Op::SaveQos2 { generation });
+        self.out.push(Action::KvPut { token, key, value });
     }
 }

@@ -99,8 +99,7 @@ impl MqttConnection {
             if removed && parse_shared(&f).is_some() {
                 // The group goes on without this member.
                 if let Some(Backend::Open(sub)) = self.shared.remove(&f) {
-                    self.actions
-                        .push(Action::Unsubscribe { sub, delete: false });
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
                 }
             }
         }
@@ -133,8 +132,8 @@ impl MqttConnection {
         let generation = self.generation;
         let key = session_store::kv_key(&self.client_id);
         let value = Some(session_store::encode(&self.stored_session(false)));
-        let token = self.token(Op::SaveSession { generation });
-        self.actions.push(Action::KvPut { token, key, value });
+        let token = self.ops.start(Op::SaveSession { generation });
+        self.out.push(Action::KvPut { token, key, value });
     }
 
     pub(super) fn is_open(&self, key: &Option<String>) -> bool {
@@ -231,8 +230,8 @@ impl MqttConnection {
     pub(super) fn open_backend(&mut self, restore: bool) {
         self.backend = Backend::Opening;
         let spec = self.backend_spec();
-        let token = self.token(Op::OpenBackend { restore });
-        self.actions.push(Action::Subscribe { token, spec });
+        let token = self.ops.start(Op::OpenBackend { restore });
+        self.out.push(Action::Subscribe { token, spec });
     }
 
     /// Joins the share group of a `$share/...` filter: its durable Shared subscription.
@@ -249,12 +248,12 @@ impl MqttConnection {
             max_unacked: self.max_unacked(),
         };
         self.shared.insert(filter.clone(), Backend::Opening);
-        let token = self.token(Op::OpenShared { filter, restore });
-        self.actions.push(Action::Subscribe { token, spec });
+        let token = self.ops.start(Op::OpenShared { filter, restore });
+        self.out.push(Action::Subscribe { token, spec });
     }
 
     pub(super) fn on_subscribe_result(&mut self, token: u64, result: Result<SubId, OpError>) {
-        match (self.ops.remove(&token), result) {
+        match (self.ops.complete(token), result) {
             (Some(Op::OpenBackend { .. }), Ok(sub)) => {
                 self.backend = Backend::Open(sub);
                 self.flush_replies();
@@ -269,10 +268,9 @@ impl MqttConnection {
                     LogLevel::Debug,
                     format!("durable subscription busy, retrying: {}", e.message),
                 );
-                let token = self.next_token;
-                self.next_token = self.next_token.wrapping_add(1);
+                let token = self.ops.token();
                 self.retry_timer = Some((token, restore));
-                self.actions.push(Action::SetTimer {
+                self.out.push(Action::SetTimer {
                     token,
                     delay_ms: BACKEND_RETRY_MS,
                 });
@@ -291,8 +289,7 @@ impl MqttConnection {
                     self.flush_replies();
                 } else {
                     // Unsubscribed while it opened.
-                    self.actions
-                        .push(Action::Unsubscribe { sub, delete: false });
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
                 }
             }
             (Some(Op::OpenShared { filter, restore }), Err(e)) => {
@@ -305,7 +302,7 @@ impl MqttConnection {
                 }
             }
             (Some(Op::OpenOldSubscription), Ok(sub)) => {
-                self.actions.push(Action::Unsubscribe { sub, delete: true });
+                self.out.push(Action::Unsubscribe { sub, delete: true });
             }
             (Some(Op::OpenOldSubscription), Err(e)) => {
                 self.log(
@@ -375,8 +372,8 @@ impl MqttConnection {
         self.scan_in_flight = true;
         let prefix = retained::scan_prefix(&job.filter);
         let start_after = job.start_after.clone();
-        let token = self.token(Op::ScanRetained(job));
-        self.actions.push(Action::KvScan {
+        let token = self.ops.start(Op::ScanRetained(job));
+        self.out.push(Action::KvScan {
             token,
             prefix,
             start_after,
@@ -385,7 +382,7 @@ impl MqttConnection {
     }
 
     pub(super) fn on_scan_result(&mut self, token: u64, result: Result<Vec<KvEntry>, OpError>) {
-        let Some(Op::ScanRetained(job)) = self.ops.remove(&token) else {
+        let Some(Op::ScanRetained(job)) = self.ops.complete(token) else {
             return;
         };
         self.scan_in_flight = false;

@@ -512,7 +512,7 @@ fn invalid_filter_gets_0x8f() {
 #[test]
 fn server_disconnects_carry_reason_codes() {
     let mut h = connected5(&no_props());
-    let a = h.event(Event::ClaimLost);
+    let a = h.event(Event::ClaimLost { key: "dev1".into() });
     assert_eq!(
         sent(&a)[0][..3],
         [0xe0, sent(&a)[0][1], reason::SESSION_TAKEN_OVER]

@@ -1,0 +1,376 @@
+//! The machine contract: a protocol connection as a value fed events that answers with
+//! actions, and the [`Driver`] that runs one against the host.
+//!
+//! This is the quinn-proto / rustls shape. A plugin's connection is a [`Machine`]: it never
+//! calls the host; it is handed [`Event`]s (bytes, completions of host operations,
+//! deliveries, timers), each with the current time, and queues [`Action`]s (bytes to send,
+//! host calls to make), in order. Because it is a plain value, the whole protocol runs in a
+//! native `cargo test` (see [`crate::testing`]) and under a fuzzer, with no gateway and no
+//! Wasm. The [`Driver`] is the one thin piece of glue: it stamps each SDK callback with the
+//! host's clock, feeds it to the machine, and carries the actions out as host calls, so a
+//! plugin's adapter is a [`Plugin`](crate::Plugin) impl that builds its machine:
+//!
+//! ```no_run
+//! use magnetar_sdk::machine::{Action, Driver, Event, Machine};
+//! use magnetar_sdk::outbox::Outbox;
+//! use magnetar_sdk::{Conn, ConnInfo, Plugin};
+//!
+//! /// Echoes bytes back.
+//! #[derive(Default)]
+//! struct Echo {
+//!     out: Outbox,
+//! }
+//!
+//! impl Machine for Echo {
+//!     fn apply(&mut self, _now_ms: u64, event: Event) {
+//!         if let Event::Data(bytes) = event {
+//!             self.out.send(bytes);
+//!         }
+//!     }
+//!     fn take_actions(&mut self) -> Vec<Action> {
+//!         self.out.take()
+//!     }
+//! }
+//!
+//! struct EchoPlugin;
+//!
+//! impl Plugin for EchoPlugin {
+//!     type Connection = Driver<Echo>;
+//!     fn new(_config: &str) -> Result<Self, String> {
+//!         Ok(EchoPlugin)
+//!     }
+//!     fn open(&mut self, conn: Conn, _info: ConnInfo) -> Driver<Echo> {
+//!         Driver::new(conn, Echo::default())
+//!     }
+//! }
+//!
+//! magnetar_sdk::export_plugin!(EchoPlugin);
+//! ```
+//!
+//! What it does not do: decide anything about a protocol. The [`Action`]s map one to one
+//! onto host calls; the order of the actions is the order of the calls.
+
+use crate::{
+    Conn, Connection, Credentials, Delivery, KvEntry, LogLevel, OpError, OutboundMessage,
+    Principal, PublishResult, SaslOutcome, SubId, SubscriptionSpec, Will,
+};
+
+/// Something that happened to a connection: one SDK callback, as a value.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Bytes from the client. A stream: a frame may be split across events.
+    Data(Vec<u8>),
+    /// Outcome of [`Action::Authenticate`].
+    AuthResult {
+        token: u64,
+        result: Result<Principal, OpError>,
+    },
+    /// Outcome of [`Action::AuthenticateSasl`]: a challenge, or success.
+    SaslResult {
+        token: u64,
+        result: Result<SaslOutcome, OpError>,
+    },
+    /// Outcome of [`Action::Publish`]: `Ok` once the backend stored the message.
+    PublishResult {
+        token: u64,
+        result: Result<(), OpError>,
+    },
+    /// Outcome of [`Action::Subscribe`]: the subscription's handle.
+    SubscribeResult {
+        token: u64,
+        result: Result<SubId, OpError>,
+    },
+    /// A message on one of the connection's subscriptions; ack it with [`Action::Ack`].
+    Delivery(Delivery),
+    /// A timer set with [`Action::SetTimer`] fired.
+    Timer { token: u64 },
+    /// Outcome of [`Action::KvGet`] (the value, if any) or [`Action::KvPut`] (`Ok(None)`).
+    KvResult {
+        token: u64,
+        result: Result<Option<Vec<u8>>, OpError>,
+    },
+    /// Outcome of [`Action::KvScan`]: entries in key order.
+    KvScanResult {
+        token: u64,
+        result: Result<Vec<KvEntry>, OpError>,
+    },
+    /// Outcome of [`Action::Claim`]: `Ok` once the key is this connection's.
+    ClaimResult {
+        token: u64,
+        result: Result<(), OpError>,
+    },
+    /// Another connection claimed `key`, which this one held (session takeover).
+    ClaimLost { key: String },
+    /// The socket is gone. The machine's actions after this are dropped: no host call is
+    /// valid any more.
+    Closed,
+}
+
+/// Something the host must do for a connection: one host call, as a value. Actions are
+/// carried out in the order the machine queued them.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// [`Conn::send`].
+    Send(Vec<u8>),
+    /// [`Conn::close`], with the reason for the log.
+    Close(String),
+    /// [`Conn::set_reading`]: backpressure (see [`crate::input`]).
+    SetReading(bool),
+    /// [`Conn::authenticate`]; completes with [`Event::AuthResult`].
+    Authenticate { token: u64, creds: Credentials },
+    /// [`Conn::authenticate_sasl`]; completes with [`Event::SaslResult`].
+    AuthenticateSasl {
+        token: u64,
+        mechanism: String,
+        response: Vec<u8>,
+    },
+    /// [`Conn::publish`]; completes with [`Event::PublishResult`].
+    Publish { token: u64, msg: OutboundMessage },
+    /// [`Conn::subscribe`]; completes with [`Event::SubscribeResult`].
+    Subscribe { token: u64, spec: SubscriptionSpec },
+    /// [`Conn::unsubscribe`].
+    Unsubscribe { sub: SubId, delete: bool },
+    /// [`Conn::ack`].
+    Ack { sub: SubId, delivery_id: u64 },
+    /// [`Conn::ack_many`]: several deliveries of one subscription (the
+    /// [`Outbox`](crate::outbox::Outbox) gathers them).
+    AckMany { sub: SubId, delivery_ids: Vec<u64> },
+    /// [`Conn::set_timer`]; fires [`Event::Timer`].
+    SetTimer { token: u64, delay_ms: u64 },
+    /// [`Conn::kv_get`]; completes with [`Event::KvResult`].
+    KvGet { token: u64, key: String },
+    /// [`Conn::kv_put`]; completes with [`Event::KvResult`].
+    KvPut {
+        token: u64,
+        key: String,
+        value: Option<Vec<u8>>,
+    },
+    /// [`Conn::kv_scan`]; completes with [`Event::KvScanResult`].
+    KvScan {
+        token: u64,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    },
+    /// [`Conn::set_will`].
+    SetWill(Option<Will>),
+    /// [`Conn::claim`]; completes with [`Event::ClaimResult`].
+    Claim { token: u64, key: String },
+    /// [`crate::log`].
+    Log { level: LogLevel, message: String },
+}
+
+impl Action {
+    /// Carries the action out on `conn`: the one host call it stands for.
+    pub fn call(self, conn: Conn) {
+        match self {
+            Action::Send(bytes) => conn.send(&bytes),
+            Action::Close(reason) => conn.close(&reason),
+            Action::SetReading(reading) => conn.set_reading(reading),
+            Action::Authenticate { token, creds } => conn.authenticate(token, &creds),
+            Action::AuthenticateSasl {
+                token,
+                mechanism,
+                response,
+            } => conn.authenticate_sasl(token, &mechanism, &response),
+            Action::Publish { token, msg } => conn.publish(token, &msg),
+            Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
+            Action::Unsubscribe { sub, delete } => conn.unsubscribe(sub, delete),
+            Action::Ack { sub, delivery_id } => conn.ack(sub, delivery_id),
+            Action::AckMany { sub, delivery_ids } => conn.ack_many(sub, &delivery_ids),
+            Action::SetTimer { token, delay_ms } => conn.set_timer(token, delay_ms),
+            Action::KvGet { token, key } => conn.kv_get(token, &key),
+            Action::KvPut { token, key, value } => conn.kv_put(token, &key, value.as_deref()),
+            Action::KvScan {
+                token,
+                prefix,
+                start_after,
+                limit,
+            } => conn.kv_scan(token, &prefix, start_after.as_deref(), limit),
+            Action::SetWill(will) => conn.set_will(will.as_ref()),
+            Action::Claim { token, key } => conn.claim(token, &key),
+            Action::Log { level, message } => crate::log(level, &message),
+        }
+    }
+}
+
+/// A protocol connection as a sans-IO state machine.
+///
+/// The machine queues the actions an event causes (usually in an
+/// [`Outbox`](crate::outbox::Outbox)) and hands them over in [`Machine::take_actions`].
+/// [`Machine::handle`] and [`Machine::handle_all`] are the two ways to drive it; events
+/// handled together have their actions taken together, so that an outbox joins the packets
+/// of a batch of deliveries into one send.
+///
+/// ```
+/// use magnetar_sdk::machine::{Action, Event, Machine};
+///
+/// /// Counts the bytes it was sent and says how many, once per event.
+/// #[derive(Default)]
+/// struct Counter {
+///     seen: usize,
+///     actions: Vec<Action>,
+/// }
+///
+/// impl Machine for Counter {
+///     fn apply(&mut self, _now_ms: u64, event: Event) {
+///         if let Event::Data(bytes) = event {
+///             self.seen += bytes.len();
+///             self.actions.push(Action::Send(self.seen.to_string().into_bytes()));
+///         }
+///     }
+///     fn take_actions(&mut self) -> Vec<Action> {
+///         std::mem::take(&mut self.actions)
+///     }
+/// }
+///
+/// let mut m = Counter::default();
+/// let actions = m.handle(0, Event::Data(b"abc".to_vec()));
+/// assert!(matches!(actions.as_slice(), [Action::Send(b)] if b == b"3"));
+/// let actions = m.handle_all(0, [Event::Data(b"d".to_vec()), Event::Data(b"e".to_vec())]);
+/// assert_eq!(actions.len(), 2);
+/// ```
+pub trait Machine: 'static {
+    /// Applies one event at `now_ms` (milliseconds since the Unix epoch, from the host),
+    /// queuing the actions it causes.
+    fn apply(&mut self, now_ms: u64, event: Event);
+
+    /// The actions queued so far, oldest first.
+    fn take_actions(&mut self) -> Vec<Action>;
+
+    /// Feeds one event at `now_ms`; returns the actions it caused.
+    fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
+        self.apply(now_ms, event);
+        self.take_actions()
+    }
+
+    /// Feeds events that arrived together (e.g. a batch of deliveries), in order; returns
+    /// the actions they caused, together.
+    fn handle_all(&mut self, now_ms: u64, events: impl IntoIterator<Item = Event>) -> Vec<Action>
+    where
+        Self: Sized,
+    {
+        for event in events {
+            self.apply(now_ms, event);
+        }
+        self.take_actions()
+    }
+}
+
+/// Runs a [`Machine`] as an SDK [`Connection`]: every callback becomes an [`Event`] stamped
+/// with the host's clock ([`crate::now_ms`]), and every resulting [`Action`] one host call,
+/// in order. Batched callbacks (`on_deliveries`, `on_publish_results`) are fed with
+/// [`Machine::handle_all`], so their answers leave together.
+///
+/// The machine is boxed: the SDK keeps connections in a hash table, whose spare slots would
+/// otherwise each be a whole machine.
+///
+/// ```no_run
+/// # use magnetar_sdk::machine::{Action, Driver, Event, Machine};
+/// # struct Idle;
+/// # impl Machine for Idle {
+/// #     fn apply(&mut self, _: u64, _: Event) {}
+/// #     fn take_actions(&mut self) -> Vec<Action> { Vec::new() }
+/// # }
+/// let driver = Driver::new(magnetar_sdk::Conn::from_raw(1), Idle);
+/// let _machine: &Idle = driver.machine();
+/// ```
+pub struct Driver<M> {
+    machine: Box<M>,
+}
+
+impl<M: Machine> Driver<M> {
+    /// Drives `machine` on `conn`, first carrying out the actions it queued when it was
+    /// built (e.g. a handshake timer).
+    pub fn new(conn: Conn, mut machine: M) -> Self {
+        execute(conn, machine.take_actions());
+        Driver {
+            machine: Box::new(machine),
+        }
+    }
+
+    /// The machine.
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+
+    fn feed(&mut self, conn: Conn, event: Event) {
+        let actions = self.machine.handle(crate::now_ms(), event);
+        execute(conn, actions);
+    }
+
+    fn feed_all(&mut self, conn: Conn, events: impl Iterator<Item = Event>) {
+        let actions = self.machine.handle_all(crate::now_ms(), events);
+        execute(conn, actions);
+    }
+}
+
+/// Carries out actions in order.
+fn execute(conn: Conn, actions: Vec<Action>) {
+    for action in actions {
+        action.call(conn);
+    }
+}
+
+impl<M: Machine> Connection for Driver<M> {
+    fn on_data(&mut self, conn: Conn, data: Vec<u8>) {
+        self.feed(conn, Event::Data(data));
+    }
+
+    fn on_closed(&mut self, _conn: Conn) {
+        // No host call is valid now: whatever the machine answers is dropped.
+        let _ = self.machine.handle(crate::now_ms(), Event::Closed);
+    }
+
+    fn on_auth_result(&mut self, conn: Conn, token: u64, result: Result<Principal, OpError>) {
+        self.feed(conn, Event::AuthResult { token, result });
+    }
+
+    fn on_publish_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {
+        self.feed(conn, Event::PublishResult { token, result });
+    }
+
+    fn on_subscribe_result(&mut self, conn: Conn, token: u64, result: Result<SubId, OpError>) {
+        self.feed(conn, Event::SubscribeResult { token, result });
+    }
+
+    fn on_delivery(&mut self, conn: Conn, delivery: Delivery) {
+        self.feed(conn, Event::Delivery(delivery));
+    }
+
+    fn on_deliveries(&mut self, conn: Conn, deliveries: Vec<Delivery>) {
+        self.feed_all(conn, deliveries.into_iter().map(Event::Delivery));
+    }
+
+    fn on_publish_results(&mut self, conn: Conn, results: Vec<PublishResult>) {
+        let events = results.into_iter().map(|r| Event::PublishResult {
+            token: r.token,
+            result: r.outcome,
+        });
+        self.feed_all(conn, events);
+    }
+
+    fn on_timer(&mut self, conn: Conn, token: u64) {
+        self.feed(conn, Event::Timer { token });
+    }
+
+    fn on_kv_result(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
+        self.feed(conn, Event::KvResult { token, result });
+    }
+
+    fn on_kv_scan_result(&mut self, conn: Conn, token: u64, result: Result<Vec<KvEntry>, OpError>) {
+        self.feed(conn, Event::KvScanResult { token, result });
+    }
+
+    fn on_claim_result(&mut self, conn: Conn, token: u64, result: Result<(), OpError>) {
+        self.feed(conn, Event::ClaimResult { token, result });
+    }
+
+    fn on_claim_lost(&mut self, conn: Conn, key: String) {
+        self.feed(conn, Event::ClaimLost { key });
+    }
+
+    fn on_sasl_result(&mut self, conn: Conn, token: u64, result: Result<SaslOutcome, OpError>) {
+        self.feed(conn, Event::SaslResult { token, result });
+    }
+}

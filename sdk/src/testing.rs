@@ -1,0 +1,899 @@
+//! A simulated host, in which a plugin's [`Machine`] runs natively under `cargo test`: no
+//! gateway, no Wasm, no sockets, no clock but the test's.
+//!
+//! [`SimHost`] plays the gateway's part for one connection, after quinn-proto's test `Pair`:
+//! it feeds the machine events stamped with a simulated time and carries out its actions
+//! against an in-memory world:
+//!
+//! - **time**: [`SimHost::advance`] moves the clock and fires the timers that fall due, in
+//!   order, each at its own time;
+//! - **operations**: long host calls (authenticate, publish, subscribe, kv, claim) wait in
+//!   [`SimHost::pending`] until the test completes them, one by one ([`SimHost::complete_next`],
+//!   [`SimHost::fail`]) or all ([`SimHost::run`], which also hands out deliveries, until
+//!   nothing moves);
+//! - **backend**: published messages are stored ([`SimHost::published`]) and routed to every
+//!   subscription on their topic; [`SimHost::produce`] publishes as another producer would.
+//!   A subscription hands out at most its `max-unacked` deliveries before acks, keeps what
+//!   was not acked, and a durable one outlives the connection ([`SimHost::reconnect`]);
+//! - **kv**: an ordered in-memory map with prefix scans, as the host's kv (kept across
+//!   reconnects);
+//! - **connection**: the bytes sent ([`SimHost::take_sent`]), the close reason, whether the
+//!   host reads the socket, the will (published when the connection ends without clearing
+//!   it), the claims held;
+//! - **log**: every action carried out, for exact assertions ([`SimHost::take_actions`]).
+//!
+//! What it does not simulate: tenancy and authorization (every operation succeeds unless the
+//! test fails it, authentication answers the configured principal), quotas, SASL (refused),
+//! several connections at once, the will's delay.
+//!
+//! It is a plain module rather than a cargo feature: it needs nothing beyond `std`, and code
+//! a plugin does not use is not in its component.
+//!
+//! ```
+//! use magnetar_sdk::machine::{Action, Event, Machine};
+//! use magnetar_sdk::outbox::Outbox;
+//! use magnetar_sdk::testing::SimHost;
+//! use magnetar_sdk::OutboundMessage;
+//!
+//! /// Publishes every chunk of bytes to topic `t`, and answers `ok` once it is stored.
+//! #[derive(Default)]
+//! struct Pub {
+//!     out: Outbox,
+//!     next: u64,
+//! }
+//!
+//! impl Machine for Pub {
+//!     fn apply(&mut self, _now_ms: u64, event: Event) {
+//!         match event {
+//!             Event::Data(payload) => {
+//!                 self.next += 1;
+//!                 let msg = OutboundMessage {
+//!                     topic: "t".into(),
+//!                     key: None,
+//!                     payload,
+//!                     properties: Vec::new(),
+//!                 };
+//!                 self.out.push(Action::Publish { token: self.next, msg });
+//!             }
+//!             Event::PublishResult { result: Ok(()), .. } => self.out.send(b"ok".to_vec()),
+//!             _ => {}
+//!         }
+//!     }
+//!     fn take_actions(&mut self) -> Vec<Action> {
+//!         self.out.take()
+//!     }
+//! }
+//!
+//! let mut host = SimHost::new(1_000, Pub::default());
+//! host.data(b"hello");
+//! assert_eq!(host.pending().len(), 1, "the publish waits for the backend");
+//! assert!(host.take_sent().is_empty());
+//! host.run();
+//! assert_eq!(host.take_sent(), b"ok");
+//! assert_eq!(host.published()[0].payload, b"hello");
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::machine::{Action, Event, Machine};
+use crate::{
+    Delivery, ErrorKind, KvEntry, LogLevel, OpError, OutboundMessage, Principal, SubId,
+    SubscriptionSpec, Will,
+};
+
+/// Most rounds of [`SimHost::run`]: a machine that keeps asking (an answer causing another
+/// request forever) stops there instead of hanging the test.
+pub const MAX_ROUNDS: usize = 10_000;
+
+/// The most entries one kv scan returns, as the host caps it.
+const SCAN_MAX: u32 = 1000;
+
+/// A message stored in the simulated backend.
+#[derive(Debug, Clone)]
+struct Stored {
+    msg: OutboundMessage,
+    publish_time_ms: u64,
+}
+
+/// A backend subscription of the simulated host.
+#[derive(Debug)]
+struct Sub {
+    spec: SubscriptionSpec,
+    /// Open by the current connection (a durable one stays while nobody is connected).
+    attached: bool,
+    /// Messages not handed out yet.
+    backlog: VecDeque<Stored>,
+    /// Handed out, not acked: delivery id → message (redelivered after a reconnect).
+    unacked: BTreeMap<u64, Stored>,
+    acked: Vec<u64>,
+}
+
+/// The gateway, simulated for one connection at a time: see the module docs.
+pub struct SimHost<M> {
+    machine: M,
+    now_ms: u64,
+    auth: Result<Principal, OpError>,
+    pending: VecDeque<Action>,
+    /// Timers not fired: (due time, order set, token).
+    timers: Vec<(u64, u64, u64)>,
+    timer_seq: u64,
+    kv: BTreeMap<String, Vec<u8>>,
+    subs: BTreeMap<SubId, Sub>,
+    next_sub: SubId,
+    next_delivery: u64,
+    published: Vec<OutboundMessage>,
+    sent: Vec<u8>,
+    closed: Option<String>,
+    reading: bool,
+    will: Option<Will>,
+    claims: BTreeSet<String>,
+    logs: Vec<(LogLevel, String)>,
+    actions: Vec<Action>,
+}
+
+impl<M: Machine> SimHost<M> {
+    /// A host at `now_ms` running `machine`, whose first actions (e.g. a handshake timer)
+    /// are carried out at once. Authentication succeeds as user `user` of tenant `tenant`,
+    /// namespace `ns` (see [`SimHost::with_auth`]).
+    pub fn new(now_ms: u64, machine: M) -> Self {
+        let mut host = SimHost {
+            machine,
+            now_ms,
+            auth: Ok(Principal {
+                user: "user".into(),
+                tenant: "tenant".into(),
+                namespace: "ns".into(),
+            }),
+            pending: VecDeque::new(),
+            timers: Vec::new(),
+            timer_seq: 0,
+            kv: BTreeMap::new(),
+            subs: BTreeMap::new(),
+            next_sub: 1,
+            next_delivery: 1,
+            published: Vec::new(),
+            sent: Vec::new(),
+            closed: None,
+            reading: true,
+            will: None,
+            claims: BTreeSet::new(),
+            logs: Vec::new(),
+            actions: Vec::new(),
+        };
+        let actions = host.machine.take_actions();
+        host.carry_out(actions);
+        host
+    }
+
+    /// What authentication answers from now on.
+    ///
+    /// ```
+    /// # use magnetar_sdk::machine::{Action, Event, Machine};
+    /// # struct M;
+    /// # impl Machine for M { fn apply(&mut self, _: u64, _: Event) {} fn take_actions(&mut self) -> Vec<Action> { Vec::new() } }
+    /// use magnetar_sdk::{ErrorKind, OpError};
+    /// let host = magnetar_sdk::testing::SimHost::new(0, M).with_auth(Err(OpError {
+    ///     kind: ErrorKind::NotAuthorized,
+    ///     message: "bad password".into(),
+    /// }));
+    /// # drop(host);
+    /// ```
+    pub fn with_auth(mut self, auth: Result<Principal, OpError>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The machine under test.
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+
+    /// The machine under test, to change.
+    pub fn machine_mut(&mut self) -> &mut M {
+        &mut self.machine
+    }
+
+    /// The simulated time, in milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    // ---- events ------------------------------------------------------------------------
+
+    /// Feeds one event at the current time and carries out the actions it caused.
+    pub fn feed(&mut self, event: Event) {
+        let actions = self.machine.handle(self.now_ms, event);
+        self.carry_out(actions);
+    }
+
+    /// Feeds events that arrived together, as the host's batched callbacks do.
+    pub fn feed_all(&mut self, events: impl IntoIterator<Item = Event>) {
+        let actions = self.machine.handle_all(self.now_ms, events);
+        self.carry_out(actions);
+    }
+
+    /// Bytes from the client.
+    pub fn data(&mut self, bytes: &[u8]) {
+        self.feed(Event::Data(bytes.to_vec()));
+    }
+
+    /// The socket goes away (the peer left): the machine is told, the will is published.
+    pub fn disconnect(&mut self) {
+        if self.closed.is_none() {
+            self.closed = Some("peer closed".into());
+        }
+        // What the machine answers now is ignored, as the host ignores it.
+        self.feed(Event::Closed);
+        self.end_connection();
+    }
+
+    /// Another connection claims `key`, which this one holds (session takeover).
+    pub fn lose_claim(&mut self, key: &str) {
+        self.claims.remove(key);
+        self.feed(Event::ClaimLost { key: key.into() });
+    }
+
+    /// Moves the clock `ms` forward, firing the timers that fall due on the way, each at its
+    /// due time, in order.
+    pub fn advance(&mut self, ms: u64) {
+        let until = self.now_ms.saturating_add(ms);
+        while let Some(i) = self.next_timer(until) {
+            let (due, _, token) = self.timers.swap_remove(i);
+            self.now_ms = self.now_ms.max(due);
+            self.feed(Event::Timer { token });
+        }
+        self.now_ms = until;
+    }
+
+    /// The index of the earliest timer due by `until`.
+    fn next_timer(&self, until: u64) -> Option<usize> {
+        self.timers
+            .iter()
+            .enumerate()
+            .filter(|(_, (due, _, _))| *due <= until)
+            .min_by_key(|(_, (due, seq, _))| (*due, *seq))
+            .map(|(i, _)| i)
+    }
+
+    /// The delay of each timer not fired yet, from now, in the order they were set.
+    pub fn timers(&self) -> Vec<u64> {
+        let mut timers = self.timers.clone();
+        timers.sort_by_key(|(_, seq, _)| *seq);
+        timers
+            .iter()
+            .map(|(due, _, _)| due.saturating_sub(self.now_ms))
+            .collect()
+    }
+
+    // ---- operations --------------------------------------------------------------------
+
+    /// The long operations waiting for their outcome, oldest first.
+    pub fn pending(&self) -> &VecDeque<Action> {
+        &self.pending
+    }
+
+    /// Completes the oldest pending operation as the simulated host does; `false` if none
+    /// was pending.
+    pub fn complete_next(&mut self) -> bool {
+        match self.pending.pop_front() {
+            Some(op) => {
+                let event = self.answer(op);
+                self.feed(event);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Completes the pending operation with `token` with an error; `false` if none has it.
+    pub fn fail(&mut self, token: u64, error: OpError) -> bool {
+        let Some(i) = self.pending.iter().position(|a| op_token(a) == Some(token)) else {
+            return false;
+        };
+        let Some(op) = self.pending.remove(i) else {
+            return false;
+        };
+        let event = match op {
+            Action::Authenticate { .. } => Event::AuthResult {
+                token,
+                result: Err(error),
+            },
+            Action::AuthenticateSasl { .. } => Event::SaslResult {
+                token,
+                result: Err(error),
+            },
+            Action::Publish { .. } => Event::PublishResult {
+                token,
+                result: Err(error),
+            },
+            Action::Subscribe { .. } => Event::SubscribeResult {
+                token,
+                result: Err(error),
+            },
+            Action::KvScan { .. } => Event::KvScanResult {
+                token,
+                result: Err(error),
+            },
+            Action::Claim { .. } => Event::ClaimResult {
+                token,
+                result: Err(error),
+            },
+            _ => Event::KvResult {
+                token,
+                result: Err(error),
+            },
+        };
+        self.feed(event);
+        true
+    }
+
+    /// Completes every pending operation and hands out every delivery the subscriptions'
+    /// windows allow, round after round, until nothing moves (at most [`MAX_ROUNDS`]).
+    /// The number of events fed.
+    pub fn run(&mut self) -> usize {
+        let mut fed = 0;
+        for _ in 0..MAX_ROUNDS {
+            let mut moved = false;
+            while self.complete_next() {
+                fed += 1;
+                moved = true;
+            }
+            let delivered = self.deliver();
+            fed += delivered;
+            if !moved && delivered == 0 {
+                break;
+            }
+        }
+        fed
+    }
+
+    /// The host's outcome of one long operation.
+    fn answer(&mut self, op: Action) -> Event {
+        match op {
+            Action::Authenticate { token, .. } => Event::AuthResult {
+                token,
+                result: self.auth.clone(),
+            },
+            Action::AuthenticateSasl { token, .. } => Event::SaslResult {
+                token,
+                result: Err(OpError {
+                    kind: ErrorKind::NotAuthorized,
+                    message: "the simulated host runs no SASL".into(),
+                }),
+            },
+            Action::Publish { token, msg } => {
+                self.store(msg);
+                Event::PublishResult {
+                    token,
+                    result: Ok(()),
+                }
+            }
+            Action::Subscribe { token, spec } => Event::SubscribeResult {
+                token,
+                result: Ok(self.subscribe(spec)),
+            },
+            Action::KvGet { token, key } => Event::KvResult {
+                token,
+                result: Ok(self.kv.get(&key).cloned()),
+            },
+            Action::KvPut { token, key, value } => {
+                self.kv_write(key, value);
+                Event::KvResult {
+                    token,
+                    result: Ok(None),
+                }
+            }
+            Action::KvScan {
+                token,
+                prefix,
+                start_after,
+                limit,
+            } => Event::KvScanResult {
+                token,
+                result: Ok(self.kv_scan(&prefix, start_after.as_deref(), limit)),
+            },
+            Action::Claim { token, key } => {
+                self.claims.insert(key);
+                Event::ClaimResult {
+                    token,
+                    result: Ok(()),
+                }
+            }
+            // Only long operations are pending; anything else has no outcome.
+            other => Event::KvResult {
+                token: op_token(&other).unwrap_or_default(),
+                result: Ok(None),
+            },
+        }
+    }
+
+    // ---- backend -----------------------------------------------------------------------
+
+    /// Publishes `msg` as another producer would (not through the machine): it is stored and
+    /// routed; [`SimHost::run`] delivers it.
+    pub fn produce(&mut self, msg: OutboundMessage) {
+        self.store(msg);
+    }
+
+    /// The messages stored, oldest first: the machine's publishes, wills, and
+    /// [`SimHost::produce`]d ones.
+    pub fn published(&self) -> &[OutboundMessage] {
+        &self.published
+    }
+
+    /// The open subscriptions of the connection and their specs, by handle.
+    pub fn subscriptions(&self) -> Vec<(SubId, &SubscriptionSpec)> {
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.attached)
+            .map(|(id, s)| (*id, &s.spec))
+            .collect()
+    }
+
+    /// The delivery ids acked on `sub`, in ack order.
+    pub fn acked(&self, sub: SubId) -> &[u64] {
+        self.subs.get(&sub).map_or(&[], |s| s.acked.as_slice())
+    }
+
+    /// Deliveries of `sub` handed out and not acked.
+    pub fn unacked(&self, sub: SubId) -> usize {
+        self.subs.get(&sub).map_or(0, |s| s.unacked.len())
+    }
+
+    /// Hands each open subscription the deliveries its window allows, as one batch per
+    /// subscription; the number handed out.
+    pub fn deliver(&mut self) -> usize {
+        let mut total = 0;
+        let ids: Vec<SubId> = self.subs.keys().copied().collect();
+        for id in ids {
+            let mut batch = Vec::new();
+            if let Some(sub) = self.subs.get_mut(&id) {
+                if !sub.attached || self.closed.is_some() {
+                    continue;
+                }
+                let window = usize::try_from(sub.spec.max_unacked.max(1)).unwrap_or(usize::MAX);
+                while sub.unacked.len() < window {
+                    let Some(stored) = sub.backlog.pop_front() else {
+                        break;
+                    };
+                    let delivery_id = self.next_delivery;
+                    self.next_delivery += 1;
+                    batch.push(Event::Delivery(delivery(id, delivery_id, &stored)));
+                    sub.unacked.insert(delivery_id, stored);
+                }
+            }
+            total += batch.len();
+            if !batch.is_empty() {
+                self.feed_all(batch);
+            }
+        }
+        total
+    }
+
+    fn store(&mut self, msg: OutboundMessage) {
+        let stored = Stored {
+            msg,
+            publish_time_ms: self.now_ms,
+        };
+        for sub in self.subs.values_mut() {
+            if sub.spec.topic == stored.msg.topic && (sub.attached || sub.spec.durable) {
+                sub.backlog.push_back(stored.clone());
+            }
+        }
+        self.published.push(stored.msg);
+    }
+
+    /// Opens a subscription; a durable one of the same name resumes, its unacked messages
+    /// first.
+    fn subscribe(&mut self, spec: SubscriptionSpec) -> SubId {
+        let id = self.next_sub;
+        self.next_sub += 1;
+        let mut sub = Sub {
+            spec,
+            attached: true,
+            backlog: VecDeque::new(),
+            unacked: BTreeMap::new(),
+            acked: Vec::new(),
+        };
+        if sub.spec.durable {
+            let earlier = self
+                .subs
+                .iter()
+                .find(|(_, s)| !s.attached && s.spec.durable && s.spec.name == sub.spec.name)
+                .map(|(id, _)| *id);
+            if let Some(old) = earlier.and_then(|e| self.subs.remove(&e)) {
+                sub.backlog = old.unacked.into_values().chain(old.backlog).collect();
+            }
+        }
+        self.subs.insert(id, sub);
+        id
+    }
+
+    fn ack(&mut self, sub: SubId, delivery_id: u64) {
+        if let Some(s) = self.subs.get_mut(&sub) {
+            if s.unacked.remove(&delivery_id).is_some() {
+                s.acked.push(delivery_id);
+            }
+        }
+    }
+
+    // ---- kv ----------------------------------------------------------------------------
+
+    /// The kv, in key order.
+    pub fn kv(&self) -> &BTreeMap<String, Vec<u8>> {
+        &self.kv
+    }
+
+    /// The kv, to seed or change.
+    pub fn kv_mut(&mut self) -> &mut BTreeMap<String, Vec<u8>> {
+        &mut self.kv
+    }
+
+    fn kv_write(&mut self, key: String, value: Option<Vec<u8>>) {
+        match value {
+            Some(v) => {
+                self.kv.insert(key, v);
+            }
+            None => {
+                self.kv.remove(&key);
+            }
+        }
+    }
+
+    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Vec<KvEntry> {
+        let limit = usize::try_from(limit.min(SCAN_MAX)).unwrap_or(usize::MAX);
+        self.kv
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| start_after.is_none_or(|after| k.as_str() > after))
+            .take(limit)
+            .map(|(key, value)| KvEntry {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    }
+
+    // ---- the connection ----------------------------------------------------------------
+
+    /// The bytes sent to the client since the last call.
+    pub fn take_sent(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.sent)
+    }
+
+    /// Every action carried out since the last call, in order (acks as the machine gathered
+    /// them).
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Why the connection was closed, once it was.
+    pub fn closed(&self) -> Option<&str> {
+        self.closed.as_deref()
+    }
+
+    /// Whether the host reads the socket (`SetReading`; `true` until told otherwise).
+    pub fn is_reading(&self) -> bool {
+        self.reading
+    }
+
+    /// The will registered now.
+    pub fn will(&self) -> Option<&Will> {
+        self.will.as_ref()
+    }
+
+    /// The keys the connection holds claims on.
+    pub fn claims(&self) -> &BTreeSet<String> {
+        &self.claims
+    }
+
+    /// The log lines written, oldest first.
+    pub fn logs(&self) -> &[(LogLevel, String)] {
+        &self.logs
+    }
+
+    /// A new connection of the same client, running `machine`, after the current one ended
+    /// (it is told `Closed` first if it was still open). The backend and the kv stay: durable
+    /// subscriptions keep their messages for the new connection; everything of the old
+    /// connection (pending operations, timers, sent bytes, claims) is gone.
+    pub fn reconnect(&mut self, machine: M) {
+        if self.closed.is_none() {
+            self.disconnect();
+        }
+        self.machine = machine;
+        self.pending.clear();
+        self.timers.clear();
+        self.sent.clear();
+        self.closed = None;
+        self.reading = true;
+        self.claims.clear();
+        let actions = self.machine.take_actions();
+        self.carry_out(actions);
+    }
+
+    /// The connection ended: the will is published, subscriptions close (durable ones keep
+    /// their messages), claims end.
+    fn end_connection(&mut self) {
+        if let Some(will) = self.will.take() {
+            if let Some(write) = will.kv {
+                self.kv_write(write.key, write.value);
+            }
+            self.store(will.msg);
+        }
+        self.subs.retain(|_, s| s.spec.durable);
+        for sub in self.subs.values_mut() {
+            sub.attached = false;
+        }
+        self.pending.clear();
+        self.timers.clear();
+        self.claims.clear();
+    }
+
+    /// Carries out actions in order; long operations wait in `pending`.
+    fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            self.actions.push(action.clone());
+            if self.closed.is_some() {
+                continue; // calls on a closed connection are ignored by the host
+            }
+            match action {
+                Action::Send(bytes) => self.sent.extend_from_slice(&bytes),
+                Action::Close(reason) => {
+                    self.closed = Some(reason);
+                    self.end_connection();
+                }
+                Action::SetReading(reading) => self.reading = reading,
+                Action::Unsubscribe { sub, delete } => {
+                    if let Some(s) = self.subs.get_mut(&sub) {
+                        if delete || !s.spec.durable {
+                            self.subs.remove(&sub);
+                        } else {
+                            s.attached = false;
+                        }
+                    }
+                }
+                Action::Ack { sub, delivery_id } => self.ack(sub, delivery_id),
+                Action::AckMany { sub, delivery_ids } => {
+                    for id in delivery_ids {
+                        self.ack(sub, id);
+                    }
+                }
+                Action::SetTimer { token, delay_ms } => {
+                    self.timer_seq += 1;
+                    let due = self.now_ms.saturating_add(delay_ms);
+                    self.timers.push((due, self.timer_seq, token));
+                }
+                Action::SetWill(will) => self.will = will,
+                Action::Log { level, message } => self.logs.push((level, message)),
+                long => self.pending.push_back(long),
+            }
+        }
+    }
+}
+
+/// The token of a long operation.
+fn op_token(action: &Action) -> Option<u64> {
+    match action {
+        Action::Authenticate { token, .. }
+        | Action::AuthenticateSasl { token, .. }
+        | Action::Publish { token, .. }
+        | Action::Subscribe { token, .. }
+        | Action::KvGet { token, .. }
+        | Action::KvPut { token, .. }
+        | Action::KvScan { token, .. }
+        | Action::Claim { token, .. }
+        | Action::SetTimer { token, .. } => Some(*token),
+        _ => None,
+    }
+}
+
+fn delivery(subscription: SubId, delivery_id: u64, stored: &Stored) -> Delivery {
+    Delivery {
+        subscription,
+        delivery_id,
+        key: stored.msg.key.clone(),
+        payload: stored.msg.payload.clone(),
+        properties: stored.msg.properties.clone(),
+        publish_time_ms: stored.publish_time_ms,
+        redelivery_count: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Outbox;
+    use crate::{InitialPosition, SubMode};
+
+    /// A scripted machine: every event is recorded; `Data` is a command line.
+    #[derive(Default)]
+    struct Script {
+        out: Outbox,
+        events: Vec<(u64, Event)>,
+        next: u64,
+    }
+
+    fn spec(topic: &str, durable: bool, max_unacked: u32) -> SubscriptionSpec {
+        SubscriptionSpec {
+            topic: topic.into(),
+            name: format!("sub-{topic}"),
+            mode: SubMode::Exclusive,
+            durable,
+            initial_position: InitialPosition::Latest,
+            max_unacked,
+        }
+    }
+
+    impl Machine for Script {
+        fn apply(&mut self, now_ms: u64, event: Event) {
+            self.next += 1;
+            let token = self.next;
+            match &event {
+                Event::Data(cmd) => match cmd.as_slice() {
+                    b"timer" => self.out.push(Action::SetTimer {
+                        token,
+                        delay_ms: 100,
+                    }),
+                    b"sub" => self.out.push(Action::Subscribe {
+                        token,
+                        spec: spec("t", false, 2),
+                    }),
+                    b"durable" => self.out.push(Action::Subscribe {
+                        token,
+                        spec: spec("t", true, 10),
+                    }),
+                    b"put" => self.out.push(Action::KvPut {
+                        token,
+                        key: "k/1".into(),
+                        value: Some(b"v".to_vec()),
+                    }),
+                    b"scan" => self.out.push(Action::KvScan {
+                        token,
+                        prefix: "k/".into(),
+                        start_after: None,
+                        limit: 10,
+                    }),
+                    b"close" => self.out.push(Action::Close("asked".into())),
+                    other => self.out.send(other.to_vec()),
+                },
+                Event::Delivery(d) if d.payload != b"keep" => {
+                    self.out.ack(d.subscription, d.delivery_id);
+                }
+                _ => {}
+            }
+            self.events.push((now_ms, event));
+        }
+        fn take_actions(&mut self) -> Vec<Action> {
+            self.out.take()
+        }
+    }
+
+    fn msg(topic: &str, payload: &[u8]) -> OutboundMessage {
+        OutboundMessage {
+            topic: topic.into(),
+            key: None,
+            payload: payload.to_vec(),
+            properties: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn timers_fire_in_order_at_their_due_time() {
+        let mut host = SimHost::new(1_000, Script::default());
+        host.data(b"timer");
+        host.advance(50);
+        host.data(b"timer");
+        assert_eq!(host.timers(), [50, 100]);
+        host.advance(99);
+        assert_eq!(host.timers(), [1]);
+        host.advance(1);
+        let fired: Vec<u64> = host
+            .machine()
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Timer { .. }))
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(fired, [1_100, 1_150]);
+        assert_eq!(host.now_ms(), 1_150);
+    }
+
+    #[test]
+    fn deliveries_respect_the_window_and_acks_open_it() {
+        let mut host = SimHost::new(0, Script::default());
+        host.data(b"sub");
+        host.run();
+        let [(sub, _)] = host.subscriptions()[..] else {
+            panic!("one subscription");
+        };
+        for p in [b"keep", b"keep", b"ack!"] {
+            host.produce(msg("t", p));
+        }
+        host.produce(msg("other", b"x"));
+        host.run();
+        assert_eq!(host.unacked(sub), 2, "a window of 2, never acked");
+        assert_eq!(host.acked(sub), [] as [u64; 0]);
+        let deliveries = host
+            .machine()
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::Delivery(_)))
+            .count();
+        assert_eq!(deliveries, 2);
+    }
+
+    #[test]
+    fn a_durable_subscription_keeps_messages_across_a_reconnect() {
+        let mut host = SimHost::new(0, Script::default());
+        host.data(b"durable");
+        host.run();
+        host.produce(msg("t", b"keep"));
+        host.run();
+        host.disconnect();
+        host.produce(msg("t", b"while away"));
+        host.reconnect(Script::default());
+        host.data(b"durable");
+        host.run();
+        let payloads: Vec<Vec<u8>> = host
+            .machine()
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Delivery(d) => Some(d.payload.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(payloads, [b"keep".to_vec(), b"while away".to_vec()]);
+    }
+
+    #[test]
+    fn kv_puts_and_scans() {
+        let mut host = SimHost::new(0, Script::default());
+        host.kv_mut().insert("j".into(), b"not mine".to_vec());
+        host.data(b"put");
+        host.data(b"scan");
+        assert_eq!(host.pending().len(), 2);
+        host.run();
+        let scanned = host.machine().events.iter().find_map(|(_, e)| match e {
+            Event::KvScanResult { result: Ok(r), .. } => Some(r.len()),
+            _ => None,
+        });
+        assert_eq!(scanned, Some(1));
+        assert_eq!(host.kv().get("k/1").map(Vec::as_slice), Some(&b"v"[..]));
+    }
+
+    #[test]
+    fn a_failed_operation_reaches_the_machine_as_an_error() {
+        let mut host = SimHost::new(0, Script::default());
+        host.data(b"put");
+        let token = host.pending().front().and_then(op_token).unwrap_or(0);
+        let e = OpError {
+            kind: ErrorKind::Backend,
+            message: "down".into(),
+        };
+        assert!(host.fail(token, e));
+        assert!(!host.fail(
+            token,
+            OpError {
+                kind: ErrorKind::Backend,
+                message: String::new()
+            }
+        ));
+        assert!(host.kv().is_empty());
+        assert!(host
+            .machine()
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::KvResult { result: Err(_), .. })));
+    }
+
+    #[test]
+    fn close_ends_the_connection_and_later_calls_are_ignored() {
+        let mut host = SimHost::new(0, Script::default());
+        host.data(b"hi");
+        host.data(b"close");
+        host.data(b"ignored");
+        assert_eq!(host.closed(), Some("asked"));
+        assert_eq!(host.take_sent(), b"hi");
+    }
+}
