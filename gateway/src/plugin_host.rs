@@ -19,138 +19,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::connection::ConnShared;
-use crate::host_api::{HostState, Services};
-use crate::tenancy::Principal;
-
-/// Bindings generated from the WIT; the single source of truth of the ABI.
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../sdk/wit",
-        world: "plugin",
-    });
-}
-
-use bindings::magnetar::plugin::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
+use crate::abi;
+use crate::host::{Event, HostState, SaslStep, Services};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Events queued per worker before senders wait.
 const WORKER_QUEUE: usize = 4096;
-
-/// Something for a plugin instance to react to.
-pub enum Event {
-    Open {
-        conn: u64,
-        info: ConnInfo,
-        shared: Arc<ConnShared>,
-        /// Common name of the client certificate the TLS handshake verified (mTLS).
-        client_cert: Option<String>,
-    },
-    Data {
-        conn: u64,
-        data: Bytes,
-        /// Told once the plugin had the bytes: the connection reads on only then.
-        shared: Arc<ConnShared>,
-    },
-    Closed {
-        conn: u64,
-    },
-    AuthResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<Principal, OpError>,
-    },
-    PublishResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<(), OpError>,
-    },
-    /// Several publish outcomes of one connection, in order (a batch of receipts).
-    PublishResults {
-        conn: u64,
-        results: Vec<PublishResult>,
-    },
-    SubscribeResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<u64, OpError>,
-    },
-    Delivery {
-        conn: u64,
-        delivery: Delivery,
-    },
-    /// Several deliveries of one connection, in order: one queue hop for a burst.
-    Deliveries {
-        conn: u64,
-        deliveries: Vec<Delivery>,
-    },
-    Timer {
-        conn: u64,
-        token: u64,
-    },
-    KvResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<Option<Vec<u8>>, OpError>,
-    },
-    KvScanResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<Vec<KvEntry>, OpError>,
-    },
-    ClaimResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<(), OpError>,
-    },
-    /// Another connection claimed `key`, which `conn` held.
-    ClaimLost {
-        conn: u64,
-        key: String,
-    },
-    /// A SASL step: a challenge, or success with the principal and the final data.
-    SaslResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<SaslStep, OpError>,
-    },
-}
-
-/// What one SASL step produced, before the principal is recorded on the connection.
-#[derive(Debug)]
-pub enum SaslStep {
-    Challenge(Vec<u8>),
-    Success(Principal, Vec<u8>),
-}
-
-impl Event {
-    fn conn(&self) -> u64 {
-        match self {
-            Event::Open { conn, .. }
-            | Event::Data { conn, .. }
-            | Event::Closed { conn }
-            | Event::AuthResult { conn, .. }
-            | Event::PublishResult { conn, .. }
-            | Event::PublishResults { conn, .. }
-            | Event::SubscribeResult { conn, .. }
-            | Event::Delivery { conn, .. }
-            | Event::Deliveries { conn, .. }
-            | Event::Timer { conn, .. }
-            | Event::KvResult { conn, .. }
-            | Event::KvScanResult { conn, .. }
-            | Event::ClaimResult { conn, .. }
-            | Event::ClaimLost { conn, .. }
-            | Event::SaslResult { conn, .. } => *conn,
-        }
-    }
-}
 
 /// The sending side of one worker's event queue.
 #[derive(Clone)]
@@ -224,7 +104,7 @@ impl PluginHost {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
-        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+        abi::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow!("linking the host API: {e}"))?;
         Ok(PluginHost {
             engine,
@@ -297,7 +177,7 @@ impl PluginPool {
 /// A live instance.
 struct Instance {
     store: Store<HostState>,
-    plugin: bindings::Plugin,
+    plugin: abi::Plugin,
 }
 
 /// One worker thread: one instance of one plugin, and everything it needs to rebuild it.
@@ -333,7 +213,7 @@ impl Worker {
         store.limiter(|s| s.limits_mut());
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let plugin = bindings::Plugin::instantiate(&mut store, &self.component, &self.linker)
+        let plugin = abi::Plugin::instantiate(&mut store, &self.component, &self.linker)
             .map_err(|e| anyhow!("instantiating plugin {}: {e}", self.name))?;
         store.set_epoch_deadline(self.deadline_ticks());
         plugin
@@ -427,7 +307,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } => {
-            use bindings::magnetar::plugin::types::{SaslOutcome, SaslSuccess};
+            use abi::magnetar::plugin::types::{SaslOutcome, SaslSuccess};
             let outcome = match outcome {
                 Ok(SaslStep::Challenge(c)) => Some(Ok(SaslOutcome::Challenge(c))),
                 Ok(SaslStep::Success(p, final_data)) => {
