@@ -13,7 +13,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::abi::magnetar::plugin::types::ConnInfo;
+use crate::abi::types::ConnInfo;
 use crate::conn_shared::ConnShared;
 use crate::connection;
 use crate::host::Event;

@@ -1,8 +1,10 @@
 //! Loading plugins and running their instances.
 //!
-//! A plugin is a WebAssembly component (`magnetar:plugin@0.1.0`, see `sdk/wit/plugin.wit`),
-//! compiled once per process (and cached on disk across restarts by wasmtime's cache) and
-//! instantiated once per worker thread. One instance serves many connections — the
+//! A plugin is a WebAssembly component speaking one of the plugin ABI versions this host
+//! supports (`magnetar:plugin@0.2.0`, see `sdk/wit/plugin.wit`, or the older 0.1.0; see
+//! `abi`): a component of another version is refused when it is compiled, with a message
+//! naming its version and the supported ones. It is compiled once per process (and cached
+//! on disk across restarts by wasmtime's cache) and instantiated once per worker thread. One instance serves many connections — the
 //! proxy-wasm model — so an idle connection costs the host a few buffers, not an instance.
 //!
 //! Each worker is an OS thread that owns its `Store` and drains a bounded event queue: socket
@@ -24,7 +26,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::abi;
+use crate::abi::{self, AbiVersion};
 use crate::host::{Event, HostState, SaslStep, Services};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -104,8 +106,11 @@ impl PluginHost {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
-        abi::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow!("linking the host API: {e}"))?;
+        // Every supported ABI version's imports, all served by the same host calls.
+        abi::v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow!("linking the host API 0.2.0: {e}"))?;
+        abi::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {
             engine,
             linker: Arc::new(linker),
@@ -113,9 +118,15 @@ impl PluginHost {
         })
     }
 
-    /// Compiles a component (or takes it from the cache).
-    pub fn compile(&self, name: &str, wasm: &[u8]) -> anyhow::Result<Component> {
-        Component::new(&self.engine, wasm).map_err(|e| anyhow!("compiling plugin {name}: {e}"))
+    /// Compiles a component (or takes it from the cache), and checks that it speaks an ABI
+    /// version this host supports.
+    pub fn compile(&self, name: &str, wasm: &[u8]) -> anyhow::Result<CompiledPlugin> {
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| anyhow!("compiling plugin {name}: {e}"))?;
+        let abi = abi::version_of(&component.component_type(), &self.engine)
+            .map_err(|e| anyhow!("cannot load plugin {name}: {e}"))?;
+        tracing::debug!(plugin = name, %abi, "plugin compiled");
+        Ok(CompiledPlugin { component, abi })
     }
 
     /// Starts `workers` instances of a plugin, each on its own thread. The first instance is
@@ -123,7 +134,7 @@ impl PluginHost {
     pub fn start_pool(
         &self,
         name: &str,
-        component: Component,
+        plugin: CompiledPlugin,
         config_text: String,
         workers: usize,
         services: Arc<Services>,
@@ -136,7 +147,7 @@ impl PluginHost {
                 name: Arc::from(name),
                 engine: self.engine.clone(),
                 linker: self.linker.clone(),
-                component: component.clone(),
+                plugin: plugin.clone(),
                 config_text: config_text.clone(),
                 limits: self.limits,
                 services: services.clone(),
@@ -174,10 +185,49 @@ impl PluginPool {
     }
 }
 
+/// A compiled plugin and the ABI version it speaks.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    component: Component,
+    abi: AbiVersion,
+}
+
+/// The exports of an instance, in the bindings of its ABI version.
+enum Bindings {
+    V0_1(abi::v0_1::Plugin),
+    V0_2(abi::v0_2::Plugin),
+}
+
+/// The `handler` of an instance, whichever its ABI version (the functions are the same).
+#[derive(Clone, Copy)]
+enum Handler<'a> {
+    V0_1(&'a abi::v0_1::exports::magnetar::plugin::handler::Guest),
+    V0_2(&'a abi::v0_2::exports::magnetar::plugin::handler::Guest),
+}
+
+impl Bindings {
+    fn handler(&self) -> Handler<'_> {
+        match self {
+            Bindings::V0_1(p) => Handler::V0_1(p.magnetar_plugin_handler()),
+            Bindings::V0_2(p) => Handler::V0_2(p.magnetar_plugin_handler()),
+        }
+    }
+}
+
+/// Calls a `handler` function through the bindings of the instance's ABI version.
+macro_rules! on_handler {
+    ($h:expr, $call:ident($($arg:expr),* $(,)?)) => {
+        match $h {
+            Handler::V0_1(h) => h.$call($($arg),*),
+            Handler::V0_2(h) => h.$call($($arg),*),
+        }
+    };
+}
+
 /// A live instance.
 struct Instance {
     store: Store<HostState>,
-    plugin: abi::Plugin,
+    plugin: Bindings,
 }
 
 /// One worker thread: one instance of one plugin, and everything it needs to rebuild it.
@@ -185,7 +235,7 @@ struct Worker {
     name: Arc<str>,
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    component: Component,
+    plugin: CompiledPlugin,
     config_text: String,
     limits: InstanceLimits,
     services: Arc<Services>,
@@ -213,12 +263,20 @@ impl Worker {
         store.limiter(|s| s.limits_mut());
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let plugin = abi::Plugin::instantiate(&mut store, &self.component, &self.linker)
-            .map_err(|e| anyhow!("instantiating plugin {}: {e}", self.name))?;
+        let CompiledPlugin {
+            component,
+            abi: version,
+        } = &self.plugin;
+        let plugin = match version {
+            AbiVersion::V0_1 => abi::v0_1::Plugin::instantiate(&mut store, component, &self.linker)
+                .map(Bindings::V0_1),
+            AbiVersion::V0_2 => abi::v0_2::Plugin::instantiate(&mut store, component, &self.linker)
+                .map(Bindings::V0_2),
+        }
+        .map_err(|e| anyhow!("instantiating plugin {}: {e}", self.name))?;
         store.set_epoch_deadline(self.deadline_ticks());
-        plugin
-            .magnetar_plugin_handler()
-            .call_init(&mut store, &self.config_text)
+        let h = plugin.handler();
+        on_handler!(h, call_init(&mut store, &self.config_text))
             .map_err(|e| anyhow!("plugin {} trapped in init: {e}", self.name))?
             .map_err(|e| anyhow!("plugin {} refused its config: {e}", self.name))?;
         Ok(Instance { store, plugin })
@@ -269,7 +327,7 @@ impl Worker {
 fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Result<()> {
     let Instance { store, plugin } = instance;
     store.set_epoch_deadline(ticks);
-    let h = plugin.magnetar_plugin_handler();
+    let h = plugin.handler();
     match event {
         Event::Open {
             conn,
@@ -283,11 +341,11 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
                 .ok()
                 .map(|a| a.ip());
             store.data_mut().open(conn, shared, peer, client_cert);
-            h.call_on_open(&mut *store, conn, &info)
+            on_handler!(h, call_on_open(&mut *store, conn, &info))
         }
         Event::Data { conn, data, shared } => {
             let r = if store.data().knows(conn) {
-                h.call_on_data(&mut *store, conn, &data)
+                on_handler!(h, call_on_data(&mut *store, conn, &data))
             } else {
                 Ok(())
             };
@@ -298,7 +356,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             if !store.data().knows(conn) {
                 return Ok(());
             }
-            let r = h.call_on_closed(&mut *store, conn);
+            let r = on_handler!(h, call_on_closed(&mut *store, conn));
             store.data_mut().forget(conn);
             r
         }
@@ -307,7 +365,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } => {
-            use abi::magnetar::plugin::types::{SaslOutcome, SaslSuccess};
+            use abi::types::{SaslOutcome, SaslSuccess};
             let outcome = match outcome {
                 Ok(SaslStep::Challenge(c)) => Some(Ok(SaslOutcome::Challenge(c))),
                 Ok(SaslStep::Success(p, final_data)) => {
@@ -323,7 +381,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
                 Err(e) => store.data().knows(conn).then_some(Err(e)),
             };
             match outcome {
-                Some(o) => h.call_on_sasl_result(&mut *store, conn, token, o.as_ref()),
+                Some(o) => {
+                    on_handler!(h, call_on_sasl_result(&mut *store, conn, token, o.as_ref()))
+                }
                 None => Ok(()),
             }
         }
@@ -334,7 +394,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         } => {
             let outcome = store.data_mut().auth_completed(conn, outcome);
             match outcome {
-                Some(o) => h.call_on_auth_result(&mut *store, conn, token, o.as_ref()),
+                Some(o) => {
+                    on_handler!(h, call_on_auth_result(&mut *store, conn, token, o.as_ref()))
+                }
                 None => Ok(()),
             }
         }
@@ -343,54 +405,69 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_publish_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            on_handler!(
+                h,
+                call_on_publish_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            )
         }
         Event::SubscribeResult {
             conn,
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_subscribe_result(&mut *store, conn, token, outcome.as_ref().map(|s| *s))
+            on_handler!(
+                h,
+                call_on_subscribe_result(&mut *store, conn, token, outcome.as_ref().map(|s| *s))
+            )
         }
         Event::Delivery { conn, delivery } if store.data().knows(conn) => {
-            h.call_on_delivery(&mut *store, conn, &delivery)
+            on_handler!(h, call_on_delivery(&mut *store, conn, &delivery))
         }
         // One call for the lot: the plugin can answer them together.
         Event::Deliveries { conn, deliveries } if store.data().knows(conn) => {
-            h.call_on_deliveries(&mut *store, conn, &deliveries)
+            on_handler!(h, call_on_deliveries(&mut *store, conn, &deliveries))
         }
         Event::PublishResults { conn, results } if store.data().knows(conn) => {
-            h.call_on_publish_results(&mut *store, conn, &results)
+            on_handler!(h, call_on_publish_results(&mut *store, conn, &results))
         }
         Event::Timer { conn, token } if store.data().knows(conn) => {
-            h.call_on_timer(&mut *store, conn, token)
+            on_handler!(h, call_on_timer(&mut *store, conn, token))
         }
         Event::KvResult {
             conn,
             token,
             outcome,
-        } if store.data().knows(conn) => h.call_on_kv_result(
-            &mut *store,
-            conn,
-            token,
-            outcome.as_ref().map(|v| v.as_deref()),
+        } if store.data().knows(conn) => on_handler!(
+            h,
+            call_on_kv_result(
+                &mut *store,
+                conn,
+                token,
+                outcome.as_ref().map(|v| v.as_deref()),
+            )
         ),
         Event::KvScanResult {
             conn,
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_kv_scan_result(&mut *store, conn, token, outcome.as_deref())
+            on_handler!(
+                h,
+                call_on_kv_scan_result(&mut *store, conn, token, outcome.as_deref())
+            )
         }
         Event::ClaimResult {
             conn,
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_claim_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            on_handler!(
+                h,
+                call_on_claim_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            )
         }
         Event::ClaimLost { conn, key } if store.data().knows(conn) => {
-            h.call_on_claim_lost(&mut *store, conn, &key)
+            on_handler!(h, call_on_claim_lost(&mut *store, conn, &key))
         }
         // Completions for connections that are gone.
         _ => Ok(()),

@@ -4,7 +4,8 @@
 
 use super::context::{op_error, HostState};
 use super::event::{Event, SaslStep};
-use crate::abi::magnetar::plugin::types::{self, ErrorKind, OpError};
+use crate::abi::types::{self, ErrorKind, OpError};
+use crate::abi::v0_2::magnetar::plugin::auth;
 use crate::quota::Gauge;
 use crate::sasl::{self, ScramHash};
 use crate::tenancy::{Credentials, Principal};
@@ -51,9 +52,11 @@ impl HostState {
             wire
         }))
     }
+}
 
+impl auth::Host for HostState {
     /// `authenticate`: checks credentials; completes with `on-auth-result`.
-    pub(super) fn authenticate(&mut self, conn: u64, token: u64, creds: types::Credentials) {
+    fn authenticate(&mut self, conn: u64, token: u64, creds: types::Credentials) {
         if !self.knows(conn) {
             return;
         }
@@ -90,18 +93,12 @@ impl HostState {
     }
 
     /// `sasl-mechanisms`: what `authenticate-sasl` offers, best first.
-    pub(super) fn sasl_mechanisms(&mut self) -> Vec<String> {
+    fn sasl_mechanisms(&mut self) -> Vec<String> {
         sasl::MECHANISMS.iter().map(|m| m.to_string()).collect()
     }
 
     /// `authenticate-sasl`: one step of a SASL exchange; completes with `on-sasl-result`.
-    pub(super) fn authenticate_sasl(
-        &mut self,
-        conn: u64,
-        token: u64,
-        mechanism: String,
-        response: Vec<u8>,
-    ) {
+    fn authenticate_sasl(&mut self, conn: u64, token: u64, mechanism: String, response: Vec<u8>) {
         let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };

@@ -5,24 +5,25 @@
 use bytes::Bytes;
 
 use super::context::HostState;
+use crate::abi::v0_2::magnetar::plugin::conn;
 
-impl HostState {
+impl conn::Host for HostState {
     /// `send`: queues bytes for the socket.
-    pub(super) fn send(&mut self, conn: u64, data: Vec<u8>) {
+    fn send(&mut self, conn: u64, data: Vec<u8>) {
         if let Some(slot) = self.conns.get(&conn) {
             slot.shared.send(Bytes::from(data));
         }
     }
 
     /// `set-reading`: whether the socket is read for the plugin.
-    pub(super) fn set_reading(&mut self, conn: u64, reading: bool) {
+    fn set_reading(&mut self, conn: u64, reading: bool) {
         if let Some(slot) = self.conns.get(&conn) {
             slot.shared.set_reading(reading);
         }
     }
 
     /// `close`: flushes what was sent, then closes.
-    pub(super) fn close(&mut self, conn: u64, reason: String) {
+    fn close(&mut self, conn: u64, reason: String) {
         if let Some(slot) = self.conns.get(&conn) {
             tracing::info!(plugin = %self.plugin, conn, %reason, "plugin closed the connection");
             slot.shared.close();

@@ -15,7 +15,7 @@ use super::services::Services;
 use super::session::PendingWill;
 use super::subscription_task::SubCmd;
 use super::timer_task::Timer;
-use crate::abi::magnetar::plugin::types::{self, ErrorKind, OpError};
+use crate::abi::types::{self, ErrorKind, OpError};
 use crate::config::ActionName;
 use crate::conn_shared::ConnShared;
 use crate::kv::KV_TOPIC;

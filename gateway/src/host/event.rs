@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::abi::magnetar::plugin::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
+use crate::abi::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
 use crate::conn_shared::ConnShared;
 use crate::tenancy::Principal;
 

@@ -6,13 +6,14 @@
 use super::context::HostState;
 use super::event::Event;
 use super::ops_task::Op;
+use crate::abi::v0_2::magnetar::plugin::kv;
 
 /// Most entries one `kv-scan` returns.
 const KV_SCAN_MAX: u32 = 1000;
 
-impl HostState {
+impl kv::Host for HostState {
     /// `kv-get`: completes with `on-kv-result`.
-    pub(super) fn kv_get(&mut self, conn: u64, token: u64, key: String) {
+    fn kv_get(&mut self, conn: u64, token: u64, key: String) {
         match self.kv_topic(conn) {
             Ok(topic) => {
                 let key = self.kv_key(&key);
@@ -27,7 +28,7 @@ impl HostState {
     }
 
     /// `kv-put`: writes (`Some`) or deletes (`None`); completes with `on-kv-result`.
-    pub(super) fn kv_put(&mut self, conn: u64, token: u64, key: String, value: Option<Vec<u8>>) {
+    fn kv_put(&mut self, conn: u64, token: u64, key: String, value: Option<Vec<u8>>) {
         match self.kv_topic(conn) {
             Ok(topic) => {
                 let key = self.kv_key(&key);
@@ -50,7 +51,7 @@ impl HostState {
     }
 
     /// `kv-scan`: completes with `on-kv-scan-result`.
-    pub(super) fn kv_scan(
+    fn kv_scan(
         &mut self,
         conn: u64,
         token: u64,

@@ -15,7 +15,8 @@
 //!
 //! Layout: one context type, [`HostState`] (the store data of an instance, in `context`),
 //! and one file per family of host calls over it — `conn`, `auth`, `pubsub`, `kv`, `session`
-//! (claims and wills), `timers` (and the clock and log); `dispatch` maps the ABI's interface
+//! (claims and wills), `timers` (and the clock and log), each implementing the interface of
+//! the same name of the current ABI (0.2.0); `v0_1` maps ABI 0.1.0's one `host` interface
 //! onto them. The async plumbing has files of its own (`ops_task`, `subscription_task`,
 //! `timer_task`), and their pure logic is apart and unit-tested: the order of a connection's
 //! operations (`op_queue`), ack tracking (`acks`), the timer heap (`timer_heap`).
@@ -24,7 +25,6 @@ mod acks;
 mod auth;
 mod conn;
 mod context;
-mod dispatch;
 mod event;
 mod kv;
 mod op_queue;
@@ -36,6 +36,7 @@ mod subscription_task;
 mod timer_heap;
 mod timer_task;
 mod timers;
+mod v0_1;
 
 pub use context::HostState;
 pub use event::{Event, SaslStep};

@@ -12,7 +12,7 @@ use super::context::{op_error, HostState};
 use super::event::Event;
 use super::op_queue::{OpQueue, Queued};
 use super::services::Services;
-use crate::abi::magnetar::plugin::types::{self, ErrorKind};
+use crate::abi::types::{self, ErrorKind};
 use crate::backend::OutMessage;
 use crate::conn_shared::ConnShared;
 

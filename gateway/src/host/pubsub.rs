@@ -11,7 +11,8 @@ use super::context::{op_error, HostState};
 use super::event::Event;
 use super::ops_task::Op;
 use super::subscription_task::{run_subscription, SubCmd, SubTask};
-use crate::abi::magnetar::plugin::types::{self, ErrorKind};
+use crate::abi::types::{self, ErrorKind};
+use crate::abi::v0_2::magnetar::plugin::pubsub;
 use crate::backend::{OutMessage, SubscribeOptions};
 use crate::config::ActionName;
 use crate::crypto::KEY_PROPERTY;
@@ -33,9 +34,9 @@ pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
     }
 }
 
-impl HostState {
+impl pubsub::Host for HostState {
     /// `publish`: stores a message durably; completes with `on-publish-result`.
-    pub(super) fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
+    fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
         let topic = self.authorized_topic(conn, &msg.topic, ActionName::Produce);
         let bytes = msg.payload.len();
         let mut out = backend_message(msg);
@@ -80,7 +81,7 @@ impl HostState {
 
     /// `subscribe`: opens a subscription and its delivery task; completes with
     /// `on-subscribe-result`.
-    pub(super) fn subscribe(&mut self, conn: u64, token: u64, spec: types::SubscriptionSpec) {
+    fn subscribe(&mut self, conn: u64, token: u64, spec: types::SubscriptionSpec) {
         let topic = match self
             .authorized_topic(conn, &spec.topic, ActionName::Consume)
             .and_then(|t| {
@@ -151,14 +152,14 @@ impl HostState {
     }
 
     /// `unsubscribe`: closes a subscription (with `delete`, removes it from the backend).
-    pub(super) fn unsubscribe(&mut self, conn: u64, sub: u64, delete: bool) {
+    fn unsubscribe(&mut self, conn: u64, sub: u64, delete: bool) {
         if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {
             let _ = tx.try_send(SubCmd::Close { delete });
         }
     }
 
     /// `ack`: acknowledges one delivery.
-    pub(super) fn ack(&mut self, conn: u64, sub: u64, delivery_id: u64) {
+    fn ack(&mut self, conn: u64, sub: u64, delivery_id: u64) {
         if let Some(tx) = self.conns.get(&conn).and_then(|s| s.subs.get(&sub)) {
             if tx.try_send(SubCmd::Ack(delivery_id)).is_err() {
                 tracing::warn!(plugin = %self.plugin, conn, sub, "ack dropped: more acks than deliveries");
@@ -167,7 +168,7 @@ impl HostState {
     }
 
     /// `ack-many`: acknowledges several deliveries of one subscription.
-    pub(super) fn ack_many(&mut self, conn: u64, sub: u64, delivery_ids: Vec<u64>) {
+    fn ack_many(&mut self, conn: u64, sub: u64, delivery_ids: Vec<u64>) {
         if let Some(tx) = self.conns.get(&conn).and_then(|s| s.subs.get(&sub)) {
             if tx.try_send(SubCmd::AckMany(delivery_ids)).is_err() {
                 tracing::warn!(plugin = %self.plugin, conn, sub, "acks dropped: more acks than deliveries");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::context::op_error;
 use super::session::Claims;
-use crate::abi::magnetar::plugin::types::{self, ErrorKind, OpError};
+use crate::abi::types::{self, ErrorKind, OpError};
 use crate::backend::{Backend, OutMessage};
 use crate::crypto::{CryptoError, E2eKeys, KeyRing, KEY_PROPERTY};
 use crate::kv::Kv;

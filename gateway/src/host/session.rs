@@ -16,7 +16,8 @@ use super::context::{ConnSlot, HostState};
 use super::event::Event;
 use super::pubsub::backend_message;
 use super::services::Services;
-use crate::abi::magnetar::plugin::types::{self, OpError};
+use crate::abi::types::{self, OpError};
+use crate::abi::v0_2::magnetar::plugin::session;
 use crate::backend::OutMessage;
 use crate::config::ActionName;
 use crate::conn_shared::ConnShared;
@@ -59,88 +60,6 @@ impl HostState {
                     .delayed_wills
                     .insert(key, (serial, task.abort_handle()));
             }
-        }
-    }
-
-    /// `set-will`: registers or clears the connection's last will.
-    pub(super) fn set_will(&mut self, conn: u64, will: Option<types::Will>) {
-        let will = match will {
-            None => None,
-            Some(w) => match self.pending_will(conn, w) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::warn!(plugin = %self.plugin, conn, error = %e.message, "will refused");
-                    None
-                }
-            },
-        };
-        if let Some(slot) = self.conns.get_mut(&conn) {
-            slot.will = will;
-        }
-    }
-
-    /// `claim`: takes `key` for this connection; completes with `on-claim-result`.
-    pub(super) fn claim(&mut self, conn: u64, token: u64, key: String) {
-        let full = match self.principal(conn) {
-            Ok(p) => format!("{}\0{}/{}\0{key}", self.plugin, p.tenant, p.namespace),
-            Err(e) => {
-                return self.complete(Event::ClaimResult {
-                    conn,
-                    token,
-                    outcome: Err(e),
-                })
-            }
-        };
-        let Some(slot) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        if !slot.claims.contains(&full) {
-            slot.claims.push(full.clone());
-        }
-        let holder = ClaimHolder {
-            conn,
-            events: self.events.clone(),
-            shared: slot.shared.clone(),
-        };
-        let previous = {
-            let mut claims = self.services.claims.lock();
-            if let Some((_, delayed)) = claims.delayed_wills.remove(&full) {
-                delayed.abort();
-            }
-            claims.holders.insert(full, holder)
-        };
-        match previous {
-            Some(prev) if prev.conn != conn && !prev.shared.is_closing() => {
-                let events = self.events.clone();
-                self.runtime.spawn(async move {
-                    let _ = prev
-                        .events
-                        .send(Event::ClaimLost {
-                            conn: prev.conn,
-                            key,
-                        })
-                        .await;
-                    if tokio::time::timeout(CLAIM_GRACE, prev.shared.closed())
-                        .await
-                        .is_err()
-                    {
-                        prev.shared.close();
-                    }
-                    let outcome = Ok(());
-                    let _ = events
-                        .send(Event::ClaimResult {
-                            conn,
-                            token,
-                            outcome,
-                        })
-                        .await;
-                });
-            }
-            _ => self.complete(Event::ClaimResult {
-                conn,
-                token,
-                outcome: Ok(()),
-            }),
         }
     }
 
@@ -239,5 +158,89 @@ async fn publish_will(
     match stored {
         Ok(()) => tracing::debug!(topic = %will.topic, "will published"),
         Err(e) => tracing::warn!(topic = %will.topic, error = %e, "will not published"),
+    }
+}
+
+impl session::Host for HostState {
+    /// `set-will`: registers or clears the connection's last will.
+    fn set_will(&mut self, conn: u64, will: Option<types::Will>) {
+        let will = match will {
+            None => None,
+            Some(w) => match self.pending_will(conn, w) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(plugin = %self.plugin, conn, error = %e.message, "will refused");
+                    None
+                }
+            },
+        };
+        if let Some(slot) = self.conns.get_mut(&conn) {
+            slot.will = will;
+        }
+    }
+
+    /// `claim`: takes `key` for this connection; completes with `on-claim-result`.
+    fn claim(&mut self, conn: u64, token: u64, key: String) {
+        let full = match self.principal(conn) {
+            Ok(p) => format!("{}\0{}/{}\0{key}", self.plugin, p.tenant, p.namespace),
+            Err(e) => {
+                return self.complete(Event::ClaimResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
+        let Some(slot) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !slot.claims.contains(&full) {
+            slot.claims.push(full.clone());
+        }
+        let holder = ClaimHolder {
+            conn,
+            events: self.events.clone(),
+            shared: slot.shared.clone(),
+        };
+        let previous = {
+            let mut claims = self.services.claims.lock();
+            if let Some((_, delayed)) = claims.delayed_wills.remove(&full) {
+                delayed.abort();
+            }
+            claims.holders.insert(full, holder)
+        };
+        match previous {
+            Some(prev) if prev.conn != conn && !prev.shared.is_closing() => {
+                let events = self.events.clone();
+                self.runtime.spawn(async move {
+                    let _ = prev
+                        .events
+                        .send(Event::ClaimLost {
+                            conn: prev.conn,
+                            key,
+                        })
+                        .await;
+                    if tokio::time::timeout(CLAIM_GRACE, prev.shared.closed())
+                        .await
+                        .is_err()
+                    {
+                        prev.shared.close();
+                    }
+                    let outcome = Ok(());
+                    let _ = events
+                        .send(Event::ClaimResult {
+                            conn,
+                            token,
+                            outcome,
+                        })
+                        .await;
+                });
+            }
+            _ => self.complete(Event::ClaimResult {
+                conn,
+                token,
+                outcome: Ok(()),
+            }),
+        }
     }
 }

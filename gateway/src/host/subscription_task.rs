@@ -12,7 +12,7 @@ use super::acks::{AckPlan, AckTracker};
 use super::context::op_error;
 use super::event::Event;
 use super::services::Services;
-use crate::abi::magnetar::plugin::types::{self, ErrorKind};
+use crate::abi::types::{self, ErrorKind};
 use crate::backend::{Backend, SubscribeOptions};
 use crate::conn_shared::ConnShared;
 use crate::quota::{Gauge, Meters};

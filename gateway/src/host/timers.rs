@@ -4,11 +4,12 @@ use tokio::sync::mpsc;
 
 use super::context::HostState;
 use super::timer_task::{run_timers, Timer};
-use crate::abi::magnetar::plugin::types;
+use crate::abi::types;
+use crate::abi::v0_2::magnetar::plugin::{log, timers};
 
-impl HostState {
+impl timers::Host for HostState {
     /// `set-timer`: `on-timer` with `token` after `delay_ms`.
-    pub(super) fn set_timer(&mut self, conn: u64, token: u64, delay_ms: u64) {
+    fn set_timer(&mut self, conn: u64, token: u64, delay_ms: u64) {
         let Some(slot) = self.conns.get(&conn) else {
             return;
         };
@@ -27,12 +28,14 @@ impl HostState {
     }
 
     /// `now-ms`: the host's wall clock.
-    pub(super) fn now_ms(&mut self) -> u64 {
+    fn now_ms(&mut self) -> u64 {
         crate::clock::now_ms()
     }
+}
 
+impl log::Host for HostState {
     /// `log`: a log line tagged with the plugin's name.
-    pub(super) fn log(&mut self, level: types::LogLevel, message: String) {
+    fn log(&mut self, level: types::LogLevel, message: String) {
         let plugin = &*self.plugin;
         match level {
             types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
