@@ -31,8 +31,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LimitsConfig, PermissionConfig, TenantConfig, UserConfig};
-use crate::host_api::Services;
-use crate::tenancy::{validate_segment, Tenancy};
+use crate::host::Services;
+use crate::names::validate_segment;
+use crate::tenancy::Tenancy;
 
 /// Changes made through the API, replayed over the config at start (`None`: deleted).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -84,7 +85,7 @@ impl Changes {
 
     fn save(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        crate::tenancy::write_private(&Self::path(data_dir), &json)
+        crate::secret::write_private(&Self::path(data_dir), &json)
     }
 }
 
@@ -130,7 +131,7 @@ impl Admin {
             ));
         };
         if let Some(t) = &self.token {
-            if crate::tenancy::constant_time_eq(t.as_bytes(), presented.as_bytes()) {
+            if crate::secret::constant_time_eq(t.as_bytes(), presented.as_bytes()) {
                 return Ok(());
             }
         }

@@ -477,13 +477,13 @@ impl Config {
                 ));
             }
             for (what, name) in [("tenant", &u.tenant), ("namespace", &u.namespace)] {
-                crate::tenancy::validate_segment(name)
+                crate::names::validate_segment(name)
                     .map_err(|e| format!("key `auth.users[{i}].{what}`: {e}"))?;
             }
         }
         let mut tenants = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
-            crate::tenancy::validate_segment(&t.name)
+            crate::names::validate_segment(&t.name)
                 .map_err(|e| format!("key `tenants[{i}].name`: {e}"))?;
             if !tenants.insert(&t.name) {
                 return Err(format!(
@@ -492,7 +492,7 @@ impl Config {
                 ));
             }
             for ns in &t.namespaces {
-                crate::tenancy::validate_segment(ns)
+                crate::names::validate_segment(ns)
                     .map_err(|e| format!("key `tenants[{i}].namespaces`: {e}"))?;
             }
         }

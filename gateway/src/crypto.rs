@@ -131,7 +131,7 @@ impl KeyRing {
                 })?,
                 Err(e) if generate && e.kind() == std::io::ErrorKind::NotFound => {
                     let key = random::<32>();
-                    crate::tenancy::write_private(&path, &key).map_err(|source| {
+                    crate::secret::write_private(&path, &key).map_err(|source| {
                         CryptoError::Store {
                             path: path.clone(),
                             source,
@@ -176,7 +176,7 @@ impl KeyRing {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        crate::tenancy::write_private(&path, &json)
+        crate::secret::write_private(&path, &json)
             .map_err(|source| CryptoError::Store { path, source })
     }
 

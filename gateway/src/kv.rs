@@ -106,7 +106,7 @@ pub struct AtRest {
 
 impl AtRest {
     fn seal(&self, topic: &str, value: &[u8]) -> Result<Option<(Vec<u8>, String)>, KvError> {
-        match crate::tenancy::tenant_of(topic) {
+        match crate::names::tenant_of(topic) {
             Some(t) if self.tenancy.encrypts(t) => self
                 .keys
                 .seal(t, value)
@@ -119,7 +119,7 @@ impl AtRest {
 
 impl Kv {
     pub fn new(backend: Arc<Backend>, at_rest: Option<AtRest>) -> Kv {
-        let instance = format!("{}-{}", std::process::id(), crate::host_api::now_ms());
+        let instance = format!("{}-{}", std::process::id(), crate::clock::now_ms());
         Kv {
             backend,
             spaces: Mutex::new(HashMap::new()),
@@ -203,7 +203,7 @@ impl Kv {
                 receiver_queue: 1000,
             })
             .await?;
-        let marker = format!("{}-{}", self.instance, crate::host_api::now_ms());
+        let marker = format!("{}-{}", self.instance, crate::clock::now_ms());
         let mut properties = HashMap::new();
         properties.insert(MARKER_PROPERTY.to_string(), marker.clone());
         let receipt = self
@@ -278,7 +278,7 @@ fn apply_message(
         _ => match (prop(crate::crypto::KEY_PROPERTY), at_rest) {
             (None, _) => Some(msg.payload.data.clone()),
             (Some(key_id), Some(at_rest)) => {
-                let tenant = crate::tenancy::tenant_of(topic).unwrap_or_default();
+                let tenant = crate::names::tenant_of(topic).unwrap_or_default();
                 match at_rest.keys.open(tenant, &key_id, &msg.payload.data) {
                     Ok(v) => Some(v),
                     Err(e) => {

@@ -4,36 +4,61 @@
 //! (a WebAssembly component, see `sdk/wit/plugin.wit`), and carries out what the plugin asks
 //! for — authentication, publishing, subscribing — against an Apache Pulsar backend: the
 //! embedded broker (`magnetar-broker`) or a Pulsar cluster, through the same client code.
+//!
+//! The modules form layers; a module uses only modules of the layers below its own (and
+//! within a layer, those listed before it), never one above:
+//! 1. leaves: `names`, `clock`, `secret`, `config`, `abi`, `conn_shared`, `builtin`;
+//! 2. services: `sasl`, `tenancy`, `crypto`, `quota`, `backend`, `kv`, `tls`;
+//! 3. the host: `host` (the host calls), `plugin_host` (workers and instances), `connection`
+//!    (socket tasks);
+//! 4. the top: `websocket`, `listener`, `admin`, `server` (and the binary, `main.rs`).
 #![forbid(unsafe_code)]
 
-/// The admin HTTP API: tenants, users, keys, usage, metrics.
-pub mod admin;
-/// The Pulsar backend: producers, consumers, one code path for embedded and cluster.
-pub mod backend;
+// 1. Leaves.
+/// The plugin ABI, generated from the WIT.
+pub mod abi;
+/// The wall clock in milliseconds since the Unix epoch.
+pub mod clock;
 /// The configuration file and its defaults.
 pub mod config;
-/// One client connection: socket tasks, output buffer, backpressure.
-pub mod connection;
+/// What a connection's socket task and its plugin worker share: output, backpressure, closing.
+pub mod conn_shared;
+/// Tenant, namespace and topic names, checked.
+pub mod names;
+/// Secret files and constant-time comparison.
+pub mod secret;
+
+// 2. Services.
+/// The Pulsar backend: producers, consumers, one code path for embedded and cluster.
+pub mod backend;
 /// Encryption at rest: tenants' data keys and sealed payloads.
 pub mod crypto;
-/// The host calls a plugin makes, carried out for one plugin instance.
-pub mod host_api;
 /// A small key-value store per namespace, kept in a Pulsar topic.
 pub mod kv;
-/// TCP listeners, TLS handshakes and the hand-off of connections to plugin workers.
-pub mod listener;
-/// Loading plugins, worker threads, instance lifecycle and fault containment.
-pub mod plugin_host;
 /// Quotas and usage per tenant and user.
 pub mod quota;
 /// SASL PLAIN and SCRAM, run by the host for plugins.
 pub mod sasl;
-/// The running gateway: wires config, broker, backend, plugins and listeners together.
-pub mod server;
 /// Principals, credentials and who may use which names.
 pub mod tenancy;
 /// Server certificates: from files, or generated at start.
 pub mod tls;
+
+// 3. The host.
+/// One client connection: its socket task.
+pub mod connection;
+/// The host calls a plugin makes, carried out for one plugin instance.
+pub mod host;
+/// Loading plugins, worker threads, instance lifecycle and fault containment.
+pub mod plugin_host;
+
+// 4. The top.
+/// The admin HTTP API: tenants, users, keys, usage, metrics.
+pub mod admin;
+/// TCP listeners, TLS handshakes and the hand-off of connections to plugin workers.
+pub mod listener;
+/// The running gateway: wires config, broker, backend, plugins and listeners together.
+pub mod server;
 /// WebSocket as a listener transport: the Upgrade handshake, binary messages as a byte stream.
 pub mod websocket;
 

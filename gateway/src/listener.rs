@@ -13,9 +13,11 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::connection::{self, ConnShared};
-use crate::plugin_host::bindings::magnetar::plugin::types::ConnInfo;
-use crate::plugin_host::{Event, PluginPool, WorkerHandle};
+use crate::abi::types::ConnInfo;
+use crate::conn_shared::ConnShared;
+use crate::connection;
+use crate::host::Event;
+use crate::plugin_host::{PluginPool, WorkerHandle};
 use crate::websocket::WebSocketOptions;
 
 /// Time a client has to finish the TLS handshake.

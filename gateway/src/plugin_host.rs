@@ -1,8 +1,10 @@
 //! Loading plugins and running their instances.
 //!
-//! A plugin is a WebAssembly component (`magnetar:plugin@0.1.0`, see `sdk/wit/plugin.wit`),
-//! compiled once per process (and cached on disk across restarts by wasmtime's cache) and
-//! instantiated once per worker thread. One instance serves many connections — the
+//! A plugin is a WebAssembly component speaking one of the plugin ABI versions this host
+//! supports (`magnetar:plugin@0.2.0`, see `sdk/wit/plugin.wit`, or the older 0.1.0; see
+//! `abi`): a component of another version is refused when it is compiled, with a message
+//! naming its version and the supported ones. It is compiled once per process (and cached
+//! on disk across restarts by wasmtime's cache) and instantiated once per worker thread. One instance serves many connections — the
 //! proxy-wasm model — so an idle connection costs the host a few buffers, not an instance.
 //!
 //! Each worker is an OS thread that owns its `Store` and drains a bounded event queue: socket
@@ -19,138 +21,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store, StoreLimitsBuilder};
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::connection::ConnShared;
-use crate::host_api::{HostState, Services};
-use crate::tenancy::Principal;
-
-/// Bindings generated from the WIT; the single source of truth of the ABI.
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../sdk/wit",
-        world: "plugin",
-    });
-}
-
-use bindings::magnetar::plugin::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
+use crate::abi::{self, AbiVersion};
+use crate::host::{Event, HostState, SaslStep, Services};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Events queued per worker before senders wait.
 const WORKER_QUEUE: usize = 4096;
-
-/// Something for a plugin instance to react to.
-pub enum Event {
-    Open {
-        conn: u64,
-        info: ConnInfo,
-        shared: Arc<ConnShared>,
-        /// Common name of the client certificate the TLS handshake verified (mTLS).
-        client_cert: Option<String>,
-    },
-    Data {
-        conn: u64,
-        data: Bytes,
-        /// Told once the plugin had the bytes: the connection reads on only then.
-        shared: Arc<ConnShared>,
-    },
-    Closed {
-        conn: u64,
-    },
-    AuthResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<Principal, OpError>,
-    },
-    PublishResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<(), OpError>,
-    },
-    /// Several publish outcomes of one connection, in order (a batch of receipts).
-    PublishResults {
-        conn: u64,
-        results: Vec<PublishResult>,
-    },
-    SubscribeResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<u64, OpError>,
-    },
-    Delivery {
-        conn: u64,
-        delivery: Delivery,
-    },
-    /// Several deliveries of one connection, in order: one queue hop for a burst.
-    Deliveries {
-        conn: u64,
-        deliveries: Vec<Delivery>,
-    },
-    Timer {
-        conn: u64,
-        token: u64,
-    },
-    KvResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<Option<Vec<u8>>, OpError>,
-    },
-    KvScanResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<Vec<KvEntry>, OpError>,
-    },
-    ClaimResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<(), OpError>,
-    },
-    /// Another connection claimed `key`, which `conn` held.
-    ClaimLost {
-        conn: u64,
-        key: String,
-    },
-    /// A SASL step: a challenge, or success with the principal and the final data.
-    SaslResult {
-        conn: u64,
-        token: u64,
-        outcome: Result<SaslStep, OpError>,
-    },
-}
-
-/// What one SASL step produced, before the principal is recorded on the connection.
-#[derive(Debug)]
-pub enum SaslStep {
-    Challenge(Vec<u8>),
-    Success(Principal, Vec<u8>),
-}
-
-impl Event {
-    fn conn(&self) -> u64 {
-        match self {
-            Event::Open { conn, .. }
-            | Event::Data { conn, .. }
-            | Event::Closed { conn }
-            | Event::AuthResult { conn, .. }
-            | Event::PublishResult { conn, .. }
-            | Event::PublishResults { conn, .. }
-            | Event::SubscribeResult { conn, .. }
-            | Event::Delivery { conn, .. }
-            | Event::Deliveries { conn, .. }
-            | Event::Timer { conn, .. }
-            | Event::KvResult { conn, .. }
-            | Event::KvScanResult { conn, .. }
-            | Event::ClaimResult { conn, .. }
-            | Event::ClaimLost { conn, .. }
-            | Event::SaslResult { conn, .. } => *conn,
-        }
-    }
-}
 
 /// The sending side of one worker's event queue.
 #[derive(Clone)]
@@ -224,8 +106,11 @@ impl PluginHost {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
-        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow!("linking the host API: {e}"))?;
+        // Every supported ABI version's imports, all served by the same host calls.
+        abi::v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow!("linking the host API 0.2.0: {e}"))?;
+        abi::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {
             engine,
             linker: Arc::new(linker),
@@ -233,9 +118,15 @@ impl PluginHost {
         })
     }
 
-    /// Compiles a component (or takes it from the cache).
-    pub fn compile(&self, name: &str, wasm: &[u8]) -> anyhow::Result<Component> {
-        Component::new(&self.engine, wasm).map_err(|e| anyhow!("compiling plugin {name}: {e}"))
+    /// Compiles a component (or takes it from the cache), and checks that it speaks an ABI
+    /// version this host supports.
+    pub fn compile(&self, name: &str, wasm: &[u8]) -> anyhow::Result<CompiledPlugin> {
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|e| anyhow!("compiling plugin {name}: {e}"))?;
+        let abi = abi::version_of(&component.component_type(), &self.engine)
+            .map_err(|e| anyhow!("cannot load plugin {name}: {e}"))?;
+        tracing::debug!(plugin = name, %abi, "plugin compiled");
+        Ok(CompiledPlugin { component, abi })
     }
 
     /// Starts `workers` instances of a plugin, each on its own thread. The first instance is
@@ -243,7 +134,7 @@ impl PluginHost {
     pub fn start_pool(
         &self,
         name: &str,
-        component: Component,
+        plugin: CompiledPlugin,
         config_text: String,
         workers: usize,
         services: Arc<Services>,
@@ -256,7 +147,7 @@ impl PluginHost {
                 name: Arc::from(name),
                 engine: self.engine.clone(),
                 linker: self.linker.clone(),
-                component: component.clone(),
+                plugin: plugin.clone(),
                 config_text: config_text.clone(),
                 limits: self.limits,
                 services: services.clone(),
@@ -294,10 +185,49 @@ impl PluginPool {
     }
 }
 
+/// A compiled plugin and the ABI version it speaks.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    component: Component,
+    abi: AbiVersion,
+}
+
+/// The exports of an instance, in the bindings of its ABI version.
+enum Bindings {
+    V0_1(abi::v0_1::Plugin),
+    V0_2(abi::v0_2::Plugin),
+}
+
+/// The `handler` of an instance, whichever its ABI version (the functions are the same).
+#[derive(Clone, Copy)]
+enum Handler<'a> {
+    V0_1(&'a abi::v0_1::exports::magnetar::plugin::handler::Guest),
+    V0_2(&'a abi::v0_2::exports::magnetar::plugin::handler::Guest),
+}
+
+impl Bindings {
+    fn handler(&self) -> Handler<'_> {
+        match self {
+            Bindings::V0_1(p) => Handler::V0_1(p.magnetar_plugin_handler()),
+            Bindings::V0_2(p) => Handler::V0_2(p.magnetar_plugin_handler()),
+        }
+    }
+}
+
+/// Calls a `handler` function through the bindings of the instance's ABI version.
+macro_rules! on_handler {
+    ($h:expr, $call:ident($($arg:expr),* $(,)?)) => {
+        match $h {
+            Handler::V0_1(h) => h.$call($($arg),*),
+            Handler::V0_2(h) => h.$call($($arg),*),
+        }
+    };
+}
+
 /// A live instance.
 struct Instance {
     store: Store<HostState>,
-    plugin: bindings::Plugin,
+    plugin: Bindings,
 }
 
 /// One worker thread: one instance of one plugin, and everything it needs to rebuild it.
@@ -305,7 +235,7 @@ struct Worker {
     name: Arc<str>,
     engine: Engine,
     linker: Arc<Linker<HostState>>,
-    component: Component,
+    plugin: CompiledPlugin,
     config_text: String,
     limits: InstanceLimits,
     services: Arc<Services>,
@@ -333,12 +263,20 @@ impl Worker {
         store.limiter(|s| s.limits_mut());
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.deadline_ticks());
-        let plugin = bindings::Plugin::instantiate(&mut store, &self.component, &self.linker)
-            .map_err(|e| anyhow!("instantiating plugin {}: {e}", self.name))?;
+        let CompiledPlugin {
+            component,
+            abi: version,
+        } = &self.plugin;
+        let plugin = match version {
+            AbiVersion::V0_1 => abi::v0_1::Plugin::instantiate(&mut store, component, &self.linker)
+                .map(Bindings::V0_1),
+            AbiVersion::V0_2 => abi::v0_2::Plugin::instantiate(&mut store, component, &self.linker)
+                .map(Bindings::V0_2),
+        }
+        .map_err(|e| anyhow!("instantiating plugin {}: {e}", self.name))?;
         store.set_epoch_deadline(self.deadline_ticks());
-        plugin
-            .magnetar_plugin_handler()
-            .call_init(&mut store, &self.config_text)
+        let h = plugin.handler();
+        on_handler!(h, call_init(&mut store, &self.config_text))
             .map_err(|e| anyhow!("plugin {} trapped in init: {e}", self.name))?
             .map_err(|e| anyhow!("plugin {} refused its config: {e}", self.name))?;
         Ok(Instance { store, plugin })
@@ -389,7 +327,7 @@ impl Worker {
 fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Result<()> {
     let Instance { store, plugin } = instance;
     store.set_epoch_deadline(ticks);
-    let h = plugin.magnetar_plugin_handler();
+    let h = plugin.handler();
     match event {
         Event::Open {
             conn,
@@ -403,11 +341,11 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
                 .ok()
                 .map(|a| a.ip());
             store.data_mut().open(conn, shared, peer, client_cert);
-            h.call_on_open(&mut *store, conn, &info)
+            on_handler!(h, call_on_open(&mut *store, conn, &info))
         }
         Event::Data { conn, data, shared } => {
             let r = if store.data().knows(conn) {
-                h.call_on_data(&mut *store, conn, &data)
+                on_handler!(h, call_on_data(&mut *store, conn, &data))
             } else {
                 Ok(())
             };
@@ -418,7 +356,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             if !store.data().knows(conn) {
                 return Ok(());
             }
-            let r = h.call_on_closed(&mut *store, conn);
+            let r = on_handler!(h, call_on_closed(&mut *store, conn));
             store.data_mut().forget(conn);
             r
         }
@@ -427,7 +365,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } => {
-            use bindings::magnetar::plugin::types::{SaslOutcome, SaslSuccess};
+            use abi::types::{SaslOutcome, SaslSuccess};
             let outcome = match outcome {
                 Ok(SaslStep::Challenge(c)) => Some(Ok(SaslOutcome::Challenge(c))),
                 Ok(SaslStep::Success(p, final_data)) => {
@@ -443,7 +381,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
                 Err(e) => store.data().knows(conn).then_some(Err(e)),
             };
             match outcome {
-                Some(o) => h.call_on_sasl_result(&mut *store, conn, token, o.as_ref()),
+                Some(o) => {
+                    on_handler!(h, call_on_sasl_result(&mut *store, conn, token, o.as_ref()))
+                }
                 None => Ok(()),
             }
         }
@@ -454,7 +394,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         } => {
             let outcome = store.data_mut().auth_completed(conn, outcome);
             match outcome {
-                Some(o) => h.call_on_auth_result(&mut *store, conn, token, o.as_ref()),
+                Some(o) => {
+                    on_handler!(h, call_on_auth_result(&mut *store, conn, token, o.as_ref()))
+                }
                 None => Ok(()),
             }
         }
@@ -463,54 +405,69 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_publish_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            on_handler!(
+                h,
+                call_on_publish_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            )
         }
         Event::SubscribeResult {
             conn,
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_subscribe_result(&mut *store, conn, token, outcome.as_ref().map(|s| *s))
+            on_handler!(
+                h,
+                call_on_subscribe_result(&mut *store, conn, token, outcome.as_ref().map(|s| *s))
+            )
         }
         Event::Delivery { conn, delivery } if store.data().knows(conn) => {
-            h.call_on_delivery(&mut *store, conn, &delivery)
+            on_handler!(h, call_on_delivery(&mut *store, conn, &delivery))
         }
         // One call for the lot: the plugin can answer them together.
         Event::Deliveries { conn, deliveries } if store.data().knows(conn) => {
-            h.call_on_deliveries(&mut *store, conn, &deliveries)
+            on_handler!(h, call_on_deliveries(&mut *store, conn, &deliveries))
         }
         Event::PublishResults { conn, results } if store.data().knows(conn) => {
-            h.call_on_publish_results(&mut *store, conn, &results)
+            on_handler!(h, call_on_publish_results(&mut *store, conn, &results))
         }
         Event::Timer { conn, token } if store.data().knows(conn) => {
-            h.call_on_timer(&mut *store, conn, token)
+            on_handler!(h, call_on_timer(&mut *store, conn, token))
         }
         Event::KvResult {
             conn,
             token,
             outcome,
-        } if store.data().knows(conn) => h.call_on_kv_result(
-            &mut *store,
-            conn,
-            token,
-            outcome.as_ref().map(|v| v.as_deref()),
+        } if store.data().knows(conn) => on_handler!(
+            h,
+            call_on_kv_result(
+                &mut *store,
+                conn,
+                token,
+                outcome.as_ref().map(|v| v.as_deref()),
+            )
         ),
         Event::KvScanResult {
             conn,
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_kv_scan_result(&mut *store, conn, token, outcome.as_deref())
+            on_handler!(
+                h,
+                call_on_kv_scan_result(&mut *store, conn, token, outcome.as_deref())
+            )
         }
         Event::ClaimResult {
             conn,
             token,
             outcome,
         } if store.data().knows(conn) => {
-            h.call_on_claim_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            on_handler!(
+                h,
+                call_on_claim_result(&mut *store, conn, token, outcome.as_ref().map(|_| ()))
+            )
         }
         Event::ClaimLost { conn, key } if store.data().knows(conn) => {
-            h.call_on_claim_lost(&mut *store, conn, &key)
+            on_handler!(h, call_on_claim_lost(&mut *store, conn, &key))
         }
         // Completions for connections that are gone.
         _ => Ok(()),

@@ -253,7 +253,7 @@ pub fn scram_final(pending: &ScramPending, client_final: &[u8]) -> Result<Vec<u8
         .zip(&client_signature)
         .map(|(a, b)| a ^ b)
         .collect();
-    if !crate::tenancy::constant_time_eq(&h.hash(&client_key), &cred.stored_key) {
+    if !crate::secret::constant_time_eq(&h.hash(&client_key), &cred.stored_key) {
         return Err(SaslError::Failed);
     }
     let server_signature = h.hmac(&cred.server_key, auth_message.as_bytes());

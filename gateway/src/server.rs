@@ -11,7 +11,7 @@ use magnetar_broker::{Broker, BrokerConfig, BrokerHandle};
 
 use crate::backend::Backend;
 use crate::config::Config;
-use crate::host_api::Services;
+use crate::host::Services;
 use crate::kv::Kv;
 use crate::listener::Listener;
 use crate::plugin_host::{InstanceLimits, PluginHost};

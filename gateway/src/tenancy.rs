@@ -3,7 +3,7 @@
 //! Every connection acts as one [`Principal`] once authenticated, and everything it names —
 //! topics, subscriptions, kv keys — is placed inside that principal's tenant and namespace by
 //! the host, never by the plugin or the client. A plugin passes short names (`mqtt`), which
-//! [`validate_name`] keeps free of anything that could reach another namespace (`/`, `://`,
+//! [`crate::names::validate_name`] keeps free of anything that could reach another namespace (`/`, `://`,
 //! `..`, `%`-escapes); the host alone builds the `persistent://tenant/ns/name` URL.
 //!
 //! Mechanisms, all behind [`Tenancy::authenticate`]:
@@ -33,7 +33,9 @@ use magnetar_broker::auth::{self as jwt, Action, Authorizer, SignKey, VerifyKey}
 use crate::config::{
     ActionName, AuthSection, Config, LimitsConfig, PermissionConfig, TenantConfig, UserConfig,
 };
+use crate::names::validate_segment;
 use crate::sasl::{ScramCredential, ScramHash};
+use crate::secret::write_private;
 
 /// Longest wait a failing address is made to sit out before its next attempt.
 pub const MAX_PENALTY: Duration = Duration::from_secs(5);
@@ -93,22 +95,6 @@ pub enum TenancyError {
     #[error("user {0:?} does not exist")]
     NoUser(String),
 }
-
-/// A name a plugin used that the host refuses.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum NameError {
-    #[error("name is empty")]
-    Empty,
-    #[error("name is longer than {MAX_NAME_LEN} bytes")]
-    TooLong,
-    #[error("name {0:?} has a character other than A-Z a-z 0-9 . _ - %")]
-    BadCharacter(String),
-    #[error("name {0:?} is reserved for the gateway")]
-    Reserved(String),
-}
-
-/// Longest topic or subscription name a plugin may use.
-pub const MAX_NAME_LEN: usize = 200;
 
 /// A user as the directory keeps it.
 #[derive(Debug, Clone)]
@@ -235,25 +221,6 @@ impl TokenKeys {
     }
 }
 
-/// Writes a secret readable by the owner only, creating its directory.
-pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 /// Hashes a password with argon2id and a random salt (PHC string).
 pub fn hash_password(password: &[u8]) -> Result<String, String> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
@@ -261,14 +228,6 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
         .hash_password(password, &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
-}
-
-/// Compares secrets without an early exit that would leak how much of a guess was right.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn verify_password(hash: &str, password: &[u8]) -> bool {
@@ -348,7 +307,7 @@ impl Tenancy {
         let key = self.keys.sign.as_ref().ok_or_else(|| {
             TenancyError::Key("no signing key (set auth.token_private_key_file)".into())
         })?;
-        let exp = ttl.map(|d| crate::host_api::now_ms() / 1000 + d.as_secs());
+        let exp = ttl.map(|d| crate::clock::now_ms() / 1000 + d.as_secs());
         jwt::sign(key, role, exp).map_err(|e| TenancyError::Key(e.to_string()))
     }
 
@@ -681,55 +640,6 @@ impl Authorizer for Tenancy {
     }
 }
 
-/// Checks a tenant or namespace name: what Pulsar allows, minus anything that could nest.
-pub fn validate_segment(name: &str) -> Result<(), NameError> {
-    if name.is_empty() {
-        return Err(NameError::Empty);
-    }
-    if name.len() > 64 {
-        return Err(NameError::TooLong);
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        || name.starts_with('.')
-    {
-        return Err(NameError::BadCharacter(name.to_string()));
-    }
-    if name.starts_with("__") {
-        return Err(NameError::Reserved(name.to_string()));
-    }
-    Ok(())
-}
-
-/// Checks a short topic or subscription name from a plugin.
-pub fn validate_name(name: &str) -> Result<(), NameError> {
-    if name.is_empty() {
-        return Err(NameError::Empty);
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(NameError::TooLong);
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '%'))
-    {
-        return Err(NameError::BadCharacter(name.to_string()));
-    }
-    if name.starts_with("__") || name == "." || name == ".." {
-        return Err(NameError::Reserved(name.to_string()));
-    }
-    Ok(())
-}
-
-/// The tenant of a `persistent://tenant/namespace/topic` URL.
-pub fn tenant_of(topic_url: &str) -> Option<&str> {
-    let rest = topic_url
-        .strip_prefix("persistent://")
-        .or_else(|| topic_url.strip_prefix("non-persistent://"))?;
-    rest.split('/').next().filter(|t| !t.is_empty())
-}
-
 /// The Pulsar topic of a short name in the principal's namespace.
 pub fn topic_url(principal: &Principal, name: &str) -> String {
     format!(
@@ -741,31 +651,6 @@ pub fn topic_url(principal: &Principal, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_cannot_escape_the_namespace() {
-        for bad in [
-            "",
-            "a/b",
-            "persistent://x/y/z",
-            "..",
-            "%2F/x",
-            "/a",
-            "a/",
-            "+",
-            "#",
-            "__magnetar_kv",
-            "a b",
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
-        }
-        for good in ["mqtt", "mqtt-session-abc%2Fdef", "a.b_c-d"] {
-            assert_eq!(validate_name(good), Ok(()), "{good:?} refused");
-        }
-        for bad in ["", "a/b", "..", ".x", "__x", "a%2Fb", "a:b"] {
-            assert!(validate_segment(bad).is_err(), "{bad:?} accepted");
-        }
-    }
 
     #[test]
     fn globs() {

@@ -4,8 +4,8 @@
 //! (`wasm32-wasip2`). The gateway owns the sockets, TLS, authentication, keys and the Pulsar
 //! backend; a plugin turns the bytes of one protocol into host calls (`send`, `publish`,
 //! `subscribe`, ...) and reacts to events (`on_data`, `on_delivery`, ...). The ABI itself is
-//! the WIT package `magnetar:plugin@0.1.0` in `sdk/wit/`; this crate hides the generated glue
-//! behind two traits, in the manner of proxy-wasm's root and stream contexts:
+//! the WIT package `magnetar:plugin@0.2.0` in `sdk/wit/` ([`ABI_VERSION`]); this crate hides
+//! the generated glue behind two traits, in the manner of proxy-wasm's root and stream contexts:
 //!
 //! - [`Plugin`]: one value per plugin instance, built from the plugin's config; it opens a
 //!   [`Connection`] for each new client connection.
@@ -80,7 +80,11 @@ pub mod bindings {
     });
 }
 
-use bindings::magnetar::plugin::host;
+use bindings::magnetar::plugin::{auth, conn, kv, pubsub, session, timers};
+
+/// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
+/// plugins against; a gateway refuses a plugin whose ABI it does not support.
+pub const ABI_VERSION: &str = "0.2.0";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -189,108 +193,108 @@ impl Conn {
 
     /// Queues bytes for the client. Order is kept.
     pub fn send(self, data: &[u8]) {
-        host::send(self.0, data);
+        conn::send(self.0, data);
     }
 
     /// Flushes queued bytes, then closes the connection; `reason` goes to the gateway log.
     pub fn close(self, reason: &str) {
-        host::close(self.0, reason);
+        conn::close(self.0, reason);
     }
 
     /// Checks credentials; completes with [`Connection::on_auth_result`]. Until it succeeds,
     /// every backend call of this connection fails with [`ErrorKind::NotAuthorized`].
     pub fn authenticate(self, token: u64, creds: &Credentials) {
-        host::authenticate(self.0, token, creds);
+        auth::authenticate(self.0, token, creds);
     }
 
     /// One step of a SASL exchange the host runs (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512);
     /// completes with [`Connection::on_sasl_result`].
     pub fn authenticate_sasl(self, token: u64, mechanism: &str, response: &[u8]) {
-        host::authenticate_sasl(self.0, token, mechanism, response);
+        auth::authenticate_sasl(self.0, token, mechanism, response);
     }
 
     /// Stores a message in the connection's namespace; completes with
     /// [`Connection::on_publish_result`] once the backend has it durably.
     pub fn publish(self, token: u64, msg: &OutboundMessage) {
-        host::publish(self.0, token, msg);
+        pubsub::publish(self.0, token, msg);
     }
 
     /// Opens a subscription; completes with [`Connection::on_subscribe_result`], then
     /// deliveries arrive through [`Connection::on_delivery`].
     pub fn subscribe(self, token: u64, spec: &SubscriptionSpec) {
-        host::subscribe(self.0, token, spec);
+        pubsub::subscribe(self.0, token, spec);
     }
 
     /// Closes a subscription; with `delete`, a durable one is removed with its backlog.
     pub fn unsubscribe(self, sub: SubId, delete: bool) {
-        host::unsubscribe(self.0, sub, delete);
+        pubsub::unsubscribe(self.0, sub, delete);
     }
 
     /// Acknowledges a delivery.
     pub fn ack(self, sub: SubId, delivery_id: u64) {
-        host::ack(self.0, sub, delivery_id);
+        pubsub::ack(self.0, sub, delivery_id);
     }
 
     /// Acknowledges several deliveries of one subscription in one host call.
     pub fn ack_many(self, sub: SubId, delivery_ids: &[u64]) {
-        host::ack_many(self.0, sub, delivery_ids);
+        pubsub::ack_many(self.0, sub, delivery_ids);
     }
 
     /// Asks the host to stop (`false`) or resume (`true`) reading the connection's socket:
     /// backpressure from the plugin's own protocol window to the client's TCP connection.
     pub fn set_reading(self, reading: bool) {
-        host::set_reading(self.0, reading);
+        conn::set_reading(self.0, reading);
     }
 
     /// Fires [`Connection::on_timer`] with `token` after `delay_ms`.
     pub fn set_timer(self, token: u64, delay_ms: u64) {
-        host::set_timer(self.0, token, delay_ms);
+        timers::set_timer(self.0, token, delay_ms);
     }
 
     /// Reads a key of the namespace's kv; completes with [`Connection::on_kv_result`].
     pub fn kv_get(self, token: u64, key: &str) {
-        host::kv_get(self.0, token, key);
+        kv::kv_get(self.0, token, key);
     }
 
     /// Writes (`Some`) or deletes (`None`) a key; completes with [`Connection::on_kv_result`].
     pub fn kv_put(self, token: u64, key: &str, value: Option<&[u8]>) {
-        host::kv_put(self.0, token, key, value);
+        kv::kv_put(self.0, token, key, value);
     }
 
     /// Lists up to `limit` (at most 1000) entries whose keys start with `prefix`, in key
     /// order, after `start_after`; completes with [`Connection::on_kv_scan_result`]. A page
     /// shorter than `limit` is the last one.
     pub fn kv_scan(self, token: u64, prefix: &str, start_after: Option<&str>, limit: u32) {
-        host::kv_scan(self.0, token, prefix, start_after, limit);
+        kv::kv_scan(self.0, token, prefix, start_after, limit);
     }
 
     /// Registers (`Some`) or clears (`None`) the connection's last will: the host publishes it
     /// when the connection ends unless it was cleared first (see the WIT docs of `set-will`).
     pub fn set_will(self, will: Option<&Will>) {
-        host::set_will(self.0, will);
+        session::set_will(self.0, will);
     }
 
     /// Claims `key` (e.g. a client identifier) in the plugin's namespace; an earlier holder
     /// gets [`Connection::on_claim_lost`]. Completes with [`Connection::on_claim_result`]
     /// once the earlier holder is gone.
     pub fn claim(self, token: u64, key: &str) {
-        host::claim(self.0, token, key);
+        session::claim(self.0, token, key);
     }
 }
 
 /// Writes a line to the gateway's log, tagged with the plugin's name.
 pub fn log(level: LogLevel, message: &str) {
-    host::log(level, message);
+    bindings::magnetar::plugin::log::log(level, message);
 }
 
 /// Milliseconds since the Unix epoch, from the host's clock.
 pub fn now_ms() -> u64 {
-    host::now_ms()
+    timers::now_ms()
 }
 
 /// The SASL mechanisms [`Conn::authenticate_sasl`] offers, best first.
 pub fn sasl_mechanisms() -> Vec<String> {
-    host::sasl_mechanisms()
+    auth::sasl_mechanisms()
 }
 
 /// Exports a [`Plugin`] type as the component's `magnetar:plugin/handler`.

@@ -28,12 +28,47 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub struct Options {
     /// Also serve the example echo plugin (from the Wasm build directory) on a listener.
     pub echo_plugin: bool,
+    /// With `echo_plugin`: serve this component as the echo plugin instead (a fixture).
+    pub echo_wasm: Option<PathBuf>,
     /// Extra TOML appended to the generated config.
     pub extra: String,
 }
 
 impl Gateway {
     pub fn start(opts: Options) -> Gateway {
+        let mut gw = Gateway::configure(opts);
+        gw.spawn();
+        gw
+    }
+
+    /// Starts a gateway that must refuse to start: waits for the process to exit with an
+    /// error, and returns its log.
+    pub fn start_refused(opts: Options) -> String {
+        let mut gw = Gateway::configure(opts);
+        gw.launch();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let exited = gw.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                assert!(
+                    !status.success(),
+                    "magnetar exited successfully:\n{}",
+                    gw.log()
+                );
+                gw.child = None;
+                return gw.log();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "magnetar did not exit:\n{}",
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Writes the config of a gateway on free ports, without starting it.
+    fn configure(opts: Options) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         // All ports are held until all are chosen, so one gateway never gets a port twice.
         let held: Vec<TcpListener> = (0..5)
@@ -50,7 +85,11 @@ impl Gateway {
             "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[plugins]\nworkers = 2\nevent_deadline_ms = 200\nmemory_limit_mib = 32\n"
         );
         if opts.echo_plugin {
-            config.push_str(&format!("dir = {:?}\n", plugin_dir(dir.path())));
+            let wasm = opts
+                .echo_wasm
+                .clone()
+                .unwrap_or_else(|| Path::new(env!("MAGNETAR_WASM_DIR")).join("echo_plugin.wasm"));
+            config.push_str(&format!("dir = {:?}\n", plugin_dir(dir.path(), &wasm)));
         }
         config.push_str(&format!(
             "\n[[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n[[listeners]]\nname = \"mqtt-tls\"\nbind = \"{mqtts}\"\nplugin = \"mqtt\"\ntls = true\n"
@@ -63,7 +102,7 @@ impl Gateway {
         config.push_str(&opts.extra);
         let config_path = dir.path().join("magnetar.toml");
         std::fs::write(&config_path, config).expect("writing config");
-        let mut gw = Gateway {
+        Gateway {
             child: None,
             dir,
             config_path,
@@ -72,9 +111,7 @@ impl Gateway {
             mqtts,
             echo,
             admin,
-        };
-        gw.spawn();
-        gw
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -83,22 +120,7 @@ impl Gateway {
 
     /// Starts the process (again) on the same ports and data, and waits until it serves.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("magnetar.log"))
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning magnetar");
-        self.child = Some(child);
+        self.launch();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut ports = vec![self.mqtt, self.mqtts, self.broker, self.admin];
         ports.extend(self.echo);
@@ -122,6 +144,26 @@ impl Gateway {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+
+    /// The start of `spawn`, without the wait: a fresh process, its log appended to the file.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("magnetar.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_magnetar"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning magnetar");
+        self.child = Some(child);
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -152,11 +194,18 @@ impl Drop for Gateway {
     }
 }
 
-/// A directory holding the example echo plugin, as an operator's plugin directory would.
-fn plugin_dir(base: &Path) -> PathBuf {
+/// A directory holding the echo plugin `wasm`, as an operator's plugin directory would.
+fn plugin_dir(base: &Path, wasm: &Path) -> PathBuf {
     let dir = base.join("plugins");
     std::fs::create_dir_all(&dir).expect("plugin dir");
-    let built = Path::new(env!("MAGNETAR_WASM_DIR")).join("echo_plugin.wasm");
-    std::fs::copy(&built, dir.join("echo_plugin.wasm")).expect("copying echo_plugin.wasm");
+    std::fs::copy(wasm, dir.join("echo_plugin.wasm"))
+        .unwrap_or_else(|e| panic!("copying {}: {e}", wasm.display()));
     dir
+}
+
+/// A plugin kept in `tests/fixtures` (e.g. one built against an older ABI).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }

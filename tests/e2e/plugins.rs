@@ -1,11 +1,15 @@
+//! Plugins as an operator loads them from a plugin directory.
+//!
 //! Fault containment: a plugin that panics, spins forever or allocates without bound loses
 //! only its own instance; connections of other instances go on, and new connections work.
+//! ABI versions: a plugin built against an older ABI (a fixture built against 0.1.0) loads
+//! and runs; one built against an ABI newer than the gateway's is refused at start.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use crate::harness::{Gateway, Options};
+use crate::harness::{fixture, Gateway, Options};
 
 struct Line {
     reader: BufReader<TcpStream>,
@@ -85,5 +89,45 @@ fn misbehaving_plugin_instance_is_replaced_and_others_go_on() {
     assert!(
         log.contains("plugin instance trapped"),
         "no trap logged:\n{log}"
+    );
+}
+
+#[test]
+fn plugin_built_against_abi_0_1_0_still_loads_and_echoes() {
+    let gw = Gateway::start(Options {
+        echo_plugin: true,
+        echo_wasm: Some(fixture("echo-plugin-abi-0.1.0.wasm")),
+        ..Default::default()
+    });
+    let mut line = Line::connect(gw.echo.expect("echo listener"));
+    assert_eq!(line.echo("hello").as_deref(), Some("echo: hello\n"));
+    // Host calls of another family than connection I/O, through 0.1.0's one `host` interface.
+    assert_eq!(
+        line.echo("mechanisms").as_deref(),
+        Some("SCRAM-SHA-512 SCRAM-SHA-256 PLAIN\n")
+    );
+    // A 0.1.0 instance is contained and rebuilt like any other.
+    line.say("panic");
+    assert_eq!(
+        line.hear(),
+        None,
+        "the trapped instance's connection stays open"
+    );
+    let mut fresh = Line::connect(gw.echo.expect("echo listener"));
+    assert_eq!(fresh.echo("again").as_deref(), Some("echo: again\n"));
+}
+
+#[test]
+fn plugin_built_against_an_unknown_newer_abi_is_refused_at_start() {
+    let log = Gateway::start_refused(Options {
+        echo_plugin: true,
+        echo_wasm: Some(fixture("echo-plugin-abi-0.3.0.wasm")),
+        ..Default::default()
+    });
+    assert!(
+        log.contains("cannot load plugin echo_plugin")
+            && log.contains("magnetar:plugin@0.3.0")
+            && log.contains("supports 0.1.0, 0.2.0"),
+        "the refusal does not name the plugin and both versions:\n{log}"
     );
 }

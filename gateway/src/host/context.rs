@@ -1,0 +1,217 @@
+//! [`HostState`]: the store data of one plugin instance, the one context type every family
+//! of host calls works on, and what it keeps per connection ([`ConnSlot`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use wasmtime::component::ResourceTable;
+use wasmtime::StoreLimits;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::event::Event;
+use super::ops_task::OpsQueue;
+use super::services::Services;
+use super::session::PendingWill;
+use super::subscription_task::SubCmd;
+use super::timer_task::Timer;
+use crate::abi::types::{self, ErrorKind, OpError};
+use crate::config::ActionName;
+use crate::conn_shared::ConnShared;
+use crate::kv::KV_TOPIC;
+use crate::quota::Meters;
+use crate::tenancy::{self, Principal};
+
+/// What the host keeps per connection of an instance.
+pub(super) struct ConnSlot {
+    pub(super) shared: Arc<ConnShared>,
+    pub(super) principal: Option<Principal>,
+    /// The client's address, for rate-limiting failed authentication.
+    pub(super) peer: Option<std::net::IpAddr>,
+    /// The operations queue, made by the first operation (`queue_op`); its task runs only
+    /// while there is work.
+    pub(super) ops: Option<Arc<OpsQueue>>,
+    pub(super) subs: HashMap<u64, mpsc::Sender<SubCmd>>,
+    /// The last will to publish when the connection ends (`set-will`).
+    pub(super) will: Option<PendingWill>,
+    /// Keys this connection claimed (`claim`), in `Claims` form.
+    pub(super) claims: Vec<String>,
+    /// Its tenant's and user's quotas, once authenticated (holding one connection).
+    pub(super) meters: Option<Meters>,
+    /// A SCRAM exchange waiting for the client's final message.
+    pub(super) sasl: Option<crate::sasl::ScramPending>,
+    /// Common name of the client certificate verified at the TLS handshake.
+    pub(super) client_cert: Option<String>,
+}
+
+/// The store data of one instance.
+pub struct HostState {
+    pub(super) plugin: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    pub(super) services: Arc<Services>,
+    pub(super) events: mpsc::Sender<Event>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) conns: HashMap<u64, ConnSlot>,
+    pub(super) next_sub: u64,
+    /// The instance's timer task, started by the first `set-timer`.
+    pub(super) timers: Option<mpsc::UnboundedSender<Timer>>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// An operation's failure, as the plugin gets it.
+pub(super) fn op_error(kind: ErrorKind, message: impl Into<String>) -> OpError {
+    OpError {
+        kind,
+        message: message.into(),
+    }
+}
+
+impl HostState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        plugin: Arc<str>,
+        wasi: WasiCtx,
+        table: ResourceTable,
+        limits: StoreLimits,
+        services: Arc<Services>,
+        events: mpsc::Sender<Event>,
+        runtime: tokio::runtime::Handle,
+    ) -> HostState {
+        HostState {
+            plugin,
+            wasi,
+            table,
+            limits,
+            services,
+            events,
+            runtime,
+            conns: HashMap::new(),
+            next_sub: 1,
+            timers: None,
+        }
+    }
+
+    pub fn limits_mut(&mut self) -> &mut StoreLimits {
+        &mut self.limits
+    }
+
+    /// Registers a new connection (its operations task starts with its first operation).
+    pub fn open(
+        &mut self,
+        conn: u64,
+        shared: Arc<ConnShared>,
+        peer: Option<std::net::IpAddr>,
+        client_cert: Option<String>,
+    ) {
+        self.conns.insert(
+            conn,
+            ConnSlot {
+                shared,
+                principal: None,
+                meters: None,
+                sasl: None,
+                client_cert,
+                peer,
+                ops: None,
+                subs: HashMap::new(),
+                will: None,
+                claims: Vec::new(),
+            },
+        );
+    }
+
+    pub fn knows(&self, conn: u64) -> bool {
+        self.conns.contains_key(&conn)
+    }
+
+    /// Drops a connection's state: its operations and subscriptions end with it.
+    pub fn forget(&mut self, conn: u64) {
+        if let Some(slot) = self.conns.remove(&conn) {
+            self.ended(conn, slot);
+        }
+    }
+
+    /// Closes every connection of this instance (it trapped).
+    pub fn close_all(&mut self) {
+        let conns: Vec<_> = self.conns.drain().collect();
+        for (conn, slot) in conns {
+            slot.shared.close();
+            self.ended(conn, slot);
+        }
+    }
+
+    /// The connection's principal, or the error a plugin gets before authentication.
+    pub(super) fn principal(&self, conn: u64) -> Result<&Principal, OpError> {
+        match self.conns.get(&conn) {
+            None => Err(op_error(ErrorKind::NotFound, "no such connection")),
+            Some(ConnSlot {
+                principal: None, ..
+            }) => Err(op_error(
+                ErrorKind::NotAuthorized,
+                "the connection has not authenticated",
+            )),
+            Some(ConnSlot {
+                principal: Some(p), ..
+            }) => Ok(p),
+        }
+    }
+
+    /// A full topic URL for a plugin's short name, checked, that the principal may use for
+    /// `action`.
+    pub(super) fn authorized_topic(
+        &self,
+        conn: u64,
+        name: &str,
+        action: ActionName,
+    ) -> Result<String, OpError> {
+        let url = self.topic(conn, name)?;
+        let principal = self.principal(conn)?;
+        if !self.services.tenancy.authorize(principal, name, action) {
+            return Err(op_error(
+                ErrorKind::NotAuthorized,
+                format!("{} may not {action:?} on {name}", principal.user),
+            ));
+        }
+        Ok(url)
+    }
+
+    /// A full topic URL for a plugin's short name, checked.
+    fn topic(&self, conn: u64, name: &str) -> Result<String, OpError> {
+        let principal = self.principal(conn)?;
+        crate::names::validate_name(name)
+            .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))?;
+        Ok(tenancy::topic_url(principal, name))
+    }
+
+    /// The connection's namespace kv topic.
+    pub(super) fn kv_topic(&self, conn: u64) -> Result<String, OpError> {
+        let principal = self.principal(conn)?;
+        Ok(tenancy::topic_url(principal, KV_TOPIC))
+    }
+
+    /// A plugin's kv key as the host stores it: keys are per plugin, so that one plugin
+    /// cannot read another's state.
+    pub(super) fn kv_key(&self, key: &str) -> String {
+        format!("{}/{}", self.plugin, key)
+    }
+
+    /// Sends a completion event from the runtime (never blocks the worker).
+    pub(super) fn complete(&self, event: Event) {
+        let events = self.events.clone();
+        self.runtime.spawn(async move {
+            let _ = events.send(event).await;
+        });
+    }
+}
+
+impl types::Host for HostState {}

@@ -1,0 +1,178 @@
+//! Host calls of publish/subscribe: `publish`, `subscribe`, `unsubscribe`, `ack`, `ack-many`.
+//!
+//! A publish is checked (name, permission, storage quota), sealed if the tenant encrypts at
+//! rest, and queued on the connection's ordered operations (`ops_task`), held back by its
+//! publish-rate quota. A subscription is a task of its own (`subscription_task`) that the
+//! acks reach through a bounded channel.
+
+use tokio::sync::mpsc;
+
+use super::context::{op_error, HostState};
+use super::event::Event;
+use super::ops_task::Op;
+use super::subscription_task::{run_subscription, SubCmd, SubTask};
+use crate::abi::types::{self, ErrorKind};
+use crate::abi::v0_2::magnetar::plugin::pubsub;
+use crate::backend::{OutMessage, SubscribeOptions};
+use crate::config::ActionName;
+use crate::crypto::KEY_PROPERTY;
+use crate::quota::Gauge;
+
+/// A plugin's message as the backend takes it. The host's own key property is dropped: only
+/// the host says which key sealed a payload.
+pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
+    OutMessage {
+        key: msg.key,
+        payload: msg.payload,
+        properties: msg
+            .properties
+            .into_iter()
+            .filter(|p| p.key != KEY_PROPERTY)
+            .map(|p| (p.key, p.value))
+            .collect(),
+        encryption: None,
+    }
+}
+
+impl pubsub::Host for HostState {
+    /// `publish`: stores a message durably; completes with `on-publish-result`.
+    fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
+        let topic = self.authorized_topic(conn, &msg.topic, ActionName::Produce);
+        let bytes = msg.payload.len();
+        let mut out = backend_message(msg);
+        let storage_full = self
+            .conns
+            .get(&conn)
+            .and_then(|s| s.meters.as_ref())
+            .is_some_and(|m| m.tenant.storage_full());
+        let topic = topic.and_then(|t| {
+            if storage_full {
+                return Err(op_error(
+                    ErrorKind::QuotaExceeded,
+                    "the tenant's storage quota is used up",
+                ));
+            }
+            Ok(t)
+        });
+        match topic.and_then(|t| self.services.seal(&t, &mut out).map(|_| t)) {
+            Ok(topic) => {
+                let not_before = self
+                    .conns
+                    .get(&conn)
+                    .and_then(|s| s.meters.as_ref())
+                    .and_then(|m| m.publish_at(bytes));
+                self.queue_op(
+                    conn,
+                    Op::Publish {
+                        token,
+                        topic,
+                        msg: out,
+                        not_before,
+                    },
+                );
+            }
+            Err(e) => self.complete(Event::PublishResult {
+                conn,
+                token,
+                outcome: Err(e),
+            }),
+        }
+    }
+
+    /// `subscribe`: opens a subscription and its delivery task; completes with
+    /// `on-subscribe-result`.
+    fn subscribe(&mut self, conn: u64, token: u64, spec: types::SubscriptionSpec) {
+        let topic = match self
+            .authorized_topic(conn, &spec.topic, ActionName::Consume)
+            .and_then(|t| {
+                crate::names::validate_name(&spec.name)
+                    .map(|_| t)
+                    .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))
+            }) {
+            Ok(t) => t,
+            Err(e) => {
+                return self.complete(Event::SubscribeResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        let max_unacked = spec.max_unacked.clamp(1, 10_000);
+        let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked as usize + 16);
+        let Some(slot) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let meters = slot.meters.clone();
+        if meters
+            .as_ref()
+            .is_some_and(|m| !m.admit(Gauge::Subscriptions))
+        {
+            return self.complete(Event::SubscribeResult {
+                conn,
+                token,
+                outcome: Err(op_error(
+                    ErrorKind::QuotaExceeded,
+                    "too many subscriptions for this tenant or user",
+                )),
+            });
+        }
+        slot.subs.insert(sub, cmd_tx);
+        let opts = SubscribeOptions {
+            topic,
+            subscription: spec.name,
+            sub_type: match spec.mode {
+                types::SubMode::Exclusive => pulsar::SubType::Exclusive,
+                types::SubMode::Shared => pulsar::SubType::Shared,
+                types::SubMode::Failover => pulsar::SubType::Failover,
+                types::SubMode::KeyShared => pulsar::SubType::KeyShared,
+            },
+            durable: spec.durable,
+            earliest: matches!(spec.initial_position, types::InitialPosition::Earliest),
+            receiver_queue: max_unacked,
+        };
+        let task = run_subscription(
+            SubTask {
+                conn,
+                sub,
+                token,
+                max_unacked: max_unacked as usize,
+                events: self.events.clone(),
+                shared: slot.shared.clone(),
+                backend: self.services.backend.clone(),
+                services: self.services.clone(),
+                meters,
+            },
+            opts,
+            cmd_rx,
+        );
+        self.runtime.spawn(task);
+    }
+
+    /// `unsubscribe`: closes a subscription (with `delete`, removes it from the backend).
+    fn unsubscribe(&mut self, conn: u64, sub: u64, delete: bool) {
+        if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {
+            let _ = tx.try_send(SubCmd::Close { delete });
+        }
+    }
+
+    /// `ack`: acknowledges one delivery.
+    fn ack(&mut self, conn: u64, sub: u64, delivery_id: u64) {
+        if let Some(tx) = self.conns.get(&conn).and_then(|s| s.subs.get(&sub)) {
+            if tx.try_send(SubCmd::Ack(delivery_id)).is_err() {
+                tracing::warn!(plugin = %self.plugin, conn, sub, "ack dropped: more acks than deliveries");
+            }
+        }
+    }
+
+    /// `ack-many`: acknowledges several deliveries of one subscription.
+    fn ack_many(&mut self, conn: u64, sub: u64, delivery_ids: Vec<u64>) {
+        if let Some(tx) = self.conns.get(&conn).and_then(|s| s.subs.get(&sub)) {
+            if tx.try_send(SubCmd::AckMany(delivery_ids)).is_err() {
+                tracing::warn!(plugin = %self.plugin, conn, sub, "acks dropped: more acks than deliveries");
+            }
+        }
+    }
+}

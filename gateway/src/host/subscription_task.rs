@@ -1,0 +1,219 @@
+//! The delivery task of a subscription: it opens the backend consumer, hands the plugin
+//! what arrives (in batches, never more than `max-unacked` unacknowledged, and only while the
+//! connection's output is not congested: backpressure from the client's socket reaches the
+//! broker's flow permits), and turns the plugin's acks into the backend's (`acks`).
+
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+
+use super::acks::{AckPlan, AckTracker};
+use super::context::op_error;
+use super::event::Event;
+use super::services::Services;
+use crate::abi::types::{self, ErrorKind};
+use crate::backend::{Backend, SubscribeOptions};
+use crate::conn_shared::ConnShared;
+use crate::quota::{Gauge, Meters};
+
+/// A command to a subscription's delivery task.
+pub(super) enum SubCmd {
+    Ack(u64),
+    AckMany(Vec<u64>),
+    Close { delete: bool },
+}
+
+/// What a subscription's delivery task needs.
+pub(super) struct SubTask {
+    pub(super) conn: u64,
+    pub(super) sub: u64,
+    pub(super) token: u64,
+    pub(super) max_unacked: usize,
+    pub(super) events: mpsc::Sender<Event>,
+    pub(super) shared: Arc<ConnShared>,
+    pub(super) backend: Arc<Backend>,
+    pub(super) services: Arc<Services>,
+    /// Quotas the subscription counts against (released when it ends).
+    pub(super) meters: Option<Meters>,
+}
+
+/// Holds one subscription of a quota until the subscription's task ends.
+struct SubscriptionCount(Option<Meters>);
+
+impl Drop for SubscriptionCount {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.release(Gauge::Subscriptions);
+        }
+    }
+}
+
+/// Opens a consumer, reports the outcome, then delivers until the subscription or its
+/// connection closes.
+pub(super) async fn run_subscription(
+    t: SubTask,
+    opts: SubscribeOptions,
+    mut cmds: mpsc::Receiver<SubCmd>,
+) {
+    let SubTask {
+        conn,
+        sub,
+        token,
+        max_unacked,
+        events,
+        shared,
+        backend,
+        services,
+        meters,
+    } = t;
+    let _counted = SubscriptionCount(meters.clone());
+    let mut consumer = match backend.subscribe(&opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(conn, error = %e, "subscribe failed");
+            let outcome = Err(op_error(ErrorKind::Backend, e.to_string()));
+            let _ = events
+                .send(Event::SubscribeResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
+            return;
+        }
+    };
+    if events
+        .send(Event::SubscribeResult {
+            conn,
+            token,
+            outcome: Ok(sub),
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Exclusive and Failover subscriptions have one active consumer reading in order, so a
+    // run of acknowledged messages below every unacknowledged one is one cumulative ack.
+    let cumulative = matches!(
+        opts.sub_type,
+        pulsar::SubType::Exclusive | pulsar::SubType::Failover
+    );
+    let mut acks = AckTracker::new(cumulative);
+    let mut delete = false;
+    loop {
+        let room = max_unacked.saturating_sub(acks.unacked());
+        tokio::select! {
+            biased;
+            cmd = cmds.recv() => {
+                // Take every command already queued: the plugin's acks arrive one host call
+                // at a time and leave in one batch.
+                let mut stop = cmd.is_none();
+                let mut next = cmd;
+                while let Some(c) = next.take() {
+                    match c {
+                        SubCmd::Ack(id) => acks.ack(id),
+                        SubCmd::AckMany(ids) => ids.into_iter().for_each(|id| acks.ack(id)),
+                        SubCmd::Close { delete: d } => {
+                            delete = d;
+                            stop = true;
+                            break;
+                        }
+                    }
+                    next = cmds.try_recv().ok();
+                }
+                if let Err(e) = send_acks(&mut consumer, acks.plan()).await {
+                    tracing::warn!(conn, error = %e, "ack failed");
+                }
+                if stop {
+                    break;
+                }
+            },
+            _ = shared.closed() => break,
+            msg = consumer.next(), if room > 0 => {
+                // The first message, then every one the consumer already holds, up to the
+                // room left: one event to the worker for the lot.
+                let mut batch = Vec::new();
+                let mut next = Some(msg);
+                let mut ended = false;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Some(Ok(m)) => batch.push(m),
+                        Some(Err(e)) => { tracing::warn!(conn, error = %e, "consumer failed"); ended = true; break; }
+                        None => { ended = true; break; }
+                    }
+                    if batch.len() < room.min(MAX_DELIVERY_BATCH) {
+                        next = consumer.next().now_or_never();
+                    }
+                }
+                shared.output_relieved().await;
+                let mut deliveries = Vec::with_capacity(batch.len());
+                for mut msg in batch {
+                    // Moved out of the message, not cloned: eight strings or so per delivery.
+                    let mut properties: Vec<types::Property> = std::mem::take(&mut msg.payload.metadata.properties).into_iter().map(|kv| types::Property { key: kv.key, value: kv.value }).collect();
+                    let key = msg.payload.metadata.partition_key.take();
+                    let meta = &msg.payload.metadata;
+                    let e2e = Some((meta.encryption_keys.as_slice(), meta.encryption_param.as_deref().unwrap_or_default()));
+                    let payload = match services.unseal(&opts.topic, &mut properties, e2e, std::mem::take(&mut msg.payload.data)) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            // Shredded or damaged: nobody can ever read it; it must not block the rest.
+                            tracing::warn!(conn, topic = %opts.topic, error = %e, "dropping a message that does not decrypt");
+                            let _ = consumer.ack(&msg).await;
+                            continue;
+                        }
+                    };
+                    if let Some(m) = &meters {
+                        m.delivered(payload.len());
+                    }
+                    let publish_time_ms = meta.publish_time;
+                    deliveries.push(types::Delivery {
+                        subscription: sub,
+                        delivery_id: acks.delivered(msg.topic, msg.message_id.id),
+                        key,
+                        properties,
+                        publish_time_ms,
+                        redelivery_count: 0,
+                        payload,
+                    });
+                }
+                if !deliveries.is_empty()
+                    && events.send(Event::Deliveries { conn, deliveries }).await.is_err()
+                {
+                    break;
+                }
+                if ended {
+                    break;
+                }
+            }
+        }
+    }
+    if delete {
+        if let Err(e) = consumer.unsubscribe().await {
+            tracing::warn!(conn, error = %e, "unsubscribe failed");
+        }
+    }
+    let _ = consumer.close().await;
+}
+
+/// Most deliveries handed to the worker in one event.
+const MAX_DELIVERY_BATCH: usize = 256;
+
+/// Sends the backend the acknowledgements of `plan`: the cumulative one first, then one
+/// individual ack command per topic. The last error, if any, is returned.
+async fn send_acks(
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+    plan: AckPlan,
+) -> Result<(), pulsar::error::ConsumerError> {
+    let mut result = Ok(());
+    if let Some((topic, id)) = plan.cumulative {
+        result = consumer.cumulative_ack_with_id(&topic, id).await;
+    }
+    for (topic, ids) in plan.individual {
+        if let Err(e) = consumer.ack_many_with_id(&topic, ids).await {
+            result = Err(e);
+        }
+    }
+    result
+}
