@@ -10,6 +10,8 @@
 //! (`QoS/publishers/payload` rows, comma-separated, e.g. `0/1/1024,1/4/64`),
 //! `BENCH_NO_RUMQTTD` (set: skip rumqttd), `BENCH_MAGNETAR_BIN` (another gateway binary, for
 //! A/B runs of two builds).
+//! `BENCH_STORM` (fleet sizes of the connect-storm part, comma-separated, default
+//! `1000,10000`; `0` skips it).
 //! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
 //! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),
@@ -31,6 +33,8 @@ mod load;
 mod proc_cpu;
 #[path = "mqtt/stages.rs"]
 mod stages;
+#[path = "mqtt/storm.rs"]
+mod storm;
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -269,6 +273,16 @@ fn main() {
     }
     if idle_n > 0 {
         idle_table(&rt, &servers, &tls, idle_n, nofile);
+    }
+    drop(servers);
+    let sizes: Vec<usize> = std::env::var("BENCH_STORM")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
+    if !sizes.is_empty() {
+        storm::table(&rt, dir.path(), &tls, &sizes, nofile);
     }
 }
 

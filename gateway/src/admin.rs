@@ -522,6 +522,11 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
             let _ = writeln!(out, "{name}{{tenant=\"{tenant}\"}} {}", value(u));
         }
     }
+    let (hits, misses) = a.services.tenancy.login_cache_stats();
+    let _ = writeln!(out, "# TYPE magnetar_login_cache_hits_total counter");
+    let _ = writeln!(out, "magnetar_login_cache_hits_total {hits}");
+    let _ = writeln!(out, "# TYPE magnetar_login_cache_misses_total counter");
+    let _ = writeln!(out, "magnetar_login_cache_misses_total {misses}");
     (
         [(
             axum::http::header::CONTENT_TYPE,

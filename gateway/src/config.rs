@@ -111,6 +111,21 @@ pub struct AuthSection {
     pub superuser_role: String,
     /// Failed authentications from one address before each further attempt waits.
     pub failures_before_delay: u32,
+    /// How long a verified password login is remembered (`login_cache`): a reconnect with
+    /// the same password within this time skips argon2. 0 turns the cache off.
+    pub login_cache_ttl_secs: u64,
+    /// Most users remembered at once.
+    pub login_cache_capacity: usize,
+    /// The cache's HMAC key, 32 raw bytes. Unset: generated in `data_dir/auth`. Keep it apart
+    /// from the data directory in production (docs/tenancy.md, "Login cache").
+    pub login_cache_key_file: Option<PathBuf>,
+    /// Whether the cache is saved to `data_dir/auth/login-cache` (periodically and at
+    /// shutdown), so that the reconnect storm after a restart is served from it too.
+    pub login_cache_persist: bool,
+    /// Password verifications that may wait for a CPU at once; a login beyond them is refused
+    /// as "server busy" (MQTT: CONNACK 3 / 0x89) rather than left to time out. 0: 200 per
+    /// core (about 4 s of argon2 work).
+    pub max_waiting_logins: usize,
 }
 
 /// A user and the namespace everything it does lives in.
@@ -367,6 +382,11 @@ impl Default for AuthSection {
             token_private_key_file: None,
             superuser_role: "magnetar-gateway".into(),
             failures_before_delay: 3,
+            login_cache_ttl_secs: 24 * 3600,
+            login_cache_capacity: 1_000_000,
+            login_cache_key_file: None,
+            login_cache_persist: true,
+            max_waiting_logins: 0,
         }
     }
 }

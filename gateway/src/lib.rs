@@ -8,7 +8,7 @@
 //! The modules form layers; a module uses only modules of the layers below its own (and
 //! within a layer, those listed before it), never one above:
 //! 1. leaves: `names`, `clock`, `secret`, `config`, `abi`, `conn_shared`, `builtin`;
-//! 2. services: `sasl`, `tenancy`, `crypto`, `quota`, `backend`, `kv`, `tls`;
+//! 2. services: `sasl`, `login_cache`, `tenancy`, `crypto`, `quota`, `backend`, `kv`, `tls`;
 //! 3. the host: `host` (the host calls), `plugin_host` (workers and instances), `connection`
 //!    (socket tasks);
 //! 4. the top: `websocket`, `listener`, `admin`, `server` (and the binary, `main.rs`).
@@ -35,6 +35,8 @@ pub mod backend;
 pub mod crypto;
 /// A small key-value store per namespace, kept in a Pulsar topic.
 pub mod kv;
+/// Recently verified password logins, so that a reconnecting fleet skips argon2.
+pub mod login_cache;
 /// Quotas and usage per tenant and user.
 pub mod quota;
 /// SASL PLAIN and SCRAM, run by the host for plugins.

@@ -17,12 +17,16 @@ use crate::listener::Listener;
 use crate::plugin_host::{InstanceLimits, PluginHost};
 use crate::tenancy::Tenancy;
 
+/// How often the login cache is written to the data directory.
+const LOGIN_CACHE_SAVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A started gateway.
 pub struct Server {
     broker: Option<BrokerHandle>,
     listeners: Vec<(String, SocketAddr, tokio::task::JoinHandle<()>)>,
-    /// Tasks that are not listeners (the storage-quota sampler).
+    /// Tasks that are not listeners (the storage-quota sampler, the login cache's saver).
     background: Vec<tokio::task::JoinHandle<()>>,
+    tenancy: Arc<Tenancy>,
 }
 
 impl Server {
@@ -191,11 +195,25 @@ impl Server {
                 }
             }));
         }
+        // The login cache is saved every 10 s and at shutdown: after a restart (even a
+        // `kill -9`) the returning fleet finds it.
+        let tenancy = services.tenancy.clone();
+        let saver = tenancy.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOGIN_CACHE_SAVE_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let t = saver.clone();
+                let _ = tokio::task::spawn_blocking(move || t.save_login_cache()).await;
+            }
+        }));
         tracing::info!("magnetar ready");
         Ok(Server {
             broker,
             listeners,
             background,
+            tenancy,
         })
     }
 
@@ -215,6 +233,8 @@ impl Server {
         for (_, _, task) in &self.listeners {
             task.abort();
         }
+        let tenancy = self.tenancy.clone();
+        let _ = tokio::task::spawn_blocking(move || tenancy.save_login_cache()).await;
         if let Some(broker) = self.broker {
             broker.shutdown().await;
         }

@@ -13,6 +13,12 @@
 //!   checked by [`magnetar_broker::auth::verify`] — the same code the embedded broker uses;
 //! - anonymous access, where the config allows it.
 //!
+//! A verified password is remembered for a while ([`crate::login_cache`]): a device that
+//! reconnects with it within `login_cache_ttl_secs` skips argon2, so a fleet coming back at
+//! once costs microseconds per device, not 20 ms. Argon2 verifications that must run are
+//! admitted a CPU at a time; when more wait than `max_waiting_logins`, a login is refused
+//! with [`AuthError::Busy`] (the protocol's "server busy") instead of timing out.
+//!
 //! A failed authentication costs time: after `failures_before_delay` failures from one
 //! address, each further attempt from it waits (doubling, up to [`MAX_PENALTY`]) before it is
 //! checked, so guessing from one address is slow while other clients are not slowed at all.
@@ -23,11 +29,14 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+
+use crate::login_cache::LoginCache;
 use magnetar_broker::auth::{self as jwt, Action, Authorizer, SignKey, VerifyKey};
 
 use crate::config::{
@@ -76,6 +85,8 @@ pub enum AuthError {
     UnknownTokenUser(String),
     #[error("no user has client certificate {0:?}")]
     UnknownCertificate(String),
+    #[error("too many logins waiting for verification; try again")]
+    Busy,
 }
 
 /// Why the tenancy could not be built from the config.
@@ -245,6 +256,21 @@ pub struct Tenancy {
     superuser_role: String,
     failures_before_delay: u32,
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    login_cache: LoginCache,
+    /// Where the login cache is saved, if it is.
+    login_cache_path: Option<std::path::PathBuf>,
+    /// One permit per core: argon2 verifications running at once.
+    verify_slots: tokio::sync::Semaphore,
+    /// Verifications running or waiting for a permit.
+    verifying: AtomicUsize,
+    max_verifying: usize,
+    /// Per user, a gate held while one of its passwords is verified: when a fleet sharing a
+    /// user reconnects at once, the first login verifies and the others, once through the
+    /// gate, find it in the cache (instead of a thousand identical argon2 runs).
+    verify_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Password logins served by the login cache, and those that ran argon2.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl std::fmt::Debug for Tenancy {
@@ -259,6 +285,37 @@ impl Tenancy {
     /// Builds the directory from the config: hashes plain passwords, loads token keys.
     pub fn from_config(config: &Config) -> Result<Tenancy, TenancyError> {
         let keys = TokenKeys::load(&config.auth, &config.data_dir)?;
+        let auth = &config.auth;
+        let key_path = auth
+            .login_cache_key_file
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("auth").join("login-cache.key"));
+        let cache_key = crate::login_cache::load_or_create_key(&key_path).map_err(|source| {
+            TenancyError::KeyFile {
+                path: key_path.clone(),
+                source,
+            }
+        })?;
+        let login_cache = LoginCache::new(
+            cache_key,
+            Duration::from_secs(auth.login_cache_ttl_secs),
+            auth.login_cache_capacity,
+        );
+        let login_cache_path = auth
+            .login_cache_persist
+            .then(|| config.data_dir.join("auth").join("login-cache"));
+        if let Some(path) = &login_cache_path {
+            match login_cache.load(path) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "loaded the login cache"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "login cache not loaded")
+                }
+            }
+        }
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let tenancy = Tenancy {
             dir: RwLock::new(Directory::default()),
             allow_anonymous: config.auth.allow_anonymous,
@@ -271,6 +328,17 @@ impl Tenancy {
             superuser_role: config.auth.superuser_role.clone(),
             failures_before_delay: config.auth.failures_before_delay,
             failures: Mutex::new(HashMap::new()),
+            login_cache,
+            login_cache_path,
+            verify_slots: tokio::sync::Semaphore::new(cores),
+            verifying: AtomicUsize::new(0),
+            max_verifying: match auth.max_waiting_logins {
+                0 => cores * 200,
+                n => n,
+            },
+            verify_gates: Mutex::new(HashMap::new()),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         };
         for t in &config.tenants {
             tenancy.put_tenant(t.clone());
@@ -279,6 +347,23 @@ impl Tenancy {
             tenancy.put_user_config(u)?;
         }
         Ok(tenancy)
+    }
+
+    /// Saves the login cache where the config says (no-op when it is not persisted).
+    pub fn save_login_cache(&self) {
+        if let Some(path) = &self.login_cache_path {
+            if let Err(e) = self.login_cache.save(path) {
+                tracing::warn!(path = %path.display(), error = %e, "login cache not saved");
+            }
+        }
+    }
+
+    /// Password logins served by the login cache so far, and those that ran argon2.
+    pub fn login_cache_stats(&self) -> (u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        )
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
@@ -396,6 +481,8 @@ impl Tenancy {
             scram_sha512: scram_sha512.as_ref().map(scram_to_text),
             ..u.clone()
         };
+        self.login_cache
+            .rebind(&u.name, &hash, u.password.as_deref().map(str::as_bytes));
         self.write().users.insert(
             u.name.clone(),
             User {
@@ -443,6 +530,7 @@ impl Tenancy {
     }
 
     pub fn delete_user(&self, name: &str) -> bool {
+        self.login_cache.forget(name);
         self.write().users.remove(name).is_some()
     }
 
@@ -547,14 +635,32 @@ impl Tenancy {
                     .map(|u| (u.hash.clone(), u.principal.clone()));
                 // Unknown users cost the same hash as known ones.
                 let (hash, principal) = match found {
-                    Some((h, p)) if !h.is_empty() => (h, Some(p)),
+                    Some((h, p)) if !h.is_empty() => {
+                        if self.login_cache.check(&user, &h, &password) {
+                            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                            return Ok(p);
+                        }
+                        (h, Some(p))
+                    }
                     _ => (dummy_hash().to_string(), None),
                 };
-                let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-                    .await
-                    .unwrap_or(false);
+                let gate = self.verify_gate(&user);
+                let _turn = gate.lock().await;
+                if principal.is_some() && self.login_cache.check(&user, &hash, &password) {
+                    // Verified by the login ahead of this one in the gate.
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return principal.ok_or(AuthError::BadPassword);
+                }
+                self.cache_misses.fetch_add(1, Ordering::Relaxed);
+                let ok = self.verify(&hash, &password).await;
+                drop(_turn);
+                self.release_verify_gate(&user, gate);
+                let ok = ok?;
                 match principal {
-                    Some(p) if ok => Ok(p),
+                    Some(p) if ok => {
+                        self.login_cache.insert(&user, &hash, &password);
+                        Ok(p)
+                    }
                     _ => Err(AuthError::BadPassword),
                 }
             }
@@ -575,6 +681,50 @@ impl Tenancy {
                     .ok_or(AuthError::UnknownTokenUser(claims.sub))
             }
         }
+    }
+
+    /// The gate of `user`'s verifications (see `verify_gates`).
+    fn verify_gate(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.verify_gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.entry(user.to_string()).or_default().clone()
+    }
+
+    /// Drops `user`'s gate once nobody else holds or waits for it, so the map holds only
+    /// users with a verification in progress.
+    fn release_verify_gate(&self, user: &str, gate: Arc<tokio::sync::Mutex<()>>) {
+        let mut gates = self.verify_gates.lock().unwrap_or_else(|p| p.into_inner());
+        drop(gate);
+        if gates.get(user).is_some_and(|g| Arc::strong_count(g) == 1) {
+            gates.remove(user);
+        }
+    }
+
+    /// Verifies a password against its argon2 hash on the blocking pool, at most one
+    /// verification per core at a time; [`AuthError::Busy`] when too many already wait.
+    async fn verify(&self, hash: &str, password: &[u8]) -> Result<bool, AuthError> {
+        /// Counts a verification as waiting or running until dropped.
+        struct Verifying<'a>(&'a AtomicUsize);
+        impl Drop for Verifying<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if self.verifying.fetch_add(1, Ordering::Relaxed) >= self.max_verifying {
+            self.verifying.fetch_sub(1, Ordering::Relaxed);
+            return Err(AuthError::Busy);
+        }
+        let _counted = Verifying(&self.verifying);
+        let _slot = self
+            .verify_slots
+            .acquire()
+            .await
+            .map_err(|_| AuthError::Busy)?;
+        let (hash, password) = (hash.to_string(), password.to_vec());
+        Ok(
+            tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+                .await
+                .unwrap_or(false),
+        )
     }
 
     /// Whether `principal` may do `action` on its topic `name` (a short name).
@@ -804,6 +954,60 @@ mod tests {
         assert_eq!(t.penalty(ip), Duration::from_millis(200));
         let other: IpAddr = "127.0.0.10".parse().unwrap();
         assert_eq!(t.penalty(other), Duration::ZERO);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_herd_of_one_user_verifies_once_and_a_queue_past_the_limit_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(two_users(dir.path()));
+        let login = |user: &str, password: &[u8]| {
+            let (t, creds) = (
+                t.clone(),
+                Credentials::Password {
+                    user: user.into(),
+                    password: password.to_vec(),
+                },
+            );
+            tokio::spawn(async move { t.check(creds).await })
+        };
+        // 50 devices of alice at once: one argon2 run, 49 served by the cache.
+        let herd: Vec<_> = (0..50).map(|_| login("alice", b"s3cret")).collect();
+        for h in herd {
+            assert_eq!(h.await.unwrap().unwrap().user, "alice");
+        }
+        assert_eq!(t.login_cache_stats(), (49, 1));
+        // One byte off the cached password: refused, through argon2.
+        assert_eq!(
+            login("alice", b"s3creT").await.unwrap(),
+            Err(AuthError::BadPassword)
+        );
+        // More distinct logins waiting than `max_waiting_logins` (here 2 per core): the
+        // ones past it are refused as busy at once, the others verified.
+        let mut limited = two_users(dir.path());
+        limited.max_verifying = 2;
+        let limited = std::sync::Arc::new(limited);
+        let storm: Vec<_> = (0..20)
+            .map(|i| {
+                let t = limited.clone();
+                tokio::spawn(async move {
+                    t.check(Credentials::Password {
+                        user: format!("nobody-{i}"),
+                        password: b"x".to_vec(),
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let mut busy = 0;
+        for h in storm {
+            match h.await.unwrap() {
+                Err(AuthError::Busy) => busy += 1,
+                Err(AuthError::BadPassword) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(busy > 0, "no login was told busy");
+        assert_eq!(limited.verifying.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -5,4 +5,5 @@ mod broker;
 mod harness;
 mod mqtt;
 mod plugins;
+mod storm;
 mod tenancy;

@@ -29,7 +29,7 @@ fn two_tenants(extra: &str) -> Gateway {
 }
 
 /// A token from `magnetar token`, as an operator would make one.
-fn token(gw: &Gateway, user: &str, expires_in: Option<&str>) -> String {
+pub fn token(gw: &Gateway, user: &str, expires_in: Option<&str>) -> String {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_magnetar"));
     cmd.arg("token")
         .arg("--config")
@@ -658,14 +658,14 @@ fn quotas_slow_one_tenant_and_spare_the_other() {
 }
 
 /// A test PKI: a CA, and certificates it signs.
-struct Pki {
+pub struct Pki {
     dir: tempfile::TempDir,
     ca: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -678,12 +678,12 @@ impl Pki {
         Pki { dir, ca, ca_key }
     }
 
-    fn path(&self, name: &str) -> std::path::PathBuf {
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
 
     /// Writes NAME.pem and NAME.key for a certificate with this CN and these DNS names.
-    fn issue(&self, name: &str, cn: &str, dns: &[&str]) -> (Vec<u8>, Vec<u8>) {
+    pub fn issue(&self, name: &str, cn: &str, dns: &[&str]) -> (Vec<u8>, Vec<u8>) {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params =
             rcgen::CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())

@@ -8,7 +8,7 @@ use crate::abi::types::{self, ErrorKind, OpError};
 use crate::abi::v0_2::magnetar::plugin::auth;
 use crate::quota::Gauge;
 use crate::sasl::{self, ScramHash};
-use crate::tenancy::{Credentials, Principal};
+use crate::tenancy::{AuthError, Credentials, Principal};
 
 impl HostState {
     /// Records the principal of a successful authentication; `None` if the connection is gone.
@@ -80,7 +80,12 @@ impl auth::Host for HostState {
         self.runtime.spawn(async move {
             let outcome = tenancy.authenticate(creds, peer).await.map_err(|e| {
                 tracing::info!(%plugin, conn, ?peer, error = %e, "authentication failed");
-                op_error(ErrorKind::NotAuthorized, "not authorized")
+                match e {
+                    // Not the client's fault: the protocol's "try again later" (MQTT CONNACK
+                    // 3 / 0x88), not "not authorized".
+                    AuthError::Busy => op_error(ErrorKind::Backend, "server busy"),
+                    _ => op_error(ErrorKind::NotAuthorized, "not authorized"),
+                }
             });
             let _ = events
                 .send(Event::AuthResult {
