@@ -240,9 +240,28 @@ impl Gateway {
             .arg(&self.config)
             .arg("--data-dir")
             .arg(self.dir.join("storm-data"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                if std::env::var_os("BENCH_MAGNETAR_LOG").is_some() {
+                    "info"
+                } else {
+                    "warn"
+                },
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // `BENCH_MAGNETAR_LOG`: the storm gateway's log goes to `<file>.storm`.
+            .stderr(match std::env::var_os("BENCH_MAGNETAR_LOG") {
+                Some(path) => {
+                    let mut path = std::path::PathBuf::from(path).into_os_string();
+                    path.push(".storm");
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_or(Stdio::null(), Stdio::from)
+                }
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("spawning magnetar");
         self.proc = Some(Proc(child));
