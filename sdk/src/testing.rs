@@ -13,6 +13,7 @@
 //!   nothing moves);
 //! - **backend**: published messages are stored ([`SimHost::published`]) and routed to every
 //!   subscription on their topic; [`SimHost::produce`] publishes as another producer would.
+//!   Publishes and kv writes a connection queued before it ended still run, as on the host.
 //!   A subscription hands out at most its `max-unacked` deliveries before acks, keeps what
 //!   was not acked, and a durable one outlives the connection ([`SimHost::reconnect`]);
 //! - **kv**: an ordered in-memory map with prefix scans, as the host's kv (kept across
@@ -611,9 +612,17 @@ impl<M: Machine> SimHost<M> {
         self.carry_out(actions);
     }
 
-    /// The connection ended: the will is published, subscriptions close (durable ones keep
-    /// their messages), claims end.
+    /// The connection ended: the publishes and kv writes it queued still run, in order, as
+    /// on the real host (their outcomes go nowhere); the will is published, subscriptions
+    /// close (durable ones keep their messages), claims end.
     fn end_connection(&mut self) {
+        for op in std::mem::take(&mut self.pending) {
+            match op {
+                Action::Publish { msg, .. } => self.store(msg),
+                Action::KvPut { key, value, .. } => self.kv_write(key, value),
+                _ => {}
+            }
+        }
         if let Some(will) = self.will.take() {
             if let Some(write) = will.kv {
                 self.kv_write(write.key, write.value);
@@ -895,5 +904,21 @@ mod tests {
         host.data(b"ignored");
         assert_eq!(host.closed(), Some("asked"));
         assert_eq!(host.take_sent(), b"hi");
+    }
+
+    #[test]
+    fn kv_writes_queued_before_the_close_still_run() {
+        let mut host = SimHost::new(0, Script::default());
+        host.data(b"put");
+        host.data(b"close");
+        assert_eq!(host.kv().get("k/1").map(Vec::as_slice), Some(&b"v"[..]));
+        assert!(host.pending().is_empty());
+        let results = host
+            .machine()
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::KvResult { .. }))
+            .count();
+        assert_eq!(results, 0, "the outcome goes nowhere");
     }
 }

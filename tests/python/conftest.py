@@ -123,3 +123,53 @@ def gateway(tmp_path):
         yield gw
     finally:
         gw.stop()
+
+
+MOSQUITTO = os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto")
+
+
+class Mosquitto:
+    """Mosquitto 2.0 on a free loopback port, the peer a behaviour is compared with: anonymous,
+    no persistence file, its log in `tmp`. Same `mqtt_port` attribute as `Gateway`."""
+
+    def __init__(self, tmp: Path):
+        self.mqtt_port = free_port()
+        self.config = tmp / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        )
+        self.log = tmp / "mosquitto.log"
+        self.proc = None
+
+    def start(self) -> "Mosquitto":
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)], stdout=logf, stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.mqtt_port, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["magnetar", "mosquitto"])
+def mqtt_peer(request, tmp_path):
+    """The gateway, then Mosquitto (skipped where it is not installed): a test using it runs
+    its scenario against both, so a difference shows as one of the two failing."""
+    if request.param == "mosquitto":
+        if not os.access(MOSQUITTO, os.X_OK):
+            pytest.skip(f"{MOSQUITTO} not installed")
+        server = Mosquitto(tmp_path).start()
+    else:
+        server = Gateway(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -481,3 +481,40 @@ def test_enhanced_authentication_with_scram_sha_256(tmp_path):
             assert (first, data[1]) == (0x20, 0x8C)
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("ending", ["disconnect", "vanish"])
+def test_clean_start_0_without_session_expiry_resumes_the_session_once(mqtt_peer, ending):
+    """MQTT 5.0 [MQTT-3.1.2-5], [MQTT-3.2.2-3]: Clean Start 0 resumes an existing session even
+    when the CONNECT has no Session Expiry Interval; §3.1.2.11.2: the session then ends when
+    that connection closes, whether it sends DISCONNECT or vanishes."""
+    port = mqtt_peer.mqtt_port
+    cid = f"p5-resume-{uuid.uuid4().hex[:6]}"
+    topic = f"resume/{cid}"
+    hour = props(PacketTypes.CONNECT, SessionExpiryInterval=3600)
+    s = Paho5(port, client_id=cid, connect_props=hour)
+    s.subscribe(topic, 1)
+    s.close()
+    pub = Paho5(port)
+    try:
+        for payload in (b"q1", b"q2"):
+            assert pub.publish(topic, payload, 1).value == 0
+        s = Paho5(port, client_id=cid, clean_start=False)
+        assert s.flags.session_present is True
+        assert [s.get().payload for _ in range(2)] == [b"q1", b"q2"]
+        # The subscription came back with the session.
+        pub.publish(topic, b"live", 1)
+        assert s.get().payload == b"live"
+        if ending == "disconnect":
+            s.close()
+        else:
+            s.kill()
+        time.sleep(0.5)
+        pub.publish(topic, b"after", 1)
+        # The session ended with that connection: nothing to resume, nothing queued.
+        s = Paho5(port, client_id=cid, clean_start=False, connect_props=hour)
+        assert s.flags.session_present is False
+        s.quiet(1.0)
+        s.close()
+    finally:
+        pub.close()

@@ -31,7 +31,9 @@
 //! joined, see [`subscription`]):
 //! - Clean Session 1 / Session Expiry Interval 0: a non-durable, exclusive subscription
 //!   `mqtt-tmp-<conn id>-<nonce>` starting at the latest message; the host drops it when the
-//!   connection closes.
+//!   connection closes. (A 5.0 Clean Start 0 that resumes a stored session with Session
+//!   Expiry Interval 0 uses the session's durable subscription instead, see "Session
+//!   expiry".)
 //! - Clean Session 0 / Session Expiry Interval > 0 (persistent session, §3.1.2.4): the
 //!   durable, exclusive subscription `mqtt-session-<escaped client id>` (a 5.0 Clean Start
 //!   that replaces an earlier session gets `...-<nonce>`, named in the stored session), which
@@ -54,8 +56,26 @@
 //! whose connection vanished without the plugin seeing it (peer reset, gateway crash) has no
 //! end time and so does not expire until it is next used: the plugin cannot write after
 //! `on-closed`, and a periodic kv write per idle connection would cost more than the
-//! backlog. A 5.0 CONNECT with Clean Start 0 and Session Expiry Interval 0 starts a new
-//! session instead of resuming one that ends with the connection (a simplification).
+//! backlog.
+//!
+//! A 5.0 CONNECT with Clean Start 0 resumes an existing, unexpired session whatever its own
+//! Session Expiry Interval ([MQTT-3.1.2-5], [MQTT-3.2.2-3]: Session Present 1, the filters
+//! restored, the durable subscription reopened so the QoS 1 and 2 messages queued meanwhile
+//! are delivered), as Mosquitto does. With an absent or 0 interval the session then ends
+//! when this connection closes (§3.1.2.11.2); a DISCONNECT that sets an interval > 0 is a
+//! Protocol Error (§3.14.2.2.2: DISCONNECT 0x82) and the session still ends. Subscription
+//! changes meanwhile are not stored: they end with the session. Because the plugin cannot
+//! act once the host reports the connection gone (peer reset, gateway crash), the stored
+//! record is rewritten at the resume as ended then, with expiry 0: the next CONNECT of the
+//! Client Identifier finds it expired (Session Present 0) and deletes its records and its
+//! durable subscription with the backlog. When the plugin does see the end (DISCONNECT,
+//! keep-alive timeout, a protocol error) it deletes them at once, unless the durable
+//! subscription is still opening (the marked record then stays for the next CONNECT). A
+//! takeover leaves them to the new connection, which finds the record ended, rather than
+//! deleting them under its CONNECT. The one
+//! difference from Mosquitto, which frees the session the moment the socket closes: after
+//! an end the plugin did not see, the durable subscription keeps collecting messages until
+//! that next CONNECT deletes it (the same bound as any session whose connection vanished).
 //!
 //! # QoS 2 (§4.3.3)
 //!
@@ -161,7 +181,7 @@
 //! | 5.0 Maximum Packet Size: larger packets are not sent to the client, a message is dropped as if delivered; inbound ones get 0x95 | done |
 //! | 5.0 Subscription Options: No Local, Retain As Published, Retain Handling 0/1/2 | done |
 //! | 5.0 Subscription Identifiers, all matching ones on each PUBLISH | done |
-//! | 5.0 Clean Start + Session Expiry Interval (0 = ends at disconnect), DISCONNECT changing it | done (see "Session expiry" for the limits) |
+//! | 5.0 Clean Start + Session Expiry Interval (0 = ends at disconnect), DISCONNECT changing it; Clean Start 0 resumes a session whatever the interval | done (see "Session expiry" for the limits) |
 //! | 5.0 server DISCONNECT with reason: 0x8E takeover, 0x8D keep alive, 0x81 malformed, 0x82 protocol error, 0x95 too large, 0x94 topic alias, 0x90 topic name | done |
 //! | 5.0 DISCONNECT 0x04 (with Will Message), Will Delay Interval, Will Properties | done |
 //! | SUBSCRIBE / SUBACK with `+` and `#` (§3.8, §3.9, §4.7), UNSUBSCRIBE, PINGREQ, DISCONNECT | done |

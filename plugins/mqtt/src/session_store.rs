@@ -79,8 +79,10 @@ pub struct StoredSession {
     /// (3.1.1 Clean Session 0).
     pub expiry: u32,
     /// When the connection that held the session ended, if the plugin saw it end (a
-    /// DISCONNECT, a keep-alive timeout, a takeover); `None` while connected or when the
-    /// connection vanished (the session then does not expire until it is next used).
+    /// DISCONNECT, a keep-alive timeout); `None` while connected or when the connection
+    /// vanished (the session then does not expire until it is next used). With `expiry` 0:
+    /// when a connection with Session Expiry Interval 0 resumed it, so that it is expired
+    /// for every later CONNECT even if the plugin never sees that connection end.
     pub ended_ms: Option<u64>,
     /// The durable Pulsar subscription queueing its messages; `None`: [`durable_subscription`].
     pub backend_name: Option<String>,

@@ -236,10 +236,14 @@ impl MqttConnection {
         }
     }
 
-    /// The Client Identifier is ours: resume a persistent session, or start a new one and
-    /// discard whatever session the Client Identifier had (§3.1.2.4).
+    /// The Client Identifier is ours: resume its session, or start a new one and discard
+    /// whatever session the Client Identifier had (§3.1.2.4).
+    ///
+    /// Clean Start 0 resumes an existing session whatever this connection's Session Expiry
+    /// Interval ([MQTT-3.1.2-5]); with 0 the session then ends with this connection
+    /// (MQTT 5.0 §3.1.2.11.2), as Mosquitto does.
     pub(super) fn open_session(&mut self) {
-        if !self.clean_start && self.persistent() {
+        if !self.clean_start {
             let token = self.ops.start(Op::LoadSession);
             let key = session_store::kv_key(&self.client_id);
             self.out.push(Action::KvGet { token, key });
@@ -364,17 +368,43 @@ impl MqttConnection {
         }
     }
 
-    /// The session ends with this connection (a DISCONNECT set its expiry to 0): its
-    /// records and durable subscription go.
+    /// The session ends with this connection (a DISCONNECT set its expiry to 0, or it was
+    /// resumed with expiry 0): its records and durable subscription go.
     pub(super) fn drop_session(&mut self) {
+        if std::mem::take(&mut self.ends_with_connection) && self.backend == Backend::Opening {
+            // Its subscription is not ours to delete yet: the record, marked ended at the
+            // resume, stays so that the next CONNECT deletes the subscription it names.
+            return;
+        }
         self.delete_session_records();
         if let Backend::Open(sub) = self.backend {
             self.out.push(Action::Unsubscribe { sub, delete: true });
+            self.backend = Backend::Closed;
         }
     }
 
-    /// Both halves of a persistent session are read: CONNACK, then resume it (§4.4), unless
-    /// it expired.
+    /// The connection closes: a session it resumed with Session Expiry Interval 0 ends now
+    /// (§3.1.2.11.2). If the plugin never sees the end (peer reset, gateway crash), the
+    /// record marked ended at the resume makes the next CONNECT delete it.
+    pub(super) fn end_resumed_session(&mut self) {
+        if self.ends_with_connection && self.phase == Phase::Connected {
+            self.drop_session();
+        }
+    }
+
+    /// Marks the stored session as ending with this connection (expiry 0, ended now): the
+    /// plugin cannot act after the connection vanished, so a CONNECT that finds this record
+    /// finds it expired, and deletes its backlog, as if the plugin had seen the end.
+    fn mark_session_ending(&mut self) {
+        let token = self.ops.start(Op::DropOldSession);
+        let key = session_store::kv_key(&self.client_id);
+        let value = Some(session_store::encode(&self.stored_session(true)));
+        self.out.push(Action::KvPut { token, key, value });
+    }
+
+    /// Both halves of a stored session are read: CONNACK, then resume it (§4.4), unless
+    /// it expired. With Session Expiry Interval 0 a resumed session ends with this
+    /// connection, and its record says so at once (see the crate docs, "Session expiry").
     pub(super) fn finish_load(&mut self) {
         if self.loading.filters.is_none() || self.loading.qos2.is_none() {
             return;
@@ -406,10 +436,16 @@ impl MqttConnection {
         if let Some(old) = session.take_if(|s| s.expired(self.now_ms)) {
             // MQTT 5.0 §4.1: an expired session is gone; its backlog is deleted.
             self.delete_subscription(old.backend_name);
-            self.new_session_name();
+            if self.persistent() {
+                self.new_session_name();
+            } else {
+                self.delete_session_records();
+            }
             qos2 = Qos2State::default();
         }
         let present = session.is_some() || !qos2.is_empty();
+        // Resumed with Session Expiry Interval 0: the session ends with this connection.
+        self.ends_with_connection = present && !self.persistent();
         self.accept(present);
         self.qos2_in = qos2.inbound;
         // §4.4: PUBREL again, with the original Packet Identifiers.
@@ -440,6 +476,9 @@ impl MqttConnection {
             for f in shared {
                 self.open_shared(f, true);
             }
+        }
+        if self.ends_with_connection {
+            self.mark_session_ending();
         }
     }
 

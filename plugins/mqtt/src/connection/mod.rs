@@ -314,6 +314,11 @@ pub struct MqttConnection {
     /// Session Expiry Interval, seconds: 0 ends with the connection, `u32::MAX` never
     /// (3.1.1 Clean Session 0).
     session_expiry: u32,
+    /// This connection resumed a stored session with Session Expiry Interval 0 (MQTT 5.0
+    /// Clean Start 0, §3.1.2.4): the session's durable subscription serves it, and the
+    /// session ends with it (§3.1.2.11.2). The stored record is marked ended at the resume,
+    /// so a connection that vanishes without the plugin seeing it still ends the session.
+    ends_with_connection: bool,
     limits: ClientLimits,
     /// Enhanced authentication: the method, a host step in flight, a re-authentication.
     auth_method: Option<String>,
@@ -390,6 +395,7 @@ impl MqttConnection {
             assigned_id: false,
             clean_start: true,
             session_expiry: 0,
+            ends_with_connection: false,
             limits: ClientLimits::default(),
             auth_method: None,
             sasl_pending: false,
@@ -464,6 +470,10 @@ impl Machine for MqttConnection {
                 Event::ClaimLost { .. } => {
                     // The will stays registered: the host publishes it as for any other end
                     // of the network connection (as Mosquitto does on a takeover).
+                    // A session that ends with this connection is left to the new owner of
+                    // the Client Identifier, which finds it marked ended and deletes it:
+                    // deleting it here could race with that connection's CONNECT.
+                    self.ends_with_connection = false;
                     self.disconnect(
                         reason::SESSION_TAKEN_OVER,
                         "session taken over by a new connection with the same Client Identifier (§3.1.4)",
@@ -543,9 +553,11 @@ impl MqttConnection {
         self.out.push(Action::Log { level, message });
     }
 
-    /// Closes the connection once; everything after is ignored.
+    /// Closes the connection once; everything after is ignored. A session that ends with
+    /// the connection loses its backlog now, while the plugin still can act.
     fn close(&mut self, reason: impl Into<String>) {
         if self.phase != Phase::Closed {
+            self.end_resumed_session();
             self.phase = Phase::Closed;
             self.input.clear();
             self.out.push(Action::Close(reason.into()));
@@ -598,6 +610,12 @@ impl MqttConnection {
     /// Expiry Interval > 0), so its filters and QoS 2 state are kept in the kv.
     fn persistent(&self) -> bool {
         self.session_expiry > 0
+    }
+
+    /// Whether the main backend subscription is the session's durable one: the session is
+    /// persistent, or this connection resumed one that ends with it.
+    fn durable_backend(&self) -> bool {
+        self.persistent() || self.ends_with_connection
     }
 
     /// QoS 1/2 PUBLISHes the client may have unacknowledged (§4.9).
@@ -712,6 +730,7 @@ impl MqttConnection {
         let was_persistent = self.persistent();
         if let Some(expiry) = session_expiry {
             if self.session_expiry == 0 && expiry > 0 {
+                // The interval stays 0: a resumed session ends with this connection (`close`).
                 self.disconnect(
                     reason::PROTOCOL_ERROR,
                     "Session Expiry Interval set on DISCONNECT after 0 on CONNECT (§3.14.2.2.2)",
@@ -723,7 +742,7 @@ impl MqttConnection {
         if code != reason::DISCONNECT_WITH_WILL {
             self.out.push(Action::SetWill(None));
         }
-        if was_persistent && !self.persistent() {
+        if (was_persistent && !self.persistent()) || self.ends_with_connection {
             self.drop_session();
         } else {
             self.record_session_end();

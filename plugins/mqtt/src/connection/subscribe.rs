@@ -193,7 +193,7 @@ impl MqttConnection {
 
     /// The spec of this connection's main backend subscription (see the crate docs).
     pub(super) fn backend_spec(&self) -> SubscriptionSpec {
-        if self.persistent() {
+        if self.durable_backend() {
             let name = self
                 .session_name
                 .clone()
@@ -259,7 +259,7 @@ impl MqttConnection {
                 self.flush_replies();
             }
             (Some(Op::OpenBackend { restore }), Err(e))
-                if self.persistent() && self.backend_retries < BACKEND_RETRIES =>
+                if self.durable_backend() && self.backend_retries < BACKEND_RETRIES =>
             {
                 // The durable subscription may still be held by the connection this one took
                 // over, while the backend closes its consumer: try again shortly.

@@ -6,7 +6,7 @@ use magnetar_sdk::SaslSuccess;
 
 /// A v5 CONNECT: clean start, keep alive, properties, optional will (topic, payload, will
 /// properties) and user/password.
-fn connect5(
+pub(super) fn connect5(
     client_id: &str,
     clean_start: bool,
     props: &Properties,
@@ -51,7 +51,7 @@ fn publish5(topic: &str, qos: u8, id: u16, props: &Properties, payload: &[u8]) -
 }
 
 /// SUBSCRIBE with one (filter, options byte) per entry and an optional identifier.
-fn subscribe5(packet_id: u16, entries: &[(&str, u8)], sub_id: Option<u32>) -> Vec<u8> {
+pub(super) fn subscribe5(packet_id: u16, entries: &[(&str, u8)], sub_id: Option<u32>) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
     let props = Properties {
         subscription_identifiers: sub_id.into_iter().collect(),
