@@ -45,6 +45,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -426,6 +427,11 @@ pub struct Topic {
     log: Arc<Mutex<Log>>,
     cursors: Arc<CursorStore>,
     next_id: u64,
+    /// The entry after the last one whose receipt went out. The storage task answers producers
+    /// before this actor takes the commit in (`committed`, which moves `next_id`), so a
+    /// subscription created in between starts here, not at `next_id`: as in Pulsar, "latest"
+    /// never includes a message whose send was already confirmed.
+    answered_end: Arc<AtomicU64>,
     /// Messages stored so far (= index of the next message).
     next_index: u64,
     /// Broker timestamp of the last entry (kept monotonic).
@@ -535,6 +541,7 @@ pub fn open(
         log: Arc::new(Mutex::new(log)),
         cursors: Arc::new(cursors),
         next_id,
+        answered_end: Arc::new(AtomicU64::new(next_id)),
         next_index,
         last_timestamp,
         dedup,
@@ -1102,7 +1109,7 @@ impl Topic {
 
     /// Where a new subscription starts (its initial ack floor).
     fn start_position(&self, req: &SubscribeRequest) -> u64 {
-        let latest = self.next_id;
+        let latest = self.next_id.max(self.answered_end.load(Ordering::Acquire));
         if let (Some(id), false) = (&req.start_message_id, req.durable) {
             // As Pulsar: delivery starts at the start id's entry; the client drops it (or
             // the part of its batch before the id) unless it asked for an inclusive start.
@@ -1190,6 +1197,7 @@ impl Topic {
             _ => None,
         };
         let (log, cursors) = (self.log.clone(), self.cursors.clone());
+        let answered_end = self.answered_end.clone();
         let (next, mine) = baton();
         // With nothing in flight, the newest baton is from a commit already back.
         let previous = self
@@ -1202,8 +1210,14 @@ impl Topic {
         #[cfg(not(test))]
         let panic_after_write = false;
         let task = tokio::task::spawn_blocking(move || {
-            let (append, cached) =
-                append_and_answer(&log, pending, previous, &next.written, panic_after_write);
+            let (append, cached) = append_and_answer(
+                &log,
+                pending,
+                previous,
+                &next.written,
+                panic_after_write,
+                &answered_end,
+            );
             let mut saved = Ok(());
             for (name, cursor) in &dirty {
                 if let Err(e) = cursors.save(name, cursor) {
@@ -1356,6 +1370,7 @@ fn append_and_answer(
     previous: Option<Baton>,
     written: &std::sync::mpsc::SyncSender<()>,
     panic_after_write: bool,
+    answered_end: &AtomicU64,
 ) -> (Appended, Option<CachedPages>) {
     let records: Vec<RecordParts> = pending
         .iter()
@@ -1405,6 +1420,14 @@ fn append_and_answer(
         Err(e) => Err(e),
     };
     drop(records);
+    if let Ok(first) = &append {
+        let stored = pending
+            .iter()
+            .filter(|p| matches!(p, PendingPublish::Store { .. }))
+            .count() as u64;
+        // Before the first receipt: whoever learns of a receipt finds the entry covered.
+        answered_end.fetch_max(first + stored, Ordering::Release);
+    }
     let mut committed = Vec::with_capacity(pending.len());
     for p in pending {
         match (p, &append) {
@@ -1593,6 +1616,45 @@ mod tests {
                 entry.broker.as_ref().and_then(|b| b.index).unwrap()
             })
             .collect()
+    }
+
+    /// A non-durable subscription at Latest, as a client asks for one.
+    fn latest_request() -> SubscribeRequest {
+        let (tx, _) = mpsc::channel(1);
+        SubscribeRequest {
+            key: ConsumerKey {
+                connection: 1,
+                consumer_id: 1,
+            },
+            subscription: "s".into(),
+            sub_type: SubType::Exclusive,
+            durable: false,
+            initial_position: InitialPosition::Latest,
+            start_message_id: None,
+            tx,
+            epoch: None,
+            entry_metadata: false,
+            consumer_name: "c".into(),
+            priority: 0,
+            key_shared: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn latest_never_includes_a_message_whose_receipt_went_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut topic = open_topic(dir.path());
+        send(&mut topic, 1);
+        start(&mut topic);
+        // The storage task has answered the producer, and the actor has not yet taken the
+        // commit in (it moves `next_id` then): a subscription made now starts after it.
+        while !topic.storing.front().is_some_and(|s| s.task.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(topic.next_id, 0);
+        assert_eq!(topic.start_position(&latest_request()), 1);
+        finish_oldest(&mut topic).await;
+        assert_eq!(topic.start_position(&latest_request()), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
