@@ -123,35 +123,39 @@ fn start_magnetar(dir: &std::path::Path, tls: &Tls, extra: &str) -> (Server, Soc
     (server, broker)
 }
 
-fn start_mosquitto(dir: &std::path::Path, tls: &Tls) -> Option<Server> {
+/// Mosquitto (Debian's, if installed) with the config file `config` written with `text`,
+/// once every address of `listening` accepts connections.
+fn spawn_mosquitto(config: &std::path::Path, text: &str, listening: &[SocketAddr]) -> Option<Proc> {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
-    let (mqtt, mqtts) = (free_port(), free_port());
-    let config = dir.join("mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "user root\nallow_anonymous true\nmax_queued_messages 100000\n\
-             listener {} 127.0.0.1\n\
-             listener {} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
-            mqtt.port(),
-            mqtts.port(),
-            tls.cert.display(),
-            tls.key.display()
-        ),
-    )
-    .ok()?;
+    std::fs::write(config, text).ok()?;
     let child = Command::new(bin)
         .arg("-c")
-        .arg(&config)
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
     let proc = Proc(child);
-    wait_listening(mqtt);
-    wait_listening(mqtts);
+    for addr in listening {
+        wait_listening(*addr);
+    }
+    Some(proc)
+}
+
+fn start_mosquitto(dir: &std::path::Path, tls: &Tls) -> Option<Server> {
+    let (mqtt, mqtts) = (free_port(), free_port());
+    let text = format!(
+        "user root\nallow_anonymous true\nmax_queued_messages 100000\n\
+         listener {} 127.0.0.1\n\
+         listener {} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+        mqtt.port(),
+        mqtts.port(),
+        tls.cert.display(),
+        tls.key.display()
+    );
+    let proc = spawn_mosquitto(&dir.join("mosquitto.conf"), &text, &[mqtt, mqtts])?;
     Some(Server {
         name: "mosquitto",
         proc,

@@ -104,14 +104,8 @@ impl IdleFigures {
     }
 }
 
-/// Opens `n` idle TLS MQTT connections to `server` (process `pid`), measures, closes them.
-pub async fn measure(
-    server: SocketAddr,
-    pid: u32,
-    n: usize,
-    ca_der: &[u8],
-    tag: &str,
-) -> IdleFigures {
+/// A TLS client that trusts the certificate `ca_der` (the bench's self-signed one).
+pub fn connector(ca_der: &[u8]) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_der.to_vec().into()).expect("root");
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -121,7 +115,18 @@ pub async fn measure(
     .expect("versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = TlsConnector::from(Arc::new(config));
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Opens `n` idle TLS MQTT connections to `server` (process `pid`), measures, closes them.
+pub async fn measure(
+    server: SocketAddr,
+    pid: u32,
+    n: usize,
+    ca_der: &[u8],
+    tag: &str,
+) -> IdleFigures {
+    let connector = connector(ca_der);
     // One connection first, so that lazily built state (instances, caches) is in the baseline.
     let warm = open_one(
         server,

@@ -328,9 +328,6 @@ struct Mosquitto {
 }
 
 fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
     let passwd = dir.join("storm-passwd");
     let plain: String = (0..users)
         .map(|i| format!("dev-{i}:{PASSWORD}\n"))
@@ -346,54 +343,30 @@ fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
         return None;
     }
     let (anonymous, mqtt, mqtts) = (free_port(), free_port(), free_port());
-    let config = dir.join("storm-mosquitto.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "user root\nper_listener_settings true\n\
-             listener {} 127.0.0.1\nallow_anonymous true\n\
-             listener {} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
-             listener {} 127.0.0.1\nallow_anonymous false\npassword_file {}\ncertfile {}\nkeyfile {}\n",
-            anonymous.port(),
-            mqtt.port(),
-            passwd.display(),
-            mqtts.port(),
-            passwd.display(),
-            tls.cert.display(),
-            tls.key.display()
-        ),
-    )
-    .ok()?;
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let proc = Proc(child);
-    wait_listening(anonymous);
-    wait_listening(mqtt);
-    wait_listening(mqtts);
+    let text = format!(
+        "user root\nper_listener_settings true\n\
+         listener {} 127.0.0.1\nallow_anonymous true\n\
+         listener {} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
+         listener {} 127.0.0.1\nallow_anonymous false\npassword_file {}\ncertfile {}\nkeyfile {}\n",
+        anonymous.port(),
+        mqtt.port(),
+        passwd.display(),
+        mqtts.port(),
+        passwd.display(),
+        tls.cert.display(),
+        tls.key.display()
+    );
+    let proc = crate::spawn_mosquitto(
+        &dir.join("storm-mosquitto.conf"),
+        &text,
+        &[anonymous, mqtt, mqtts],
+    )?;
     Some(Mosquitto {
         proc,
         anonymous,
         mqtt,
         mqtts,
     })
-}
-
-fn connector(der: &[u8]) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der.to_vec().into()).expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
 }
 
 /// The storm table for each fleet size in `sizes`, capped by the descriptor limit.
@@ -405,7 +378,7 @@ pub fn table(rt: &tokio::runtime::Runtime, dir: &Path, tls: &Tls, sizes: &[usize
     println!("|---|---|---|---|---|");
     let mut gw = Gateway::start(dir, tls, largest);
     let mosquitto = start_mosquitto(dir, tls, largest);
-    let tls_connector = connector(&tls.der);
+    let tls_connector = crate::idle::connector(&tls.der);
     let tokens = Kind::Token(Arc::new(gw.tokens(100)));
     let row = |n: usize, what: &str, m: f64, q: Option<f64>| {
         let (q_text, ratio) = match q {
