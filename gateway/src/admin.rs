@@ -522,6 +522,15 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
             let _ = writeln!(out, "{name}{{tenant=\"{tenant}\"}} {}", value(u));
         }
     }
+    let r = a.services.router.stats();
+    let _ = writeln!(out, "# TYPE magnetar_route_sources gauge");
+    let _ = writeln!(out, "magnetar_route_sources {}", r.sources);
+    let _ = writeln!(out, "# TYPE magnetar_routes gauge");
+    let _ = writeln!(out, "magnetar_routes {}", r.routes);
+    let _ = writeln!(out, "# TYPE magnetar_routed_messages_total counter");
+    let _ = writeln!(out, "magnetar_routed_messages_total {}", r.routed);
+    let _ = writeln!(out, "# TYPE magnetar_route_dropped_messages_total counter");
+    let _ = writeln!(out, "magnetar_route_dropped_messages_total {}", r.dropped);
     let (hits, misses) = a.services.tenancy.login_cache_stats();
     let _ = writeln!(out, "# TYPE magnetar_login_cache_hits_total counter");
     let _ = writeln!(out, "magnetar_login_cache_hits_total {hits}");

@@ -7,7 +7,7 @@
 //!
 //! The modules form layers; a module uses only modules of the layers below its own (and
 //! within a layer, those listed before it), never one above:
-//! 1. leaves: `names`, `clock`, `secret`, `config`, `abi`, `conn_shared`, `builtin`;
+//! 1. leaves: `names`, `clock`, `secret`, `config`, `abi`, `conn_shared`, `routing`, `builtin`;
 //! 2. services: `sasl`, `login_cache`, `tenancy`, `crypto`, `quota`, `backend`, `kv`, `tls`;
 //! 3. the host: `host` (the host calls), `plugin_host` (workers and instances), `connection`
 //!    (socket tasks);
@@ -25,6 +25,8 @@ pub mod config;
 pub mod conn_shared;
 /// Tenant, namespace and topic names, checked.
 pub mod names;
+/// The routing index: which routes a message reaches, by filter.
+pub mod routing;
 /// Secret files and constant-time comparison.
 pub mod secret;
 

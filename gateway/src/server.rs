@@ -100,6 +100,7 @@ impl Server {
             keys,
             quotas: Arc::new(crate::quota::Quotas::default()),
             pulsar_e2e: Default::default(),
+            router: Default::default(),
         });
 
         let plugins = load_plugins(&config)?;

@@ -77,10 +77,12 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
         default_bindings_module: "magnetar_sdk::bindings",
+        additional_derives: [PartialEq, Eq],
     });
 }
 
-use bindings::magnetar::plugin::{auth, conn, kv, pubsub, session, timers};
+pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
+use bindings::magnetar::plugin::{auth, conn, kv, pubsub, routing, session, timers};
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
@@ -223,6 +225,23 @@ impl Conn {
     /// deliveries arrive through [`Connection::on_delivery`].
     pub fn subscribe(self, token: u64, spec: &SubscriptionSpec) {
         pubsub::subscribe(self.0, token, spec);
+    }
+
+    /// Opens a route: a subscription to `spec.source` whose messages the host picks by
+    /// filter (see the WIT's `routing`); completes with [`Connection::on_subscribe_result`],
+    /// then deliveries arrive as for [`Conn::subscribe`].
+    pub fn open_route(self, token: u64, spec: &RouteSpec) {
+        routing::open_route(self.0, token, spec);
+    }
+
+    /// Adds a filter to an open route; messages read from now on are matched against it.
+    pub fn bind(self, route: SubId, filter: &Filter) -> Result<(), OpError> {
+        routing::bind(self.0, route, filter)
+    }
+
+    /// Removes a filter from an open route.
+    pub fn unbind(self, route: SubId, filter: &Filter) {
+        routing::unbind(self.0, route, filter);
     }
 
     /// Closes a subscription; with `delete`, a durable one is removed with its backlog.

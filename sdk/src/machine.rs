@@ -51,8 +51,8 @@
 //! onto host calls; the order of the actions is the order of the calls.
 
 use crate::{
-    Conn, Connection, Credentials, Delivery, KvEntry, LogLevel, OpError, OutboundMessage,
-    Principal, PublishResult, SaslOutcome, SubId, SubscriptionSpec, Will,
+    Conn, Connection, Credentials, Delivery, Filter, KvEntry, LogLevel, OpError, OutboundMessage,
+    Principal, PublishResult, RouteSpec, SaslOutcome, SubId, SubscriptionSpec, Will,
 };
 
 /// Something that happened to a connection: one SDK callback, as a value.
@@ -128,7 +128,13 @@ pub enum Action {
     Publish { token: u64, msg: OutboundMessage },
     /// [`Conn::subscribe`]; completes with [`Event::SubscribeResult`].
     Subscribe { token: u64, spec: SubscriptionSpec },
-    /// [`Conn::unsubscribe`].
+    /// [`Conn::open_route`]; completes with [`Event::SubscribeResult`].
+    OpenRoute { token: u64, spec: RouteSpec },
+    /// [`Conn::bind`]; a refused filter is logged.
+    Bind { route: SubId, filter: Filter },
+    /// [`Conn::unbind`].
+    Unbind { route: SubId, filter: Filter },
+    /// [`Conn::unsubscribe`] (also closes a route).
     Unsubscribe { sub: SubId, delete: bool },
     /// [`Conn::ack`].
     Ack { sub: SubId, delivery_id: u64 },
@@ -175,6 +181,16 @@ impl Action {
             } => conn.authenticate_sasl(token, &mechanism, &response),
             Action::Publish { token, msg } => conn.publish(token, &msg),
             Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
+            Action::OpenRoute { token, spec } => conn.open_route(token, &spec),
+            Action::Bind { route, filter } => {
+                if let Err(e) = conn.bind(route, &filter) {
+                    crate::log(
+                        LogLevel::Warn,
+                        &format!("filter {filter:?} refused: {}", e.message),
+                    );
+                }
+            }
+            Action::Unbind { route, filter } => conn.unbind(route, &filter),
             Action::Unsubscribe { sub, delete } => conn.unsubscribe(sub, delete),
             Action::Ack { sub, delivery_id } => conn.ack(sub, delivery_id),
             Action::AckMany { sub, delivery_ids } => conn.ack_many(sub, &delivery_ids),

@@ -78,8 +78,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::machine::{Action, Event, Machine};
 use crate::{
-    Delivery, ErrorKind, KvEntry, LogLevel, OpError, OutboundMessage, Principal, SubId,
-    SubscriptionSpec, Will,
+    Delivery, ErrorKind, Filter, InitialPosition, KvEntry, LogLevel, OpError, OutboundMessage,
+    Principal, RouteSpec, SubId, SubMode, SubscriptionSpec, Will,
 };
 
 /// Most rounds of [`SimHost::run`]: a machine that keeps asking (an answer causing another
@@ -107,6 +107,8 @@ struct Sub {
     /// Handed out, not acked: delivery id → message (redelivered after a reconnect).
     unacked: BTreeMap<u64, Stored>,
     acked: Vec<u64>,
+    /// A route's filters (`open-route`): only matching messages reach it.
+    filters: Option<Vec<Filter>>,
 }
 
 /// The gateway, simulated for one connection at a time: see the module docs.
@@ -307,7 +309,7 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: Err(error),
             },
-            Action::Subscribe { .. } => Event::SubscribeResult {
+            Action::Subscribe { .. } | Action::OpenRoute { .. } => Event::SubscribeResult {
                 token,
                 result: Err(error),
             },
@@ -372,6 +374,10 @@ impl<M: Machine> SimHost<M> {
             Action::Subscribe { token, spec } => Event::SubscribeResult {
                 token,
                 result: Ok(self.subscribe(spec)),
+            },
+            Action::OpenRoute { token, spec } => Event::SubscribeResult {
+                token,
+                result: Ok(self.open_route(spec)),
             },
             Action::KvGet { token, key } => Event::KvResult {
                 token,
@@ -477,7 +483,13 @@ impl<M: Machine> SimHost<M> {
             publish_time_ms: self.now_ms,
         };
         for sub in self.subs.values_mut() {
-            if sub.spec.topic == stored.msg.topic && (sub.attached || sub.spec.durable) {
+            let wanted = sub.filters.as_ref().is_none_or(|filters| {
+                let key = stored.msg.key.as_deref().unwrap_or_default();
+                filters
+                    .iter()
+                    .any(|f| route_matches(f, key, &stored.msg.properties))
+            });
+            if sub.spec.topic == stored.msg.topic && (sub.attached || sub.spec.durable) && wanted {
                 sub.backlog.push_back(stored.clone());
             }
         }
@@ -495,6 +507,7 @@ impl<M: Machine> SimHost<M> {
             backlog: VecDeque::new(),
             unacked: BTreeMap::new(),
             acked: Vec::new(),
+            filters: None,
         };
         if sub.spec.durable {
             let earlier = self
@@ -508,6 +521,27 @@ impl<M: Machine> SimHost<M> {
         }
         self.subs.insert(id, sub);
         id
+    }
+
+    /// Opens a route: a live subscription of its source that takes matching messages only.
+    fn open_route(&mut self, spec: RouteSpec) -> SubId {
+        let id = self.subscribe(SubscriptionSpec {
+            topic: spec.source,
+            name: format!("route-{}", self.next_sub),
+            mode: SubMode::Exclusive,
+            durable: false,
+            initial_position: InitialPosition::Latest,
+            max_unacked: spec.max_unacked,
+        });
+        if let Some(s) = self.subs.get_mut(&id) {
+            s.filters = Some(spec.filters);
+        }
+        id
+    }
+
+    /// The filters bound to a route, in binding order.
+    pub fn route_filters(&self, route: SubId) -> Option<&[Filter]> {
+        self.subs.get(&route).and_then(|s| s.filters.as_deref())
     }
 
     fn ack(&mut self, sub: SubId, delivery_id: u64) {
@@ -674,6 +708,22 @@ impl<M: Machine> SimHost<M> {
                 }
                 Action::SetWill(will) => self.will = will,
                 Action::Log { level, message } => self.logs.push((level, message)),
+                Action::Bind { route, filter } => {
+                    if let Some(filters) =
+                        self.subs.get_mut(&route).and_then(|s| s.filters.as_mut())
+                    {
+                        if !filters.contains(&filter) {
+                            filters.push(filter);
+                        }
+                    }
+                }
+                Action::Unbind { route, filter } => {
+                    if let Some(filters) =
+                        self.subs.get_mut(&route).and_then(|s| s.filters.as_mut())
+                    {
+                        filters.retain(|f| *f != filter);
+                    }
+                }
                 long => self.pending.push_back(long),
             }
         }
@@ -687,12 +737,57 @@ fn op_token(action: &Action) -> Option<u64> {
         | Action::AuthenticateSasl { token, .. }
         | Action::Publish { token, .. }
         | Action::Subscribe { token, .. }
+        | Action::OpenRoute { token, .. }
         | Action::KvGet { token, .. }
         | Action::KvPut { token, .. }
         | Action::KvScan { token, .. }
         | Action::Claim { token, .. }
         | Action::SetTimer { token, .. } => Some(*token),
         _ => None,
+    }
+}
+
+/// Whether a route's filter takes a message: the WIT's `routing.filter`, checked plainly
+/// (the host's index is a trie; this is the reference it must agree with).
+pub fn route_matches(filter: &Filter, key: &str, properties: &[crate::Property]) -> bool {
+    fn levels(filter: &[&str], key: &[&str], one: &str, many: &str) -> bool {
+        match (filter.split_first(), key.split_first()) {
+            (None, None) => true,
+            (Some((f, rest)), _) if *f == many => {
+                (0..=key.len()).any(|skip| levels(rest, &key[skip..], one, many))
+            }
+            (Some((f, frest)), Some((k, krest))) => {
+                (*f == one || f == k) && levels(frest, krest, one, many)
+            }
+            _ => false,
+        }
+    }
+    match filter {
+        Filter::Mqtt(f) => {
+            let f: Vec<&str> = f.split('/').collect();
+            let wild_first = matches!(f.first(), Some(&"+") | Some(&"#"));
+            let k: Vec<&str> = key.split('/').collect();
+            !(key.starts_with('$') && wild_first) && levels(&f, &k, "+", "#")
+        }
+        Filter::AmqpTopic(f) => {
+            let f: Vec<&str> = f.split('.').collect();
+            let k: Vec<&str> = key.split('.').collect();
+            levels(&f, &k, "*", "#")
+        }
+        Filter::Exact(k) => k == key,
+        Filter::All => true,
+        Filter::Headers(h) => {
+            let hit = |a: &crate::Property| {
+                properties
+                    .iter()
+                    .any(|p| p.key == a.key && (a.value.is_empty() || p.value == a.value))
+            };
+            if h.match_all {
+                h.args.iter().all(hit)
+            } else {
+                h.args.iter().any(hit)
+            }
+        }
     }
 }
 
@@ -712,7 +807,6 @@ fn delivery(subscription: SubId, delivery_id: u64, stored: &Stored) -> Delivery 
 mod tests {
     use super::*;
     use crate::outbox::Outbox;
-    use crate::{InitialPosition, SubMode};
 
     /// A scripted machine: every event is recorded; `Data` is a command line.
     #[derive(Default)]
@@ -920,5 +1014,40 @@ mod tests {
             .filter(|(_, e)| matches!(e, Event::KvResult { .. }))
             .count();
         assert_eq!(results, 0, "the outcome goes nowhere");
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::route_matches;
+    use crate::{Filter, HeadersFilter, Property};
+
+    #[test]
+    fn filters_match_as_the_wit_says() {
+        let m = |f: &str, k: &str| route_matches(&Filter::Mqtt(f.into()), k, &[]);
+        assert!(m("a/+/c", "a/b/c") && m("a/#", "a") && m("#", "a/b") && m("+/", "x/"));
+        assert!(!m("a/+", "a/b/c") && !m("#", "$SYS/x") && !m("+/x", "$SYS/x"));
+        assert!(m("$SYS/#", "$SYS/x"));
+        let a = |f: &str, k: &str| route_matches(&Filter::AmqpTopic(f.into()), k, &[]);
+        assert!(a("*.orange.*", "q.orange.r") && a("a.#.z", "a.z") && a("#", "$x"));
+        assert!(!a("*.orange.*", "orange.r"));
+        let props = [Property {
+            key: "format".into(),
+            value: "pdf".into(),
+        }];
+        let headers = |match_all, k: &str, v: &str| {
+            Filter::Headers(HeadersFilter {
+                match_all,
+                args: vec![Property {
+                    key: k.into(),
+                    value: v.into(),
+                }],
+            })
+        };
+        assert!(route_matches(&headers(true, "format", "pdf"), "", &props));
+        assert!(route_matches(&headers(true, "format", ""), "", &props));
+        assert!(!route_matches(&headers(false, "type", "log"), "", &props));
+        assert!(route_matches(&Filter::Exact("k".into()), "k", &[]));
+        assert!(route_matches(&Filter::All, "", &[]));
     }
 }

@@ -94,19 +94,29 @@ fn misbehaving_plugin_instance_is_replaced_and_others_go_on() {
 
 #[test]
 fn plugin_built_against_abi_0_1_0_still_loads_and_echoes() {
+    older_plugin_loads_and_echoes("echo-plugin-abi-0.1.0.wasm");
+}
+
+#[test]
+fn plugin_built_against_abi_0_2_0_still_loads_and_echoes() {
+    // 0.2.1 added an interface: a 0.2.0 plugin is linked through 0.2.1's bindings (semver).
+    older_plugin_loads_and_echoes("echo-plugin-abi-0.2.0.wasm");
+}
+
+/// An echo plugin built against an older ABI: loads, echoes, calls another family than
+/// connection I/O, and is contained and rebuilt like any other.
+fn older_plugin_loads_and_echoes(wasm: &str) {
     let gw = Gateway::start(Options {
         echo_plugin: true,
-        echo_wasm: Some(fixture("echo-plugin-abi-0.1.0.wasm")),
+        echo_wasm: Some(fixture(wasm)),
         ..Default::default()
     });
     let mut line = Line::connect(gw.echo.expect("echo listener"));
     assert_eq!(line.echo("hello").as_deref(), Some("echo: hello\n"));
-    // Host calls of another family than connection I/O, through 0.1.0's one `host` interface.
     assert_eq!(
         line.echo("mechanisms").as_deref(),
         Some("SCRAM-SHA-512 SCRAM-SHA-256 PLAIN\n")
     );
-    // A 0.1.0 instance is contained and rebuilt like any other.
     line.say("panic");
     assert_eq!(
         line.hear(),
@@ -127,7 +137,7 @@ fn plugin_built_against_an_unknown_newer_abi_is_refused_at_start() {
     assert!(
         log.contains("cannot load plugin echo_plugin")
             && log.contains("magnetar:plugin@0.3.0")
-            && log.contains("supports 0.1.0, 0.2.0"),
+            && log.contains("supports 0.1.0, 0.2.1"),
         "the refusal does not name the plugin and both versions:\n{log}"
     );
 }

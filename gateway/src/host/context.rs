@@ -11,6 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::event::Event;
 use super::ops_task::OpsQueue;
+use super::routing::RouteRef;
 use super::services::Services;
 use super::session::PendingWill;
 use super::subscription_task::SubCmd;
@@ -32,6 +33,8 @@ pub(super) struct ConnSlot {
     /// while there is work.
     pub(super) ops: Option<Arc<OpsQueue>>,
     pub(super) subs: HashMap<u64, mpsc::Sender<SubCmd>>,
+    /// Its routes (also in `subs`, which their acks and closing go through).
+    pub(super) routes: HashMap<u64, RouteRef>,
     /// The last will to publish when the connection ends (`set-will`).
     pub(super) will: Option<PendingWill>,
     /// Keys this connection claimed (`claim`), in `Claims` form.
@@ -124,6 +127,7 @@ impl HostState {
                 peer,
                 ops: None,
                 subs: HashMap::new(),
+                routes: HashMap::new(),
                 will: None,
                 claims: Vec::new(),
             },

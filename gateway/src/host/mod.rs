@@ -15,9 +15,10 @@
 //!
 //! Layout: one context type, [`HostState`] (the store data of an instance, in `context`),
 //! and one file per family of host calls over it — `conn`, `auth`, `pubsub`, `kv`, `session`
-//! (claims and wills), `timers` (and the clock and log), each implementing the interface of
-//! the same name of the current ABI (0.2.0); `v0_1` maps ABI 0.1.0's one `host` interface
-//! onto them. The async plumbing has files of its own (`ops_task`, `subscription_task`,
+//! (claims and wills), `timers` (and the clock and log), `routing`, each implementing the
+//! interface of the same name of the current ABI (0.2.1); `v0_1` maps ABI 0.1.0's one `host`
+//! interface onto them. Routes are matched by the process-wide `router` (one reader per
+//! source topic, the pure index in `crate::routing`). The async plumbing has files of its own (`ops_task`, `subscription_task`,
 //! `timer_task`), and their pure logic is apart and unit-tested: the order of a connection's
 //! operations (`op_queue`), ack tracking (`acks`), the timer heap (`timer_heap`).
 
@@ -30,6 +31,8 @@ mod kv;
 mod op_queue;
 mod ops_task;
 mod pubsub;
+mod router;
+mod routing;
 mod services;
 mod session;
 mod subscription_task;
@@ -40,5 +43,6 @@ mod v0_1;
 
 pub use context::HostState;
 pub use event::{Event, SaslStep};
+pub use router::{Router, RouterStats};
 pub use services::Services;
 pub use session::Claims;

@@ -153,6 +153,9 @@ impl pubsub::Host for HostState {
 
     /// `unsubscribe`: closes a subscription (with `delete`, removes it from the backend).
     fn unsubscribe(&mut self, conn: u64, sub: u64, delete: bool) {
+        if let Some(slot) = self.conns.get_mut(&conn) {
+            slot.routes.remove(&sub);
+        }
         if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {
             let _ = tx.try_send(SubCmd::Close { delete });
         }

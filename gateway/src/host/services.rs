@@ -26,6 +26,8 @@ pub struct Services {
     pub quotas: Arc<Quotas>,
     /// Tenants' key pairs for Pulsar's end-to-end encryption format, loaded on first use.
     pub pulsar_e2e: E2eKeys,
+    /// Routes by filter (`routing.open-route`), one reader per source topic.
+    pub router: super::router::Router,
 }
 
 impl Services {

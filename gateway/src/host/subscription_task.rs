@@ -39,7 +39,7 @@ pub(super) struct SubTask {
 }
 
 /// Holds one subscription of a quota until the subscription's task ends.
-struct SubscriptionCount(Option<Meters>);
+pub(super) struct SubscriptionCount(pub(super) Option<Meters>);
 
 impl Drop for SubscriptionCount {
     fn drop(&mut self) {

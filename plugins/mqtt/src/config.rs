@@ -10,6 +10,7 @@
 //! max_inflight = 64           # QoS 1 deliveries awaiting PUBACK; QoS 1/2 publishes the client may have unacknowledged (5.0 Receive Maximum)
 //! max_pending_publishes = 1024 # publishes of any QoS read from the client and not yet stored by the backend
 //! delivery_window = 1024      # messages the backend may hand a subscription before they are acknowledged
+//! max_queued = 10000          # messages the host keeps for a clean session beyond that window; newer ones are dropped
 //! max_subscriptions = 1000    # Topic Filters per session
 //! connect_timeout_ms = 10000  # time from TCP accept to CONNECT
 //! ```
@@ -31,6 +32,10 @@ pub struct Config {
     /// acknowledged (QoS 0: once written; QoS 1/2: once the client acknowledged them). At
     /// least `max_inflight`; a QoS 1/2 message beyond the client's window waits in the plugin.
     pub delivery_window: usize,
+    /// Messages the host keeps for a clean session's route beyond `delivery_window` while
+    /// its client is slow; past it, newer messages for it are dropped (as Mosquitto's
+    /// `max_queued_messages`). Persistent sessions' backlogs are in the backend, unbounded.
+    pub max_queued: usize,
     /// Topic Filters one session may hold.
     pub max_subscriptions: usize,
     /// Milliseconds a new connection has to send CONNECT.
@@ -44,6 +49,7 @@ impl Default for Config {
             max_inflight: 64,
             max_pending_publishes: 1024,
             delivery_window: 1024,
+            max_queued: 10_000,
             max_subscriptions: 1000,
             connect_timeout_ms: 10_000,
         }
@@ -83,6 +89,7 @@ impl Config {
                 "max_inflight" => config.max_inflight = range(1, 65_535)? as usize,
                 "max_pending_publishes" => config.max_pending_publishes = range(1, 4096)? as usize,
                 "delivery_window" => config.delivery_window = range(1, 10_000)? as usize,
+                "max_queued" => config.max_queued = range(1, 1_000_000)? as usize,
                 "max_subscriptions" => config.max_subscriptions = range(1, 1_000_000)? as usize,
                 "connect_timeout_ms" => config.connect_timeout_ms = range(100, 3_600_000)?,
                 _ => return Err(format!("mqtt config: unknown key `{key}`")),

@@ -37,8 +37,8 @@ use magnetar_sdk::ops::Ops;
 use magnetar_sdk::outbox::Outbox;
 pub use magnetar_sdk::{Action, Event, Machine};
 use magnetar_sdk::{
-    Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel, OpError,
-    Principal, SaslOutcome, SubId, SubMode, SubscriptionSpec, UserPassword, Will,
+    Credentials, Delivery, ErrorKind, Filter, InitialPosition, KvEntry, KvWrite, LogLevel, OpError,
+    Principal, RouteSpec, SaslOutcome, SubId, SubMode, SubscriptionSpec, UserPassword, Will,
 };
 
 use crate::codec::v5::{self, reason};
@@ -335,7 +335,11 @@ pub struct MqttConnection {
     filters: BTreeMap<String, Subscription>,
     /// The durable subscription's name when it is not the default one.
     session_name: Option<String>,
+    /// The main backend subscription: a durable subscription for a persistent session, a
+    /// route (the host matches the filters) for a clean one.
     backend: Backend,
+    /// The filters bound to the route of a clean session, as the host has them.
+    routed: BTreeSet<String>,
     /// Shared backend subscriptions, by `$share/...` filter.
     shared: BTreeMap<String, Backend>,
     backend_retries: u32,
@@ -407,6 +411,7 @@ impl MqttConnection {
             filters: BTreeMap::new(),
             session_name: None,
             backend: Backend::Closed,
+            routed: BTreeSet::new(),
             shared: BTreeMap::new(),
             backend_retries: 0,
             retry_timer: None,

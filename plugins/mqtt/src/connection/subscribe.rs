@@ -72,6 +72,7 @@ impl MqttConnection {
         }
         if !added.is_empty() {
             self.changed_filters();
+            self.sync_route();
         }
         self.replies.push_back(PendingReply {
             kind: Reply::Suback {
@@ -105,6 +106,7 @@ impl MqttConnection {
         }
         if changed {
             self.changed_filters();
+            self.sync_route();
         }
         self.replies.push_back(PendingReply {
             kind: Reply::Unsuback { packet_id, codes },
@@ -191,24 +193,13 @@ impl MqttConnection {
         self.next_scan();
     }
 
-    /// The spec of this connection's main backend subscription (see the crate docs).
+    /// The spec of a persistent session's durable subscription (see the crate docs).
     pub(super) fn backend_spec(&self) -> SubscriptionSpec {
-        if self.durable_backend() {
-            let name = self
-                .session_name
-                .clone()
-                .unwrap_or_else(|| session_store::durable_subscription(&self.client_id));
-            self.durable_spec(name)
-        } else {
-            SubscriptionSpec {
-                topic: PULSAR_TOPIC.to_string(),
-                name: format!("mqtt-tmp-{}-{:016x}", self.conn_id, self.nonce),
-                mode: SubMode::Exclusive,
-                durable: false,
-                initial_position: InitialPosition::Latest,
-                max_unacked: self.max_unacked(),
-            }
-        }
+        let name = self
+            .session_name
+            .clone()
+            .unwrap_or_else(|| session_store::durable_subscription(&self.client_id));
+        self.durable_spec(name)
     }
 
     pub(super) fn durable_spec(&self, name: String) -> SubscriptionSpec {
@@ -229,9 +220,58 @@ impl MqttConnection {
 
     pub(super) fn open_backend(&mut self, restore: bool) {
         self.backend = Backend::Opening;
-        let spec = self.backend_spec();
         let token = self.ops.start(Op::OpenBackend { restore });
-        self.out.push(Action::Subscribe { token, spec });
+        if self.durable_backend() {
+            let spec = self.backend_spec();
+            self.out.push(Action::Subscribe { token, spec });
+            return;
+        }
+        // A clean session: a route, whose messages the host picks by the session's filters
+        // (shared ones have their own subscriptions), so that a message costs in proportion
+        // to the sessions it reaches.
+        self.routed = self.route_filters();
+        let spec = RouteSpec {
+            source: PULSAR_TOPIC.to_string(),
+            filters: self.routed.iter().cloned().map(Filter::Mqtt).collect(),
+            max_unacked: self.max_unacked(),
+            max_queued: u32::try_from(self.config.max_queued).unwrap_or(u32::MAX),
+        };
+        self.out.push(Action::OpenRoute { token, spec });
+    }
+
+    /// The filters a clean session's route takes: the non-shared ones.
+    fn route_filters(&self) -> BTreeSet<String> {
+        self.filters
+            .keys()
+            .filter(|f| parse_shared(f).is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// Binds and unbinds the route's filters to match the session's (a clean session with
+    /// an open route only). Before the SUBACK that adds a filter, so that every message
+    /// stored after the SUBACK is matched against it.
+    pub(super) fn sync_route(&mut self) {
+        let Backend::Open(route) = self.backend else {
+            return;
+        };
+        if self.durable_backend() {
+            return;
+        }
+        let wanted = self.route_filters();
+        for f in self.routed.difference(&wanted) {
+            self.out.push(Action::Unbind {
+                route,
+                filter: Filter::Mqtt(f.clone()),
+            });
+        }
+        for f in wanted.difference(&self.routed) {
+            self.out.push(Action::Bind {
+                route,
+                filter: Filter::Mqtt(f.clone()),
+            });
+        }
+        self.routed = wanted;
     }
 
     /// Joins the share group of a `$share/...` filter: its durable Shared subscription.
@@ -256,6 +296,8 @@ impl MqttConnection {
         match (self.ops.complete(token), result) {
             (Some(Op::OpenBackend { .. }), Ok(sub)) => {
                 self.backend = Backend::Open(sub);
+                // Filters added or removed while the route opened.
+                self.sync_route();
                 self.flush_replies();
             }
             (Some(Op::OpenBackend { restore }), Err(e))

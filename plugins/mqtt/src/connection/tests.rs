@@ -261,8 +261,43 @@ fn claim_token(actions: &[Action]) -> Option<u64> {
     })
 }
 
+/// The token of the main backend subscription's opening: a route (clean session) or a
+/// durable subscription (persistent session).
 fn subscribe_token(actions: &[Action]) -> u64 {
-    subscribe_action(actions).0
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Subscribe { token, .. } | Action::OpenRoute { token, .. } => Some(*token),
+            _ => None,
+        })
+        .expect("a Subscribe or OpenRoute action")
+}
+
+fn route_action(actions: &[Action]) -> (u64, RouteSpec) {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            Action::OpenRoute { token, spec } => Some((*token, spec.clone())),
+            _ => None,
+        })
+        .expect("an OpenRoute action")
+}
+
+fn binds(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Bind {
+                filter: Filter::Mqtt(f),
+                ..
+            } => Some(format!("+{f}")),
+            Action::Unbind {
+                filter: Filter::Mqtt(f),
+                ..
+            } => Some(format!("-{f}")),
+            _ => None,
+        })
+        .collect()
 }
 
 fn subscribe_action(actions: &[Action]) -> (u64, SubscriptionSpec) {
@@ -1198,27 +1233,57 @@ fn publishes_beyond_the_pending_window_wait_for_results() {
 // ---- SUBSCRIBE / deliveries -----------------------------------------------------------------
 
 #[test]
-fn subscribe_opens_one_backend_subscription_and_subacks_after_it() {
+fn a_clean_session_opens_one_route_binds_its_filters_and_subacks_after_it() {
     let mut h = Harness::connected(0);
     let a = h.data(&subscribe_packet(5, &[("a/+", 1), ("b/#", 2), ("c#", 0)]));
-    assert!(sent(&a).is_empty(), "SUBACK waits for the backend");
-    let (token, spec) = subscribe_action(&a);
-    assert_eq!(spec.topic, "mqtt");
-    assert!(!spec.durable);
-    assert_eq!(spec.name, format!("mqtt-tmp-{CONN}-{:016x}", 0xabc));
-    assert_eq!(spec.initial_position, InitialPosition::Latest);
+    assert!(sent(&a).is_empty(), "SUBACK waits for the route");
+    let (token, spec) = route_action(&a);
+    assert_eq!(spec.source, "mqtt");
+    assert_eq!(
+        spec.filters,
+        vec![Filter::Mqtt("a/+".into())],
+        "the route opens with the first filter; the others are bound once it is open"
+    );
     assert_eq!(spec.max_unacked, 1024, "the delivery window");
+    assert_eq!(spec.max_queued, 10_000);
+    // Subscribed and unsubscribed while the route opens: synced when it is open.
+    let a = h.data(&subscribe_packet(6, &[("d", 0)]));
+    assert!(sent(&a).is_empty() && binds(&a).is_empty());
+    let a = h.data(&unsubscribe_packet(7, &["a/+"]));
+    assert!(
+        sent(&a).is_empty() && binds(&a).is_empty(),
+        "in packet order"
+    );
     let a = h.event(Event::SubscribeResult {
         token,
         result: Ok(SUB),
     });
-    assert_eq!(sent(&a), vec![codec::suback(5, &[1, 2, 0x80])]);
-    // A second SUBSCRIBE reuses the subscription: immediate SUBACK.
-    let a = h.data(&subscribe_packet(6, &[("d", 0)]));
-    assert!(publishes(&a).is_empty());
-    assert!(a.iter().all(|a| !matches!(a, Action::Subscribe { .. })));
-    assert_eq!(sent(&a), vec![codec::suback(6, &[0])]);
-    assert_eq!(h.c.filters().len(), 3);
+    assert_eq!(binds(&a), vec!["-a/+", "+b/#", "+d"]);
+    assert_eq!(
+        sent(&a),
+        vec![
+            codec::suback(5, &[1, 2, 0x80]),
+            codec::suback(6, &[0]),
+            codec::unsuback(7)
+        ]
+    );
+    // Later SUBSCRIBEs bind on the same route before their SUBACK: nothing else opens.
+    let a = h.data(&subscribe_packet(8, &[("e/#", 1), ("d", 1)]));
+    assert!(a
+        .iter()
+        .all(|a| !matches!(a, Action::Subscribe { .. } | Action::OpenRoute { .. })));
+    assert_eq!(
+        binds(&a),
+        vec!["+e/#"],
+        "a filter already bound is not bound again"
+    );
+    let bind_at = a.iter().position(|x| matches!(x, Action::Bind { .. }));
+    let suback_at = a.iter().position(|x| matches!(x, Action::Send(_)));
+    assert!(bind_at < suback_at, "bound before the SUBACK: {a:?}");
+    assert_eq!(sent(&a), vec![codec::suback(8, &[1, 1])]);
+    let a = h.data(&unsubscribe_packet(9, &["b/#", "nope"]));
+    assert_eq!(binds(&a), vec!["-b/#"]);
+    assert_eq!(h.c.filters().len(), 2);
 }
 
 #[test]

@@ -1,0 +1,545 @@
+//! The router: routes (`routing.open-route`) of every instance, by source topic.
+//!
+//! Each source topic that has routes is read once per gateway process, by one non-durable
+//! backend subscription (its reader task): every message is unsealed once, matched once
+//! against the source's [`Index`] of every route's filters, and handed to the inboxes of the
+//! routes it reaches. A route's own task hands its inbox to the plugin within the route's
+//! window (`max-unacked`) and only while its connection's output is not congested, like a
+//! subscription's delivery task; a slow route never holds the reader back: its inbox keeps
+//! at most `max-queued` messages and drops what comes beyond (counted).
+//!
+//! A source's reader starts with its first route and stops when its last route is gone. A
+//! route opened while its source's reader is starting completes once the reader is ready, so
+//! every message stored after a route's `on-subscribe-result` reaches it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::context::op_error;
+use super::event::Event;
+use super::services::Services;
+use super::subscription_task::{SubCmd, SubscriptionCount};
+use crate::abi::types::{self, ErrorKind};
+use crate::backend::SubscribeOptions;
+use crate::conn_shared::ConnShared;
+use crate::quota::Meters;
+use crate::routing::{Filter, FilterError, Index};
+
+/// A message as the reader read it, shared by the inboxes of the routes it reaches.
+struct Routed {
+    key: Option<String>,
+    properties: Vec<types::Property>,
+    payload: Vec<u8>,
+    publish_time_ms: u64,
+}
+
+/// Messages waiting for one route.
+struct Inbox {
+    queue: Mutex<VecDeque<Arc<Routed>>>,
+    ready: Notify,
+    limit: usize,
+}
+
+impl Inbox {
+    /// Queues a message; `false` if the inbox is full (the message is dropped).
+    fn push(&self, msg: Arc<Routed>) -> bool {
+        let mut queue = lock(&self.queue);
+        if queue.len() >= self.limit {
+            return false;
+        }
+        queue.push_back(msg);
+        true
+    }
+
+    fn take(&self, most: usize) -> Vec<Arc<Routed>> {
+        let mut queue = lock(&self.queue);
+        let n = most.min(queue.len());
+        queue.drain(..n).collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether a source's reader is ready: `None` while it starts.
+type Readiness = Option<Result<(), String>>;
+
+/// One source topic's routes and their filters.
+pub(super) struct Source {
+    topic: String,
+    state: Mutex<SourceState>,
+    ready: watch::Receiver<Readiness>,
+    /// Wakes the reader when its last route is gone.
+    stop: Notify,
+}
+
+#[derive(Default)]
+struct SourceState {
+    index: Index<u64>,
+    inboxes: HashMap<u64, Arc<Inbox>>,
+    /// Each route's bound filters, to unbind them all when it closes.
+    filters: HashMap<u64, Vec<Filter>>,
+    /// No route left: the source is being dropped (a new route makes a new one).
+    closed: bool,
+}
+
+impl Source {
+    /// Binds a filter to a route of this source.
+    pub(super) fn bind(&self, route: u64, filter: &Filter) -> Result<bool, FilterError> {
+        let mut state = lock(&self.state);
+        if !state.inboxes.contains_key(&route) {
+            return Ok(false);
+        }
+        let added = state.index.insert(filter, route)?;
+        if added {
+            state.filters.entry(route).or_default().push(filter.clone());
+        }
+        Ok(added)
+    }
+
+    /// Unbinds a filter from a route of this source.
+    pub(super) fn unbind(&self, route: u64, filter: &Filter) -> bool {
+        let mut state = lock(&self.state);
+        let removed = state.index.remove(filter, route);
+        if removed {
+            if let Some(filters) = state.filters.get_mut(&route) {
+                filters.retain(|f| f != filter);
+            }
+        }
+        removed
+    }
+}
+
+/// Every source with routes, and the counters `/metrics` shows.
+#[derive(Default)]
+pub struct Router {
+    sources: Mutex<HashMap<String, Arc<Source>>>,
+    next_route: AtomicU64,
+    /// Messages matched to a route (one per route reached).
+    routed: AtomicU64,
+    /// Messages dropped because a route's inbox was full.
+    dropped: AtomicU64,
+}
+
+/// What `/metrics` shows of the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterStats {
+    pub sources: usize,
+    pub routes: usize,
+    pub routed: u64,
+    pub dropped: u64,
+}
+
+/// A new route, as the host call made it.
+pub(super) struct RouteOpen {
+    pub(super) conn: u64,
+    pub(super) sub: u64,
+    pub(super) token: u64,
+    pub(super) topic: String,
+    pub(super) filters: Vec<Filter>,
+    pub(super) max_unacked: usize,
+    pub(super) max_queued: usize,
+    pub(super) events: mpsc::Sender<Event>,
+    pub(super) shared: Arc<ConnShared>,
+    pub(super) meters: Option<Meters>,
+}
+
+impl Router {
+    pub fn stats(&self) -> RouterStats {
+        let sources = lock(&self.sources);
+        RouterStats {
+            sources: sources.len(),
+            routes: sources.values().map(|s| lock(&s.state).inboxes.len()).sum(),
+            routed: self.routed.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Opens a route: registers its filters in its source's index (starting the source's
+    /// reader if it has none) and spawns the route's task, which completes the plugin's
+    /// `open-route` once the reader is ready. Returns the route's source and id, for `bind`.
+    pub(super) fn open(
+        services: &Arc<Services>,
+        runtime: &tokio::runtime::Handle,
+        open: RouteOpen,
+        cmds: mpsc::Receiver<SubCmd>,
+    ) -> Result<(Arc<Source>, u64), FilterError> {
+        for f in &open.filters {
+            f.validate()?;
+        }
+        let router = &services.router;
+        let route = router.next_route.fetch_add(1, Ordering::Relaxed) + 1;
+        let inbox = Arc::new(Inbox {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            limit: open.max_queued.max(1),
+        });
+        let source = {
+            let mut sources = lock(&router.sources);
+            let existing = sources
+                .get(&open.topic)
+                .filter(|s| !lock(&s.state).closed)
+                .cloned();
+            let source = match existing {
+                Some(s) => s,
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    let source = Arc::new(Source {
+                        topic: open.topic.clone(),
+                        state: Mutex::new(SourceState::default()),
+                        ready: rx,
+                        stop: Notify::new(),
+                    });
+                    sources.insert(open.topic.clone(), source.clone());
+                    runtime.spawn(read_source(services.clone(), source.clone(), tx));
+                    source
+                }
+            };
+            let mut state = lock(&source.state);
+            state.inboxes.insert(route, inbox.clone());
+            let mut bound = Vec::with_capacity(open.filters.len());
+            for f in &open.filters {
+                // Validated above.
+                if state.index.insert(f, route).unwrap_or(false) {
+                    bound.push(f.clone());
+                }
+            }
+            state.filters.insert(route, bound);
+            drop(state);
+            source
+        };
+        runtime.spawn(run_route(
+            services.clone(),
+            source.clone(),
+            route,
+            inbox,
+            open,
+            cmds,
+        ));
+        Ok((source, route))
+    }
+
+    /// Drops a route from its source; the source's reader stops with its last route.
+    fn close(&self, source: &Arc<Source>, route: u64) {
+        let mut sources = lock(&self.sources);
+        let mut state = lock(&source.state);
+        state.inboxes.remove(&route);
+        for f in state.filters.remove(&route).unwrap_or_default() {
+            state.index.remove(&f, route);
+        }
+        if state.inboxes.is_empty() && !state.closed {
+            state.closed = true;
+            if sources
+                .get(&source.topic)
+                .is_some_and(|s| Arc::ptr_eq(s, source))
+            {
+                sources.remove(&source.topic);
+            }
+            source.stop.notify_one();
+        }
+    }
+}
+
+/// Most messages the reader takes from the backend before routing them.
+const READ_BATCH: usize = 512;
+/// Flow permits of a source's reader.
+const READER_QUEUE: u32 = 1000;
+
+/// A source's reader: one non-durable backend subscription, from the latest message on.
+async fn read_source(
+    services: Arc<Services>,
+    source: Arc<Source>,
+    ready: watch::Sender<Readiness>,
+) {
+    let opts = SubscribeOptions {
+        topic: source.topic.clone(),
+        subscription: format!("magnetar-router-{:016x}", rand::random::<u64>()),
+        sub_type: pulsar::SubType::Exclusive,
+        durable: false,
+        earliest: false,
+        receiver_queue: READER_QUEUE,
+    };
+    let mut consumer = match services.backend.subscribe(&opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(topic = %source.topic, error = %e, "cannot read a routed source");
+            // Its routes fail; a later route tries again with a new source.
+            {
+                let mut sources = lock(&services.router.sources);
+                lock(&source.state).closed = true;
+                if sources
+                    .get(&source.topic)
+                    .is_some_and(|s| Arc::ptr_eq(s, &source))
+                {
+                    sources.remove(&source.topic);
+                }
+            }
+            let _ = ready.send(Some(Err(e.to_string())));
+            return;
+        }
+    };
+    let _ = ready.send(Some(Ok(())));
+    let router = &services.router;
+    let mut matched = Vec::new();
+    let mut woken: HashSet<u64> = HashSet::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = source.stop.notified() => break,
+            m = consumer.next() => m,
+        };
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        let mut ended = false;
+        while let Some(m) = next.take() {
+            match m {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => {
+                    tracing::warn!(topic = %source.topic, error = %e, "routed source failed");
+                    ended = true;
+                    break;
+                }
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+            if batch.len() < READ_BATCH {
+                next = consumer.next().now_or_never();
+            }
+        }
+        let last = batch
+            .last()
+            .map(|m| (m.topic.clone(), m.message_id.id.clone()));
+        let mut inboxes: Vec<Arc<Inbox>> = Vec::new();
+        for mut msg in batch {
+            let mut properties: Vec<types::Property> =
+                std::mem::take(&mut msg.payload.metadata.properties)
+                    .into_iter()
+                    .map(|kv| types::Property {
+                        key: kv.key,
+                        value: kv.value,
+                    })
+                    .collect();
+            let key = msg.payload.metadata.partition_key.take();
+            let meta = &msg.payload.metadata;
+            let e2e = Some((
+                meta.encryption_keys.as_slice(),
+                meta.encryption_param.as_deref().unwrap_or_default(),
+            ));
+            let publish_time_ms = meta.publish_time;
+            let payload = match services.unseal(
+                &source.topic,
+                &mut properties,
+                e2e,
+                std::mem::take(&mut msg.payload.data),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(topic = %source.topic, error = %e, "dropping a message that does not decrypt");
+                    continue;
+                }
+            };
+            {
+                let state = lock(&source.state);
+                let props: Vec<(&str, &str)> = if state.index.has_headers() {
+                    properties
+                        .iter()
+                        .map(|p| (p.key.as_str(), p.value.as_str()))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                state
+                    .index
+                    .matches(key.as_deref().unwrap_or_default(), &props, &mut matched);
+                if matched.is_empty() {
+                    continue;
+                }
+                inboxes.clear();
+                inboxes.extend(matched.iter().filter_map(|r| state.inboxes.get(r).cloned()));
+            }
+            let routed = Arc::new(Routed {
+                key,
+                properties,
+                payload,
+                publish_time_ms,
+            });
+            for (route, inbox) in matched.iter().zip(&inboxes) {
+                if inbox.push(routed.clone()) {
+                    woken.insert(*route);
+                } else {
+                    router.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            router
+                .routed
+                .fetch_add(inboxes.len() as u64, Ordering::Relaxed);
+        }
+        if !woken.is_empty() {
+            let state = lock(&source.state);
+            for route in woken.drain() {
+                if let Some(inbox) = state.inboxes.get(&route) {
+                    inbox.ready.notify_one();
+                }
+            }
+        }
+        if let Some((topic, id)) = last {
+            // Non-durable: the ack only lets the broker forget what it handed out.
+            let _ = consumer.cumulative_ack_with_id(&topic, id).await;
+        }
+        if ended {
+            break;
+        }
+    }
+    let _ = consumer.close().await;
+}
+
+/// Drops the route from its source when its task ends, however it ends.
+struct RouteGuard {
+    services: Arc<Services>,
+    source: Arc<Source>,
+    route: u64,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        self.services.router.close(&self.source, self.route);
+    }
+}
+
+/// Most deliveries handed to the worker in one event.
+const MAX_DELIVERY_BATCH: usize = 256;
+
+/// A route's task: completes `open-route`, then hands its inbox to the plugin within the
+/// route's window until the route or its connection closes.
+async fn run_route(
+    services: Arc<Services>,
+    source: Arc<Source>,
+    route: u64,
+    inbox: Arc<Inbox>,
+    open: RouteOpen,
+    mut cmds: mpsc::Receiver<SubCmd>,
+) {
+    let RouteOpen {
+        conn,
+        sub,
+        token,
+        max_unacked,
+        events,
+        shared,
+        meters,
+        ..
+    } = open;
+    let _counted = SubscriptionCount(meters.clone());
+    let mut stop = false;
+    let _guard = RouteGuard {
+        services: services.clone(),
+        source: source.clone(),
+        route,
+    };
+    let mut ready = source.ready.clone();
+    let outcome = loop {
+        if let Some(r) = ready.borrow_and_update().clone() {
+            break r;
+        }
+        if ready.changed().await.is_err() {
+            break Err("the routed source's reader ended".to_string());
+        }
+    };
+    let outcome = outcome
+        .map(|_| sub)
+        .map_err(|e| op_error(ErrorKind::Backend, e));
+    let failed = outcome.is_err();
+    if events
+        .send(Event::SubscribeResult {
+            conn,
+            token,
+            outcome,
+        })
+        .await
+        .is_err()
+        || failed
+    {
+        return;
+    }
+    let mut unacked: HashSet<u64> = HashSet::new();
+    let mut next_id: u64 = 1;
+    loop {
+        // Acks and a close first: they may open the window, or end the route.
+        while let Ok(c) = cmds.try_recv() {
+            on_command(c, &mut unacked, &mut stop);
+        }
+        if stop || shared.is_closing() {
+            return;
+        }
+        let room = max_unacked.saturating_sub(unacked.len());
+        if room > 0 {
+            let batch = inbox.take(room.min(MAX_DELIVERY_BATCH));
+            if !batch.is_empty() {
+                shared.output_relieved().await;
+                let mut deliveries = Vec::with_capacity(batch.len());
+                for msg in batch {
+                    let msg = Arc::try_unwrap(msg).unwrap_or_else(|shared| Routed {
+                        key: shared.key.clone(),
+                        properties: shared.properties.clone(),
+                        payload: shared.payload.clone(),
+                        publish_time_ms: shared.publish_time_ms,
+                    });
+                    if let Some(m) = &meters {
+                        m.delivered(msg.payload.len());
+                    }
+                    let delivery_id = next_id;
+                    next_id += 1;
+                    unacked.insert(delivery_id);
+                    deliveries.push(types::Delivery {
+                        subscription: sub,
+                        delivery_id,
+                        key: msg.key,
+                        payload: msg.payload,
+                        properties: msg.properties,
+                        publish_time_ms: msg.publish_time_ms,
+                        redelivery_count: 0,
+                    });
+                }
+                if events
+                    .send(Event::Deliveries { conn, deliveries })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            biased;
+            cmd = cmds.recv() => match cmd {
+                Some(c) => on_command(c, &mut unacked, &mut stop),
+                None => return,
+            },
+            _ = shared.closed() => return,
+            _ = inbox.ready.notified(), if room > 0 => {}
+        }
+    }
+}
+
+/// One command of the plugin to a route: acks open its window, a close ends it.
+fn on_command(cmd: SubCmd, unacked: &mut HashSet<u64>, stop: &mut bool) {
+    match cmd {
+        SubCmd::Ack(id) => {
+            unacked.remove(&id);
+        }
+        SubCmd::AckMany(ids) => {
+            for id in ids {
+                unacked.remove(&id);
+            }
+        }
+        SubCmd::Close { .. } => *stop = true,
+    }
+}
