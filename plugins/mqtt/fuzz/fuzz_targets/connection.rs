@@ -201,9 +201,11 @@ impl Host {
                 self.timers.push((token, delay_ms));
                 return None;
             }
-            Action::Unsubscribe { .. } | Action::Ack { .. } | Action::AckMany { .. } => {
-                return None
-            }
+            Action::Unsubscribe { .. }
+            | Action::Ack { .. }
+            | Action::AckMany { .. }
+            | Action::Bind { .. }
+            | Action::Unbind { .. } => return None,
             Action::SetWill(_) | Action::Log { .. } | Action::SetReading(_) => return None,
             // SASL is not offered (no mechanisms), so this is never asked; refuse it anyway.
             Action::AuthenticateSasl { token, .. } => Event::SaslResult {
@@ -225,17 +227,19 @@ impl Host {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
             },
-            Action::Subscribe { token, .. } => Event::SubscribeResult {
-                token,
-                result: match fail(self.fail_next.take()) {
-                    Some(e) => Err(e),
-                    None => {
-                        let id = self.subs.len() as u64 + 100;
-                        self.subs.push(id);
-                        Ok(id)
-                    }
-                },
-            },
+            Action::Subscribe { token, .. } | Action::OpenRoute { token, .. } => {
+                Event::SubscribeResult {
+                    token,
+                    result: match fail(self.fail_next.take()) {
+                        Some(e) => Err(e),
+                        None => {
+                            let id = self.subs.len() as u64 + 100;
+                            self.subs.push(id);
+                            Ok(id)
+                        }
+                    },
+                }
+            }
             Action::KvGet { token, .. } | Action::KvPut { token, .. } => Event::KvResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(None), Err),
