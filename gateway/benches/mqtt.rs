@@ -11,7 +11,10 @@
 //! `BENCH_NO_RUMQTTD` (set: skip rumqttd), `BENCH_MAGNETAR_BIN` (another gateway binary, for
 //! A/B runs of two builds).
 //! `BENCH_STORM` (fleet sizes of the connect-storm part, comma-separated, default
-//! `1000,10000`; `0` skips it).
+//! `1000,10000`; `0` skips it), `BENCH_FLEET` (device counts of the fleet part: devices
+//! with command and telemetry topics and one application, comma-separated, default
+//! `1000,3000,10000`; `0` skips it), `BENCH_FLEET_MESSAGES` (commands and telemetry messages
+//! per device and phase, default 10).
 //! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
 //! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),
@@ -25,6 +28,10 @@ use std::time::{Duration, Instant};
 
 use rumqttc::QoS;
 
+#[path = "mqtt/client.rs"]
+mod client;
+#[path = "mqtt/fleet.rs"]
+mod fleet;
 #[path = "mqtt/idle.rs"]
 mod idle;
 #[path = "mqtt/load.rs"]
@@ -279,15 +286,25 @@ fn main() {
         idle_table(&rt, &servers, &tls, idle_n, nofile);
     }
     drop(servers);
-    let sizes: Vec<usize> = std::env::var("BENCH_STORM")
-        .unwrap_or_else(|_| "1000,10000".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .filter(|&n| n > 0)
-        .collect();
+    let sizes = env_sizes("BENCH_STORM", "1000,10000");
     if !sizes.is_empty() {
         storm::table(&rt, dir.path(), &tls, &sizes, nofile);
     }
+    let sizes = env_sizes("BENCH_FLEET", "1000,3000,10000");
+    if !sizes.is_empty() {
+        let per_device = env_usize("BENCH_FLEET_MESSAGES", 10).max(1);
+        fleet::table(&rt, dir.path(), &tls, &extra, &sizes, per_device, nofile);
+    }
+}
+
+/// A comma-separated list of sizes from env `name` (else `default`); `0` entries dropped.
+fn env_sizes(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .collect()
 }
 
 /// The throughput table: every shape on every server.

@@ -11,7 +11,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -60,16 +59,6 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
-fn connect_packet(id: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x00]);
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id.as_bytes());
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend_from_slice(&body);
-    packet
-}
-
 async fn open_one(
     server: SocketAddr,
     source: Ipv4Addr,
@@ -81,12 +70,9 @@ async fn open_one(
     let tcp = socket.connect(server).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let mut tls = connector.connect(name, tcp).await?;
-    tls.write_all(&connect_packet(&id)).await?;
-    let mut connack = [0u8; 4];
-    tls.read_exact(&mut connack).await?;
-    if connack[0] != 0x20 || connack[3] != 0 {
-        return Err(std::io::Error::other(format!("CONNACK {connack:?}")));
-    }
+    crate::client::handshake(&mut tls, &crate::client::connect_packet(&id, true, 0, None))
+        .await
+        .map_err(std::io::Error::other)?;
     Ok(tls)
 }
 

@@ -22,62 +22,15 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
+use crate::client::{connect_packet, handshake, open_many};
 use crate::{free_port, wait_listening, Proc, Tls};
 
 /// Logins in flight at once.
 const IN_FLIGHT: usize = 200;
 /// The password of every device.
 const PASSWORD: &str = "device-secret";
-
-/// An MQTT 3.1.1 CONNECT (clean session, keep-alive 60 s) with optional credentials.
-fn connect_packet(id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04];
-    body.push(if login.is_some() { 0xC2 } else { 0x02 });
-    body.extend_from_slice(&60u16.to_be_bytes());
-    let mut field = |s: &str| {
-        body.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        body.extend_from_slice(s.as_bytes());
-    };
-    field(id);
-    if let Some((user, password)) = login {
-        field(user);
-        field(password);
-    }
-    let mut packet = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend_from_slice(&body);
-    packet
-}
-
-/// Sends the CONNECT and reads the CONNACK: `Err` unless accepted.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    packet: &[u8],
-) -> Result<(), String> {
-    s.write_all(packet).await.map_err(|e| e.to_string())?;
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack)
-        .await
-        .map_err(|e| e.to_string())?;
-    match connack {
-        [0x20, 2, _, 0] => Ok(()),
-        other => Err(format!("CONNACK {other:?}")),
-    }
-}
 
 /// A held connection, plain or TLS.
 enum Held {
@@ -94,7 +47,7 @@ pub enum Kind {
     TlsPassword(TlsConnector),
 }
 
-async fn open(addr: SocketAddr, kind: Kind, i: usize, tag: &str) -> Result<Held, String> {
+async fn open(addr: SocketAddr, kind: Kind, i: usize, tag: String) -> Result<Held, String> {
     let id = format!("{tag}-{i}");
     let user = format!("dev-{i}");
     let token;
@@ -109,7 +62,7 @@ async fn open(addr: SocketAddr, kind: Kind, i: usize, tag: &str) -> Result<Held,
             Some(("token", token.as_str()))
         }
     };
-    let packet = connect_packet(&id, login);
+    let packet = connect_packet(&id, true, 60, login);
     let mut tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -139,33 +92,11 @@ async fn storm(
     tag: &str,
     since: Instant,
 ) -> (f64, usize, Vec<Held>) {
-    let gate = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let permit = gate.clone().acquire_owned().await.expect("semaphore");
-        let (kind, tag) = (kind.clone(), tag.to_string());
-        tasks.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(60), open(addr, kind, i, &tag)).await;
-            drop(permit);
-            r.unwrap_or_else(|_| Err("no CONNACK in 60 s".into()))
-        }));
-    }
-    let mut held = Vec::with_capacity(n);
-    let mut refused = 0;
-    let mut first_error = None;
-    for t in tasks {
-        match t.await {
-            Ok(Ok(h)) => held.push(h),
-            Ok(Err(e)) => {
-                refused += 1;
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                refused += 1;
-                first_error.get_or_insert(e.to_string());
-            }
-        }
-    }
+    let (opened, refused, first_error) = open_many(n, IN_FLIGHT, Duration::from_secs(60), |i| {
+        open(addr, kind.clone(), i, tag.to_string())
+    })
+    .await;
+    let held: Vec<Held> = opened.into_iter().map(|(_, h)| h).collect();
     if let Some(e) = first_error {
         println!("  ({tag}: {refused} of {n} failed, e.g. {e})");
     }
