@@ -14,7 +14,8 @@
 //! `1000,10000`; `0` skips it), `BENCH_FLEET` (device counts of the fleet part: devices
 //! with command and telemetry topics and one application, comma-separated, default
 //! `1000,3000,10000`; `0` skips it), `BENCH_FLEET_MESSAGES` (commands and telemetry messages
-//! per device and phase, default 10).
+//! per device and phase, default 10), `BENCH_FLEET_SESSIONS` (`clean`, `persistent`, or
+//! both, the default).
 //! `-- --stages` instead measures the gateway's delivery path stage by stage.
 //!
 //! It prints a markdown table: for QoS 0 and 1, 1→1 and 4→4 (wildcard subscriptions),

@@ -632,10 +632,16 @@ pub fn table(
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut notes = Vec::new();
     let mut row_no = 0;
+    // `BENCH_FLEET_SESSIONS`: `clean`, `persistent` or both (the default).
+    let sessions = std::env::var("BENCH_FLEET_SESSIONS").unwrap_or_default();
     for &asked in sizes {
         let n = asked.min(cap);
         for qos in [0u8, 1] {
             for persistent in [false, true] {
+                let kind = if persistent { "persistent" } else { "clean" };
+                if !sessions.is_empty() && !sessions.split(',').any(|s| s.trim() == kind) {
+                    continue;
+                }
                 row_no += 1;
                 let shape = Shape {
                     devices: n,

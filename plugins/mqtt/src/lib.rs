@@ -22,22 +22,23 @@
 //! Why: a wildcard subscriber can never miss a message on a topic that did not exist when it
 //! subscribed (a regex consumer over many Pulsar topics has a topic-discovery race); the order
 //! of one publisher's messages is kept (§4.6); and MQTT topics cost nothing, so millions of
-//! them need no Pulsar topic creation. The cost: every subscription of the namespace reads
-//! every message of the namespace and filters it here ([`topic::matches`]). The scale-out
-//! path is to shard by the first topic level into a fixed set of Pulsar topics (`mqtt-<n>`);
-//! a filter whose first level is a wildcard then reads all shards.
+//! them need no Pulsar topic creation.
 //!
 //! Each connection has one main backend subscription on `mqtt` (plus one per share group it
 //! joined, see [`subscription`]):
-//! - Clean Session 1 / Session Expiry Interval 0: a non-durable, exclusive subscription
-//!   `mqtt-tmp-<conn id>-<nonce>` starting at the latest message; the host drops it when the
-//!   connection closes. (A 5.0 Clean Start 0 that resumes a stored session with Session
-//!   Expiry Interval 0 uses the session's durable subscription instead, see "Session
-//!   expiry".)
+//! - Clean Session 1 / Session Expiry Interval 0: a route of the host (`routing` in the
+//!   ABI) on `mqtt` with the session's non-shared filters, bound and unbound as the client
+//!   subscribes and unsubscribes (before the SUBACK / UNSUBACK): the host matches topics
+//!   and hands the connection only the messages of its filters; it ends with the connection.
+//!   (A 5.0 Clean Start 0 that resumes a stored session with Session Expiry Interval 0 uses
+//!   the session's durable subscription instead, see "Session expiry".) The plugin still
+//!   matches each delivery against its filters ([`topic::matches`]) for the granted QoS and
+//!   Subscription Identifiers.
 //! - Clean Session 0 / Session Expiry Interval > 0 (persistent session, §3.1.2.4): the
 //!   durable, exclusive subscription `mqtt-session-<escaped client id>` (a 5.0 Clean Start
 //!   that replaces an earlier session gets `...-<nonce>`, named in the stored session), which
-//!   queues QoS 1 and 2 messages while the client is away.
+//!   queues QoS 1 and 2 messages while the client is away. It reads every message of the
+//!   namespace, filtered here: durable routes will replace it.
 //!   The session's Topic Filters are stored in the host kv under
 //!   `mqtt/session/<escaped client id>` ([`session_store`]), written on every SUBSCRIBE and
 //!   UNSUBSCRIBE before the SUBACK/UNSUBACK, so they survive the client being away and a
