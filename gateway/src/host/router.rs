@@ -6,7 +6,8 @@
 //! routes it reaches. A route's own task hands its inbox to the plugin within the route's
 //! window (`max-unacked`) and only while its connection's output is not congested, like a
 //! subscription's delivery task; a slow route never holds the reader back: its inbox keeps
-//! at most `max-queued` messages and drops what comes beyond (counted).
+//! at most `max-queued` messages (and [`MAX_QUEUED_BYTES`]) and drops what comes beyond
+//! (counted).
 //!
 //! A source's reader starts with its first route and stops when its last route is gone. A
 //! route opened while its source's reader is starting completes once the reader is ready, so
@@ -37,9 +38,13 @@ struct Routed {
     publish_time_ms: u64,
 }
 
-/// Messages waiting for one route.
+/// Most payload bytes one route's inbox holds, whatever its `max-queued`: a stalled client
+/// costs the gateway at most this much memory.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Messages waiting for one route, and their payload bytes.
 struct Inbox {
-    queue: Mutex<VecDeque<Arc<Routed>>>,
+    queue: Mutex<(VecDeque<Arc<Routed>>, usize)>,
     ready: Notify,
     limit: usize,
 }
@@ -48,17 +53,22 @@ impl Inbox {
     /// Queues a message; `false` if the inbox is full (the message is dropped).
     fn push(&self, msg: Arc<Routed>) -> bool {
         let mut queue = lock(&self.queue);
-        if queue.len() >= self.limit {
+        let (messages, bytes) = &mut *queue;
+        if messages.len() >= self.limit || *bytes + msg.payload.len() > MAX_QUEUED_BYTES {
             return false;
         }
-        queue.push_back(msg);
+        *bytes += msg.payload.len();
+        messages.push_back(msg);
         true
     }
 
     fn take(&self, most: usize) -> Vec<Arc<Routed>> {
         let mut queue = lock(&self.queue);
-        let n = most.min(queue.len());
-        queue.drain(..n).collect()
+        let (messages, bytes) = &mut *queue;
+        let n = most.min(messages.len());
+        let taken: Vec<Arc<Routed>> = messages.drain(..n).collect();
+        *bytes -= taken.iter().map(|m| m.payload.len()).sum::<usize>();
+        taken
     }
 }
 
@@ -175,7 +185,7 @@ impl Router {
         let router = &services.router;
         let route = router.next_route.fetch_add(1, Ordering::Relaxed) + 1;
         let inbox = Arc::new(Inbox {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new((VecDeque::new(), 0)),
             ready: Notify::new(),
             limit: open.max_queued.max(1),
         });

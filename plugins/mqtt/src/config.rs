@@ -10,7 +10,7 @@
 //! max_inflight = 64           # QoS 1 deliveries awaiting PUBACK; QoS 1/2 publishes the client may have unacknowledged (5.0 Receive Maximum)
 //! max_pending_publishes = 1024 # publishes of any QoS read from the client and not yet stored by the backend
 //! delivery_window = 1024      # messages the backend may hand a subscription before they are acknowledged
-//! max_queued = 10000          # messages the host keeps for a clean session beyond that window; newer ones are dropped
+//! max_queued = 100000         # messages the host keeps for a clean session beyond that window (at most 64 MiB); newer ones are dropped
 //! max_subscriptions = 1000    # Topic Filters per session
 //! connect_timeout_ms = 10000  # time from TCP accept to CONNECT
 //! ```
@@ -49,7 +49,7 @@ impl Default for Config {
             max_inflight: 64,
             max_pending_publishes: 1024,
             delivery_window: 1024,
-            max_queued: 10_000,
+            max_queued: 100_000,
             max_subscriptions: 1000,
             connect_timeout_ms: 10_000,
         }

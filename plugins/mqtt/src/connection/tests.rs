@@ -1245,7 +1245,7 @@ fn a_clean_session_opens_one_route_binds_its_filters_and_subacks_after_it() {
         "the route opens with the first filter; the others are bound once it is open"
     );
     assert_eq!(spec.max_unacked, 1024, "the delivery window");
-    assert_eq!(spec.max_queued, 10_000);
+    assert_eq!(spec.max_queued, 100_000);
     // Subscribed and unsubscribed while the route opens: synced when it is open.
     let a = h.data(&subscribe_packet(6, &[("d", 0)]));
     assert!(sent(&a).is_empty() && binds(&a).is_empty());
