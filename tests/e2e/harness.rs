@@ -12,6 +12,7 @@ pub struct Gateway {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// The Pulsar-protocol broker it uses: its embedded one, or [`Options::backend`]'s.
     pub broker: SocketAddr,
     pub mqtt: SocketAddr,
     pub mqtts: SocketAddr,
@@ -32,6 +33,9 @@ pub struct Options {
     pub echo_wasm: Option<PathBuf>,
     /// Extra TOML appended to the generated config.
     pub extra: String,
+    /// No embedded broker: use this one (a first gateway's), with this token (its
+    /// superuser role's), as a second gateway of a deployment would.
+    pub backend: Option<(SocketAddr, String)>,
 }
 
 impl Gateway {
@@ -79,11 +83,18 @@ impl Gateway {
             .map(|l| l.local_addr().expect("local addr"))
             .collect();
         drop(held);
-        let (broker, mqtt, mqtts, admin) = (ports[0], ports[1], ports[2], ports[3]);
+        let (mut broker, mqtt, mqtts, admin) = (ports[0], ports[1], ports[2], ports[3]);
         let echo = opts.echo_plugin.then_some(ports[4]);
-        let mut config = format!(
-            "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[plugins]\nworkers = 2\nevent_deadline_ms = 200\nmemory_limit_mib = 32\n"
-        );
+        let mut config = match &opts.backend {
+            None => format!("[broker]\nlisten = \"{broker}\"\n\n"),
+            Some((remote, token)) => {
+                broker = *remote;
+                format!("[broker]\nembedded = false\n\n[backend]\nservice_url = \"pulsar://{remote}\"\ntoken = \"{token}\"\n\n")
+            }
+        };
+        config.push_str(&format!(
+            "[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n\n[plugins]\nworkers = 2\nevent_deadline_ms = 200\nmemory_limit_mib = 32\n"
+        ));
         if opts.echo_plugin {
             let wasm = opts
                 .echo_wasm

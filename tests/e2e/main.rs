@@ -2,6 +2,7 @@
 //! real third-party clients. One test crate, one module per area.
 
 mod broker;
+mod fleet;
 mod harness;
 mod mqtt;
 mod plugins;

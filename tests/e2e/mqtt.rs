@@ -11,7 +11,7 @@ use crate::harness::{Gateway, Options};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn options(id: &str, addr: SocketAddr) -> MqttOptions {
+pub fn options(id: &str, addr: SocketAddr) -> MqttOptions {
     let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     o.set_keep_alive(Duration::from_secs(30));
     o
@@ -25,7 +25,7 @@ fn tls_options(id: &str, gw: &Gateway) -> MqttOptions {
 }
 
 /// Drives the connection until `done` says so, or panics after `WAIT`.
-fn drive(conn: &mut Connection, mut done: impl FnMut(&Event) -> bool) {
+pub fn drive(conn: &mut Connection, mut done: impl FnMut(&Event) -> bool) {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         match conn.recv_timeout(Duration::from_millis(200)) {
@@ -41,7 +41,7 @@ fn drive(conn: &mut Connection, mut done: impl FnMut(&Event) -> bool) {
     panic!("timed out driving the MQTT connection");
 }
 
-fn connect(opts: MqttOptions) -> (Client, Connection, bool) {
+pub fn connect(opts: MqttOptions) -> (Client, Connection, bool) {
     let (client, mut conn) = Client::new(opts, 100);
     let mut present = false;
     drive(&mut conn, |ev| match ev {
@@ -54,13 +54,13 @@ fn connect(opts: MqttOptions) -> (Client, Connection, bool) {
     (client, conn, present)
 }
 
-fn subscribe(client: &Client, conn: &mut Connection, filter: &str, qos: QoS) {
+pub fn subscribe(client: &Client, conn: &mut Connection, filter: &str, qos: QoS) {
     client.subscribe(filter, qos).expect("subscribe");
     drive(conn, |ev| matches!(ev, Event::Incoming(Packet::SubAck(_))));
 }
 
 /// Publishes and waits for the PUBACK of every QoS 1 message.
-fn publish_all(client: &Client, conn: &mut Connection, msgs: &[(&str, QoS, Vec<u8>)]) {
+pub fn publish_all(client: &Client, conn: &mut Connection, msgs: &[(&str, QoS, Vec<u8>)]) {
     let mut acks_due = 0;
     let mut sent = 0;
     for (topic, qos, payload) in msgs {
@@ -83,7 +83,7 @@ fn publish_all(client: &Client, conn: &mut Connection, msgs: &[(&str, QoS, Vec<u
 }
 
 /// Collects `n` publishes as (topic, payload).
-fn receive(conn: &mut Connection, n: usize) -> Vec<(String, Vec<u8>)> {
+pub fn receive(conn: &mut Connection, n: usize) -> Vec<(String, Vec<u8>)> {
     let mut got = Vec::new();
     if n == 0 {
         return got;
@@ -98,7 +98,7 @@ fn receive(conn: &mut Connection, n: usize) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Asserts that nothing more arrives for a little while.
-fn assert_quiet(conn: &mut Connection) {
+pub fn assert_quiet(conn: &mut Connection) {
     let until = Instant::now() + Duration::from_millis(700);
     while Instant::now() < until {
         if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
@@ -301,7 +301,7 @@ fn bad_input_closes_only_that_connection() {
 // ---- QoS 2, retained messages, wills, session takeover -----------------------------------
 
 /// Collects `n` publishes as (topic, payload, qos, retain).
-fn receive_full(conn: &mut Connection, n: usize) -> Vec<(String, Vec<u8>, u8, bool)> {
+pub fn receive_full(conn: &mut Connection, n: usize) -> Vec<(String, Vec<u8>, u8, bool)> {
     let mut got = Vec::new();
     drive(conn, |ev| {
         if let Event::Incoming(Packet::Publish(p)) = ev {

@@ -74,6 +74,13 @@ fn options(gw: &Gateway, d: &Device) -> MqttOptions {
 
 /// Polls until the CONNACK: `Err` with the refusal.
 async fn login(opts: MqttOptions) -> Result<(AsyncClient, EventLoop), String> {
+    login_session(opts)
+        .await
+        .map(|(client, events, _)| (client, events))
+}
+
+/// [`login`], also returning the CONNACK's Session Present flag.
+pub async fn login_session(opts: MqttOptions) -> Result<(AsyncClient, EventLoop, bool), String> {
     let (client, mut events) = AsyncClient::new(opts, 10);
     // TLS handshakes of a whole fleet share two cores with the gateway: more than
     // rumqttc's default 5 s may pass before one is served.
@@ -85,7 +92,7 @@ async fn login(opts: MqttOptions) -> Result<(AsyncClient, EventLoop), String> {
             match events.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(a))) => {
                     return match a.code {
-                        ConnectReturnCode::Success => Ok(()),
+                        ConnectReturnCode::Success => Ok(a.session_present),
                         code => Err(format!("refused: {code:?}")),
                     }
                 }
@@ -99,7 +106,7 @@ async fn login(opts: MqttOptions) -> Result<(AsyncClient, EventLoop), String> {
     })
     .await
     .map_err(|_| "no CONNACK in time".to_string())?;
-    outcome.map(|()| (client, events))
+    outcome.map(|present| (client, events, present))
 }
 
 /// Publishes one QoS 1 message and polls until its PUBACK.
@@ -297,7 +304,7 @@ fn cache_counters(gw: &Gateway) -> (u64, u64) {
     )
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
