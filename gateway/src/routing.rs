@@ -11,8 +11,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
-/// A route's filter, as the ABI's `routing.filter` says.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A route's filter, as the ABI's `routing.filter` says (and as a durable route's are
+/// stored, in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Filter {
     /// MQTT Topic Filter: `/` levels, `+`, trailing `#`; `$` keys only by literal first levels.
     Mqtt(String),

@@ -101,6 +101,7 @@ impl Server {
             quotas: Arc::new(crate::quota::Quotas::default()),
             pulsar_e2e: Default::default(),
             router: Default::default(),
+            feeders: Default::default(),
         });
 
         let plugins = load_plugins(&config)?;

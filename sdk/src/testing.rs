@@ -523,13 +523,19 @@ impl<M: Machine> SimHost<M> {
         id
     }
 
-    /// Opens a route: a live subscription of its source that takes matching messages only.
+    /// Opens a route: a subscription of its source that takes matching messages only; with
+    /// a queue, a durable one of that name (its backlog kept, and resumed by the next route
+    /// of the same queue).
     fn open_route(&mut self, spec: RouteSpec) -> SubId {
+        let durable = spec.queue.is_some();
+        let name = spec
+            .queue
+            .unwrap_or_else(|| format!("route-{}", self.next_sub));
         let id = self.subscribe(SubscriptionSpec {
             topic: spec.source,
-            name: format!("route-{}", self.next_sub),
+            name,
             mode: SubMode::Exclusive,
-            durable: false,
+            durable,
             initial_position: InitialPosition::Latest,
             max_unacked: spec.max_unacked,
         });

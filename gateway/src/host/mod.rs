@@ -27,6 +27,7 @@ mod auth;
 mod conn;
 mod context;
 mod event;
+mod feeder;
 mod kv;
 mod op_queue;
 mod ops_task;
@@ -43,6 +44,7 @@ mod v0_1;
 
 pub use context::HostState;
 pub use event::{Event, SaslStep};
+pub use feeder::{Feeders, FEEDER_SUBSCRIPTION};
 pub use router::{Router, RouterStats};
 pub use services::Services;
 pub use session::Claims;

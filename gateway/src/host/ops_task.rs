@@ -42,6 +42,14 @@ pub(super) enum Op {
         key: String,
         value: Option<Vec<u8>>,
     },
+    /// The host's own kv write (a durable route's filters): no event for the plugin, but in
+    /// order with its operations, so that what the plugin does next (e.g. an MQTT SUBACK
+    /// after its session is saved) comes after it.
+    RouteWrite {
+        topic: String,
+        key: String,
+        value: Option<Vec<u8>>,
+    },
     KvScan {
         token: u64,
         topic: String,
@@ -116,6 +124,10 @@ impl HostState {
                 token,
                 outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
             },
+            Op::RouteWrite { key, .. } => {
+                tracing::warn!(conn, key, "a durable route's filters not stored: {message}");
+                return;
+            }
         };
         self.complete(event);
     }
@@ -230,6 +242,12 @@ async fn run_ops(
                     },
                 )
                 .await;
+            }
+            Op::RouteWrite { topic, key, value } => {
+                if let Err(e) = Box::pin(services.kv.put(&topic, &key, value)).await {
+                    tracing::warn!(conn, key, error = %e, "cannot store a durable route");
+                }
+                shared.op_finished();
             }
             Op::KvPut {
                 token,

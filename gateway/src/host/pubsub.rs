@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use super::context::{op_error, HostState};
 use super::event::Event;
 use super::ops_task::Op;
+use super::routing::RouteRef;
 use super::subscription_task::{run_subscription, SubCmd, SubTask};
 use crate::abi::types::{self, ErrorKind};
 use crate::abi::v0_2::magnetar::plugin::pubsub;
@@ -153,8 +154,14 @@ impl pubsub::Host for HostState {
 
     /// `unsubscribe`: closes a subscription (with `delete`, removes it from the backend).
     fn unsubscribe(&mut self, conn: u64, sub: u64, delete: bool) {
-        if let Some(slot) = self.conns.get_mut(&conn) {
-            slot.routes.remove(&sub);
+        let route = self
+            .conns
+            .get_mut(&conn)
+            .and_then(|s| s.routes.remove(&sub));
+        if let (true, Some(RouteRef::Durable { feeder, queue, .. })) = (delete, route) {
+            // The route goes with its queue (whose subscription the task deletes).
+            feeder.remove(&queue);
+            self.store_route(conn, &feeder, &queue, None);
         }
         if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {
             let _ = tx.try_send(SubCmd::Close { delete });

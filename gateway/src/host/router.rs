@@ -303,26 +303,7 @@ async fn read_source(
             _ = source.stop.notified() => break,
             m = consumer.next() => m,
         };
-        let mut batch = Vec::new();
-        let mut next = Some(first);
-        let mut ended = false;
-        while let Some(m) = next.take() {
-            match m {
-                Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => {
-                    tracing::warn!(topic = %source.topic, error = %e, "routed source failed");
-                    ended = true;
-                    break;
-                }
-                None => {
-                    ended = true;
-                    break;
-                }
-            }
-            if batch.len() < READ_BATCH {
-                next = consumer.next().now_or_never();
-            }
-        }
+        let (batch, ended) = take_batch(&source.topic, &mut consumer, first, READ_BATCH);
         let last = batch
             .last()
             .map(|m| (m.topic.clone(), m.message_id.id.clone()));
@@ -408,6 +389,35 @@ async fn read_source(
         }
     }
     let _ = consumer.close().await;
+}
+
+/// A message the backend delivered.
+type Received = pulsar::consumer::Message<Vec<u8>>;
+
+/// `first`, then every message the consumer already holds, up to `most`; `true` with it if
+/// the consumer ended (or failed, which is logged).
+pub(super) fn take_batch(
+    topic: &str,
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+    first: Option<Result<Received, pulsar::Error>>,
+    most: usize,
+) -> (Vec<Received>, bool) {
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(m) = next.take() {
+        match m {
+            Some(Ok(m)) => batch.push(m),
+            Some(Err(e)) => {
+                tracing::warn!(topic, error = %e, "routed source failed");
+                return (batch, true);
+            }
+            None => return (batch, true),
+        }
+        if batch.len() < most {
+            next = consumer.next().now_or_never();
+        }
+    }
+    (batch, false)
 }
 
 /// Drops the route from its source when its task ends, however it ends.

@@ -1,22 +1,162 @@
 //! Host calls of routing (ABI 0.2.1): `open-route`, `bind`, `unbind`. Acks, deliveries and
-//! `unsubscribe` are those of `pubsub`: a route is a subscription whose messages the host's
-//! router (`router`) picked by filter.
+//! `unsubscribe` are those of `pubsub`: a route is a subscription whose messages the host
+//! picked by filter — a live route's from the router's reader (`router`), a durable route's
+//! from its queue, which the source's feeder fills (`feeder`).
+
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use super::context::{op_error, HostState};
 use super::event::Event;
-use super::router::{RouteOpen, Router};
+use super::feeder::{encode, Feeder, Feeders};
+use super::ops_task::Op;
+use super::router::{RouteOpen, Router, Source};
+use super::subscription_task::{run_subscription, SubTask};
 use crate::abi::types::{ErrorKind, OpError};
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
+use crate::backend::SubscribeOptions;
 use crate::config::ActionName;
 use crate::quota::Gauge;
 use crate::routing::Filter;
 
-/// A route of a connection: its source and its id there.
-pub(super) struct RouteRef {
-    pub(super) source: std::sync::Arc<super::router::Source>,
-    pub(super) route: u64,
+/// The subscription through which a durable route reads its queue.
+const QUEUE_SUBSCRIPTION: &str = "magnetar-queue";
+
+/// A route of a connection.
+pub(super) enum RouteRef {
+    /// A live route: its source and its id there.
+    Live { source: Arc<Source>, route: u64 },
+    /// A durable route: its feeder, its queue (full topic) and its filters.
+    Durable {
+        feeder: Arc<Feeder>,
+        queue: String,
+        filters: Vec<Filter>,
+    },
+}
+
+impl HostState {
+    /// Stores a durable route's filters (`None`: deletes the route), in order with the
+    /// connection's other backend operations.
+    pub(super) fn store_route(
+        &mut self,
+        conn: u64,
+        feeder: &Feeder,
+        queue: &str,
+        filters: Option<&[Filter]>,
+    ) {
+        let op = Op::RouteWrite {
+            topic: feeder.kv_topic().to_string(),
+            key: feeder.key(queue),
+            value: filters.map(encode),
+        };
+        self.queue_op(conn, op);
+    }
+
+    /// Opens a durable route: stores its filters, gives them to the source's feeder, and
+    /// reads its queue once the feeder reads the source.
+    #[allow(clippy::too_many_arguments)]
+    fn open_durable(
+        &mut self,
+        conn: u64,
+        token: u64,
+        source: (String, &str),
+        queue: &str,
+        filters: Vec<Filter>,
+        max_unacked: usize,
+    ) -> Result<(), OpError> {
+        let queue = self.authorized_topic(conn, queue, ActionName::Consume)?;
+        let kv_topic = self.kv_topic(conn)?;
+        let feeder = Feeders::get(
+            &self.services,
+            &self.runtime,
+            &source.0,
+            source.1,
+            &kv_topic,
+        );
+        feeder.set_local(&queue, filters.clone());
+        self.store_route(conn, &feeder, &queue, Some(&filters));
+        let Some(slot) = self.conns.get(&conn) else {
+            return Ok(());
+        };
+        let meters = slot.meters.clone();
+        if meters
+            .as_ref()
+            .is_some_and(|m| !m.admit(Gauge::Subscriptions))
+        {
+            return Err(op_error(
+                ErrorKind::QuotaExceeded,
+                "too many subscriptions for this tenant or user",
+            ));
+        }
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked + 16);
+        let task = SubTask {
+            conn,
+            sub,
+            token,
+            max_unacked,
+            events: self.events.clone(),
+            shared: slot.shared.clone(),
+            backend: self.services.backend.clone(),
+            services: self.services.clone(),
+            meters: meters.clone(),
+        };
+        let opts = SubscribeOptions {
+            topic: queue.clone(),
+            subscription: QUEUE_SUBSCRIPTION.to_string(),
+            sub_type: pulsar::SubType::Exclusive,
+            durable: true,
+            // The queue holds only this route's copies: all of them.
+            earliest: true,
+            receiver_queue: max_unacked as u32,
+        };
+        if let Some(slot) = self.conns.get_mut(&conn) {
+            slot.subs.insert(sub, cmd_tx);
+            let route = RouteRef::Durable {
+                feeder: feeder.clone(),
+                queue,
+                filters,
+            };
+            slot.routes.insert(sub, route);
+        }
+        let events = self.events.clone();
+        self.runtime.spawn(async move {
+            match feeder.ready().await {
+                Ok(()) => run_subscription(task, opts, cmd_rx).await,
+                Err(e) => {
+                    if let Some(m) = &meters {
+                        m.release(Gauge::Subscriptions);
+                    }
+                    let outcome = Err(op_error(ErrorKind::Backend, e));
+                    let _ = events
+                        .send(Event::SubscribeResult {
+                            conn,
+                            token,
+                            outcome,
+                        })
+                        .await;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// A route's filters changed: a durable route's are given to its feeder and stored.
+    fn route_changed(&mut self, conn: u64, route: u64) {
+        let Some(RouteRef::Durable {
+            feeder,
+            queue,
+            filters,
+        }) = self.conns.get(&conn).and_then(|s| s.routes.get(&route))
+        else {
+            return;
+        };
+        let (feeder, queue, filters) = (feeder.clone(), queue.clone(), filters.clone());
+        feeder.set_local(&queue, filters.clone());
+        self.store_route(conn, &feeder, &queue, Some(&filters));
+    }
 }
 
 fn filter(f: AbiFilter) -> Filter {
@@ -55,10 +195,17 @@ impl routing::Host for HostState {
         if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
             return fail(self, invalid(e));
         }
-        let sub = self.next_sub;
-        self.next_sub += 1;
         let max_unacked = spec.max_unacked.clamp(1, 10_000) as usize;
         let max_queued = spec.max_queued.clamp(1, 1_000_000) as usize;
+        if let Some(queue) = &spec.queue {
+            let source = (topic, spec.source.as_str());
+            if let Err(e) = self.open_durable(conn, token, source, queue, filters, max_unacked) {
+                fail(self, e);
+            }
+            return;
+        }
+        let sub = self.next_sub;
+        self.next_sub += 1;
         let Some(slot) = self.conns.get(&conn) else {
             return;
         };
@@ -90,7 +237,7 @@ impl routing::Host for HostState {
             Ok((source, route)) => {
                 if let Some(slot) = self.conns.get_mut(&conn) {
                     slot.subs.insert(sub, cmd_tx);
-                    slot.routes.insert(sub, RouteRef { source, route });
+                    slot.routes.insert(sub, RouteRef::Live { source, route });
                 }
             }
             // Validated above; the route task never started, so the quota is released here.
@@ -105,19 +252,48 @@ impl routing::Host for HostState {
 
     /// `bind`: adds a filter to an open route.
     fn bind(&mut self, conn: u64, route: u64, f: AbiFilter) -> Result<(), OpError> {
-        let r = self
+        let f = filter(f);
+        f.validate().map_err(invalid)?;
+        match self
             .conns
-            .get(&conn)
-            .and_then(|s| s.routes.get(&route))
-            .ok_or_else(|| op_error(ErrorKind::NotFound, "no such route"))?;
-        r.source.bind(r.route, &filter(f)).map_err(invalid)?;
+            .get_mut(&conn)
+            .and_then(|s| s.routes.get_mut(&route))
+        {
+            None => return Err(op_error(ErrorKind::NotFound, "no such route")),
+            Some(RouteRef::Live { source, route }) => {
+                source.bind(*route, &f).map_err(invalid)?;
+                return Ok(());
+            }
+            Some(RouteRef::Durable { filters, .. }) => {
+                if filters.contains(&f) {
+                    return Ok(());
+                }
+                filters.push(f);
+            }
+        }
+        self.route_changed(conn, route);
         Ok(())
     }
 
     /// `unbind`: removes a filter from an open route.
     fn unbind(&mut self, conn: u64, route: u64, f: AbiFilter) {
-        if let Some(r) = self.conns.get(&conn).and_then(|s| s.routes.get(&route)) {
-            r.source.unbind(r.route, &filter(f));
+        let f = filter(f);
+        match self
+            .conns
+            .get_mut(&conn)
+            .and_then(|s| s.routes.get_mut(&route))
+        {
+            None => {}
+            Some(RouteRef::Live { source, route }) => {
+                source.unbind(*route, &f);
+            }
+            Some(RouteRef::Durable { filters, .. }) => {
+                let before = filters.len();
+                filters.retain(|x| *x != f);
+                if filters.len() != before {
+                    self.route_changed(conn, route);
+                }
+            }
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Services {
     pub pulsar_e2e: E2eKeys,
     /// Routes by filter (`routing.open-route`), one reader per source topic.
     pub router: super::router::Router,
+    /// This gateway's feeders of durable routes, by source topic.
+    pub feeders: super::feeder::Feeders,
 }
 
 impl Services {

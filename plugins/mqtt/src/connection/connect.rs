@@ -482,16 +482,16 @@ impl MqttConnection {
         }
     }
 
-    /// Opens an earlier session's durable subscription only to delete it with its backlog
-    /// (the ABI has no delete-by-name).
+    /// Opens an earlier session's durable route only to delete it with its queue (the ABI
+    /// has no delete-by-name).
     pub(super) fn delete_subscription(&mut self, name: Option<String>) {
         let name = name.unwrap_or_else(|| session_store::durable_subscription(&self.client_id));
         if Some(&name) == self.session_name.as_ref() {
             return;
         }
-        let spec = self.durable_spec(name);
+        let spec = self.route_spec(&BTreeSet::new(), Some(name));
         let token = self.ops.start(Op::OpenOldSubscription);
-        self.out.push(Action::Subscribe { token, spec });
+        self.out.push(Action::OpenRoute { token, spec });
     }
 
     pub(super) fn on_kv_result(&mut self, token: u64, result: Result<Option<Vec<u8>>, OpError>) {

@@ -193,23 +193,25 @@ impl MqttConnection {
         self.next_scan();
     }
 
-    /// The spec of a persistent session's durable subscription (see the crate docs).
-    pub(super) fn backend_spec(&self) -> SubscriptionSpec {
-        let name = self
-            .session_name
+    /// A persistent session's queue: its durable route's topic (see the crate docs).
+    pub(super) fn session_queue(&self) -> String {
+        self.session_name
             .clone()
-            .unwrap_or_else(|| session_store::durable_subscription(&self.client_id));
-        self.durable_spec(name)
+            .unwrap_or_else(|| session_store::durable_subscription(&self.client_id))
     }
 
-    pub(super) fn durable_spec(&self, name: String) -> SubscriptionSpec {
-        SubscriptionSpec {
-            topic: PULSAR_TOPIC.to_string(),
-            name,
-            mode: SubMode::Exclusive,
-            durable: true,
-            initial_position: InitialPosition::Latest,
+    /// The spec of a route on `mqtt` with `filters`; durable with a `queue`.
+    pub(super) fn route_spec(
+        &self,
+        filters: &BTreeSet<String>,
+        queue: Option<String>,
+    ) -> RouteSpec {
+        RouteSpec {
+            source: PULSAR_TOPIC.to_string(),
+            filters: filters.iter().cloned().map(Filter::Mqtt).collect(),
             max_unacked: self.max_unacked(),
+            max_queued: u32::try_from(self.config.max_queued).unwrap_or(u32::MAX),
+            queue,
         }
     }
 
@@ -218,28 +220,20 @@ impl MqttConnection {
         u32::try_from(window).unwrap_or(u32::MAX)
     }
 
+    /// Opens the session's route on `mqtt` with its non-shared filters (shared ones have
+    /// their own subscriptions): the host picks the messages, so that a message costs in
+    /// proportion to the sessions it reaches. A persistent session's route is durable: its
+    /// queue keeps QoS 1 and 2 messages while the client is away.
     pub(super) fn open_backend(&mut self, restore: bool) {
         self.backend = Backend::Opening;
         let token = self.ops.start(Op::OpenBackend { restore });
-        if self.durable_backend() {
-            let spec = self.backend_spec();
-            self.out.push(Action::Subscribe { token, spec });
-            return;
-        }
-        // A clean session: a route, whose messages the host picks by the session's filters
-        // (shared ones have their own subscriptions), so that a message costs in proportion
-        // to the sessions it reaches.
         self.routed = self.route_filters();
-        let spec = RouteSpec {
-            source: PULSAR_TOPIC.to_string(),
-            filters: self.routed.iter().cloned().map(Filter::Mqtt).collect(),
-            max_unacked: self.max_unacked(),
-            max_queued: u32::try_from(self.config.max_queued).unwrap_or(u32::MAX),
-        };
+        let queue = self.durable_backend().then(|| self.session_queue());
+        let spec = self.route_spec(&self.routed, queue);
         self.out.push(Action::OpenRoute { token, spec });
     }
 
-    /// The filters a clean session's route takes: the non-shared ones.
+    /// The filters the session's route takes: the non-shared ones.
     fn route_filters(&self) -> BTreeSet<String> {
         self.filters
             .keys()
@@ -248,16 +242,13 @@ impl MqttConnection {
             .collect()
     }
 
-    /// Binds and unbinds the route's filters to match the session's (a clean session with
-    /// an open route only). Before the SUBACK that adds a filter, so that every message
-    /// stored after the SUBACK is matched against it.
+    /// Binds and unbinds the route's filters to match the session's (once the route is
+    /// open). Before the SUBACK that adds a filter, so that every message stored after the
+    /// SUBACK is matched against it.
     pub(super) fn sync_route(&mut self) {
         let Backend::Open(route) = self.backend else {
             return;
         };
-        if self.durable_backend() {
-            return;
-        }
         let wanted = self.route_filters();
         for f in self.routed.difference(&wanted) {
             self.out.push(Action::Unbind {

@@ -300,14 +300,27 @@ fn binds(actions: &[Action]) -> Vec<String> {
         .collect()
 }
 
+/// A durable backend subscription's opening: a `Subscribe` (share groups), or a durable
+/// route (persistent sessions), seen as the subscription it reads (its queue by name).
 fn subscribe_action(actions: &[Action]) -> (u64, SubscriptionSpec) {
     actions
         .iter()
         .find_map(|a| match a {
             Action::Subscribe { token, spec } => Some((*token, spec.clone())),
+            Action::OpenRoute { token, spec } => spec.queue.as_ref().map(|queue| {
+                let sub = SubscriptionSpec {
+                    topic: spec.source.clone(),
+                    name: queue.clone(),
+                    mode: SubMode::Exclusive,
+                    durable: true,
+                    initial_position: InitialPosition::Latest,
+                    max_unacked: spec.max_unacked,
+                };
+                (*token, sub)
+            }),
             _ => None,
         })
-        .expect("a Subscribe action")
+        .expect("a Subscribe action or a durable OpenRoute")
 }
 
 fn publishes(actions: &[Action]) -> Vec<(u64, OutboundMessage)> {

@@ -378,7 +378,10 @@ fn v5_resumed_session_left_while_its_subscription_opens_stays_marked_for_the_nex
         None,
     ));
     // The CONNACK is out; the durable subscription is still opening.
-    while !matches!(h.pending().front(), Some(Action::Subscribe { .. }) | None) {
+    while !matches!(
+        h.pending().front(),
+        Some(Action::Subscribe { .. } | Action::OpenRoute { .. }) | None
+    ) {
         h.complete_next();
     }
     assert!(session_present(&received(&mut h)[0]));

@@ -1,0 +1,391 @@
+//! Durable routes: the feeder of a source topic copies each message into the queues of the
+//! durable routes whose filters match it, so that a route's backlog waits in the backend
+//! while nobody reads it (an MQTT persistent session, an AMQP durable queue).
+//!
+//! - A durable route's filters live in the namespace's kv, under
+//!   `__routing/<source>/<queue>` (written on the connection's ordered operations, so before
+//!   anything the plugin does afterwards, e.g. before an MQTT SUBACK), so that they outlive
+//!   the connection and every gateway on the backend sees them.
+//! - One gateway at a time feeds a source: the one whose consumer is active on the source's
+//!   durable Failover subscription `magnetar-router` (the backend picks it; when it dies,
+//!   another gateway's consumer takes over from the last acknowledged message). A message is
+//!   acknowledged only once its copies are stored, so a crash copies some messages twice
+//!   and loses none.
+//! - A gateway's feeder starts with the first durable route opened on the source there and
+//!   runs until the process ends: while it is not running, the Failover subscription keeps
+//!   what arrives. It loads the filters of every queue from the kv, takes the changes of its
+//!   own connections at once, and those of other gateways' every [`REFRESH`].
+//! - A copy is the stored message as it is: its key, properties and (sealed) payload.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::services::Services;
+use crate::backend::{OutMessage, SubscribeOptions};
+use crate::routing::{Filter, Index};
+
+/// How often a feeder reads the filters other gateways stored.
+const REFRESH: Duration = Duration::from_secs(2);
+/// How long a queue changed by this gateway's connections keeps its local filters over the
+/// kv's (whose write may not be visible yet).
+const LOCAL_WINS: Duration = Duration::from_secs(10);
+/// Most messages fed in one round.
+const FEED_BATCH: usize = 512;
+/// The durable Failover subscription through which one gateway at a time feeds a source.
+pub const FEEDER_SUBSCRIPTION: &str = "magnetar-router";
+
+/// The kv key of a durable route's filters.
+pub(super) fn registry_key(source: &str, queue: &str) -> String {
+    format!("{}{queue}", registry_prefix(source))
+}
+
+fn registry_prefix(source: &str) -> String {
+    format!("__routing/{source}/")
+}
+
+/// A durable route's filters, as the kv keeps them.
+pub(super) fn encode(filters: &[Filter]) -> Vec<u8> {
+    serde_json::to_vec(filters).unwrap_or_default()
+}
+
+fn decode(bytes: &[u8]) -> Option<Vec<Filter>> {
+    serde_json::from_slice(bytes).ok()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One source's durable routes, by queue.
+#[derive(Default)]
+struct Queues {
+    index: Index<u64>,
+    /// Queue id → its full topic and filters.
+    queues: HashMap<u64, (String, Vec<Filter>)>,
+    ids: HashMap<String, u64>,
+    next: u64,
+    /// Queues this gateway's connections changed, and when.
+    local: HashMap<u64, Instant>,
+}
+
+impl Queues {
+    fn id(&mut self, queue: &str) -> u64 {
+        if let Some(id) = self.ids.get(queue) {
+            return *id;
+        }
+        self.next += 1;
+        self.ids.insert(queue.to_string(), self.next);
+        self.queues
+            .insert(self.next, (queue.to_string(), Vec::new()));
+        self.next
+    }
+
+    /// Replaces a queue's filters.
+    fn set(&mut self, queue: &str, filters: Vec<Filter>) {
+        let id = self.id(queue);
+        let old = self
+            .queues
+            .get_mut(&id)
+            .map(|(_, f)| std::mem::take(f))
+            .unwrap_or_default();
+        for f in &old {
+            self.index.remove(f, id);
+        }
+        let kept: Vec<Filter> = filters
+            .into_iter()
+            .filter(|f| self.index.insert(f, id).is_ok())
+            .collect();
+        if let Some((_, f)) = self.queues.get_mut(&id) {
+            *f = kept;
+        }
+    }
+
+    fn remove(&mut self, queue: &str) {
+        if let Some(id) = self.ids.remove(queue) {
+            if let Some((_, filters)) = self.queues.remove(&id) {
+                for f in &filters {
+                    self.index.remove(f, id);
+                }
+            }
+            self.local.remove(&id);
+        }
+    }
+}
+
+/// A source's feeder in this gateway.
+pub(super) struct Feeder {
+    /// The source topic (full name) and its short name.
+    topic: String,
+    short: String,
+    /// The namespace's kv topic.
+    kv_topic: String,
+    queues: Mutex<Queues>,
+    ready: watch::Receiver<Option<Result<(), String>>>,
+}
+
+impl Feeder {
+    /// Sets a queue's filters, as this gateway's connection has them.
+    pub(super) fn set_local(&self, queue: &str, filters: Vec<Filter>) {
+        let mut q = lock(&self.queues);
+        q.set(queue, filters);
+        let id = q.id(queue);
+        q.local.insert(id, Instant::now());
+    }
+
+    /// Forgets a deleted queue.
+    pub(super) fn remove(&self, queue: &str) {
+        lock(&self.queues).remove(queue);
+    }
+
+    /// The kv key of one of this source's queues.
+    pub(super) fn key(&self, queue_topic: &str) -> String {
+        let short = queue_topic.rsplit('/').next().unwrap_or(queue_topic);
+        registry_key(&self.short, short)
+    }
+
+    pub(super) fn kv_topic(&self) -> &str {
+        &self.kv_topic
+    }
+
+    /// Waits until the feeder reads its source (or failed to).
+    pub(super) async fn ready(&self) -> Result<(), String> {
+        let mut ready = self.ready.clone();
+        loop {
+            if let Some(r) = ready.borrow_and_update().clone() {
+                return r;
+            }
+            if ready.changed().await.is_err() {
+                return Err("the feeder ended".into());
+            }
+        }
+    }
+}
+
+/// This gateway's feeders, by source topic.
+#[derive(Default)]
+pub struct Feeders {
+    feeders: Mutex<HashMap<String, Arc<Feeder>>>,
+}
+
+impl Feeders {
+    /// The feeder of `topic` (full name; `short` its name in the namespace), started if
+    /// this gateway has none (or its last one failed to start).
+    pub(super) fn get(
+        services: &Arc<Services>,
+        runtime: &tokio::runtime::Handle,
+        topic: &str,
+        short: &str,
+        kv_topic: &str,
+    ) -> Arc<Feeder> {
+        let mut feeders = lock(&services.feeders.feeders);
+        if let Some(f) = feeders.get(topic) {
+            if !matches!(&*f.ready.borrow(), Some(Err(_))) {
+                return f.clone();
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        let feeder = Arc::new(Feeder {
+            topic: topic.to_string(),
+            short: short.to_string(),
+            kv_topic: kv_topic.to_string(),
+            queues: Mutex::new(Queues::default()),
+            ready: rx,
+        });
+        feeders.insert(topic.to_string(), feeder.clone());
+        runtime.spawn(feed(services.clone(), feeder.clone(), tx));
+        feeder
+    }
+}
+
+/// Loads every queue's filters from the kv; queues changed here lately keep theirs.
+async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
+    let prefix = registry_prefix(&feeder.short);
+    let mut found: Vec<(String, Vec<Filter>)> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = services
+            .kv
+            .scan(&feeder.kv_topic, &prefix, after.as_deref(), 1000)
+            .await
+            .map_err(|e| e.to_string())?;
+        let full = page.len() >= 1000;
+        after = page.last().map(|(k, _)| k.clone());
+        for (key, value) in page {
+            let Some(queue) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if let Some(filters) = decode(&value) {
+                found.push((namespace_topic(&feeder.topic, queue), filters));
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    let mut q = lock(&feeder.queues);
+    let now = Instant::now();
+    q.local.retain(|_, at| now.duration_since(*at) < LOCAL_WINS);
+    let listed: std::collections::HashSet<String> = found.iter().map(|(t, _)| t.clone()).collect();
+    let gone: Vec<String> = q
+        .ids
+        .iter()
+        .filter(|(t, id)| !listed.contains(*t) && !q.local.contains_key(id))
+        .map(|(t, _)| t.clone())
+        .collect();
+    for t in gone {
+        q.remove(&t);
+    }
+    for (topic, filters) in found {
+        let local = q.ids.get(&topic).is_some_and(|id| q.local.contains_key(id));
+        if !local {
+            q.set(&topic, filters);
+        }
+    }
+    Ok(())
+}
+
+/// The full name of `short` in the namespace of the full topic `of`.
+fn namespace_topic(of: &str, short: &str) -> String {
+    match of.rsplit_once('/') {
+        Some((ns, _)) => format!("{ns}/{short}"),
+        None => short.to_string(),
+    }
+}
+
+/// The feeder's task: loads the queues, opens the Failover subscription, then copies; if
+/// copying fails, it lets the unacknowledged messages go back to the backend and starts over.
+async fn feed(
+    services: Arc<Services>,
+    feeder: Arc<Feeder>,
+    ready: watch::Sender<Option<Result<(), String>>>,
+) {
+    if let Err(e) = refresh(&services, &feeder).await {
+        tracing::warn!(topic = %feeder.topic, error = %e, "cannot load durable routes");
+        let _ = ready.send(Some(Err(e)));
+        return;
+    }
+    let opts = SubscribeOptions {
+        topic: feeder.topic.clone(),
+        subscription: FEEDER_SUBSCRIPTION.to_string(),
+        sub_type: pulsar::SubType::Failover,
+        durable: true,
+        earliest: false,
+        receiver_queue: 1000,
+    };
+    let mut first = true;
+    loop {
+        let consumer = match services.backend.subscribe(&opts).await {
+            Ok(c) => c,
+            Err(e) if first => {
+                tracing::warn!(topic = %feeder.topic, error = %e, "cannot feed durable routes");
+                let _ = ready.send(Some(Err(e.to_string())));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(topic = %feeder.topic, error = %e, "cannot reopen the feeder");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if std::mem::take(&mut first) {
+            let _ = ready.send(Some(Ok(())));
+        }
+        copy_until_failure(&services, &feeder, consumer).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Copies what the source delivers into the matching queues, acknowledging each batch once
+/// its copies are stored; returns (closing the consumer) when a copy or the source fails.
+async fn copy_until_failure(
+    services: &Services,
+    feeder: &Feeder,
+    mut consumer: pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+) {
+    let mut tick = tokio::time::interval(REFRESH);
+    let mut matched = Vec::new();
+    loop {
+        let first = tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = refresh(services, feeder).await {
+                    tracing::warn!(topic = %feeder.topic, error = %e, "cannot reload durable routes");
+                }
+                continue;
+            }
+            m = consumer.next() => m,
+        };
+        let (batch, ended) =
+            super::router::take_batch(&feeder.topic, &mut consumer, first, FEED_BATCH);
+        let Some(last) = batch
+            .last()
+            .map(|m| (m.topic.clone(), m.message_id.id.clone()))
+        else {
+            break;
+        };
+        // Every copy of the batch, then one ack for the lot.
+        let mut receipts = Vec::new();
+        for msg in &batch {
+            let meta = &msg.payload.metadata;
+            let key = meta.partition_key.as_deref().unwrap_or_default();
+            let targets: Vec<String> = {
+                let q = lock(&feeder.queues);
+                let props: Vec<(&str, &str)> = if q.index.has_headers() {
+                    meta.properties
+                        .iter()
+                        .map(|p| (p.key.as_str(), p.value.as_str()))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                q.index.matches(key, &props, &mut matched);
+                matched
+                    .iter()
+                    .filter_map(|id| q.queues.get(id).map(|(t, _)| t.clone()))
+                    .collect()
+            };
+            for target in targets {
+                let copy = OutMessage {
+                    key: meta.partition_key.clone(),
+                    payload: msg.payload.data.clone(),
+                    properties: meta
+                        .properties
+                        .iter()
+                        .map(|p| (p.key.clone(), p.value.clone()))
+                        .collect(),
+                    encryption: (!meta.encryption_keys.is_empty()).then(|| {
+                        (
+                            meta.encryption_keys.clone(),
+                            meta.encryption_param.clone().unwrap_or_default(),
+                        )
+                    }),
+                };
+                match services.backend.enqueue(&target, copy).await {
+                    Ok(receipt) => receipts.push(receipt),
+                    Err(e) => {
+                        tracing::warn!(queue = %target, error = %e, "cannot copy into a queue");
+                        let _ = consumer.close().await;
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(e) = join_all(receipts).await.into_iter().find_map(Result::err) {
+            // Not acked: the backend hands the batch out again once the consumer is gone.
+            tracing::warn!(topic = %feeder.topic, error = %e, "a queue did not store a copy; feeding again");
+            let _ = consumer.close().await;
+            return;
+        }
+        if let Err(e) = consumer.cumulative_ack_with_id(&last.0, last.1).await {
+            tracing::warn!(topic = %feeder.topic, error = %e, "feeder's ack failed");
+        }
+        if ended {
+            break;
+        }
+    }
+    let _ = consumer.close().await;
+}
