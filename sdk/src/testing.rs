@@ -109,6 +109,8 @@ struct Sub {
     acked: Vec<u64>,
     /// A route's filters (`open-route`): only matching messages reach it.
     filters: Option<Vec<Filter>>,
+    /// A route's `key-property`.
+    key_property: Option<String>,
 }
 
 /// The gateway, simulated for one connection at a time: see the module docs.
@@ -484,7 +486,16 @@ impl<M: Machine> SimHost<M> {
         };
         for sub in self.subs.values_mut() {
             let wanted = sub.filters.as_ref().is_none_or(|filters| {
-                let key = stored.msg.key.as_deref().unwrap_or_default();
+                let by_property = sub.key_property.as_ref().and_then(|name| {
+                    let props = &stored.msg.properties;
+                    props
+                        .iter()
+                        .find(|p| p.key == *name)
+                        .map(|p| p.value.as_str())
+                });
+                let key = by_property
+                    .or(stored.msg.key.as_deref())
+                    .unwrap_or_default();
                 filters
                     .iter()
                     .any(|f| route_matches(f, key, &stored.msg.properties))
@@ -508,6 +519,7 @@ impl<M: Machine> SimHost<M> {
             unacked: BTreeMap::new(),
             acked: Vec::new(),
             filters: None,
+            key_property: None,
         };
         if sub.spec.durable {
             let earlier = self
@@ -541,6 +553,7 @@ impl<M: Machine> SimHost<M> {
         });
         if let Some(s) = self.subs.get_mut(&id) {
             s.filters = Some(spec.filters);
+            s.key_property = spec.key_property;
         }
         id
     }

@@ -3,11 +3,11 @@
 //! while nobody reads it (an MQTT persistent session, an AMQP durable queue).
 //!
 //! - A durable route's filters live in the namespace's kv, under
-//!   `__routing/<source>/<queue>` (written on the connection's ordered operations, so before
+//!   `__routing/<source>[@<key property>]/<queue>` (written on the connection's ordered operations, so before
 //!   anything the plugin does afterwards, e.g. before an MQTT SUBACK), so that they outlive
 //!   the connection and every gateway on the backend sees them.
 //! - One gateway at a time feeds a source: the one whose consumer is active on the source's
-//!   durable Failover subscription `magnetar-router` (the backend picks it; when it dies,
+//!   durable Failover subscription `magnetar-router[-<key property>]` (the backend picks it; when it dies,
 //!   another gateway's consumer takes over from the last acknowledged message). A message is
 //!   acknowledged only once its copies are stored, so a crash copies some messages twice
 //!   and loses none.
@@ -15,7 +15,8 @@
 //!   runs until the process ends: while it is not running, the Failover subscription keeps
 //!   what arrives. It loads the filters of every queue from the kv, takes the changes of its
 //!   own connections at once, and those of other gateways' every [`REFRESH`].
-//! - A copy is the stored message as it is: its key, properties and (sealed) payload.
+//! - A copy is the stored message as it is: its key, properties and (sealed) payload, plus
+//!   the original's publish time ([`PUBLISHED_PROPERTY`]), which deliveries report.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,13 +40,37 @@ const FEED_BATCH: usize = 512;
 /// The durable Failover subscription through which one gateway at a time feeds a source.
 pub const FEEDER_SUBSCRIPTION: &str = "magnetar-router";
 
-/// The kv key of a durable route's filters.
-pub(super) fn registry_key(source: &str, queue: &str) -> String {
-    format!("{}{queue}", registry_prefix(source))
+/// A source as a durable route names it.
+pub(super) struct Named<'a> {
+    /// Full topic name.
+    pub(super) topic: String,
+    /// Its name in the namespace.
+    pub(super) short: &'a str,
+    /// The property that holds the routing key (else the message key).
+    pub(super) key_property: Option<&'a str>,
 }
 
-fn registry_prefix(source: &str) -> String {
-    format!("__routing/{source}/")
+impl Named<'_> {
+    /// The name of the source's feeder: routes that take their key from different places
+    /// are fed apart (their own kv prefix and Failover subscription).
+    fn feeder_name(&self) -> String {
+        match self.key_property {
+            Some(p) => format!("{}@{p}", self.short),
+            None => self.short.to_string(),
+        }
+    }
+}
+
+/// The property of a copy that holds the original's publish time (ms): a client sees the
+/// time the message was published, not copied (MQTT 5.0 Message Expiry counts from it).
+pub const PUBLISHED_PROPERTY: &str = "__magnetar.published";
+
+/// Removes [`PUBLISHED_PROPERTY`] from a delivery's properties, with its value.
+pub(super) fn take_published(properties: &mut Vec<crate::abi::types::Property>) -> Option<u64> {
+    let i = properties
+        .iter()
+        .position(|p| p.key == PUBLISHED_PROPERTY)?;
+    properties.remove(i).value.parse().ok()
 }
 
 /// A durable route's filters, as the kv keeps them.
@@ -119,9 +144,11 @@ impl Queues {
 
 /// A source's feeder in this gateway.
 pub(super) struct Feeder {
-    /// The source topic (full name) and its short name.
+    /// The source topic (full name).
     topic: String,
-    short: String,
+    /// The feeder's name in the namespace (`Named::feeder_name`).
+    name: String,
+    key_property: Option<String>,
     /// The namespace's kv topic.
     kv_topic: String,
     queues: Mutex<Queues>,
@@ -145,7 +172,12 @@ impl Feeder {
     /// The kv key of one of this source's queues.
     pub(super) fn key(&self, queue_topic: &str) -> String {
         let short = queue_topic.rsplit('/').next().unwrap_or(queue_topic);
-        registry_key(&self.short, short)
+        format!("{}{short}", self.registry_prefix())
+    }
+
+    /// Where the kv keeps this feeder's queues.
+    fn registry_prefix(&self) -> String {
+        format!("__routing/{}/", self.name)
     }
 
     pub(super) fn kv_topic(&self) -> &str {
@@ -173,30 +205,35 @@ pub struct Feeders {
 }
 
 impl Feeders {
-    /// The feeder of `topic` (full name; `short` its name in the namespace), started if
-    /// this gateway has none (or its last one failed to start).
+    /// The feeder of `source`, started if this gateway has none (or its last one failed to
+    /// start).
     pub(super) fn get(
         services: &Arc<Services>,
         runtime: &tokio::runtime::Handle,
-        topic: &str,
-        short: &str,
+        source: &Named<'_>,
         kv_topic: &str,
     ) -> Arc<Feeder> {
+        let id = format!(
+            "{}@{}",
+            source.topic,
+            source.key_property.unwrap_or_default()
+        );
         let mut feeders = lock(&services.feeders.feeders);
-        if let Some(f) = feeders.get(topic) {
+        if let Some(f) = feeders.get(&id) {
             if !matches!(&*f.ready.borrow(), Some(Err(_))) {
                 return f.clone();
             }
         }
         let (tx, rx) = watch::channel(None);
         let feeder = Arc::new(Feeder {
-            topic: topic.to_string(),
-            short: short.to_string(),
+            topic: source.topic.clone(),
+            name: source.feeder_name(),
+            key_property: source.key_property.map(str::to_string),
             kv_topic: kv_topic.to_string(),
             queues: Mutex::new(Queues::default()),
             ready: rx,
         });
-        feeders.insert(topic.to_string(), feeder.clone());
+        feeders.insert(id, feeder.clone());
         runtime.spawn(feed(services.clone(), feeder.clone(), tx));
         feeder
     }
@@ -204,7 +241,7 @@ impl Feeders {
 
 /// Loads every queue's filters from the kv; queues changed here lately keep theirs.
 async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
-    let prefix = registry_prefix(&feeder.short);
+    let prefix = feeder.registry_prefix();
     let mut found: Vec<(String, Vec<Filter>)> = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -271,7 +308,10 @@ async fn feed(
     }
     let opts = SubscribeOptions {
         topic: feeder.topic.clone(),
-        subscription: FEEDER_SUBSCRIPTION.to_string(),
+        subscription: match &feeder.key_property {
+            Some(p) => format!("{FEEDER_SUBSCRIPTION}-{p}"),
+            None => FEEDER_SUBSCRIPTION.to_string(),
+        },
         sub_type: pulsar::SubType::Failover,
         durable: true,
         earliest: false,
@@ -331,7 +371,13 @@ async fn copy_until_failure(
         let mut receipts = Vec::new();
         for msg in &batch {
             let meta = &msg.payload.metadata;
-            let key = meta.partition_key.as_deref().unwrap_or_default();
+            let by_property = feeder.key_property.as_ref().and_then(|name| {
+                let found = meta.properties.iter().find(|p| p.key == *name);
+                found.map(|p| p.value.as_str())
+            });
+            let key = by_property
+                .or(meta.partition_key.as_deref())
+                .unwrap_or_default();
             let targets: Vec<String> = {
                 let q = lock(&feeder.queues);
                 let props: Vec<(&str, &str)> = if q.index.has_headers() {
@@ -356,6 +402,10 @@ async fn copy_until_failure(
                         .properties
                         .iter()
                         .map(|p| (p.key.clone(), p.value.clone()))
+                        .chain([(
+                            PUBLISHED_PROPERTY.to_string(),
+                            meta.publish_time.to_string(),
+                        )])
                         .collect(),
                     encryption: (!meta.encryption_keys.is_empty()).then(|| {
                         (

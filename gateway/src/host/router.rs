@@ -82,6 +82,8 @@ type Readiness = Option<Result<(), String>>;
 /// One source topic's routes and their filters.
 pub(super) struct Source {
     topic: String,
+    /// The property that holds the routing key (else the message key).
+    key_property: Option<String>,
     state: Mutex<SourceState>,
     ready: watch::Receiver<Readiness>,
     /// Wakes the reader when its last route is gone.
@@ -151,6 +153,7 @@ pub(super) struct RouteOpen {
     pub(super) sub: u64,
     pub(super) token: u64,
     pub(super) topic: String,
+    pub(super) key_property: Option<String>,
     pub(super) filters: Vec<Filter>,
     pub(super) max_unacked: usize,
     pub(super) max_queued: usize,
@@ -189,10 +192,12 @@ impl Router {
             ready: Notify::new(),
             limit: open.max_queued.max(1),
         });
+        // Routes that take their key from different places read the source apart.
+        let name = source_name(&open.topic, open.key_property.as_deref());
         let source = {
             let mut sources = lock(&router.sources);
             let existing = sources
-                .get(&open.topic)
+                .get(&name)
                 .filter(|s| !lock(&s.state).closed)
                 .cloned();
             let source = match existing {
@@ -201,11 +206,12 @@ impl Router {
                     let (tx, rx) = watch::channel(None);
                     let source = Arc::new(Source {
                         topic: open.topic.clone(),
+                        key_property: open.key_property.clone(),
                         state: Mutex::new(SourceState::default()),
                         ready: rx,
                         stop: Notify::new(),
                     });
-                    sources.insert(open.topic.clone(), source.clone());
+                    sources.insert(name, source.clone());
                     runtime.spawn(read_source(services.clone(), source.clone(), tx));
                     source
                 }
@@ -244,11 +250,9 @@ impl Router {
         }
         if state.inboxes.is_empty() && !state.closed {
             state.closed = true;
-            if sources
-                .get(&source.topic)
-                .is_some_and(|s| Arc::ptr_eq(s, source))
-            {
-                sources.remove(&source.topic);
+            let name = source_name(&source.topic, source.key_property.as_deref());
+            if sources.get(&name).is_some_and(|s| Arc::ptr_eq(s, source)) {
+                sources.remove(&name);
             }
             source.stop.notify_one();
         }
@@ -282,11 +286,9 @@ async fn read_source(
             {
                 let mut sources = lock(&services.router.sources);
                 lock(&source.state).closed = true;
-                if sources
-                    .get(&source.topic)
-                    .is_some_and(|s| Arc::ptr_eq(s, &source))
-                {
-                    sources.remove(&source.topic);
+                let name = source_name(&source.topic, source.key_property.as_deref());
+                if sources.get(&name).is_some_and(|s| Arc::ptr_eq(s, &source)) {
+                    sources.remove(&name);
                 }
             }
             let _ = ready.send(Some(Err(e.to_string())));
@@ -346,9 +348,9 @@ async fn read_source(
                 } else {
                     Vec::new()
                 };
-                state
-                    .index
-                    .matches(key.as_deref().unwrap_or_default(), &props, &mut matched);
+                let routing_key =
+                    routing_key(source.key_property.as_deref(), &properties, key.as_deref());
+                state.index.matches(routing_key, &props, &mut matched);
                 if matched.is_empty() {
                     continue;
                 }
@@ -389,6 +391,28 @@ async fn read_source(
         }
     }
     let _ = consumer.close().await;
+}
+
+/// The router's name of a source: its topic, and the property keys come from.
+fn source_name(topic: &str, key_property: Option<&str>) -> String {
+    match key_property {
+        Some(p) => format!("{topic}@{p}"),
+        None => topic.to_string(),
+    }
+}
+
+/// A message's routing key: the value of `key_property` if it has the property, else its
+/// key, else empty.
+pub(super) fn routing_key<'a>(
+    key_property: Option<&str>,
+    properties: &'a [types::Property],
+    key: Option<&'a str>,
+) -> &'a str {
+    key_property
+        .and_then(|name| properties.iter().find(|p| p.key == name))
+        .map(|p| p.value.as_str())
+        .or(key)
+        .unwrap_or_default()
 }
 
 /// A message the backend delivered.

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::context::{op_error, HostState};
 use super::event::Event;
-use super::feeder::{encode, Feeder, Feeders};
+use super::feeder::{encode, Feeder, Feeders, Named};
 use super::ops_task::Op;
 use super::router::{RouteOpen, Router, Source};
 use super::subscription_task::{run_subscription, SubTask};
@@ -60,20 +60,14 @@ impl HostState {
         &mut self,
         conn: u64,
         token: u64,
-        source: (String, &str),
+        source: Named<'_>,
         queue: &str,
         filters: Vec<Filter>,
         max_unacked: usize,
     ) -> Result<(), OpError> {
         let queue = self.authorized_topic(conn, queue, ActionName::Consume)?;
         let kv_topic = self.kv_topic(conn)?;
-        let feeder = Feeders::get(
-            &self.services,
-            &self.runtime,
-            &source.0,
-            source.1,
-            &kv_topic,
-        );
+        let feeder = Feeders::get(&self.services, &self.runtime, &source, &kv_topic);
         feeder.set_local(&queue, filters.clone());
         self.store_route(conn, &feeder, &queue, Some(&filters));
         let Some(slot) = self.conns.get(&conn) else {
@@ -198,7 +192,11 @@ impl routing::Host for HostState {
         let max_unacked = spec.max_unacked.clamp(1, 10_000) as usize;
         let max_queued = spec.max_queued.clamp(1, 1_000_000) as usize;
         if let Some(queue) = &spec.queue {
-            let source = (topic, spec.source.as_str());
+            let source = Named {
+                topic,
+                short: &spec.source,
+                key_property: spec.key_property.as_deref(),
+            };
             if let Err(e) = self.open_durable(conn, token, source, queue, filters, max_unacked) {
                 fail(self, e);
             }
@@ -226,6 +224,7 @@ impl routing::Host for HostState {
             sub,
             token,
             topic,
+            key_property: spec.key_property,
             filters,
             max_unacked,
             max_queued,

@@ -167,7 +167,8 @@ pub(super) async fn run_subscription(
                     if let Some(m) = &meters {
                         m.delivered(payload.len());
                     }
-                    let publish_time_ms = meta.publish_time;
+                    // A durable route's copy says when the original was published.
+                    let publish_time_ms = super::feeder::take_published(&mut properties).unwrap_or(meta.publish_time);
                     deliveries.push(types::Delivery {
                         subscription: sub,
                         delivery_id: acks.delivered(msg.topic, msg.message_id.id),

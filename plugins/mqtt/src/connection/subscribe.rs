@@ -212,6 +212,8 @@ impl MqttConnection {
             max_unacked: self.max_unacked(),
             max_queued: u32::try_from(self.config.max_queued).unwrap_or(u32::MAX),
             queue,
+            // Native Pulsar producers name the MQTT topic in this property, not in the key.
+            key_property: Some(PROP_TOPIC.to_string()),
         }
     }
 
