@@ -35,10 +35,11 @@
 //!   matches each delivery against its filters ([`topic::matches`]) for the granted QoS and
 //!   Subscription Identifiers.
 //! - Clean Session 0 / Session Expiry Interval > 0 (persistent session, §3.1.2.4): the
-//!   durable, exclusive subscription `mqtt-session-<escaped client id>` (a 5.0 Clean Start
+//!   durable route with the queue `mqtt-session-<escaped client id>` (a 5.0 Clean Start
 //!   that replaces an earlier session gets `...-<nonce>`, named in the stored session), which
-//!   queues QoS 1 and 2 messages while the client is away. It reads every message of the
-//!   namespace, filtered here: durable routes will replace it.
+//!   queues QoS 1 and 2 messages while the client is away. It is a durable route: the host
+//!   copies the messages its filters match into the queue topic of that name, and the
+//!   connection reads the queue.
 //!   The session's Topic Filters are stored in the host kv under
 //!   `mqtt/session/<escaped client id>` ([`session_store`]), written on every SUBSCRIBE and
 //!   UNSUBSCRIBE before the SUBACK/UNSUBACK, so they survive the client being away and a
