@@ -34,6 +34,7 @@ use pulsar::message::proto::{
     self,
     base_command::Type,
     command_ack::AckType,
+    command_get_topics_of_namespace::Mode as TopicsMode,
     command_lookup_topic_response::LookupType,
     command_partitioned_topic_metadata_response::LookupType as MetadataLookupType,
     command_subscribe::{InitialPosition, SubType},
@@ -644,7 +645,18 @@ impl Connection {
                         ))
                         .await;
                 }
-                let topics = self.shared.registry.topics_of_namespace(&c.namespace);
+                // Every topic here is persistent (`naming`), so a regex consumer in
+                // NonPersistentOnly mode gets none: the C++ client matches its pattern with
+                // the domain removed and would otherwise subscribe to persistent topics.
+                let topics = match c.mode() {
+                    TopicsMode::NonPersistent => Vec::new(),
+                    TopicsMode::Persistent | TopicsMode::All => {
+                        self.shared.registry.topics_of_namespace(&c.namespace)
+                    }
+                };
+                // `topics_pattern` and `topics_hash` are not evaluated here: the whole list,
+                // `filtered: false` and no hash leave the matching to the client (the C++
+                // client ignores these fields and always matches itself).
                 self.reply(command(Type::GetTopicsOfNamespaceResponse, |r| {
                     r.get_topics_of_namespace_response =
                         Some(proto::CommandGetTopicsOfNamespaceResponse {
