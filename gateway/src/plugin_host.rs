@@ -304,7 +304,7 @@ impl Worker {
                 continue;
             };
             if let Err(trap) = deliver(instance, event, ticks) {
-                tracing::error!(plugin = %self.name, conn, error = %trap, "plugin instance trapped; closing its connections and starting a new instance");
+                tracing::error!(plugin = %self.name, conn, error = %trap, cause = %trap.root_cause(), "plugin instance trapped; closing its connections and starting a new instance");
                 if let Some(mut dead) = self.instance.take() {
                     dead.store.data_mut().close_all();
                 }
