@@ -197,6 +197,22 @@ impl HostState {
         Ok(tenancy::topic_url(principal, name))
     }
 
+    /// Counts one more subscription of the connection against its quotas: its meters (to
+    /// release it with), or the error a plugin gets at the tenant's or user's limit.
+    pub(super) fn admit_subscription(&self, conn: u64) -> Result<Option<Meters>, OpError> {
+        let meters = self.conns.get(&conn).and_then(|s| s.meters.clone());
+        if meters
+            .as_ref()
+            .is_some_and(|m| !m.admit(crate::quota::Gauge::Subscriptions))
+        {
+            return Err(op_error(
+                ErrorKind::QuotaExceeded,
+                "too many subscriptions for this tenant or user",
+            ));
+        }
+        Ok(meters)
+    }
+
     /// The connection's namespace kv topic.
     pub(super) fn kv_topic(&self, conn: u64) -> Result<String, OpError> {
         let principal = self.principal(conn)?;

@@ -17,7 +17,6 @@ use crate::abi::v0_2::magnetar::plugin::pubsub;
 use crate::backend::{OutMessage, SubscribeOptions};
 use crate::config::ActionName;
 use crate::crypto::KEY_PROPERTY;
-use crate::quota::Gauge;
 
 /// A plugin's message as the backend takes it. The host's own key property is dropped: only
 /// the host says which key sealed a payload.
@@ -103,23 +102,22 @@ impl pubsub::Host for HostState {
         self.next_sub += 1;
         let max_unacked = spec.max_unacked.clamp(1, 10_000);
         let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked as usize + 16);
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        let meters = match self.admit_subscription(conn) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.complete(Event::SubscribeResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
         let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };
-        let meters = slot.meters.clone();
-        if meters
-            .as_ref()
-            .is_some_and(|m| !m.admit(Gauge::Subscriptions))
-        {
-            return self.complete(Event::SubscribeResult {
-                conn,
-                token,
-                outcome: Err(op_error(
-                    ErrorKind::QuotaExceeded,
-                    "too many subscriptions for this tenant or user",
-                )),
-            });
-        }
         slot.subs.insert(sub, cmd_tx);
         let opts = SubscribeOptions {
             topic,

@@ -70,19 +70,13 @@ impl HostState {
         let feeder = Feeders::get(&self.services, &self.runtime, &source, &kv_topic);
         feeder.set_local(&queue, filters.clone());
         self.store_route(conn, &feeder, &queue, Some(&filters));
+        if !self.conns.contains_key(&conn) {
+            return Ok(());
+        }
+        let meters = self.admit_subscription(conn)?;
         let Some(slot) = self.conns.get(&conn) else {
             return Ok(());
         };
-        let meters = slot.meters.clone();
-        if meters
-            .as_ref()
-            .is_some_and(|m| !m.admit(Gauge::Subscriptions))
-        {
-            return Err(op_error(
-                ErrorKind::QuotaExceeded,
-                "too many subscriptions for this tenant or user",
-            ));
-        }
         let sub = self.next_sub;
         self.next_sub += 1;
         let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked + 16);
@@ -204,20 +198,16 @@ impl routing::Host for HostState {
         }
         let sub = self.next_sub;
         self.next_sub += 1;
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        let meters = match self.admit_subscription(conn) {
+            Ok(m) => m,
+            Err(e) => return fail(self, e),
+        };
         let Some(slot) = self.conns.get(&conn) else {
             return;
         };
-        let meters = slot.meters.clone();
-        if meters
-            .as_ref()
-            .is_some_and(|m| !m.admit(Gauge::Subscriptions))
-        {
-            let e = op_error(
-                ErrorKind::QuotaExceeded,
-                "too many subscriptions for this tenant or user",
-            );
-            return fail(self, e);
-        }
         let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked + 16);
         let open = RouteOpen {
             conn,
