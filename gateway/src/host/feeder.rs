@@ -110,8 +110,8 @@ impl Queues {
         self.next
     }
 
-    /// Replaces a queue's filters.
-    fn set(&mut self, queue: &str, filters: Vec<Filter>) {
+    /// Replaces a queue's filters; the queue's id.
+    fn set(&mut self, queue: &str, filters: Vec<Filter>) -> u64 {
         let id = self.id(queue);
         let old = self
             .queues
@@ -128,6 +128,7 @@ impl Queues {
         if let Some((_, f)) = self.queues.get_mut(&id) {
             *f = kept;
         }
+        id
     }
 
     fn remove(&mut self, queue: &str) {
@@ -159,8 +160,7 @@ impl Feeder {
     /// Sets a queue's filters, as this gateway's connection has them.
     pub(super) fn set_local(&self, queue: &str, filters: Vec<Filter>) {
         let mut q = lock(&self.queues);
-        q.set(queue, filters);
-        let id = q.id(queue);
+        let id = q.set(queue, filters);
         q.local.insert(id, Instant::now());
     }
 

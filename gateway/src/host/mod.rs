@@ -44,7 +44,7 @@ mod v0_1;
 
 pub use context::HostState;
 pub use event::{Event, SaslStep};
-pub use feeder::{Feeders, FEEDER_SUBSCRIPTION};
+pub use feeder::Feeders;
 pub use router::{Router, RouterStats};
 pub use services::Services;
 pub use session::Claims;

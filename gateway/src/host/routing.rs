@@ -12,7 +12,7 @@ use super::event::Event;
 use super::feeder::{encode, Feeder, Feeders, Named};
 use super::ops_task::Op;
 use super::router::{RouteOpen, Router, Source};
-use super::subscription_task::{run_subscription, SubTask};
+use super::subscription_task::{run_subscription, subscribe_failed, SubTask, SubscriptionCount};
 use crate::abi::types::{ErrorKind, OpError};
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
 use crate::backend::SubscribeOptions;
@@ -114,17 +114,9 @@ impl HostState {
             match feeder.ready().await {
                 Ok(()) => run_subscription(task, opts, cmd_rx).await,
                 Err(e) => {
-                    if let Some(m) = &meters {
-                        m.release(Gauge::Subscriptions);
-                    }
-                    let outcome = Err(op_error(ErrorKind::Backend, e));
-                    let _ = events
-                        .send(Event::SubscribeResult {
-                            conn,
-                            token,
-                            outcome,
-                        })
-                        .await;
+                    // The subscription counted against the quotas ends here.
+                    drop(SubscriptionCount(meters));
+                    subscribe_failed(&events, conn, token, e).await;
                 }
             }
         });

@@ -72,14 +72,7 @@ pub(super) async fn run_subscription(
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(conn, error = %e, "subscribe failed");
-            let outcome = Err(op_error(ErrorKind::Backend, e.to_string()));
-            let _ = events
-                .send(Event::SubscribeResult {
-                    conn,
-                    token,
-                    outcome,
-                })
-                .await;
+            subscribe_failed(&events, conn, token, e.to_string()).await;
             return;
         }
     };
@@ -196,6 +189,23 @@ pub(super) async fn run_subscription(
         }
     }
     let _ = consumer.close().await;
+}
+
+/// Tells the plugin its subscription could not be opened (a backend failure).
+pub(super) async fn subscribe_failed(
+    events: &mpsc::Sender<Event>,
+    conn: u64,
+    token: u64,
+    message: String,
+) {
+    let outcome = Err(op_error(ErrorKind::Backend, message));
+    let _ = events
+        .send(Event::SubscribeResult {
+            conn,
+            token,
+            outcome,
+        })
+        .await;
 }
 
 /// Most deliveries handed to the worker in one event.
