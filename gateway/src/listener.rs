@@ -85,7 +85,7 @@ impl Listener {
             let name = name.clone();
             tokio::spawn(async move {
                 if let Err(e) = accept(stream, peer, name.clone(), tls, ws, worker).await {
-                    tracing::info!(listener = %name, %peer, error = %e, "connection refused");
+                    tracing::info!(listener = %name, %peer, error = format!("{e:#}"), "connection refused");
                 }
             });
         }
