@@ -62,9 +62,14 @@ pub struct BackendSection {
 }
 
 /// The server certificate of TLS listeners.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSection {
+    /// Issue TLS 1.3 session tickets (stateless, encrypted under a key that lives in memory
+    /// only and rotates every 6 hours), so that a reconnecting client resumes its session
+    /// instead of a full handshake: no certificate signature, no client-certificate check.
+    /// `false`: every connection makes a full handshake.
+    pub session_tickets: bool,
     /// PEM certificate chain; unset means a certificate generated in `data_dir/tls`.
     pub cert: Option<PathBuf>,
     /// PEM private key matching `cert`.
@@ -78,6 +83,19 @@ pub struct TlsSection {
     /// Certificates picked by the server name the client asks for (SNI), e.g. one per
     /// tenant; other names get `cert`.
     pub certificates: Vec<SniCertificate>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            session_tickets: true,
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            certificates: Vec::new(),
+        }
+    }
 }
 
 /// A certificate served to clients that ask for `server_name`.
