@@ -123,6 +123,8 @@ pub struct MessageTransport<S> {
     ended: bool,
     /// The close code to send on shutdown; `None` once a close was sent or answered.
     close: Option<CloseCode>,
+    /// The plugin broke the envelope after the upgrade: the connection ends (1011).
+    plugin_broke: bool,
 }
 
 fn aborted(why: &'static str) -> io::Error {
@@ -169,6 +171,7 @@ impl<S: Transport> MessageTransport<S> {
             answer_queued: false,
             ended: false,
             close: Some(CloseCode::Normal),
+            plugin_broke: false,
         }
     }
 
@@ -203,6 +206,7 @@ impl<S: Transport> MessageTransport<S> {
             }
             Phase::Open => {
                 self.close = Some(CloseCode::Error);
+                self.plugin_broke = true;
                 self.phase = Phase::Closing;
                 self.stage.send_replace(Stage::Ending);
             }
@@ -248,12 +252,21 @@ impl<S: Transport> MessageTransport<S> {
                 }
                 Phase::Closing => {
                     self.from_plugin.clear();
+                    if self.plugin_broke {
+                        // Shutdown sends the 1011.
+                        return Poll::Ready(Err(aborted("the plugin broke the web envelope")));
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Phase::Awaiting | Phase::Open => {}
             }
-            let Some((kind, len)) = self.peek_frame() else {
-                return Poll::Ready(Ok(()));
+            let (kind, len) = match self.peek_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Poll::Ready(Ok(())),
+                Err(e) => {
+                    self.plugin_breach(&e);
+                    continue;
+                }
             };
             if kind == KIND_HTTP {
                 if self.phase == Phase::Open {
@@ -297,23 +310,25 @@ impl<S: Transport> MessageTransport<S> {
         }
     }
 
-    /// The kind and payload length of the first buffered frame if it is whole; a frame
-    /// that can never be valid is a breach (and the buffer is dropped).
-    fn peek_frame(&mut self) -> Option<(u8, usize)> {
+    /// The kind and payload length of the first buffered frame if it is whole; an error for
+    /// a frame that can never be valid.
+    fn peek_frame(&self) -> Result<Option<(u8, usize)>, String> {
         let buf = &self.from_plugin;
-        let kind = *buf.first()?;
+        let Some(&kind) = buf.first() else {
+            return Ok(None);
+        };
         if !matches!(kind, KIND_HTTP | KIND_TEXT | KIND_BINARY | KIND_CLOSE) {
-            self.plugin_breach(&format!("unknown frame kind 0x{kind:02x}"));
-            return None;
+            return Err(format!("unknown frame kind 0x{kind:02x}"));
         }
-        let len = buf.get(1..HEADER_LEN)?;
+        let Some(len) = buf.get(1..HEADER_LEN) else {
+            return Ok(None);
+        };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len > MAX_OUT_MESSAGE {
-            self.plugin_breach(&format!("a frame of {len} bytes (limit {MAX_OUT_MESSAGE})"));
-            return None;
+            return Err(format!("a frame of {len} bytes (limit {MAX_OUT_MESSAGE})"));
         }
-        (buf.len() >= HEADER_LEN + len).then_some((kind, len))
+        Ok((buf.len() >= HEADER_LEN + len).then_some((kind, len)))
     }
 
     fn take_frame(&mut self, len: usize) -> Bytes {
@@ -904,6 +919,16 @@ mod tests {
         assert!(t.flush().await.is_err());
         let head = answer_text(&mut client).await;
         assert!(head.starts_with("HTTP/1.1 500 "), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_plugin_breaking_the_envelope_after_the_upgrade_closes_with_1011() {
+        let (mut client, mut t, _) = pair("/ws/x").await;
+        upgrade(&mut client, &mut t).await;
+        let _ = t.write_all(&[0x09, 0, 0, 0, 0]).await;
+        assert!(t.flush().await.is_err(), "the connection ends");
+        t.shutdown().await.unwrap();
+        assert_eq!(close_code(&mut client).await, 1011);
     }
 
     #[tokio::test]
