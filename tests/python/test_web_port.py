@@ -1,0 +1,153 @@
+"""The gateway's web port (`web = true`) as HTTP clients see it, on the contract of
+examples/two-tenants.toml: Pulsar's admin REST v2 paths under the tenancy (alice's token
+reaches tenant acme only, bob's globex only, the admin token everything), the demo page, and
+the host's answers to WebSocket upgrades it refuses before a plugin hears of them.
+
+The listener names plugin `pulsar-ws`, which may not be built in: a web port serves its HTTP
+paths without its plugin, and upgrades then get a 503 — so these tests need no plugin."""
+
+import json
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ADMIN_TOKEN, MAGNETAR, Gateway, free_port, wait_for_port
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "two-tenants.toml"
+ORIGIN = "http://allowed.example"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    port = free_port()
+    listener = (
+        f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "pulsar-ws"\n'
+        f'web = true\nallowed_origins = ["{ORIGIN}"]\n'
+    )
+    gw = Gateway(tmp_path_factory.mktemp("web"), "\n" + EXAMPLE.read_text() + listener).start()
+    gw.web_port = port
+    try:
+        wait_for_port(port, gw.proc, gw.log)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def token(gw: Gateway, user: str) -> str:
+    cmd = [MAGNETAR, "token", "--config", str(gw.config), "--data-dir", str(gw.data_dir),
+           "--user", user, "--expires-in", "1h"]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def call(gw, method, path, bearer=None, body=None):
+    """(status, parsed JSON or text) of one request to the web port."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{gw.web_port}{path}",
+        method=method,
+        data=None if body is None else body.encode(),
+        headers={"Content-Type": "application/json"} if body is not None else {},
+    )
+    if bearer:
+        req.add_header("Authorization", f"Bearer {bearer}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status, raw, ctype = r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        status, raw, ctype = e.code, e.read(), e.headers.get("Content-Type", "")
+    if "json" in ctype and raw:
+        return status, json.loads(raw)
+    return status, raw.decode()
+
+
+def test_admin_rest_under_the_tenancy(web):
+    alice, bob = token(web, "alice"), token(web, "bob")
+
+    assert call(web, "GET", "/admin/v2/tenants")[0] == 401
+    assert call(web, "GET", "/admin/v2/tenants", bearer="not.a.token")[0] == 401
+
+    # Alice manages topics of acme/default ...
+    created = call(web, "PUT", "/admin/v2/persistent/acme/default/orders", alice)
+    assert created[0] == 204, created
+    assert call(web, "PUT", "/admin/v2/persistent/acme/default/parts/partitions", alice, "3")[0] == 204
+    status, topics = call(web, "GET", "/admin/v2/persistent/acme/default", alice)
+    assert status == 200 and "persistent://acme/default/orders" in topics
+    status, meta = call(web, "GET", "/admin/v2/persistent/acme/default/parts/partitions", alice)
+    assert (status, meta) == (200, {"partitions": 3})
+    status, stats = call(web, "GET", "/admin/v2/persistent/acme/default/orders/stats", alice)
+    assert status == 200 and "msgInCounter" in stats
+    # ... and sees only its own tenant and namespace.
+    assert call(web, "PUT", "/admin/v2/persistent/globex/default/spy", bob)[0] == 204
+    assert call(web, "GET", "/admin/v2/tenants", alice) == (200, ["acme"])
+    assert call(web, "GET", "/admin/v2/tenants/acme", alice)[0] == 200
+    assert call(web, "GET", "/admin/v2/namespaces/acme", alice) == (200, ["acme/default"])
+    for method, path in [
+        ("GET", "/admin/v2/persistent/globex/default"),
+        ("PUT", "/admin/v2/persistent/globex/default/intrusion"),
+        ("DELETE", "/admin/v2/persistent/globex/default/spy"),
+        ("GET", "/admin/v2/tenants/globex"),
+        ("GET", "/admin/v2/namespaces/globex"),
+        ("PUT", "/admin/v2/tenants/newco"),
+        ("DELETE", "/admin/v2/tenants/acme"),
+        ("GET", "/admin/v2/persistent/ac%6De/default"),
+    ]:
+        status, answer = call(web, method, path, alice)
+        assert status == 403, (method, path, status, answer)
+        assert "reason" in answer
+    assert call(web, "GET", "/admin/v2/persistent/globex/default", bob)[0] == 200
+
+    # The admin token sees every tenant.
+    status, tenants = call(web, "GET", "/admin/v2/tenants", ADMIN_TOKEN)
+    assert status == 200 and {"acme", "globex"} <= set(tenants)
+    status, topics = call(web, "GET", "/admin/v2/persistent/globex/default", ADMIN_TOKEN)
+    assert status == 200 and "persistent://globex/default/spy" in topics
+    assert call(web, "DELETE", "/admin/v2/persistent/acme/default/orders", alice)[0] == 204
+
+
+def test_demo_page_and_other_paths(web):
+    with urllib.request.urlopen(f"http://127.0.0.1:{web.web_port}/demo", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/html")
+        page = r.read().decode()
+    for element in ("token", "topic", "connect", "message", "send", "messages"):
+        assert f'id="{element}"' in page
+    assert "/ws/v2/" in page and "http://" not in page.split("<script>")[1]
+    assert call(web, "GET", "/")[0] == 404
+    assert call(web, "GET", "/admin/v1/tenants")[0] == 404
+    assert call(web, "GET", "/ws/v2/producer/persistent/acme/default/t")[0] == 426
+
+
+def upgrade(gw, path, origin=None, version="13", extra=b""):
+    """The status line of the answer to a raw WebSocket upgrade request."""
+    with socket.create_connection(("127.0.0.1", gw.web_port), timeout=10) as s:
+        head = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
+        )
+        if origin:
+            head += f"Origin: {origin}\r\n"
+        s.sendall(head.encode() + b"\r\n" + extra)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer.split(b"\r\n")[0].decode()
+
+
+def test_upgrades_the_host_refuses(web):
+    path = "/ws/v2/consumer/persistent/acme/default/t/sub"
+    assert upgrade(web, path, origin="http://evil.example") == "HTTP/1.1 403 Forbidden"
+    assert upgrade(web, path, version="8") == "HTTP/1.1 426 Upgrade Required"
+    assert upgrade(web, path, extra=b"\x81\x80junk") == "HTTP/1.1 400 Bad Request"
+    # Past the host's checks, the missing plugin answers.
+    assert upgrade(web, path, origin=ORIGIN) == "HTTP/1.1 503 Service Unavailable"
+    assert upgrade(web, path) == "HTTP/1.1 503 Service Unavailable"
+    # A head that never ends is cut at 16 KiB.
+    with socket.create_connection(("127.0.0.1", web.web_port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000)
+        assert s.recv(4096).startswith(b"HTTP/1.1 431 ")
