@@ -643,8 +643,17 @@ impl<S: Transport> Transport for MessageTransport<S> {
 /// Ends a connection the connection task would keep: one whose plugin does not answer the
 /// upgrade within [`ANSWER_DEADLINE`], or that still lingers [`CLOSE_GRACE`] after it
 /// started ending. Returns when the transport is gone.
-pub async fn watchdog(mut stage: watch::Receiver<Stage>, shared: Arc<ConnShared>) {
-    let answered = tokio::time::timeout(ANSWER_DEADLINE, async {
+pub async fn watchdog(stage: watch::Receiver<Stage>, shared: Arc<ConnShared>) {
+    watch_stages(stage, shared, ANSWER_DEADLINE, CLOSE_GRACE).await
+}
+
+async fn watch_stages(
+    mut stage: watch::Receiver<Stage>,
+    shared: Arc<ConnShared>,
+    answer_deadline: Duration,
+    close_grace: Duration,
+) {
+    let answered = tokio::time::timeout(answer_deadline, async {
         stage.wait_for(|s| *s != Stage::Awaiting).await.map(|_| ())
     })
     .await;
@@ -654,7 +663,7 @@ pub async fn watchdog(mut stage: watch::Receiver<Stage>, shared: Arc<ConnShared>
             return;
         }
         Ok(Err(_)) => return,
-        Ok(Ok(_)) => {}
+        Ok(Ok(())) => {}
     }
     if stage
         .wait_for(|s| *s == Stage::Ending)
@@ -665,7 +674,7 @@ pub async fn watchdog(mut stage: watch::Receiver<Stage>, shared: Arc<ConnShared>
         return;
     }
     // `changed` fails once the transport is dropped: the connection ended by itself.
-    if tokio::time::timeout(CLOSE_GRACE, stage.changed())
+    if tokio::time::timeout(close_grace, stage.changed())
         .await
         .is_ok()
     {
@@ -1020,6 +1029,38 @@ mod tests {
         t.shutdown().await.unwrap();
         let head = answer_text(&mut client).await;
         assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_ends_unanswered_and_lingering_connections_only() {
+        let short = Duration::from_millis(50);
+        let run = |stage: watch::Receiver<Stage>| {
+            let shared = Arc::new(ConnShared::default());
+            let watched = tokio::spawn(watch_stages(stage, shared.clone(), short, short));
+            (shared, watched)
+        };
+        // Never answered: closed at the deadline.
+        let stage = watch::Sender::new(Stage::Awaiting);
+        let (shared, watched) = run(stage.subscribe());
+        watched.await.unwrap();
+        assert!(shared.is_closing());
+        // Answered and open: left alone.
+        let stage = watch::Sender::new(Stage::Awaiting);
+        let (shared, watched) = run(stage.subscribe());
+        stage.send_replace(Stage::Open);
+        tokio::time::sleep(short * 3).await;
+        assert!(!shared.is_closing() && !watched.is_finished());
+        // Ending, and the transport gone in time: nothing to do.
+        stage.send_replace(Stage::Ending);
+        drop(stage);
+        watched.await.unwrap();
+        assert!(!shared.is_closing());
+        // Ending, and the client keeps the socket: closed after the grace.
+        let stage = watch::Sender::new(Stage::Open);
+        let (shared, watched) = run(stage.subscribe());
+        stage.send_replace(Stage::Ending);
+        watched.await.unwrap();
+        assert!(shared.is_closing());
     }
 
     #[test]

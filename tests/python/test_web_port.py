@@ -1,12 +1,14 @@
-"""The gateway's web port (`web = true`) as HTTP clients see it, on the contract of
-examples/two-tenants.toml: Pulsar's admin REST v2 paths under the tenancy (alice's token
-reaches tenant acme only, bob's globex only, the admin token everything), the demo page, and
-the host's answers to WebSocket upgrades it refuses before a plugin hears of them.
+"""The gateway's web port (`web = true`) as HTTP and WebSocket clients see it.
 
-The listener names plugin `pulsar-ws`, which may not be built in: a web port serves its HTTP
-paths without its plugin, and upgrades then get a 503 — so these tests need no plugin."""
+First on the contract of examples/two-tenants.toml, with plugin `pulsar-ws` named but not
+necessarily built in (a web port serves its HTTP paths without its plugin; upgrades then get
+a 503): Pulsar's admin REST v2 paths under the tenancy (alice's token reaches tenant acme
+only, bob's globex only, the admin token everything), the demo page, and the upgrades the
+host refuses before a plugin hears of them. Then message mode end to end, with the example
+plugin examples/web-echo-plugin."""
 
 import json
+import shutil
 import socket
 import subprocess
 import urllib.error
@@ -14,8 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
-from conftest import ADMIN_TOKEN, MAGNETAR, Gateway, free_port, wait_for_port
+from conftest import ADMIN_TOKEN, MAGNETAR, ROOT, Gateway, free_port, wait_for_port
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "two-tenants.toml"
 ORIGIN = "http://allowed.example"
@@ -151,3 +155,130 @@ def test_upgrades_the_host_refuses(web):
     with socket.create_connection(("127.0.0.1", web.web_port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000)
         assert s.recv(4096).startswith(b"HTTP/1.1 431 ")
+
+
+# Message mode end to end: the example plugin examples/web-echo-plugin (built into
+# target/wasm by the gateway's build) behind a web port, driven by the `websockets` client
+# and by raw frames where a well-behaved client cannot go.
+
+WEB_ECHO = ROOT / "target" / "wasm" / "wasm32-wasip2" / "release" / "web_echo_plugin.wasm"
+LIMIT = 65536
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory):
+    if not WEB_ECHO.exists():
+        pytest.skip(f"{WEB_ECHO} not built (cargo build --release builds it)")
+    tmp = tmp_path_factory.mktemp("web-echo")
+    plugins = tmp / "plugins"
+    plugins.mkdir()
+    shutil.copy(WEB_ECHO, plugins / "web_echo.wasm")
+    port = free_port()
+    extra = (
+        f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "web_echo"\n'
+        f"web = true\nwebsocket_max_message_size = {LIMIT}\n\n"
+        f'[plugins]\ndir = "{plugins}"\n'
+    )
+    gw = Gateway(tmp, extra).start()
+    gw.web_port = port
+    try:
+        wait_for_port(port, gw.proc, gw.log)
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_messages_through_a_plugin_in_message_mode(echo):
+    url = f"ws://127.0.0.1:{echo.web_port}/ws/echo"
+    with ws_connect(url, subprotocols=["echo"], open_timeout=10) as ws:
+        assert ws.subprotocol == "echo"
+        ws.send("héllo")
+        assert ws.recv(timeout=10) == "héllo"
+        ws.send(b"\x00\x01\xff")
+        assert ws.recv(timeout=10) == b"\x00\x01\xff"
+        big = bytes(range(256)) * 200
+        ws.send(big)
+        assert ws.recv(timeout=10) == big
+        # A fragmented message reaches the plugin whole.
+        ws.send(["frag", "men", "ted"])
+        assert ws.recv(timeout=10) == "fragmented"
+        assert ws.ping(b"p").wait(timeout=10)
+        # The plugin closes with its own code.
+        ws.send("close")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4000, "bye")
+    # Without the subprotocol offered, none is named.
+    with ws_connect(url, open_timeout=10) as ws:
+        assert ws.subprotocol is None
+        ws.send("again")
+        assert ws.recv(timeout=10) == "again"
+
+
+def test_the_plugins_refusal_is_the_upgrades_answer(echo):
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(f"ws://127.0.0.1:{echo.web_port}/ws/nothing?x=1", open_timeout=10)
+    assert refused.value.response.status_code == 404
+    assert refused.value.response.body == b"no endpoint at /ws/nothing"
+
+
+def test_too_big_closes_with_1009_and_others_go_on(echo):
+    url = f"ws://127.0.0.1:{echo.web_port}/ws/echo"
+    with ws_connect(url, open_timeout=10) as bystander, ws_connect(url, open_timeout=10) as ws:
+        ws.send(b"x" * (LIMIT + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009
+        bystander.send("still here")
+        assert bystander.recv(timeout=10) == "still here"
+
+
+def raw_open(gw, path="/ws/echo"):
+    """A raw socket past a 101 from the plugin."""
+    s = socket.create_connection(("127.0.0.1", gw.web_port), timeout=10)
+    s.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(1)
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
+    return s
+
+
+def masked(opcode, payload, mask=True, fin=True):
+    head = bytes([(0x80 if fin else 0) | opcode, (0x80 if mask else 0) | len(payload)])
+    if not mask:
+        return head + payload
+    key = b"\x01\x02\x03\x04"
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def close_code(s):
+    """The code of the close frame the server sends next (skipping data frames)."""
+    while True:
+        head = s.recv(2, socket.MSG_WAITALL)
+        payload = s.recv(head[1] & 0x7F, socket.MSG_WAITALL) if head[1] & 0x7F else b""
+        if head[0] & 0x0F == 0x8:
+            return int.from_bytes(payload[:2], "big")
+
+
+def test_bad_frames_get_their_close_codes(echo):
+    with raw_open(echo) as s:
+        s.sendall(masked(0x1, b"\xff\xfe"))
+        assert close_code(s) == 1007
+    with raw_open(echo) as s:
+        s.sendall(masked(0x2, b"abc", mask=False))
+        assert close_code(s) == 1002
+    with raw_open(echo) as s:
+        # A ping between two fragments is answered; the message arrives whole.
+        s.sendall(masked(0x1, b"ab", fin=False) + masked(0x9, b"!") + masked(0x0, b"c"))
+        frames = []
+        while len(frames) < 2:
+            head = s.recv(2, socket.MSG_WAITALL)
+            frames.append((head[0] & 0x0F, s.recv(head[1] & 0x7F, socket.MSG_WAITALL)))
+        assert sorted(frames) == [(0x1, b"abc"), (0xA, b"!")]
+        s.sendall(masked(0x8, (1000).to_bytes(2, "big")))
+        assert close_code(s) == 1000
