@@ -36,20 +36,20 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::{Sink, Stream};
+use futures::Sink;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::conn_shared::ConnShared;
 use crate::connection::Transport;
+use crate::websocket::{ws_to_io, WsSide};
 
 /// Time the plugin has to answer the upgrade request.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
@@ -98,7 +98,8 @@ enum Phase {
 
 /// One WebSocket connection in message mode: see the module docs.
 pub struct MessageTransport<S> {
-    ws: WebSocketStream<S>,
+    /// The WebSocket (before the upgrade, only its stream below is used).
+    side: WsSide<S>,
     /// `Sec-WebSocket-Accept` for a 101.
     accept_key: String,
     /// The subprotocols the client offered: the only ones a 101 may name (a client fails
@@ -117,26 +118,12 @@ pub struct MessageTransport<S> {
     from_plugin: BytesMut,
     /// The HTTP answer, as far as it is not written yet.
     answer: Bytes,
-    /// A ping or close was read: tungstenite holds its answer until the next flush.
-    answer_queued: bool,
-    /// The client closed the WebSocket (or left): reads return end of stream.
-    ended: bool,
-    /// The close code to send on shutdown; `None` once a close was sent or answered.
-    close: Option<CloseCode>,
     /// The plugin broke the envelope after the upgrade: the connection ends (1011).
     plugin_broke: bool,
 }
 
 fn aborted(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, why)
-}
-
-fn ws_to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => io::ErrorKind::BrokenPipe.into(),
-        e => io::Error::other(e),
-    }
 }
 
 impl<S: Transport> MessageTransport<S> {
@@ -157,7 +144,7 @@ impl<S: Transport> MessageTransport<S> {
         // through `get_mut()` first.
         let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
         MessageTransport {
-            ws,
+            side: WsSide::new(ws),
             accept_key: derive_accept_key(sec_websocket_key.as_bytes()),
             offered,
             phase: Phase::Awaiting,
@@ -168,9 +155,6 @@ impl<S: Transport> MessageTransport<S> {
             unread: Bytes::new(),
             from_plugin: BytesMut::new(),
             answer: Bytes::new(),
-            answer_queued: false,
-            ended: false,
-            close: Some(CloseCode::Normal),
             plugin_broke: false,
         }
     }
@@ -187,14 +171,6 @@ impl<S: Transport> MessageTransport<S> {
             .unwrap_or_default()
     }
 
-    /// A read failed on the client's breach: close with `code`, report `error`.
-    fn breach(&mut self, code: CloseCode, error: String) -> Poll<io::Result<()>> {
-        self.ended = true;
-        self.close = Some(code);
-        tracing::info!(peer = %self.peer(), %error, "closing WebSocket connection");
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
-    }
-
     /// The plugin broke the envelope: refuse the upgrade (500) or close the WebSocket (1011).
     fn plugin_breach(&mut self, error: &str) {
         tracing::warn!(peer = %self.peer(), %error, "plugin broke the web envelope");
@@ -205,7 +181,7 @@ impl<S: Transport> MessageTransport<S> {
                 self.phase = Phase::Answering { upgrade: false };
             }
             Phase::Open => {
-                self.close = Some(CloseCode::Error);
+                self.side.close = Some(CloseCode::Error);
                 self.plugin_broke = true;
                 self.phase = Phase::Closing;
                 self.stage.send_replace(Stage::Ending);
@@ -231,7 +207,8 @@ impl<S: Transport> MessageTransport<S> {
             match self.phase {
                 Phase::Answering { upgrade } => {
                     while !self.answer.is_empty() {
-                        let n = ready!(Pin::new(self.ws.get_mut()).poll_write(cx, &self.answer))?;
+                        let n =
+                            ready!(Pin::new(self.side.ws.get_mut()).poll_write(cx, &self.answer))?;
                         if n == 0 {
                             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                         }
@@ -242,7 +219,7 @@ impl<S: Transport> MessageTransport<S> {
                         self.stage.send_replace(Stage::Open);
                         continue;
                     }
-                    ready!(Pin::new(self.ws.get_mut()).poll_flush(cx))?;
+                    ready!(Pin::new(self.side.ws.get_mut()).poll_flush(cx))?;
                     self.phase = Phase::Refused;
                     self.stage.send_replace(Stage::Ending);
                 }
@@ -285,7 +262,7 @@ impl<S: Transport> MessageTransport<S> {
                 continue;
             }
             // The sink must have room before the frame leaves the buffer.
-            ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_to_io)?;
+            ready!(Pin::new(&mut self.side.ws).poll_ready(cx)).map_err(ws_to_io)?;
             let payload = self.take_frame(len);
             let message = match kind {
                 KIND_TEXT => match Utf8Bytes::try_from(payload) {
@@ -298,13 +275,13 @@ impl<S: Transport> MessageTransport<S> {
                 KIND_BINARY => Message::Binary(payload),
                 _ => {
                     let frame = close_frame(&payload);
-                    self.close = None;
+                    self.side.close = None;
                     self.phase = Phase::Closing;
                     self.stage.send_replace(Stage::Ending);
                     Message::Close(Some(frame))
                 }
             };
-            Pin::new(&mut self.ws)
+            Pin::new(&mut self.side.ws)
                 .start_send(message)
                 .map_err(ws_to_io)?;
         }
@@ -501,7 +478,7 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                 this.unread.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if this.ended {
+            if this.side.ended {
                 return Poll::Ready(Ok(()));
             }
             match this.phase {
@@ -510,9 +487,9 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                     // readiness): before the answer it may send nothing (RFC 6455 §4.1).
                     let mut probe = [0u8; 16];
                     let mut probe = ReadBuf::new(&mut probe);
-                    ready!(Pin::new(this.ws.get_mut()).poll_read(cx, &mut probe))?;
-                    this.ended = true;
-                    this.close = None;
+                    ready!(Pin::new(this.side.ws.get_mut()).poll_read(cx, &mut probe))?;
+                    this.side.ended = true;
+                    this.side.close = None;
                     if probe.filled().is_empty() {
                         return Poll::Ready(Ok(()));
                     }
@@ -524,41 +501,13 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                 }
                 Phase::Open | Phase::Closing => {}
             }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(Message::Text(text))) => {
-                    if this.phase == Phase::Open {
-                        this.deliver(KIND_TEXT, Bytes::from(text));
-                    }
-                }
-                Some(Ok(Message::Binary(data))) => {
-                    if this.phase == Phase::Open {
-                        this.deliver(KIND_BINARY, data);
-                    }
-                }
-                Some(Ok(Message::Ping(_))) => this.answer_queued = true,
-                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_)))
-                | None
-                | Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                    // Its answer (the same code) is queued; the stream ends.
-                    this.answer_queued = true;
-                    this.ended = true;
-                    this.close = None;
-                }
-                Some(Err(WsError::Utf8(e))) => {
-                    return this.breach(CloseCode::Invalid, format!("text message: {e}"))
-                }
-                Some(Err(WsError::Capacity(e))) => {
-                    return this.breach(CloseCode::Size, format!("WebSocket message: {e}"))
-                }
-                Some(Err(WsError::Protocol(e))) => {
-                    return this.breach(CloseCode::Protocol, format!("WebSocket protocol: {e}"))
-                }
-                Some(Err(e)) => {
-                    this.ended = true;
-                    this.close = None;
-                    return Poll::Ready(Err(ws_to_io(e)));
-                }
+            match ready!(this.side.poll_message(cx))? {
+                None => return Poll::Ready(Ok(())),
+                // After the plugin's close, what the client still sends is dropped.
+                Some(_) if this.phase == Phase::Closing => {}
+                Some(Message::Text(text)) => this.deliver(KIND_TEXT, Bytes::from(text)),
+                Some(Message::Binary(data)) => this.deliver(KIND_BINARY, data),
+                Some(_) => {}
             }
         }
     }
@@ -588,11 +537,8 @@ impl<S: Transport> AsyncWrite for MessageTransport<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_frames(cx))?;
         match self.phase {
-            Phase::Open | Phase::Closing => {
-                ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(ws_to_io)?;
-                self.answer_queued = false;
-            }
-            _ => ready!(Pin::new(self.ws.get_mut()).poll_flush(cx))?,
+            Phase::Open | Phase::Closing => ready!(self.side.poll_flush(cx))?,
+            _ => ready!(Pin::new(self.side.ws.get_mut()).poll_flush(cx))?,
         }
         Poll::Ready(Ok(()))
     }
@@ -610,33 +556,20 @@ impl<S: Transport> AsyncWrite for MessageTransport<S> {
             Phase::Answering { .. } | Phase::Refused | Phase::Awaiting => {
                 // Written, or the socket failed: either way the stream is done.
                 let _ = ready!(self.poll_frames(cx));
-                Pin::new(self.ws.get_mut()).poll_shutdown(cx)
+                Pin::new(self.side.ws.get_mut()).poll_shutdown(cx)
             }
-            Phase::Open | Phase::Closing => {
-                if let Some(code) = self.close {
-                    if ready!(Pin::new(&mut self.ws).poll_ready(cx)).is_ok() {
-                        let frame = CloseFrame {
-                            code,
-                            reason: "".into(),
-                        };
-                        let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
-                    }
-                    self.close = None;
-                }
-                let _ = ready!(Pin::new(&mut self.ws).poll_close(cx));
-                Pin::new(self.ws.get_mut()).poll_shutdown(cx)
-            }
+            Phase::Open | Phase::Closing => self.side.poll_shutdown(cx),
         }
     }
 }
 
 impl<S: Transport> Transport for MessageTransport<S> {
     fn tcp(&self) -> &TcpStream {
-        self.ws.get_ref().tcp()
+        self.side.tcp()
     }
 
     fn wants_write(&self) -> bool {
-        self.answer_queued || self.ws.get_ref().wants_write()
+        self.side.wants_write()
     }
 }
 
