@@ -10,6 +10,7 @@ plugin examples/web-echo-plugin."""
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -173,16 +174,19 @@ def echo(tmp_path_factory):
     plugins = tmp / "plugins"
     plugins.mkdir()
     shutil.copy(WEB_ECHO, plugins / "web_echo.wasm")
-    port = free_port()
+    port, tls_port = free_port(), free_port()
     extra = (
         f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "web_echo"\n'
         f"web = true\nwebsocket_max_message_size = {LIMIT}\n\n"
+        f'[[listeners]]\nname = "web-tls"\nbind = "127.0.0.1:{tls_port}"\nplugin = "web_echo"\n'
+        "web = true\ntls = true\n\n"
         f'[plugins]\ndir = "{plugins}"\n'
     )
     gw = Gateway(tmp, extra).start()
-    gw.web_port = port
+    gw.web_port, gw.web_tls_port = port, tls_port
     try:
         wait_for_port(port, gw.proc, gw.log)
+        wait_for_port(tls_port, gw.proc, gw.log)
         yield gw
     finally:
         gw.stop()
@@ -213,6 +217,17 @@ def test_messages_through_a_plugin_in_message_mode(echo):
         assert ws.subprotocol is None
         ws.send("again")
         assert ws.recv(timeout=10) == "again"
+
+
+def test_wss_and_https_on_a_tls_web_port(echo):
+    ctx = ssl.create_default_context(cafile=echo.ca_file)
+    url = f"wss://localhost:{echo.web_tls_port}/ws/echo"
+    with ws_connect(url, ssl=ctx, open_timeout=10) as ws:
+        ws.send("over TLS")
+        assert ws.recv(timeout=10) == "over TLS"
+    page = f"https://localhost:{echo.web_tls_port}/demo"
+    with urllib.request.urlopen(page, context=ctx, timeout=10) as r:
+        assert r.status == 200 and b'id="messages"' in r.read()
 
 
 def test_the_plugins_refusal_is_the_upgrades_answer(echo):
