@@ -14,8 +14,9 @@
 //!
 //! It implements [`Transport`], so the connection task is the one TCP, TLS and MQTT over
 //! WebSocket use, with its backpressure: the plugin's writes are cut into frames however
-//! they were split or joined, a frame waits for the socket (never more than one frame is
-//! buffered beyond [`MAX_OUT_MESSAGE`]), and a congested connection stops reading.
+//! they were split or joined, a whole frame leaves the buffer only once the socket takes its
+//! message, the buffer holds at most one incomplete frame (of at most [`MAX_OUT_MESSAGE`]
+//! bytes) besides, and a congested connection stops reading.
 //!
 //! What the connection task cannot do, [`watchdog`] does: it ends a connection whose plugin
 //! does not answer the upgrade within [`ANSWER_DEADLINE`] (the client gets a 503), and one
@@ -26,8 +27,9 @@
 //! frame, bad opcode, fragmented control frame...) → 1002; bytes from the client before the
 //! answer (RFC 6455 §4.1 forbids them) → 400; a plugin breaking the envelope (a message
 //! before its RESPONSE, an unknown kind, a second RESPONSE) → 500 before the upgrade, 1011
-//! after, and a warning in the log. A peer's close code is echoed (tungstenite). No
-//! `permessage-deflate`: tungstenite 0.30 does not implement it, so it is never negotiated.
+//! after, and a warning in the log. A peer's close code is echoed (tungstenite). The RFC 6455
+//! side is `websocket::WsSide`, shared with MQTT over WebSocket. No `permessage-deflate`:
+//! tokio-tungstenite 0.30 does not implement it, so it is never negotiated.
 
 use std::io;
 use std::pin::Pin;

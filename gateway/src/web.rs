@@ -1,8 +1,8 @@
 //! The web port: one HTTP/1.1 listener (`web = true`) serving what Apache Pulsar's web port
 //! serves — WebSocket endpoints, the admin REST API — and a demo page.
 //!
-//! The host reads each connection's request head itself, bounded ([`MAX_HEAD`] bytes,
-//! [`HEAD_DEADLINE`]), and routes on it:
+//! The host reads each connection's request head itself, bounded (`MAX_HEAD` bytes,
+//! `HEAD_DEADLINE`), and routes on it:
 //! - a WebSocket upgrade (`GET`, `Upgrade: websocket`) under `/ws/` becomes a connection
 //!   of the listener's plugin in *message mode* ([`crate::message_mode`]): the plugin hears
 //!   the request first and decides the answer. What the host checks before the plugin hears
@@ -187,7 +187,7 @@ impl Head {
 pub enum HeadError {
     /// Not HTTP/1.x (400).
     Malformed(String),
-    /// Over [`MAX_HEAD`] or [`MAX_HEADERS`] (431).
+    /// Over [`MAX_HEAD`] bytes or 64 header lines (431).
     TooLarge,
 }
 

@@ -14,7 +14,7 @@
 //! answered and ends the connection like a TCP end of stream, and a text frame (MQTT travels
 //! only in binary frames, [MQTT-6.0.0-1]) closes the connection with close code 1003 and a log
 //! line. Framing, masking and the handshake come from `tungstenite`; what RFC 6455 asks of a
-//! server around it (answers, close codes of breaches) is [`WsSide`], which the web port's
+//! server around it (answers, close codes of breaches) is `WsSide`, which the web port's
 //! message mode ([`crate::message_mode`]) shares.
 //!
 //! The handshake follows Mosquitto where the specification leaves room: the client must offer
