@@ -82,6 +82,8 @@ pub struct PulsarWsConnection {
     phase: Phase,
     /// The RESPONSE went out: from now on errors are close frames, not HTTP answers.
     upgraded: bool,
+    /// Deliveries that overtook the completion of `open-consumer` (at most its window).
+    early: Vec<abi::Message>,
     now_ms: u64,
 }
 
@@ -96,6 +98,7 @@ impl PulsarWsConnection {
             calls: Vec::new(),
             phase: Phase::AwaitRequest,
             upgraded: false,
+            early: Vec::new(),
             now_ms,
         }
     }
@@ -300,6 +303,9 @@ impl PulsarWsConnection {
             Ok(sub) => {
                 self.accept();
                 self.phase = Phase::Consuming(Consumer::new(sub, &pending, self.now_ms));
+                for m in std::mem::take(&mut self.early) {
+                    self.on_message(m);
+                }
             }
             Err(e) => {
                 let refusal = match pending.target.endpoint {
@@ -388,6 +394,10 @@ impl PulsarWsConnection {
             return;
         }
         self.now_ms = now_ms;
+        if matches!(self.phase, Phase::Opening(_)) {
+            self.early.extend(messages);
+            return;
+        }
         for m in messages {
             self.on_message(m);
         }

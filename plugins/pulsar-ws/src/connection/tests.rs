@@ -817,3 +817,116 @@ fn nothing_is_sent_after_the_close() {
     assert!(s.frames().is_empty());
     assert!(s.m.take_calls().is_empty());
 }
+
+#[test]
+fn deliveries_that_overtake_the_open_are_sent_after_the_101() {
+    let mut s = Session::new(Config::default());
+    s.request("/ws/v2/consumer/persistent/acme/iot/temps/sub", "", &[]);
+    s.auth_ok();
+    s.m.take_calls();
+    s.deliver(100, id(1, 0), b"early");
+    assert!(s.frames().is_empty());
+    s.feed(Event::SubscribeResult {
+        token: 2,
+        result: Ok(9),
+    });
+    let frames = s.frames();
+    assert!(matches!(&frames[..], [Frame::Response(r), Frame::Text(_)] if r.status == 101));
+}
+
+/// A small xorshift generator: deterministic noise without a dependency.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn hostile_input_never_panics_and_nothing_follows_a_close() {
+    let texts = [
+        "",
+        "null",
+        "[]",
+        "{}",
+        "{\"payload\":\"aGk=\"}",
+        "{\"payload\":5,\"eventTime\":\"x\"}",
+        "{\"type\":\"permit\",\"permitMessages\":-99999999999}",
+        "{\"type\":\"permit\",\"permitMessages\":9223372036854775807}",
+        "{\"type\":\"isEndOfTopic\"}",
+        "{\"type\":\"unsubscribe\"}",
+        "{\"messageId\":\"CAcQADAA\"}",
+        "{\"type\":\"negativeAcknowledge\",\"messageId\":\"CAcQAQ==\"}",
+        "{\"messageId\":\"////\"}",
+    ];
+    let paths = [
+        "/ws/v2/producer/persistent/acme/iot/t",
+        "/ws/v2/consumer/persistent/acme/iot/t/s",
+        "/ws/v2/reader/persistent/acme/iot/t",
+        "/ws/v2/consumer/persistent/acme/iot/t/s",
+    ];
+    let queries = [
+        "",
+        "pullMode=true",
+        "ackTimeoutMillis=1000",
+        "receiverQueueSize=0",
+    ];
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    for round in 0..300 {
+        let mut s = Session::new(Config::default());
+        s.request(noise.pick(&paths), noise.pick(&queries), &[]);
+        s.auth_ok();
+        s.feed(Event::SubscribeResult {
+            token: 2,
+            result: Ok(9),
+        });
+        for step in 0..40 {
+            match noise.next() % 6 {
+                0 => s.text(noise.pick(&texts)),
+                1 => s.deliver(step, id(1, noise.next() % 8), b"m"),
+                2 => {
+                    let calls = s.m.take_calls();
+                    let receipts = calls
+                        .iter()
+                        .filter_map(|c| match c {
+                            Call::SendMessage { token, .. } => Some(Receipt {
+                                token: *token,
+                                outcome: Ok(id(2, *token)),
+                            }),
+                            _ => None,
+                        })
+                        .collect();
+                    s.m.on_receipts(s.now, receipts);
+                    s.m.on_position(s.now, noise.next() % 4, Ok(Some(id(1, 3))));
+                    s.flush();
+                }
+                3 => {
+                    s.now += 700;
+                    s.feed(Event::Timer { token: 1 });
+                }
+                4 => {
+                    let len = (noise.next() % 12) as usize;
+                    let junk: Vec<u8> = (0..len).map(|_| noise.next() as u8).collect();
+                    s.feed(Event::Data(junk));
+                }
+                _ => s.data(Frame::Binary(vec![0; 3])),
+            }
+            let closed = s.m.is_closed();
+            s.frames();
+            if closed {
+                s.text("{}");
+                s.deliver(999, id(9, 9), b"after");
+                assert!(s.frames().is_empty(), "round {round}: sent after the close");
+                break;
+            }
+        }
+    }
+}
