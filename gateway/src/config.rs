@@ -277,9 +277,18 @@ pub struct ListenerConfig {
     #[serde(default = "default_websocket_subprotocols")]
     pub websocket_subprotocols: Vec<String>,
     /// Largest incoming WebSocket message in bytes (a message is held whole before its bytes
-    /// reach the plugin); keep it at least the plugin's largest packet.
+    /// reach the plugin); keep it at least the plugin's largest packet. Also a web port's.
     #[serde(default = "default_websocket_max_message_size")]
     pub websocket_max_message_size: usize,
+    /// Serve HTTP/1.1 as Pulsar's web port does (see `web.rs`): WebSocket upgrades under
+    /// `/ws/` go to the plugin in message mode, `/admin/v2/...` is the admin REST API,
+    /// `/demo` a demo page. Not with `websocket`.
+    #[serde(default)]
+    pub web: bool,
+    /// Origins (`scheme://host[:port]`) whose pages may open WebSockets on a web port; empty
+    /// allows any. Requests without `Origin` (non-browser clients) always pass.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 impl ListenerConfig {
@@ -294,6 +303,8 @@ impl ListenerConfig {
             websocket_path: None,
             websocket_subprotocols: default_websocket_subprotocols(),
             websocket_max_message_size: default_websocket_max_message_size(),
+            web: false,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -444,10 +455,26 @@ impl Config {
             }
             let ws_options_set = l.websocket_path.is_some()
                 || l.websocket_subprotocols != default_websocket_subprotocols()
-                || l.websocket_max_message_size != default_websocket_max_message_size();
+                || (l.websocket_max_message_size != default_websocket_max_message_size() && !l.web);
             if ws_options_set && !l.websocket {
                 return Err(format!(
                     "key `listeners[{i}].websocket_*`: set only with `websocket = true`"
+                ));
+            }
+            if l.web && l.websocket {
+                return Err(format!(
+                    "key `listeners[{i}].web`: a web port serves WebSocket itself; \
+                     set `web` or `websocket`, not both"
+                ));
+            }
+            if !l.allowed_origins.is_empty() && !l.web {
+                return Err(format!(
+                    "key `listeners[{i}].allowed_origins`: set only with `web = true`"
+                ));
+            }
+            if l.web && l.websocket_max_message_size < 16 {
+                return Err(format!(
+                    "key `listeners[{i}].websocket_max_message_size`: must be at least 16"
                 ));
             }
             if l.websocket_path
