@@ -52,6 +52,8 @@ pub struct OutMessage {
     pub properties: HashMap<String, String>,
     /// Pulsar end-to-end encryption metadata, when the payload is sealed in that format.
     pub encryption: Option<(Vec<pulsar::proto::EncryptionKeys>, Vec<u8>)>,
+    /// The application's event time (ms since the epoch), if it gave one.
+    pub event_time: Option<u64>,
 }
 
 /// How a subscription is opened.
@@ -64,6 +66,12 @@ pub struct SubscribeOptions {
     pub earliest: bool,
     /// Flow permits asked of the broker at a time.
     pub receiver_queue: u32,
+    /// A reader's (non-durable subscription's) first message: its entry is delivered whole.
+    pub start_message_id: Option<pulsar::proto::MessageIdData>,
+    /// Where messages delivered too often go instead.
+    pub dead_letter: Option<pulsar::consumer::DeadLetterPolicy>,
+    /// The consumer's name in the broker's stats.
+    pub consumer_name: Option<String>,
 }
 
 type SharedProducer = Arc<tokio::sync::Mutex<Producer<TokioExecutor>>>;
@@ -179,6 +187,7 @@ impl Backend {
             payload: msg.payload,
             properties: msg.properties,
             partition_key: msg.key,
+            event_time: msg.event_time,
             encryption_keys,
             encryption_param,
             ..Default::default()
@@ -216,13 +225,22 @@ impl Backend {
         } else {
             InitialPosition::Latest
         };
-        self.client
+        options.start_message_id = opts.start_message_id.clone();
+        let mut builder = self
+            .client
             .consumer()
             .with_topic(opts.topic.clone())
             .with_subscription(opts.subscription.clone())
             .with_subscription_type(opts.sub_type)
             .with_batch_size(opts.receiver_queue.max(1))
-            .with_options(options)
+            .with_options(options);
+        if let Some(policy) = &opts.dead_letter {
+            builder = builder.with_dead_letter_policy(policy.clone());
+        }
+        if let Some(name) = &opts.consumer_name {
+            builder = builder.with_consumer_name(name.clone());
+        }
+        builder
             .build::<Vec<u8>>()
             .await
             .map_err(|source| BackendError::Subscribe {

@@ -153,6 +153,7 @@ impl Kv {
             payload,
             properties,
             encryption: None,
+            event_time: None,
         };
         let receipt = self.backend.enqueue(topic, msg).await?;
         let receipt = receipt.await.map_err(|e| KvError::Receipt {
@@ -201,6 +202,9 @@ impl Kv {
                 durable: false,
                 earliest: true,
                 receiver_queue: 1000,
+                start_message_id: None,
+                dead_letter: None,
+                consumer_name: None,
             })
             .await?;
         let marker = format!("{}-{}", self.instance, crate::clock::now_ms());
@@ -215,6 +219,7 @@ impl Kv {
                     payload: Vec::new(),
                     properties,
                     encryption: None,
+                    event_time: None,
                 },
             )
             .await?;

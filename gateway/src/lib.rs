@@ -24,6 +24,8 @@ pub mod clock;
 pub mod config;
 /// What a connection's socket task and its plugin worker share: output, backpressure, closing.
 pub mod conn_shared;
+/// Pulsar message ids as plugins see them: serialized as the official clients do.
+pub mod message_id;
 /// Tenant, namespace and topic names, checked.
 pub mod names;
 /// The routing index: which routes a message reaches, by filter.

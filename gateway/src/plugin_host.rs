@@ -1,7 +1,7 @@
 //! Loading plugins and running their instances.
 //!
 //! A plugin is a WebAssembly component speaking one of the plugin ABI versions this host
-//! supports (`magnetar:plugin@0.2.0`, see `sdk/wit/plugin.wit`, or the older 0.1.0; see
+//! supports (`magnetar:plugin@0.2.2`, see `sdk/wit/plugin.wit`, or an older one; see
 //! `abi`): a component of another version is refused when it is compiled, with a message
 //! naming its version and the supported ones. It is compiled once per process (and cached
 //! on disk across restarts by wasmtime's cache) and instantiated once per worker thread. One instance serves many connections — the
@@ -108,7 +108,7 @@ impl PluginHost {
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
         // Every supported ABI version's imports, all served by the same host calls.
         abi::v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow!("linking the host API 0.2.0: {e}"))?;
+            .map_err(|e| anyhow!("linking the host API 0.2.2: {e}"))?;
         abi::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {
@@ -195,6 +195,7 @@ pub struct CompiledPlugin {
 /// The exports of an instance, in the bindings of its ABI version.
 enum Bindings {
     V0_1(abi::v0_1::Plugin),
+    V0_2_1(abi::v0_2_1::Plugin),
     V0_2(abi::v0_2::Plugin),
 }
 
@@ -202,14 +203,26 @@ enum Bindings {
 #[derive(Clone, Copy)]
 enum Handler<'a> {
     V0_1(&'a abi::v0_1::exports::magnetar::plugin::handler::Guest),
+    V0_2_1(&'a abi::v0_2_1::exports::magnetar::plugin::handler::Guest),
     V0_2(&'a abi::v0_2::exports::magnetar::plugin::handler::Guest),
 }
+
+/// The `events` export (ABI 0.2.2), of the plugins that have it.
+type Events<'a> = Option<&'a abi::v0_2::exports::magnetar::plugin::events::Guest>;
 
 impl Bindings {
     fn handler(&self) -> Handler<'_> {
         match self {
             Bindings::V0_1(p) => Handler::V0_1(p.magnetar_plugin_handler()),
+            Bindings::V0_2_1(p) => Handler::V0_2_1(p.magnetar_plugin_handler()),
             Bindings::V0_2(p) => Handler::V0_2(p.magnetar_plugin_handler()),
+        }
+    }
+
+    fn events(&self) -> Events<'_> {
+        match self {
+            Bindings::V0_2(p) => Some(p.magnetar_plugin_events()),
+            Bindings::V0_1(_) | Bindings::V0_2_1(_) => None,
         }
     }
 }
@@ -219,6 +232,7 @@ macro_rules! on_handler {
     ($h:expr, $call:ident($($arg:expr),* $(,)?)) => {
         match $h {
             Handler::V0_1(h) => h.$call($($arg),*),
+            Handler::V0_2_1(h) => h.$call($($arg),*),
             Handler::V0_2(h) => h.$call($($arg),*),
         }
     };
@@ -270,6 +284,10 @@ impl Worker {
         let plugin = match version {
             AbiVersion::V0_1 => abi::v0_1::Plugin::instantiate(&mut store, component, &self.linker)
                 .map(Bindings::V0_1),
+            AbiVersion::V0_2_1 => {
+                abi::v0_2_1::Plugin::instantiate(&mut store, component, &self.linker)
+                    .map(Bindings::V0_2_1)
+            }
             AbiVersion::V0_2 => abi::v0_2::Plugin::instantiate(&mut store, component, &self.linker)
                 .map(Bindings::V0_2),
         }
@@ -328,6 +346,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
     let Instance { store, plugin } = instance;
     store.set_epoch_deadline(ticks);
     let h = plugin.handler();
+    let events = plugin.events();
     match event {
         Event::Open {
             conn,
@@ -391,13 +410,16 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             conn,
             token,
             outcome,
+            busy,
         } => {
             let outcome = store.data_mut().auth_completed(conn, outcome);
-            match outcome {
-                Some(o) => {
+            match (outcome, events) {
+                // A plugin that knows "busy" hears it as such; older ones get the error.
+                (Some(Err(_)), Some(ev)) if busy => ev.call_on_auth_busy(&mut *store, conn, token),
+                (Some(o), _) => {
                     on_handler!(h, call_on_auth_result(&mut *store, conn, token, o.as_ref()))
                 }
-                None => Ok(()),
+                (None, _) => Ok(()),
             }
         }
         Event::PublishResult {
@@ -469,6 +491,27 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         Event::ClaimLost { conn, key } if store.data().knows(conn) => {
             on_handler!(h, call_on_claim_lost(&mut *store, conn, &key))
         }
+        Event::Receipts { conn, receipts } if store.data().knows(conn) => match events {
+            Some(ev) => ev.call_on_receipts(&mut *store, conn, &receipts),
+            None => Ok(()),
+        },
+        Event::Messages { conn, messages } if store.data().knows(conn) => match events {
+            Some(ev) => ev.call_on_messages(&mut *store, conn, &messages),
+            None => Ok(()),
+        },
+        Event::Position {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => match events {
+            Some(ev) => ev.call_on_position(
+                &mut *store,
+                conn,
+                token,
+                outcome.as_ref().map(|v| v.as_deref()),
+            ),
+            None => Ok(()),
+        },
         // Completions for connections that are gone.
         _ => Ok(()),
     }

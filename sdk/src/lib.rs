@@ -84,12 +84,16 @@ pub mod bindings {
     });
 }
 
+pub use bindings::exports::magnetar::plugin::events::{Message, Receipt};
+pub use bindings::magnetar::plugin::messaging::{
+    ConsumerSpec, MessageIdAt, MessageOut, Position, TopicRef,
+};
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
-use bindings::magnetar::plugin::{auth, conn, kv, pubsub, routing, session, timers};
+use bindings::magnetar::plugin::{auth, conn, kv, messaging, pubsub, routing, session, timers};
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
-pub const ABI_VERSION: &str = "0.2.0";
+pub const ABI_VERSION: &str = "0.2.2";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -98,6 +102,7 @@ pub use bindings::magnetar::plugin::types::{
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::bindings::exports::magnetar::plugin::events::Guest as EventsGuest;
     pub use crate::bindings::exports::magnetar::plugin::handler::Guest;
     pub use crate::dispatch::Dispatcher;
 }
@@ -177,6 +182,20 @@ pub trait Connection: 'static {
 
     /// Outcome of [`Conn::authenticate_sasl`]: a challenge for the client, or success.
     fn on_sasl_result(&mut self, conn: Conn, token: u64, result: Result<SaslOutcome, OpError>) {}
+
+    /// Outcomes of [`Conn::send_message`], in order: the stored messages' ids.
+    fn on_receipts(&mut self, conn: Conn, receipts: Vec<Receipt>) {}
+
+    /// Messages of the consumers opened with [`Conn::open_consumer`], in order per consumer.
+    fn on_messages(&mut self, conn: Conn, messages: Vec<Message>) {}
+
+    /// Outcome of [`Conn::seek`] (`None`) or [`Conn::last_message_id`].
+    fn on_position(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {}
+
+    /// The credentials of [`Conn::authenticate`] could not be checked now (a login storm):
+    /// answer with the protocol's "server busy" and close. Sent instead of an
+    /// [`Connection::on_auth_result`] error.
+    fn on_auth_busy(&mut self, conn: Conn, token: u64) {}
 }
 
 /// A handle on one client connection: every host call that concerns a connection goes
@@ -302,6 +321,33 @@ impl Conn {
     pub fn claim(self, token: u64, key: &str) {
         session::claim(self.0, token, key);
     }
+
+    /// Publishes with Pulsar's message model; completes with [`Connection::on_receipts`].
+    pub fn send_message(self, token: u64, msg: &MessageOut) {
+        messaging::send_message(self.0, token, msg);
+    }
+
+    /// Opens a consumer or reader; completes with [`Connection::on_subscribe_result`], then
+    /// [`Connection::on_messages`].
+    pub fn open_consumer(self, token: u64, spec: &ConsumerSpec) {
+        messaging::open_consumer(self.0, token, spec);
+    }
+
+    /// Negative ack: the message comes back after the consumer's nack delay.
+    pub fn nack(self, sub: SubId, delivery_id: u64) {
+        messaging::nack(self.0, sub, delivery_id);
+    }
+
+    /// Moves a consumer; completes with [`Connection::on_position`].
+    pub fn seek(self, token: u64, sub: SubId, position: &Position) {
+        messaging::seek(self.0, token, sub, position);
+    }
+
+    /// The id of the consumer's topic's last message; completes with
+    /// [`Connection::on_position`].
+    pub fn last_message_id(self, token: u64, sub: SubId) {
+        messaging::last_message_id(self.0, token, sub);
+    }
 }
 
 /// Writes a line to the gateway's log, tagged with the plugin's name.
@@ -386,6 +432,22 @@ macro_rules! export_plugin {
             }
             fn on_sasl_result(conn: u64, token: u64, result: ::std::result::Result<$crate::SaslOutcome, $crate::OpError>) {
                 __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_sasl_result(c, h, token, result)))
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        impl $crate::__private::EventsGuest for __MagnetarGuest {
+            fn on_receipts(conn: u64, receipts: ::std::vec::Vec<$crate::Receipt>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_receipts(c, h, receipts)))
+            }
+            fn on_messages(conn: u64, messages: ::std::vec::Vec<$crate::Message>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_messages(c, h, messages)))
+            }
+            fn on_position(conn: u64, token: u64, result: ::std::result::Result<::std::option::Option<::std::vec::Vec<u8>>, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_position(c, h, token, result)))
+            }
+            fn on_auth_busy(conn: u64, token: u64) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_auth_busy(c, h, token)))
             }
         }
 

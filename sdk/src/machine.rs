@@ -51,8 +51,9 @@
 //! onto host calls; the order of the actions is the order of the calls.
 
 use crate::{
-    Conn, Connection, Credentials, Delivery, Filter, KvEntry, LogLevel, OpError, OutboundMessage,
-    Principal, PublishResult, RouteSpec, SaslOutcome, SubId, SubscriptionSpec, Will,
+    Conn, Connection, ConsumerSpec, Credentials, Delivery, Filter, KvEntry, LogLevel, Message,
+    MessageOut, OpError, OutboundMessage, Position, Principal, PublishResult, Receipt, RouteSpec,
+    SaslOutcome, SubId, SubscriptionSpec, Will,
 };
 
 /// Something that happened to a connection: one SDK callback, as a value.
@@ -101,6 +102,22 @@ pub enum Event {
     },
     /// Another connection claimed `key`, which this one held (session takeover).
     ClaimLost { key: String },
+    /// Outcome of [`Action::SendMessage`]: the stored message's id.
+    Receipt {
+        token: u64,
+        result: Result<Vec<u8>, OpError>,
+    },
+    /// A message of a consumer opened with [`Action::OpenConsumer`]; ack it with
+    /// [`Action::Ack`], or give it back with [`Action::Nack`].
+    Message(Message),
+    /// Outcome of [`Action::Seek`] (`None`) or [`Action::LastMessageId`].
+    Position {
+        token: u64,
+        result: Result<Option<Vec<u8>>, OpError>,
+    },
+    /// The credentials of [`Action::Authenticate`] could not be checked now (a login storm):
+    /// answer "server busy". Comes instead of an [`Event::AuthResult`] error.
+    AuthBusy { token: u64 },
     /// The socket is gone. The machine's actions after this are dropped: no host call is
     /// valid any more.
     Closed,
@@ -162,6 +179,21 @@ pub enum Action {
     SetWill(Option<Will>),
     /// [`Conn::claim`]; completes with [`Event::ClaimResult`].
     Claim { token: u64, key: String },
+    /// [`Conn::send_message`]; completes with [`Event::Receipt`].
+    SendMessage { token: u64, msg: MessageOut },
+    /// [`Conn::open_consumer`]; completes with [`Event::SubscribeResult`], then
+    /// [`Event::Message`]s.
+    OpenConsumer { token: u64, spec: ConsumerSpec },
+    /// [`Conn::nack`].
+    Nack { sub: SubId, delivery_id: u64 },
+    /// [`Conn::seek`]; completes with [`Event::Position`].
+    Seek {
+        token: u64,
+        sub: SubId,
+        position: Position,
+    },
+    /// [`Conn::last_message_id`]; completes with [`Event::Position`].
+    LastMessageId { token: u64, sub: SubId },
     /// [`crate::log`].
     Log { level: LogLevel, message: String },
 }
@@ -205,6 +237,15 @@ impl Action {
             } => conn.kv_scan(token, &prefix, start_after.as_deref(), limit),
             Action::SetWill(will) => conn.set_will(will.as_ref()),
             Action::Claim { token, key } => conn.claim(token, &key),
+            Action::SendMessage { token, msg } => conn.send_message(token, &msg),
+            Action::OpenConsumer { token, spec } => conn.open_consumer(token, &spec),
+            Action::Nack { sub, delivery_id } => conn.nack(sub, delivery_id),
+            Action::Seek {
+                token,
+                sub,
+                position,
+            } => conn.seek(token, sub, &position),
+            Action::LastMessageId { token, sub } => conn.last_message_id(token, sub),
             Action::Log { level, message } => crate::log(level, &message),
         }
     }
@@ -388,5 +429,25 @@ impl<M: Machine> Connection for Driver<M> {
 
     fn on_sasl_result(&mut self, conn: Conn, token: u64, result: Result<SaslOutcome, OpError>) {
         self.feed(conn, Event::SaslResult { token, result });
+    }
+
+    fn on_receipts(&mut self, conn: Conn, receipts: Vec<Receipt>) {
+        let events = receipts.into_iter().map(|r| Event::Receipt {
+            token: r.token,
+            result: r.outcome,
+        });
+        self.feed_all(conn, events);
+    }
+
+    fn on_messages(&mut self, conn: Conn, messages: Vec<Message>) {
+        self.feed_all(conn, messages.into_iter().map(Event::Message));
+    }
+
+    fn on_position(&mut self, conn: Conn, token: u64, result: Result<Option<Vec<u8>>, OpError>) {
+        self.feed(conn, Event::Position { token, result });
+    }
+
+    fn on_auth_busy(&mut self, conn: Conn, token: u64) {
+        self.feed(conn, Event::AuthBusy { token });
     }
 }

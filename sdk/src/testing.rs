@@ -78,8 +78,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::machine::{Action, Event, Machine};
 use crate::{
-    Delivery, ErrorKind, Filter, InitialPosition, KvEntry, LogLevel, OpError, OutboundMessage,
-    Principal, RouteSpec, SubId, SubMode, SubscriptionSpec, Will,
+    ConsumerSpec, Delivery, ErrorKind, Filter, InitialPosition, KvEntry, LogLevel, Message,
+    OpError, OutboundMessage, Position, Principal, RouteSpec, SubId, SubMode, SubscriptionSpec,
+    Will,
 };
 
 /// Most rounds of [`SimHost::run`]: a machine that keeps asking (an answer causing another
@@ -94,6 +95,23 @@ const SCAN_MAX: u32 = 1000;
 struct Stored {
     msg: OutboundMessage,
     publish_time_ms: u64,
+    /// Its place among every message stored: its id is [`message_id`] of it.
+    seq: u64,
+    event_time_ms: Option<u64>,
+    /// Deliveries before this one (negative acks).
+    redeliveries: u32,
+}
+
+/// The simulated host's message id of the `seq`-th message stored (from 0): its number,
+/// 8 bytes big-endian. The real host's ids are serialized `MessageIdData`; plugins treat
+/// both as opaque bytes.
+pub fn message_id(seq: u64) -> Vec<u8> {
+    seq.to_be_bytes().to_vec()
+}
+
+/// The number of a simulated message id, if it is one.
+fn seq_of(id: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(id.try_into().ok()?))
 }
 
 /// A backend subscription of the simulated host.
@@ -111,6 +129,8 @@ struct Sub {
     filters: Option<Vec<Filter>>,
     /// A route's `key-property`.
     key_property: Option<String>,
+    /// A `messaging` consumer: its messages are `Event::Message`s.
+    messages: bool,
 }
 
 /// The gateway, simulated for one connection at a time: see the module docs.
@@ -323,6 +343,18 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: Err(error),
             },
+            Action::SendMessage { .. } => Event::Receipt {
+                token,
+                result: Err(error),
+            },
+            Action::OpenConsumer { .. } => Event::SubscribeResult {
+                token,
+                result: Err(error),
+            },
+            Action::Seek { .. } | Action::LastMessageId { .. } => Event::Position {
+                token,
+                result: Err(error),
+            },
             _ => Event::KvResult {
                 token,
                 result: Err(error),
@@ -408,6 +440,37 @@ impl<M: Machine> SimHost<M> {
                     result: Ok(()),
                 }
             }
+            Action::SendMessage { token, msg } => {
+                let seq = self.store_at(
+                    OutboundMessage {
+                        topic: msg.topic.name,
+                        key: msg.key,
+                        payload: msg.payload,
+                        properties: msg.properties,
+                    },
+                    msg.event_time_ms,
+                );
+                Event::Receipt {
+                    token,
+                    result: Ok(message_id(seq)),
+                }
+            }
+            Action::OpenConsumer { token, spec } => Event::SubscribeResult {
+                token,
+                result: Ok(self.open_consumer(spec)),
+            },
+            Action::Seek {
+                token,
+                sub,
+                position,
+            } => Event::Position {
+                token,
+                result: self.seek(sub, &position),
+            },
+            Action::LastMessageId { token, sub } => Event::Position {
+                token,
+                result: self.last_message_id(sub),
+            },
             // Only long operations are pending; anything else has no outcome.
             other => Event::KvResult {
                 token: op_token(&other).unwrap_or_default(),
@@ -467,7 +530,11 @@ impl<M: Machine> SimHost<M> {
                     };
                     let delivery_id = self.next_delivery;
                     self.next_delivery += 1;
-                    batch.push(Event::Delivery(delivery(id, delivery_id, &stored)));
+                    batch.push(if sub.messages {
+                        Event::Message(message(id, delivery_id, &stored))
+                    } else {
+                        Event::Delivery(delivery(id, delivery_id, &stored))
+                    });
                     sub.unacked.insert(delivery_id, stored);
                 }
             }
@@ -479,10 +546,19 @@ impl<M: Machine> SimHost<M> {
         total
     }
 
-    fn store(&mut self, msg: OutboundMessage) {
+    fn store(&mut self, msg: OutboundMessage) -> u64 {
+        self.store_at(msg, None)
+    }
+
+    /// Stores a message with its event time; its sequence number.
+    fn store_at(&mut self, msg: OutboundMessage, event_time_ms: Option<u64>) -> u64 {
+        let seq = self.published.len() as u64;
         let stored = Stored {
             msg,
             publish_time_ms: self.now_ms,
+            seq,
+            event_time_ms,
+            redeliveries: 0,
         };
         for sub in self.subs.values_mut() {
             let wanted = sub.filters.as_ref().is_none_or(|filters| {
@@ -505,6 +581,99 @@ impl<M: Machine> SimHost<M> {
             }
         }
         self.published.push(stored.msg);
+        seq
+    }
+
+    /// The stored messages of `topic` from `position` on, as a consumer starting there gets them.
+    fn stored_from(&self, topic: &str, position: &Position) -> VecDeque<Stored> {
+        let first = match position {
+            Position::Earliest => 0,
+            Position::Latest => self.published.len() as u64,
+            Position::MessageId(at) => {
+                seq_of(&at.id).map_or(0, |seq| if at.inclusive { seq } else { seq + 1 })
+            }
+            Position::PublishTime(_) => 0,
+        };
+        self.published
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(first).unwrap_or(usize::MAX))
+            .filter(|(_, m)| m.topic == topic)
+            .map(|(seq, m)| Stored {
+                msg: m.clone(),
+                publish_time_ms: self.now_ms,
+                seq: seq as u64,
+                event_time_ms: None,
+                redeliveries: 0,
+            })
+            .collect()
+    }
+
+    /// Opens a `messaging` consumer or reader.
+    fn open_consumer(&mut self, spec: ConsumerSpec) -> SubId {
+        let durable = spec.subscription.is_some();
+        let name = spec
+            .subscription
+            .clone()
+            .unwrap_or_else(|| format!("reader-{}", self.next_sub));
+        let resumes = durable
+            && self
+                .subs
+                .values()
+                .any(|s| !s.attached && s.spec.durable && s.spec.name == name);
+        let id = self.subscribe(SubscriptionSpec {
+            topic: spec.topic.name.clone(),
+            name,
+            mode: spec.mode,
+            durable,
+            initial_position: match spec.start {
+                Position::Earliest => InitialPosition::Earliest,
+                _ => InitialPosition::Latest,
+            },
+            max_unacked: spec.max_unacked,
+        });
+        let backlog = (!resumes).then(|| self.stored_from(&spec.topic.name, &spec.start));
+        if let Some(s) = self.subs.get_mut(&id) {
+            s.messages = true;
+            if let Some(b) = backlog {
+                s.backlog = b;
+            }
+        }
+        id
+    }
+
+    /// A negative ack: the message goes back to the front of its consumer's backlog.
+    fn nack(&mut self, sub: SubId, delivery_id: u64) {
+        if let Some(s) = self.subs.get_mut(&sub) {
+            if let Some(mut stored) = s.unacked.remove(&delivery_id) {
+                stored.redeliveries += 1;
+                s.backlog.push_front(stored);
+            }
+        }
+    }
+
+    /// Moves a consumer: what it had handed out is forgotten.
+    fn seek(&mut self, sub: SubId, position: &Position) -> Result<Option<Vec<u8>>, OpError> {
+        let topic = match self.subs.get(&sub) {
+            Some(s) => s.spec.topic.clone(),
+            None => return Err(not_found()),
+        };
+        let backlog = self.stored_from(&topic, position);
+        if let Some(s) = self.subs.get_mut(&sub) {
+            s.unacked.clear();
+            s.backlog = backlog;
+        }
+        Ok(None)
+    }
+
+    /// The id of the last message of a consumer's topic.
+    fn last_message_id(&self, sub: SubId) -> Result<Option<Vec<u8>>, OpError> {
+        let topic = &self.subs.get(&sub).ok_or_else(not_found)?.spec.topic;
+        Ok(self
+            .published
+            .iter()
+            .rposition(|m| m.topic == *topic)
+            .map(|seq| message_id(seq as u64)))
     }
 
     /// Opens a subscription; a durable one of the same name resumes, its unacked messages
@@ -520,6 +689,7 @@ impl<M: Machine> SimHost<M> {
             acked: Vec::new(),
             filters: None,
             key_property: None,
+            messages: false,
         };
         if sub.spec.durable {
             let earlier = self
@@ -671,7 +841,20 @@ impl<M: Machine> SimHost<M> {
     fn end_connection(&mut self) {
         for op in std::mem::take(&mut self.pending) {
             match op {
-                Action::Publish { msg, .. } => self.store(msg),
+                Action::Publish { msg, .. } => {
+                    self.store(msg);
+                }
+                Action::SendMessage { msg, .. } => {
+                    self.store_at(
+                        OutboundMessage {
+                            topic: msg.topic.name,
+                            key: msg.key,
+                            payload: msg.payload,
+                            properties: msg.properties,
+                        },
+                        msg.event_time_ms,
+                    );
+                }
                 Action::KvPut { key, value, .. } => self.kv_write(key, value),
                 _ => {}
             }
@@ -715,6 +898,7 @@ impl<M: Machine> SimHost<M> {
                     }
                 }
                 Action::Ack { sub, delivery_id } => self.ack(sub, delivery_id),
+                Action::Nack { sub, delivery_id } => self.nack(sub, delivery_id),
                 Action::AckMany { sub, delivery_ids } => {
                     for id in delivery_ids {
                         self.ack(sub, id);
@@ -761,6 +945,10 @@ fn op_token(action: &Action) -> Option<u64> {
         | Action::KvPut { token, .. }
         | Action::KvScan { token, .. }
         | Action::Claim { token, .. }
+        | Action::SendMessage { token, .. }
+        | Action::OpenConsumer { token, .. }
+        | Action::Seek { token, .. }
+        | Action::LastMessageId { token, .. }
         | Action::SetTimer { token, .. } => Some(*token),
         _ => None,
     }
@@ -818,7 +1006,30 @@ fn delivery(subscription: SubId, delivery_id: u64, stored: &Stored) -> Delivery 
         payload: stored.msg.payload.clone(),
         properties: stored.msg.properties.clone(),
         publish_time_ms: stored.publish_time_ms,
-        redelivery_count: 0,
+        redelivery_count: stored.redeliveries,
+    }
+}
+
+/// What a `messaging` consumer hands over for a stored message.
+fn message(subscription: SubId, delivery_id: u64, stored: &Stored) -> Message {
+    Message {
+        subscription,
+        delivery_id,
+        message_id: message_id(stored.seq),
+        key: stored.msg.key.clone(),
+        payload: stored.msg.payload.clone(),
+        properties: stored.msg.properties.clone(),
+        publish_time_ms: stored.publish_time_ms,
+        event_time_ms: stored.event_time_ms,
+        redelivery_count: stored.redeliveries,
+    }
+}
+
+/// The error of a command for a consumer the host does not know.
+fn not_found() -> OpError {
+    OpError {
+        kind: ErrorKind::NotFound,
+        message: "no such consumer".into(),
     }
 }
 
@@ -1068,5 +1279,129 @@ mod route_tests {
         assert!(!route_matches(&headers(false, "type", "log"), "", &props));
         assert!(route_matches(&Filter::Exact("k".into()), "k", &[]));
         assert!(route_matches(&Filter::All, "", &[]));
+    }
+
+    use crate::machine::{Action, Event, Machine};
+    use crate::testing::{message_id, SimHost};
+    use crate::SubMode;
+
+    /// Records events; carries out the actions it is given.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<Event>,
+        out: Vec<Action>,
+    }
+
+    impl Machine for Recorder {
+        fn apply(&mut self, _now_ms: u64, event: Event) {
+            self.seen.push(event);
+        }
+        fn take_actions(&mut self) -> Vec<Action> {
+            std::mem::take(&mut self.out)
+        }
+    }
+
+    #[test]
+    fn messaging_consumers_get_ids_and_can_nack_and_seek() {
+        use crate::{ConsumerSpec, MessageIdAt, MessageOut, Position, TopicRef};
+        let topic = TopicRef {
+            name: "t".into(),
+            persistent: true,
+        };
+        let mut host = SimHost::new(0, Recorder::default());
+        for (token, body) in [(1, "a"), (2, "b"), (3, "c")] {
+            host.machine_mut().out.push(Action::SendMessage {
+                token,
+                msg: MessageOut {
+                    topic: topic.clone(),
+                    key: None,
+                    payload: body.into(),
+                    properties: Vec::new(),
+                    event_time_ms: Some(7),
+                },
+            });
+        }
+        host.feed(Event::Timer { token: 0 });
+        host.run();
+        let receipts: Vec<_> = host
+            .machine()
+            .seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Receipt { result: Ok(id), .. } => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(receipts, vec![message_id(0), message_id(1), message_id(2)]);
+
+        // A reader from b (inclusive).
+        host.machine_mut().out.push(Action::OpenConsumer {
+            token: 9,
+            spec: ConsumerSpec {
+                topic,
+                subscription: None,
+                mode: SubMode::Exclusive,
+                start: Position::MessageId(MessageIdAt {
+                    id: message_id(1),
+                    inclusive: true,
+                }),
+                max_unacked: 10,
+                nack_delay_ms: 0,
+                max_redeliveries: 0,
+                dead_letter_topic: None,
+                consumer_name: None,
+            },
+        });
+        host.feed(Event::Timer { token: 0 });
+        host.run();
+        let got = |host: &SimHost<Recorder>| -> Vec<(Vec<u8>, u64, u32)> {
+            host.machine()
+                .seen
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Message(m) => {
+                        Some((m.payload.clone(), m.delivery_id, m.redelivery_count))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = got(&host);
+        assert_eq!(
+            first.iter().map(|m| m.0.clone()).collect::<Vec<_>>(),
+            vec![b"b".to_vec(), b"c".to_vec()]
+        );
+        let sub = host.subscriptions()[0].0;
+        host.machine_mut().out.push(Action::Nack {
+            sub,
+            delivery_id: first[0].1,
+        });
+        host.feed(Event::Timer { token: 0 });
+        host.run();
+        let again = got(&host);
+        assert_eq!(
+            again.last().map(|m| (m.0.clone(), m.2)),
+            Some((b"b".to_vec(), 1))
+        );
+
+        host.machine_mut().out.push(Action::Seek {
+            token: 10,
+            sub,
+            position: Position::Earliest,
+        });
+        host.machine_mut()
+            .out
+            .push(Action::LastMessageId { token: 11, sub });
+        host.feed(Event::Timer { token: 0 });
+        host.run();
+        assert_eq!(
+            got(&host).len(),
+            again.len() + 3,
+            "a, b, c again after the seek"
+        );
+        assert!(host.machine().seen.iter().any(|e| matches!(
+            e,
+            Event::Position { token: 11, result: Ok(Some(id)) } if *id == message_id(2)
+        )));
     }
 }

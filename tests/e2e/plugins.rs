@@ -137,7 +137,7 @@ fn plugin_built_against_an_unknown_newer_abi_is_refused_at_start() {
     assert!(
         log.contains("cannot load plugin echo_plugin")
             && log.contains("magnetar:plugin@0.3.0")
-            && log.contains("supports 0.1.0, 0.2.1"),
+            && log.contains("supports 0.1.0, 0.2.1, 0.2.2"),
         "the refusal does not name the plugin and both versions:\n{log}"
     );
 }

@@ -107,6 +107,25 @@ impl AckTracker {
         self.acked.extend(self.outstanding.remove(&delivery));
     }
 
+    /// The plugin gave a delivery back (a negative ack): it is no longer outstanding, and
+    /// its entry, which the backend redelivers whole, counts its batch's acks from zero
+    /// again. Returns the entry to redeliver (`None`: an unknown or repeated id).
+    pub(super) fn nack(&mut self, delivery: u64) -> Option<(String, MessageIdData)> {
+        let (topic, id) = self.outstanding.remove(&delivery)?;
+        self.partial.remove(&entry_key(&topic, &id));
+        Some((topic, entry_id(&id)))
+    }
+
+    /// Forgets every delivery (the consumer was moved: a seek). Acks of them are ignored
+    /// from now on; delivery ids go on from where they were, so none is used twice.
+    pub(super) fn reset(&mut self) {
+        self.outstanding.clear();
+        self.acked.clear();
+        self.partial.clear();
+        self.in_order = true;
+        self.last_entry = None;
+    }
+
     /// The backend acknowledgements the acks so far call for; they are forgotten here.
     pub(super) fn plan(&mut self) -> AckPlan {
         let mut complete: Vec<(String, MessageIdData)> = Vec::new();
@@ -187,6 +206,28 @@ mod tests {
             map.entry(topic.to_string()).or_default().push(id(*e));
         }
         map
+    }
+
+    #[test]
+    fn a_nack_frees_the_window_and_restarts_its_batch_count() {
+        let mut t = AckTracker::new(false);
+        let a = t.delivered("t".into(), batched(5, 0, 2));
+        let b = t.delivered("t".into(), batched(5, 1, 2));
+        t.ack(a);
+        assert!(t.plan().is_empty());
+        assert_eq!(t.nack(b), Some(("t".to_string(), id(5))));
+        assert_eq!(t.nack(b), None);
+        assert_eq!(t.unacked(), 0);
+        // The entry comes back whole: both its messages must be acked again.
+        let a2 = t.delivered("t".into(), batched(5, 0, 2));
+        let b2 = t.delivered("t".into(), batched(5, 1, 2));
+        t.ack(a2);
+        assert!(t.plan().is_empty());
+        t.ack(b2);
+        assert_eq!(t.plan().individual, individual(&[("t", 5)]));
+        t.reset();
+        let c = t.delivered("t".into(), id(6));
+        assert!(c > b2, "delivery ids are never reused");
     }
 
     #[test]

@@ -78,7 +78,9 @@ impl auth::Host for HostState {
         let events = self.events.clone();
         let plugin = self.plugin.clone();
         self.runtime.spawn(async move {
-            let outcome = tenancy.authenticate(creds, peer).await.map_err(|e| {
+            let result = tenancy.authenticate(creds, peer).await;
+            let busy = matches!(result, Err(AuthError::Busy));
+            let outcome = result.map_err(|e| {
                 tracing::info!(%plugin, conn, ?peer, error = %e, "authentication failed");
                 match e {
                     // Not the client's fault: the protocol's "try again later" (MQTT CONNACK
@@ -92,6 +94,7 @@ impl auth::Host for HostState {
                     conn,
                     token,
                     outcome,
+                    busy,
                 })
                 .await;
         });

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::abi::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
+use crate::abi::v0_2::exports::magnetar::plugin::events::{Message, Receipt};
 use crate::conn_shared::ConnShared;
 use crate::tenancy::Principal;
 
@@ -32,6 +33,8 @@ pub enum Event {
         conn: u64,
         token: u64,
         outcome: Result<Principal, OpError>,
+        /// The error is "server busy": too many logins being verified.
+        busy: bool,
     },
     PublishResult {
         conn: u64,
@@ -81,6 +84,22 @@ pub enum Event {
         conn: u64,
         key: String,
     },
+    /// Outcomes of `messaging.send-message`, in order.
+    Receipts {
+        conn: u64,
+        receipts: Vec<Receipt>,
+    },
+    /// Messages of `messaging` consumers, in order.
+    Messages {
+        conn: u64,
+        messages: Vec<Message>,
+    },
+    /// Outcome of `messaging.seek` / `last-message-id`.
+    Position {
+        conn: u64,
+        token: u64,
+        outcome: Result<Option<Vec<u8>>, OpError>,
+    },
     /// A SASL step: a challenge, or success with the principal and the final data.
     SaslResult {
         conn: u64,
@@ -114,6 +133,9 @@ impl Event {
             | Event::KvScanResult { conn, .. }
             | Event::ClaimResult { conn, .. }
             | Event::ClaimLost { conn, .. }
+            | Event::Receipts { conn, .. }
+            | Event::Messages { conn, .. }
+            | Event::Position { conn, .. }
             | Event::SaslResult { conn, .. } => *conn,
         }
     }

@@ -316,6 +316,9 @@ async fn feed(
         durable: true,
         earliest: false,
         receiver_queue: 1000,
+        start_message_id: None,
+        dead_letter: None,
+        consumer_name: None,
     };
     let mut first = true;
     loop {
@@ -397,6 +400,7 @@ async fn copy_until_failure(
             for target in targets {
                 let copy = OutMessage {
                     key: meta.partition_key.clone(),
+                    event_time: meta.event_time,
                     payload: msg.payload.data.clone(),
                     properties: meta
                         .properties

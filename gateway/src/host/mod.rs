@@ -29,6 +29,7 @@ mod context;
 mod event;
 mod feeder;
 mod kv;
+mod messaging;
 mod op_queue;
 mod ops_task;
 mod pubsub;

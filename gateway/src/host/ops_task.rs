@@ -13,8 +13,10 @@ use super::event::Event;
 use super::op_queue::{OpQueue, Queued};
 use super::services::Services;
 use crate::abi::types::{self, ErrorKind};
+use crate::abi::v0_2::exports::magnetar::plugin::events::Receipt;
 use crate::backend::OutMessage;
 use crate::conn_shared::ConnShared;
+use crate::message_id;
 
 /// Operations queued per connection before `publish` fails fast with `quota-exceeded`.
 const OPS_QUEUE: usize = 4096;
@@ -30,6 +32,9 @@ pub(super) enum Op {
         msg: OutMessage,
         /// Held back until then by a publish-rate quota.
         not_before: Option<std::time::Instant>,
+        /// Completes with the stored message's id (`messaging.send-message`, an
+        /// `events.on-receipts`) rather than `on-publish-result`.
+        with_id: bool,
     },
     KvGet {
         token: u64,
@@ -109,6 +114,17 @@ impl HostState {
     fn refuse_op(&self, conn: u64, refused: Op) {
         let message = "too many operations in flight on this connection";
         let event = match refused {
+            Op::Publish {
+                token,
+                with_id: true,
+                ..
+            } => Event::Receipts {
+                conn,
+                receipts: vec![Receipt {
+                    token,
+                    outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
+                }],
+            },
             Op::Publish { token, .. } => Event::PublishResult {
                 conn,
                 token,
@@ -177,6 +193,7 @@ async fn run_ops(
                 topic,
                 msg,
                 not_before,
+                with_id,
             } => {
                 if let Some(at) = not_before {
                     tokio::time::sleep_until(at.into()).await;
@@ -184,12 +201,22 @@ async fn run_ops(
                 let sent = services.backend.enqueue(&topic, msg).await;
                 receipts.push_back(async move {
                     let outcome = match sent {
-                        Ok(receipt) => receipt.await.map(|_| ()).map_err(|e| {
-                            op_error(ErrorKind::Backend, format!("storing on {topic}: {e}"))
-                        }),
+                        Ok(receipt) => receipt
+                            .await
+                            .map(|r| {
+                                with_id
+                                    .then(|| message_id::encode(&r.message_id.unwrap_or_default()))
+                            })
+                            .map_err(|e| {
+                                op_error(ErrorKind::Backend, format!("storing on {topic}: {e}"))
+                            }),
                         Err(e) => Err(op_error(ErrorKind::Backend, e.to_string())),
                     };
-                    types::PublishResult { token, outcome }
+                    Stored {
+                        token,
+                        outcome,
+                        with_id,
+                    }
                 });
             }
             Op::KvGet { token, topic, key } => {
@@ -274,36 +301,62 @@ async fn run_ops(
     }
 }
 
-/// Hands the plugin `first` and every other receipt already in, as one event: a batch of
-/// the backend's receipts arrives together.
+/// The outcome of one publish: the message's id where the plugin asked for it.
+struct Stored {
+    token: u64,
+    outcome: Result<Option<Vec<u8>>, types::OpError>,
+    with_id: bool,
+}
+
+/// Hands the plugin `first` and every other receipt already in, as one event per run of
+/// the same kind (`on-publish-results` or `on-receipts`, in issue order): a batch of the
+/// backend's receipts arrives together.
 async fn receipts_done<F>(
     conn: u64,
-    first: Option<types::PublishResult>,
+    first: Option<Stored>,
     receipts: &mut FuturesOrdered<F>,
     shared: &ConnShared,
     events: &mpsc::Sender<Event>,
 ) where
-    F: std::future::Future<Output = types::PublishResult>,
+    F: std::future::Future<Output = Stored>,
 {
-    let mut results: Vec<_> = first.into_iter().collect();
+    let mut done: Vec<_> = first.into_iter().collect();
     while let Some(Some(r)) = receipts.next().now_or_never() {
-        results.push(r);
+        done.push(r);
     }
-    if results.is_empty() {
-        return;
-    }
-    for _ in &results {
+    for _ in &done {
         shared.op_finished();
     }
-    let event = match <[_; 1]>::try_from(results) {
-        Ok([r]) => Event::PublishResult {
-            conn,
-            token: r.token,
-            outcome: r.outcome,
-        },
-        Err(results) => Event::PublishResults { conn, results },
-    };
-    let _ = events.send(event).await;
+    let mut done = done.into_iter().peekable();
+    while let Some(head) = done.peek() {
+        let event = if head.with_id {
+            let mut receipts = Vec::new();
+            while let Some(r) = done.next_if(|r| r.with_id) {
+                receipts.push(Receipt {
+                    token: r.token,
+                    outcome: r.outcome.map(Option::unwrap_or_default),
+                });
+            }
+            Event::Receipts { conn, receipts }
+        } else {
+            let mut results = Vec::new();
+            while let Some(r) = done.next_if(|r| !r.with_id) {
+                results.push(types::PublishResult {
+                    token: r.token,
+                    outcome: r.outcome.map(drop),
+                });
+            }
+            match <[_; 1]>::try_from(results) {
+                Ok([r]) => Event::PublishResult {
+                    conn,
+                    token: r.token,
+                    outcome: r.outcome,
+                },
+                Err(results) => Event::PublishResults { conn, results },
+            }
+        };
+        let _ = events.send(event).await;
+    }
 }
 
 /// Reports a finished kv operation of a connection and releases its in-flight slot.

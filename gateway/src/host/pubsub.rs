@@ -11,8 +11,9 @@ use super::context::{op_error, HostState};
 use super::event::Event;
 use super::ops_task::Op;
 use super::routing::RouteRef;
-use super::subscription_task::{run_subscription, SubCmd, SubTask};
+use super::subscription_task::{run_subscription, Shape, SubCmd, SubTask};
 use crate::abi::types::{self, ErrorKind};
+use crate::abi::v0_2::exports::magnetar::plugin::events::Receipt;
 use crate::abi::v0_2::magnetar::plugin::pubsub;
 use crate::backend::{OutMessage, SubscribeOptions};
 use crate::config::ActionName;
@@ -31,15 +32,36 @@ pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
             .map(|p| (p.key, p.value))
             .collect(),
         encryption: None,
+        event_time: None,
     }
 }
 
-impl pubsub::Host for HostState {
-    /// `publish`: stores a message durably; completes with `on-publish-result`.
-    fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
-        let topic = self.authorized_topic(conn, &msg.topic, ActionName::Produce);
-        let bytes = msg.payload.len();
-        let mut out = backend_message(msg);
+/// Most unacked deliveries a subscription may ask for.
+pub(super) const MAX_UNACKED: u32 = 10_000;
+
+/// The backend's subscription type of a plugin's mode.
+pub(super) fn sub_type(mode: types::SubMode) -> pulsar::SubType {
+    match mode {
+        types::SubMode::Exclusive => pulsar::SubType::Exclusive,
+        types::SubMode::Shared => pulsar::SubType::Shared,
+        types::SubMode::Failover => pulsar::SubType::Failover,
+        types::SubMode::KeyShared => pulsar::SubType::KeyShared,
+    }
+}
+
+impl HostState {
+    /// Checks a publish against the tenant's storage quota, seals it, and queues it on the
+    /// connection's ordered operations (held back by its publish-rate quota). A refusal
+    /// completes at once, as the publish would have.
+    pub(super) fn queue_publish(
+        &mut self,
+        conn: u64,
+        token: u64,
+        topic: Result<String, types::OpError>,
+        mut out: OutMessage,
+        with_id: bool,
+    ) {
+        let bytes = out.payload.len();
         let storage_full = self
             .conns
             .get(&conn)
@@ -68,9 +90,17 @@ impl pubsub::Host for HostState {
                         topic,
                         msg: out,
                         not_before,
+                        with_id,
                     },
                 );
             }
+            Err(e) if with_id => self.complete(Event::Receipts {
+                conn,
+                receipts: vec![Receipt {
+                    token,
+                    outcome: Err(e),
+                }],
+            }),
             Err(e) => self.complete(Event::PublishResult {
                 conn,
                 token,
@@ -79,17 +109,17 @@ impl pubsub::Host for HostState {
         }
     }
 
-    /// `subscribe`: opens a subscription and its delivery task; completes with
-    /// `on-subscribe-result`.
-    fn subscribe(&mut self, conn: u64, token: u64, spec: types::SubscriptionSpec) {
-        let topic = match self
-            .authorized_topic(conn, &spec.topic, ActionName::Consume)
-            .and_then(|t| {
-                crate::names::validate_name(&spec.name)
-                    .map(|_| t)
-                    .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))
-            }) {
-            Ok(t) => t,
+    /// Opens a subscription (checked: `opts` is the error otherwise) and its delivery task;
+    /// completes with `on-subscribe-result`.
+    pub(super) fn start_subscription(
+        &mut self,
+        conn: u64,
+        token: u64,
+        opts: Result<SubscribeOptions, types::OpError>,
+        shape: Shape,
+    ) {
+        let opts = match opts {
+            Ok(o) => o,
             Err(e) => {
                 return self.complete(Event::SubscribeResult {
                     conn,
@@ -98,10 +128,6 @@ impl pubsub::Host for HostState {
                 })
             }
         };
-        let sub = self.next_sub;
-        self.next_sub += 1;
-        let max_unacked = spec.max_unacked.clamp(1, 10_000);
-        let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked as usize + 16);
         if !self.conns.contains_key(&conn) {
             return;
         }
@@ -115,23 +141,14 @@ impl pubsub::Host for HostState {
                 })
             }
         };
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        let max_unacked = opts.receiver_queue.max(1);
+        let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked as usize + 16);
         let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };
         slot.subs.insert(sub, cmd_tx);
-        let opts = SubscribeOptions {
-            topic,
-            subscription: spec.name,
-            sub_type: match spec.mode {
-                types::SubMode::Exclusive => pulsar::SubType::Exclusive,
-                types::SubMode::Shared => pulsar::SubType::Shared,
-                types::SubMode::Failover => pulsar::SubType::Failover,
-                types::SubMode::KeyShared => pulsar::SubType::KeyShared,
-            },
-            durable: spec.durable,
-            earliest: matches!(spec.initial_position, types::InitialPosition::Earliest),
-            receiver_queue: max_unacked,
-        };
         let task = run_subscription(
             SubTask {
                 conn,
@@ -143,11 +160,45 @@ impl pubsub::Host for HostState {
                 backend: self.services.backend.clone(),
                 services: self.services.clone(),
                 meters,
+                shape,
             },
             opts,
             cmd_rx,
         );
         self.runtime.spawn(task);
+    }
+}
+
+impl pubsub::Host for HostState {
+    /// `publish`: stores a message durably; completes with `on-publish-result`.
+    fn publish(&mut self, conn: u64, token: u64, msg: types::OutboundMessage) {
+        let topic = self.authorized_topic(conn, &msg.topic, ActionName::Produce);
+        self.queue_publish(conn, token, topic, backend_message(msg), false);
+    }
+
+    /// `subscribe`: opens a subscription and its delivery task; completes with
+    /// `on-subscribe-result`.
+    fn subscribe(&mut self, conn: u64, token: u64, spec: types::SubscriptionSpec) {
+        let topic = self
+            .authorized_topic(conn, &spec.topic, ActionName::Consume)
+            .and_then(|t| {
+                crate::names::validate_name(&spec.name)
+                    .map(|_| t)
+                    .map_err(|e| op_error(ErrorKind::InvalidName, e.to_string()))
+            });
+        let max_unacked = spec.max_unacked.clamp(1, MAX_UNACKED);
+        let opts = topic.map(|topic| SubscribeOptions {
+            topic,
+            subscription: spec.name,
+            sub_type: sub_type(spec.mode),
+            durable: spec.durable,
+            earliest: matches!(spec.initial_position, types::InitialPosition::Earliest),
+            receiver_queue: max_unacked,
+            start_message_id: None,
+            dead_letter: None,
+            consumer_name: None,
+        });
+        self.start_subscription(conn, token, opts, Shape::Deliveries);
     }
 
     /// `unsubscribe`: closes a subscription (with `delete`, removes it from the backend).

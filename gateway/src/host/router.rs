@@ -277,6 +277,9 @@ async fn read_source(
         durable: false,
         earliest: false,
         receiver_queue: READER_QUEUE,
+        start_message_id: None,
+        dead_letter: None,
+        consumer_name: None,
     };
     let mut consumer = match services.backend.subscribe(&opts).await {
         Ok(c) => c,
@@ -585,5 +588,13 @@ fn on_command(cmd: SubCmd, unacked: &mut HashSet<u64>, stop: &mut bool) {
             }
         }
         SubCmd::Close { .. } => *stop = true,
+        // A live route keeps nothing to give back or move: a nack frees its window slot, as
+        // an ack does (the message is gone, as a QoS 0 one), and seeks are not for routes.
+        SubCmd::Nack(id) => {
+            unacked.remove(&id);
+        }
+        SubCmd::Seek { .. } | SubCmd::LastId { .. } => {
+            tracing::debug!("a seek or last-id query on a live route ignored")
+        }
     }
 }

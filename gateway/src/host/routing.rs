@@ -12,7 +12,9 @@ use super::event::Event;
 use super::feeder::{encode, Feeder, Feeders, Named};
 use super::ops_task::Op;
 use super::router::{RouteOpen, Router, Source};
-use super::subscription_task::{run_subscription, subscribe_failed, SubTask, SubscriptionCount};
+use super::subscription_task::{
+    run_subscription, subscribe_failed, Shape, SubTask, SubscriptionCount,
+};
 use crate::abi::types::{ErrorKind, OpError};
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
 use crate::backend::SubscribeOptions;
@@ -90,6 +92,7 @@ impl HostState {
             backend: self.services.backend.clone(),
             services: self.services.clone(),
             meters: meters.clone(),
+            shape: Shape::Deliveries,
         };
         let opts = SubscribeOptions {
             topic: queue.clone(),
@@ -99,6 +102,9 @@ impl HostState {
             // The queue holds only this route's copies: all of them.
             earliest: true,
             receiver_queue: max_unacked as u32,
+            start_message_id: None,
+            dead_letter: None,
+            consumer_name: None,
         };
         if let Some(slot) = self.conns.get_mut(&conn) {
             slot.subs.insert(sub, cmd_tx);

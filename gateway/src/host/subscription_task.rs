@@ -3,25 +3,64 @@
 //! connection's output is not congested: backpressure from the client's socket reaches the
 //! broker's flow permits), and turns the plugin's acks into the backend's (`acks`).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use pulsar::proto::MessageIdData;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::acks::{AckPlan, AckTracker};
 use super::context::op_error;
 use super::event::Event;
 use super::services::Services;
 use crate::abi::types::{self, ErrorKind};
+use crate::abi::v0_2::exports::magnetar::plugin::events;
 use crate::backend::{Backend, SubscribeOptions};
 use crate::conn_shared::ConnShared;
+use crate::message_id;
 use crate::quota::{Gauge, Meters};
 
 /// A command to a subscription's delivery task.
 pub(super) enum SubCmd {
     Ack(u64),
     AckMany(Vec<u64>),
-    Close { delete: bool },
+    Close {
+        delete: bool,
+    },
+    /// A negative ack (`messaging.nack`).
+    Nack(u64),
+    /// `messaging.seek`.
+    Seek {
+        token: u64,
+        target: SeekTarget,
+    },
+    /// `messaging.last-message-id`.
+    LastId {
+        token: u64,
+    },
+}
+
+/// Where a seek moves a consumer.
+pub(super) enum SeekTarget {
+    /// A message id (or `earliest`/`latest`); `inclusive`: that message comes first.
+    MessageId(MessageIdData, bool),
+    PublishTime(u64),
+}
+
+/// How a subscription's messages reach the plugin.
+pub(super) enum Shape {
+    /// As `delivery` records (`handler.on-deliveries`): pubsub subscriptions and routes.
+    Deliveries,
+    /// As `message` records with their ids (`events.on-messages`): `messaging` consumers.
+    Messages {
+        nack_delay: Duration,
+        /// Skip the messages before this one (and it, unless `inclusive`): the backend
+        /// starts a reader or a seek at the id's whole entry.
+        skip: Option<(MessageIdData, bool)>,
+    },
 }
 
 /// What a subscription's delivery task needs.
@@ -36,6 +75,7 @@ pub(super) struct SubTask {
     pub(super) services: Arc<Services>,
     /// Quotas the subscription counts against (released when it ends).
     pub(super) meters: Option<Meters>,
+    pub(super) shape: Shape,
 }
 
 /// Holds one subscription of a quota until the subscription's task ends.
@@ -66,6 +106,7 @@ pub(super) async fn run_subscription(
         backend,
         services,
         meters,
+        mut shape,
     } = t;
     let _counted = SubscriptionCount(meters.clone());
     let mut consumer = match backend.subscribe(&opts).await {
@@ -89,14 +130,19 @@ pub(super) async fn run_subscription(
     }
     // Exclusive and Failover subscriptions have one active consumer reading in order, so a
     // run of acknowledged messages below every unacknowledged one is one cumulative ack.
+    // Not where a message can be given back (a nack): a cumulative ack would cover it before
+    // it came again.
     let cumulative = matches!(
         opts.sub_type,
         pulsar::SubType::Exclusive | pulsar::SubType::Failover
-    );
+    ) && matches!(shape, Shape::Deliveries);
     let mut acks = AckTracker::new(cumulative);
     let mut delete = false;
+    // Negative acks waiting out the consumer's delay (one delay: in order of their due time).
+    let mut nacks: VecDeque<(Instant, String, MessageIdData)> = VecDeque::new();
     loop {
         let room = max_unacked.saturating_sub(acks.unacked());
+        let nack_due = nacks.front().map(|n| n.0);
         tokio::select! {
             biased;
             cmd = cmds.recv() => {
@@ -113,6 +159,34 @@ pub(super) async fn run_subscription(
                             stop = true;
                             break;
                         }
+                        SubCmd::Nack(id) => {
+                            if let (Some((topic, entry)), Shape::Messages { nack_delay, .. }) = (acks.nack(id), &shape) {
+                                nacks.push_back((Instant::now() + *nack_delay, topic, entry));
+                            }
+                        }
+                        SubCmd::Seek { token, target } => {
+                            let outcome = seek(&mut consumer, &backend, &target).await;
+                            if outcome.is_ok() {
+                                acks.reset();
+                                nacks.clear();
+                                if let (Shape::Messages { skip, .. }, SeekTarget::MessageId(id, inclusive)) = (&mut shape, target) {
+                                    *skip = (!message_id::is_sentinel(&id)).then_some((id, inclusive));
+                                }
+                            }
+                            let outcome = outcome.map(|()| None).map_err(|e| op_error(ErrorKind::Backend, format!("seek on {}: {e}", opts.topic)));
+                            if events.send(Event::Position { conn, token, outcome }).await.is_err() {
+                                stop = true;
+                            }
+                        }
+                        SubCmd::LastId { token } => {
+                            let outcome = match consumer.get_last_message_id().await {
+                                Ok(ids) => Ok(ids.first().filter(|id| id.entry_id != u64::MAX && id.ledger_id != u64::MAX).map(message_id::encode)),
+                                Err(e) => Err(op_error(ErrorKind::Backend, format!("last message id of {}: {e}", opts.topic))),
+                            };
+                            if events.send(Event::Position { conn, token, outcome }).await.is_err() {
+                                stop = true;
+                            }
+                        }
                     }
                     next = cmds.try_recv().ok();
                 }
@@ -124,6 +198,14 @@ pub(super) async fn run_subscription(
                 }
             },
             _ = shared.closed() => break,
+            () = sleep_until(nack_due), if nack_due.is_some() => {
+                let now = Instant::now();
+                while let Some((_, topic, entry)) = nacks.pop_front_if(|n| n.0 <= now) {
+                    if let Err(e) = consumer.nack_with_id(&topic, entry).await {
+                        tracing::warn!(conn, error = %e, "negative ack failed");
+                    }
+                }
+            },
             msg = consumer.next(), if room > 0 => {
                 // The first message, then every one the consumer already holds, up to the
                 // room left: one event to the worker for the lot.
@@ -142,7 +224,16 @@ pub(super) async fn run_subscription(
                 }
                 shared.output_relieved().await;
                 let mut deliveries = Vec::with_capacity(batch.len());
+                let mut messages = Vec::new();
                 for mut msg in batch {
+                    if let Shape::Messages { skip: skip @ Some(_), .. } = &mut shape {
+                        if skip.as_ref().is_some_and(|(from, inclusive)| before_start(&msg.message_id.id, from, *inclusive)) {
+                            let d = acks.delivered(msg.topic, msg.message_id.id);
+                            acks.ack(d);
+                            continue;
+                        }
+                        *skip = None;
+                    }
                     // Moved out of the message, not cloned: eight strings or so per delivery.
                     let mut properties: Vec<types::Property> = std::mem::take(&mut msg.payload.metadata.properties).into_iter().map(|kv| types::Property { key: kv.key, value: kv.value }).collect();
                     let key = msg.payload.metadata.partition_key.take();
@@ -162,18 +253,43 @@ pub(super) async fn run_subscription(
                     }
                     // A durable route's copy says when the original was published.
                     let publish_time_ms = super::feeder::take_published(&mut properties).unwrap_or(meta.publish_time);
-                    deliveries.push(types::Delivery {
-                        subscription: sub,
-                        delivery_id: acks.delivered(msg.topic, msg.message_id.id),
-                        key,
-                        properties,
-                        publish_time_ms,
-                        redelivery_count: 0,
-                        payload,
-                    });
+                    let event_time_ms = meta.event_time;
+                    let redelivery_count = msg.message_id.redelivery_count;
+                    let message_id = match shape {
+                        Shape::Messages { .. } => message_id::encode(&msg.message_id.id),
+                        Shape::Deliveries => Vec::new(),
+                    };
+                    let delivery_id = acks.delivered(msg.topic, msg.message_id.id);
+                    match shape {
+                        Shape::Deliveries => deliveries.push(types::Delivery {
+                            subscription: sub,
+                            delivery_id,
+                            key,
+                            properties,
+                            publish_time_ms,
+                            redelivery_count,
+                            payload,
+                        }),
+                        Shape::Messages { .. } => messages.push(events::Message {
+                            subscription: sub,
+                            delivery_id,
+                            message_id,
+                            key,
+                            payload,
+                            properties,
+                            publish_time_ms,
+                            event_time_ms,
+                            redelivery_count,
+                        }),
+                    }
                 }
                 if !deliveries.is_empty()
                     && events.send(Event::Deliveries { conn, deliveries }).await.is_err()
+                {
+                    break;
+                }
+                if !messages.is_empty()
+                    && events.send(Event::Messages { conn, messages }).await.is_err()
                 {
                     break;
                 }
@@ -206,6 +322,33 @@ pub(super) async fn subscribe_failed(
             outcome,
         })
         .await;
+}
+
+/// Waits until `at`; never, without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a message comes before a reader's or a seek's start (or is it, not inclusive).
+fn before_start(id: &MessageIdData, start: &MessageIdData, inclusive: bool) -> bool {
+    let (at, from) = (message_id::order_key(id), message_id::order_key(start));
+    at < from || (at == from && !inclusive)
+}
+
+/// Moves a consumer (the backend recreates it at the new position).
+async fn seek(
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+    backend: &Backend,
+    target: &SeekTarget,
+) -> Result<(), pulsar::Error> {
+    let client = backend.client().clone();
+    match target {
+        SeekTarget::MessageId(id, _) => consumer.seek(None, Some(id.clone()), None, client).await,
+        SeekTarget::PublishTime(t) => consumer.seek(None, None, Some(*t), client).await,
+    }
 }
 
 /// Most deliveries handed to the worker in one event.

@@ -73,6 +73,7 @@ pub mod reason {
     pub const CLIENT_IDENTIFIER_NOT_VALID: u8 = 0x85;
     pub const NOT_AUTHORIZED: u8 = 0x87;
     pub const SERVER_UNAVAILABLE: u8 = 0x88;
+    pub const SERVER_BUSY: u8 = 0x89;
     pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8c;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8d;
     pub const SESSION_TAKEN_OVER: u8 = 0x8e;

@@ -194,6 +194,19 @@ impl MqttConnection {
         }
     }
 
+    /// The host could not check the credentials now (a reconnect storm): CONNACK 3.1.1 0x03
+    /// (server unavailable), 5.0 0x89 (Server busy, §3.2.2.2: "try again later").
+    pub(super) fn on_auth_busy(&mut self, token: u64) {
+        if self.ops.complete(token) != Some(Op::Auth) {
+            return;
+        }
+        self.refuse(
+            Some(return_code::SERVER_UNAVAILABLE),
+            reason::SERVER_BUSY,
+            "server busy: too many logins being verified".to_string(),
+        );
+    }
+
     /// CONNACK for a failed authentication: 3.1.1 0x05 (not authorized) or 0x03; 5.0 0x87,
     /// 0x97 (a quota, e.g. the tenant's connection limit) or 0x88.
     pub(super) fn refuse_auth(&mut self, e: OpError) {

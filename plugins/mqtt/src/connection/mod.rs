@@ -464,6 +464,7 @@ impl Machine for MqttConnection {
             match event {
                 Event::Data(bytes) => self.input.push(bytes),
                 Event::AuthResult { token, result } => self.on_auth_result(token, result),
+                Event::AuthBusy { token } => self.on_auth_busy(token),
                 Event::SaslResult { token, result } => self.on_sasl_result(token, result),
                 Event::PublishResult { token, result } => self.on_publish_result(token, result),
                 Event::SubscribeResult { token, result } => self.on_subscribe_result(token, result),
@@ -488,6 +489,8 @@ impl Machine for MqttConnection {
                     self.phase = Phase::Closed;
                     self.input.clear();
                 }
+                // Never asked for: MQTT uses routes and subscriptions, not `messaging`.
+                Event::Receipt { .. } | Event::Message(_) | Event::Position { .. } => {}
             }
             // New bytes, or an event that lifted a pause (CONNACK sent, a publish stored).
             self.process_input(now_ms);

@@ -8,7 +8,10 @@ use crate::{
     Error, Executor, Payload,
 };
 
-pub type MessageIdDataReceiver = mpsc::Receiver<Result<(MessageIdData, Payload), Error>>;
+/// (magnetar patch) a message's id, its payload and the broker's redelivery count of it
+pub type ReceivedMessage = (MessageIdData, Payload, u32);
+
+pub type MessageIdDataReceiver = mpsc::Receiver<Result<ReceivedMessage, Error>>;
 
 pub enum EngineEvent<Exe: Executor> {
     /// (magnetar patch) boxed: a `RawMessage` is 4.8 KB, and every ack passed through this
@@ -30,6 +33,8 @@ pub enum EngineMessage<Exe: Executor> {
 pub struct MessageData {
     pub id: MessageIdData,
     pub batch_size: Option<i32>,
+    /// (magnetar patch) how many times the broker delivered the message before
+    pub redelivery_count: u32,
 }
 
 #[derive(Debug, Clone)]

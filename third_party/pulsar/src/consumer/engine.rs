@@ -42,7 +42,7 @@ pub struct ConsumerEngine<Exe: Executor> {
     sub_type: SubType,
     id: u64,
     name: Option<String>,
-    tx: mpsc::Sender<Result<(MessageIdData, Payload), Error>>,
+    tx: mpsc::Sender<Result<crate::consumer::data::ReceivedMessage, Error>>,
     messages_rx: Option<mpsc::UnboundedReceiver<RawMessage>>,
     engine_rx: Option<mpsc::UnboundedReceiver<EngineMessage<Exe>>>,
     event_rx: mpsc::UnboundedReceiver<EngineEvent<Exe>>,
@@ -67,7 +67,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
         sub_type: SubType,
         id: u64,
         name: Option<String>,
-        tx: mpsc::Sender<Result<(MessageIdData, Payload), Error>>,
+        tx: mpsc::Sender<Result<crate::consumer::data::ReceivedMessage, Error>>,
         messages_rx: mpsc::UnboundedReceiver<RawMessage>,
         engine_rx: mpsc::UnboundedReceiver<EngineMessage<Exe>>,
         batch_size: u32,
@@ -650,7 +650,10 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
 
                     self.ack(message_id, false).await;
                 }
-                _ => self.send_to_consumer(message_id, payload).await?,
+                _ => {
+                    self.send_to_consumer(message_id, payload, message.redelivery_count.unwrap_or(0))
+                        .await?
+                }
             }
         }
         Ok(())
@@ -661,10 +664,11 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
         &mut self,
         message_id: MessageIdData,
         payload: Payload,
+        redelivery_count: u32,
     ) -> Result<(), Error> {
         let now = Instant::now();
         self.tx
-            .send(Ok((message_id.clone(), payload)))
+            .send(Ok((message_id.clone(), payload, redelivery_count)))
             .await
             .map_err(|e| {
                 error!("tx returned {:?}", e);

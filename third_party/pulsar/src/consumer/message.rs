@@ -106,6 +106,7 @@ mod tests {
                     ..Default::default()
                 },
                 batch_size: None,
+                redelivery_count: 0,
             },
             Payload {
                 metadata: MessageMetadata {

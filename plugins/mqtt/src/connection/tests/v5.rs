@@ -176,6 +176,24 @@ fn authentication_failures_get_v5_reason_codes() {
 }
 
 #[test]
+fn a_login_storm_gets_server_busy() {
+    let (mut h, _) = Harness::new();
+    let a = h.data(&connect5("d", true, &no_props(), None, Some(("u", "p"))));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthBusy { token });
+    let connack = sent(&a).remove(0);
+    assert_eq!(connack[..4], [0x20, connack[1], 0x00, reason::SERVER_BUSY]);
+    assert!(closed(&a).unwrap().contains("busy"));
+
+    // MQTT 3.1.1 has no "busy": 0x03, server unavailable (§3.2.2.3).
+    let (mut h, _) = Harness::new();
+    let a = h.data(&super::connect_packet("d", true, 0, None));
+    let token = auth_token(&a);
+    let a = h.event(Event::AuthBusy { token });
+    assert_eq!(sent(&a), vec![codec::connack(false, 3)]);
+}
+
+#[test]
 fn puback_carries_failure_reason_codes_instead_of_closing() {
     let mut h = connected5(&no_props());
     let a = h.data(&publish5("a/b", 1, 3, &no_props(), b"x"));
