@@ -41,8 +41,6 @@
 //! | `/ws/v3/consumer` (several topics) | not served (404) |
 #![forbid(unsafe_code)]
 
-/// ABI 0.2.2 shapes until the SDK has them.
-pub mod abi;
 /// The SDK adapter and the component export.
 pub mod adapter;
 /// The plugin's configuration.

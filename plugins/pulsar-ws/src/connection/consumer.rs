@@ -14,10 +14,9 @@
 use std::collections::{HashMap, VecDeque};
 
 use magnetar_sdk::ops::Ops;
-use magnetar_sdk::{Action, LogLevel, OpError, SubId};
+use magnetar_sdk::{Action, LogLevel, Message, OpError, SubId};
 
 use super::{close_code, Pending, Phase, PulsarWsConnection};
-use crate::abi::{Call, Message};
 use crate::frames::{self, Command, ConsumerCommand, ConsumerMessage, WsError};
 use crate::message_id::{MessageId, BASE64};
 use crate::request::Endpoint;
@@ -67,7 +66,7 @@ pub(super) struct Consumer {
     ack_timeout_ms: u64,
     timer_armed: bool,
     /// The furthest message sent, for `isEndOfTopic`.
-    last_sent: Option<MessageId>,
+    last_sent: Option<IdKey>,
     /// `isEndOfTopic` questions awaiting the host's last message id.
     eot: Ops<()>,
     unsubscribed: bool,
@@ -159,10 +158,12 @@ impl PulsarWsConnection {
             return;
         };
         let key = IdKey::of(&m.message_id);
-        if let IdKey::Parsed(id) = &key {
-            if c.last_sent.is_none_or(|last| id.at_or_after(&last)) {
-                c.last_sent = Some(*id);
-            }
+        let further = match (&key, &c.last_sent) {
+            (IdKey::Parsed(id), Some(IdKey::Parsed(last))) => id.at_or_after(last),
+            _ => true,
+        };
+        if further {
+            c.last_sent = Some(key.clone());
         }
         c.remember(key, m.delivery_id, now);
         let arm = c.ack_timeout_ms > 0 && !c.timer_armed;
@@ -220,37 +221,35 @@ impl PulsarWsConnection {
         }
     }
 
-    /// The client's id of a message, or the reason to close (Pulsar: an `IOException` or a
-    /// runtime exception out of the handler).
-    fn client_id(id: Option<&str>) -> Result<IdKey, String> {
-        let text = id.ok_or("the command has no messageId")?;
-        let bytes = BASE64.decode(text).map_err(|e| format!("messageId: {e}"))?;
-        MessageId::parse(&bytes)
-            .map(IdKey::Parsed)
-            .map_err(|e| e.to_string())
-    }
-
     fn ack(&mut self, id: Option<&str>, negative: bool) {
-        let key = match Self::client_id(id) {
-            Ok(key) => key,
-            Err(e) => {
+        let Some(bytes) = id.and_then(|t| BASE64.decode(t).ok()) else {
+            self.log(LogLevel::Debug, format!("bad ack: messageId {id:?}"));
+            return self.fail(
+                close_code::INVALID_PAYLOAD,
+                WsError::FailedToDeserializeFromJson.description(),
+            );
+        };
+        let Phase::Consuming(c) = &mut self.phase else {
+            return;
+        };
+        let sub = c.sub;
+        let parsed = MessageId::parse(&bytes);
+        // By its fields first, so that any encoding of the id is understood; by its bytes
+        // for ids the host made that are not `MessageIdData` (simulated hosts).
+        let found = match &parsed {
+            Ok(p) => c.forget(&IdKey::Parsed(*p)),
+            Err(_) => None,
+        }
+        .or_else(|| c.forget(&IdKey::Raw(bytes)));
+        let Some(o) = found else {
+            if let Err(e) = parsed {
+                // Pulsar: `MessageId.fromByteArray` throws, the session is closed.
                 self.log(LogLevel::Debug, format!("bad ack: {e}"));
                 return self.fail(
                     close_code::INVALID_PAYLOAD,
                     WsError::FailedToDeserializeFromJson.description(),
                 );
             }
-        };
-        let Phase::Consuming(c) = &mut self.phase else {
-            return;
-        };
-        let sub = c.sub;
-        // An id sent as the host gave it, but unparsable, is found by its bytes.
-        let found = c.forget(&key).or_else(|| {
-            let raw = id.and_then(|t| BASE64.decode(t).ok()).map(IdKey::Raw)?;
-            c.forget(&raw)
-        });
-        let Some(o) = found else {
             let what = if negative { "nack" } else { "ack" };
             return self.log(
                 LogLevel::Debug,
@@ -261,7 +260,7 @@ impl PulsarWsConnection {
             );
         };
         if negative {
-            self.call(Call::Nack {
+            self.out.push(Action::Nack {
                 sub,
                 delivery_id: o.delivery_id,
             });
@@ -347,7 +346,7 @@ impl PulsarWsConnection {
         }
         let token = c.eot.start(());
         let sub = c.sub;
-        self.call(Call::LastMessageId { token, sub });
+        self.out.push(Action::LastMessageId { token, sub });
     }
 
     pub(super) fn on_position_result(
@@ -363,9 +362,10 @@ impl PulsarWsConnection {
         }
         let reached = match result {
             Ok(None) => true,
-            Ok(Some(last)) => match (MessageId::parse(&last), c.last_sent) {
-                (Ok(last), Some(sent)) => sent.at_or_after(&last),
-                _ => false,
+            Ok(Some(last)) => match (IdKey::of(&last), &c.last_sent) {
+                (IdKey::Parsed(last), Some(IdKey::Parsed(sent))) => sent.at_or_after(&last),
+                (last, Some(sent)) => last == *sent,
+                (_, None) => false,
             },
             Err(_) => false,
         };
@@ -404,7 +404,7 @@ impl PulsarWsConnection {
             });
         }
         for delivery_id in expired {
-            self.call(Call::Nack { sub, delivery_id });
+            self.out.push(Action::Nack { sub, delivery_id });
         }
     }
 }

@@ -19,18 +19,21 @@
 mod consumer;
 mod producer;
 #[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
 mod tests;
 
+use crate::config::Config;
+use crate::params::{ConsumerParams, ProducerParams, Query, ReaderParams, Start};
+use crate::request::{self, Endpoint, Refusal, Target};
 use magnetar_sdk::input::Input;
 use magnetar_sdk::outbox::Outbox;
 use magnetar_sdk::web::{self, Direction, Frame, Response};
 pub use magnetar_sdk::{Action, Event, Machine};
-use magnetar_sdk::{Credentials, ErrorKind, LogLevel, OpError, Principal, SubId, SubMode};
-
-use crate::abi::{self, Call, ConsumerSpec, MessageIdAt, Position, TopicRef};
-use crate::config::Config;
-use crate::params::{ConsumerParams, ProducerParams, Query, ReaderParams, Start};
-use crate::request::{self, Endpoint, Refusal, Target};
+use magnetar_sdk::{
+    ConsumerSpec, Credentials, ErrorKind, LogLevel, Message, MessageIdAt, OpError, Position,
+    Principal, SubId, SubMode, TopicRef,
+};
 
 use consumer::Consumer;
 use producer::Producer;
@@ -77,13 +80,11 @@ pub struct PulsarWsConnection {
     conn_id: u64,
     input: Input,
     out: Outbox,
-    /// Host calls of ABI 0.2.2, queued apart until the SDK's `Action` has them.
-    calls: Vec<Call>,
     phase: Phase,
     /// The RESPONSE went out: from now on errors are close frames, not HTTP answers.
     upgraded: bool,
     /// Deliveries that overtook the completion of `open-consumer` (at most its window).
-    early: Vec<abi::Message>,
+    early: Vec<Message>,
     now_ms: u64,
 }
 
@@ -95,7 +96,6 @@ impl PulsarWsConnection {
             // One whole message plus one read of the host (256 KiB) beyond it.
             input: Input::new(config.max_message_size + web::HEADER_LEN + 256 * 1024),
             out: Outbox::new(),
-            calls: Vec::new(),
             phase: Phase::AwaitRequest,
             upgraded: false,
             early: Vec::new(),
@@ -103,18 +103,9 @@ impl PulsarWsConnection {
         }
     }
 
-    /// The ABI 0.2.2 calls queued so far (taken).
-    pub fn take_calls(&mut self) -> Vec<Call> {
-        std::mem::take(&mut self.calls)
-    }
-
     /// Whether the session ended.
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
-    }
-
-    fn call(&mut self, call: Call) {
-        self.calls.push(call);
     }
 
     fn log(&mut self, level: LogLevel, message: String) {
@@ -274,7 +265,7 @@ impl PulsarWsConnection {
                 self.phase = Phase::Producing(p);
             }
             Ok(Serve::Open(pending, spec)) => {
-                self.call(Call::OpenConsumer {
+                self.out.push(Action::OpenConsumer {
                     token: OPEN_TOKEN,
                     spec,
                 });
@@ -285,7 +276,7 @@ impl PulsarWsConnection {
     }
 
     /// `on-auth-busy`: the host could not check credentials now.
-    pub fn on_auth_busy(&mut self, token: u64) {
+    fn on_auth_busy(&mut self, token: u64) {
         if token == AUTH_TOKEN && matches!(self.phase, Phase::Authenticating(_)) {
             self.refuse(Refusal::new(503, "Server busy, try again"));
         }
@@ -356,7 +347,20 @@ impl Machine for PulsarWsConnection {
         match event {
             Event::Data(bytes) => self.input.push(bytes),
             Event::AuthResult { token, result } => self.on_auth_result(token, result),
+            Event::AuthBusy { token } => self.on_auth_busy(token),
             Event::SubscribeResult { token, result } => self.on_subscribe_result(token, result),
+            // Receipts free room for publishes that waited in the input: read on below.
+            Event::Receipt { token, result } => self.on_receipt(token, result),
+            Event::Message(m) => {
+                if matches!(self.phase, Phase::Opening(_)) {
+                    self.early.push(m);
+                } else {
+                    self.on_message(m);
+                }
+                // Nothing new to read.
+                return;
+            }
+            Event::Position { token, result } => self.on_position_result(token, result),
             Event::Timer { token } => self.on_timer(token),
             Event::Closed => {
                 self.phase = Phase::Closed;
@@ -371,49 +375,6 @@ impl Machine for PulsarWsConnection {
 
     fn take_actions(&mut self) -> Vec<Action> {
         self.out.take()
-    }
-}
-
-/// The events of ABI 0.2.2, fed like [`Machine::apply`] until the SDK's `Event` has them.
-impl PulsarWsConnection {
-    pub fn on_receipts(&mut self, now_ms: u64, receipts: Vec<abi::Receipt>) {
-        if self.is_closed() {
-            return;
-        }
-        self.now_ms = now_ms;
-        for r in receipts {
-            self.on_receipt(r);
-        }
-        // Receipts free room for publishes that waited in the input.
-        self.read_frames();
-        self.settle();
-    }
-
-    pub fn on_messages(&mut self, now_ms: u64, messages: Vec<abi::Message>) {
-        if self.is_closed() {
-            return;
-        }
-        self.now_ms = now_ms;
-        if matches!(self.phase, Phase::Opening(_)) {
-            self.early.extend(messages);
-            return;
-        }
-        for m in messages {
-            self.on_message(m);
-        }
-    }
-
-    pub fn on_position(
-        &mut self,
-        now_ms: u64,
-        token: u64,
-        result: Result<Option<Vec<u8>>, OpError>,
-    ) {
-        if self.is_closed() {
-            return;
-        }
-        self.now_ms = now_ms;
-        self.on_position_result(token, result);
     }
 }
 

@@ -4,10 +4,9 @@
 //! with its `send-error` at once and the session goes on.
 
 use magnetar_sdk::ops::Ops;
-use magnetar_sdk::{LogLevel, Property};
+use magnetar_sdk::{Action, LogLevel, MessageOut, OpError, Property, TopicRef};
 
 use super::{Phase, PulsarWsConnection};
-use crate::abi::{Call, MessageOut, Receipt, TopicRef};
 use crate::frames::{self, ProducerAck, WsError};
 use crate::params::ProducerParams;
 
@@ -55,7 +54,7 @@ impl PulsarWsConnection {
                         .collect(),
                     event_time_ms: m.event_time_ms,
                 };
-                self.call(Call::SendMessage { token, msg });
+                self.out.push(Action::SendMessage { token, msg });
             }
             Err(refused) => {
                 let ack = refused.ack();
@@ -64,20 +63,20 @@ impl PulsarWsConnection {
         }
     }
 
-    pub(super) fn on_receipt(&mut self, receipt: Receipt) {
+    pub(super) fn on_receipt(&mut self, token: u64, result: Result<Vec<u8>, OpError>) {
         let Phase::Producing(producer) = &mut self.phase else {
             return;
         };
-        let Some(context) = producer.sends.complete(receipt.token) else {
+        let Some(context) = producer.sends.complete(token) else {
             return;
         };
-        let ack = match &receipt.outcome {
+        let ack = match &result {
             Ok(id) => ProducerAck::ok(id, context.as_deref()).to_json(),
             Err(e) => {
                 ProducerAck::error(WsError::UnknownError, &e.message, context.as_deref()).to_json()
             }
         };
-        if let Err(e) = &receipt.outcome {
+        if let Err(e) = &result {
             let name = producer.name.clone().unwrap_or_default();
             self.log(
                 LogLevel::Warn,

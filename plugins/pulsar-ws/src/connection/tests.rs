@@ -2,15 +2,24 @@
 
 use magnetar_sdk::web::{self, Direction, Frame, Request};
 use magnetar_sdk::{
-    Action, Credentials, ErrorKind, Event, Machine, OpError, Principal, Property, SubMode,
+    Action, ConsumerSpec, Credentials, ErrorKind, Event, Machine, Message, MessageIdAt, MessageOut,
+    OpError, Position, Principal, Property, SubId, SubMode, TopicRef,
 };
 
 use super::{close_code, PulsarWsConnection};
-use crate::abi::{Call, ConsumerSpec, Message, MessageIdAt, Position, Receipt, TopicRef};
 use crate::config::Config;
 use crate::message_id::MessageId;
 
 const T0: u64 = 1_796_553_000_000;
+
+/// The `messaging` calls among the actions, for exact comparisons.
+#[derive(Debug, Clone, PartialEq)]
+enum Call {
+    SendMessage { token: u64, msg: MessageOut },
+    OpenConsumer { token: u64, spec: ConsumerSpec },
+    Nack { sub: SubId, delivery_id: u64 },
+    LastMessageId { token: u64, sub: SubId },
+}
 
 /// A machine with what it sent so far, decoded.
 struct Session {
@@ -72,11 +81,6 @@ impl Session {
             }
             self.actions.push(a);
         }
-    }
-
-    fn flush(&mut self) {
-        let actions = self.m.take_actions();
-        self.absorb(actions);
     }
 
     fn data(&mut self, frame: Frame) {
@@ -145,6 +149,27 @@ impl Session {
         std::mem::take(&mut self.actions)
     }
 
+    /// Takes the `messaging` calls made so far, leaving the other actions.
+    fn calls(&mut self) -> Vec<Call> {
+        let mut calls = Vec::new();
+        self.actions.retain(|a| {
+            let call = match a.clone() {
+                Action::SendMessage { token, msg } => Call::SendMessage { token, msg },
+                Action::OpenConsumer { token, spec } => Call::OpenConsumer { token, spec },
+                Action::Nack { sub, delivery_id } => Call::Nack { sub, delivery_id },
+                Action::LastMessageId { token, sub } => Call::LastMessageId { token, sub },
+                _ => return true,
+            };
+            calls.push(call);
+            false
+        });
+        calls
+    }
+
+    fn receipt(&mut self, token: u64, result: Result<Vec<u8>, OpError>) {
+        self.feed(Event::Receipt { token, result });
+    }
+
     fn closed_with(&mut self) -> Option<u16> {
         self.frames().into_iter().find_map(|f| match f {
             Frame::Close { code, .. } => Some(code),
@@ -171,7 +196,7 @@ impl Session {
         let mut s = Session::new(Config::default());
         s.request("/ws/v2/consumer/persistent/acme/iot/temps/sub", query, &[]);
         s.auth_ok();
-        assert!(matches!(s.m.take_calls()[..], [Call::OpenConsumer { .. }]));
+        assert!(matches!(s.calls()[..], [Call::OpenConsumer { .. }]));
         s.feed(Event::SubscribeResult {
             token: 2,
             result: Ok(9),
@@ -182,21 +207,17 @@ impl Session {
     }
 
     fn deliver(&mut self, delivery_id: u64, message_id: Vec<u8>, payload: &[u8]) {
-        self.m.on_messages(
-            self.now,
-            vec![Message {
-                subscription: 9,
-                delivery_id,
-                message_id,
-                key: None,
-                payload: payload.to_vec(),
-                properties: vec![],
-                publish_time_ms: T0,
-                event_time_ms: None,
-                redelivery_count: 0,
-            }],
-        );
-        self.flush();
+        self.feed(Event::Message(Message {
+            subscription: 9,
+            delivery_id,
+            message_id,
+            key: None,
+            payload: payload.to_vec(),
+            properties: vec![],
+            publish_time_ms: T0,
+            event_time_ms: None,
+            redelivery_count: 0,
+        }));
     }
 
     fn acks(&mut self) -> Vec<(u64, u64)> {
@@ -229,7 +250,7 @@ fn a_producer_publishes_and_acks_with_the_context_and_the_message_id() {
     s.text(
         r#"{"payload":"aGVsbG8=","properties":{"k":"v"},"context":"c1","key":"dev-1","eventTime":"2026-12-06T10:30:00Z"}"#,
     );
-    let calls = s.m.take_calls();
+    let calls = s.calls();
     let [Call::SendMessage { token, msg }] = &calls[..] else {
         panic!("{calls:?}")
     };
@@ -250,14 +271,7 @@ fn a_producer_publishes_and_acks_with_the_context_and_the_message_id() {
         }]
     );
     assert_eq!(msg.event_time_ms, Some(T0));
-    s.m.on_receipts(
-        T0,
-        vec![Receipt {
-            token: *token,
-            outcome: Ok(id(7, 0)),
-        }],
-    );
-    s.flush();
+    s.receipt(*token, Ok(id(7, 0)));
     assert_eq!(
         s.texts(),
         [
@@ -284,18 +298,11 @@ fn a_failed_send_and_bad_frames_get_send_errors_and_the_session_goes_on() {
             (serde_json::json!("send-error:7"), serde_json::json!("c2")),
         ]
     );
-    let calls = s.m.take_calls();
+    let calls = s.calls();
     let [Call::SendMessage { token, .. }] = &calls[..] else {
         panic!("{calls:?}")
     };
-    s.m.on_receipts(
-        T0,
-        vec![Receipt {
-            token: *token,
-            outcome: Err(op_error(ErrorKind::Backend, "topic fenced")),
-        }],
-    );
-    s.flush();
+    s.receipt(*token, Err(op_error(ErrorKind::Backend, "topic fenced")));
     let acks = s.texts();
     assert_eq!(acks[0]["result"], "send-error:8");
     assert_eq!(acks[0]["errorMsg"], "topic fenced");
@@ -320,7 +327,7 @@ fn a_frame_split_at_every_byte_is_one_publish() {
         s.auth_ok();
         s.feed(Event::Data(publish[..cut].to_vec()));
         s.feed(Event::Data(publish[cut..].to_vec()));
-        assert_eq!(s.m.take_calls().len(), 1, "cut at {cut}");
+        assert_eq!(s.calls().len(), 1, "cut at {cut}");
     }
 }
 
@@ -335,7 +342,7 @@ fn publishes_beyond_the_window_wait_in_the_socket() {
         three.extend(Frame::Text(r#"{"payload":"aGk="}"#.into()).encode());
     }
     s.feed(Event::Data(three));
-    let calls = s.m.take_calls();
+    let calls = s.calls();
     assert_eq!(calls.len(), 2);
     assert!(s
         .take_actions()
@@ -344,19 +351,8 @@ fn publishes_beyond_the_window_wait_in_the_socket() {
     let Call::SendMessage { token, .. } = &calls[0] else {
         panic!()
     };
-    s.m.on_receipts(
-        T0,
-        vec![Receipt {
-            token: *token,
-            outcome: Ok(id(1, 1)),
-        }],
-    );
-    s.flush();
-    assert_eq!(
-        s.m.take_calls().len(),
-        1,
-        "the third goes once one is stored"
-    );
+    s.receipt(*token, Ok(id(1, 1)));
+    assert_eq!(s.calls().len(), 1, "the third goes once one is stored");
     assert!(s
         .take_actions()
         .iter()
@@ -460,7 +456,7 @@ fn a_consumer_is_opened_with_its_parameters() {
         &[],
     );
     s.auth_ok();
-    let calls = s.m.take_calls();
+    let calls = s.calls();
     assert_eq!(
         calls,
         [Call::OpenConsumer {
@@ -512,7 +508,7 @@ fn a_dead_letter_topic_of_another_namespace_is_refused() {
         &[],
     );
     s.auth_ok();
-    let calls = s.m.take_calls();
+    let calls = s.calls();
     assert!(
         matches!(&calls[..], [Call::OpenConsumer { spec, .. }] if spec.dead_letter_topic.as_deref() == Some("dlq"))
     );
@@ -550,24 +546,20 @@ fn open_failures_map_to_pulsars_statuses() {
 #[test]
 fn deliveries_become_json_and_acks_find_their_delivery() {
     let mut s = Session::consumer("");
-    s.m.on_messages(
-        T0,
-        vec![Message {
-            subscription: 9,
-            delivery_id: 100,
-            message_id: id(7, 0),
-            key: Some("k".into()),
-            payload: b"hello".to_vec(),
-            properties: vec![Property {
-                key: "a".into(),
-                value: "1".into(),
-            }],
-            publish_time_ms: T0 + 5,
-            event_time_ms: Some(T0),
-            redelivery_count: 1,
+    s.feed(Event::Message(Message {
+        subscription: 9,
+        delivery_id: 100,
+        message_id: id(7, 0),
+        key: Some("k".into()),
+        payload: b"hello".to_vec(),
+        properties: vec![Property {
+            key: "a".into(),
+            value: "1".into(),
         }],
-    );
-    s.flush();
+        publish_time_ms: T0 + 5,
+        event_time_ms: Some(T0),
+        redelivery_count: 1,
+    }));
     assert_eq!(
         s.texts(),
         [serde_json::json!({
@@ -597,7 +589,7 @@ fn deliveries_become_json_and_acks_find_their_delivery() {
         b64(&id(7, 2))
     ));
     assert_eq!(
-        s.m.take_calls(),
+        s.calls(),
         [Call::Nack {
             sub: 9,
             delivery_id: 102
@@ -672,12 +664,14 @@ fn end_of_topic_compares_the_last_message_sent_with_the_topics_last() {
     let mut s = Session::consumer("");
     let ask = |s: &mut Session, last: Option<Vec<u8>>| {
         s.text(r#"{"type":"isEndOfTopic"}"#);
-        let calls = s.m.take_calls();
+        let calls = s.calls();
         let [Call::LastMessageId { token, sub: 9 }] = &calls[..] else {
             panic!("{calls:?}")
         };
-        s.m.on_position(T0, *token, Ok(last));
-        s.flush();
+        s.feed(Event::Position {
+            token: *token,
+            result: Ok(last),
+        });
         s.texts()
     };
     assert_eq!(
@@ -705,7 +699,7 @@ fn a_reader_starts_where_asked_and_any_command_frees_one_slot() {
         &[],
     );
     s.auth_ok();
-    let calls = s.m.take_calls();
+    let calls = s.calls();
     let [Call::OpenConsumer { spec, .. }] = &calls[..] else {
         panic!("{calls:?}")
     };
@@ -731,7 +725,7 @@ fn a_reader_starts_where_asked_and_any_command_frees_one_slot() {
     s.text(&format!(r#"{{"messageId":"{}"}}"#, b64(&id(5, 8))));
     assert_eq!(s.acks(), [(9, 100), (9, 101)]);
     s.text(r#"{"type":"isEndOfTopic"}"#);
-    assert!(matches!(s.m.take_calls()[..], [Call::LastMessageId { .. }]));
+    assert!(matches!(s.calls()[..], [Call::LastMessageId { .. }]));
 }
 
 #[test]
@@ -748,7 +742,7 @@ fn reader_start_positions_earliest_and_latest() {
         let mut s = Session::new(Config::default());
         s.request("/ws/v2/reader/persistent/acme/iot/t", query, &[]);
         s.auth_ok();
-        let calls = s.m.take_calls();
+        let calls = s.calls();
         assert!(
             matches!(&calls[..], [Call::OpenConsumer { spec, .. }] if spec.start == start),
             "{query}: {calls:?}"
@@ -773,7 +767,7 @@ fn the_ack_timeout_nacks_what_stays_unacked() {
     s.now += 600;
     s.feed(Event::Timer { token: 1 });
     assert_eq!(
-        s.m.take_calls(),
+        s.calls(),
         [Call::Nack {
             sub: 9,
             delivery_id: 100
@@ -802,7 +796,7 @@ fn binary_messages_are_ignored() {
     let mut s = Session::producer(Config::default());
     s.data(Frame::Binary(vec![1, 2, 3]));
     assert!(s.frames().is_empty());
-    assert!(s.m.take_calls().is_empty());
+    assert!(s.calls().is_empty());
     assert!(!s.m.is_closed());
 }
 
@@ -815,7 +809,7 @@ fn nothing_is_sent_after_the_close() {
     s.deliver(100, id(1, 0), b"late");
     s.text(r#"{"type":"isEndOfTopic"}"#);
     assert!(s.frames().is_empty());
-    assert!(s.m.take_calls().is_empty());
+    assert!(s.calls().is_empty());
 }
 
 #[test]
@@ -823,7 +817,7 @@ fn deliveries_that_overtake_the_open_are_sent_after_the_101() {
     let mut s = Session::new(Config::default());
     s.request("/ws/v2/consumer/persistent/acme/iot/temps/sub", "", &[]);
     s.auth_ok();
-    s.m.take_calls();
+    s.calls();
     s.deliver(100, id(1, 0), b"early");
     assert!(s.frames().is_empty());
     s.feed(Event::SubscribeResult {
@@ -893,20 +887,15 @@ fn hostile_input_never_panics_and_nothing_follows_a_close() {
                 0 => s.text(noise.pick(&texts)),
                 1 => s.deliver(step, id(1, noise.next() % 8), b"m"),
                 2 => {
-                    let calls = s.m.take_calls();
-                    let receipts = calls
-                        .iter()
-                        .filter_map(|c| match c {
-                            Call::SendMessage { token, .. } => Some(Receipt {
-                                token: *token,
-                                outcome: Ok(id(2, *token)),
-                            }),
-                            _ => None,
-                        })
-                        .collect();
-                    s.m.on_receipts(s.now, receipts);
-                    s.m.on_position(s.now, noise.next() % 4, Ok(Some(id(1, 3))));
-                    s.flush();
+                    for call in s.calls() {
+                        if let Call::SendMessage { token, .. } = call {
+                            s.receipt(token, Ok(id(2, token)));
+                        }
+                    }
+                    s.feed(Event::Position {
+                        token: noise.next() % 4,
+                        result: Ok(Some(id(1, 3))),
+                    });
                 }
                 3 => {
                     s.now += 700;
