@@ -1,4 +1,4 @@
-//! The JSON messages of Pulsar's WebSocket API, both ways (notes/pulsar-ws-spec.md §5, §6):
+//! The JSON messages of Pulsar's WebSocket API, both ways (docs/pulsar-websocket-api.md §5, §6):
 //! `ProducerMessage` in, `ProducerAck` out; `ConsumerMessage` out, `ConsumerCommand` in;
 //! `EndOfTopicResponse` out.
 //!

@@ -2,10 +2,10 @@
 //! endpoints under `/ws/v2/` (and the old `/ws/`), so existing Pulsar WebSocket clients
 //! and web pages work against the gateway unchanged.
 //!
-//! The reference is Pulsar's own `pulsar-websocket` module; `notes/pulsar-ws-spec.md` of the
-//! work that built this plugin writes down what it does (paths, query parameters, JSON
-//! frames, message ids, HTTP statuses, `send-error` codes) with file:line citations, and the
-//! places where the gateway differs on purpose. The module docs below cite its sections.
+//! The reference is Pulsar's own `pulsar-websocket` module; `docs/pulsar-websocket-api.md`
+//! writes down what it does (paths, query parameters, JSON frames, message ids, HTTP
+//! statuses, `send-error` codes) with file:line citations, and the places where the gateway
+//! differs on purpose. The module docs below cite its sections.
 //!
 //! The plugin runs behind the gateway's web listener in message mode
 //! ([`magnetar_sdk::web`]): the host owns HTTP and RFC 6455 and hands over the upgrade

@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn encodes_as_the_java_client_does() {
-        // The examples of notes/pulsar-ws-spec.md §8.
+        // The examples of docs/pulsar-websocket-api.md §8.
         assert_eq!(encode(&id(7, 0, -1, -1).to_bytes(0)), "CAcQADAA");
         assert_eq!(encode(&id(7, 3, 2, 1).to_bytes(5)), "CAcQAxgCIAEwBQ==");
         assert_eq!(

@@ -1,5 +1,5 @@
 //! The query parameters of each endpoint, validated as Pulsar's handlers and the Java
-//! client's builders validate them (notes/pulsar-ws-spec.md §4), with the same messages.
+//! client's builders validate them (docs/pulsar-websocket-api.md §4), with the same messages.
 //!
 //! Parameters that change nothing at the host (batching, compression, routing, send timeout,
 //! priority, crypto failure action) are still parsed, so that a value Pulsar refuses is

@@ -1,6 +1,6 @@
 //! The upgrade request: which endpoint, which topic and subscription, which query
 //! parameters, which token — parsed as Pulsar's servlets parse them
-//! (notes/pulsar-ws-spec.md §1, §2), and the HTTP answer when they are refused (§3).
+//! (docs/pulsar-websocket-api.md §1, §2), and the HTTP answer when they are refused (§3).
 //!
 //! Pulsar answers some path errors with 500 (the exception escapes the handler's
 //! constructor) and others with 400 (the consumer's subscription): [`Refusal`] keeps those

@@ -1,5 +1,5 @@
 //! Times as Pulsar's WebSocket API writes them: `DateFormatter`, i.e. Java's
-//! `DateTimeFormatter.ISO_OFFSET_DATE_TIME` (notes/pulsar-ws-spec.md §8).
+//! `DateTimeFormatter.ISO_OFFSET_DATE_TIME` (docs/pulsar-websocket-api.md §8).
 //!
 //! Output is always UTC (`2026-12-06T10:30:00.12Z`): the fraction loses its trailing zeros
 //! and vanishes when zero, exactly as Java's `appendFraction(NANO_OF_SECOND, 0, 9, true)`.

@@ -1,4 +1,4 @@
-//! The consumer and reader endpoints (notes/pulsar-ws-spec.md §6, §7): deliveries of the
+//! The consumer and reader endpoints (docs/pulsar-websocket-api.md §6, §7): deliveries of the
 //! host's consumer become `ConsumerMessage`s; the client's commands become acks, nacks,
 //! permits, an unsubscribe or an end-of-topic question.
 //!

@@ -1,4 +1,4 @@
-//! The sans-IO state machine of one Pulsar WebSocket session (notes/pulsar-ws-spec.md).
+//! The sans-IO state machine of one Pulsar WebSocket session (docs/pulsar-websocket-api.md).
 //!
 //! Lifecycle: `AwaitRequest` → the upgrade REQUEST (path, query, token) → `Authenticating`
 //! (the host checks the token) → a producer is `Producing` at once; a consumer or reader is

@@ -1,4 +1,4 @@
-//! The producer endpoint (notes/pulsar-ws-spec.md §5): each text message is a
+//! The producer endpoint (docs/pulsar-websocket-api.md §5): each text message is a
 //! `ProducerMessage`, sent with `messaging.send-message`; its receipt becomes the
 //! `ProducerAck` that echoes the message's `context`. A frame Pulsar refuses is answered
 //! with its `send-error` at once and the session goes on.
