@@ -389,14 +389,7 @@ fn serve(pending: Pending, principal: &Principal) -> Result<Serve, Refusal> {
     if t.tenant != principal.tenant || t.namespace != principal.namespace {
         return Err(Refusal::new(403, "Not authorized"));
     }
-    // Pulsar would read a `/` as a legacy tenant/cluster/namespace name; the host's short
-    // names have none.
-    if t.topic.contains('/') {
-        return Err(Refusal::bad_param(format!(
-            "Invalid topic name: {} (a topic name of the gateway has no '/')",
-            t.topic
-        )));
-    }
+    check_topic_name(&t.topic)?;
     let topic = TopicRef {
         name: t.topic.clone(),
         persistent: t.persistent,
@@ -456,6 +449,31 @@ fn serve(pending: Pending, principal: &Principal) -> Result<Serve, Refusal> {
             Ok(Serve::Open(Box::new(pending), spec))
         }
     }
+}
+
+/// The host's rule for a short topic name (`gateway/src/names.rs`), checked before the
+/// upgrade so that a producer whose topic the host would refuse gets a 400, as Pulsar's
+/// producer creation would, rather than a `send-error` on every message. Pulsar would read
+/// a `/` as a legacy tenant/cluster/namespace name.
+fn check_topic_name(name: &str) -> Result<(), Refusal> {
+    let bad = |why: &str| {
+        Err(Refusal::bad_param(format!(
+            "Invalid topic name: {name} ({why})"
+        )))
+    };
+    if name.len() > 200 {
+        return bad("longer than 200 bytes");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '%'))
+    {
+        return bad("a topic name of the gateway has only A-Z a-z 0-9 . _ - %");
+    }
+    if name.starts_with("__") || name == "." || name == ".." {
+        return bad("reserved for the gateway");
+    }
+    Ok(())
 }
 
 /// A `deadLetterTopic` as the host names topics: a short name of the principal's namespace.

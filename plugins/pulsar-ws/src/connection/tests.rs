@@ -426,6 +426,10 @@ fn the_upgrade_is_refused_with_pulsars_statuses() {
         status("/ws/v2/producer/persistent/acme/iot/a/b", "", ok()),
         400
     );
+    for bad in ["a%20b", "__kv", ".."] {
+        let path = format!("/ws/v2/producer/persistent/acme/iot/{bad}");
+        assert_eq!(status(&path, "", ok()), 400, "{bad}");
+    }
     let busy = Some(Err(op_error(ErrorKind::Backend, "server busy")));
     assert_eq!(
         status("/ws/v2/producer/persistent/acme/iot/t", "", busy),
