@@ -246,3 +246,25 @@ def test_unsubscribe_deletes_the_subscription(web):
     with connect(url(web, "consumer", f"{topic}/gone")) as consumer:
         with pytest.raises(TimeoutError):
             consumer.recv(timeout=1)
+
+
+def test_v1_paths_with_their_cluster_segment(web):
+    topic = f"v1-{uuid.uuid4().hex[:8]}"
+    base = f"ws://127.0.0.1:{web.web_port}"
+    # The old path shape carries a cluster segment, which the gateway ignores.
+    consumer_url = f"{base}/ws/consumer/persistent/acme/standalone/default/{topic}/s?token={web.alice}"
+    producer_url = f"{base}/ws/producer/persistent/acme/standalone/default/{topic}?token={web.alice}"
+    with connect(consumer_url) as consumer, connect(producer_url) as producer:
+        producer.send(json.dumps({"payload": b64(b"old"), "context": "v1"}))
+        assert recv_json(producer)["result"] == "ok"
+        assert base64.b64decode(recv_json(consumer)["payload"]) == b"old"
+
+
+@pytest.mark.parametrize("mode", ["Shared", "Failover", "Key_Shared"])
+def test_subscription_types_deliver(web, mode):
+    topic = f"m-{uuid.uuid4().hex[:8]}"
+    with connect(url(web, "consumer", f"{topic}/s", f"subscriptionType={mode}")) as consumer, \
+            connect(url(web, "producer", topic)) as producer:
+        producer.send(json.dumps({"payload": b64(mode.encode()), "key": "k"}))
+        recv_json(producer)
+        assert base64.b64decode(recv_json(consumer)["payload"]) == mode.encode()
