@@ -92,6 +92,11 @@ pub async fn serve(
     Ok((local, task))
 }
 
+/// The admin API's routes over `registry`, checked with `auth`.
+pub(crate) fn router_for(registry: Arc<Registry>, auth: Option<BrokerAuth>) -> Router {
+    router(Arc::new(Admin { registry, auth }))
+}
+
 fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/admin/v2/clusters", get(clusters))

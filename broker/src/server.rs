@@ -103,6 +103,7 @@ pub struct BrokerHandle {
     admin: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     registry: Arc<Registry>,
     in_process: InProcess,
+    auth: Option<BrokerAuth>,
 }
 
 /// Opens connections to a running broker inside its process: a client speaks the Pulsar
@@ -225,6 +226,7 @@ impl Broker {
             admin,
             registry,
             in_process,
+            auth: config.auth.clone(),
         })
     }
 }
@@ -299,6 +301,12 @@ impl BrokerHandle {
     /// The address the broker listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin REST API as a router, to serve in-process on another listener (the
+    /// gateway's web port); it checks tokens as the broker's own port does.
+    pub fn admin_router(&self) -> axum::Router {
+        crate::admin::router_for(self.registry.clone(), self.auth.clone())
     }
 
     /// The address of the admin REST API, if it runs.

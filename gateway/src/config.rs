@@ -295,9 +295,18 @@ pub struct ListenerConfig {
     #[serde(default = "default_websocket_subprotocols")]
     pub websocket_subprotocols: Vec<String>,
     /// Largest incoming WebSocket message in bytes (a message is held whole before its bytes
-    /// reach the plugin); keep it at least the plugin's largest packet.
+    /// reach the plugin); keep it at least the plugin's largest packet. Also a web port's.
     #[serde(default = "default_websocket_max_message_size")]
     pub websocket_max_message_size: usize,
+    /// Serve HTTP/1.1 as Pulsar's web port does (see `web.rs`): WebSocket upgrades under
+    /// `/ws/` go to the plugin in message mode, `/admin/v2/...` is the admin REST API,
+    /// `/demo` a demo page. Not with `websocket`.
+    #[serde(default)]
+    pub web: bool,
+    /// Origins (`scheme://host[:port]`) whose pages may open WebSockets on a web port; empty
+    /// allows any. Requests without `Origin` (non-browser clients) always pass.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 impl ListenerConfig {
@@ -312,6 +321,8 @@ impl ListenerConfig {
             websocket_path: None,
             websocket_subprotocols: default_websocket_subprotocols(),
             websocket_max_message_size: default_websocket_max_message_size(),
+            web: false,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -370,6 +381,17 @@ impl Default for Config {
                         "mqtt-ws",
                         SocketAddr::from(([127, 0, 0, 1], 9001)),
                         "mqtt",
+                        false,
+                    )
+                },
+                // Where Apache Pulsar serves its WebSocket and admin REST APIs. Without its
+                // plugin the port still serves /admin/v2 and /demo (see `web.rs`).
+                ListenerConfig {
+                    web: true,
+                    ..ListenerConfig::new(
+                        "web",
+                        SocketAddr::from(([127, 0, 0, 1], 8080)),
+                        "pulsar-ws",
                         false,
                     )
                 },
@@ -462,10 +484,26 @@ impl Config {
             }
             let ws_options_set = l.websocket_path.is_some()
                 || l.websocket_subprotocols != default_websocket_subprotocols()
-                || l.websocket_max_message_size != default_websocket_max_message_size();
+                || (l.websocket_max_message_size != default_websocket_max_message_size() && !l.web);
             if ws_options_set && !l.websocket {
                 return Err(format!(
                     "key `listeners[{i}].websocket_*`: set only with `websocket = true`"
+                ));
+            }
+            if l.web && l.websocket {
+                return Err(format!(
+                    "key `listeners[{i}].web`: a web port serves WebSocket itself; \
+                     set `web` or `websocket`, not both"
+                ));
+            }
+            if !l.allowed_origins.is_empty() && !l.web {
+                return Err(format!(
+                    "key `listeners[{i}].allowed_origins`: set only with `web = true`"
+                ));
+            }
+            if l.web && l.websocket_max_message_size < 16 {
+                return Err(format!(
+                    "key `listeners[{i}].websocket_max_message_size`: must be at least 16"
                 ));
             }
             if l.websocket_path
@@ -563,19 +601,39 @@ mod tests {
     fn empty_config_is_standalone_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.broker.embedded);
-        assert_eq!(c.listeners.len(), 3);
+        assert_eq!(c.listeners.len(), 4);
         assert_eq!(c.listeners[0].bind.port(), 1883);
         assert_eq!(c.listeners[1].bind.port(), 8883);
         assert_eq!(c.listeners[2].bind.port(), 9001);
         assert!(c.listeners[2].websocket && !c.listeners[2].tls);
+        assert_eq!(c.listeners[3].bind.port(), 8080);
+        assert!(c.listeners[3].web && !c.listeners[3].websocket);
     }
 
     #[test]
     fn example_config_is_valid_and_lists_the_default_listeners() {
         let c = Config::parse(include_str!("../../examples/magnetar.toml")).unwrap();
         let ports: Vec<_> = c.listeners.iter().map(|l| l.bind.port()).collect();
-        assert_eq!(ports, [1883, 8883, 9001]);
+        assert_eq!(ports, [1883, 8883, 9001, 8080]);
         assert!(c.listeners[2].websocket);
+        assert!(c.listeners[3].web);
+    }
+
+    #[test]
+    fn web_listener_options() {
+        let base = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:1\"\nplugin = \"p\"\n";
+        let c = Config::parse(&format!(
+            "{base}web = true\nallowed_origins = [\"http://a\"]\nwebsocket_max_message_size = 4096\n"
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert!(l.web && !l.websocket);
+        assert_eq!(l.allowed_origins, ["http://a"]);
+        assert_eq!(l.websocket_max_message_size, 4096);
+        let both = Config::parse(&format!("{base}web = true\nwebsocket = true\n")).unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let origins = Config::parse(&format!("{base}allowed_origins = [\"http://a\"]\n"));
+        assert!(origins.unwrap_err().contains("allowed_origins"));
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! 2. services: `sasl`, `login_cache`, `tenancy`, `crypto`, `quota`, `backend`, `kv`, `tls`;
 //! 3. the host: `host` (the host calls), `plugin_host` (workers and instances), `connection`
 //!    (socket tasks);
-//! 4. the top: `websocket`, `listener`, `admin`, `server` (and the binary, `main.rs`).
+//! 4. the top: `websocket`, `message_mode`, `web_admin`, `web`, `listener`, `admin`, `server`
+//!    (and the binary, `main.rs`).
 #![forbid(unsafe_code)]
 
 // 1. Leaves.
@@ -63,8 +64,14 @@ pub mod plugin_host;
 pub mod admin;
 /// TCP listeners, TLS handshakes and the hand-off of connections to plugin workers.
 pub mod listener;
+/// A web port's WebSocket as envelope frames: the plugin answers the upgrade, then messages.
+pub mod message_mode;
 /// The running gateway: wires config, broker, backend, plugins and listeners together.
 pub mod server;
+/// The web port: HTTP/1.1 routing to WebSocket endpoints, the admin REST API, the demo page.
+pub mod web;
+/// Pulsar's admin REST API on the web port, under the gateway's tenancy.
+pub mod web_admin;
 /// WebSocket as a listener transport: the Upgrade handshake, binary messages as a byte stream.
 pub mod websocket;
 

@@ -2,7 +2,8 @@
 //!
 //! Each listener serves one plugin. A connection gets a process-wide id and a worker of its
 //! plugin (round-robin); the TLS handshake runs in the connection's own task with a deadline,
-//! so a client that stalls mid-handshake holds nothing but its socket.
+//! so a client that stalls mid-handshake holds nothing but its socket. A web port
+//! ([`crate::web`]) may run without its plugin: it then serves only its HTTP paths.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use crate::conn_shared::ConnShared;
 use crate::connection;
 use crate::host::Event;
 use crate::plugin_host::{PluginPool, WorkerHandle};
+use crate::web::{Routed, WebPort};
 use crate::websocket::WebSocketOptions;
 
 /// Time a client has to finish the TLS handshake.
@@ -30,9 +32,12 @@ pub struct Listener {
     pub name: String,
     tcp: TcpListener,
     tls: Option<TlsAcceptor>,
-    pool: Arc<PluginPool>,
+    /// `None` only on a web port whose plugin is not loaded.
+    pool: Option<Arc<PluginPool>>,
     /// Set: connections speak WebSocket, upgraded before the plugin sees them.
     websocket: Option<Arc<WebSocketOptions>>,
+    /// Set: a web port (HTTP routing; WebSockets under `/ws/` in message mode).
+    web: Option<Arc<WebPort>>,
 }
 
 impl Listener {
@@ -40,7 +45,7 @@ impl Listener {
         name: &str,
         addr: SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
-        pool: Arc<PluginPool>,
+        pool: Option<Arc<PluginPool>>,
     ) -> anyhow::Result<Listener> {
         let tcp = TcpListener::bind(addr)
             .await
@@ -51,7 +56,14 @@ impl Listener {
             tls: tls.map(TlsAcceptor::from),
             pool,
             websocket: None,
+            web: None,
         })
+    }
+
+    /// Serves the listener as a web port (see [`crate::web`]).
+    pub fn with_web(mut self, port: Option<WebPort>) -> Listener {
+        self.web = port.map(Arc::new);
+        self
     }
 
     /// Serves the listener's connections over WebSocket (see [`crate::websocket`]).
@@ -79,17 +91,31 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             let tls = self.tls.clone();
-            let ws = self.websocket.clone();
+            let transport = Transport {
+                websocket: self.websocket.clone(),
+                web: self.web.clone(),
+            };
             // Picked here, in accept order, so connections spread evenly over the workers.
-            let worker = self.pool.pick();
+            let worker = self.pool.as_ref().map(|p| p.pick());
             let name = name.clone();
             tokio::spawn(async move {
+<<<<<<< HEAD
                 if let Err(e) = accept(stream, peer, name.clone(), tls, ws, worker).await {
                     tracing::info!(listener = %name, %peer, error = format!("{e:#}"), "connection refused");
+=======
+                if let Err(e) = accept(stream, peer, name.clone(), tls, transport, worker).await {
+                    tracing::info!(listener = %name, %peer, error = %e, "connection refused");
+>>>>>>> web
                 }
             });
         }
     }
+}
+
+/// What runs between the accept (and TLS) and the plugin.
+struct Transport {
+    websocket: Option<Arc<WebSocketOptions>>,
+    web: Option<Arc<WebPort>>,
 }
 
 async fn accept(
@@ -97,8 +123,8 @@ async fn accept(
     peer: SocketAddr,
     listener: Arc<str>,
     tls: Option<TlsAcceptor>,
-    ws: Option<Arc<WebSocketOptions>>,
-    worker: WorkerHandle,
+    transport: Transport,
+    worker: Option<WorkerHandle>,
 ) -> anyhow::Result<()> {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::new(ConnShared::default());
@@ -121,45 +147,84 @@ async fn accept(
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(crate::tls::client_common_name);
-            upgrade(stream, ws, conn, info, client_cert, shared, worker).await
+            let opening = Opening {
+                conn,
+                info,
+                client_cert,
+                shared,
+            };
+            upgrade(stream, transport, opening, worker).await
         }
-        None => upgrade(stream, ws, conn, info, None, shared, worker).await,
+        None => {
+            let opening = Opening {
+                conn,
+                info,
+                client_cert: None,
+                shared,
+            };
+            upgrade(stream, transport, opening, worker).await
+        }
     }
 }
 
-/// Runs the WebSocket handshake first on a WebSocket listener, then starts the connection.
+/// A connection about to be opened in its plugin.
+struct Opening {
+    conn: u64,
+    info: ConnInfo,
+    client_cert: Option<String>,
+    shared: Arc<ConnShared>,
+}
+
+/// Runs the WebSocket handshake first on a WebSocket listener, routes the request on a web
+/// port, then starts the connection.
 async fn upgrade<S>(
     stream: S,
-    ws: Option<Arc<WebSocketOptions>>,
-    conn: u64,
-    info: ConnInfo,
-    client_cert: Option<String>,
-    shared: Arc<ConnShared>,
-    worker: WorkerHandle,
+    transport: Transport,
+    opening: Opening,
+    worker: Option<WorkerHandle>,
 ) -> anyhow::Result<()>
 where
     S: connection::Transport,
 {
-    match ws {
+    if let Some(port) = transport.web {
+        let peer = stream.tcp().peer_addr()?;
+        let (stream, request) =
+            match crate::web::accept(stream, peer, &port, worker.is_some()).await? {
+                Routed::Served => return Ok(()),
+                Routed::Plugin { transport, request } => (transport, request),
+            };
+        let worker = worker.context("a web port without its plugin upgraded a WebSocket")?;
+        let shared = opening.shared.clone();
+        tokio::spawn(crate::message_mode::watchdog(stream.stage(), shared));
+        return start(stream, opening, worker, Some(request)).await;
+    }
+    let worker = worker.context("a listener without its plugin")?;
+    match transport.websocket {
         Some(options) => {
             let stream = crate::websocket::accept(stream, &options).await?;
-            start(stream, conn, info, client_cert, shared, worker).await
+            start(stream, opening, worker, None).await
         }
-        None => start(stream, conn, info, client_cert, shared, worker).await,
+        None => start(stream, opening, worker, None).await,
     }
 }
 
+/// Opens the connection in its plugin, hands it `first` (bytes the host produced itself,
+/// before any from the socket), and spawns its socket task.
 async fn start<S>(
     stream: S,
-    conn: u64,
-    info: ConnInfo,
-    client_cert: Option<String>,
-    shared: Arc<ConnShared>,
+    opening: Opening,
     worker: WorkerHandle,
+    first: Option<bytes::Bytes>,
 ) -> anyhow::Result<()>
 where
     S: connection::Transport,
 {
+    let Opening {
+        conn,
+        info,
+        client_cert,
+        shared,
+    } = opening;
     tracing::debug!(conn, peer = %info.peer_addr, listener = %info.listener, "connection opened");
     worker
         .send(Event::Open {
@@ -169,6 +234,17 @@ where
             shared: shared.clone(),
         })
         .await?;
+    if let Some(data) = first {
+        // Counted as read from the socket: the connection reads on once the plugin had it.
+        shared.input_read(data.len());
+        worker
+            .send(Event::Data {
+                conn,
+                data,
+                shared: shared.clone(),
+            })
+            .await?;
+    }
     // A task of its own: what the accept and the handshake needed is freed now, not kept for
     // the connection's lifetime inside one larger future.
     tokio::spawn(connection::run(stream, conn, shared, worker));

@@ -123,9 +123,18 @@ impl Server {
             if pools.contains_key(&l.plugin) {
                 continue;
             }
-            let wasm = plugins
-                .get(&l.plugin)
-                .ok_or_else(|| anyhow!("listener {}: no plugin named {:?}", l.name, l.plugin))?;
+            let Some(wasm) = plugins.get(&l.plugin) else {
+                if l.web {
+                    // The admin API and the demo page need no plugin.
+                    tracing::warn!(listener = %l.name, plugin = %l.plugin, "plugin not found: the web port serves no WebSocket endpoint");
+                    continue;
+                }
+                return Err(anyhow!(
+                    "listener {}: no plugin named {:?}",
+                    l.name,
+                    l.plugin
+                ));
+            };
             let component = host.compile(&l.plugin, wasm)?;
             let pool = host.start_pool(
                 &l.plugin,
@@ -144,11 +153,22 @@ impl Server {
         };
         let mut listeners = Vec::new();
         let mut background = Vec::new();
+        let pulsar_admin = Arc::new(crate::web_admin::PulsarAdmin::new(
+            services.tenancy.clone(),
+            config.admin.token.clone(),
+            broker.as_ref().map(|b| b.admin_router()),
+        ));
         for l in &config.listeners {
-            let pool = pools
-                .get(&l.plugin)
-                .cloned()
-                .ok_or_else(|| anyhow!("listener {}: plugin {} not started", l.name, l.plugin))?;
+            let pool = pools.get(&l.plugin).cloned();
+            if pool.is_none() && !l.web {
+                return Err(anyhow!(
+                    "listener {}: plugin {} not started",
+                    l.name,
+                    l.plugin
+                ));
+            }
+            let web = crate::web::WebOptions::from_listener(l)
+                .map(|options| crate::web::WebPort::new(options, pulsar_admin.clone()));
             let bound = Listener::bind(
                 &l.name,
                 l.bind,
@@ -156,9 +176,10 @@ impl Server {
                 pool,
             )
             .await?
-            .with_websocket(crate::websocket::WebSocketOptions::from_listener(l));
+            .with_websocket(crate::websocket::WebSocketOptions::from_listener(l))
+            .with_web(web);
             let addr = bound.local_addr().context("reading a bound address")?;
-            tracing::info!(listener = %l.name, %addr, plugin = %l.plugin, tls = l.tls, websocket = l.websocket, "listening");
+            tracing::info!(listener = %l.name, %addr, plugin = %l.plugin, tls = l.tls, websocket = l.websocket, web = l.web, "listening");
             listeners.push((l.name.clone(), addr, tokio::spawn(bound.serve())));
         }
         if let Some(addr) = config.admin.listen {

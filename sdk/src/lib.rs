@@ -64,6 +64,9 @@ pub mod ops;
 pub mod outbox;
 /// A simulated host to run a machine natively in `cargo test`.
 pub mod testing;
+/// The message envelope of the web port: HTTP upgrade request and response, WebSocket
+/// messages, as frames over a plugin connection's byte stream.
+pub mod web;
 
 pub use machine::{Action, Driver, Event, Machine};
 
