@@ -34,6 +34,7 @@ fn main() {
         "sdk/wit",
         "sdk/Cargo.toml",
         "examples/echo-plugin",
+        "examples/web-echo-plugin",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }

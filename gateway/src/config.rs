@@ -62,9 +62,14 @@ pub struct BackendSection {
 }
 
 /// The server certificate of TLS listeners.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSection {
+    /// Issue TLS 1.3 session tickets (stateless, encrypted under a key that lives in memory
+    /// only and rotates every 6 hours), so that a reconnecting client resumes its session
+    /// instead of a full handshake: no certificate signature, no client-certificate check.
+    /// `false`: every connection makes a full handshake.
+    pub session_tickets: bool,
     /// PEM certificate chain; unset means a certificate generated in `data_dir/tls`.
     pub cert: Option<PathBuf>,
     /// PEM private key matching `cert`.
@@ -78,6 +83,19 @@ pub struct TlsSection {
     /// Certificates picked by the server name the client asks for (SNI), e.g. one per
     /// tenant; other names get `cert`.
     pub certificates: Vec<SniCertificate>,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            session_tickets: true,
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            certificates: Vec::new(),
+        }
+    }
 }
 
 /// A certificate served to clients that ask for `server_name`.
@@ -366,6 +384,17 @@ impl Default for Config {
                         false,
                     )
                 },
+                // Where Apache Pulsar serves its WebSocket and admin REST APIs. Without its
+                // plugin the port still serves /admin/v2 and /demo (see `web.rs`).
+                ListenerConfig {
+                    web: true,
+                    ..ListenerConfig::new(
+                        "web",
+                        SocketAddr::from(([127, 0, 0, 1], 8080)),
+                        "pulsar-ws",
+                        false,
+                    )
+                },
             ],
         }
     }
@@ -572,19 +601,39 @@ mod tests {
     fn empty_config_is_standalone_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.broker.embedded);
-        assert_eq!(c.listeners.len(), 3);
+        assert_eq!(c.listeners.len(), 4);
         assert_eq!(c.listeners[0].bind.port(), 1883);
         assert_eq!(c.listeners[1].bind.port(), 8883);
         assert_eq!(c.listeners[2].bind.port(), 9001);
         assert!(c.listeners[2].websocket && !c.listeners[2].tls);
+        assert_eq!(c.listeners[3].bind.port(), 8080);
+        assert!(c.listeners[3].web && !c.listeners[3].websocket);
     }
 
     #[test]
     fn example_config_is_valid_and_lists_the_default_listeners() {
         let c = Config::parse(include_str!("../../examples/magnetar.toml")).unwrap();
         let ports: Vec<_> = c.listeners.iter().map(|l| l.bind.port()).collect();
-        assert_eq!(ports, [1883, 8883, 9001]);
+        assert_eq!(ports, [1883, 8883, 9001, 8080]);
         assert!(c.listeners[2].websocket);
+        assert!(c.listeners[3].web);
+    }
+
+    #[test]
+    fn web_listener_options() {
+        let base = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:1\"\nplugin = \"p\"\n";
+        let c = Config::parse(&format!(
+            "{base}web = true\nallowed_origins = [\"http://a\"]\nwebsocket_max_message_size = 4096\n"
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert!(l.web && !l.websocket);
+        assert_eq!(l.allowed_origins, ["http://a"]);
+        assert_eq!(l.websocket_max_message_size, 4096);
+        let both = Config::parse(&format!("{base}web = true\nwebsocket = true\n")).unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let origins = Config::parse(&format!("{base}allowed_origins = [\"http://a\"]\n"));
+        assert!(origins.unwrap_err().contains("allowed_origins"));
     }
 
     #[test]

@@ -17,8 +17,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// Magnetar: MQTT (and more) at the edge, Apache Pulsar underneath.
 ///
 /// With no arguments, runs standalone on loopback: the embedded Pulsar-protocol broker on
-/// 127.0.0.1:6650, MQTT on 1883, MQTT over TLS on 8883 and MQTT over WebSocket on 9001, data
-/// in ./data.
+/// 127.0.0.1:6650, MQTT on 1883, MQTT over TLS on 8883, MQTT over WebSocket on 9001 and the
+/// web port (Pulsar's WebSocket and admin REST APIs, /demo) on 8080, data in ./data.
 #[derive(Parser, Debug)]
 #[command(name = "magnetar", version, about, long_about)]
 struct Cli {

@@ -14,8 +14,9 @@
 //!
 //! It implements [`Transport`], so the connection task is the one TCP, TLS and MQTT over
 //! WebSocket use, with its backpressure: the plugin's writes are cut into frames however
-//! they were split or joined, a frame waits for the socket (never more than one frame is
-//! buffered beyond [`MAX_OUT_MESSAGE`]), and a congested connection stops reading.
+//! they were split or joined, a whole frame leaves the buffer only once the socket takes its
+//! message, the buffer holds at most one incomplete frame (of at most [`MAX_OUT_MESSAGE`]
+//! bytes) besides, and a congested connection stops reading.
 //!
 //! What the connection task cannot do, [`watchdog`] does: it ends a connection whose plugin
 //! does not answer the upgrade within [`ANSWER_DEADLINE`] (the client gets a 503), and one
@@ -26,8 +27,9 @@
 //! frame, bad opcode, fragmented control frame...) → 1002; bytes from the client before the
 //! answer (RFC 6455 §4.1 forbids them) → 400; a plugin breaking the envelope (a message
 //! before its RESPONSE, an unknown kind, a second RESPONSE) → 500 before the upgrade, 1011
-//! after, and a warning in the log. A peer's close code is echoed (tungstenite). No
-//! `permessage-deflate`: tungstenite 0.30 does not implement it, so it is never negotiated.
+//! after, and a warning in the log. A peer's close code is echoed (tungstenite). The RFC 6455
+//! side is `websocket::WsSide`, shared with MQTT over WebSocket. No `permessage-deflate`:
+//! tokio-tungstenite 0.30 does not implement it, so it is never negotiated.
 
 use std::io;
 use std::pin::Pin;
@@ -36,20 +38,20 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::{Sink, Stream};
+use futures::Sink;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::conn_shared::ConnShared;
 use crate::connection::Transport;
+use crate::websocket::{ws_to_io, WsSide};
 
 /// Time the plugin has to answer the upgrade request.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
@@ -98,7 +100,8 @@ enum Phase {
 
 /// One WebSocket connection in message mode: see the module docs.
 pub struct MessageTransport<S> {
-    ws: WebSocketStream<S>,
+    /// The WebSocket (before the upgrade, only its stream below is used).
+    side: WsSide<S>,
     /// `Sec-WebSocket-Accept` for a 101.
     accept_key: String,
     /// The subprotocols the client offered: the only ones a 101 may name (a client fails
@@ -117,24 +120,12 @@ pub struct MessageTransport<S> {
     from_plugin: BytesMut,
     /// The HTTP answer, as far as it is not written yet.
     answer: Bytes,
-    /// A ping or close was read: tungstenite holds its answer until the next flush.
-    answer_queued: bool,
-    /// The client closed the WebSocket (or left): reads return end of stream.
-    ended: bool,
-    /// The close code to send on shutdown; `None` once a close was sent or answered.
-    close: Option<CloseCode>,
+    /// The plugin broke the envelope after the upgrade: the connection ends (1011).
+    plugin_broke: bool,
 }
 
 fn aborted(why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, why)
-}
-
-fn ws_to_io(e: WsError) -> io::Error {
-    match e {
-        WsError::Io(e) => e,
-        WsError::ConnectionClosed | WsError::AlreadyClosed => io::ErrorKind::BrokenPipe.into(),
-        e => io::Error::other(e),
-    }
 }
 
 impl<S: Transport> MessageTransport<S> {
@@ -155,7 +146,7 @@ impl<S: Transport> MessageTransport<S> {
         // through `get_mut()` first.
         let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
         MessageTransport {
-            ws,
+            side: WsSide::new(ws),
             accept_key: derive_accept_key(sec_websocket_key.as_bytes()),
             offered,
             phase: Phase::Awaiting,
@@ -166,9 +157,7 @@ impl<S: Transport> MessageTransport<S> {
             unread: Bytes::new(),
             from_plugin: BytesMut::new(),
             answer: Bytes::new(),
-            answer_queued: false,
-            ended: false,
-            close: Some(CloseCode::Normal),
+            plugin_broke: false,
         }
     }
 
@@ -184,14 +173,6 @@ impl<S: Transport> MessageTransport<S> {
             .unwrap_or_default()
     }
 
-    /// A read failed on the client's breach: close with `code`, report `error`.
-    fn breach(&mut self, code: CloseCode, error: String) -> Poll<io::Result<()>> {
-        self.ended = true;
-        self.close = Some(code);
-        tracing::info!(peer = %self.peer(), %error, "closing WebSocket connection");
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
-    }
-
     /// The plugin broke the envelope: refuse the upgrade (500) or close the WebSocket (1011).
     fn plugin_breach(&mut self, error: &str) {
         tracing::warn!(peer = %self.peer(), %error, "plugin broke the web envelope");
@@ -202,7 +183,8 @@ impl<S: Transport> MessageTransport<S> {
                 self.phase = Phase::Answering { upgrade: false };
             }
             Phase::Open => {
-                self.close = Some(CloseCode::Error);
+                self.side.close = Some(CloseCode::Error);
+                self.plugin_broke = true;
                 self.phase = Phase::Closing;
                 self.stage.send_replace(Stage::Ending);
             }
@@ -227,7 +209,8 @@ impl<S: Transport> MessageTransport<S> {
             match self.phase {
                 Phase::Answering { upgrade } => {
                     while !self.answer.is_empty() {
-                        let n = ready!(Pin::new(self.ws.get_mut()).poll_write(cx, &self.answer))?;
+                        let n =
+                            ready!(Pin::new(self.side.ws.get_mut()).poll_write(cx, &self.answer))?;
                         if n == 0 {
                             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                         }
@@ -238,7 +221,7 @@ impl<S: Transport> MessageTransport<S> {
                         self.stage.send_replace(Stage::Open);
                         continue;
                     }
-                    ready!(Pin::new(self.ws.get_mut()).poll_flush(cx))?;
+                    ready!(Pin::new(self.side.ws.get_mut()).poll_flush(cx))?;
                     self.phase = Phase::Refused;
                     self.stage.send_replace(Stage::Ending);
                 }
@@ -248,12 +231,21 @@ impl<S: Transport> MessageTransport<S> {
                 }
                 Phase::Closing => {
                     self.from_plugin.clear();
+                    if self.plugin_broke {
+                        // Shutdown sends the 1011.
+                        return Poll::Ready(Err(aborted("the plugin broke the web envelope")));
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Phase::Awaiting | Phase::Open => {}
             }
-            let Some((kind, len)) = self.peek_frame() else {
-                return Poll::Ready(Ok(()));
+            let (kind, len) = match self.peek_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Poll::Ready(Ok(())),
+                Err(e) => {
+                    self.plugin_breach(&e);
+                    continue;
+                }
             };
             if kind == KIND_HTTP {
                 if self.phase == Phase::Open {
@@ -272,7 +264,7 @@ impl<S: Transport> MessageTransport<S> {
                 continue;
             }
             // The sink must have room before the frame leaves the buffer.
-            ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_to_io)?;
+            ready!(Pin::new(&mut self.side.ws).poll_ready(cx)).map_err(ws_to_io)?;
             let payload = self.take_frame(len);
             let message = match kind {
                 KIND_TEXT => match Utf8Bytes::try_from(payload) {
@@ -285,35 +277,37 @@ impl<S: Transport> MessageTransport<S> {
                 KIND_BINARY => Message::Binary(payload),
                 _ => {
                     let frame = close_frame(&payload);
-                    self.close = None;
+                    self.side.close = None;
                     self.phase = Phase::Closing;
                     self.stage.send_replace(Stage::Ending);
                     Message::Close(Some(frame))
                 }
             };
-            Pin::new(&mut self.ws)
+            Pin::new(&mut self.side.ws)
                 .start_send(message)
                 .map_err(ws_to_io)?;
         }
     }
 
-    /// The kind and payload length of the first buffered frame if it is whole; a frame
-    /// that can never be valid is a breach (and the buffer is dropped).
-    fn peek_frame(&mut self) -> Option<(u8, usize)> {
+    /// The kind and payload length of the first buffered frame if it is whole; an error for
+    /// a frame that can never be valid.
+    fn peek_frame(&self) -> Result<Option<(u8, usize)>, String> {
         let buf = &self.from_plugin;
-        let kind = *buf.first()?;
+        let Some(&kind) = buf.first() else {
+            return Ok(None);
+        };
         if !matches!(kind, KIND_HTTP | KIND_TEXT | KIND_BINARY | KIND_CLOSE) {
-            self.plugin_breach(&format!("unknown frame kind 0x{kind:02x}"));
-            return None;
+            return Err(format!("unknown frame kind 0x{kind:02x}"));
         }
-        let len = buf.get(1..HEADER_LEN)?;
+        let Some(len) = buf.get(1..HEADER_LEN) else {
+            return Ok(None);
+        };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len > MAX_OUT_MESSAGE {
-            self.plugin_breach(&format!("a frame of {len} bytes (limit {MAX_OUT_MESSAGE})"));
-            return None;
+            return Err(format!("a frame of {len} bytes (limit {MAX_OUT_MESSAGE})"));
         }
-        (buf.len() >= HEADER_LEN + len).then_some((kind, len))
+        Ok((buf.len() >= HEADER_LEN + len).then_some((kind, len)))
     }
 
     fn take_frame(&mut self, len: usize) -> Bytes {
@@ -486,7 +480,7 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                 this.unread.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if this.ended {
+            if this.side.ended {
                 return Poll::Ready(Ok(()));
             }
             match this.phase {
@@ -495,9 +489,9 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                     // readiness): before the answer it may send nothing (RFC 6455 §4.1).
                     let mut probe = [0u8; 16];
                     let mut probe = ReadBuf::new(&mut probe);
-                    ready!(Pin::new(this.ws.get_mut()).poll_read(cx, &mut probe))?;
-                    this.ended = true;
-                    this.close = None;
+                    ready!(Pin::new(this.side.ws.get_mut()).poll_read(cx, &mut probe))?;
+                    this.side.ended = true;
+                    this.side.close = None;
                     if probe.filled().is_empty() {
                         return Poll::Ready(Ok(()));
                     }
@@ -509,41 +503,13 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                 }
                 Phase::Open | Phase::Closing => {}
             }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(Message::Text(text))) => {
-                    if this.phase == Phase::Open {
-                        this.deliver(KIND_TEXT, Bytes::from(text));
-                    }
-                }
-                Some(Ok(Message::Binary(data))) => {
-                    if this.phase == Phase::Open {
-                        this.deliver(KIND_BINARY, data);
-                    }
-                }
-                Some(Ok(Message::Ping(_))) => this.answer_queued = true,
-                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_)))
-                | None
-                | Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                    // Its answer (the same code) is queued; the stream ends.
-                    this.answer_queued = true;
-                    this.ended = true;
-                    this.close = None;
-                }
-                Some(Err(WsError::Utf8(e))) => {
-                    return this.breach(CloseCode::Invalid, format!("text message: {e}"))
-                }
-                Some(Err(WsError::Capacity(e))) => {
-                    return this.breach(CloseCode::Size, format!("WebSocket message: {e}"))
-                }
-                Some(Err(WsError::Protocol(e))) => {
-                    return this.breach(CloseCode::Protocol, format!("WebSocket protocol: {e}"))
-                }
-                Some(Err(e)) => {
-                    this.ended = true;
-                    this.close = None;
-                    return Poll::Ready(Err(ws_to_io(e)));
-                }
+            match ready!(this.side.poll_message(cx))? {
+                None => return Poll::Ready(Ok(())),
+                // After the plugin's close, what the client still sends is dropped.
+                Some(_) if this.phase == Phase::Closing => {}
+                Some(Message::Text(text)) => this.deliver(KIND_TEXT, Bytes::from(text)),
+                Some(Message::Binary(data)) => this.deliver(KIND_BINARY, data),
+                Some(_) => {}
             }
         }
     }
@@ -573,11 +539,8 @@ impl<S: Transport> AsyncWrite for MessageTransport<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_frames(cx))?;
         match self.phase {
-            Phase::Open | Phase::Closing => {
-                ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(ws_to_io)?;
-                self.answer_queued = false;
-            }
-            _ => ready!(Pin::new(self.ws.get_mut()).poll_flush(cx))?,
+            Phase::Open | Phase::Closing => ready!(self.side.poll_flush(cx))?,
+            _ => ready!(Pin::new(self.side.ws.get_mut()).poll_flush(cx))?,
         }
         Poll::Ready(Ok(()))
     }
@@ -595,41 +558,37 @@ impl<S: Transport> AsyncWrite for MessageTransport<S> {
             Phase::Answering { .. } | Phase::Refused | Phase::Awaiting => {
                 // Written, or the socket failed: either way the stream is done.
                 let _ = ready!(self.poll_frames(cx));
-                Pin::new(self.ws.get_mut()).poll_shutdown(cx)
+                Pin::new(self.side.ws.get_mut()).poll_shutdown(cx)
             }
-            Phase::Open | Phase::Closing => {
-                if let Some(code) = self.close {
-                    if ready!(Pin::new(&mut self.ws).poll_ready(cx)).is_ok() {
-                        let frame = CloseFrame {
-                            code,
-                            reason: "".into(),
-                        };
-                        let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
-                    }
-                    self.close = None;
-                }
-                let _ = ready!(Pin::new(&mut self.ws).poll_close(cx));
-                Pin::new(self.ws.get_mut()).poll_shutdown(cx)
-            }
+            Phase::Open | Phase::Closing => self.side.poll_shutdown(cx),
         }
     }
 }
 
 impl<S: Transport> Transport for MessageTransport<S> {
     fn tcp(&self) -> &TcpStream {
-        self.ws.get_ref().tcp()
+        self.side.tcp()
     }
 
     fn wants_write(&self) -> bool {
-        self.answer_queued || self.ws.get_ref().wants_write()
+        self.side.wants_write()
     }
 }
 
 /// Ends a connection the connection task would keep: one whose plugin does not answer the
 /// upgrade within [`ANSWER_DEADLINE`], or that still lingers [`CLOSE_GRACE`] after it
 /// started ending. Returns when the transport is gone.
-pub async fn watchdog(mut stage: watch::Receiver<Stage>, shared: Arc<ConnShared>) {
-    let answered = tokio::time::timeout(ANSWER_DEADLINE, async {
+pub async fn watchdog(stage: watch::Receiver<Stage>, shared: Arc<ConnShared>) {
+    watch_stages(stage, shared, ANSWER_DEADLINE, CLOSE_GRACE).await
+}
+
+async fn watch_stages(
+    mut stage: watch::Receiver<Stage>,
+    shared: Arc<ConnShared>,
+    answer_deadline: Duration,
+    close_grace: Duration,
+) {
+    let answered = tokio::time::timeout(answer_deadline, async {
         stage.wait_for(|s| *s != Stage::Awaiting).await.map(|_| ())
     })
     .await;
@@ -639,7 +598,7 @@ pub async fn watchdog(mut stage: watch::Receiver<Stage>, shared: Arc<ConnShared>
             return;
         }
         Ok(Err(_)) => return,
-        Ok(Ok(_)) => {}
+        Ok(Ok(())) => {}
     }
     if stage
         .wait_for(|s| *s == Stage::Ending)
@@ -650,7 +609,7 @@ pub async fn watchdog(mut stage: watch::Receiver<Stage>, shared: Arc<ConnShared>
         return;
     }
     // `changed` fails once the transport is dropped: the connection ended by itself.
-    if tokio::time::timeout(CLOSE_GRACE, stage.changed())
+    if tokio::time::timeout(close_grace, stage.changed())
         .await
         .is_ok()
     {
@@ -907,6 +866,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_plugin_breaking_the_envelope_after_the_upgrade_closes_with_1011() {
+        let (mut client, mut t, _) = pair("/ws/x").await;
+        upgrade(&mut client, &mut t).await;
+        let _ = t.write_all(&[0x09, 0, 0, 0, 0]).await;
+        assert!(t.flush().await.is_err(), "the connection ends");
+        t.shutdown().await.unwrap();
+        assert_eq!(close_code(&mut client).await, 1011);
+    }
+
+    #[tokio::test]
     async fn invalid_utf8_closes_with_1007() {
         let (mut client, mut t, _) = pair("/ws/x").await;
         upgrade(&mut client, &mut t).await;
@@ -995,6 +964,38 @@ mod tests {
         t.shutdown().await.unwrap();
         let head = answer_text(&mut client).await;
         assert!(head.starts_with("HTTP/1.1 400 "), "{head}");
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_ends_unanswered_and_lingering_connections_only() {
+        let short = Duration::from_millis(50);
+        let run = |stage: watch::Receiver<Stage>| {
+            let shared = Arc::new(ConnShared::default());
+            let watched = tokio::spawn(watch_stages(stage, shared.clone(), short, short));
+            (shared, watched)
+        };
+        // Never answered: closed at the deadline.
+        let stage = watch::Sender::new(Stage::Awaiting);
+        let (shared, watched) = run(stage.subscribe());
+        watched.await.unwrap();
+        assert!(shared.is_closing());
+        // Answered and open: left alone.
+        let stage = watch::Sender::new(Stage::Awaiting);
+        let (shared, watched) = run(stage.subscribe());
+        stage.send_replace(Stage::Open);
+        tokio::time::sleep(short * 3).await;
+        assert!(!shared.is_closing() && !watched.is_finished());
+        // Ending, and the transport gone in time: nothing to do.
+        stage.send_replace(Stage::Ending);
+        drop(stage);
+        watched.await.unwrap();
+        assert!(!shared.is_closing());
+        // Ending, and the client keeps the socket: closed after the grace.
+        let stage = watch::Sender::new(Stage::Open);
+        let (shared, watched) = run(stage.subscribe());
+        stage.send_replace(Stage::Ending);
+        watched.await.unwrap();
+        assert!(shared.is_closing());
     }
 
     #[test]

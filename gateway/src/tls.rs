@@ -77,7 +77,15 @@ pub fn server_config(
             )
         }
     };
-    Ok(Arc::new(builder.with_cert_resolver(Arc::new(resolver))))
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    if section.session_tickets {
+        // A fleet reconnecting after a blip resumes instead of paying a full handshake each
+        // (the server's signature and, with mTLS, the client chain's verification): the
+        // resumed session carries the client certificate it was made with.
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().context("making the TLS ticket key")?;
+    }
+    Ok(Arc::new(config))
 }
 
 fn key_path_display(cert: &Path) -> String {

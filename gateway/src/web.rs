@@ -1,8 +1,8 @@
 //! The web port: one HTTP/1.1 listener (`web = true`) serving what Apache Pulsar's web port
 //! serves — WebSocket endpoints, the admin REST API — and a demo page.
 //!
-//! The host reads each connection's request head itself, bounded ([`MAX_HEAD`] bytes,
-//! [`HEAD_DEADLINE`]), and routes on it:
+//! The host reads each connection's request head itself, bounded (`MAX_HEAD` bytes,
+//! `HEAD_DEADLINE`), and routes on it:
 //! - a WebSocket upgrade (`GET`, `Upgrade: websocket`) under `/ws/` becomes a connection
 //!   of the listener's plugin in *message mode* ([`crate::message_mode`]): the plugin hears
 //!   the request first and decides the answer. What the host checks before the plugin hears
@@ -105,14 +105,8 @@ impl WebPort {
 /// Why a web connection ended before it reached a plugin or an HTTP handler.
 #[derive(Debug, thiserror::Error)]
 pub enum WebError {
-    #[error("no request head within {HEAD_DEADLINE:?}")]
-    TimedOut,
     #[error("refused ({status}): {reason}")]
     Refused { status: u16, reason: String },
-    #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
-    #[error(transparent)]
-    Io(#[from] io::Error),
 }
 
 /// Where a connection went.
@@ -187,7 +181,7 @@ impl Head {
 pub enum HeadError {
     /// Not HTTP/1.x (400).
     Malformed(String),
-    /// Over [`MAX_HEAD`] or [`MAX_HEADERS`] (431).
+    /// Over [`MAX_HEAD`] bytes or 64 header lines (431).
     TooLarge,
 }
 
@@ -255,7 +249,11 @@ pub async fn accept<S: Transport>(
 ) -> Result<Routed<S>, WebError> {
     let mut buf = BytesMut::with_capacity(1024);
     let head = match tokio::time::timeout(HEAD_DEADLINE, read_head(&mut stream, &mut buf)).await {
-        Err(_) => return Err(WebError::TimedOut),
+        // Browsers open connections ahead of need and may leave them unused.
+        Err(_) => {
+            tracing::debug!(%peer, "web connection closed: no request within {HEAD_DEADLINE:?}");
+            return Ok(Routed::Served);
+        }
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => return Ok(Routed::Served),
         Ok(Err(HeadError::TooLarge)) => {
@@ -267,7 +265,7 @@ pub async fn accept<S: Transport>(
     };
     let (head, len) = head;
     if !(head.path.starts_with("/ws/") && head.is_websocket_upgrade()) {
-        serve_http(stream, buf.freeze(), port, peer).await?;
+        serve_http(stream, buf.freeze(), port, peer).await;
         return Ok(Routed::Served);
     }
     if head.method != "GET" || head.version < 1 {
@@ -342,12 +340,7 @@ async fn refuse<S: Transport>(
 }
 
 /// Serves HTTP requests on the connection (keep-alive), the first one's bytes replayed.
-async fn serve_http<S: Transport>(
-    stream: S,
-    read: Bytes,
-    port: &WebPort,
-    peer: SocketAddr,
-) -> Result<(), WebError> {
+async fn serve_http<S: Transport>(stream: S, read: Bytes, port: &WebPort, peer: SocketAddr) {
     let router = port.http.clone();
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -359,13 +352,17 @@ async fn serve_http<S: Transport>(
             }
         });
     let io = hyper_util::rt::TokioIo::new(Replay { read, stream });
-    hyper::server::conn::http1::Builder::new()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEAD_DEADLINE)
         .max_buf_size(MAX_HEAD.max(8192))
         .serve_connection(io, service)
-        .await?;
-    Ok(())
+        .await;
+    // An idle keep-alive connection timing out or a client leaving mid-request is an
+    // ordinary end of an HTTP connection, not a refusal.
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "web connection ended");
+    }
 }
 
 /// A stream whose first bytes were read already: they are read again first.

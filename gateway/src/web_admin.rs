@@ -156,7 +156,7 @@ fn refusal(status: StatusCode, reason: &str) -> Response {
 }
 
 /// Serves one `/admin/v2/...` request: see the module docs.
-pub async fn handle(State(admin): State<Arc<PulsarAdmin>>, mut req: Request) -> Response {
+pub async fn handle(State(admin): State<Arc<PulsarAdmin>>, req: Request) -> Response {
     let Some((router, token)) = &admin.broker else {
         return refusal(
             StatusCode::NOT_IMPLEMENTED,
@@ -203,8 +203,16 @@ pub async fn handle(State(admin): State<Arc<PulsarAdmin>>, mut req: Request) -> 
             );
         }
     };
-    req.headers_mut().insert(header::AUTHORIZATION, token);
-    let response = match router.clone().oneshot(req).await {
+    // A fresh request: the extensions of this router's match (its path parameters) would
+    // confuse the broker router's own.
+    let (mut parts, body) = req.into_parts();
+    parts.headers.insert(header::AUTHORIZATION, token);
+    let mut forward = Request::new(body);
+    *forward.method_mut() = parts.method;
+    *forward.uri_mut() = parts.uri;
+    *forward.version_mut() = parts.version;
+    *forward.headers_mut() = parts.headers;
+    let response = match router.clone().oneshot(forward).await {
         Ok(r) => r,
         Err(never) => match never {},
     };

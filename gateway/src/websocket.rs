@@ -13,7 +13,9 @@
 //! The host handles what the plugin must not see: pings are answered, a close frame is
 //! answered and ends the connection like a TCP end of stream, and a text frame (MQTT travels
 //! only in binary frames, [MQTT-6.0.0-1]) closes the connection with close code 1003 and a log
-//! line. Framing, masking and the handshake come from `tungstenite`.
+//! line. Framing, masking and the handshake come from `tungstenite`; what RFC 6455 asks of a
+//! server around it (answers, close codes of breaches) is `WsSide`, which the web port's
+//! message mode ([`crate::message_mode`]) shares.
 //!
 //! The handshake follows Mosquitto where the specification leaves room: the client must offer
 //! one of the listener's subprotocols (`mqtt`, or the legacy `mqttv3.1` of MQTT 3.1 clients),
@@ -195,11 +197,8 @@ pub async fn accept<S: Transport>(
     }
     let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     Ok(WsTransport {
-        ws,
+        side: WsSide::new(ws),
         unread: Bytes::new(),
-        answer_queued: false,
-        ended: false,
-        close: Some(CloseCode::Normal),
     })
 }
 
@@ -212,23 +211,83 @@ fn refusal(status: StatusCode, reason: String) -> ErrorResponse {
     response
 }
 
-/// A WebSocket connection seen as a byte stream: binary messages' payloads in, one binary
-/// message per write out.
-pub struct WsTransport<S> {
-    ws: WebSocketStream<S>,
-    /// What is left of the last binary message after the reads so far.
-    unread: Bytes,
+/// The RFC 6455 side of a WebSocket transport, shared by MQTT over WebSocket
+/// ([`WsTransport`]) and the web port's message mode ([`crate::message_mode`]):
+/// tungstenite's stream and what a transport must remember around it. Pings and the peer's
+/// close are answered at the next flush (tungstenite queues the answer; the close echoes the
+/// peer's code); a breach of the protocol ends the stream with its close code: invalid UTF-8
+/// in a text message 1007, a message over the limit 1009, anything else (unmasked client
+/// frame, bad opcode, fragmented control frame...) 1002.
+pub(crate) struct WsSide<S> {
+    pub(crate) ws: WebSocketStream<S>,
     /// A ping or close was read: tungstenite holds its answer until the next flush.
-    answer_queued: bool,
-    /// The peer closed the WebSocket (or broke it): reads return end of stream.
-    ended: bool,
-    /// The close code to send on shutdown; taken once sent.
-    close: Option<CloseCode>,
+    pub(crate) answer_queued: bool,
+    /// The peer closed the WebSocket (or broke it, or left): reads return end of stream.
+    pub(crate) ended: bool,
+    /// The close code to send on shutdown; `None` once a close was sent or answered.
+    pub(crate) close: Option<CloseCode>,
 }
 
-impl<S: Transport> WsTransport<S> {
-    /// A read failed on a protocol breach: close with `code`, report `error`.
-    fn breach(&mut self, code: CloseCode, error: String) -> Poll<io::Result<()>> {
+impl<S: Transport> WsSide<S> {
+    pub(crate) fn new(ws: WebSocketStream<S>) -> WsSide<S> {
+        WsSide {
+            ws,
+            answer_queued: false,
+            ended: false,
+            close: Some(CloseCode::Normal),
+        }
+    }
+
+    /// The next text or binary message; `Ok(None)` at the end of the stream.
+    pub(crate) fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Message>>> {
+        loop {
+            if self.ended {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    return Poll::Ready(Ok(Some(m)))
+                }
+                Some(Ok(Message::Ping(_))) => self.answer_queued = true,
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                // A peer that drops TCP without a close frame (Paho does) ends the stream too.
+                Some(Ok(Message::Close(_)))
+                | None
+                | Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                    // Its answer is queued; the connection ends like a TCP end of stream.
+                    self.answer_queued = true;
+                    self.ended = true;
+                    self.close = None;
+                }
+                Some(Err(WsError::Utf8(e))) => {
+                    return Poll::Ready(Err(
+                        self.breach(CloseCode::Invalid, format!("text message: {e}"))
+                    ))
+                }
+                Some(Err(WsError::Capacity(e))) => {
+                    return Poll::Ready(Err(
+                        self.breach(CloseCode::Size, format!("WebSocket message: {e}"))
+                    ))
+                }
+                Some(Err(WsError::Protocol(e))) => {
+                    return Poll::Ready(Err(
+                        self.breach(CloseCode::Protocol, format!("WebSocket protocol: {e}"))
+                    ))
+                }
+                Some(Err(e)) => {
+                    self.ended = true;
+                    self.close = None;
+                    return Poll::Ready(Err(ws_to_io(e)));
+                }
+            }
+        }
+    }
+
+    /// The peer broke the protocol: the stream ends, and shutdown closes with `code`.
+    pub(crate) fn breach(&mut self, code: CloseCode, error: String) -> io::Error {
         self.ended = true;
         self.close = Some(code);
         let peer = self
@@ -237,16 +296,57 @@ impl<S: Transport> WsTransport<S> {
             .map(|a| a.to_string())
             .unwrap_or_default();
         tracing::info!(%peer, %error, "closing WebSocket connection");
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)))
+        io::Error::new(io::ErrorKind::InvalidData, error)
+    }
+
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(ws_to_io)?;
+        self.answer_queued = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends the close frame still owed (1000, or the code of the breach that ends the
+    /// connection; none if a close was sent or answered), then shuts the stream below down.
+    pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(code) = self.close {
+            // A failure here means the WebSocket is already closed or broken: go on to shut
+            // the stream below down.
+            if ready!(Pin::new(&mut self.ws).poll_ready(cx)).is_ok() {
+                let frame = CloseFrame {
+                    code,
+                    reason: "".into(),
+                };
+                let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
+            }
+            self.close = None;
+        }
+        let _ = ready!(Pin::new(&mut self.ws).poll_close(cx));
+        Pin::new(self.ws.get_mut()).poll_shutdown(cx)
+    }
+
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        self.ws.get_ref().tcp()
+    }
+
+    pub(crate) fn wants_write(&self) -> bool {
+        self.answer_queued || self.ws.get_ref().wants_write()
     }
 }
 
-fn ws_to_io(e: WsError) -> io::Error {
+pub(crate) fn ws_to_io(e: WsError) -> io::Error {
     match e {
         WsError::Io(e) => e,
         WsError::ConnectionClosed | WsError::AlreadyClosed => io::ErrorKind::BrokenPipe.into(),
         e => io::Error::other(e),
     }
+}
+
+/// A WebSocket connection seen as a byte stream: binary messages' payloads in, one binary
+/// message per write out.
+pub struct WsTransport<S> {
+    side: WsSide<S>,
+    /// What is left of the last binary message after the reads so far.
+    unread: Bytes,
 }
 
 impl<S: Transport> AsyncRead for WsTransport<S> {
@@ -266,38 +366,15 @@ impl<S: Transport> AsyncRead for WsTransport<S> {
                 this.unread.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if this.ended {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
-                Some(Ok(Message::Binary(data))) => this.unread = data,
-                Some(Ok(Message::Ping(_))) => this.answer_queued = true,
-                Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
-                // A peer that drops TCP without a close frame (Paho does) ends the stream too.
-                Some(Ok(Message::Close(_)))
-                | None
-                | Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                    // Its answer is queued; the connection ends like a TCP end of stream.
-                    this.answer_queued = true;
-                    this.ended = true;
-                    this.close = None;
-                }
-                Some(Ok(Message::Text(_))) => {
-                    return this.breach(
+            match ready!(this.side.poll_message(cx))? {
+                None => return Poll::Ready(Ok(())),
+                Some(Message::Binary(data)) => this.unread = data,
+                Some(_) => {
+                    let e = this.side.breach(
                         CloseCode::Unsupported,
                         "text frame received; MQTT travels in binary frames [MQTT-6.0.0-1]".into(),
-                    )
-                }
-                Some(Err(WsError::Capacity(e))) => {
-                    return this.breach(CloseCode::Size, format!("WebSocket message: {e}"))
-                }
-                Some(Err(WsError::Protocol(e))) => {
-                    return this.breach(CloseCode::Protocol, format!("WebSocket protocol: {e}"))
-                }
-                Some(Err(e)) => {
-                    this.ended = true;
-                    this.close = None;
-                    return Poll::Ready(Err(ws_to_io(e)));
+                    );
+                    return Poll::Ready(Err(e));
                 }
             }
         }
@@ -315,7 +392,7 @@ impl<S: Transport> WsTransport<S> {
         if total == 0 {
             return Poll::Ready(Ok(0));
         }
-        ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_to_io)?;
+        ready!(Pin::new(&mut self.side.ws).poll_ready(cx)).map_err(ws_to_io)?;
         let mut message = BytesMut::with_capacity(total.min(MAX_OUT_MESSAGE));
         for s in slices {
             let room = MAX_OUT_MESSAGE - message.len();
@@ -325,7 +402,7 @@ impl<S: Transport> WsTransport<S> {
             }
         }
         let n = message.len();
-        Pin::new(&mut self.ws)
+        Pin::new(&mut self.side.ws)
             .start_send(Message::Binary(message.freeze()))
             .map_err(ws_to_io)?;
         Poll::Ready(Ok(n))
@@ -354,37 +431,20 @@ impl<S: Transport> AsyncWrite for WsTransport<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(Pin::new(&mut self.ws).poll_flush(cx)).map_err(ws_to_io)?;
-        self.answer_queued = false;
-        Poll::Ready(Ok(()))
+        self.side.poll_flush(cx)
     }
 
-    /// Sends a close frame (1000, or the code of the breach that ends the connection; none if
-    /// the peer closed first, whose close was answered), then shuts the stream below down.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(code) = self.close {
-            // A failure here means the WebSocket is already closed or broken: go on to shut
-            // the stream below down.
-            if ready!(Pin::new(&mut self.ws).poll_ready(cx)).is_ok() {
-                let frame = CloseFrame {
-                    code,
-                    reason: "".into(),
-                };
-                let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
-            }
-            self.close = None;
-        }
-        let _ = ready!(Pin::new(&mut self.ws).poll_close(cx));
-        Pin::new(self.ws.get_mut()).poll_shutdown(cx)
+        self.side.poll_shutdown(cx)
     }
 }
 
 impl<S: Transport> Transport for WsTransport<S> {
     fn tcp(&self) -> &TcpStream {
-        self.ws.get_ref().tcp()
+        self.side.tcp()
     }
 
     fn wants_write(&self) -> bool {
-        self.answer_queued || self.ws.get_ref().wants_write()
+        self.side.wants_write()
     }
 }

@@ -449,3 +449,66 @@ fn the_login_cache_serves_the_storm_after_a_restart() {
     assert!(rt.block_on(login(options(&gw, &bob))).is_ok());
     assert_eq!(cache_counters(&gw), (1, 0), "bob's login after the restart");
 }
+
+/// An MQTT 5.0 CONNECT with a username and password, clean start.
+fn connect_v5(id: &str, user: &str, password: &str) -> Vec<u8> {
+    let field = |s: &str| {
+        let mut f = (s.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(s.as_bytes());
+        f
+    };
+    let mut body = field("MQTT");
+    body.extend_from_slice(&[5, 0xC2, 0, 30, 0]);
+    for s in [id, user, password] {
+        body.extend(field(s));
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+#[test]
+fn logins_past_what_the_machine_can_verify_get_server_busy() {
+    // One verification may wait at a time: a cold storm of 40 users (argon2 each) overflows.
+    let mut extra = String::new();
+    for i in 0..40 {
+        extra.push_str(&format!(
+            "\n[[auth.users]]\nname = \"cold-{i}\"\npassword = \"pw-{i}\"\ntenant = \"acme\"\n"
+        ));
+    }
+    let gw = two_tenants_with("max_waiting_logins = 1", &extra);
+    let addr = gw.mqtt;
+    let codes: Vec<u8> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..40)
+            .map(|i| {
+                s.spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+                    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+                    let (user, pw) = (format!("cold-{i}"), format!("pw-{i}"));
+                    tcp.write_all(&connect_v5(&format!("busy-{i}"), &user, &pw))
+                        .expect("CONNECT");
+                    let mut head = [0u8; 4];
+                    tcp.read_exact(&mut head).expect("CONNACK");
+                    assert_eq!(head[0], 0x20, "a CONNACK");
+                    head[3]
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("device"))
+            .collect()
+    });
+    let busy = codes.iter().filter(|&&c| c == 0x89).count();
+    let ok = codes.iter().filter(|&&c| c == 0x00).count();
+    assert_eq!(
+        ok + busy,
+        codes.len(),
+        "only success or Server busy: {codes:?}"
+    );
+    assert!(
+        ok >= 1 && busy >= 1,
+        "some verified, some told to come back: {codes:?}"
+    );
+}

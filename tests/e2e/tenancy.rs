@@ -777,6 +777,58 @@ tenant = "acme"
         );
         // Any other name gets the default certificate, which this CA did not sign.
         assert!(handshake("localhost").await.is_err());
+
+        // A reconnecting device resumes its TLS session (a session ticket): no full
+        // handshake, and the resumed session still says who it is.
+        let (cert_pem, key_pem) = std::fs::read(pki.path("device.pem"))
+            .and_then(|c| Ok((c, std::fs::read(pki.path("device.key"))?)))
+            .expect("device credentials");
+        let chain: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+            .map(|c| c.expect("cert"))
+            .collect();
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .expect("key")
+            .expect("a key");
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut gw.ca_pem().as_slice()) {
+            roots.add(c.expect("ca cert")).expect("root");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client auth");
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let tcp = tokio::net::TcpStream::connect(gw.mqtts).await.expect("tcp");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = connector.connect(name, tcp).await.expect("handshake");
+            kinds.push(tls.get_ref().1.handshake_kind());
+            // MQTT 3.1.1 CONNECT, clean session, no credentials: the certificate logs in.
+            let id = b"resumer";
+            let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4];
+            connect.extend_from_slice(b"MQTT");
+            connect.extend_from_slice(&[4, 0x02, 0, 30, 0, id.len() as u8]);
+            connect.extend_from_slice(id);
+            tokio::io::AsyncWriteExt::write_all(&mut tls, &connect)
+                .await
+                .expect("connect");
+            let mut connack = [0u8; 4];
+            tokio::io::AsyncReadExt::read_exact(&mut tls, &mut connack)
+                .await
+                .expect("connack");
+            assert_eq!(connack, [0x20, 2, 0, 0], "the certificate's user logs in");
+        }
+        assert_eq!(
+            kinds,
+            vec![
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ]
+        );
     });
 }
 
