@@ -99,13 +99,8 @@ impl Listener {
             let worker = self.pool.as_ref().map(|p| p.pick());
             let name = name.clone();
             tokio::spawn(async move {
-<<<<<<< HEAD
-                if let Err(e) = accept(stream, peer, name.clone(), tls, ws, worker).await {
-                    tracing::info!(listener = %name, %peer, error = format!("{e:#}"), "connection refused");
-=======
                 if let Err(e) = accept(stream, peer, name.clone(), tls, transport, worker).await {
-                    tracing::info!(listener = %name, %peer, error = %e, "connection refused");
->>>>>>> web
+                    tracing::info!(listener = %name, %peer, error = format!("{e:#}"), "connection refused");
                 }
             });
         }
