@@ -1,4 +1,4 @@
-//! Plugin configuration: the `[plugins.pulsar-ws]` table of the gateway config, handed to
+//! Plugin configuration: the `[plugins.config.pulsar-ws]` table of the gateway config, handed to
 //! the plugin as TOML text. Flat `key = integer` lines only; unknown keys are refused so a
 //! typo does not fall back to a default in silence.
 //!

@@ -25,7 +25,7 @@
 //!
 //! # Configuration
 //!
-//! `[plugins.pulsar-ws]`, all optional ([`config::Config`]): `max_message_size` (default
+//! `[plugins.config.pulsar-ws]`, all optional ([`config::Config`]): `max_message_size` (default
 //! 1 MiB, Pulsar's `webSocketMaxTextFrameSize`), `max_pending_sends` (default 1000).
 //!
 //! # What differs from Pulsar
