@@ -14,7 +14,10 @@ use std::process::Command;
 const TARGET: &str = "wasm32-wasip2";
 
 /// Built-in plugins: (name the config uses, file the build produces).
-const BUILTIN: &[(&str, &str)] = &[("mqtt", "magnetar_mqtt.wasm")];
+const BUILTIN: &[(&str, &str)] = &[
+    ("mqtt", "magnetar_mqtt.wasm"),
+    ("pulsar-ws", "magnetar_pulsar_ws.wasm"),
+];
 
 fn main() {
     let manifest_dir =
@@ -26,6 +29,7 @@ fn main() {
     for watched in [
         "plugins/Cargo.toml",
         "plugins/mqtt",
+        "plugins/pulsar-ws",
         "sdk/src",
         "sdk/wit",
         "sdk/Cargo.toml",
