@@ -212,6 +212,11 @@ impl Host {
                 token,
                 result: Err(fail(Some(ErrorKind::NotAuthorized))?),
             },
+            // A login storm: the host's "server busy" instead of an internal failure.
+            Action::Authenticate { token, .. } if self.fail_next == Some(ErrorKind::Internal) => {
+                self.fail_next = None;
+                Event::AuthBusy { token }
+            }
             Action::Authenticate { token, .. } => Event::AuthResult {
                 token,
                 result: match fail(self.fail_next.take()) {
@@ -223,6 +228,12 @@ impl Host {
                     }),
                 },
             },
+            // MQTT keeps to pubsub and routing: Pulsar's own message model is never asked for.
+            Action::SendMessage { .. }
+            | Action::OpenConsumer { .. }
+            | Action::Nack { .. }
+            | Action::Seek { .. }
+            | Action::LastMessageId { .. } => panic!("the MQTT plugin used messaging: {a:?}"),
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
