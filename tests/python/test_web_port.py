@@ -1,8 +1,7 @@
 """The gateway's web port (`web = true`) as HTTP and WebSocket clients see it.
 
-First on the contract of examples/two-tenants.toml, with plugin `pulsar-ws` named but not
-necessarily built in (a web port serves its HTTP paths without its plugin; upgrades then get
-a 503): Pulsar's admin REST v2 paths under the tenancy (alice's token reaches tenant acme
+First on the contract of examples/two-tenants.toml, with a web port whose plugin is not
+loaded (it still serves its HTTP paths; upgrades then get a 503): Pulsar's admin REST v2 paths under the tenancy (alice's token reaches tenant acme
 only, bob's globex only, the admin token everything), the demo page, and the upgrades the
 host refuses before a plugin hears of them. Then message mode end to end, with the example
 plugin examples/web-echo-plugin."""
@@ -30,7 +29,7 @@ ORIGIN = "http://allowed.example"
 def web(tmp_path_factory):
     port = free_port()
     listener = (
-        f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "pulsar-ws"\n'
+        f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "not-loaded"\n'
         f'web = true\nallowed_origins = ["{ORIGIN}"]\n'
     )
     gw = Gateway(tmp_path_factory.mktemp("web"), "\n" + EXAMPLE.read_text() + listener).start()
