@@ -88,9 +88,13 @@ pub async fn run<S: Transport>(
     // Output taken from the shared queue and not yet accepted by the socket.
     let mut pending: VecDeque<Bytes> = VecDeque::new();
     let mut flushed = true;
-    // The last read filled its buffer: more may be buffered (by TLS) without the socket
-    // becoming readable again.
-    let mut read_again = false;
+    // Bytes may be buffered in the stream without the socket becoming readable again: after
+    // a read that filled its buffer, and at the start, when the handshake (TLS, WebSocket)
+    // read the client's first bytes along with its last handshake message. A TLS 1.3 client
+    // sends its Finished and its first packet (an MQTT CONNECT) back to back; a server slow
+    // to read (a reconnect storm) gets both in one read, and waiting for readiness then
+    // waited for bytes the client had sent, until the plugin's CONNECT timeout closed it.
+    let mut read_again = true;
     let reason = 'conn: loop {
         let relieved = shared.relieved();
         tokio::pin!(relieved);

@@ -747,3 +747,41 @@ fn v5_properties_and_shared_subscription_split_with_rumqttc() {
     assert_eq!(seen.len(), n, "every message reached one member");
     assert!(per_member.iter().all(|c| *c > 0), "split: {per_member:?}");
 }
+
+#[test]
+fn a_connect_sent_with_the_last_tls_handshake_message_is_answered() {
+    // A TLS 1.3 client's Finished and its CONNECT in one TCP segment: the server's handshake
+    // read takes both, and the CONNECT waits in the TLS layer, not in the socket.
+    let gw = Gateway::start(Options::default());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut gw.ca_pem().as_slice()) {
+        roots.add(c.expect("ca cert")).expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    // Written before the handshake: rustls sends it right behind its Finished, in one write.
+    let id = b"eager";
+    let mut connect = vec![0x10, 12 + id.len() as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 30, 0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    tls.writer().write_all(&connect).expect("buffered CONNECT");
+    let mut tcp = TcpStream::connect(gw.mqtts).expect("tcp");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    while tls.is_handshaking() || tls.wants_write() {
+        tls.complete_io(&mut tcp).expect("handshake");
+    }
+    let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+    let mut connack = [0u8; 4];
+    stream
+        .read_exact(&mut connack)
+        .expect("a CONNACK within 5 s (the plugin's CONNECT timeout is 10 s)");
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+}
