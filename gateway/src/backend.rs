@@ -36,6 +36,15 @@ pub enum BackendError {
         topic: String,
         source: pulsar::Error,
     },
+    /// The broker's `ConsumerBusy`: another consumer holds the subscription (a second one on
+    /// an Exclusive subscription, or another subscription type). Not retried here: the caller
+    /// decides (Pulsar's WebSocket API answers 409, MQTT's takeover tries again shortly).
+    #[error("subscription {subscription} on {topic} is busy: {reason}")]
+    Busy {
+        topic: String,
+        subscription: String,
+        reason: String,
+    },
     #[error("subscribing {subscription} on {topic}: {source}")]
     Subscribe {
         topic: String,
@@ -219,7 +228,11 @@ impl Backend {
         &self,
         opts: &SubscribeOptions,
     ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
-        let mut options = ConsumerOptions::default().durable(opts.durable);
+        // A subscription held by another consumer is an answer, not an outage: without this,
+        // the client would retry `ConsumerBusy` until the other consumer leaves.
+        let mut options = ConsumerOptions::default()
+            .durable(opts.durable)
+            .fail_if_busy(true);
         options.initial_position = if opts.earliest {
             InitialPosition::Earliest
         } else {
@@ -243,10 +256,20 @@ impl Backend {
         builder
             .build::<Vec<u8>>()
             .await
-            .map_err(|source| BackendError::Subscribe {
-                topic: opts.topic.clone(),
-                subscription: opts.subscription.clone(),
-                source,
+            .map_err(|source| match source {
+                pulsar::Error::Connection(pulsar::error::ConnectionError::PulsarError(
+                    Some(pulsar::proto::ServerError::ConsumerBusy),
+                    reason,
+                )) => BackendError::Busy {
+                    topic: opts.topic.clone(),
+                    subscription: opts.subscription.clone(),
+                    reason: reason.unwrap_or_else(|| "held by another consumer".to_string()),
+                },
+                source => BackendError::Subscribe {
+                    topic: opts.topic.clone(),
+                    subscription: opts.subscription.clone(),
+                    source,
+                },
             })
     }
 }
