@@ -36,6 +36,15 @@ pub enum BackendError {
         topic: String,
         source: pulsar::Error,
     },
+    /// The broker's `ConsumerBusy`: another consumer holds the subscription (a second one on
+    /// an Exclusive subscription, or another subscription type). Not retried here: the caller
+    /// decides (Pulsar's WebSocket API answers 409, MQTT's takeover tries again shortly).
+    #[error("subscription {subscription} on {topic} is busy: {reason}")]
+    Busy {
+        topic: String,
+        subscription: String,
+        reason: String,
+    },
     #[error("subscribing {subscription} on {topic}: {source}")]
     Subscribe {
         topic: String,
@@ -219,7 +228,11 @@ impl Backend {
         &self,
         opts: &SubscribeOptions,
     ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
-        let mut options = ConsumerOptions::default().durable(opts.durable);
+        // A subscription held by another consumer is an answer, not an outage: without this,
+        // the client would retry `ConsumerBusy` until the other consumer leaves.
+        let mut options = ConsumerOptions::default()
+            .durable(opts.durable)
+            .fail_if_busy(true);
         options.initial_position = if opts.earliest {
             InitialPosition::Earliest
         } else {
@@ -243,10 +256,83 @@ impl Backend {
         builder
             .build::<Vec<u8>>()
             .await
-            .map_err(|source| BackendError::Subscribe {
-                topic: opts.topic.clone(),
-                subscription: opts.subscription.clone(),
-                source,
+            .map_err(|source| match source {
+                pulsar::Error::Connection(pulsar::error::ConnectionError::PulsarError(
+                    Some(pulsar::proto::ServerError::ConsumerBusy),
+                    reason,
+                )) => BackendError::Busy {
+                    topic: opts.topic.clone(),
+                    subscription: opts.subscription.clone(),
+                    reason: reason.unwrap_or_else(|| "held by another consumer".to_string()),
+                },
+                source => BackendError::Subscribe {
+                    topic: opts.topic.clone(),
+                    subscription: opts.subscription.clone(),
+                    source,
+                },
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use magnetar_broker::{Broker, BrokerConfig};
+
+    use super::*;
+
+    fn options(subscription: &str, sub_type: SubType) -> SubscribeOptions {
+        SubscribeOptions {
+            topic: "persistent://public/default/busy".into(),
+            subscription: subscription.into(),
+            sub_type,
+            durable: true,
+            earliest: false,
+            receiver_queue: 10,
+            start_message_id: None,
+            dead_letter: None,
+            consumer_name: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscription_held_by_another_consumer_is_busy_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Broker::start(BrokerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            dir.path().into(),
+        ))
+        .await
+        .unwrap();
+        let backend = Backend::connect(&broker.service_url(), None, Some(broker.in_process()))
+            .await
+            .unwrap();
+        let mut first = backend
+            .subscribe(&options("s", SubType::Exclusive))
+            .await
+            .unwrap();
+        // The client's retry delay is 5 s: an answer within 3 s was not retried.
+        let within = Duration::from_secs(3);
+        for sub_type in [SubType::Exclusive, SubType::Shared] {
+            let second = tokio::time::timeout(within, backend.subscribe(&options("s", sub_type)))
+                .await
+                .expect("answered at once");
+            assert!(
+                matches!(&second, Err(BackendError::Busy { subscription, .. }) if subscription == "s"),
+                "{sub_type:?}: {:?}",
+                second.err()
+            );
+        }
+        // Another subscription of the topic is not disturbed.
+        backend
+            .subscribe(&options("other", SubType::Exclusive))
+            .await
+            .unwrap();
+        first.close().await.unwrap();
+        tokio::time::timeout(within, backend.subscribe(&options("s", SubType::Exclusive)))
+            .await
+            .expect("answered at once")
+            .unwrap();
     }
 }

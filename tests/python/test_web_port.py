@@ -1,7 +1,8 @@
 """The gateway's web port (`web = true`) as HTTP and WebSocket clients see it.
 
-First on the contract of examples/two-tenants.toml, with a web port whose plugin is not
-loaded (it still serves its HTTP paths; upgrades then get a 503): Pulsar's admin REST v2 paths under the tenancy (alice's token reaches tenant acme
+First on the contract of examples/two-tenants.toml, with plugin `pulsar-ws` (built in) and a
+second web port naming a plugin that does not exist (a web port serves its HTTP paths without
+its plugin; upgrades then get a 503): Pulsar's admin REST v2 paths under the tenancy (alice's token reaches tenant acme
 only, bob's globex only, the admin token everything), the demo page, and the upgrades the
 host refuses before a plugin hears of them. Then message mode end to end, with the example
 plugin examples/web-echo-plugin."""
@@ -27,15 +28,18 @@ ORIGIN = "http://allowed.example"
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    port = free_port()
+    port, bare_port = free_port(), free_port()
     listener = (
-        f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "not-loaded"\n'
-        f'web = true\nallowed_origins = ["{ORIGIN}"]\n'
+        f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "pulsar-ws"\n'
+        f'web = true\nallowed_origins = ["{ORIGIN}"]\n\n'
+        f'[[listeners]]\nname = "web-bare"\nbind = "127.0.0.1:{bare_port}"\nplugin = "absent"\n'
+        'web = true\n'
     )
     gw = Gateway(tmp_path_factory.mktemp("web"), "\n" + EXAMPLE.read_text() + listener).start()
-    gw.web_port = port
+    gw.web_port, gw.bare_port = port, bare_port
     try:
         wait_for_port(port, gw.proc, gw.log)
+        wait_for_port(bare_port, gw.proc, gw.log)
         yield gw
     finally:
         gw.stop()
@@ -124,9 +128,9 @@ def test_demo_page_and_other_paths(web):
     assert call(web, "GET", "/ws/v2/producer/persistent/acme/default/t")[0] == 426
 
 
-def upgrade(gw, path, origin=None, version="13", extra=b""):
+def upgrade(gw, path, origin=None, version="13", extra=b"", port=None):
     """The status line of the answer to a raw WebSocket upgrade request."""
-    with socket.create_connection(("127.0.0.1", gw.web_port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", port or gw.web_port), timeout=10) as s:
         head = (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
@@ -148,9 +152,11 @@ def test_upgrades_the_host_refuses(web):
     assert upgrade(web, path, origin="http://evil.example") == "HTTP/1.1 403 Forbidden"
     assert upgrade(web, path, version="8") == "HTTP/1.1 426 Upgrade Required"
     assert upgrade(web, path, extra=b"\x81\x80junk") == "HTTP/1.1 400 Bad Request"
-    # Past the host's checks, the missing plugin answers.
-    assert upgrade(web, path, origin=ORIGIN) == "HTTP/1.1 503 Service Unavailable"
-    assert upgrade(web, path) == "HTTP/1.1 503 Service Unavailable"
+    # Past the host's checks, the plugin answers: no token, as Pulsar (401).
+    assert upgrade(web, path, origin=ORIGIN) == "HTTP/1.1 401 Unauthorized"
+    assert upgrade(web, path) == "HTTP/1.1 401 Unauthorized"
+    # Without its plugin, the web port refuses every upgrade.
+    assert upgrade(web, path, port=web.bare_port) == "HTTP/1.1 503 Service Unavailable"
     # A head that never ends is cut at 16 KiB.
     with socket.create_connection(("127.0.0.1", web.web_port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000)

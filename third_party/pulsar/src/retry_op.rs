@@ -75,6 +75,8 @@ pub async fn handle_retry_error<Exe: Executor>(
     Ok(())
 }
 
+/// Subscribes, retrying what `handle_retry_error` retries; with `retry_busy` false, a
+/// `ConsumerBusy` answer is returned at once (`ConsumerOptions::fail_if_busy`).
 pub async fn retry_subscribe_consumer<Exe: Executor>(
     client: &Pulsar<Exe>,
     connection: &mut Arc<Connection<Exe>>,
@@ -86,6 +88,7 @@ pub async fn retry_subscribe_consumer<Exe: Executor>(
     consumer_name: &Option<String>,
     options: &ConsumerOptions,
     batch_size: u32,
+    retry_busy: bool,
 ) -> Result<UnboundedReceiver<Message>, Error> {
     *connection = client.manager.get_connection(&addr).await?;
     let (resolver, messages) = mpsc::unbounded();
@@ -129,6 +132,19 @@ pub async fn retry_subscribe_consumer<Exe: Executor>(
                     );
                 }
                 break;
+            }
+            Err(ConnectionError::PulsarError(Some(proto::ServerError::ConsumerBusy), text))
+                if !retry_busy =>
+            {
+                debug!(
+                    "TopicConsumer::subscribe({topic}) answered ConsumerBusy ({}), not retrying",
+                    text.as_deref().unwrap_or("")
+                );
+                return Err(ConnectionError::PulsarError(
+                    Some(proto::ServerError::ConsumerBusy),
+                    text,
+                )
+                .into());
             }
             Err(err) => {
                 handle_retry_error(

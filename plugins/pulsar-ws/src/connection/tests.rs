@@ -496,6 +496,21 @@ fn a_consumer_is_opened_with_its_parameters() {
 }
 
 #[test]
+fn the_hosts_busy_subscription_is_a_conflict() {
+    // The host's wording for the broker's ConsumerBusy (gateway/src/backend.rs).
+    let busy = op_error(
+        ErrorKind::Backend,
+        "subscription sub on persistent://acme/iot/t is busy: exclusive consumer already connected to sub",
+    );
+    assert_eq!(super::open_refusal(&busy).status, 409);
+    let down = op_error(
+        ErrorKind::Backend,
+        "subscribing sub on persistent://acme/iot/t: Disconnected",
+    );
+    assert_eq!(super::open_refusal(&down).status, 500);
+}
+
+#[test]
 fn a_dead_letter_topic_of_another_namespace_is_refused() {
     let mut s = Session::new(Config::default());
     s.request(

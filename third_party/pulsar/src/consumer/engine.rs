@@ -708,6 +708,8 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             &self.name,
             &self.options,
             self.batch_size,
+            // The broker may still hold this consumer's previous connection.
+            true,
         )
         .await?;
 

@@ -33,6 +33,14 @@ pub struct ConsumerOptions {
     /// }
     /// ```
     pub initial_position: InitialPosition,
+    /// Whether subscribing fails at once when the broker answers `ConsumerBusy` (the
+    /// subscription is held by another consumer: a second one on an Exclusive subscription,
+    /// or another subscription type), as the Java client's `subscribe` does, instead of
+    /// retrying until the other consumer leaves. Only the first subscribe: a reconnection
+    /// still retries, since the broker may not yet have seen the old connection go.
+    ///
+    /// default: false (retry, as the stock crate)
+    pub fail_if_busy: bool,
 }
 
 impl ConsumerOptions {
@@ -76,6 +84,13 @@ impl ConsumerOptions {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub fn with_initial_position(mut self, initial_position: InitialPosition) -> Self {
         self.initial_position = initial_position;
+        self
+    }
+
+    /// See [`ConsumerOptions::fail_if_busy`].
+    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
+    pub fn fail_if_busy(mut self, fail: bool) -> Self {
+        self.fail_if_busy = fail;
         self
     }
 

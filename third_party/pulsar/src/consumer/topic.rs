@@ -79,6 +79,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             &consumer_name,
             &options,
             batch_size,
+            !options.fail_if_busy,
         )
         .await?;
 
