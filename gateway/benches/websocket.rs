@@ -16,10 +16,11 @@
 //! Rows: P producers → P consumers on P distinct topics (1 → 1, 4 → 4), 64 B and 1 KiB
 //! payloads. Figures: messages/s end to end (messages received by all consumers / last
 //! receive − first send), p99 of publish → receive (a timestamp in the payload), the gateway
-//! process's CPU time per message received (`/proc/<pid>/stat`), and WS / native.
+//! process's CPU time per message received (`/proc/<pid>/stat`; the bench process's own, its
+//! clients, in parentheses), and WS / native.
 //!
 //! Run: `cargo bench -p magnetar --bench websocket` — env `BENCH_MESSAGES` (per run, all
-//! producers together, default 50000), `BENCH_ONLY` (`producers/payload` rows,
+//! producers together, default 200000), `BENCH_ONLY` (`producers/payload` rows,
 //! comma-separated, e.g. `1/64,4/1024`), `BENCH_WINDOW` (sends in flight per producer,
 //! default 1000: the plugin's `max_pending_sends`), `BENCH_NATIVE_BATCH` (`0`: unbatched
 //! native producers), and the gateway knobs of `support/server.rs` (`BENCH_MAGNETAR_BIN`,
@@ -87,10 +88,12 @@ struct Figures {
     received: usize,
     expected: usize,
     cpu_per_msg_us: f64,
+    /// The bench process's own CPU time per message: the clients' share of the 2 cores.
+    client_per_msg_us: f64,
 }
 
 /// Consumers' results → figures; `start` is when the producers began.
-fn figures(results: Vec<Received>, start: Instant, expected: usize, cpu: f64) -> Figures {
+fn figures(results: Vec<Received>, start: Instant, expected: usize, cpu: (f64, f64)) -> Figures {
     let mut latencies: Vec<Duration> = Vec::with_capacity(expected);
     let mut last = start;
     for r in results {
@@ -108,7 +111,8 @@ fn figures(results: Vec<Received>, start: Instant, expected: usize, cpu: f64) ->
         p99,
         received: latencies.len(),
         expected,
-        cpu_per_msg_us: cpu * 1e6 / latencies.len().max(1) as f64,
+        cpu_per_msg_us: cpu.0 * 1e6 / latencies.len().max(1) as f64,
+        client_per_msg_us: cpu.1 * 1e6 / latencies.len().max(1) as f64,
     }
 }
 
@@ -155,12 +159,15 @@ fn run(
     native_batch: bool,
 ) -> Figures {
     let pid = gw.proc.0.id();
-    let before = cpu_seconds(pid);
+    let before = (cpu_seconds(pid), cpu_seconds(std::process::id()));
     let (results, start) = match way {
         Way::Ws => rt.block_on(pulsar_ws::run(gw.web, shape, tag)),
         Way::Native => rt.block_on(native::run(gw.broker, shape, tag, native_batch)),
     };
-    let cpu = cpu_seconds(pid) - before;
+    let cpu = (
+        cpu_seconds(pid) - before.0,
+        cpu_seconds(std::process::id()) - before.1,
+    );
     figures(results, start, shape.pairs * shape.per_producer, cpu)
 }
 
@@ -171,8 +178,8 @@ fn cell(f: &Figures) -> String {
         String::new()
     };
     format!(
-        " {:.0}{short} | {:.1?} | {:.1} |",
-        f.rate, f.p99, f.cpu_per_msg_us
+        " {:.0}{short} | {:.1?} | {:.1} ({:.1}) |",
+        f.rate, f.p99, f.cpu_per_msg_us, f.client_per_msg_us
     )
 }
 
@@ -181,7 +188,7 @@ fn main() {
         println!("websocket: bench");
         return;
     }
-    let n = env_usize("BENCH_MESSAGES", 50_000).max(1);
+    let n = env_usize("BENCH_MESSAGES", 200_000).max(1);
     let window = env_usize("BENCH_WINDOW", 1000).max(1);
     let native_batch = env_usize("BENCH_NATIVE_BATCH", 1) != 0;
     // `BENCH_ONLY=1/64,4/1024`: only these rows (producers/payload).
@@ -215,8 +222,8 @@ fn main() {
         }
     }
     println!(
-        "| pubs→subs | payload | WS msgs/s | WS p99 | WS CPU µs/msg | native msgs/s | native p99 \
-         | native CPU µs/msg | WS / native msgs/s | WS / native p99 | WS / native CPU/msg |"
+        "| pubs→subs | payload | WS msgs/s | WS p99 | WS CPU µs/msg gateway (client) | native msgs/s \
+         | native p99 | native CPU µs/msg gateway (client) | WS / native msgs/s | WS / native p99 | WS / native CPU/msg |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut row = 0;
