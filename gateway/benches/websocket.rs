@@ -20,7 +20,7 @@
 //! clients, in parentheses), and WS / native.
 //!
 //! Run: `cargo bench -p magnetar --bench websocket` — env `BENCH_MESSAGES` (per run, all
-//! producers together, default 200000), `BENCH_ONLY` (`producers/payload` rows,
+//! producers together, default 400000), `BENCH_ONLY` (`producers/payload` rows,
 //! comma-separated, e.g. `1/64,4/1024`), `BENCH_WINDOW` (sends in flight per producer,
 //! default 1000: the plugin's `max_pending_sends`), `BENCH_NATIVE_BATCH` (`0`: unbatched
 //! native producers), and the gateway knobs of `support/server.rs` (`BENCH_MAGNETAR_BIN`,
@@ -188,7 +188,7 @@ fn main() {
         println!("websocket: bench");
         return;
     }
-    let n = env_usize("BENCH_MESSAGES", 200_000).max(1);
+    let n = env_usize("BENCH_MESSAGES", 400_000).max(1);
     let window = env_usize("BENCH_WINDOW", 1000).max(1);
     let native_batch = env_usize("BENCH_NATIVE_BATCH", 1) != 0;
     // `BENCH_ONLY=1/64,4/1024`: only these rows (producers/payload).
