@@ -81,6 +81,22 @@ pub fn latency(payload: &[u8], origin: Instant) -> Option<Duration> {
     Some(origin.elapsed().saturating_sub(sent))
 }
 
+/// Joins a run's task by `until`, past which it is aborted (`None`): the guard that keeps a
+/// stuck write or ack from hanging the bench, on top of the bounded receives.
+pub async fn join_by<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    until: tokio::time::Instant,
+) -> Option<T> {
+    match tokio::time::timeout_at(until, &mut task).await {
+        Ok(result) => Some(result.expect("bench task")),
+        Err(_) => {
+            task.abort();
+            println!("  (a task still running {IDLE_TIMEOUT:?} after the run's deadline: aborted)");
+            None
+        }
+    }
+}
+
 /// What one run measured.
 struct Figures {
     rate: f64,

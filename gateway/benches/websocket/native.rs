@@ -12,7 +12,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use pulsar::{Pulsar, TokioExecutor};
 
-use crate::{latency, stamp, Received, Shape, IDLE_TIMEOUT, RUN_DEADLINE};
+use crate::{join_by, latency, stamp, Received, Shape, IDLE_TIMEOUT, RUN_DEADLINE};
 
 async fn client(broker: SocketAddr) -> Pulsar<TokioExecutor> {
     let build = Pulsar::builder(format!("pulsar://{broker}"), TokioExecutor).build();
@@ -85,15 +85,16 @@ pub async fn run(
         .into_iter()
         .map(|(pulsar, producer)| tokio::spawn(produce(pulsar, producer, shape, origin, deadline)))
         .collect();
+    let until = deadline + IDLE_TIMEOUT;
     for p in producers {
-        let errors = p.await.expect("producer task");
+        let errors = join_by(p, until).await.unwrap_or(0);
         if errors > 0 {
             println!("  ({errors} failed sends)");
         }
     }
     let mut results = Vec::new();
     for c in consumers {
-        results.push(c.await.expect("consumer task"));
+        results.extend(join_by(c, until).await);
     }
     (results, start)
 }
@@ -137,7 +138,7 @@ async fn produce(
             errors += 1;
         }
     }
-    let _ = producer.close().await;
+    let _ = tokio::time::timeout(IDLE_TIMEOUT, producer.close()).await;
     errors
 }
 
@@ -162,7 +163,10 @@ async fn consume(
             last = Instant::now();
             latencies.push(l);
         }
-        if consumer.ack(&m).await.is_err() {
+        if !matches!(
+            tokio::time::timeout(IDLE_TIMEOUT, consumer.ack(&m)).await,
+            Ok(Ok(()))
+        ) {
             break;
         }
     }

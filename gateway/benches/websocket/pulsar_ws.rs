@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::{latency, stamp, Received, Shape, IDLE_TIMEOUT, RUN_DEADLINE};
+use crate::{join_by, latency, stamp, Received, Shape, IDLE_TIMEOUT, RUN_DEADLINE};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -90,16 +90,18 @@ pub async fn run(web: SocketAddr, shape: Shape, tag: &str) -> (Vec<Received>, In
         .into_iter()
         .map(|ws| tokio::spawn(produce(ws, shape, origin, deadline)))
         .collect();
+    let until = deadline + IDLE_TIMEOUT;
     for p in producers {
-        let (ws, errors) = p.await.expect("producer task");
-        if errors > 0 {
-            println!("  ({errors} send-error acks)");
+        if let Some((ws, errors)) = join_by(p, until).await {
+            if errors > 0 {
+                println!("  ({errors} send-error acks)");
+            }
+            drop(ws);
         }
-        drop(ws);
     }
     let mut results = Vec::new();
     for c in consumers {
-        results.push(c.await.expect("consumer task"));
+        results.extend(join_by(c, until).await);
     }
     (results, start)
 }
