@@ -23,9 +23,8 @@
 //! Mosquitto; then the resident memory per idle TLS connection. Magnetar's QoS 1 is stored
 //! and fsync'd by the broker before the PUBACK; Mosquitto's and rumqttd's are in memory.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 
 use rumqttc::QoS;
 
@@ -37,36 +36,14 @@ mod fleet;
 mod idle;
 #[path = "mqtt/load.rs"]
 mod load;
-#[path = "../../broker/benches/support/proc_cpu.rs"]
-mod proc_cpu;
+#[path = "support/server.rs"]
+mod server;
 #[path = "mqtt/stages.rs"]
 mod stages;
 #[path = "mqtt/storm.rs"]
 mod storm;
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
-/// A server process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use server::{cpu_seconds, env_usize, free_port, wait_listening, Proc};
 
 /// A server under test: plain MQTT address, and TLS MQTT address when it has one.
 struct Server {
@@ -96,30 +73,7 @@ fn start_magnetar(dir: &std::path::Path, tls: &Tls, extra: &str) -> (Server, Soc
         ),
     )
     .expect("config");
-    // `BENCH_MAGNETAR_BIN`: another build of the gateway (A/B comparisons of two builds).
-    let bin = std::env::var("BENCH_MAGNETAR_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_magnetar").to_string());
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "warn")
-        // E.g. `LD_PRELOAD=… DUMP_HEAPTRACK_OUTPUT=…` for a heap profile of the gateway alone.
-        .envs(
-            std::env::var("BENCH_MAGNETAR_ENV")
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('=')),
-        )
-        .stdout(Stdio::null())
-        .stderr(match std::env::var_os("BENCH_MAGNETAR_LOG") {
-            Some(path) => std::fs::File::create(path).map_or(Stdio::null(), Stdio::from),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .expect("spawning magnetar");
-    let proc = Proc(child);
+    let proc = server::spawn_magnetar(&config, &dir.join("data"));
     wait_listening(mqtt);
     wait_listening(mqtts);
     let server = Server {
@@ -224,13 +178,6 @@ fn serve_rumqttd(addr: SocketAddr) {
     if let Err(e) = broker.start() {
         eprintln!("rumqttd: {e}");
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {
@@ -373,11 +320,6 @@ fn throughput(rt: &tokio::runtime::Runtime, servers: &[Server], names: &[&str], 
             }
         }
     }
-}
-
-/// CPU time (user + system) a process has used so far, in seconds (0 if unknown).
-fn cpu_seconds(pid: u32) -> f64 {
-    proc_cpu::cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// Memory per idle TLS connection of every server with a TLS port.

@@ -1,5 +1,6 @@
 //! CPU time of a process from `/proc`, for the benches' CPU-per-message columns: shared by
-//! the broker bench and the MQTT bench (`gateway/benches/mqtt.rs`) through `#[path]`.
+//! the broker bench and the gateway benches (`gateway/benches/support/server.rs`) through
+//! `#[path]`.
 
 /// CPU time (user + system) the process of `stat_path` (`/proc/<pid>/stat`, or
 /// `/proc/self/stat`) has used so far, in seconds (0 if unknown).
