@@ -75,9 +75,7 @@ impl Gateway {
     fn configure(opts: Options) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         // All ports are held until all are chosen, so one gateway never gets a port twice.
-        let held: Vec<TcpListener> = (0..5)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port"))
-            .collect();
+        let held: Vec<TcpListener> = (0..5).map(|_| listener_below_ephemeral()).collect();
         let ports: Vec<SocketAddr> = held
             .iter()
             .map(|l| l.local_addr().expect("local addr"))
@@ -235,4 +233,22 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name)
+}
+
+/// A listening socket on a free port below the kernel's ephemeral range (32768 and up on
+/// Linux). A port the kernel hands out for `:0` comes from the range client sockets use: the
+/// thousands of connections a storm or fleet test opens could take it between its choice and
+/// the gateway's bind (seen: "listener mqtt-tls: binding 127.0.0.1:36827").
+fn listener_below_ephemeral() -> TcpListener {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Test binaries running at once (other crates' suites) start at different places.
+    let base = 20_000 + (std::process::id() % 500) * 24;
+    for _ in 0..12_000 {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l;
+        }
+    }
+    panic!("no free port between 20000 and 32000");
 }
