@@ -53,6 +53,8 @@
 // `deny`, not `forbid`: the generated bindings need `unsafe` for the canonical ABI; nothing else may.
 #![deny(unsafe_code)]
 
+/// A plugin's config text: `key = integer` settings.
+pub mod config;
 mod dispatch;
 /// Framed input: a byte stream cut into frames, bounded, with backpressure.
 pub mod input;

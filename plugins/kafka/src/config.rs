@@ -31,34 +31,14 @@ impl Config {
     /// Parses the config text (empty: the defaults).
     pub fn parse(text: &str) -> Result<Config, String> {
         let mut config = Config::default();
-        for (n, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or_default().trim();
-            if line.is_empty() {
-                continue;
-            }
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| format!("kafka config line {}: expected `key = value`", n + 1))?;
-            let key = key.trim();
-            let value: u64 = value.trim().replace('_', "").parse().map_err(|_| {
-                format!(
-                    "kafka config line {}: `{key}` needs a non-negative integer",
-                    n + 1
-                )
-            })?;
-            match key {
+        for s in magnetar_sdk::config::settings("kafka", text)? {
+            match s.key {
                 // A request holds at least the 8 fixed bytes of its header; the size field
                 // is an int32.
                 "max_request_bytes" => {
-                    if !(8..=i32::MAX as u64).contains(&value) {
-                        return Err(format!(
-                            "kafka config: `max_request_bytes` must be in 8..={}",
-                            i32::MAX
-                        ));
-                    }
-                    config.max_request_bytes = value as usize;
+                    config.max_request_bytes = s.within(8, i32::MAX as u64)? as usize
                 }
-                other => return Err(format!("kafka config: unknown key `{other}`")),
+                _ => return Err(s.unknown()),
             }
         }
         Ok(config)

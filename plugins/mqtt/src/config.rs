@@ -60,29 +60,9 @@ impl Config {
     /// Parses the TOML text; empty text gives the defaults.
     pub fn parse(text: &str) -> Result<Config, String> {
         let mut config = Config::default();
-        for (n, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or_default().trim();
-            if line.is_empty() {
-                continue;
-            }
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| format!("mqtt config line {}: expected `key = value`", n + 1))?;
-            let key = key.trim();
-            let value: u64 = value.trim().replace('_', "").parse().map_err(|_| {
-                format!(
-                    "mqtt config line {}: `{key}` needs a non-negative integer",
-                    n + 1
-                )
-            })?;
-            let range = |lo: u64, hi: u64| {
-                if (lo..=hi).contains(&value) {
-                    Ok(value)
-                } else {
-                    Err(format!("mqtt config: `{key}` must be in {lo}..={hi}"))
-                }
-            };
-            match key {
+        for s in magnetar_sdk::config::settings("mqtt", text)? {
+            let range = |lo, hi| s.within(lo, hi);
+            match s.key {
                 // Remaining Length tops out at 268,435,455 (§2.2.3), plus 5 header bytes.
                 "max_packet_size" => config.max_packet_size = range(16, 268_435_460)? as usize,
                 // Packet Identifiers are 16-bit and non-zero (§2.3.1).
@@ -92,7 +72,7 @@ impl Config {
                 "max_queued" => config.max_queued = range(1, 1_000_000)? as usize,
                 "max_subscriptions" => config.max_subscriptions = range(1, 1_000_000)? as usize,
                 "connect_timeout_ms" => config.connect_timeout_ms = range(100, 3_600_000)?,
-                _ => return Err(format!("mqtt config: unknown key `{key}`")),
+                _ => return Err(s.unknown()),
             }
         }
         Ok(config)

@@ -31,35 +31,12 @@ impl Config {
     /// Parses the TOML text; empty text gives the defaults.
     pub fn parse(text: &str) -> Result<Config, String> {
         let mut config = Config::default();
-        for (n, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or_default().trim();
-            if line.is_empty() {
-                continue;
-            }
-            let (key, value) = line.split_once('=').ok_or_else(|| {
-                format!("pulsar-ws config line {}: expected `key = value`", n + 1)
-            })?;
-            let key = key.trim();
-            let value: usize = value.trim().replace('_', "").parse().map_err(|_| {
-                format!(
-                    "pulsar-ws config line {}: `{key}` needs a positive integer",
-                    n + 1
-                )
-            })?;
-            let in_range = |lo: usize, hi: usize| {
-                if (lo..=hi).contains(&value) {
-                    Ok(value)
-                } else {
-                    Err(format!(
-                        "pulsar-ws config line {}: `{key}` must be in {lo}..={hi}",
-                        n + 1
-                    ))
-                }
-            };
-            match key {
+        for s in magnetar_sdk::config::settings("pulsar-ws", text)? {
+            let in_range = |lo, hi| s.within(lo, hi).map(|v| v as usize);
+            match s.key {
                 "max_message_size" => config.max_message_size = in_range(1024, 64 << 20)?,
                 "max_pending_sends" => config.max_pending_sends = in_range(1, 100_000)?,
-                other => return Err(format!("pulsar-ws config: unknown key `{other}`")),
+                _ => return Err(s.unknown()),
             }
         }
         Ok(config)
