@@ -19,8 +19,11 @@
 //! open, as Pulsar's is by default (`authenticateMetricsEndpoint=false`): scrapers carry no
 //! token, and it names no tenant, topic or client.
 //!
-//! Not done: policies, permissions, retention settings, subscriptions management,
-//! non-persistent topics.
+//! Non-persistent topics: the open ones listed (`GET /admin/v2/non-persistent/{t}/{ns}`) and
+//! their stats (`.../{topic}/stats`, with drop counters); nothing else (there is nothing to
+//! create or delete: they exist while clients use them).
+//!
+//! Not done: policies, permissions, retention settings, subscriptions management.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -132,6 +135,14 @@ fn router(admin: Arc<Admin>) -> Router {
         .route(
             "/admin/v2/persistent/{tenant}/{ns}/{topic}/unload",
             axum::routing::put(unload),
+        )
+        .route(
+            "/admin/v2/non-persistent/{tenant}/{ns}",
+            get(non_persistent_topics),
+        )
+        .route(
+            "/admin/v2/non-persistent/{tenant}/{ns}/{topic}/stats",
+            get(non_persistent_stats),
         )
         .route("/metrics", get(metrics))
         .with_state(admin)
@@ -430,6 +441,62 @@ async fn stats(
         "msgInCounter": s.messages,
         "entries": s.entries,
         "storageSize": s.storage_bytes,
+        "publishers": s.producers.iter().map(|p| json!({ "producerName": p })).collect::<Vec<_>>(),
+        "subscriptions": subscriptions,
+    })))
+}
+
+/// The open non-persistent topics of a namespace (Pulsar lists the active ones too).
+async fn non_persistent_topics(
+    State(a): Shared,
+    headers: HeaderMap,
+    Path((tenant, ns)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<String>>> {
+    a.check(&headers, &tenant, &ns)?;
+    let namespace = format!("{tenant}/{ns}");
+    Ok(Json(
+        a.registry.non_persistent.topics_of_namespace(&namespace),
+    ))
+}
+
+/// A non-persistent topic's stats: Pulsar's field names where it has counters; Pulsar
+/// reports drops as rates (`msgDropRate`), Magnetar as counts since the topic opened
+/// (`msgDropCounter`, per subscription too). 404 when the topic is not open.
+async fn non_persistent_stats(
+    State(a): Shared,
+    headers: HeaderMap,
+    Path((tenant, ns, topic)): Path<(String, String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
+    let (s, counters) = a.registry.non_persistent.stats(&name).await?;
+    let dropped = counters
+        .dropped_by_subscription
+        .lock()
+        .map(|d| d.clone())
+        .unwrap_or_default();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let subscriptions: serde_json::Map<String, serde_json::Value> = s
+        .subscriptions
+        .iter()
+        .map(|sub| {
+            (
+                sub.name.clone(),
+                json!({
+                    "msgBacklog": 0,
+                    "type": sub.sub_type,
+                    "isDurable": sub.durable,
+                    "consumers": vec![json!({}); sub.consumers],
+                    "msgDropCounter": dropped.get(&sub.name).copied().unwrap_or(0),
+                }),
+            )
+        })
+        .collect();
+    Ok(Json(json!({
+        "msgInCounter": load(&counters.msg_in),
+        "bytesInCounter": load(&counters.bytes_in),
+        "msgOutCounter": load(&counters.msg_out),
+        "msgDropCounter": load(&counters.msg_dropped),
+        "storageSize": 0,
         "publishers": s.producers.iter().map(|p| json!({ "producerName": p })).collect::<Vec<_>>(),
         "subscriptions": subscriptions,
     })))

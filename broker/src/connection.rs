@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Action, BrokerAuth};
 use crate::entry::NewEntry;
-use crate::naming::{self, TopicName};
+use crate::naming::{self, Domain, TopicName};
 use crate::protocol::{
     self, command, error, message_id, no_message_id, success, Frame, FrameCodec, Inbound, Received,
     LEDGER_ID, MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
@@ -472,11 +472,13 @@ impl Connection {
             Type::Pong => Ok(()),
             Type::PartitionedMetadata => {
                 let c = body!(cmd, partition_metadata);
-                let result = TopicName::parse(&c.topic);
-                let partitions = result
-                    .as_ref()
-                    .map(|n| self.shared.registry.partitions(n))
-                    .unwrap_or(0);
+                let result = TopicName::parse_domain(&c.topic);
+                // Non-persistent topics are never partitioned here.
+                let partitions = match &result {
+                    Ok((n, Domain::Persistent)) => self.shared.registry.partitions(n),
+                    _ => 0,
+                };
+                let result = result.map(|(n, _)| n);
                 if let Ok(name) = &result {
                     if !self.authorized(name, Action::Manage) {
                         let denied = self.denied(name);
@@ -515,7 +517,7 @@ impl Connection {
             }
             Type::Lookup => {
                 let c = body!(cmd, lookup_topic);
-                let result = TopicName::parse(&c.topic);
+                let result = TopicName::parse_domain(&c.topic).map(|(n, _)| n);
                 if let Ok(name) = &result {
                     if !self.authorized(name, Action::Manage) {
                         let denied = self.denied(name);
@@ -645,13 +647,19 @@ impl Connection {
                         ))
                         .await;
                 }
-                // Every topic here is persistent (`naming`), so a regex consumer in
-                // NonPersistentOnly mode gets none: the C++ client matches its pattern with
-                // the domain removed and would otherwise subscribe to persistent topics.
+                // Each mode lists only its domain's topics: the C++ client matches its
+                // pattern with the domain removed and would otherwise subscribe to the other
+                // domain's. Non-persistent topics are listed while they are open.
+                let registry = &self.shared.registry;
                 let topics = match c.mode() {
-                    TopicsMode::NonPersistent => Vec::new(),
-                    TopicsMode::Persistent | TopicsMode::All => {
-                        self.shared.registry.topics_of_namespace(&c.namespace)
+                    TopicsMode::NonPersistent => {
+                        registry.non_persistent.topics_of_namespace(&c.namespace)
+                    }
+                    TopicsMode::Persistent => registry.topics_of_namespace(&c.namespace),
+                    TopicsMode::All => {
+                        let mut all = registry.topics_of_namespace(&c.namespace);
+                        all.extend(registry.non_persistent.topics_of_namespace(&c.namespace));
+                        all
                     }
                 };
                 // `topics_pattern` and `topics_hash` are not evaluated here: the whole list,
@@ -771,7 +779,7 @@ impl Connection {
         request_id: u64,
         action: Action,
     ) -> Result<Option<TopicHandle>, ConnectionError> {
-        let name = match TopicName::parse(name) {
+        let (name, domain) = match TopicName::parse_domain(name) {
             Ok(n) => n,
             Err(e) => {
                 self.reply(error(
@@ -792,7 +800,11 @@ impl Connection {
             .await?;
             return Ok(None);
         }
-        match self.shared.registry.get(&name).await {
+        let opened = match domain {
+            Domain::Persistent => self.shared.registry.get(&name).await,
+            Domain::NonPersistent => self.shared.registry.non_persistent.get(&name),
+        };
+        match opened {
             Ok(h) => Ok(Some(h)),
             Err(e) => {
                 self.reply(error(

@@ -143,6 +143,19 @@ impl NewEntry {
     }
 }
 
+impl NewEntry {
+    /// The entry as it goes to consumers without being stored (a non-persistent topic's
+    /// message): no header, so no broker-entry metadata.
+    pub fn into_unstored(self) -> StoredEntry {
+        StoredEntry {
+            metadata: self.metadata,
+            tail: self.tail,
+            tail_crc: self.tail_crc,
+            broker: None,
+        }
+    }
+}
+
 /// Decodes a log record; `None` if it is not a well-formed entry.
 pub fn decode(record: Bytes) -> Option<StoredEntry> {
     let (broker, tail) = if record.get(..2) == Some(&HEADER_MAGIC[..]) {

@@ -18,6 +18,8 @@ mod entry;
 pub mod log;
 /// Topic names and their on-disk escaping.
 pub mod naming;
+/// Non-persistent topics: messages passed on to connected consumers, never stored.
+mod non_persistent;
 /// Frame codec (size-bounded) and reply builders.
 mod protocol;
 /// Builds a command-only Pulsar frame: for raw-socket clients such as the bench's load

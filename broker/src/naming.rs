@@ -20,6 +20,8 @@ pub const NAME_FILE: &str = "topic-name";
 pub const MAX_SUBSCRIPTION_NAME_LEN: usize = 80;
 
 const SCHEME: &str = "persistent://";
+/// The scheme of non-persistent topics (`non_persistent`).
+const NON_PERSISTENT_SCHEME: &str = "non-persistent://";
 /// What joins a partitioned topic's name and a partition's index (`t-partition-0`).
 const PARTITION_SUFFIX: &str = "-partition-";
 
@@ -29,6 +31,14 @@ pub struct TopicName {
     canonical: String,
 }
 
+/// A topic's domain: stored (`persistent://`) or only passed on to connected consumers
+/// (`non-persistent://`, see the `non_persistent` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    Persistent,
+    NonPersistent,
+}
+
 /// Why a topic name was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -36,7 +46,7 @@ pub enum NameError {
     Empty,
     #[error("topic name is longer than {MAX_TOPIC_NAME_LEN} bytes")]
     TooLong,
-    #[error("only persistent:// topics are supported")]
+    #[error("only persistent:// and non-persistent:// topics are supported")]
     UnsupportedDomain,
     #[error("topic name must be `name`, `tenant/namespace/name` or `persistent://tenant/namespace/name`")]
     Malformed,
@@ -80,6 +90,28 @@ impl TopicName {
     /// The canonical `persistent://tenant/ns/name` string.
     pub fn as_str(&self) -> &str {
         &self.canonical
+    }
+
+    /// Parses a name of either domain: the topic in its persistent spelling, and whether it
+    /// was named `non-persistent://` (a non-persistent topic shares the tenant, namespace
+    /// and local name rules, and the authorization, of its persistent namesake).
+    pub fn parse_domain(input: &str) -> Result<(TopicName, Domain), NameError> {
+        match input.strip_prefix(NON_PERSISTENT_SCHEME) {
+            Some(rest) => Ok((
+                TopicName::parse(&format!("{SCHEME}{rest}"))?,
+                Domain::NonPersistent,
+            )),
+            None => Ok((TopicName::parse(input)?, Domain::Persistent)),
+        }
+    }
+
+    /// This topic's name in the `non-persistent://` domain.
+    pub fn non_persistent_name(&self) -> String {
+        let rest = self
+            .canonical
+            .strip_prefix(SCHEME)
+            .unwrap_or(&self.canonical);
+        format!("{NON_PERSISTENT_SCHEME}{rest}")
     }
 
     /// `tenant/namespace` of this topic.
@@ -228,6 +260,22 @@ mod tests {
         assert_eq!(index("t-partition-"), None);
         assert_eq!(index("t-partition-01"), None);
         assert_eq!(index("t-partition-3x"), None);
+    }
+
+    #[test]
+    fn non_persistent_names_keep_their_domain() {
+        let (name, domain) = TopicName::parse_domain("non-persistent://t/ns/x").unwrap();
+        assert_eq!(domain, Domain::NonPersistent);
+        assert_eq!(name.as_str(), "persistent://t/ns/x");
+        assert_eq!(name.non_persistent_name(), "non-persistent://t/ns/x");
+        let (name, domain) = TopicName::parse_domain("x").unwrap();
+        assert_eq!(
+            (name.as_str(), domain),
+            ("persistent://public/default/x", Domain::Persistent)
+        );
+        assert!(TopicName::parse_domain("non-persistent://x").is_err());
+        assert!(TopicName::parse_domain("non-persistent://a/b/c/d").is_err());
+        assert!(TopicName::parse_domain("other://a/b/c").is_err());
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub struct Registry {
     settings: TopicSettings,
     metadata_path: PathBuf,
     metadata: StdMutex<Metadata>,
+    /// The non-persistent topics (nothing on disk; see `non_persistent`).
+    pub non_persistent: crate::non_persistent::Topics,
 }
 
 impl Registry {
@@ -108,6 +110,7 @@ impl Registry {
             settings,
             metadata_path,
             metadata: StdMutex::new(metadata),
+            non_persistent: crate::non_persistent::Topics::default(),
         })
     }
 
@@ -461,6 +464,7 @@ impl Registry {
 
     /// Flushes and stops every topic.
     pub async fn shutdown(&self) {
+        self.non_persistent.shutdown().await;
         let handles: Vec<TopicHandle> = self.open.lock().await.drain().map(|(_, h)| h).collect();
         for h in handles {
             let (reply, done) = oneshot::channel();

@@ -225,6 +225,49 @@ fn murmur3_31(bytes: &[u8]) -> u32 {
     murmur3::murmur3_32(&mut &bytes[..], 0).unwrap_or(0) & 0x7fff_ffff
 }
 
+/// Which of `consumers` (priority level, name; in the order they joined) is a Failover
+/// subscription's active one: among those of the highest priority (lowest level) sorted by
+/// name, the one `slot` picks (see [`FailoverSlot`]). Shared with non-persistent topics.
+pub(crate) fn failover_active(slot: FailoverSlot, consumers: &[(i32, &str)]) -> Option<usize> {
+    let top = consumers.iter().map(|c| c.0).min()?;
+    let mut first: Vec<(usize, &str)> = consumers
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.0 == top)
+        .map(|(i, c)| (i, c.1))
+        .collect();
+    // Stable: equal names stay in the order they joined.
+    first.sort_by(|a, b| a.1.cmp(b.1));
+    let index = match slot {
+        FailoverSlot::Partition(p) => p as usize % first.len().max(1),
+        FailoverSlot::TopicHash(topic) => {
+            // The first point at or after the topic's, else the first point; a point two
+            // consumers share goes to the later one.
+            let mut next: Option<(u32, usize)> = None;
+            let mut lowest: Option<(u32, usize)> = None;
+            let mut point_key = Vec::new();
+            for (i, (_, name)) in first.iter().enumerate() {
+                for point in 0..RING_POINTS {
+                    // The consumer's name followed by the point's number.
+                    point_key.clear();
+                    point_key.extend_from_slice(name.as_bytes());
+                    // Writing to a `Vec` cannot fail.
+                    let _ = write!(point_key, "{point}");
+                    let h = murmur3_31(&point_key);
+                    if h >= topic && next.is_none_or(|(n, _)| h <= n) {
+                        next = Some((h, i));
+                    }
+                    if lowest.is_none_or(|(l, _)| h <= l) {
+                        lowest = Some((h, i));
+                    }
+                }
+            }
+            next.or(lowest).map_or(0, |(_, i)| i)
+        }
+    };
+    first.get(index).map(|(i, _)| *i)
+}
+
 /// A Failover change of active consumer, waiting: nothing is dispatched until `due_ms`; then
 /// what `from` (the previous active one, if still attached) has not acknowledged by then goes
 /// to the new one. The wait lets `from` finish and acknowledge what it holds, and lets
@@ -395,42 +438,13 @@ impl Subscription {
         if self.sub_type != SubType::Failover {
             return None;
         }
-        let top = self.consumers.iter().map(|c| c.priority).min()?;
-        let mut first: Vec<&Consumer> = self
+        let candidates: Vec<(i32, &str)> = self
             .consumers
             .iter()
-            .filter(|c| c.priority == top)
+            .map(|c| (c.priority, c.name.as_str()))
             .collect();
-        // Stable: equal names stay in the order they joined.
-        first.sort_by(|a, b| a.name.cmp(&b.name));
-        let index = match self.failover_slot {
-            FailoverSlot::Partition(p) => p as usize % first.len().max(1),
-            FailoverSlot::TopicHash(topic) => {
-                // The first point at or after the topic's, else the first point; a point two
-                // consumers share goes to the later one.
-                let mut next: Option<(u32, usize)> = None;
-                let mut lowest: Option<(u32, usize)> = None;
-                let mut point_key = Vec::new();
-                for (i, c) in first.iter().enumerate() {
-                    for point in 0..RING_POINTS {
-                        // The consumer's name followed by the point's number.
-                        point_key.clear();
-                        point_key.extend_from_slice(c.name.as_bytes());
-                        // Writing to a `Vec` cannot fail.
-                        let _ = write!(point_key, "{point}");
-                        let h = murmur3_31(&point_key);
-                        if h >= topic && next.is_none_or(|(n, _)| h <= n) {
-                            next = Some((h, i));
-                        }
-                        if lowest.is_none_or(|(l, _)| h <= l) {
-                            lowest = Some((h, i));
-                        }
-                    }
-                }
-                next.or(lowest).map_or(0, |(_, i)| i)
-            }
-        };
-        first.get(index).map(|c| c.key)
+        let index = failover_active(self.failover_slot, &candidates)?;
+        self.consumers.get(index).map(|c| c.key)
     }
 
     /// After a consumer joined or left: on Failover, if the active one changed, the previous
@@ -865,14 +879,14 @@ fn sticky_hash(key: &[u8]) -> u32 {
 
 /// The hashes Key_Shared routes an entry's key by.
 #[derive(Debug, Clone, Copy)]
-struct KeyHash {
+pub(crate) struct KeyHash {
     /// For rendezvous hashing (AutoSplit), and to tell keys apart within a dispatch pass.
-    route: u64,
+    pub route: u64,
     /// For Sticky ranges.
-    sticky: u32,
+    pub sticky: u32,
 }
 
-fn key_hash(entry: &StoredEntry) -> KeyHash {
+pub(crate) fn key_hash(entry: &StoredEntry) -> KeyHash {
     let key = sticky_key(entry);
     // DefaultHasher::new() has fixed keys: the same key always hashes the same.
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -884,7 +898,7 @@ fn key_hash(entry: &StoredEntry) -> KeyHash {
 }
 
 /// Rendezvous (highest random weight) score of a key (its route hash) for a consumer.
-fn rendezvous(key: u64, consumer: ConsumerKey) -> u64 {
+pub(crate) fn rendezvous(key: u64, consumer: ConsumerKey) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     consumer.hash(&mut h);

@@ -463,6 +463,7 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let start = buf.filled().len();
         loop {
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -480,7 +481,9 @@ impl<S: Transport> AsyncRead for MessageTransport<S> {
                 this.unread.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            if this.side.ended {
+            // What this call put in `buf` (the header of an empty message) must be returned
+            // now: polling for the next message may be `Pending`, which would lose it.
+            if this.side.ended || buf.filled().len() > start {
                 return Poll::Ready(Ok(()));
             }
             match this.phase {
@@ -773,6 +776,9 @@ mod tests {
             );
             let first = futures::StreamExt::next(&mut ws).await.unwrap().unwrap();
             assert_eq!(first, Message::Text("hello".into()));
+            futures::SinkExt::send(&mut ws, Message::Text("".into()))
+                .await
+                .unwrap();
             futures::SinkExt::send(&mut ws, Message::Text("hi".into()))
                 .await
                 .unwrap();
@@ -815,6 +821,8 @@ mod tests {
         t.write_all(a).await.unwrap();
         t.write_all(b).await.unwrap();
         t.flush().await.unwrap();
+        // An empty message is a frame too (it used to vanish: Autobahn cases 1.1.1, 6.1.1).
+        assert_eq!(plugin_reads(&mut t).await, (KIND_TEXT, Vec::new()));
         assert_eq!(plugin_reads(&mut t).await, (KIND_TEXT, b"hi".to_vec()));
         assert_eq!(plugin_reads(&mut t).await, (KIND_BINARY, vec![1, 2, 3]));
         let mut close = vec![0x0f, 0xa0];

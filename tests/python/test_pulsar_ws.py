@@ -280,3 +280,53 @@ def test_subscription_types_deliver(web, mode):
         producer.send(json.dumps({"payload": b64(mode.encode()), "key": "k"}))
         recv_json(producer)
         assert base64.b64decode(recv_json(consumer)["payload"]) == mode.encode()
+
+
+def np_url(gw, kind: str, rest: str, query: str = "") -> str:
+    return url(gw, kind, rest, query).replace("/persistent/", "/non-persistent/", 1)
+
+
+def non_persistent(encoded) -> bool:
+    """A non-persistent message's id, as Apache Pulsar gives it: ledger 0, entry 0 (with a
+    batch index when the gateway's producer batched it, as it batches persistent sends)."""
+    ledger, entry, partition, _batch_index = id_fields(encoded)
+    return (ledger, entry, partition) == (0, 0, -1)
+
+
+def test_non_persistent_topics_deliver_to_connected_consumers_only(web):
+    topic = f"np-{uuid.uuid4().hex[:8]}"
+    with connect(np_url(web, "producer", topic)) as producer:
+        producer.send(json.dumps({"payload": b64(b"nobody-listens"), "context": "0"}))
+        ack = recv_json(producer)
+        assert ack["result"] == "ok", ack
+        assert non_persistent(ack["messageId"])
+        with connect(np_url(web, "consumer", f"{topic}/sub", "subscriptionType=Shared")) as consumer:
+            for i in range(3):
+                producer.send(json.dumps({"payload": b64(f"m{i}".encode()), "key": "k", "context": str(i)}))
+                ack = recv_json(producer)
+                assert (ack["result"], ack["context"]) == ("ok", str(i))
+                assert non_persistent(ack["messageId"])
+            got = [recv_json(consumer) for _ in range(3)]
+            assert [base64.b64decode(m["payload"]) for m in got] == [b"m0", b"m1", b"m2"]
+            assert all(m["key"] == "k" and non_persistent(m["messageId"]) for m in got)
+            consumer.send(json.dumps({"messageId": got[0]["messageId"]}))  # an ack: accepted
+            with pytest.raises(TimeoutError):
+                consumer.recv(timeout=1)  # "nobody-listens" was never kept
+
+
+def test_non_persistent_reader_and_native_consumer_see_websocket_messages(web):
+    topic = f"npr-{uuid.uuid4().hex[:8]}"
+    client = pulsar.Client(web.service_url, authentication=pulsar.AuthenticationToken(web.alice))
+    try:
+        native = client.subscribe(f"non-persistent://acme/default/{topic}", "native")
+        with connect(np_url(web, "reader", topic)) as reader, connect(np_url(web, "producer", topic)) as producer:
+            producer.send(json.dumps({"payload": b64(b"live"), "properties": {"p": "v"}}))
+            assert recv_json(producer)["result"] == "ok"
+            got = recv_json(reader)
+            assert base64.b64decode(got["payload"]) == b"live"
+            assert non_persistent(got["messageId"])
+            msg = native.receive(timeout_millis=10000)
+            assert (msg.data(), msg.properties()) == (b"live", {"p": "v"})
+            assert non_persistent(msg.message_id().serialize())
+    finally:
+        client.close()

@@ -5,13 +5,22 @@
 //! Pulsar reads them with Jackson configured to ignore unknown keys and to coerce scalars
 //! (`"5"` for a number, `5` for a string); the readers here do the same on a
 //! `serde_json::Value`, so a frame Pulsar takes is taken, and one it refuses is refused
-//! with the same `send-error` code. Writers keep Jackson's field order and its
-//! `NON_NULL` rule (primitives are always written).
+//! with the same `send-error` code. The usual frame (strings where strings belong, numbers
+//! where numbers do, no duplicate keys) is read first into a typed struct borrowing from the
+//! text, which is several times cheaper; anything that struct does not take goes the `Value`
+//! way, so results and error texts are the same either way.
+//!
+//! Writers keep Jackson's field order and its `NON_NULL` rule (primitives are always
+//! written). They write by hand into one buffer sized up front: message ids and payloads are
+//! base64, which never needs JSON escaping, so only the client's own strings (keys,
+//! properties, contexts, error texts) are checked for characters to escape.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use serde::Serialize;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::message_id::BASE64;
@@ -108,8 +117,67 @@ fn kind(v: Option<&Value>) -> &'static str {
     }
 }
 
+/// The usual producer frame, borrowed from its text: every field of the type Pulsar's
+/// `ProducerMessage` declares (no coercion), unknown keys ignored, a duplicate key refused
+/// (then the `Value` path decides, as Jackson: the last one wins).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypedProducerMessage<'a> {
+    #[serde(borrow)]
+    payload: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    properties: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    #[serde(borrow)]
+    context: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    event_time: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    encryption_param: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    key_schema: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    value_schema: Option<Cow<'a, str>>,
+    sequence_id: Option<i64>,
+    deliver_at: Option<i64>,
+    deliver_after_ms: Option<i64>,
+    schema_version: Option<i64>,
+    uncompressed_message_size: Option<i64>,
+    replication_clusters: Option<Vec<IgnoredAny>>,
+}
+
 /// Reads a producer's text frame (`ProducerHandler.onWebSocketText`).
 pub fn parse_producer_message(text: &str) -> Result<ProducerMessage, Refused> {
+    match serde_json::from_str::<TypedProducerMessage>(text) {
+        Ok(m) => {
+            // Read only to be type-checked, as Jackson does.
+            let _ = (&m.encryption_param, &m.key_schema, &m.value_schema);
+            let _ = (m.sequence_id, m.deliver_at, m.deliver_after_ms);
+            let _ = (m.schema_version, m.uncompressed_message_size);
+            let _ = &m.replication_clusters;
+            let properties = m
+                .properties
+                .map(|p| {
+                    p.into_iter()
+                        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            finish_producer_message(
+                m.payload.as_deref(),
+                m.event_time.as_deref(),
+                properties,
+                m.context.map(Cow::into_owned),
+                m.key.map(Cow::into_owned),
+            )
+        }
+        Err(_) => parse_producer_value(text),
+    }
+}
+
+/// [`parse_producer_message`] the general way, through a `Value`, with Jackson's coercions.
+fn parse_producer_value(text: &str) -> Result<ProducerMessage, Refused> {
     let deserialize = |message: String| Refused {
         error: WsError::FailedToDeserializeFromJson,
         message,
@@ -188,13 +256,30 @@ pub fn parse_producer_message(text: &str) -> Result<ProducerMessage, Refused> {
             )))
         }
     }
+    finish_producer_message(
+        payload.as_deref(),
+        event_time.as_deref(),
+        properties,
+        context,
+        key,
+    )
+}
+
+/// The checks after the JSON is read: the payload's base64 and the event time.
+fn finish_producer_message(
+    payload: Option<&str>,
+    event_time: Option<&str>,
+    properties: Vec<(String, String)>,
+    context: Option<String>,
+    key: Option<String>,
+) -> Result<ProducerMessage, Refused> {
     let encoding = |message: String| Refused {
         error: WsError::PayloadEncodingError,
         message,
         context: context.clone(),
     };
     let payload = payload.ok_or_else(|| encoding("payload is missing".into()))?;
-    let payload = BASE64.decode(&payload).map_err(|e| {
+    let payload = BASE64.decode(payload).map_err(|e| {
         encoding(format!(
             "Invalid Base64 message-payload error={}",
             java_base64_error(&e)
@@ -203,7 +288,7 @@ pub fn parse_producer_message(text: &str) -> Result<ProducerMessage, Refused> {
     let event_time_ms = match event_time {
         None => None,
         Some(t) => {
-            let ms = time::parse(&t).map_err(|e| encoding(e.to_string()))?;
+            let ms = time::parse(t).map_err(|e| encoding(e.to_string()))?;
             Some(
                 u64::try_from(ms)
                     .ok()
@@ -238,92 +323,174 @@ fn java_base64_error(e: &base64::DecodeError) -> String {
 }
 
 /// `ProducerAck`, written field by field in Pulsar's order.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug)]
 pub struct ProducerAck<'a> {
-    result: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error_msg: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Result<&'a [u8], (WsError, &'a str)>,
     context: Option<&'a str>,
-    error_code: i32,
-    schema_version: i64,
 }
 
 impl<'a> ProducerAck<'a> {
     /// `result: "ok"` with the stored message's id.
-    pub fn ok(message_id: &[u8], context: Option<&'a str>) -> Self {
+    pub fn ok(message_id: &'a [u8], context: Option<&'a str>) -> Self {
         ProducerAck {
-            result: "ok".into(),
-            error_msg: None,
-            message_id: Some(crate::message_id::encode(message_id)),
+            result: Ok(message_id),
             context,
-            error_code: 0,
-            schema_version: 0,
         }
     }
 
     /// `result: "send-error:<code>"`.
     pub fn error(error: WsError, message: &'a str, context: Option<&'a str>) -> Self {
         ProducerAck {
-            result: format!("send-error:{}", error as i32),
-            error_msg: Some(message),
-            message_id: None,
+            result: Err((error, message)),
             context,
-            error_code: 0,
-            schema_version: 0,
         }
     }
 
     pub fn to_json(&self) -> String {
-        // A struct of strings and integers always serializes.
-        serde_json::to_string(self).unwrap_or_default()
+        let mut out = Vec::new();
+        self.write_json(&mut out);
+        // Written from `&str`s and ASCII only.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the JSON text to `out` (the outgoing frame's buffer).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let context_len = self.context.map_or(0, |c| c.len() + 16);
+        out.reserve(96 + context_len);
+        match self.result {
+            Ok(id) => {
+                out.extend_from_slice(br#"{"result":"ok","messageId":""#);
+                push_base64(out, id);
+                out.push(b'"');
+            }
+            Err((error, message)) => {
+                out.extend_from_slice(br#"{"result":"send-error:"#);
+                out.extend_from_slice((error as i32).to_string().as_bytes());
+                out.extend_from_slice(br#"","errorMsg":"#);
+                push_json_str(out, message);
+            }
+        }
+        if let Some(context) = self.context {
+            out.extend_from_slice(br#","context":"#);
+            push_json_str(out, context);
+        }
+        out.extend_from_slice(br#","errorCode":0,"schemaVersion":0}"#);
     }
 }
 
 /// One message to a consumer or reader (`ConsumerMessage`).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug)]
 pub struct ConsumerMessage<'a> {
-    pub message_id: String,
-    pub payload: String,
-    pub properties: BTreeMap<&'a str, &'a str>,
-    pub publish_time: String,
-    pub redelivery_count: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub event_time: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<&'a str>,
+    message_id: &'a [u8],
+    payload: &'a [u8],
+    /// Sorted by key, each key once.
+    properties: Vec<(&'a str, &'a str)>,
+    publish_time_ms: u64,
+    redelivery_count: u32,
+    event_time_ms: Option<u64>,
+    key: Option<&'a str>,
 }
 
 impl<'a> ConsumerMessage<'a> {
     /// Builds the message; an event time of 0 is "none", as Pulsar's `getEventTime() != 0`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        message_id: &[u8],
-        payload: &[u8],
+        message_id: &'a [u8],
+        payload: &'a [u8],
         properties: impl IntoIterator<Item = (&'a str, &'a str)>,
         publish_time_ms: u64,
         redelivery_count: u32,
         event_time_ms: Option<u64>,
         key: Option<&'a str>,
     ) -> Self {
+        let mut properties: Vec<(&str, &str)> = properties.into_iter().collect();
+        // A map, later keys winning, as `Message.getProperties()` builds it: a stable sort
+        // keeps equal keys in arrival order, and the last of each run is kept.
+        properties.sort_by(|a, b| a.0.cmp(b.0));
+        let mut deduped: Vec<(&str, &str)> = Vec::with_capacity(properties.len());
+        for p in properties {
+            match deduped.last_mut() {
+                Some(last) if last.0 == p.0 => *last = p,
+                _ => deduped.push(p),
+            }
+        }
         ConsumerMessage {
-            message_id: crate::message_id::encode(message_id),
-            payload: BASE64.encode(payload),
-            // A map, later keys winning, as `Message.getProperties()` builds it.
-            properties: properties.into_iter().collect(),
-            publish_time: time::format(publish_time_ms),
+            message_id,
+            payload,
+            properties: deduped,
+            publish_time_ms,
             redelivery_count,
-            event_time: event_time_ms.filter(|t| *t != 0).map(time::format),
+            event_time_ms: event_time_ms.filter(|t| *t != 0),
             key,
         }
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        let mut out = Vec::new();
+        self.write_json(&mut out);
+        // Written from `&str`s and ASCII only.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Appends the JSON text to `out` (the outgoing frame's buffer), sized once up front.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let b64 = |n: usize| n.div_ceil(3) * 4;
+        let props: usize = self
+            .properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum();
+        let key = self.key.map_or(0, |k| k.len() + 10);
+        out.reserve(150 + b64(self.message_id.len()) + b64(self.payload.len()) + props + key);
+        out.extend_from_slice(br#"{"messageId":""#);
+        push_base64(out, self.message_id);
+        out.extend_from_slice(br#"","payload":""#);
+        push_base64(out, self.payload);
+        out.extend_from_slice(br#"","properties":{"#);
+        for (i, (k, v)) in self.properties.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_str(out, k);
+            out.push(b':');
+            push_json_str(out, v);
+        }
+        out.extend_from_slice(br#"},"publishTime":""#);
+        out.extend_from_slice(time::format(self.publish_time_ms).as_bytes());
+        out.extend_from_slice(br#"","redeliveryCount":"#);
+        out.extend_from_slice(self.redelivery_count.to_string().as_bytes());
+        if let Some(t) = self.event_time_ms {
+            out.extend_from_slice(br#","eventTime":""#);
+            out.extend_from_slice(time::format(t).as_bytes());
+            out.push(b'"');
+        }
+        if let Some(k) = self.key {
+            out.extend_from_slice(br#","key":"#);
+            push_json_str(out, k);
+        }
+        out.push(b'}');
+    }
+}
+
+/// Appends `bytes` in padded base64, encoded in place.
+fn push_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    let at = out.len();
+    out.resize(at + bytes.len().div_ceil(3) * 4, 0);
+    // The space is exactly the padded encoding's length.
+    let written = BASE64.encode_slice(bytes, &mut out[at..]).unwrap_or(0);
+    out.truncate(at + written);
+}
+
+/// Appends `s` as a JSON string, escaped as serde_json escapes (only `"`, `\` and control
+/// characters; the rest of UTF-8 as is).
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Serializing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
     }
 }
 
@@ -354,6 +521,23 @@ pub enum Command {
 impl ConsumerCommand {
     /// Reads a command frame; an error is Pulsar's `FailedToDeserializeFromJSON`.
     pub fn parse(text: &str) -> Result<ConsumerCommand, String> {
+        /// The usual command, borrowed (see [`TypedProducerMessage`]).
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Typed<'a> {
+            #[serde(borrow, rename = "type")]
+            kind: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            message_id: Option<Cow<'a, str>>,
+            permit_messages: Option<i64>,
+        }
+        if let Ok(c) = serde_json::from_str::<Typed>(text) {
+            return Ok(ConsumerCommand {
+                kind: c.kind.map(Cow::into_owned),
+                message_id: c.message_id.map(Cow::into_owned),
+                permit_messages: c.permit_messages,
+            });
+        }
         let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let Value::Object(obj) = value else {
             return Err(format!(
@@ -444,6 +628,50 @@ mod tests {
             refused(r#"{"payload":"aGk=","sequenceId":"x"}"#).error,
             WsError::FailedToDeserializeFromJson
         );
+    }
+
+    #[test]
+    fn the_typed_and_the_general_reader_agree() {
+        for text in [
+            r#"{"payload":"aGk=","context":"c","key":"k","properties":{"b":"1","a":"2"}}"#,
+            r#"{"payload":"aGk=","properties":{"a":"1","a":"2"},"eventTime":"1970-01-01T00:00:01Z"}"#,
+            r#"{"payload":"aGk=","context":"c\"q\u00e9","sequenceId":3,"replicationClusters":[]}"#,
+            r#"{"payload":"not-base64","context":"c"}"#,
+            r#"{"payload":"aGk=","context":"c","eventTime":"yesterday"}"#,
+            r#"{"context":"c"}"#,
+            r#"{"payload":"aGk=","payload":"aGVsbG8="}"#,
+            r#"{"payload":"aGk=","deliverAt":1.5}"#,
+        ] {
+            assert_eq!(
+                parse_producer_message(text),
+                parse_producer_value(text),
+                "{text}"
+            );
+        }
+        // Duplicate keys: the last one wins, as in Jackson.
+        assert_eq!(
+            parse_producer_message(r#"{"payload":"aGk=","payload":"aGVsbG8="}"#)
+                .unwrap()
+                .payload,
+            b"hello"
+        );
+    }
+
+    #[test]
+    fn writes_escaped_strings_as_serde_json_does() {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\n",
+            "\u{1}",
+            "é ü 😀",
+            "\u{7f}",
+        ] {
+            let mut out = Vec::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap());
+        }
     }
 
     #[test]

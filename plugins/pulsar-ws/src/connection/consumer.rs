@@ -171,7 +171,7 @@ impl PulsarWsConnection {
         if arm {
             c.timer_armed = true;
         }
-        let json = ConsumerMessage::new(
+        let message = ConsumerMessage::new(
             &m.message_id,
             &m.payload,
             m.properties
@@ -181,9 +181,8 @@ impl PulsarWsConnection {
             m.redelivery_count,
             m.event_time_ms,
             m.key.as_deref(),
-        )
-        .to_json();
-        self.send_text(&json);
+        );
+        self.send_text_with(|out| message.write_json(out));
         if arm {
             self.out.push(Action::SetTimer {
                 token: ACK_TIMEOUT_TIMER,

@@ -126,6 +126,21 @@ impl PulsarWsConnection {
         });
     }
 
+    /// Sends a text frame that `write` appends straight into the outgoing buffer (no
+    /// intermediate string; the envelope's length is filled in after).
+    fn send_text_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.out.send_with(usize::MAX, |buf| {
+            let start = buf.len();
+            buf.push(web::KIND_TEXT);
+            buf.extend_from_slice(&[0; 4]);
+            write(buf);
+            let len = u32::try_from(buf.len() - start - web::HEADER_LEN).unwrap_or(u32::MAX);
+            if let Some(field) = buf.get_mut(start + 1..start + web::HEADER_LEN) {
+                field.copy_from_slice(&len.to_be_bytes());
+            }
+        });
+    }
+
     /// Refuses the upgrade with an HTTP answer and ends the connection.
     fn refuse(&mut self, refusal: Refusal) {
         self.log(

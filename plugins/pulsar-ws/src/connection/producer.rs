@@ -71,10 +71,8 @@ impl PulsarWsConnection {
             return;
         };
         let ack = match &result {
-            Ok(id) => ProducerAck::ok(id, context.as_deref()).to_json(),
-            Err(e) => {
-                ProducerAck::error(WsError::UnknownError, &e.message, context.as_deref()).to_json()
-            }
+            Ok(id) => ProducerAck::ok(id, context.as_deref()),
+            Err(e) => ProducerAck::error(WsError::UnknownError, &e.message, context.as_deref()),
         };
         if let Err(e) = &result {
             let name = producer.name.clone().unwrap_or_default();
@@ -83,6 +81,6 @@ impl PulsarWsConnection {
                 format!("producer {name:?}: a send failed: {}", e.message),
             );
         }
-        self.send_text(&ack);
+        self.send_text_with(|out| ack.write_json(out));
     }
 }
