@@ -110,11 +110,15 @@ class AmqpGateway(Gateway):
 
     def __init__(self, tmp: Path):
         self.amqp_port = free_ports(1)[0]
-        super().__init__(
-            tmp,
+        extra = (
             f'\n[[listeners]]\nname = "amqp"\nbind = "127.0.0.1:{self.amqp_port}"\nplugin = "amqp"\n'
-            f'\n[[auth.users]]\nname = "{USER}"\npassword = "{PASSWORD}"\n',
+            f'\n[[auth.users]]\nname = "{USER}"\npassword = "{PASSWORD}"\n'
         )
+        # While the plugin is being worked on: a directory whose amqp.wasm replaces the
+        # built-in plugin, so that a change needs no rebuild of the gateway.
+        if os.environ.get("MAGNETAR_PLUGIN_DIR"):
+            extra += f'\n[plugins]\ndir = "{os.environ["MAGNETAR_PLUGIN_DIR"]}"\n'
+        super().__init__(tmp, extra)
 
     def start(self) -> "AmqpGateway":
         super().start()
