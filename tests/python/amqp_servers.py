@@ -155,6 +155,17 @@ def amqp_server(request):
     return request.getfixturevalue(f"{request.param}_amqp_server" if request.param == "magnetar" else "rabbitmq_server")
 
 
+@pytest.fixture(params=["rabbitmq", "magnetar"])
+def restartable_amqp_server(request, tmp_path):
+    """A server of its own for one test, which the test may `stop()` and `start()` again on
+    the same ports and data: RabbitMQ, then Magnetar."""
+    server = RabbitMQ(tmp_path) if request.param == "rabbitmq" else AmqpGateway(tmp_path)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

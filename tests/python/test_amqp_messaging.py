@@ -274,3 +274,44 @@ def test_aio_pika_topic_exchange_round_trip(amqp_server):
             assert msg.correlation_id == "c" and msg.routing_key == "logs.app.error"
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_basic_get_takes_one_message_at_a_time_then_says_empty(conn):
+    ch = conn.channel()
+    q = unique("get")
+    ch.queue_declare(q)
+    for i in range(3):
+        ch.basic_publish("", q, f"m{i}".encode())
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        method, props, body = ch.basic_get(q)
+        if method is None:
+            continue  # not routed into the queue yet
+        got.append(body)
+        ch.basic_ack(method.delivery_tag)
+    assert sorted(got) == [b"m0", b"m1", b"m2"]
+    assert ch.basic_get(q) == (None, None, None)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.basic_get(unique("missing"))
+    assert e.value.reply_code == 404
+
+
+def test_mandatory_unroutable_message_is_returned_before_its_confirm(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ex = unique("mand")
+    ch.exchange_declare(ex, "direct")
+    q = unique("mand-q")
+    ch.queue_declare(q)
+    ch.queue_bind(q, ex, routing_key="routed")
+    returned = []
+    ch.add_on_return_callback(lambda c, m, p, body: returned.append((m.reply_code, m.routing_key, body)))
+    # pika raises UnroutableError for a confirmed message that came back.
+    with pytest.raises(pika.exceptions.UnroutableError):
+        ch.basic_publish(ex, "nowhere", b"back to me", mandatory=True)
+    ch.basic_publish(ex, "routed", b"kept", mandatory=True)
+    conn.process_data_events(0.2)
+    assert returned == [(312, "nowhere", b"back to me")]
+    [(_, _, body)] = receive(ch, q, 1, auto_ack=True)
+    assert body == b"kept"

@@ -44,6 +44,25 @@ pub(super) struct ChannelState {
     delivery_tag: u64,
     /// Delivered, not yet acknowledged: delivery tag → (subscription, delivery id).
     unacked: BTreeMap<u64, (SubId, u64)>,
+    /// `basic.get`'s consumers, by queue: messages wait here for the next `basic.get`.
+    getters: BTreeMap<String, Getter>,
+}
+
+/// The consumer through which `basic.get` takes a queue's messages, one at a time (its
+/// window is 1: the next message comes once the last one is settled).
+#[derive(Debug, Default)]
+struct Getter {
+    sub: Option<SubId>,
+    ready: std::collections::VecDeque<Message>,
+}
+
+/// A `basic.get` waiting for a message or for its deadline (then `get-empty`).
+#[derive(Debug, Clone)]
+pub(crate) struct PendingGet {
+    channel: u16,
+    queue: String,
+    no_ack: bool,
+    timer: u64,
 }
 
 /// A publish and its content so far (§4.2.6).
@@ -111,7 +130,26 @@ pub(crate) enum Task {
     PublishExchange { channel: u16, content: ContentDone },
     /// Read the queue of a consumer.
     ConsumeQueue { consume: PendingConsume },
+    /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
+    /// a restart): close it, then open the consumer.
+    ConsumeRoute { consume: PendingConsume },
+    /// Read the queue of a `basic.get`.
+    GetQueue { channel: u16, m: BasicGet },
+    /// Read the queues, for a `mandatory` publish: does one take it?
+    Mandatory {
+        channel: u16,
+        content: ContentDone,
+        kind: ExchangeType,
+        routable: bool,
+    },
 }
+
+/// How long `basic.get` waits for a message of a consumer it just opened, and of one that
+/// was open already, before it answers `get-empty`.
+const GET_FIRST_WAIT_MS: u64 = 500;
+const GET_WAIT_MS: u64 = 100;
+/// Queue records read per kv scan.
+const SCAN_LIMIT: u32 = 1000;
 
 /// A binding being added (`bind`) or removed.
 #[derive(Debug, Clone)]
@@ -136,6 +174,7 @@ pub(crate) struct ContentDone {
 pub(crate) enum Outcome {
     Kv(Result<Option<Vec<u8>>, OpError>),
     Sub(Result<SubId, OpError>),
+    Scan(Result<Vec<magnetar_sdk::KvEntry>, OpError>),
 }
 
 /// A channel error's text in RabbitMQ's words for a vhost.
@@ -243,11 +282,14 @@ impl AmqpConnection {
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
-        let subs: Vec<SubId> = state.consumers.values().copied().collect();
+        let mut subs: Vec<SubId> = state.consumers.values().copied().collect();
+        subs.extend(state.getters.values().filter_map(|g| g.sub));
         state.consumers.clear();
+        state.getters.clear();
         state.unacked.clear();
         for sub in subs {
             self.consumers.remove(&sub);
+            self.getters.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -385,6 +427,10 @@ impl AmqpConnection {
                 }
             }
             Method::BasicConsume(c) => self.basic_consume(channel, c),
+            Method::BasicGet(g) => {
+                let key = topology::queue_key(&g.queue);
+                self.wait_kv_get(key, Task::GetQueue { channel, m: g });
+            }
             Method::BasicCancel(c) => {
                 let sub = self
                     .channels
@@ -879,7 +925,7 @@ impl AmqpConnection {
             }
             (Task::PublishExchange { channel, content }, Outcome::Kv(r)) => match r {
                 Ok(v) => match v.as_deref().and_then(Exchange::decode) {
-                    Some(x) => self.publish(channel, content, x.kind),
+                    Some(x) => self.route(channel, content, x.kind),
                     None => {
                         let e = ConnError::new(
                             NOT_FOUND,
@@ -892,7 +938,13 @@ impl AmqpConnection {
                 Err(e) => failed(self, channel, &e),
             },
             (Task::ConsumeQueue { consume }, Outcome::Kv(r)) => match r {
-                Ok(Some(_)) => self.open_consumer(consume),
+                Ok(Some(bytes)) => match Queue::decode(&bytes) {
+                    Some(q) => {
+                        let name = consume.queue.clone();
+                        self.store_route(&name, &q, Task::ConsumeRoute { consume });
+                    }
+                    None => self.open_consumer(consume),
+                },
                 Ok(None) => {
                     let e = ConnError::new(
                         NOT_FOUND,
@@ -901,6 +953,73 @@ impl AmqpConnection {
                     let cause = Method::BasicConsume(BasicConsume::default());
                     self.close_channel(consume.channel, e.caused_by(&cause));
                 }
+                Err(e) => failed(self, consume.channel, &e),
+            },
+            (Task::GetQueue { channel, m }, Outcome::Kv(r)) => match r {
+                Ok(Some(_)) => self.basic_get(channel, m.queue, m.no_ack),
+                Ok(None) => {
+                    let e =
+                        ConnError::new(NOT_FOUND, vhost_text(&format!("no queue '{}'", m.queue)));
+                    self.close_channel(channel, e.caused_by(&Method::BasicGet(m)));
+                }
+                Err(e) => failed(self, channel, &e),
+            },
+            (
+                Task::Mandatory {
+                    channel,
+                    content,
+                    kind,
+                    mut routable,
+                },
+                Outcome::Scan(r),
+            ) => {
+                let entries = match r {
+                    Ok(entries) => entries,
+                    Err(e) => return failed(self, channel, &e),
+                };
+                let key =
+                    topology::route_key(&content.publish.exchange, &content.publish.routing_key);
+                let properties = message_properties(&content, kind);
+                let full = entries.len() >= SCAN_LIMIT as usize;
+                let last = entries.last().map(|e| e.key.clone());
+                for entry in &entries {
+                    let Some(name) = entry.key.strip_prefix("amqp/q/") else {
+                        continue;
+                    };
+                    if let Some(q) = Queue::decode(&entry.value) {
+                        if q.filters(name)
+                            .iter()
+                            .any(|f| topology::filter_matches(f, &key, &properties))
+                        {
+                            routable = true;
+                            break;
+                        }
+                    }
+                }
+                if !routable && full {
+                    return self.scan_queues(
+                        last,
+                        Task::Mandatory {
+                            channel,
+                            content,
+                            kind,
+                            routable,
+                        },
+                    );
+                }
+                if routable {
+                    self.publish(channel, content, kind);
+                } else {
+                    self.return_unroutable(channel, content);
+                }
+            }
+            (Task::ConsumeRoute { consume }, Outcome::Sub(r)) => match r {
+                Ok(sub) => {
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
+                    self.open_consumer(consume);
+                }
+                // Other consumers hold the queue's subscription: its route is stored.
+                Err(e) if e.kind == ErrorKind::Backend => self.open_consumer(consume),
                 Err(e) => failed(self, consume.channel, &e),
             },
             (task, _) => self.log(LogLevel::Warn, format!("unexpected outcome for {task:?}")),
@@ -1047,10 +1166,238 @@ impl AmqpConnection {
             body,
         };
         if let Some(x) = topology::predeclared(&content.publish.exchange) {
-            return self.publish(channel, content, x.kind);
+            return self.route(channel, content, x.kind);
         }
         let key = topology::exchange_key(&content.publish.exchange);
         self.wait_kv_get(key, Task::PublishExchange { channel, content });
+    }
+
+    /// A message for an existing exchange: published, unless it is `mandatory` and no queue
+    /// takes it (then returned, §1.8.3.9 basic.return, as RabbitMQ: before its confirm).
+    fn route(&mut self, channel: u16, content: ContentDone, kind: ExchangeType) {
+        if !content.publish.mandatory {
+            return self.publish(channel, content, kind);
+        }
+        let task = Task::Mandatory {
+            channel,
+            content,
+            kind,
+            routable: false,
+        };
+        self.scan_queues(None, task);
+    }
+
+    fn scan_queues(&mut self, start_after: Option<String>, task: Task) {
+        let token = self.ops.start(Op::Task(task));
+        self.out.push(Action::KvScan {
+            token,
+            prefix: "amqp/q/".into(),
+            start_after,
+            limit: SCAN_LIMIT,
+        });
+        self.busy = true;
+    }
+
+    fn return_unroutable(&mut self, channel: u16, content: ContentDone) {
+        let ContentDone {
+            publish,
+            header,
+            body,
+        } = content;
+        let mut bytes = Vec::new();
+        write_method(
+            &mut bytes,
+            channel,
+            Method::BasicReturn(BasicReturn {
+                reply_code: NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: publish.exchange,
+                routing_key: publish.routing_key,
+            }),
+        );
+        Frame::Header(channel, header).write(&mut bytes);
+        self.write_body(&mut bytes, channel, &body);
+        self.out.send(bytes);
+        // An unroutable message is confirmed at once (nothing to store).
+        let seq = self.channels.get_mut(&channel).and_then(|s| {
+            s.confirm.then(|| {
+                s.publish_seq += 1;
+                s.publish_seq
+            })
+        });
+        if let Some(seq) = seq {
+            self.send_method(
+                channel,
+                Method::BasicAck(BasicAck {
+                    delivery_tag: seq,
+                    multiple: false,
+                }),
+            );
+        }
+    }
+
+    fn write_body(&self, bytes: &mut Vec<u8>, channel: u16, body: &[u8]) {
+        let chunk = (self.frame_max as usize).saturating_sub(8).max(1);
+        for part in body.chunks(chunk) {
+            Frame::Body(channel, part.to_vec()).write(bytes);
+        }
+    }
+
+    fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let getter = state.getters.entry(queue.clone()).or_default();
+        if let Some(m) = getter.ready.pop_front() {
+            return self.get_ok(channel, m, no_ack);
+        }
+        let first = getter.sub.is_none();
+        if first {
+            let token = self.ops.start(Op::Getter {
+                channel,
+                queue: queue.clone(),
+            });
+            self.out.push(Action::OpenConsumer {
+                token,
+                spec: ConsumerSpec {
+                    topic: TopicRef {
+                        name: topology::queue_topic(&queue),
+                        persistent: true,
+                    },
+                    subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
+                    mode: SubMode::Shared,
+                    start: Position::Earliest,
+                    max_unacked: 1,
+                    nack_delay_ms: 0,
+                    max_redeliveries: 0,
+                    dead_letter_topic: None,
+                    consumer_name: None,
+                },
+            });
+        }
+        let timer = self.ops.token();
+        self.out.push(Action::SetTimer {
+            token: timer,
+            delay_ms: if first {
+                GET_FIRST_WAIT_MS
+            } else {
+                GET_WAIT_MS
+            },
+        });
+        self.pending_get = Some(PendingGet {
+            channel,
+            queue,
+            no_ack,
+            timer,
+        });
+        self.busy = true;
+    }
+
+    fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        state.delivery_tag += 1;
+        let delivery_tag = state.delivery_tag;
+        if no_ack {
+            self.out.ack(m.subscription, m.delivery_id);
+        } else {
+            state
+                .unacked
+                .insert(delivery_tag, (m.subscription, m.delivery_id));
+        }
+        let (exchange, routing_key, properties) = delivery_fields(&m);
+        let mut bytes = Vec::new();
+        write_method(
+            &mut bytes,
+            channel,
+            Method::BasicGetOk(BasicGetOk {
+                delivery_tag,
+                redelivered: m.redelivery_count > 0,
+                exchange,
+                routing_key,
+                message_count: 0,
+            }),
+        );
+        Frame::Header(
+            channel,
+            ContentHeader {
+                class_id: 60,
+                body_size: m.payload.len() as u64,
+                properties,
+            },
+        )
+        .write(&mut bytes);
+        self.write_body(&mut bytes, channel, &m.payload);
+        self.out.send(bytes);
+    }
+
+    /// The getter's consumer opened (or could not).
+    pub(super) fn on_getter_result(
+        &mut self,
+        channel: u16,
+        queue: String,
+        result: Result<SubId, OpError>,
+    ) {
+        match result {
+            Ok(sub) => {
+                match self
+                    .channels
+                    .get_mut(&channel)
+                    .filter(|s| !s.closing)
+                    .and_then(|s| s.getters.get_mut(&queue))
+                {
+                    Some(g) => {
+                        g.sub = Some(sub);
+                        self.getters.insert(sub, (channel, queue));
+                    }
+                    None => self.out.push(Action::Unsubscribe { sub, delete: false }),
+                }
+            }
+            Err(e) => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.getters.remove(&queue);
+                }
+                self.log(LogLevel::Warn, format!("basic.get consumer: {}", e.message));
+            }
+        }
+    }
+
+    /// A pending `basic.get`'s deadline: `get-empty`.
+    pub(super) fn on_get_timer(&mut self, token: u64) -> bool {
+        if self.pending_get.as_ref().is_none_or(|g| g.timer != token) {
+            return false;
+        }
+        if let Some(g) = self.pending_get.take() {
+            self.busy = false;
+            self.send_method(
+                g.channel,
+                Method::BasicGetEmpty(BasicGetEmpty {
+                    reserved_1: String::new(),
+                }),
+            );
+        }
+        true
+    }
+
+    /// A message of a getter's consumer: the pending `basic.get` takes it, or it waits.
+    fn on_getter_message(&mut self, channel: u16, queue: String, m: Message) {
+        match self.pending_get.take() {
+            Some(g) if g.channel == channel && g.queue == queue => {
+                self.busy = false;
+                self.get_ok(channel, m, g.no_ack);
+            }
+            other => {
+                self.pending_get = other;
+                if let Some(getter) = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|s| s.getters.get_mut(&queue))
+                {
+                    getter.ready.push_back(m);
+                }
+            }
+        }
     }
 
     fn publish(&mut self, channel: u16, content: ContentDone, kind: ExchangeType) {
@@ -1059,33 +1406,7 @@ impl AmqpConnection {
             header,
             body,
         } = content;
-        let mut properties = vec![
-            Property {
-                key: topology::KEY_PROPERTY.into(),
-                value: topology::route_key(&publish.exchange, &publish.routing_key),
-            },
-            Property {
-                key: topology::EXCHANGE_PROPERTY.into(),
-                value: publish.exchange.clone(),
-            },
-            Property {
-                key: topology::ROUTING_KEY_PROPERTY.into(),
-                value: publish.routing_key.clone(),
-            },
-            Property {
-                key: topology::PROPERTIES_PROPERTY.into(),
-                value: topology::hex(&header.properties),
-            },
-        ];
-        if kind == ExchangeType::Headers {
-            if let Ok(BasicProperties {
-                headers: Some(headers),
-                ..
-            }) = BasicProperties::read(&header.properties)
-            {
-                properties.extend(topology::header_properties(&publish.exchange, &headers));
-            }
-        }
+        let properties = message_properties_of(&publish, &header, kind);
         let seq = self.channels.get_mut(&channel).and_then(|s| {
             s.confirm.then(|| {
                 s.publish_seq += 1;
@@ -1134,30 +1455,16 @@ impl AmqpConnection {
     }
 
     pub(super) fn on_message(&mut self, m: Message) {
+        if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
+            return self.on_getter_message(channel, queue, m);
+        }
         let Some((channel, tag, no_ack)) = self.consumers.get(&m.subscription).cloned() else {
             return;
         };
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
-        let prop = |k: &str| {
-            m.properties
-                .iter()
-                .find(|p| p.key == k)
-                .map(|p| p.value.as_str())
-        };
-        let exchange = prop(topology::EXCHANGE_PROPERTY)
-            .unwrap_or_default()
-            .to_string();
-        let routing_key = prop(topology::ROUTING_KEY_PROPERTY)
-            .unwrap_or_default()
-            .to_string();
-        let properties = prop(topology::PROPERTIES_PROPERTY)
-            .and_then(topology::unhex)
-            .unwrap_or_else(|| {
-                // A message from another protocol: no properties.
-                vec![0, 0]
-            });
+        let (exchange, routing_key, properties) = delivery_fields(&m);
         state.delivery_tag += 1;
         let delivery_tag = state.delivery_tag;
         if no_ack {
@@ -1189,10 +1496,7 @@ impl AmqpConnection {
             },
         )
         .write(&mut bytes);
-        let chunk = (self.frame_max as usize).saturating_sub(8).max(1);
-        for part in m.payload.chunks(chunk) {
-            Frame::Body(channel, part.to_vec()).write(&mut bytes);
-        }
+        self.write_body(&mut bytes, channel, &m.payload);
         self.out.send(bytes);
     }
 
@@ -1227,6 +1531,67 @@ impl AmqpConnection {
             }
         }
     }
+}
+
+/// The properties a message is published with (see `crate::topology`).
+fn message_properties_of(
+    publish: &BasicPublish,
+    header: &ContentHeader,
+    kind: ExchangeType,
+) -> Vec<Property> {
+    let mut properties = vec![
+        Property {
+            key: topology::KEY_PROPERTY.into(),
+            value: topology::route_key(&publish.exchange, &publish.routing_key),
+        },
+        Property {
+            key: topology::EXCHANGE_PROPERTY.into(),
+            value: publish.exchange.clone(),
+        },
+        Property {
+            key: topology::ROUTING_KEY_PROPERTY.into(),
+            value: publish.routing_key.clone(),
+        },
+        Property {
+            key: topology::PROPERTIES_PROPERTY.into(),
+            value: topology::hex(&header.properties),
+        },
+    ];
+    if kind == ExchangeType::Headers {
+        if let Ok(BasicProperties {
+            headers: Some(headers),
+            ..
+        }) = BasicProperties::read(&header.properties)
+        {
+            properties.extend(topology::header_properties(&publish.exchange, &headers));
+        }
+    }
+    properties
+}
+
+fn message_properties(content: &ContentDone, kind: ExchangeType) -> Vec<Property> {
+    message_properties_of(&content.publish, &content.header, kind)
+}
+
+/// A delivered message's exchange, routing key and content-header property bytes (none for
+/// a message another protocol published).
+fn delivery_fields(m: &Message) -> (String, String, Vec<u8>) {
+    let prop = |k: &str| {
+        m.properties
+            .iter()
+            .find(|p| p.key == k)
+            .map(|p| p.value.as_str())
+    };
+    let exchange = prop(topology::EXCHANGE_PROPERTY)
+        .unwrap_or_default()
+        .to_string();
+    let routing_key = prop(topology::ROUTING_KEY_PROPERTY)
+        .unwrap_or_default()
+        .to_string();
+    let properties = prop(topology::PROPERTIES_PROPERTY)
+        .and_then(topology::unhex)
+        .unwrap_or_else(|| vec![0, 0]);
+    (exchange, routing_key, properties)
 }
 
 /// A seed for the names of a connection's server-named queues.

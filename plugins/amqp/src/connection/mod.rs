@@ -85,6 +85,11 @@ enum Op {
     },
     /// A consumer being opened.
     Consume(channel::PendingConsume),
+    /// `basic.get`'s consumer of a queue being opened.
+    Getter {
+        channel: u16,
+        queue: String,
+    },
 }
 
 /// An error that ends the connection: `connection.close` with this code.
@@ -155,6 +160,10 @@ pub struct AmqpConnection {
     busy: bool,
     /// Consumers by subscription: channel, consumer tag, no-ack.
     consumers: HashMap<SubId, (u16, String, bool)>,
+    /// `basic.get` consumers by subscription: channel and queue.
+    getters: HashMap<SubId, (u16, String)>,
+    /// A `basic.get` waiting for a message.
+    pending_get: Option<channel::PendingGet>,
     /// Names this connection gives server-named queues.
     name_seed: u64,
     names_given: u64,
@@ -187,6 +196,8 @@ impl AmqpConnection {
             channels: HashMap::new(),
             busy: false,
             consumers: HashMap::new(),
+            getters: HashMap::new(),
+            pending_get: None,
             name_seed: 0,
             names_given: 0,
             now_ms,
@@ -499,7 +510,7 @@ impl AmqpConnection {
     }
 
     fn on_timer(&mut self, now_ms: u64, token: u64) {
-        if self.on_retry(token) {
+        if self.on_retry(token) || self.on_get_timer(token) {
             return;
         }
         if token != self.timer || self.phase == Phase::Done {
@@ -565,6 +576,9 @@ impl Machine for AmqpConnection {
             Event::SubscribeResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Sub(result)),
                 Some(Op::Consume(c)) => self.on_consume_result(c, result),
+                Some(Op::Getter { channel, queue }) => {
+                    self.on_getter_result(channel, queue, result)
+                }
                 _ => {
                     // A route opened only to store its filters, answered after the
                     // connection moved on: close it.
@@ -573,6 +587,11 @@ impl Machine for AmqpConnection {
                     }
                 }
             },
+            Event::KvScanResult { token, result } => {
+                if let Some(Op::Task(task)) = self.ops.complete(token) {
+                    self.step(task, channel::Outcome::Scan(result));
+                }
+            }
             Event::PublishResult { token, result } => {
                 if let Some(Op::Publish { channel, seq }) = self.ops.complete(token) {
                     self.on_published(channel, seq, result);

@@ -555,3 +555,59 @@ fn deliveries_carry_the_original_properties_and_acks_settle_them() {
     ));
     assert_eq!(channel_close_code(&sent(&mut h)).map(|c| c.0), Some(406));
 }
+
+#[test]
+fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
+    let mut h = running();
+    h.data(&frame(1, Method::ConfirmSelect(ConfirmSelect::default())));
+    sent(&mut h);
+    // A queue bound to amq.direct with key "a" only.
+    let queue = crate::topology::Queue {
+        bindings: vec![crate::topology::Binding {
+            exchange: "amq.direct".into(),
+            kind: crate::topology::ExchangeType::Direct,
+            routing_key: "a".into(),
+            arguments: FieldTable::default(),
+        }],
+        ..Default::default()
+    };
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
+    let publish = |key: &str| {
+        let mut bytes = frame(
+            1,
+            Method::BasicPublish(BasicPublish {
+                exchange: "amq.direct".into(),
+                routing_key: key.into(),
+                mandatory: true,
+                ..Default::default()
+            }),
+        );
+        Frame::Header(
+            1,
+            ContentHeader {
+                class_id: 60,
+                body_size: 1,
+                properties: vec![0, 0],
+            },
+        )
+        .write(&mut bytes);
+        Frame::Body(1, b"x".to_vec()).write(&mut bytes);
+        bytes
+    };
+    h.data(&publish("b"));
+    h.run();
+    let frames = sent(&mut h);
+    assert!(
+        matches!(&frames[0], Frame::Method(1, Method::BasicReturn(r)) if r.reply_code == 312 && r.routing_key == "b")
+    );
+    assert!(matches!(&frames[1], Frame::Header(1, _)));
+    assert!(matches!(&frames[2], Frame::Body(1, b) if b == b"x"));
+    assert!(matches!(&frames[3], Frame::Method(1, Method::BasicAck(a)) if a.delivery_tag == 1));
+    assert!(h.published().is_empty());
+    h.data(&publish("a"));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicAck(a))] if a.delivery_tag == 2)
+    );
+    assert_eq!(h.published().len(), 1);
+}
