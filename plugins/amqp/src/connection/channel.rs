@@ -146,7 +146,7 @@ pub(crate) enum Task {
 
 /// How long `basic.get` waits for a message of a consumer it just opened, and of one that
 /// was open already, before it answers `get-empty`.
-const GET_FIRST_WAIT_MS: u64 = 500;
+pub(super) const GET_FIRST_WAIT_MS: u64 = 500;
 const GET_WAIT_MS: u64 = 100;
 /// Queue records read per kv scan.
 const SCAN_LIMIT: u32 = 1000;

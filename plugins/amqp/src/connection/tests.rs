@@ -611,3 +611,59 @@ fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
     );
     assert_eq!(h.published().len(), 1);
 }
+
+#[test]
+fn basic_get_answers_a_waiting_message_or_get_empty_after_its_wait() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    let get = || {
+        frame(
+            1,
+            Method::BasicGet(BasicGet {
+                queue: "q".into(),
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&get());
+    h.run();
+    assert!(sent(&mut h).is_empty(), "waiting for a message");
+    h.advance(channel::GET_FIRST_WAIT_MS);
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicGetEmpty(_))]
+    ));
+    // A message arrives for the getter's consumer while nobody asks: the next get takes it.
+    let sub = *h.machine().getters.keys().next().unwrap();
+    h.feed(Event::Message(magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: 3,
+        message_id: vec![],
+        key: None,
+        payload: b"m".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    }));
+    h.data(&get());
+    h.run();
+    let frames = sent(&mut h);
+    assert!(matches!(&frames[0], Frame::Method(1, Method::BasicGetOk(ok)) if ok.delivery_tag == 1));
+    assert!(matches!(&frames[2], Frame::Body(1, b) if b == b"m"));
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        }),
+    ));
+    h.run();
+    assert!(h.take_actions().iter().any(
+        |a| matches!(a, Action::AckMany { delivery_ids, .. } if delivery_ids == &[3])
+            || matches!(a, Action::Ack { delivery_id: 3, .. })
+    ));
+}
