@@ -17,6 +17,7 @@ const TARGET: &str = "wasm32-wasip2";
 const BUILTIN: &[(&str, &str)] = &[
     ("mqtt", "magnetar_mqtt.wasm"),
     ("pulsar-ws", "magnetar_pulsar_ws.wasm"),
+    ("amqp", "magnetar_amqp.wasm"),
 ];
 
 fn main() {
@@ -30,6 +31,7 @@ fn main() {
         "plugins/Cargo.toml",
         "plugins/mqtt",
         "plugins/pulsar-ws",
+        "plugins/amqp",
         "sdk/src",
         "sdk/wit",
         "sdk/Cargo.toml",

@@ -1,0 +1,1600 @@
+//! Channels (§1.5) and the methods that run on them: exchanges (§1.6), queues (§1.7), basic
+//! (§1.8) and confirms (RabbitMQ's extension), mapped as `crate::topology` says.
+//!
+//! A method that needs the host before its reply (a declaration reads and writes the kv; a
+//! binding reopens the queue's route) is a [`Task`]: while it runs, the connection decodes
+//! no further frame, so methods complete in the order the client sent them, as AMQP
+//! requires (§2.3.5: synchronous methods on a channel are answered in order). Publishing
+//! and acknowledging never wait: a publish to a known exchange goes straight to the host.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use magnetar_sdk::{
+    ConsumerSpec, ErrorKind, Message, OpError, OutboundMessage, Position, Property, RouteSpec,
+    SubId, SubMode, TopicRef,
+};
+
+use super::*;
+use crate::codec::properties::ContentHeader;
+use crate::codec::BasicProperties;
+use crate::topology::{self, Binding, Exchange, ExchangeType, Queue};
+
+/// Most unacknowledged deliveries a consumer without a prefetch limit holds.
+const UNLIMITED_PREFETCH: u32 = 1000;
+/// Most times a consumer is opened again while the queue's route still holds its
+/// subscription (the route opened by a declaration closes asynchronously).
+const CONSUME_ATTEMPTS: u32 = 50;
+
+/// The state of one open channel.
+#[derive(Debug, Default)]
+pub(super) struct ChannelState {
+    /// The server sent `channel.close`: frames are ignored until `close-ok`.
+    closing: bool,
+    /// `confirm.select` was received; the number of the last publish.
+    confirm: bool,
+    publish_seq: u64,
+    /// `basic.qos` prefetch-count (0: none).
+    prefetch: u16,
+    /// A publish whose content is arriving.
+    content: Option<Content>,
+    /// Consumers by tag: their subscription.
+    consumers: BTreeMap<String, SubId>,
+    /// The last delivery tag given.
+    delivery_tag: u64,
+    /// Delivered, not yet acknowledged: delivery tag → (subscription, delivery id).
+    unacked: BTreeMap<u64, (SubId, u64)>,
+    /// `basic.get`'s consumers, by queue: messages wait here for the next `basic.get`.
+    getters: BTreeMap<String, Getter>,
+}
+
+/// The consumer through which `basic.get` takes a queue's messages, one at a time (its
+/// window is 1: the next message comes once the last one is settled).
+#[derive(Debug, Default)]
+struct Getter {
+    sub: Option<SubId>,
+    ready: std::collections::VecDeque<Message>,
+}
+
+/// A `basic.get` waiting for a message or for its deadline (then `get-empty`).
+#[derive(Debug, Clone)]
+pub(crate) struct PendingGet {
+    channel: u16,
+    queue: String,
+    no_ack: bool,
+    timer: u64,
+}
+
+/// A publish and its content so far (§4.2.6).
+#[derive(Debug)]
+struct Content {
+    publish: BasicPublish,
+    header: Option<ContentHeader>,
+    body: Vec<u8>,
+}
+
+/// A consumer being opened.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingConsume {
+    channel: u16,
+    tag: String,
+    queue: String,
+    no_ack: bool,
+    no_wait: bool,
+    prefetch: u32,
+    attempts: u32,
+}
+
+/// A channel method waiting for the host, with what it does next.
+#[derive(Debug, Clone)]
+pub(crate) enum Task {
+    /// Read the exchange, then compare or store it.
+    ExchangeDeclare { channel: u16, m: ExchangeDeclare },
+    /// The exchange's record was written.
+    Reply {
+        channel: u16,
+        reply: Option<Box<Method>>,
+    },
+    /// Read the queue, then compare or store it.
+    QueueDeclare {
+        channel: u16,
+        m: QueueDeclare,
+        name: String,
+    },
+    /// Read the queue of a binding change.
+    BindQueue { channel: u16, change: BindChange },
+    /// Read the exchange of a binding.
+    BindExchange {
+        channel: u16,
+        change: BindChange,
+        queue: Queue,
+    },
+    /// The queue's record was written (or deleted): open its route with its filters (and
+    /// delete it with its backlog).
+    StoreRoute {
+        channel: u16,
+        name: String,
+        queue: Queue,
+        delete: bool,
+        reply: Option<Box<Method>>,
+    },
+    /// The route is open (its filters stored): close or delete it and reply.
+    RouteOpened {
+        channel: u16,
+        delete: bool,
+        reply: Option<Box<Method>>,
+    },
+    /// Read the queue to delete.
+    QueueDelete { channel: u16, m: QueueDelete },
+    /// Read the exchange of a publish.
+    PublishExchange { channel: u16, content: ContentDone },
+    /// Read the queue of a consumer.
+    ConsumeQueue { consume: PendingConsume },
+    /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
+    /// a restart): close it, then open the consumer.
+    ConsumeRoute { consume: PendingConsume },
+    /// Read the queue of a `basic.get`.
+    GetQueue { channel: u16, m: BasicGet },
+    /// Read the queues, for a `mandatory` publish: does one take it?
+    Mandatory {
+        channel: u16,
+        content: ContentDone,
+        kind: ExchangeType,
+        routable: bool,
+    },
+}
+
+/// How long `basic.get` waits for a message of a consumer it just opened, and of one that
+/// was open already, before it answers `get-empty`.
+pub(super) const GET_FIRST_WAIT_MS: u64 = 500;
+const GET_WAIT_MS: u64 = 100;
+/// Queue records read per kv scan.
+const SCAN_LIMIT: u32 = 1000;
+
+/// A binding being added (`bind`) or removed.
+#[derive(Debug, Clone)]
+pub(crate) struct BindChange {
+    queue: String,
+    exchange: String,
+    routing_key: String,
+    arguments: FieldTable,
+    bind: bool,
+    no_wait: bool,
+}
+
+/// A whole message, ready to publish.
+#[derive(Debug, Clone)]
+pub(crate) struct ContentDone {
+    publish: BasicPublish,
+    header: ContentHeader,
+    body: Vec<u8>,
+}
+
+/// What a host operation answered.
+pub(crate) enum Outcome {
+    Kv(Result<Option<Vec<u8>>, OpError>),
+    Sub(Result<SubId, OpError>),
+    Scan(Result<Vec<magnetar_sdk::KvEntry>, OpError>),
+}
+
+/// A channel error's text in RabbitMQ's words for a vhost.
+fn vhost_text(what: &str) -> String {
+    format!("{what} in vhost '/'")
+}
+
+impl AmqpConnection {
+    pub(super) fn on_channel_frame(&mut self, frame: Frame) {
+        let channel = match &frame {
+            Frame::Method(c, _) | Frame::Header(c, _) | Frame::Body(c, _) => *c,
+            Frame::Heartbeat => return,
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return match frame {
+                Frame::Method(_, Method::ChannelOpen(_)) => self.open_channel(channel),
+                Frame::Method(_, m) => {
+                    let e = ConnError::new(
+                        CHANNEL_ERROR,
+                        format!("expected 'channel.open' on channel {channel}"),
+                    );
+                    self.close_connection(e.caused_by(&m));
+                }
+                _ => self.close_connection(ConnError::new(
+                    CHANNEL_ERROR,
+                    format!("expected 'channel.open' on channel {channel}"),
+                )),
+            };
+        };
+        if state.closing {
+            match frame {
+                Frame::Method(_, Method::ChannelCloseOk(_)) => {
+                    self.channels.remove(&channel);
+                }
+                Frame::Method(_, Method::ChannelClose(_)) => {
+                    self.send_method(channel, Method::ChannelCloseOk(ChannelCloseOk {}));
+                }
+                _ => {}
+            }
+            return;
+        }
+        match frame {
+            Frame::Method(_, m) => {
+                if state.content.is_some() {
+                    let e = ConnError::new(
+                        UNEXPECTED_FRAME,
+                        format!(
+                            "expected content header for class 60, got non content header frame instead ({})",
+                            m.name()
+                        ),
+                    );
+                    return self.close_connection(e.caused_by(&m));
+                }
+                self.on_channel_method(channel, m)
+            }
+            Frame::Header(_, h) => self.on_content_header(channel, h),
+            Frame::Body(_, b) => self.on_content_body(channel, b),
+            Frame::Heartbeat => {}
+        }
+    }
+
+    fn open_channel(&mut self, channel: u16) {
+        if channel > self.channel_max {
+            let e = ConnError::new(
+                NOT_ALLOWED,
+                format!(
+                    "number of channels opened ({channel}) has reached the negotiated channel_max ({})",
+                    self.channel_max
+                ),
+            );
+            return self.close_connection(e);
+        }
+        self.channels.insert(channel, ChannelState::default());
+        self.send_method(
+            channel,
+            Method::ChannelOpenOk(ChannelOpenOk {
+                reserved_1: Vec::new(),
+            }),
+        );
+    }
+
+    /// Sends `channel.close` (a channel error, §1.5.2.5): the channel ignores frames until
+    /// `channel.close-ok`; the connection and its other channels go on.
+    fn close_channel(&mut self, channel: u16, e: ConnError) {
+        self.drop_consumers(channel);
+        self.send_method(
+            channel,
+            Method::ChannelClose(ChannelClose {
+                reply_code: e.code,
+                reply_text: e.text,
+                class_id: e.cause.0,
+                method_id: e.cause.1,
+            }),
+        );
+        if let Some(state) = self.channels.get_mut(&channel) {
+            *state = ChannelState {
+                closing: true,
+                ..Default::default()
+            };
+        }
+    }
+
+    /// Ends the channel's consumers: their unacknowledged messages go back to the queue.
+    fn drop_consumers(&mut self, channel: u16) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let mut subs: Vec<SubId> = state.consumers.values().copied().collect();
+        subs.extend(state.getters.values().filter_map(|g| g.sub));
+        state.consumers.clear();
+        state.getters.clear();
+        state.unacked.clear();
+        for sub in subs {
+            self.consumers.remove(&sub);
+            self.getters.remove(&sub);
+            self.out.push(Action::Unsubscribe { sub, delete: false });
+        }
+    }
+
+    fn reply(&mut self, channel: u16, reply: Option<Box<Method>>) {
+        if let Some(m) = reply {
+            self.send_method(channel, *m);
+        }
+    }
+
+    /// Starts a host operation that the channel method waits for.
+    fn wait_kv_get(&mut self, key: String, task: Task) {
+        let token = self.ops.start(Op::Task(task));
+        self.out.push(Action::KvGet { token, key });
+        self.busy = true;
+    }
+
+    fn wait_kv_put(&mut self, key: String, value: Option<Vec<u8>>, task: Task) {
+        let token = self.ops.start(Op::Task(task));
+        self.out.push(Action::KvPut { token, key, value });
+        self.busy = true;
+    }
+
+    /// Opens the queue's durable route with its filters: the host stores them (and feeds
+    /// the queue from then on); the route itself is closed at once (`Task::RouteOpened`).
+    fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
+        let token = self.ops.start(Op::Task(task));
+        self.out.push(Action::OpenRoute {
+            token,
+            spec: RouteSpec {
+                source: topology::SOURCE.into(),
+                filters: queue.filters(name),
+                max_unacked: 1,
+                max_queued: 1,
+                queue: Some(topology::queue_topic(name)),
+                key_property: Some(topology::KEY_PROPERTY.into()),
+            },
+        });
+        self.busy = true;
+    }
+
+    fn on_channel_method(&mut self, channel: u16, m: Method) {
+        match m {
+            Method::ChannelOpen(_) => {
+                let e = ConnError::new(CHANNEL_ERROR, "second 'channel.open' seen");
+                self.close_connection(e.caused_by(&m));
+            }
+            Method::ChannelClose(_) => {
+                self.drop_consumers(channel);
+                self.channels.remove(&channel);
+                self.send_method(channel, Method::ChannelCloseOk(ChannelCloseOk {}));
+            }
+            Method::ChannelCloseOk(_) => {}
+            // RabbitMQ does not stop deliveries by flow control: 540, a connection error.
+            Method::ChannelFlow(ChannelFlow { active: false }) => {
+                let e = ConnError::new(NOT_IMPLEMENTED, "active=false");
+                self.close_connection(e.caused_by(&m));
+            }
+            Method::ChannelFlow(f) => {
+                self.send_method(
+                    channel,
+                    Method::ChannelFlowOk(ChannelFlowOk { active: f.active }),
+                );
+            }
+            Method::ConfirmSelect(c) => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.confirm = true;
+                }
+                if !c.no_wait {
+                    self.send_method(channel, Method::ConfirmSelectOk(ConfirmSelectOk {}));
+                }
+            }
+            Method::BasicQos(q) => {
+                // RabbitMQ: prefetch_count applies to consumers started afterwards on the
+                // channel (per consumer, `global` = false, its default in every client).
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.prefetch = q.prefetch_count;
+                }
+                self.send_method(channel, Method::BasicQosOk(BasicQosOk {}));
+            }
+            Method::ExchangeDeclare(d) => self.exchange_declare(channel, d),
+            Method::ExchangeDelete(d) => {
+                if topology::predeclared(&d.exchange).is_some() || d.exchange.starts_with("amq.") {
+                    let e = ConnError::new(
+                        ACCESS_REFUSED,
+                        format!(
+                            "operation not permitted on the default exchange or {}",
+                            vhost_text(&format!("exchange '{}'", d.exchange))
+                        ),
+                    );
+                    return self.close_channel(channel, e.caused_by(&Method::ExchangeDelete(d)));
+                }
+                let reply =
+                    (!d.no_wait).then(|| Box::new(Method::ExchangeDeleteOk(ExchangeDeleteOk {})));
+                self.wait_kv_put(
+                    topology::exchange_key(&d.exchange),
+                    None,
+                    Task::Reply { channel, reply },
+                );
+            }
+            Method::QueueDeclare(d) => self.queue_declare(channel, d),
+            Method::QueueBind(b) => {
+                let change = BindChange {
+                    queue: b.queue,
+                    exchange: b.exchange,
+                    routing_key: b.routing_key,
+                    arguments: b.arguments,
+                    bind: true,
+                    no_wait: b.no_wait,
+                };
+                self.bind_change(channel, change);
+            }
+            Method::QueueUnbind(b) => {
+                let change = BindChange {
+                    queue: b.queue,
+                    exchange: b.exchange,
+                    routing_key: b.routing_key,
+                    arguments: b.arguments,
+                    bind: false,
+                    no_wait: false,
+                };
+                self.bind_change(channel, change);
+            }
+            Method::QueueDelete(d) => {
+                let key = topology::queue_key(&d.queue);
+                self.wait_kv_get(key, Task::QueueDelete { channel, m: d });
+            }
+            Method::BasicPublish(p) => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.content = Some(Content {
+                        publish: p,
+                        header: None,
+                        body: Vec::new(),
+                    });
+                }
+            }
+            Method::BasicConsume(c) => self.basic_consume(channel, c),
+            Method::BasicGet(g) => {
+                let key = topology::queue_key(&g.queue);
+                self.wait_kv_get(key, Task::GetQueue { channel, m: g });
+            }
+            Method::BasicCancel(c) => {
+                let sub = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|s| s.consumers.remove(&c.consumer_tag));
+                if let Some(sub) = sub {
+                    self.consumers.remove(&sub);
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
+                    if let Some(state) = self.channels.get_mut(&channel) {
+                        state.unacked.retain(|_, (s, _)| *s != sub);
+                    }
+                }
+                if !c.no_wait {
+                    self.send_method(
+                        channel,
+                        Method::BasicCancelOk(BasicCancelOk {
+                            consumer_tag: c.consumer_tag,
+                        }),
+                    );
+                }
+            }
+            Method::BasicAck(ref a) => {
+                let (tag, multiple) = (a.delivery_tag, a.multiple);
+                self.settle(channel, tag, multiple, None, &m)
+            }
+            Method::BasicNack(ref n) => {
+                let (tag, multiple, requeue) = (n.delivery_tag, n.multiple, n.requeue);
+                self.settle(channel, tag, multiple, Some(requeue), &m)
+            }
+            Method::BasicReject(ref r) => {
+                let (tag, requeue) = (r.delivery_tag, r.requeue);
+                self.settle(channel, tag, false, Some(requeue), &m)
+            }
+            other => {
+                let e = ConnError::new(
+                    NOT_IMPLEMENTED,
+                    format!("{} is not supported by this gateway yet", other.name()),
+                );
+                self.close_connection(e.caused_by(&other));
+            }
+        }
+    }
+
+    fn exchange_declare(&mut self, channel: u16, d: ExchangeDeclare) {
+        let cause = Method::ExchangeDeclare(d.clone());
+        let Some(kind) = ExchangeType::parse(&d.kind) else {
+            // RabbitMQ: an unknown type is a connection error.
+            let e = ConnError::new(
+                COMMAND_INVALID,
+                format!("invalid exchange type '{}'", d.kind),
+            );
+            return self.close_connection(e.caused_by(&cause));
+        };
+        if let Some(x) = topology::predeclared(&d.exchange) {
+            return self.exchange_declared(channel, d, Some(x), kind);
+        }
+        if d.exchange.starts_with("amq.") && !d.passive {
+            let e = ConnError::new(
+                ACCESS_REFUSED,
+                format!(
+                    "exchange name '{}' contains reserved prefix 'amq.*'",
+                    d.exchange
+                ),
+            );
+            return self.close_channel(channel, e.caused_by(&cause));
+        }
+        let key = topology::exchange_key(&d.exchange);
+        self.wait_kv_get(key, Task::ExchangeDeclare { channel, m: d });
+    }
+
+    /// An exchange declaration, with the exchange as it exists (if it does).
+    fn exchange_declared(
+        &mut self,
+        channel: u16,
+        d: ExchangeDeclare,
+        existing: Option<Exchange>,
+        kind: ExchangeType,
+    ) {
+        let cause = Method::ExchangeDeclare(d.clone());
+        let reply = (!d.no_wait).then(|| Box::new(Method::ExchangeDeclareOk(ExchangeDeclareOk {})));
+        match existing {
+            None if d.passive => {
+                let e = ConnError::new(
+                    NOT_FOUND,
+                    format!("no exchange '{}' in vhost '/'", d.exchange),
+                );
+                self.close_channel(channel, e.caused_by(&cause));
+            }
+            None => {
+                let x = Exchange {
+                    kind,
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    internal: d.internal,
+                };
+                self.wait_kv_put(
+                    topology::exchange_key(&d.exchange),
+                    Some(x.encode()),
+                    Task::Reply { channel, reply },
+                );
+            }
+            Some(_) if d.passive => self.reply(channel, reply),
+            Some(x) => {
+                let what = format!("exchange '{}'", d.exchange);
+                let mismatch = if x.kind != kind {
+                    Some(("type", kind.name().to_string(), x.kind.name().to_string()))
+                } else if x.durable != d.durable {
+                    Some(("durable", d.durable.to_string(), x.durable.to_string()))
+                } else if x.auto_delete != d.auto_delete {
+                    Some((
+                        "auto_delete",
+                        d.auto_delete.to_string(),
+                        x.auto_delete.to_string(),
+                    ))
+                } else {
+                    None
+                };
+                match mismatch {
+                    Some((arg, received, current)) => {
+                        let e = ConnError::new(
+                            PRECONDITION_FAILED,
+                            format!(
+                                "inequivalent arg '{arg}' for {}: received '{received}' but current is '{current}'",
+                                vhost_text(&what)
+                            ),
+                        );
+                        self.close_channel(channel, e.caused_by(&cause));
+                    }
+                    None => self.reply(channel, reply),
+                }
+            }
+        }
+    }
+
+    fn queue_declare(&mut self, channel: u16, d: QueueDeclare) {
+        let name = if d.queue.is_empty() {
+            self.server_named_queue()
+        } else {
+            d.queue.clone()
+        };
+        if name.starts_with("amq.") && !d.passive && !d.queue.is_empty() {
+            let e = ConnError::new(
+                ACCESS_REFUSED,
+                format!("queue name '{name}' contains reserved prefix 'amq.*'"),
+            );
+            return self.close_channel(channel, e.caused_by(&Method::QueueDeclare(d)));
+        }
+        let key = topology::queue_key(&name);
+        self.wait_kv_get(
+            key,
+            Task::QueueDeclare {
+                channel,
+                m: d,
+                name,
+            },
+        );
+    }
+
+    /// `amq.gen-` and 22 characters, as RabbitMQ names them.
+    fn server_named_queue(&mut self) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        self.names_given += 1;
+        let mut out = String::from("amq.gen-");
+        let mut n = 0u64;
+        for i in 0..22u64 {
+            if i % 8 == 0 {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (self.name_seed, self.names_given, i, self.now_ms).hash(&mut h);
+                n = h.finish();
+            }
+            out.push(char::from(ALPHABET[(n % 64) as usize]));
+            n /= 64;
+        }
+        out
+    }
+
+    fn bind_change(&mut self, channel: u16, change: BindChange) {
+        let key = topology::queue_key(&change.queue);
+        self.wait_kv_get(key, Task::BindQueue { channel, change });
+    }
+
+    fn basic_consume(&mut self, channel: u16, c: BasicConsume) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let tag = if c.consumer_tag.is_empty() {
+            format!(
+                "amq.ctag-{}-{}",
+                self.name_seed % 1_000_000,
+                state.consumers.len() + 1
+            )
+        } else {
+            c.consumer_tag.clone()
+        };
+        if state.consumers.contains_key(&tag) {
+            let e = ConnError::new(
+                NOT_ALLOWED,
+                format!("attempt to reuse consumer tag '{tag}'"),
+            );
+            return self.close_connection(e.caused_by(&Method::BasicConsume(c)));
+        }
+        let prefetch = match state.prefetch {
+            0 => UNLIMITED_PREFETCH,
+            n => u32::from(n),
+        };
+        let consume = PendingConsume {
+            channel,
+            tag,
+            queue: c.queue.clone(),
+            no_ack: c.no_ack,
+            no_wait: c.no_wait,
+            prefetch,
+            attempts: 0,
+        };
+        let key = topology::queue_key(&c.queue);
+        self.wait_kv_get(key, Task::ConsumeQueue { consume });
+    }
+
+    fn open_consumer(&mut self, consume: PendingConsume) {
+        let token = self.ops.start(Op::Consume(consume.clone()));
+        self.out.push(Action::OpenConsumer {
+            token,
+            spec: ConsumerSpec {
+                topic: TopicRef {
+                    name: topology::queue_topic(&consume.queue),
+                    persistent: true,
+                },
+                subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
+                mode: SubMode::Shared,
+                start: Position::Earliest,
+                max_unacked: consume.prefetch,
+                nack_delay_ms: 0,
+                max_redeliveries: 0,
+                dead_letter_topic: None,
+                consumer_name: Some(consume.tag.clone()),
+            },
+        });
+        self.busy = true;
+    }
+
+    pub(super) fn on_consume_result(
+        &mut self,
+        mut c: PendingConsume,
+        result: Result<SubId, OpError>,
+    ) {
+        match result {
+            Ok(sub) => {
+                self.busy = false;
+                let Some(state) = self.channels.get_mut(&c.channel).filter(|s| !s.closing) else {
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
+                    return;
+                };
+                state.consumers.insert(c.tag.clone(), sub);
+                self.consumers
+                    .insert(sub, (c.channel, c.tag.clone(), c.no_ack));
+                if !c.no_wait {
+                    self.send_method(
+                        c.channel,
+                        Method::BasicConsumeOk(BasicConsumeOk {
+                            consumer_tag: c.tag,
+                        }),
+                    );
+                }
+            }
+            // The route a declaration opened may still hold the queue's subscription.
+            Err(e) if e.kind == ErrorKind::Backend && c.attempts < CONSUME_ATTEMPTS => {
+                c.attempts += 1;
+                let token = self.ops.start(Op::Consume(c));
+                // A short wait, then the consumer is opened again (`on_retry`).
+                self.out.push(Action::SetTimer {
+                    token,
+                    delay_ms: 20,
+                });
+            }
+            Err(e) => {
+                self.busy = false;
+                let ch = c.channel;
+                let err = ConnError::new(INTERNAL_ERROR, format!("consumer: {}", e.message));
+                self.close_channel(ch, err);
+            }
+        }
+    }
+
+    /// A consumer's retry timer fired.
+    pub(super) fn on_retry(&mut self, token: u64) -> bool {
+        if let Some(Op::Consume(_)) = self.ops.get(token) {
+            if let Some(Op::Consume(c)) = self.ops.complete(token) {
+                self.open_consumer(c);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The next step of a task, with what the host answered.
+    pub(super) fn step(&mut self, task: Task, outcome: Outcome) {
+        self.busy = false;
+        let failed = |s: &mut Self, channel: u16, e: &OpError| {
+            let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
+            s.close_channel(channel, err);
+        };
+        match (task, outcome) {
+            (Task::ExchangeDeclare { channel, m }, Outcome::Kv(r)) => match r {
+                Ok(v) => {
+                    let existing = v.as_deref().and_then(Exchange::decode);
+                    let kind = ExchangeType::parse(&m.kind).unwrap_or(ExchangeType::Direct);
+                    self.exchange_declared(channel, m, existing, kind);
+                }
+                Err(e) => failed(self, channel, &e),
+            },
+            (Task::Reply { channel, reply }, Outcome::Kv(r)) => match r {
+                Ok(_) => self.reply(channel, reply),
+                Err(e) => failed(self, channel, &e),
+            },
+            (Task::QueueDeclare { channel, m, name }, Outcome::Kv(r)) => {
+                let existing = match r {
+                    Ok(v) => v.as_deref().and_then(Queue::decode),
+                    Err(e) => return failed(self, channel, &e),
+                };
+                let cause = Method::QueueDeclare(m.clone());
+                let reply = (!m.no_wait).then(|| {
+                    Box::new(Method::QueueDeclareOk(QueueDeclareOk {
+                        queue: name.clone(),
+                        message_count: 0,
+                        consumer_count: 0,
+                    }))
+                });
+                match existing {
+                    None if m.passive => {
+                        let e =
+                            ConnError::new(NOT_FOUND, vhost_text(&format!("no queue '{name}'")));
+                        self.close_channel(channel, e.caused_by(&cause));
+                    }
+                    None => {
+                        let queue = Queue {
+                            durable: m.durable,
+                            exclusive: m.exclusive,
+                            auto_delete: m.auto_delete,
+                            arguments: m.arguments.clone(),
+                            bindings: Vec::new(),
+                        };
+                        let value = queue.encode();
+                        self.wait_kv_put(
+                            topology::queue_key(&name),
+                            Some(value),
+                            Task::StoreRoute {
+                                channel,
+                                name,
+                                queue,
+                                delete: false,
+                                reply,
+                            },
+                        );
+                    }
+                    Some(_) if m.passive => self.reply(channel, reply),
+                    Some(q) => {
+                        let mismatch = if q.durable != m.durable {
+                            Some(("durable", m.durable, q.durable))
+                        } else if q.exclusive != m.exclusive {
+                            Some(("exclusive", m.exclusive, q.exclusive))
+                        } else if q.auto_delete != m.auto_delete {
+                            Some(("auto_delete", m.auto_delete, q.auto_delete))
+                        } else {
+                            None
+                        };
+                        match mismatch {
+                            Some((arg, received, current)) => {
+                                let e = ConnError::new(
+                                    PRECONDITION_FAILED,
+                                    format!(
+                                        "inequivalent arg '{arg}' for {}: received '{received}' but current is '{current}'",
+                                        vhost_text(&format!("queue '{name}'"))
+                                    ),
+                                );
+                                self.close_channel(channel, e.caused_by(&cause));
+                            }
+                            // Declared again: its route is opened again, which also
+                            // starts feeding the queue on a gateway that just started.
+                            None => self.store_route(
+                                &name,
+                                &q,
+                                Task::RouteOpened {
+                                    channel,
+                                    delete: false,
+                                    reply,
+                                },
+                            ),
+                        }
+                    }
+                }
+            }
+            (
+                Task::StoreRoute {
+                    channel,
+                    name,
+                    queue,
+                    delete,
+                    reply,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(_) => self.store_route(
+                    &name,
+                    &queue,
+                    Task::RouteOpened {
+                        channel,
+                        delete,
+                        reply,
+                    },
+                ),
+                Err(e) => failed(self, channel, &e),
+            },
+            (
+                Task::RouteOpened {
+                    channel,
+                    delete,
+                    reply,
+                },
+                Outcome::Sub(r),
+            ) => match r {
+                Ok(sub) => {
+                    self.out.push(Action::Unsubscribe { sub, delete });
+                    self.reply(channel, reply);
+                }
+                // The filters are stored before the route subscribes to its queue: a queue
+                // whose consumers hold its subscription (the backend says busy) has them.
+                Err(e) if e.kind == ErrorKind::Backend => self.reply(channel, reply),
+                Err(e) => failed(self, channel, &e),
+            },
+            (Task::BindQueue { channel, change }, Outcome::Kv(r)) => {
+                let queue = match r {
+                    Ok(v) => v.as_deref().and_then(Queue::decode),
+                    Err(e) => return failed(self, channel, &e),
+                };
+                let cause = self.bind_cause(&change);
+                let Some(queue) = queue else {
+                    let e = ConnError::new(
+                        NOT_FOUND,
+                        vhost_text(&format!("no queue '{}'", change.queue)),
+                    );
+                    return self.close_channel(channel, e.caused_by(&cause));
+                };
+                if let Some(x) = topology::predeclared(&change.exchange) {
+                    return self.bind_with(channel, change, queue, Some(x));
+                }
+                let key = topology::exchange_key(&change.exchange);
+                self.wait_kv_get(
+                    key,
+                    Task::BindExchange {
+                        channel,
+                        change,
+                        queue,
+                    },
+                );
+            }
+            (
+                Task::BindExchange {
+                    channel,
+                    change,
+                    queue,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(v) => {
+                    let x = v.as_deref().and_then(Exchange::decode);
+                    self.bind_with(channel, change, queue, x);
+                }
+                Err(e) => failed(self, channel, &e),
+            },
+            (Task::QueueDelete { channel, m }, Outcome::Kv(r)) => {
+                let queue = match r {
+                    Ok(v) => v.as_deref().and_then(Queue::decode),
+                    Err(e) => return failed(self, channel, &e),
+                };
+                let reply = (!m.no_wait)
+                    .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
+                match queue {
+                    // RabbitMQ 3.x: deleting a queue that does not exist succeeds.
+                    None => self.reply(channel, reply),
+                    Some(q) => self.wait_kv_put(
+                        topology::queue_key(&m.queue),
+                        None,
+                        Task::StoreRoute {
+                            channel,
+                            name: m.queue,
+                            queue: q,
+                            delete: true,
+                            reply,
+                        },
+                    ),
+                }
+            }
+            (Task::PublishExchange { channel, content }, Outcome::Kv(r)) => match r {
+                Ok(v) => match v.as_deref().and_then(Exchange::decode) {
+                    Some(x) => self.route(channel, content, x.kind),
+                    None => {
+                        let e = ConnError::new(
+                            NOT_FOUND,
+                            vhost_text(&format!("no exchange '{}'", content.publish.exchange)),
+                        );
+                        let cause = Method::BasicPublish(content.publish);
+                        self.close_channel(channel, e.caused_by(&cause));
+                    }
+                },
+                Err(e) => failed(self, channel, &e),
+            },
+            (Task::ConsumeQueue { consume }, Outcome::Kv(r)) => match r {
+                Ok(Some(bytes)) => match Queue::decode(&bytes) {
+                    Some(q) => {
+                        let name = consume.queue.clone();
+                        self.store_route(&name, &q, Task::ConsumeRoute { consume });
+                    }
+                    None => self.open_consumer(consume),
+                },
+                Ok(None) => {
+                    let e = ConnError::new(
+                        NOT_FOUND,
+                        vhost_text(&format!("no queue '{}'", consume.queue)),
+                    );
+                    let cause = Method::BasicConsume(BasicConsume::default());
+                    self.close_channel(consume.channel, e.caused_by(&cause));
+                }
+                Err(e) => failed(self, consume.channel, &e),
+            },
+            (Task::GetQueue { channel, m }, Outcome::Kv(r)) => match r {
+                Ok(Some(_)) => self.basic_get(channel, m.queue, m.no_ack),
+                Ok(None) => {
+                    let e =
+                        ConnError::new(NOT_FOUND, vhost_text(&format!("no queue '{}'", m.queue)));
+                    self.close_channel(channel, e.caused_by(&Method::BasicGet(m)));
+                }
+                Err(e) => failed(self, channel, &e),
+            },
+            (
+                Task::Mandatory {
+                    channel,
+                    content,
+                    kind,
+                    mut routable,
+                },
+                Outcome::Scan(r),
+            ) => {
+                let entries = match r {
+                    Ok(entries) => entries,
+                    Err(e) => return failed(self, channel, &e),
+                };
+                let key =
+                    topology::route_key(&content.publish.exchange, &content.publish.routing_key);
+                let properties = message_properties(&content, kind);
+                let full = entries.len() >= SCAN_LIMIT as usize;
+                let last = entries.last().map(|e| e.key.clone());
+                for entry in &entries {
+                    let Some(name) = entry.key.strip_prefix("amqp/q/") else {
+                        continue;
+                    };
+                    if let Some(q) = Queue::decode(&entry.value) {
+                        if q.filters(name)
+                            .iter()
+                            .any(|f| topology::filter_matches(f, &key, &properties))
+                        {
+                            routable = true;
+                            break;
+                        }
+                    }
+                }
+                if !routable && full {
+                    return self.scan_queues(
+                        last,
+                        Task::Mandatory {
+                            channel,
+                            content,
+                            kind,
+                            routable,
+                        },
+                    );
+                }
+                if routable {
+                    self.publish(channel, content, kind);
+                } else {
+                    self.return_unroutable(channel, content);
+                }
+            }
+            (Task::ConsumeRoute { consume }, Outcome::Sub(r)) => match r {
+                Ok(sub) => {
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
+                    self.open_consumer(consume);
+                }
+                // Other consumers hold the queue's subscription: its route is stored.
+                Err(e) if e.kind == ErrorKind::Backend => self.open_consumer(consume),
+                Err(e) => failed(self, consume.channel, &e),
+            },
+            (task, _) => self.log(LogLevel::Warn, format!("unexpected outcome for {task:?}")),
+        }
+    }
+
+    fn bind_cause(&self, change: &BindChange) -> Method {
+        if change.bind {
+            Method::QueueBind(QueueBind::default())
+        } else {
+            Method::QueueUnbind(QueueUnbind::default())
+        }
+    }
+
+    fn bind_with(
+        &mut self,
+        channel: u16,
+        change: BindChange,
+        mut queue: Queue,
+        exchange: Option<Exchange>,
+    ) {
+        let cause = self.bind_cause(&change);
+        let Some(x) = exchange else {
+            let e = ConnError::new(
+                NOT_FOUND,
+                vhost_text(&format!("no exchange '{}'", change.exchange)),
+            );
+            return self.close_channel(channel, e.caused_by(&cause));
+        };
+        if change.exchange.is_empty() {
+            let e = ConnError::new(
+                ACCESS_REFUSED,
+                "operation not permitted on the default exchange",
+            );
+            return self.close_channel(channel, e.caused_by(&cause));
+        }
+        let binding = Binding {
+            exchange: change.exchange.clone(),
+            kind: x.kind,
+            routing_key: change.routing_key.clone(),
+            arguments: change.arguments.clone(),
+        };
+        let same = |b: &Binding| {
+            b.exchange == binding.exchange
+                && b.routing_key == binding.routing_key
+                && b.arguments == binding.arguments
+        };
+        if change.bind {
+            if !queue.bindings.iter().any(same) {
+                queue.bindings.push(binding);
+            }
+        } else {
+            queue.bindings.retain(|b| !same(b));
+        }
+        let reply = match (change.bind, change.no_wait) {
+            (true, true) => None,
+            (true, false) => Some(Box::new(Method::QueueBindOk(QueueBindOk {}))),
+            (false, _) => Some(Box::new(Method::QueueUnbindOk(QueueUnbindOk {}))),
+        };
+        let value = queue.encode();
+        self.wait_kv_put(
+            topology::queue_key(&change.queue),
+            Some(value),
+            Task::StoreRoute {
+                channel,
+                name: change.queue,
+                queue,
+                delete: false,
+                reply,
+            },
+        );
+    }
+
+    fn on_content_header(&mut self, channel: u16, h: ContentHeader) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        match &mut state.content {
+            Some(c) if c.header.is_none() => {
+                if h.class_id != 60 {
+                    let e = ConnError::new(
+                        FRAME_ERROR,
+                        format!("content header of class {} for basic.publish", h.class_id),
+                    );
+                    return self.close_connection(e);
+                }
+                let size = h.body_size;
+                c.header = Some(h);
+                if size == 0 {
+                    self.content_complete(channel);
+                }
+            }
+            _ => self.close_connection(ConnError::new(
+                UNEXPECTED_FRAME,
+                format!("content header on channel {channel} without basic.publish"),
+            )),
+        }
+    }
+
+    fn on_content_body(&mut self, channel: u16, b: Vec<u8>) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        match &mut state.content {
+            Some(Content {
+                header: Some(h),
+                body,
+                ..
+            }) => {
+                body.extend_from_slice(&b);
+                let (got, size) = (body.len() as u64, h.body_size);
+                if got > size {
+                    return self.close_connection(ConnError::new(
+                        FRAME_ERROR,
+                        format!("content body of {got} bytes exceeds the header's {size}"),
+                    ));
+                }
+                if got == size {
+                    self.content_complete(channel);
+                }
+            }
+            _ => self.close_connection(ConnError::new(
+                UNEXPECTED_FRAME,
+                format!("content body on channel {channel} without a content header"),
+            )),
+        }
+    }
+
+    fn content_complete(&mut self, channel: u16) {
+        let Some(Content {
+            publish,
+            header: Some(header),
+            body,
+        }) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|s| s.content.take())
+        else {
+            return;
+        };
+        let content = ContentDone {
+            publish,
+            header,
+            body,
+        };
+        if let Some(x) = topology::predeclared(&content.publish.exchange) {
+            return self.route(channel, content, x.kind);
+        }
+        let key = topology::exchange_key(&content.publish.exchange);
+        self.wait_kv_get(key, Task::PublishExchange { channel, content });
+    }
+
+    /// A message for an existing exchange: published, unless it is `mandatory` and no queue
+    /// takes it (then returned, §1.8.3.9 basic.return, as RabbitMQ: before its confirm).
+    fn route(&mut self, channel: u16, content: ContentDone, kind: ExchangeType) {
+        if !content.publish.mandatory {
+            return self.publish(channel, content, kind);
+        }
+        let task = Task::Mandatory {
+            channel,
+            content,
+            kind,
+            routable: false,
+        };
+        self.scan_queues(None, task);
+    }
+
+    fn scan_queues(&mut self, start_after: Option<String>, task: Task) {
+        let token = self.ops.start(Op::Task(task));
+        self.out.push(Action::KvScan {
+            token,
+            prefix: "amqp/q/".into(),
+            start_after,
+            limit: SCAN_LIMIT,
+        });
+        self.busy = true;
+    }
+
+    fn return_unroutable(&mut self, channel: u16, content: ContentDone) {
+        let ContentDone {
+            publish,
+            header,
+            body,
+        } = content;
+        let mut bytes = Vec::new();
+        write_method(
+            &mut bytes,
+            channel,
+            Method::BasicReturn(BasicReturn {
+                reply_code: NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: publish.exchange,
+                routing_key: publish.routing_key,
+            }),
+        );
+        Frame::Header(channel, header).write(&mut bytes);
+        self.write_body(&mut bytes, channel, &body);
+        self.out.send(bytes);
+        // An unroutable message is confirmed at once (nothing to store).
+        let seq = self.channels.get_mut(&channel).and_then(|s| {
+            s.confirm.then(|| {
+                s.publish_seq += 1;
+                s.publish_seq
+            })
+        });
+        if let Some(seq) = seq {
+            self.send_method(
+                channel,
+                Method::BasicAck(BasicAck {
+                    delivery_tag: seq,
+                    multiple: false,
+                }),
+            );
+        }
+    }
+
+    fn write_body(&self, bytes: &mut Vec<u8>, channel: u16, body: &[u8]) {
+        let chunk = (self.frame_max as usize).saturating_sub(8).max(1);
+        for part in body.chunks(chunk) {
+            Frame::Body(channel, part.to_vec()).write(bytes);
+        }
+    }
+
+    fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let getter = state.getters.entry(queue.clone()).or_default();
+        if let Some(m) = getter.ready.pop_front() {
+            return self.get_ok(channel, m, no_ack);
+        }
+        let first = getter.sub.is_none();
+        if first {
+            let token = self.ops.start(Op::Getter {
+                channel,
+                queue: queue.clone(),
+            });
+            self.out.push(Action::OpenConsumer {
+                token,
+                spec: ConsumerSpec {
+                    topic: TopicRef {
+                        name: topology::queue_topic(&queue),
+                        persistent: true,
+                    },
+                    subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
+                    mode: SubMode::Shared,
+                    start: Position::Earliest,
+                    max_unacked: 1,
+                    nack_delay_ms: 0,
+                    max_redeliveries: 0,
+                    dead_letter_topic: None,
+                    consumer_name: None,
+                },
+            });
+        }
+        let timer = self.ops.token();
+        self.out.push(Action::SetTimer {
+            token: timer,
+            delay_ms: if first {
+                GET_FIRST_WAIT_MS
+            } else {
+                GET_WAIT_MS
+            },
+        });
+        self.pending_get = Some(PendingGet {
+            channel,
+            queue,
+            no_ack,
+            timer,
+        });
+        self.busy = true;
+    }
+
+    fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        state.delivery_tag += 1;
+        let delivery_tag = state.delivery_tag;
+        if no_ack {
+            self.out.ack(m.subscription, m.delivery_id);
+        } else {
+            state
+                .unacked
+                .insert(delivery_tag, (m.subscription, m.delivery_id));
+        }
+        let (exchange, routing_key, properties) = delivery_fields(&m);
+        let mut bytes = Vec::new();
+        write_method(
+            &mut bytes,
+            channel,
+            Method::BasicGetOk(BasicGetOk {
+                delivery_tag,
+                redelivered: m.redelivery_count > 0,
+                exchange,
+                routing_key,
+                message_count: 0,
+            }),
+        );
+        Frame::Header(
+            channel,
+            ContentHeader {
+                class_id: 60,
+                body_size: m.payload.len() as u64,
+                properties,
+            },
+        )
+        .write(&mut bytes);
+        self.write_body(&mut bytes, channel, &m.payload);
+        self.out.send(bytes);
+    }
+
+    /// The getter's consumer opened (or could not).
+    pub(super) fn on_getter_result(
+        &mut self,
+        channel: u16,
+        queue: String,
+        result: Result<SubId, OpError>,
+    ) {
+        match result {
+            Ok(sub) => {
+                match self
+                    .channels
+                    .get_mut(&channel)
+                    .filter(|s| !s.closing)
+                    .and_then(|s| s.getters.get_mut(&queue))
+                {
+                    Some(g) => {
+                        g.sub = Some(sub);
+                        self.getters.insert(sub, (channel, queue));
+                    }
+                    None => self.out.push(Action::Unsubscribe { sub, delete: false }),
+                }
+            }
+            Err(e) => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    state.getters.remove(&queue);
+                }
+                self.log(LogLevel::Warn, format!("basic.get consumer: {}", e.message));
+            }
+        }
+    }
+
+    /// A pending `basic.get`'s deadline: `get-empty`.
+    pub(super) fn on_get_timer(&mut self, token: u64) -> bool {
+        if self.pending_get.as_ref().is_none_or(|g| g.timer != token) {
+            return false;
+        }
+        if let Some(g) = self.pending_get.take() {
+            self.busy = false;
+            self.send_method(
+                g.channel,
+                Method::BasicGetEmpty(BasicGetEmpty {
+                    reserved_1: String::new(),
+                }),
+            );
+        }
+        true
+    }
+
+    /// A message of a getter's consumer: the pending `basic.get` takes it, or it waits.
+    fn on_getter_message(&mut self, channel: u16, queue: String, m: Message) {
+        match self.pending_get.take() {
+            Some(g) if g.channel == channel && g.queue == queue => {
+                self.busy = false;
+                self.get_ok(channel, m, g.no_ack);
+            }
+            other => {
+                self.pending_get = other;
+                if let Some(getter) = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|s| s.getters.get_mut(&queue))
+                {
+                    getter.ready.push_back(m);
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, channel: u16, content: ContentDone, kind: ExchangeType) {
+        let ContentDone {
+            publish,
+            header,
+            body,
+        } = content;
+        let properties = message_properties_of(&publish, &header, kind);
+        let seq = self.channels.get_mut(&channel).and_then(|s| {
+            s.confirm.then(|| {
+                s.publish_seq += 1;
+                s.publish_seq
+            })
+        });
+        let token = self.ops.start(Op::Publish { channel, seq });
+        self.out.push(Action::Publish {
+            token,
+            msg: OutboundMessage {
+                topic: topology::SOURCE.into(),
+                key: None,
+                payload: body,
+                properties,
+            },
+        });
+    }
+
+    pub(super) fn on_published(
+        &mut self,
+        channel: u16,
+        seq: Option<u64>,
+        result: Result<(), OpError>,
+    ) {
+        let Some(seq) = seq else {
+            if let Err(e) = result {
+                self.log(LogLevel::Warn, format!("publish failed: {}", e.message));
+            }
+            return;
+        };
+        if self.channels.get(&channel).is_none_or(|s| s.closing) {
+            return;
+        }
+        let m = match result {
+            Ok(()) => Method::BasicAck(BasicAck {
+                delivery_tag: seq,
+                multiple: false,
+            }),
+            Err(_) => Method::BasicNack(BasicNack {
+                delivery_tag: seq,
+                multiple: false,
+                requeue: false,
+            }),
+        };
+        self.send_method(channel, m);
+    }
+
+    pub(super) fn on_message(&mut self, m: Message) {
+        if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
+            return self.on_getter_message(channel, queue, m);
+        }
+        let Some((channel, tag, no_ack)) = self.consumers.get(&m.subscription).cloned() else {
+            return;
+        };
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let (exchange, routing_key, properties) = delivery_fields(&m);
+        state.delivery_tag += 1;
+        let delivery_tag = state.delivery_tag;
+        if no_ack {
+            // Settled as it is sent (§1.8.3.3 no-ack).
+            self.out.ack(m.subscription, m.delivery_id);
+        } else {
+            state
+                .unacked
+                .insert(delivery_tag, (m.subscription, m.delivery_id));
+        }
+        let mut bytes = Vec::new();
+        write_method(
+            &mut bytes,
+            channel,
+            Method::BasicDeliver(BasicDeliver {
+                consumer_tag: tag,
+                delivery_tag,
+                redelivered: m.redelivery_count > 0,
+                exchange,
+                routing_key,
+            }),
+        );
+        Frame::Header(
+            channel,
+            ContentHeader {
+                class_id: 60,
+                body_size: m.payload.len() as u64,
+                properties,
+            },
+        )
+        .write(&mut bytes);
+        self.write_body(&mut bytes, channel, &m.payload);
+        self.out.send(bytes);
+    }
+
+    /// basic.ack / nack / reject: `requeue` is `None` for an ack.
+    fn settle(
+        &mut self,
+        channel: u16,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+        cause: &Method,
+    ) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let tags: Vec<u64> = if multiple {
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            state.unacked.range(..=upto).map(|(t, _)| *t).collect()
+        } else if state.unacked.contains_key(&tag) {
+            vec![tag]
+        } else {
+            let e = ConnError::new(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"));
+            return self.close_channel(channel, e.caused_by(cause));
+        };
+        for t in tags {
+            let Some((sub, delivery_id)) = state.unacked.remove(&t) else {
+                continue;
+            };
+            match requeue {
+                Some(true) => self.out.push(Action::Nack { sub, delivery_id }),
+                _ => self.out.ack(sub, delivery_id),
+            }
+        }
+    }
+}
+
+/// The properties a message is published with (see `crate::topology`).
+fn message_properties_of(
+    publish: &BasicPublish,
+    header: &ContentHeader,
+    kind: ExchangeType,
+) -> Vec<Property> {
+    let mut properties = vec![
+        Property {
+            key: topology::KEY_PROPERTY.into(),
+            value: topology::route_key(&publish.exchange, &publish.routing_key),
+        },
+        Property {
+            key: topology::EXCHANGE_PROPERTY.into(),
+            value: publish.exchange.clone(),
+        },
+        Property {
+            key: topology::ROUTING_KEY_PROPERTY.into(),
+            value: publish.routing_key.clone(),
+        },
+        Property {
+            key: topology::PROPERTIES_PROPERTY.into(),
+            value: topology::hex(&header.properties),
+        },
+    ];
+    if kind == ExchangeType::Headers {
+        if let Ok(BasicProperties {
+            headers: Some(headers),
+            ..
+        }) = BasicProperties::read(&header.properties)
+        {
+            properties.extend(topology::header_properties(&publish.exchange, &headers));
+        }
+    }
+    properties
+}
+
+fn message_properties(content: &ContentDone, kind: ExchangeType) -> Vec<Property> {
+    message_properties_of(&content.publish, &content.header, kind)
+}
+
+/// A delivered message's exchange, routing key and content-header property bytes (none for
+/// a message another protocol published).
+fn delivery_fields(m: &Message) -> (String, String, Vec<u8>) {
+    let prop = |k: &str| {
+        m.properties
+            .iter()
+            .find(|p| p.key == k)
+            .map(|p| p.value.as_str())
+    };
+    let exchange = prop(topology::EXCHANGE_PROPERTY)
+        .unwrap_or_default()
+        .to_string();
+    let routing_key = prop(topology::ROUTING_KEY_PROPERTY)
+        .unwrap_or_default()
+        .to_string();
+    let properties = prop(topology::PROPERTIES_PROPERTY)
+        .and_then(topology::unhex)
+        .unwrap_or_else(|| vec![0, 0]);
+    (exchange, routing_key, properties)
+}
+
+/// A seed for the names of a connection's server-named queues.
+pub fn name_seed(conn: u64) -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one(conn)
+}

@@ -1,0 +1,669 @@
+//! Drives [`AmqpConnection`] on the SDK's simulated host: frames in, frames and host calls out.
+
+use super::*;
+use crate::codec::{BasicProperties, ContentHeader};
+use magnetar_sdk::testing::SimHost;
+use magnetar_sdk::{ErrorKind, RouteSpec};
+
+const T0: u64 = 1_000_000;
+
+fn host() -> SimHost<AmqpConnection> {
+    SimHost::new(T0, AmqpConnection::new(Config::default(), T0))
+}
+
+fn frame(channel: u16, m: Method) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_method(&mut out, channel, m);
+    out
+}
+
+/// Every frame sent since the last call.
+fn sent(h: &mut SimHost<AmqpConnection>) -> Vec<Frame> {
+    let bytes = h.take_sent();
+    let mut rest = &bytes[..];
+    let mut frames = Vec::new();
+    while let Some((f, used)) = Frame::check(rest, 0).expect("the server sends valid frames") {
+        frames.push(f);
+        rest = &rest[used..];
+    }
+    assert!(rest.is_empty(), "a partial frame was sent: {rest:?}");
+    frames
+}
+
+fn start_ok(mechanism: &str, response: &[u8], failure_close: bool) -> Vec<u8> {
+    let mut caps = FieldTable::default();
+    caps.insert(
+        "authentication_failure_close",
+        FieldValue::Bool(failure_close),
+    );
+    let mut props = FieldTable::default();
+    props.insert("capabilities", FieldValue::Table(caps));
+    frame(
+        0,
+        Method::ConnectionStartOk(ConnectionStartOk {
+            client_properties: props,
+            mechanism: mechanism.into(),
+            response: response.to_vec(),
+            locale: "en_US".into(),
+        }),
+    )
+}
+
+fn close_code(frames: &[Frame]) -> Option<(u16, u16, String)> {
+    frames.iter().find_map(|f| match f {
+        Frame::Method(c, Method::ConnectionClose(m)) => {
+            Some((*c, m.reply_code, m.reply_text.clone()))
+        }
+        _ => None,
+    })
+}
+
+/// Header, start-ok, tune-ok (heartbeat `heartbeat` s), open of `/`: a running connection.
+fn open(h: &mut SimHost<AmqpConnection>, heartbeat: u16) {
+    h.data(&PROTOCOL_HEADER);
+    let start = sent(h);
+    assert!(
+        matches!(&start[..], [Frame::Method(0, Method::ConnectionStart(s))]
+        if s.version_major == 0 && s.version_minor == 9 && s.mechanisms == b"PLAIN AMQPLAIN")
+    );
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    let tune = sent(h);
+    assert!(
+        matches!(&tune[..], [Frame::Method(0, Method::ConnectionTune(t))]
+        if t.channel_max == 2047 && t.frame_max == 131_072 && t.heartbeat == 60)
+    );
+    h.data(&frame(
+        0,
+        Method::ConnectionTuneOk(ConnectionTuneOk {
+            channel_max: 2047,
+            frame_max: 131_072,
+            heartbeat,
+        }),
+    ));
+    h.data(&frame(
+        0,
+        Method::ConnectionOpen(ConnectionOpen {
+            virtual_host: "/".into(),
+            ..Default::default()
+        }),
+    ));
+    assert!(matches!(
+        &sent(h)[..],
+        [Frame::Method(0, Method::ConnectionOpenOk(_))]
+    ));
+}
+
+#[test]
+fn handshake_authenticates_through_the_host_and_opens_channels() {
+    let mut h = host();
+    open(&mut h, 0);
+    let creds = h.take_actions().into_iter().find_map(|a| match a {
+        Action::Authenticate { creds, .. } => Some(creds),
+        _ => None,
+    });
+    assert!(
+        matches!(creds, Some(Credentials::Password(p)) if p.user == "guest" && p.password == b"guest")
+    );
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&frame(2, Method::ChannelOpen(ChannelOpen::default())));
+    assert_eq!(sent(&mut h).len(), 2);
+    h.data(&frame(1, Method::ChannelClose(ChannelClose::default())));
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ChannelCloseOk(_))]
+    ));
+    h.data(&frame(
+        0,
+        Method::ConnectionClose(ConnectionClose::default()),
+    ));
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(0, Method::ConnectionCloseOk(_))]
+    ));
+    assert!(h.closed().is_some());
+}
+
+#[test]
+fn a_frame_split_anywhere_is_waited_for() {
+    let mut h = host();
+    open(&mut h, 0);
+    let bytes = frame(1, Method::ChannelOpen(ChannelOpen::default()));
+    for b in &bytes {
+        h.data(&[*b]);
+    }
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ChannelOpenOk(_))]
+    ));
+}
+
+#[test]
+fn amqplain_credentials_are_read() {
+    let mut entries = Vec::new();
+    let mut t = FieldTable::default();
+    t.insert("LOGIN", FieldValue::LongStr(b"guest".to_vec()))
+        .insert("PASSWORD", FieldValue::LongStr(b"pw".to_vec()));
+    t.write(&mut crate::codec::wire::Put::new(&mut entries));
+    let creds = amqplain_credentials(&entries[4..]).unwrap();
+    assert_eq!(
+        (creds.user.as_str(), creds.password.as_slice()),
+        ("guest", &b"pw"[..])
+    );
+    assert!(plain_credentials(b"nonul").is_none());
+}
+
+#[test]
+fn garbage_instead_of_the_header_gets_the_header_and_a_close() {
+    let mut h = host();
+    h.data(b"GET / HT");
+    assert_eq!(h.take_sent(), PROTOCOL_HEADER);
+    assert!(h.closed().is_some());
+}
+
+#[test]
+fn refused_credentials_close_with_403_or_hang_up() {
+    let refused = || {
+        host().with_auth(Err(OpError {
+            kind: ErrorKind::NotAuthorized,
+            message: "bad password".into(),
+        }))
+    };
+    let mut h = refused();
+    h.data(&PROTOCOL_HEADER);
+    sent(&mut h);
+    h.data(&start_ok("PLAIN", b"\0guest\0wrong", true));
+    h.run();
+    let (channel, code, text) = close_code(&sent(&mut h)).unwrap();
+    assert_eq!((channel, code), (0, 403));
+    assert!(
+        text.starts_with("ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN")
+    );
+    // Without the capability, RabbitMQ just closes the socket.
+    let mut h = refused();
+    h.data(&PROTOCOL_HEADER);
+    sent(&mut h);
+    h.data(&start_ok("PLAIN", b"\0guest\0wrong", false));
+    h.run();
+    assert!(sent(&mut h).is_empty());
+    assert!(h.closed().is_some());
+}
+
+#[test]
+fn unknown_vhost_is_refused_with_530() {
+    let mut h = host();
+    h.data(&PROTOCOL_HEADER);
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    h.data(&frame(
+        0,
+        Method::ConnectionTuneOk(ConnectionTuneOk::default()),
+    ));
+    sent(&mut h);
+    h.data(&frame(
+        0,
+        Method::ConnectionOpen(ConnectionOpen {
+            virtual_host: "other".into(),
+            ..Default::default()
+        }),
+    ));
+    let (_, code, text) = close_code(&sent(&mut h)).unwrap();
+    assert_eq!(
+        (code, text.as_str()),
+        (530, "NOT_ALLOWED - vhost other not found")
+    );
+    h.data(&frame(0, Method::ConnectionCloseOk(ConnectionCloseOk {})));
+    assert!(h.closed().is_some());
+}
+
+#[test]
+fn the_namespace_name_is_a_vhost_too() {
+    let mut h = host();
+    h.data(&PROTOCOL_HEADER);
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    h.data(&frame(
+        0,
+        Method::ConnectionTuneOk(ConnectionTuneOk::default()),
+    ));
+    sent(&mut h);
+    h.data(&frame(
+        0,
+        Method::ConnectionOpen(ConnectionOpen {
+            virtual_host: "ns".into(),
+            ..Default::default()
+        }),
+    ));
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(0, Method::ConnectionOpenOk(_))]
+    ));
+}
+
+#[test]
+fn hostile_frames_close_the_connection_with_rabbitmqs_codes() {
+    // Bad frame end: 501.
+    let mut h = host();
+    open(&mut h, 0);
+    let mut bad = frame(1, Method::ChannelOpen(ChannelOpen::default()));
+    let last = bad.len() - 1;
+    bad[last] = 0;
+    h.data(&bad);
+    assert_eq!(close_code(&sent(&mut h)).map(|c| c.1), Some(501));
+    h.data(&frame(0, Method::ConnectionCloseOk(ConnectionCloseOk {})));
+    assert!(h.closed().is_some());
+    // A method on a channel never opened: 504.
+    let mut h = host();
+    open(&mut h, 0);
+    h.data(&frame(3, Method::BasicQos(BasicQos::default())));
+    assert_eq!(close_code(&sent(&mut h)).map(|c| c.1), Some(504));
+    // A frame larger than frame-max: 501, and frames after the close are ignored.
+    let mut h = host();
+    open(&mut h, 0);
+    h.data(b"\x01\x00\x01\xff\xff\xff\xff");
+    assert_eq!(close_code(&sent(&mut h)).map(|c| c.1), Some(501));
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    assert!(sent(&mut h).is_empty());
+    // Nobody answers the close: the socket closes after the timeout.
+    h.advance(CLOSE_TIMEOUT_MS);
+    assert!(h.closed().is_some());
+    // A second channel.open: 504; content without a method: 505.
+    let mut h = host();
+    open(&mut h, 0);
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    assert_eq!(close_code(&sent(&mut h)).map(|c| c.1), Some(504));
+    let mut h = host();
+    open(&mut h, 0);
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    let mut body = Vec::new();
+    Frame::Body(1, b"x".to_vec()).write(&mut body);
+    h.data(&body);
+    assert_eq!(close_code(&sent(&mut h)).map(|c| c.1), Some(505));
+}
+
+#[test]
+fn heartbeats_are_sent_and_a_silent_client_is_dropped() {
+    let mut h = host();
+    open(&mut h, 2);
+    h.advance(1000);
+    assert_eq!(sent(&mut h), vec![Frame::Heartbeat]);
+    // The client's own heartbeats keep it alive.
+    for _ in 0..6 {
+        let mut hb = Vec::new();
+        Frame::Heartbeat.write(&mut hb);
+        h.data(&hb);
+        h.advance(1000);
+    }
+    assert!(h.closed().is_none());
+    h.advance(5000);
+    assert!(h.closed().unwrap().contains("heartbeat"));
+}
+
+#[test]
+fn the_handshake_has_a_deadline() {
+    let mut h = host();
+    h.data(b"AMQ");
+    h.advance(Config::default().handshake_timeout_ms);
+    assert!(h.closed().is_some());
+}
+
+// ---- exchanges, queues, messages ---------------------------------------------------------
+
+fn running() -> SimHost<AmqpConnection> {
+    let mut h = host();
+    open(&mut h, 0);
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    sent(&mut h);
+    h.take_actions();
+    h
+}
+
+fn channel_close_code(frames: &[Frame]) -> Option<(u16, String)> {
+    frames.iter().find_map(|f| match f {
+        Frame::Method(1, Method::ChannelClose(m)) => Some((m.reply_code, m.reply_text.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_queue_is_a_durable_route_whose_filters_are_its_bindings() {
+    let mut h = running();
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "jobs".into(),
+            durable: true,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::QueueDeclareOk(ok))] if ok.queue == "jobs")
+    );
+    let stored = h.kv().get("amqp/q/jobs").cloned().unwrap();
+    assert!(crate::topology::Queue::decode(&stored).unwrap().durable);
+    h.data(&frame(
+        1,
+        Method::QueueBind(QueueBind {
+            queue: "jobs".into(),
+            exchange: "amq.topic".into(),
+            routing_key: "a.*".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::QueueBindOk(_))]
+    ));
+    let routes: Vec<RouteSpec> = h
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::OpenRoute { spec, .. } => Some(spec),
+            _ => None,
+        })
+        .collect();
+    let last = routes.last().unwrap();
+    assert_eq!(last.source, "amqp");
+    assert_eq!(last.queue.as_deref(), Some("amqp-q-jobs"));
+    assert_eq!(last.key_property.as_deref(), Some("amqp.key"));
+    assert_eq!(
+        last.filters,
+        [
+            magnetar_sdk::Filter::Exact("%.jobs".into()),
+            magnetar_sdk::Filter::AmqpTopic("amq%2Etopic.a.*".into())
+        ]
+    );
+    // Declared again with another durability: 406 on the channel only.
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "jobs".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    let (code, text) = channel_close_code(&sent(&mut h)).unwrap();
+    assert_eq!(code, 406);
+    assert!(text.contains("inequivalent arg 'durable'"), "{text}");
+    assert!(h.closed().is_none());
+}
+
+#[test]
+fn frames_wait_while_a_declaration_waits_for_the_host() {
+    let mut h = running();
+    let mut bytes = frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            passive: true,
+            ..Default::default()
+        }),
+    );
+    bytes.extend(frame(2, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&bytes);
+    // The kv read is pending: channel 2 is not opened before the 404 of channel 1.
+    assert!(sent(&mut h).is_empty());
+    h.run();
+    let frames = sent(&mut h);
+    assert_eq!(channel_close_code(&frames).map(|c| c.0), Some(404));
+    assert!(matches!(
+        frames.last(),
+        Some(Frame::Method(2, Method::ChannelOpenOk(_)))
+    ));
+}
+
+#[test]
+fn a_publish_carries_its_key_and_properties_and_confirms_once_stored() {
+    let mut h = running();
+    h.data(&frame(1, Method::ConfirmSelect(ConfirmSelect::default())));
+    sent(&mut h);
+    let props = BasicProperties {
+        content_type: Some("text/plain".into()),
+        delivery_mode: Some(2),
+        ..Default::default()
+    };
+    let mut raw = Vec::new();
+    props.write(&mut raw);
+    let mut bytes = frame(
+        1,
+        Method::BasicPublish(BasicPublish {
+            exchange: "amq.direct".into(),
+            routing_key: "k".into(),
+            ..Default::default()
+        }),
+    );
+    Frame::Header(
+        1,
+        ContentHeader {
+            class_id: 60,
+            body_size: 5,
+            properties: raw.clone(),
+        },
+    )
+    .write(&mut bytes);
+    Frame::Body(1, b"he".to_vec()).write(&mut bytes);
+    Frame::Body(1, b"llo".to_vec()).write(&mut bytes);
+    h.data(&bytes);
+    assert!(
+        sent(&mut h).is_empty(),
+        "no confirm before the backend stored it"
+    );
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicAck(a))] if a.delivery_tag == 1)
+    );
+    let msg = &h.published()[0];
+    assert_eq!(
+        (msg.topic.as_str(), msg.payload.as_slice()),
+        ("amqp", &b"hello"[..])
+    );
+    let prop = |k: &str| {
+        msg.properties
+            .iter()
+            .find(|p| p.key == k)
+            .map(|p| p.value.clone())
+    };
+    assert_eq!(prop("amqp.key").as_deref(), Some("amq%2Edirect.k"));
+    assert_eq!(prop("amqp.properties"), Some(crate::topology::hex(&raw)));
+}
+
+#[test]
+fn deliveries_carry_the_original_properties_and_acks_settle_them() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c1".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicConsumeOk(c))] if c.consumer_tag == "c1")
+    );
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let raw = vec![0x80, 0x00, 4, b't', b'e', b'x', b't'];
+    let message = |id: u64, redelivery_count: u32| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: id,
+        message_id: vec![],
+        key: None,
+        payload: b"body".to_vec(),
+        properties: vec![
+            magnetar_sdk::Property {
+                key: "amqp.exchange".into(),
+                value: "amq.direct".into(),
+            },
+            magnetar_sdk::Property {
+                key: "amqp.routing-key".into(),
+                value: "k".into(),
+            },
+            magnetar_sdk::Property {
+                key: "amqp.properties".into(),
+                value: crate::topology::hex(&raw),
+            },
+        ],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count,
+    };
+    h.feed(Event::Message(message(7, 0)));
+    h.feed(Event::Message(message(8, 1)));
+    let frames = sent(&mut h);
+    assert!(
+        matches!(&frames[0], Frame::Method(1, Method::BasicDeliver(d))
+        if d.delivery_tag == 1 && !d.redelivered && d.exchange == "amq.direct" && d.consumer_tag == "c1")
+    );
+    assert!(
+        matches!(&frames[1], Frame::Header(1, hdr) if hdr.properties == raw && hdr.body_size == 4)
+    );
+    assert!(matches!(&frames[2], Frame::Body(1, b) if b == b"body"));
+    assert!(
+        matches!(&frames[3], Frame::Method(1, Method::BasicDeliver(d)) if d.delivery_tag == 2 && d.redelivered)
+    );
+    h.take_actions();
+    h.data(&frame(
+        1,
+        Method::BasicNack(BasicNack {
+            delivery_tag: 2,
+            multiple: true,
+            requeue: true,
+        }),
+    ));
+    let actions = h.take_actions();
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Nack { delivery_id: 7, .. })));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Nack { delivery_id: 8, .. })));
+    // Settled already: an unknown tag, 406 on the channel.
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        }),
+    ));
+    assert_eq!(channel_close_code(&sent(&mut h)).map(|c| c.0), Some(406));
+}
+
+#[test]
+fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
+    let mut h = running();
+    h.data(&frame(1, Method::ConfirmSelect(ConfirmSelect::default())));
+    sent(&mut h);
+    // A queue bound to amq.direct with key "a" only.
+    let queue = crate::topology::Queue {
+        bindings: vec![crate::topology::Binding {
+            exchange: "amq.direct".into(),
+            kind: crate::topology::ExchangeType::Direct,
+            routing_key: "a".into(),
+            arguments: FieldTable::default(),
+        }],
+        ..Default::default()
+    };
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
+    let publish = |key: &str| {
+        let mut bytes = frame(
+            1,
+            Method::BasicPublish(BasicPublish {
+                exchange: "amq.direct".into(),
+                routing_key: key.into(),
+                mandatory: true,
+                ..Default::default()
+            }),
+        );
+        Frame::Header(
+            1,
+            ContentHeader {
+                class_id: 60,
+                body_size: 1,
+                properties: vec![0, 0],
+            },
+        )
+        .write(&mut bytes);
+        Frame::Body(1, b"x".to_vec()).write(&mut bytes);
+        bytes
+    };
+    h.data(&publish("b"));
+    h.run();
+    let frames = sent(&mut h);
+    assert!(
+        matches!(&frames[0], Frame::Method(1, Method::BasicReturn(r)) if r.reply_code == 312 && r.routing_key == "b")
+    );
+    assert!(matches!(&frames[1], Frame::Header(1, _)));
+    assert!(matches!(&frames[2], Frame::Body(1, b) if b == b"x"));
+    assert!(matches!(&frames[3], Frame::Method(1, Method::BasicAck(a)) if a.delivery_tag == 1));
+    assert!(h.published().is_empty());
+    h.data(&publish("a"));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicAck(a))] if a.delivery_tag == 2)
+    );
+    assert_eq!(h.published().len(), 1);
+}
+
+#[test]
+fn basic_get_answers_a_waiting_message_or_get_empty_after_its_wait() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    let get = || {
+        frame(
+            1,
+            Method::BasicGet(BasicGet {
+                queue: "q".into(),
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&get());
+    h.run();
+    assert!(sent(&mut h).is_empty(), "waiting for a message");
+    h.advance(channel::GET_FIRST_WAIT_MS);
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicGetEmpty(_))]
+    ));
+    // A message arrives for the getter's consumer while nobody asks: the next get takes it.
+    let sub = *h.machine().getters.keys().next().unwrap();
+    h.feed(Event::Message(magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: 3,
+        message_id: vec![],
+        key: None,
+        payload: b"m".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    }));
+    h.data(&get());
+    h.run();
+    let frames = sent(&mut h);
+    assert!(matches!(&frames[0], Frame::Method(1, Method::BasicGetOk(ok)) if ok.delivery_tag == 1));
+    assert!(matches!(&frames[2], Frame::Body(1, b) if b == b"m"));
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        }),
+    ));
+    h.run();
+    assert!(h.take_actions().iter().any(
+        |a| matches!(a, Action::AckMany { delivery_ids, .. } if delivery_ids == &[3])
+            || matches!(a, Action::Ack { delivery_id: 3, .. })
+    ));
+}

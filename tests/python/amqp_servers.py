@@ -1,0 +1,176 @@
+"""The two AMQP 0-9-1 servers the AMQP tests run against: a private RabbitMQ (Debian's
+`rabbitmq-server`, the reference) and the Magnetar gateway with its `amqp` listener.
+
+Both are session-scoped (RabbitMQ takes about 6 s to start), listen on loopback only, on free
+ports, are bounded in time (a server that does not listen within 60 s fails the session) and
+are stopped when the session ends, pass or fail. Tests isolate themselves by naming their
+exchanges and queues uniquely (`unique()`).
+
+RabbitMQ runs from `/usr/lib/rabbitmq/bin/rabbitmq-server` directly (Debian's
+`/usr/sbin/rabbitmq-server` wrapper would `su` to the `rabbitmq` user and use the system
+node's directories), as the current user, with everything in a temporary directory: its own
+node name, AMQP port, distribution port, an epmd of its own on a free loopback port (so a
+system epmd on 4369 is neither used nor disturbed), no plugins, and `guest`/`guest` (which
+RabbitMQ accepts from loopback only).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import Gateway, free_ports, stop_process, wait_for_port
+
+RABBITMQ_SERVER = os.environ.get("RABBITMQ_SERVER", "/usr/lib/rabbitmq/bin/rabbitmq-server")
+EPMD = shutil.which("epmd") or "/usr/bin/epmd"
+
+# What both servers are configured with: RabbitMQ's defaults.
+USER, PASSWORD = "guest", "guest"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class RabbitMQ:
+    """A private RabbitMQ node. `amqp_port` as on `AmqpGateway`."""
+
+    name = "rabbitmq"
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.amqp_port, self.dist_port, self.epmd_port = free_ports(3)
+        self.log = tmp / "rabbitmq.log"
+        self.proc = None
+
+    def env(self) -> dict:
+        (self.tmp / "enabled_plugins").write_text("[].\n")
+        (self.tmp / "rabbitmq.conf").write_text("loopback_users.guest = true\n")
+        return {
+            **os.environ,
+            "HOME": str(self.tmp),  # the Erlang cookie
+            "RABBITMQ_NODENAME": f"magnetar-test-{self.amqp_port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_MNESIA_BASE": str(self.tmp / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.tmp / "log"),
+            "RABBITMQ_LOGS": "-",
+            "RABBITMQ_PID_FILE": str(self.tmp / "rabbitmq.pid"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.tmp / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.tmp / "rabbitmq.conf"),
+        }
+
+    def start(self) -> "RabbitMQ":
+        if not os.access(RABBITMQ_SERVER, os.X_OK):
+            pytest.skip(f"{RABBITMQ_SERVER} not installed (scripts/setup installs it)")
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [RABBITMQ_SERVER],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            cwd=self.tmp,
+            start_new_session=True,
+        )
+        wait_for_port(self.amqp_port, self.proc, self.log, timeout=60.0)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            # The whole session: the node and its port programs; epmd detached itself.
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        stop_process(self.proc)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, AttributeError):
+            pass
+        subprocess.run(
+            [EPMD, "-port", str(self.epmd_port), "-kill"],
+            env={**os.environ, "ERL_EPMD_PORT": str(self.epmd_port)},
+            capture_output=True,
+            timeout=10,
+        )
+
+
+class AmqpGateway(Gateway):
+    """The gateway with an `amqp` listener and RabbitMQ's default user `guest`/`guest`."""
+
+    name = "magnetar"
+
+    def __init__(self, tmp: Path):
+        self.amqp_port = free_ports(1)[0]
+        extra = (
+            f'\n[[listeners]]\nname = "amqp"\nbind = "127.0.0.1:{self.amqp_port}"\nplugin = "amqp"\n'
+            f'\n[[auth.users]]\nname = "{USER}"\npassword = "{PASSWORD}"\n'
+        )
+        # While the plugin is being worked on: a directory whose amqp.wasm replaces the
+        # built-in plugin, so that a change needs no rebuild of the gateway.
+        if os.environ.get("MAGNETAR_PLUGIN_DIR"):
+            extra += f'\n[plugins]\ndir = "{os.environ["MAGNETAR_PLUGIN_DIR"]}"\n'
+        super().__init__(tmp, extra)
+
+    def start(self) -> "AmqpGateway":
+        super().start()
+        wait_for_port(self.amqp_port, self.proc, self.log)
+        return self
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server():
+    tmp = Path(tempfile.mkdtemp(prefix="magnetar-rabbitmq-"))
+    server = RabbitMQ(tmp)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def magnetar_amqp_server():
+    tmp = Path(tempfile.mkdtemp(prefix="magnetar-amqp-"))
+    server = AmqpGateway(tmp)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(params=["rabbitmq", "magnetar"])
+def amqp_server(request):
+    """RabbitMQ, then Magnetar: a test using it runs its scenario against both, so every
+    expectation is RabbitMQ's real behaviour."""
+    return request.getfixturevalue(f"{request.param}_amqp_server" if request.param == "magnetar" else "rabbitmq_server")
+
+
+@pytest.fixture(params=["rabbitmq", "magnetar"])
+def restartable_amqp_server(request, tmp_path):
+    """A server of its own for one test, which the test may `stop()` and `start()` again on
+    the same ports and data: RabbitMQ, then Magnetar."""
+    server = RabbitMQ(tmp_path) if request.param == "rabbitmq" else AmqpGateway(tmp_path)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

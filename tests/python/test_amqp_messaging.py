@@ -1,0 +1,317 @@
+"""AMQP 0-9-1 exchanges, queues and messages as RabbitMQ routes and delivers them, and the
+gateway the same: each test runs against a private RabbitMQ and against Magnetar
+(`amqp_server`), with pika (and aio-pika for a second stack)."""
+import asyncio
+import decimal
+import time
+
+import aio_pika
+import pika
+import pika.exceptions
+import pytest
+
+from amqp_servers import (  # noqa: F401 (fixtures)
+    PASSWORD,
+    USER,
+    amqp_server,
+    magnetar_amqp_server,
+    rabbitmq_server,
+    unique,
+)
+from test_amqp_connection import params
+
+
+@pytest.fixture
+def conn(amqp_server):
+    c = pika.BlockingConnection(params(amqp_server))
+    try:
+        yield c
+    finally:
+        if c.is_open:
+            c.close()
+
+
+def receive(ch, queue, n, timeout=10.0, auto_ack=False):
+    """Up to `n` messages of `queue` within `timeout` s: (method, properties, body) each."""
+    got = []
+    deadline = time.monotonic() + timeout
+    for method, props, body in ch.consume(queue, auto_ack=auto_ack, inactivity_timeout=0.2):
+        if method is not None:
+            got.append((method, props, body))
+        if len(got) >= n or time.monotonic() > deadline:
+            break
+    return got
+
+
+def bodies(messages):
+    return sorted(body for _, _, body in messages)
+
+
+def test_default_exchange_keeps_every_property_byte_exact(conn):
+    ch = conn.channel()
+    q = unique("props")
+    assert ch.queue_declare(q).method.queue == q
+    headers = {
+        "str": "héllo",
+        "int": 42,
+        "neg": -7,
+        "big": 2**40,
+        "bool": True,
+        "dec": decimal.Decimal("12.34"),
+        "none": None,
+        "list": [1, "two", [3]],
+        "table": {"nested": "yes"},
+        "bytes": b"\x00\xff",
+    }
+    props = pika.BasicProperties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers=headers,
+        delivery_mode=2,
+        priority=5,
+        correlation_id="corr-1",
+        reply_to="reply-q",
+        expiration="600000",
+        message_id="msg-1",
+        timestamp=1_700_000_000,
+        type="order.created",
+        user_id=USER,
+        app_id="tests",
+    )
+    ch.basic_publish("", q, b"\x00payload\xff", props)
+    [(method, got, body)] = receive(ch, q, 1)
+    assert body == b"\x00payload\xff"
+    assert method.exchange == "" and method.routing_key == q and not method.redelivered
+    for name in ("content_type", "content_encoding", "delivery_mode", "priority",
+                 "correlation_id", "reply_to", "expiration", "message_id", "timestamp",
+                 "type", "user_id", "app_id"):
+        assert getattr(got, name) == getattr(props, name), name
+    assert got.headers == headers
+    ch.basic_ack(method.delivery_tag)
+    ch.cancel()
+    assert receive(ch, q, 1, timeout=1.0) == []
+
+
+ROUTES = {
+    # exchange type: (binding of q1, binding of q2, [(routing key, headers, queues reached)])
+    "direct": (("a", None), ("b", None), [("a", None, {1}), ("b", None, {2}), ("c", None, set())]),
+    "fanout": (("", None), ("x", None), [("anything", None, {1, 2})]),
+    "topic": (
+        ("stock.*.nyse", None),
+        ("stock.#", None),
+        [("stock.ibm.nyse", None, {1, 2}), ("stock.ibm.lse", None, {2}), ("bond.x.nyse", None, set())],
+    ),
+    "headers": (
+        ("", {"x-match": "all", "format": "pdf", "type": "report"}),
+        ("", {"x-match": "any", "format": "pdf", "type": "log"}),
+        [
+            ("", {"format": "pdf", "type": "report"}, {1, 2}),
+            ("", {"format": "zip", "type": "log"}, {2}),
+            ("", {"format": "zip"}, set()),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROUTES))
+def test_each_exchange_type_routes_as_rabbitmq(conn, kind):
+    ch = conn.channel()
+    ex = unique(kind)
+    ch.exchange_declare(ex, kind)
+    b1, b2, cases = ROUTES[kind]
+    queues = {}
+    for i, (key, args) in ((1, b1), (2, b2)):
+        q = unique(f"{kind}-q{i}")
+        ch.queue_declare(q)
+        ch.queue_bind(q, ex, routing_key=key, arguments=args)
+        queues[i] = q
+    expected = {1: [], 2: []}
+    for n, (key, headers, reached) in enumerate(cases):
+        body = f"{n}".encode()
+        ch.basic_publish(ex, key, body, pika.BasicProperties(headers=headers))
+        for i in reached:
+            expected[i].append(body)
+    for i, q in queues.items():
+        got = receive(ch, q, len(expected[i]) + 1, timeout=3.0, auto_ack=True)
+        assert bodies(got) == sorted(expected[i]), (kind, i)
+        ch.cancel()
+
+
+def test_prefetch_one_gives_work_to_the_consumer_that_is_free(amqp_server, request):
+    if amqp_server.name == "magnetar":
+        # Known gap (docs/amqp.md): the host's consumer takes flow permits from the backend
+        # as messages arrive, not as the plugin's window opens, so the consumer that does not
+        # ack holds the queue's other messages. Strict: this fails once the host is fixed.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="consumer prefetch in the host"))
+    a = pika.BlockingConnection(params(amqp_server))
+    b = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("work")
+        cha, chb = a.channel(), b.channel()
+        cha.queue_declare(q)
+        cha.basic_qos(prefetch_count=1)
+        chb.basic_qos(prefetch_count=1)
+        got_a, got_b = [], []
+        cha.basic_consume(q, lambda c, m, p, body: got_a.append(body))  # never acks
+        chb.basic_consume(
+            q, lambda c, m, p, body: (got_b.append(body), c.basic_ack(m.delivery_tag))
+        )
+        pub = a.channel()
+        for i in range(6):
+            pub.basic_publish("", q, f"job-{i}".encode())
+        deadline = time.monotonic() + 15
+        while len(got_a) + len(got_b) < 6 and time.monotonic() < deadline:
+            a.process_data_events(0.05)
+            b.process_data_events(0.05)
+        assert len(got_a) == 1, got_a
+        assert len(got_b) == 5, got_b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_nack_with_requeue_delivers_again_with_redelivered(conn):
+    ch = conn.channel()
+    q = unique("nack")
+    ch.queue_declare(q)
+    ch.basic_publish("", q, b"again")
+    [(m1, _, body)] = receive(ch, q, 1)
+    assert body == b"again" and not m1.redelivered
+    ch.basic_nack(m1.delivery_tag, requeue=True)
+    [(m2, _, body)] = receive(ch, q, 1)
+    assert body == b"again" and m2.redelivered
+    ch.basic_reject(m2.delivery_tag, requeue=False)
+    ch.cancel()
+    assert receive(ch, q, 1, timeout=1.0) == []
+
+
+def test_publisher_confirms_ack_each_stored_message(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = unique("confirm")
+    ch.queue_declare(q, durable=True)
+    for i in range(20):
+        # In confirm mode pika waits for the broker's basic.ack and raises on a nack.
+        ch.basic_publish("", q, f"{i}".encode(), pika.BasicProperties(delivery_mode=2))
+    got = receive(ch, q, 20, auto_ack=True)
+    assert bodies(got) == sorted(f"{i}".encode() for i in range(20))
+
+
+def test_declare_mismatch_closes_the_channel_with_406(conn):
+    ch = conn.channel()
+    q = unique("mismatch")
+    ch.queue_declare(q, durable=True)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(q, durable=False)
+    assert e.value.reply_code == 406
+    assert "inequivalent arg 'durable'" in e.value.reply_text
+    ex = unique("xmismatch")
+    ch2 = conn.channel()
+    ch2.exchange_declare(ex, "direct")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch2.exchange_declare(ex, "fanout")
+    assert e.value.reply_code == 406
+    # Only the channel: the connection goes on.
+    assert conn.is_open and conn.channel().is_open
+
+
+def test_passive_declares_of_missing_things_close_the_channel_with_404(conn):
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(unique("missing"), passive=True)
+    assert e.value.reply_code == 404
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.exchange_declare(unique("missing"), passive=True)
+    assert e.value.reply_code == 404
+    ch = conn.channel()
+    q = unique("exists")
+    ch.queue_declare(q)
+    assert ch.queue_declare(q, passive=True).method.queue == q
+    assert conn.is_open
+
+
+def test_publish_to_a_missing_exchange_closes_the_channel_with_404(conn):
+    ch = conn.channel()
+    ch.basic_publish(unique("nowhere"), "k", b"lost")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(unique("after"))  # the next synchronous method sees the close
+    assert e.value.reply_code == 404
+    assert conn.is_open
+
+
+def test_server_named_queue(conn):
+    ch = conn.channel()
+    name = ch.queue_declare("", exclusive=True).method.queue
+    assert name.startswith("amq.gen-") and len(name) == len("amq.gen-") + 22
+    ch.basic_publish("", name, b"to me")
+    [(_, _, body)] = receive(ch, name, 1, auto_ack=True)
+    assert body == b"to me"
+
+
+def test_aio_pika_topic_exchange_round_trip(amqp_server):
+    async def main():
+        conn = await aio_pika.connect(
+            f"amqp://{USER}:{PASSWORD}@127.0.0.1:{amqp_server.amqp_port}/", timeout=10
+        )
+        async with conn:
+            ch = await conn.channel()  # publisher confirms on, aio-pika's default
+            ex = await ch.declare_exchange(unique("aio"), aio_pika.ExchangeType.TOPIC)
+            q = await ch.declare_queue(unique("aio-q"))
+            await q.bind(ex, "logs.#")
+            await ex.publish(
+                aio_pika.Message(b"kept", headers={"n": 1}, correlation_id="c"),
+                routing_key="logs.app.error",
+            )
+            await ex.publish(aio_pika.Message(b"dropped"), routing_key="metrics.cpu")
+            msg = None
+            async with q.iterator() as it:
+                async for message in it:
+                    async with message.process():
+                        msg = message
+                    break
+            assert msg.body == b"kept" and msg.headers == {"n": 1}
+            assert msg.correlation_id == "c" and msg.routing_key == "logs.app.error"
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_basic_get_takes_one_message_at_a_time_then_says_empty(conn):
+    ch = conn.channel()
+    q = unique("get")
+    ch.queue_declare(q)
+    for i in range(3):
+        ch.basic_publish("", q, f"m{i}".encode())
+    got = []
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        method, props, body = ch.basic_get(q)
+        if method is None:
+            continue  # not routed into the queue yet
+        got.append(body)
+        ch.basic_ack(method.delivery_tag)
+    assert sorted(got) == [b"m0", b"m1", b"m2"]
+    assert ch.basic_get(q) == (None, None, None)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.basic_get(unique("missing"))
+    assert e.value.reply_code == 404
+
+
+def test_mandatory_unroutable_message_is_returned_before_its_confirm(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ex = unique("mand")
+    ch.exchange_declare(ex, "direct")
+    q = unique("mand-q")
+    ch.queue_declare(q)
+    ch.queue_bind(q, ex, routing_key="routed")
+    returned = []
+    ch.add_on_return_callback(lambda c, m, p, body: returned.append((m.reply_code, m.routing_key, body)))
+    # pika raises UnroutableError for a confirmed message that came back.
+    with pytest.raises(pika.exceptions.UnroutableError):
+        ch.basic_publish(ex, "nowhere", b"back to me", mandatory=True)
+    ch.basic_publish(ex, "routed", b"kept", mandatory=True)
+    conn.process_data_events(0.2)
+    assert returned == [(312, "nowhere", b"back to me")]
+    [(_, _, body)] = receive(ch, q, 1, auto_ack=True)
+    assert body == b"kept"
