@@ -7,6 +7,7 @@
 //!
 //! ```toml
 //! max_request_bytes = 16777216   # largest request accepted, size field excluded (Kafka's socket.request.max.bytes)
+//! max_uncompressed_bytes = 33554432   # largest record batch once decompressed
 //! ```
 
 /// Limits of every connection of the plugin instance.
@@ -15,6 +16,9 @@ pub struct Config {
     /// Largest request (the bytes after the 4-byte size) accepted from a client; a larger
     /// size closes the connection before anything is allocated for it.
     pub max_request_bytes: usize,
+    /// Largest records section of one batch (or old message set) once decompressed; more is
+    /// `RECORD_LIST_TOO_LARGE`, so that a small compressed batch cannot exhaust memory.
+    pub max_uncompressed_bytes: usize,
 }
 
 impl Default for Config {
@@ -23,11 +27,19 @@ impl Default for Config {
             // Kafka's default is 100 MiB; 16 MiB covers a 1 MiB `message.max.bytes` batch
             // per partition of a produce request to many partitions.
             max_request_bytes: 16 << 20,
+            max_uncompressed_bytes: 32 << 20,
         }
     }
 }
 
 impl Config {
+    /// The limits record batches are decoded with.
+    pub fn record_limits(&self) -> crate::codec::records::Limits {
+        crate::codec::records::Limits {
+            max_uncompressed_bytes: self.max_uncompressed_bytes,
+        }
+    }
+
     /// Parses the config text (empty: the defaults).
     pub fn parse(text: &str) -> Result<Config, String> {
         let mut config = Config::default();
@@ -37,6 +49,9 @@ impl Config {
                 // is an int32.
                 "max_request_bytes" => {
                     config.max_request_bytes = s.within(8, i32::MAX as u64)? as usize
+                }
+                "max_uncompressed_bytes" => {
+                    config.max_uncompressed_bytes = s.within(1024, i32::MAX as u64)? as usize
                 }
                 _ => return Err(s.unknown()),
             }
@@ -54,6 +69,9 @@ mod tests {
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let c = Config::parse("max_request_bytes = 1_048_576 # one MiB\n").unwrap();
         assert_eq!(c.max_request_bytes, 1 << 20);
+        let c = Config::parse("max_uncompressed_bytes = 65536").unwrap();
+        assert_eq!(c.record_limits().max_uncompressed_bytes, 1 << 16);
+        assert!(Config::parse("max_uncompressed_bytes = 1").is_err());
         assert!(Config::parse("max_request_bytes = 7").is_err());
         assert!(Config::parse("max_request_bytes = -1").is_err());
         assert!(Config::parse("max_requests = 1").is_err());

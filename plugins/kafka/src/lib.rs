@@ -18,9 +18,12 @@
 
 /// The plugin instance and the component export.
 pub mod adapter;
-/// The wire: request framing and the request header.
+/// The wire: request framing, the request header, record batches, message sets and
+/// compression.
 pub mod codec;
 /// Plugin configuration (`[plugins.kafka]`).
 pub mod config;
 /// One client connection as a state machine.
 pub mod connection;
+/// Kafka records as Pulsar messages and back.
+pub mod message;
