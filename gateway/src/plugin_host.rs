@@ -1,7 +1,7 @@
 //! Loading plugins and running their instances.
 //!
 //! A plugin is a WebAssembly component speaking one of the plugin ABI versions this host
-//! supports (`magnetar:plugin@0.2.2`, see `sdk/wit/plugin.wit`, or an older one; see
+//! supports (`magnetar:plugin@0.2.3`, see `sdk/wit/plugin.wit`, or an older one; see
 //! `abi`): a component of another version is refused when it is compiled, with a message
 //! naming its version and the supported ones. It is compiled once per process (and cached
 //! on disk across restarts by wasmtime's cache) and instantiated once per worker thread. One instance serves many connections — the
@@ -108,7 +108,7 @@ impl PluginHost {
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
         // Every supported ABI version's imports, all served by the same host calls.
         abi::v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow!("linking the host API 0.2.2: {e}"))?;
+            .map_err(|e| anyhow!("linking the host API 0.2.3: {e}"))?;
         abi::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {
@@ -196,6 +196,7 @@ pub struct CompiledPlugin {
 enum Bindings {
     V0_1(abi::v0_1::Plugin),
     V0_2_1(abi::v0_2_1::Plugin),
+    V0_2_2(abi::v0_2_2::Plugin),
     V0_2(abi::v0_2::Plugin),
 }
 
@@ -204,25 +205,76 @@ enum Bindings {
 enum Handler<'a> {
     V0_1(&'a abi::v0_1::exports::magnetar::plugin::handler::Guest),
     V0_2_1(&'a abi::v0_2_1::exports::magnetar::plugin::handler::Guest),
+    V0_2_2(&'a abi::v0_2_2::exports::magnetar::plugin::handler::Guest),
     V0_2(&'a abi::v0_2::exports::magnetar::plugin::handler::Guest),
 }
 
-/// The `events` export (ABI 0.2.2), of the plugins that have it.
-type Events<'a> = Option<&'a abi::v0_2::exports::magnetar::plugin::events::Guest>;
+/// The `events` export (since ABI 0.2.2), of the plugins that have it: the same functions
+/// in the bindings of 0.2.2 and of 0.2.3.
+#[derive(Clone, Copy)]
+enum Events<'a> {
+    V0_2_2(&'a abi::v0_2_2::exports::magnetar::plugin::events::Guest),
+    V0_2(&'a abi::v0_2::exports::magnetar::plugin::events::Guest),
+}
+
+/// The `events2` export (ABI 0.2.3), of the plugins that have it.
+type Events2<'a> = Option<&'a abi::v0_2::exports::magnetar::plugin::events2::Guest>;
+
+/// 0.2.3's `events` records in 0.2.2's bindings (the same WIT records).
+mod events_v0_2_2 {
+    use crate::abi::v0_2::exports::magnetar::plugin::events as new;
+    use crate::abi::v0_2_2::exports::magnetar::plugin::events as old;
+
+    pub(super) fn receipts(receipts: &[new::Receipt]) -> Vec<old::Receipt> {
+        receipts
+            .iter()
+            .map(|r| old::Receipt {
+                token: r.token,
+                outcome: r.outcome.clone(),
+            })
+            .collect()
+    }
+
+    pub(super) fn messages(messages: &[new::Message]) -> Vec<old::Message> {
+        messages
+            .iter()
+            .map(|m| old::Message {
+                subscription: m.subscription,
+                delivery_id: m.delivery_id,
+                message_id: m.message_id.clone(),
+                key: m.key.clone(),
+                payload: m.payload.clone(),
+                properties: m.properties.clone(),
+                publish_time_ms: m.publish_time_ms,
+                event_time_ms: m.event_time_ms,
+                redelivery_count: m.redelivery_count,
+            })
+            .collect()
+    }
+}
 
 impl Bindings {
     fn handler(&self) -> Handler<'_> {
         match self {
             Bindings::V0_1(p) => Handler::V0_1(p.magnetar_plugin_handler()),
             Bindings::V0_2_1(p) => Handler::V0_2_1(p.magnetar_plugin_handler()),
+            Bindings::V0_2_2(p) => Handler::V0_2_2(p.magnetar_plugin_handler()),
             Bindings::V0_2(p) => Handler::V0_2(p.magnetar_plugin_handler()),
         }
     }
 
-    fn events(&self) -> Events<'_> {
+    fn events(&self) -> Option<Events<'_>> {
         match self {
-            Bindings::V0_2(p) => Some(p.magnetar_plugin_events()),
+            Bindings::V0_2(p) => Some(Events::V0_2(p.magnetar_plugin_events())),
+            Bindings::V0_2_2(p) => Some(Events::V0_2_2(p.magnetar_plugin_events())),
             Bindings::V0_1(_) | Bindings::V0_2_1(_) => None,
+        }
+    }
+
+    fn events2(&self) -> Events2<'_> {
+        match self {
+            Bindings::V0_2(p) => Some(p.magnetar_plugin_events2()),
+            Bindings::V0_1(_) | Bindings::V0_2_1(_) | Bindings::V0_2_2(_) => None,
         }
     }
 }
@@ -233,6 +285,7 @@ macro_rules! on_handler {
         match $h {
             Handler::V0_1(h) => h.$call($($arg),*),
             Handler::V0_2_1(h) => h.$call($($arg),*),
+            Handler::V0_2_2(h) => h.$call($($arg),*),
             Handler::V0_2(h) => h.$call($($arg),*),
         }
     };
@@ -287,6 +340,10 @@ impl Worker {
             AbiVersion::V0_2_1 => {
                 abi::v0_2_1::Plugin::instantiate(&mut store, component, &self.linker)
                     .map(Bindings::V0_2_1)
+            }
+            AbiVersion::V0_2_2 => {
+                abi::v0_2_2::Plugin::instantiate(&mut store, component, &self.linker)
+                    .map(Bindings::V0_2_2)
             }
             AbiVersion::V0_2 => abi::v0_2::Plugin::instantiate(&mut store, component, &self.linker)
                 .map(Bindings::V0_2),
@@ -347,6 +404,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
     store.set_epoch_deadline(ticks);
     let h = plugin.handler();
     let events = plugin.events();
+    let events2 = plugin.events2();
     match event {
         Event::Open {
             conn,
@@ -415,7 +473,12 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             let outcome = store.data_mut().auth_completed(conn, outcome);
             match (outcome, events) {
                 // A plugin that knows "busy" hears it as such; older ones get the error.
-                (Some(Err(_)), Some(ev)) if busy => ev.call_on_auth_busy(&mut *store, conn, token),
+                (Some(Err(_)), Some(Events::V0_2(ev))) if busy => {
+                    ev.call_on_auth_busy(&mut *store, conn, token)
+                }
+                (Some(Err(_)), Some(Events::V0_2_2(ev))) if busy => {
+                    ev.call_on_auth_busy(&mut *store, conn, token)
+                }
                 (Some(o), _) => {
                     on_handler!(h, call_on_auth_result(&mut *store, conn, token, o.as_ref()))
                 }
@@ -492,24 +555,53 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             on_handler!(h, call_on_claim_lost(&mut *store, conn, &key))
         }
         Event::Receipts { conn, receipts } if store.data().knows(conn) => match events {
-            Some(ev) => ev.call_on_receipts(&mut *store, conn, &receipts),
+            Some(Events::V0_2(ev)) => ev.call_on_receipts(&mut *store, conn, &receipts),
+            Some(Events::V0_2_2(ev)) => {
+                ev.call_on_receipts(&mut *store, conn, &events_v0_2_2::receipts(&receipts))
+            }
             None => Ok(()),
         },
         Event::Messages { conn, messages } if store.data().knows(conn) => match events {
-            Some(ev) => ev.call_on_messages(&mut *store, conn, &messages),
+            Some(Events::V0_2(ev)) => ev.call_on_messages(&mut *store, conn, &messages),
+            Some(Events::V0_2_2(ev)) => {
+                ev.call_on_messages(&mut *store, conn, &events_v0_2_2::messages(&messages))
+            }
             None => Ok(()),
         },
         Event::Position {
             conn,
             token,
             outcome,
-        } if store.data().knows(conn) => match events {
-            Some(ev) => ev.call_on_position(
-                &mut *store,
-                conn,
-                token,
-                outcome.as_ref().map(|v| v.as_deref()),
-            ),
+        } if store.data().knows(conn) => {
+            let outcome = outcome.as_ref().map(|v| v.as_deref());
+            match events {
+                Some(Events::V0_2(ev)) => ev.call_on_position(&mut *store, conn, token, outcome),
+                Some(Events::V0_2_2(ev)) => ev.call_on_position(&mut *store, conn, token, outcome),
+                None => Ok(()),
+            }
+        }
+        Event::Appended { conn, results } if store.data().knows(conn) => match events2 {
+            Some(ev) => ev.call_on_appended(&mut *store, conn, &results),
+            None => Ok(()),
+        },
+        Event::Entries { conn, entries } if store.data().knows(conn) => match events2 {
+            Some(ev) => ev.call_on_entries(&mut *store, conn, &entries),
+            None => Ok(()),
+        },
+        Event::Bounds {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => match events2 {
+            Some(ev) => ev.call_on_bounds(&mut *store, conn, token, outcome.as_ref()),
+            None => Ok(()),
+        },
+        Event::TopicsResult {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => match events2 {
+            Some(ev) => ev.call_on_topics_result(&mut *store, conn, token, outcome.as_deref()),
             None => Ok(()),
         },
         // Completions for connections that are gone.

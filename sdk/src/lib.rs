@@ -87,15 +87,21 @@ pub mod bindings {
 }
 
 pub use bindings::exports::magnetar::plugin::events::{Message, Receipt};
+pub use bindings::exports::magnetar::plugin::events2::{
+    AppendResult, Appended, Bounds, Entry, EntryAt, EntryMessage, TopicInfo,
+};
+pub use bindings::magnetar::plugin::indexed::{DedupSpec, ReaderSpec, RecordOut};
 pub use bindings::magnetar::plugin::messaging::{
     ConsumerSpec, MessageIdAt, MessageOut, Position, TopicRef,
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
-use bindings::magnetar::plugin::{auth, conn, kv, messaging, pubsub, routing, session, timers};
+use bindings::magnetar::plugin::{
+    auth, conn, indexed, kv, messaging, pubsub, routing, session, timers, topics,
+};
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
-pub const ABI_VERSION: &str = "0.2.2";
+pub const ABI_VERSION: &str = "0.2.3";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -105,6 +111,7 @@ pub use bindings::magnetar::plugin::types::{
 #[doc(hidden)]
 pub mod __private {
     pub use crate::bindings::exports::magnetar::plugin::events::Guest as EventsGuest;
+    pub use crate::bindings::exports::magnetar::plugin::events2::Guest as Events2Guest;
     pub use crate::bindings::exports::magnetar::plugin::handler::Guest;
     pub use crate::dispatch::Dispatcher;
 }
@@ -198,6 +205,25 @@ pub trait Connection: 'static {
     /// answer with the protocol's "server busy" and close. Sent instead of an
     /// [`Connection::on_auth_result`] error.
     fn on_auth_busy(&mut self, conn: Conn, token: u64) {}
+
+    /// Outcomes of [`Conn::append`], in the order the entries were stored.
+    fn on_appended(&mut self, conn: Conn, results: Vec<AppendResult>) {}
+
+    /// Entries of the readers opened with [`Conn::open_reader`], in order per reader.
+    fn on_entries(&mut self, conn: Conn, entries: Vec<Entry>) {}
+
+    /// Outcome of [`Conn::bounds`].
+    fn on_bounds(&mut self, conn: Conn, token: u64, result: Result<Bounds, OpError>) {}
+
+    /// Outcome of [`Conn::create_topic`], [`Conn::delete_topic`], [`Conn::set_partitions`]
+    /// or [`Conn::describe_topics`].
+    fn on_topics_result(
+        &mut self,
+        conn: Conn,
+        token: u64,
+        result: Result<Vec<TopicInfo>, OpError>,
+    ) {
+    }
 }
 
 /// A handle on one client connection: every host call that concerns a connection goes
@@ -350,6 +376,52 @@ impl Conn {
     pub fn last_message_id(self, token: u64, sub: SubId) {
         messaging::last_message_id(self.0, token, sub);
     }
+
+    /// Stores `records` as one entry of an indexed topic (consecutive indexes); completes
+    /// with [`Connection::on_appended`] once stored, with the first record's index.
+    pub fn append(self, token: u64, topic: &str, records: &[RecordOut], dedup: Option<&DedupSpec>) {
+        indexed::append(self.0, token, topic, records, dedup);
+    }
+
+    /// Opens a reader of whole entries; completes with [`Connection::on_subscribe_result`],
+    /// then [`Connection::on_entries`]. Ack, seek and unsubscribe it as a consumer.
+    pub fn open_reader(self, token: u64, spec: &ReaderSpec) {
+        indexed::open_reader(self.0, token, spec);
+    }
+
+    /// The id of the entry holding message `index`, if the host finds it cheaply;
+    /// completes with [`Connection::on_position`].
+    pub fn locate(self, token: u64, topic: &str, index: u64) {
+        indexed::locate(self.0, token, topic, index);
+    }
+
+    /// The first and last stored entries of a topic; completes with
+    /// [`Connection::on_bounds`].
+    pub fn bounds(self, token: u64, topic: &str) {
+        indexed::bounds(self.0, token, topic);
+    }
+
+    /// Creates a topic with `partitions` partitions (0: non-partitioned); completes with
+    /// [`Connection::on_topics_result`].
+    pub fn create_topic(self, token: u64, topic: &str, partitions: u32) {
+        topics::create(self.0, token, topic, partitions);
+    }
+
+    /// Deletes a topic with its partitions; completes with [`Connection::on_topics_result`].
+    pub fn delete_topic(self, token: u64, topic: &str) {
+        topics::delete(self.0, token, topic);
+    }
+
+    /// Raises a topic's partition count; completes with [`Connection::on_topics_result`].
+    pub fn set_partitions(self, token: u64, topic: &str, partitions: u32) {
+        topics::set_partitions(self.0, token, topic, partitions);
+    }
+
+    /// The namespace's topics (all, or those of `names`) with their partition counts;
+    /// completes with [`Connection::on_topics_result`].
+    pub fn describe_topics(self, token: u64, names: &[String]) {
+        topics::describe(self.0, token, names);
+    }
 }
 
 /// Writes a line to the gateway's log, tagged with the plugin's name.
@@ -450,6 +522,22 @@ macro_rules! export_plugin {
             }
             fn on_auth_busy(conn: u64, token: u64) {
                 __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_auth_busy(c, h, token)))
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        impl $crate::__private::Events2Guest for __MagnetarGuest {
+            fn on_appended(conn: u64, results: ::std::vec::Vec<$crate::AppendResult>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_appended(c, h, results)))
+            }
+            fn on_entries(conn: u64, entries: ::std::vec::Vec<$crate::Entry>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_entries(c, h, entries)))
+            }
+            fn on_bounds(conn: u64, token: u64, result: ::std::result::Result<$crate::Bounds, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_bounds(c, h, token, result)))
+            }
+            fn on_topics_result(conn: u64, token: u64, result: ::std::result::Result<::std::vec::Vec<$crate::TopicInfo>, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_topics_result(c, h, token, result)))
             }
         }
 

@@ -51,9 +51,10 @@
 //! onto host calls; the order of the actions is the order of the calls.
 
 use crate::{
-    Conn, Connection, ConsumerSpec, Credentials, Delivery, Filter, KvEntry, LogLevel, Message,
-    MessageOut, OpError, OutboundMessage, Position, Principal, PublishResult, Receipt, RouteSpec,
-    SaslOutcome, SubId, SubscriptionSpec, Will,
+    AppendResult, Appended, Bounds, Conn, Connection, ConsumerSpec, Credentials, DedupSpec,
+    Delivery, Entry, Filter, KvEntry, LogLevel, Message, MessageOut, OpError, OutboundMessage,
+    Position, Principal, PublishResult, ReaderSpec, Receipt, RecordOut, RouteSpec, SaslOutcome,
+    SubId, SubscriptionSpec, TopicInfo, Will,
 };
 
 /// Something that happened to a connection: one SDK callback, as a value.
@@ -118,6 +119,25 @@ pub enum Event {
     /// The credentials of [`Action::Authenticate`] could not be checked now (a login storm):
     /// answer "server busy". Comes instead of an [`Event::AuthResult`] error.
     AuthBusy { token: u64 },
+    /// Outcome of [`Action::Append`]: the entry's id and first index once stored.
+    Appended {
+        token: u64,
+        result: Result<Appended, OpError>,
+    },
+    /// An entry of a reader opened with [`Action::OpenReader`]; ack it with
+    /// [`Action::Ack`] (its `delivery_id`) to open the reader's window again.
+    Entry(Entry),
+    /// Outcome of [`Action::Bounds`].
+    Bounds {
+        token: u64,
+        result: Result<Bounds, OpError>,
+    },
+    /// Outcome of [`Action::CreateTopic`], [`Action::DeleteTopic`],
+    /// [`Action::SetPartitions`] or [`Action::DescribeTopics`].
+    TopicsResult {
+        token: u64,
+        result: Result<Vec<TopicInfo>, OpError>,
+    },
     /// The socket is gone. The machine's actions after this are dropped: no host call is
     /// valid any more.
     Closed,
@@ -194,6 +214,40 @@ pub enum Action {
     },
     /// [`Conn::last_message_id`]; completes with [`Event::Position`].
     LastMessageId { token: u64, sub: SubId },
+    /// [`Conn::append`]; completes with [`Event::Appended`].
+    Append {
+        token: u64,
+        topic: String,
+        records: Vec<RecordOut>,
+        dedup: Option<DedupSpec>,
+    },
+    /// [`Conn::open_reader`]; completes with [`Event::SubscribeResult`], then
+    /// [`Event::Entry`]s.
+    OpenReader { token: u64, spec: ReaderSpec },
+    /// [`Conn::locate`]; completes with [`Event::Position`].
+    Locate {
+        token: u64,
+        topic: String,
+        index: u64,
+    },
+    /// [`Conn::bounds`]; completes with [`Event::Bounds`].
+    Bounds { token: u64, topic: String },
+    /// [`Conn::create_topic`]; completes with [`Event::TopicsResult`].
+    CreateTopic {
+        token: u64,
+        topic: String,
+        partitions: u32,
+    },
+    /// [`Conn::delete_topic`]; completes with [`Event::TopicsResult`].
+    DeleteTopic { token: u64, topic: String },
+    /// [`Conn::set_partitions`]; completes with [`Event::TopicsResult`].
+    SetPartitions {
+        token: u64,
+        topic: String,
+        partitions: u32,
+    },
+    /// [`Conn::describe_topics`]; completes with [`Event::TopicsResult`].
+    DescribeTopics { token: u64, names: Vec<String> },
     /// [`crate::log`].
     Log { level: LogLevel, message: String },
 }
@@ -246,6 +300,31 @@ impl Action {
                 position,
             } => conn.seek(token, sub, &position),
             Action::LastMessageId { token, sub } => conn.last_message_id(token, sub),
+            Action::Append {
+                token,
+                topic,
+                records,
+                dedup,
+            } => conn.append(token, &topic, &records, dedup.as_ref()),
+            Action::OpenReader { token, spec } => conn.open_reader(token, &spec),
+            Action::Locate {
+                token,
+                topic,
+                index,
+            } => conn.locate(token, &topic, index),
+            Action::Bounds { token, topic } => conn.bounds(token, &topic),
+            Action::CreateTopic {
+                token,
+                topic,
+                partitions,
+            } => conn.create_topic(token, &topic, partitions),
+            Action::DeleteTopic { token, topic } => conn.delete_topic(token, &topic),
+            Action::SetPartitions {
+                token,
+                topic,
+                partitions,
+            } => conn.set_partitions(token, &topic, partitions),
+            Action::DescribeTopics { token, names } => conn.describe_topics(token, &names),
             Action::Log { level, message } => crate::log(level, &message),
         }
     }
@@ -449,5 +528,30 @@ impl<M: Machine> Connection for Driver<M> {
 
     fn on_auth_busy(&mut self, conn: Conn, token: u64) {
         self.feed(conn, Event::AuthBusy { token });
+    }
+
+    fn on_appended(&mut self, conn: Conn, results: Vec<AppendResult>) {
+        let events = results.into_iter().map(|r| Event::Appended {
+            token: r.token,
+            result: r.outcome,
+        });
+        self.feed_all(conn, events);
+    }
+
+    fn on_entries(&mut self, conn: Conn, entries: Vec<Entry>) {
+        self.feed_all(conn, entries.into_iter().map(Event::Entry));
+    }
+
+    fn on_bounds(&mut self, conn: Conn, token: u64, result: Result<Bounds, OpError>) {
+        self.feed(conn, Event::Bounds { token, result });
+    }
+
+    fn on_topics_result(
+        &mut self,
+        conn: Conn,
+        token: u64,
+        result: Result<Vec<TopicInfo>, OpError>,
+    ) {
+        self.feed(conn, Event::TopicsResult { token, result });
     }
 }

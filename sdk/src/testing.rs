@@ -16,6 +16,15 @@
 //!   Publishes and kv writes a connection queued before it ended still run, as on the host.
 //!   A subscription hands out at most its `max-unacked` deliveries before acks, keeps what
 //!   was not acked, and a durable one outlives the connection ([`SimHost::reconnect`]);
+//! - **indexed topics** (ABI 0.2.3): [`Action::Append`] stores its records as one entry whose
+//!   messages take the next consecutive indexes of the topic (from 0), with de-duplication
+//!   by producer name and sequence; readers ([`Action::OpenReader`]) hand out whole entries
+//!   within their window, seek (by entry id or time: the first entry stored at or after it)
+//!   and report the last entry id; [`Action::Locate`] and [`Action::Bounds`] answer from the
+//!   log. A message stored by publish, send-message, [`SimHost::produce`] or a will is also
+//!   a one-message entry of its topic, as on Pulsar (appended records are not seen by
+//!   `pubsub` subscriptions). [`Action::CreateTopic`] and the other `topics` calls keep the
+//!   namespace's topic list ([`SimHost::topics`]); appends do not need a created topic.
 //! - **kv**: an ordered in-memory map with prefix scans, as the host's kv (kept across
 //!   reconnects);
 //! - **connection**: the bytes sent ([`SimHost::take_sent`]), the close reason, whether the
@@ -78,10 +87,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::machine::{Action, Event, Machine};
 use crate::{
-    ConsumerSpec, Delivery, ErrorKind, Filter, InitialPosition, KvEntry, LogLevel, Message,
-    OpError, OutboundMessage, Position, Principal, RouteSpec, SubId, SubMode, SubscriptionSpec,
-    Will,
+    ConsumerSpec, Delivery, EntryMessage, ErrorKind, Filter, InitialPosition, KvEntry, LogLevel,
+    Message, OpError, OutboundMessage, Position, Principal, RecordOut, RouteSpec, SubId, SubMode,
+    SubscriptionSpec, Will,
 };
+
+mod indexed;
 
 /// Most rounds of [`SimHost::run`]: a machine that keeps asking (an answer causing another
 /// request forever) stops there instead of hanging the test.
@@ -154,6 +165,7 @@ pub struct SimHost<M> {
     claims: BTreeSet<String>,
     logs: Vec<(LogLevel, String)>,
     actions: Vec<Action>,
+    indexed: indexed::Indexed,
 }
 
 impl<M: Machine> SimHost<M> {
@@ -184,6 +196,7 @@ impl<M: Machine> SimHost<M> {
             claims: BTreeSet::new(),
             logs: Vec::new(),
             actions: Vec::new(),
+            indexed: indexed::Indexed::default(),
         };
         let actions = host.machine.take_actions();
         host.carry_out(actions);
@@ -351,7 +364,28 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: Err(error),
             },
-            Action::Seek { .. } | Action::LastMessageId { .. } => Event::Position {
+            Action::Seek { .. } | Action::LastMessageId { .. } | Action::Locate { .. } => {
+                Event::Position {
+                    token,
+                    result: Err(error),
+                }
+            }
+            Action::Append { .. } => Event::Appended {
+                token,
+                result: Err(error),
+            },
+            Action::OpenReader { .. } => Event::SubscribeResult {
+                token,
+                result: Err(error),
+            },
+            Action::Bounds { .. } => Event::Bounds {
+                token,
+                result: Err(error),
+            },
+            Action::CreateTopic { .. }
+            | Action::DeleteTopic { .. }
+            | Action::SetPartitions { .. }
+            | Action::DescribeTopics { .. } => Event::TopicsResult {
                 token,
                 result: Err(error),
             },
@@ -471,6 +505,60 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: self.last_message_id(sub),
             },
+            Action::Append {
+                token,
+                topic,
+                records,
+                dedup,
+            } => Event::Appended {
+                token,
+                result: self.indexed.append(self.now_ms, &topic, records, dedup),
+            },
+            Action::OpenReader { token, spec } => {
+                let id = self.next_sub;
+                self.next_sub += 1;
+                self.indexed.open_reader(id, spec);
+                Event::SubscribeResult {
+                    token,
+                    result: Ok(id),
+                }
+            }
+            Action::Locate {
+                token,
+                topic,
+                index,
+            } => Event::Position {
+                token,
+                result: Ok(self.indexed.locate(&topic, index)),
+            },
+            Action::Bounds { token, topic } => Event::Bounds {
+                token,
+                result: Ok(self.indexed.bounds(&topic)),
+            },
+            Action::CreateTopic {
+                token,
+                topic,
+                partitions,
+            } => Event::TopicsResult {
+                token,
+                result: self.indexed.create(topic, partitions),
+            },
+            Action::DeleteTopic { token, topic } => Event::TopicsResult {
+                token,
+                result: self.indexed.delete(&topic),
+            },
+            Action::SetPartitions {
+                token,
+                topic,
+                partitions,
+            } => Event::TopicsResult {
+                token,
+                result: self.indexed.set_partitions(topic, partitions),
+            },
+            Action::DescribeTopics { token, names } => Event::TopicsResult {
+                token,
+                result: Ok(self.indexed.describe(&names)),
+            },
             // Only long operations are pending; anything else has no outcome.
             other => Event::KvResult {
                 token: op_token(&other).unwrap_or_default(),
@@ -502,9 +590,53 @@ impl<M: Machine> SimHost<M> {
             .collect()
     }
 
-    /// The delivery ids acked on `sub`, in ack order.
+    /// The delivery ids acked on `sub` (a subscription or a reader), in ack order.
     pub fn acked(&self, sub: SubId) -> &[u64] {
+        if let Some(r) = self.indexed.readers.get(&sub) {
+            return &r.acked;
+        }
         self.subs.get(&sub).map_or(&[], |s| s.acked.as_slice())
+    }
+
+    /// Appends an entry to an indexed topic as another producer would (a Kafka client of
+    /// another connection, say); readers hand it out on [`SimHost::run`]. Its first index.
+    pub fn append(&mut self, topic: &str, records: Vec<RecordOut>) -> u64 {
+        let messages = records
+            .into_iter()
+            .map(|r| EntryMessage {
+                key: r.key,
+                value: r.value,
+                properties: r.properties,
+                event_time_ms: r.event_time_ms,
+            })
+            .collect();
+        self.indexed
+            .push(self.now_ms, topic, "other".into(), 0, messages)
+            .first_index
+    }
+
+    /// The entries of an indexed topic, oldest first: each entry's first index and its
+    /// messages.
+    pub fn entries(&self, topic: &str) -> Vec<(u64, Vec<EntryMessage>)> {
+        self.indexed
+            .logs
+            .get(topic)
+            .map_or_else(Vec::new, |log| indexed::entries_of(log))
+    }
+
+    /// The namespace's topics made with `topics` calls, with their partition counts.
+    pub fn topics(&self) -> &BTreeMap<String, u32> {
+        &self.indexed.topics
+    }
+
+    /// The namespace's topics, to seed or change.
+    pub fn topics_mut(&mut self) -> &mut BTreeMap<String, u32> {
+        &mut self.indexed.topics
+    }
+
+    /// The open readers of the connection.
+    pub fn readers(&self) -> Vec<SubId> {
+        self.indexed.readers.keys().copied().collect()
     }
 
     /// Deliveries of `sub` handed out and not acked.
@@ -541,6 +673,12 @@ impl<M: Machine> SimHost<M> {
             total += batch.len();
             if !batch.is_empty() {
                 self.feed_all(batch);
+            }
+        }
+        if self.closed.is_none() {
+            for batch in self.indexed.deliver(&mut self.next_delivery) {
+                total += batch.len();
+                self.feed_all(batch.into_iter().map(Event::Entry));
             }
         }
         total
@@ -580,6 +718,19 @@ impl<M: Machine> SimHost<M> {
                 sub.backlog.push_back(stored.clone());
             }
         }
+        let entry = EntryMessage {
+            key: stored.msg.key.clone().map(String::into_bytes),
+            value: Some(stored.msg.payload.clone()),
+            properties: stored.msg.properties.clone(),
+            event_time_ms,
+        };
+        self.indexed.push(
+            self.now_ms,
+            &stored.msg.topic,
+            "sim".into(),
+            seq,
+            vec![entry],
+        );
         self.published.push(stored.msg);
         seq
     }
@@ -654,6 +805,9 @@ impl<M: Machine> SimHost<M> {
 
     /// Moves a consumer: what it had handed out is forgotten.
     fn seek(&mut self, sub: SubId, position: &Position) -> Result<Option<Vec<u8>>, OpError> {
+        if self.indexed.seek(sub, position) {
+            return Ok(None);
+        }
         let topic = match self.subs.get(&sub) {
             Some(s) => s.spec.topic.clone(),
             None => return Err(not_found()),
@@ -668,6 +822,9 @@ impl<M: Machine> SimHost<M> {
 
     /// The id of the last message of a consumer's topic.
     fn last_message_id(&self, sub: SubId) -> Result<Option<Vec<u8>>, OpError> {
+        if let Some(last) = self.indexed.last_id(sub) {
+            return Ok(last);
+        }
         let topic = &self.subs.get(&sub).ok_or_else(not_found)?.spec.topic;
         Ok(self
             .published
@@ -734,6 +891,9 @@ impl<M: Machine> SimHost<M> {
     }
 
     fn ack(&mut self, sub: SubId, delivery_id: u64) {
+        if self.indexed.ack(sub, delivery_id) {
+            return;
+        }
         if let Some(s) = self.subs.get_mut(&sub) {
             if s.unacked.remove(&delivery_id).is_some() {
                 s.acked.push(delivery_id);
@@ -856,6 +1016,14 @@ impl<M: Machine> SimHost<M> {
                     );
                 }
                 Action::KvPut { key, value, .. } => self.kv_write(key, value),
+                Action::Append {
+                    topic,
+                    records,
+                    dedup,
+                    ..
+                } => {
+                    let _ = self.indexed.append(self.now_ms, &topic, records, dedup);
+                }
                 _ => {}
             }
         }
@@ -866,6 +1034,7 @@ impl<M: Machine> SimHost<M> {
             self.store(will.msg);
         }
         self.subs.retain(|_, s| s.spec.durable);
+        self.indexed.readers.clear();
         for sub in self.subs.values_mut() {
             sub.attached = false;
         }
@@ -889,6 +1058,7 @@ impl<M: Machine> SimHost<M> {
                 }
                 Action::SetReading(reading) => self.reading = reading,
                 Action::Unsubscribe { sub, delete } => {
+                    self.indexed.readers.remove(&sub);
                     if let Some(s) = self.subs.get_mut(&sub) {
                         if delete || !s.spec.durable {
                             self.subs.remove(&sub);
@@ -949,6 +1119,14 @@ fn op_token(action: &Action) -> Option<u64> {
         | Action::OpenConsumer { token, .. }
         | Action::Seek { token, .. }
         | Action::LastMessageId { token, .. }
+        | Action::Append { token, .. }
+        | Action::OpenReader { token, .. }
+        | Action::Locate { token, .. }
+        | Action::Bounds { token, .. }
+        | Action::CreateTopic { token, .. }
+        | Action::DeleteTopic { token, .. }
+        | Action::SetPartitions { token, .. }
+        | Action::DescribeTopics { token, .. }
         | Action::SetTimer { token, .. } => Some(*token),
         _ => None,
     }

@@ -103,6 +103,13 @@ fn plugin_built_against_abi_0_2_0_still_loads_and_echoes() {
     older_plugin_loads_and_echoes("echo-plugin-abi-0.2.0.wasm");
 }
 
+#[test]
+fn plugin_built_against_abi_0_2_2_still_loads_and_echoes() {
+    // 0.2.3 added `indexed`, `topics` and the exported `events2`: a 0.2.2 plugin (with
+    // `events`, without `events2`) is served through the frozen 0.2.2 bindings.
+    older_plugin_loads_and_echoes("echo-plugin-abi-0.2.2.wasm");
+}
+
 /// An echo plugin built against an older ABI: loads, echoes, calls another family than
 /// connection I/O, and is contained and rebuilt like any other.
 fn older_plugin_loads_and_echoes(wasm: &str) {
@@ -137,7 +144,7 @@ fn plugin_built_against_an_unknown_newer_abi_is_refused_at_start() {
     assert!(
         log.contains("cannot load plugin echo_plugin")
             && log.contains("magnetar:plugin@0.3.0")
-            && log.contains("supports 0.1.0, 0.2.1, 0.2.2"),
+            && log.contains("supports 0.1.0, 0.2.1, 0.2.2, 0.2.3"),
         "the refusal does not name the plugin and both versions:\n{log}"
     );
 }

@@ -8,6 +8,9 @@ use bytes::Bytes;
 
 use crate::abi::types::{ConnInfo, Delivery, KvEntry, OpError, PublishResult};
 use crate::abi::v0_2::exports::magnetar::plugin::events::{Message, Receipt};
+use crate::abi::v0_2::exports::magnetar::plugin::events2::{
+    AppendResult, Bounds, Entry, TopicInfo,
+};
 use crate::conn_shared::ConnShared;
 use crate::tenancy::Principal;
 
@@ -100,6 +103,28 @@ pub enum Event {
         token: u64,
         outcome: Result<Option<Vec<u8>>, OpError>,
     },
+    /// Outcomes of `indexed.append`, in the order the entries were stored.
+    Appended {
+        conn: u64,
+        results: Vec<AppendResult>,
+    },
+    /// Entries of `indexed` readers, in order per reader.
+    Entries {
+        conn: u64,
+        entries: Vec<Entry>,
+    },
+    /// Outcome of `indexed.bounds`.
+    Bounds {
+        conn: u64,
+        token: u64,
+        outcome: Result<Bounds, OpError>,
+    },
+    /// Outcome of a `topics` call.
+    TopicsResult {
+        conn: u64,
+        token: u64,
+        outcome: Result<Vec<TopicInfo>, OpError>,
+    },
     /// A SASL step: a challenge, or success with the principal and the final data.
     SaslResult {
         conn: u64,
@@ -136,6 +161,10 @@ impl Event {
             | Event::Receipts { conn, .. }
             | Event::Messages { conn, .. }
             | Event::Position { conn, .. }
+            | Event::Appended { conn, .. }
+            | Event::Entries { conn, .. }
+            | Event::Bounds { conn, .. }
+            | Event::TopicsResult { conn, .. }
             | Event::SaslResult { conn, .. } => *conn,
         }
     }

@@ -28,6 +28,7 @@ mod conn;
 mod context;
 mod event;
 mod feeder;
+mod indexed;
 mod kv;
 mod messaging;
 mod op_queue;
@@ -41,6 +42,7 @@ mod subscription_task;
 mod timer_heap;
 mod timer_task;
 mod timers;
+mod topics;
 mod v0_1;
 
 pub use context::HostState;

@@ -7,6 +7,10 @@
 //!
 //! ```toml
 //! max_request_bytes = 16777216   # largest request accepted, size field excluded (Kafka's socket.request.max.bytes)
+//! max_uncompressed_bytes = 33554432   # largest record batch once decompressed
+//! advertised_port = 9092         # the port Metadata names for this gateway (its listener's)
+//! auto_create_topics = 1         # Metadata creates unknown topics (Kafka's auto.create.topics.enable)
+//! default_partitions = 1         # partitions of an auto-created topic (Kafka's num.partitions)
 //! ```
 
 /// Limits of every connection of the plugin instance.
@@ -15,6 +19,18 @@ pub struct Config {
     /// Largest request (the bytes after the 4-byte size) accepted from a client; a larger
     /// size closes the connection before anything is allocated for it.
     pub max_request_bytes: usize,
+    /// Largest records section of one batch (or old message set) once decompressed; more is
+    /// `RECORD_LIST_TOO_LARGE`, so that a small compressed batch cannot exhaust memory.
+    pub max_uncompressed_bytes: usize,
+    /// The port Metadata names for this gateway: clients connect there for everything
+    /// after bootstrapping, so it must be the listener's (host: [`Config::advertised_host`]).
+    pub advertised_port: u16,
+    /// Metadata of an unknown topic creates it, when the client allows it (Kafka's
+    /// `auto.create.topics.enable`, default on).
+    pub auto_create_topics: bool,
+    /// Partitions of an auto-created topic, and of CreateTopics' `-1` (Kafka's
+    /// `num.partitions`).
+    pub default_partitions: u32,
 }
 
 impl Default for Config {
@@ -23,11 +39,28 @@ impl Default for Config {
             // Kafka's default is 100 MiB; 16 MiB covers a 1 MiB `message.max.bytes` batch
             // per partition of a produce request to many partitions.
             max_request_bytes: 16 << 20,
+            max_uncompressed_bytes: 32 << 20,
+            advertised_port: 9092,
+            auto_create_topics: true,
+            default_partitions: 1,
         }
     }
 }
 
 impl Config {
+    /// The host Metadata names for this gateway. Loopback until the host tells plugins
+    /// their listener's advertised address (docs/kafka.md section 2.2).
+    pub fn advertised_host(&self) -> String {
+        "127.0.0.1".to_string()
+    }
+
+    /// The limits record batches are decoded with.
+    pub fn record_limits(&self) -> crate::codec::records::Limits {
+        crate::codec::records::Limits {
+            max_uncompressed_bytes: self.max_uncompressed_bytes,
+        }
+    }
+
     /// Parses the config text (empty: the defaults).
     pub fn parse(text: &str) -> Result<Config, String> {
         let mut config = Config::default();
@@ -38,6 +71,12 @@ impl Config {
                 "max_request_bytes" => {
                     config.max_request_bytes = s.within(8, i32::MAX as u64)? as usize
                 }
+                "max_uncompressed_bytes" => {
+                    config.max_uncompressed_bytes = s.within(1024, i32::MAX as u64)? as usize
+                }
+                "advertised_port" => config.advertised_port = s.within(1, 65535)? as u16,
+                "auto_create_topics" => config.auto_create_topics = s.within(0, 1)? == 1,
+                "default_partitions" => config.default_partitions = s.within(1, 100_000)? as u32,
                 _ => return Err(s.unknown()),
             }
         }
@@ -54,6 +93,22 @@ mod tests {
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let c = Config::parse("max_request_bytes = 1_048_576 # one MiB\n").unwrap();
         assert_eq!(c.max_request_bytes, 1 << 20);
+        let c = Config::parse("max_uncompressed_bytes = 65536").unwrap();
+        assert_eq!(c.record_limits().max_uncompressed_bytes, 1 << 16);
+        assert!(Config::parse("max_uncompressed_bytes = 1").is_err());
+        let c = Config::parse(
+            "advertised_port = 19092\nauto_create_topics = 0\ndefault_partitions = 3",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.advertised_port,
+                c.auto_create_topics,
+                c.default_partitions
+            ),
+            (19092, false, 3)
+        );
+        assert!(Config::parse("advertised_port = 0").is_err());
         assert!(Config::parse("max_request_bytes = 7").is_err());
         assert!(Config::parse("max_request_bytes = -1").is_err());
         assert!(Config::parse("max_requests = 1").is_err());

@@ -1,26 +1,35 @@
-//! The Kafka protocol plugin of Magnetar (skeleton).
+//! The Kafka protocol plugin of Magnetar.
 //!
 //! A sans-IO state machine ([`connection::KafkaConnection`]) reads Kafka requests
 //! (`[int32 size][request header][body]`, Kafka protocol guide, "Common Request and Response
-//! Structure") and answers them; a thin adapter ([`adapter`]) drives it from the SDK's
-//! callbacks. Request and response types come from the `kafka-protocol` crate.
+//! Structure") and answers them, one at a time, with the host calls of ABI 0.2.3 (`indexed`,
+//! `topics`); a thin adapter ([`adapter`]) drives it from the SDK's callbacks. Request and
+//! response types come from the `kafka-protocol` crate; record batches, old message sets and
+//! compression are the plugin's own ([`codec`]).
 //!
-//! What it serves today: ApiVersions v0-v3, with KIP-511's fallback (a version it does not
-//! know is answered with a v0 response carrying `UNSUPPORTED_VERSION` and the supported
-//! ranges). Any other request closes the connection, as a Kafka broker does for an API key
-//! it does not know. The design of the rest (offsets, groups, ownership across gateways,
-//! the ABI it needs) is `docs/kafka.md`.
+//! What it serves (docs/kafka.md section 8, increment 1): ApiVersions v0-v3 with KIP-511's
+//! fallback, Metadata v0-v12 (this gateway leads every partition; auto-creation),
+//! CreateTopics v2-v7, DeleteTopics v1-v5, CreatePartitions v0-v3, Produce v3-v9 (one
+//! backend entry per partition batch, the entry's index as base offset), Fetch v4-v12
+//! (readers kept across requests, long polling), ListOffsets v1-v6 (earliest, latest, by
+//! timestamp). Any other request closes the connection, as a Kafka broker does for an API it
+//! does not know. The design of the rest (groups, SASL, old clients, several gateways) is
+//! `docs/kafka.md`.
 //!
-//! Guarantees: nothing a client sends panics the plugin; a request larger than
-//! `max_request_bytes` or with a negative size closes only its connection; responses go out
-//! in request order (Kafka clients match them by order as well as by correlation id).
+//! Guarantees: nothing a client sends panics the plugin or makes it allocate past its
+//! limits (`max_request_bytes`, `max_uncompressed_bytes`; array lengths are bounded by the
+//! request, `third_party/kafka-protocol`); a bad frame closes only its connection; responses
+//! go out in request order; an offset is always the backend's index, never a count.
 #![forbid(unsafe_code)]
 
 /// The plugin instance and the component export.
 pub mod adapter;
-/// The wire: request framing and the request header.
+/// The wire: request framing, the request header, record batches, message sets and
+/// compression.
 pub mod codec;
 /// Plugin configuration (`[plugins.kafka]`).
 pub mod config;
 /// One client connection as a state machine.
 pub mod connection;
+/// Kafka records as Pulsar messages and back.
+pub mod message;

@@ -8,6 +8,13 @@
 //! alone, so that a request of a version the plugin cannot decode can still be answered
 //! (KIP-511). The rest of the header and the body are decoded by `kafka-protocol` once the
 //! API and version are known to be served.
+//!
+//! The records inside requests and responses: record batches v2 ([`records`]), the old
+//! message sets v0/v1 ([`message_set`]) and their codecs ([`compression`]).
+
+pub mod compression;
+pub mod message_set;
+pub mod records;
 
 use bytes::Bytes;
 use kafka_protocol::messages::ResponseHeader;

@@ -18,8 +18,20 @@ use kafka_protocol::ResponseError;
 
 use crate::codec::{write_response, Request};
 
-/// The APIs and versions this plugin serves, as ApiVersions lists them.
-pub const SERVED: &[(ApiKey, i16, i16)] = &[(ApiKey::ApiVersions, 0, 3)];
+/// The APIs and versions this plugin serves, as ApiVersions lists them. The lower bounds
+/// are `kafka-protocol` 0.18's (Kafka 4.0's, KIP-896); the upper ones stop before topic ids
+/// replace names (Fetch v13, DeleteTopics v6) and before what is not implemented
+/// (ListOffsets v7's max timestamp, KIP-734).
+pub const SERVED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 5),
+    (ApiKey::CreatePartitions, 0, 3),
+];
 
 /// Why an ApiVersions request could not be answered: the connection closes.
 #[derive(Debug, thiserror::Error)]

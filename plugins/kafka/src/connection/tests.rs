@@ -82,7 +82,11 @@ fn api_versions_v0_to_v3_list_what_is_served() {
             .iter()
             .map(|k| (k.api_key, k.min_version, k.max_version))
             .collect();
-        assert_eq!(listed, vec![(ApiKey::ApiVersions as i16, 0, 3)]);
+        let served: Vec<_> = super::api_versions::SERVED
+            .iter()
+            .map(|&(k, min, max)| (k as i16, min, max))
+            .collect();
+        assert_eq!(listed, served);
         assert_eq!(host.closed(), None);
     }
 }
@@ -111,7 +115,7 @@ fn a_newer_api_versions_is_answered_as_v0_with_unsupported_version() {
             got[0].1.error_code,
             ResponseError::UnsupportedVersion.code()
         );
-        assert_eq!(got[0].1.api_keys.len(), 1);
+        assert_eq!(got[0].1.api_keys.len(), super::api_versions::SERVED.len());
         assert_eq!(host.closed(), None, "the connection stays open");
         // The client retries with v3 on the same connection.
         host.data(&api_versions_request(3, 43, &v3_body("librdkafka")));
@@ -167,6 +171,19 @@ fn bad_frames_close_the_connection() {
             r
         }),
         ("not served yet", {
+            let mut r = vec![0, 0, 0, 8];
+            r.extend_from_slice(&(ApiKey::FindCoordinator as i16).to_be_bytes());
+            r.extend_from_slice(&[0; 6]);
+            r
+        }),
+        ("served API, version too old", {
+            let mut r = vec![0, 0, 0, 8];
+            r.extend_from_slice(&(ApiKey::Produce as i16).to_be_bytes());
+            r.extend_from_slice(&2i16.to_be_bytes());
+            r.extend_from_slice(&[0; 4]);
+            r
+        }),
+        ("malformed metadata", {
             let mut r = vec![0, 0, 0, 8];
             r.extend_from_slice(&(ApiKey::Metadata as i16).to_be_bytes());
             r.extend_from_slice(&[0; 6]);

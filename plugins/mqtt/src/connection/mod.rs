@@ -489,8 +489,15 @@ impl Machine for MqttConnection {
                     self.phase = Phase::Closed;
                     self.input.clear();
                 }
-                // Never asked for: MQTT uses routes and subscriptions, not `messaging`.
-                Event::Receipt { .. } | Event::Message(_) | Event::Position { .. } => {}
+                // Never asked for: MQTT uses routes and subscriptions, not `messaging`,
+                // `indexed` or `topics`.
+                Event::Receipt { .. }
+                | Event::Message(_)
+                | Event::Position { .. }
+                | Event::Appended { .. }
+                | Event::Entry(_)
+                | Event::Bounds { .. }
+                | Event::TopicsResult { .. } => {}
             }
             // New bytes, or an event that lifted a pause (CONNACK sent, a publish stored).
             self.process_input(now_ms);
