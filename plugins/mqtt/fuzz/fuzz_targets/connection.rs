@@ -234,6 +234,15 @@ impl Host {
             | Action::Nack { .. }
             | Action::Seek { .. }
             | Action::LastMessageId { .. } => panic!("the MQTT plugin used messaging: {a:?}"),
+            // Nor indexed topics and topic administration (ABI 0.2.3, Kafka's).
+            Action::Append { .. }
+            | Action::OpenReader { .. }
+            | Action::Locate { .. }
+            | Action::Bounds { .. }
+            | Action::CreateTopic { .. }
+            | Action::DeleteTopic { .. }
+            | Action::SetPartitions { .. }
+            | Action::DescribeTopics { .. } => panic!("the MQTT plugin used indexed/topics: {a:?}"),
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
