@@ -141,8 +141,10 @@ def test_prefetch_one_gives_work_to_the_consumer_that_is_free(amqp_server, reque
     if amqp_server.name == "magnetar":
         # Known gap (docs/amqp.md): the host's consumer takes flow permits from the backend
         # as messages arrive, not as the plugin's window opens, so the consumer that does not
-        # ack holds the queue's other messages. Strict: this fails once the host is fixed.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="consumer prefetch in the host"))
+        # ack may hold the queue's other messages, depending on timing (the test passed in
+        # some runs and failed in others, so neither a pass nor an xfail can be asserted).
+        # Skipped on Magnetar until the host bounds what the backend sends ahead.
+        pytest.skip("consumer prefetch in the host: see docs/amqp.md, 'Not done yet'")
     a = pika.BlockingConnection(params(amqp_server))
     b = pika.BlockingConnection(params(amqp_server))
     try:
