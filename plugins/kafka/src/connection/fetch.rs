@@ -182,15 +182,11 @@ impl KafkaConnection {
             }
         }
         if j.stage == Stage::Start {
-            let missing = self
-                .topics
-                .missing(self.now_ms, j.topics.iter().map(|t| t.0.as_str()));
-            if missing.is_empty() {
+            if self.described(j.topics.iter().map(|t| t.0.as_str())) {
                 j.stage = Stage::Waiting;
                 self.position_all(j);
             } else {
                 j.stage = Stage::Describing;
-                self.describe(missing);
             }
             if j.max_wait_ms > 0 {
                 let token = self.ops.token();

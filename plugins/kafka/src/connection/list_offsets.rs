@@ -192,15 +192,11 @@ impl KafkaConnection {
             }
         }
         if j.stage == Stage::Start {
-            let missing = self
-                .topics
-                .missing(self.now_ms, j.topics.iter().map(|t| t.0.as_str()));
-            if missing.is_empty() {
+            if self.described(j.topics.iter().map(|t| t.0.as_str())) {
                 j.stage = Stage::Working;
                 self.list_bounds(j);
             } else {
                 j.stage = Stage::Describing;
-                self.describe(missing);
             }
         }
         if j.topics

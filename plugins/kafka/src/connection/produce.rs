@@ -105,16 +105,11 @@ impl KafkaConnection {
             }
         }
         if j.stage == Stage::Start {
-            let missing = self
-                .topics
-                .missing(self.now_ms, j.topics.iter().map(|t| t.0.as_str()));
-            if missing.is_empty() {
-                j.stage = Stage::Appending;
-            } else {
+            if !self.described(j.topics.iter().map(|t| t.0.as_str())) {
                 j.stage = Stage::Describing;
-                self.describe(missing);
                 return Ok(false);
             }
+            j.stage = Stage::Appending;
             self.append_all(j);
         }
         if j.topics

@@ -139,6 +139,17 @@ impl KafkaConnection {
         self.out.push(Action::DescribeTopics { token, names });
     }
 
+    /// Whether a job's topics are all known (described recently); if not, asks the host to
+    /// describe the missing ones, and the job goes on at `JobEvent::Described`.
+    pub(super) fn described<'a>(&mut self, topics: impl IntoIterator<Item = &'a str>) -> bool {
+        let missing = self.topics.missing(self.now_ms, topics);
+        if missing.is_empty() {
+            return true;
+        }
+        self.describe(missing);
+        false
+    }
+
     pub(super) fn start_metadata(&mut self, version: i16, r: MetadataRequest) -> Job {
         let names = r.topics.and_then(|ts| {
             // v0: an empty list is every topic.
