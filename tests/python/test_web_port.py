@@ -285,6 +285,25 @@ def close_code(s):
             return int.from_bytes(payload[:2], "big")
 
 
+def test_a_bad_frame_behind_a_good_message_fails_the_connection_at_once(echo):
+    """RFC 6455 7.1.7 (Autobahn 3.2-3.4, 4.1.3-4.2.5, 5.15): the message before the bad
+    frame is answered, then the server closes with 1002 without waiting for more bytes."""
+    bad_frames = {
+        "reserved bit": bytes([0x80 | 0x40 | 0x1]) + masked(0x1, b"x")[1:],
+        "reserved opcode": masked(0x3, b"x"),
+        "continuation without a start": masked(0x0, b"x"),
+    }
+    for what, bad in bad_frames.items():
+        with raw_open(echo) as s:
+            s.sendall(masked(0x1, b"before") + bad)
+            head = s.recv(2, socket.MSG_WAITALL)
+            assert (head[0] & 0x0F, s.recv(head[1] & 0x7F, socket.MSG_WAITALL)) == (
+                0x1,
+                b"before",
+            ), what
+            assert close_code(s) == 1002, what
+
+
 def test_bad_frames_get_their_close_codes(echo):
     with raw_open(echo) as s:
         s.sendall(masked(0x1, b"\xff\xfe"))
