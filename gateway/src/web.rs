@@ -59,6 +59,8 @@ pub struct WebOptions {
     pub allowed_origins: Vec<String>,
     /// Largest incoming WebSocket message, in bytes (1009 above).
     pub max_message_size: usize,
+    /// How long a WebSocket may go without a frame either way (`None`: forever).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl WebOptions {
@@ -67,6 +69,8 @@ impl WebOptions {
         l.web.then(|| WebOptions {
             allowed_origins: l.allowed_origins.clone(),
             max_message_size: l.websocket_max_message_size,
+            idle_timeout: (l.websocket_idle_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(l.websocket_idle_timeout_ms)),
         })
     }
 
@@ -312,8 +316,14 @@ pub async fn accept<S: Transport>(
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
         .collect();
-    let transport =
-        MessageTransport::new(stream, &key, offered, port.options.max_message_size).await;
+    let transport = MessageTransport::new(
+        stream,
+        &key,
+        offered,
+        port.options.max_message_size,
+        port.options.idle_timeout,
+    )
+    .await;
     Ok(Routed::Plugin {
         transport,
         request: head.request_frame(peer),
@@ -491,6 +501,7 @@ mod tests {
         let mut o = WebOptions {
             allowed_origins: vec![],
             max_message_size: 1024,
+            idle_timeout: None,
         };
         assert!(o.origin_allowed(Some("http://evil.example")));
         o.allowed_origins = vec!["http://127.0.0.1:8080/".into()];

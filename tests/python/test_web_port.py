@@ -12,6 +12,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -169,6 +170,7 @@ def test_upgrades_the_host_refuses(web):
 
 WEB_ECHO = ROOT / "target" / "wasm" / "wasm32-wasip2" / "release" / "web_echo_plugin.wasm"
 LIMIT = 65536
+IDLE_MS = 600
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +181,22 @@ def echo(tmp_path_factory):
     plugins = tmp / "plugins"
     plugins.mkdir()
     shutil.copy(WEB_ECHO, plugins / "web_echo.wasm")
-    port, tls_port = free_port(), free_port()
+    port, tls_port, idle_port = free_port(), free_port(), free_port()
     extra = (
         f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "web_echo"\n'
         f"web = true\nwebsocket_max_message_size = {LIMIT}\n\n"
+        f'[[listeners]]\nname = "web-idle"\nbind = "127.0.0.1:{idle_port}"\n'
+        f'plugin = "web_echo"\nweb = true\nwebsocket_idle_timeout_ms = {IDLE_MS}\n\n'
         f'[[listeners]]\nname = "web-tls"\nbind = "127.0.0.1:{tls_port}"\nplugin = "web_echo"\n'
         "web = true\ntls = true\n\n"
         f'[plugins]\ndir = "{plugins}"\n'
     )
     gw = Gateway(tmp, extra).start()
-    gw.web_port, gw.web_tls_port = port, tls_port
+    gw.web_port, gw.web_tls_port, gw.idle_port = port, tls_port, idle_port
     try:
         wait_for_port(port, gw.proc, gw.log)
         wait_for_port(tls_port, gw.proc, gw.log)
+        wait_for_port(idle_port, gw.proc, gw.log)
         yield gw
     finally:
         gw.stop()
@@ -222,6 +227,26 @@ def test_messages_through_a_plugin_in_message_mode(echo):
         assert ws.subprotocol is None
         ws.send("again")
         assert ws.recv(timeout=10) == "again"
+
+
+def test_an_idle_websocket_is_closed_with_1001_and_pings_keep_it_open(echo):
+    """Pulsar's webSocketSessionIdleTimeoutMillis (Jetty's idle timeout): no frame either way
+    for that long closes with 1001; any frame, a ping included, counts."""
+    url = f"ws://127.0.0.1:{echo.idle_port}/ws/echo"
+    with ws_connect(url, open_timeout=10, ping_interval=None) as idle, ws_connect(
+        url, open_timeout=10, ping_interval=None
+    ) as pinged:
+        opened = time.monotonic()
+        # Pings only, every IDLE_MS / 4, for three timeouts: still open.
+        while time.monotonic() - opened < 3 * IDLE_MS / 1000:
+            assert pinged.ping().wait(timeout=10)
+            time.sleep(IDLE_MS / 4000)
+        pinged.send("still open")
+        assert pinged.recv(timeout=10) == "still open"
+        with pytest.raises(ConnectionClosed) as closed:
+            idle.recv(timeout=10)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "Idle Timeout")
+        assert time.monotonic() - opened >= IDLE_MS / 1000
 
 
 def test_wss_and_https_on_a_tls_web_port(echo):
