@@ -12,7 +12,8 @@
 //!   passes: the check protects browsers' users from other sites' pages, not the service);
 //! - everything else is served by hyper on the same connection, the head replayed:
 //!   `/admin/v2/...` is Pulsar's admin REST API under the gateway's tenancy
-//!   ([`crate::web_admin`]), `/demo` the page of `demo.html`, `/ws/...` without an upgrade a
+//!   ([`crate::web_admin`]), `/metrics` the gateway's metrics (scoped to the caller's tenant),
+//!   `/demo` the page of `demo.html`, `/ws/...` without an upgrade a
 //!   426, anything else a 404. Keep-alive works; an upgrade is only taken as the first
 //!   request of a connection (browsers open a fresh connection for each WebSocket).
 //!
@@ -99,6 +100,7 @@ impl WebPort {
         let http = Router::new()
             .route("/demo", get(demo))
             .route("/admin/v2/{*rest}", any(crate::web_admin::handle))
+            .route("/metrics", get(crate::web_admin::metrics))
             .route("/ws/{*rest}", any(upgrade_required))
             .fallback(not_found)
             .with_state(admin);
@@ -451,7 +453,7 @@ async fn upgrade_required(_req: Request) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: this port serves /ws/ (WebSocket), /admin/v2/ and /demo\n",
+        "not found: this port serves /ws/ (WebSocket), /admin/v2/, /metrics and /demo\n",
     )
         .into_response()
 }

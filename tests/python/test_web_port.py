@@ -116,6 +116,35 @@ def test_admin_rest_under_the_tenancy(web):
     assert call(web, "DELETE", "/admin/v2/persistent/acme/default/orders", alice)[0] == 204
 
 
+def test_metrics_on_the_web_port_are_scoped_to_the_callers_tenant(web):
+    alice, bob = token(web, "alice"), token(web, "bob")
+    # One message from each tenant, so each has usage to report.
+    for user, tenant in ((alice, "acme"), (bob, "globex")):
+        url = f"ws://127.0.0.1:{web.web_port}/ws/v2/producer/persistent/{tenant}/default/m?token={user}"
+        with ws_connect(url, open_timeout=10) as ws:
+            ws.send(json.dumps({"payload": "aGk=", "context": "1"}))
+            assert json.loads(ws.recv(timeout=10))["result"] == "ok"
+
+    def published(text):
+        return {
+            line.split('"')[1]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("magnetar_tenant_published_messages_total{")
+        }
+
+    assert call(web, "GET", "/metrics")[0] == 401
+    assert call(web, "GET", "/metrics", bearer="not.a.token")[0] == 401
+    status, everything = call(web, "GET", "/metrics", ADMIN_TOKEN)
+    assert status == 200
+    seen = published(everything)
+    assert seen["acme"] >= 1 and seen["globex"] >= 1, seen
+    assert "magnetar_routes " in everything
+    status, own = call(web, "GET", "/metrics", alice)
+    assert status == 200
+    assert published(own).keys() == {"acme"}, own
+    assert "globex" not in own and "magnetar_routes" not in own
+
+
 def test_demo_page_and_other_paths(web):
     with urllib.request.urlopen(f"http://127.0.0.1:{web.web_port}/demo", timeout=10) as r:
         assert r.status == 200
