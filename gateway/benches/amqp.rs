@@ -23,15 +23,13 @@
 //! Run: `cargo bench -p magnetar --bench amqp` — env `BENCH_MESSAGES` (per run, default
 //! 20000), `BENCH_ONLY` (rows by tag, comma-separated: `1/64`, `4/1024`, `fanout`),
 //! `BENCH_WINDOW` (default 100), `RABBITMQ_SERVER` (default
-//! `/usr/lib/rabbitmq/bin/rabbitmq-server`; without it the RabbitMQ column is left empty),
+//! `/usr/lib/rabbitmq/bin/rabbitmq-server`; without it the RabbitMQ columns stay empty),
 //! and the gateway knobs of `support/server.rs`. Every wait is bounded: a run stops after
 //! [`RUN_DEADLINE`] or [`IDLE_TIMEOUT`] without a message, and counts what arrived.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -42,9 +40,12 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
+#[path = "support/rabbitmq.rs"]
+mod rabbitmq;
 #[path = "support/server.rs"]
 mod server;
 
+use rabbitmq::RabbitMq;
 use server::{cpu_seconds, env_usize, free_port, wait_listening, Proc};
 
 /// Longest one run may take; what arrived by then is counted.
@@ -64,9 +65,9 @@ struct Server {
     amqp: SocketAddr,
     /// The processes whose CPU time counts: one pid, or a process group.
     cpu: Cpu,
-    _proc: Proc,
-    /// RabbitMQ: its process group and epmd port, killed when dropped.
-    _group: Option<Group>,
+    /// The server's process (stopped when dropped): the gateway's or RabbitMQ's.
+    _gateway: Option<Proc>,
+    _rabbitmq: Option<RabbitMq>,
 }
 
 enum Cpu {
@@ -103,27 +104,6 @@ fn group_cpu_seconds(pgid: i32) -> f64 {
         .sum()
 }
 
-/// RabbitMQ's process group and its epmd: everything killed when dropped.
-struct Group {
-    pgid: i32,
-    epmd_port: u16,
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // SAFETY: killpg only sends a signal to the group the bench created.
-        unsafe {
-            libc::killpg(self.pgid, libc::SIGKILL);
-        }
-        let _ = Command::new("epmd")
-            .args(["-port", &self.epmd_port.to_string(), "-kill"])
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 fn start_gateway(dir: &Path) -> Server {
     let (broker, admin, amqp) = (free_port(), free_port(), free_port());
     let config = dir.join("magnetar.toml");
@@ -142,62 +122,27 @@ fn start_gateway(dir: &Path) -> Server {
         name: "magnetar",
         amqp,
         cpu: Cpu::Pid(proc.0.id()),
-        _proc: proc,
-        _group: None,
+        _gateway: Some(proc),
+        _rabbitmq: None,
     }
 }
 
-/// A private RabbitMQ node in `dir` (as `tests/python/amqp_servers.py` starts it), or `None`
-/// when `rabbitmq-server` is not installed.
+/// A private RabbitMQ node in `dir` (`support/rabbitmq.rs`), or `None` when
+/// `rabbitmq-server` is not installed.
 fn start_rabbitmq(dir: &Path) -> Option<Server> {
-    let bin = std::env::var("RABBITMQ_SERVER")
-        .unwrap_or_else(|_| "/usr/lib/rabbitmq/bin/rabbitmq-server".into());
-    if !Path::new(&bin).exists() {
-        println!("({bin} not installed: no RabbitMQ column; scripts/setup installs it)");
+    let Some(node) = RabbitMq::start(dir) else {
+        println!(
+            "({} not installed: no RabbitMQ column; scripts/setup installs it)",
+            rabbitmq::rabbitmq_server()
+        );
         return None;
-    }
-    let (amqp, dist, epmd) = (free_port(), free_port(), free_port());
-    std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
-    std::fs::write(dir.join("rabbitmq.conf"), "loopback_users.guest = true\n")
-        .expect("rabbitmq.conf");
-    let log = std::fs::File::create(dir.join("rabbitmq.log")).expect("rabbitmq.log");
-    let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
-    let child = Command::new(&bin)
-        .current_dir(dir)
-        .env("HOME", dir)
-        .env(
-            "RABBITMQ_NODENAME",
-            format!("magnetar-bench-{}@localhost", amqp.port()),
-        )
-        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_NODE_PORT", amqp.port().to_string())
-        .env("RABBITMQ_DIST_PORT", dist.port().to_string())
-        .env("ERL_EPMD_PORT", epmd.port().to_string())
-        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
-        .env("RABBITMQ_LOG_BASE", d("log"))
-        .env("RABBITMQ_LOGS", "-")
-        .env("RABBITMQ_PID_FILE", d("rabbitmq.pid"))
-        .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
-        .env("RABBITMQ_CONFIG_FILE", d("rabbitmq.conf"))
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .expect("spawning rabbitmq-server");
-    let pgid = child.id() as i32;
-    let group = Group {
-        pgid,
-        epmd_port: epmd.port(),
     };
-    let proc = Proc(child);
-    wait_listening(amqp);
     Some(Server {
         name: "rabbitmq",
-        amqp,
-        cpu: Cpu::Group(pgid),
-        _proc: proc,
-        _group: Some(group),
+        amqp: node.amqp,
+        cpu: Cpu::Group(node.pgid()),
+        _gateway: None,
+        _rabbitmq: Some(node),
     })
 }
 
