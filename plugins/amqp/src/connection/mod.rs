@@ -262,6 +262,9 @@ impl AmqpConnection {
         if self.phase == Phase::Done {
             return;
         }
+        // Any bytes are a sign of life (§4.2.7), also while frames wait undecoded behind a
+        // method that waits for the host.
+        self.last_recv_ms = now_ms;
         self.input.push(bytes);
         if self.phase == Phase::Header {
             let pending = self.input.pending();

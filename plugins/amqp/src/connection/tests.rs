@@ -667,3 +667,25 @@ fn basic_get_answers_a_waiting_message_or_get_empty_after_its_wait() {
             || matches!(a, Action::Ack { delivery_id: 3, .. })
     ));
 }
+
+#[test]
+fn heartbeats_count_while_a_method_waits_for_the_host() {
+    let mut h = host();
+    open(&mut h, 2);
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    // A declaration whose kv read never completes: frames behind it wait undecoded.
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    for _ in 0..8 {
+        let mut hb = Vec::new();
+        Frame::Heartbeat.write(&mut hb);
+        h.data(&hb);
+        h.advance(1000);
+    }
+    assert!(h.closed().is_none(), "the client's heartbeats arrived");
+}
