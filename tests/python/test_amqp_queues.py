@@ -85,6 +85,21 @@ def test_message_expiration_and_queue_ttl_drop_messages_that_waited_longer(conn)
     assert receive(ch, q, 1, timeout=1.0) == []
 
 
+def test_invalid_ttls_close_the_channel_with_406(conn):
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(unique("ttl-bad"), arguments={"x-message-ttl": -1})
+    assert e.value.reply_code == 406
+    ch = conn.channel()
+    q = unique("expiration-bad")
+    ch.queue_declare(q)
+    ch.basic_publish("", q, b"x", pika.BasicProperties(expiration="soon"))
+    # The channel error arrives asynchronously; the next synchronous method sees it.
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(q, passive=True)
+    assert e.value.reply_code == 406
+
+
 def test_message_expiration_applies_to_basic_get(conn):
     ch = conn.channel()
     q = unique("ttl-get")

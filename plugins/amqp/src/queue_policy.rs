@@ -58,6 +58,24 @@ fn integer(v: &FieldValue) -> Option<i64> {
     })
 }
 
+/// A queue argument RabbitMQ refuses (406 PRECONDITION_FAILED), and why.
+pub fn invalid_argument(args: &FieldTable) -> Option<(&'static str, String)> {
+    let ttl = args.get("x-message-ttl")?;
+    match integer(ttl) {
+        None => Some(("x-message-ttl", "not an integer".into())),
+        Some(n) if n < 0 => Some(("x-message-ttl", format!("{{value_negative,{n}}}"))),
+        Some(_) => None,
+    }
+}
+
+/// Whether a message's `expiration` is one RabbitMQ takes: a non-negative integer of
+/// milliseconds, as text.
+pub fn valid_expiration(expiration: &str) -> bool {
+    !expiration.is_empty()
+        && expiration.bytes().all(|b| b.is_ascii_digit())
+        && expiration.parse::<u64>().is_ok()
+}
+
 impl QueuePolicy {
     /// The policy of the queue `name`, from its declared arguments.
     pub fn of(name: &str, queue: &Queue) -> Self {

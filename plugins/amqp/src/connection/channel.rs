@@ -638,6 +638,16 @@ impl AmqpConnection {
             );
             return self.close_channel(channel, e.caused_by(&Method::QueueDeclare(d)));
         }
+        if let Some((arg, why)) = crate::queue_policy::invalid_argument(&d.arguments) {
+            let e = ConnError::new(
+                PRECONDITION_FAILED,
+                format!(
+                    "invalid arg '{arg}' for {}: {why}",
+                    vhost_text(&format!("queue '{name}'"))
+                ),
+            );
+            return self.close_channel(channel, e.caused_by(&Method::QueueDeclare(d)));
+        }
         let key = topology::queue_key(&name);
         self.wait_kv_get(
             key,
@@ -1346,6 +1356,13 @@ impl AmqpConnection {
         else {
             return;
         };
+        let expiration = BasicProperties::read(&header.properties)
+            .ok()
+            .and_then(|p| p.expiration);
+        if let Some(e) = expiration.filter(|e| !crate::queue_policy::valid_expiration(e)) {
+            let err = ConnError::new(PRECONDITION_FAILED, format!("invalid expiration '{e}'"));
+            return self.close_channel(channel, err.caused_by(&Method::BasicPublish(publish)));
+        }
         let content = ContentDone {
             publish,
             header,
