@@ -183,7 +183,18 @@ impl Backend {
     /// enqueued one after another by one caller are stored in that order. The future stays
     /// small (no producer creation inside, see [`Backend::producer`]): one per publish.
     pub async fn enqueue(&self, topic: &str, msg: OutMessage) -> Result<SendFuture, BackendError> {
-        let batched = msg.encryption.is_none();
+        self.enqueue_batched(topic, msg, true).await
+    }
+
+    /// [`Backend::enqueue`], in a batch with others only if `batch` (and the message is not
+    /// sealed end to end): else alone in its entry.
+    pub async fn enqueue_batched(
+        &self,
+        topic: &str,
+        msg: OutMessage,
+        batch: bool,
+    ) -> Result<SendFuture, BackendError> {
+        let batched = batch && msg.encryption.is_none();
         let producer = match self.existing_producer(topic, batched) {
             Some(p) => p,
             None => Box::pin(self.producer(topic, batched)).await?,
@@ -223,16 +234,36 @@ impl Backend {
         }
     }
 
-    /// Opens a consumer.
+    /// Opens a consumer that asks the broker for `receiver_queue` messages at a time, as
+    /// they arrive.
     pub async fn subscribe(
         &self,
         opts: &SubscribeOptions,
+    ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
+        self.open_consumer(opts, false).await
+    }
+
+    /// Opens a consumer that gets nothing until the caller grants the broker flow permits
+    /// (`Consumer::grant_permits`): the caller bounds what the broker sends it ahead (a
+    /// Shared subscription's other consumers get the rest).
+    pub async fn subscribe_windowed(
+        &self,
+        opts: &SubscribeOptions,
+    ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
+        self.open_consumer(opts, true).await
+    }
+
+    async fn open_consumer(
+        &self,
+        opts: &SubscribeOptions,
+        manual_flow: bool,
     ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
         // A subscription held by another consumer is an answer, not an outage: without this,
         // the client would retry `ConsumerBusy` until the other consumer leaves.
         let mut options = ConsumerOptions::default()
             .durable(opts.durable)
             .fail_if_busy(true);
+        options.manual_flow = manual_flow;
         options.initial_position = if opts.earliest {
             InitialPosition::Earliest
         } else {

@@ -137,14 +137,7 @@ def test_each_exchange_type_routes_as_rabbitmq(conn, kind):
         ch.cancel()
 
 
-def test_prefetch_one_gives_work_to_the_consumer_that_is_free(amqp_server, request):
-    if amqp_server.name == "magnetar":
-        # Known gap (docs/amqp.md): the host's consumer takes flow permits from the backend
-        # as messages arrive, not as the plugin's window opens, so the consumer that does not
-        # ack may hold the queue's other messages, depending on timing (the test passed in
-        # some runs and failed in others, so neither a pass nor an xfail can be asserted).
-        # Skipped on Magnetar until the host bounds what the backend sends ahead.
-        pytest.skip("consumer prefetch in the host: see docs/amqp.md, 'Not done yet'")
+def test_prefetch_one_gives_work_to_the_consumer_that_is_free(amqp_server):
     a = pika.BlockingConnection(params(amqp_server))
     b = pika.BlockingConnection(params(amqp_server))
     try:

@@ -17,6 +17,11 @@
 //!   own connections at once, and those of other gateways' every [`REFRESH`].
 //! - A copy is the stored message as it is: its key, properties and (sealed) payload, plus
 //!   the original's publish time ([`PUBLISHED_PROPERTY`]), which deliveries report.
+//! - Copies are stored in batches (one entry for several messages), except into the queue of
+//!   a route whose `max-unacked` is 1: one message per entry there. The backend hands out an
+//!   entry whole, so the readers of a queue that take one message at a time (AMQP consumers
+//!   with prefetch 1, competing on a Shared subscription) would otherwise see a batch go to
+//!   one of them while the others wait.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,13 +78,40 @@ pub(super) fn take_published(properties: &mut Vec<crate::abi::types::Property>) 
     properties.remove(i).value.parse().ok()
 }
 
-/// A durable route's filters, as the kv keeps them.
-pub(super) fn encode(filters: &[Filter]) -> Vec<u8> {
-    serde_json::to_vec(filters).unwrap_or_default()
+/// A durable route as the kv keeps it: its filters (a JSON list, as before there was
+/// anything else to say), or its filters and that its copies go one per entry.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Filters(Vec<Filter>),
+    Queue {
+        filters: Vec<Filter>,
+        one_per_entry: bool,
+    },
 }
 
-fn decode(bytes: &[u8]) -> Option<Vec<Filter>> {
-    serde_json::from_slice(bytes).ok()
+/// A durable route's filters, and whether its copies are stored one message per entry, as
+/// the kv keeps them.
+pub(super) fn encode(filters: &[Filter], one_per_entry: bool) -> Vec<u8> {
+    let stored = if one_per_entry {
+        Stored::Queue {
+            filters: filters.to_vec(),
+            one_per_entry,
+        }
+    } else {
+        Stored::Filters(filters.to_vec())
+    };
+    serde_json::to_vec(&stored).unwrap_or_default()
+}
+
+fn decode(bytes: &[u8]) -> Option<(Vec<Filter>, bool)> {
+    match serde_json::from_slice(bytes).ok()? {
+        Stored::Filters(filters) => Some((filters, false)),
+        Stored::Queue {
+            filters,
+            one_per_entry,
+        } => Some((filters, one_per_entry)),
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,6 +125,8 @@ struct Queues {
     /// Queue id → its full topic and filters.
     queues: HashMap<u64, (String, Vec<Filter>)>,
     ids: HashMap<String, u64>,
+    /// Queues whose copies are stored one message per entry.
+    one_per_entry: std::collections::HashSet<u64>,
     next: u64,
     /// Queues this gateway's connections changed, and when.
     local: HashMap<u64, Instant>,
@@ -111,8 +145,13 @@ impl Queues {
     }
 
     /// Replaces a queue's filters; the queue's id.
-    fn set(&mut self, queue: &str, filters: Vec<Filter>) -> u64 {
+    fn set(&mut self, queue: &str, filters: Vec<Filter>, one_per_entry: bool) -> u64 {
         let id = self.id(queue);
+        if one_per_entry {
+            self.one_per_entry.insert(id);
+        } else {
+            self.one_per_entry.remove(&id);
+        }
         let old = self
             .queues
             .get_mut(&id)
@@ -139,6 +178,7 @@ impl Queues {
                 }
             }
             self.local.remove(&id);
+            self.one_per_entry.remove(&id);
         }
     }
 }
@@ -158,9 +198,9 @@ pub(super) struct Feeder {
 
 impl Feeder {
     /// Sets a queue's filters, as this gateway's connection has them.
-    pub(super) fn set_local(&self, queue: &str, filters: Vec<Filter>) {
+    pub(super) fn set_local(&self, queue: &str, filters: Vec<Filter>, one_per_entry: bool) {
         let mut q = lock(&self.queues);
-        let id = q.set(queue, filters);
+        let id = q.set(queue, filters, one_per_entry);
         q.local.insert(id, Instant::now());
     }
 
@@ -242,7 +282,7 @@ impl Feeders {
 /// Loads every queue's filters from the kv; queues changed here lately keep theirs.
 async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
     let prefix = feeder.registry_prefix();
-    let mut found: Vec<(String, Vec<Filter>)> = Vec::new();
+    let mut found: Vec<(String, (Vec<Filter>, bool))> = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = services
@@ -256,8 +296,8 @@ async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
             let Some(queue) = key.strip_prefix(&prefix) else {
                 continue;
             };
-            if let Some(filters) = decode(&value) {
-                found.push((namespace_topic(&feeder.topic, queue), filters));
+            if let Some(route) = decode(&value) {
+                found.push((namespace_topic(&feeder.topic, queue), route));
             }
         }
         if !full {
@@ -277,10 +317,10 @@ async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
     for t in gone {
         q.remove(&t);
     }
-    for (topic, filters) in found {
+    for (topic, (filters, one_per_entry)) in found {
         let local = q.ids.get(&topic).is_some_and(|id| q.local.contains_key(id));
         if !local {
-            q.set(&topic, filters);
+            q.set(&topic, filters, one_per_entry);
         }
     }
     Ok(())
@@ -381,7 +421,7 @@ async fn copy_until_failure(
             let key = by_property
                 .or(meta.partition_key.as_deref())
                 .unwrap_or_default();
-            let targets: Vec<String> = {
+            let targets: Vec<(String, bool)> = {
                 let q = lock(&feeder.queues);
                 let props: Vec<(&str, &str)> = if q.index.has_headers() {
                     meta.properties
@@ -394,10 +434,13 @@ async fn copy_until_failure(
                 q.index.matches(key, &props, &mut matched);
                 matched
                     .iter()
-                    .filter_map(|id| q.queues.get(id).map(|(t, _)| t.clone()))
+                    .filter_map(|id| {
+                        let one = q.one_per_entry.contains(id);
+                        q.queues.get(id).map(|(t, _)| (t.clone(), one))
+                    })
                     .collect()
             };
-            for target in targets {
+            for (target, one_per_entry) in targets {
                 let copy = OutMessage {
                     key: meta.partition_key.clone(),
                     event_time: meta.event_time,
@@ -418,7 +461,11 @@ async fn copy_until_failure(
                         )
                     }),
                 };
-                match services.backend.enqueue(&target, copy).await {
+                match services
+                    .backend
+                    .enqueue_batched(&target, copy, !one_per_entry)
+                    .await
+                {
                     Ok(receipt) => receipts.push(receipt),
                     Err(e) => {
                         tracing::warn!(queue = %target, error = %e, "cannot copy into a queue");

@@ -34,6 +34,8 @@ pub(super) enum RouteRef {
         feeder: Arc<Feeder>,
         queue: String,
         filters: Vec<Filter>,
+        /// Its copies are stored one message per entry (`max-unacked` 1, see `feeder`).
+        one_per_entry: bool,
     },
 }
 
@@ -45,12 +47,12 @@ impl HostState {
         conn: u64,
         feeder: &Feeder,
         queue: &str,
-        filters: Option<&[Filter]>,
+        filters: Option<(&[Filter], bool)>,
     ) {
         let op = Op::RouteWrite {
             topic: feeder.kv_topic().to_string(),
             key: feeder.key(queue),
-            value: filters.map(encode),
+            value: filters.map(|(filters, one_per_entry)| encode(filters, one_per_entry)),
         };
         self.queue_op(conn, op);
     }
@@ -70,8 +72,9 @@ impl HostState {
         let queue = self.authorized_topic(conn, queue, ActionName::Consume)?;
         let kv_topic = self.kv_topic(conn)?;
         let feeder = Feeders::get(&self.services, &self.runtime, &source, &kv_topic);
-        feeder.set_local(&queue, filters.clone());
-        self.store_route(conn, &feeder, &queue, Some(&filters));
+        let one_per_entry = max_unacked == 1;
+        feeder.set_local(&queue, filters.clone(), one_per_entry);
+        self.store_route(conn, &feeder, &queue, Some((&filters, one_per_entry)));
         if !self.conns.contains_key(&conn) {
             return Ok(());
         }
@@ -112,6 +115,7 @@ impl HostState {
                 feeder: feeder.clone(),
                 queue,
                 filters,
+                one_per_entry,
             };
             slot.routes.insert(sub, route);
         }
@@ -135,13 +139,15 @@ impl HostState {
             feeder,
             queue,
             filters,
+            one_per_entry,
         }) = self.conns.get(&conn).and_then(|s| s.routes.get(&route))
         else {
             return;
         };
         let (feeder, queue, filters) = (feeder.clone(), queue.clone(), filters.clone());
-        feeder.set_local(&queue, filters.clone());
-        self.store_route(conn, &feeder, &queue, Some(&filters));
+        let one_per_entry = *one_per_entry;
+        feeder.set_local(&queue, filters.clone(), one_per_entry);
+        self.store_route(conn, &feeder, &queue, Some((&filters, one_per_entry)));
     }
 }
 

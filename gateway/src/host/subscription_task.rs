@@ -2,6 +2,12 @@
 //! what arrives (in batches, never more than `max-unacked` unacknowledged, and only while the
 //! connection's output is not congested: backpressure from the client's socket reaches the
 //! broker's flow permits), and turns the plugin's acks into the backend's (`acks`).
+//!
+//! A `messaging` consumer grants the broker its flow permits itself, as its window opens:
+//! the broker never sends it more than `max-unacked` minus what it holds unacknowledged, so
+//! on a Shared subscription a consumer whose window is full gets nothing more and the
+//! others get the queue's messages (AMQP's prefetch). Other subscriptions let the client
+//! ask for `max-unacked` at a time as messages arrive, which keeps more in flight.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -109,7 +115,13 @@ pub(super) async fn run_subscription(
         mut shape,
     } = t;
     let _counted = SubscriptionCount(meters.clone());
-    let mut consumer = match backend.subscribe(&opts).await {
+    let windowed = matches!(shape, Shape::Messages { .. });
+    let opened = if windowed {
+        backend.subscribe_windowed(&opts).await
+    } else {
+        backend.subscribe(&opts).await
+    };
+    let mut consumer = match opened {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(conn, error = %e, "subscribe failed");
@@ -140,8 +152,26 @@ pub(super) async fn run_subscription(
     let mut delete = false;
     // Negative acks waiting out the consumer's delay (one delay: in order of their due time).
     let mut nacks: VecDeque<(Instant, String, MessageIdData)> = VecDeque::new();
+    // A windowed consumer's permits granted and not yet taken (a batch entry can take more
+    // than its permits: then below zero).
+    let mut permits: i64 = 0;
     loop {
         let room = max_unacked.saturating_sub(acks.unacked());
+        if windowed {
+            let free = room as i64 - permits;
+            // At once when nothing is on the way, else half a window at a time: one flow
+            // command per ack would double the commands of a consumer that acks each message.
+            if free > 0 && (permits <= 0 || free >= max_unacked.div_ceil(2) as i64) {
+                let grant = u32::try_from(free).unwrap_or(u32::MAX);
+                match consumer.grant_permits(&opts.topic, grant).await {
+                    Ok(()) => permits += i64::from(grant),
+                    Err(e) => {
+                        tracing::warn!(conn, error = %e, "cannot grant flow permits");
+                        break;
+                    }
+                }
+            }
+        }
         let nack_due = nacks.front().map(|n| n.0);
         tokio::select! {
             biased;
@@ -169,6 +199,8 @@ pub(super) async fn run_subscription(
                             if outcome.is_ok() {
                                 acks.reset();
                                 nacks.clear();
+                                // A new consumer, granted nothing yet.
+                                permits = 0;
                                 if let (Shape::Messages { skip, .. }, SeekTarget::MessageId(id, inclusive)) = (&mut shape, target) {
                                     *skip = (!message_id::is_sentinel(&id)).then_some((id, inclusive));
                                 }
@@ -222,6 +254,7 @@ pub(super) async fn run_subscription(
                         next = consumer.next().now_or_never();
                     }
                 }
+                permits -= batch.len() as i64;
                 shared.output_relieved().await;
                 let mut deliveries = Vec::with_capacity(batch.len());
                 let mut messages = Vec::new();

@@ -14,5 +14,7 @@ pub mod codec;
 pub mod config;
 /// The connection state machine.
 pub mod connection;
+/// Queue arguments that act on messages: expiry and dead-lettering.
+pub mod queue_policy;
 /// Exchanges, queues and bindings, and their mapping onto topics, routes and the kv.
 pub mod topology;

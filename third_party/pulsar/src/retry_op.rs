@@ -161,14 +161,17 @@ pub async fn retry_subscribe_consumer<Exe: Executor>(
         }
         current_retries += 1;
     }
-    connection
-        .sender()
-        .send_flow(consumer_id, batch_size)
-        .await
-        .map_err(|err| {
-            error!("TopicConsumer::send_flow({topic}) error: {err:?}");
-            Error::Consumer(ConsumerError::Connection(err))
-        })?;
+    // (magnetar patch) no permits, no command: a manual-flow consumer starts with none.
+    if batch_size > 0 {
+        connection
+            .sender()
+            .send_flow(consumer_id, batch_size)
+            .await
+            .map_err(|err| {
+                error!("TopicConsumer::send_flow({topic}) error: {err:?}");
+                Error::Consumer(ConsumerError::Connection(err))
+            })?;
+    }
 
     Ok(messages)
 }

@@ -18,6 +18,7 @@ use magnetar_sdk::{
 use super::*;
 use crate::codec::properties::ContentHeader;
 use crate::codec::BasicProperties;
+use crate::queue_policy::{QueuePolicy, Reason};
 use crate::topology::{self, Binding, Exchange, ExchangeType, Queue};
 
 /// Most unacknowledged deliveries a consumer without a prefetch limit holds.
@@ -42,10 +43,28 @@ pub(super) struct ChannelState {
     consumers: BTreeMap<String, SubId>,
     /// The last delivery tag given.
     delivery_tag: u64,
-    /// Delivered, not yet acknowledged: delivery tag → (subscription, delivery id).
-    unacked: BTreeMap<u64, (SubId, u64)>,
+    /// Delivered, not yet acknowledged, by delivery tag.
+    unacked: BTreeMap<u64, Unacked>,
     /// `basic.get`'s consumers, by queue: messages wait here for the next `basic.get`.
     getters: BTreeMap<String, Getter>,
+}
+
+/// A delivery the client has not settled yet.
+#[derive(Debug)]
+struct Unacked {
+    sub: SubId,
+    delivery_id: u64,
+    /// What dead-lettering takes, kept only for a queue with a dead-letter exchange.
+    dead_letter: Option<Box<Delivered>>,
+}
+
+/// A delivered message as it would be dead-lettered.
+#[derive(Debug)]
+struct Delivered {
+    exchange: String,
+    routing_key: String,
+    properties: Vec<u8>,
+    payload: Vec<u8>,
 }
 
 /// The consumer through which `basic.get` takes a queue's messages, one at a time (its
@@ -54,6 +73,7 @@ pub(super) struct ChannelState {
 struct Getter {
     sub: Option<SubId>,
     ready: std::collections::VecDeque<Message>,
+    policy: QueuePolicy,
 }
 
 /// A `basic.get` waiting for a message or for its deadline (then `get-empty`).
@@ -82,6 +102,18 @@ pub(crate) struct PendingConsume {
     no_ack: bool,
     no_wait: bool,
     prefetch: u32,
+    attempts: u32,
+    /// The queue's arguments, once read.
+    policy: QueuePolicy,
+}
+
+/// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
+/// its shared subscription to the end).
+#[derive(Debug, Clone)]
+pub(crate) struct PendingPurge {
+    channel: u16,
+    queue: String,
+    no_wait: bool,
     attempts: u32,
 }
 
@@ -135,6 +167,8 @@ pub(crate) enum Task {
     ConsumeRoute { consume: PendingConsume },
     /// Read the queue of a `basic.get`.
     GetQueue { channel: u16, m: BasicGet },
+    /// Read the queue to purge.
+    PurgeQueue { channel: u16, m: QueuePurge },
     /// Read the queues, for a `mandatory` publish: does one take it?
     Mandatory {
         channel: u16,
@@ -290,6 +324,7 @@ impl AmqpConnection {
         for sub in subs {
             self.consumers.remove(&sub);
             self.getters.remove(&sub);
+            self.policies.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -417,6 +452,10 @@ impl AmqpConnection {
                 let key = topology::queue_key(&d.queue);
                 self.wait_kv_get(key, Task::QueueDelete { channel, m: d });
             }
+            Method::QueuePurge(p) => {
+                let key = topology::queue_key(&p.queue);
+                self.wait_kv_get(key, Task::PurgeQueue { channel, m: p });
+            }
             Method::BasicPublish(p) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
                     state.content = Some(Content {
@@ -438,9 +477,10 @@ impl AmqpConnection {
                     .and_then(|s| s.consumers.remove(&c.consumer_tag));
                 if let Some(sub) = sub {
                     self.consumers.remove(&sub);
+                    self.policies.remove(&sub);
                     self.out.push(Action::Unsubscribe { sub, delete: false });
                     if let Some(state) = self.channels.get_mut(&channel) {
-                        state.unacked.retain(|_, (s, _)| *s != sub);
+                        state.unacked.retain(|_, u| u.sub != sub);
                     }
                 }
                 if !c.no_wait {
@@ -463,6 +503,26 @@ impl AmqpConnection {
             Method::BasicReject(ref r) => {
                 let (tag, requeue) = (r.delivery_tag, r.requeue);
                 self.settle(channel, tag, false, Some(requeue), &m)
+            }
+            // RabbitMQ redelivers every unacknowledged message of the channel, and does not
+            // implement recovering without requeue (540, a connection error).
+            Method::BasicRecover(BasicRecover { requeue: false })
+            | Method::BasicRecoverAsync(BasicRecoverAsync { requeue: false }) => {
+                let e = ConnError::new(NOT_IMPLEMENTED, "requeue=false");
+                self.close_connection(e.caused_by(&m));
+            }
+            Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
+                if let Some(state) = self.channels.get_mut(&channel) {
+                    for u in std::mem::take(&mut state.unacked).into_values() {
+                        self.out.push(Action::Nack {
+                            sub: u.sub,
+                            delivery_id: u.delivery_id,
+                        });
+                    }
+                }
+                if matches!(m, Method::BasicRecover(_)) {
+                    self.send_method(channel, Method::BasicRecoverOk(BasicRecoverOk {}));
+                }
             }
             other => {
                 let e = ConnError::new(
@@ -578,6 +638,16 @@ impl AmqpConnection {
             );
             return self.close_channel(channel, e.caused_by(&Method::QueueDeclare(d)));
         }
+        if let Some((arg, why)) = crate::queue_policy::invalid_argument(&d.arguments) {
+            let e = ConnError::new(
+                PRECONDITION_FAILED,
+                format!(
+                    "invalid arg '{arg}' for {}: {why}",
+                    vhost_text(&format!("queue '{name}'"))
+                ),
+            );
+            return self.close_channel(channel, e.caused_by(&Method::QueueDeclare(d)));
+        }
         let key = topology::queue_key(&name);
         self.wait_kv_get(
             key,
@@ -644,6 +714,7 @@ impl AmqpConnection {
             no_wait: c.no_wait,
             prefetch,
             attempts: 0,
+            policy: QueuePolicy::default(),
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -686,6 +757,7 @@ impl AmqpConnection {
                 state.consumers.insert(c.tag.clone(), sub);
                 self.consumers
                     .insert(sub, (c.channel, c.tag.clone(), c.no_ack));
+                self.policies.insert(sub, c.policy.clone());
                 if !c.no_wait {
                     self.send_method(
                         c.channel,
@@ -716,13 +788,117 @@ impl AmqpConnection {
 
     /// A consumer's retry timer fired.
     pub(super) fn on_retry(&mut self, token: u64) -> bool {
-        if let Some(Op::Consume(_)) = self.ops.get(token) {
-            if let Some(Op::Consume(c)) = self.ops.complete(token) {
-                self.open_consumer(c);
+        match self.ops.get(token) {
+            Some(Op::Consume(_)) => {
+                if let Some(Op::Consume(c)) = self.ops.complete(token) {
+                    self.open_consumer(c);
+                }
+                true
             }
-            return true;
+            Some(Op::Purge(_)) => {
+                if let Some(Op::Purge(p)) = self.ops.complete(token) {
+                    self.open_purge_consumer(p);
+                }
+                true
+            }
+            _ => false,
         }
-        false
+    }
+
+    /// `queue.purge` (§1.7.2.7): the queue's ready messages are dropped by moving its
+    /// shared subscription to the end of its topic, through a consumer of its own. RabbitMQ
+    /// keeps the messages delivered and not yet acknowledged; here the backend counts them
+    /// as acknowledged too and the queue's consumers reconnect, so a purge while consumers
+    /// hold messages drops those as well. `purge-ok` reports 0 messages (the gateway does
+    /// not count a queue's backlog).
+    fn open_purge_consumer(&mut self, p: PendingPurge) {
+        let topic = topology::queue_topic(&p.queue);
+        let token = self.ops.start(Op::Purge(p));
+        self.out.push(Action::OpenConsumer {
+            token,
+            spec: ConsumerSpec {
+                topic: TopicRef {
+                    name: topic,
+                    persistent: true,
+                },
+                subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
+                mode: SubMode::Shared,
+                start: Position::Earliest,
+                max_unacked: 1,
+                nack_delay_ms: 0,
+                max_redeliveries: 0,
+                dead_letter_topic: None,
+                consumer_name: None,
+            },
+        });
+        self.busy = true;
+    }
+
+    /// The purge's consumer opened: seek it to the end.
+    pub(super) fn on_purge_consumer(
+        &mut self,
+        mut p: PendingPurge,
+        result: Result<SubId, OpError>,
+    ) {
+        match result {
+            Ok(sub) => {
+                // Messages that wait for `basic.get` on this channel go too.
+                if let Some(g) = self
+                    .channels
+                    .get_mut(&p.channel)
+                    .and_then(|s| s.getters.get_mut(&p.queue))
+                {
+                    g.ready.clear();
+                }
+                let token = self.ops.start(Op::PurgeSeek {
+                    channel: p.channel,
+                    sub,
+                    no_wait: p.no_wait,
+                });
+                self.out.push(Action::Seek {
+                    token,
+                    sub,
+                    position: Position::Latest,
+                });
+            }
+            // The route a declaration opened may still hold the queue's subscription.
+            Err(e) if e.kind == ErrorKind::Backend && p.attempts < CONSUME_ATTEMPTS => {
+                p.attempts += 1;
+                let token = self.ops.start(Op::Purge(p));
+                self.out.push(Action::SetTimer {
+                    token,
+                    delay_ms: 20,
+                });
+            }
+            Err(e) => {
+                self.busy = false;
+                let err = ConnError::new(INTERNAL_ERROR, format!("purge: {}", e.message));
+                self.close_channel(p.channel, err);
+            }
+        }
+    }
+
+    /// The purge's seek is done: close its consumer and answer.
+    pub(super) fn on_purged(
+        &mut self,
+        channel: u16,
+        sub: SubId,
+        no_wait: bool,
+        result: Result<(), OpError>,
+    ) {
+        self.busy = false;
+        self.out.push(Action::Unsubscribe { sub, delete: false });
+        match result {
+            Ok(()) if !no_wait => self.send_method(
+                channel,
+                Method::QueuePurgeOk(QueuePurgeOk { message_count: 0 }),
+            ),
+            Ok(()) => {}
+            Err(e) => {
+                let err = ConnError::new(INTERNAL_ERROR, format!("purge: {}", e.message));
+                self.close_channel(channel, err);
+            }
+        }
     }
 
     /// The next step of a task, with what the host answered.
@@ -937,10 +1113,11 @@ impl AmqpConnection {
                 },
                 Err(e) => failed(self, channel, &e),
             },
-            (Task::ConsumeQueue { consume }, Outcome::Kv(r)) => match r {
+            (Task::ConsumeQueue { mut consume }, Outcome::Kv(r)) => match r {
                 Ok(Some(bytes)) => match Queue::decode(&bytes) {
                     Some(q) => {
                         let name = consume.queue.clone();
+                        consume.policy = QueuePolicy::of(&name, &q);
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),
@@ -955,8 +1132,27 @@ impl AmqpConnection {
                 }
                 Err(e) => failed(self, consume.channel, &e),
             },
+            (Task::PurgeQueue { channel, m }, Outcome::Kv(r)) => match r {
+                Ok(Some(_)) => self.open_purge_consumer(PendingPurge {
+                    channel,
+                    queue: m.queue,
+                    no_wait: m.no_wait,
+                    attempts: 0,
+                }),
+                Ok(None) => {
+                    let e =
+                        ConnError::new(NOT_FOUND, vhost_text(&format!("no queue '{}'", m.queue)));
+                    self.close_channel(channel, e.caused_by(&Method::QueuePurge(m)));
+                }
+                Err(e) => failed(self, channel, &e),
+            },
             (Task::GetQueue { channel, m }, Outcome::Kv(r)) => match r {
-                Ok(Some(_)) => self.basic_get(channel, m.queue, m.no_ack),
+                Ok(Some(bytes)) => {
+                    let policy = Queue::decode(&bytes)
+                        .map(|q| QueuePolicy::of(&m.queue, &q))
+                        .unwrap_or_default();
+                    self.basic_get(channel, m.queue, m.no_ack, policy)
+                }
                 Ok(None) => {
                     let e =
                         ConnError::new(NOT_FOUND, vhost_text(&format!("no queue '{}'", m.queue)));
@@ -1160,6 +1356,13 @@ impl AmqpConnection {
         else {
             return;
         };
+        let expiration = BasicProperties::read(&header.properties)
+            .ok()
+            .and_then(|p| p.expiration);
+        if let Some(e) = expiration.filter(|e| !crate::queue_policy::valid_expiration(e)) {
+            let err = ConnError::new(PRECONDITION_FAILED, format!("invalid expiration '{e}'"));
+            return self.close_channel(channel, err.caused_by(&Method::BasicPublish(publish)));
+        }
         let content = ContentDone {
             publish,
             header,
@@ -1243,14 +1446,27 @@ impl AmqpConnection {
         }
     }
 
-    fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool) {
-        let Some(state) = self.channels.get_mut(&channel) else {
+    fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool, policy: QueuePolicy) {
+        loop {
+            let Some(state) = self.channels.get_mut(&channel) else {
+                return;
+            };
+            let getter = state.getters.entry(queue.clone()).or_default();
+            getter.policy = policy.clone();
+            let Some(m) = getter.ready.pop_front() else {
+                break;
+            };
+            if !self.expire(&m) {
+                return self.get_ok(channel, m, no_ack);
+            }
+        }
+        let Some(getter) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|s| s.getters.get_mut(&queue))
+        else {
             return;
         };
-        let getter = state.getters.entry(queue.clone()).or_default();
-        if let Some(m) = getter.ready.pop_front() {
-            return self.get_ok(channel, m, no_ack);
-        }
         let first = getter.sub.is_none();
         if first {
             let token = self.ops.start(Op::Getter {
@@ -1294,6 +1510,8 @@ impl AmqpConnection {
     }
 
     fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool) {
+        let (exchange, routing_key, properties) = delivery_fields(&m);
+        let dead_letter = self.keep_for_dead_letter(&m, &exchange, &routing_key, &properties);
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
@@ -1302,11 +1520,13 @@ impl AmqpConnection {
         if no_ack {
             self.out.ack(m.subscription, m.delivery_id);
         } else {
-            state
-                .unacked
-                .insert(delivery_tag, (m.subscription, m.delivery_id));
+            let u = Unacked {
+                sub: m.subscription,
+                delivery_id: m.delivery_id,
+                dead_letter,
+            };
+            state.unacked.insert(delivery_tag, u);
         }
-        let (exchange, routing_key, properties) = delivery_fields(&m);
         let mut bytes = Vec::new();
         write_method(
             &mut bytes,
@@ -1349,6 +1569,7 @@ impl AmqpConnection {
                 {
                     Some(g) => {
                         g.sub = Some(sub);
+                        self.policies.insert(sub, g.policy.clone());
                         self.getters.insert(sub, (channel, queue));
                     }
                     None => self.out.push(Action::Unsubscribe { sub, delete: false }),
@@ -1382,6 +1603,9 @@ impl AmqpConnection {
 
     /// A message of a getter's consumer: the pending `basic.get` takes it, or it waits.
     fn on_getter_message(&mut self, channel: u16, queue: String, m: Message) {
+        if self.expire(&m) {
+            return;
+        }
         match self.pending_get.take() {
             Some(g) if g.channel == channel && g.queue == queue => {
                 self.busy = false;
@@ -1461,19 +1685,26 @@ impl AmqpConnection {
         let Some((channel, tag, no_ack)) = self.consumers.get(&m.subscription).cloned() else {
             return;
         };
+        if self.expire(&m) {
+            return;
+        }
+        let (exchange, routing_key, properties) = delivery_fields(&m);
+        let dead_letter = self.keep_for_dead_letter(&m, &exchange, &routing_key, &properties);
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
-        let (exchange, routing_key, properties) = delivery_fields(&m);
         state.delivery_tag += 1;
         let delivery_tag = state.delivery_tag;
         if no_ack {
             // Settled as it is sent (§1.8.3.3 no-ack).
             self.out.ack(m.subscription, m.delivery_id);
         } else {
-            state
-                .unacked
-                .insert(delivery_tag, (m.subscription, m.delivery_id));
+            let u = Unacked {
+                sub: m.subscription,
+                delivery_id: m.delivery_id,
+                dead_letter,
+            };
+            state.unacked.insert(delivery_tag, u);
         }
         let mut bytes = Vec::new();
         write_method(
@@ -1521,14 +1752,120 @@ impl AmqpConnection {
             let e = ConnError::new(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"));
             return self.close_channel(channel, e.caused_by(cause));
         };
-        for t in tags {
-            let Some((sub, delivery_id)) = state.unacked.remove(&t) else {
-                continue;
-            };
-            match requeue {
-                Some(true) => self.out.push(Action::Nack { sub, delivery_id }),
+        let settled: Vec<Unacked> = tags
+            .iter()
+            .filter_map(|t| state.unacked.remove(t))
+            .collect();
+        for u in settled {
+            let (sub, delivery_id) = (u.sub, u.delivery_id);
+            match (requeue, u.dead_letter) {
+                (Some(true), _) => self.out.push(Action::Nack { sub, delivery_id }),
+                (Some(false), Some(d)) => self.dead_letter(sub, delivery_id, *d, Reason::Rejected),
                 _ => self.out.ack(sub, delivery_id),
             }
+        }
+    }
+
+    /// What dead-lettering `m` would take, if its queue dead-letters.
+    fn keep_for_dead_letter(
+        &self,
+        m: &Message,
+        exchange: &str,
+        routing_key: &str,
+        properties: &[u8],
+    ) -> Option<Box<Delivered>> {
+        let policy = self.policies.get(&m.subscription)?;
+        policy.dead_letters().then(|| {
+            Box::new(Delivered {
+                exchange: exchange.to_string(),
+                routing_key: routing_key.to_string(),
+                properties: properties.to_vec(),
+                payload: m.payload.clone(),
+            })
+        })
+    }
+
+    /// Settles `m` instead of delivering it if its TTL passed (dead-lettered, or dropped):
+    /// whether it did.
+    fn expire(&mut self, m: &Message) -> bool {
+        let Some(policy) = self.policies.get(&m.subscription) else {
+            return false;
+        };
+        let (exchange, routing_key, properties) = delivery_fields(m);
+        // The expiration property's flag (§4.2.6.1: bit 8 of the first flag word).
+        let own_ttl = properties.first().is_some_and(|b| b & 1 != 0);
+        if policy.message_ttl.is_none() && !own_ttl {
+            return false;
+        }
+        let props = BasicProperties::read(&properties).unwrap_or_default();
+        if !policy.expired(&props, m.publish_time_ms, self.now_ms) {
+            return false;
+        }
+        let d = Delivered {
+            exchange,
+            routing_key,
+            properties,
+            payload: m.payload.clone(),
+        };
+        self.dead_letter(m.subscription, m.delivery_id, d, Reason::Expired);
+        true
+    }
+
+    /// Dead-letters a message of the consumer `sub` (RabbitMQ's dead-letter exchanges):
+    /// republished to its queue's dead-letter exchange with an `x-death` header and settled
+    /// in its queue at once; dropped if the queue has none. At most once, as RabbitMQ's
+    /// classic queues dead-letter: a crash between the two loses the message (settling once
+    /// the copy is stored would need the consumer kept open past `basic.cancel` until then).
+    fn dead_letter(&mut self, sub: SubId, delivery_id: u64, d: Delivered, reason: Reason) {
+        let Some(policy) = self.policies.get(&sub) else {
+            return self.out.ack(sub, delivery_id);
+        };
+        let Some((exchange, routing_key)) = policy.dead_letter_route(&d.routing_key) else {
+            return self.out.ack(sub, delivery_id);
+        };
+        let props = BasicProperties::read(&d.properties).unwrap_or_default();
+        let props = policy.dead_lettered(
+            &props,
+            reason,
+            &d.exchange,
+            &d.routing_key,
+            self.now_ms / 1000,
+        );
+        let mut properties = Vec::new();
+        props.write(&mut properties);
+        let publish = BasicPublish {
+            exchange,
+            routing_key,
+            ..Default::default()
+        };
+        let header = ContentHeader {
+            class_id: 60,
+            body_size: d.payload.len() as u64,
+            properties,
+        };
+        // As published to a headers exchange: the header properties route it if the
+        // dead-letter exchange is one (other exchanges' filters ignore them).
+        let properties = message_properties_of(&publish, &header, ExchangeType::Headers);
+        self.out.ack(sub, delivery_id);
+        let token = self.ops.start(Op::DeadLetter);
+        self.out.push(Action::Publish {
+            token,
+            msg: OutboundMessage {
+                topic: topology::SOURCE.into(),
+                key: None,
+                payload: d.payload,
+                properties,
+            },
+        });
+    }
+
+    /// A dead-lettered message's copy is stored, or lost.
+    pub(super) fn on_dead_lettered(&mut self, result: Result<(), OpError>) {
+        if let Err(e) = result {
+            self.log(
+                LogLevel::Warn,
+                format!("dead-lettering failed: {}", e.message),
+            );
         }
     }
 }

@@ -83,8 +83,17 @@ enum Op {
         channel: u16,
         seq: Option<u64>,
     },
+    /// A message dead-lettered from a queue, published to its dead-letter exchange.
+    DeadLetter,
     /// A consumer being opened.
     Consume(channel::PendingConsume),
+    /// `queue.purge`'s consumer being opened, then its seek to the queue's end.
+    Purge(channel::PendingPurge),
+    PurgeSeek {
+        channel: u16,
+        sub: SubId,
+        no_wait: bool,
+    },
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
         channel: u16,
@@ -162,6 +171,9 @@ pub struct AmqpConnection {
     consumers: HashMap<SubId, (u16, String, bool)>,
     /// `basic.get` consumers by subscription: channel and queue.
     getters: HashMap<SubId, (u16, String)>,
+    /// The queue arguments that act on the messages of each consumer and `basic.get`
+    /// consumer (expiry, dead-lettering).
+    policies: HashMap<SubId, crate::queue_policy::QueuePolicy>,
     /// A `basic.get` waiting for a message.
     pending_get: Option<channel::PendingGet>,
     /// Names this connection gives server-named queues.
@@ -197,6 +209,7 @@ impl AmqpConnection {
             busy: false,
             consumers: HashMap::new(),
             getters: HashMap::new(),
+            policies: HashMap::new(),
             pending_get: None,
             name_seed: 0,
             names_given: 0,
@@ -262,6 +275,9 @@ impl AmqpConnection {
         if self.phase == Phase::Done {
             return;
         }
+        // Any bytes are a sign of life (§4.2.7), also while frames wait undecoded behind a
+        // method that waits for the host.
+        self.last_recv_ms = now_ms;
         self.input.push(bytes);
         if self.phase == Phase::Header {
             let pending = self.input.pending();
@@ -576,6 +592,7 @@ impl Machine for AmqpConnection {
             Event::SubscribeResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Sub(result)),
                 Some(Op::Consume(c)) => self.on_consume_result(c, result),
+                Some(Op::Purge(p)) => self.on_purge_consumer(p, result),
                 Some(Op::Getter { channel, queue }) => {
                     self.on_getter_result(channel, queue, result)
                 }
@@ -592,9 +609,19 @@ impl Machine for AmqpConnection {
                     self.step(task, channel::Outcome::Scan(result));
                 }
             }
-            Event::PublishResult { token, result } => {
-                if let Some(Op::Publish { channel, seq }) = self.ops.complete(token) {
-                    self.on_published(channel, seq, result);
+            Event::PublishResult { token, result } => match self.ops.complete(token) {
+                Some(Op::Publish { channel, seq }) => self.on_published(channel, seq, result),
+                Some(Op::DeadLetter) => self.on_dead_lettered(result),
+                _ => {}
+            },
+            Event::Position { token, result } => {
+                if let Some(Op::PurgeSeek {
+                    channel,
+                    sub,
+                    no_wait,
+                }) = self.ops.complete(token)
+                {
+                    self.on_purged(channel, sub, no_wait, result.map(|_| ()));
                 }
             }
             Event::Message(m) => self.on_message(m),

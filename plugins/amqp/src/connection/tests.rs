@@ -667,3 +667,113 @@ fn basic_get_answers_a_waiting_message_or_get_empty_after_its_wait() {
             || matches!(a, Action::Ack { delivery_id: 3, .. })
     ));
 }
+
+#[test]
+fn heartbeats_count_while_a_method_waits_for_the_host() {
+    let mut h = host();
+    open(&mut h, 2);
+    h.data(&frame(1, Method::ChannelOpen(ChannelOpen::default())));
+    // A declaration whose kv read never completes: frames behind it wait undecoded.
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    for _ in 0..8 {
+        let mut hb = Vec::new();
+        Frame::Heartbeat.write(&mut hb);
+        h.data(&hb);
+        h.advance(1000);
+    }
+    assert!(h.closed().is_none(), "the client's heartbeats arrived");
+}
+
+#[test]
+fn expired_and_rejected_messages_go_to_the_dead_letter_exchange_and_recover_requeues() {
+    let mut h = running();
+    let mut queue = crate::topology::Queue::default();
+    queue
+        .arguments
+        .insert("x-message-ttl", FieldValue::I32(1000))
+        .insert(
+            "x-dead-letter-exchange",
+            FieldValue::LongStr(b"dlx".to_vec()),
+        );
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c1".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let message = |id: u64, publish_time_ms: u64| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: id,
+        message_id: vec![],
+        key: None,
+        payload: b"body".to_vec(),
+        properties: vec![magnetar_sdk::Property {
+            key: "amqp.routing-key".into(),
+            value: "q".into(),
+        }],
+        publish_time_ms,
+        event_time_ms: None,
+        redelivery_count: 0,
+    };
+    let dead_letters = |actions: &[Action]| -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish { msg, .. } => msg
+                    .properties
+                    .iter()
+                    .find(|p| p.key == "amqp.key")
+                    .map(|p| p.value.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    // Older than the queue's TTL: not delivered, dead-lettered with its own routing key.
+    h.feed(Event::Message(message(7, T0 - 5000)));
+    assert!(sent(&mut h).is_empty());
+    assert_eq!(dead_letters(&h.take_actions()), ["dlx.q"]);
+    // Fresh: delivered; rejected without requeue: dead-lettered.
+    h.feed(Event::Message(message(8, T0)));
+    h.feed(Event::Message(message(9, T0)));
+    assert_eq!(sent(&mut h).len(), 6);
+    h.take_actions();
+    h.data(&frame(
+        1,
+        Method::BasicReject(BasicReject {
+            delivery_tag: 1,
+            requeue: false,
+        }),
+    ));
+    assert_eq!(dead_letters(&h.take_actions()), ["dlx.q"]);
+    // Recover: the one left is given back.
+    h.data(&frame(
+        1,
+        Method::BasicRecover(BasicRecover { requeue: true }),
+    ));
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicRecoverOk(_))]
+    ));
+    let nacked: Vec<u64> = h
+        .take_actions()
+        .iter()
+        .filter_map(|a| match a {
+            Action::Nack { delivery_id, .. } => Some(*delivery_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(nacked, [9]);
+}

@@ -25,6 +25,8 @@ pub enum EngineMessage<Exe: Executor> {
     /// magnetar patch: several individual acks in one `CommandAck`.
     AckMany(Vec<MessageIdData>),
     Nack(MessageIdData),
+    /// magnetar patch: flow permits granted by the application (`ConsumerOptions::manual_flow`).
+    Flow(u32),
     UnackedRedelivery,
     GetConnection(oneshot::Sender<Arc<Connection<Exe>>>),
 }

@@ -91,7 +91,9 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             event_tx,
             deferred: None,
             batch_size,
-            remaining_messages: batch_size as i64,
+            // (magnetar patch) with manual flow, the permits the application granted and the
+            // broker has not used yet: none so far.
+            remaining_messages: if options.manual_flow { 0 } else { batch_size as i64 },
             unacked_message_redelivery_delay,
             unacked_messages: HashMap::new(),
             dead_letter_policy,
@@ -180,7 +182,9 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             // BatchMessage (1024) -> (batch_size = 1000, remaining_messages = 4294967096, no flow message trigger) [underflow on remaining messages - without the patch]
             // BatchMessage (1024) -> (batch_size = 1000, remaining_messages = -1124, flow message trigger, ask broker to send =>  batch_size - remaining_messages = 2124) [no underflow on remaining messages - with the patch]
             // ```
-            if self.remaining_messages < (self.batch_size.div_ceil(2) as i64) {
+            if !self.options.manual_flow
+                && self.remaining_messages < (self.batch_size.div_ceil(2) as i64)
+            {
                 match self
                     .connection
                     .sender()
@@ -316,6 +320,14 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                         "could not ask for redelivery for message {:?}: {:?}",
                         message_id, e
                     );
+                }
+                true
+            }
+            Some(EngineMessage::Flow(permits)) => {
+                match self.connection.sender().send_flow(self.id, permits).await {
+                    Ok(()) => self.remaining_messages += permits as i64,
+                    // Lost with the connection: a reconnection grants what is outstanding.
+                    Err(e) => error!("could not grant {permits} flow permits: {e:?}"),
                 }
                 true
             }
@@ -707,13 +719,21 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             self.id,
             &self.name,
             &self.options,
-            self.batch_size,
+            // (magnetar patch) with manual flow, the new subscription gets the permits the
+            // old one had not used (granted, not received).
+            if self.options.manual_flow {
+                self.remaining_messages.clamp(0, u32::MAX as i64) as u32
+            } else {
+                self.batch_size
+            },
             // The broker may still hold this consumer's previous connection.
             true,
         )
         .await?;
 
-        self.remaining_messages = self.batch_size as i64;
+        if !self.options.manual_flow {
+            self.remaining_messages = self.batch_size as i64;
+        }
         self.messages_rx = Some(messages);
 
         Ok(())

@@ -190,6 +190,16 @@ impl<T: DeserializeMessage, Exe: Executor> Consumer<T, Exe> {
         }
     }
 
+    /// (magnetar patch) grants the broker `permits` more messages for `topic`, with
+    /// `ConsumerOptions::manual_flow` (where the consumer grants none by itself)
+    #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
+    pub async fn grant_permits(&mut self, topic: &str, permits: u32) -> Result<(), ConsumerError> {
+        match &mut self.inner {
+            InnerConsumer::Single(c) => c.grant_permits(permits).await,
+            InnerConsumer::Multi(c) => c.grant_permits(topic, permits).await,
+        }
+    }
+
     /// seek currently destroys the existing consumer and creates a new one
     /// this is how java and cpp pulsar client implement this feature mainly because
     /// there are many minor problems with flushing existing messages and receiving new ones

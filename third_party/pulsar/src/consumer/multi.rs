@@ -287,6 +287,15 @@ impl<T: DeserializeMessage, Exe: Executor> MultiTopicConsumer<T, Exe> {
         }
     }
 
+    /// (magnetar patch) grants `permits` to the consumer of `topic`
+    pub async fn grant_permits(&mut self, topic: &str, permits: u32) -> Result<(), ConsumerError> {
+        if let Some(c) = self.consumers.get_mut(topic) {
+            c.grant_permits(permits).await
+        } else {
+            Err(ConnectionError::Unexpected(format!("no consumer for topic {topic}")).into())
+        }
+    }
+
     /// Assume that this seek method will call seek for the topics given in the consumer_ids
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn seek(

@@ -41,6 +41,16 @@ pub struct ConsumerOptions {
     ///
     /// default: false (retry, as the stock crate)
     pub fail_if_busy: bool,
+    /// (magnetar patch) The application grants the broker's flow permits itself
+    /// (`Consumer::grant_permits`), so that the broker sends this consumer only what the
+    /// application has room for; the consumer sends none on its own (none when it
+    /// subscribes, none as messages arrive; on a reconnection, those granted and not yet
+    /// received again). The stock crate grants permits as messages reach its queue, so a
+    /// consumer whose application takes nothing still receives more, which a Shared
+    /// subscription's other consumers then miss.
+    ///
+    /// default: false (the consumer grants `batch_size` permits at a time, as the stock crate)
+    pub manual_flow: bool,
 }
 
 impl ConsumerOptions {

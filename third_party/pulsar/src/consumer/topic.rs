@@ -78,7 +78,8 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             consumer_id,
             &consumer_name,
             &options,
-            batch_size,
+            // (magnetar patch) a manual-flow consumer waits for the application's permits.
+            if options.manual_flow { 0 } else { batch_size },
             !options.fail_if_busy,
         )
         .await?;
@@ -243,6 +244,12 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn nack_with_id(&mut self, msg_id: MessageIdData) -> Result<(), ConsumerError> {
         self.engine_tx.send(EngineMessage::Nack(msg_id)).await?;
+        Ok(())
+    }
+
+    /// (magnetar patch) grants the broker `permits` more messages (`ConsumerOptions::manual_flow`)
+    pub async fn grant_permits(&mut self, permits: u32) -> Result<(), ConsumerError> {
+        self.engine_tx.send(EngineMessage::Flow(permits)).await?;
         Ok(())
     }
 

@@ -1,0 +1,336 @@
+//! What a queue's arguments ask of its messages, as RabbitMQ 3.x does it: expiry
+//! (`x-message-ttl`, and a message's own `expiration`, the lower of the two counting) and
+//! dead-lettering (`x-dead-letter-exchange`, `x-dead-letter-routing-key`) of messages
+//! rejected without requeue or expired, with the `x-death` header RabbitMQ writes
+//! (`rabbit_dead_letter`).
+//!
+//! Expiry is applied where a message leaves the queue: a consumer or `basic.get` that
+//! receives an expired message settles it (dead-lettered, or dropped) instead of handing it
+//! to the client. RabbitMQ drops expired messages at the head of the queue as well; here an
+//! expired message waits in the queue topic until a consumer reaches it, which no client
+//! sees, except in a queue's length (which the gateway does not report).
+
+use crate::codec::{BasicProperties, FieldTable, FieldValue};
+use crate::topology::Queue;
+
+/// The arguments of a queue that act on its messages.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueuePolicy {
+    /// The queue's name (for `x-death`).
+    pub queue: String,
+    /// `x-message-ttl`, milliseconds.
+    pub message_ttl: Option<u64>,
+    /// `x-dead-letter-exchange`: where rejected and expired messages go.
+    pub dead_letter_exchange: Option<String>,
+    /// `x-dead-letter-routing-key`: their routing key there (else their own).
+    pub dead_letter_routing_key: Option<String>,
+}
+
+/// Why a message is dead-lettered (the `reason` of `x-death`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `basic.reject` or `basic.nack` with `requeue` false.
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+}
+
+impl Reason {
+    fn name(self) -> &'static str {
+        match self {
+            Reason::Rejected => "rejected",
+            Reason::Expired => "expired",
+        }
+    }
+}
+
+/// An integer argument of any of the integer types clients send.
+fn integer(v: &FieldValue) -> Option<i64> {
+    Some(match *v {
+        FieldValue::I8(n) => i64::from(n),
+        FieldValue::U8(n) => i64::from(n),
+        FieldValue::I16(n) => i64::from(n),
+        FieldValue::U16(n) => i64::from(n),
+        FieldValue::I32(n) => i64::from(n),
+        FieldValue::U32(n) => i64::from(n),
+        FieldValue::I64(n) => n,
+        _ => return None,
+    })
+}
+
+/// A queue argument RabbitMQ refuses (406 PRECONDITION_FAILED), and why.
+pub fn invalid_argument(args: &FieldTable) -> Option<(&'static str, String)> {
+    let ttl = args.get("x-message-ttl")?;
+    match integer(ttl) {
+        None => Some(("x-message-ttl", "not an integer".into())),
+        Some(n) if n < 0 => Some(("x-message-ttl", format!("{{value_negative,{n}}}"))),
+        Some(_) => None,
+    }
+}
+
+/// Whether a message's `expiration` is one RabbitMQ takes: a non-negative integer of
+/// milliseconds, as text.
+pub fn valid_expiration(expiration: &str) -> bool {
+    !expiration.is_empty()
+        && expiration.bytes().all(|b| b.is_ascii_digit())
+        && expiration.parse::<u64>().is_ok()
+}
+
+impl QueuePolicy {
+    /// The policy of the queue `name`, from its declared arguments.
+    pub fn of(name: &str, queue: &Queue) -> Self {
+        let args = &queue.arguments;
+        let text = |k: &str| args.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        QueuePolicy {
+            queue: name.to_string(),
+            message_ttl: args
+                .get("x-message-ttl")
+                .and_then(integer)
+                .and_then(|n| u64::try_from(n).ok()),
+            dead_letter_exchange: text("x-dead-letter-exchange"),
+            dead_letter_routing_key: text("x-dead-letter-routing-key"),
+        }
+    }
+
+    /// Whether messages of this queue are dead-lettered (else dropped) when rejected or
+    /// expired.
+    pub fn dead_letters(&self) -> bool {
+        self.dead_letter_exchange.is_some()
+    }
+
+    /// Whether a message published at `published_ms` with `properties` has expired at
+    /// `now_ms`: its TTL (the queue's, or the message's own `expiration` if lower) passed.
+    /// A message whose TTL is 0 expires unless delivered at once, in RabbitMQ; here, in the
+    /// millisecond it was published.
+    pub fn expired(&self, properties: &BasicProperties, published_ms: u64, now_ms: u64) -> bool {
+        let own = properties
+            .expiration
+            .as_deref()
+            .and_then(|e| e.parse::<u64>().ok());
+        let ttl = match (self.message_ttl, own) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(t) => t,
+                None => return false,
+            },
+        };
+        now_ms.saturating_sub(published_ms) > ttl
+    }
+
+    /// Where a dead-lettered message goes: the exchange and routing keys, or `None` when the
+    /// queue has no dead-letter exchange.
+    pub fn dead_letter_route(&self, routing_key: &str) -> Option<(String, String)> {
+        let exchange = self.dead_letter_exchange.clone()?;
+        let key = self
+            .dead_letter_routing_key
+            .clone()
+            .unwrap_or_else(|| routing_key.to_string());
+        Some((exchange, key))
+    }
+
+    /// A message's properties once dead-lettered from this queue for `reason` at
+    /// `now_s` (seconds since the epoch), as RabbitMQ 3.10 writes them
+    /// (`rabbit_dead_letter:make_msg`): an `x-death` entry (count, reason, queue, time,
+    /// exchange, routing keys, and the message's own expiration as `original-expiration`)
+    /// added in front, or the matching entry's count raised; on the first death
+    /// `x-first-death-reason`, `-queue` and `-exchange`; the headers sorted by name; the
+    /// `expiration` removed (and `CC` with a dead-letter routing key).
+    pub fn dead_lettered(
+        &self,
+        properties: &BasicProperties,
+        reason: Reason,
+        exchange: &str,
+        routing_key: &str,
+        now_s: u64,
+    ) -> BasicProperties {
+        let mut out = properties.clone();
+        let mut headers = out.headers.take().unwrap_or_default();
+        let long = |s: &str| FieldValue::LongStr(s.as_bytes().to_vec());
+        let mut info = FieldTable::default();
+        info.insert("reason", long(reason.name()))
+            .insert("queue", long(&self.queue))
+            .insert("time", FieldValue::Timestamp(now_s))
+            .insert("exchange", long(exchange))
+            .insert("routing-keys", FieldValue::Array(vec![long(routing_key)]));
+        if let Some(e) = &properties.expiration {
+            info.insert("original-expiration", long(e));
+        }
+        let deaths = match headers.get("x-death") {
+            Some(FieldValue::Array(tables)) => Some(tables.clone()),
+            _ => None,
+        };
+        match deaths {
+            None => {
+                set(&mut headers, "x-first-death-reason", long(reason.name()));
+                set(&mut headers, "x-first-death-queue", long(&self.queue));
+                set(&mut headers, "x-first-death-exchange", long(exchange));
+                let mut first = FieldTable::default();
+                first.insert("count", FieldValue::I64(1));
+                first.0.extend(info.0);
+                set(
+                    &mut headers,
+                    "x-death",
+                    FieldValue::Array(vec![FieldValue::Table(first)]),
+                );
+            }
+            Some(tables) => {
+                let same = |t: &FieldValue| match t {
+                    FieldValue::Table(t) => {
+                        t.get("queue").and_then(FieldValue::as_str) == Some(self.queue.as_str())
+                            && t.get("reason").and_then(FieldValue::as_str) == Some(reason.name())
+                    }
+                    _ => false,
+                };
+                let (matching, others): (Vec<FieldValue>, Vec<FieldValue>) =
+                    tables.into_iter().partition(same);
+                let mut entry = match matching.into_iter().next() {
+                    // RabbitMQ raises the count and keeps the entry's other fields.
+                    Some(FieldValue::Table(mut t)) => {
+                        let count = t.get("count").and_then(integer).unwrap_or(0);
+                        set(&mut t, "count", FieldValue::I64(count.saturating_add(1)));
+                        t
+                    }
+                    _ => {
+                        let mut t = info;
+                        t.insert("count", FieldValue::I64(1));
+                        t
+                    }
+                };
+                sort(&mut entry);
+                let mut all = vec![FieldValue::Table(entry)];
+                all.extend(others);
+                set(&mut headers, "x-death", FieldValue::Array(all));
+            }
+        }
+        if self.dead_letter_routing_key.is_some() {
+            headers.0.retain(|(k, _)| k != "CC");
+        }
+        out.headers = Some(headers);
+        out.expiration = None;
+        out
+    }
+}
+
+/// Sets `name` in a table, which ends sorted by name (RabbitMQ's `set_table_value`).
+fn set(table: &mut FieldTable, name: &str, value: FieldValue) {
+    match table.0.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => *v = value,
+        None => table.0.push((name.to_string(), value)),
+    }
+    sort(table);
+}
+
+fn sort(table: &mut FieldTable) {
+    table.0.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(args: &[(&str, FieldValue)]) -> QueuePolicy {
+        let mut queue = Queue::default();
+        for (k, v) in args {
+            queue.arguments.insert(k, v.clone());
+        }
+        QueuePolicy::of("work", &queue)
+    }
+
+    fn long(s: &str) -> FieldValue {
+        FieldValue::LongStr(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_lower_of_the_queue_and_message_ttl_counts() {
+        let p = policy(&[("x-message-ttl", FieldValue::I32(1000))]);
+        let mut props = BasicProperties::default();
+        assert!(!p.expired(&props, 10_000, 11_000));
+        assert!(p.expired(&props, 10_000, 11_001));
+        props.expiration = Some("100".into());
+        assert!(p.expired(&props, 10_000, 10_101));
+        assert!(!policy(&[]).expired(&BasicProperties::default(), 0, u64::MAX));
+        props.expiration = Some("not a number".into());
+        assert!(!policy(&[]).expired(&props, 0, u64::MAX));
+    }
+
+    #[test]
+    fn a_first_death_writes_x_death_and_the_first_death_headers() {
+        let p = policy(&[
+            ("x-dead-letter-exchange", long("dlx")),
+            ("x-dead-letter-routing-key", long("dead")),
+        ]);
+        let mut headers = FieldTable::default();
+        headers
+            .insert("z", long("kept"))
+            .insert("CC", long("other"));
+        let props = BasicProperties {
+            headers: Some(headers),
+            expiration: Some("60000".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.dead_letter_route("job"),
+            Some(("dlx".to_string(), "dead".to_string()))
+        );
+        let out = p.dead_lettered(&props, Reason::Rejected, "", "work", 1_700_000_000);
+        assert_eq!(out.expiration, None);
+        let h = out.headers.expect("headers");
+        let names: Vec<&str> = h.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-death",
+                "x-first-death-exchange",
+                "x-first-death-queue",
+                "x-first-death-reason",
+                "z"
+            ]
+        );
+        let Some(FieldValue::Array(deaths)) = h.get("x-death") else {
+            panic!("no x-death");
+        };
+        let [FieldValue::Table(d)] = deaths.as_slice() else {
+            panic!("one entry expected");
+        };
+        assert_eq!(d.get("count"), Some(&FieldValue::I64(1)));
+        assert_eq!(d.get("reason"), Some(&long("rejected")));
+        assert_eq!(d.get("queue"), Some(&long("work")));
+        assert_eq!(d.get("time"), Some(&FieldValue::Timestamp(1_700_000_000)));
+        assert_eq!(d.get("exchange"), Some(&long("")));
+        assert_eq!(
+            d.get("routing-keys"),
+            Some(&FieldValue::Array(vec![long("work")]))
+        );
+        assert_eq!(d.get("original-expiration"), Some(&long("60000")));
+    }
+
+    #[test]
+    fn a_second_death_in_the_same_queue_for_the_same_reason_counts_up() {
+        let p = policy(&[("x-dead-letter-exchange", long("dlx"))]);
+        let once = p.dead_lettered(&BasicProperties::default(), Reason::Rejected, "", "q", 1);
+        let twice = p.dead_lettered(&once, Reason::Rejected, "", "q", 2);
+        let expired = p.dead_lettered(&twice, Reason::Expired, "", "q", 3);
+        let h = expired.headers.expect("headers");
+        let Some(FieldValue::Array(deaths)) = h.get("x-death") else {
+            panic!("no x-death");
+        };
+        assert_eq!(deaths.len(), 2);
+        let counts: Vec<(Option<&str>, Option<&FieldValue>)> = deaths
+            .iter()
+            .map(|d| match d {
+                FieldValue::Table(t) => {
+                    (t.get("reason").and_then(FieldValue::as_str), t.get("count"))
+                }
+                _ => (None, None),
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                (Some("expired"), Some(&FieldValue::I64(1))),
+                (Some("rejected"), Some(&FieldValue::I64(2)))
+            ]
+        );
+        assert_eq!(h.get("x-first-death-reason"), Some(&long("rejected")));
+    }
+}

@@ -1,0 +1,207 @@
+"""What RabbitMQ does with a queue's waiting, unacknowledged, expired and rejected messages,
+and the gateway the same: `queue.purge`, `basic.recover`, per-message `expiration` and
+`x-message-ttl`, dead-letter exchanges with the `x-death` header. Each test runs against a private RabbitMQ and against Magnetar
+(`amqp_server`), with pika."""
+import datetime
+import time
+
+import pika
+import pika.exceptions
+import pytest
+
+from amqp_servers import (  # noqa: F401 (fixtures)
+    amqp_server,
+    magnetar_amqp_server,
+    rabbitmq_server,
+    unique,
+)
+from test_amqp_messaging import bodies, conn, receive  # noqa: F401 (fixture)
+
+
+def test_purge_drops_the_waiting_messages(conn):
+    q = unique("purge")
+    ch1 = conn.channel()
+    ch1.queue_declare(q)
+    for i in range(5):
+        ch1.basic_publish("", q, f"p-{i}".encode())
+    # All five are in the queue once a consumer has had them; closing its channel puts them
+    # back (unacknowledged).
+    assert len(receive(ch1, q, 5)) == 5
+    ch1.close()
+    ch2 = conn.channel()
+    assert ch2.queue_purge(q).method.NAME == "Queue.PurgeOk"
+    assert receive(ch2, q, 1, timeout=1.5) == []
+    ch2.basic_publish("", q, b"after")
+    assert bodies(receive(ch2, q, 2, timeout=3.0)) == [b"after"]
+
+
+def test_purge_of_a_missing_queue_closes_the_channel_with_404(conn):
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_purge(unique("missing"))
+    assert e.value.reply_code == 404
+
+
+def test_recover_redelivers_every_unacknowledged_message(conn):
+    ch = conn.channel()
+    q = unique("recover")
+    ch.queue_declare(q)
+    for i in range(3):
+        ch.basic_publish("", q, f"r-{i}".encode())
+    first = receive(ch, q, 3)
+    assert bodies(first) == [b"r-0", b"r-1", b"r-2"]
+    assert not any(m.redelivered for m, _, _ in first)
+    ch.basic_recover(requeue=True)
+    again = receive(ch, q, 3)
+    assert bodies(again) == [b"r-0", b"r-1", b"r-2"]
+    assert all(m.redelivered for m, _, _ in again)
+    # The first delivery tags are void: acking the new ones empties the queue.
+    ch.basic_ack(again[-1][0].delivery_tag, multiple=True)
+    ch.cancel()
+    assert receive(ch, q, 1, timeout=1.0) == []
+
+
+def test_recover_without_requeue_is_not_implemented(conn):
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as e:
+        ch.basic_recover(requeue=False)
+    assert e.value.reply_code == 540
+
+
+def test_message_expiration_and_queue_ttl_drop_messages_that_waited_longer(conn):
+    ch = conn.channel()
+    q = unique("ttl")
+    ch.queue_declare(q, arguments={"x-message-ttl": 1500})
+    ch.basic_publish("", q, b"queue-ttl")
+    ch.basic_publish("", q, b"own-ttl", pika.BasicProperties(expiration="300"))
+    ch.basic_publish("", q, b"own-ttl-longer", pika.BasicProperties(expiration="60000"))
+    # Both TTLs must pass while the messages wait: time itself is the condition.
+    time.sleep(1.8)
+    ch.basic_publish("", q, b"fresh")
+    ch.basic_publish("", q, b"fresh-own", pika.BasicProperties(expiration="60000"))
+    got = receive(ch, q, 2, timeout=5.0, auto_ack=True)
+    assert bodies(got) == [b"fresh", b"fresh-own"]
+    ch.cancel()
+    assert receive(ch, q, 1, timeout=1.0) == []
+
+
+def test_invalid_ttls_close_the_channel_with_406(conn):
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(unique("ttl-bad"), arguments={"x-message-ttl": -1})
+    assert e.value.reply_code == 406
+    ch = conn.channel()
+    q = unique("expiration-bad")
+    ch.queue_declare(q)
+    ch.basic_publish("", q, b"x", pika.BasicProperties(expiration="soon"))
+    # The channel error arrives asynchronously; the next synchronous method sees it.
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_declare(q, passive=True)
+    assert e.value.reply_code == 406
+
+
+def test_message_expiration_applies_to_basic_get(conn):
+    ch = conn.channel()
+    q = unique("ttl-get")
+    ch.queue_declare(q)
+    ch.basic_publish("", q, b"short", pika.BasicProperties(expiration="200"))
+    ch.basic_publish("", q, b"long", pika.BasicProperties(expiration="60000"))
+    time.sleep(0.6)
+    deadline = time.monotonic() + 5
+    got = []
+    while time.monotonic() < deadline and len(got) < 2:
+        method, _, body = ch.basic_get(q, auto_ack=True)
+        if method is None:
+            if got:
+                break
+            continue
+        got.append(body)
+    assert got == [b"long"]
+
+
+def dead_letter_setup(ch, **queue_args):
+    """A direct dead-letter exchange, a queue bound to it with `dead`, and a queue whose
+    rejected messages go there."""
+    dlx, dlq, q = unique("dlx"), unique("dlq"), unique("work")
+    ch.exchange_declare(dlx, "direct")
+    ch.queue_declare(dlq)
+    ch.queue_bind(dlq, dlx, "dead")
+    ch.queue_declare(q, arguments={"x-dead-letter-exchange": dlx, **queue_args})
+    return dlx, dlq, q
+
+
+def test_rejected_message_is_dead_lettered_with_x_death(conn):
+    ch = conn.channel()
+    dlx, dlq, q = dead_letter_setup(ch, **{"x-dead-letter-routing-key": "dead"})
+    props = pika.BasicProperties(
+        headers={"app": "kept"}, expiration="60000", message_id="m-1", delivery_mode=2
+    )
+    ch.basic_publish("", q, b"bad job", props)
+    [(m, _, _)] = receive(ch, q, 1)
+    ch.basic_reject(m.delivery_tag, requeue=False)
+    ch.cancel()
+    [(dm, dprops, body)] = receive(ch, dlq, 1, auto_ack=True)
+    assert body == b"bad job"
+    assert (dm.exchange, dm.routing_key, dm.redelivered) == (dlx, "dead", False)
+    assert dprops.expiration is None
+    assert (dprops.message_id, dprops.delivery_mode) == ("m-1", 2)
+    h = dprops.headers
+    assert h["app"] == "kept"
+    assert h["x-first-death-reason"] == "rejected"
+    assert h["x-first-death-queue"] == q
+    assert h["x-first-death-exchange"] == ""
+    [death] = h["x-death"]
+    assert isinstance(death.pop("time"), datetime.datetime)
+    assert death == {
+        "count": 1,
+        "reason": "rejected",
+        "queue": q,
+        "exchange": "",
+        "routing-keys": [q],
+        "original-expiration": "60000",
+    }
+    # Gone from its queue.
+    ch.cancel()
+    assert receive(ch, q, 1, timeout=1.0) == []
+
+
+def test_nacked_messages_keep_their_routing_key_and_count_their_deaths(conn):
+    ch = conn.channel()
+    dlx, dlq, q = dead_letter_setup(ch)
+    # Without a dead-letter routing key the message keeps its own: bind the work queue's
+    # name too, and send the dead letters back to the work queue once.
+    ch.queue_bind(q, dlx, q)
+    ch.basic_publish("", q, b"twice")
+    [(m, _, _)] = receive(ch, q, 1)
+    ch.basic_nack(m.delivery_tag, multiple=True, requeue=False)
+    [(m2, props2, body)] = receive(ch, q, 1)
+    assert body == b"twice" and (m2.exchange, m2.routing_key) == (dlx, q)
+    [death] = props2.headers["x-death"]
+    assert (death["count"], death["reason"], death["exchange"]) == (1, "rejected", "")
+    ch.basic_reject(m2.delivery_tag, requeue=False)
+    [(m3, props3, _)] = receive(ch, q, 1)
+    [death] = props3.headers["x-death"]
+    assert (death["count"], death["queue"], death["routing-keys"]) == (2, q, [q])
+    # The first death's exchange stays the first one.
+    assert props3.headers["x-first-death-exchange"] == ""
+    ch.basic_ack(m3.delivery_tag)
+    ch.cancel()
+
+
+def test_expired_message_is_dead_lettered_with_reason_expired(conn):
+    ch = conn.channel()
+    dlx, dlq, q = dead_letter_setup(ch, **{"x-dead-letter-routing-key": "dead"})
+    ch.basic_publish("", q, b"late", pika.BasicProperties(expiration="200"))
+    time.sleep(0.5)
+    # RabbitMQ dead-letters it on its own; the gateway once a consumer reaches it.
+    assert receive(ch, q, 1, timeout=1.0) == []
+    ch.cancel()
+    [(dm, dprops, body)] = receive(ch, dlq, 1, auto_ack=True)
+    assert body == b"late" and dm.routing_key == "dead"
+    [death] = dprops.headers["x-death"]
+    assert (death["reason"], death["queue"], death["original-expiration"]) == (
+        "expired",
+        q,
+        "200",
+    )
+    assert dprops.headers["x-first-death-reason"] == "expired"
