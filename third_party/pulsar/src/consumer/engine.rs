@@ -601,7 +601,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                     if redelivery_count as usize >= dead_letter_policy.max_redeliver_count =>
                 {
                     // Send message to Dead Letter Topic and ack message in original topic
-                    let Payload { data, metadata } = payload;
+                    let Payload { data, metadata, .. } = payload;
                     let mut properties = metadata
                         .properties
                         .into_iter()
