@@ -4,6 +4,7 @@
 mod broker;
 mod fleet;
 mod harness;
+mod indexed;
 mod mqtt;
 mod plugins;
 mod storm;
