@@ -17,6 +17,7 @@ const TARGET: &str = "wasm32-wasip2";
 const BUILTIN: &[(&str, &str)] = &[
     ("mqtt", "magnetar_mqtt.wasm"),
     ("pulsar-ws", "magnetar_pulsar_ws.wasm"),
+    ("kafka", "magnetar_kafka.wasm"),
 ];
 
 fn main() {
@@ -30,6 +31,9 @@ fn main() {
         "plugins/Cargo.toml",
         "plugins/mqtt",
         "plugins/pulsar-ws",
+        "plugins/kafka/src",
+        "plugins/kafka/Cargo.toml",
+        "third_party/kafka-protocol",
         "sdk/src",
         "sdk/wit",
         "sdk/Cargo.toml",
