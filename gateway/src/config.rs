@@ -402,6 +402,13 @@ impl Default for Config {
                     "amqp",
                     false,
                 ),
+                // Kafka's customary port.
+                ListenerConfig::new(
+                    "kafka",
+                    SocketAddr::from(([127, 0, 0, 1], 9092)),
+                    "kafka",
+                    false,
+                ),
             ],
         }
     }
@@ -618,13 +625,17 @@ mod tests {
         assert_eq!(c.listeners[4].bind.port(), 5672);
         assert_eq!(c.listeners[4].plugin, "amqp");
         assert!(!c.listeners[4].tls);
+        assert_eq!(
+            (c.listeners[5].bind.port(), c.listeners[5].plugin.as_str()),
+            (9092, "kafka")
+        );
     }
 
     #[test]
     fn example_config_is_valid_and_lists_the_default_listeners() {
         let c = Config::parse(include_str!("../../examples/magnetar.toml")).unwrap();
         let ports: Vec<_> = c.listeners.iter().map(|l| l.bind.port()).collect();
-        assert_eq!(ports, [1883, 8883, 9001, 8080, 5672]);
+        assert_eq!(ports, [1883, 8883, 9001, 8080, 5672, 9092]);
         assert!(c.listeners[2].websocket);
         assert!(c.listeners[3].web);
     }
