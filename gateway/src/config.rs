@@ -615,7 +615,7 @@ mod tests {
     fn empty_config_is_standalone_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.broker.embedded);
-        assert_eq!(c.listeners.len(), 5);
+        assert_eq!(c.listeners.len(), 6);
         assert_eq!(c.listeners[0].bind.port(), 1883);
         assert_eq!(c.listeners[1].bind.port(), 8883);
         assert_eq!(c.listeners[2].bind.port(), 9001);
