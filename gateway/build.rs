@@ -18,6 +18,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("mqtt", "magnetar_mqtt.wasm"),
     ("pulsar-ws", "magnetar_pulsar_ws.wasm"),
     ("amqp", "magnetar_amqp.wasm"),
+    ("kafka", "magnetar_kafka.wasm"),
 ];
 
 fn main() {
@@ -32,6 +33,9 @@ fn main() {
         "plugins/mqtt",
         "plugins/pulsar-ws",
         "plugins/amqp",
+        "plugins/kafka/src",
+        "plugins/kafka/Cargo.toml",
+        "third_party/kafka-protocol",
         "sdk/src",
         "sdk/wit",
         "sdk/Cargo.toml",

@@ -559,6 +559,7 @@ impl RawProducer {
                             ..Default::default()
                         },
                         data,
+                        broker_entry: None,
                     }),
                 };
                 let mut buf = BytesMut::new();

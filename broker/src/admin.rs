@@ -126,6 +126,7 @@ fn router(admin: Arc<Admin>) -> Router {
             "/admin/v2/persistent/{tenant}/{ns}/{topic}/partitions",
             get(partitions)
                 .put(create_partitioned)
+                .post(update_partitioned)
                 .delete(delete_partitioned),
         )
         .route(
@@ -379,6 +380,24 @@ async fn create_partitioned(
         )
     })?;
     a.registry.create_partitioned(&name, n).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST .../partitions`: raises the partition count (Apache's `updatePartitionedTopic`).
+async fn update_partitioned(
+    State(a): Shared,
+    headers: HeaderMap,
+    Path((tenant, ns, topic)): Path<(String, String, String)>,
+    body: String,
+) -> ApiResult<StatusCode> {
+    let name = a.topic(&headers, &tenant, &ns, &topic)?;
+    let n = partition_count(&body).ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "the body must be the number of partitions".into(),
+        )
+    })?;
+    a.registry.update_partitioned(&name, n).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

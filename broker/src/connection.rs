@@ -52,7 +52,7 @@ use crate::entry::NewEntry;
 use crate::naming::{self, Domain, TopicName};
 use crate::protocol::{
     self, command, error, message_id, no_message_id, success, Frame, FrameCodec, Inbound, Received,
-    LEDGER_ID, MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
+    ENTRY_METADATA_PROTOCOL_VERSION, LEDGER_ID, MAX_MESSAGE_SIZE, MAX_PROTOCOL_VERSION,
 };
 use crate::registry::Registry;
 use crate::subscription::ConsumerKey;
@@ -215,7 +215,8 @@ struct Connection {
     connected: bool,
     /// The authenticated role (`None` when the broker has no authentication).
     role: Option<String>,
-    /// The client's `FeatureFlags.supports_broker_entry_metadata`.
+    /// The client's `FeatureFlags.supports_broker_entry_metadata`, if its protocol version
+    /// is 18 or later.
     wants_entry_metadata: bool,
     producers: HashMap<u64, Producer>,
     consumers: HashMap<u64, TopicHandle>,
@@ -446,11 +447,13 @@ impl Connection {
                         }
                     }
                 }
-                self.wants_entry_metadata = c
-                    .feature_flags
-                    .as_ref()
-                    .and_then(|f| f.supports_broker_entry_metadata)
-                    .unwrap_or(false);
+                // As Apache Pulsar (`Consumer.sendMessages`): only to a client that speaks
+                // protocol version 18 or later *and* asks for it.
+                self.wants_entry_metadata = version >= ENTRY_METADATA_PROTOCOL_VERSION
+                    && c.feature_flags
+                        .as_ref()
+                        .and_then(|f| f.supports_broker_entry_metadata)
+                        .unwrap_or(false);
                 self.connected = true;
                 tracing::debug!(connection = self.id, client = %c.client_version, version, "connected");
                 self.reply(command(Type::Connected, |r| {

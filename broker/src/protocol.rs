@@ -30,6 +30,9 @@ pub const MAX_MESSAGE_SIZE: usize = 5 * 1024 * 1024;
 pub const MAX_FRAME_BYTES: usize = MAX_MESSAGE_SIZE + 64 * 1024;
 /// Newest protocol version we speak (`ProtocolVersion.v19`).
 pub const MAX_PROTOCOL_VERSION: i32 = 19;
+/// Oldest protocol version a client must speak to get broker-entry metadata
+/// (`ProtocolVersion.v18`: "Add client support for broker entry metadata").
+pub const ENTRY_METADATA_PROTOCOL_VERSION: i32 = 18;
 /// Ledger id of every message id: a topic is one continuous log, so the entry id alone is
 /// the position (and equals the topic's entry index).
 pub const LEDGER_ID: u64 = 0;
@@ -148,6 +151,7 @@ impl Received {
             payload: Some(pulsar::message::Payload {
                 metadata: self.metadata,
                 data,
+                broker_entry: None,
             }),
         }
     }
@@ -429,6 +433,7 @@ mod tests {
                     payload: Some(pulsar::message::Payload {
                         metadata,
                         data: b"payload".to_vec(),
+                        broker_entry: None,
                     }),
                 },
                 &mut buf,
@@ -470,6 +475,7 @@ mod tests {
                     ..Default::default()
                 },
                 data: b"two messages".to_vec(),
+                broker_entry: None,
             }),
         };
         let mut ours = BytesMut::new();

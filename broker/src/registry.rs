@@ -363,6 +363,34 @@ impl Registry {
         .await
     }
 
+    /// Raises the partition count of partitioned topic `name` to `partitions`, as Apache
+    /// Pulsar's `POST .../partitions` does: never lowers it, and the new partitions are
+    /// created on first use like the others.
+    pub async fn update_partitioned(
+        &self,
+        name: &TopicName,
+        partitions: u32,
+    ) -> Result<(), RegistryError> {
+        if partitions > MAX_PARTITIONS {
+            return Err(RegistryError::Invalid(format!(
+                "partitions must be 1..={MAX_PARTITIONS}"
+            )));
+        }
+        name.partition(partitions.max(1) - 1)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        self.update_metadata(|m| match m.partitioned.get_mut(name.as_str()) {
+            None => Err(RegistryError::NotFound(format!("partitioned topic {name}"))),
+            Some(n) if partitions <= *n => Err(RegistryError::Invalid(format!(
+                "the number of partitions must be more than the existing {n}"
+            ))),
+            Some(n) => {
+                *n = partitions;
+                Ok(())
+            }
+        })
+        .await
+    }
+
     /// Whether topic `name` exists (stored, or a partitioned topic).
     pub fn exists(&self, name: &TopicName) -> bool {
         self.known.lock().is_ok_and(|k| k.contains(name)) || self.partitions(name) > 0

@@ -938,7 +938,7 @@ impl Topic {
     fn seek(&mut self, key: ConsumerKey, target: SeekTarget) -> Result<(), RequestError> {
         let position = match target {
             SeekTarget::MessageId(id) => position_of(&id, true, self.next_id).max(self.first_id()),
-            SeekTarget::PublishTime(t) => self.first_published_after(t),
+            SeekTarget::PublishTime(t) => self.first_stored_at_or_after(t),
         };
         let name = self.consumers.get(&key).cloned().ok_or((
             ServerError::ConsumerNotFound,
@@ -956,14 +956,16 @@ impl Topic {
         Ok(())
     }
 
-    /// First entry whose publish time is after `t` (binary search: publish times follow
-    /// the log order as long as producers' clocks agree).
-    fn first_published_after(&self, t: u64) -> u64 {
+    /// First entry whose timestamp is at or after `t`, as Apache Pulsar seeks by time
+    /// (`PersistentMessageFinder`): the timestamp is the broker's (broker-entry metadata)
+    /// when the entry has it, else the producer's publish time (`Commands.getEntryTimestamp`).
+    /// A binary search: broker timestamps follow the log order (the topic actor stamps them).
+    fn first_stored_at_or_after(&self, t: u64) -> u64 {
         let (mut lo, mut hi) = (self.first_id(), self.next_id);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.read_entry(mid) {
-                Some(e) if e.metadata.publish_time > t => hi = mid,
+                Some(e) if entry_timestamp(&e) >= t => hi = mid,
                 _ => lo = mid + 1,
             }
         }
@@ -1470,6 +1472,15 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 
 /// Entry `id` from the cache, else from the log (a checksum or decoding failure is logged
 /// and the entry is not served).
+/// An entry's timestamp for seeks by time: the broker's, else the publish time.
+fn entry_timestamp(entry: &StoredEntry) -> u64 {
+    entry
+        .broker
+        .as_ref()
+        .and_then(|b| b.broker_timestamp)
+        .unwrap_or(entry.metadata.publish_time)
+}
+
 fn read_entry(
     cache: &EntryCache,
     log: &Mutex<Log>,

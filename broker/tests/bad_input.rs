@@ -45,6 +45,7 @@ fn send(producer_id: u64, sequence_id: u64, data: &[u8]) -> Message {
             ..Default::default()
         },
         data: data.to_vec(),
+        broker_entry: None,
     });
     m
 }

@@ -141,6 +141,7 @@ impl RawProducer {
                 ..Default::default()
             },
             data: payload(i),
+            broker_entry: None,
         });
         self.framed.send(m).await.unwrap();
         let answer = self.next().await;

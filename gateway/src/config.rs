@@ -413,6 +413,13 @@ impl Default for Config {
                     "amqp",
                     false,
                 ),
+                // Kafka's customary port.
+                ListenerConfig::new(
+                    "kafka",
+                    SocketAddr::from(([127, 0, 0, 1], 9092)),
+                    "kafka",
+                    false,
+                ),
             ],
         }
     }
@@ -624,7 +631,7 @@ mod tests {
     fn empty_config_is_standalone_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.broker.embedded);
-        assert_eq!(c.listeners.len(), 5);
+        assert_eq!(c.listeners.len(), 6);
         assert_eq!(c.listeners[0].bind.port(), 1883);
         assert_eq!(c.listeners[1].bind.port(), 8883);
         assert_eq!(c.listeners[2].bind.port(), 9001);
@@ -634,13 +641,17 @@ mod tests {
         assert_eq!(c.listeners[4].bind.port(), 5672);
         assert_eq!(c.listeners[4].plugin, "amqp");
         assert!(!c.listeners[4].tls);
+        assert_eq!(
+            (c.listeners[5].bind.port(), c.listeners[5].plugin.as_str()),
+            (9092, "kafka")
+        );
     }
 
     #[test]
     fn example_config_is_valid_and_lists_the_default_listeners() {
         let c = Config::parse(include_str!("../../examples/magnetar.toml")).unwrap();
         let ports: Vec<_> = c.listeners.iter().map(|l| l.bind.port()).collect();
-        assert_eq!(ports, [1883, 8883, 9001, 8080, 5672]);
+        assert_eq!(ports, [1883, 8883, 9001, 8080, 5672, 9092]);
         assert!(c.listeners[2].websocket);
         assert!(c.listeners[3].web);
     }

@@ -92,7 +92,14 @@ impl Server {
             keys: keys.clone(),
             tenancy: tenancy.clone(),
         };
+        // `topics` calls reach the embedded broker's admin handlers in process.
+        let topic_admin = broker.as_ref().map(|b| {
+            let admin_token = tenancy.sign_token(tenancy.superuser_role(), None).ok();
+            Arc::new(crate::host::TopicAdmin::new(b.admin_router(), admin_token))
+        });
         let services = Arc::new(Services {
+            topic_admin,
+            appenders: Default::default(),
             kv: Arc::new(Kv::new(backend.clone(), Some(at_rest))),
             backend,
             tenancy,

@@ -458,10 +458,22 @@ mod entry_metadata {
         }
     }
 
-    /// Reads entries of `topic` from the start with a raw client until `messages` messages.
+    /// Reads entries of `topic` from the start with a raw client of protocol version 19
+    /// until `messages` messages.
     async fn read_raw(
         broker: &BrokerHandle,
         topic: &str,
+        ask: bool,
+        messages: u64,
+    ) -> Vec<Delivered> {
+        read_raw_at(broker, topic, 19, ask, messages).await
+    }
+
+    /// [`read_raw`] by a client that announced protocol `version`.
+    async fn read_raw_at(
+        broker: &BrokerHandle,
+        topic: &str,
+        version: i32,
         ask: bool,
         messages: u64,
     ) -> Vec<Delivered> {
@@ -475,7 +487,7 @@ mod entry_metadata {
                 r#type: Type::Connect as i32,
                 connect: Some(proto::CommandConnect {
                     client_version: "raw-e2e".into(),
-                    protocol_version: Some(19),
+                    protocol_version: Some(version),
                     feature_flags: Some(proto::FeatureFlags {
                         supports_broker_entry_metadata: Some(ask),
                         ..Default::default()
@@ -604,6 +616,75 @@ mod entry_metadata {
         // A client that does not ask gets plain frames.
         let plain = read_raw(&broker, topic, false, 17).await;
         assert!(plain.iter().all(|d| d.entry_metadata.is_none()));
+        // So does one that asks below protocol version 18, as Apache Pulsar does.
+        let old = read_raw_at(&broker, topic, 17, true, 17).await;
+        assert!(old.iter().all(|d| d.entry_metadata.is_none()), "{old:?}");
+        let v18 = read_raw_at(&broker, topic, 18, true, 17).await;
+        assert!(v18.iter().all(|d| d.entry_metadata.is_some()), "{v18:?}");
+        drop(pulsar);
+        broker.shutdown().await;
+    }
+
+    /// The `pulsar` client (patched: protocol version 18 and the feature flag) hands each
+    /// message its entry's broker-entry metadata, and a seek by time lands on the first
+    /// entry stored at or after the time (the broker's timestamp), as Apache Pulsar's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_client_sees_entry_indexes_and_seeks_by_broker_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topic = "persistent://public/default/entry-index-client";
+        let broker = start(dir.path()).await;
+        let pulsar = client(&broker).await;
+        produce_batched(&pulsar, topic, 1, 3).await;
+        produce(&pulsar, topic, 0..2).await;
+        // A reader (non-durable), as the gateway's indexed readers are.
+        let mut c: Consumer<Vec<u8>, TokioExecutor> = pulsar
+            .consumer()
+            .with_topic(topic)
+            .with_subscription("idx")
+            .with_subscription_type(SubType::Exclusive)
+            .with_options(
+                ConsumerOptions::default()
+                    .durable(false)
+                    .with_initial_position(InitialPosition::Earliest),
+            )
+            .build()
+            .await
+            .expect("reader");
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let m = tokio::time::timeout(TIMEOUT, c.next())
+                .await
+                .expect("in time")
+                .expect("a message")
+                .expect("ok");
+            let bem = m.payload.broker_entry.expect("broker-entry metadata");
+            seen.push((
+                m.message_id.id.entry_id,
+                bem.index.expect("index"),
+                bem.broker_timestamp.expect("time"),
+            ));
+        }
+        // The batch of three is one entry whose index is its last message's (2), then the
+        // single messages 3 and 4.
+        let indexes: Vec<u64> = seen.iter().map(|s| s.1).collect();
+        assert_eq!(indexes, vec![2, 2, 2, 3, 4], "{seen:?}");
+
+        // Seek to the time of the fourth entry exactly: it comes first (at or after).
+        let t = seen[4].2;
+        tokio::time::timeout(TIMEOUT, c.seek(None, None, Some(t), pulsar.clone()))
+            .await
+            .expect("seek answered in time")
+            .expect("seek");
+        let m = tokio::time::timeout(TIMEOUT, c.next())
+            .await
+            .expect("in time")
+            .expect("a message")
+            .expect("ok");
+        let first = m.payload.broker_entry.and_then(|b| b.broker_timestamp);
+        assert!(first.is_some_and(|f| f >= t), "{first:?} < {t}");
+        let at_t = seen.iter().find(|s| s.2 >= t).map(|s| s.0);
+        assert_eq!(Some(m.message_id.id.entry_id), at_t, "{seen:?}");
+        drop(c);
         drop(pulsar);
         broker.shutdown().await;
     }

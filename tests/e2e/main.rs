@@ -5,6 +5,7 @@ mod amqp;
 mod broker;
 mod fleet;
 mod harness;
+mod indexed;
 mod mqtt;
 mod plugins;
 mod storm;

@@ -11,6 +11,14 @@
 //! message (hex-encoded) to the host and answers `challenge HEX`, `ok USER TENANT HEX` (the
 //! mechanism's final data) or `fail`.
 //!
+//! And the host's indexed topics (ABI 0.2.3), for the gateway's tests: `login USER PASSWORD`
+//! (`auth ok TENANT NAMESPACE` or `auth fail KIND`), `create TOPIC N`, `grow TOPIC N`,
+//! `drop TOPIC`, `describe [TOPIC...]` (`topics NAME:N ...` or `topics fail KIND`),
+//! `append TOPIC V...` (one entry of the values; `appended FIRST_INDEX` or `append fail
+//! KIND`), `read TOPIC earliest|latest|time:MS` (`reader ID`, then `entry FIRST_INDEX
+//! V,V,...` per entry, acked at once), `bounds TOPIC` (`bounds FIRST LAST` or `bounds
+//! empty`), `locate TOPIC INDEX` (`located` or `located none`).
+//!
 //! It is written on the SDK's plugin kit: the connection is a sans-IO [`Machine`] that frames
 //! lines with [`Input`] and answers through an [`Outbox`], run by the SDK's [`Driver`]; so its
 //! tests run natively on the SDK's simulated host.
@@ -21,7 +29,8 @@ use std::rc::Rc;
 use magnetar_sdk::input::Input;
 use magnetar_sdk::outbox::Outbox;
 use magnetar_sdk::{
-    Action, Conn, ConnInfo, Driver, Event, LogLevel, Machine, OpError, Plugin, SaslOutcome,
+    Action, Conn, ConnInfo, Credentials, Driver, Event, LogLevel, Machine, OpError, Plugin,
+    Position, ReaderSpec, RecordOut, SaslOutcome, UserPassword,
 };
 
 /// The plugin value: a random number naming this instance.
@@ -38,6 +47,7 @@ pub struct EchoConn {
     input: Input,
     out: Outbox,
     closed: bool,
+    next_token: u64,
 }
 
 /// Longest line kept; a longer one closes the connection.
@@ -78,7 +88,143 @@ impl EchoConn {
             input: Input::new(MAX_LINE),
             out: Outbox::new(),
             closed: false,
+            next_token: 1,
         }
+    }
+
+    fn token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// The indexed-topic commands; `false` if `text` is none of them.
+    fn on_indexed_line(&mut self, text: &str) -> bool {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let token = self.token();
+        let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
+        let topic = words.get(1).map(|t| t.to_string()).unwrap_or_default();
+        let action = match (words.first().copied(), words.len()) {
+            (Some("login"), 3) => Action::Authenticate {
+                token,
+                creds: Credentials::Password(UserPassword {
+                    user: words[1].to_string(),
+                    password: words[2].as_bytes().to_vec(),
+                }),
+            },
+            (Some("create"), 3) => Action::CreateTopic {
+                token,
+                topic,
+                partitions: number(2).unwrap_or(0) as u32,
+            },
+            (Some("grow"), 3) => Action::SetPartitions {
+                token,
+                topic,
+                partitions: number(2).unwrap_or(0) as u32,
+            },
+            (Some("drop"), 2) => Action::DeleteTopic { token, topic },
+            (Some("describe"), _) => Action::DescribeTopics {
+                token,
+                names: words[1..].iter().map(|w| w.to_string()).collect(),
+            },
+            (Some("append"), n) if n > 2 => Action::Append {
+                token,
+                topic,
+                records: words[2..]
+                    .iter()
+                    .map(|v| RecordOut {
+                        key: None,
+                        value: Some(v.as_bytes().to_vec()),
+                        properties: Vec::new(),
+                        event_time_ms: None,
+                    })
+                    .collect(),
+                dedup: None,
+            },
+            (Some("read"), 3) => {
+                let start = match words[2] {
+                    "earliest" => Position::Earliest,
+                    "latest" => Position::Latest,
+                    other => match other.strip_prefix("time:").and_then(|t| t.parse().ok()) {
+                        Some(t) => Position::PublishTime(t),
+                        None => return false,
+                    },
+                };
+                Action::OpenReader {
+                    token,
+                    spec: ReaderSpec {
+                        topic,
+                        start,
+                        max_unacked_entries: 16,
+                    },
+                }
+            }
+            (Some("bounds"), 2) => Action::Bounds { token, topic },
+            (Some("locate"), 3) => Action::Locate {
+                token,
+                topic,
+                index: number(2).unwrap_or(0),
+            },
+            _ => return false,
+        };
+        self.out.push(action);
+        true
+    }
+
+    fn on_indexed_event(&mut self, event: Event) {
+        let kind = |e: &OpError| format!("{:?}", e.kind).to_lowercase();
+        let line = match event {
+            Event::AuthResult { result, .. } => match result {
+                Ok(p) => format!("auth ok {} {}", p.tenant, p.namespace),
+                Err(e) => format!("auth fail {}", kind(&e)),
+            },
+            Event::TopicsResult { result, .. } => match result {
+                Ok(topics) => {
+                    let list: Vec<String> = topics
+                        .iter()
+                        .map(|t| format!("{}:{}", t.name, t.partitions))
+                        .collect();
+                    format!("topics {}", list.join(" ")).trim_end().to_string()
+                }
+                Err(e) => format!("topics fail {}", kind(&e)),
+            },
+            Event::Appended { result, .. } => match result {
+                Ok(a) => format!("appended {}", a.first_index),
+                Err(e) => format!("append fail {} {}", kind(&e), e.message),
+            },
+            Event::SubscribeResult { result, .. } => match result {
+                Ok(id) => format!("reader {id}"),
+                Err(e) => format!("reader fail {} {}", kind(&e), e.message),
+            },
+            Event::Entry(e) => {
+                self.out.push(Action::Ack {
+                    sub: e.reader,
+                    delivery_id: e.delivery_id,
+                });
+                let values: Vec<String> = e
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        String::from_utf8_lossy(m.value.as_deref().unwrap_or(b"-")).into_owned()
+                    })
+                    .collect();
+                let first = e.first_index.map_or("none".to_string(), |i| i.to_string());
+                format!("entry {first} {}", values.join(","))
+            }
+            Event::Bounds { result, .. } => match result {
+                Ok(b) => match (b.first, b.last) {
+                    (Some(f), Some(l)) => format!("bounds {} {}", f.index, l.index),
+                    _ => "bounds empty".to_string(),
+                },
+                Err(e) => format!("bounds fail {}", kind(&e)),
+            },
+            Event::Position { result, .. } => match result {
+                Ok(Some(_)) => "located".to_string(),
+                Ok(None) => "located none".to_string(),
+                Err(e) => format!("located fail {}", kind(&e)),
+            },
+            _ => return,
+        };
+        self.say(line);
     }
 
     fn on_line(&mut self, text: &str) {
@@ -88,6 +234,7 @@ impl EchoConn {
             "alloc" => allocate_without_bound(),
             "whoami" => self.say(format!("instance: {}", self.instance)),
             "mechanisms" => self.say(self.mechanisms.join(" ")),
+            _ if self.on_indexed_line(text) => {}
             _ if text.starts_with("sasl ") => {
                 let mut parts = text.split_whitespace().skip(1);
                 match (parts.next(), parts.next().and_then(from_hex)) {
@@ -133,7 +280,7 @@ impl Machine for EchoConn {
             Event::Data(bytes) => self.input.push(bytes),
             Event::SaslResult { result, .. } => self.on_sasl_result(result),
             Event::Closed => self.closed = true,
-            _ => {}
+            other => self.on_indexed_event(other),
         }
         while let Ok(Some(line)) = self.input.next_frame(line) {
             self.on_line(String::from_utf8_lossy(&line).trim());
@@ -223,6 +370,20 @@ mod tests {
         );
         h.run(); // the simulated host runs no SASL: the step fails
         assert_eq!(h.take_sent(), b"fail\n");
+    }
+
+    #[test]
+    fn indexed_commands_on_the_simulated_host() {
+        let mut h = host();
+        h.data(b"login u p\ncreate t 2\nappend t-partition-0 a b\nappend t-partition-0 c\n");
+        h.run();
+        h.data(b"read t-partition-0 earliest\nbounds t-partition-0\ndescribe\n");
+        h.run();
+        assert_eq!(
+            String::from_utf8_lossy(&h.take_sent()),
+            "auth ok tenant ns\ntopics t:2\nappended 0\nappended 2\n\
+             reader 1\nbounds 0 2\ntopics t:2\nentry 0 a,b\nentry 2 c\n"
+        );
     }
 
     #[test]

@@ -23,9 +23,11 @@
 //! operations (`op_queue`), ack tracking (`acks`), the timer heap (`timer_heap`).
 
 mod acks;
+mod appender;
 mod auth;
 mod conn;
 mod context;
+mod entry_reader;
 mod event;
 mod feeder;
 mod indexed;
@@ -51,3 +53,4 @@ pub use feeder::Feeders;
 pub use router::{Router, RouterStats};
 pub use services::Services;
 pub use session::Claims;
+pub use topics::TopicAdmin;

@@ -30,6 +30,11 @@ pub struct Services {
     pub router: super::router::Router,
     /// This gateway's feeders of durable routes, by source topic.
     pub feeders: super::feeder::Feeders,
+    /// The append tasks of indexed topics (`indexed.append`), one per topic.
+    pub appenders: super::appender::Appenders,
+    /// The backend's admin API for `topics` calls; `None`: not reachable (an external
+    /// cluster).
+    pub topic_admin: Option<Arc<super::topics::TopicAdmin>>,
 }
 
 impl Services {

@@ -1,39 +1,262 @@
 //! Host calls of topics (ABI 0.2.3): `create`, `delete`, `set-partitions`, `describe` —
 //! partitioned topics of the connection's namespace through the backend's admin API.
 //!
-//! Not carried out yet: every call completes with an `internal` error saying so.
+//! The embedded broker is asked through its admin router in process (the REST API's own
+//! handlers, as `web_admin` forwards to them, with the gateway's superuser token); the
+//! names are checked and placed in the principal's namespace first, so a plugin reaches its
+//! connection's namespace only. Who may: `create` and `set-partitions` as a producer of the
+//! topic (Pulsar creates topics on first produce too), `describe` as a consumer, `delete`
+//! with the `manage` permission. With an external Pulsar cluster every call fails (its
+//! admin URL is not configured yet).
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Method, Request, StatusCode};
+use axum::Router;
+use tower::ServiceExt;
 
 use super::context::{op_error, HostState};
 use super::event::Event;
-use crate::abi::types::ErrorKind;
+use crate::abi::types::{ErrorKind, OpError};
+use crate::abi::v0_2::exports::magnetar::plugin::events2::TopicInfo;
 use crate::abi::v0_2::magnetar::plugin::topics;
+use crate::config::ActionName;
 
-const NOT_YET: &str = "topics are not served by this gateway yet";
+/// Largest admin answer read (topic lists of one namespace).
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+/// The embedded broker's admin API, called in process.
+pub struct TopicAdmin {
+    router: Router,
+    /// `Authorization: Bearer <superuser token>`, if the broker checks tokens.
+    token: Option<HeaderValue>,
+}
+
+impl TopicAdmin {
+    /// The broker's admin `router`, called with `token` (a superuser's JWT, if any).
+    pub fn new(router: Router, token: Option<String>) -> TopicAdmin {
+        TopicAdmin {
+            router,
+            token: token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()),
+        }
+    }
+
+    /// One admin request; the answer's body, or the error the plugin gets.
+    async fn call(&self, method: Method, path: &str, body: String) -> Result<Vec<u8>, OpError> {
+        let mut req = Request::new(Body::from(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|_| op_error(ErrorKind::InvalidName, "not a valid topic name"))?;
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(t) = &self.token {
+            req.headers_mut().insert(header::AUTHORIZATION, t.clone());
+        }
+        let response = match self.router.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), MAX_ANSWER)
+            .await
+            .map_err(|e| op_error(ErrorKind::Backend, format!("reading the admin answer: {e}")))?;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        let reason = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        let kind = match status {
+            StatusCode::NOT_FOUND => ErrorKind::NotFound,
+            StatusCode::CONFLICT | StatusCode::BAD_REQUEST => ErrorKind::InvalidName,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ErrorKind::NotAuthorized,
+            _ => ErrorKind::Backend,
+        };
+        Err(op_error(kind, format!("{status}: {reason}")))
+    }
+
+    /// The partition count of a topic (0: non-partitioned or unknown).
+    async fn partitions(&self, path: &str) -> Result<u32, OpError> {
+        let body = self
+            .call(Method::GET, &format!("{path}/partitions"), String::new())
+            .await?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| op_error(ErrorKind::Backend, format!("admin answer: {e}")))?;
+        Ok(v.get("partitions")
+            .and_then(|p| p.as_u64())
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0))
+    }
+
+    /// A JSON list of topic URLs, as short names.
+    async fn names(&self, path: &str) -> Result<Vec<String>, OpError> {
+        let body = self.call(Method::GET, path, String::new()).await?;
+        let urls: Vec<String> = serde_json::from_slice(&body)
+            .map_err(|e| op_error(ErrorKind::Backend, format!("admin answer: {e}")))?;
+        Ok(urls
+            .iter()
+            .filter_map(|u| u.rsplit('/').next().map(str::to_string))
+            .collect())
+    }
+
+    /// The namespace's topics (`namespace_path`: `/admin/v2/persistent/<tenant>/<ns>`).
+    async fn describe(
+        &self,
+        namespace_path: &str,
+        names: &[String],
+    ) -> Result<Vec<TopicInfo>, OpError> {
+        let partitioned = self.names(&format!("{namespace_path}/partitioned")).await?;
+        let plain = self.names(namespace_path).await?;
+        let mut out = Vec::new();
+        for name in &partitioned {
+            let partitions = self.partitions(&format!("{namespace_path}/{name}")).await?;
+            out.push(TopicInfo {
+                name: name.clone(),
+                partitions,
+            });
+        }
+        for name in plain {
+            let a_partition = name.rsplit_once("-partition-").is_some_and(|(base, n)| {
+                n.parse::<u32>().is_ok() && partitioned.iter().any(|p| p == base)
+            });
+            if !a_partition {
+                out.push(TopicInfo {
+                    name,
+                    partitions: 0,
+                });
+            }
+        }
+        out.retain(|t| !t.name.starts_with("__") && (names.is_empty() || names.contains(&t.name)));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.dedup_by(|a, b| a.name == b.name);
+        Ok(out)
+    }
+}
+
+/// What a `topics` call asks.
+enum TopicsCall {
+    Create(u32),
+    Delete,
+    SetPartitions(u32),
+    Describe(Vec<String>),
+}
 
 impl HostState {
-    fn topics_not_yet(&self, conn: u64, token: u64) {
-        self.complete(Event::TopicsResult {
-            conn,
-            token,
-            outcome: Err(op_error(ErrorKind::Internal, NOT_YET)),
+    /// Checks a `topics` call and runs it on the runtime; completes with
+    /// `events2.on-topics-result`.
+    fn topics_call(&mut self, conn: u64, token: u64, topic: &str, call: TopicsCall) {
+        let action = match call {
+            TopicsCall::Create(_) | TopicsCall::SetPartitions(_) => ActionName::Produce,
+            TopicsCall::Delete => ActionName::Manage,
+            TopicsCall::Describe(_) => ActionName::Consume,
+        };
+        let checked = (|| {
+            let admin = self.services.topic_admin.clone().ok_or_else(|| {
+                op_error(
+                    ErrorKind::Internal,
+                    "topics are served with the embedded broker only (no admin URL for an external cluster yet)",
+                )
+            })?;
+            let path = match &call {
+                TopicsCall::Describe(_) => {
+                    let p = self.principal(conn)?;
+                    format!("/admin/v2/persistent/{}/{}", p.tenant, p.namespace)
+                }
+                _ => {
+                    let url = self.authorized_topic(conn, topic, action)?;
+                    let rest = url.strip_prefix("persistent://").unwrap_or(&url);
+                    format!("/admin/v2/persistent/{rest}")
+                }
+            };
+            if let TopicsCall::Describe(names) = &call {
+                for n in names {
+                    self.authorized_topic(conn, n, action)?;
+                }
+            }
+            Ok((admin, path))
+        })();
+        let (admin, path) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                return self.complete(Event::TopicsResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
+        let name = topic.to_string();
+        let events = self.events.clone();
+        self.runtime.spawn(async move {
+            let outcome =
+                match call {
+                    TopicsCall::Create(0) => admin
+                        .call(Method::PUT, &path, String::new())
+                        .await
+                        .map(|_| {
+                            vec![TopicInfo {
+                                name,
+                                partitions: 0,
+                            }]
+                        }),
+                    TopicsCall::Create(n) => admin
+                        .call(Method::PUT, &format!("{path}/partitions"), n.to_string())
+                        .await
+                        .map(|_| {
+                            vec![TopicInfo {
+                                name,
+                                partitions: n,
+                            }]
+                        }),
+                    TopicsCall::SetPartitions(n) => admin
+                        .call(Method::POST, &format!("{path}/partitions"), n.to_string())
+                        .await
+                        .map(|_| {
+                            vec![TopicInfo {
+                                name,
+                                partitions: n,
+                            }]
+                        }),
+                    TopicsCall::Delete => match admin.partitions(&path).await {
+                        Ok(0) => admin.call(Method::DELETE, &path, String::new()).await,
+                        Ok(_) => {
+                            admin
+                                .call(Method::DELETE, &format!("{path}/partitions"), String::new())
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    }
+                    .map(|_| Vec::new()),
+                    TopicsCall::Describe(names) => admin.describe(&path, &names).await,
+                };
+            let _ = events
+                .send(Event::TopicsResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
         });
     }
 }
 
 impl topics::Host for HostState {
-    fn create(&mut self, conn: u64, token: u64, _topic: String, _partitions: u32) {
-        self.topics_not_yet(conn, token);
+    fn create(&mut self, conn: u64, token: u64, topic: String, partitions: u32) {
+        self.topics_call(conn, token, &topic, TopicsCall::Create(partitions));
     }
 
-    fn delete(&mut self, conn: u64, token: u64, _topic: String) {
-        self.topics_not_yet(conn, token);
+    fn delete(&mut self, conn: u64, token: u64, topic: String) {
+        self.topics_call(conn, token, &topic, TopicsCall::Delete);
     }
 
-    fn set_partitions(&mut self, conn: u64, token: u64, _topic: String, _partitions: u32) {
-        self.topics_not_yet(conn, token);
+    fn set_partitions(&mut self, conn: u64, token: u64, topic: String, partitions: u32) {
+        self.topics_call(conn, token, &topic, TopicsCall::SetPartitions(partitions));
     }
 
-    fn describe(&mut self, conn: u64, token: u64, _names: Vec<String>) {
-        self.topics_not_yet(conn, token);
+    fn describe(&mut self, conn: u64, token: u64, names: Vec<String>) {
+        self.topics_call(conn, token, "", TopicsCall::Describe(names));
     }
 }

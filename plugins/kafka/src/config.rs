@@ -6,8 +6,8 @@
 //! default.
 //!
 //! ```toml
-//! max_request_bytes = 16777216   # largest request accepted, size field excluded (Kafka's socket.request.max.bytes)
-//! max_uncompressed_bytes = 33554432   # largest record batch once decompressed
+//! max_request_bytes = 8388608    # largest request accepted, size field excluded (Kafka's socket.request.max.bytes)
+//! max_uncompressed_bytes = 8388608    # largest record batch once decompressed
 //! advertised_port = 9092         # the port Metadata names for this gateway (its listener's)
 //! auto_create_topics = 1         # Metadata creates unknown topics (Kafka's auto.create.topics.enable)
 //! default_partitions = 1         # partitions of an auto-created topic (Kafka's num.partitions)
@@ -36,10 +36,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            // Kafka's default is 100 MiB; 16 MiB covers a 1 MiB `message.max.bytes` batch
-            // per partition of a produce request to many partitions.
-            max_request_bytes: 16 << 20,
-            max_uncompressed_bytes: 32 << 20,
+            // Kafka's default is 100 MiB; 8 MiB covers a 1 MiB `message.max.bytes` batch
+            // per partition of a produce request to several partitions. With the batch
+            // limit below, a request's worst case (held, decoded, decompressed, handed to
+            // the host) stays well inside an instance's default 64 MiB of memory.
+            max_request_bytes: 8 << 20,
+            max_uncompressed_bytes: 8 << 20,
             advertised_port: 9092,
             auto_create_topics: true,
             default_partitions: 1,

@@ -1609,7 +1609,14 @@ pub(crate) mod messages {
                     auth_data,
                     proxy_to_broker_url,
                     client_version: proto::client_version(),
-                    protocol_version: Some(12),
+                    // magnetar patch: version 18 ("client support for broker entry
+                    // metadata") and the feature flag, so that the broker sends each
+                    // entry's index and broker timestamp (`Payload::broker_entry`)
+                    protocol_version: Some(18),
+                    feature_flags: Some(proto::FeatureFlags {
+                        supports_broker_entry_metadata: Some(true),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -377,6 +377,8 @@ impl tokio_util::codec::Decoder for Codec {
                         })?;
                     let command = BaseCommand::decode(command_frame.command)?;
 
+                    // magnetar patch: broker-entry metadata before the payload frame
+                    let (buf, broker_entry) = broker_entry_frame(buf)?;
                     let payload = if !buf.is_empty() {
                         let (buf, payload_frame) = payload_frame(buf).map_err(|err| {
                             ConnectionError::Decoding(format!(
@@ -402,6 +404,7 @@ impl tokio_util::codec::Decoder for Codec {
                             Some(Payload {
                                 metadata,
                                 data: buf.to_vec(),
+                                broker_entry,
                             })
                         } else {
                             return Err(ConnectionError::Decoding(
@@ -468,6 +471,8 @@ impl asynchronous_codec::Decoder for Codec {
                         })?;
                     let command = BaseCommand::decode(command_frame.command)?;
 
+                    // magnetar patch: broker-entry metadata before the payload frame
+                    let (buf, broker_entry) = broker_entry_frame(buf)?;
                     let payload = if !buf.is_empty() {
                         let (buf, payload_frame) = payload_frame(buf).map_err(|err| {
                             ConnectionError::Decoding(format!(
@@ -493,6 +498,7 @@ impl asynchronous_codec::Decoder for Codec {
                             Some(Payload {
                                 metadata,
                                 data: buf.to_vec(),
+                                broker_entry,
                             })
                         } else {
                             return Err(ConnectionError::Decoding(
@@ -523,6 +529,33 @@ pub struct Payload {
     pub metadata: Metadata,
     /// raw message data
     pub data: Vec<u8>,
+    /// (magnetar patch) the broker-entry metadata the broker sent with the message (its
+    /// entry's broker timestamp and index of its last message), if any: only to a client
+    /// that announced protocol version 18 and `supports_broker_entry_metadata`
+    pub broker_entry: Option<proto::BrokerEntryMetadata>,
+}
+
+/// (magnetar patch) Magic number of the broker-entry metadata section of a `CommandMessage`
+/// frame: `[0x0e02][u32 size][BrokerEntryMetadata]`, between the command and the payload
+/// frame's `[0x0e01][checksum]...`.
+const BROKER_ENTRY_MAGIC: [u8; 2] = [0x0e, 0x02];
+
+/// (magnetar patch) Cuts the broker-entry metadata section off the front of what follows
+/// the command, if there is one.
+fn broker_entry_frame(
+    buf: &[u8],
+) -> Result<(&[u8], Option<proto::BrokerEntryMetadata>), ConnectionError> {
+    if buf.len() < 2 || buf[..2] != BROKER_ENTRY_MAGIC {
+        return Ok((buf, None));
+    }
+    let bad = || ConnectionError::Decoding("Error decoding broker entry metadata".to_string());
+    let size = buf
+        .get(2..6)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(bad)?;
+    let section = buf.get(6..6 + size).ok_or_else(bad)?;
+    let metadata = proto::BrokerEntryMetadata::decode(section)?;
+    Ok((&buf[6 + size..], Some(metadata)))
 }
 
 struct CommandFrame<'a> {

@@ -162,7 +162,12 @@ fn split_and_pipelined_requests_are_answered_in_order() {
 fn bad_frames_close_the_connection() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("negative size", (-1i32).to_be_bytes().to_vec()),
-        ("too large", ((16 << 20) + 1i32).to_be_bytes().to_vec()),
+        (
+            "too large",
+            (Config::default().max_request_bytes as i32 + 1)
+                .to_be_bytes()
+                .to_vec(),
+        ),
         ("short header", vec![0, 0, 0, 4, 0, 18, 0, 0]),
         ("unknown api key", {
             let mut r = vec![0, 0, 0, 8];

@@ -8,6 +8,7 @@ pub struct BatchedMessageIterator {
     messages: std::vec::IntoIter<BatchedMessage>,
     message_id: MessageIdData,
     metadata: Metadata,
+    broker_entry: Option<crate::message::proto::BrokerEntryMetadata>,
     total_messages: u32,
     current_index: u32,
 }
@@ -26,6 +27,7 @@ impl BatchedMessageIterator {
             message_id,
             total_messages,
             metadata: payload.metadata,
+            broker_entry: payload.broker_entry,
             current_index: 0,
         })
     }
@@ -57,12 +59,16 @@ impl Iterator for BatchedMessageIterator {
                 partition_key_b64_encoded: batched_message.metadata.partition_key_b64_encoded,
                 ordering_key: batched_message.metadata.ordering_key,
                 event_time: batched_message.metadata.event_time,
+                // magnetar patch: a batch member's null value is its own
+                null_value: batched_message.metadata.null_value,
                 ..self.metadata.clone()
             };
 
             let payload = Payload {
                 metadata,
                 data: batched_message.payload,
+                // magnetar patch: the entry's, for each of its messages
+                broker_entry: self.broker_entry,
             };
 
             Some((id, payload))
@@ -117,6 +123,7 @@ mod tests {
                 ..Default::default()
             },
             data,
+            broker_entry: None,
         };
 
         let expanded: Vec<_> = BatchedMessageIterator::new(

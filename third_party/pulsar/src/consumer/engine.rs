@@ -1,7 +1,10 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -55,6 +58,9 @@ pub struct ConsumerEngine<Exe: Executor> {
     unacked_messages: HashMap<MessageIdData, Instant>,
     dead_letter_policy: Option<DeadLetterPolicy>,
     options: ConsumerOptions,
+    /// (magnetar patch) the consumer is being replaced after a seek: a broker's close of it
+    /// is expected and not followed by a resubscription (`TopicConsumer::seek_for_replacement`)
+    replacing: Arc<AtomicBool>,
 }
 
 impl<Exe: Executor> ConsumerEngine<Exe> {
@@ -74,6 +80,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
         unacked_message_redelivery_delay: Option<Duration>,
         dead_letter_policy: Option<DeadLetterPolicy>,
         options: ConsumerOptions,
+        replacing: Arc<AtomicBool>,
     ) -> ConsumerEngine<Exe> {
         let (event_tx, event_rx) = mpsc::unbounded();
         ConsumerEngine {
@@ -98,6 +105,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             unacked_messages: HashMap::new(),
             dead_letter_policy,
             options,
+            replacing,
         }
     }
 
@@ -479,6 +487,14 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                     },
                 ..
             } => {
+                if self.replacing.load(Ordering::Acquire) {
+                    debug!(
+                        "consumer {} closed by the broker after a seek; its replacement subscribes: {}",
+                        consumer_id,
+                        self.debug_format()
+                    );
+                    return Ok(true);
+                }
                 error!(
                     "Broker notification of closed consumer {}: {}",
                     consumer_id,
@@ -613,7 +629,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                     if redelivery_count as usize >= dead_letter_policy.max_redeliver_count =>
                 {
                     // Send message to Dead Letter Topic and ack message in original topic
-                    let Payload { data, metadata } = payload;
+                    let Payload { data, metadata, .. } = payload;
                     let mut properties = metadata
                         .properties
                         .into_iter()

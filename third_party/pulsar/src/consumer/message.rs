@@ -118,6 +118,7 @@ mod tests {
                     ..Default::default()
                 },
                 data: vec![],
+                broker_entry: None,
             },
         )
     }

@@ -213,7 +213,7 @@ impl<T: DeserializeMessage, Exe: Executor> Consumer<T, Exe> {
     ) -> Result<(), Error> {
         let inner_consumer: InnerConsumer<T, Exe> = match &mut self.inner {
             InnerConsumer::Single(c) => {
-                c.seek(message_id, timestamp).await?;
+                c.seek_for_replacement(message_id, timestamp).await?;
                 let topic = c.topic().to_string();
                 let addr = client.lookup_topic(&topic).await?;
                 let config = c.config().clone();

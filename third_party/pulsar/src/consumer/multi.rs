@@ -311,7 +311,8 @@ impl<T: DeserializeMessage, Exe: Executor> MultiTopicConsumer<T, Exe> {
                 let mut actions = Vec::default();
                 for (consumer_id, consumer) in self.consumers.iter_mut() {
                     if consumer_ids.contains(consumer_id) {
-                        actions.push(consumer.seek(message_id.clone(), timestamp));
+                        // (magnetar patch) `Consumer::seek` replaces every consumer after it
+                        actions.push(consumer.seek_for_replacement(message_id.clone(), timestamp));
                     }
                 }
                 // 2 join all the futures

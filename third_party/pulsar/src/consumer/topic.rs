@@ -2,7 +2,7 @@ use std::{
     marker::PhantomData,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -37,6 +37,9 @@ pub struct TopicConsumer<T: DeserializeMessage, Exe: Executor> {
     topic: String,
     messages: Pin<Box<MessageIdDataReceiver>>,
     engine_tx: mpsc::UnboundedSender<EngineMessage<Exe>>,
+    /// (magnetar patch) set by [`TopicConsumer::seek_for_replacement`]: the engine does not
+    /// resubscribe when the broker closes the consumer after the seek
+    replacing: Arc<AtomicBool>,
     data_type: PhantomData<fn(Payload) -> T::Output>,
     pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
     pub(super) last_message_received: Option<DateTime<Utc>>,
@@ -107,6 +110,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
         }
         let receiver_queue_size = options.receiver_queue_size.unwrap_or(1000);
         let (tx, rx) = mpsc::channel(receiver_queue_size as usize);
+        let replacing = Arc::new(AtomicBool::new(false));
         let mut c = ConsumerEngine::new(
             client.clone(),
             connection.clone(),
@@ -122,6 +126,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             unacked_message_redelivery_delay,
             dead_letter_policy.clone(),
             options.clone(),
+            replacing.clone(),
         );
         let engine_task = client.executor.spawn(Box::pin(async move {
             c.engine()
@@ -140,6 +145,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             topic,
             messages: Box::pin(rx),
             engine_tx,
+            replacing,
             data_type: PhantomData,
             dead_letter_policy,
             last_message_received: None,
@@ -266,6 +272,25 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             .seek(consumer_id, message_id, timestamp)
             .await?;
         Ok(())
+    }
+
+    /// (magnetar patch) A seek after which this consumer is replaced by a new one
+    /// ([`crate::Consumer::seek`]). The broker closes the consumer once its subscription is
+    /// reset (Apache Pulsar's and the embedded one alike), and the engine would resubscribe on
+    /// its own, racing the replacement for the subscription: on an Exclusive one the loser got
+    /// `ConsumerBusy` and, retried, the replacement waited for a consumer dropped only after
+    /// it, so the seek never returned. If the seek fails, the consumer is kept as it was.
+    pub(crate) async fn seek_for_replacement(
+        &mut self,
+        message_id: Option<MessageIdData>,
+        timestamp: Option<u64>,
+    ) -> Result<(), Error> {
+        self.replacing.store(true, Ordering::Release);
+        let result = self.seek(message_id, timestamp).await;
+        if result.is_err() {
+            self.replacing.store(false, Ordering::Release);
+        }
+        result
     }
 
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]

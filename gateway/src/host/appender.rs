@@ -1,0 +1,289 @@
+//! Appends of indexed topics (`indexed.append`): one task per topic partition that stores
+//! each append as one Pulsar entry and learns the entry's index by reading it back.
+//!
+//! The send receipt has no index (Pulsar's `CommandSendReceipt`), so the task keeps a *tail
+//! reader* on its topic: a non-durable consumer opened at `latest` before the first append,
+//! on a connection that asked for broker-entry metadata. An append is one batch (the
+//! records, then `send_batch`: one `CommandSend`), and completes once the receipt names its
+//! entry and the tail reader has delivered that entry with its index (docs/kafka.md 1.3).
+//! Entries of other producers that the tail passes on the way are skipped. Appends to one
+//! topic run one after another, in the order the plugins made them: a Kafka producer's
+//! batches to a partition are stored in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use pulsar::{Consumer, Producer, TokioExecutor};
+use tokio::sync::mpsc;
+
+use super::context::op_error;
+use super::event::Event;
+use crate::abi::types::{ErrorKind, OpError};
+use crate::abi::v0_2::exports::magnetar::plugin::events2::{AppendResult, Appended};
+use crate::backend::{Backend, OutMessage, SubscribeOptions};
+use crate::message_id;
+
+/// Appends queued per topic before `append` fails fast with `quota-exceeded`.
+const QUEUE: usize = 1024;
+/// How long a topic's task (its producer and tail reader) outlives its last append.
+const LINGER: Duration = Duration::from_secs(30);
+/// Longest wait for the tail reader to deliver an entry just stored.
+const READ_BACK: Duration = Duration::from_secs(10);
+/// Most payload bytes of one append: one entry, below the broker's largest message.
+pub(super) const MAX_APPEND_BYTES: usize = 4 * 1024 * 1024;
+/// Most records of one append.
+pub(super) const MAX_APPEND_RECORDS: usize = 100_000;
+
+/// An append's records, each with whether its key is base64 of raw bytes.
+pub(super) type Records = Vec<(OutMessage, bool)>;
+
+/// One append, checked and sealed.
+pub(super) struct Job {
+    pub(super) conn: u64,
+    pub(super) token: u64,
+    pub(super) messages: Records,
+    /// Held back until then by a publish-rate quota.
+    pub(super) not_before: Option<Instant>,
+    pub(super) events: mpsc::Sender<Event>,
+}
+
+/// The append tasks, by backend topic.
+#[derive(Default)]
+pub struct Appenders {
+    tasks: Mutex<HashMap<String, mpsc::Sender<Job>>>,
+}
+
+impl Appenders {
+    /// Queues an append on its topic's task (started if none runs); the refusal if the
+    /// topic has too many appends queued.
+    pub(super) fn append(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        backend: &Arc<Backend>,
+        topic: &str,
+        job: Job,
+    ) -> Result<(), (Job, OpError)> {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut job = job;
+        // A task that ended (idle) is replaced: at most one retry.
+        for _ in 0..2 {
+            let tx = tasks
+                .entry(topic.to_string())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(QUEUE);
+                    runtime.spawn(run(topic.to_string(), backend.clone(), rx));
+                    tx
+                })
+                .clone();
+            match tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(j)) => {
+                    return Err((
+                        j,
+                        op_error(
+                            ErrorKind::QuotaExceeded,
+                            "too many appends queued on this topic",
+                        ),
+                    ))
+                }
+                Err(mpsc::error::TrySendError::Closed(j)) => {
+                    tasks.remove(topic);
+                    job = j;
+                }
+            }
+        }
+        Err((
+            job,
+            op_error(ErrorKind::Internal, "the topic's append task is gone"),
+        ))
+    }
+}
+
+/// What a topic's task keeps between appends.
+struct Tail {
+    producer: Producer<TokioExecutor>,
+    reader: Consumer<Vec<u8>, TokioExecutor>,
+}
+
+/// Runs the appends of one topic in order until none came for [`LINGER`].
+async fn run(topic: String, backend: Arc<Backend>, mut jobs: mpsc::Receiver<Job>) {
+    let mut tail: Option<Tail> = None;
+    loop {
+        let job = match tokio::time::timeout(LINGER, jobs.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) | Err(_) => break,
+        };
+        if let Some(at) = job.not_before {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let outcome = append(&topic, &backend, &mut tail, job.messages).await;
+        if outcome.is_err() {
+            // Rebuilt by the next append: a broken producer or reader must not linger.
+            if let Some(mut t) = tail.take() {
+                let _ = t.producer.close().await;
+                let _ = t.reader.close().await;
+            }
+        }
+        let _ = job
+            .events
+            .send(Event::Appended {
+                conn: job.conn,
+                results: vec![AppendResult {
+                    token: job.token,
+                    outcome,
+                }],
+            })
+            .await;
+    }
+    // Appends queued after the timeout are failed, not dropped.
+    jobs.close();
+    while let Ok(job) = jobs.try_recv() {
+        let _ = job
+            .events
+            .send(Event::Appended {
+                conn: job.conn,
+                results: vec![AppendResult {
+                    token: job.token,
+                    outcome: Err(op_error(
+                        ErrorKind::Backend,
+                        "the topic's append task stopped; append again",
+                    )),
+                }],
+            })
+            .await;
+    }
+    if let Some(mut t) = tail {
+        let _ = t.producer.close().await;
+        let _ = t.reader.close().await;
+    }
+}
+
+fn backend_error(topic: &str, what: &str, e: impl std::fmt::Display) -> OpError {
+    op_error(ErrorKind::Backend, format!("{what} on {topic}: {e}"))
+}
+
+/// Opens the tail reader (first: it must read from before the first append) and the
+/// producer of a topic.
+async fn open(topic: &str, backend: &Backend) -> Result<Tail, OpError> {
+    let reader = backend
+        .subscribe(&SubscribeOptions {
+            topic: topic.to_string(),
+            subscription: format!("magnetar-tail-{:016x}", rand::random::<u64>()),
+            sub_type: pulsar::SubType::Exclusive,
+            durable: false,
+            earliest: false,
+            receiver_queue: 1000,
+            start_message_id: None,
+            dead_letter: None,
+            consumer_name: None,
+        })
+        .await
+        .map_err(|e| backend_error(topic, "opening the tail reader", e))?;
+    let producer = backend
+        .client()
+        .producer()
+        .with_topic(topic)
+        .with_options(pulsar::ProducerOptions {
+            block_queue_if_full: true,
+            // One batch per append, sealed by `send_batch` alone: the limits are above any
+            // append's (`MAX_APPEND_RECORDS`, `MAX_APPEND_BYTES`), and no timer.
+            batch_size: Some(u32::MAX),
+            batch_byte_size: Some(2 * MAX_APPEND_BYTES),
+            batch_timeout: None,
+            ..Default::default()
+        })
+        .build()
+        .await
+        .map_err(|e| backend_error(topic, "opening the producer", e))?;
+    Ok(Tail { producer, reader })
+}
+
+/// Stores `messages` as one entry and reads its index back.
+async fn append(
+    topic: &str,
+    backend: &Backend,
+    tail: &mut Option<Tail>,
+    messages: Records,
+) -> Result<Appended, OpError> {
+    if tail.is_none() {
+        *tail = Some(open(topic, backend).await?);
+    }
+    let Some(t) = tail.as_mut() else {
+        return Err(op_error(ErrorKind::Internal, "no producer"));
+    };
+    let count = messages.len() as u64;
+    let mut receipts = Vec::with_capacity(messages.len());
+    for (m, key_b64) in messages {
+        let message = pulsar::producer::Message {
+            payload: m.payload,
+            properties: m.properties,
+            partition_key: m.key,
+            partition_key_b64_encoded: key_b64.then_some(true),
+            event_time: m.event_time,
+            ..Default::default()
+        };
+        receipts.push(
+            t.producer
+                .send_non_blocking(message)
+                .await
+                .map_err(|e| backend_error(topic, "sending", e))?,
+        );
+    }
+    t.producer
+        .send_batch()
+        .await
+        .map_err(|e| backend_error(topic, "sending", e))?;
+    let mut entry = None;
+    for r in receipts {
+        let receipt = r.await.map_err(|e| backend_error(topic, "storing", e))?;
+        entry = entry.or(receipt.message_id);
+    }
+    let entry = entry.ok_or_else(|| backend_error(topic, "storing", "a receipt without an id"))?;
+    let want = (entry.ledger_id, entry.entry_id);
+    let deadline = tokio::time::Instant::now() + READ_BACK;
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, t.reader.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(backend_error(topic, "reading back", e)),
+            Ok(None) => return Err(backend_error(topic, "reading back", "the reader ended")),
+            Err(_) => {
+                return Err(backend_error(
+                    topic,
+                    "reading back",
+                    "the stored entry did not come back in time",
+                ))
+            }
+        };
+        let id = &msg.message_id.id;
+        if (id.ledger_id, id.entry_id) != want {
+            continue;
+        }
+        let Some(index) = msg.payload.broker_entry.as_ref().and_then(|b| b.index) else {
+            return Err(op_error(
+                ErrorKind::Backend,
+                format!("{topic}: the backend stores no index (broker-entry metadata is off)"),
+            ));
+        };
+        let broker_time_ms = msg
+            .payload
+            .broker_entry
+            .as_ref()
+            .and_then(|b| b.broker_timestamp)
+            .unwrap_or(msg.payload.metadata.publish_time);
+        // The other messages of this entry come next: skipped by the next append's read.
+        let id = pulsar::proto::MessageIdData {
+            ledger_id: entry.ledger_id,
+            entry_id: entry.entry_id,
+            partition: entry.partition,
+            ..Default::default()
+        };
+        return Ok(Appended {
+            id: message_id::encode(&id),
+            first_index: (index + 1).saturating_sub(count),
+            broker_time_ms,
+            duplicate: false,
+        });
+    }
+}
