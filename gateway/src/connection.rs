@@ -17,12 +17,14 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Ready};
 use tokio::net::TcpStream;
 
+use crate::abi::types::ConnInfo;
 use crate::conn_shared::ConnShared;
 use crate::host::Event;
 use crate::plugin_host::WorkerHandle;
@@ -78,12 +80,86 @@ enum Wake {
     Relieved,
 }
 
-/// Serves one accepted connection until either side ends it, then tells the worker.
-pub async fn run<S: Transport>(
+/// Longest the opening of a connection waits for the client's first bytes, to hand both
+/// to the worker as one event: a client that speaks first (an MQTT CONNECT) has usually
+/// sent them by the time its connection is accepted; a protocol where the server speaks
+/// first gets its `on-open` this much later.
+const FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+/// Size of the read of the first bytes (a CONNECT is small; a read that fills it is
+/// followed at once by the usual [`READ_CHUNK`] reads).
+const FIRST_READ: usize = 4096;
+
+/// A connection about to be opened in its plugin.
+pub struct Opening {
+    pub conn: u64,
+    pub info: ConnInfo,
+    /// Common name of the client certificate the TLS handshake verified (mTLS).
+    pub client_cert: Option<String>,
+    pub shared: Arc<ConnShared>,
+    /// Bytes the host produced itself, for the plugin before any from the socket (a web
+    /// port's request).
+    pub first: Option<Bytes>,
+}
+
+/// Opens the connection in its plugin, with its first bytes in the same event when they
+/// arrive within [`FIRST_BYTES_WAIT`], then serves it until either side ends it and tells
+/// the worker.
+pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker: WorkerHandle) {
+    let Opening {
+        conn,
+        info,
+        client_cert,
+        shared,
+        first,
+    } = opening;
+    let (first, more) = match first {
+        Some(f) => (Some(f), true),
+        None => first_bytes(&mut stream).await,
+    };
+    if let Some(f) = &first {
+        shared.input_read(f.len());
+    }
+    let open = Event::Open {
+        conn,
+        info,
+        client_cert,
+        shared: shared.clone(),
+        first,
+    };
+    if worker.send(open).await.is_err() {
+        return;
+    }
+    run(stream, conn, shared, worker, more).await
+}
+
+/// The client's first bytes, read at once or within [`FIRST_BYTES_WAIT`], if any; and
+/// whether the stream may hold more than was read (read again before waiting).
+async fn first_bytes<S: Transport>(stream: &mut S) -> (Option<Bytes>, bool) {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    // A TLS stream may hold a record read along with the handshake's last message.
+    let mut read = stream.read_buf(&mut buf).now_or_never();
+    if read.is_none() {
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(FIRST_BYTES_WAIT, stream.tcp().ready(Interest::READABLE)).await
+        {
+            read = stream.read_buf(&mut buf).now_or_never();
+        }
+    }
+    match read {
+        Some(Ok(n)) if n > 0 => (Some(buf.freeze()), true),
+        // Nothing yet, the end, or an error: the connection's own reads find out.
+        _ => (None, true),
+    }
+}
+
+/// Serves one opened connection until either side ends it, then tells the worker.
+/// `read_again`: read before waiting for readiness (the stream may hold bytes already).
+async fn run<S: Transport>(
     mut stream: S,
     conn: u64,
     shared: std::sync::Arc<ConnShared>,
     worker: WorkerHandle,
+    read_again: bool,
 ) {
     // Output taken from the shared queue and not yet accepted by the socket.
     let mut pending: VecDeque<Bytes> = VecDeque::new();
@@ -94,7 +170,7 @@ pub async fn run<S: Transport>(
     // sends its Finished and its first packet (an MQTT CONNECT) back to back; a server slow
     // to read (a reconnect storm) gets both in one read, and waiting for readiness then
     // waited for bytes the client had sent, until the plugin's CONNECT timeout closed it.
-    let mut read_again = true;
+    let mut read_again = read_again;
     let reason = 'conn: loop {
         let relieved = shared.relieved();
         tokio::pin!(relieved);

@@ -580,6 +580,55 @@ impl Tenancy {
         outcome
     }
 
+    /// [`Tenancy::authenticate`] when it needs no waiting: an anonymous login, a client
+    /// certificate, or a password the login cache vouches for, from an address without a
+    /// penalty. `None`: the caller goes the async way (an argon2 verification, a token, a
+    /// penalty to wait out), which decides exactly as before. What it returns, and what it
+    /// records for `peer`, is what `authenticate` would have.
+    pub fn authenticate_now(
+        &self,
+        creds: &Credentials,
+        peer: Option<IpAddr>,
+    ) -> Option<Result<Principal, AuthError>> {
+        if peer.is_some_and(|ip| !self.penalty(ip).is_zero()) {
+            return None;
+        }
+        let outcome = self.check_now(creds)?;
+        if let Some(ip) = peer {
+            self.record(ip, outcome.is_ok());
+        }
+        Some(outcome)
+    }
+
+    /// The part of [`Tenancy::check`] decided without waiting (see [`Tenancy::authenticate_now`]).
+    fn check_now(&self, creds: &Credentials) -> Option<Result<Principal, AuthError>> {
+        match creds {
+            Credentials::Anonymous if self.allow_anonymous => Some(Ok(self.anonymous.clone())),
+            Credentials::Anonymous => Some(Err(AuthError::AnonymousNotAllowed)),
+            Credentials::Certificate(cn) => Some(
+                self.read()
+                    .users
+                    .values()
+                    .find(|u| u.certificate_cn.as_deref() == Some(cn.as_str()))
+                    .map(|u| u.principal.clone())
+                    .ok_or_else(|| AuthError::UnknownCertificate(cn.clone())),
+            ),
+            // A token standing in for the password is checked the async way.
+            Credentials::Password { user, password }
+                if std::str::from_utf8(password).map_or(true, |t| t.split('.').count() != 3) =>
+            {
+                let dir = self.read();
+                let u = dir.users.get(user)?;
+                if u.hash.is_empty() || !self.login_cache.check(user, &u.hash, password) {
+                    return None;
+                }
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(u.principal.clone()))
+            }
+            Credentials::Password { .. } | Credentials::Token(_) => None,
+        }
+    }
+
     fn record(&self, ip: IpAddr, ok: bool) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if ok {
@@ -612,8 +661,9 @@ impl Tenancy {
 
     async fn check(&self, creds: Credentials) -> Result<Principal, AuthError> {
         match creds {
-            Credentials::Anonymous if self.allow_anonymous => Ok(self.anonymous.clone()),
-            Credentials::Anonymous => Err(AuthError::AnonymousNotAllowed),
+            Credentials::Anonymous | Credentials::Certificate(_) => self
+                .check_now(&creds)
+                .unwrap_or(Err(AuthError::AnonymousNotAllowed)),
             Credentials::Password { user, password } => {
                 // A token may stand in for the password (MQTT clients pass it that way); it
                 // must speak for the same user.
@@ -664,13 +714,6 @@ impl Tenancy {
                     _ => Err(AuthError::BadPassword),
                 }
             }
-            Credentials::Certificate(cn) => self
-                .read()
-                .users
-                .values()
-                .find(|u| u.certificate_cn.as_deref() == Some(cn.as_str()))
-                .map(|u| u.principal.clone())
-                .ok_or(AuthError::UnknownCertificate(cn)),
             Credentials::Token(token) => {
                 let claims = jwt::verify(&self.keys.verify, &token)
                     .map_err(|e| AuthError::BadToken(e.to_string()))?;

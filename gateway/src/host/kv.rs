@@ -17,6 +17,20 @@ impl kv::Host for HostState {
         match self.kv_topic(conn) {
             Ok(topic) => {
                 let key = self.kv_key(&key);
+                // Nothing of the connection's in flight (so every put it made is applied) and
+                // the namespace loaded: read now, no operations task (e.g. the MQTT plugin's
+                // look for an earlier session at each clean connect).
+                let idle = self.conns.get(&conn).is_some_and(|s| s.shared.ops_idle());
+                if let Some(value) = idle
+                    .then(|| self.services.kv.get_now(&topic, &key))
+                    .flatten()
+                {
+                    return self.finish_now(Event::KvResult {
+                        conn,
+                        token,
+                        outcome: Ok(value),
+                    });
+                }
                 self.queue_op(conn, Op::KvGet { token, topic, key })
             }
             Err(e) => self.complete(Event::KvResult {
