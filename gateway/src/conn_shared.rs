@@ -78,10 +78,9 @@ impl ConnShared {
         self.inflight_peak.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// A backend operation finished (what it did is visible to whoever then sees
-    /// [`ConnShared::ops_idle`]).
+    /// A backend operation finished.
     pub fn op_finished(&self) {
-        let before = self.inflight.fetch_sub(1, Ordering::Release);
+        let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
         let peak = self.inflight_peak.load(Ordering::Relaxed);
         let explicit = self.reading_explicit.load(Ordering::Relaxed);
         let reopened = if explicit {
@@ -92,12 +91,6 @@ impl ConnShared {
         if reopened {
             self.relieved.notify_waiters();
         }
-    }
-
-    /// Whether no backend operation of the connection is in flight: all it started has
-    /// finished, and its effects (e.g. a kv put applied) are visible to the caller.
-    pub fn ops_idle(&self) -> bool {
-        self.inflight.load(Ordering::Acquire) == 0
     }
 
     /// The plugin's `set-reading`.

@@ -80,11 +80,6 @@ enum Wake {
     Relieved,
 }
 
-/// Longest the opening of a connection waits for the client's first bytes, to hand both
-/// to the worker as one event: a client that speaks first (an MQTT CONNECT) has usually
-/// sent them by the time its connection is accepted; a protocol where the server speaks
-/// first gets its `on-open` this much later.
-const FIRST_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 /// Size of the read of the first bytes (a CONNECT is small; a read that fills it is
 /// followed at once by the usual [`READ_CHUNK`] reads).
 const FIRST_READ: usize = 4096;
@@ -102,8 +97,7 @@ pub struct Opening {
 }
 
 /// Opens the connection in its plugin, with its first bytes in the same event when they
-/// arrive within [`FIRST_BYTES_WAIT`], then serves it until either side ends it and tells
-/// the worker.
+/// are in already, then serves it until either side ends it and tells the worker.
 pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker: WorkerHandle) {
     let Opening {
         conn,
@@ -112,8 +106,8 @@ pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker:
         shared,
         first,
     } = opening;
-    let (first, more) = match first {
-        Some(f) => (Some(f), true),
+    let first = match first {
+        Some(f) => Some(f),
         None => first_bytes(&mut stream).await,
     };
     if let Some(f) = &first {
@@ -129,37 +123,29 @@ pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker:
     if worker.send(open).await.is_err() {
         return;
     }
-    run(stream, conn, shared, worker, more).await
+    run(stream, conn, shared, worker).await
 }
 
-/// The client's first bytes, read at once or within [`FIRST_BYTES_WAIT`], if any; and
-/// whether the stream may hold more than was read (read again before waiting).
-async fn first_bytes<S: Transport>(stream: &mut S) -> (Option<Bytes>, bool) {
+/// The client's first bytes if the stream has them at once: a TLS stream often does (a
+/// client sends its first packet with its handshake's last message, and the handshake's
+/// read took both). Nothing is waited for: a wait of 2 ms for a plain socket's first bytes
+/// saved thread switches but no measurable CPU in a storm, and would delay a protocol where
+/// the server speaks first (docs/performance-log.md, 2026-12-06 16:48).
+async fn first_bytes<S: Transport>(stream: &mut S) -> Option<Bytes> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
-    // A TLS stream may hold a record read along with the handshake's last message.
-    let mut read = stream.read_buf(&mut buf).now_or_never();
-    if read.is_none() {
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(FIRST_BYTES_WAIT, stream.tcp().ready(Interest::READABLE)).await
-        {
-            read = stream.read_buf(&mut buf).now_or_never();
-        }
-    }
-    match read {
-        Some(Ok(n)) if n > 0 => (Some(buf.freeze()), true),
+    match stream.read_buf(&mut buf).now_or_never() {
+        Some(Ok(n)) if n > 0 => Some(buf.freeze()),
         // Nothing yet, the end, or an error: the connection's own reads find out.
-        _ => (None, true),
+        _ => None,
     }
 }
 
 /// Serves one opened connection until either side ends it, then tells the worker.
-/// `read_again`: read before waiting for readiness (the stream may hold bytes already).
 async fn run<S: Transport>(
     mut stream: S,
     conn: u64,
     shared: std::sync::Arc<ConnShared>,
     worker: WorkerHandle,
-    read_again: bool,
 ) {
     // Output taken from the shared queue and not yet accepted by the socket.
     let mut pending: VecDeque<Bytes> = VecDeque::new();
@@ -170,7 +156,7 @@ async fn run<S: Transport>(
     // sends its Finished and its first packet (an MQTT CONNECT) back to back; a server slow
     // to read (a reconnect storm) gets both in one read, and waiting for readiness then
     // waited for bytes the client had sent, until the plugin's CONNECT timeout closed it.
-    let mut read_again = read_again;
+    let mut read_again = true;
     let reason = 'conn: loop {
         let relieved = shared.relieved();
         tokio::pin!(relieved);

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio_rustls::TlsConnector;
 
 use crate::client::{connect_packet, handshake, open_many};
-use crate::{free_port, wait_listening, Proc, Tls};
+use crate::{free_ports, wait_listening, Proc, Tls};
 
 /// Logins in flight at once.
 const IN_FLIGHT: usize = 200;
@@ -175,14 +175,14 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &Path, tls: &Tls, users: usize) -> Gateway {
-        let (broker, mqtt, mqtts) = (free_port(), free_port(), free_port());
+        let [broker, mqtt, mqtts, admin] = free_ports();
         let hash = hash_password();
         let mut config = format!(
             "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{}\"\n\n[tls]\ncert = {:?}\nkey = {:?}\n\n\
              [[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n\
              [[listeners]]\nname = \"mqtts\"\nbind = \"{mqtts}\"\nplugin = \"mqtt\"\ntls = true\n\n\
              [auth]\nallow_anonymous = true\n",
-            free_port(),
+            admin,
             tls.cert,
             tls.key
         );
@@ -314,7 +314,7 @@ fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
     if !hashed.success() {
         return None;
     }
-    let (anonymous, mqtt, mqtts) = (free_port(), free_port(), free_port());
+    let [anonymous, mqtt, mqtts] = free_ports();
     let text = format!(
         "user root\nper_listener_settings true\n\
          listener {} 127.0.0.1\nallow_anonymous true\n\
@@ -343,7 +343,6 @@ fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
 
 /// Measures one row `rounds` times, Magnetar (`m`) and Mosquitto (`q`, when it has the
 /// row) alternating: the median round of each.
-#[allow(clippy::too_many_arguments)]
 async fn pair(
     m: (u32, SocketAddr, &Kind),
     q: Option<(u32, SocketAddr, &Kind)>,

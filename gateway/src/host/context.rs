@@ -230,7 +230,6 @@ impl HostState {
         format!("{}/{}", self.plugin, key)
     }
 
-    /// Sends a completion event from the runtime (never blocks the worker).
     /// Completes an operation whose outcome is known now: the worker delivers it after the
     /// plugin's current call returns (`take_ready`), before waiting for more events. A
     /// connect used to cross between the worker and the runtime's threads for each of these
@@ -244,6 +243,7 @@ impl HostState {
         self.ready.pop_front()
     }
 
+    /// Sends a completion event from the runtime (never blocks the worker).
     pub(super) fn complete(&self, event: Event) {
         let events = self.events.clone();
         self.runtime.spawn(async move {

@@ -22,9 +22,10 @@ pub enum Event {
         shared: Arc<ConnShared>,
         /// Common name of the client certificate the TLS handshake verified (mTLS).
         client_cert: Option<String>,
-        /// The client's first bytes when they were in by the time the connection opened (a
-        /// CONNECT usually is): handed to the plugin right after `on-open`, one hand-off to
-        /// the worker for both. Counted as read (`ConnShared::input_read`).
+        /// Bytes for the plugin right after `on-open`, one hand-off to the worker for both:
+        /// a web port's request, or the client's first bytes when the stream had them at
+        /// once (over TLS, a CONNECT sent with the handshake's last message). Counted as
+        /// read (`ConnShared::input_read`).
         first: Option<Bytes>,
     },
     Data {

@@ -17,11 +17,12 @@ impl kv::Host for HostState {
         match self.kv_topic(conn) {
             Ok(topic) => {
                 let key = self.kv_key(&key);
-                // Nothing of the connection's in flight (so every put it made is applied) and
-                // the namespace loaded: read now, no operations task (e.g. the MQTT plugin's
-                // look for an earlier session at each clean connect).
-                let idle = self.conns.get(&conn).is_some_and(|s| s.shared.ops_idle());
-                if let Some(value) = idle
+                // The connection has queued no operation yet (nothing of it can be in flight
+                // or on its way back, so the answer cannot overtake another), and the
+                // namespace is loaded: read now, no operations task (the MQTT plugin's look
+                // for an earlier session at each connect).
+                let first = self.conns.get(&conn).is_some_and(|s| s.ops.is_none());
+                if let Some(value) = first
                     .then(|| self.services.kv.get_now(&topic, &key))
                     .flatten()
                 {
