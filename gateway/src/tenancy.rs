@@ -574,7 +574,9 @@ impl Tenancy {
             }
         }
         let outcome = self.check(creds).await;
-        if let Some(ip) = peer {
+        // "Busy" checked nothing, so it tells a guesser nothing and is no failure: a fleet
+        // behind one address, told to come back, is not slowed down for it.
+        if let Some(ip) = peer.filter(|_| !matches!(outcome, Err(AuthError::Busy))) {
             self.record(ip, outcome.is_ok());
         }
         outcome
@@ -997,6 +999,63 @@ mod tests {
         assert_eq!(t.penalty(ip), Duration::from_millis(200));
         let other: IpAddr = "127.0.0.10".parse().unwrap();
         assert_eq!(t.penalty(other), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn logins_decided_at_once_are_those_authenticate_would_decide() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = two_users(dir.path());
+        let ip: IpAddr = "127.0.0.11".parse().unwrap();
+        let alice = |password: &[u8]| Credentials::Password {
+            user: "alice".into(),
+            password: password.to_vec(),
+        };
+        // Not cached yet: argon2, the async way.
+        assert_eq!(t.authenticate_now(&alice(b"s3cret"), Some(ip)), None);
+        assert!(t.authenticate(alice(b"s3cret"), Some(ip)).await.is_ok());
+        // Cached: decided now; one byte off goes to argon2 (and is refused there).
+        let now = t.authenticate_now(&alice(b"s3cret"), Some(ip));
+        assert_eq!(now.map(|r| r.map(|p| p.user)), Some(Ok("alice".into())));
+        assert_eq!(t.authenticate_now(&alice(b"s3creT"), Some(ip)), None);
+        assert_eq!(t.authenticate_now(&alice(b"s3cre"), Some(ip)), None);
+        assert_eq!(
+            t.authenticate(alice(b"s3creT"), Some(ip)).await,
+            Err(AuthError::BadPassword)
+        );
+        // Anonymous refused at once, and counted: an address serving a delay waits it out
+        // the async way, even with a cached password.
+        for _ in 0..2 {
+            assert_eq!(
+                t.authenticate_now(&Credentials::Anonymous, Some(ip)),
+                Some(Err(AuthError::AnonymousNotAllowed))
+            );
+        }
+        assert!(!t.penalty(ip).is_zero());
+        assert_eq!(t.authenticate_now(&alice(b"s3cret"), Some(ip)), None);
+        // A deleted user is refused at once, although its login was cached.
+        assert!(t.delete_user("alice"));
+        let other: IpAddr = "127.0.0.12".parse().unwrap();
+        assert_eq!(t.authenticate_now(&alice(b"s3cret"), Some(other)), None);
+        assert_eq!(
+            t.authenticate(alice(b"s3cret"), Some(other)).await,
+            Err(AuthError::BadPassword)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_busy_is_not_a_failure_of_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = two_users(dir.path());
+        t.max_verifying = 0;
+        let ip: IpAddr = "127.0.0.13".parse().unwrap();
+        for _ in 0..5 {
+            let creds = Credentials::Password {
+                user: "alice".into(),
+                password: b"s3cret".to_vec(),
+            };
+            assert_eq!(t.authenticate(creds, Some(ip)).await, Err(AuthError::Busy));
+        }
+        assert_eq!(t.penalty(ip), Duration::ZERO);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
