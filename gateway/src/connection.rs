@@ -130,7 +130,7 @@ pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker:
 /// client sends its first packet with its handshake's last message, and the handshake's
 /// read took both). Nothing is waited for: a wait of 2 ms for a plain socket's first bytes
 /// saved thread switches but no measurable CPU in a storm, and would delay a protocol where
-/// the server speaks first (docs/performance-log.md, 2026-12-06 16:38-16:58).
+/// the server speaks first (docs/performance-log.md, 2026-12-06 16:38-17:44).
 async fn first_bytes<S: Transport>(stream: &mut S) -> Option<Bytes> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     match stream.read_buf(&mut buf).now_or_never() {
