@@ -481,11 +481,16 @@ async fn user_token(
     Ok(Json(serde_json::json!({ "token": token })))
 }
 
-/// Prometheus text format: usage per tenant.
-async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+/// The gateway's metrics in Prometheus' text format: usage per tenant (only `tenant`'s
+/// series when one is named: what a tenant's own token may see), then, for the whole
+/// gateway's view only, routing and login-cache counters.
+pub fn prometheus_text(services: &Services, tenant: Option<&str>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let usage = a.services.quotas.tenant_usage();
+    let mut usage = services.quotas.tenant_usage();
+    if let Some(only) = tenant {
+        usage.retain(|(t, _)| t == only);
+    }
     type Series = (&'static str, &'static str, fn(&crate::quota::Usage) -> f64);
     let series: [Series; 9] = [
         ("magnetar_tenant_connections", "gauge", |u| {
@@ -522,7 +527,10 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
             let _ = writeln!(out, "{name}{{tenant=\"{tenant}\"}} {}", value(u));
         }
     }
-    let r = a.services.router.stats();
+    if tenant.is_some() {
+        return out;
+    }
+    let r = services.router.stats();
     let _ = writeln!(out, "# TYPE magnetar_route_sources gauge");
     let _ = writeln!(out, "magnetar_route_sources {}", r.sources);
     let _ = writeln!(out, "# TYPE magnetar_routes gauge");
@@ -531,11 +539,17 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     let _ = writeln!(out, "magnetar_routed_messages_total {}", r.routed);
     let _ = writeln!(out, "# TYPE magnetar_route_dropped_messages_total counter");
     let _ = writeln!(out, "magnetar_route_dropped_messages_total {}", r.dropped);
-    let (hits, misses) = a.services.tenancy.login_cache_stats();
+    let (hits, misses) = services.tenancy.login_cache_stats();
     let _ = writeln!(out, "# TYPE magnetar_login_cache_hits_total counter");
     let _ = writeln!(out, "magnetar_login_cache_hits_total {hits}");
     let _ = writeln!(out, "# TYPE magnetar_login_cache_misses_total counter");
     let _ = writeln!(out, "magnetar_login_cache_misses_total {misses}");
+    out
+}
+
+/// Prometheus text format: usage per tenant.
+async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    let out = prometheus_text(&a.services, None);
     (
         [(
             axum::http::header::CONTENT_TYPE,

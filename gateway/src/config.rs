@@ -307,6 +307,11 @@ pub struct ListenerConfig {
     /// allows any. Requests without `Origin` (non-browser clients) always pass.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// A web port's WebSocket without a frame either way (pings included) for this long is
+    /// closed with 1001 `Idle Timeout`: Apache Pulsar's `webSocketSessionIdleTimeoutMillis`,
+    /// default 300000 as there; 0 keeps idle WebSockets open.
+    #[serde(default = "default_websocket_idle_timeout_ms")]
+    pub websocket_idle_timeout_ms: u64,
 }
 
 impl ListenerConfig {
@@ -323,6 +328,7 @@ impl ListenerConfig {
             websocket_max_message_size: default_websocket_max_message_size(),
             web: false,
             allowed_origins: Vec::new(),
+            websocket_idle_timeout_ms: default_websocket_idle_timeout_ms(),
         }
     }
 }
@@ -335,6 +341,11 @@ fn default_websocket_subprotocols() -> Vec<String> {
 /// 1 MiB: the MQTT plugin's default `max_packet_size`.
 fn default_websocket_max_message_size() -> usize {
     1024 * 1024
+}
+
+/// Apache Pulsar's `webSocketSessionIdleTimeoutMillis` default: 5 minutes.
+fn default_websocket_idle_timeout_ms() -> u64 {
+    300_000
 }
 
 fn default_tenant() -> String {
@@ -506,6 +517,11 @@ impl Config {
             if !l.allowed_origins.is_empty() && !l.web {
                 return Err(format!(
                     "key `listeners[{i}].allowed_origins`: set only with `web = true`"
+                ));
+            }
+            if l.websocket_idle_timeout_ms != default_websocket_idle_timeout_ms() && !l.web {
+                return Err(format!(
+                    "key `listeners[{i}].websocket_idle_timeout_ms`: set only with `web = true`"
                 ));
             }
             if l.web && l.websocket_max_message_size < 16 {

@@ -207,8 +207,15 @@ async fn run<S: Transport>(
                 }
                 Some(Ok(_)) => read_again = buf.len() >= READ_CHUNK,
                 Some(Err(e)) if buf.is_empty() => break 'conn format!("read error: {e}"),
-                // Deliver what came before the error; the next read reports it.
-                Some(Err(_)) => break,
+                // Deliver what came before the error; the next read reports it, as soon as
+                // the plugin had these bytes (not when the socket is next readable: the bad
+                // bytes are already read, and a peer that broke the protocol, e.g. a
+                // WebSocket frame with reserved bits, may send nothing more while it waits
+                // for the close RFC 6455 owes it).
+                Some(Err(_)) => {
+                    read_again = true;
+                    break;
+                }
             }
         }
         if !buf.is_empty() {

@@ -183,7 +183,11 @@ where
             };
         let worker = worker.context("a web port without its plugin upgraded a WebSocket")?;
         let shared = opening.shared.clone();
-        tokio::spawn(crate::message_mode::watchdog(stream.stage(), shared));
+        tokio::spawn(crate::message_mode::watchdog(
+            stream.stage(),
+            shared,
+            stream.idle(),
+        ));
         return start(stream, opening, worker, Some(request));
     }
     let worker = worker.context("a listener without its plugin")?;

@@ -51,7 +51,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::conn_shared::ConnShared;
 use crate::connection::Transport;
-use crate::websocket::{ws_to_io, WsSide};
+use crate::websocket::{ws_to_io, Activity, WsSide};
 
 /// Time the plugin has to answer the upgrade request.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
@@ -122,6 +122,8 @@ pub struct MessageTransport<S> {
     answer: Bytes,
     /// The plugin broke the envelope after the upgrade: the connection ends (1011).
     plugin_broke: bool,
+    /// Frames either way, for the idle timeout [`watchdog`] keeps (if there is one).
+    idle: Option<(Arc<Activity>, Duration)>,
 }
 
 fn aborted(why: &'static str) -> io::Error {
@@ -131,12 +133,14 @@ fn aborted(why: &'static str) -> io::Error {
 impl<S: Transport> MessageTransport<S> {
     /// Wraps a stream whose upgrade request (with key `sec_websocket_key`, offering the
     /// subprotocols `offered`) was read and checked; nothing has been answered yet. Incoming
-    /// messages over `max_message_size` bytes close the connection with 1009.
+    /// messages over `max_message_size` bytes close the connection with 1009; one without a
+    /// frame either way for `idle_timeout` is closed by [`watchdog`] with 1001.
     pub async fn new(
         stream: S,
         sec_websocket_key: &str,
         offered: Vec<String>,
         max_message_size: usize,
+        idle_timeout: Option<Duration>,
     ) -> MessageTransport<S> {
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
@@ -145,8 +149,11 @@ impl<S: Transport> MessageTransport<S> {
         // Nothing is read or written until the WebSocket is polled: the answer goes out
         // through `get_mut()` first.
         let ws = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
+        let idle = idle_timeout.map(|t| (Arc::new(Activity::new()), t));
+        let mut side = WsSide::new(ws);
+        side.activity = idle.as_ref().map(|(a, _)| a.clone());
         MessageTransport {
-            side: WsSide::new(ws),
+            side,
             accept_key: derive_accept_key(sec_websocket_key.as_bytes()),
             offered,
             phase: Phase::Awaiting,
@@ -158,12 +165,18 @@ impl<S: Transport> MessageTransport<S> {
             from_plugin: BytesMut::new(),
             answer: Bytes::new(),
             plugin_broke: false,
+            idle,
         }
     }
 
     /// Follows the connection's stage (for [`watchdog`]).
     pub fn stage(&self) -> watch::Receiver<Stage> {
         self.stage.subscribe()
+    }
+
+    /// What [`watchdog`] needs to keep the idle timeout (`None`: no idle timeout).
+    pub fn idle(&self) -> Option<(Arc<Activity>, Duration)> {
+        self.idle.clone()
     }
 
     fn peer(&self) -> String {
@@ -286,6 +299,9 @@ impl<S: Transport> MessageTransport<S> {
             Pin::new(&mut self.side.ws)
                 .start_send(message)
                 .map_err(ws_to_io)?;
+            if let Some((activity, _)) = &self.idle {
+                activity.touch();
+            }
         }
     }
 
@@ -563,7 +579,15 @@ impl<S: Transport> AsyncWrite for MessageTransport<S> {
                 let _ = ready!(self.poll_frames(cx));
                 Pin::new(self.side.ws.get_mut()).poll_shutdown(cx)
             }
-            Phase::Open | Phase::Closing => self.side.poll_shutdown(cx),
+            Phase::Open | Phase::Closing => {
+                let idled = self.idle.as_ref().is_some_and(|(a, _)| a.expired());
+                if idled && self.side.close.is_some() {
+                    // Jetty's close for its idle timeout, which Pulsar's WebSocket API uses.
+                    self.side.close = Some(CloseCode::Away);
+                    self.side.close_reason = "Idle Timeout";
+                }
+                self.side.poll_shutdown(cx)
+            }
         }
     }
 }
@@ -579,15 +603,37 @@ impl<S: Transport> Transport for MessageTransport<S> {
 }
 
 /// Ends a connection the connection task would keep: one whose plugin does not answer the
-/// upgrade within [`ANSWER_DEADLINE`], or that still lingers [`CLOSE_GRACE`] after it
-/// started ending. Returns when the transport is gone.
-pub async fn watchdog(stage: watch::Receiver<Stage>, shared: Arc<ConnShared>) {
-    watch_stages(stage, shared, ANSWER_DEADLINE, CLOSE_GRACE).await
+/// upgrade within [`ANSWER_DEADLINE`], an open one without a frame either way for its idle
+/// timeout (`idle`, [`MessageTransport::idle`]; closed with 1001), or one that still lingers
+/// [`CLOSE_GRACE`] after it started ending. Returns when the transport is gone.
+pub async fn watchdog(
+    stage: watch::Receiver<Stage>,
+    shared: Arc<ConnShared>,
+    idle: Option<(Arc<Activity>, Duration)>,
+) {
+    watch_stages(stage, shared, idle, ANSWER_DEADLINE, CLOSE_GRACE).await
+}
+
+/// Returns once the WebSocket went `timeout` without a frame (never without a timeout),
+/// having marked it expired.
+async fn idle_expiry(idle: Option<(Arc<Activity>, Duration)>) {
+    let Some((activity, timeout)) = idle else {
+        return std::future::pending().await;
+    };
+    loop {
+        let at = activity.idle_at(timeout);
+        if at <= tokio::time::Instant::now() {
+            activity.expire();
+            return;
+        }
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 async fn watch_stages(
     mut stage: watch::Receiver<Stage>,
     shared: Arc<ConnShared>,
+    idle: Option<(Arc<Activity>, Duration)>,
     answer_deadline: Duration,
     close_grace: Duration,
 ) {
@@ -603,13 +649,17 @@ async fn watch_stages(
         Ok(Err(_)) => return,
         Ok(Ok(())) => {}
     }
-    if stage
-        .wait_for(|s| *s == Stage::Ending)
-        .await
-        .map(|_| ())
-        .is_err()
-    {
-        return;
+    let ending = async { stage.wait_for(|s| *s == Stage::Ending).await.map(|_| ()) };
+    tokio::select! {
+        ended = ending => {
+            if ended.is_err() {
+                return;
+            }
+        }
+        () = idle_expiry(idle) => {
+            shared.close();
+            return;
+        }
     }
     // `changed` fails once the transport is dropped: the connection ended by itself.
     if tokio::time::timeout(close_grace, stage.changed())
@@ -654,7 +704,7 @@ mod tests {
         let request = head.request_frame(peer);
         (
             client,
-            MessageTransport::new(server, KEY, vec![], LIMIT).await,
+            MessageTransport::new(server, KEY, vec![], LIMIT, None).await,
             request,
         )
     }
@@ -807,7 +857,7 @@ mod tests {
         assert_eq!(json["path"], "/ws/v2/producer/persistent/t/ns/a");
         assert_eq!(json["query"], "token=x");
         let offered = vec!["o".to_string(), "p".to_string()];
-        let mut t = MessageTransport::new(server, &key, offered, LIMIT).await;
+        let mut t = MessageTransport::new(server, &key, offered, LIMIT, None).await;
         // Nothing is answered before the plugin's RESPONSE.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!client.is_finished());
@@ -979,7 +1029,7 @@ mod tests {
         let short = Duration::from_millis(50);
         let run = |stage: watch::Receiver<Stage>| {
             let shared = Arc::new(ConnShared::default());
-            let watched = tokio::spawn(watch_stages(stage, shared.clone(), short, short));
+            let watched = tokio::spawn(watch_stages(stage, shared.clone(), None, short, short));
             (shared, watched)
         };
         // Never answered: closed at the deadline.
@@ -1004,6 +1054,66 @@ mod tests {
         stage.send_replace(Stage::Ending);
         watched.await.unwrap();
         assert!(shared.is_closing());
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_ends_an_open_websocket_idle_for_its_timeout() {
+        let timeout = Duration::from_millis(1000);
+        let activity = Arc::new(Activity::new());
+        let stage = watch::Sender::new(Stage::Open);
+        let shared = Arc::new(ConnShared::default());
+        let watched = tokio::spawn(watch_stages(
+            stage.subscribe(),
+            shared.clone(),
+            Some((activity.clone(), timeout)),
+            Duration::from_secs(10),
+            Duration::from_secs(5),
+        ));
+        // A frame every 100 ms keeps it open well past the timeout.
+        for _ in 0..25 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            activity.touch();
+        }
+        assert!(!shared.is_closing() && !activity.expired());
+        // Then nothing: closed, and not before a whole timeout since the last frame.
+        let last = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), watched)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(last.elapsed() >= timeout - Duration::from_millis(5));
+        assert!(shared.is_closing() && activity.expired());
+    }
+
+    #[tokio::test]
+    async fn an_idle_websocket_is_closed_with_1001_and_pings_count_as_activity() {
+        let (mut client, t, _) = pair("/ws/x").await;
+        let mut t = MessageTransport {
+            idle: Some((Arc::new(Activity::new()), Duration::ZERO)),
+            ..t
+        };
+        t.side.activity = t.idle.as_ref().map(|(a, _)| a.clone());
+        upgrade(&mut client, &mut t).await;
+        let (activity, _) = t.idle().unwrap();
+        let before = activity.idle_at(Duration::ZERO);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client
+            .write_all(&client_frame(true, 0x9, b"p", true))
+            .await
+            .unwrap();
+        client
+            .write_all(&client_frame(true, 0x1, b"m", true))
+            .await
+            .unwrap();
+        assert_eq!(plugin_reads(&mut t).await, (KIND_TEXT, b"m".to_vec()));
+        assert!(activity.idle_at(Duration::ZERO) > before);
+        activity.expire();
+        t.shutdown().await.unwrap();
+        // The pong, then the close: 1001 "Idle Timeout".
+        assert_eq!(server_frame(&mut client).await, (0xA, b"p".to_vec()));
+        let (op, payload) = server_frame(&mut client).await;
+        assert_eq!((op, &payload[..2]), (0x8, &1001u16.to_be_bytes()[..]));
+        assert_eq!(&payload[2..], b"Idle Timeout");
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Server {
         let mut listeners = Vec::new();
         let mut background = Vec::new();
         let pulsar_admin = Arc::new(crate::web_admin::PulsarAdmin::new(
-            services.tenancy.clone(),
+            services.clone(),
             config.admin.token.clone(),
             broker.as_ref().map(|b| b.admin_router()),
         ));

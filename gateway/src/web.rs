@@ -12,7 +12,8 @@
 //!   passes: the check protects browsers' users from other sites' pages, not the service);
 //! - everything else is served by hyper on the same connection, the head replayed:
 //!   `/admin/v2/...` is Pulsar's admin REST API under the gateway's tenancy
-//!   ([`crate::web_admin`]), `/demo` the page of `demo.html`, `/ws/...` without an upgrade a
+//!   ([`crate::web_admin`]), `/metrics` the gateway's metrics (scoped to the caller's tenant),
+//!   `/demo` the page of `demo.html`, `/ws/...` without an upgrade a
 //!   426, anything else a 404. Keep-alive works; an upgrade is only taken as the first
 //!   request of a connection (browsers open a fresh connection for each WebSocket).
 //!
@@ -59,6 +60,8 @@ pub struct WebOptions {
     pub allowed_origins: Vec<String>,
     /// Largest incoming WebSocket message, in bytes (1009 above).
     pub max_message_size: usize,
+    /// How long a WebSocket may go without a frame either way (`None`: forever).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl WebOptions {
@@ -67,6 +70,8 @@ impl WebOptions {
         l.web.then(|| WebOptions {
             allowed_origins: l.allowed_origins.clone(),
             max_message_size: l.websocket_max_message_size,
+            idle_timeout: (l.websocket_idle_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(l.websocket_idle_timeout_ms)),
         })
     }
 
@@ -95,6 +100,7 @@ impl WebPort {
         let http = Router::new()
             .route("/demo", get(demo))
             .route("/admin/v2/{*rest}", any(crate::web_admin::handle))
+            .route("/metrics", get(crate::web_admin::metrics))
             .route("/ws/{*rest}", any(upgrade_required))
             .fallback(not_found)
             .with_state(admin);
@@ -312,8 +318,14 @@ pub async fn accept<S: Transport>(
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty())
         .collect();
-    let transport =
-        MessageTransport::new(stream, &key, offered, port.options.max_message_size).await;
+    let transport = MessageTransport::new(
+        stream,
+        &key,
+        offered,
+        port.options.max_message_size,
+        port.options.idle_timeout,
+    )
+    .await;
     Ok(Routed::Plugin {
         transport,
         request: head.request_frame(peer),
@@ -441,7 +453,7 @@ async fn upgrade_required(_req: Request) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: this port serves /ws/ (WebSocket), /admin/v2/ and /demo\n",
+        "not found: this port serves /ws/ (WebSocket), /admin/v2/, /metrics and /demo\n",
     )
         .into_response()
 }
@@ -491,6 +503,7 @@ mod tests {
         let mut o = WebOptions {
             allowed_origins: vec![],
             max_message_size: 1024,
+            idle_timeout: None,
         };
         assert!(o.origin_allowed(Some("http://evil.example")));
         o.allowed_origins = vec!["http://127.0.0.1:8080/".into()];

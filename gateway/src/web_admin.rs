@@ -38,6 +38,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower::ServiceExt;
 
+use crate::host::Services;
 use crate::tenancy::{Credentials, Principal, Tenancy};
 
 /// Largest list answer this module filters (tenant and namespace lists are short).
@@ -50,6 +51,8 @@ pub struct PeerAddr(pub SocketAddr);
 /// The admin REST API of the web port.
 pub struct PulsarAdmin {
     tenancy: Arc<Tenancy>,
+    /// What `/metrics` reports on.
+    services: Arc<Services>,
     /// `admin.token`: a superuser credential.
     admin_token: Option<String>,
     /// The embedded broker's router and the token it is called with; `None`: an external
@@ -59,7 +62,12 @@ pub struct PulsarAdmin {
 
 impl PulsarAdmin {
     /// `broker`: the embedded broker's admin router, if the broker runs in this process.
-    pub fn new(tenancy: Arc<Tenancy>, admin_token: Option<String>, broker: Option<Router>) -> Self {
+    pub fn new(
+        services: Arc<Services>,
+        admin_token: Option<String>,
+        broker: Option<Router>,
+    ) -> Self {
+        let tenancy = services.tenancy.clone();
         let broker = broker.map(|router| {
             let token = tenancy
                 .sign_token(tenancy.superuser_role(), None)
@@ -71,6 +79,7 @@ impl PulsarAdmin {
         });
         PulsarAdmin {
             tenancy,
+            services,
             admin_token,
             broker,
         }
@@ -155,14 +164,9 @@ fn refusal(status: StatusCode, reason: &str) -> Response {
     (status, Json(json!({ "reason": reason }))).into_response()
 }
 
-/// Serves one `/admin/v2/...` request: see the module docs.
-pub async fn handle(State(admin): State<Arc<PulsarAdmin>>, req: Request) -> Response {
-    let Some((router, token)) = &admin.broker else {
-        return refusal(
-            StatusCode::NOT_IMPLEMENTED,
-            "the gateway serves the admin API of its embedded broker only; use the Pulsar cluster's own admin API",
-        );
-    };
+/// A request's bearer token and its peer's address, for [`PulsarAdmin::caller`] (taken out
+/// first: a `&Request` cannot be held across an await of a `Send` handler).
+fn bearer_and_peer(req: &Request) -> (Option<String>, Option<IpAddr>) {
     let peer = req
         .extensions()
         .get::<PeerAddr>()
@@ -174,6 +178,33 @@ pub async fn handle(State(admin): State<Arc<PulsarAdmin>>, req: Request) -> Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string());
+    (bearer, peer)
+}
+
+/// `GET /metrics`, as on Pulsar's web port, in Prometheus' text format: the superuser sees
+/// the whole gateway ([`crate::admin::prometheus_text`]), a user's token its own tenant's
+/// series only (tenants do not learn of each other), no token 401 unless anonymous access
+/// is allowed (then the anonymous principal's tenant).
+pub async fn metrics(State(admin): State<Arc<PulsarAdmin>>, req: Request) -> Response {
+    let (bearer, peer) = bearer_and_peer(&req);
+    let tenant = match admin.caller(bearer.as_deref(), peer).await {
+        Ok(Caller::Superuser) => None,
+        Ok(Caller::Tenant(p)) => Some(p.tenant),
+        Err(refused) => return refused,
+    };
+    let text = crate::admin::prometheus_text(&admin.services, tenant.as_deref());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Serves one `/admin/v2/...` request: see the module docs.
+pub async fn handle(State(admin): State<Arc<PulsarAdmin>>, req: Request) -> Response {
+    let Some((router, token)) = &admin.broker else {
+        return refusal(
+            StatusCode::NOT_IMPLEMENTED,
+            "the gateway serves the admin API of its embedded broker only; use the Pulsar cluster's own admin API",
+        );
+    };
+    let (bearer, peer) = bearer_and_peer(&req);
     let caller = match admin.caller(bearer.as_deref(), peer).await {
         Ok(c) => c,
         Err(refused) => return refused,

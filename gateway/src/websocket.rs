@@ -211,6 +211,48 @@ fn refusal(status: StatusCode, reason: String) -> ErrorResponse {
     response
 }
 
+/// When a WebSocket last carried a frame either way, for an idle timeout kept by another task
+/// (the web port's watchdog): every frame counts, pings, pongs and closes included, as in
+/// Jetty, whose idle timeout Apache Pulsar's WebSocket API uses.
+#[derive(Debug)]
+pub struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last frame.
+    last_ms: std::sync::atomic::AtomicU64,
+    /// The idle timeout ended the connection: it closes with 1001 `Idle Timeout`.
+    expired: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Activity {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: 0.into(),
+            expired: false.into(),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the WebSocket will have been idle for `timeout`, as things stand.
+    pub(crate) fn idle_at(&self, timeout: Duration) -> tokio::time::Instant {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.start + Duration::from_millis(last) + timeout
+    }
+
+    pub(crate) fn expire(&self) {
+        self.expired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn expired(&self) -> bool {
+        self.expired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The RFC 6455 side of a WebSocket transport, shared by MQTT over WebSocket
 /// ([`WsTransport`]) and the web port's message mode ([`crate::message_mode`]):
 /// tungstenite's stream and what a transport must remember around it. Pings and the peer's
@@ -226,6 +268,10 @@ pub(crate) struct WsSide<S> {
     pub(crate) ended: bool,
     /// The close code to send on shutdown; `None` once a close was sent or answered.
     pub(crate) close: Option<CloseCode>,
+    /// The reason sent with `close`.
+    pub(crate) close_reason: &'static str,
+    /// Told of every frame read, if someone keeps an idle timeout.
+    pub(crate) activity: Option<std::sync::Arc<Activity>>,
 }
 
 impl<S: Transport> WsSide<S> {
@@ -235,6 +281,8 @@ impl<S: Transport> WsSide<S> {
             answer_queued: false,
             ended: false,
             close: Some(CloseCode::Normal),
+            close_reason: "",
+            activity: None,
         }
     }
 
@@ -247,7 +295,11 @@ impl<S: Transport> WsSide<S> {
             if self.ended {
                 return Poll::Ready(Ok(None));
             }
-            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
+            let next = ready!(Pin::new(&mut self.ws).poll_next(cx));
+            if let (Some(Ok(_)), Some(activity)) = (&next, &self.activity) {
+                activity.touch();
+            }
+            match next {
                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                     return Poll::Ready(Ok(Some(m)))
                 }
@@ -314,7 +366,7 @@ impl<S: Transport> WsSide<S> {
             if ready!(Pin::new(&mut self.ws).poll_ready(cx)).is_ok() {
                 let frame = CloseFrame {
                     code,
-                    reason: "".into(),
+                    reason: self.close_reason.into(),
                 };
                 let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(frame)));
             }

@@ -12,6 +12,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -115,6 +116,35 @@ def test_admin_rest_under_the_tenancy(web):
     assert call(web, "DELETE", "/admin/v2/persistent/acme/default/orders", alice)[0] == 204
 
 
+def test_metrics_on_the_web_port_are_scoped_to_the_callers_tenant(web):
+    alice, bob = token(web, "alice"), token(web, "bob")
+    # One message from each tenant, so each has usage to report.
+    for user, tenant in ((alice, "acme"), (bob, "globex")):
+        url = f"ws://127.0.0.1:{web.web_port}/ws/v2/producer/persistent/{tenant}/default/m?token={user}"
+        with ws_connect(url, open_timeout=10) as ws:
+            ws.send(json.dumps({"payload": "aGk=", "context": "1"}))
+            assert json.loads(ws.recv(timeout=10))["result"] == "ok"
+
+    def published(text):
+        return {
+            line.split('"')[1]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("magnetar_tenant_published_messages_total{")
+        }
+
+    assert call(web, "GET", "/metrics")[0] == 401
+    assert call(web, "GET", "/metrics", bearer="not.a.token")[0] == 401
+    status, everything = call(web, "GET", "/metrics", ADMIN_TOKEN)
+    assert status == 200
+    seen = published(everything)
+    assert seen["acme"] >= 1 and seen["globex"] >= 1, seen
+    assert "magnetar_routes " in everything
+    status, own = call(web, "GET", "/metrics", alice)
+    assert status == 200
+    assert published(own).keys() == {"acme"}, own
+    assert "globex" not in own and "magnetar_routes" not in own
+
+
 def test_demo_page_and_other_paths(web):
     with urllib.request.urlopen(f"http://127.0.0.1:{web.web_port}/demo", timeout=10) as r:
         assert r.status == 200
@@ -169,6 +199,7 @@ def test_upgrades_the_host_refuses(web):
 
 WEB_ECHO = ROOT / "target" / "wasm" / "wasm32-wasip2" / "release" / "web_echo_plugin.wasm"
 LIMIT = 65536
+IDLE_MS = 600
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +210,22 @@ def echo(tmp_path_factory):
     plugins = tmp / "plugins"
     plugins.mkdir()
     shutil.copy(WEB_ECHO, plugins / "web_echo.wasm")
-    port, tls_port = free_port(), free_port()
+    port, tls_port, idle_port = free_port(), free_port(), free_port()
     extra = (
         f'\n[[listeners]]\nname = "web"\nbind = "127.0.0.1:{port}"\nplugin = "web_echo"\n'
         f"web = true\nwebsocket_max_message_size = {LIMIT}\n\n"
+        f'[[listeners]]\nname = "web-idle"\nbind = "127.0.0.1:{idle_port}"\n'
+        f'plugin = "web_echo"\nweb = true\nwebsocket_idle_timeout_ms = {IDLE_MS}\n\n'
         f'[[listeners]]\nname = "web-tls"\nbind = "127.0.0.1:{tls_port}"\nplugin = "web_echo"\n'
         "web = true\ntls = true\n\n"
         f'[plugins]\ndir = "{plugins}"\n'
     )
     gw = Gateway(tmp, extra).start()
-    gw.web_port, gw.web_tls_port = port, tls_port
+    gw.web_port, gw.web_tls_port, gw.idle_port = port, tls_port, idle_port
     try:
         wait_for_port(port, gw.proc, gw.log)
         wait_for_port(tls_port, gw.proc, gw.log)
+        wait_for_port(idle_port, gw.proc, gw.log)
         yield gw
     finally:
         gw.stop()
@@ -222,6 +256,26 @@ def test_messages_through_a_plugin_in_message_mode(echo):
         assert ws.subprotocol is None
         ws.send("again")
         assert ws.recv(timeout=10) == "again"
+
+
+def test_an_idle_websocket_is_closed_with_1001_and_pings_keep_it_open(echo):
+    """Pulsar's webSocketSessionIdleTimeoutMillis (Jetty's idle timeout): no frame either way
+    for that long closes with 1001; any frame, a ping included, counts."""
+    url = f"ws://127.0.0.1:{echo.idle_port}/ws/echo"
+    with ws_connect(url, open_timeout=10, ping_interval=None) as idle, ws_connect(
+        url, open_timeout=10, ping_interval=None
+    ) as pinged:
+        opened = time.monotonic()
+        # Pings only, every IDLE_MS / 4, for three timeouts: still open.
+        while time.monotonic() - opened < 3 * IDLE_MS / 1000:
+            assert pinged.ping().wait(timeout=10)
+            time.sleep(IDLE_MS / 4000)
+        pinged.send("still open")
+        assert pinged.recv(timeout=10) == "still open"
+        with pytest.raises(ConnectionClosed) as closed:
+            idle.recv(timeout=10)
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "Idle Timeout")
+        assert time.monotonic() - opened >= IDLE_MS / 1000
 
 
 def test_wss_and_https_on_a_tls_web_port(echo):
@@ -283,6 +337,25 @@ def close_code(s):
         payload = s.recv(head[1] & 0x7F, socket.MSG_WAITALL) if head[1] & 0x7F else b""
         if head[0] & 0x0F == 0x8:
             return int.from_bytes(payload[:2], "big")
+
+
+def test_a_bad_frame_behind_a_good_message_fails_the_connection_at_once(echo):
+    """RFC 6455 7.1.7 (Autobahn 3.2-3.4, 4.1.3-4.2.5, 5.15): the message before the bad
+    frame is answered, then the server closes with 1002 without waiting for more bytes."""
+    bad_frames = {
+        "reserved bit": bytes([0x80 | 0x40 | 0x1]) + masked(0x1, b"x")[1:],
+        "reserved opcode": masked(0x3, b"x"),
+        "continuation without a start": masked(0x0, b"x"),
+    }
+    for what, bad in bad_frames.items():
+        with raw_open(echo) as s:
+            s.sendall(masked(0x1, b"before") + bad)
+            head = s.recv(2, socket.MSG_WAITALL)
+            assert (head[0] & 0x0F, s.recv(head[1] & 0x7F, socket.MSG_WAITALL)) == (
+                0x1,
+                b"before",
+            ), what
+            assert close_code(s) == 1002, what
 
 
 def test_bad_frames_get_their_close_codes(echo):

@@ -1,0 +1,627 @@
+//! AMQP 0-9-1 through the gateway's `amqp` plugin, side by side with RabbitMQ on the same
+//! machine in one run (issue 23: at least 2.0x RabbitMQ on every row).
+//!
+//! Two servers, both started by the bench and stopped when it ends: the gateway (the real
+//! binary, standalone: embedded broker, an `amqp` listener, RabbitMQ's default user
+//! `guest`/`guest`) and a private RabbitMQ node (Debian's `rabbitmq-server`, as the AMQP
+//! tests start it: its own node name, ports, epmd and directories, no plugins). Every row is
+//! measured against both, the order alternating from row to row, with `lapin` as the client:
+//! - producers publish persistent messages (`delivery-mode` 2) with publisher confirms, at
+//!   most `BENCH_WINDOW` unconfirmed each (the next publish waits for the oldest confirm);
+//! - consumers (`basic.consume`, manual acks, `basic.qos` prefetch `BENCH_WINDOW`) ack every
+//!   message.
+//!
+//! Rows: P producers → P consumers on P durable queues through the default exchange (1 → 1,
+//! 4 → 4), 64 B and 1 KiB; and a fan-out row: one producer publishing to one topic exchange
+//! with 1,000 durable queues bound to it (`dev.<i>`), each message routed by its key to one of
+//! them, 1,000 consumers (4 connections of 250 channels). Figures: messages/s end to end
+//! (messages received by all consumers / last receive − first publish), p99 of publish →
+//! receive (a timestamp in the payload), the server's CPU time per message received from the
+//! first publish on (the gateway process; RabbitMQ's whole process group), in parentheses the
+//! bench process's own (its clients), and Magnetar / RabbitMQ.
+//!
+//! Run: `cargo bench -p magnetar --bench amqp` — env `BENCH_MESSAGES` (per run, default
+//! 20000), `BENCH_ONLY` (rows by tag, comma-separated: `1/64`, `4/1024`, `fanout`),
+//! `BENCH_WINDOW` (default 100), `RABBITMQ_SERVER` (default
+//! `/usr/lib/rabbitmq/bin/rabbitmq-server`; without it the RabbitMQ column is left empty),
+//! and the gateway knobs of `support/server.rs`. Every wait is bounded: a run stops after
+//! [`RUN_DEADLINE`] or [`IDLE_TIMEOUT`] without a message, and counts what arrived.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+
+#[path = "support/server.rs"]
+mod server;
+
+use server::{cpu_seconds, env_usize, free_ports, wait_listening, Proc};
+
+/// Longest one run may take; what arrived by then is counted.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
+/// A consumer that receives nothing for this long is done; also bounds connects.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Messages of the unreported warm-up run against each server.
+const WARM_UP: usize = 1000;
+/// Queues (and consumers) of the fan-out row.
+const FANOUT_QUEUES: usize = 1000;
+/// Connections the fan-out row's consumers share.
+const FANOUT_CONNECTIONS: usize = 4;
+
+/// One server under test.
+struct Server {
+    name: &'static str,
+    amqp: SocketAddr,
+    /// The processes whose CPU time counts: one pid, or a process group.
+    cpu: Cpu,
+    _proc: Proc,
+    /// RabbitMQ: its process group and epmd port, killed when dropped.
+    _group: Option<Group>,
+}
+
+enum Cpu {
+    Pid(u32),
+    Group(i32),
+}
+
+impl Cpu {
+    fn seconds(&self) -> f64 {
+        match *self {
+            Cpu::Pid(pid) => cpu_seconds(pid),
+            Cpu::Group(pgid) => group_cpu_seconds(pgid),
+        }
+    }
+}
+
+/// CPU time of every process in process group `pgid` (RabbitMQ: the Erlang VM and its
+/// helpers), in seconds.
+fn group_cpu_seconds(pgid: i32) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let (_, rest) = s.rsplit_once(')')?;
+                    rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
+        .map(cpu_seconds)
+        .sum()
+}
+
+/// RabbitMQ's process group and its epmd: everything killed when dropped.
+struct Group {
+    pgid: i32,
+    epmd_port: u16,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: killpg only sends a signal to the group the bench created.
+        unsafe {
+            libc::killpg(self.pgid, libc::SIGKILL);
+        }
+        let _ = Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn start_gateway(dir: &Path) -> Server {
+    let [broker, admin, amqp] = free_ports();
+    let config = dir.join("magnetar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+             [[listeners]]\nname = \"amqp\"\nbind = \"{amqp}\"\nplugin = \"amqp\"\n\n\
+             [[auth.users]]\nname = \"guest\"\npassword = \"guest\"\n"
+        ),
+    )
+    .expect("writing the gateway config");
+    let proc = server::spawn_magnetar(&config, &dir.join("data"));
+    wait_listening(amqp);
+    Server {
+        name: "magnetar",
+        amqp,
+        cpu: Cpu::Pid(proc.0.id()),
+        _proc: proc,
+        _group: None,
+    }
+}
+
+/// A private RabbitMQ node in `dir` (as `tests/python/amqp_servers.py` starts it), or `None`
+/// when `rabbitmq-server` is not installed.
+fn start_rabbitmq(dir: &Path) -> Option<Server> {
+    let bin = std::env::var("RABBITMQ_SERVER")
+        .unwrap_or_else(|_| "/usr/lib/rabbitmq/bin/rabbitmq-server".into());
+    if !Path::new(&bin).exists() {
+        println!("({bin} not installed: no RabbitMQ column; scripts/setup installs it)");
+        return None;
+    }
+    let [amqp, dist, epmd] = free_ports();
+    std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("enabled_plugins");
+    std::fs::write(dir.join("rabbitmq.conf"), "loopback_users.guest = true\n")
+        .expect("rabbitmq.conf");
+    let log = std::fs::File::create(dir.join("rabbitmq.log")).expect("rabbitmq.log");
+    let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let child = Command::new(&bin)
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env(
+            "RABBITMQ_NODENAME",
+            format!("magnetar-bench-{}@localhost", amqp.port()),
+        )
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", amqp.port().to_string())
+        .env("RABBITMQ_DIST_PORT", dist.port().to_string())
+        .env("ERL_EPMD_PORT", epmd.port().to_string())
+        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
+        .env("RABBITMQ_LOG_BASE", d("log"))
+        .env("RABBITMQ_LOGS", "-")
+        .env("RABBITMQ_PID_FILE", d("rabbitmq.pid"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
+        .env("RABBITMQ_CONFIG_FILE", d("rabbitmq.conf"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("spawning rabbitmq-server");
+    let pgid = child.id() as i32;
+    let group = Group {
+        pgid,
+        epmd_port: epmd.port(),
+    };
+    let proc = Proc(child);
+    wait_listening(amqp);
+    Some(Server {
+        name: "rabbitmq",
+        amqp,
+        cpu: Cpu::Group(pgid),
+        _proc: proc,
+        _group: Some(group),
+    })
+}
+
+/// One run's shape.
+#[derive(Clone, Copy)]
+struct Shape {
+    /// Producers (and, without `fanout`, consumers and queues).
+    pairs: usize,
+    payload: usize,
+    /// Messages each producer sends.
+    per_producer: usize,
+    window: usize,
+    fanout: bool,
+}
+
+/// Nanoseconds since `origin` into the payload's first 8 bytes.
+fn stamp(payload: &mut [u8], origin: Instant) {
+    let t = origin.elapsed().as_nanos() as u64;
+    if let Some(head) = payload.get_mut(..8) {
+        head.copy_from_slice(&t.to_le_bytes());
+    }
+}
+
+fn latency(payload: &[u8], origin: Instant) -> Option<Duration> {
+    let head: [u8; 8] = payload.get(..8)?.try_into().ok()?;
+    Some(
+        origin
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(u64::from_le_bytes(head))),
+    )
+}
+
+async fn connect(addr: SocketAddr) -> Connection {
+    let uri = format!("amqp://guest:guest@{addr}/%2f");
+    tokio::time::timeout(
+        IDLE_TIMEOUT,
+        Connection::connect(&uri, ConnectionProperties::default()),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect")
+}
+
+/// What one consumer saw.
+struct Received {
+    latencies: Vec<Duration>,
+    last: Instant,
+}
+
+/// Consumes `expected` messages from `queue` on a channel of `conn`, acking each.
+async fn consume(
+    conn: &Connection,
+    queue: String,
+    expected: usize,
+    window: usize,
+    origin: Instant,
+    until: tokio::time::Instant,
+) -> tokio::task::JoinHandle<Received> {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_qos(window as u16, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    tokio::spawn(async move {
+        let _ch = ch;
+        let mut got = Received {
+            latencies: Vec::with_capacity(expected),
+            last: Instant::now(),
+        };
+        while got.latencies.len() < expected {
+            let deadline = until.min(tokio::time::Instant::now() + IDLE_TIMEOUT);
+            let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(deadline, consumer.next()).await
+            else {
+                break;
+            };
+            if let Some(l) = latency(&delivery.data, origin) {
+                got.latencies.push(l);
+            }
+            got.last = Instant::now();
+            if delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        got
+    })
+}
+
+/// Declares the row's topology on `server` and runs it once: consumers first, then the
+/// producers. Returns the consumers' results and when the producers began.
+/// `cpu`: the server's and the bench's CPU seconds when the producers began (the topology's
+/// set-up, 1,000 queues in the fan-out row, is not the messages' cost).
+async fn run_once(
+    server: &Server,
+    shape: Shape,
+    tag: &str,
+    cpu: &mut (f64, f64),
+) -> (Vec<Received>, Instant) {
+    let server_cpu = &server.cpu;
+    let server = server.amqp;
+    let origin = Instant::now();
+    let until = tokio::time::Instant::now() + RUN_DEADLINE;
+    let setup = connect(server).await;
+    let ch = setup.create_channel().await.expect("channel");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let exchange = if shape.fanout {
+        let name = format!("bench-x-{tag}");
+        ch.exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.declare");
+        name
+    } else {
+        String::new()
+    };
+    let queues = if shape.fanout {
+        FANOUT_QUEUES
+    } else {
+        shape.pairs
+    };
+    let total = shape.pairs * shape.per_producer;
+    let mut names = Vec::with_capacity(queues);
+    for i in 0..queues {
+        let q = format!("bench-q-{tag}-{i}");
+        ch.queue_declare(q.as_str().into(), durable, FieldTable::default())
+            .await
+            .expect("queue.declare");
+        if shape.fanout {
+            ch.queue_bind(
+                q.as_str().into(),
+                exchange.as_str().into(),
+                format!("dev.{i}").as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue.bind");
+        }
+        names.push(q);
+    }
+    // Consumers: one connection each, or the fan-out row's few shared ones.
+    let conns = if shape.fanout {
+        FANOUT_CONNECTIONS
+    } else {
+        queues
+    };
+    let mut consumer_conns = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        consumer_conns.push(connect(server).await);
+    }
+    let mut consumers = Vec::with_capacity(queues);
+    for (i, q) in names.iter().enumerate() {
+        let expected = if shape.fanout {
+            total / FANOUT_QUEUES + usize::from(i < total % FANOUT_QUEUES)
+        } else {
+            shape.per_producer
+        };
+        let conn = &consumer_conns[i % conns];
+        consumers.push(consume(conn, q.clone(), expected, shape.window, origin, until).await);
+    }
+    let mut producer_conns = Vec::with_capacity(shape.pairs);
+    for _ in 0..shape.pairs {
+        producer_conns.push(connect(server).await);
+    }
+    *cpu = (server_cpu.seconds(), cpu_seconds(std::process::id()));
+    let start = Instant::now();
+    let mut producers = Vec::with_capacity(shape.pairs);
+    for (p, conn) in producer_conns.into_iter().enumerate() {
+        let exchange = exchange.clone();
+        // Producer `p` → queue `p` through the default exchange; fan-out: by key.
+        let key = names.get(p).filter(|_| !shape.fanout).cloned();
+        producers.push(tokio::spawn(async move {
+            let ch = conn.create_channel().await.expect("channel");
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("confirm.select");
+            let props = BasicProperties::default().with_delivery_mode(2);
+            let mut payload = vec![0x5a_u8; shape.payload];
+            let mut in_flight = VecDeque::with_capacity(shape.window);
+            for n in 0..shape.per_producer {
+                if in_flight.len() >= shape.window {
+                    let confirm: lapin::PublisherConfirm =
+                        in_flight.pop_front().expect("in flight");
+                    if confirm.await.is_err() {
+                        return;
+                    }
+                }
+                stamp(&mut payload, origin);
+                let routing = match &key {
+                    Some(q) => q.clone(),
+                    None => format!("dev.{}", (n * shape.pairs + p) % FANOUT_QUEUES),
+                };
+                match ch
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        routing.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &payload,
+                        props.clone(),
+                    )
+                    .await
+                {
+                    Ok(confirm) => in_flight.push_back(confirm),
+                    Err(_) => return,
+                }
+            }
+            for confirm in in_flight {
+                if confirm.await.is_err() {
+                    return;
+                }
+            }
+            drop(conn);
+        }));
+    }
+    for p in producers {
+        let _ = tokio::time::timeout_at(until, p).await;
+    }
+    let mut results = Vec::with_capacity(consumers.len());
+    for c in consumers {
+        match tokio::time::timeout_at(until + IDLE_TIMEOUT, c).await {
+            Ok(Ok(r)) => results.push(r),
+            _ => println!("  (a consumer did not finish in time)"),
+        }
+    }
+    (results, start)
+}
+
+/// What one run measured.
+struct Figures {
+    rate: f64,
+    p99: Duration,
+    received: usize,
+    expected: usize,
+    cpu_per_msg_us: f64,
+    client_per_msg_us: f64,
+}
+
+fn run(rt: &tokio::runtime::Runtime, server: &Server, shape: Shape, tag: &str) -> Figures {
+    let mut before = (0.0, 0.0);
+    let (results, start) = rt.block_on(run_once(server, shape, tag, &mut before));
+    let cpu = (
+        server.cpu.seconds() - before.0,
+        cpu_seconds(std::process::id()) - before.1,
+    );
+    let mut latencies = Vec::new();
+    let mut last = start;
+    for r in results {
+        last = last.max(r.last);
+        latencies.extend(r.latencies);
+    }
+    latencies.sort_unstable();
+    let p99 = latencies
+        .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default();
+    let n = latencies.len().max(1) as f64;
+    Figures {
+        rate: latencies.len() as f64
+            / last
+                .duration_since(start)
+                .max(Duration::from_millis(1))
+                .as_secs_f64(),
+        p99,
+        received: latencies.len(),
+        expected: shape.pairs * shape.per_producer,
+        cpu_per_msg_us: cpu.0 * 1e6 / n,
+        client_per_msg_us: cpu.1 * 1e6 / n,
+    }
+}
+
+fn cell(f: Option<&Figures>) -> String {
+    let Some(f) = f else {
+        return " – | – | – |".into();
+    };
+    let short = if f.received < f.expected {
+        format!(" ({}/{})", f.received, f.expected)
+    } else {
+        String::new()
+    };
+    format!(
+        " {:.0}{short} | {:.1?} | {:.1} ({:.1}) |",
+        f.rate, f.p99, f.cpu_per_msg_us, f.client_per_msg_us
+    )
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("amqp: bench");
+        return;
+    }
+    let n = env_usize("BENCH_MESSAGES", 20_000).max(1);
+    let window = env_usize("BENCH_WINDOW", 100).clamp(1, 65535);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |tag: &str| only.is_empty() || only.split(',').any(|o| o.trim() == tag);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let gw_dir = tempfile::tempdir().expect("tempdir");
+    let rabbit_dir = tempfile::tempdir().expect("tempdir");
+    let gateway = start_gateway(gw_dir.path());
+    let rabbit = start_rabbitmq(rabbit_dir.path());
+    let servers: Vec<&Server> = std::iter::once(&gateway).chain(rabbit.as_ref()).collect();
+    println!(
+        "AMQP 0-9-1: Magnetar ({}) beside RabbitMQ ({}); {n} persistent messages per run, \
+         publisher confirms and manual acks, window {window}\n",
+        gateway.amqp,
+        rabbit
+            .as_ref()
+            .map_or("not run".to_string(), |r| r.amqp.to_string()),
+    );
+    for s in &servers {
+        let warm = Shape {
+            pairs: 1,
+            payload: 64,
+            per_producer: WARM_UP,
+            window,
+            fanout: false,
+        };
+        let f = run(&rt, s, warm, "warm");
+        if f.received < f.expected {
+            println!(
+                "({} warm-up: {}/{} received)",
+                s.name, f.received, f.expected
+            );
+        }
+    }
+    println!(
+        "| row | payload | Magnetar msgs/s | Magnetar p99 | Magnetar CPU µs/msg server (client) \
+         | RabbitMQ msgs/s | RabbitMQ p99 | RabbitMQ CPU µs/msg server (client) \
+         | Magnetar / RabbitMQ msgs/s | p99 | CPU/msg |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows: Vec<(String, Shape)> = Vec::new();
+    for pairs in [1, 4] {
+        for payload in [64, 1024] {
+            rows.push((
+                format!("{pairs}/{payload}"),
+                Shape {
+                    pairs,
+                    payload,
+                    per_producer: (n / pairs).max(1),
+                    window,
+                    fanout: false,
+                },
+            ));
+        }
+    }
+    rows.push((
+        "fanout".into(),
+        Shape {
+            pairs: 1,
+            payload: 64,
+            per_producer: n,
+            window,
+            fanout: true,
+        },
+    ));
+    for (row, (tag, shape)) in rows.into_iter().enumerate() {
+        if !wanted(&tag) {
+            continue;
+        }
+        let mut order: Vec<&Server> = servers.clone();
+        if row % 2 == 1 {
+            order.reverse();
+        }
+        let mut ours = None;
+        let mut theirs = None;
+        for s in order {
+            let f = run(&rt, s, shape, &format!("r{row}"));
+            if s.name == "magnetar" {
+                ours = Some(f);
+            } else {
+                theirs = Some(f);
+            }
+        }
+        let label = if shape.fanout {
+            format!("1 → topic exchange → {FANOUT_QUEUES} queues")
+        } else {
+            format!("{0}→{0}", shape.pairs)
+        };
+        println!(
+            "| {label} | {} B |{}{} {} | {} | {} |",
+            shape.payload,
+            cell(ours.as_ref()),
+            cell(theirs.as_ref()),
+            ratio(
+                ours.as_ref().map(|f| f.rate),
+                theirs.as_ref().map(|f| f.rate)
+            ),
+            ratio(
+                ours.as_ref().map(|f| f.p99.as_secs_f64()),
+                theirs.as_ref().map(|f| f.p99.as_secs_f64())
+            ),
+            ratio(
+                ours.as_ref().map(|f| f.cpu_per_msg_us),
+                theirs.as_ref().map(|f| f.cpu_per_msg_us)
+            ),
+        );
+    }
+}
