@@ -46,7 +46,7 @@ mod rabbitmq;
 mod server;
 
 use rabbitmq::RabbitMq;
-use server::{cpu_seconds, env_usize, free_port, wait_listening, Proc};
+use server::{cpu_seconds, env_usize, free_ports, wait_listening, Proc};
 
 /// Longest one run may take; what arrived by then is counted.
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
@@ -105,7 +105,7 @@ fn group_cpu_seconds(pgid: i32) -> f64 {
 }
 
 fn start_gateway(dir: &Path) -> Server {
-    let (broker, admin, amqp) = (free_port(), free_port(), free_port());
+    let [broker, admin, amqp] = free_ports();
     let config = dir.join("magnetar.toml");
     std::fs::write(
         &config,

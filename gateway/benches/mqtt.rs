@@ -43,7 +43,7 @@ mod stages;
 #[path = "mqtt/storm.rs"]
 mod storm;
 
-use server::{cpu_seconds, env_usize, free_port, wait_listening, Proc};
+use server::{cpu_seconds, env_usize, free_ports, wait_listening, Proc};
 
 /// A server under test: plain MQTT address, and TLS MQTT address when it has one.
 struct Server {
@@ -60,7 +60,7 @@ struct Tls {
 }
 
 fn start_magnetar(dir: &std::path::Path, tls: &Tls, extra: &str) -> (Server, SocketAddr) {
-    let (broker, mqtt, mqtts) = (free_port(), free_port(), free_port());
+    let [broker, mqtt, mqtts] = free_ports();
     let config = dir.join("magnetar.toml");
     std::fs::write(
         &config,
@@ -107,7 +107,7 @@ fn spawn_mosquitto(config: &std::path::Path, text: &str, listening: &[SocketAddr
 }
 
 fn start_mosquitto(dir: &std::path::Path, tls: &Tls) -> Option<Server> {
-    let (mqtt, mqtts) = (free_port(), free_port());
+    let [mqtt, mqtts] = free_ports();
     let text = format!(
         "user root\nallow_anonymous true\nmax_queued_messages 100000\n\
          listener {} 127.0.0.1\n\
@@ -128,7 +128,7 @@ fn start_mosquitto(dir: &std::path::Path, tls: &Tls) -> Option<Server> {
 
 /// `rumqttd` in a child process: this bench binary again, with `--serve-rumqttd ADDR`.
 fn start_rumqttd() -> Option<Server> {
-    let mqtt = free_port();
+    let [mqtt] = free_ports();
     let child = Command::new(std::env::current_exe().ok()?)
         .arg("--serve-rumqttd")
         .arg(mqtt.to_string())

@@ -38,7 +38,7 @@ mod pulsar_ws;
 #[path = "support/server.rs"]
 mod server;
 
-use server::{cpu_seconds, env_usize, free_port, wait_listening, Proc};
+use server::{cpu_seconds, env_usize, free_ports, wait_listening, Proc};
 
 /// Longest one run may take; what arrived by then is counted.
 const RUN_DEADLINE: Duration = Duration::from_secs(60);
@@ -142,7 +142,7 @@ struct Gateway {
 }
 
 fn start_gateway(dir: &std::path::Path) -> Gateway {
-    let (broker, web, admin) = (free_port(), free_port(), free_port());
+    let [broker, web, admin] = free_ports();
     let config = dir.join("magnetar.toml");
     std::fs::write(
         &config,

@@ -17,12 +17,14 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Ready};
 use tokio::net::TcpStream;
 
+use crate::abi::types::ConnInfo;
 use crate::conn_shared::ConnShared;
 use crate::host::Event;
 use crate::plugin_host::WorkerHandle;
@@ -78,8 +80,68 @@ enum Wake {
     Relieved,
 }
 
-/// Serves one accepted connection until either side ends it, then tells the worker.
-pub async fn run<S: Transport>(
+/// Size of the read of the first bytes (a CONNECT is small; a read that fills it is
+/// followed at once by the usual [`READ_CHUNK`] reads).
+const FIRST_READ: usize = 4096;
+
+/// A connection about to be opened in its plugin.
+pub struct Opening {
+    pub conn: u64,
+    pub info: ConnInfo,
+    /// Common name of the client certificate the TLS handshake verified (mTLS).
+    pub client_cert: Option<String>,
+    pub shared: Arc<ConnShared>,
+    /// Bytes the host produced itself, for the plugin before any from the socket (a web
+    /// port's request).
+    pub first: Option<Bytes>,
+}
+
+/// Opens the connection in its plugin, with its first bytes in the same event when they
+/// are in already, then serves it until either side ends it and tells the worker.
+pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker: WorkerHandle) {
+    let Opening {
+        conn,
+        info,
+        client_cert,
+        shared,
+        first,
+    } = opening;
+    let first = match first {
+        Some(f) => Some(f),
+        None => first_bytes(&mut stream).await,
+    };
+    if let Some(f) = &first {
+        shared.input_read(f.len());
+    }
+    let open = Event::Open {
+        conn,
+        info,
+        client_cert,
+        shared: shared.clone(),
+        first,
+    };
+    if worker.send(open).await.is_err() {
+        return;
+    }
+    run(stream, conn, shared, worker).await
+}
+
+/// The client's first bytes if the stream has them at once: a TLS stream often does (a
+/// client sends its first packet with its handshake's last message, and the handshake's
+/// read took both). Nothing is waited for: a wait of 2 ms for a plain socket's first bytes
+/// saved thread switches but no measurable CPU in a storm, and would delay a protocol where
+/// the server speaks first (docs/performance-log.md, 2026-12-06 16:38-17:44).
+async fn first_bytes<S: Transport>(stream: &mut S) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    match stream.read_buf(&mut buf).now_or_never() {
+        Some(Ok(n)) if n > 0 => Some(buf.freeze()),
+        // Nothing yet, the end, or an error: the connection's own reads find out.
+        _ => None,
+    }
+}
+
+/// Serves one opened connection until either side ends it, then tells the worker.
+async fn run<S: Transport>(
     mut stream: S,
     conn: u64,
     shared: std::sync::Arc<ConnShared>,

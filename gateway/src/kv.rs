@@ -133,6 +133,18 @@ impl Kv {
         Ok(self.space(topic).await?.get(key))
     }
 
+    /// [`Kv::get`] without waiting, when the namespace is loaded already (`None`: it is not;
+    /// use `get`). Sees every put that has completed, as `get` does.
+    pub fn get_now(&self, topic: &str, key: &str) -> Option<Option<Vec<u8>>> {
+        let cell = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)?
+            .clone();
+        cell.get().map(|space| space.get(key))
+    }
+
     /// Writes (`Some`) or deletes (`None`) a key; returns once Pulsar stored it.
     pub async fn put(&self, topic: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), KvError> {
         let space = self.space(topic).await?;

@@ -16,8 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::abi::types::ConnInfo;
 use crate::conn_shared::ConnShared;
-use crate::connection;
-use crate::host::Event;
+use crate::connection::{self, Opening};
 use crate::plugin_host::{PluginPool, WorkerHandle};
 use crate::web::{Routed, WebPort};
 use crate::websocket::WebSocketOptions;
@@ -147,6 +146,7 @@ async fn accept(
                 info,
                 client_cert,
                 shared,
+                first: None,
             };
             upgrade(stream, transport, opening, worker).await
         }
@@ -156,18 +156,11 @@ async fn accept(
                 info,
                 client_cert: None,
                 shared,
+                first: None,
             };
             upgrade(stream, transport, opening, worker).await
         }
     }
-}
-
-/// A connection about to be opened in its plugin.
-struct Opening {
-    conn: u64,
-    info: ConnInfo,
-    client_cert: Option<String>,
-    shared: Arc<ConnShared>,
 }
 
 /// Runs the WebSocket handshake first on a WebSocket listener, routes the request on a web
@@ -195,57 +188,33 @@ where
             shared,
             stream.idle(),
         ));
-        return start(stream, opening, worker, Some(request)).await;
+        return start(stream, opening, worker, Some(request));
     }
     let worker = worker.context("a listener without its plugin")?;
     match transport.websocket {
         Some(options) => {
             let stream = crate::websocket::accept(stream, &options).await?;
-            start(stream, opening, worker, None).await
+            start(stream, opening, worker, None)
         }
-        None => start(stream, opening, worker, None).await,
+        None => start(stream, opening, worker, None),
     }
 }
 
-/// Opens the connection in its plugin, hands it `first` (bytes the host produced itself,
-/// before any from the socket), and spawns its socket task.
-async fn start<S>(
+/// Spawns the connection's task, which opens it in its plugin (with `first`, bytes the host
+/// produced itself, before any from the socket) and serves it.
+fn start<S>(
     stream: S,
-    opening: Opening,
+    mut opening: Opening,
     worker: WorkerHandle,
     first: Option<bytes::Bytes>,
 ) -> anyhow::Result<()>
 where
     S: connection::Transport,
 {
-    let Opening {
-        conn,
-        info,
-        client_cert,
-        shared,
-    } = opening;
-    tracing::debug!(conn, peer = %info.peer_addr, listener = %info.listener, "connection opened");
-    worker
-        .send(Event::Open {
-            conn,
-            info,
-            client_cert,
-            shared: shared.clone(),
-        })
-        .await?;
-    if let Some(data) = first {
-        // Counted as read from the socket: the connection reads on once the plugin had it.
-        shared.input_read(data.len());
-        worker
-            .send(Event::Data {
-                conn,
-                data,
-                shared: shared.clone(),
-            })
-            .await?;
-    }
+    tracing::debug!(conn = opening.conn, peer = %opening.info.peer_addr, listener = %opening.info.listener, "connection opened");
+    opening.first = first;
     // A task of its own: what the accept and the handshake needed is freed now, not kept for
     // the connection's lifetime inside one larger future.
-    tokio::spawn(connection::run(stream, conn, shared, worker));
+    tokio::spawn(connection::open_and_run(stream, opening, worker));
     Ok(())
 }

@@ -33,6 +33,9 @@ use crate::host::{Event, HostState, SaslStep, Services};
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Events queued per worker before senders wait.
 const WORKER_QUEUE: usize = 4096;
+/// Most completions of the instance's own (`HostState::finish_now`) delivered in a row
+/// while events wait in the queue.
+const READY_STREAK: usize = 32;
 
 /// The sending side of one worker's event queue.
 #[derive(Clone)]
@@ -366,7 +369,41 @@ impl Worker {
 
     fn run(mut self, mut rx: mpsc::Receiver<Event>) {
         let ticks = self.deadline_ticks();
-        while let Some(event) = rx.blocking_recv() {
+        // Completions the instance's own host calls decided (`HostState::finish_now`) go
+        // first, but never more than `READY_STREAK` in a row while the queue has events: a
+        // plugin that answers each completion with another cannot starve its connections.
+        let mut streak = 0;
+        loop {
+            let ready = match self.instance.as_mut() {
+                Some(i) if streak < READY_STREAK => i.store.data_mut().take_ready(),
+                _ => None,
+            };
+            let event = match ready {
+                Some(e) => {
+                    streak += 1;
+                    e
+                }
+                None => {
+                    streak = 0;
+                    match rx.try_recv() {
+                        Ok(e) => e,
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            match self
+                                .instance
+                                .as_mut()
+                                .and_then(|i| i.store.data_mut().take_ready())
+                            {
+                                Some(e) => e,
+                                None => match rx.blocking_recv() {
+                                    Some(e) => e,
+                                    None => break,
+                                },
+                            }
+                        }
+                    }
+                }
+            };
             let conn = event.conn();
             if self.instance.is_none() {
                 self.rebuild();
@@ -411,14 +448,25 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             info,
             shared,
             client_cert,
+            first,
         } => {
             let peer = info
                 .peer_addr
                 .parse::<std::net::SocketAddr>()
                 .ok()
                 .map(|a| a.ip());
-            store.data_mut().open(conn, shared, peer, client_cert);
-            on_handler!(h, call_on_open(&mut *store, conn, &info))
+            store
+                .data_mut()
+                .open(conn, shared.clone(), peer, client_cert);
+            on_handler!(h, call_on_open(&mut *store, conn, &info))?;
+            let Some(data) = first else { return Ok(()) };
+            let r = if store.data().knows(conn) {
+                on_handler!(h, call_on_data(&mut *store, conn, &data))
+            } else {
+                Ok(())
+            };
+            shared.input_consumed(data.len());
+            r
         }
         Event::Data { conn, data, shared } => {
             let r = if store.data().knows(conn) {

@@ -574,10 +574,61 @@ impl Tenancy {
             }
         }
         let outcome = self.check(creds).await;
-        if let Some(ip) = peer {
+        // "Busy" checked nothing, so it tells a guesser nothing and is no failure: a fleet
+        // behind one address, told to come back, is not slowed down for it.
+        if let Some(ip) = peer.filter(|_| !matches!(outcome, Err(AuthError::Busy))) {
             self.record(ip, outcome.is_ok());
         }
         outcome
+    }
+
+    /// [`Tenancy::authenticate`] when it needs no waiting: an anonymous login, a client
+    /// certificate, or a password the login cache vouches for, from an address without a
+    /// penalty. `None`: the caller goes the async way (an argon2 verification, a token, a
+    /// penalty to wait out), which decides exactly as before. What it returns, and what it
+    /// records for `peer`, is what `authenticate` would have.
+    pub fn authenticate_now(
+        &self,
+        creds: &Credentials,
+        peer: Option<IpAddr>,
+    ) -> Option<Result<Principal, AuthError>> {
+        if peer.is_some_and(|ip| !self.penalty(ip).is_zero()) {
+            return None;
+        }
+        let outcome = self.check_now(creds)?;
+        if let Some(ip) = peer {
+            self.record(ip, outcome.is_ok());
+        }
+        Some(outcome)
+    }
+
+    /// The part of [`Tenancy::check`] decided without waiting (see [`Tenancy::authenticate_now`]).
+    fn check_now(&self, creds: &Credentials) -> Option<Result<Principal, AuthError>> {
+        match creds {
+            Credentials::Anonymous if self.allow_anonymous => Some(Ok(self.anonymous.clone())),
+            Credentials::Anonymous => Some(Err(AuthError::AnonymousNotAllowed)),
+            Credentials::Certificate(cn) => Some(
+                self.read()
+                    .users
+                    .values()
+                    .find(|u| u.certificate_cn.as_deref() == Some(cn.as_str()))
+                    .map(|u| u.principal.clone())
+                    .ok_or_else(|| AuthError::UnknownCertificate(cn.clone())),
+            ),
+            // A token standing in for the password is checked the async way.
+            Credentials::Password { user, password }
+                if std::str::from_utf8(password).map_or(true, |t| t.split('.').count() != 3) =>
+            {
+                let dir = self.read();
+                let u = dir.users.get(user)?;
+                if u.hash.is_empty() || !self.login_cache.check(user, &u.hash, password) {
+                    return None;
+                }
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(u.principal.clone()))
+            }
+            Credentials::Password { .. } | Credentials::Token(_) => None,
+        }
     }
 
     fn record(&self, ip: IpAddr, ok: bool) {
@@ -612,8 +663,9 @@ impl Tenancy {
 
     async fn check(&self, creds: Credentials) -> Result<Principal, AuthError> {
         match creds {
-            Credentials::Anonymous if self.allow_anonymous => Ok(self.anonymous.clone()),
-            Credentials::Anonymous => Err(AuthError::AnonymousNotAllowed),
+            Credentials::Anonymous | Credentials::Certificate(_) => self
+                .check_now(&creds)
+                .unwrap_or(Err(AuthError::AnonymousNotAllowed)),
             Credentials::Password { user, password } => {
                 // A token may stand in for the password (MQTT clients pass it that way); it
                 // must speak for the same user.
@@ -664,13 +716,6 @@ impl Tenancy {
                     _ => Err(AuthError::BadPassword),
                 }
             }
-            Credentials::Certificate(cn) => self
-                .read()
-                .users
-                .values()
-                .find(|u| u.certificate_cn.as_deref() == Some(cn.as_str()))
-                .map(|u| u.principal.clone())
-                .ok_or(AuthError::UnknownCertificate(cn)),
             Credentials::Token(token) => {
                 let claims = jwt::verify(&self.keys.verify, &token)
                     .map_err(|e| AuthError::BadToken(e.to_string()))?;
@@ -954,6 +999,63 @@ mod tests {
         assert_eq!(t.penalty(ip), Duration::from_millis(200));
         let other: IpAddr = "127.0.0.10".parse().unwrap();
         assert_eq!(t.penalty(other), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn logins_decided_at_once_are_those_authenticate_would_decide() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = two_users(dir.path());
+        let ip: IpAddr = "127.0.0.11".parse().unwrap();
+        let alice = |password: &[u8]| Credentials::Password {
+            user: "alice".into(),
+            password: password.to_vec(),
+        };
+        // Not cached yet: argon2, the async way.
+        assert_eq!(t.authenticate_now(&alice(b"s3cret"), Some(ip)), None);
+        assert!(t.authenticate(alice(b"s3cret"), Some(ip)).await.is_ok());
+        // Cached: decided now; one byte off goes to argon2 (and is refused there).
+        let now = t.authenticate_now(&alice(b"s3cret"), Some(ip));
+        assert_eq!(now.map(|r| r.map(|p| p.user)), Some(Ok("alice".into())));
+        assert_eq!(t.authenticate_now(&alice(b"s3creT"), Some(ip)), None);
+        assert_eq!(t.authenticate_now(&alice(b"s3cre"), Some(ip)), None);
+        assert_eq!(
+            t.authenticate(alice(b"s3creT"), Some(ip)).await,
+            Err(AuthError::BadPassword)
+        );
+        // Anonymous refused at once, and counted: an address serving a delay waits it out
+        // the async way, even with a cached password.
+        for _ in 0..2 {
+            assert_eq!(
+                t.authenticate_now(&Credentials::Anonymous, Some(ip)),
+                Some(Err(AuthError::AnonymousNotAllowed))
+            );
+        }
+        assert!(!t.penalty(ip).is_zero());
+        assert_eq!(t.authenticate_now(&alice(b"s3cret"), Some(ip)), None);
+        // A deleted user is refused at once, although its login was cached.
+        assert!(t.delete_user("alice"));
+        let other: IpAddr = "127.0.0.12".parse().unwrap();
+        assert_eq!(t.authenticate_now(&alice(b"s3cret"), Some(other)), None);
+        assert_eq!(
+            t.authenticate(alice(b"s3cret"), Some(other)).await,
+            Err(AuthError::BadPassword)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_busy_is_not_a_failure_of_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = two_users(dir.path());
+        t.max_verifying = 0;
+        let ip: IpAddr = "127.0.0.13".parse().unwrap();
+        for _ in 0..5 {
+            let creds = Credentials::Password {
+                user: "alice".into(),
+                password: b"s3cret".to_vec(),
+            };
+            assert_eq!(t.authenticate(creds, Some(ip)).await, Err(AuthError::Busy));
+        }
+        assert_eq!(t.penalty(ip), Duration::ZERO);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

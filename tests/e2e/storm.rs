@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -180,6 +180,8 @@ impl Watcher {
 /// longest wait for a PUBACK.
 struct Steady {
     stop: Arc<AtomicBool>,
+    /// PUBACKs so far.
+    acked: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<(usize, Duration)>,
 }
 
@@ -191,6 +193,8 @@ impl Steady {
         let (client, mut events) = login(o).await.expect("steady publisher logs in");
         let stop = Arc::new(AtomicBool::new(false));
         let done = stop.clone();
+        let acked = Arc::new(AtomicUsize::new(0));
+        let count = acked.clone();
         let task = tokio::spawn(async move {
             let (mut acked, mut longest) = (0, Duration::ZERO);
             while !done.load(Ordering::Relaxed) {
@@ -208,11 +212,30 @@ impl Steady {
                     }
                 }
                 acked += 1;
+                count.store(acked, Ordering::Relaxed);
                 longest = longest.max(sent.elapsed());
             }
             (acked, longest)
         });
-        Steady { stop, task }
+        Steady { stop, acked, task }
+    }
+
+    /// PUBACKs so far.
+    fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Waits until more than `n` PUBACKs came (fails the test after [`WAIT`]).
+    async fn wait_acked(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while self.acked() <= n {
+            assert!(
+                Instant::now() < deadline && !self.task.is_finished(),
+                "the steady publisher got {} PUBACKs, waited for more than {n}",
+                self.acked()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn finish(self) -> (usize, Duration) {
@@ -450,15 +473,20 @@ fn the_login_cache_serves_the_storm_after_a_restart() {
     assert_eq!(cache_counters(&gw), (1, 0), "bob's login after the restart");
 }
 
-/// An MQTT 5.0 CONNECT with a username and password, clean start.
-fn connect_v5(id: &str, user: &str, password: &str) -> Vec<u8> {
+/// An MQTT 3.1.1 (`level` 4) or 5.0 (`level` 5) CONNECT with a username and password, clean
+/// start.
+fn connect_with_password(level: u8, id: &str, user: &str, password: &str) -> Vec<u8> {
     let field = |s: &str| {
         let mut f = (s.len() as u16).to_be_bytes().to_vec();
         f.extend_from_slice(s.as_bytes());
         f
     };
     let mut body = field("MQTT");
-    body.extend_from_slice(&[5, 0xC2, 0, 30, 0]);
+    body.extend_from_slice(&[level, 0xC2, 0, 30]);
+    if level == 5 {
+        // No properties.
+        body.push(0);
+    }
     for s in [id, user, password] {
         body.extend(field(s));
     }
@@ -477,7 +505,13 @@ fn logins_past_what_the_machine_can_verify_get_server_busy() {
         ));
     }
     let gw = two_tenants_with("max_waiting_logins = 1", &extra);
+    let rt = runtime();
+    // Connected before the storm, its traffic must keep flowing through it.
+    let steady = rt.block_on(Steady::start(&gw));
+    let acked_before = steady.acked();
     let addr = gw.mqtt;
+    // Even devices speak MQTT 3.1.1, odd ones 5.0.
+    let level = |i: usize| if i.is_multiple_of(2) { 4 } else { 5 };
     let codes: Vec<u8> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..40)
             .map(|i| {
@@ -485,9 +519,11 @@ fn logins_past_what_the_machine_can_verify_get_server_busy() {
                     use std::io::{Read, Write};
                     let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
                     tcp.set_read_timeout(Some(WAIT)).expect("timeout");
-                    let (user, pw) = (format!("cold-{i}"), format!("pw-{i}"));
-                    tcp.write_all(&connect_v5(&format!("busy-{i}"), &user, &pw))
+                    let (id, user, pw) =
+                        (format!("busy-{i}"), format!("cold-{i}"), format!("pw-{i}"));
+                    tcp.write_all(&connect_with_password(level(i), &id, &user, &pw))
                         .expect("CONNECT");
+                    // 3.1.1: 0x20, 2, flags, return code; 5.0: 0x20, length, flags, reason.
                     let mut head = [0u8; 4];
                     tcp.read_exact(&mut head).expect("CONNACK");
                     assert_eq!(head[0], 0x20, "a CONNACK");
@@ -500,15 +536,24 @@ fn logins_past_what_the_machine_can_verify_get_server_busy() {
             .map(|h| h.join().expect("device"))
             .collect()
     });
-    let busy = codes.iter().filter(|&&c| c == 0x89).count();
-    let ok = codes.iter().filter(|&&c| c == 0x00).count();
-    assert_eq!(
-        ok + busy,
-        codes.len(),
-        "only success or Server busy: {codes:?}"
-    );
-    assert!(
-        ok >= 1 && busy >= 1,
-        "some verified, some told to come back: {codes:?}"
-    );
+    // MQTT 3.1.1 has no "busy": 3, Server unavailable (§3.2.2.3); 5.0: 0x89, Server busy.
+    let (v4, v5): (Vec<_>, Vec<_>) = codes.iter().enumerate().partition(|(i, _)| level(*i) == 4);
+    for (version, codes, busy_code) in [("3.1.1", v4, 3), ("5.0", v5, 0x89)] {
+        let busy = codes.iter().filter(|(_, &c)| c == busy_code).count();
+        let ok = codes.iter().filter(|(_, &c)| c == 0).count();
+        assert_eq!(
+            ok + busy,
+            codes.len(),
+            "{version}: only success or server busy: {codes:?}"
+        );
+        assert!(
+            busy >= 1,
+            "{version}: nobody was told to come back: {codes:?}"
+        );
+    }
+    assert!(codes.contains(&0), "some were verified: {codes:?}");
+    // The publisher connected before kept its connection and its PUBACKs.
+    rt.block_on(steady.wait_acked(acked_before + 3));
+    let (acked, longest) = rt.block_on(steady.finish());
+    eprintln!("the steady publisher got {acked} PUBACKs, the longest after {longest:?}");
 }

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::client::{self, Frames, Packet};
-use crate::{cpu_seconds, free_port, Proc, Tls};
+use crate::{cpu_seconds, free_ports, Proc, Tls};
 
 /// Device logins in flight at once.
 const IN_FLIGHT: usize = 200;
@@ -588,7 +588,7 @@ fn check_counts(
 
 /// Mosquitto with a plain listener, queues large enough that no QoS 1 message is dropped.
 fn start_mosquitto(dir: &Path) -> Option<(Proc, SocketAddr)> {
-    let addr = free_port();
+    let [addr] = free_ports();
     let text = format!(
         "user root\nallow_anonymous true\nmax_queued_messages 10000000\n\
          listener {} 127.0.0.1\n",

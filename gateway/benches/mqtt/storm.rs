@@ -15,6 +15,14 @@
 //! - TLS + password: the reconnect storm over TLS;
 //! - after a restart: the gateway stopped (SIGTERM) and started again, and the time until the
 //!   whole password fleet is back, counted from the start of the new process.
+//!
+//! Beside each rate, the server's CPU time per connection (µs, from `/proc/<pid>/stat`),
+//! which a loaded machine disturbs less than the rate. `BENCH_STORM_ROUNDS` (default 1)
+//! measures each row that many times, the two servers alternating, and reports the median
+//! round; `BENCH_STORM_ROWS` (comma-separated `anonymous`, `password`, `token`, `tls`,
+//! `restart`; default all) picks rows, e.g. for a profile (the gateway's pid is printed; attach
+//! `perf record -p <pid>`). Devices connect from 127.0.0.1-4 in turn, so that long runs do
+//! not run out of client ports.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -25,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio_rustls::TlsConnector;
 
 use crate::client::{connect_packet, handshake, open_many};
-use crate::{free_port, wait_listening, Proc, Tls};
+use crate::{free_ports, wait_listening, Proc, Tls};
 
 /// Logins in flight at once.
 const IN_FLIGHT: usize = 200;
@@ -63,9 +71,7 @@ async fn open(addr: SocketAddr, kind: Kind, i: usize, tag: String) -> Result<Hel
         }
     };
     let packet = connect_packet(&id, true, 60, login);
-    let mut tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut tcp = connect_from(addr, i).await.map_err(|e| e.to_string())?;
     match kind {
         Kind::TlsPassword(connector) => {
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
@@ -82,6 +88,20 @@ async fn open(addr: SocketAddr, kind: Kind, i: usize, tag: String) -> Result<Hel
         }
     }
 }
+
+/// Connects to `addr` from one of 127.0.0.1-4 (by `i`), when `addr` is on loopback.
+async fn connect_from(addr: SocketAddr, i: usize) -> std::io::Result<tokio::net::TcpStream> {
+    if !addr.ip().is_loopback() || !addr.is_ipv4() {
+        return tokio::net::TcpStream::connect(addr).await;
+    }
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % SOURCES) as u8);
+    socket.bind(SocketAddr::from((source, 0)))?;
+    socket.connect(addr).await
+}
+
+/// Loopback addresses the devices connect from.
+const SOURCES: usize = 4;
 
 /// Logs `n` devices in; returns the connections per second (counted from `since`), how many
 /// were refused, and the held connections.
@@ -109,18 +129,39 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// One storm against process `pid`, measured: the connections are closed, and the server has
-/// closed its side (its descriptors back near `before`), before it returns, so that the next
-/// storm does not run into the descriptor limit.
-async fn measure(pid: u32, addr: SocketAddr, kind: &Kind, n: usize, tag: &str) -> f64 {
+/// One storm against process `pid`, measured: connections per second, and the server's CPU
+/// time per connection in µs (accept to CONNACK, and the close). The connections are closed,
+/// and the server has closed its side (its descriptors back near `before`), before it
+/// returns, so that the next storm does not run into the descriptor limit.
+async fn measure(pid: u32, addr: SocketAddr, kind: &Kind, n: usize, tag: &str) -> Rate {
     let before = open_fds(pid);
+    let cpu = crate::cpu_seconds(pid);
     let (rate, _, held) = storm(addr, kind, n, tag, Instant::now()).await;
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(60);
     while open_fds(pid) > before + 64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    rate
+    let cpu_us = (crate::cpu_seconds(pid) - cpu) * 1e6 / n.max(1) as f64;
+    Rate { rate, cpu_us }
+}
+
+/// One storm's figures.
+#[derive(Clone, Copy)]
+struct Rate {
+    /// Connections per second.
+    rate: f64,
+    /// Server CPU per connection, µs.
+    cpu_us: f64,
+}
+
+/// The round with the median rate.
+fn median(mut rounds: Vec<Rate>) -> Rate {
+    rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    rounds.get(rounds.len() / 2).copied().unwrap_or(Rate {
+        rate: 0.0,
+        cpu_us: 0.0,
+    })
 }
 
 /// The gateway of the storm part: `users` devices with passwords, plain and TLS listeners.
@@ -134,14 +175,14 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &Path, tls: &Tls, users: usize) -> Gateway {
-        let (broker, mqtt, mqtts) = (free_port(), free_port(), free_port());
+        let [broker, mqtt, mqtts, admin] = free_ports();
         let hash = hash_password();
         let mut config = format!(
             "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{}\"\n\n[tls]\ncert = {:?}\nkey = {:?}\n\n\
              [[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n\
              [[listeners]]\nname = \"mqtts\"\nbind = \"{mqtts}\"\nplugin = \"mqtt\"\ntls = true\n\n\
              [auth]\nallow_anonymous = true\n",
-            free_port(),
+            admin,
             tls.cert,
             tls.key
         );
@@ -273,7 +314,7 @@ fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
     if !hashed.success() {
         return None;
     }
-    let (anonymous, mqtt, mqtts) = (free_port(), free_port(), free_port());
+    let [anonymous, mqtt, mqtts] = free_ports();
     let text = format!(
         "user root\nper_listener_settings true\n\
          listener {} 127.0.0.1\nallow_anonymous true\n\
@@ -300,23 +341,53 @@ fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
     })
 }
 
+/// Measures one row `rounds` times, Magnetar (`m`) and Mosquitto (`q`, when it has the
+/// row) alternating: the median round of each.
+async fn pair(
+    m: (u32, SocketAddr, &Kind),
+    q: Option<(u32, SocketAddr, &Kind)>,
+    n: usize,
+    tag: &str,
+    rounds: usize,
+) -> (Rate, Option<Rate>) {
+    let (mut ms, mut qs) = (Vec::new(), Vec::new());
+    for r in 0..rounds.max(1) {
+        ms.push(measure(m.0, m.1, m.2, n, &format!("{tag}-r{r}")).await);
+        if let Some((pid, addr, kind)) = q {
+            qs.push(measure(pid, addr, kind, n, &format!("{tag}-q-r{r}")).await);
+        }
+    }
+    (median(ms), q.map(|_| median(qs)))
+}
+
 /// The storm table for each fleet size in `sizes`, capped by the descriptor limit.
 pub fn table(rt: &tokio::runtime::Runtime, dir: &Path, tls: &Tls, sizes: &[usize], nofile: u64) {
     let cap = (nofile as usize).saturating_sub(1024);
     let largest = sizes.iter().copied().max().unwrap_or(0).min(cap);
-    println!("\nConnect storms ({IN_FLIGHT} logins in flight; devices dev-<i> with their own users; connections per second):\n");
-    println!("| fleet | login | magnetar conn/s | mosquitto conn/s | magnetar / mosquitto |");
-    println!("|---|---|---|---|---|");
+    let rounds = crate::env_usize("BENCH_STORM_ROUNDS", 1).max(1);
+    let rows = std::env::var("BENCH_STORM_ROWS").unwrap_or_default();
+    let wanted = |row: &str| rows.is_empty() || rows.split(',').any(|r| r.trim() == row);
+    println!("\nConnect storms ({IN_FLIGHT} logins in flight; devices dev-<i> with their own users; connections per second; server CPU µs per connection; median of {rounds} round(s)):\n");
+    println!("| fleet | login | magnetar conn/s | mosquitto conn/s | magnetar / mosquitto | magnetar CPU µs/conn | mosquitto CPU µs/conn |");
+    println!("|---|---|---|---|---|---|---|");
     let mut gw = Gateway::start(dir, tls, largest);
+    println!("(storm gateway pid {})", gw.pid());
     let mosquitto = start_mosquitto(dir, tls, largest);
     let tls_connector = crate::idle::connector(&tls.der);
     let tokens = Kind::Token(Arc::new(gw.tokens(100)));
-    let row = |n: usize, what: &str, m: f64, q: Option<f64>| {
-        let (q_text, ratio) = match q {
-            Some(q) => (format!("{q:.0}"), format!("{:.2}x", m / q.max(1e-9))),
-            None => ("–".into(), "–".into()),
+    let row = |n: usize, what: &str, (m, q): (Rate, Option<Rate>)| {
+        let (q_text, ratio, q_cpu) = match q {
+            Some(q) => (
+                format!("{:.0}", q.rate),
+                format!("{:.2}x", m.rate / q.rate.max(1e-9)),
+                format!("{:.0}", q.cpu_us),
+            ),
+            None => ("–".into(), "–".into(), "–".into()),
         };
-        println!("| {n} | {what} | {m:.0} | {q_text} | {ratio} |");
+        println!(
+            "| {n} | {what} | {:.0} | {q_text} | {ratio} | {:.0} | {q_cpu} |",
+            m.rate, m.cpu_us
+        );
     };
     let smallest = sizes.iter().copied().min().unwrap_or(0);
     for &asked in sizes {
@@ -328,60 +399,77 @@ pub fn table(rt: &tokio::runtime::Runtime, dir: &Path, tls: &Tls, sizes: &[usize
         rt.block_on(async {
             let gpid = gw.pid();
             let qpid = mosquitto.as_ref().map_or(0, |m| m.proc.0.id());
-            let q = |addr: Option<SocketAddr>, kind: Kind, t: String| async move {
-                match addr {
-                    Some(a) => Some(measure(qpid, a, &kind, n, &t).await),
-                    None => None,
-                }
+            let anonymous = Kind::Anonymous;
+            let password = Kind::Password;
+            let tls_kind = Kind::TlsPassword(tls_connector.clone());
+            let q = |addr: fn(&Mosquitto) -> SocketAddr, kind| {
+                mosquitto.as_ref().map(|m| (qpid, addr(m), kind))
             };
-            let m = measure(gpid, gw.mqtt, &Kind::Anonymous, n, &format!("{tag}-anon")).await;
-            let mq = q(
-                mosquitto.as_ref().map(|m| m.anonymous),
-                Kind::Anonymous,
-                format!("{tag}-qanon"),
-            )
-            .await;
-            row(n, "anonymous", m, mq);
-            if n == smallest {
-                let m = measure(gpid, gw.mqtt, &Kind::Password, n, &format!("{tag}-cold")).await;
-                let mq = q(
-                    mosquitto.as_ref().map(|m| m.mqtt),
-                    Kind::Password,
-                    format!("{tag}-qcold"),
+            if wanted("anonymous") {
+                let r = pair(
+                    (gpid, gw.mqtt, &anonymous),
+                    q(|m| m.anonymous, &anonymous),
+                    n,
+                    &format!("{tag}-anon"),
+                    rounds,
                 )
                 .await;
-                row(n, "password, cold (first login of each user)", m, mq);
-            } else {
+                row(n, "anonymous", r);
+            }
+            if wanted("password") && n == smallest {
+                // Once: a second round would find the cache warm.
+                let r = pair(
+                    (gpid, gw.mqtt, &password),
+                    q(|m| m.mqtt, &password),
+                    n,
+                    &format!("{tag}-cold"),
+                    1,
+                )
+                .await;
+                row(n, "password, cold (first login of each user)", r);
+            } else if wanted("password") || wanted("tls") {
                 // Not timed: the first login of each user, so that the next storm is a
                 // reconnect storm.
-                measure(gpid, gw.mqtt, &Kind::Password, n, &format!("{tag}-warm")).await;
+                measure(gpid, gw.mqtt, &password, n, &format!("{tag}-warm")).await;
             }
-            let m = measure(gpid, gw.mqtt, &Kind::Password, n, &format!("{tag}-pw")).await;
-            let mq = q(
-                mosquitto.as_ref().map(|m| m.mqtt),
-                Kind::Password,
-                format!("{tag}-qpw"),
-            )
-            .await;
-            row(n, "password (reconnect)", m, mq);
-            let m = measure(gpid, gw.mqtt, &tokens, n, &format!("{tag}-tok")).await;
-            let mq = q(
-                mosquitto.as_ref().map(|m| m.mqtt),
-                Kind::Password,
-                format!("{tag}-qtok"),
-            )
-            .await;
-            row(n, "token (mosquitto: password)", m, mq);
-            let kind = Kind::TlsPassword(tls_connector.clone());
-            let m = measure(gpid, gw.mqtts, &kind, n, &format!("{tag}-tls")).await;
-            let mq = q(
-                mosquitto.as_ref().map(|m| m.mqtts),
-                kind.clone(),
-                format!("{tag}-qtls"),
-            )
-            .await;
-            row(n, "TLS + password (reconnect)", m, mq);
+            if wanted("password") {
+                let r = pair(
+                    (gpid, gw.mqtt, &password),
+                    q(|m| m.mqtt, &password),
+                    n,
+                    &format!("{tag}-pw"),
+                    rounds,
+                )
+                .await;
+                row(n, "password (reconnect)", r);
+            }
+            if wanted("token") {
+                let r = pair(
+                    (gpid, gw.mqtt, &tokens),
+                    q(|m| m.mqtt, &password),
+                    n,
+                    &format!("{tag}-tok"),
+                    rounds,
+                )
+                .await;
+                row(n, "token (mosquitto: password)", r);
+            }
+            if wanted("tls") {
+                let r = pair(
+                    (gpid, gw.mqtts, &tls_kind),
+                    q(|m| m.mqtts, &tls_kind),
+                    n,
+                    &format!("{tag}-tls"),
+                    rounds,
+                )
+                .await;
+                row(n, "TLS + password (reconnect)", r);
+            }
         });
+    }
+    if !wanted("restart") && !rows.is_empty() {
+        gw.stop();
+        return;
     }
     // The restart: every device of the largest fleet comes back to a new process.
     gw.stop();

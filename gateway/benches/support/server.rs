@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 #[path = "../../../broker/benches/support/proc_cpu.rs"]
 mod proc_cpu;
 
-/// A loopback address nothing listens on right now.
-pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+/// `N` loopback addresses nothing listens on right now, all different (each held until all
+/// are found: after a storm, one at a time sometimes gave the same port twice).
+pub fn free_ports<const N: usize>() -> [SocketAddr; N] {
+    let held: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("free port"));
+    held.map(|l| l.local_addr().expect("free port"))
 }
 
 /// A server process, killed when dropped.

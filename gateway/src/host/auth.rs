@@ -1,6 +1,8 @@
 //! Host calls of authentication: `authenticate`, `sasl-mechanisms`, `authenticate-sasl`, and
 //! what the host records when one succeeds (the principal, and a connection of its quota).
-//! Checks run on the runtime, never on the worker; stored credentials never reach the plugin.
+//! Checks that wait (argon2 verifications, tokens, penalties) run on the runtime, never on
+//! the worker; those decided at once (anonymous, a client certificate, a login-cache hit)
+//! complete on the worker. Stored credentials never reach the plugin.
 
 use super::context::{op_error, HostState};
 use super::event::{Event, SaslStep};
@@ -74,6 +76,20 @@ impl auth::Host for HostState {
             types::Credentials::Token(t) => Credentials::Token(t),
         };
         let peer = self.conns.get(&conn).and_then(|s| s.peer);
+        // Anonymous, a client certificate, a password the login cache vouches for: decided
+        // here, and delivered right after this call (no trip through the runtime).
+        if let Some(result) = self.services.tenancy.authenticate_now(&creds, peer) {
+            let outcome = result.map_err(|e| {
+                tracing::info!(plugin = %self.plugin, conn, ?peer, error = %e, "authentication failed");
+                op_error(ErrorKind::NotAuthorized, "not authorized")
+            });
+            return self.finish_now(Event::AuthResult {
+                conn,
+                token,
+                outcome,
+                busy: false,
+            });
+        }
         let tenancy = self.services.tenancy.clone();
         let events = self.events.clone();
         let plugin = self.plugin.clone();

@@ -22,6 +22,11 @@ pub enum Event {
         shared: Arc<ConnShared>,
         /// Common name of the client certificate the TLS handshake verified (mTLS).
         client_cert: Option<String>,
+        /// Bytes for the plugin right after `on-open`, one hand-off to the worker for both:
+        /// a web port's request, or the client's first bytes when the stream had them at
+        /// once (over TLS, a CONNECT sent with the handshake's last message). Counted as
+        /// read (`ConnShared::input_read`).
+        first: Option<Bytes>,
     },
     Data {
         conn: u64,

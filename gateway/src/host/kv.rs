@@ -17,6 +17,21 @@ impl kv::Host for HostState {
         match self.kv_topic(conn) {
             Ok(topic) => {
                 let key = self.kv_key(&key);
+                // The connection has queued no operation yet (nothing of it can be in flight
+                // or on its way back, so the answer cannot overtake another), and the
+                // namespace is loaded: read now, no operations task (the MQTT plugin's look
+                // for an earlier session at each connect).
+                let first = self.conns.get(&conn).is_some_and(|s| s.ops.is_none());
+                if let Some(value) = first
+                    .then(|| self.services.kv.get_now(&topic, &key))
+                    .flatten()
+                {
+                    return self.finish_now(Event::KvResult {
+                        conn,
+                        token,
+                        outcome: Ok(value),
+                    });
+                }
                 self.queue_op(conn, Op::KvGet { token, topic, key })
             }
             Err(e) => self.complete(Event::KvResult {

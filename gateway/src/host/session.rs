@@ -184,7 +184,7 @@ impl session::Host for HostState {
         let full = match self.principal(conn) {
             Ok(p) => format!("{}\0{}/{}\0{key}", self.plugin, p.tenant, p.namespace),
             Err(e) => {
-                return self.complete(Event::ClaimResult {
+                return self.finish_now(Event::ClaimResult {
                     conn,
                     token,
                     outcome: Err(e),
@@ -236,7 +236,8 @@ impl session::Host for HostState {
                         .await;
                 });
             }
-            _ => self.complete(Event::ClaimResult {
+            // Nobody else held it: done now, delivered right after this call.
+            _ => self.finish_now(Event::ClaimResult {
                 conn,
                 token,
                 outcome: Ok(()),
