@@ -40,11 +40,14 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
+#[path = "support/figures.rs"]
+mod figures;
 #[path = "support/rabbitmq.rs"]
 mod rabbitmq;
 #[path = "support/server.rs"]
 mod server;
 
+use figures::{cell, figures, latency, ratio, stamp, Figures, Received};
 use rabbitmq::RabbitMq;
 use server::{cpu_seconds, env_usize, free_ports, wait_listening, Proc};
 
@@ -158,23 +161,6 @@ struct Shape {
     fanout: bool,
 }
 
-/// Nanoseconds since `origin` into the payload's first 8 bytes.
-fn stamp(payload: &mut [u8], origin: Instant) {
-    let t = origin.elapsed().as_nanos() as u64;
-    if let Some(head) = payload.get_mut(..8) {
-        head.copy_from_slice(&t.to_le_bytes());
-    }
-}
-
-fn latency(payload: &[u8], origin: Instant) -> Option<Duration> {
-    let head: [u8; 8] = payload.get(..8)?.try_into().ok()?;
-    Some(
-        origin
-            .elapsed()
-            .saturating_sub(Duration::from_nanos(u64::from_le_bytes(head))),
-    )
-}
-
 async fn connect(addr: SocketAddr) -> Connection {
     let uri = format!("amqp://guest:guest@{addr}/%2f");
     tokio::time::timeout(
@@ -184,12 +170,6 @@ async fn connect(addr: SocketAddr) -> Connection {
     .await
     .expect("connect in time")
     .expect("connect")
-}
-
-/// What one consumer saw.
-struct Received {
-    latencies: Vec<Duration>,
-    last: Instant,
 }
 
 /// Consumes `expected` messages from `queue` on a channel of `conn`, acking each.
@@ -392,16 +372,6 @@ async fn run_once(
     (results, start)
 }
 
-/// What one run measured.
-struct Figures {
-    rate: f64,
-    p99: Duration,
-    received: usize,
-    expected: usize,
-    cpu_per_msg_us: f64,
-    client_per_msg_us: f64,
-}
-
 fn run(rt: &tokio::runtime::Runtime, server: &Server, shape: Shape, tag: &str) -> Figures {
     let mut before = (0.0, 0.0);
     let (results, start) = rt.block_on(run_once(server, shape, tag, &mut before));
@@ -409,52 +379,7 @@ fn run(rt: &tokio::runtime::Runtime, server: &Server, shape: Shape, tag: &str) -
         server.cpu.seconds() - before.0,
         cpu_seconds(std::process::id()) - before.1,
     );
-    let mut latencies = Vec::new();
-    let mut last = start;
-    for r in results {
-        last = last.max(r.last);
-        latencies.extend(r.latencies);
-    }
-    latencies.sort_unstable();
-    let p99 = latencies
-        .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default();
-    let n = latencies.len().max(1) as f64;
-    Figures {
-        rate: latencies.len() as f64
-            / last
-                .duration_since(start)
-                .max(Duration::from_millis(1))
-                .as_secs_f64(),
-        p99,
-        received: latencies.len(),
-        expected: shape.pairs * shape.per_producer,
-        cpu_per_msg_us: cpu.0 * 1e6 / n,
-        client_per_msg_us: cpu.1 * 1e6 / n,
-    }
-}
-
-fn cell(f: Option<&Figures>) -> String {
-    let Some(f) = f else {
-        return " – | – | – |".into();
-    };
-    let short = if f.received < f.expected {
-        format!(" ({}/{})", f.received, f.expected)
-    } else {
-        String::new()
-    };
-    format!(
-        " {:.0}{short} | {:.1?} | {:.1} ({:.1}) |",
-        f.rate, f.p99, f.cpu_per_msg_us, f.client_per_msg_us
-    )
-}
-
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "–".into(),
-    }
+    figures(results, start, shape.pairs * shape.per_producer, cpu)
 }
 
 fn main() {

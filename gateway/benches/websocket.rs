@@ -29,8 +29,10 @@
 //! counts what arrived.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+#[path = "support/figures.rs"]
+mod figures;
 #[path = "websocket/native.rs"]
 mod native;
 #[path = "websocket/pulsar_ws.rs"]
@@ -38,6 +40,8 @@ mod pulsar_ws;
 #[path = "support/server.rs"]
 mod server;
 
+use figures::{cell, figures, ratio, Figures};
+pub use figures::{latency, stamp, Received};
 use server::{cpu_seconds, env_usize, free_ports, wait_listening, Proc};
 
 /// Longest one run may take; what arrived by then is counted.
@@ -60,27 +64,6 @@ pub struct Shape {
     pub window: usize,
 }
 
-/// What one consumer saw: publish → receive latencies, and when its last message came.
-pub struct Received {
-    pub latencies: Vec<Duration>,
-    pub last: Instant,
-}
-
-/// The timestamp a payload carries: nanoseconds since `origin` in its first 8 bytes.
-pub fn stamp(payload: &mut [u8], origin: Instant) {
-    let t = origin.elapsed().as_nanos() as u64;
-    if let Some(head) = payload.get_mut(..8) {
-        head.copy_from_slice(&t.to_le_bytes());
-    }
-}
-
-/// Publish → now of a payload stamped by [`stamp`]; `None` if it is too short.
-pub fn latency(payload: &[u8], origin: Instant) -> Option<Duration> {
-    let head: [u8; 8] = payload.get(..8)?.try_into().ok()?;
-    let sent = Duration::from_nanos(u64::from_le_bytes(head));
-    Some(origin.elapsed().saturating_sub(sent))
-}
-
 /// Joins a run's task by `until`, past which it is aborted (`None`): the guard that keeps a
 /// stuck write or ack from hanging the bench, on top of the bounded receives.
 pub async fn join_by<T>(
@@ -94,41 +77,6 @@ pub async fn join_by<T>(
             println!("  (a task still running {IDLE_TIMEOUT:?} after the run's deadline: aborted)");
             None
         }
-    }
-}
-
-/// What one run measured.
-struct Figures {
-    rate: f64,
-    p99: Duration,
-    received: usize,
-    expected: usize,
-    cpu_per_msg_us: f64,
-    /// The bench process's own CPU time per message: the clients' share of the 2 cores.
-    client_per_msg_us: f64,
-}
-
-/// Consumers' results → figures; `start` is when the producers began.
-fn figures(results: Vec<Received>, start: Instant, expected: usize, cpu: (f64, f64)) -> Figures {
-    let mut latencies: Vec<Duration> = Vec::with_capacity(expected);
-    let mut last = start;
-    for r in results {
-        last = last.max(r.last);
-        latencies.extend(r.latencies);
-    }
-    latencies.sort_unstable();
-    let p99 = latencies
-        .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default();
-    let elapsed = last.duration_since(start).max(Duration::from_millis(1));
-    Figures {
-        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p99,
-        received: latencies.len(),
-        expected,
-        cpu_per_msg_us: cpu.0 * 1e6 / latencies.len().max(1) as f64,
-        client_per_msg_us: cpu.1 * 1e6 / latencies.len().max(1) as f64,
     }
 }
 
@@ -185,18 +133,6 @@ fn run(
         cpu_seconds(std::process::id()) - before.1,
     );
     figures(results, start, shape.pairs * shape.per_producer, cpu)
-}
-
-fn cell(f: &Figures) -> String {
-    let short = if f.received < f.expected {
-        format!(" ({}/{})", f.received, f.expected)
-    } else {
-        String::new()
-    };
-    format!(
-        " {:.0}{short} | {:.1?} | {:.1} ({:.1}) |",
-        f.rate, f.p99, f.cpu_per_msg_us, f.client_per_msg_us
-    )
 }
 
 fn main() {
@@ -271,20 +207,13 @@ fn main() {
                 }
             }
             let (ws, nat) = (ws.expect("ws run"), nat.expect("native run"));
-            let ratio = |a: f64, b: f64| {
-                if b > 0.0 {
-                    format!("{:.2}x", a / b)
-                } else {
-                    "–".into()
-                }
-            };
             println!(
                 "| {pairs}→{pairs} | {payload} B |{}{} {} | {} | {} |",
-                cell(&ws),
-                cell(&nat),
-                ratio(ws.rate, nat.rate),
-                ratio(ws.p99.as_secs_f64(), nat.p99.as_secs_f64()),
-                ratio(ws.cpu_per_msg_us, nat.cpu_per_msg_us),
+                cell(Some(&ws)),
+                cell(Some(&nat)),
+                ratio(Some(ws.rate), Some(nat.rate)),
+                ratio(Some(ws.p99.as_secs_f64()), Some(nat.p99.as_secs_f64())),
+                ratio(Some(ws.cpu_per_msg_us), Some(nat.cpu_per_msg_us)),
             );
         }
     }

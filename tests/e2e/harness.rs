@@ -1,7 +1,7 @@
 //! Starts the real `magnetar` binary on free loopback ports with its own data directory, and
 //! stops it (or kills it with SIGKILL) when asked or when the test ends, even on failure.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -251,4 +251,63 @@ fn listener_below_ephemeral() -> TcpListener {
         }
     }
     panic!("no free port between 20000 and 32000");
+}
+
+/// A line client of the example echo plugin (`examples/echo-plugin`): one command per line,
+/// one answer per line.
+pub struct Line {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Line {
+    /// Connects; reads give up after `patience` without an answer.
+    pub fn connect_with(addr: SocketAddr, patience: Duration) -> Line {
+        let s = TcpStream::connect(addr).expect("connecting to the echo listener");
+        s.set_read_timeout(Some(patience)).expect("timeout");
+        Line {
+            reader: BufReader::new(s.try_clone().expect("clone")),
+            writer: s,
+        }
+    }
+
+    /// Connects, with 10 s of patience per answer.
+    pub fn connect(addr: SocketAddr) -> Line {
+        Line::connect_with(addr, Duration::from_secs(10))
+    }
+
+    pub fn say(&mut self, text: &str) {
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .expect("write");
+    }
+
+    /// The next answer as sent (its newline kept); `None` at the end or after the patience.
+    pub fn hear(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line),
+        }
+    }
+
+    /// Says `text`, returns the answer as [`Line::hear`] does.
+    pub fn echo(&mut self, text: &str) -> Option<String> {
+        self.say(text);
+        self.hear()
+    }
+
+    /// The next answer, trimmed; it must come.
+    pub fn answer(&mut self) -> String {
+        self.hear()
+            .expect("an answer in time")
+            .trim_end()
+            .to_string()
+    }
+
+    /// Says `text`, returns [`Line::answer`].
+    pub fn ask(&mut self, text: &str) -> String {
+        self.say(text);
+        self.answer()
+    }
 }

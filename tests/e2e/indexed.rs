@@ -5,53 +5,18 @@
 //! indexes survive a restart, and another tenant sees none of it. On the contract of
 //! `examples/two-tenants.toml` (both tenants encrypted at rest).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::harness::{Gateway, Options};
+use crate::harness::{Gateway, Line, Options};
 
-/// A line client of the echo plugin.
-struct Line {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Line {
-    fn connect(addr: SocketAddr) -> Line {
-        let s = TcpStream::connect(addr).expect("connecting to the echo listener");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        Line {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-        }
-    }
-
-    fn say(&mut self, text: &str) {
-        self.writer
-            .write_all(format!("{text}\n").as_bytes())
-            .expect("write");
-    }
-
-    fn hear(&mut self) -> String {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).expect("an answer in time");
-        line.trim_end().to_string()
-    }
-
-    fn ask(&mut self, text: &str) -> String {
-        self.say(text);
-        self.hear()
-    }
-
-    fn login(addr: SocketAddr, user: &str, password: &str) -> Line {
-        let mut line = Line::connect(addr);
-        let answer = line.ask(&format!("login {user} {password}"));
-        assert!(answer.starts_with("auth ok "), "{answer}");
-        line
-    }
+/// A line client of the echo plugin, logged in as `user`.
+fn login(addr: SocketAddr, user: &str, password: &str) -> Line {
+    let mut line = Line::connect_with(addr, Duration::from_secs(20));
+    let answer = line.ask(&format!("login {user} {password}"));
+    assert!(answer.starts_with("auth ok "), "{answer}");
+    line
 }
 
 fn gateway() -> Gateway {
@@ -70,7 +35,7 @@ fn gateway() -> Gateway {
 fn indexed_appends_take_consecutive_indexes_that_readers_and_restarts_keep() {
     let mut gw = gateway();
     let echo = gw.echo.expect("echo listener");
-    let mut alice = Line::login(echo, "alice", "alice-secret");
+    let mut alice = login(echo, "alice", "alice-secret");
     assert_eq!(alice.ask("create orders 2"), "topics orders:2");
     assert_eq!(alice.ask("create orders 2").split(' ').nth(1), Some("fail"));
     assert_eq!(alice.ask("append orders-partition-0 a b c"), "appended 0");
@@ -83,13 +48,13 @@ fn indexed_appends_take_consecutive_indexes_that_readers_and_restarts_keep() {
     assert_eq!(alice.ask("bounds orders-partition-0"), "bounds 0 5");
     assert_eq!(alice.ask("bounds orders-partition-2"), "bounds empty");
     alice.say("read orders-partition-0 earliest");
-    assert!(alice.hear().starts_with("reader "));
-    assert_eq!(alice.hear(), "entry 0 a,b,c");
-    assert_eq!(alice.hear(), "entry 3 d");
-    assert_eq!(alice.hear(), "entry 4 e,f");
+    assert!(alice.answer().starts_with("reader "));
+    assert_eq!(alice.answer(), "entry 0 a,b,c");
+    assert_eq!(alice.answer(), "entry 3 d");
+    assert_eq!(alice.answer(), "entry 4 e,f");
 
     // Another tenant's namespace holds none of it.
-    let mut bob = Line::login(echo, "bob", "bob-secret");
+    let mut bob = login(echo, "bob", "bob-secret");
     assert_eq!(bob.ask("describe"), "topics");
     assert_eq!(bob.ask("bounds orders-partition-0"), "bounds empty");
     assert_eq!(bob.ask("append orders-partition-0 z"), "appended 0");
@@ -98,13 +63,13 @@ fn indexed_appends_take_consecutive_indexes_that_readers_and_restarts_keep() {
     drop((alice, bob));
     gw.stop();
     gw.spawn();
-    let mut alice = Line::login(echo, "alice", "alice-secret");
+    let mut alice = login(echo, "alice", "alice-secret");
     assert_eq!(alice.ask("append orders-partition-0 g"), "appended 6");
     alice.say("read orders-partition-0 earliest");
-    assert!(alice.hear().starts_with("reader "));
-    assert_eq!(alice.hear(), "entry 0 a,b,c");
-    assert_eq!(alice.hear(), "entry 3 d");
-    assert_eq!(alice.hear(), "entry 4 e,f");
-    assert_eq!(alice.hear(), "entry 6 g");
+    assert!(alice.answer().starts_with("reader "));
+    assert_eq!(alice.answer(), "entry 0 a,b,c");
+    assert_eq!(alice.answer(), "entry 3 d");
+    assert_eq!(alice.answer(), "entry 4 e,f");
+    assert_eq!(alice.answer(), "entry 6 g");
     assert_eq!(alice.ask("bounds orders-partition-0"), "bounds 0 6");
 }

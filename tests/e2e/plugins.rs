@@ -5,47 +5,7 @@
 //! ABI versions: a plugin built against an older ABI (a fixture built against 0.1.0) loads
 //! and runs; one built against an ABI newer than the gateway's is refused at start.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
-
-use crate::harness::{fixture, Gateway, Options};
-
-struct Line {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Line {
-    fn connect(addr: SocketAddr) -> Line {
-        let s = TcpStream::connect(addr).expect("connecting to the echo listener");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        Line {
-            reader: BufReader::new(s.try_clone().expect("clone")),
-            writer: s,
-        }
-    }
-
-    fn say(&mut self, text: &str) {
-        self.writer
-            .write_all(format!("{text}\n").as_bytes())
-            .expect("write");
-    }
-
-    fn hear(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) | Err(_) => None,
-            Ok(_) => Some(line),
-        }
-    }
-
-    fn echo(&mut self, text: &str) -> Option<String> {
-        self.say(text);
-        self.hear()
-    }
-}
+use crate::harness::{fixture, Gateway, Line, Options};
 
 #[test]
 fn misbehaving_plugin_instance_is_replaced_and_others_go_on() {
