@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 use super::context::op_error;
 use super::event::Event;
 use super::services::Services;
-use super::subscription_task::{subscribe_failed, SeekTarget, SubCmd, SubscriptionCount};
+use super::subscription_task::{
+    subscribe_failed, subscribed, SeekTarget, SubCmd, SubscriptionCount,
+};
 use crate::abi::types::{self, ErrorKind};
 use crate::abi::v0_2::exports::magnetar::plugin::events2::{Entry, EntryMessage};
 use crate::backend::SubscribeOptions;
@@ -91,15 +93,7 @@ pub(super) async fn run_reader(
             return;
         }
     }
-    if events
-        .send(Event::SubscribeResult {
-            conn,
-            token,
-            outcome: Ok(sub),
-        })
-        .await
-        .is_err()
-    {
+    if !subscribed(&events, conn, token, sub).await {
         return;
     }
     let mut unacked: HashSet<u64> = HashSet::new();

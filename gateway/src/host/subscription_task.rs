@@ -129,15 +129,7 @@ pub(super) async fn run_subscription(
             return;
         }
     };
-    if events
-        .send(Event::SubscribeResult {
-            conn,
-            token,
-            outcome: Ok(sub),
-        })
-        .await
-        .is_err()
-    {
+    if !subscribed(&events, conn, token, sub).await {
         return;
     }
     // Exclusive and Failover subscriptions have one active consumer reading in order, so a
@@ -355,6 +347,25 @@ pub(super) async fn subscribe_failed(
             outcome,
         })
         .await;
+}
+
+/// Tells the plugin its subscription `sub` is open; `false` if the worker is gone (the task
+/// then ends).
+pub(super) async fn subscribed(
+    events: &mpsc::Sender<Event>,
+    conn: u64,
+    token: u64,
+    sub: u64,
+) -> bool {
+    let outcome = Ok(sub);
+    events
+        .send(Event::SubscribeResult {
+            conn,
+            token,
+            outcome,
+        })
+        .await
+        .is_ok()
 }
 
 /// Waits until `at`; never, without one.
