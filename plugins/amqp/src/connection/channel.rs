@@ -1509,12 +1509,16 @@ impl AmqpConnection {
         self.busy = true;
     }
 
-    fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool) {
-        let (exchange, routing_key, properties) = delivery_fields(&m);
-        let dead_letter = self.keep_for_dead_letter(&m, &exchange, &routing_key, &properties);
-        let Some(state) = self.channels.get_mut(&channel) else {
-            return;
-        };
+    /// The channel's next delivery tag for `m`, which is settled at once (no-ack: §1.8.3.3)
+    /// or kept as unacked under that tag; `None` if the channel is gone.
+    fn next_delivery(
+        &mut self,
+        channel: u16,
+        m: &Message,
+        no_ack: bool,
+        dead_letter: Option<Box<Delivered>>,
+    ) -> Option<u64> {
+        let state = self.channels.get_mut(&channel)?;
         state.delivery_tag += 1;
         let delivery_tag = state.delivery_tag;
         if no_ack {
@@ -1527,6 +1531,15 @@ impl AmqpConnection {
             };
             state.unacked.insert(delivery_tag, u);
         }
+        Some(delivery_tag)
+    }
+
+    fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool) {
+        let (exchange, routing_key, properties) = delivery_fields(&m);
+        let dead_letter = self.keep_for_dead_letter(&m, &exchange, &routing_key, &properties);
+        let Some(delivery_tag) = self.next_delivery(channel, &m, no_ack, dead_letter) else {
+            return;
+        };
         let mut bytes = Vec::new();
         write_method(
             &mut bytes,
@@ -1690,22 +1703,9 @@ impl AmqpConnection {
         }
         let (exchange, routing_key, properties) = delivery_fields(&m);
         let dead_letter = self.keep_for_dead_letter(&m, &exchange, &routing_key, &properties);
-        let Some(state) = self.channels.get_mut(&channel) else {
+        let Some(delivery_tag) = self.next_delivery(channel, &m, no_ack, dead_letter) else {
             return;
         };
-        state.delivery_tag += 1;
-        let delivery_tag = state.delivery_tag;
-        if no_ack {
-            // Settled as it is sent (§1.8.3.3 no-ack).
-            self.out.ack(m.subscription, m.delivery_id);
-        } else {
-            let u = Unacked {
-                sub: m.subscription,
-                delivery_id: m.delivery_id,
-                dead_letter,
-            };
-            state.unacked.insert(delivery_tag, u);
-        }
         let mut bytes = Vec::new();
         write_method(
             &mut bytes,
