@@ -1,5 +1,5 @@
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     fmt::Debug,
     net::SocketAddr,
     pin::Pin,
@@ -108,7 +108,9 @@ pub(crate) struct Receiver<S: Stream<Item = Result<Message, ConnectionError>>> {
     received_messages: BTreeMap<RequestKey, Message>,
     registrations: Pin<Box<mpsc::UnboundedReceiver<Register>>>,
     shutdown: Pin<Box<oneshot::Receiver<()>>>,
-    ping: Option<oneshot::Sender<()>>,
+    /// magnetar patch: every ping in flight, oldest first (pongs come back in order); one
+    /// slot let a second concurrent ping drop the first one's resolver.
+    ping: VecDeque<oneshot::Sender<()>>,
     auth_challenge: mpsc::UnboundedSender<()>,
     closed_producers: ClosedProducers,
 }
@@ -133,7 +135,7 @@ impl<S: Stream<Item = Result<Message, ConnectionError>>> Receiver<S> {
             consumers: BTreeMap::new(),
             registrations: Box::pin(registrations),
             shutdown: Box::pin(shutdown),
-            ping: None,
+            ping: VecDeque::new(),
             auth_challenge,
             closed_producers,
         }
@@ -188,7 +190,7 @@ impl<S: Stream<Item = Result<Message, ConnectionError>>> Future for Receiver<S> 
                     self.consumers.remove(&consumer_id);
                 }
                 Poll::Ready(Some(Register::Ping { resolver })) => {
-                    self.ping = Some(resolver);
+                    self.ping.push_back(resolver);
                 }
                 Poll::Ready(None) => {
                     self.error.set(ConnectionError::Disconnected);
@@ -215,7 +217,7 @@ impl<S: Stream<Item = Result<Message, ConnectionError>>> Future for Receiver<S> 
                             command: BaseCommand { pong: Some(_), .. },
                             ..
                         } => {
-                            if let Some(sender) = self.ping.take() {
+                            if let Some(sender) = self.ping.pop_front() {
                                 let _ = sender.send(());
                             }
                         }
@@ -2096,6 +2098,55 @@ mod tests {
             Ok(auth) => assert!(auth.is_some()),
             _ => panic!("operation timeout"),
         };
+    }
+
+    #[tokio::test]
+    #[cfg(any(
+        feature = "tokio-runtime",
+        feature = "tokio-rustls-runtime-aws-lc-rs",
+        feature = "tokio-rustls-runtime-ring"
+    ))]
+    async fn two_pings_in_flight_are_both_answered() {
+        let (message_tx, message_rx) = mpsc::unbounded();
+        let (control_tx, _control_rx) = async_channel::unbounded();
+        let (registrations_tx, registrations_rx) = mpsc::unbounded();
+        let error = SharedError::new();
+        let (_receiver_shutdown_tx, receiver_shutdown_rx) = oneshot::channel();
+        let (auth_challenge_tx, _auth_challenge_rx) = mpsc::unbounded();
+
+        let (first_tx, first) = oneshot::channel();
+        let (second_tx, second) = oneshot::channel();
+        registrations_tx
+            .unbounded_send(Register::Ping { resolver: first_tx })
+            .unwrap();
+        registrations_tx
+            .unbounded_send(Register::Ping {
+                resolver: second_tx,
+            })
+            .unwrap();
+
+        tokio::spawn(Box::pin(Receiver::new(
+            message_rx,
+            control_tx,
+            error.clone(),
+            registrations_rx,
+            receiver_shutdown_rx,
+            auth_challenge_tx,
+            Default::default(),
+        )));
+        message_tx
+            .unbounded_send(Ok(super::messages::pong()))
+            .unwrap();
+        message_tx
+            .unbounded_send(Ok(super::messages::pong()))
+            .unwrap();
+
+        let answered = tokio::time::timeout(Duration::from_secs(1), async {
+            (first.await, second.await)
+        })
+        .await
+        .expect("timed out waiting for the pongs");
+        assert_eq!(answered, (Ok(()), Ok(())), "a ping in flight was dropped");
     }
 
     #[tokio::test]
