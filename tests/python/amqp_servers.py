@@ -83,6 +83,15 @@ class RabbitMQ:
         wait_for_port(self.amqp_port, self.proc, self.log, timeout=60.0)
         return self
 
+    def kill9(self) -> None:
+        """SIGKILL to the node and its port programs at once, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             # The whole session: the node and its port programs; epmd detached itself.
