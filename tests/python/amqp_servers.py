@@ -16,6 +16,7 @@ RabbitMQ accepts from loopback only).
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +32,8 @@ EPMD = shutil.which("epmd") or "/usr/bin/epmd"
 
 # What both servers are configured with: RabbitMQ's defaults.
 USER, PASSWORD = "guest", "guest"
+# The gateway's lease of a connection's exclusive queues, in the tests.
+EXCLUSIVE_LEASE_MS = 3000
 
 
 def unique(prefix: str) -> str:
@@ -118,7 +121,11 @@ class AmqpGateway(Gateway):
     name = "magnetar"
 
     def __init__(self, tmp: Path):
-        self.amqp_port = free_ports(1)[0]
+        # Held while the gateway's other ports are chosen, so that none is the same.
+        held = [socket.socket() for _ in range(1)]
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        (self.amqp_port,) = (s.getsockname()[1] for s in held)
         extra = (
             f'\n[[listeners]]\nname = "amqp"\nbind = "127.0.0.1:{self.amqp_port}"\nplugin = "amqp"\n'
             f'\n[[auth.users]]\nname = "{USER}"\npassword = "{PASSWORD}"\n'
@@ -127,7 +134,14 @@ class AmqpGateway(Gateway):
         # built-in plugin, so that a change needs no rebuild of the gateway.
         if os.environ.get("MAGNETAR_PLUGIN_DIR"):
             extra += f'\n[plugins]\ndir = "{os.environ["MAGNETAR_PLUGIN_DIR"]}"\n'
-        super().__init__(tmp, extra)
+        # A connection that ends without connection.close leaves its exclusive queues to its
+        # lease (30 s by default): short here, so that a test sees them go.
+        extra += f"\n[plugins.config.amqp]\nexclusive_lease_ms = {EXCLUSIVE_LEASE_MS}\n"
+        try:
+            super().__init__(tmp, extra)
+        finally:
+            for s in held:
+                s.close()
 
     def start(self) -> "AmqpGateway":
         super().start()

@@ -4,7 +4,7 @@
 use magnetar_sdk::{Conn, ConnInfo, Driver, Plugin};
 
 use crate::config::Config;
-use crate::connection::AmqpConnection;
+use crate::connection::{name_seed, AmqpConnection};
 
 /// The plugin instance: the parsed config, shared by all its connections.
 pub struct AmqpPlugin {
@@ -25,9 +25,12 @@ impl Plugin for AmqpPlugin {
             magnetar_sdk::LogLevel::Debug,
             &format!("amqp conn {}: open from {}", conn.id(), info.peer_addr),
         );
+        // Random per connection: the names of its server-named queues and its id as the
+        // owner of exclusive queues differ from every other connection's.
+        let seed = name_seed(conn.id());
         Driver::new(
             conn,
-            AmqpConnection::new(self.config, magnetar_sdk::now_ms()),
+            AmqpConnection::with_seed(self.config, magnetar_sdk::now_ms(), seed),
         )
     }
 }

@@ -40,7 +40,7 @@ pub(super) struct ChannelState {
     /// A publish whose content is arriving.
     content: Option<Content>,
     /// Consumers by tag: their subscription.
-    consumers: BTreeMap<String, SubId>,
+    pub(super) consumers: BTreeMap<String, SubId>,
     /// The last delivery tag given.
     delivery_tag: u64,
     /// Delivered, not yet acknowledged, by delivery tag.
@@ -105,6 +105,8 @@ pub(crate) struct PendingConsume {
     attempts: u32,
     /// The queue's arguments, once read.
     policy: QueuePolicy,
+    /// The queue, if it is auto-delete (deleted when its last consumer goes).
+    auto_delete: Option<Queue>,
 }
 
 /// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
@@ -121,7 +123,10 @@ pub(crate) struct PendingPurge {
 #[derive(Debug, Clone)]
 pub(crate) enum Task {
     /// Read the exchange, then compare or store it.
-    ExchangeDeclare { channel: u16, m: ExchangeDeclare },
+    ExchangeDeclare {
+        channel: u16,
+        m: ExchangeDeclare,
+    },
     /// The exchange's record was written.
     Reply {
         channel: u16,
@@ -134,7 +139,10 @@ pub(crate) enum Task {
         name: String,
     },
     /// Read the queue of a binding change.
-    BindQueue { channel: u16, change: BindChange },
+    BindQueue {
+        channel: u16,
+        change: BindChange,
+    },
     /// Read the exchange of a binding.
     BindExchange {
         channel: u16,
@@ -157,18 +165,56 @@ pub(crate) enum Task {
         reply: Option<Box<Method>>,
     },
     /// Read the queue to delete.
-    QueueDelete { channel: u16, m: QueueDelete },
+    QueueDelete {
+        channel: u16,
+        m: QueueDelete,
+    },
     /// Read the exchange of a publish.
-    PublishExchange { channel: u16, content: ContentDone },
+    PublishExchange {
+        channel: u16,
+        content: ContentDone,
+    },
     /// Read the queue of a consumer.
-    ConsumeQueue { consume: PendingConsume },
+    ConsumeQueue {
+        consume: PendingConsume,
+    },
     /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
     /// a restart): close it, then open the consumer.
-    ConsumeRoute { consume: PendingConsume },
+    ConsumeRoute {
+        consume: PendingConsume,
+    },
     /// Read the queue of a `basic.get`.
-    GetQueue { channel: u16, m: BasicGet },
+    GetQueue {
+        channel: u16,
+        m: BasicGet,
+    },
     /// Read the queue to purge.
-    PurgeQueue { channel: u16, m: QueuePurge },
+    PurgeQueue {
+        channel: u16,
+        m: QueuePurge,
+    },
+    /// Read the lease of the owner of an exclusive queue that `task` uses.
+    OwnerLease {
+        task: Box<Task>,
+        name: String,
+        queue: Queue,
+    },
+    /// The owner is gone: its queue's record was deleted; next its route, then `task`.
+    Reaped {
+        task: Box<Task>,
+        name: String,
+        queue: Queue,
+    },
+    ReapedRoute {
+        task: Box<Task>,
+    },
+    /// This connection's lease was written: store the exclusive queue it declares.
+    PutQueue {
+        channel: u16,
+        name: String,
+        queue: Queue,
+        reply: Option<Box<Method>>,
+    },
     /// Read the queues, for a `mandatory` publish: does one take it?
     Mandatory {
         channel: u16,
@@ -209,6 +255,42 @@ pub(crate) enum Outcome {
     Kv(Result<Option<Vec<u8>>, OpError>),
     Sub(Result<SubId, OpError>),
     Scan(Result<Vec<magnetar_sdk::KvEntry>, OpError>),
+}
+
+impl Task {
+    /// For a task that reads a queue's record before it uses the queue: its channel, the
+    /// queue, and the method that uses it.
+    fn queue_access(&self) -> Option<(u16, &str, Method)> {
+        Some(match self {
+            Task::QueueDeclare { channel, m, name } => {
+                (*channel, name.as_str(), Method::QueueDeclare(m.clone()))
+            }
+            Task::BindQueue { channel, change } => (
+                *channel,
+                change.queue.as_str(),
+                if change.bind {
+                    Method::QueueBind(QueueBind::default())
+                } else {
+                    Method::QueueUnbind(QueueUnbind::default())
+                },
+            ),
+            Task::QueueDelete { channel, m } => {
+                (*channel, m.queue.as_str(), Method::QueueDelete(m.clone()))
+            }
+            Task::ConsumeQueue { consume } => (
+                consume.channel,
+                consume.queue.as_str(),
+                Method::BasicConsume(BasicConsume::default()),
+            ),
+            Task::PurgeQueue { channel, m } => {
+                (*channel, m.queue.as_str(), Method::QueuePurge(m.clone()))
+            }
+            Task::GetQueue { channel, m } => {
+                (*channel, m.queue.as_str(), Method::BasicGet(m.clone()))
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// A channel error's text in RabbitMQ's words for a vhost.
@@ -312,17 +394,19 @@ impl AmqpConnection {
     }
 
     /// Ends the channel's consumers: their unacknowledged messages go back to the queue.
-    fn drop_consumers(&mut self, channel: u16) {
+    pub(super) fn drop_consumers(&mut self, channel: u16) {
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
-        let mut subs: Vec<SubId> = state.consumers.values().copied().collect();
-        subs.extend(state.getters.values().filter_map(|g| g.sub));
+        let consumers: Vec<SubId> = state.consumers.values().copied().collect();
+        let getters: Vec<SubId> = state.getters.values().filter_map(|g| g.sub).collect();
         state.consumers.clear();
         state.getters.clear();
         state.unacked.clear();
-        for sub in subs {
-            self.consumers.remove(&sub);
+        for sub in consumers {
+            self.end_consumer(sub, false);
+        }
+        for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
@@ -476,9 +560,7 @@ impl AmqpConnection {
                     .get_mut(&channel)
                     .and_then(|s| s.consumers.remove(&c.consumer_tag));
                 if let Some(sub) = sub {
-                    self.consumers.remove(&sub);
-                    self.policies.remove(&sub);
-                    self.out.push(Action::Unsubscribe { sub, delete: false });
+                    self.end_consumer(sub, false);
                     if let Some(state) = self.channels.get_mut(&channel) {
                         state.unacked.retain(|_, u| u.sub != sub);
                     }
@@ -492,6 +574,8 @@ impl AmqpConnection {
                     );
                 }
             }
+            // The answer to the server's `basic.cancel` (a deleted queue's consumer).
+            Method::BasicCancelOk(_) => {}
             Method::BasicAck(ref a) => {
                 let (tag, multiple) = (a.delivery_tag, a.multiple);
                 self.settle(channel, tag, multiple, None, &m)
@@ -715,6 +799,7 @@ impl AmqpConnection {
             prefetch,
             attempts: 0,
             policy: QueuePolicy::default(),
+            auto_delete: None,
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -756,8 +841,11 @@ impl AmqpConnection {
                 };
                 state.consumers.insert(c.tag.clone(), sub);
                 self.consumers
-                    .insert(sub, (c.channel, c.tag.clone(), c.no_ack));
+                    .insert(sub, (c.channel, c.tag.clone(), c.no_ack, c.queue.clone()));
                 self.policies.insert(sub, c.policy.clone());
+                if let Some(q) = c.auto_delete.take() {
+                    self.auto_delete.insert(c.queue.clone(), q);
+                }
                 if !c.no_wait {
                     self.send_method(
                         c.channel,
@@ -908,7 +996,82 @@ impl AmqpConnection {
             let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
             s.close_channel(channel, err);
         };
+        // Another connection's exclusive queue: is its owner alive?
+        if let (Some((_, name, _)), Outcome::Kv(Ok(Some(bytes)))) = (task.queue_access(), &outcome)
+        {
+            if let Some(q) = Queue::decode(bytes).filter(|q| self.owned_by_other(q).is_some()) {
+                let name = name.to_string();
+                let key = topology::lease_key(q.owner.as_deref().unwrap_or_default());
+                let task = Box::new(task);
+                return self.wait_kv_get(
+                    key,
+                    Task::OwnerLease {
+                        task,
+                        name,
+                        queue: q,
+                    },
+                );
+            }
+        }
         match (task, outcome) {
+            (Task::OwnerLease { task, name, queue }, Outcome::Kv(r)) => {
+                let Some((channel, _, cause)) = task.queue_access() else {
+                    return;
+                };
+                let alive = match r {
+                    Ok(v) => v
+                        .as_deref()
+                        .and_then(topology::lease_until)
+                        .is_some_and(|until| until > self.now_ms),
+                    Err(e) => return failed(self, channel, &e),
+                };
+                if alive {
+                    let e = ConnError::new(RESOURCE_LOCKED, lifetime::locked_text(&name));
+                    return self.close_channel(channel, e.caused_by(&cause));
+                }
+                // Its connection is gone, so is the queue (as in RabbitMQ): deleted, then
+                // the method goes on without it.
+                self.wait_kv_put(
+                    topology::queue_key(&name),
+                    None,
+                    Task::Reaped { task, name, queue },
+                );
+            }
+            (Task::Reaped { task, name, queue }, Outcome::Kv(_)) => {
+                self.store_route(&name, &queue, Task::ReapedRoute { task });
+            }
+            (Task::ReapedRoute { task }, Outcome::Sub(r)) => {
+                if let Ok(sub) = r {
+                    self.out.push(Action::Unsubscribe { sub, delete: true });
+                }
+                self.step(*task, Outcome::Kv(Ok(None)));
+            }
+            (
+                Task::PutQueue {
+                    channel,
+                    name,
+                    queue,
+                    reply,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(_) => {
+                    self.lease_started();
+                    let value = queue.encode();
+                    self.wait_kv_put(
+                        topology::queue_key(&name),
+                        Some(value),
+                        Task::StoreRoute {
+                            channel,
+                            name,
+                            queue,
+                            delete: false,
+                            reply,
+                        },
+                    );
+                }
+                Err(e) => failed(self, channel, &e),
+            },
             (Task::ExchangeDeclare { channel, m }, Outcome::Kv(r)) => match r {
                 Ok(v) => {
                     let existing = v.as_deref().and_then(Exchange::decode);
@@ -947,7 +1110,24 @@ impl AmqpConnection {
                             auto_delete: m.auto_delete,
                             arguments: m.arguments.clone(),
                             bindings: Vec::new(),
+                            owner: m.exclusive.then(|| self.conn_id().to_string()),
                         };
+                        if m.exclusive {
+                            self.owned.insert(name.clone(), queue.clone());
+                            if self.lease_timer.is_none() {
+                                // The lease first: nobody may see the queue without it.
+                                return self.wait_kv_put(
+                                    topology::lease_key(self.conn_id()),
+                                    Some(self.lease_value()),
+                                    Task::PutQueue {
+                                        channel,
+                                        name,
+                                        queue,
+                                        reply,
+                                    },
+                                );
+                            }
+                        }
                         let value = queue.encode();
                         self.wait_kv_put(
                             topology::queue_key(&name),
@@ -962,11 +1142,14 @@ impl AmqpConnection {
                         );
                     }
                     Some(_) if m.passive => self.reply(channel, reply),
+                    // RabbitMQ's strict check: `exclusive` must be what the queue has.
+                    Some(q) if q.exclusive != m.exclusive => {
+                        let e = ConnError::new(RESOURCE_LOCKED, lifetime::locked_text(&name));
+                        self.close_channel(channel, e.caused_by(&cause));
+                    }
                     Some(q) => {
                         let mismatch = if q.durable != m.durable {
                             Some(("durable", m.durable, q.durable))
-                        } else if q.exclusive != m.exclusive {
-                            Some(("exclusive", m.exclusive, q.exclusive))
                         } else if q.auto_delete != m.auto_delete {
                             Some(("auto_delete", m.auto_delete, q.auto_delete))
                         } else {
@@ -1083,6 +1266,10 @@ impl AmqpConnection {
                 };
                 let reply = (!m.no_wait)
                     .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
+                // Its consumers here end first (with `basic.cancel`), so that the route
+                // that deletes it can take its subscription.
+                self.cancel_consumers_of(&m.queue);
+                self.owned.remove(&m.queue);
                 match queue {
                     // RabbitMQ 3.x: deleting a queue that does not exist succeeds.
                     None => self.reply(channel, reply),
@@ -1118,6 +1305,7 @@ impl AmqpConnection {
                     Some(q) => {
                         let name = consume.queue.clone();
                         consume.policy = QueuePolicy::of(&name, &q);
+                        consume.auto_delete = q.auto_delete.then(|| q.clone());
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),
@@ -1695,7 +1883,7 @@ impl AmqpConnection {
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
-        let Some((channel, tag, no_ack)) = self.consumers.get(&m.subscription).cloned() else {
+        let Some((channel, tag, no_ack, _)) = self.consumers.get(&m.subscription).cloned() else {
             return;
         };
         if self.expire(&m) {

@@ -24,8 +24,9 @@
 //!   method 540, content frames out of place 505 UNEXPECTED_FRAME; after the server's
 //!   `connection.close` only `close-ok` is awaited (for at most [`CLOSE_TIMEOUT_MS`]).
 //!
-//! Not yet here (docs/amqp.md lists it): exchanges, queues and messages. Their methods are
-//! answered with `connection.close` 540 NOT_IMPLEMENTED naming the method.
+//! Exchanges, queues and messages are `channel`'s; how long queues live (exclusive,
+//! auto-delete, cancel notifications) is `lifetime`'s. A method not built yet is answered
+//! with `connection.close` 540 NOT_IMPLEMENTED naming it (docs/amqp.md lists them).
 
 use std::collections::HashMap;
 
@@ -42,6 +43,7 @@ use crate::codec::{CodecError, FieldTable, FieldValue, Frame, PROTOCOL_HEADER};
 use crate::config::Config;
 
 mod channel;
+mod lifetime;
 pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
@@ -94,6 +96,10 @@ enum Op {
         sub: SubId,
         no_wait: bool,
     },
+    /// The lease of this connection's exclusive queues written or renewed.
+    Lease,
+    /// A queue being deleted in the background.
+    Reap(lifetime::Reap),
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
         channel: u16,
@@ -167,8 +173,8 @@ pub struct AmqpConnection {
     channels: HashMap<u16, channel::ChannelState>,
     /// A channel method waits for the host: frames stay undecoded until it is done.
     busy: bool,
-    /// Consumers by subscription: channel, consumer tag, no-ack.
-    consumers: HashMap<SubId, (u16, String, bool)>,
+    /// Consumers by subscription: channel, consumer tag, no-ack, queue.
+    consumers: HashMap<SubId, (u16, String, bool, String)>,
     /// `basic.get` consumers by subscription: channel and queue.
     getters: HashMap<SubId, (u16, String)>,
     /// The queue arguments that act on the messages of each consumer and `basic.get`
@@ -180,6 +186,20 @@ pub struct AmqpConnection {
     name_seed: u64,
     names_given: u64,
     now_ms: u64,
+    /// The client announced `consumer_cancel_notify`.
+    cancel_notify: bool,
+    /// This connection's id, the owner of its exclusive queues (`lifetime`).
+    conn_id: String,
+    /// The exclusive queues it declared, by name.
+    owned: std::collections::BTreeMap<String, crate::topology::Queue>,
+    /// The auto-delete queues it consumes, by name.
+    auto_delete: HashMap<String, crate::topology::Queue>,
+    /// The timer that renews its lease, while it has one.
+    lease_timer: Option<u64>,
+    /// Queues being deleted in the background.
+    reaps: usize,
+    /// The connection ends once they are: `Some(true)` with `close-ok`.
+    ending: Option<bool>,
 }
 
 impl AmqpConnection {
@@ -214,6 +234,13 @@ impl AmqpConnection {
             name_seed: 0,
             names_given: 0,
             now_ms,
+            cancel_notify: false,
+            conn_id: format!("{seed:016x}-{now_ms:x}"),
+            owned: Default::default(),
+            auto_delete: HashMap::new(),
+            lease_timer: None,
+            reaps: 0,
+            ending: None,
         };
         c.name_seed = seed;
         c.set_timer(config.handshake_timeout_ms);
@@ -371,7 +398,9 @@ impl AmqpConnection {
         match (&self.phase, frame) {
             (_, Frame::Heartbeat) => {}
             (Phase::Closing, Frame::Method(0, Method::ConnectionCloseOk(_))) => {
-                self.hang_up("connection closed");
+                if self.ending.is_none() {
+                    self.reap_owned(false);
+                }
             }
             (Phase::Closing, Frame::Method(0, Method::ConnectionClose(_))) => {
                 self.send_method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
@@ -384,8 +413,7 @@ impl AmqpConnection {
                     LogLevel::Debug,
                     format!("client closes: {} {}", c.reply_code, c.reply_text),
                 );
-                self.send_method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
-                self.hang_up("closed by the client");
+                self.client_closes();
             }
             (Phase::StartOk, Frame::Method(0, Method::ConnectionStartOk(m))) => self.on_start_ok(m),
             (Phase::TuneOk, Frame::Method(0, Method::ConnectionTuneOk(m))) => self.on_tune_ok(m),
@@ -416,10 +444,9 @@ impl AmqpConnection {
 
     fn on_start_ok(&mut self, m: ConnectionStartOk) {
         if let Some(FieldValue::Table(caps)) = m.client_properties.get("capabilities") {
-            self.auth_failure_close = matches!(
-                caps.get("authentication_failure_close"),
-                Some(FieldValue::Bool(true))
-            );
+            let cap = |name: &str| matches!(caps.get(name), Some(FieldValue::Bool(true)));
+            self.auth_failure_close = cap("authentication_failure_close");
+            self.cancel_notify = cap("consumer_cancel_notify");
         }
         let creds = match m.mechanism.as_str() {
             "PLAIN" => plain_credentials(&m.response),
@@ -526,7 +553,11 @@ impl AmqpConnection {
     }
 
     fn on_timer(&mut self, now_ms: u64, token: u64) {
-        if self.on_retry(token) || self.on_get_timer(token) {
+        if self.on_retry(token)
+            || self.on_get_timer(token)
+            || self.on_reap_timer(token)
+            || self.on_lease_timer(token)
+        {
             return;
         }
         if token != self.timer || self.phase == Phase::Done {
@@ -586,6 +617,12 @@ impl Machine for AmqpConnection {
             Event::Timer { token } => self.on_timer(now_ms, token),
             Event::KvResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Kv(result)),
+                Some(Op::Reap(r)) => self.on_reap_record(r, result),
+                Some(Op::Lease) => {
+                    if let Err(e) = result {
+                        self.log(LogLevel::Warn, format!("lease: {}", e.message));
+                    }
+                }
                 Some(other) => self.log(LogLevel::Warn, format!("kv result for {other:?}")),
                 None => {}
             },
@@ -596,6 +633,7 @@ impl Machine for AmqpConnection {
                 Some(Op::Getter { channel, queue }) => {
                     self.on_getter_result(channel, queue, result)
                 }
+                Some(Op::Reap(r)) => self.on_reap_route(r, result),
                 _ => {
                     // A route opened only to store its filters, answered after the
                     // connection moved on: close it.
