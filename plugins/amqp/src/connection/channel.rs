@@ -21,6 +21,8 @@ use crate::codec::BasicProperties;
 use crate::queue_policy::{QueuePolicy, Reason};
 use crate::topology::{self, Binding, Exchange, ExchangeType, Queue};
 
+mod tx;
+
 /// Most unacknowledged deliveries a consumer without a prefetch limit holds.
 const UNLIMITED_PREFETCH: u32 = 1000;
 /// Most times a consumer is opened again while the queue's route still holds its
@@ -47,6 +49,8 @@ pub(super) struct ChannelState {
     unacked: BTreeMap<u64, Unacked>,
     /// `basic.get`'s consumers, by queue: messages wait here for the next `basic.get`.
     getters: BTreeMap<String, Getter>,
+    /// After `tx.select`: the publishes and acknowledgements waiting for the commit.
+    tx: Option<Box<tx::Tx>>,
 }
 
 /// A delivery the client has not settled yet.
@@ -472,6 +476,16 @@ impl AmqpConnection {
                     channel,
                     Method::ChannelFlowOk(ChannelFlowOk { active: f.active }),
                 );
+            }
+            Method::ConfirmSelect(_)
+                if self.channels.get(&channel).is_some_and(|s| s.tx.is_some()) =>
+            {
+                let e =
+                    ConnError::new(PRECONDITION_FAILED, "cannot switch from tx to confirm mode");
+                self.close_channel(channel, e.caused_by(&m));
+            }
+            Method::TxSelect(_) | Method::TxCommit(_) | Method::TxRollback(_) => {
+                self.tx_method(channel, m)
             }
             Method::ConfirmSelect(c) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
@@ -1826,6 +1840,9 @@ impl AmqpConnection {
     }
 
     fn publish(&mut self, channel: u16, content: ContentDone, kind: ExchangeType) {
+        let Some((content, kind)) = self.tx_holds_publish(channel, content, kind) else {
+            return;
+        };
         let ContentDone {
             publish,
             header,
@@ -1940,10 +1957,17 @@ impl AmqpConnection {
             let e = ConnError::new(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"));
             return self.close_channel(channel, e.caused_by(cause));
         };
-        let settled: Vec<Unacked> = tags
+        let settled: Vec<(u64, Unacked)> = tags
             .iter()
-            .filter_map(|t| state.unacked.remove(t))
+            .filter_map(|t| state.unacked.remove(t).map(|u| (*t, u)))
             .collect();
+        if let Some(settled) = self.tx_holds_settle(channel, settled, requeue) {
+            self.apply_settle(settled.into_iter().map(|(_, u)| u), requeue);
+        }
+    }
+
+    /// Acknowledges (`requeue` `None`), requeues or rejects settled deliveries.
+    fn apply_settle(&mut self, settled: impl Iterator<Item = Unacked>, requeue: Option<bool>) {
         for u in settled {
             let (sub, delivery_id) = (u.sub, u.delivery_id);
             match (requeue, u.dead_letter) {

@@ -87,6 +87,10 @@ enum Op {
     },
     /// A message dead-lettered from a queue, published to its dead-letter exchange.
     DeadLetter,
+    /// A message of a `tx.commit` on this channel.
+    TxPublish {
+        channel: u16,
+    },
     /// A consumer being opened.
     Consume(channel::PendingConsume),
     /// `queue.purge`'s consumer being opened, then its seek to the queue's end.
@@ -650,6 +654,7 @@ impl Machine for AmqpConnection {
             Event::PublishResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Publish { channel, seq }) => self.on_published(channel, seq, result),
                 Some(Op::DeadLetter) => self.on_dead_lettered(result),
+                Some(Op::TxPublish { channel }) => self.on_tx_published(channel, result),
                 _ => {}
             },
             Event::Position { token, result } => {
