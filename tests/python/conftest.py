@@ -22,14 +22,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_next_port = 0
+
+
+def hold_ports(n: int) -> list[socket.socket]:
+    """`n` sockets bound to free loopback ports below the kernel's ephemeral range
+    (12000-15999; the Rust tests and benches take 16000-31999): a port the kernel hands out
+    for `:0` comes from the range of outgoing connections, which the machine's other tests
+    may take before the server binds it (seen: "binding 127.0.0.1:33587: Address already in
+    use", RabbitMQ's `dist_port_already_used`). The caller closes them just before the
+    server binds."""
+    global _next_port
+    base = (os.getpid() % 400) * 10
+    held = []
+    for _ in range(4000):
+        if len(held) == n:
+            break
+        port = 12_000 + (base + _next_port) % 4000
+        _next_port += 1
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            held.append(s)
+        except OSError:
+            s.close()
+    assert len(held) == n, "no free ports between 12000 and 16000"
+    return held
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all are held until all are chosen."""
-    socks = []
+    """n distinct free ports (see `hold_ports`): all are held until all are chosen."""
+    socks = hold_ports(n)
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

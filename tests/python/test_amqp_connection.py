@@ -4,7 +4,9 @@ raw socket speaking frames built with pamqp (aio-pika's codec) for what a client
 never sends (garbage, broken frames)."""
 import asyncio
 import socket
+import ssl
 import struct
+import time
 
 import aio_pika
 import pika
@@ -58,6 +60,40 @@ def test_pika_connects_and_opens_channels(amqp_server):
     finally:
         conn.close()
     assert conn.is_closed
+
+
+def tls_params(server, context):
+    return pika.ConnectionParameters(
+        host="127.0.0.1",
+        port=server.amqps_port,
+        credentials=pika.PlainCredentials(USER, PASSWORD),
+        ssl_options=pika.SSLOptions(context, server_hostname="localhost"),
+        connection_attempts=1,
+        socket_timeout=10,
+    )
+
+
+def test_amqps_with_pika_ssl_options(amqp_server):
+    """AMQP over TLS (`amqps`, RabbitMQ's 5671): the server's certificate checked against
+    its CA, then messages as on the plain port; a client that does not trust the CA is
+    refused in the handshake."""
+    conn = pika.BlockingConnection(
+        tls_params(amqp_server, ssl.create_default_context(cafile=amqp_server.ca_file))
+    )
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.basic_publish("", q, b"over tls")
+        deadline = time.monotonic() + 10
+        body = None
+        while body is None and time.monotonic() < deadline:
+            body = ch.basic_get(q, auto_ack=True)[2]
+        assert body == b"over tls"
+    finally:
+        conn.close()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        pika.BlockingConnection(tls_params(amqp_server, ssl.create_default_context()))
 
 
 def test_wrong_password_is_refused(amqp_server):
