@@ -1856,6 +1856,7 @@ impl AmqpConnection {
             })
         });
         let token = self.ops.start(Op::Publish { channel, seq });
+        self.publish_issued();
         self.out.push(Action::Publish {
             token,
             msg: OutboundMessage {
@@ -1873,6 +1874,7 @@ impl AmqpConnection {
         seq: Option<u64>,
         result: Result<(), OpError>,
     ) {
+        self.publish_completed();
         let Some(seq) = seq else {
             if let Err(e) = result {
                 self.log(LogLevel::Warn, format!("publish failed: {}", e.message));

@@ -42,6 +42,7 @@ use crate::codec::reply::*;
 use crate::codec::{CodecError, FieldTable, FieldValue, Frame, PROTOCOL_HEADER};
 use crate::config::Config;
 
+mod blocked;
 mod channel;
 mod lifetime;
 pub use channel::name_seed;
@@ -192,6 +193,10 @@ pub struct AmqpConnection {
     now_ms: u64,
     /// The client announced `consumer_cancel_notify`.
     cancel_notify: bool,
+    /// The client announced `connection.blocked`.
+    blocked_notify: bool,
+    /// Its publishes in flight, for `connection.blocked`.
+    pushback: blocked::Pushback,
     /// This connection's id, the owner of its exclusive queues (`lifetime`).
     conn_id: String,
     /// The exclusive queues it declared, by name.
@@ -239,6 +244,8 @@ impl AmqpConnection {
             names_given: 0,
             now_ms,
             cancel_notify: false,
+            blocked_notify: false,
+            pushback: Default::default(),
             conn_id: format!("{seed:016x}-{now_ms:x}"),
             owned: Default::default(),
             auto_delete: HashMap::new(),
@@ -451,6 +458,7 @@ impl AmqpConnection {
             let cap = |name: &str| matches!(caps.get(name), Some(FieldValue::Bool(true)));
             self.auth_failure_close = cap("authentication_failure_close");
             self.cancel_notify = cap("consumer_cancel_notify");
+            self.blocked_notify = cap("connection.blocked");
         }
         let creds = match m.mechanism.as_str() {
             "PLAIN" => plain_credentials(&m.response),
@@ -561,6 +569,7 @@ impl AmqpConnection {
             || self.on_get_timer(token)
             || self.on_reap_timer(token)
             || self.on_lease_timer(token)
+            || self.on_block_timer(token)
         {
             return;
         }

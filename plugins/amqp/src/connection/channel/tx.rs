@@ -110,6 +110,7 @@ impl AmqpConnection {
         for (content, kind) in publishes {
             let properties = message_properties(&content, kind);
             let token = self.ops.start(Op::TxPublish { channel });
+            self.publish_issued();
             self.out.push(Action::Publish {
                 token,
                 msg: OutboundMessage {
@@ -130,6 +131,7 @@ impl AmqpConnection {
         channel: u16,
         result: Result<(), OpError>,
     ) {
+        self.publish_completed();
         let Some(tx) = self
             .channels
             .get_mut(&channel)
