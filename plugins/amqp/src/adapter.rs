@@ -28,10 +28,13 @@ impl Plugin for AmqpPlugin {
         // Random per connection: the names of its server-named queues and its id as the
         // owner of exclusive queues differ from every other connection's.
         let seed = name_seed(conn.id());
-        Driver::new(
-            conn,
-            AmqpConnection::with_seed(self.config, magnetar_sdk::now_ms(), seed),
-        )
+        let mut machine = AmqpConnection::with_seed(self.config, magnetar_sdk::now_ms(), seed);
+        let loopback = info
+            .peer_addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+        machine.set_loopback(loopback);
+        Driver::new(conn, machine)
     }
 }
 

@@ -12,6 +12,9 @@
 //!   direct_reply_to); mechanisms `PLAIN AMQPLAIN`, checked by the host's `authenticate`.
 //!   Refused credentials: `connection.close` 403 ACCESS_REFUSED when the client announced
 //!   `authentication_failure_close`, else the socket just closes (RabbitMQ's two behaviours).
+//!   RabbitMQ's default user: `guest` logs in from loopback only (`loopback_users`), and
+//!   `guest`/`guest` that the host does not know is tried as an anonymous login (a
+//!   standalone gateway has no users and allows anonymous clients).
 //! - `connection.tune` / `tune-ok` (§1.4.2.5): channel-max, frame-max and heartbeat, the
 //!   client's smaller values win; then `connection.open`: the virtual host `/` or the name of
 //!   the principal's namespace is the principal's namespace, any other is refused with
@@ -49,6 +52,9 @@ pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
 
+/// RabbitMQ's default user and password.
+const GUEST: &str = "guest";
+
 /// How long the server waits for `connection.close-ok` after its `connection.close`.
 pub const CLOSE_TIMEOUT_MS: u64 = 3_000;
 /// Undecoded bytes held beyond one frame (one socket read).
@@ -79,6 +85,8 @@ enum Phase {
 #[derive(Debug, Clone)]
 enum Op {
     Auth,
+    /// RabbitMQ's default `guest`/`guest`, which the host did not know: tried as anonymous.
+    AuthGuest,
     /// A step of a channel method that holds the connection's input until it is done.
     Task(channel::Task),
     /// A published message: its channel and, in confirm mode, its sequence number.
@@ -166,6 +174,8 @@ pub struct AmqpConnection {
     ops: Ops<Op>,
     /// The client announced `authentication_failure_close` in its capabilities.
     auth_failure_close: bool,
+    /// The client logs in with `guest`/`guest`.
+    guest_default: bool,
     principal: Option<Principal>,
     /// Negotiated limits (`connection.tune-ok`).
     frame_max: u32,
@@ -195,6 +205,9 @@ pub struct AmqpConnection {
     cancel_notify: bool,
     /// The client announced `connection.blocked`.
     blocked_notify: bool,
+    /// The client connects from a loopback address (RabbitMQ's `guest` may log in only
+    /// from there).
+    loopback: bool,
     /// Its publishes in flight, for `connection.blocked`.
     pushback: blocked::Pushback,
     /// This connection's id, the owner of its exclusive queues (`lifetime`).
@@ -228,6 +241,7 @@ impl AmqpConnection {
             out: Outbox::new(),
             ops: Ops::new(),
             auth_failure_close: false,
+            guest_default: false,
             principal: None,
             frame_max: config.frame_max,
             channel_max: config.channel_max,
@@ -245,6 +259,7 @@ impl AmqpConnection {
             now_ms,
             cancel_notify: false,
             blocked_notify: false,
+            loopback: true,
             pushback: Default::default(),
             conn_id: format!("{seed:016x}-{now_ms:x}"),
             owned: Default::default(),
@@ -256,6 +271,11 @@ impl AmqpConnection {
         c.name_seed = seed;
         c.set_timer(config.handshake_timeout_ms);
         c
+    }
+
+    /// Where the client connects from: whether it is a loopback address.
+    pub fn set_loopback(&mut self, loopback: bool) {
+        self.loopback = loopback;
     }
 
     /// The principal, once authenticated.
@@ -475,6 +495,15 @@ impl AmqpConnection {
         let Some(creds) = creds else {
             return self.refuse_login(&m.mechanism);
         };
+        // RabbitMQ's `loopback_users`: its default user logs in from loopback only.
+        if creds.user == GUEST && !self.loopback {
+            self.log(
+                LogLevel::Info,
+                "user 'guest' can only connect via localhost".into(),
+            );
+            return self.refuse_login(&m.mechanism);
+        }
+        self.guest_default = creds.user == GUEST && creds.password == GUEST.as_bytes();
         let token = self.ops.start(Op::Auth);
         self.out.push(Action::Authenticate {
             token,
@@ -500,8 +529,19 @@ impl AmqpConnection {
     }
 
     fn on_auth_result(&mut self, token: u64, result: Result<Principal, OpError>) {
-        if !matches!(self.ops.complete(token), Some(Op::Auth)) {
-            return;
+        let guest_try = match self.ops.complete(token) {
+            Some(Op::Auth) => false,
+            Some(Op::AuthGuest) => true,
+            _ => return,
+        };
+        // `guest`/`guest` that the gateway does not know (standalone, no users configured):
+        // RabbitMQ's default login, accepted where anonymous access is.
+        if result.is_err() && !guest_try && std::mem::take(&mut self.guest_default) {
+            let token = self.ops.start(Op::AuthGuest);
+            return self.out.push(Action::Authenticate {
+                token,
+                creds: Credentials::Anonymous,
+            });
         }
         let Phase::Authenticating { mechanism } = self.phase.clone() else {
             return;

@@ -857,3 +857,41 @@ fn an_exclusive_queue_is_owned_under_a_lease_and_deleted_at_close() {
     assert!(!h.kv().contains_key("amqp/q/mine"));
     assert!(!h.kv().contains_key(&format!("amqp/c/{owner}")));
 }
+
+#[test]
+fn guest_logs_in_from_loopback_only_and_falls_back_to_anonymous() {
+    // From elsewhere: refused before any password is checked (RabbitMQ's loopback_users).
+    let mut h = host();
+    h.machine_mut().set_loopback(false);
+    h.data(&PROTOCOL_HEADER);
+    sent(&mut h);
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    assert!(matches!(close_code(&sent(&mut h)), Some((0, 403, _))));
+    assert!(!h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Authenticate { .. })));
+    // From loopback, a host that does not know `guest`: tried as anonymous.
+    let refused = Err(OpError {
+        kind: ErrorKind::NotAuthorized,
+        message: "unknown user".into(),
+    });
+    let mut h = host().with_auth(refused);
+    h.data(&PROTOCOL_HEADER);
+    sent(&mut h);
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    let creds: Vec<Credentials> = h
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Authenticate { creds, .. } => Some(creds),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(
+        &creds[..],
+        [Credentials::Password(p), Credentials::Anonymous] if p.user == "guest"
+    ));
+}
