@@ -420,6 +420,13 @@ impl Default for Config {
                     "kafka",
                     false,
                 ),
+                // RabbitMQ's TLS port (`amqps://`).
+                ListenerConfig::new(
+                    "amqps",
+                    SocketAddr::from(([127, 0, 0, 1], 5671)),
+                    "amqp",
+                    true,
+                ),
             ],
         }
     }
@@ -631,7 +638,7 @@ mod tests {
     fn empty_config_is_standalone_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.broker.embedded);
-        assert_eq!(c.listeners.len(), 6);
+        assert_eq!(c.listeners.len(), 7);
         assert_eq!(c.listeners[0].bind.port(), 1883);
         assert_eq!(c.listeners[1].bind.port(), 8883);
         assert_eq!(c.listeners[2].bind.port(), 9001);
@@ -645,13 +652,18 @@ mod tests {
             (c.listeners[5].bind.port(), c.listeners[5].plugin.as_str()),
             (9092, "kafka")
         );
+        assert_eq!(
+            (c.listeners[6].bind.port(), c.listeners[6].plugin.as_str()),
+            (5671, "amqp")
+        );
+        assert!(c.listeners[6].tls);
     }
 
     #[test]
     fn example_config_is_valid_and_lists_the_default_listeners() {
         let c = Config::parse(include_str!("../../examples/magnetar.toml")).unwrap();
         let ports: Vec<_> = c.listeners.iter().map(|l| l.bind.port()).collect();
-        assert_eq!(ports, [1883, 8883, 9001, 8080, 5672, 9092]);
+        assert_eq!(ports, [1883, 8883, 9001, 8080, 5672, 9092, 5671]);
         assert!(c.listeners[2].websocket);
         assert!(c.listeners[3].web);
     }

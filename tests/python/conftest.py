@@ -4,7 +4,6 @@ Every process a test starts is killed when the test ends, pass or fail, and is b
 time: a gateway that does not listen within 60 s fails the test.
 """
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -17,31 +16,38 @@ ROOT = Path(__file__).resolve().parents[2]
 MAGNETAR = os.environ.get("MAGNETAR_BIN", str(ROOT / "target" / "release" / "magnetar"))
 
 
-def _listen_port_range() -> range:
-    """Ports below the kernel's ephemeral range: the ports outgoing connections take come from
-    that range, so a port chosen there and released until the gateway binds it can be taken by
-    some client's connection in between (seen with a storm of 10,000 client sockets running
-    beside the suite). Below it, only another listener can take it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    return range(max(1024, low - 12000), max(2048, low))
+_next_port = 0
+
+
+def hold_ports(n: int) -> list[socket.socket]:
+    """`n` sockets bound to free loopback ports below the kernel's ephemeral range
+    (12000-15999; the Rust tests and benches take 16000-31999): a port the kernel hands out
+    for `:0` comes from the range of outgoing connections, which the machine's other tests
+    may take before the server binds it (seen: "binding 127.0.0.1:33587: Address already in
+    use", RabbitMQ's `dist_port_already_used`). The caller closes them just before the
+    server binds."""
+    global _next_port
+    base = (os.getpid() % 400) * 10
+    held = []
+    for _ in range(4000):
+        if len(held) == n:
+            break
+        port = 12_000 + (base + _next_port) % 4000
+        _next_port += 1
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            held.append(s)
+        except OSError:
+            s.close()
+    assert len(held) == n, "no free ports between 12000 and 16000"
+    return held
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all are held until all are chosen."""
-    candidates = _listen_port_range()
-    socks = []
+    """n distinct free ports (see `hold_ports`): all are held until all are chosen."""
+    socks = hold_ports(n)
     try:
-        while len(socks) < n:
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", random.choice(candidates)))
-            except OSError:
-                s.close()
-                continue
-            socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

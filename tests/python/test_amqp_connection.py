@@ -3,14 +3,19 @@ against a private RabbitMQ and against Magnetar (`amqp_server`), with pika, aio-
 raw socket speaking frames built with pamqp (aio-pika's codec) for what a client library
 never sends (garbage, broken frames)."""
 import asyncio
+import os
 import socket
+import ssl
 import struct
+import time
 
 import aio_pika
 import pika
 import pika.exceptions
 import pytest
 from pamqp import commands, frame as pframe, header as pheader
+
+from conftest import Gateway, hold_ports, wait_for_port
 
 from amqp_servers import (  # noqa: F401 (fixtures)
     PASSWORD,
@@ -60,10 +65,78 @@ def test_pika_connects_and_opens_channels(amqp_server):
     assert conn.is_closed
 
 
+def tls_params(server, context):
+    return pika.ConnectionParameters(
+        host="127.0.0.1",
+        port=server.amqps_port,
+        credentials=pika.PlainCredentials(USER, PASSWORD),
+        ssl_options=pika.SSLOptions(context, server_hostname="localhost"),
+        connection_attempts=1,
+        socket_timeout=10,
+    )
+
+
+def test_amqps_with_pika_ssl_options(amqp_server):
+    """AMQP over TLS (`amqps`, RabbitMQ's 5671): the server's certificate checked against
+    its CA, then messages as on the plain port; a client that does not trust the CA is
+    refused in the handshake."""
+    conn = pika.BlockingConnection(
+        tls_params(amqp_server, ssl.create_default_context(cafile=amqp_server.ca_file))
+    )
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.basic_publish("", q, b"over tls")
+        deadline = time.monotonic() + 10
+        body = None
+        while body is None and time.monotonic() < deadline:
+            body = ch.basic_get(q, auto_ack=True)[2]
+        assert body == b"over tls"
+    finally:
+        conn.close()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        pika.BlockingConnection(tls_params(amqp_server, ssl.create_default_context()))
+
+
 def test_wrong_password_is_refused(amqp_server):
     with pytest.raises(pika.exceptions.ProbableAuthenticationError) as e:
         pika.BlockingConnection(params(amqp_server, password="not-the-password"))
     assert "ACCESS_REFUSED" in str(e.value)
+
+
+def test_standalone_gateway_takes_rabbitmqs_default_guest_login(tmp_path):
+    """A gateway with no users (standalone: anonymous access allowed) takes RabbitMQ's
+    default `guest`/`guest` from loopback, as RabbitMQ does (every RabbitMQ test here logs
+    in so); any other password is still refused."""
+    held = hold_ports(1)
+    port = held[0].getsockname()[1]
+    extra = f'\n[[listeners]]\nname = "amqp"\nbind = "127.0.0.1:{port}"\nplugin = "amqp"\n'
+    if os.environ.get("MAGNETAR_PLUGIN_DIR"):
+        extra += f'\n[plugins]\ndir = "{os.environ["MAGNETAR_PLUGIN_DIR"]}"\n'
+    try:
+        gw = Gateway(tmp_path, extra)
+    finally:
+        held[0].close()
+    gw.start()
+    try:
+        wait_for_port(port, gw.proc, gw.log)
+        gw.amqp_port = port
+        conn = pika.BlockingConnection(params(gw, user="guest", password="guest"))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        q = ch.queue_declare("", exclusive=True).method.queue
+        ch.basic_publish("", q, b"standalone")
+        deadline = time.monotonic() + 10
+        body = None
+        while body is None and time.monotonic() < deadline:
+            body = ch.basic_get(q, auto_ack=True)[2]
+        assert body == b"standalone"
+        conn.close()
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(params(gw, user="guest", password="not-guest"))
+    finally:
+        gw.stop()
 
 
 def test_unknown_vhost_is_refused_with_530(amqp_server):

@@ -4,7 +4,7 @@
 use magnetar_sdk::{Conn, ConnInfo, Driver, Plugin};
 
 use crate::config::Config;
-use crate::connection::AmqpConnection;
+use crate::connection::{name_seed, AmqpConnection};
 
 /// The plugin instance: the parsed config, shared by all its connections.
 pub struct AmqpPlugin {
@@ -25,10 +25,16 @@ impl Plugin for AmqpPlugin {
             magnetar_sdk::LogLevel::Debug,
             &format!("amqp conn {}: open from {}", conn.id(), info.peer_addr),
         );
-        Driver::new(
-            conn,
-            AmqpConnection::new(self.config, magnetar_sdk::now_ms()),
-        )
+        // Random per connection: the names of its server-named queues and its id as the
+        // owner of exclusive queues differ from every other connection's.
+        let seed = name_seed(conn.id());
+        let mut machine = AmqpConnection::with_seed(self.config, magnetar_sdk::now_ms(), seed);
+        let loopback = info
+            .peer_addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+        machine.set_loopback(loopback);
+        Driver::new(conn, machine)
     }
 }
 

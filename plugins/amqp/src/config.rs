@@ -6,6 +6,7 @@
 //! channel_max = 2047            # channels per connection offered in connection.tune (RabbitMQ's default)
 //! heartbeat_s = 60              # heartbeat interval offered in connection.tune (RabbitMQ's default)
 //! handshake_timeout_ms = 10000  # time from TCP accept to connection.open (RabbitMQ's handshake_timeout)
+//! exclusive_lease_ms = 30000    # how long a connection's exclusive queues outlive it if it ends without connection.close
 //! ```
 
 /// Limits of every connection of the plugin instance.
@@ -15,6 +16,7 @@ pub struct Config {
     pub channel_max: u16,
     pub heartbeat_s: u16,
     pub handshake_timeout_ms: u64,
+    pub exclusive_lease_ms: u64,
 }
 
 impl Default for Config {
@@ -24,6 +26,7 @@ impl Default for Config {
             channel_max: 2047,
             heartbeat_s: 60,
             handshake_timeout_ms: 10_000,
+            exclusive_lease_ms: 30_000,
         }
     }
 }
@@ -40,6 +43,9 @@ impl Config {
                 "heartbeat_s" => config.heartbeat_s = s.within(0, 65535)? as u16,
                 "handshake_timeout_ms" => {
                     config.handshake_timeout_ms = s.within(100, 600_000)?;
+                }
+                "exclusive_lease_ms" => {
+                    config.exclusive_lease_ms = s.within(1_000, 3_600_000)?;
                 }
                 _ => return Err(s.unknown()),
             }

@@ -97,6 +97,20 @@ pub fn queue_key(name: &str) -> String {
     format!("amqp/q/{name}")
 }
 
+/// The lease of a connection that owns exclusive queues: the time (ms since the Unix
+/// epoch, 8 bytes big-endian) until which it is alive unless it renews it. A connection that
+/// ends cleanly deletes its exclusive queues and its lease; one whose gateway crashed or
+/// whose socket went away leaves them, and the first other connection that uses such a
+/// queue after the lease ran out deletes it (RabbitMQ deletes it when the owner goes).
+pub fn lease_key(owner: &str) -> String {
+    format!("amqp/c/{owner}")
+}
+
+/// A lease record's expiry time.
+pub fn lease_until(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 /// A queue binding: the exchange's type is kept with it, so that the queue's filters are
 /// rebuilt without reading the exchange again.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,6 +129,9 @@ pub struct Queue {
     pub auto_delete: bool,
     pub arguments: FieldTable,
     pub bindings: Vec<Binding>,
+    /// An exclusive queue's owner: the id of the connection that declared it
+    /// ([`lease_key`] says whether that connection still lives).
+    pub owner: Option<String>,
 }
 
 fn flag(t: &FieldTable, name: &str) -> bool {
@@ -180,6 +197,9 @@ impl Queue {
             .insert("auto_delete", FieldValue::Bool(self.auto_delete))
             .insert("arguments", FieldValue::Table(self.arguments.clone()))
             .insert("bindings", FieldValue::Array(bindings));
+        if let Some(owner) = &self.owner {
+            t.insert("owner", long(owner));
+        }
         encode_table(&t)
     }
 
@@ -211,6 +231,7 @@ impl Queue {
                 _ => FieldTable::default(),
             },
             bindings,
+            owner: text(&t, "owner"),
         })
     }
 
@@ -511,7 +532,15 @@ mod tests {
             bindings: vec![binding("amq.topic", ExchangeType::Topic, "a.#")],
             ..Default::default()
         };
-        assert_eq!(Queue::decode(&q.encode()), Some(q));
+        assert_eq!(Queue::decode(&q.encode()), Some(q.clone()));
+        let owned = Queue {
+            exclusive: true,
+            owner: Some("c0ffee-1".into()),
+            ..q
+        };
+        assert_eq!(Queue::decode(&owned.encode()), Some(owned));
+        assert_eq!(lease_until(&42u64.to_be_bytes()), Some(42));
+        assert_eq!(lease_until(b"short"), None);
         let x = predeclared("amq.fanout").unwrap();
         assert_eq!(Exchange::decode(&x.encode()), Some(x));
         assert_eq!(unhex(&hex(&[0, 1, 254, 255])), Some(vec![0, 1, 254, 255]));

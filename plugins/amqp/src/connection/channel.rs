@@ -21,6 +21,8 @@ use crate::codec::BasicProperties;
 use crate::queue_policy::{QueuePolicy, Reason};
 use crate::topology::{self, Binding, Exchange, ExchangeType, Queue};
 
+mod tx;
+
 /// Most unacknowledged deliveries a consumer without a prefetch limit holds.
 const UNLIMITED_PREFETCH: u32 = 1000;
 /// Most times a consumer is opened again while the queue's route still holds its
@@ -40,13 +42,15 @@ pub(super) struct ChannelState {
     /// A publish whose content is arriving.
     content: Option<Content>,
     /// Consumers by tag: their subscription.
-    consumers: BTreeMap<String, SubId>,
+    pub(super) consumers: BTreeMap<String, SubId>,
     /// The last delivery tag given.
     delivery_tag: u64,
     /// Delivered, not yet acknowledged, by delivery tag.
     unacked: BTreeMap<u64, Unacked>,
     /// `basic.get`'s consumers, by queue: messages wait here for the next `basic.get`.
     getters: BTreeMap<String, Getter>,
+    /// After `tx.select`: the publishes and acknowledgements waiting for the commit.
+    tx: Option<Box<tx::Tx>>,
 }
 
 /// A delivery the client has not settled yet.
@@ -105,6 +109,8 @@ pub(crate) struct PendingConsume {
     attempts: u32,
     /// The queue's arguments, once read.
     policy: QueuePolicy,
+    /// The queue, if it is auto-delete (deleted when its last consumer goes).
+    auto_delete: Option<Queue>,
 }
 
 /// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
@@ -121,7 +127,10 @@ pub(crate) struct PendingPurge {
 #[derive(Debug, Clone)]
 pub(crate) enum Task {
     /// Read the exchange, then compare or store it.
-    ExchangeDeclare { channel: u16, m: ExchangeDeclare },
+    ExchangeDeclare {
+        channel: u16,
+        m: ExchangeDeclare,
+    },
     /// The exchange's record was written.
     Reply {
         channel: u16,
@@ -134,7 +143,10 @@ pub(crate) enum Task {
         name: String,
     },
     /// Read the queue of a binding change.
-    BindQueue { channel: u16, change: BindChange },
+    BindQueue {
+        channel: u16,
+        change: BindChange,
+    },
     /// Read the exchange of a binding.
     BindExchange {
         channel: u16,
@@ -157,18 +169,56 @@ pub(crate) enum Task {
         reply: Option<Box<Method>>,
     },
     /// Read the queue to delete.
-    QueueDelete { channel: u16, m: QueueDelete },
+    QueueDelete {
+        channel: u16,
+        m: QueueDelete,
+    },
     /// Read the exchange of a publish.
-    PublishExchange { channel: u16, content: ContentDone },
+    PublishExchange {
+        channel: u16,
+        content: ContentDone,
+    },
     /// Read the queue of a consumer.
-    ConsumeQueue { consume: PendingConsume },
+    ConsumeQueue {
+        consume: PendingConsume,
+    },
     /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
     /// a restart): close it, then open the consumer.
-    ConsumeRoute { consume: PendingConsume },
+    ConsumeRoute {
+        consume: PendingConsume,
+    },
     /// Read the queue of a `basic.get`.
-    GetQueue { channel: u16, m: BasicGet },
+    GetQueue {
+        channel: u16,
+        m: BasicGet,
+    },
     /// Read the queue to purge.
-    PurgeQueue { channel: u16, m: QueuePurge },
+    PurgeQueue {
+        channel: u16,
+        m: QueuePurge,
+    },
+    /// Read the lease of the owner of an exclusive queue that `task` uses.
+    OwnerLease {
+        task: Box<Task>,
+        name: String,
+        queue: Queue,
+    },
+    /// The owner is gone: its queue's record was deleted; next its route, then `task`.
+    Reaped {
+        task: Box<Task>,
+        name: String,
+        queue: Queue,
+    },
+    ReapedRoute {
+        task: Box<Task>,
+    },
+    /// This connection's lease was written: store the exclusive queue it declares.
+    PutQueue {
+        channel: u16,
+        name: String,
+        queue: Queue,
+        reply: Option<Box<Method>>,
+    },
     /// Read the queues, for a `mandatory` publish: does one take it?
     Mandatory {
         channel: u16,
@@ -209,6 +259,42 @@ pub(crate) enum Outcome {
     Kv(Result<Option<Vec<u8>>, OpError>),
     Sub(Result<SubId, OpError>),
     Scan(Result<Vec<magnetar_sdk::KvEntry>, OpError>),
+}
+
+impl Task {
+    /// For a task that reads a queue's record before it uses the queue: its channel, the
+    /// queue, and the method that uses it.
+    fn queue_access(&self) -> Option<(u16, &str, Method)> {
+        Some(match self {
+            Task::QueueDeclare { channel, m, name } => {
+                (*channel, name.as_str(), Method::QueueDeclare(m.clone()))
+            }
+            Task::BindQueue { channel, change } => (
+                *channel,
+                change.queue.as_str(),
+                if change.bind {
+                    Method::QueueBind(QueueBind::default())
+                } else {
+                    Method::QueueUnbind(QueueUnbind::default())
+                },
+            ),
+            Task::QueueDelete { channel, m } => {
+                (*channel, m.queue.as_str(), Method::QueueDelete(m.clone()))
+            }
+            Task::ConsumeQueue { consume } => (
+                consume.channel,
+                consume.queue.as_str(),
+                Method::BasicConsume(BasicConsume::default()),
+            ),
+            Task::PurgeQueue { channel, m } => {
+                (*channel, m.queue.as_str(), Method::QueuePurge(m.clone()))
+            }
+            Task::GetQueue { channel, m } => {
+                (*channel, m.queue.as_str(), Method::BasicGet(m.clone()))
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// A channel error's text in RabbitMQ's words for a vhost.
@@ -312,17 +398,19 @@ impl AmqpConnection {
     }
 
     /// Ends the channel's consumers: their unacknowledged messages go back to the queue.
-    fn drop_consumers(&mut self, channel: u16) {
+    pub(super) fn drop_consumers(&mut self, channel: u16) {
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
-        let mut subs: Vec<SubId> = state.consumers.values().copied().collect();
-        subs.extend(state.getters.values().filter_map(|g| g.sub));
+        let consumers: Vec<SubId> = state.consumers.values().copied().collect();
+        let getters: Vec<SubId> = state.getters.values().filter_map(|g| g.sub).collect();
         state.consumers.clear();
         state.getters.clear();
         state.unacked.clear();
-        for sub in subs {
-            self.consumers.remove(&sub);
+        for sub in consumers {
+            self.end_consumer(sub, false);
+        }
+        for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
@@ -388,6 +476,16 @@ impl AmqpConnection {
                     channel,
                     Method::ChannelFlowOk(ChannelFlowOk { active: f.active }),
                 );
+            }
+            Method::ConfirmSelect(_)
+                if self.channels.get(&channel).is_some_and(|s| s.tx.is_some()) =>
+            {
+                let e =
+                    ConnError::new(PRECONDITION_FAILED, "cannot switch from tx to confirm mode");
+                self.close_channel(channel, e.caused_by(&m));
+            }
+            Method::TxSelect(_) | Method::TxCommit(_) | Method::TxRollback(_) => {
+                self.tx_method(channel, m)
             }
             Method::ConfirmSelect(c) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
@@ -476,9 +574,7 @@ impl AmqpConnection {
                     .get_mut(&channel)
                     .and_then(|s| s.consumers.remove(&c.consumer_tag));
                 if let Some(sub) = sub {
-                    self.consumers.remove(&sub);
-                    self.policies.remove(&sub);
-                    self.out.push(Action::Unsubscribe { sub, delete: false });
+                    self.end_consumer(sub, false);
                     if let Some(state) = self.channels.get_mut(&channel) {
                         state.unacked.retain(|_, u| u.sub != sub);
                     }
@@ -492,6 +588,8 @@ impl AmqpConnection {
                     );
                 }
             }
+            // The answer to the server's `basic.cancel` (a deleted queue's consumer).
+            Method::BasicCancelOk(_) => {}
             Method::BasicAck(ref a) => {
                 let (tag, multiple) = (a.delivery_tag, a.multiple);
                 self.settle(channel, tag, multiple, None, &m)
@@ -715,6 +813,7 @@ impl AmqpConnection {
             prefetch,
             attempts: 0,
             policy: QueuePolicy::default(),
+            auto_delete: None,
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -756,8 +855,11 @@ impl AmqpConnection {
                 };
                 state.consumers.insert(c.tag.clone(), sub);
                 self.consumers
-                    .insert(sub, (c.channel, c.tag.clone(), c.no_ack));
+                    .insert(sub, (c.channel, c.tag.clone(), c.no_ack, c.queue.clone()));
                 self.policies.insert(sub, c.policy.clone());
+                if let Some(q) = c.auto_delete.take() {
+                    self.auto_delete.insert(c.queue.clone(), q);
+                }
                 if !c.no_wait {
                     self.send_method(
                         c.channel,
@@ -908,7 +1010,82 @@ impl AmqpConnection {
             let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
             s.close_channel(channel, err);
         };
+        // Another connection's exclusive queue: is its owner alive?
+        if let (Some((_, name, _)), Outcome::Kv(Ok(Some(bytes)))) = (task.queue_access(), &outcome)
+        {
+            if let Some(q) = Queue::decode(bytes).filter(|q| self.owned_by_other(q).is_some()) {
+                let name = name.to_string();
+                let key = topology::lease_key(q.owner.as_deref().unwrap_or_default());
+                let task = Box::new(task);
+                return self.wait_kv_get(
+                    key,
+                    Task::OwnerLease {
+                        task,
+                        name,
+                        queue: q,
+                    },
+                );
+            }
+        }
         match (task, outcome) {
+            (Task::OwnerLease { task, name, queue }, Outcome::Kv(r)) => {
+                let Some((channel, _, cause)) = task.queue_access() else {
+                    return;
+                };
+                let alive = match r {
+                    Ok(v) => v
+                        .as_deref()
+                        .and_then(topology::lease_until)
+                        .is_some_and(|until| until > self.now_ms),
+                    Err(e) => return failed(self, channel, &e),
+                };
+                if alive {
+                    let e = ConnError::new(RESOURCE_LOCKED, lifetime::locked_text(&name));
+                    return self.close_channel(channel, e.caused_by(&cause));
+                }
+                // Its connection is gone, so is the queue (as in RabbitMQ): deleted, then
+                // the method goes on without it.
+                self.wait_kv_put(
+                    topology::queue_key(&name),
+                    None,
+                    Task::Reaped { task, name, queue },
+                );
+            }
+            (Task::Reaped { task, name, queue }, Outcome::Kv(_)) => {
+                self.store_route(&name, &queue, Task::ReapedRoute { task });
+            }
+            (Task::ReapedRoute { task }, Outcome::Sub(r)) => {
+                if let Ok(sub) = r {
+                    self.out.push(Action::Unsubscribe { sub, delete: true });
+                }
+                self.step(*task, Outcome::Kv(Ok(None)));
+            }
+            (
+                Task::PutQueue {
+                    channel,
+                    name,
+                    queue,
+                    reply,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(_) => {
+                    self.lease_started();
+                    let value = queue.encode();
+                    self.wait_kv_put(
+                        topology::queue_key(&name),
+                        Some(value),
+                        Task::StoreRoute {
+                            channel,
+                            name,
+                            queue,
+                            delete: false,
+                            reply,
+                        },
+                    );
+                }
+                Err(e) => failed(self, channel, &e),
+            },
             (Task::ExchangeDeclare { channel, m }, Outcome::Kv(r)) => match r {
                 Ok(v) => {
                     let existing = v.as_deref().and_then(Exchange::decode);
@@ -947,7 +1124,24 @@ impl AmqpConnection {
                             auto_delete: m.auto_delete,
                             arguments: m.arguments.clone(),
                             bindings: Vec::new(),
+                            owner: m.exclusive.then(|| self.conn_id().to_string()),
                         };
+                        if m.exclusive {
+                            self.owned.insert(name.clone(), queue.clone());
+                            if self.lease_timer.is_none() {
+                                // The lease first: nobody may see the queue without it.
+                                return self.wait_kv_put(
+                                    topology::lease_key(self.conn_id()),
+                                    Some(self.lease_value()),
+                                    Task::PutQueue {
+                                        channel,
+                                        name,
+                                        queue,
+                                        reply,
+                                    },
+                                );
+                            }
+                        }
                         let value = queue.encode();
                         self.wait_kv_put(
                             topology::queue_key(&name),
@@ -962,11 +1156,14 @@ impl AmqpConnection {
                         );
                     }
                     Some(_) if m.passive => self.reply(channel, reply),
+                    // RabbitMQ's strict check: `exclusive` must be what the queue has.
+                    Some(q) if q.exclusive != m.exclusive => {
+                        let e = ConnError::new(RESOURCE_LOCKED, lifetime::locked_text(&name));
+                        self.close_channel(channel, e.caused_by(&cause));
+                    }
                     Some(q) => {
                         let mismatch = if q.durable != m.durable {
                             Some(("durable", m.durable, q.durable))
-                        } else if q.exclusive != m.exclusive {
-                            Some(("exclusive", m.exclusive, q.exclusive))
                         } else if q.auto_delete != m.auto_delete {
                             Some(("auto_delete", m.auto_delete, q.auto_delete))
                         } else {
@@ -1083,6 +1280,10 @@ impl AmqpConnection {
                 };
                 let reply = (!m.no_wait)
                     .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
+                // Its consumers here end first (with `basic.cancel`), so that the route
+                // that deletes it can take its subscription.
+                self.cancel_consumers_of(&m.queue);
+                self.owned.remove(&m.queue);
                 match queue {
                     // RabbitMQ 3.x: deleting a queue that does not exist succeeds.
                     None => self.reply(channel, reply),
@@ -1118,6 +1319,7 @@ impl AmqpConnection {
                     Some(q) => {
                         let name = consume.queue.clone();
                         consume.policy = QueuePolicy::of(&name, &q);
+                        consume.auto_delete = q.auto_delete.then(|| q.clone());
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),
@@ -1638,6 +1840,9 @@ impl AmqpConnection {
     }
 
     fn publish(&mut self, channel: u16, content: ContentDone, kind: ExchangeType) {
+        let Some((content, kind)) = self.tx_holds_publish(channel, content, kind) else {
+            return;
+        };
         let ContentDone {
             publish,
             header,
@@ -1651,6 +1856,7 @@ impl AmqpConnection {
             })
         });
         let token = self.ops.start(Op::Publish { channel, seq });
+        self.publish_issued();
         self.out.push(Action::Publish {
             token,
             msg: OutboundMessage {
@@ -1668,6 +1874,7 @@ impl AmqpConnection {
         seq: Option<u64>,
         result: Result<(), OpError>,
     ) {
+        self.publish_completed();
         let Some(seq) = seq else {
             if let Err(e) = result {
                 self.log(LogLevel::Warn, format!("publish failed: {}", e.message));
@@ -1695,7 +1902,7 @@ impl AmqpConnection {
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
-        let Some((channel, tag, no_ack)) = self.consumers.get(&m.subscription).cloned() else {
+        let Some((channel, tag, no_ack, _)) = self.consumers.get(&m.subscription).cloned() else {
             return;
         };
         if self.expire(&m) {
@@ -1752,10 +1959,17 @@ impl AmqpConnection {
             let e = ConnError::new(PRECONDITION_FAILED, format!("unknown delivery tag {tag}"));
             return self.close_channel(channel, e.caused_by(cause));
         };
-        let settled: Vec<Unacked> = tags
+        let settled: Vec<(u64, Unacked)> = tags
             .iter()
-            .filter_map(|t| state.unacked.remove(t))
+            .filter_map(|t| state.unacked.remove(t).map(|u| (*t, u)))
             .collect();
+        if let Some(settled) = self.tx_holds_settle(channel, settled, requeue) {
+            self.apply_settle(settled.into_iter().map(|(_, u)| u), requeue);
+        }
+    }
+
+    /// Acknowledges (`requeue` `None`), requeues or rejects settled deliveries.
+    fn apply_settle(&mut self, settled: impl Iterator<Item = Unacked>, requeue: Option<bool>) {
         for u in settled {
             let (sub, delivery_id) = (u.sub, u.delivery_id);
             match (requeue, u.dead_letter) {

@@ -12,6 +12,9 @@
 //!   direct_reply_to); mechanisms `PLAIN AMQPLAIN`, checked by the host's `authenticate`.
 //!   Refused credentials: `connection.close` 403 ACCESS_REFUSED when the client announced
 //!   `authentication_failure_close`, else the socket just closes (RabbitMQ's two behaviours).
+//!   RabbitMQ's default user: `guest` logs in from loopback only (`loopback_users`), and
+//!   `guest`/`guest` that the host does not know is tried as an anonymous login (a
+//!   standalone gateway has no users and allows anonymous clients).
 //! - `connection.tune` / `tune-ok` (§1.4.2.5): channel-max, frame-max and heartbeat, the
 //!   client's smaller values win; then `connection.open`: the virtual host `/` or the name of
 //!   the principal's namespace is the principal's namespace, any other is refused with
@@ -24,8 +27,9 @@
 //!   method 540, content frames out of place 505 UNEXPECTED_FRAME; after the server's
 //!   `connection.close` only `close-ok` is awaited (for at most [`CLOSE_TIMEOUT_MS`]).
 //!
-//! Not yet here (docs/amqp.md lists it): exchanges, queues and messages. Their methods are
-//! answered with `connection.close` 540 NOT_IMPLEMENTED naming the method.
+//! Exchanges, queues and messages are `channel`'s; how long queues live (exclusive,
+//! auto-delete, cancel notifications) is `lifetime`'s. A method not built yet is answered
+//! with `connection.close` 540 NOT_IMPLEMENTED naming it (docs/amqp.md lists them).
 
 use std::collections::HashMap;
 
@@ -41,10 +45,15 @@ use crate::codec::reply::*;
 use crate::codec::{CodecError, FieldTable, FieldValue, Frame, PROTOCOL_HEADER};
 use crate::config::Config;
 
+mod blocked;
 mod channel;
+mod lifetime;
 pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
+
+/// RabbitMQ's default user and password.
+const GUEST: &str = "guest";
 
 /// How long the server waits for `connection.close-ok` after its `connection.close`.
 pub const CLOSE_TIMEOUT_MS: u64 = 3_000;
@@ -76,6 +85,8 @@ enum Phase {
 #[derive(Debug, Clone)]
 enum Op {
     Auth,
+    /// RabbitMQ's default `guest`/`guest`, which the host did not know: tried as anonymous.
+    AuthGuest,
     /// A step of a channel method that holds the connection's input until it is done.
     Task(channel::Task),
     /// A published message: its channel and, in confirm mode, its sequence number.
@@ -85,6 +96,10 @@ enum Op {
     },
     /// A message dead-lettered from a queue, published to its dead-letter exchange.
     DeadLetter,
+    /// A message of a `tx.commit` on this channel.
+    TxPublish {
+        channel: u16,
+    },
     /// A consumer being opened.
     Consume(channel::PendingConsume),
     /// `queue.purge`'s consumer being opened, then its seek to the queue's end.
@@ -94,6 +109,10 @@ enum Op {
         sub: SubId,
         no_wait: bool,
     },
+    /// The lease of this connection's exclusive queues written or renewed.
+    Lease,
+    /// A queue being deleted in the background.
+    Reap(lifetime::Reap),
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
         channel: u16,
@@ -155,6 +174,8 @@ pub struct AmqpConnection {
     ops: Ops<Op>,
     /// The client announced `authentication_failure_close` in its capabilities.
     auth_failure_close: bool,
+    /// The client logs in with `guest`/`guest`.
+    guest_default: bool,
     principal: Option<Principal>,
     /// Negotiated limits (`connection.tune-ok`).
     frame_max: u32,
@@ -167,8 +188,8 @@ pub struct AmqpConnection {
     channels: HashMap<u16, channel::ChannelState>,
     /// A channel method waits for the host: frames stay undecoded until it is done.
     busy: bool,
-    /// Consumers by subscription: channel, consumer tag, no-ack.
-    consumers: HashMap<SubId, (u16, String, bool)>,
+    /// Consumers by subscription: channel, consumer tag, no-ack, queue.
+    consumers: HashMap<SubId, (u16, String, bool, String)>,
     /// `basic.get` consumers by subscription: channel and queue.
     getters: HashMap<SubId, (u16, String)>,
     /// The queue arguments that act on the messages of each consumer and `basic.get`
@@ -180,6 +201,27 @@ pub struct AmqpConnection {
     name_seed: u64,
     names_given: u64,
     now_ms: u64,
+    /// The client announced `consumer_cancel_notify`.
+    cancel_notify: bool,
+    /// The client announced `connection.blocked`.
+    blocked_notify: bool,
+    /// The client connects from a loopback address (RabbitMQ's `guest` may log in only
+    /// from there).
+    loopback: bool,
+    /// Its publishes in flight, for `connection.blocked`.
+    pushback: blocked::Pushback,
+    /// This connection's id, the owner of its exclusive queues (`lifetime`).
+    conn_id: String,
+    /// The exclusive queues it declared, by name.
+    owned: std::collections::BTreeMap<String, crate::topology::Queue>,
+    /// The auto-delete queues it consumes, by name.
+    auto_delete: HashMap<String, crate::topology::Queue>,
+    /// The timer that renews its lease, while it has one.
+    lease_timer: Option<u64>,
+    /// Queues being deleted in the background.
+    reaps: usize,
+    /// The connection ends once they are: `Some(true)` with `close-ok`.
+    ending: Option<bool>,
 }
 
 impl AmqpConnection {
@@ -199,6 +241,7 @@ impl AmqpConnection {
             out: Outbox::new(),
             ops: Ops::new(),
             auth_failure_close: false,
+            guest_default: false,
             principal: None,
             frame_max: config.frame_max,
             channel_max: config.channel_max,
@@ -214,10 +257,25 @@ impl AmqpConnection {
             name_seed: 0,
             names_given: 0,
             now_ms,
+            cancel_notify: false,
+            blocked_notify: false,
+            loopback: true,
+            pushback: Default::default(),
+            conn_id: format!("{seed:016x}-{now_ms:x}"),
+            owned: Default::default(),
+            auto_delete: HashMap::new(),
+            lease_timer: None,
+            reaps: 0,
+            ending: None,
         };
         c.name_seed = seed;
         c.set_timer(config.handshake_timeout_ms);
         c
+    }
+
+    /// Where the client connects from: whether it is a loopback address.
+    pub fn set_loopback(&mut self, loopback: bool) {
+        self.loopback = loopback;
     }
 
     /// The principal, once authenticated.
@@ -371,7 +429,9 @@ impl AmqpConnection {
         match (&self.phase, frame) {
             (_, Frame::Heartbeat) => {}
             (Phase::Closing, Frame::Method(0, Method::ConnectionCloseOk(_))) => {
-                self.hang_up("connection closed");
+                if self.ending.is_none() {
+                    self.reap_owned(false);
+                }
             }
             (Phase::Closing, Frame::Method(0, Method::ConnectionClose(_))) => {
                 self.send_method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
@@ -384,8 +444,7 @@ impl AmqpConnection {
                     LogLevel::Debug,
                     format!("client closes: {} {}", c.reply_code, c.reply_text),
                 );
-                self.send_method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
-                self.hang_up("closed by the client");
+                self.client_closes();
             }
             (Phase::StartOk, Frame::Method(0, Method::ConnectionStartOk(m))) => self.on_start_ok(m),
             (Phase::TuneOk, Frame::Method(0, Method::ConnectionTuneOk(m))) => self.on_tune_ok(m),
@@ -416,10 +475,10 @@ impl AmqpConnection {
 
     fn on_start_ok(&mut self, m: ConnectionStartOk) {
         if let Some(FieldValue::Table(caps)) = m.client_properties.get("capabilities") {
-            self.auth_failure_close = matches!(
-                caps.get("authentication_failure_close"),
-                Some(FieldValue::Bool(true))
-            );
+            let cap = |name: &str| matches!(caps.get(name), Some(FieldValue::Bool(true)));
+            self.auth_failure_close = cap("authentication_failure_close");
+            self.cancel_notify = cap("consumer_cancel_notify");
+            self.blocked_notify = cap("connection.blocked");
         }
         let creds = match m.mechanism.as_str() {
             "PLAIN" => plain_credentials(&m.response),
@@ -436,6 +495,15 @@ impl AmqpConnection {
         let Some(creds) = creds else {
             return self.refuse_login(&m.mechanism);
         };
+        // RabbitMQ's `loopback_users`: its default user logs in from loopback only.
+        if creds.user == GUEST && !self.loopback {
+            self.log(
+                LogLevel::Info,
+                "user 'guest' can only connect via localhost".into(),
+            );
+            return self.refuse_login(&m.mechanism);
+        }
+        self.guest_default = creds.user == GUEST && creds.password == GUEST.as_bytes();
         let token = self.ops.start(Op::Auth);
         self.out.push(Action::Authenticate {
             token,
@@ -461,8 +529,19 @@ impl AmqpConnection {
     }
 
     fn on_auth_result(&mut self, token: u64, result: Result<Principal, OpError>) {
-        if !matches!(self.ops.complete(token), Some(Op::Auth)) {
-            return;
+        let guest_try = match self.ops.complete(token) {
+            Some(Op::Auth) => false,
+            Some(Op::AuthGuest) => true,
+            _ => return,
+        };
+        // `guest`/`guest` that the gateway does not know (standalone, no users configured):
+        // RabbitMQ's default login, accepted where anonymous access is.
+        if result.is_err() && !guest_try && std::mem::take(&mut self.guest_default) {
+            let token = self.ops.start(Op::AuthGuest);
+            return self.out.push(Action::Authenticate {
+                token,
+                creds: Credentials::Anonymous,
+            });
         }
         let Phase::Authenticating { mechanism } = self.phase.clone() else {
             return;
@@ -526,7 +605,12 @@ impl AmqpConnection {
     }
 
     fn on_timer(&mut self, now_ms: u64, token: u64) {
-        if self.on_retry(token) || self.on_get_timer(token) {
+        if self.on_retry(token)
+            || self.on_get_timer(token)
+            || self.on_reap_timer(token)
+            || self.on_lease_timer(token)
+            || self.on_block_timer(token)
+        {
             return;
         }
         if token != self.timer || self.phase == Phase::Done {
@@ -586,6 +670,12 @@ impl Machine for AmqpConnection {
             Event::Timer { token } => self.on_timer(now_ms, token),
             Event::KvResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Kv(result)),
+                Some(Op::Reap(r)) => self.on_reap_record(r, result),
+                Some(Op::Lease) => {
+                    if let Err(e) = result {
+                        self.log(LogLevel::Warn, format!("lease: {}", e.message));
+                    }
+                }
                 Some(other) => self.log(LogLevel::Warn, format!("kv result for {other:?}")),
                 None => {}
             },
@@ -596,6 +686,7 @@ impl Machine for AmqpConnection {
                 Some(Op::Getter { channel, queue }) => {
                     self.on_getter_result(channel, queue, result)
                 }
+                Some(Op::Reap(r)) => self.on_reap_route(r, result),
                 _ => {
                     // A route opened only to store its filters, answered after the
                     // connection moved on: close it.
@@ -612,6 +703,7 @@ impl Machine for AmqpConnection {
             Event::PublishResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Publish { channel, seq }) => self.on_published(channel, seq, result),
                 Some(Op::DeadLetter) => self.on_dead_lettered(result),
+                Some(Op::TxPublish { channel }) => self.on_tx_published(channel, result),
                 _ => {}
             },
             Event::Position { token, result } => {

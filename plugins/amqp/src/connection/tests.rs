@@ -777,3 +777,121 @@ fn expired_and_rejected_messages_go_to_the_dead_letter_exchange_and_recover_requ
         .collect();
     assert_eq!(nacked, [9]);
 }
+
+#[test]
+fn another_connections_exclusive_queue_is_locked_while_its_lease_lasts_then_gone() {
+    let mut h = running();
+    let queue = crate::topology::Queue {
+        exclusive: true,
+        owner: Some("someone-else".into()),
+        ..Default::default()
+    };
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
+    let lease = |until: u64| until.to_be_bytes().to_vec();
+    h.kv_mut()
+        .insert("amqp/c/someone-else".into(), lease(T0 + 10_000));
+    let passive = |channel| {
+        frame(
+            channel,
+            Method::QueueDeclare(QueueDeclare {
+                queue: "q".into(),
+                passive: true,
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&passive(1));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ChannelClose(c))] if c.reply_code == RESOURCE_LOCKED
+    ));
+    // The owner did not renew its lease: the queue went with it.
+    h.kv_mut()
+        .insert("amqp/c/someone-else".into(), lease(T0 - 1));
+    h.data(&frame(2, Method::ChannelOpen(ChannelOpen::default())));
+    sent(&mut h);
+    h.data(&passive(2));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(2, Method::ChannelClose(c))] if c.reply_code == NOT_FOUND
+    ));
+    assert!(!h.kv().contains_key("amqp/q/q"));
+}
+
+#[test]
+fn an_exclusive_queue_is_owned_under_a_lease_and_deleted_at_close() {
+    let mut h = running();
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "mine".into(),
+            exclusive: true,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::QueueDeclareOk(_))]
+    ));
+    let stored = crate::topology::Queue::decode(&h.kv()["amqp/q/mine"]).unwrap();
+    let owner = stored.owner.expect("an exclusive queue has its owner");
+    let until = crate::topology::lease_until(&h.kv()[&format!("amqp/c/{owner}")]).unwrap();
+    assert_eq!(until, T0 + Config::default().exclusive_lease_ms);
+    // Renewed before it runs out.
+    h.advance(Config::default().exclusive_lease_ms / 3 + 1);
+    h.run();
+    let until = crate::topology::lease_until(&h.kv()[&format!("amqp/c/{owner}")]).unwrap();
+    assert!(until > T0 + Config::default().exclusive_lease_ms);
+    h.data(&frame(
+        0,
+        Method::ConnectionClose(ConnectionClose::default()),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(0, Method::ConnectionCloseOk(_))]
+    ));
+    assert!(!h.kv().contains_key("amqp/q/mine"));
+    assert!(!h.kv().contains_key(&format!("amqp/c/{owner}")));
+}
+
+#[test]
+fn guest_logs_in_from_loopback_only_and_falls_back_to_anonymous() {
+    // From elsewhere: refused before any password is checked (RabbitMQ's loopback_users).
+    let mut h = host();
+    h.machine_mut().set_loopback(false);
+    h.data(&PROTOCOL_HEADER);
+    sent(&mut h);
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    assert!(matches!(close_code(&sent(&mut h)), Some((0, 403, _))));
+    assert!(!h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Authenticate { .. })));
+    // From loopback, a host that does not know `guest`: tried as anonymous.
+    let refused = Err(OpError {
+        kind: ErrorKind::NotAuthorized,
+        message: "unknown user".into(),
+    });
+    let mut h = host().with_auth(refused);
+    h.data(&PROTOCOL_HEADER);
+    sent(&mut h);
+    h.data(&start_ok("PLAIN", b"\0guest\0guest", true));
+    h.run();
+    let creds: Vec<Credentials> = h
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Authenticate { creds, .. } => Some(creds),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(
+        &creds[..],
+        [Credentials::Password(p), Credentials::Anonymous] if p.user == "guest"
+    ));
+}

@@ -1,0 +1,287 @@
+//! How long queues live, as RabbitMQ 3.x decides it (`rabbit_amqqueue`, `rabbit_channel`):
+//!
+//! - An **exclusive** queue belongs to the connection that declared it: any other connection
+//!   that declares (also passively), binds, unbinds, consumes, gets, purges or deletes it gets
+//!   `channel.close` 405 RESOURCE_LOCKED; declaring an existing queue with another value of
+//!   `exclusive` is the same 405 (RabbitMQ's strict check). The queue is deleted when its
+//!   connection ends.
+//! - An **auto-delete** queue is deleted when its last consumer goes (cancelled, its channel
+//!   or connection closed), never if it had none.
+//! - When this connection deletes a queue, its consumers of that queue get `basic.cancel`
+//!   from the server if the client announced `consumer_cancel_notify` (RabbitMQ's consumer
+//!   cancel notifications), and are dropped silently otherwise.
+//!
+//! Across gateways there is no connection to ask whether it still lives, so ownership is a
+//! lease in the kv ([`topology::lease_key`]): a connection that owns exclusive queues renews
+//! it every third of [`Config::exclusive_lease_ms`]. A connection that ends cleanly
+//! (`connection.close`) deletes its exclusive queues and its lease before `close-ok`. One
+//! whose socket went away or whose gateway crashed cannot (the host takes no call from a
+//! closed connection); its queues stay until its lease runs out, and then the first other
+//! connection that uses one deletes it and goes on as RabbitMQ would once the queue is gone
+//! (a declaration creates it again, a passive one is 404).
+//!
+//! Whether other consumers hold a queue is the backend's knowledge: opening the queue's
+//! route fails while consumers hold its subscription. An auto-delete queue is deleted by
+//! opening its route once this connection's last consumer of it is gone (a few tries, while
+//! the backend lets that consumer go); if another consumer holds it, it stays.
+
+use magnetar_sdk::{ErrorKind, OpError, RouteSpec, SubId};
+
+use super::*;
+use crate::topology::{self, Queue};
+
+/// Tries at opening the route of a queue being deleted while consumers still hold its
+/// subscription (this connection's own just closed), and the wait between two.
+const REAP_ATTEMPTS: u32 = 10;
+const REAP_RETRY_MS: u64 = 50;
+
+/// A queue being deleted in the background (auto-delete, or exclusive at the owner's close).
+#[derive(Debug, Clone)]
+pub(crate) struct Reap {
+    name: String,
+    queue: Queue,
+    attempts: u32,
+    /// Delete the record even if the route stays held (an exclusive queue's owner is going).
+    force: bool,
+    /// The route, once open.
+    sub: Option<SubId>,
+}
+
+/// RabbitMQ's 405 text.
+pub(super) fn locked_text(name: &str) -> String {
+    format!(
+        "cannot obtain exclusive access to locked queue '{name}' in vhost '/'. It could be originally declared on another connection or the exclusive property value does not match that of the original declaration."
+    )
+}
+
+impl AmqpConnection {
+    /// This connection's id as an owner of exclusive queues.
+    pub(super) fn conn_id(&self) -> &str {
+        &self.conn_id
+    }
+
+    /// Whether `queue`'s owner is another connection (whose lease must then be read).
+    pub(super) fn owned_by_other(&self, queue: &Queue) -> Option<String> {
+        queue.owner.clone().filter(|o| *o != self.conn_id)
+    }
+
+    /// Writes the lease now (a declaration waits for it: no other connection may see the
+    /// queue before its owner's lease) and renews it from then on.
+    pub(super) fn lease_value(&self) -> Vec<u8> {
+        let until = self.now_ms + self.config.exclusive_lease_ms;
+        until.to_be_bytes().to_vec()
+    }
+
+    pub(super) fn lease_started(&mut self) {
+        if self.lease_timer.is_none() {
+            let token = self.ops.token();
+            self.lease_timer = Some(token);
+            self.out.push(Action::SetTimer {
+                token,
+                delay_ms: self.config.exclusive_lease_ms / 3,
+            });
+        }
+    }
+
+    /// The lease timer: renewed while this connection owns exclusive queues.
+    pub(super) fn on_lease_timer(&mut self, token: u64) -> bool {
+        if self.lease_timer != Some(token) {
+            return false;
+        }
+        self.lease_timer = None;
+        if !matches!(self.phase, Phase::Running) {
+            return true;
+        }
+        // Renewed while it owns queues, deleted once it owns none.
+        let value = (!self.owned.is_empty()).then(|| self.lease_value());
+        let renewed = value.is_some();
+        let token = self.ops.start(Op::Lease);
+        self.out.push(Action::KvPut {
+            token,
+            key: topology::lease_key(&self.conn_id),
+            value,
+        });
+        if renewed {
+            self.lease_started();
+        }
+        true
+    }
+
+    /// Ends a consumer of this connection: its subscription closes; an auto-delete queue
+    /// whose last consumer (here) it was is deleted. `notify`: the client is told with
+    /// `basic.cancel` (its queue was deleted).
+    pub(super) fn end_consumer(&mut self, sub: SubId, notify: bool) {
+        let Some((channel, tag, _, queue)) = self.consumers.remove(&sub) else {
+            return;
+        };
+        self.policies.remove(&sub);
+        self.out.push(Action::Unsubscribe { sub, delete: false });
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.consumers.remove(&tag);
+        }
+        if notify && self.cancel_notify {
+            self.send_method(
+                channel,
+                Method::BasicCancel(BasicCancel {
+                    consumer_tag: tag,
+                    no_wait: true,
+                }),
+            );
+        }
+        if self.consumers.values().any(|c| c.3 == queue) {
+            return;
+        }
+        if let Some(q) = self.auto_delete.remove(&queue) {
+            if !self.owned.contains_key(&queue) {
+                self.start_reap(queue, q, false);
+            }
+        }
+    }
+
+    /// Every consumer of `queue` on this connection, told with `basic.cancel`: the queue is
+    /// being deleted.
+    pub(super) fn cancel_consumers_of(&mut self, queue: &str) {
+        self.auto_delete.remove(queue);
+        let subs: Vec<SubId> = self
+            .consumers
+            .iter()
+            .filter(|(_, c)| c.3 == queue)
+            .map(|(s, _)| *s)
+            .collect();
+        for sub in subs {
+            self.end_consumer(sub, true);
+        }
+    }
+
+    /// Deletes `name` in the background: its route opened (refused while other consumers
+    /// hold the queue), its record, then the route with its backlog.
+    pub(super) fn start_reap(&mut self, name: String, queue: Queue, force: bool) {
+        self.reaps += 1;
+        self.open_reap_route(Reap {
+            name,
+            queue,
+            attempts: 0,
+            force,
+            sub: None,
+        });
+    }
+
+    fn open_reap_route(&mut self, reap: Reap) {
+        let spec = RouteSpec {
+            source: topology::SOURCE.into(),
+            filters: reap.queue.filters(&reap.name),
+            max_unacked: 1,
+            max_queued: 1,
+            queue: Some(topology::queue_topic(&reap.name)),
+            key_property: Some(topology::KEY_PROPERTY.into()),
+        };
+        let token = self.ops.start(Op::Reap(reap));
+        self.out.push(Action::OpenRoute { token, spec });
+    }
+
+    pub(super) fn on_reap_route(&mut self, mut reap: Reap, result: Result<SubId, OpError>) {
+        match result {
+            Ok(sub) => reap.sub = Some(sub),
+            Err(e) if e.kind == ErrorKind::Backend && reap.attempts < REAP_ATTEMPTS => {
+                reap.attempts += 1;
+                let token = self.ops.start(Op::Reap(reap));
+                self.out.push(Action::SetTimer {
+                    token,
+                    delay_ms: REAP_RETRY_MS,
+                });
+                return;
+            }
+            // Other consumers hold it: an auto-delete queue stays.
+            Err(_) if !reap.force => return self.reap_done(),
+            Err(e) => self.log(
+                LogLevel::Warn,
+                format!("deleting queue {}: {}", reap.name, e.message),
+            ),
+        }
+        let key = topology::queue_key(&reap.name);
+        let token = self.ops.start(Op::Reap(reap));
+        self.out.push(Action::KvPut {
+            token,
+            key,
+            value: None,
+        });
+    }
+
+    /// A reap's retry timer fired.
+    pub(super) fn on_reap_timer(&mut self, token: u64) -> bool {
+        if !matches!(self.ops.get(token), Some(Op::Reap(_))) {
+            return false;
+        }
+        if let Some(Op::Reap(r)) = self.ops.complete(token) {
+            self.open_reap_route(r);
+        }
+        true
+    }
+
+    /// The record is deleted: the route goes with its backlog.
+    pub(super) fn on_reap_record(&mut self, reap: Reap, result: Result<Option<Vec<u8>>, OpError>) {
+        if let Err(e) = result {
+            self.log(
+                LogLevel::Warn,
+                format!("deleting queue {}: {}", reap.name, e.message),
+            );
+        }
+        if let Some(sub) = reap.sub {
+            self.out.push(Action::Unsubscribe { sub, delete: true });
+        }
+        self.reap_done();
+    }
+
+    fn reap_done(&mut self) {
+        self.reaps = self.reaps.saturating_sub(1);
+        self.finish_close();
+    }
+
+    /// The client's `connection.close`: consumers end, exclusive queues are deleted, then
+    /// `close-ok` (at most [`CLOSE_TIMEOUT_MS`] later).
+    pub(super) fn client_closes(&mut self) {
+        let subs: Vec<SubId> = self.consumers.keys().copied().collect();
+        for sub in subs {
+            self.end_consumer(sub, false);
+        }
+        let channels: Vec<u16> = self.channels.keys().copied().collect();
+        for channel in channels {
+            self.drop_consumers(channel);
+        }
+        self.reap_owned(true);
+    }
+
+    /// Deletes the exclusive queues, then ends the connection (with `close-ok` if
+    /// `close_ok`: the client closed it), within [`CLOSE_TIMEOUT_MS`].
+    pub(super) fn reap_owned(&mut self, close_ok: bool) {
+        for (name, q) in std::mem::take(&mut self.owned) {
+            self.start_reap(name, q, true);
+        }
+        self.ending = Some(close_ok);
+        self.phase = Phase::Closing;
+        self.set_timer(CLOSE_TIMEOUT_MS);
+        self.finish_close();
+    }
+
+    /// The end of the connection once the queues being deleted are.
+    fn finish_close(&mut self) {
+        if self.reaps > 0 {
+            return;
+        }
+        let Some(close_ok) = self.ending.take() else {
+            return;
+        };
+        if self.lease_timer.take().is_some() {
+            let token = self.ops.start(Op::Lease);
+            self.out.push(Action::KvPut {
+                token,
+                key: topology::lease_key(&self.conn_id),
+                value: None,
+            });
+        }
+        if close_ok {
+            self.send_method(0, Method::ConnectionCloseOk(ConnectionCloseOk {}));
+        }
+        self.hang_up("connection closed");
+    }
+}

@@ -1,0 +1,177 @@
+"""How long queues live, as RabbitMQ decides it, and the gateway the same (`amqp_server`:
+RabbitMQ, then Magnetar): exclusive queues belong to their connection (405 RESOURCE_LOCKED
+for the others) and go with it, auto-delete queues go with their last consumer, and a
+consumer whose queue is deleted is told with basic.cancel."""
+import subprocess
+import sys
+import time
+
+import pika
+import pika.exceptions
+import pytest
+
+from amqp_servers import (  # noqa: F401 (fixtures)
+    EXCLUSIVE_LEASE_MS,
+    amqp_server,
+    magnetar_amqp_server,
+    rabbitmq_server,
+    unique,
+    wait_until,
+)
+from test_amqp_connection import params
+
+
+def exists(conn, queue) -> bool:
+    """A passive declaration on a channel of its own: True (also when another connection's
+    exclusive queue, 405), or False on 404."""
+    ch = conn.channel()
+    try:
+        ch.queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        assert e.reply_code in (404, 405), e
+        return e.reply_code == 405
+    ch.close()
+    return True
+
+
+def refused(conn, use) -> int:
+    """The reply code of the channel error that `use(channel)` causes."""
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        use(ch)
+        ch.basic_qos(prefetch_count=0)  # a synchronous method: the close arrives first
+    return e.value.reply_code
+
+
+def test_exclusive_queue_is_locked_to_its_connection_and_goes_with_it(amqp_server):
+    owner = pika.BlockingConnection(params(amqp_server))
+    other = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("excl")
+        och = owner.channel()
+        och.queue_declare(q, exclusive=True)
+        uses = {
+            "declare": lambda ch: ch.queue_declare(q, exclusive=True),
+            "passive declare": lambda ch: ch.queue_declare(q, passive=True),
+            "consume": lambda ch: ch.basic_consume(q, lambda *a: None),
+            "get": lambda ch: ch.basic_get(q),
+            "bind": lambda ch: ch.queue_bind(q, "amq.direct", routing_key="k"),
+            "purge": lambda ch: ch.queue_purge(q),
+            "delete": lambda ch: ch.queue_delete(q),
+        }
+        for what, use in uses.items():
+            assert refused(other, use) == 405, what
+        assert other.is_open
+        # Publishing into it is anybody's right; the owner gets the message.
+        pch = other.channel()
+        pch.confirm_delivery()
+        pch.basic_publish("", q, b"for the owner")
+        got = wait_until(lambda: och.basic_get(q, auto_ack=True)[2], what="the message")
+        assert got == b"for the owner"
+        assert exists(owner, q)
+        owner.close()
+        wait_until(lambda: not exists(other, q), what="the queue to go with its connection")
+    finally:
+        for c in (owner, other):
+            if c.is_open:
+                c.close()
+
+
+def test_exclusive_must_match_the_queue_on_redeclaration(amqp_server):
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        shared, own = unique("shared"), unique("own")
+        ch = conn.channel()
+        ch.queue_declare(shared)
+        ch.queue_declare(own, exclusive=True)
+        assert refused(conn, lambda c: c.queue_declare(shared, exclusive=True)) == 405
+        assert refused(conn, lambda c: c.queue_declare(own)) == 405
+        # The owner declares its queue again as it is.
+        assert conn.channel().queue_declare(own, exclusive=True).method.queue == own
+        conn.channel().queue_delete(shared)
+    finally:
+        conn.close()
+
+
+OWNER_SCRIPT = """
+import sys, time, pika
+conn = pika.BlockingConnection(pika.ConnectionParameters(
+    host="127.0.0.1", port=int(sys.argv[1]),
+    credentials=pika.PlainCredentials("guest", "guest")))
+conn.channel().queue_declare(sys.argv[2], exclusive=True)
+print("declared", flush=True)
+time.sleep(60)
+"""
+
+
+def test_exclusive_queue_goes_when_its_connection_drops_without_close(amqp_server):
+    """The owner's process is killed: no connection.close. RabbitMQ deletes the queue at
+    once; the gateway once the owner's lease has run out (EXCLUSIVE_LEASE_MS here)."""
+    q = unique("dropped")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER_SCRIPT, str(amqp_server.amqp_port), q],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        assert owner.stdout.readline().strip() == "declared"
+        assert refused(conn, lambda c: c.queue_declare(q, passive=True)) == 405
+        owner.kill()
+        owner.wait(timeout=10)
+        wait_until(
+            lambda: not exists(conn, q),
+            timeout=EXCLUSIVE_LEASE_MS / 1000 + 10,
+            what="the dropped owner's queue to go",
+        )
+        # Its name is free again.
+        assert conn.channel().queue_declare(q, exclusive=True).method.queue == q
+    finally:
+        owner.kill()
+        owner.wait(timeout=10)
+        conn.close()
+
+
+def test_auto_delete_queue_goes_with_its_last_consumer(amqp_server):
+    a = pika.BlockingConnection(params(amqp_server))
+    b = pika.BlockingConnection(params(amqp_server))
+    try:
+        q, idle = unique("auto"), unique("auto-idle")
+        ach, bch = a.channel(), b.channel()
+        ach.queue_declare(q, auto_delete=True)
+        ach.queue_declare(idle, auto_delete=True)
+        ta = ach.basic_consume(q, lambda *args: None)
+        tb = bch.basic_consume(q, lambda *args: None)
+        ach.basic_cancel(ta)
+        # b still consumes it: it stays (RabbitMQ decides at once; a second is plenty).
+        time.sleep(1.0)
+        assert exists(a, q)
+        bch.basic_cancel(tb)
+        wait_until(lambda: not exists(a, q), what="the queue to go with its last consumer")
+        # A queue that never had a consumer stays.
+        assert exists(a, idle)
+        a.channel().queue_delete(idle)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_consumer_is_told_when_its_queue_is_deleted(amqp_server):
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("doomed")
+        cch = conn.channel()
+        cch.queue_declare(q)
+        cancelled = []
+        cch.add_on_cancel_callback(lambda frame: cancelled.append(frame.method.consumer_tag))
+        tag = cch.basic_consume(q, lambda *args: None)
+        conn.channel().queue_delete(q)
+        deadline = time.monotonic() + 10
+        while not cancelled and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert cancelled == [tag]
+        # The channel goes on.
+        assert cch.is_open
+        cch.queue_declare(unique("after"), auto_delete=True)
+    finally:
+        conn.close()
