@@ -6,6 +6,7 @@ Every topic is fresh (uuid), every consumer and producer is closed by the test, 
 gateway is stopped by the fixture, every wait is bounded.
 """
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -15,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from conftest import Gateway, free_port, wait_for_port
+from conftest import Gateway, wait_for_port
 
 TIMEOUT = 20
 
@@ -24,15 +25,21 @@ class KafkaGateway(Gateway):
     """A gateway with a `kafka` listener on a free port, advertised as itself."""
 
     def __init__(self, tmp):
-        self.kafka_port = free_port()
-        super().__init__(
-            tmp,
-            extra_config=(
-                f'\n[[listeners]]\nname = "kafka"\nbind = "127.0.0.1:{self.kafka_port}"\n'
-                'plugin = "kafka"\n\n'
-                f"[plugins.config.kafka]\nadvertised_port = {self.kafka_port}\n"
-            ),
-        )
+        # Held while the other ports are chosen, so that none of them is the same.
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        self.kafka_port = held.getsockname()[1]
+        try:
+            super().__init__(
+                tmp,
+                extra_config=(
+                    f'\n[[listeners]]\nname = "kafka"\nbind = "127.0.0.1:{self.kafka_port}"\n'
+                    'plugin = "kafka"\n\n'
+                    f"[plugins.config.kafka]\nadvertised_port = {self.kafka_port}\n"
+                ),
+            )
+        finally:
+            held.close()
 
     @property
     def bootstrap(self) -> str:
