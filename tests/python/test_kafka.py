@@ -46,8 +46,19 @@ class KafkaGateway(Gateway):
         return f"127.0.0.1:{self.kafka_port}"
 
     def start(self) -> "KafkaGateway":
-        super().start()
-        wait_for_port(self.kafka_port, self.proc, self.log)
+        # Free ports are chosen before the gateway binds them, and the gateway's own
+        # connections to its embedded broker (and other tests on the machine) may take one
+        # meanwhile: on "address in use" the ports are chosen again (the data stays).
+        for attempt in range(3):
+            try:
+                super().start()
+                wait_for_port(self.kafka_port, self.proc, self.log)
+                return self
+            except RuntimeError as e:
+                if attempt == 2 or "Address already in use" not in str(e):
+                    raise
+                self.stop()
+                type(self).__init__(self, self.tmp)
         return self
 
 
