@@ -49,13 +49,13 @@ class KafkaGateway(Gateway):
         # Free ports are chosen before the gateway binds them, and the gateway's own
         # connections to its embedded broker (and other tests on the machine) may take one
         # meanwhile: on "address in use" the ports are chosen again (the data stays).
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 super().start()
                 wait_for_port(self.kafka_port, self.proc, self.log)
                 return self
             except RuntimeError as e:
-                if attempt == 2 or "Address already in use" not in str(e):
+                if attempt == 4 or "Address already in use" not in str(e):
                     raise
                 self.stop()
                 type(self).__init__(self, self.tmp)

@@ -6,6 +6,7 @@ The coordinator's initial rebalance delay is shortened (plugin option
 `initial_rebalance_delay_ms`) so that a first join completes in a fraction of a second, as
 tests of Kafka brokers do. Every wait is bounded; every client is closed by its test.
 """
+import subprocess
 import time
 import uuid
 
@@ -93,6 +94,37 @@ def test_group_consumer_receives_produced_records_and_commits(kafka):
         c.commit(asynchronous=False)
         committed = c.committed([TopicPartition(topic, 0)], timeout=TIMEOUT)
         assert committed[0].offset == 10
+        # Exact lag: the high watermark minus the committed offset.
+        produce(kafka, topic, 3, start=10)
+        low, high = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=TIMEOUT)
+        assert (low, high) == (0, 13)
+        assert high - committed[0].offset == 3
+    finally:
+        c.close()
+
+
+def test_kcat_balanced_consumer_reads_and_commits(kafka):
+    """kcat -G (librdkafka 2.0's high-level consumer in Debian's kcat) reads what was
+    produced; its committed offsets are the group's for the next consumer."""
+    topic, group = topic_name(), group_name()
+    create_topic(kafka, topic, partitions=2)
+    produce(kafka, topic, 6, partitions=2)
+    out = subprocess.run(
+        ["kcat", "-b", kafka.bootstrap, "-G", group, "-e", "-q", "-f", "%p:%o:%s\\n",
+         "-X", "auto.offset.reset=earliest", "-X", "enable.auto.commit=true",
+         "-X", "auto.commit.interval.ms=100", topic],
+        capture_output=True,
+        timeout=TIMEOUT * 2,
+        check=True,
+    ).stdout.decode()
+    got = sorted(tuple(line.split(":")) for line in out.split())
+    assert got == sorted((str(n % 2), str(n // 2), f"v{n}") for n in range(6))
+    c = consumer(kafka, group)
+    try:
+        committed = c.committed(
+            [TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=TIMEOUT
+        )
+        assert [tp.offset for tp in committed] == [3, 3]
     finally:
         c.close()
 
