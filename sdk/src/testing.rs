@@ -1634,3 +1634,69 @@ mod route_tests {
         )));
     }
 }
+
+#[cfg(test)]
+mod home_tests {
+    use super::*;
+    use crate::outbox::Outbox;
+
+    /// Posts each read to home ("d", 3); as a home, answers each post with its namespace
+    /// and payload; forwards a home's answer to its client.
+    #[derive(Default)]
+    struct Relay {
+        out: Outbox,
+        next: u64,
+    }
+
+    impl Machine for Relay {
+        fn apply(&mut self, _now_ms: u64, event: Event) {
+            match event {
+                Event::Data(payload) => {
+                    self.next += 1;
+                    self.out.push(Action::PostHome {
+                        token: self.next,
+                        domain: "d".into(),
+                        shard: 3,
+                        payload,
+                    });
+                }
+                Event::HomePost(post) => {
+                    let mut answer = post.namespace.into_bytes();
+                    answer.extend_from_slice(&post.payload);
+                    self.out.push(Action::ReplyHome {
+                        post_id: post.post_id,
+                        payload: answer,
+                    });
+                }
+                Event::HomeReply {
+                    result: Ok(bytes), ..
+                } => self.out.send(bytes),
+                _ => {}
+            }
+        }
+        fn take_actions(&mut self) -> Vec<Action> {
+            self.out.take()
+        }
+    }
+
+    #[test]
+    fn posts_are_carried_to_a_home_and_answers_back() {
+        let mut client = SimHost::new(0, Relay::default());
+        let mut home = SimHost::new(0, Relay::default());
+        client.data(b"ping");
+        // A post is not answered by the simulated host itself: the test carries it.
+        assert_eq!(client.run(), 0);
+        let posts = client.take_posts();
+        assert_eq!(posts, vec![(1, "d".to_string(), 3, b"ping".to_vec())]);
+        let (token, domain, shard, payload) = posts[0].clone();
+        let id = home.post(&domain, shard, "t/ns", payload);
+        let replies = home.take_replies();
+        assert_eq!(replies, vec![(id, b"t/nsping".to_vec())]);
+        client.feed(Event::HomeReply {
+            token,
+            result: Ok(replies[0].1.clone()),
+        });
+        assert_eq!(client.take_sent(), b"t/nsping");
+        assert!(client.take_posts().is_empty() && home.take_replies().is_empty());
+    }
+}

@@ -35,6 +35,7 @@ pub mod error {
     pub const REBALANCE_IN_PROGRESS: i16 = 27;
     pub const NON_EMPTY_GROUP: i16 = 68;
     pub const GROUP_ID_NOT_FOUND: i16 = 69;
+    pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
     pub const MEMBER_ID_REQUIRED: i16 = 79;
     pub const FENCED_INSTANCE_ID: i16 = 82;
     pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
@@ -165,6 +166,10 @@ impl Member {
     }
 }
 
+/// Most members (and KIP-394 pending ids) of one group: the maps are keyed by client input
+/// (Kafka's `group.max.size` is unbounded by default; a bound keeps a home's memory finite).
+pub const MAX_MEMBERS: usize = 10_000;
+
 /// Limits and delays of every group of a home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -288,6 +293,17 @@ impl Group {
     }
 
     fn join_unknown(&mut self, now_ms: u64, timing: &Timing, j: Join, answers: &mut Vec<Answer>) {
+        let known_instance = j
+            .instance_id
+            .as_ref()
+            .is_some_and(|i| self.static_members.contains_key(i));
+        if !known_instance && self.members.len() + self.pending.len() >= MAX_MEMBERS {
+            answers.push(Answer::Join(
+                j.parked,
+                JoinAnswer::error(error::GROUP_MAX_SIZE_REACHED, ""),
+            ));
+            return;
+        }
         let member_id = self.new_member_id(&j.client_id, now_ms);
         if let Some(instance) = j.instance_id.clone() {
             if let Some(old) = self.static_members.get(&instance).cloned() {
@@ -804,5 +820,74 @@ impl Group {
     /// Whether the group has nothing to wait for or expire.
     pub fn is_idle(&self) -> bool {
         self.members.is_empty() && self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(member_id: &str, post_id: u64) -> Join {
+        Join {
+            member_id: member_id.to_string(),
+            instance_id: None,
+            client_id: "c".into(),
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 10_000,
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Vec::new())],
+            require_known_member_id: true,
+            parked: Parked {
+                post_id,
+                version: 5,
+                correlation_id: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_group_holds_at_most_max_members_and_pending_ids_expire() {
+        let timing = Timing::default();
+        let mut g = Group::default();
+        let mut answers = Vec::new();
+        for i in 0..MAX_MEMBERS as u64 {
+            g.join(0, &timing, join("", i), &mut answers);
+        }
+        assert_eq!(g.pending.len(), MAX_MEMBERS);
+        answers.clear();
+        g.join(0, &timing, join("", 99_999), &mut answers);
+        assert!(matches!(
+            &answers[..],
+            [Answer::Join(_, a)] if a.error == error::GROUP_MAX_SIZE_REACHED
+        ));
+        // Ids handed out and never used expire with their session timeout.
+        g.expire(10_001, &timing, &mut answers);
+        assert!(g.pending.is_empty() && g.is_idle());
+    }
+
+    #[test]
+    fn a_protocol_no_member_shares_is_refused() {
+        let timing = Timing::default();
+        let mut g = Group::default();
+        let mut answers = Vec::new();
+        let mut first = join("", 1);
+        first.require_known_member_id = false;
+        g.join(0, &timing, first, &mut answers);
+        let mut other = join("", 2);
+        other.protocols = vec![("roundrobin".into(), Vec::new())];
+        answers.clear();
+        g.join(0, &timing, other, &mut answers);
+        assert!(matches!(
+            &answers[..],
+            [Answer::Join(_, a)] if a.error == error::INCONSISTENT_GROUP_PROTOCOL
+        ));
+        let mut bad = join("", 3);
+        bad.session_timeout_ms = 10;
+        answers.clear();
+        g.join(0, &timing, bad, &mut answers);
+        assert!(matches!(
+            &answers[..],
+            [Answer::Join(_, a)] if a.error == error::INVALID_SESSION_TIMEOUT
+        ));
     }
 }
