@@ -1,7 +1,7 @@
 //! Loading plugins and running their instances.
 //!
 //! A plugin is a WebAssembly component speaking one of the plugin ABI versions this host
-//! supports (`magnetar:plugin@0.2.3`, see `sdk/wit/plugin.wit`, or an older one; see
+//! supports (`magnetar:plugin@0.2.4`, see `sdk/wit/plugin.wit`, or an older one; see
 //! `abi`): a component of another version is refused when it is compiled, with a message
 //! naming its version and the supported ones. It is compiled once per process (and cached
 //! on disk across restarts by wasmtime's cache) and instantiated once per worker thread. One instance serves many connections — the
@@ -111,7 +111,7 @@ impl PluginHost {
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
         // Every supported ABI version's imports, all served by the same host calls.
         abi::v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow!("linking the host API 0.2.3: {e}"))?;
+            .map_err(|e| anyhow!("linking the host API 0.2.4: {e}"))?;
         abi::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {
@@ -165,6 +165,10 @@ impl PluginHost {
                 .with_context(|| format!("starting worker {index} of plugin {name}"))?;
             handles.push(WorkerHandle { tx });
         }
+        // Homes (`homes.post`) live on these workers, shard by shard.
+        services
+            .homes
+            .register(name, handles.iter().map(|h| h.tx.clone()).collect());
         Ok(Arc::new(PluginPool {
             name: name.to_string(),
             workers: handles,
@@ -200,6 +204,7 @@ enum Bindings {
     V0_1(abi::v0_1::Plugin),
     V0_2_1(abi::v0_2_1::Plugin),
     V0_2_2(abi::v0_2_2::Plugin),
+    V0_2_3(abi::v0_2_3::Plugin),
     V0_2(abi::v0_2::Plugin),
 }
 
@@ -209,52 +214,153 @@ enum Handler<'a> {
     V0_1(&'a abi::v0_1::exports::magnetar::plugin::handler::Guest),
     V0_2_1(&'a abi::v0_2_1::exports::magnetar::plugin::handler::Guest),
     V0_2_2(&'a abi::v0_2_2::exports::magnetar::plugin::handler::Guest),
+    V0_2_3(&'a abi::v0_2_3::exports::magnetar::plugin::handler::Guest),
     V0_2(&'a abi::v0_2::exports::magnetar::plugin::handler::Guest),
 }
 
 /// The `events` export (since ABI 0.2.2), of the plugins that have it: the same functions
-/// in the bindings of 0.2.2 and of 0.2.3.
+/// in the bindings of 0.2.2, 0.2.3 and 0.2.4.
 #[derive(Clone, Copy)]
 enum Events<'a> {
     V0_2_2(&'a abi::v0_2_2::exports::magnetar::plugin::events::Guest),
+    V0_2_3(&'a abi::v0_2_3::exports::magnetar::plugin::events::Guest),
     V0_2(&'a abi::v0_2::exports::magnetar::plugin::events::Guest),
 }
 
-/// The `events2` export (ABI 0.2.3), of the plugins that have it.
-type Events2<'a> = Option<&'a abi::v0_2::exports::magnetar::plugin::events2::Guest>;
+/// The `events2` export (since ABI 0.2.3), of the plugins that have it.
+#[derive(Clone, Copy)]
+enum Events2<'a> {
+    V0_2_3(&'a abi::v0_2_3::exports::magnetar::plugin::events2::Guest),
+    V0_2(&'a abi::v0_2::exports::magnetar::plugin::events2::Guest),
+}
 
-/// 0.2.3's `events` records in 0.2.2's bindings (the same WIT records).
-mod events_v0_2_2 {
-    use crate::abi::v0_2::exports::magnetar::plugin::events as new;
-    use crate::abi::v0_2_2::exports::magnetar::plugin::events as old;
+/// The `events3` export (ABI 0.2.4), of the plugins that have it.
+type Events3<'a> = Option<&'a abi::v0_2::exports::magnetar::plugin::events3::Guest>;
 
-    pub(super) fn receipts(receipts: &[new::Receipt]) -> Vec<old::Receipt> {
-        receipts
+/// 0.2.4's `events` records in the bindings of an older version (the same WIT records).
+macro_rules! events_in {
+    ($name:ident, $old:path) => {
+        mod $name {
+            use crate::abi::v0_2::exports::magnetar::plugin::events as new;
+            use $old as old;
+
+            pub(super) fn receipts(receipts: &[new::Receipt]) -> Vec<old::Receipt> {
+                receipts
+                    .iter()
+                    .map(|r| old::Receipt {
+                        token: r.token,
+                        outcome: r.outcome.clone(),
+                    })
+                    .collect()
+            }
+
+            pub(super) fn messages(messages: &[new::Message]) -> Vec<old::Message> {
+                messages
+                    .iter()
+                    .map(|m| old::Message {
+                        subscription: m.subscription,
+                        delivery_id: m.delivery_id,
+                        message_id: m.message_id.clone(),
+                        key: m.key.clone(),
+                        payload: m.payload.clone(),
+                        properties: m.properties.clone(),
+                        publish_time_ms: m.publish_time_ms,
+                        event_time_ms: m.event_time_ms,
+                        redelivery_count: m.redelivery_count,
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+events_in!(
+    events_v0_2_3,
+    crate::abi::v0_2_3::exports::magnetar::plugin::events
+);
+
+/// 0.2.4's `events2` records in 0.2.3's bindings (the same WIT records).
+mod events2_v0_2_3 {
+    use crate::abi::types::OpError;
+    use crate::abi::v0_2::exports::magnetar::plugin::events2 as new;
+    use crate::abi::v0_2_3::exports::magnetar::plugin::events2 as old;
+
+    pub(super) fn appended(results: &[new::AppendResult]) -> Vec<old::AppendResult> {
+        results
             .iter()
-            .map(|r| old::Receipt {
+            .map(|r| old::AppendResult {
                 token: r.token,
-                outcome: r.outcome.clone(),
+                outcome: r
+                    .outcome
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .map(|a| old::Appended {
+                        id: a.id.clone(),
+                        first_index: a.first_index,
+                        broker_time_ms: a.broker_time_ms,
+                        duplicate: a.duplicate,
+                    }),
             })
             .collect()
     }
 
-    pub(super) fn messages(messages: &[new::Message]) -> Vec<old::Message> {
-        messages
+    pub(super) fn entries(entries: &[new::Entry]) -> Vec<old::Entry> {
+        entries
             .iter()
-            .map(|m| old::Message {
-                subscription: m.subscription,
-                delivery_id: m.delivery_id,
-                message_id: m.message_id.clone(),
-                key: m.key.clone(),
-                payload: m.payload.clone(),
-                properties: m.properties.clone(),
-                publish_time_ms: m.publish_time_ms,
-                event_time_ms: m.event_time_ms,
-                redelivery_count: m.redelivery_count,
+            .map(|e| old::Entry {
+                reader: e.reader,
+                delivery_id: e.delivery_id,
+                id: e.id.clone(),
+                first_index: e.first_index,
+                broker_time_ms: e.broker_time_ms,
+                publish_time_ms: e.publish_time_ms,
+                producer: e.producer.clone(),
+                sequence_id: e.sequence_id,
+                messages: e
+                    .messages
+                    .iter()
+                    .map(|m| old::EntryMessage {
+                        key: m.key.clone(),
+                        value: m.value.clone(),
+                        properties: m.properties.clone(),
+                        event_time_ms: m.event_time_ms,
+                    })
+                    .collect(),
             })
             .collect()
+    }
+
+    fn entry_at(e: &new::EntryAt) -> old::EntryAt {
+        old::EntryAt {
+            id: e.id.clone(),
+            index: e.index,
+        }
+    }
+
+    pub(super) fn bounds(b: &Result<new::Bounds, OpError>) -> Result<old::Bounds, OpError> {
+        b.as_ref().map_err(Clone::clone).map(|b| old::Bounds {
+            first: b.first.as_ref().map(entry_at),
+            last: b.last.as_ref().map(entry_at),
+        })
+    }
+
+    pub(super) fn topics(
+        t: &Result<Vec<new::TopicInfo>, OpError>,
+    ) -> Result<Vec<old::TopicInfo>, OpError> {
+        t.as_ref().map_err(Clone::clone).map(|t| {
+            t.iter()
+                .map(|i| old::TopicInfo {
+                    name: i.name.clone(),
+                    partitions: i.partitions,
+                })
+                .collect()
+        })
     }
 }
+
+events_in!(
+    events_v0_2_2,
+    crate::abi::v0_2_2::exports::magnetar::plugin::events
+);
 
 impl Bindings {
     fn handler(&self) -> Handler<'_> {
@@ -262,6 +368,7 @@ impl Bindings {
             Bindings::V0_1(p) => Handler::V0_1(p.magnetar_plugin_handler()),
             Bindings::V0_2_1(p) => Handler::V0_2_1(p.magnetar_plugin_handler()),
             Bindings::V0_2_2(p) => Handler::V0_2_2(p.magnetar_plugin_handler()),
+            Bindings::V0_2_3(p) => Handler::V0_2_3(p.magnetar_plugin_handler()),
             Bindings::V0_2(p) => Handler::V0_2(p.magnetar_plugin_handler()),
         }
     }
@@ -269,15 +376,24 @@ impl Bindings {
     fn events(&self) -> Option<Events<'_>> {
         match self {
             Bindings::V0_2(p) => Some(Events::V0_2(p.magnetar_plugin_events())),
+            Bindings::V0_2_3(p) => Some(Events::V0_2_3(p.magnetar_plugin_events())),
             Bindings::V0_2_2(p) => Some(Events::V0_2_2(p.magnetar_plugin_events())),
             Bindings::V0_1(_) | Bindings::V0_2_1(_) => None,
         }
     }
 
-    fn events2(&self) -> Events2<'_> {
+    fn events2(&self) -> Option<Events2<'_>> {
         match self {
-            Bindings::V0_2(p) => Some(p.magnetar_plugin_events2()),
+            Bindings::V0_2(p) => Some(Events2::V0_2(p.magnetar_plugin_events2())),
+            Bindings::V0_2_3(p) => Some(Events2::V0_2_3(p.magnetar_plugin_events2())),
             Bindings::V0_1(_) | Bindings::V0_2_1(_) | Bindings::V0_2_2(_) => None,
+        }
+    }
+
+    fn events3(&self) -> Events3<'_> {
+        match self {
+            Bindings::V0_2(p) => Some(p.magnetar_plugin_events3()),
+            _ => None,
         }
     }
 }
@@ -289,6 +405,7 @@ macro_rules! on_handler {
             Handler::V0_1(h) => h.$call($($arg),*),
             Handler::V0_2_1(h) => h.$call($($arg),*),
             Handler::V0_2_2(h) => h.$call($($arg),*),
+            Handler::V0_2_3(h) => h.$call($($arg),*),
             Handler::V0_2(h) => h.$call($($arg),*),
         }
     };
@@ -347,6 +464,10 @@ impl Worker {
             AbiVersion::V0_2_2 => {
                 abi::v0_2_2::Plugin::instantiate(&mut store, component, &self.linker)
                     .map(Bindings::V0_2_2)
+            }
+            AbiVersion::V0_2_3 => {
+                abi::v0_2_3::Plugin::instantiate(&mut store, component, &self.linker)
+                    .map(Bindings::V0_2_3)
             }
             AbiVersion::V0_2 => abi::v0_2::Plugin::instantiate(&mut store, component, &self.linker)
                 .map(Bindings::V0_2),
@@ -442,6 +563,7 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
     let h = plugin.handler();
     let events = plugin.events();
     let events2 = plugin.events2();
+    let events3 = plugin.events3();
     match event {
         Event::Open {
             conn,
@@ -524,6 +646,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
                 (Some(Err(_)), Some(Events::V0_2(ev))) if busy => {
                     ev.call_on_auth_busy(&mut *store, conn, token)
                 }
+                (Some(Err(_)), Some(Events::V0_2_3(ev))) if busy => {
+                    ev.call_on_auth_busy(&mut *store, conn, token)
+                }
                 (Some(Err(_)), Some(Events::V0_2_2(ev))) if busy => {
                     ev.call_on_auth_busy(&mut *store, conn, token)
                 }
@@ -604,6 +729,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         }
         Event::Receipts { conn, receipts } if store.data().knows(conn) => match events {
             Some(Events::V0_2(ev)) => ev.call_on_receipts(&mut *store, conn, &receipts),
+            Some(Events::V0_2_3(ev)) => {
+                ev.call_on_receipts(&mut *store, conn, &events_v0_2_3::receipts(&receipts))
+            }
             Some(Events::V0_2_2(ev)) => {
                 ev.call_on_receipts(&mut *store, conn, &events_v0_2_2::receipts(&receipts))
             }
@@ -611,6 +739,9 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
         },
         Event::Messages { conn, messages } if store.data().knows(conn) => match events {
             Some(Events::V0_2(ev)) => ev.call_on_messages(&mut *store, conn, &messages),
+            Some(Events::V0_2_3(ev)) => {
+                ev.call_on_messages(&mut *store, conn, &events_v0_2_3::messages(&messages))
+            }
             Some(Events::V0_2_2(ev)) => {
                 ev.call_on_messages(&mut *store, conn, &events_v0_2_2::messages(&messages))
             }
@@ -624,16 +755,23 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             let outcome = outcome.as_ref().map(|v| v.as_deref());
             match events {
                 Some(Events::V0_2(ev)) => ev.call_on_position(&mut *store, conn, token, outcome),
+                Some(Events::V0_2_3(ev)) => ev.call_on_position(&mut *store, conn, token, outcome),
                 Some(Events::V0_2_2(ev)) => ev.call_on_position(&mut *store, conn, token, outcome),
                 None => Ok(()),
             }
         }
         Event::Appended { conn, results } if store.data().knows(conn) => match events2 {
-            Some(ev) => ev.call_on_appended(&mut *store, conn, &results),
+            Some(Events2::V0_2(ev)) => ev.call_on_appended(&mut *store, conn, &results),
+            Some(Events2::V0_2_3(ev)) => {
+                ev.call_on_appended(&mut *store, conn, &events2_v0_2_3::appended(&results))
+            }
             None => Ok(()),
         },
         Event::Entries { conn, entries } if store.data().knows(conn) => match events2 {
-            Some(ev) => ev.call_on_entries(&mut *store, conn, &entries),
+            Some(Events2::V0_2(ev)) => ev.call_on_entries(&mut *store, conn, &entries),
+            Some(Events2::V0_2_3(ev)) => {
+                ev.call_on_entries(&mut *store, conn, &events2_v0_2_3::entries(&entries))
+            }
             None => Ok(()),
         },
         Event::Bounds {
@@ -641,7 +779,13 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } if store.data().knows(conn) => match events2 {
-            Some(ev) => ev.call_on_bounds(&mut *store, conn, token, outcome.as_ref()),
+            Some(Events2::V0_2(ev)) => {
+                ev.call_on_bounds(&mut *store, conn, token, outcome.as_ref())
+            }
+            Some(Events2::V0_2_3(ev)) => {
+                let outcome = events2_v0_2_3::bounds(&outcome);
+                ev.call_on_bounds(&mut *store, conn, token, outcome.as_ref())
+            }
             None => Ok(()),
         },
         Event::TopicsResult {
@@ -649,7 +793,48 @@ fn deliver(instance: &mut Instance, event: Event, ticks: u64) -> wasmtime::Resul
             token,
             outcome,
         } if store.data().knows(conn) => match events2 {
-            Some(ev) => ev.call_on_topics_result(&mut *store, conn, token, outcome.as_deref()),
+            Some(Events2::V0_2(ev)) => {
+                ev.call_on_topics_result(&mut *store, conn, token, outcome.as_deref())
+            }
+            Some(Events2::V0_2_3(ev)) => {
+                let outcome = events2_v0_2_3::topics(&outcome);
+                ev.call_on_topics_result(&mut *store, conn, token, outcome.as_deref())
+            }
+            None => Ok(()),
+        },
+        Event::HomePost {
+            home,
+            domain,
+            shard,
+            post_id,
+            namespace,
+            payload,
+        } => match events3 {
+            Some(ev) => {
+                if !store.data().knows(home) {
+                    store.data_mut().open_home(home);
+                }
+                ev.call_on_home_post(
+                    &mut *store,
+                    home,
+                    &domain,
+                    shard,
+                    post_id,
+                    &namespace,
+                    &payload,
+                )
+            }
+            None => {
+                store.data_mut().refuse_post(home, post_id);
+                Ok(())
+            }
+        },
+        Event::HomeReply {
+            conn,
+            token,
+            outcome,
+        } if store.data().knows(conn) => match events3 {
+            Some(ev) => ev.call_on_home_reply(&mut *store, conn, token, outcome.as_deref()),
             None => Ok(()),
         },
         // Completions for connections that are gone.

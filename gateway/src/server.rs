@@ -109,6 +109,7 @@ impl Server {
             pulsar_e2e: Default::default(),
             router: Default::default(),
             feeders: Default::default(),
+            homes: Default::default(),
         });
 
         let plugins = load_plugins(&config)?;

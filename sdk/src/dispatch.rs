@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::{Conn, ConnInfo, Connection, LogLevel, Plugin};
+use crate::{Conn, ConnInfo, Connection, HomePost, LogLevel, Plugin};
 
 /// The plugin value and its live connections.
 pub struct Dispatcher<P: Plugin> {
@@ -55,6 +55,31 @@ impl<P: Plugin> Dispatcher<P> {
         if let Some(c) = self.conns.get_mut(&conn) {
             f(c, Conn(conn));
         }
+    }
+
+    /// A post for a home: the first one opens it ([`Plugin::open_home`]); a plugin without
+    /// homes answers it empty, so that the poster is not left waiting.
+    pub fn on_home_post(&mut self, home: u64, post: HomePost) {
+        if !self.conns.contains_key(&home) {
+            let opened = self
+                .plugin
+                .as_mut()
+                .and_then(|p| p.open_home(Conn(home), &post.domain, post.shard));
+            match opened {
+                Some(c) => {
+                    self.conns.insert(home, c);
+                }
+                None => {
+                    crate::log(
+                        LogLevel::Warn,
+                        "a post for a home this plugin does not keep",
+                    );
+                    Conn(home).reply_home(post.post_id, &[]);
+                    return;
+                }
+            }
+        }
+        self.with_conn(home, |c, h| c.on_home_post(h, post));
     }
 
     /// Tells the connection it is gone, then forgets it.

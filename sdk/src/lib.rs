@@ -96,12 +96,12 @@ pub use bindings::magnetar::plugin::messaging::{
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
 use bindings::magnetar::plugin::{
-    auth, conn, indexed, kv, messaging, pubsub, routing, session, timers, topics,
+    auth, conn, homes, indexed, kv, messaging, pubsub, routing, session, timers, topics,
 };
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
-pub const ABI_VERSION: &str = "0.2.3";
+pub const ABI_VERSION: &str = "0.2.4";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -112,6 +112,7 @@ pub use bindings::magnetar::plugin::types::{
 pub mod __private {
     pub use crate::bindings::exports::magnetar::plugin::events::Guest as EventsGuest;
     pub use crate::bindings::exports::magnetar::plugin::events2::Guest as Events2Guest;
+    pub use crate::bindings::exports::magnetar::plugin::events3::Guest as Events3Guest;
     pub use crate::bindings::exports::magnetar::plugin::handler::Guest;
     pub use crate::dispatch::Dispatcher;
 }
@@ -131,6 +132,15 @@ pub trait Plugin: Sized + 'static {
 
     /// A client connected. Nothing has been read yet.
     fn open(&mut self, conn: Conn, info: ConnInfo) -> Self::Connection;
+
+    /// The first post ([`Conn::post_home`]) reached the home of (`domain`, `shard`) on this
+    /// instance: the state machine that serves the home, on its virtual connection `home`
+    /// (timers and [`Conn::reply_home`] work on it; it has no socket). `None` (the default):
+    /// this plugin keeps no homes, and every post to it is answered with an empty payload.
+    fn open_home(&mut self, home: Conn, domain: &str, shard: u32) -> Option<Self::Connection> {
+        let _ = (home, domain, shard);
+        None
+    }
 }
 
 /// The state machine of one client connection. Defaults ignore the event.
@@ -224,6 +234,27 @@ pub trait Connection: 'static {
         result: Result<Vec<TopicInfo>, OpError>,
     ) {
     }
+
+    /// A post for this home (a connection opened by [`Plugin::open_home`]): answer it with
+    /// [`Conn::reply_home`] and `post_id`, now or later. `namespace` is the poster's
+    /// (`tenant/namespace`, from its principal).
+    fn on_home_post(&mut self, home: Conn, post: HomePost) {}
+
+    /// Outcome of [`Conn::post_home`]: the home's answer.
+    fn on_home_reply(&mut self, conn: Conn, token: u64, result: Result<Vec<u8>, OpError>) {}
+}
+
+/// A request posted to a home ([`Conn::post_home`]), as the home receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HomePost {
+    /// The home's domain and shard (as posted).
+    pub domain: String,
+    pub shard: u32,
+    /// Answer with [`Conn::reply_home`] and this id.
+    pub post_id: u64,
+    /// The poster's `tenant/namespace`, set by the host from its principal.
+    pub namespace: String,
+    pub payload: Vec<u8>,
 }
 
 /// A handle on one client connection: every host call that concerns a connection goes
@@ -417,6 +448,17 @@ impl Conn {
         topics::set_partitions(self.0, token, topic, partitions);
     }
 
+    /// Sends `payload` to the home of (`domain`, `shard`) (one fixed instance of this plugin
+    /// in the gateway); completes with [`Connection::on_home_reply`] carrying its answer.
+    pub fn post_home(self, token: u64, domain: &str, shard: u32, payload: &[u8]) {
+        homes::post(self.0, token, domain, shard, payload);
+    }
+
+    /// Answers a post on this home's connection ([`Connection::on_home_post`]).
+    pub fn reply_home(self, post_id: u64, payload: &[u8]) {
+        homes::reply(self.0, post_id, payload);
+    }
+
     /// The namespace's topics (all, or those of `names`) with their partition counts;
     /// completes with [`Connection::on_topics_result`].
     pub fn describe_topics(self, token: u64, names: &[String]) {
@@ -538,6 +580,16 @@ macro_rules! export_plugin {
             }
             fn on_topics_result(conn: u64, token: u64, result: ::std::result::Result<::std::vec::Vec<$crate::TopicInfo>, $crate::OpError>) {
                 __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_topics_result(c, h, token, result)))
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        impl $crate::__private::Events3Guest for __MagnetarGuest {
+            fn on_home_post(home: u64, domain: ::std::string::String, shard: u32, post_id: u64, namespace: ::std::string::String, payload: ::std::vec::Vec<u8>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.on_home_post(home, $crate::HomePost { domain, shard, post_id, namespace, payload }))
+            }
+            fn on_home_reply(conn: u64, token: u64, result: ::std::result::Result<::std::vec::Vec<u8>, $crate::OpError>) {
+                __MAGNETAR_DISPATCHER.with_borrow_mut(|d| d.with_conn(conn, |c, h| $crate::Connection::on_home_reply(c, h, token, result)))
             }
         }
 

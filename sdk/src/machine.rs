@@ -52,9 +52,9 @@
 
 use crate::{
     AppendResult, Appended, Bounds, Conn, Connection, ConsumerSpec, Credentials, DedupSpec,
-    Delivery, Entry, Filter, KvEntry, LogLevel, Message, MessageOut, OpError, OutboundMessage,
-    Position, Principal, PublishResult, ReaderSpec, Receipt, RecordOut, RouteSpec, SaslOutcome,
-    SubId, SubscriptionSpec, TopicInfo, Will,
+    Delivery, Entry, Filter, HomePost, KvEntry, LogLevel, Message, MessageOut, OpError,
+    OutboundMessage, Position, Principal, PublishResult, ReaderSpec, Receipt, RecordOut, RouteSpec,
+    SaslOutcome, SubId, SubscriptionSpec, TopicInfo, Will,
 };
 
 /// Something that happened to a connection: one SDK callback, as a value.
@@ -137,6 +137,14 @@ pub enum Event {
     TopicsResult {
         token: u64,
         result: Result<Vec<TopicInfo>, OpError>,
+    },
+    /// A post for this home ([`Plugin::open_home`](crate::Plugin::open_home)); answer with
+    /// [`Action::ReplyHome`].
+    HomePost(HomePost),
+    /// Outcome of [`Action::PostHome`]: the home's answer.
+    HomeReply {
+        token: u64,
+        result: Result<Vec<u8>, OpError>,
     },
     /// The socket is gone. The machine's actions after this are dropped: no host call is
     /// valid any more.
@@ -248,6 +256,15 @@ pub enum Action {
     },
     /// [`Conn::describe_topics`]; completes with [`Event::TopicsResult`].
     DescribeTopics { token: u64, names: Vec<String> },
+    /// [`Conn::post_home`]; completes with [`Event::HomeReply`].
+    PostHome {
+        token: u64,
+        domain: String,
+        shard: u32,
+        payload: Vec<u8>,
+    },
+    /// [`Conn::reply_home`], on a home's connection.
+    ReplyHome { post_id: u64, payload: Vec<u8> },
     /// [`crate::log`].
     Log { level: LogLevel, message: String },
 }
@@ -325,6 +342,13 @@ impl Action {
                 partitions,
             } => conn.set_partitions(token, &topic, partitions),
             Action::DescribeTopics { token, names } => conn.describe_topics(token, &names),
+            Action::PostHome {
+                token,
+                domain,
+                shard,
+                payload,
+            } => conn.post_home(token, &domain, shard, &payload),
+            Action::ReplyHome { post_id, payload } => conn.reply_home(post_id, &payload),
             Action::Log { level, message } => crate::log(level, &message),
         }
     }
@@ -553,5 +577,13 @@ impl<M: Machine> Connection for Driver<M> {
         result: Result<Vec<TopicInfo>, OpError>,
     ) {
         self.feed(conn, Event::TopicsResult { token, result });
+    }
+
+    fn on_home_post(&mut self, home: Conn, post: HomePost) {
+        self.feed(home, Event::HomePost(post));
+    }
+
+    fn on_home_reply(&mut self, conn: Conn, token: u64, result: Result<Vec<u8>, OpError>) {
+        self.feed(conn, Event::HomeReply { token, result });
     }
 }

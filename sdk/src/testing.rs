@@ -166,6 +166,11 @@ pub struct SimHost<M> {
     logs: Vec<(LogLevel, String)>,
     actions: Vec<Action>,
     indexed: indexed::Indexed,
+    /// Posts to homes not carried yet ([`SimHost::take_posts`]).
+    posts: Vec<Action>,
+    /// A home's answers not taken yet ([`SimHost::take_replies`]).
+    replies: Vec<(u64, Vec<u8>)>,
+    next_post: u64,
 }
 
 impl<M: Machine> SimHost<M> {
@@ -197,6 +202,9 @@ impl<M: Machine> SimHost<M> {
             logs: Vec::new(),
             actions: Vec::new(),
             indexed: indexed::Indexed::default(),
+            posts: Vec::new(),
+            replies: Vec::new(),
+            next_post: 0,
         };
         let actions = host.machine.take_actions();
         host.carry_out(actions);
@@ -304,6 +312,47 @@ impl<M: Machine> SimHost<M> {
     }
 
     // ---- operations --------------------------------------------------------------------
+
+    // ---- homes ----------------------------------------------------------------------
+
+    /// The posts to homes ([`Action::PostHome`]) the machine made since the last call, as
+    /// (token, domain, shard, payload): a test carries them to a home's machine (its own
+    /// `SimHost`, with [`SimHost::post`]) and its answers back as [`Event::HomeReply`].
+    pub fn take_posts(&mut self) -> Vec<(u64, String, u32, Vec<u8>)> {
+        std::mem::take(&mut self.posts)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::PostHome {
+                    token,
+                    domain,
+                    shard,
+                    payload,
+                } => Some((token, domain, shard, payload)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Hands this (home) machine a post from a connection of `namespace`; the post's id,
+    /// which its [`Action::ReplyHome`] names ([`SimHost::take_replies`]).
+    pub fn post(&mut self, domain: &str, shard: u32, namespace: &str, payload: Vec<u8>) -> u64 {
+        self.next_post += 1;
+        let post_id = self.next_post;
+        self.feed(Event::HomePost(crate::HomePost {
+            domain: domain.to_string(),
+            shard,
+            post_id,
+            namespace: namespace.to_string(),
+            payload,
+        }));
+        post_id
+    }
+
+    /// The answers this (home) machine gave ([`Action::ReplyHome`]) since the last call, as
+    /// (post id, payload).
+    pub fn take_replies(&mut self) -> Vec<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.replies)
+    }
 
     /// The long operations waiting for their outcome, oldest first.
     pub fn pending(&self) -> &VecDeque<Action> {
@@ -1081,6 +1130,8 @@ impl<M: Machine> SimHost<M> {
                 }
                 Action::SetWill(will) => self.will = will,
                 Action::Log { level, message } => self.logs.push((level, message)),
+                Action::PostHome { .. } => self.posts.push(action),
+                Action::ReplyHome { post_id, payload } => self.replies.push((post_id, payload)),
                 Action::Bind { route, filter } => {
                     if let Some(filters) =
                         self.subs.get_mut(&route).and_then(|s| s.filters.as_mut())
@@ -1581,5 +1632,71 @@ mod route_tests {
             e,
             Event::Position { token: 11, result: Ok(Some(id)) } if *id == message_id(2)
         )));
+    }
+}
+
+#[cfg(test)]
+mod home_tests {
+    use super::*;
+    use crate::outbox::Outbox;
+
+    /// Posts each read to home ("d", 3); as a home, answers each post with its namespace
+    /// and payload; forwards a home's answer to its client.
+    #[derive(Default)]
+    struct Relay {
+        out: Outbox,
+        next: u64,
+    }
+
+    impl Machine for Relay {
+        fn apply(&mut self, _now_ms: u64, event: Event) {
+            match event {
+                Event::Data(payload) => {
+                    self.next += 1;
+                    self.out.push(Action::PostHome {
+                        token: self.next,
+                        domain: "d".into(),
+                        shard: 3,
+                        payload,
+                    });
+                }
+                Event::HomePost(post) => {
+                    let mut answer = post.namespace.into_bytes();
+                    answer.extend_from_slice(&post.payload);
+                    self.out.push(Action::ReplyHome {
+                        post_id: post.post_id,
+                        payload: answer,
+                    });
+                }
+                Event::HomeReply {
+                    result: Ok(bytes), ..
+                } => self.out.send(bytes),
+                _ => {}
+            }
+        }
+        fn take_actions(&mut self) -> Vec<Action> {
+            self.out.take()
+        }
+    }
+
+    #[test]
+    fn posts_are_carried_to_a_home_and_answers_back() {
+        let mut client = SimHost::new(0, Relay::default());
+        let mut home = SimHost::new(0, Relay::default());
+        client.data(b"ping");
+        // A post is not answered by the simulated host itself: the test carries it.
+        assert_eq!(client.run(), 0);
+        let posts = client.take_posts();
+        assert_eq!(posts, vec![(1, "d".to_string(), 3, b"ping".to_vec())]);
+        let (token, domain, shard, payload) = posts[0].clone();
+        let id = home.post(&domain, shard, "t/ns", payload);
+        let replies = home.take_replies();
+        assert_eq!(replies, vec![(id, b"t/nsping".to_vec())]);
+        client.feed(Event::HomeReply {
+            token,
+            result: Ok(replies[0].1.clone()),
+        });
+        assert_eq!(client.take_sent(), b"t/nsping");
+        assert!(client.take_posts().is_empty() && home.take_replies().is_empty());
     }
 }

@@ -70,6 +70,13 @@ fn plugin_built_against_abi_0_2_2_still_loads_and_echoes() {
     older_plugin_loads_and_echoes("echo-plugin-abi-0.2.2.wasm");
 }
 
+#[test]
+fn plugin_built_against_abi_0_2_3_still_loads_and_echoes() {
+    // 0.2.4 added `homes` and the exported `events3`: a 0.2.3 plugin (with `events2`,
+    // without `events3`) is served through the frozen 0.2.3 bindings.
+    older_plugin_loads_and_echoes("echo-plugin-abi-0.2.3.wasm");
+}
+
 /// An echo plugin built against an older ABI: loads, echoes, calls another family than
 /// connection I/O, and is contained and rebuilt like any other.
 fn older_plugin_loads_and_echoes(wasm: &str) {

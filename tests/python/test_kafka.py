@@ -6,6 +6,7 @@ Every topic is fresh (uuid), every consumer and producer is closed by the test, 
 gateway is stopped by the fixture, every wait is bounded.
 """
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -15,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from conftest import Gateway, free_port, wait_for_port
+from conftest import Gateway, wait_for_port
 
 TIMEOUT = 20
 
@@ -24,23 +25,40 @@ class KafkaGateway(Gateway):
     """A gateway with a `kafka` listener on a free port, advertised as itself."""
 
     def __init__(self, tmp):
-        self.kafka_port = free_port()
-        super().__init__(
-            tmp,
-            extra_config=(
-                f'\n[[listeners]]\nname = "kafka"\nbind = "127.0.0.1:{self.kafka_port}"\n'
-                'plugin = "kafka"\n\n'
-                f"[plugins.config.kafka]\nadvertised_port = {self.kafka_port}\n"
-            ),
-        )
+        # Held while the other ports are chosen, so that none of them is the same.
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        self.kafka_port = held.getsockname()[1]
+        try:
+            super().__init__(
+                tmp,
+                extra_config=(
+                    f'\n[[listeners]]\nname = "kafka"\nbind = "127.0.0.1:{self.kafka_port}"\n'
+                    'plugin = "kafka"\n\n'
+                    f"[plugins.config.kafka]\nadvertised_port = {self.kafka_port}\n"
+                ),
+            )
+        finally:
+            held.close()
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka_port}"
 
     def start(self) -> "KafkaGateway":
-        super().start()
-        wait_for_port(self.kafka_port, self.proc, self.log)
+        # Free ports are chosen before the gateway binds them, and the gateway's own
+        # connections to its embedded broker (and other tests on the machine) may take one
+        # meanwhile: on "address in use" the ports are chosen again (the data stays).
+        for attempt in range(5):
+            try:
+                super().start()
+                wait_for_port(self.kafka_port, self.proc, self.log)
+                return self
+            except RuntimeError as e:
+                if attempt == 4 or "Address already in use" not in str(e):
+                    raise
+                self.stop()
+                type(self).__init__(self, self.tmp)
         return self
 
 

@@ -55,3 +55,46 @@ def test_pinned_version_round_trip(kafka, api_version):  # noqa: F811 (fixture)
         assert consumer.end_offsets([tp]) == {tp: 10}
     finally:
         consumer.close()
+
+
+@pytest.mark.parametrize("api_version", [(0, 11), (1, 0), (2, 0)], ids=lambda v: ".".join(map(str, v)))
+def test_pinned_version_group_consumer_commits_and_resumes(kafka, api_version):  # noqa: F811
+    """A kafka-python group consumer (JoinGroup v2/v3, SyncGroup v1/v2, OffsetCommit
+    v3/v4, OffsetFetch v3/v4 at these versions) reads, commits synchronously, and the next
+    consumer of the group starts after the commit."""
+    topic = topic_name()
+    group = f"g-{topic}"
+    create_topic(kafka, topic)
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, api_version=api_version)
+    try:
+        for i in range(6):
+            producer.send(topic, value=f"v{i}".encode(), partition=0)
+        producer.flush(timeout=TIMEOUT)
+    finally:
+        producer.close(timeout=TIMEOUT)
+
+    def read(count):
+        consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=kafka.bootstrap,
+            api_version=api_version,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=10000,
+            heartbeat_interval_ms=500,
+        )
+        try:
+            got = []
+            deadline = time.monotonic() + TIMEOUT
+            while len(got) < count:
+                assert time.monotonic() < deadline, "timed out"
+                for records in consumer.poll(timeout_ms=500, max_records=count - len(got)).values():
+                    got.extend(r.offset for r in records)
+            consumer.commit()
+            return got
+        finally:
+            consumer.close()
+
+    assert read(3) == [0, 1, 2]
+    assert read(3) == [3, 4, 5]

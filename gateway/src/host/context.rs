@@ -139,6 +139,11 @@ impl HostState {
         );
     }
 
+    /// Registers a home's virtual connection (no socket; timers work on it).
+    pub fn open_home(&mut self, home: u64) {
+        self.open(home, Arc::new(ConnShared::default()), None, None);
+    }
+
     pub fn knows(&self, conn: u64) -> bool {
         self.conns.contains_key(&conn)
     }
@@ -155,6 +160,14 @@ impl HostState {
         let conns: Vec<_> = self.conns.drain().collect();
         for (conn, slot) in conns {
             slot.shared.close();
+            if super::homes::is_home(conn) {
+                // Through the runtime: this instance's own queue of completions dies with it.
+                for (to, event) in self.services.homes.home_ended(conn) {
+                    self.runtime.spawn(async move {
+                        let _ = to.send(event).await;
+                    });
+                }
+            }
             self.ended(conn, slot);
         }
     }

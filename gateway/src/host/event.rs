@@ -130,6 +130,23 @@ pub enum Event {
         token: u64,
         outcome: Result<Vec<TopicInfo>, OpError>,
     },
+    /// A post for a home of this worker's instance (`homes.post`); `home` is the home's
+    /// virtual connection, opened by the first post.
+    HomePost {
+        home: u64,
+        domain: String,
+        shard: u32,
+        post_id: u64,
+        /// The poster's `tenant/namespace`.
+        namespace: String,
+        payload: Vec<u8>,
+    },
+    /// Outcome of `homes.post`: the home's answer.
+    HomeReply {
+        conn: u64,
+        token: u64,
+        outcome: Result<Vec<u8>, OpError>,
+    },
     /// A SASL step: a challenge, or success with the principal and the final data.
     SaslResult {
         conn: u64,
@@ -170,7 +187,9 @@ impl Event {
             | Event::Entries { conn, .. }
             | Event::Bounds { conn, .. }
             | Event::TopicsResult { conn, .. }
+            | Event::HomeReply { conn, .. }
             | Event::SaslResult { conn, .. } => *conn,
+            Event::HomePost { home, .. } => *home,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Services {
     /// The backend's admin API for `topics` calls; `None`: not reachable (an external
     /// cluster).
     pub topic_admin: Option<Arc<super::topics::TopicAdmin>>,
+    /// Homes of the plugins (`homes.post`): where each shard lives, posts waiting.
+    pub homes: super::homes::Homes,
 }
 
 impl Services {

@@ -1,18 +1,49 @@
-//! The plugin instance and the component export: each connection is a [`KafkaConnection`]
-//! run by the SDK's [`Driver`]. No protocol decision is made here.
+//! The plugin instance and the component export: each client connection is a
+//! [`KafkaConnection`], the group coordinator's home a [`GroupHome`], both run by the SDK's
+//! [`Driver`]. No protocol decision is made here.
 
-use magnetar_sdk::{Conn, ConnInfo, Driver, Plugin};
+use magnetar_sdk::{Action, Conn, ConnInfo, Driver, Event, Machine, Plugin};
 
 use crate::config::Config;
 use crate::connection::KafkaConnection;
+use crate::coordinator::{GroupHome, DOMAIN};
 
 /// The plugin instance: the parsed config, shared by its connections.
 pub struct KafkaPlugin {
     config: Config,
 }
 
+/// What one of the instance's connections is: a client's, or the coordinator's home.
+pub enum KafkaMachine {
+    Client(Box<KafkaConnection>),
+    Home(Box<GroupHome>),
+}
+
+impl Machine for KafkaMachine {
+    fn apply(&mut self, now_ms: u64, event: Event) {
+        match self {
+            KafkaMachine::Client(c) => c.apply(now_ms, event),
+            KafkaMachine::Home(h) => h.apply(now_ms, event),
+        }
+    }
+
+    fn take_actions(&mut self) -> Vec<Action> {
+        match self {
+            KafkaMachine::Client(c) => c.take_actions(),
+            KafkaMachine::Home(h) => h.take_actions(),
+        }
+    }
+
+    fn handle_all(&mut self, now_ms: u64, events: impl IntoIterator<Item = Event>) -> Vec<Action> {
+        match self {
+            KafkaMachine::Client(c) => c.handle_all(now_ms, events),
+            KafkaMachine::Home(h) => h.handle_all(now_ms, events),
+        }
+    }
+}
+
 impl Plugin for KafkaPlugin {
-    type Connection = Driver<KafkaConnection>;
+    type Connection = Driver<KafkaMachine>;
 
     fn new(config: &str) -> Result<Self, String> {
         Ok(KafkaPlugin {
@@ -20,8 +51,20 @@ impl Plugin for KafkaPlugin {
         })
     }
 
-    fn open(&mut self, conn: Conn, _info: ConnInfo) -> Driver<KafkaConnection> {
-        Driver::new(conn, KafkaConnection::new(self.config))
+    fn open(&mut self, conn: Conn, _info: ConnInfo) -> Driver<KafkaMachine> {
+        Driver::new(
+            conn,
+            KafkaMachine::Client(Box::new(KafkaConnection::new(self.config))),
+        )
+    }
+
+    fn open_home(&mut self, home: Conn, domain: &str, _shard: u32) -> Option<Driver<KafkaMachine>> {
+        (domain == DOMAIN).then(|| {
+            Driver::new(
+                home,
+                KafkaMachine::Home(Box::new(GroupHome::new(self.config.groups))),
+            )
+        })
     }
 }
 

@@ -11,6 +11,9 @@
 //! advertised_port = 9092         # the port Metadata names for this gateway (its listener's)
 //! auto_create_topics = 1         # Metadata creates unknown topics (Kafka's auto.create.topics.enable)
 //! default_partitions = 1         # partitions of an auto-created topic (Kafka's num.partitions)
+//! initial_rebalance_delay_ms = 3000    # group.initial.rebalance.delay.ms
+//! group_min_session_timeout_ms = 6000  # group.min.session.timeout.ms
+//! group_max_session_timeout_ms = 1800000    # group.max.session.timeout.ms
 //! ```
 
 /// Limits of every connection of the plugin instance.
@@ -31,6 +34,8 @@ pub struct Config {
     /// Partitions of an auto-created topic, and of CreateTopics' `-1` (Kafka's
     /// `num.partitions`).
     pub default_partitions: u32,
+    /// The group coordinator's delays and limits (Kafka's `group.*` broker settings).
+    pub groups: crate::coordinator::group::Timing,
 }
 
 impl Default for Config {
@@ -45,6 +50,7 @@ impl Default for Config {
             advertised_port: 9092,
             auto_create_topics: true,
             default_partitions: 1,
+            groups: crate::coordinator::group::Timing::default(),
         }
     }
 }
@@ -79,6 +85,15 @@ impl Config {
                 "advertised_port" => config.advertised_port = s.within(1, 65535)? as u16,
                 "auto_create_topics" => config.auto_create_topics = s.within(0, 1)? == 1,
                 "default_partitions" => config.default_partitions = s.within(1, 100_000)? as u32,
+                "initial_rebalance_delay_ms" => {
+                    config.groups.initial_rebalance_delay_ms = s.within(0, 300_000)?
+                }
+                "group_min_session_timeout_ms" => {
+                    config.groups.min_session_timeout_ms = s.within(1, i32::MAX as u64)? as i32
+                }
+                "group_max_session_timeout_ms" => {
+                    config.groups.max_session_timeout_ms = s.within(1, i32::MAX as u64)? as i32
+                }
                 _ => return Err(s.unknown()),
             }
         }
@@ -111,6 +126,16 @@ mod tests {
             (19092, false, 3)
         );
         assert!(Config::parse("advertised_port = 0").is_err());
+        let c =
+            Config::parse("initial_rebalance_delay_ms = 0\ngroup_min_session_timeout_ms = 1000")
+                .unwrap();
+        assert_eq!(
+            (
+                c.groups.initial_rebalance_delay_ms,
+                c.groups.min_session_timeout_ms
+            ),
+            (0, 1000)
+        );
         assert!(Config::parse("max_request_bytes = 7").is_err());
         assert!(Config::parse("max_request_bytes = -1").is_err());
         assert!(Config::parse("max_requests = 1").is_err());

@@ -72,11 +72,8 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Option<(Request, usize)>, Frame
     let Some(body) = buf.get(SIZE_BYTES..SIZE_BYTES + size) else {
         return Ok(None);
     };
-    let word = |at: usize| [body[at], body[at + 1]];
-    let head = RequestHead {
-        api_key: i16::from_be_bytes(word(0)),
-        api_version: i16::from_be_bytes(word(2)),
-        correlation_id: i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+    let Some(head) = frame_head(body) else {
+        return Err(FrameError::ShortHeader(size));
     };
     Ok(Some((
         Request {
@@ -85,6 +82,18 @@ pub fn frame(buf: &[u8], limit: usize) -> Result<Option<(Request, usize)>, Frame
         },
         SIZE_BYTES + size,
     )))
+}
+
+/// The fixed part of a request header (`request_api_key`, `request_api_version`,
+/// `correlation_id`) at the start of `request` (the bytes after the size); `None` if it is
+/// shorter.
+pub fn frame_head(request: &[u8]) -> Option<RequestHead> {
+    let b = request.get(..HEAD_BYTES)?;
+    Some(RequestHead {
+        api_key: i16::from_be_bytes([b[0], b[1]]),
+        api_version: i16::from_be_bytes([b[2], b[3]]),
+        correlation_id: i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+    })
 }
 
 /// Why a response could not be encoded (a bug of ours, never the client's input): the

@@ -17,11 +17,16 @@
 //! a request shorter than its fixed header, an API key or version this plugin does not
 //! serve, a malformed request of a served API, and a refused authentication. ApiVersions of
 //! an unserved version is answered ([`api_versions`]).
+//!
+//! Group APIs (groups.rs): FindCoordinator names this gateway; the coordinator's own
+//! requests are posted to the group home (`crate::coordinator`) and its answer sent as
+//! is; committed offsets are the connection's kv entries, written once the home agreed.
 
 pub mod api_versions;
 #[cfg(test)]
 mod data_tests;
 mod fetch;
+mod groups;
 mod list_offsets;
 mod produce;
 #[cfg(test)]
@@ -98,6 +103,14 @@ enum Op {
     /// ListOffsets steps: topic and partition positions.
     ListBounds(usize, usize),
     ListReader(usize, usize),
+    /// A post to the group coordinator (groups.rs), by the request's own numbering.
+    Post(usize),
+    /// A kv write of a group request.
+    Kv(usize),
+    /// A kv read of OffsetFetch: group and slot.
+    KvGet(usize, usize),
+    /// A kv scan of a group request, with its prefix.
+    KvScan(usize, String),
 }
 
 /// The request being served, with what it waits for.
@@ -109,6 +122,7 @@ enum Job {
     Produce(produce::ProduceJob),
     Fetch(fetch::FetchJob),
     ListOffsets(list_offsets::ListOffsetsJob),
+    Group(groups::GroupJob),
 }
 
 /// The request being served: its header, its state, and the completions it has not
@@ -211,6 +225,7 @@ impl KafkaConnection {
         }
         let version = head.api_version;
         let bytes = request.bytes;
+        let raw = bytes.clone();
         macro_rules! decoded {
             ($t:ty) => {
                 decode_request::<$t>(bytes, version)?
@@ -244,6 +259,51 @@ impl KafkaConnection {
             ApiKey::ListOffsets => {
                 let (h, r) = decoded!(kafka_protocol::messages::ListOffsetsRequest);
                 (h, self.start_list_offsets(version, r))
+            }
+            ApiKey::FindCoordinator => {
+                // Answered at once: this gateway coordinates every group.
+                let (h, r) = decoded!(kafka_protocol::messages::FindCoordinatorRequest);
+                return self.start_find_coordinator(&h, r);
+            }
+            ApiKey::JoinGroup => {
+                let (h, _) = decoded!(kafka_protocol::messages::JoinGroupRequest);
+                (h, Job::Group(Self::forward_job(raw)))
+            }
+            ApiKey::SyncGroup => {
+                let (h, _) = decoded!(kafka_protocol::messages::SyncGroupRequest);
+                (h, Job::Group(Self::forward_job(raw)))
+            }
+            ApiKey::Heartbeat => {
+                let (h, _) = decoded!(kafka_protocol::messages::HeartbeatRequest);
+                (h, Job::Group(Self::forward_job(raw)))
+            }
+            ApiKey::LeaveGroup => {
+                let (h, _) = decoded!(kafka_protocol::messages::LeaveGroupRequest);
+                (h, Job::Group(Self::forward_job(raw)))
+            }
+            ApiKey::ListGroups => {
+                let (h, _) = decoded!(kafka_protocol::messages::ListGroupsRequest);
+                (h, Job::Group(Self::forward_job(raw)))
+            }
+            ApiKey::DescribeGroups => {
+                let (h, _) = decoded!(kafka_protocol::messages::DescribeGroupsRequest);
+                (h, Job::Group(Self::forward_job(raw)))
+            }
+            ApiKey::OffsetCommit => {
+                let (h, r) = decoded!(kafka_protocol::messages::OffsetCommitRequest);
+                (h, Job::Group(Self::commit_job(r)))
+            }
+            ApiKey::OffsetFetch => {
+                let (h, r) = decoded!(kafka_protocol::messages::OffsetFetchRequest);
+                (h, Job::Group(Self::fetch_job(version, r)))
+            }
+            ApiKey::OffsetDelete => {
+                let (h, r) = decoded!(kafka_protocol::messages::OffsetDeleteRequest);
+                (h, Job::Group(Self::offset_delete_job(r)))
+            }
+            ApiKey::DeleteGroups => {
+                let (h, r) = decoded!(kafka_protocol::messages::DeleteGroupsRequest);
+                (h, Job::Group(Self::delete_groups_job(r)))
             }
             other => return Err(format!("{other:?} is listed but has no handler")),
         };
@@ -288,6 +348,7 @@ impl KafkaConnection {
             Job::Produce(j) => self.step_produce(header, j, inbox),
             Job::Fetch(j) => self.step_fetch(header, j, inbox),
             Job::ListOffsets(j) => self.step_list_offsets(header, j, inbox),
+            Job::Group(j) => self.step_group(header, j, inbox),
         };
         match done {
             Ok(true) => {}
@@ -407,6 +468,21 @@ impl KafkaConnection {
             Event::Timer { token } => {
                 self.job_event(JobEvent::Timer(token));
             }
+            Event::HomeReply { token, result } => {
+                if let Some(Op::Post(i)) = self.ops.complete(token) {
+                    self.job_event(JobEvent::Posted(i, result));
+                }
+            }
+            Event::KvResult { token, result } => match self.ops.complete(token) {
+                Some(Op::Kv(i)) => self.job_event(JobEvent::Kv(i, result)),
+                Some(Op::KvGet(g, slot)) => self.job_event(JobEvent::KvGot(g, slot, result)),
+                _ => {}
+            },
+            Event::KvScanResult { token, result } => {
+                if let Some(Op::KvScan(i, prefix)) = self.ops.complete(token) {
+                    self.job_event(JobEvent::KvScan(i, prefix, result));
+                }
+            }
             _ => {}
         }
     }
@@ -430,10 +506,18 @@ enum JobEvent {
     ListReader(usize, usize, Result<magnetar_sdk::SubId, OpError>),
     ListEntry(magnetar_sdk::Entry),
     Timer(u64),
+    /// The group coordinator's answer to a post.
+    Posted(usize, Result<Vec<u8>, OpError>),
+    /// A kv write done.
+    Kv(usize, Result<Option<Vec<u8>>, OpError>),
+    /// A kv read done: group, slot.
+    KvGot(usize, usize, Result<Option<Vec<u8>>, OpError>),
+    /// A kv scan page: request numbering, prefix.
+    KvScan(usize, String, Result<Vec<magnetar_sdk::KvEntry>, OpError>),
 }
 
 /// Decodes a request's header (of the version its API and version call for) and body.
-fn decode_request<R: Decodable + HeaderVersion>(
+pub(crate) fn decode_request<R: Decodable + HeaderVersion>(
     mut bytes: bytes::Bytes,
     version: i16,
 ) -> Result<(RequestHeader, R), String> {

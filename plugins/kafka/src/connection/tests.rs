@@ -177,7 +177,7 @@ fn bad_frames_close_the_connection() {
         }),
         ("not served yet", {
             let mut r = vec![0, 0, 0, 8];
-            r.extend_from_slice(&(ApiKey::FindCoordinator as i16).to_be_bytes());
+            r.extend_from_slice(&(ApiKey::InitProducerId as i16).to_be_bytes());
             r.extend_from_slice(&[0; 6]);
             r
         }),

@@ -490,14 +490,16 @@ impl Machine for MqttConnection {
                     self.input.clear();
                 }
                 // Never asked for: MQTT uses routes and subscriptions, not `messaging`,
-                // `indexed` or `topics`.
+                // `indexed`, `topics` or `homes`.
                 Event::Receipt { .. }
                 | Event::Message(_)
                 | Event::Position { .. }
                 | Event::Appended { .. }
                 | Event::Entry(_)
                 | Event::Bounds { .. }
-                | Event::TopicsResult { .. } => {}
+                | Event::TopicsResult { .. }
+                | Event::HomePost(_)
+                | Event::HomeReply { .. } => {}
             }
             // New bytes, or an event that lifted a pause (CONNACK sent, a publish stored).
             self.process_input(now_ms);
