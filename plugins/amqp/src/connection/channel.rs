@@ -111,6 +111,8 @@ pub(crate) struct PendingConsume {
     policy: QueuePolicy,
     /// The queue, if it is auto-delete (deleted when its last consumer goes).
     auto_delete: Option<Queue>,
+    /// The queue's `x-expires`.
+    expires: Option<u64>,
 }
 
 /// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
@@ -211,6 +213,13 @@ pub(crate) enum Task {
     },
     ReapedRoute {
         task: Box<Task>,
+    },
+    /// Read when a queue with `x-expires` was last used, then go on with `task`.
+    ExpiryCheck {
+        task: Box<Task>,
+        name: String,
+        queue: Queue,
+        record: Vec<u8>,
     },
     /// This connection's lease was written: store the exclusive queue it declares.
     PutQueue {
@@ -814,6 +823,7 @@ impl AmqpConnection {
             attempts: 0,
             policy: QueuePolicy::default(),
             auto_delete: None,
+            expires: None,
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -859,6 +869,9 @@ impl AmqpConnection {
                 self.policies.insert(sub, c.policy.clone());
                 if let Some(q) = c.auto_delete.take() {
                     self.auto_delete.insert(c.queue.clone(), q);
+                }
+                if let Some(expires) = c.expires {
+                    self.consuming_expiring(&c.queue, expires);
                 }
                 if !c.no_wait {
                     self.send_method(
@@ -1006,28 +1019,77 @@ impl AmqpConnection {
     /// The next step of a task, with what the host answered.
     pub(super) fn step(&mut self, task: Task, outcome: Outcome) {
         self.busy = false;
+        if let (Some((_, name, _)), Outcome::Kv(Ok(Some(bytes)))) = (task.queue_access(), &outcome)
+        {
+            if let Some(q) = Queue::decode(bytes) {
+                let name = name.to_string();
+                // Another connection's exclusive queue: is its owner alive?
+                if let Some(owner) = self.owned_by_other(&q) {
+                    let task = Box::new(task);
+                    let key = topology::lease_key(&owner);
+                    return self.wait_kv_get(
+                        key,
+                        Task::OwnerLease {
+                            task,
+                            name,
+                            queue: q,
+                        },
+                    );
+                }
+                // A queue with `x-expires`: has it been unused for that long?
+                if crate::queue_policy::expires(&q).is_some() {
+                    let record = bytes.clone();
+                    let key = topology::expiry_key(&name);
+                    let task = Box::new(task);
+                    return self.wait_kv_get(
+                        key,
+                        Task::ExpiryCheck {
+                            task,
+                            name,
+                            queue: q,
+                            record,
+                        },
+                    );
+                }
+            }
+        }
+        self.step_checked(task, outcome);
+    }
+
+    /// [`Self::step`] once the queue the task uses is known to be there for it.
+    fn step_checked(&mut self, task: Task, outcome: Outcome) {
         let failed = |s: &mut Self, channel: u16, e: &OpError| {
             let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
             s.close_channel(channel, err);
         };
-        // Another connection's exclusive queue: is its owner alive?
-        if let (Some((_, name, _)), Outcome::Kv(Ok(Some(bytes)))) = (task.queue_access(), &outcome)
-        {
-            if let Some(q) = Queue::decode(bytes).filter(|q| self.owned_by_other(q).is_some()) {
-                let name = name.to_string();
-                let key = topology::lease_key(q.owner.as_deref().unwrap_or_default());
-                let task = Box::new(task);
-                return self.wait_kv_get(
-                    key,
-                    Task::OwnerLease {
-                        task,
-                        name,
-                        queue: q,
-                    },
-                );
-            }
-        }
         match (task, outcome) {
+            (
+                Task::ExpiryCheck {
+                    task,
+                    name,
+                    queue,
+                    record,
+                },
+                Outcome::Kv(r),
+            ) => {
+                let until = match r {
+                    Ok(v) => v.as_deref().and_then(topology::lease_until),
+                    Err(e) => {
+                        let channel = task.queue_access().map_or(0, |a| a.0);
+                        return failed(self, channel, &e);
+                    }
+                };
+                if until.is_some_and(|t| t <= self.now_ms) {
+                    // Unused for its `x-expires`: gone, as RabbitMQ would have deleted it.
+                    self.put_expiry(&name, None);
+                    return self.wait_kv_put(
+                        topology::queue_key(&name),
+                        None,
+                        Task::Reaped { task, name, queue },
+                    );
+                }
+                self.step_checked(*task, Outcome::Kv(Ok(Some(record))));
+            }
             (Task::OwnerLease { task, name, queue }, Outcome::Kv(r)) => {
                 let Some((channel, _, cause)) = task.queue_access() else {
                     return;
@@ -1126,6 +1188,7 @@ impl AmqpConnection {
                             bindings: Vec::new(),
                             owner: m.exclusive.then(|| self.conn_id().to_string()),
                         };
+                        self.queue_used(&name, &queue);
                         if m.exclusive {
                             self.owned.insert(name.clone(), queue.clone());
                             if self.lease_timer.is_none() {
@@ -1155,7 +1218,12 @@ impl AmqpConnection {
                             },
                         );
                     }
-                    Some(_) if m.passive => self.reply(channel, reply),
+                    // A passive declaration is a use too (RabbitMQ's `stat` resets the
+                    // queue's expiry timer).
+                    Some(q) if m.passive => {
+                        self.queue_used(&name, &q);
+                        self.reply(channel, reply)
+                    }
                     // RabbitMQ's strict check: `exclusive` must be what the queue has.
                     Some(q) if q.exclusive != m.exclusive => {
                         let e = ConnError::new(RESOURCE_LOCKED, lifetime::locked_text(&name));
@@ -1182,15 +1250,18 @@ impl AmqpConnection {
                             }
                             // Declared again: its route is opened again, which also
                             // starts feeding the queue on a gateway that just started.
-                            None => self.store_route(
-                                &name,
-                                &q,
-                                Task::RouteOpened {
-                                    channel,
-                                    delete: false,
-                                    reply,
-                                },
-                            ),
+                            None => {
+                                self.queue_used(&name, &q);
+                                self.store_route(
+                                    &name,
+                                    &q,
+                                    Task::RouteOpened {
+                                        channel,
+                                        delete: false,
+                                        reply,
+                                    },
+                                )
+                            }
                         }
                     }
                 }
@@ -1320,6 +1391,7 @@ impl AmqpConnection {
                         let name = consume.queue.clone();
                         consume.policy = QueuePolicy::of(&name, &q);
                         consume.auto_delete = q.auto_delete.then(|| q.clone());
+                        consume.expires = crate::queue_policy::expires(&q);
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),
@@ -1350,7 +1422,11 @@ impl AmqpConnection {
             },
             (Task::GetQueue { channel, m }, Outcome::Kv(r)) => match r {
                 Ok(Some(bytes)) => {
-                    let policy = Queue::decode(&bytes)
+                    let queue = Queue::decode(&bytes);
+                    if let Some(q) = &queue {
+                        self.queue_used(&m.queue, q);
+                    }
+                    let policy = queue
                         .map(|q| QueuePolicy::of(&m.queue, &q))
                         .unwrap_or_default();
                     self.basic_get(channel, m.queue, m.no_ack, policy)
