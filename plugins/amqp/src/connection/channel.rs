@@ -1978,7 +1978,11 @@ impl AmqpConnection {
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
-        let Some((channel, tag, no_ack, _)) = self.consumers.get(&m.subscription).cloned() else {
+        let Some((channel, tag, no_ack)) = self
+            .consumers
+            .get(&m.subscription)
+            .map(|(channel, tag, no_ack, _)| (*channel, tag.clone(), *no_ack))
+        else {
             return;
         };
         if self.expire(&m) {
