@@ -213,3 +213,36 @@ def test_queue_with_x_expires_goes_once_unused_for_that_long(amqp_server):
     finally:
         a.close()
         b.close()
+
+
+def test_deliveries_can_be_acked_after_their_consumer_is_cancelled(amqp_server):
+    """RabbitMQ keeps a cancelled consumer's unacknowledged deliveries on the channel: they
+    are acked afterwards (a worker that stops taking jobs finishes the ones it has) and not
+    delivered again."""
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("cancel-then-ack")
+        ch = conn.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(3):
+            ch.basic_publish("", q, str(i).encode())
+        ch.basic_qos(prefetch_count=3)
+        got = []
+        tag = ch.basic_consume(q, lambda c, m, p, body: got.append((m.delivery_tag, body)))
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert sorted(body for _, body in got) == [b"0", b"1", b"2"]
+        ch.basic_cancel(tag)
+        for delivery_tag, _ in got:
+            ch.basic_ack(delivery_tag)
+        ch.basic_qos(prefetch_count=0)  # a round trip: an error would have closed the channel
+        assert ch.is_open
+        # Acked, so nothing comes again.
+        other = conn.channel()
+        assert other.basic_get(q, auto_ack=True)[0] is None
+        time.sleep(0.6)  # the gateway's first basic.get waits up to 500 ms
+        assert other.basic_get(q, auto_ack=True)[0] is None
+    finally:
+        conn.close()

@@ -53,6 +53,13 @@ pub(super) struct ChannelState {
     tx: Option<Box<tx::Tx>>,
 }
 
+impl ChannelState {
+    /// Whether deliveries of `sub` wait for the client's ack on this channel.
+    pub(super) fn holds(&self, sub: SubId) -> bool {
+        self.unacked.values().any(|u| u.sub == sub)
+    }
+}
+
 /// A delivery the client has not settled yet.
 #[derive(Debug)]
 struct Unacked {
@@ -419,6 +426,15 @@ impl AmqpConnection {
         for sub in consumers {
             self.end_consumer(sub, false);
         }
+        let draining: Vec<SubId> = self
+            .draining
+            .iter()
+            .filter(|(_, c)| **c == channel)
+            .map(|(s, _)| *s)
+            .collect();
+        for sub in draining {
+            self.end_draining(sub);
+        }
         for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
@@ -583,10 +599,7 @@ impl AmqpConnection {
                     .get_mut(&channel)
                     .and_then(|s| s.consumers.remove(&c.consumer_tag));
                 if let Some(sub) = sub {
-                    self.end_consumer(sub, false);
-                    if let Some(state) = self.channels.get_mut(&channel) {
-                        state.unacked.retain(|_, u| u.sub != sub);
-                    }
+                    self.cancel_consumer(channel, sub);
                 }
                 if !c.no_wait {
                     self.send_method(
@@ -620,12 +633,8 @@ impl AmqpConnection {
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    for u in std::mem::take(&mut state.unacked).into_values() {
-                        self.out.push(Action::Nack {
-                            sub: u.sub,
-                            delivery_id: u.delivery_id,
-                        });
-                    }
+                    let unacked = std::mem::take(&mut state.unacked);
+                    self.apply_settle(unacked.into_values(), Some(true));
                 }
                 if matches!(m, Method::BasicRecover(_)) {
                     self.send_method(channel, Method::BasicRecoverOk(BasicRecoverOk {}));
@@ -2050,7 +2059,11 @@ impl AmqpConnection {
 
     /// Acknowledges (`requeue` `None`), requeues or rejects settled deliveries.
     fn apply_settle(&mut self, settled: impl Iterator<Item = Unacked>, requeue: Option<bool>) {
+        let mut subs = Vec::new();
         for u in settled {
+            if !subs.contains(&u.sub) {
+                subs.push(u.sub);
+            }
             let (sub, delivery_id) = (u.sub, u.delivery_id);
             match (requeue, u.dead_letter) {
                 (Some(true), _) => self.out.push(Action::Nack { sub, delivery_id }),
@@ -2058,6 +2071,7 @@ impl AmqpConnection {
                 _ => self.out.ack(sub, delivery_id),
             }
         }
+        self.drained(subs);
     }
 
     /// What dead-lettering `m` would take, if its queue dead-letters.

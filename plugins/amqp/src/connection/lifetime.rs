@@ -179,6 +179,52 @@ impl AmqpConnection {
         };
         self.policies.remove(&sub);
         self.out.push(Action::Unsubscribe { sub, delete: false });
+        self.consumer_gone(channel, tag, queue, notify);
+    }
+
+    /// The client cancelled a consumer that holds unacknowledged deliveries: RabbitMQ keeps
+    /// them on the channel for a later ack, nack or reject, so its subscription stays open
+    /// (delivering nothing more to the client) until they are settled ([`Self::drained`]);
+    /// what the host hands it meanwhile goes back to the queue when it closes. Not for an
+    /// auto-delete queue, which goes with its last consumer at once.
+    pub(super) fn cancel_consumer(&mut self, channel: u16, sub: SubId) {
+        let holds = self.channels.get(&channel).is_some_and(|s| s.holds(sub));
+        let auto_delete = self
+            .consumers
+            .get(&sub)
+            .is_some_and(|c| self.auto_delete.contains_key(&c.3));
+        if !holds || auto_delete {
+            return self.end_consumer(sub, false);
+        }
+        let Some((channel, tag, _, queue)) = self.consumers.remove(&sub) else {
+            return;
+        };
+        self.draining.insert(sub, channel);
+        self.consumer_gone(channel, tag, queue, false);
+    }
+
+    /// Deliveries of `subs` were settled: a cancelled consumer whose last one it was closes.
+    pub(super) fn drained(&mut self, subs: impl IntoIterator<Item = SubId>) {
+        for sub in subs {
+            let Some(channel) = self.draining.get(&sub).copied() else {
+                continue;
+            };
+            let holds = self.channels.get(&channel).is_some_and(|s| s.holds(sub));
+            if !holds {
+                self.end_draining(sub);
+            }
+        }
+    }
+
+    /// Closes a cancelled consumer's subscription.
+    pub(super) fn end_draining(&mut self, sub: SubId) {
+        if self.draining.remove(&sub).is_some() {
+            self.policies.remove(&sub);
+            self.out.push(Action::Unsubscribe { sub, delete: false });
+        }
+    }
+
+    fn consumer_gone(&mut self, channel: u16, tag: String, queue: String, notify: bool) {
         if let Some(state) = self.channels.get_mut(&channel) {
             state.consumers.remove(&tag);
         }

@@ -216,6 +216,9 @@ pub struct AmqpConnection {
     owned: std::collections::BTreeMap<String, crate::topology::Queue>,
     /// The auto-delete queues it consumes, by name.
     auto_delete: HashMap<String, crate::topology::Queue>,
+    /// Cancelled consumers whose deliveries the client has not all settled yet, and their
+    /// channel (`lifetime::cancel_consumer`).
+    draining: HashMap<SubId, u16>,
     /// The queues with `x-expires` it consumes, and their `x-expires`.
     expiring: HashMap<String, u64>,
     /// The timer that moves their expiry on.
@@ -269,6 +272,7 @@ impl AmqpConnection {
             owned: Default::default(),
             auto_delete: HashMap::new(),
             expiring: HashMap::new(),
+            draining: HashMap::new(),
             expiry_timer: None,
             lease_timer: None,
             reaps: 0,
