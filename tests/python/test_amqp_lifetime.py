@@ -175,3 +175,74 @@ def test_consumer_is_told_when_its_queue_is_deleted(amqp_server):
         cch.queue_declare(unique("after"), auto_delete=True)
     finally:
         conn.close()
+
+
+def test_queue_with_x_expires_goes_once_unused_for_that_long(amqp_server):
+    """`x-expires` 1000 ms: a queue nobody uses goes after a second; one with a consumer
+    stays, and goes a second after its consumer is cancelled. A passive declaration counts
+    as a use (RabbitMQ resets the expiry on it), so the test looks 1.5 s apart."""
+    a = pika.BlockingConnection(params(amqp_server))
+    b = pika.BlockingConnection(params(amqp_server))
+
+    def after(seconds: float):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            a.process_data_events(time_limit=0.05)
+            b.process_data_events(time_limit=0.05)
+
+    try:
+        idle, consumed = unique("expires-idle"), unique("expires-consumed")
+        ach = a.channel()
+        ach.queue_declare(idle, arguments={"x-expires": 1000})
+        ach.queue_declare(consumed, arguments={"x-expires": 1000})
+        tag = ach.basic_consume(consumed, lambda *args: None)
+        after(1.5)
+        assert not exists(b, idle)
+        # Consumed: kept past its x-expires.
+        assert exists(b, consumed)
+        after(1.5)
+        assert exists(b, consumed)
+        ach.basic_cancel(tag)
+        after(1.5)
+        assert not exists(b, consumed)
+        # A zero x-expires is refused, as RabbitMQ refuses it.
+        ch = b.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            ch.queue_declare(unique("expires-zero"), arguments={"x-expires": 0})
+        assert e.value.reply_code == 406
+    finally:
+        a.close()
+        b.close()
+
+
+def test_deliveries_can_be_acked_after_their_consumer_is_cancelled(amqp_server):
+    """RabbitMQ keeps a cancelled consumer's unacknowledged deliveries on the channel: they
+    are acked afterwards (a worker that stops taking jobs finishes the ones it has) and not
+    delivered again."""
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("cancel-then-ack")
+        ch = conn.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(3):
+            ch.basic_publish("", q, str(i).encode())
+        ch.basic_qos(prefetch_count=3)
+        got = []
+        tag = ch.basic_consume(q, lambda c, m, p, body: got.append((m.delivery_tag, body)))
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.1)
+        assert sorted(body for _, body in got) == [b"0", b"1", b"2"]
+        ch.basic_cancel(tag)
+        for delivery_tag, _ in got:
+            ch.basic_ack(delivery_tag)
+        ch.basic_qos(prefetch_count=0)  # a round trip: an error would have closed the channel
+        assert ch.is_open
+        # Acked, so nothing comes again.
+        other = conn.channel()
+        assert other.basic_get(q, auto_ack=True)[0] is None
+        time.sleep(0.6)  # the gateway's first basic.get waits up to 500 ms
+        assert other.basic_get(q, auto_ack=True)[0] is None
+    finally:
+        conn.close()

@@ -60,12 +60,34 @@ fn integer(v: &FieldValue) -> Option<i64> {
 
 /// A queue argument RabbitMQ refuses (406 PRECONDITION_FAILED), and why.
 pub fn invalid_argument(args: &FieldTable) -> Option<(&'static str, String)> {
-    let ttl = args.get("x-message-ttl")?;
-    match integer(ttl) {
-        None => Some(("x-message-ttl", "not an integer".into())),
-        Some(n) if n < 0 => Some(("x-message-ttl", format!("{{value_negative,{n}}}"))),
-        Some(_) => None,
+    if let Some(ttl) = args.get("x-message-ttl") {
+        match integer(ttl) {
+            None => return Some(("x-message-ttl", "not an integer".into())),
+            Some(n) if n < 0 => return Some(("x-message-ttl", format!("{{value_negative,{n}}}"))),
+            Some(_) => {}
+        }
     }
+    // RabbitMQ: a queue's expiry is a positive number of milliseconds.
+    if let Some(expires) = args.get("x-expires") {
+        match integer(expires) {
+            None => return Some(("x-expires", "not an integer".into())),
+            Some(0) => return Some(("x-expires", "{value_zero,0}".into())),
+            Some(n) if n < 0 => return Some(("x-expires", format!("{{value_negative,{n}}}"))),
+            Some(_) => {}
+        }
+    }
+    None
+}
+
+/// A queue's `x-expires`: deleted once unused (no consumer, no `basic.get`, not declared
+/// again) for that many milliseconds.
+pub fn expires(queue: &Queue) -> Option<u64> {
+    queue
+        .arguments
+        .get("x-expires")
+        .and_then(integer)
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|n| *n > 0)
 }
 
 /// Whether a message's `expiration` is one RabbitMQ takes: a non-negative integer of
@@ -332,5 +354,27 @@ mod tests {
             ]
         );
         assert_eq!(h.get("x-first-death-reason"), Some(&long("rejected")));
+    }
+
+    #[test]
+    fn x_expires_is_a_positive_integer() {
+        let args = |v: FieldValue| {
+            let mut t = FieldTable::default();
+            t.insert("x-expires", v);
+            t
+        };
+        assert_eq!(invalid_argument(&args(FieldValue::I32(1000))), None);
+        assert_eq!(
+            invalid_argument(&args(FieldValue::I32(0))),
+            Some(("x-expires", "{value_zero,0}".into()))
+        );
+        assert!(invalid_argument(&args(FieldValue::I64(-5))).is_some());
+        assert!(invalid_argument(&args(long("soon"))).is_some());
+        let queue = Queue {
+            arguments: args(FieldValue::U16(1500)),
+            ..Default::default()
+        };
+        assert_eq!(expires(&queue), Some(1500));
+        assert_eq!(expires(&Queue::default()), None);
     }
 }

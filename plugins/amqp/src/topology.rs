@@ -106,6 +106,12 @@ pub fn lease_key(owner: &str) -> String {
     format!("amqp/c/{owner}")
 }
 
+/// When a queue with `x-expires` expires unless used before (8 bytes, as a lease): its
+/// connections move it on while they consume it, and at each declaration and `basic.get`.
+pub fn expiry_key(queue: &str) -> String {
+    format!("amqp/e/{queue}")
+}
+
 /// A lease record's expiry time.
 pub fn lease_until(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))

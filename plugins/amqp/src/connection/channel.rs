@@ -53,6 +53,13 @@ pub(super) struct ChannelState {
     tx: Option<Box<tx::Tx>>,
 }
 
+impl ChannelState {
+    /// Whether deliveries of `sub` wait for the client's ack on this channel.
+    pub(super) fn holds(&self, sub: SubId) -> bool {
+        self.unacked.values().any(|u| u.sub == sub)
+    }
+}
+
 /// A delivery the client has not settled yet.
 #[derive(Debug)]
 struct Unacked {
@@ -111,6 +118,8 @@ pub(crate) struct PendingConsume {
     policy: QueuePolicy,
     /// The queue, if it is auto-delete (deleted when its last consumer goes).
     auto_delete: Option<Queue>,
+    /// The queue's `x-expires`.
+    expires: Option<u64>,
 }
 
 /// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
@@ -211,6 +220,13 @@ pub(crate) enum Task {
     },
     ReapedRoute {
         task: Box<Task>,
+    },
+    /// Read when a queue with `x-expires` was last used, then go on with `task`.
+    ExpiryCheck {
+        task: Box<Task>,
+        name: String,
+        queue: Queue,
+        record: Vec<u8>,
     },
     /// This connection's lease was written: store the exclusive queue it declares.
     PutQueue {
@@ -410,6 +426,15 @@ impl AmqpConnection {
         for sub in consumers {
             self.end_consumer(sub, false);
         }
+        let draining: Vec<SubId> = self
+            .draining
+            .iter()
+            .filter(|(_, c)| **c == channel)
+            .map(|(s, _)| *s)
+            .collect();
+        for sub in draining {
+            self.end_draining(sub);
+        }
         for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
@@ -574,10 +599,7 @@ impl AmqpConnection {
                     .get_mut(&channel)
                     .and_then(|s| s.consumers.remove(&c.consumer_tag));
                 if let Some(sub) = sub {
-                    self.end_consumer(sub, false);
-                    if let Some(state) = self.channels.get_mut(&channel) {
-                        state.unacked.retain(|_, u| u.sub != sub);
-                    }
+                    self.cancel_consumer(channel, sub);
                 }
                 if !c.no_wait {
                     self.send_method(
@@ -611,12 +633,8 @@ impl AmqpConnection {
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    for u in std::mem::take(&mut state.unacked).into_values() {
-                        self.out.push(Action::Nack {
-                            sub: u.sub,
-                            delivery_id: u.delivery_id,
-                        });
-                    }
+                    let unacked = std::mem::take(&mut state.unacked);
+                    self.apply_settle(unacked.into_values(), Some(true));
                 }
                 if matches!(m, Method::BasicRecover(_)) {
                     self.send_method(channel, Method::BasicRecoverOk(BasicRecoverOk {}));
@@ -814,6 +832,7 @@ impl AmqpConnection {
             attempts: 0,
             policy: QueuePolicy::default(),
             auto_delete: None,
+            expires: None,
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -859,6 +878,9 @@ impl AmqpConnection {
                 self.policies.insert(sub, c.policy.clone());
                 if let Some(q) = c.auto_delete.take() {
                     self.auto_delete.insert(c.queue.clone(), q);
+                }
+                if let Some(expires) = c.expires {
+                    self.consuming_expiring(&c.queue, expires);
                 }
                 if !c.no_wait {
                     self.send_method(
@@ -1006,28 +1028,77 @@ impl AmqpConnection {
     /// The next step of a task, with what the host answered.
     pub(super) fn step(&mut self, task: Task, outcome: Outcome) {
         self.busy = false;
+        if let (Some((_, name, _)), Outcome::Kv(Ok(Some(bytes)))) = (task.queue_access(), &outcome)
+        {
+            if let Some(q) = Queue::decode(bytes) {
+                let name = name.to_string();
+                // Another connection's exclusive queue: is its owner alive?
+                if let Some(owner) = self.owned_by_other(&q) {
+                    let task = Box::new(task);
+                    let key = topology::lease_key(&owner);
+                    return self.wait_kv_get(
+                        key,
+                        Task::OwnerLease {
+                            task,
+                            name,
+                            queue: q,
+                        },
+                    );
+                }
+                // A queue with `x-expires`: has it been unused for that long?
+                if crate::queue_policy::expires(&q).is_some() {
+                    let record = bytes.clone();
+                    let key = topology::expiry_key(&name);
+                    let task = Box::new(task);
+                    return self.wait_kv_get(
+                        key,
+                        Task::ExpiryCheck {
+                            task,
+                            name,
+                            queue: q,
+                            record,
+                        },
+                    );
+                }
+            }
+        }
+        self.step_checked(task, outcome);
+    }
+
+    /// [`Self::step`] once the queue the task uses is known to be there for it.
+    fn step_checked(&mut self, task: Task, outcome: Outcome) {
         let failed = |s: &mut Self, channel: u16, e: &OpError| {
             let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
             s.close_channel(channel, err);
         };
-        // Another connection's exclusive queue: is its owner alive?
-        if let (Some((_, name, _)), Outcome::Kv(Ok(Some(bytes)))) = (task.queue_access(), &outcome)
-        {
-            if let Some(q) = Queue::decode(bytes).filter(|q| self.owned_by_other(q).is_some()) {
-                let name = name.to_string();
-                let key = topology::lease_key(q.owner.as_deref().unwrap_or_default());
-                let task = Box::new(task);
-                return self.wait_kv_get(
-                    key,
-                    Task::OwnerLease {
-                        task,
-                        name,
-                        queue: q,
-                    },
-                );
-            }
-        }
         match (task, outcome) {
+            (
+                Task::ExpiryCheck {
+                    task,
+                    name,
+                    queue,
+                    record,
+                },
+                Outcome::Kv(r),
+            ) => {
+                let until = match r {
+                    Ok(v) => v.as_deref().and_then(topology::lease_until),
+                    Err(e) => {
+                        let channel = task.queue_access().map_or(0, |a| a.0);
+                        return failed(self, channel, &e);
+                    }
+                };
+                if until.is_some_and(|t| t <= self.now_ms) {
+                    // Unused for its `x-expires`: gone, as RabbitMQ would have deleted it.
+                    self.put_expiry(&name, None);
+                    return self.wait_kv_put(
+                        topology::queue_key(&name),
+                        None,
+                        Task::Reaped { task, name, queue },
+                    );
+                }
+                self.step_checked(*task, Outcome::Kv(Ok(Some(record))));
+            }
             (Task::OwnerLease { task, name, queue }, Outcome::Kv(r)) => {
                 let Some((channel, _, cause)) = task.queue_access() else {
                     return;
@@ -1126,6 +1197,7 @@ impl AmqpConnection {
                             bindings: Vec::new(),
                             owner: m.exclusive.then(|| self.conn_id().to_string()),
                         };
+                        self.queue_used(&name, &queue);
                         if m.exclusive {
                             self.owned.insert(name.clone(), queue.clone());
                             if self.lease_timer.is_none() {
@@ -1155,7 +1227,12 @@ impl AmqpConnection {
                             },
                         );
                     }
-                    Some(_) if m.passive => self.reply(channel, reply),
+                    // A passive declaration is a use too (RabbitMQ's `stat` resets the
+                    // queue's expiry timer).
+                    Some(q) if m.passive => {
+                        self.queue_used(&name, &q);
+                        self.reply(channel, reply)
+                    }
                     // RabbitMQ's strict check: `exclusive` must be what the queue has.
                     Some(q) if q.exclusive != m.exclusive => {
                         let e = ConnError::new(RESOURCE_LOCKED, lifetime::locked_text(&name));
@@ -1182,15 +1259,18 @@ impl AmqpConnection {
                             }
                             // Declared again: its route is opened again, which also
                             // starts feeding the queue on a gateway that just started.
-                            None => self.store_route(
-                                &name,
-                                &q,
-                                Task::RouteOpened {
-                                    channel,
-                                    delete: false,
-                                    reply,
-                                },
-                            ),
+                            None => {
+                                self.queue_used(&name, &q);
+                                self.store_route(
+                                    &name,
+                                    &q,
+                                    Task::RouteOpened {
+                                        channel,
+                                        delete: false,
+                                        reply,
+                                    },
+                                )
+                            }
                         }
                     }
                 }
@@ -1320,6 +1400,7 @@ impl AmqpConnection {
                         let name = consume.queue.clone();
                         consume.policy = QueuePolicy::of(&name, &q);
                         consume.auto_delete = q.auto_delete.then(|| q.clone());
+                        consume.expires = crate::queue_policy::expires(&q);
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),
@@ -1350,7 +1431,11 @@ impl AmqpConnection {
             },
             (Task::GetQueue { channel, m }, Outcome::Kv(r)) => match r {
                 Ok(Some(bytes)) => {
-                    let policy = Queue::decode(&bytes)
+                    let queue = Queue::decode(&bytes);
+                    if let Some(q) = &queue {
+                        self.queue_used(&m.queue, q);
+                    }
+                    let policy = queue
                         .map(|q| QueuePolicy::of(&m.queue, &q))
                         .unwrap_or_default();
                     self.basic_get(channel, m.queue, m.no_ack, policy)
@@ -1902,7 +1987,11 @@ impl AmqpConnection {
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
-        let Some((channel, tag, no_ack, _)) = self.consumers.get(&m.subscription).cloned() else {
+        let Some((channel, tag, no_ack)) = self
+            .consumers
+            .get(&m.subscription)
+            .map(|(channel, tag, no_ack, _)| (*channel, tag.clone(), *no_ack))
+        else {
             return;
         };
         if self.expire(&m) {
@@ -1970,7 +2059,11 @@ impl AmqpConnection {
 
     /// Acknowledges (`requeue` `None`), requeues or rejects settled deliveries.
     fn apply_settle(&mut self, settled: impl Iterator<Item = Unacked>, requeue: Option<bool>) {
+        let mut subs = Vec::new();
         for u in settled {
+            if !subs.contains(&u.sub) {
+                subs.push(u.sub);
+            }
             let (sub, delivery_id) = (u.sub, u.delivery_id);
             match (requeue, u.dead_letter) {
                 (Some(true), _) => self.out.push(Action::Nack { sub, delivery_id }),
@@ -1978,6 +2071,7 @@ impl AmqpConnection {
                 _ => self.out.ack(sub, delivery_id),
             }
         }
+        self.drained(subs);
     }
 
     /// What dead-lettering `m` would take, if its queue dead-letters.

@@ -20,6 +20,14 @@
 //! connection that uses one deletes it and goes on as RabbitMQ would once the queue is gone
 //! (a declaration creates it again, a passive one is 404).
 //!
+//! - A queue with **`x-expires`** is deleted once unused for that long (no consumer, no
+//!   `basic.get`, not declared again). Its last use is a record in the kv
+//!   ([`topology::expiry_key`]), moved on by each declaration and `basic.get`, and every
+//!   half of its `x-expires` by each connection that consumes it; the first connection
+//!   that uses the queue after that time deletes it and goes on without it (RabbitMQ
+//!   deletes it at that time; until somebody uses it here, its route still copies messages
+//!   into it, and a `mandatory` message routed only to it is not returned).
+//!
 //! Whether other consumers hold a queue is the backend's knowledge: opening the queue's
 //! route fails while consumers hold its subscription. An auto-delete queue is deleted by
 //! opening its route once this connection's last consumer of it is gone (a few tries, while
@@ -55,6 +63,61 @@ pub(super) fn locked_text(name: &str) -> String {
 }
 
 impl AmqpConnection {
+    /// Writes when the queue `name` expires (`None`: deletes the record), not waiting.
+    pub(super) fn put_expiry(&mut self, name: &str, until: Option<u64>) {
+        let token = self.ops.start(Op::Lease);
+        self.out.push(Action::KvPut {
+            token,
+            key: topology::expiry_key(name),
+            value: until.map(|t| t.to_be_bytes().to_vec()),
+        });
+    }
+
+    /// The queue was used now: it expires `x-expires` from now (if it has one).
+    pub(super) fn queue_used(&mut self, name: &str, queue: &Queue) {
+        if let Some(expires) = crate::queue_policy::expires(queue) {
+            self.put_expiry(name, Some(self.now_ms + expires));
+        }
+    }
+
+    /// A consumer of `name` started: while this connection consumes it, its expiry moves on.
+    pub(super) fn consuming_expiring(&mut self, name: &str, expires: u64) {
+        self.put_expiry(name, Some(self.now_ms + expires));
+        self.expiring.insert(name.to_string(), expires);
+        if self.expiry_timer.is_none() {
+            self.arm_expiry_timer();
+        }
+    }
+
+    fn arm_expiry_timer(&mut self) {
+        let Some(shortest) = self.expiring.values().min().copied() else {
+            return;
+        };
+        let token = self.ops.token();
+        self.expiry_timer = Some(token);
+        self.out.push(Action::SetTimer {
+            token,
+            delay_ms: (shortest / 2).max(100),
+        });
+    }
+
+    pub(super) fn on_expiry_timer(&mut self, token: u64) -> bool {
+        if self.expiry_timer != Some(token) {
+            return false;
+        }
+        self.expiry_timer = None;
+        if self.phase != Phase::Running {
+            return true;
+        }
+        let renew: Vec<(String, u64)> =
+            self.expiring.iter().map(|(n, e)| (n.clone(), *e)).collect();
+        for (name, expires) in renew {
+            self.put_expiry(&name, Some(self.now_ms + expires));
+        }
+        self.arm_expiry_timer();
+        true
+    }
+
     /// This connection's id as an owner of exclusive queues.
     pub(super) fn conn_id(&self) -> &str {
         &self.conn_id
@@ -116,6 +179,52 @@ impl AmqpConnection {
         };
         self.policies.remove(&sub);
         self.out.push(Action::Unsubscribe { sub, delete: false });
+        self.consumer_gone(channel, tag, queue, notify);
+    }
+
+    /// The client cancelled a consumer that holds unacknowledged deliveries: RabbitMQ keeps
+    /// them on the channel for a later ack, nack or reject, so its subscription stays open
+    /// (delivering nothing more to the client) until they are settled ([`Self::drained`]);
+    /// what the host hands it meanwhile goes back to the queue when it closes. Not for an
+    /// auto-delete queue, which goes with its last consumer at once.
+    pub(super) fn cancel_consumer(&mut self, channel: u16, sub: SubId) {
+        let holds = self.channels.get(&channel).is_some_and(|s| s.holds(sub));
+        let auto_delete = self
+            .consumers
+            .get(&sub)
+            .is_some_and(|c| self.auto_delete.contains_key(&c.3));
+        if !holds || auto_delete {
+            return self.end_consumer(sub, false);
+        }
+        let Some((channel, tag, _, queue)) = self.consumers.remove(&sub) else {
+            return;
+        };
+        self.draining.insert(sub, channel);
+        self.consumer_gone(channel, tag, queue, false);
+    }
+
+    /// Deliveries of `subs` were settled: a cancelled consumer whose last one it was closes.
+    pub(super) fn drained(&mut self, subs: impl IntoIterator<Item = SubId>) {
+        for sub in subs {
+            let Some(channel) = self.draining.get(&sub).copied() else {
+                continue;
+            };
+            let holds = self.channels.get(&channel).is_some_and(|s| s.holds(sub));
+            if !holds {
+                self.end_draining(sub);
+            }
+        }
+    }
+
+    /// Closes a cancelled consumer's subscription.
+    pub(super) fn end_draining(&mut self, sub: SubId) {
+        if self.draining.remove(&sub).is_some() {
+            self.policies.remove(&sub);
+            self.out.push(Action::Unsubscribe { sub, delete: false });
+        }
+    }
+
+    fn consumer_gone(&mut self, channel: u16, tag: String, queue: String, notify: bool) {
         if let Some(state) = self.channels.get_mut(&channel) {
             state.consumers.remove(&tag);
         }
@@ -130,6 +239,10 @@ impl AmqpConnection {
         }
         if self.consumers.values().any(|c| c.3 == queue) {
             return;
+        }
+        // Unused from now (as far as this connection goes).
+        if let Some(expires) = self.expiring.remove(&queue) {
+            self.put_expiry(&queue, Some(self.now_ms + expires));
         }
         if let Some(q) = self.auto_delete.remove(&queue) {
             if !self.owned.contains_key(&queue) {

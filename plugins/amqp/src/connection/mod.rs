@@ -109,7 +109,7 @@ enum Op {
         sub: SubId,
         no_wait: bool,
     },
-    /// The lease of this connection's exclusive queues written or renewed.
+    /// The lease of this connection's exclusive queues, or a queue's expiry, written.
     Lease,
     /// A queue being deleted in the background.
     Reap(lifetime::Reap),
@@ -216,6 +216,13 @@ pub struct AmqpConnection {
     owned: std::collections::BTreeMap<String, crate::topology::Queue>,
     /// The auto-delete queues it consumes, by name.
     auto_delete: HashMap<String, crate::topology::Queue>,
+    /// Cancelled consumers whose deliveries the client has not all settled yet, and their
+    /// channel (`lifetime::cancel_consumer`).
+    draining: HashMap<SubId, u16>,
+    /// The queues with `x-expires` it consumes, and their `x-expires`.
+    expiring: HashMap<String, u64>,
+    /// The timer that moves their expiry on.
+    expiry_timer: Option<u64>,
     /// The timer that renews its lease, while it has one.
     lease_timer: Option<u64>,
     /// Queues being deleted in the background.
@@ -264,6 +271,9 @@ impl AmqpConnection {
             conn_id: format!("{seed:016x}-{now_ms:x}"),
             owned: Default::default(),
             auto_delete: HashMap::new(),
+            expiring: HashMap::new(),
+            draining: HashMap::new(),
+            expiry_timer: None,
             lease_timer: None,
             reaps: 0,
             ending: None,
@@ -610,6 +620,7 @@ impl AmqpConnection {
             || self.on_reap_timer(token)
             || self.on_lease_timer(token)
             || self.on_block_timer(token)
+            || self.on_expiry_timer(token)
         {
             return;
         }
