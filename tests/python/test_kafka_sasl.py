@@ -1,10 +1,10 @@
 """Kafka SASL through the host's SASL service, on the contract of examples/two-tenants.toml
 (anonymous access off; alice of tenant acme, bob of tenant globex): librdkafka through
 confluent-kafka with `security.protocol=SASL_PLAINTEXT` and PLAIN, SCRAM-SHA-256,
-SCRAM-SHA-512; kafka-python with PLAIN. A user's records land in its tenant's namespace
-(found with the official Pulsar client and the user's token: the example's tenants
-encrypt payloads at rest, so the key is checked); a wrong password and a
-client without SASL are refused.
+SCRAM-SHA-512; kafka-python with PLAIN and SCRAM-SHA-512. A user's records land in its
+tenant's namespace (found with the official Pulsar client and the user's token: the
+example's tenants encrypt payloads at rest, so the key is checked); a wrong password, an
+unoffered mechanism and a client without SASL are refused.
 
 Every topic is fresh (uuid), every client is closed by the test, the gateway is stopped by
 the fixture, every wait is bounded.
@@ -141,13 +141,14 @@ def test_an_unoffered_mechanism_is_refused(tenants):
     assert any("OAUTHBEARER" in e.str() and "PLAIN" in e.str() for e in errors), errors
 
 
-def test_kafka_python_sasl_plain(tenants):
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
+def test_kafka_python_sasl(tenants, mechanism):
     gw = tenants
     topic = topic_name()
     common = dict(
         bootstrap_servers=gw.bootstrap,
         security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism="PLAIN",
+        sasl_mechanism=mechanism,
         sasl_plain_username="bob",
         sasl_plain_password="bob-secret",
     )
