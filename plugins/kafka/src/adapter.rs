@@ -2,6 +2,8 @@
 //! [`KafkaConnection`], the group coordinator's home a [`GroupHome`], both run by the SDK's
 //! [`Driver`]. No protocol decision is made here.
 
+use std::rc::Rc;
+
 use magnetar_sdk::{Action, Conn, ConnInfo, Driver, Event, Machine, Plugin};
 
 use crate::config::Config;
@@ -11,6 +13,8 @@ use crate::coordinator::{GroupHome, DOMAIN};
 /// The plugin instance: the parsed config, shared by its connections.
 pub struct KafkaPlugin {
     config: Config,
+    /// The host's SASL mechanisms, asked once.
+    sasl_mechanisms: Option<Rc<[String]>>,
 }
 
 /// What one of the instance's connections is: a client's, or the coordinator's home.
@@ -48,14 +52,17 @@ impl Plugin for KafkaPlugin {
     fn new(config: &str) -> Result<Self, String> {
         Ok(KafkaPlugin {
             config: Config::parse(config)?,
+            sasl_mechanisms: None,
         })
     }
 
     fn open(&mut self, conn: Conn, _info: ConnInfo) -> Driver<KafkaMachine> {
-        Driver::new(
-            conn,
-            KafkaMachine::Client(Box::new(KafkaConnection::new(self.config))),
-        )
+        let mechanisms = self
+            .sasl_mechanisms
+            .get_or_insert_with(|| Rc::from(magnetar_sdk::sasl_mechanisms()))
+            .clone();
+        let machine = KafkaConnection::new(self.config).with_sasl_mechanisms(mechanisms);
+        Driver::new(conn, KafkaMachine::Client(Box::new(machine)))
     }
 
     fn open_home(&mut self, home: Conn, domain: &str, _shard: u32) -> Option<Driver<KafkaMachine>> {

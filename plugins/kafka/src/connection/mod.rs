@@ -9,9 +9,10 @@
 //! connection, requests will be processed in the order they are sent to it"), which clients
 //! rely on, with no queue of pending answers.
 //!
-//! The connection authenticates as the anonymous principal before its first request that
-//! touches the backend (SASL comes with increment 3, docs/kafka.md section 8); every topic it
-//! names lives in that principal's namespace.
+//! The connection authenticates through SASL (sasl.rs: SaslHandshake, SaslAuthenticate, the
+//! exchange run by the host), or else as the anonymous principal before its first request
+//! that touches the backend, which closes the connection when the gateway allows no
+//! anonymous access; every topic it names lives in that principal's namespace.
 //!
 //! What closes the connection (a Kafka broker closes it too): a negative or too large size,
 //! a request shorter than its fixed header, an API key or version this plugin does not
@@ -29,9 +30,14 @@ mod fetch;
 mod groups;
 mod list_offsets;
 mod produce;
+mod sasl;
+#[cfg(test)]
+mod sasl_tests;
 #[cfg(test)]
 mod tests;
 mod topics;
+
+use std::rc::Rc;
 
 use kafka_protocol::messages::{ApiKey, RequestHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
@@ -111,6 +117,8 @@ enum Op {
     KvGet(usize, usize),
     /// A kv scan of a group request, with its prefix.
     KvScan(usize, String),
+    /// A SASL step at the host (sasl.rs).
+    Sasl,
 }
 
 /// The request being served, with what it waits for.
@@ -150,6 +158,10 @@ pub struct KafkaConnection {
     /// Closing or closed: nothing more is read or answered.
     closed: bool,
     auth: Auth,
+    /// The SASL exchange (sasl.rs).
+    sasl: sasl::Sasl,
+    /// The host's SASL mechanisms, best first.
+    sasl_mechanisms: Rc<[String]>,
     /// A request decoded that waits for authentication.
     held: Option<Current>,
     /// The request being served.
@@ -171,6 +183,8 @@ impl KafkaConnection {
             ops: Ops::new(),
             closed: false,
             auth: Auth::No,
+            sasl: sasl::Sasl::Idle,
+            sasl_mechanisms: Rc::from(Vec::new()),
             held: None,
             job: None,
             now_ms: 0,
@@ -180,10 +194,34 @@ impl KafkaConnection {
         }
     }
 
+    /// The SASL mechanisms the host offers (`magnetar_sdk::sasl_mechanisms`), best first.
+    pub fn with_sasl_mechanisms(mut self, mechanisms: Rc<[String]>) -> Self {
+        self.sasl_mechanisms = mechanisms;
+        self
+    }
+
+    /// Something waits: no more requests are read until it is done.
+    fn paused(&self) -> bool {
+        self.job.is_some() || self.held.is_some() || matches!(self.sasl, sasl::Sasl::Waiting { .. })
+    }
+
     /// Serves whole requests from the input, in order, until one waits.
     fn decode(&mut self) {
         let limit = self.config.max_request_bytes;
-        while !self.closed && self.job.is_none() && self.held.is_none() {
+        while !self.closed && !self.paused() {
+            if self.sasl.raw() {
+                match self.input.next_frame(|b| sasl::raw_token(b, limit)) {
+                    Ok(Some(token)) => {
+                        self.sasl_raw_token(token);
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.close(e);
+                        break;
+                    }
+                }
+            }
             let request = match self.input.next_frame(|b| codec::frame(b, limit)) {
                 Ok(Some(request)) => request,
                 Ok(None) => break,
@@ -197,7 +235,7 @@ impl KafkaConnection {
             }
         }
         if !self.closed {
-            let paused = self.job.is_some() || self.held.is_some();
+            let paused = self.paused();
             if let Err(e) = self.input.settle(paused, &mut self.out) {
                 self.close(e.to_string());
             }
@@ -222,6 +260,16 @@ impl KafkaConnection {
                 "{key:?} v{} (correlation id {}) is not served",
                 head.api_version, head.correlation_id
             ));
+        }
+        match key {
+            ApiKey::SaslHandshake => return self.sasl_handshake(request),
+            ApiKey::SaslAuthenticate => return self.sasl_authenticate(request),
+            _ if self.sasl.in_progress() => {
+                return Err(format!(
+                    "{key:?} before SASL authentication completed (ILLEGAL_SASL_STATE)"
+                ))
+            }
+            _ => {}
         }
         let version = head.api_version;
         let bytes = request.bytes;
@@ -402,6 +450,11 @@ impl KafkaConnection {
                         self.step();
                     }
                     Err(e) => self.close(format!("authentication refused: {}", e.message)),
+                }
+            }
+            Event::SaslResult { token, result } => {
+                if matches!(self.ops.complete(token), Some(Op::Sasl)) {
+                    self.on_sasl_result(result);
                 }
             }
             Event::AuthBusy { token } => {
