@@ -220,6 +220,13 @@ impl Gateway {
                     "warn"
                 },
             )
+            // `BENCH_MAGNETAR_ENV` (`K=V K=V`), as for the other parts' gateway.
+            .envs(
+                std::env::var("BENCH_MAGNETAR_ENV")
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('=')),
+            )
             .stdout(Stdio::null())
             // `BENCH_MAGNETAR_LOG`: the storm gateway's log goes to `<file>.storm`.
             .stderr(match std::env::var_os("BENCH_MAGNETAR_LOG") {
