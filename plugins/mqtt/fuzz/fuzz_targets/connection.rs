@@ -243,6 +243,10 @@ impl Host {
             | Action::DeleteTopic { .. }
             | Action::SetPartitions { .. }
             | Action::DescribeTopics { .. } => panic!("the MQTT plugin used indexed/topics: {a:?}"),
+            // Nor homes (ABI 0.2.4, Kafka's group coordinator).
+            Action::PostHome { .. } | Action::ReplyHome { .. } => {
+                panic!("the MQTT plugin used homes: {a:?}")
+            }
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
