@@ -38,3 +38,5 @@ pub mod connection;
 pub mod coordinator;
 /// Kafka records as Pulsar messages and back.
 pub mod message;
+#[cfg(test)]
+mod test_wire;

@@ -22,6 +22,7 @@ use magnetar_sdk::{Property, RecordOut};
 use super::{error, KafkaConnection};
 use crate::codec::compression::{self, Codec};
 use crate::config::Config;
+use crate::test_wire;
 
 fn host() -> SimHost<KafkaConnection> {
     SimHost::new(1_000, KafkaConnection::new(Config::default()))
@@ -52,19 +53,13 @@ fn send<Q: Encodable + HeaderVersion>(
     correlation_id: i32,
     body: &Q,
 ) {
-    let header = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str("test")));
-    let mut frame = BytesMut::new();
-    header
-        .encode(&mut frame, Q::header_version(version))
-        .unwrap();
-    body.encode(&mut frame, version).unwrap();
-    let mut out = (frame.len() as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&frame);
-    host.data(&out);
+    host.data(&test_wire::request(
+        key,
+        version,
+        correlation_id,
+        "test",
+        body,
+    ));
 }
 
 /// The one response sent since the last call, if any.
@@ -73,18 +68,7 @@ fn receive<R: Decodable + HeaderVersion>(
     version: i16,
     correlation_id: i32,
 ) -> Option<R> {
-    let sent = host.take_sent();
-    if sent.is_empty() {
-        return None;
-    }
-    let size = i32::from_be_bytes(sent[..4].try_into().unwrap()) as usize;
-    assert_eq!(sent.len(), 4 + size, "one response");
-    let mut frame = Bytes::copy_from_slice(&sent[4..]);
-    let header = ResponseHeader::decode(&mut frame, R::header_version(version)).unwrap();
-    assert_eq!(header.correlation_id, correlation_id);
-    let body = R::decode(&mut frame, version).unwrap();
-    assert!(frame.is_empty(), "trailing bytes");
-    Some(body)
+    test_wire::response(&host.take_sent(), version, correlation_id)
 }
 
 fn create(host: &mut SimHost<KafkaConnection>, topic: &str, partitions: i32) -> i16 {

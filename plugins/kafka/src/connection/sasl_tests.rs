@@ -1,10 +1,10 @@
 //! SaslHandshake and SaslAuthenticate on the simulated host, whose SASL outcomes the tests
 //! give by hand (the simulated host runs no SASL of its own).
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::{
-    ApiKey, MetadataRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
-    SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    ApiKey, MetadataRequest, SaslAuthenticateRequest, SaslAuthenticateResponse,
+    SaslHandshakeRequest, SaslHandshakeResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use magnetar_sdk::testing::SimHost;
@@ -12,6 +12,7 @@ use magnetar_sdk::{Action, ErrorKind, Event, OpError, Principal, SaslOutcome, Sa
 
 use super::KafkaConnection;
 use crate::config::Config;
+use crate::test_wire;
 
 const MECHANISMS: [&str; 3] = ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"];
 
@@ -30,19 +31,13 @@ fn send<Q: Encodable + HeaderVersion>(
     correlation_id: i32,
     body: &Q,
 ) {
-    let header = RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str("test")));
-    let mut frame = BytesMut::new();
-    header
-        .encode(&mut frame, Q::header_version(version))
-        .unwrap();
-    body.encode(&mut frame, version).unwrap();
-    let mut out = (frame.len() as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&frame);
-    host.data(&out);
+    host.data(&test_wire::request(
+        key,
+        version,
+        correlation_id,
+        "test",
+        body,
+    ));
 }
 
 fn receive<R: Decodable + HeaderVersion>(
@@ -50,16 +45,9 @@ fn receive<R: Decodable + HeaderVersion>(
     version: i16,
     correlation_id: i32,
 ) -> R {
-    let sent = host.take_sent();
-    assert!(sent.len() >= 4, "no response (closed: {:?})", host.closed());
-    let size = i32::from_be_bytes(sent[..4].try_into().unwrap()) as usize;
-    assert_eq!(sent.len(), 4 + size, "one response");
-    let mut frame = Bytes::copy_from_slice(&sent[4..]);
-    let header = ResponseHeader::decode(&mut frame, R::header_version(version)).unwrap();
-    assert_eq!(header.correlation_id, correlation_id);
-    let body = R::decode(&mut frame, version).unwrap();
-    assert!(frame.is_empty(), "trailing bytes");
-    body
+    let closed = host.closed().map(str::to_string);
+    test_wire::response(&host.take_sent(), version, correlation_id)
+        .unwrap_or_else(|| panic!("no response (closed: {closed:?})"))
 }
 
 fn handshake(host: &mut SimHost<KafkaConnection>, version: i16, mechanism: &'static str) -> i16 {

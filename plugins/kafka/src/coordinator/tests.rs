@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
 use kafka_protocol::messages::leave_group_request::MemberIdentity;
 use kafka_protocol::messages::offset_commit_request::{
@@ -23,6 +23,7 @@ use super::group::{error, Timing};
 use super::GroupHome;
 use crate::config::Config;
 use crate::connection::KafkaConnection;
+use crate::test_wire;
 
 /// One gateway: a home and client connections, each with its namespace.
 struct Gw {
@@ -109,18 +110,7 @@ impl Gw {
     ) -> i32 {
         self.next_corr += 1;
         let corr = self.next_corr;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(corr)
-            .with_client_id(Some(StrBytes::from_static_str("client")));
-        let mut frame = BytesMut::new();
-        header
-            .encode(&mut frame, Q::header_version(version))
-            .unwrap();
-        body.encode(&mut frame, version).unwrap();
-        let mut out = (frame.len() as i32).to_be_bytes().to_vec();
-        out.extend_from_slice(&frame);
+        let out = test_wire::request(key, version, corr, "client", body);
         self.clients[client].0.data(&out);
         self.pump();
         corr
@@ -133,18 +123,7 @@ impl Gw {
         version: i16,
         corr: i32,
     ) -> Option<R> {
-        let sent = self.clients[client].0.take_sent();
-        if sent.is_empty() {
-            return None;
-        }
-        let size = i32::from_be_bytes(sent[..4].try_into().unwrap()) as usize;
-        assert_eq!(sent.len(), 4 + size, "one response");
-        let mut frame = Bytes::copy_from_slice(&sent[4..]);
-        let header = ResponseHeader::decode(&mut frame, R::header_version(version)).unwrap();
-        assert_eq!(header.correlation_id, corr);
-        let body = R::decode(&mut frame, version).unwrap();
-        assert!(frame.is_empty(), "trailing bytes");
-        Some(body)
+        test_wire::response(&self.clients[client].0.take_sent(), version, corr)
     }
 
     fn call<Q: Encodable + HeaderVersion, R: Decodable + HeaderVersion>(
