@@ -842,20 +842,11 @@ impl AmqpConnection {
         let token = self.ops.start(Op::Consume(consume.clone()));
         self.out.push(Action::OpenConsumer {
             token,
-            spec: ConsumerSpec {
-                topic: TopicRef {
-                    name: topology::queue_topic(&consume.queue),
-                    persistent: true,
-                },
-                subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
-                mode: SubMode::Shared,
-                start: Position::Earliest,
-                max_unacked: consume.prefetch,
-                nack_delay_ms: 0,
-                max_redeliveries: 0,
-                dead_letter_topic: None,
-                consumer_name: Some(consume.tag.clone()),
-            },
+            spec: queue_consumer(
+                topology::queue_topic(&consume.queue),
+                consume.prefetch,
+                Some(consume.tag.clone()),
+            ),
         });
         self.busy = true;
     }
@@ -940,20 +931,7 @@ impl AmqpConnection {
         let token = self.ops.start(Op::Purge(p));
         self.out.push(Action::OpenConsumer {
             token,
-            spec: ConsumerSpec {
-                topic: TopicRef {
-                    name: topic,
-                    persistent: true,
-                },
-                subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
-                mode: SubMode::Shared,
-                start: Position::Earliest,
-                max_unacked: 1,
-                nack_delay_ms: 0,
-                max_redeliveries: 0,
-                dead_letter_topic: None,
-                consumer_name: None,
-            },
+            spec: queue_consumer(topic, 1, None),
         });
         self.busy = true;
     }
@@ -1762,20 +1740,7 @@ impl AmqpConnection {
             });
             self.out.push(Action::OpenConsumer {
                 token,
-                spec: ConsumerSpec {
-                    topic: TopicRef {
-                        name: topology::queue_topic(&queue),
-                        persistent: true,
-                    },
-                    subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
-                    mode: SubMode::Shared,
-                    start: Position::Earliest,
-                    max_unacked: 1,
-                    nack_delay_ms: 0,
-                    max_redeliveries: 0,
-                    dead_letter_topic: None,
-                    consumer_name: None,
-                },
+                spec: queue_consumer(topology::queue_topic(&queue), 1, None),
             });
         }
         let timer = self.ops.token();
@@ -2242,4 +2207,23 @@ fn delivery_fields(m: &Message) -> (String, String, Vec<u8>) {
 /// A seed for the names of a connection's server-named queues.
 pub fn name_seed(conn: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(conn)
+}
+
+/// A consumer on a queue's topic: the queue's shared subscription, from its start, with
+/// `max_unacked` deliveries in flight.
+fn queue_consumer(topic: String, max_unacked: u32, consumer_name: Option<String>) -> ConsumerSpec {
+    ConsumerSpec {
+        topic: TopicRef {
+            name: topic,
+            persistent: true,
+        },
+        subscription: Some(topology::QUEUE_SUBSCRIPTION.into()),
+        mode: SubMode::Shared,
+        start: Position::Earliest,
+        max_unacked,
+        nack_delay_ms: 0,
+        max_redeliveries: 0,
+        dead_letter_topic: None,
+        consumer_name,
+    }
 }
