@@ -10,7 +10,7 @@ use base64::Engine as _;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::appender::{Job, Records, MAX_APPEND_BYTES, MAX_APPEND_RECORDS};
+use super::appender::{DedupKey, Job, Records, MAX_APPEND_BYTES, MAX_APPEND_RECORDS};
 use super::context::{op_error, HostState};
 use super::entry_reader::{run_reader, ReaderTask};
 use super::event::Event;
@@ -64,13 +64,20 @@ impl HostState {
         topic: &str,
         records: Vec<RecordOut>,
         dedup: Option<DedupSpec>,
-    ) -> Result<(String, Records, usize), OpError> {
-        if dedup.is_some() {
-            return Err(op_error(
-                ErrorKind::Internal,
-                "de-duplicated appends are not served by this gateway yet",
-            ));
-        }
+    ) -> Result<(String, Records, usize, Option<DedupKey>), OpError> {
+        let dedup = match dedup {
+            Some(d) if d.name.is_empty() || d.name.len() > 256 => {
+                return Err(op_error(
+                    ErrorKind::InvalidName,
+                    "a de-duplicating producer's name has 1 to 256 bytes",
+                ))
+            }
+            Some(d) => Some(DedupKey {
+                name: d.name,
+                first_sequence: d.first_sequence,
+            }),
+            None => None,
+        };
         if records.is_empty() || records.len() > MAX_APPEND_RECORDS {
             return Err(op_error(
                 ErrorKind::InvalidName,
@@ -112,7 +119,7 @@ impl HostState {
                 format!("an append holds at most {MAX_APPEND_BYTES} bytes"),
             ));
         }
-        Ok((url, out, bytes))
+        Ok((url, out, bytes, dedup))
     }
 
     fn append_failed(&self, conn: u64, token: u64, e: OpError) {
@@ -136,7 +143,7 @@ impl indexed::Host for HostState {
         records: Vec<RecordOut>,
         dedup: Option<DedupSpec>,
     ) {
-        let (url, messages, bytes) = match self.check_append(conn, &topic, records, dedup) {
+        let (url, messages, bytes, dedup) = match self.check_append(conn, &topic, records, dedup) {
             Ok(c) => c,
             Err(e) => return self.append_failed(conn, token, e),
         };
@@ -149,14 +156,16 @@ impl indexed::Host for HostState {
             conn,
             token,
             messages,
+            dedup,
             not_before,
             events: self.events.clone(),
+            state: None,
         };
         let queued =
             self.services
                 .appenders
                 .append(&self.runtime, &self.services.backend, &url, job);
-        if let Err((_, e)) = queued {
+        if let Err(e) = queued {
             self.append_failed(conn, token, e);
         }
     }

@@ -41,8 +41,9 @@ pub(super) struct Indexed {
     /// Next index per topic (indexes never go back, even after a topic's entries go).
     next_index: BTreeMap<String, u64>,
     next_entry: u64,
-    /// Highest sequence id stored per (topic, producer name).
-    dedup: BTreeMap<(String, String), u64>,
+    /// Per (topic, producer name): the next sequence id expected and the last five
+    /// appends stored (first and last sequence id, the answer), as the host keeps them.
+    dedup: BTreeMap<(String, String), (u64, Vec<(u64, u64, Appended)>)>,
     pub(super) readers: BTreeMap<SubId, SimReader>,
     pub(super) topics: BTreeMap<String, u32>,
 }
@@ -72,22 +73,38 @@ impl Indexed {
             return Err(error(ErrorKind::InvalidName, "an entry needs a record"));
         }
         let n = records.len() as u64;
-        let (producer, sequence_id) = match dedup {
+        let wrap = 1u64 << 31;
+        let (producer, sequence_id, dedup_key) = match dedup {
             Some(d) => {
                 let key = (topic.to_string(), d.name.clone());
-                let last = d.first_sequence + n - 1;
-                if self.dedup.get(&key).is_some_and(|&high| last <= high) {
-                    return Ok(Appended {
-                        id: Vec::new(),
-                        first_index: 0,
-                        broker_time_ms: now_ms,
-                        duplicate: true,
-                    });
+                let last = (d.first_sequence + n - 1) % wrap;
+                if let Some((next, recent)) = self.dedup.get(&key) {
+                    if d.first_sequence != *next {
+                        return match recent
+                            .iter()
+                            .find(|(f, l, _)| *f == d.first_sequence && *l == last)
+                        {
+                            Some((_, _, a)) => Ok(Appended {
+                                duplicate: true,
+                                ..a.clone()
+                            }),
+                            None => Err(error(
+                                ErrorKind::InvalidName,
+                                &format!(
+                                    "out-of-order sequence: {} expected {next}, got {}",
+                                    d.name, d.first_sequence
+                                ),
+                            )),
+                        };
+                    }
                 }
-                self.dedup.insert(key, last);
-                (d.name, d.first_sequence)
+                (
+                    d.name,
+                    d.first_sequence,
+                    Some((key, d.first_sequence, last)),
+                )
             }
-            None => ("sim".to_string(), self.next_entry),
+            None => ("sim".to_string(), self.next_entry, None),
         };
         let messages = records
             .into_iter()
@@ -99,12 +116,21 @@ impl Indexed {
             })
             .collect();
         let entry = self.push(now_ms, topic, producer, sequence_id, messages);
-        Ok(Appended {
+        let appended = Appended {
             id: entry_id(entry.number),
             first_index: entry.first_index,
             broker_time_ms: entry.time_ms,
             duplicate: false,
-        })
+        };
+        if let Some((key, first, last)) = dedup_key {
+            let (next, recent) = self.dedup.entry(key).or_default();
+            *next = (last + 1) % wrap;
+            if recent.len() == 5 {
+                recent.remove(0);
+            }
+            recent.push((first, last, appended.clone()));
+        }
+        Ok(appended)
     }
 
     /// Stores an entry of `messages` (at least one) at the end of `topic`'s log.
@@ -457,6 +483,45 @@ mod tests {
             .collect();
         assert_eq!(dups, vec![false, true]);
         assert_eq!(host.entries("t").len(), 1);
+        // The next batch is stored; the first, repeated, gets its original offsets; a gap
+        // is out of order.
+        for (token, first) in [(3, 2), (4, 0), (5, 9)] {
+            act(
+                &mut host,
+                Action::Append {
+                    token,
+                    topic: "t".into(),
+                    records: records(&["c", "d"]),
+                    dedup: Some(DedupSpec {
+                        name: "kafka-7-0".into(),
+                        first_sequence: first,
+                    }),
+                },
+            );
+        }
+        let results: Vec<Result<(u64, bool), String>> = host
+            .machine()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Appended { result, .. } => Some(
+                    result
+                        .as_ref()
+                        .map(|a| (a.first_index, a.duplicate))
+                        .map_err(|e| e.message.clone()),
+                ),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results[2], Ok((2, false)));
+        assert_eq!(results[3], Ok((0, true)));
+        assert!(
+            results[4]
+                .as_ref()
+                .is_err_and(|m| m.starts_with("out-of-order sequence")),
+            "{results:?}"
+        );
+        assert_eq!(host.entries("t").len(), 2);
     }
 
     #[test]

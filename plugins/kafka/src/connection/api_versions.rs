@@ -46,6 +46,7 @@ pub const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::SaslHandshake, 0, 1),
     (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 /// Why an ApiVersions request could not be answered: the connection closes.

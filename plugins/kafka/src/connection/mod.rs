@@ -28,6 +28,9 @@ pub mod api_versions;
 mod data_tests;
 mod fetch;
 mod groups;
+mod idempotence;
+#[cfg(test)]
+mod idempotence_tests;
 mod list_offsets;
 mod produce;
 mod sasl;
@@ -73,6 +76,7 @@ pub mod error {
     pub const INVALID_PARTITIONS: i16 = 37;
     pub const INVALID_REPLICATION_FACTOR: i16 = 38;
     pub const INVALID_REQUEST: i16 = 42;
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
     pub const INVALID_RECORD: i16 = 87;
 }
@@ -312,6 +316,10 @@ impl KafkaConnection {
                 // Answered at once: this gateway coordinates every group.
                 let (h, r) = decoded!(kafka_protocol::messages::FindCoordinatorRequest);
                 return self.start_find_coordinator(&h, r);
+            }
+            ApiKey::InitProducerId => {
+                let (h, r) = decoded!(kafka_protocol::messages::InitProducerIdRequest);
+                return self.init_producer_id(&h, r);
             }
             ApiKey::JoinGroup => {
                 let (h, _) = decoded!(kafka_protocol::messages::JoinGroupRequest);

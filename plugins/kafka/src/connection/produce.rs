@@ -11,6 +11,9 @@
 //!   `RECORD_LIST_TOO_LARGE` past `max_uncompressed_bytes`,
 //!   `UNSUPPORTED_COMPRESSION_TYPE` for an unknown codec, `UNKNOWN_TOPIC_OR_PARTITION` for
 //!   a topic or partition that does not exist.
+//! - Idempotent producers' batches (a producer id) are de-duplicated appends
+//!   (idempotence.rs): a retry gets the original base offset, a gap
+//!   `OUT_OF_ORDER_SEQUENCE_NUMBER`.
 //! - A transactional producer (`transactional_id`) is refused
 //!   (`TRANSACTIONAL_ID_AUTHORIZATION_FAILED`): ApiVersions does not list the transaction
 //!   APIs.
@@ -19,10 +22,10 @@ use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, RequestHeader, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use magnetar_sdk::{Action, Property, RecordOut};
+use magnetar_sdk::{Action, DedupSpec, Property, RecordOut};
 
 use super::topics::partition_topic;
-use super::{error, op_error_code, Job, JobEvent, KafkaConnection, Op};
+use super::{error, idempotence, Job, JobEvent, KafkaConnection, Op};
 use crate::codec::records;
 use crate::message;
 
@@ -97,7 +100,7 @@ impl KafkaConnection {
                     if let Some(part) = j.topics.get_mut(t).and_then(|t| t.1.get_mut(p)) {
                         part.result = Some(match result {
                             Ok(a) => (error::NONE, i64::try_from(a.first_index).unwrap_or(-1)),
-                            Err(e) => (op_error_code(&e), -1),
+                            Err(e) => (idempotence::append_error_code(&e), -1),
                         });
                     }
                 }
@@ -170,13 +173,13 @@ impl KafkaConnection {
                     continue;
                 };
                 match batch_records(bytes, limits) {
-                    Ok(records) => {
+                    Ok((records, dedup)) => {
                         let token = self.ops.start(Op::Append(ti, pi));
                         self.out.push(Action::Append {
                             token,
                             topic,
                             records,
-                            dedup: None,
+                            dedup,
                         });
                     }
                     Err(code) => part.result = Some((code, -1)),
@@ -186,9 +189,12 @@ impl KafkaConnection {
     }
 }
 
-/// The messages of a partition's `records`: exactly one batch of magic 2 with user records,
-/// or the Kafka error code that refuses it.
-fn batch_records(bytes: Bytes, limits: records::Limits) -> Result<Vec<RecordOut>, i16> {
+/// The messages of a partition's `records` (exactly one batch of magic 2 with user
+/// records) and the batch's de-duplication, or the Kafka error code that refuses it.
+fn batch_records(
+    bytes: Bytes,
+    limits: records::Limits,
+) -> Result<(Vec<RecordOut>, Option<DedupSpec>), i16> {
     if records::magic(&bytes).is_some_and(|m| m != 2) {
         // Message sets v0/v1 come only with Produce v0-2, which is not served yet.
         return Err(error::INVALID_RECORD);
@@ -201,7 +207,8 @@ fn batch_records(bytes: Bytes, limits: records::Limits) -> Result<Vec<RecordOut>
     if batch.control || batch.transactional {
         return Err(error::INVALID_RECORD);
     }
-    Ok(batch
+    let dedup = idempotence::dedup_of(&batch);
+    let records = batch
         .records
         .iter()
         .map(|r| {
@@ -217,5 +224,6 @@ fn batch_records(bytes: Bytes, limits: records::Limits) -> Result<Vec<RecordOut>
                 event_time_ms: m.event_time_ms,
             }
         })
-        .collect())
+        .collect();
+    Ok((records, dedup))
 }
