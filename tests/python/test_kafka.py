@@ -230,3 +230,18 @@ def test_kcat_metadata_produce_and_consume(kafka):
     kcat(kafka, "-P", "-t", topic, "-p", "2", "-K", ":", stdin=b"a:one\nb:two\nc:three\n")
     out = kcat(kafka, "-C", "-t", topic, "-p", "2", "-o", "beginning", "-e", "-f", "%o %k %s\n")
     assert out.splitlines() == ["0 a one", "1 b two", "2 c three"]
+
+
+def test_a_batch_of_more_records_than_a_receiver_queue_is_fetched(kafka):
+    """librdkafka sends up to 10,000 records in one batch, one backend entry: a Fetch must
+    read such an entry whole (the gateway's backend consumers queue 1,000 messages; closing
+    one inside a larger batch used to hang, and the Fetch with it)."""
+    topic = topic_name()
+    create_topic(kafka, topic)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 1000, "batch.num.messages": 10000})
+    for i in range(3000):
+        producer.produce(topic, value=f"v{i}".encode(), partition=0)
+    assert producer.flush(TIMEOUT) == 0
+    got = consume(kafka, topic, 3000)
+    assert [m.offset() for m in got] == list(range(3000))
+    assert got[2999].value() == b"v2999"

@@ -1001,6 +1001,61 @@ mod tests {
         feature = "tokio-rustls-runtime-aws-lc-rs",
         feature = "tokio-rustls-runtime-ring"
     ))]
+    async fn close_after_part_of_a_batch_larger_than_the_receiver_queue() {
+        use crate::ProducerOptions;
+
+        let addr = "pulsar://127.0.0.1:6650";
+        let topic = format!("close_mid_batch_{}", rand::random::<u16>());
+        let client: Pulsar<_> = Pulsar::builder(addr, TokioExecutor).build().await.unwrap();
+        let mut producer = client
+            .producer()
+            .with_topic(&topic)
+            .with_options(ProducerOptions {
+                batch_size: Some(u32::MAX),
+                batch_timeout: None,
+                ..Default::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        let mut consumer: Consumer<Vec<u8>, _> = client
+            .consumer()
+            .with_topic(&topic)
+            .with_subscription("close_mid_batch")
+            .with_options(ConsumerOptions {
+                receiver_queue_size: Some(10),
+                ..Default::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        // One entry of 50 messages: the engine holds 10 in the queue and waits with the rest.
+        let mut receipts = Vec::new();
+        for i in 0..50u8 {
+            receipts.push(producer.send_non_blocking(vec![i]).await.unwrap());
+        }
+        producer.send_batch().await.unwrap();
+        for r in receipts {
+            r.await.unwrap();
+        }
+        let first = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the first message")
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.payload.data, vec![0]);
+        tokio::time::timeout(Duration::from_secs(10), consumer.close())
+            .await
+            .expect("close returns although the engine still holds messages")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    #[cfg(any(
+        feature = "tokio-runtime",
+        feature = "tokio-rustls-runtime-aws-lc-rs",
+        feature = "tokio-rustls-runtime-ring"
+    ))]
     async fn dead_letter_queue_batched() {
         use crate::ProducerOptions;
 

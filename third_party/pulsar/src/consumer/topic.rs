@@ -172,6 +172,32 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
         })
     }
 
+    /// (magnetar patch) The connection, for ending this consumer: the messages the engine
+    /// is still handing over meanwhile are read and dropped. The engine answers only between
+    /// messages, and a batch of more messages than the receiver queue holds blocks it until
+    /// the queue has room: a `close` after reading part of such a batch (a reader that
+    /// wanted the first message of an entry) waited for ever.
+    async fn connection_discarding(&mut self) -> Result<Arc<Connection<Exe>>, Error> {
+        let (resolver, mut response) = oneshot::channel();
+        self.engine_tx
+            .send(EngineMessage::GetConnection(resolver))
+            .await
+            .map_err(|_| ConsumerError::Connection(ConnectionError::Disconnected))?;
+        let canceled = |oneshot::Canceled| -> Error {
+            error!("the consumer engine dropped the request");
+            ConnectionError::Disconnected.into()
+        };
+        loop {
+            match futures::future::select(&mut response, self.messages.next()).await {
+                futures::future::Either::Left((answer, _)) => return answer.map_err(canceled),
+                futures::future::Either::Right((Some(_), _)) => {}
+                futures::future::Either::Right((None, _)) => {
+                    return response.await.map_err(canceled)
+                }
+            }
+        }
+    }
+
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn get_stats(&mut self) -> Result<CommandConsumerStatsResponse, Error> {
         let consumer_id = self.consumer_id;
@@ -296,7 +322,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn unsubscribe(&mut self) -> Result<(), Error> {
         let consumer_id = self.consumer_id;
-        self.connection()
+        self.connection_discarding()
             .await?
             .sender()
             .unsubscribe(consumer_id)
@@ -307,7 +333,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub async fn close(&mut self) -> Result<(), Error> {
         let consumer_id = self.consumer_id;
-        self.connection()
+        self.connection_discarding()
             .await?
             .sender()
             .close_consumer(consumer_id)
