@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pulsar
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KpTopicPartition
@@ -180,3 +187,50 @@ def test_kafka_python_sasl(tenants, mechanism):
         assert reader.read_next(timeout_millis=TIMEOUT * 1000).partition_key() == "k0"
     finally:
         client.close()
+
+
+def test_one_group_name_in_two_tenants_is_two_groups(tenants):
+    """alice (acme) and bob (globex) use the same topic and group names: each group reads
+    its own tenant's records, and commits, members and the group listing stay apart."""
+    gw = tenants
+    topic, group = topic_name(), f"g-{uuid.uuid4().hex[:8]}"
+    for user, count in (("alice", 3), ("bob", 5)):
+        producer = Producer(sasl(gw, "SCRAM-SHA-256", user, f"{user}-secret"))
+        for i in range(count):
+            producer.produce(topic, value=f"{user}-{i}".encode(), partition=0)
+        assert producer.flush(TIMEOUT) == 0
+
+    def read_and_commit(user: str, count: int) -> list:
+        consumer = Consumer(
+            {
+                **sasl(gw, "SCRAM-SHA-256", user, f"{user}-secret"),
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        try:
+            consumer.subscribe([topic])
+            got = []
+            deadline = time.monotonic() + TIMEOUT
+            while len(got) < count and time.monotonic() < deadline:
+                msg = consumer.poll(1.0)
+                if msg is not None and msg.error() is None:
+                    got.append(msg.value())
+            consumer.commit(asynchronous=False)
+            return got
+        finally:
+            consumer.close()
+
+    assert read_and_commit("alice", 3) == [f"alice-{i}".encode() for i in range(3)]
+    # alice's commit at offset 3 is not bob's: his group starts at his own first record.
+    assert read_and_commit("bob", 5) == [f"bob-{i}".encode() for i in range(5)]
+
+    def committed(user: str) -> int:
+        admin = AdminClient(sasl(gw, "SCRAM-SHA-256", user, f"{user}-secret"))
+        futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])
+        result = futures[group].result(timeout=TIMEOUT)
+        return {tp.partition: tp.offset for tp in result.topic_partitions}[0]
+
+    assert committed("alice") == 3
+    assert committed("bob") == 5
