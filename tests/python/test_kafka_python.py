@@ -4,8 +4,8 @@ Kafka release (0.11: Produce v3, Fetch v5, ListOffsets v2, Metadata v4; 1.0: Pro
 Fetch v6; 2.0: Produce v6, Fetch v8, ListOffsets v3). Each test produces keyed records
 with headers and reads them back from the first offset on a real gateway.
 
-0.10.x (Produce v2, Fetch v3, magic-1 message sets on the wire) is increment 4 of
-docs/kafka.md: `kafka-protocol` 0.18 no longer decodes those request versions.
+0.10.x (Produce v2, Fetch v2/v3, magic-1 message sets on the wire) is
+test_kafka_old.py.
 """
 import time
 

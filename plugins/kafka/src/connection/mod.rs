@@ -28,8 +28,11 @@ pub mod api_versions;
 mod data_tests;
 mod fetch;
 mod groups;
+#[cfg(test)]
+mod legacy_tests;
 mod list_offsets;
 mod produce;
+mod produce_v0;
 mod sasl;
 #[cfg(test)]
 mod sasl_tests;
@@ -46,7 +49,7 @@ use magnetar_sdk::ops::Ops;
 use magnetar_sdk::outbox::Outbox;
 use magnetar_sdk::{Action, Credentials, ErrorKind, Event, Machine, OpError};
 
-use crate::codec::{self, Request};
+use crate::codec::{self, legacy, Request};
 use crate::config::Config;
 
 pub use fetch::Readers;
@@ -278,6 +281,13 @@ impl KafkaConnection {
             ($t:ty) => {
                 decode_request::<$t>(bytes, version)?
             };
+            // An API whose old versions `codec::legacy` decodes.
+            ($t:ty, $old:ident) => {
+                match legacy::$old(&bytes, version) {
+                    Some(decoded) => decoded.map_err(|e| e.to_string())?,
+                    None => decode_request::<$t>(bytes, version)?,
+                }
+            };
         }
         let (header, job) = match key {
             ApiKey::Metadata => {
@@ -285,11 +295,17 @@ impl KafkaConnection {
                 (h, self.start_metadata(version, r))
             }
             ApiKey::CreateTopics => {
-                let (h, r) = decoded!(kafka_protocol::messages::CreateTopicsRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::CreateTopicsRequest,
+                    create_topics_request
+                );
                 (h, self.start_create_topics(version, r))
             }
             ApiKey::DeleteTopics => {
-                let (h, r) = decoded!(kafka_protocol::messages::DeleteTopicsRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::DeleteTopicsRequest,
+                    delete_topics_request
+                );
                 (h, self.start_delete_topics(version, r))
             }
             ApiKey::CreatePartitions => {
@@ -297,15 +313,18 @@ impl KafkaConnection {
                 (h, self.start_create_partitions(version, r))
             }
             ApiKey::Produce => {
-                let (h, r) = decoded!(kafka_protocol::messages::ProduceRequest);
+                let (h, r) = decoded!(kafka_protocol::messages::ProduceRequest, produce_request);
                 (h, self.start_produce(version, r))
             }
             ApiKey::Fetch => {
-                let (h, r) = decoded!(kafka_protocol::messages::FetchRequest);
+                let (h, r) = decoded!(kafka_protocol::messages::FetchRequest, fetch_request);
                 (h, self.start_fetch(version, r))
             }
             ApiKey::ListOffsets => {
-                let (h, r) = decoded!(kafka_protocol::messages::ListOffsetsRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::ListOffsetsRequest,
+                    list_offsets_request
+                );
                 (h, self.start_list_offsets(version, r))
             }
             ApiKey::FindCoordinator => {
@@ -338,11 +357,17 @@ impl KafkaConnection {
                 (h, Job::Group(Self::forward_job(raw)))
             }
             ApiKey::OffsetCommit => {
-                let (h, r) = decoded!(kafka_protocol::messages::OffsetCommitRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::OffsetCommitRequest,
+                    offset_commit_request
+                );
                 (h, Job::Group(Self::commit_job(r)))
             }
             ApiKey::OffsetFetch => {
-                let (h, r) = decoded!(kafka_protocol::messages::OffsetFetchRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::OffsetFetchRequest,
+                    offset_fetch_request
+                );
                 (h, Job::Group(Self::fetch_job(version, r)))
             }
             ApiKey::OffsetDelete => {
@@ -406,11 +431,15 @@ impl KafkaConnection {
     }
 
     /// Sends a response to the request of `header`.
-    fn respond<B: Encodable + HeaderVersion>(
+    fn respond<B: Encodable + HeaderVersion + 'static>(
         &mut self,
         header: &RequestHeader,
         body: &B,
     ) -> Result<(), String> {
+        if let Some(old) = legacy::encode_response(header, body) {
+            self.out.send(old.map_err(|e| e.to_string())?);
+            return Ok(());
+        }
         let version = header.request_api_version;
         let mut out = Vec::new();
         codec::write_response(

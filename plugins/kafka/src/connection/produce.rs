@@ -1,4 +1,5 @@
-//! Produce v3+ (record batches v2 only; KIP-98): each partition's batch becomes **one**
+//! Produce v3+ (record batches v2, KIP-98; the message sets of v0-2 come through
+//! produce_v0.rs): each partition's batch becomes **one**
 //! append (one backend entry, consecutive indexes), and the response carries the entry's
 //! first index as `base_offset`: the real offset, never a count (docs/kafka.md section 1.3).
 //!
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, RequestHeader, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use magnetar_sdk::{Action, Property, RecordOut};
+use magnetar_sdk::{Action, RecordOut};
 
 use super::topics::partition_topic;
 use super::{error, op_error_code, Job, JobEvent, KafkaConnection, Op};
@@ -190,8 +191,7 @@ impl KafkaConnection {
 /// or the Kafka error code that refuses it.
 fn batch_records(bytes: Bytes, limits: records::Limits) -> Result<Vec<RecordOut>, i16> {
     if records::magic(&bytes).is_some_and(|m| m != 2) {
-        // Message sets v0/v1 come only with Produce v0-2, which is not served yet.
-        return Err(error::INVALID_RECORD);
+        return super::produce_v0::message_set_records(&bytes, limits);
     }
     let mut batches = records::decode_batches(bytes, limits).map_err(|e| e.kafka_error())?;
     let batch = match (batches.pop(), batches.is_empty()) {
@@ -201,21 +201,5 @@ fn batch_records(bytes: Bytes, limits: records::Limits) -> Result<Vec<RecordOut>
     if batch.control || batch.transactional {
         return Err(error::INVALID_RECORD);
     }
-    Ok(batch
-        .records
-        .iter()
-        .map(|r| {
-            let m = message::from_record(r);
-            RecordOut {
-                key: m.key,
-                value: m.value,
-                properties: m
-                    .properties
-                    .into_iter()
-                    .map(|(key, value)| Property { key, value })
-                    .collect(),
-                event_time_ms: m.event_time_ms,
-            }
-        })
-        .collect())
+    Ok(batch.records.iter().map(message::record_out).collect())
 }
