@@ -47,6 +47,8 @@ pub const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::SaslHandshake, 0, 1),
     (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::DescribeConfigs, 0, 4),
+    (ApiKey::DescribeCluster, 0, 1),
 ];
 
 /// Why an ApiVersions request could not be answered: the connection closes.

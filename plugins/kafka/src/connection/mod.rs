@@ -26,6 +26,7 @@
 pub mod api_versions;
 #[cfg(test)]
 mod data_tests;
+mod describe;
 mod fetch;
 mod groups;
 #[cfg(test)]
@@ -133,6 +134,7 @@ enum Job {
     Produce(produce::ProduceJob),
     Fetch(fetch::FetchJob),
     ListOffsets(list_offsets::ListOffsetsJob),
+    DescribeConfigs(describe::DescribeConfigsJob),
     Group(groups::GroupJob),
 }
 
@@ -327,6 +329,18 @@ impl KafkaConnection {
                 );
                 (h, self.start_list_offsets(version, r))
             }
+            ApiKey::DescribeConfigs => {
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::DescribeConfigsRequest,
+                    describe_configs_request
+                );
+                (h, self.start_describe_configs(r))
+            }
+            ApiKey::DescribeCluster => {
+                // Answered at once: this gateway is the cluster.
+                let (h, r) = decoded!(kafka_protocol::messages::DescribeClusterRequest);
+                return self.describe_cluster(&h, r);
+            }
             ApiKey::FindCoordinator => {
                 // Answered at once: this gateway coordinates every group.
                 let (h, r) = decoded!(kafka_protocol::messages::FindCoordinatorRequest);
@@ -421,6 +435,7 @@ impl KafkaConnection {
             Job::Produce(j) => self.step_produce(header, j, inbox),
             Job::Fetch(j) => self.step_fetch(header, j, inbox),
             Job::ListOffsets(j) => self.step_list_offsets(header, j, inbox),
+            Job::DescribeConfigs(j) => self.step_describe_configs(header, j, inbox),
             Job::Group(j) => self.step_group(header, j, inbox),
         };
         match done {
