@@ -15,12 +15,18 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from test_kafka import TIMEOUT, create_topic, kafka, topic_name  # noqa: F401 (fixture)
 
 
+@pytest.mark.parametrize("codec", [None, "gzip", "snappy", "lz4"], ids=lambda c: c or "none")
 @pytest.mark.parametrize("api_version", [(0, 11), (1, 0), (2, 0)], ids=lambda v: ".".join(map(str, v)))
-def test_pinned_version_round_trip(kafka, api_version):  # noqa: F811 (fixture)
+def test_pinned_version_round_trip(kafka, api_version, codec):  # noqa: F811 (fixture)
+    """Every codec kafka-python has at these versions (zstd needs Produce v7, Kafka 2.1)."""
     topic = topic_name()
     create_topic(kafka, topic)
     producer = KafkaProducer(
-        bootstrap_servers=kafka.bootstrap, api_version=api_version, acks="all", linger_ms=20
+        bootstrap_servers=kafka.bootstrap,
+        api_version=api_version,
+        acks="all",
+        linger_ms=20,
+        compression_type=codec,
     )
     try:
         futures = [
