@@ -319,9 +319,9 @@ fn old_clients_produce_fetch_and_list_offsets() {
     assert_eq!(host.topics().get("old1"), None);
 }
 
-/// Bad message sets get the codes a 0.10 broker answered, and the connection stays up:
+/// Bad message sets get the codes Kafka answers, and the connection stays up:
 /// a wrong CRC, a wrapper inside a wrapper, a bomb past
-/// `max_uncompressed_bytes`.
+/// `max_uncompressed_bytes`, zstd.
 #[test]
 fn bad_message_sets_are_refused_with_kafka_codes() {
     let mut host = host_with(Config {
@@ -375,6 +375,14 @@ fn bad_message_sets_are_refused_with_kafka_codes() {
     assert_eq!(
         produce(&mut host, 2, "old", bomb.into()).0,
         RECORD_LIST_TOO_LARGE
+    );
+
+    // zstd only in record batches v2 (KIP-110).
+    let mut zstd = Vec::new();
+    message_set::encode_wrapped(1, Codec::Zstd, &[rec(0)], &mut zstd).unwrap();
+    assert_eq!(
+        produce(&mut host, 2, "old", zstd.into()).0,
+        error::UNSUPPORTED_COMPRESSION_TYPE
     );
 
     assert!(host.entries("old-partition-0").is_empty());
