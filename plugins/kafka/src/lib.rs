@@ -15,7 +15,11 @@
 //! timestamp), and the group APIs: FindCoordinator v0-v4, JoinGroup v0-v9, SyncGroup v0-v5,
 //! Heartbeat v0-v4, LeaveGroup v0-v5, ListGroups v0-v4, DescribeGroups v0-v5, DeleteGroups
 //! v0-v2, OffsetCommit v2-v8, OffsetFetch v1-v8, OffsetDelete v0 (increment 2: the
-//! coordinator is a home of ABI 0.2.4, [`coordinator`]). Any other request closes the
+//! coordinator is a home of ABI 0.2.4, [`coordinator`]); and the versions of those APIs
+//! that 0.10-era clients send and Kafka 4.0 removed (Produce v0-2 with message sets,
+//! Fetch v0-3 down-converted, ListOffsets v0, OffsetCommit v0-1, OffsetFetch v0,
+//! CreateTopics v0-1, DeleteTopics v0: [`codec::legacy`]); DescribeConfigs v0-v4 and
+//! DescribeCluster v0-v1 (this gateway as the one broker). Any other request closes the
 //! connection, as a Kafka broker does for an API it does not know. The design of the rest (groups, SASL, old clients, several gateways) is
 //! `docs/kafka.md`.
 //!

@@ -57,6 +57,21 @@ pub fn from_record(record: &Record) -> Message {
     }
 }
 
+/// The host's `record-out` of a produced record.
+pub fn record_out(record: &Record) -> magnetar_sdk::RecordOut {
+    let m = from_record(record);
+    magnetar_sdk::RecordOut {
+        key: m.key,
+        value: m.value,
+        properties: m
+            .properties
+            .into_iter()
+            .map(|(key, value)| magnetar_sdk::Property { key, value })
+            .collect(),
+        event_time_ms: m.event_time_ms,
+    }
+}
+
 /// The record a stored message becomes at `offset`; `publish_time_ms` is its timestamp when
 /// it has no event time.
 pub fn to_record(message: Message, offset: i64, publish_time_ms: u64) -> Record {

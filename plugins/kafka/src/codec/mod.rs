@@ -9,10 +9,13 @@
 //! (KIP-511). The rest of the header and the body are decoded by `kafka-protocol` once the
 //! API and version are known to be served.
 //!
+//! The versions Kafka 4.0 removed, converted at the edge ([`legacy`]).
+//!
 //! The records inside requests and responses: record batches v2 ([`records`]), the old
 //! message sets v0/v1 ([`message_set`]) and their codecs ([`compression`]).
 
 pub mod compression;
+pub mod legacy;
 pub mod message_set;
 pub mod records;
 

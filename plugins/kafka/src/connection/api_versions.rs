@@ -19,22 +19,23 @@ use kafka_protocol::ResponseError;
 use crate::codec::{write_response, Request};
 
 /// The APIs and versions this plugin serves, as ApiVersions lists them. The lower bounds
-/// are `kafka-protocol` 0.18's (Kafka 4.0's, KIP-896); the upper ones stop before topic ids
+/// are 0 (the versions KIP-896 removed from Kafka 4.0 and `kafka-protocol` 0.18 are
+/// `codec::legacy`'s); the upper ones stop before topic ids
 /// replace names (Fetch v13, DeleteTopics v6) and before what is not implemented
 /// (ListOffsets v7's max timestamp, KIP-734; OffsetCommit v9 / OffsetFetch v9's member
 /// epochs and ListGroups v5's group types, KIP-848; FindCoordinator v5+'s transaction and
 /// share-group keys).
 pub const SERVED: &[(ApiKey, i16, i16)] = &[
-    (ApiKey::Produce, 3, 9),
-    (ApiKey::Fetch, 4, 12),
-    (ApiKey::ListOffsets, 1, 6),
+    (ApiKey::Produce, 0, 9),
+    (ApiKey::Fetch, 0, 12),
+    (ApiKey::ListOffsets, 0, 6),
     (ApiKey::Metadata, 0, 12),
     (ApiKey::ApiVersions, 0, 3),
-    (ApiKey::CreateTopics, 2, 7),
-    (ApiKey::DeleteTopics, 1, 5),
+    (ApiKey::CreateTopics, 0, 7),
+    (ApiKey::DeleteTopics, 0, 5),
     (ApiKey::CreatePartitions, 0, 3),
-    (ApiKey::OffsetCommit, 2, 8),
-    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::OffsetCommit, 0, 8),
+    (ApiKey::OffsetFetch, 0, 8),
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::Heartbeat, 0, 4),
@@ -47,6 +48,8 @@ pub const SERVED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SaslHandshake, 0, 1),
     (ApiKey::SaslAuthenticate, 0, 2),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeConfigs, 0, 4),
+    (ApiKey::DescribeCluster, 0, 1),
 ];
 
 /// Why an ApiVersions request could not be answered: the connection closes.

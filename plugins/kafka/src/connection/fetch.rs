@@ -19,6 +19,10 @@
 //!   skip records below their offset). Entries stored without an index (before the
 //!   backend's index interceptor was on) have no offset and are skipped.
 //! - `read_committed` reads as `read_uncommitted`: there are no transactions.
+//! - **Fetch v0-3** (KIP-35's down-conversion, as Kafka does for clients that predate
+//!   KIP-98): the batches go out as uncompressed message sets, magic 0 for v0-1 and magic 1
+//!   (with timestamps) for v2-3, without the records below the fetch offset and without
+//!   headers (these formats have none); `codec::legacy` writes the old response.
 //! - The reader's window is [`WINDOW_ENTRIES`] entries: an entry is acked once sent (or
 //!   skipped), so a consumer that stops fetching holds at most that many in memory.
 
@@ -32,6 +36,7 @@ use magnetar_sdk::{Action, Bounds, Entry, MessageIdAt, OpError, Position, Reader
 
 use super::topics::partition_topic;
 use super::{error, op_error_code, Job, JobEvent, KafkaConnection, Op};
+use crate::codec::message_set;
 use crate::codec::records::{self, Batch};
 use crate::message::{self, Message};
 
@@ -123,6 +128,8 @@ pub struct FetchJob {
     timer: Option<u64>,
     /// `max_wait_ms` passed (or was 0).
     timed_out: bool,
+    /// The message-set magic of Fetch v0-3's answer.
+    down_convert: Option<i8>,
 }
 
 #[derive(PartialEq, Eq)]
@@ -133,7 +140,7 @@ enum Stage {
 }
 
 impl KafkaConnection {
-    pub(super) fn start_fetch(&mut self, _version: i16, r: FetchRequest) -> Job {
+    pub(super) fn start_fetch(&mut self, version: i16, r: FetchRequest) -> Job {
         let topics = r
             .topics
             .into_iter()
@@ -162,6 +169,11 @@ impl KafkaConnection {
             stage: Stage::Start,
             timer: None,
             timed_out: false,
+            down_convert: match version {
+                0 | 1 => Some(0),
+                2 | 3 => Some(1),
+                _ => None,
+            },
         })
     }
 
@@ -408,7 +420,7 @@ impl KafkaConnection {
         let mut responses = Vec::new();
         for (name, parts) in &j.topics {
             let mut partitions = Vec::new();
-            for &(p, _, part_max, err) in parts {
+            for &(p, fetch_offset, part_max, err) in parts {
                 let mut data = PartitionData::default()
                     .with_partition_index(p)
                     .with_high_watermark(-1)
@@ -452,6 +464,15 @@ impl KafkaConnection {
                         self.out.ack(sub, c.delivery_id);
                     }
                 }
+                if let Some(magic) = j.down_convert {
+                    match down_convert(bytes, magic, fetch_offset, self.config.record_limits()) {
+                        Ok(set) => bytes = set,
+                        Err(_) => {
+                            partitions.push(data.with_error_code(error::UNKNOWN_SERVER_ERROR));
+                            continue;
+                        }
+                    }
+                }
                 partitions.push(data.with_records(Some(bytes.into())));
             }
             responses.push(
@@ -462,6 +483,24 @@ impl KafkaConnection {
         }
         FetchResponse::default().with_responses(responses)
     }
+}
+
+/// Record batches (a reader's, so uncompressed) as one message set of `magic`, from the
+/// record at `from` on.
+fn down_convert(
+    batches: Vec<u8>,
+    magic: i8,
+    from: i64,
+    limits: records::Limits,
+) -> Result<Vec<u8>, records::RecordsError> {
+    let mut out = Vec::with_capacity(batches.len());
+    for batch in records::decode_batches(batches.into(), limits)? {
+        let from_offset = batch.records.iter().position(|r| r.offset >= from);
+        if let Some(first) = from_offset {
+            message_set::encode(magic, &batch.records[first..], &mut out)?;
+        }
+    }
+    Ok(out)
 }
 
 /// An entry as one uncompressed record batch (`delivery_id` left 0), if it has an index

@@ -26,13 +26,17 @@
 pub mod api_versions;
 #[cfg(test)]
 mod data_tests;
+mod describe;
 mod fetch;
 mod groups;
 mod idempotence;
 #[cfg(test)]
 mod idempotence_tests;
+#[cfg(test)]
+mod legacy_tests;
 mod list_offsets;
 mod produce;
+mod produce_v0;
 mod sasl;
 #[cfg(test)]
 mod sasl_tests;
@@ -49,7 +53,7 @@ use magnetar_sdk::ops::Ops;
 use magnetar_sdk::outbox::Outbox;
 use magnetar_sdk::{Action, Credentials, ErrorKind, Event, Machine, OpError};
 
-use crate::codec::{self, Request};
+use crate::codec::{self, legacy, Request};
 use crate::config::Config;
 
 pub use fetch::Readers;
@@ -77,6 +81,7 @@ pub mod error {
     pub const INVALID_REPLICATION_FACTOR: i16 = 38;
     pub const INVALID_REQUEST: i16 = 42;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
     pub const INVALID_RECORD: i16 = 87;
 }
@@ -134,6 +139,7 @@ enum Job {
     Produce(produce::ProduceJob),
     Fetch(fetch::FetchJob),
     ListOffsets(list_offsets::ListOffsetsJob),
+    DescribeConfigs(describe::DescribeConfigsJob),
     Group(groups::GroupJob),
 }
 
@@ -282,6 +288,13 @@ impl KafkaConnection {
             ($t:ty) => {
                 decode_request::<$t>(bytes, version)?
             };
+            // An API whose old versions `codec::legacy` decodes.
+            ($t:ty, $old:ident) => {
+                match legacy::$old(&bytes, version) {
+                    Some(decoded) => decoded.map_err(|e| e.to_string())?,
+                    None => decode_request::<$t>(bytes, version)?,
+                }
+            };
         }
         let (header, job) = match key {
             ApiKey::Metadata => {
@@ -289,11 +302,17 @@ impl KafkaConnection {
                 (h, self.start_metadata(version, r))
             }
             ApiKey::CreateTopics => {
-                let (h, r) = decoded!(kafka_protocol::messages::CreateTopicsRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::CreateTopicsRequest,
+                    create_topics_request
+                );
                 (h, self.start_create_topics(version, r))
             }
             ApiKey::DeleteTopics => {
-                let (h, r) = decoded!(kafka_protocol::messages::DeleteTopicsRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::DeleteTopicsRequest,
+                    delete_topics_request
+                );
                 (h, self.start_delete_topics(version, r))
             }
             ApiKey::CreatePartitions => {
@@ -301,16 +320,31 @@ impl KafkaConnection {
                 (h, self.start_create_partitions(version, r))
             }
             ApiKey::Produce => {
-                let (h, r) = decoded!(kafka_protocol::messages::ProduceRequest);
+                let (h, r) = decoded!(kafka_protocol::messages::ProduceRequest, produce_request);
                 (h, self.start_produce(version, r))
             }
             ApiKey::Fetch => {
-                let (h, r) = decoded!(kafka_protocol::messages::FetchRequest);
+                let (h, r) = decoded!(kafka_protocol::messages::FetchRequest, fetch_request);
                 (h, self.start_fetch(version, r))
             }
             ApiKey::ListOffsets => {
-                let (h, r) = decoded!(kafka_protocol::messages::ListOffsetsRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::ListOffsetsRequest,
+                    list_offsets_request
+                );
                 (h, self.start_list_offsets(version, r))
+            }
+            ApiKey::DescribeConfigs => {
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::DescribeConfigsRequest,
+                    describe_configs_request
+                );
+                (h, self.start_describe_configs(r))
+            }
+            ApiKey::DescribeCluster => {
+                // Answered at once: this gateway is the cluster.
+                let (h, r) = decoded!(kafka_protocol::messages::DescribeClusterRequest);
+                return self.describe_cluster(&h, r);
             }
             ApiKey::FindCoordinator => {
                 // Answered at once: this gateway coordinates every group.
@@ -346,11 +380,17 @@ impl KafkaConnection {
                 (h, Job::Group(Self::forward_job(raw)))
             }
             ApiKey::OffsetCommit => {
-                let (h, r) = decoded!(kafka_protocol::messages::OffsetCommitRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::OffsetCommitRequest,
+                    offset_commit_request
+                );
                 (h, Job::Group(Self::commit_job(r)))
             }
             ApiKey::OffsetFetch => {
-                let (h, r) = decoded!(kafka_protocol::messages::OffsetFetchRequest);
+                let (h, r) = decoded!(
+                    kafka_protocol::messages::OffsetFetchRequest,
+                    offset_fetch_request
+                );
                 (h, Job::Group(Self::fetch_job(version, r)))
             }
             ApiKey::OffsetDelete => {
@@ -404,6 +444,7 @@ impl KafkaConnection {
             Job::Produce(j) => self.step_produce(header, j, inbox),
             Job::Fetch(j) => self.step_fetch(header, j, inbox),
             Job::ListOffsets(j) => self.step_list_offsets(header, j, inbox),
+            Job::DescribeConfigs(j) => self.step_describe_configs(header, j, inbox),
             Job::Group(j) => self.step_group(header, j, inbox),
         };
         match done {
@@ -414,11 +455,15 @@ impl KafkaConnection {
     }
 
     /// Sends a response to the request of `header`.
-    fn respond<B: Encodable + HeaderVersion>(
+    fn respond<B: Encodable + HeaderVersion + 'static>(
         &mut self,
         header: &RequestHeader,
         body: &B,
     ) -> Result<(), String> {
+        if let Some(old) = legacy::encode_response(header, body) {
+            self.out.send(old.map_err(|e| e.to_string())?);
+            return Ok(());
+        }
         let version = header.request_api_version;
         let mut out = Vec::new();
         codec::write_response(

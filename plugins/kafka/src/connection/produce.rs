@@ -1,4 +1,5 @@
-//! Produce v3+ (record batches v2 only; KIP-98): each partition's batch becomes **one**
+//! Produce v3+ (record batches v2, KIP-98; the message sets of v0-2 come through
+//! produce_v0.rs): each partition's batch becomes **one**
 //! append (one backend entry, consecutive indexes), and the response carries the entry's
 //! first index as `base_offset`: the real offset, never a count (docs/kafka.md section 1.3).
 //!
@@ -22,7 +23,7 @@ use bytes::Bytes;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, RequestHeader, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use magnetar_sdk::{Action, DedupSpec, Property, RecordOut};
+use magnetar_sdk::{Action, DedupSpec, RecordOut};
 
 use super::topics::partition_topic;
 use super::{error, idempotence, Job, JobEvent, KafkaConnection, Op};
@@ -31,6 +32,7 @@ use crate::message;
 
 /// A Produce request being served.
 pub struct ProduceJob {
+    version: i16,
     acks: i16,
     topics: Vec<(String, Vec<Part>)>,
     stage: Stage,
@@ -51,7 +53,7 @@ enum Stage {
 }
 
 impl KafkaConnection {
-    pub(super) fn start_produce(&mut self, _version: i16, r: ProduceRequest) -> Job {
+    pub(super) fn start_produce(&mut self, version: i16, r: ProduceRequest) -> Job {
         let refuse = if !matches!(r.acks, -1..=1) {
             Some(error::INVALID_REQUIRED_ACKS)
         } else if r.transactional_id.is_some() {
@@ -78,6 +80,7 @@ impl KafkaConnection {
             })
             .collect();
         Job::Produce(ProduceJob {
+            version,
             acks: r.acks,
             topics,
             stage: Stage::Start,
@@ -172,7 +175,7 @@ impl KafkaConnection {
                     part.result = Some((error::UNKNOWN_TOPIC_OR_PARTITION, -1));
                     continue;
                 };
-                match batch_records(bytes, limits) {
+                match batch_records(bytes, limits, j.version) {
                     Ok((records, dedup)) => {
                         let token = self.ops.start(Op::Append(ti, pi));
                         self.out.push(Action::Append {
@@ -194,10 +197,15 @@ impl KafkaConnection {
 fn batch_records(
     bytes: Bytes,
     limits: records::Limits,
+    version: i16,
 ) -> Result<(Vec<RecordOut>, Option<DedupSpec>), i16> {
-    if records::magic(&bytes).is_some_and(|m| m != 2) {
-        // Message sets v0/v1 come only with Produce v0-2, which is not served yet.
+    // Kafka: Produce v3+ carries record batches (magic 2) only, v0-2 message sets only.
+    let magic = records::magic(&bytes);
+    if magic.is_some_and(|m| (m == 2) != (version >= 3)) {
         return Err(error::INVALID_RECORD);
+    }
+    if magic.is_some_and(|m| m != 2) {
+        return super::produce_v0::message_set_records(&bytes, limits).map(|r| (r, None));
     }
     let mut batches = records::decode_batches(bytes, limits).map_err(|e| e.kafka_error())?;
     let batch = match (batches.pop(), batches.is_empty()) {
@@ -208,22 +216,8 @@ fn batch_records(
         return Err(error::INVALID_RECORD);
     }
     let dedup = idempotence::dedup_of(&batch);
-    let records = batch
-        .records
-        .iter()
-        .map(|r| {
-            let m = message::from_record(r);
-            RecordOut {
-                key: m.key,
-                value: m.value,
-                properties: m
-                    .properties
-                    .into_iter()
-                    .map(|(key, value)| Property { key, value })
-                    .collect(),
-                event_time_ms: m.event_time_ms,
-            }
-        })
-        .collect();
-    Ok((records, dedup))
+    Ok((
+        batch.records.iter().map(message::record_out).collect(),
+        dedup,
+    ))
 }

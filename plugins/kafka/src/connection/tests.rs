@@ -181,7 +181,7 @@ fn bad_frames_close_the_connection() {
             r.extend_from_slice(&[0; 6]);
             r
         }),
-        ("served API, version too old", {
+        ("old version, truncated header", {
             let mut r = vec![0, 0, 0, 8];
             r.extend_from_slice(&(ApiKey::Produce as i16).to_be_bytes());
             r.extend_from_slice(&2i16.to_be_bytes());

@@ -28,7 +28,7 @@ use super::{error, op_error_code, Job, JobEvent, KafkaConnection, Op};
 /// The node id of this gateway in Metadata (one gateway: it leads everything).
 pub const NODE_ID: i32 = 1;
 /// What Metadata answers as `cluster_id` (v2+).
-const CLUSTER_ID: &str = "magnetar";
+pub const CLUSTER_ID: &str = "magnetar";
 /// How long a described partition count is trusted before Produce, Fetch or ListOffsets
 /// describe the topic again.
 const CACHE_TTL_MS: u64 = 5_000;
