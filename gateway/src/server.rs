@@ -111,6 +111,17 @@ impl Server {
             feeders: Default::default(),
             homes: Default::default(),
         });
+        // Shards of homes are held through the backend, so that gateways sharing it agree
+        // on one owner each (docs/kafka.md section 2.2).
+        let identity = cluster_identity(&config).context("the [cluster] section")?;
+        services
+            .homes
+            .set_ownership(Arc::new(crate::host::Ownership::new(
+                services.backend.clone(),
+                services.kv.clone(),
+                identity,
+                tokio::runtime::Handle::current(),
+            )));
 
         let plugins = load_plugins(&config)?;
         let host = PluginHost::new(
@@ -296,4 +307,31 @@ fn load_plugins(config: &Config) -> anyhow::Result<HashMap<String, Vec<u8>>> {
         }
     }
     Ok(plugins)
+}
+
+/// This gateway as the others see it: its node id, a name unique to this process, and
+/// where its listeners are reached.
+fn cluster_identity(config: &Config) -> anyhow::Result<crate::host::Identity> {
+    let endpoints = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let (host, port) = l.advertised_address().map_err(|e| anyhow!(e))?;
+            Ok(crate::host::Endpoint {
+                listener: l.name.clone(),
+                host,
+                port,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(crate::host::Identity {
+        node_id: config.cluster.node_id,
+        gateway: format!(
+            "{}-{}-{}",
+            config.cluster.node_id,
+            std::process::id(),
+            crate::clock::now_ms()
+        ),
+        endpoints,
+    })
 }
