@@ -162,6 +162,8 @@ pub struct KafkaConnection {
     sasl: sasl::Sasl,
     /// The host's SASL mechanisms, best first.
     sasl_mechanisms: Rc<[String]>,
+    /// Where the group coordinators are (groups.rs).
+    directory: Rc<dyn crate::coordinator::directory::Directory>,
     /// A request decoded that waits for authentication.
     held: Option<Current>,
     /// The request being served.
@@ -185,6 +187,10 @@ impl KafkaConnection {
             auth: Auth::No,
             sasl: sasl::Sasl::Idle,
             sasl_mechanisms: Rc::from(Vec::new()),
+            directory: Rc::new(crate::coordinator::directory::Alone {
+                host: config.advertised_host(),
+                port: i32::from(config.advertised_port),
+            }),
             held: None,
             job: None,
             now_ms: 0,
@@ -197,6 +203,15 @@ impl KafkaConnection {
     /// The SASL mechanisms the host offers (`magnetar_sdk::sasl_mechanisms`), best first.
     pub fn with_sasl_mechanisms(mut self, mechanisms: Rc<[String]>) -> Self {
         self.sasl_mechanisms = mechanisms;
+        self
+    }
+
+    /// Where the group coordinators are: the host's directory (default: this gateway alone).
+    pub fn with_directory(
+        mut self,
+        directory: Rc<dyn crate::coordinator::directory::Directory>,
+    ) -> Self {
+        self.directory = directory;
         self
     }
 
@@ -309,33 +324,36 @@ impl KafkaConnection {
                 (h, self.start_list_offsets(version, r))
             }
             ApiKey::FindCoordinator => {
-                // Answered at once: this gateway coordinates every group.
+                // Answered at once, from the directory of coordinators.
                 let (h, r) = decoded!(kafka_protocol::messages::FindCoordinatorRequest);
                 return self.start_find_coordinator(&h, r);
             }
             ApiKey::JoinGroup => {
-                let (h, _) = decoded!(kafka_protocol::messages::JoinGroupRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::JoinGroupRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::SyncGroup => {
-                let (h, _) = decoded!(kafka_protocol::messages::SyncGroupRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::SyncGroupRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::Heartbeat => {
-                let (h, _) = decoded!(kafka_protocol::messages::HeartbeatRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::HeartbeatRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::LeaveGroup => {
-                let (h, _) = decoded!(kafka_protocol::messages::LeaveGroupRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::LeaveGroupRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::ListGroups => {
-                let (h, _) = decoded!(kafka_protocol::messages::ListGroupsRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::ListGroupsRequest);
+                (h, Job::Group(Self::list_job(r)))
             }
             ApiKey::DescribeGroups => {
-                let (h, _) = decoded!(kafka_protocol::messages::DescribeGroupsRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                // Clients ask each group's coordinator for its groups: the first one's
+                // shard decides.
+                let (h, r) = decoded!(kafka_protocol::messages::DescribeGroupsRequest);
+                let first = r.groups.first().cloned().unwrap_or_default();
+                (h, Job::Group(self.forward_job(raw, &first)))
             }
             ApiKey::OffsetCommit => {
                 let (h, r) = decoded!(kafka_protocol::messages::OffsetCommitRequest);
