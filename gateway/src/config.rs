@@ -75,6 +75,10 @@ pub struct BackendSection {
     pub service_url: Option<String>,
     /// Token for Pulsar token authentication (the gateway's own, superuser role).
     pub token: Option<String>,
+    /// The backend's admin REST API, `http://host:port` (Pulsar's `webServicePort`), for
+    /// the plugins' `topics` calls when the broker is not embedded; unset: the embedded
+    /// broker's, if any.
+    pub admin_url: Option<String>,
 }
 
 /// The server certificate of TLS listeners.

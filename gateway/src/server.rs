@@ -93,10 +93,21 @@ impl Server {
             tenancy: tenancy.clone(),
         };
         // `topics` calls reach the embedded broker's admin handlers in process.
-        let topic_admin = broker.as_ref().map(|b| {
-            let admin_token = tenancy.sign_token(tenancy.superuser_role(), None).ok();
-            Arc::new(crate::host::TopicAdmin::new(b.admin_router(), admin_token))
-        });
+        let topic_admin = match (&config.backend.admin_url, &broker) {
+            (Some(url), _) => Some(Arc::new(
+                crate::host::TopicAdmin::http(url, token.clone())
+                    .map_err(|e| anyhow!(e))
+                    .context("backend.admin_url")?,
+            )),
+            (None, Some(b)) => {
+                let admin_token = tenancy.sign_token(tenancy.superuser_role(), None).ok();
+                Some(Arc::new(crate::host::TopicAdmin::new(
+                    b.admin_router(),
+                    admin_token,
+                )))
+            }
+            (None, None) => None,
+        };
         let services = Arc::new(Services {
             topic_admin,
             appenders: Default::default(),

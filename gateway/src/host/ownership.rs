@@ -211,8 +211,10 @@ impl Ownership {
         if let Some(e) = self.epoch(key) {
             return Owner::Me(Some(e));
         }
+        // An entry of this node id is this gateway's or an earlier run's of it (node ids
+        // are unique per gateway of a backend): this gateway is asking for the shard.
         match self.directory_entry(key) {
-            Some(h) if h.identity.gateway != self.me.gateway => Owner::Other(h),
+            Some(h) if h.identity.node_id != self.me.node_id => Owner::Other(h),
             _ => Owner::Me(None),
         }
     }
