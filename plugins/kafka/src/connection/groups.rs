@@ -57,6 +57,8 @@ const SCAN_PAGE: u32 = 1000;
 
 /// A group request being served.
 pub(super) enum GroupJob {
+    /// FindCoordinator, answered at its first step (taken then).
+    Find(Option<FindCoordinatorRequest>),
     /// A request the coordinator answers whole: posted once, its answer sent as is.
     Forward {
         raw: Bytes,
@@ -420,6 +422,12 @@ impl KafkaConnection {
                 Ok(false)
             }
             GroupJob::List(j) => self.step_list(header, j, inbox),
+            GroupJob::Find(r) => {
+                if let Some(r) = r.take() {
+                    self.start_find_coordinator(header, r)?;
+                }
+                Ok(true)
+            }
             GroupJob::Commit(j) => self.step_commit(header, j, inbox),
             GroupJob::Fetch(j) => self.step_fetch_offsets(header, j, inbox),
             GroupJob::DeleteGroups(j) => self.step_delete_groups(header, j, inbox),

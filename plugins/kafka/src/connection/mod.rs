@@ -324,9 +324,10 @@ impl KafkaConnection {
                 (h, self.start_list_offsets(version, r))
             }
             ApiKey::FindCoordinator => {
-                // Answered at once, from the directory of coordinators.
+                // Answered from the host's directory of coordinators, which names the
+                // principal's namespace's: after authentication, as every job.
                 let (h, r) = decoded!(kafka_protocol::messages::FindCoordinatorRequest);
-                return self.start_find_coordinator(&h, r);
+                (h, Job::Group(groups::GroupJob::Find(Some(r))))
             }
             ApiKey::JoinGroup => {
                 let (h, r) = decoded!(kafka_protocol::messages::JoinGroupRequest);
