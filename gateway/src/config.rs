@@ -774,6 +774,38 @@ mod tests {
     }
 
     #[test]
+    fn cluster_node_and_advertised_addresses() {
+        let standalone = Config::parse("").unwrap();
+        assert_eq!(standalone.cluster.node_id, 1);
+        let kafka = |c: &Config| {
+            c.listeners
+                .iter()
+                .find(|l| l.name == "kafka")
+                .unwrap()
+                .advertised_address()
+                .unwrap()
+        };
+        assert_eq!(kafka(&standalone), ("127.0.0.1".to_string(), 9092));
+        let listener = |advertised: &str| {
+            format!(
+                "[cluster]\nnode_id = 2\n[[listeners]]\nname = \"kafka\"\n\
+                 bind = \"0.0.0.0:9092\"\nplugin = \"kafka\"\nadvertised = \"{advertised}\"\n"
+            )
+        };
+        let c = Config::parse(&listener("gw2.example:19092")).unwrap();
+        assert_eq!(c.cluster.node_id, 2);
+        assert_eq!(kafka(&c), ("gw2.example".to_string(), 19092));
+        assert_eq!(
+            kafka(&Config::parse(&listener("[::1]:9093")).unwrap()),
+            ("::1".to_string(), 9093)
+        );
+        for bad in ["gw2.example", "gw2.example:0", ":9092", "gw2:port"] {
+            let err = Config::parse(&listener(bad)).unwrap_err();
+            assert!(err.contains("listeners[0].advertised"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn half_tls_is_refused() {
         let err = Config::parse("[tls]\ncert = \"a.pem\"\n").unwrap_err();
         assert!(err.contains("tls.key"), "{err}");
