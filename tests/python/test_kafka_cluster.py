@@ -108,10 +108,13 @@ def consumer(bootstrap: str, group: str) -> Consumer:
 
 
 def coordinator_of(bootstrap: str, group: str):
-    """The node id the gateway at `bootstrap` names as the group's coordinator (or None)."""
+    """The node id the gateway at `bootstrap` names as the group's coordinator (or None).
+    A short request timeout: a gateway that still names the killed one makes the call
+    fail (connection refused, retried until the timeout), so the timeout bounds how late a
+    takeover is seen."""
     admin = AdminClient({"bootstrap.servers": bootstrap, "reconnect.backoff.max.ms": 1000})
     try:
-        futures = admin.describe_consumer_groups([group], request_timeout=5)
+        futures = admin.describe_consumer_groups([group], request_timeout=1)
         return futures[group].result(timeout=10).coordinator.id
     except KafkaException:
         return None
