@@ -38,7 +38,23 @@ pub struct Config {
     pub encryption: EncryptionSection,
     pub admin: AdminSection,
     pub plugins: PluginsSection,
+    pub cluster: ClusterSection,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// This gateway among the gateways sharing one backend (docs/kafka.md section 2.2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Unique per gateway sharing one backend: Kafka's `broker.id`, the node id its Metadata
+    /// and FindCoordinator answers name.
+    pub node_id: i32,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection { node_id: 1 }
+    }
 }
 
 /// The embedded broker.
@@ -59,6 +75,10 @@ pub struct BackendSection {
     pub service_url: Option<String>,
     /// Token for Pulsar token authentication (the gateway's own, superuser role).
     pub token: Option<String>,
+    /// The backend's admin REST API, `http://host:port` (Pulsar's `webServicePort`), for
+    /// the plugins' `topics` calls when the broker is not embedded; unset: the embedded
+    /// broker's, if any.
+    pub admin_url: Option<String>,
 }
 
 /// The server certificate of TLS listeners.
@@ -312,6 +332,10 @@ pub struct ListenerConfig {
     /// default 300000 as there; 0 keeps idle WebSockets open.
     #[serde(default = "default_websocket_idle_timeout_ms")]
     pub websocket_idle_timeout_ms: u64,
+    /// `host:port` other gateways send clients to for this listener (Kafka's
+    /// `advertised.listeners`); unset: `bind`.
+    #[serde(default)]
+    pub advertised: Option<String>,
 }
 
 impl ListenerConfig {
@@ -329,6 +353,29 @@ impl ListenerConfig {
             web: false,
             allowed_origins: Vec::new(),
             websocket_idle_timeout_ms: default_websocket_idle_timeout_ms(),
+            advertised: None,
+        }
+    }
+
+    /// Where clients reach this listener: `advertised`, else `bind`.
+    pub fn advertised_address(&self) -> Result<(String, u16), String> {
+        match &self.advertised {
+            None => Ok((self.bind.ip().to_string(), self.bind.port())),
+            Some(a) => {
+                let (host, port) = a
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("advertised address {a:?}: host:port expected"))?;
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("advertised address {a:?}: bad port"))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if host.is_empty() {
+                    return Err(format!("advertised address {a:?}: no host"));
+                }
+                Ok((host.to_string(), port))
+            }
         }
     }
 }
@@ -372,6 +419,7 @@ impl Default for Config {
             encryption: EncryptionSection::default(),
             admin: AdminSection::default(),
             plugins: PluginsSection::default(),
+            cluster: ClusterSection::default(),
             listeners: vec![
                 ListenerConfig::new(
                     "mqtt",
@@ -508,6 +556,9 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
+            if let Err(e) = l.advertised_address() {
+                return Err(format!("key `listeners[{i}].advertised`: {e}"));
+            }
             if !names.insert(&l.name) {
                 return Err(format!(
                     "key `listeners[{i}].name`: listener name {:?} is used twice",
@@ -720,6 +771,38 @@ mod tests {
     fn bad_address_names_the_key() {
         let err = Config::parse("[broker]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn cluster_node_and_advertised_addresses() {
+        let standalone = Config::parse("").unwrap();
+        assert_eq!(standalone.cluster.node_id, 1);
+        let kafka = |c: &Config| {
+            c.listeners
+                .iter()
+                .find(|l| l.name == "kafka")
+                .unwrap()
+                .advertised_address()
+                .unwrap()
+        };
+        assert_eq!(kafka(&standalone), ("127.0.0.1".to_string(), 9092));
+        let listener = |advertised: &str| {
+            format!(
+                "[cluster]\nnode_id = 2\n[[listeners]]\nname = \"kafka\"\n\
+                 bind = \"0.0.0.0:9092\"\nplugin = \"kafka\"\nadvertised = \"{advertised}\"\n"
+            )
+        };
+        let c = Config::parse(&listener("gw2.example:19092")).unwrap();
+        assert_eq!(c.cluster.node_id, 2);
+        assert_eq!(kafka(&c), ("gw2.example".to_string(), 19092));
+        assert_eq!(
+            kafka(&Config::parse(&listener("[::1]:9093")).unwrap()),
+            ("::1".to_string(), 9093)
+        );
+        for bad in ["gw2.example", "gw2.example:0", ":9092", "gw2:port"] {
+            let err = Config::parse(&listener(bad)).unwrap_err();
+            assert!(err.contains("listeners[0].advertised"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -119,7 +119,10 @@ impl AtRest {
 
 impl Kv {
     pub fn new(backend: Arc<Backend>, at_rest: Option<AtRest>) -> Kv {
-        let instance = format!("{}-{}", std::process::id(), crate::clock::now_ms());
+        // Unique per Kv, also when one process has several (tests of two gateways).
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let instance = format!("{}-{}-{n}", std::process::id(), crate::clock::now_ms());
         Kv {
             backend,
             spaces: Mutex::new(HashMap::new()),
@@ -143,6 +146,18 @@ impl Kv {
             .get(topic)?
             .clone();
         cell.get().map(|space| space.get(key))
+    }
+
+    /// The live entries under `prefix` (at most 1,000), without waiting, when the namespace
+    /// is loaded already (`None`: it is not).
+    pub fn scan_now(&self, topic: &str, prefix: &str) -> Option<Vec<(String, Vec<u8>)>> {
+        let cell = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)?
+            .clone();
+        cell.get().map(|space| space.scan(prefix, None, 1000))
     }
 
     /// Writes (`Some`) or deletes (`None`) a key; returns once Pulsar stored it.

@@ -93,10 +93,21 @@ impl Server {
             tenancy: tenancy.clone(),
         };
         // `topics` calls reach the embedded broker's admin handlers in process.
-        let topic_admin = broker.as_ref().map(|b| {
-            let admin_token = tenancy.sign_token(tenancy.superuser_role(), None).ok();
-            Arc::new(crate::host::TopicAdmin::new(b.admin_router(), admin_token))
-        });
+        let topic_admin = match (&config.backend.admin_url, &broker) {
+            (Some(url), _) => Some(Arc::new(
+                crate::host::TopicAdmin::http(url, token.clone())
+                    .map_err(|e| anyhow!(e))
+                    .context("backend.admin_url")?,
+            )),
+            (None, Some(b)) => {
+                let admin_token = tenancy.sign_token(tenancy.superuser_role(), None).ok();
+                Some(Arc::new(crate::host::TopicAdmin::new(
+                    b.admin_router(),
+                    admin_token,
+                )))
+            }
+            (None, None) => None,
+        };
         let services = Arc::new(Services {
             topic_admin,
             appenders: Default::default(),
@@ -111,6 +122,17 @@ impl Server {
             feeders: Default::default(),
             homes: Default::default(),
         });
+        // Shards of homes are held through the backend, so that gateways sharing it agree
+        // on one owner each (docs/kafka.md section 2.2).
+        let identity = cluster_identity(&config).context("the [cluster] section")?;
+        services
+            .homes
+            .set_ownership(Arc::new(crate::host::Ownership::new(
+                services.backend.clone(),
+                services.kv.clone(),
+                identity,
+                tokio::runtime::Handle::current(),
+            )));
 
         let plugins = load_plugins(&config)?;
         let host = PluginHost::new(
@@ -296,4 +318,31 @@ fn load_plugins(config: &Config) -> anyhow::Result<HashMap<String, Vec<u8>>> {
         }
     }
     Ok(plugins)
+}
+
+/// This gateway as the others see it: its node id, a name unique to this process, and
+/// where its listeners are reached.
+fn cluster_identity(config: &Config) -> anyhow::Result<crate::host::Identity> {
+    let endpoints = config
+        .listeners
+        .iter()
+        .map(|l| {
+            let (host, port) = l.advertised_address().map_err(|e| anyhow!(e))?;
+            Ok(crate::host::Endpoint {
+                listener: l.name.clone(),
+                host,
+                port,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(crate::host::Identity {
+        node_id: config.cluster.node_id,
+        gateway: format!(
+            "{}-{}-{}",
+            config.cluster.node_id,
+            std::process::id(),
+            crate::clock::now_ms()
+        ),
+        endpoints,
+    })
 }

@@ -90,6 +90,7 @@ pub use bindings::exports::magnetar::plugin::events::{Message, Receipt};
 pub use bindings::exports::magnetar::plugin::events2::{
     AppendResult, Appended, Bounds, Entry, EntryAt, EntryMessage, TopicInfo,
 };
+pub use bindings::magnetar::plugin::homes::{Endpoint, Holder};
 pub use bindings::magnetar::plugin::indexed::{DedupSpec, ReaderSpec, RecordOut};
 pub use bindings::magnetar::plugin::messaging::{
     ConsumerSpec, MessageIdAt, MessageOut, Position, TopicRef,
@@ -457,6 +458,18 @@ impl Conn {
     /// Answers a post on this home's connection ([`Connection::on_home_post`]).
     pub fn reply_home(self, post_id: u64, payload: &[u8]) {
         homes::reply(self.0, post_id, payload);
+    }
+
+    /// Who holds (`domain`, `shard`) of this connection's namespace across the gateways of
+    /// the backend (`local`: this gateway); `None` before authentication.
+    pub fn home_owner(self, domain: &str, shard: u32) -> Option<Holder> {
+        homes::owner(self.0, domain, shard)
+    }
+
+    /// Every gateway known to hold a shard of `domain` in this connection's namespace, and
+    /// this one.
+    pub fn home_holders(self, domain: &str) -> Vec<Holder> {
+        homes::holders(self.0, domain)
     }
 
     /// The namespace's topics (all, or those of `names`) with their partition counts;

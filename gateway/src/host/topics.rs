@@ -6,8 +6,9 @@
 //! names are checked and placed in the principal's namespace first, so a plugin reaches its
 //! connection's namespace only. Who may: `create` and `set-partitions` as a producer of the
 //! topic (Pulsar creates topics on first produce too), `describe` as a consumer, `delete`
-//! with the `manage` permission. With an external Pulsar cluster every call fails (its
-//! admin URL is not configured yet).
+//! with the `manage` permission. With an external backend, the same REST calls go over
+//! HTTP/1.1 to `[backend] admin_url` (an Apache Pulsar broker's web service, or another
+//! process's embedded broker); without one every call fails.
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request, StatusCode};
@@ -24,9 +25,17 @@ use crate::config::ActionName;
 /// Largest admin answer read (topic lists of one namespace).
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
-/// The embedded broker's admin API, called in process.
+/// Where the admin API is.
+enum Target {
+    /// The embedded broker's router, called in process.
+    InProcess(Router),
+    /// A web service at `host:port`, over HTTP/1.1 (one connection per call).
+    Http(String),
+}
+
+/// The backend's admin API.
 pub struct TopicAdmin {
-    router: Router,
+    target: Target,
     /// `Authorization: Bearer <superuser token>`, if the broker checks tokens.
     token: Option<HeaderValue>,
 }
@@ -35,8 +44,48 @@ impl TopicAdmin {
     /// The broker's admin `router`, called with `token` (a superuser's JWT, if any).
     pub fn new(router: Router, token: Option<String>) -> TopicAdmin {
         TopicAdmin {
-            router,
+            target: Target::InProcess(router),
             token: token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()),
+        }
+    }
+
+    /// The admin API of a web service, `http://host:port` (no TLS yet).
+    pub fn http(url: &str, token: Option<String>) -> Result<TopicAdmin, String> {
+        let authority = url
+            .strip_prefix("http://")
+            .map(|a| a.trim_end_matches('/'))
+            .filter(|a| !a.is_empty() && !a.contains('/'))
+            .ok_or_else(|| format!("admin URL {url:?}: http://host:port expected"))?;
+        Ok(TopicAdmin {
+            target: Target::Http(authority.to_string()),
+            token: token.and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok()),
+        })
+    }
+
+    /// Sends one request to the target.
+    async fn send(&self, mut req: Request<Body>) -> Result<axum::response::Response, OpError> {
+        match &self.target {
+            Target::InProcess(router) => match router.clone().oneshot(req).await {
+                Ok(r) => Ok(r),
+                Err(never) => match never {},
+            },
+            Target::Http(authority) => {
+                let failed = |e: &dyn std::fmt::Display| {
+                    op_error(ErrorKind::Backend, format!("admin API at {authority}: {e}"))
+                };
+                let host = HeaderValue::from_str(authority).map_err(|e| failed(&e))?;
+                req.headers_mut().insert(header::HOST, host);
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(|e| failed(&e))?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|e| failed(&e))?;
+                tokio::spawn(connection);
+                let response = sender.send_request(req).await.map_err(|e| failed(&e))?;
+                Ok(response.map(Body::new))
+            }
         }
     }
 
@@ -54,10 +103,7 @@ impl TopicAdmin {
         if let Some(t) = &self.token {
             req.headers_mut().insert(header::AUTHORIZATION, t.clone());
         }
-        let response = match self.router.clone().oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
+        let response = self.send(req).await?;
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), MAX_ANSWER)
             .await
@@ -157,7 +203,7 @@ impl HostState {
             let admin = self.services.topic_admin.clone().ok_or_else(|| {
                 op_error(
                     ErrorKind::Internal,
-                    "topics are served with the embedded broker only (no admin URL for an external cluster yet)",
+                    "topics need the embedded broker or [backend] admin_url",
                 )
             })?;
             let path = match &call {

@@ -8,6 +8,7 @@ use magnetar_sdk::{Action, Conn, ConnInfo, Driver, Event, Machine, Plugin};
 
 use crate::config::Config;
 use crate::connection::KafkaConnection;
+use crate::coordinator::directory::HostDirectory;
 use crate::coordinator::{GroupHome, DOMAIN};
 
 /// The plugin instance: the parsed config, shared by its connections.
@@ -56,12 +57,22 @@ impl Plugin for KafkaPlugin {
         })
     }
 
-    fn open(&mut self, conn: Conn, _info: ConnInfo) -> Driver<KafkaMachine> {
+    fn open(&mut self, conn: Conn, info: ConnInfo) -> Driver<KafkaMachine> {
         let mechanisms = self
             .sasl_mechanisms
             .get_or_insert_with(|| Rc::from(magnetar_sdk::sasl_mechanisms()))
             .clone();
-        let machine = KafkaConnection::new(self.config).with_sasl_mechanisms(mechanisms);
+        let directory = Rc::new(HostDirectory {
+            conn,
+            listener: info.listener,
+            local: (
+                self.config.advertised_host(),
+                i32::from(self.config.advertised_port),
+            ),
+        });
+        let machine = KafkaConnection::new(self.config)
+            .with_sasl_mechanisms(mechanisms)
+            .with_directory(directory);
         Driver::new(conn, KafkaMachine::Client(Box::new(machine)))
     }
 

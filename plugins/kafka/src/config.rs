@@ -14,6 +14,7 @@
 //! initial_rebalance_delay_ms = 3000    # group.initial.rebalance.delay.ms
 //! group_min_session_timeout_ms = 6000  # group.min.session.timeout.ms
 //! group_max_session_timeout_ms = 1800000    # group.max.session.timeout.ms
+//! coordinator_shards = 16        # group coordinator shards per namespace (Kafka's offsets.topic.num.partitions)
 //! ```
 
 /// Limits of every connection of the plugin instance.
@@ -36,6 +37,9 @@ pub struct Config {
     pub default_partitions: u32,
     /// The group coordinator's delays and limits (Kafka's `group.*` broker settings).
     pub groups: crate::coordinator::group::Timing,
+    /// Shards of the group coordinator per namespace, each held by one gateway (Kafka's
+    /// `offsets.topic.num.partitions`); every gateway of a backend must use the same.
+    pub coordinator_shards: u32,
 }
 
 impl Default for Config {
@@ -51,6 +55,7 @@ impl Default for Config {
             auto_create_topics: true,
             default_partitions: 1,
             groups: crate::coordinator::group::Timing::default(),
+            coordinator_shards: 16,
         }
     }
 }
@@ -94,6 +99,7 @@ impl Config {
                 "group_max_session_timeout_ms" => {
                     config.groups.max_session_timeout_ms = s.within(1, i32::MAX as u64)? as i32
                 }
+                "coordinator_shards" => config.coordinator_shards = s.within(1, 1024)? as u32,
                 _ => return Err(s.unknown()),
             }
         }

@@ -1,8 +1,11 @@
-//! The group APIs on a client connection: FindCoordinator (this gateway), the requests the
-//! group coordinator answers whole (JoinGroup, SyncGroup, Heartbeat, LeaveGroup,
-//! ListGroups, DescribeGroups: posted to the home, `crate::coordinator`), and committed
-//! offsets (OffsetCommit, OffsetFetch, OffsetDelete, DeleteGroups), which the connection
-//! stores itself in its namespace's kv once the coordinator said the member may.
+//! The group APIs on a client connection: FindCoordinator (the gateway holding the group's
+//! shard, from the host's directory), the requests the group coordinator answers whole
+//! (JoinGroup, SyncGroup, Heartbeat, LeaveGroup, DescribeGroups: posted to the home of the
+//! group's shard, `crate::coordinator`; `NOT_COORDINATOR` when another gateway holds it),
+//! ListGroups (asked of every shard this gateway holds: Kafka's AdminClient asks every
+//! broker), and committed offsets (OffsetCommit, OffsetFetch, OffsetDelete, DeleteGroups),
+//! which the connection stores itself in its namespace's kv once the coordinator said the
+//! member may.
 //!
 //! **Committed offsets** are kv entries `offsets/<group>/<topic>/<partition>` (group and
 //! topic percent-encoded, so that `/` separates): an `i64` offset, an `i32` leader epoch and
@@ -14,7 +17,9 @@
 
 use bytes::Bytes;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::describe_groups_response::DescribedGroup;
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::offset_commit_response::{
     OffsetCommitResponsePartition, OffsetCommitResponseTopic,
 };
@@ -26,17 +31,21 @@ use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::{
-    BrokerId, DeleteGroupsRequest, DeleteGroupsResponse, FindCoordinatorRequest,
-    FindCoordinatorResponse, GroupId, OffsetCommitRequest, OffsetCommitResponse,
-    OffsetDeleteRequest, OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse,
-    RequestHeader, TopicName,
+    ApiKey, BrokerId, DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest,
+    DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse, GroupId,
+    HeartbeatResponse, JoinGroupResponse, LeaveGroupResponse, ListGroupsRequest,
+    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
+    OffsetDeleteResponse, OffsetFetchRequest, OffsetFetchResponse, RequestHeader,
+    SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use magnetar_sdk::{Action, KvEntry, OpError};
 
 use super::{JobEvent, KafkaConnection, Op};
+use crate::coordinator::directory::Broker;
 use crate::coordinator::{
-    self, group::error as gerror, CommitCheck, DELETE_GROUP, DOMAIN, FORWARD, OFFSET_DELETE_CHECK,
+    self, group::error as gerror, CommitCheck, DELETE_GROUP, DOMAIN, FORWARD, LIST,
+    OFFSET_DELETE_CHECK,
 };
 
 /// Kafka's `offset.metadata.max.bytes`.
@@ -48,15 +57,27 @@ const SCAN_PAGE: u32 = 1000;
 
 /// A group request being served.
 pub(super) enum GroupJob {
+    /// FindCoordinator, answered at its first step (taken then).
+    Find(Option<FindCoordinatorRequest>),
     /// A request the coordinator answers whole: posted once, its answer sent as is.
     Forward {
         raw: Bytes,
+        shard: u32,
         posted: bool,
     },
+    List(ListJob),
     Commit(CommitJob),
     Fetch(FetchJob),
     DeleteGroups(DeleteJob),
     OffsetDelete(OffsetDeleteJob),
+}
+
+pub(super) struct ListJob {
+    req: ListGroupsRequest,
+    started: bool,
+    left: usize,
+    /// (group, protocol type, state) from every shard that answered.
+    found: Vec<(String, String, String)>,
 }
 
 pub(super) struct CommitJob {
@@ -177,8 +198,14 @@ pub fn decode_offset(v: &[u8]) -> Option<(i64, i32, Option<String>)> {
 type Committed = (i32, i64, i32, Option<String>);
 
 /// The error code of a failed kv or post: retriable for the client.
-fn backend_code(_e: &OpError) -> i16 {
-    gerror::COORDINATOR_NOT_AVAILABLE
+/// The Kafka error for a failed post or kv operation: `NOT_COORDINATOR` when the host says
+/// another gateway holds the group's shard (the client asks FindCoordinator again).
+fn backend_code(e: &OpError) -> i16 {
+    if e.message.starts_with("not-owner") {
+        gerror::NOT_COORDINATOR
+    } else {
+        gerror::COORDINATOR_NOT_AVAILABLE
+    }
 }
 
 fn s(v: impl Into<String>) -> StrBytes {
@@ -186,49 +213,80 @@ fn s(v: impl Into<String>) -> StrBytes {
 }
 
 impl KafkaConnection {
+    /// The shard of a group's coordinator.
+    fn shard(&self, group: &str) -> u32 {
+        coordinator::shard_of(group, self.config.coordinator_shards)
+    }
+
     pub(super) fn start_find_coordinator(
         &mut self,
         header: &RequestHeader,
         r: FindCoordinatorRequest,
     ) -> Result<(), String> {
         let version = header.request_api_version;
-        let host = self.config.advertised_host();
-        let port = i32::from(self.config.advertised_port);
-        let node = BrokerId(super::topics::NODE_ID);
         // Only groups (key type 0) have a coordinator here: no transactions.
-        let code = |key_type: i8| {
-            if key_type == 0 {
-                gerror::NONE
-            } else {
-                gerror::COORDINATOR_NOT_AVAILABLE
+        let find = |this: &Self, key: &str| -> (i16, Option<Broker>) {
+            if r.key_type != 0 {
+                return (gerror::COORDINATOR_NOT_AVAILABLE, None);
+            }
+            match this.directory.owner(this.shard(key)) {
+                Some(b) => (gerror::NONE, Some(b)),
+                None => (gerror::COORDINATOR_NOT_AVAILABLE, None),
             }
         };
         let body = if version >= 4 {
-            FindCoordinatorResponse::default().with_coordinators(
-                r.coordinator_keys
-                    .into_iter()
-                    .map(|key| {
-                        Coordinator::default()
-                            .with_key(key)
-                            .with_node_id(node)
-                            .with_host(s(host.clone()))
-                            .with_port(port)
-                            .with_error_code(code(r.key_type))
-                    })
-                    .collect(),
-            )
+            let coordinators = r
+                .coordinator_keys
+                .iter()
+                .map(|key| {
+                    let (code, b) = find(self, key.as_str());
+                    let b = b.unwrap_or(Broker {
+                        node_id: -1,
+                        host: String::new(),
+                        port: -1,
+                        local: false,
+                    });
+                    Coordinator::default()
+                        .with_key(key.clone())
+                        .with_node_id(BrokerId(b.node_id))
+                        .with_host(s(b.host))
+                        .with_port(b.port)
+                        .with_error_code(code)
+                })
+                .collect();
+            FindCoordinatorResponse::default().with_coordinators(coordinators)
         } else {
+            let (code, b) = find(self, r.key.as_str());
+            let b = b.unwrap_or(Broker {
+                node_id: -1,
+                host: String::new(),
+                port: -1,
+                local: false,
+            });
             FindCoordinatorResponse::default()
-                .with_error_code(code(r.key_type))
-                .with_node_id(node)
-                .with_host(s(host))
-                .with_port(port)
+                .with_error_code(code)
+                .with_node_id(BrokerId(b.node_id))
+                .with_host(s(b.host))
+                .with_port(b.port)
         };
         self.respond(header, &body)
     }
 
-    pub(super) fn forward_job(raw: Bytes) -> GroupJob {
-        GroupJob::Forward { raw, posted: false }
+    pub(super) fn forward_job(&self, raw: Bytes, group: &GroupId) -> GroupJob {
+        GroupJob::Forward {
+            raw,
+            shard: self.shard(group.as_str()),
+            posted: false,
+        }
+    }
+
+    pub(super) fn list_job(req: ListGroupsRequest) -> GroupJob {
+        GroupJob::List(ListJob {
+            req,
+            started: false,
+            left: 0,
+            found: Vec::new(),
+        })
     }
 
     pub(super) fn commit_job(req: OffsetCommitRequest) -> GroupJob {
@@ -303,12 +361,12 @@ impl KafkaConnection {
         })
     }
 
-    fn post(&mut self, index: usize, payload: Vec<u8>) {
+    fn post(&mut self, index: usize, shard: u32, payload: Vec<u8>) {
         let token = self.ops.start(Op::Post(index));
         self.out.push(Action::PostHome {
             token,
             domain: DOMAIN.to_string(),
-            shard: 0,
+            shard,
             payload,
         });
     }
@@ -336,13 +394,14 @@ impl KafkaConnection {
         inbox: Vec<JobEvent>,
     ) -> Result<bool, String> {
         match job {
-            GroupJob::Forward { raw, posted } => {
+            GroupJob::Forward { raw, shard, posted } => {
                 if !*posted {
                     *posted = true;
                     let mut payload = Vec::with_capacity(raw.len() + 1);
                     payload.push(FORWARD);
                     payload.extend_from_slice(raw);
-                    self.post(0, payload);
+                    let shard = *shard;
+                    self.post(0, shard, payload);
                 }
                 for e in inbox {
                     if let JobEvent::Posted(_, result) = e {
@@ -352,20 +411,135 @@ impl KafkaConnection {
                                 Ok(true)
                             }
                             Ok(_) => Err("the group coordinator refused the request".into()),
-                            Err(e) => Err(format!(
-                                "the group coordinator is not reachable: {}",
-                                e.message
-                            )),
+                            Err(e) => {
+                                let code = backend_code(&e);
+                                self.coordinator_error(header, raw.clone(), code)?;
+                                Ok(true)
+                            }
                         };
                     }
                 }
                 Ok(false)
+            }
+            GroupJob::List(j) => self.step_list(header, j, inbox),
+            GroupJob::Find(r) => {
+                if let Some(r) = r.take() {
+                    self.start_find_coordinator(header, r)?;
+                }
+                Ok(true)
             }
             GroupJob::Commit(j) => self.step_commit(header, j, inbox),
             GroupJob::Fetch(j) => self.step_fetch_offsets(header, j, inbox),
             GroupJob::DeleteGroups(j) => self.step_delete_groups(header, j, inbox),
             GroupJob::OffsetDelete(j) => self.step_offset_delete(header, j, inbox),
         }
+    }
+
+    /// A group request the coordinator could not answer: the API's own response with
+    /// `code` (`NOT_COORDINATOR`: the client asks FindCoordinator again).
+    fn coordinator_error(
+        &mut self,
+        header: &RequestHeader,
+        raw: Bytes,
+        code: i16,
+    ) -> Result<(), String> {
+        let version = header.request_api_version;
+        match ApiKey::try_from(header.request_api_key) {
+            Ok(ApiKey::JoinGroup) => self.respond(
+                header,
+                &JoinGroupResponse::default()
+                    .with_error_code(code)
+                    .with_generation_id(-1)
+                    .with_protocol_name((version < 7).then(StrBytes::default)),
+            ),
+            Ok(ApiKey::SyncGroup) => {
+                self.respond(header, &SyncGroupResponse::default().with_error_code(code))
+            }
+            Ok(ApiKey::Heartbeat) => {
+                self.respond(header, &HeartbeatResponse::default().with_error_code(code))
+            }
+            Ok(ApiKey::LeaveGroup) => {
+                self.respond(header, &LeaveGroupResponse::default().with_error_code(code))
+            }
+            Ok(ApiKey::DescribeGroups) => {
+                let (_, r) = super::decode_request::<DescribeGroupsRequest>(raw, version)?;
+                let groups = r
+                    .groups
+                    .into_iter()
+                    .map(|g| {
+                        DescribedGroup::default()
+                            .with_group_id(g)
+                            .with_error_code(code)
+                            .with_authorized_operations(i32::MIN)
+                    })
+                    .collect();
+                self.respond(
+                    header,
+                    &DescribeGroupsResponse::default().with_groups(groups),
+                )
+            }
+            _ => Err("not a group request".into()),
+        }
+    }
+
+    /// ListGroups: the groups of every shard this gateway holds, filtered by state (v4)
+    /// and type (v5).
+    fn step_list(
+        &mut self,
+        header: &RequestHeader,
+        j: &mut ListJob,
+        inbox: Vec<JobEvent>,
+    ) -> Result<bool, String> {
+        if !j.started {
+            j.started = true;
+            for shard in 0..self.config.coordinator_shards {
+                if self.directory.owner(shard).is_some_and(|b| b.local) {
+                    self.post(shard as usize, shard, vec![LIST]);
+                    j.left += 1;
+                }
+            }
+        }
+        for e in inbox {
+            if let JobEvent::Posted(_, result) = e {
+                j.left = j.left.saturating_sub(1);
+                // A shard lost or not held after all: its groups are another gateway's.
+                if let Some(found) = result.ok().and_then(|a| coordinator::decode_list(&a)) {
+                    j.found.extend(found);
+                }
+            }
+        }
+        if j.left > 0 {
+            return Ok(false);
+        }
+        let states: Vec<String> = j
+            .req
+            .states_filter
+            .iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        let types: Vec<String> = j
+            .req
+            .types_filter
+            .iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
+        let mut found = std::mem::take(&mut j.found);
+        found.sort();
+        let groups = found
+            .into_iter()
+            .filter(|(_, t, st)| {
+                (states.is_empty() || states.contains(&st.to_ascii_lowercase()))
+                    && (types.is_empty() || types.contains(&t.to_ascii_lowercase()))
+            })
+            .map(|(g, t, st)| {
+                ListedGroup::default()
+                    .with_group_id(GroupId(s(g)))
+                    .with_protocol_type(s(t))
+                    .with_group_state(s(st))
+            })
+            .collect();
+        self.respond(header, &ListGroupsResponse::default().with_groups(groups))?;
+        Ok(true)
     }
 
     fn step_commit(
@@ -386,7 +560,8 @@ impl KafkaConnection {
                 instance_id: j.req.group_instance_id.as_ref().map(|s| s.to_string()),
                 generation: j.req.generation_id_or_member_epoch,
             };
-            self.post(0, check.encode());
+            let shard = self.shard(&group);
+            self.post(0, shard, check.encode());
             return Ok(false);
         }
         for e in inbox {
@@ -656,7 +831,8 @@ impl KafkaConnection {
             j.started = true;
             for i in 0..j.groups.len() {
                 let payload = coordinator::group_post(DELETE_GROUP, &j.groups[i].0);
-                self.post(i, payload);
+                let shard = self.shard(&j.groups[i].0);
+                self.post(i, shard, payload);
             }
         }
         for e in inbox {
@@ -766,7 +942,12 @@ impl KafkaConnection {
                 j.code = Some(gerror::NONE);
                 j.writes_left = Some(0);
             } else {
-                self.post(0, coordinator::group_post(OFFSET_DELETE_CHECK, &group));
+                let shard = self.shard(&group);
+                self.post(
+                    0,
+                    shard,
+                    coordinator::group_post(OFFSET_DELETE_CHECK, &group),
+                );
                 return Ok(false);
             }
         }

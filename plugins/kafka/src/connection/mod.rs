@@ -172,6 +172,8 @@ pub struct KafkaConnection {
     sasl: sasl::Sasl,
     /// The host's SASL mechanisms, best first.
     sasl_mechanisms: Rc<[String]>,
+    /// Where the group coordinators are (groups.rs).
+    directory: Rc<dyn crate::coordinator::directory::Directory>,
     /// A request decoded that waits for authentication.
     held: Option<Current>,
     /// The request being served.
@@ -195,6 +197,10 @@ impl KafkaConnection {
             auth: Auth::No,
             sasl: sasl::Sasl::Idle,
             sasl_mechanisms: Rc::from(Vec::new()),
+            directory: Rc::new(crate::coordinator::directory::Alone {
+                host: config.advertised_host(),
+                port: i32::from(config.advertised_port),
+            }),
             held: None,
             job: None,
             now_ms: 0,
@@ -207,6 +213,15 @@ impl KafkaConnection {
     /// The SASL mechanisms the host offers (`magnetar_sdk::sasl_mechanisms`), best first.
     pub fn with_sasl_mechanisms(mut self, mechanisms: Rc<[String]>) -> Self {
         self.sasl_mechanisms = mechanisms;
+        self
+    }
+
+    /// Where the group coordinators are: the host's directory (default: this gateway alone).
+    pub fn with_directory(
+        mut self,
+        directory: Rc<dyn crate::coordinator::directory::Directory>,
+    ) -> Self {
+        self.directory = directory;
         self
     }
 
@@ -347,37 +362,41 @@ impl KafkaConnection {
                 return self.describe_cluster(&h, r);
             }
             ApiKey::FindCoordinator => {
-                // Answered at once: this gateway coordinates every group.
+                // Answered from the host's directory of coordinators, which names the
+                // principal's namespace's: after authentication, as every job.
                 let (h, r) = decoded!(kafka_protocol::messages::FindCoordinatorRequest);
-                return self.start_find_coordinator(&h, r);
+                (h, Job::Group(groups::GroupJob::Find(Some(r))))
             }
             ApiKey::InitProducerId => {
                 let (h, r) = decoded!(kafka_protocol::messages::InitProducerIdRequest);
                 return self.init_producer_id(&h, r);
             }
             ApiKey::JoinGroup => {
-                let (h, _) = decoded!(kafka_protocol::messages::JoinGroupRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::JoinGroupRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::SyncGroup => {
-                let (h, _) = decoded!(kafka_protocol::messages::SyncGroupRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::SyncGroupRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::Heartbeat => {
-                let (h, _) = decoded!(kafka_protocol::messages::HeartbeatRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::HeartbeatRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::LeaveGroup => {
-                let (h, _) = decoded!(kafka_protocol::messages::LeaveGroupRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::LeaveGroupRequest);
+                (h, Job::Group(self.forward_job(raw, &r.group_id)))
             }
             ApiKey::ListGroups => {
-                let (h, _) = decoded!(kafka_protocol::messages::ListGroupsRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                let (h, r) = decoded!(kafka_protocol::messages::ListGroupsRequest);
+                (h, Job::Group(Self::list_job(r)))
             }
             ApiKey::DescribeGroups => {
-                let (h, _) = decoded!(kafka_protocol::messages::DescribeGroupsRequest);
-                (h, Job::Group(Self::forward_job(raw)))
+                // Clients ask each group's coordinator for its groups: the first one's
+                // shard decides.
+                let (h, r) = decoded!(kafka_protocol::messages::DescribeGroupsRequest);
+                let first = r.groups.first().cloned().unwrap_or_default();
+                (h, Job::Group(self.forward_job(raw, &first)))
             }
             ApiKey::OffsetCommit => {
                 let (h, r) = decoded!(

@@ -278,6 +278,13 @@ impl KafkaConnection {
             Some(names) => names.clone(),
             None => j.found.iter().map(|(n, _)| n.clone()).collect(),
         };
+        // Every gateway known to hold group shards is a broker; this one leads what it
+        // serves (any gateway serves any partition: docs/kafka.md 2.1).
+        let brokers = self.directory.brokers();
+        let me = brokers
+            .iter()
+            .find(|b| b.local)
+            .map_or(NODE_ID, |b| b.node_id);
         let mut topics = Vec::new();
         for name in order {
             let topic = MetadataResponseTopic::default()
@@ -288,10 +295,10 @@ impl KafkaConnection {
                         .map(|i| {
                             MetadataResponsePartition::default()
                                 .with_partition_index(i)
-                                .with_leader_id(BrokerId(NODE_ID))
+                                .with_leader_id(BrokerId(me))
                                 .with_leader_epoch(0)
-                                .with_replica_nodes(vec![BrokerId(NODE_ID)])
-                                .with_isr_nodes(vec![BrokerId(NODE_ID)])
+                                .with_replica_nodes(vec![BrokerId(me)])
+                                .with_isr_nodes(vec![BrokerId(me)])
                         })
                         .collect(),
                 ),
@@ -305,12 +312,19 @@ impl KafkaConnection {
             topics.push(topic);
         }
         let body = MetadataResponse::default()
-            .with_brokers(vec![MetadataResponseBroker::default()
-                .with_node_id(BrokerId(NODE_ID))
-                .with_host(StrBytes::from_string(self.config.advertised_host()))
-                .with_port(i32::from(self.config.advertised_port))])
+            .with_brokers(
+                brokers
+                    .into_iter()
+                    .map(|b| {
+                        MetadataResponseBroker::default()
+                            .with_node_id(BrokerId(b.node_id))
+                            .with_host(StrBytes::from_string(b.host))
+                            .with_port(b.port)
+                    })
+                    .collect(),
+            )
             .with_cluster_id(Some(StrBytes::from_static_str(CLUSTER_ID)))
-            .with_controller_id(BrokerId(NODE_ID))
+            .with_controller_id(BrokerId(me))
             .with_topics(topics);
         self.respond(header, &body)?;
         Ok(true)

@@ -1,31 +1,37 @@
-//! The group coordinator: the home (ABI 0.2.4 `homes`) that owns the consumer groups of
-//! this gateway, as a sans-IO machine ([`GroupHome`]).
+//! The group coordinator: the homes (ABI 0.2.4 `homes`) that own the consumer groups, as a
+//! sans-IO machine ([`GroupHome`]).
 //!
-//! Client connections live on every worker's instance; a group's members may be on
-//! several. So the connection does not answer the group APIs itself: it posts the request
-//! to the home of domain [`DOMAIN`], shard 0 (one fixed instance of the gateway), which
-//! keeps every group of every namespace in memory, keyed by (namespace, group): the host
-//! names the poster's namespace, so a client can never reach another tenant's group. The
-//! home answers with the whole Kafka response, which the connection sends as is.
+//! Client connections live on every worker's instance, and on every gateway of the
+//! backend; a group's members may be on several. So the connection does not answer the
+//! group APIs itself: it posts the request to the home of domain [`DOMAIN`], shard
+//! [`shard_of`]`(group)`, which the host opens on the one gateway holding that shard
+//! (docs/kafka.md section 2.2) and on one fixed instance there. A home keeps the groups of
+//! its shard in one namespace (the host names the poster's namespace, so a client can never
+//! reach another tenant's group). The home answers with the whole Kafka response, which the
+//! connection sends as is; a post to a shard held elsewhere fails, and the connection
+//! answers `NOT_COORDINATOR` (the client asks FindCoordinator again).
 //!
 //! Posts ([`post`]) are one kind byte and a body:
 //! - [`FORWARD`]: a Kafka request (header and body, as the client sent it) of JoinGroup,
-//!   SyncGroup, Heartbeat, LeaveGroup, ListGroups or DescribeGroups; the answer is the
-//!   response frame (size included); empty if the request cannot be decoded.
+//!   SyncGroup, Heartbeat, LeaveGroup or DescribeGroups; the answer is the response frame
+//!   (size included); empty if the request cannot be decoded.
 //! - [`COMMIT_CHECK`]: may this member of this generation commit offsets? The answer is
 //!   an `i16` error code (the offsets themselves are stored by the connection, in the
 //!   namespace kv).
 //! - [`DELETE_GROUP`]: DeleteGroups of one group: removed if it has no members; the answer
 //!   is an `i16` error code and a byte, 1 if the group existed.
 //! - [`OFFSET_DELETE_CHECK`]: may a group's offsets be deleted (OffsetDelete)? `i16`.
+//! - [`LIST`]: the home's groups (ListGroups asks every shard this gateway holds): for each,
+//!   its name, protocol type and state ([`decode_list`]).
 //!
 //! Timers: one tick every [`TICK_MS`] while any group has members, which expires sessions,
 //! pending member ids and join barriers.
 //!
-//! What is not here: the groups' state does not survive the gateway (members rejoin after
-//! a restart, as after a coordinator move in Kafka; committed offsets do survive, in the
-//! kv); one home for all groups (shard 0), not one per shard of `docs/kafka.md` 2.2.
+//! What is not here: the groups' state does not survive the gateway nor a move of the
+//! shard to another gateway (members rejoin, as after a coordinator move in Kafka;
+//! committed offsets do survive, in the kv).
 
+pub mod directory;
 pub mod group;
 #[cfg(test)]
 mod tests;
@@ -56,6 +62,7 @@ pub const FORWARD: u8 = 0;
 pub const COMMIT_CHECK: u8 = 1;
 pub const DELETE_GROUP: u8 = 2;
 pub const OFFSET_DELETE_CHECK: u8 = 3;
+pub const LIST: u8 = 4;
 /// How often sessions and barriers are looked at.
 pub const TICK_MS: u64 = 200;
 /// The tick's timer token.
@@ -117,6 +124,24 @@ impl GroupHome {
                 }
                 None => Some(Vec::new()),
             },
+            LIST => {
+                let mut out = Vec::new();
+                let mut listed: Vec<_> = self
+                    .groups
+                    .iter()
+                    .filter(|((ns, _), _)| *ns == namespace)
+                    .collect();
+                listed.sort_by(|a, b| a.0 .1.cmp(&b.0 .1));
+                for ((_, id), g) in listed {
+                    put_str(&mut out, Some(id));
+                    put_str(
+                        &mut out,
+                        Some(g.protocol_type.as_deref().unwrap_or_default()),
+                    );
+                    put_str(&mut out, Some(g.state.name()));
+                }
+                Some(out)
+            }
             DELETE_GROUP | OFFSET_DELETE_CHECK => match read_str(&mut &body[..]) {
                 Some(group) => {
                     let key = (namespace, group);
@@ -626,6 +651,28 @@ impl CommitCheck {
             generation,
         })
     }
+}
+
+/// The shard of a group: Kafka's own `partitionFor` (`abs(groupId.hashCode) % shards`,
+/// `hashCode` being Java's `String.hashCode` over UTF-16 units), so that operators who know
+/// Kafka can tell which gateway coordinates a group.
+pub fn shard_of(group: &str, shards: u32) -> u32 {
+    let hash = group
+        .encode_utf16()
+        .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(i32::from(c)));
+    (hash & 0x7fff_ffff) as u32 % shards.max(1)
+}
+
+/// A [`LIST`] answer: (group, protocol type, state) of each group.
+pub fn decode_list(mut body: &[u8]) -> Option<Vec<(String, String, String)>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let group = read_str(&mut body)?;
+        let protocol_type = read_str(&mut body)?;
+        let state = read_str(&mut body)?;
+        out.push((group, protocol_type, state));
+    }
+    Some(out)
 }
 
 /// The payload of a [`DELETE_GROUP`] or [`OFFSET_DELETE_CHECK`] post.

@@ -4,7 +4,8 @@
 //! `homes` does. Requests are encoded and responses decoded by `kafka-protocol`'s client
 //! side.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 
 use bytes::Bytes;
 use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
@@ -17,20 +18,56 @@ use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use magnetar_sdk::testing::SimHost;
-use magnetar_sdk::Event;
+use magnetar_sdk::{ErrorKind, Event, OpError};
 
+use super::directory::{Broker, Directory};
 use super::group::{error, Timing};
 use super::GroupHome;
 use crate::config::Config;
 use crate::connection::KafkaConnection;
 use crate::test_wire;
 
-/// One gateway: a home and client connections, each with its namespace.
+/// One gateway: its homes (one per shard, opened by the first post, as the host's
+/// `homes` does) and client connections, each with its namespace.
 struct Gw {
-    home: SimHost<GroupHome>,
+    timing: Timing,
+    homes: BTreeMap<u32, SimHost<GroupHome>>,
     clients: Vec<(SimHost<KafkaConnection>, String)>,
-    routes: HashMap<u64, (usize, u64)>,
+    /// (shard, post id) -> (client, token).
+    routes: HashMap<(u32, u64), (usize, u64)>,
     next_corr: i32,
+    /// The shards this gateway holds (`None`: all); posts to others fail `not-owner`.
+    held: Option<Vec<u32>>,
+}
+
+/// A directory of two gateways: this one (node 1) holds `held`, node 2 the rest.
+struct Split {
+    held: Vec<u32>,
+}
+
+impl Split {
+    fn broker(node_id: i32) -> Broker {
+        Broker {
+            node_id,
+            host: "127.0.0.1".into(),
+            port: 9090 + node_id,
+            local: node_id == 1,
+        }
+    }
+}
+
+impl Directory for Split {
+    fn owner(&self, shard: u32) -> Option<Broker> {
+        Some(Split::broker(if self.held.contains(&shard) {
+            1
+        } else {
+            2
+        }))
+    }
+
+    fn brokers(&self) -> Vec<Broker> {
+        vec![Split::broker(1), Split::broker(2)]
+    }
 }
 
 fn timing() -> Timing {
@@ -43,19 +80,31 @@ fn timing() -> Timing {
 impl Gw {
     fn new(timing: Timing) -> Gw {
         Gw {
-            home: SimHost::new(1_000, GroupHome::new(timing)),
+            timing,
+            homes: BTreeMap::new(),
             clients: Vec::new(),
             routes: HashMap::new(),
             next_corr: 1,
+            held: None,
+        }
+    }
+
+    /// A gateway holding only `held` of the shards; another (node 2) holds the rest.
+    fn holding(timing: Timing, held: Vec<u32>) -> Gw {
+        Gw {
+            held: Some(held),
+            ..Gw::new(timing)
         }
     }
 
     fn client(&mut self, namespace: &str) -> usize {
         let config = Config::default();
-        self.clients.push((
-            SimHost::new(1_000, KafkaConnection::new(config)),
-            namespace.to_string(),
-        ));
+        let mut machine = KafkaConnection::new(config);
+        if let Some(held) = &self.held {
+            machine = machine.with_directory(Rc::new(Split { held: held.clone() }));
+        }
+        self.clients
+            .push((SimHost::new(1_000, machine), namespace.to_string()));
         self.clients.len() - 1
     }
 
@@ -66,18 +115,35 @@ impl Gw {
             for (i, (c, ns)) in self.clients.iter_mut().enumerate() {
                 c.run();
                 for (token, domain, shard, payload) in c.take_posts() {
-                    let id = self.home.post(&domain, shard, ns, payload);
-                    self.routes.insert(id, (i, token));
                     moved = true;
+                    if self.held.as_ref().is_some_and(|h| !h.contains(&shard)) {
+                        c.feed(Event::HomeReply {
+                            token,
+                            result: Err(OpError {
+                                kind: ErrorKind::NotFound,
+                                message: "not-owner: the shard is held by node 2".into(),
+                            }),
+                        });
+                        continue;
+                    }
+                    let timing = self.timing;
+                    let home = self
+                        .homes
+                        .entry(shard)
+                        .or_insert_with(|| SimHost::new(1_000, GroupHome::new(timing)));
+                    let id = home.post(&domain, shard, ns, payload);
+                    self.routes.insert((shard, id), (i, token));
                 }
             }
-            for (id, payload) in self.home.take_replies() {
-                if let Some((i, token)) = self.routes.remove(&id) {
-                    self.clients[i].0.feed(Event::HomeReply {
-                        token,
-                        result: Ok(payload),
-                    });
-                    moved = true;
+            for (shard, home) in self.homes.iter_mut() {
+                for (id, payload) in home.take_replies() {
+                    if let Some((i, token)) = self.routes.remove(&(*shard, id)) {
+                        self.clients[i].0.feed(Event::HomeReply {
+                            token,
+                            result: Ok(payload),
+                        });
+                        moved = true;
+                    }
                 }
             }
             if !moved {
@@ -91,7 +157,9 @@ impl Gw {
         let mut left = ms;
         while left > 0 {
             let step = left.min(super::TICK_MS);
-            self.home.advance(step);
+            for home in self.homes.values_mut() {
+                home.advance(step);
+            }
             for (c, _) in self.clients.iter_mut() {
                 c.advance(step);
             }
@@ -531,4 +599,124 @@ fn find_coordinator_names_this_gateway() {
     );
     assert_eq!(r.coordinators.len(), 2);
     assert_eq!(r.coordinators[1].key.as_str(), "h");
+}
+
+#[test]
+fn the_shard_of_a_group_is_kafkas_partition_for() {
+    // Kafka: abs("g".hashCode) % 50 = 103 % 50; Java's "Aa" and "BB" both hash to 2112
+    // (h = 31 * h + c over UTF-16 units).
+    assert_eq!(super::shard_of("g", 50), 3);
+    assert_eq!(super::shard_of("Aa", 1 << 30), 2112);
+    assert_eq!(super::shard_of("BB", 1 << 30), 2112);
+    // Negative hashes count by their low 31 bits: "polygenelubricants" hashes to
+    // i32::MIN.
+    assert_eq!(super::shard_of("polygenelubricants", 16), 0);
+    assert_eq!(super::shard_of("anything", 1), 0);
+}
+
+#[test]
+fn find_coordinator_names_the_holder_and_other_shards_answer_not_coordinator() {
+    let g_shard = super::shard_of("g", Config::default().coordinator_shards);
+    // This gateway holds every shard but the group's.
+    let held: Vec<u32> = (0..16).filter(|s| *s != g_shard).collect();
+    let mut gw = Gw::holding(timing(), held.clone());
+    let a = gw.client("t/ns");
+    let r: FindCoordinatorResponse = gw.call(
+        a,
+        ApiKey::FindCoordinator,
+        3,
+        &FindCoordinatorRequest::default().with_key(s("g")),
+    );
+    assert_eq!(r.error_code, error::NONE);
+    assert_eq!((r.node_id.0, r.port), (2, 9092));
+    // v4: one answer per key; a group of a held shard is this gateway's.
+    let mine = (0..1000)
+        .map(|i| format!("h{i}"))
+        .find(|k| super::shard_of(k, 16) != g_shard)
+        .unwrap();
+    let r: FindCoordinatorResponse = gw.call(
+        a,
+        ApiKey::FindCoordinator,
+        4,
+        &FindCoordinatorRequest::default().with_coordinator_keys(vec![s("g"), s(&mine)]),
+    );
+    let nodes: Vec<i32> = r.coordinators.iter().map(|c| c.node_id.0).collect();
+    assert_eq!(nodes, [2, 1]);
+
+    // Asked anyway, the coordinator's requests answer NOT_COORDINATOR (the host refused
+    // the post), and the connection goes on.
+    let j: JoinGroupResponse = gw.call(a, ApiKey::JoinGroup, 5, &join_req("", None, b"m"));
+    assert_eq!(j.error_code, error::NOT_COORDINATOR);
+    let h: HeartbeatResponse = gw.call(
+        a,
+        ApiKey::Heartbeat,
+        4,
+        &HeartbeatRequest::default()
+            .with_group_id(GroupId(s("g")))
+            .with_member_id(s("m"))
+            .with_generation_id(1),
+    );
+    assert_eq!(h.error_code, error::NOT_COORDINATOR);
+    assert_eq!(commit(&mut gw, a, "m", 1, 3), error::NOT_COORDINATOR);
+    let d: DescribeGroupsResponse = gw.call(
+        a,
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups(vec![GroupId(s("g"))]),
+    );
+    assert_eq!(d.groups[0].error_code, error::NOT_COORDINATOR);
+    assert!(gw.clients[a].0.closed().is_none());
+}
+
+#[test]
+fn list_groups_covers_every_shard_this_gateway_holds_and_no_other() {
+    // Groups on two different shards, both held here: both listed.
+    let shards = Config::default().coordinator_shards;
+    let names: Vec<String> = (0..1000).map(|i| format!("grp{i}")).collect();
+    let first = names[0].clone();
+    let second = names
+        .iter()
+        .find(|n| super::shard_of(n, shards) != super::shard_of(&first, shards))
+        .unwrap()
+        .clone();
+    let mut gw = Gw::new(timing());
+    let a = gw.client("t/ns");
+    for g in [&first, &second] {
+        let r: JoinGroupResponse = gw.call(
+            a,
+            ApiKey::JoinGroup,
+            5,
+            &join_req("", None, b"m").with_group_id(GroupId(s(g))),
+        );
+        assert_eq!(r.error_code, error::MEMBER_ID_REQUIRED);
+        let joined: JoinGroupResponse = gw.call(
+            a,
+            ApiKey::JoinGroup,
+            5,
+            &join_req(&r.member_id, None, b"m").with_group_id(GroupId(s(g))),
+        );
+        assert_eq!(joined.error_code, error::NONE);
+    }
+    let listed = |gw: &mut Gw, c| -> Vec<String> {
+        let r: ListGroupsResponse =
+            gw.call(c, ApiKey::ListGroups, 4, &ListGroupsRequest::default());
+        r.groups.iter().map(|g| g.group_id.0.to_string()).collect()
+    };
+    let mut both = vec![first.clone(), second.clone()];
+    both.sort();
+    assert_eq!(listed(&mut gw, a), both);
+    // The state filter (v4) applies across shards.
+    let r: ListGroupsResponse = gw.call(
+        a,
+        ApiKey::ListGroups,
+        4,
+        &ListGroupsRequest::default().with_states_filter(vec![s("Empty")]),
+    );
+    assert!(r.groups.is_empty(), "{:?}", r.groups);
+
+    // A gateway that holds only the first group's shard lists only it.
+    let mut half = Gw::holding(timing(), vec![super::shard_of(&first, shards)]);
+    half.homes = std::mem::take(&mut gw.homes);
+    let b = half.client("t/ns");
+    assert_eq!(listed(&mut half, b), vec![first]);
 }
