@@ -182,6 +182,21 @@ pub(crate) enum Task {
         channel: u16,
         m: QueueDelete,
     },
+    /// The deleted queue's record is gone: open its route to delete it with its backlog
+    /// (tried again while consumers let go of it).
+    DeleteRoute {
+        channel: u16,
+        name: String,
+        queue: Queue,
+        reply: Option<Box<Method>>,
+        attempts: u32,
+    },
+    /// The record of a queue whose route this connection holds is gone: delete the route.
+    DeleteHeld {
+        channel: u16,
+        sub: SubId,
+        reply: Option<Box<Method>>,
+    },
     /// Read the exchange of a publish.
     PublishExchange {
         channel: u16,
@@ -394,7 +409,7 @@ impl AmqpConnection {
 
     /// Sends `channel.close` (a channel error, §1.5.2.5): the channel ignores frames until
     /// `channel.close-ok`; the connection and its other channels go on.
-    fn close_channel(&mut self, channel: u16, e: ConnError) {
+    pub(super) fn close_channel(&mut self, channel: u16, e: ConnError) {
         self.drop_consumers(channel);
         self.send_method(
             channel,
@@ -442,7 +457,7 @@ impl AmqpConnection {
         }
     }
 
-    fn reply(&mut self, channel: u16, reply: Option<Box<Method>>) {
+    pub(super) fn reply(&mut self, channel: u16, reply: Option<Box<Method>>) {
         if let Some(m) = reply {
             self.send_method(channel, *m);
         }
@@ -455,7 +470,7 @@ impl AmqpConnection {
         self.busy = true;
     }
 
-    fn wait_kv_put(&mut self, key: String, value: Option<Vec<u8>>, task: Task) {
+    pub(super) fn wait_kv_put(&mut self, key: String, value: Option<Vec<u8>>, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::KvPut { token, key, value });
         self.busy = true;
@@ -463,7 +478,7 @@ impl AmqpConnection {
 
     /// Opens the queue's durable route with its filters: the host stores them (and feeds
     /// the queue from then on); the route itself is closed at once (`Task::RouteOpened`).
-    fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
+    pub(super) fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::OpenRoute {
             token,
@@ -1336,26 +1351,50 @@ impl AmqpConnection {
                     Ok(v) => v.as_deref().and_then(Queue::decode),
                     Err(e) => return failed(self, channel, &e),
                 };
-                let reply = (!m.no_wait)
-                    .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
-                // Its consumers here end first (with `basic.cancel`), so that the route
-                // that deletes it can take its subscription.
-                self.cancel_consumers_of(&m.queue);
-                self.owned.remove(&m.queue);
                 match queue {
-                    // RabbitMQ 3.x: deleting a queue that does not exist succeeds.
-                    None => self.reply(channel, reply),
-                    Some(q) => self.wait_kv_put(
-                        topology::queue_key(&m.queue),
-                        None,
-                        Task::StoreRoute {
-                            channel,
-                            name: m.queue,
-                            queue: q,
-                            delete: true,
-                            reply,
-                        },
-                    ),
+                    Some(q) if m.if_unused || m.if_empty => self.delete_if(channel, m, q),
+                    queue => self.delete_queue(channel, m, queue),
+                }
+            }
+            (
+                Task::DeleteRoute {
+                    channel,
+                    name,
+                    queue,
+                    reply,
+                    attempts,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(_) => self.store_route(
+                    &name.clone(),
+                    &queue.clone(),
+                    Task::DeleteRoute {
+                        channel,
+                        name,
+                        queue,
+                        reply,
+                        attempts,
+                    },
+                ),
+                Err(e) => failed(self, channel, &e),
+            },
+            (task @ Task::DeleteRoute { .. }, Outcome::Sub(r)) => self.on_delete_route(task, r),
+            (
+                Task::DeleteHeld {
+                    channel,
+                    sub,
+                    reply,
+                },
+                Outcome::Kv(r),
+            ) => {
+                self.out.push(Action::Unsubscribe {
+                    sub,
+                    delete: r.is_ok(),
+                });
+                match r {
+                    Ok(_) => self.reply(channel, reply),
+                    Err(e) => failed(self, channel, &e),
                 }
             }
             (Task::PublishExchange { channel, content }, Outcome::Kv(r)) => match r {
@@ -1949,6 +1988,9 @@ impl AmqpConnection {
     }
 
     pub(super) fn on_message(&mut self, m: Message) {
+        if self.on_delete_check_message(m.subscription) {
+            return;
+        }
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
@@ -2211,7 +2253,11 @@ pub fn name_seed(conn: u64) -> u64 {
 
 /// A consumer on a queue's topic: the queue's shared subscription, from its start, with
 /// `max_unacked` deliveries in flight.
-fn queue_consumer(topic: String, max_unacked: u32, consumer_name: Option<String>) -> ConsumerSpec {
+pub(super) fn queue_consumer(
+    topic: String,
+    max_unacked: u32,
+    consumer_name: Option<String>,
+) -> ConsumerSpec {
     ConsumerSpec {
         topic: TopicRef {
             name: topic,

@@ -47,6 +47,7 @@ use crate::config::Config;
 
 mod blocked;
 mod channel;
+mod delete;
 mod lifetime;
 pub use channel::name_seed;
 #[cfg(test)]
@@ -113,6 +114,8 @@ enum Op {
     Lease,
     /// A queue being deleted in the background.
     Reap(lifetime::Reap),
+    /// The route or consumer that checks `queue.delete`'s `if-unused` / `if-empty`.
+    DeleteCheck(delete::PendingDelete),
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
         channel: u16,
@@ -197,6 +200,8 @@ pub struct AmqpConnection {
     policies: HashMap<SubId, crate::queue_policy::QueuePolicy>,
     /// A `basic.get` waiting for a message.
     pending_get: Option<channel::PendingGet>,
+    /// A `queue.delete` with `if-empty` waiting to see whether the queue has a message.
+    deleting: Option<delete::PendingDelete>,
     /// Names this connection gives server-named queues.
     name_seed: u64,
     names_given: u64,
@@ -261,6 +266,7 @@ impl AmqpConnection {
             getters: HashMap::new(),
             policies: HashMap::new(),
             pending_get: None,
+            deleting: None,
             name_seed: 0,
             names_given: 0,
             now_ms,
@@ -617,6 +623,8 @@ impl AmqpConnection {
     fn on_timer(&mut self, now_ms: u64, token: u64) {
         if self.on_retry(token)
             || self.on_get_timer(token)
+            || self.on_delete_timer(token)
+            || self.on_delete_route_timer(token)
             || self.on_reap_timer(token)
             || self.on_lease_timer(token)
             || self.on_block_timer(token)
@@ -698,6 +706,7 @@ impl Machine for AmqpConnection {
                     self.on_getter_result(channel, queue, result)
                 }
                 Some(Op::Reap(r)) => self.on_reap_route(r, result),
+                Some(Op::DeleteCheck(p)) => self.on_delete_check(p, result),
                 _ => {
                     // A route opened only to store its filters, answered after the
                     // connection moved on: close it.
@@ -728,8 +737,12 @@ impl Machine for AmqpConnection {
                 }
             }
             Event::Message(m) => self.on_message(m),
-            // Deliveries of a route opened to store a queue's filters: not ours to take.
-            Event::Delivery(_) => {}
+            // A queue's message, seen by the route that checks `queue.delete`'s `if-empty`;
+            // other deliveries of routes opened to store a queue's filters are not ours to
+            // take.
+            Event::Delivery(d) => {
+                self.on_delete_check_message(d.subscription);
+            }
             Event::Closed => {
                 self.phase = Phase::Done;
                 self.input.clear();

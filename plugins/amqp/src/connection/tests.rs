@@ -895,3 +895,88 @@ fn guest_logs_in_from_loopback_only_and_falls_back_to_anonymous() {
         [Credentials::Password(p), Credentials::Anonymous] if p.user == "guest"
     ));
 }
+
+#[test]
+fn delete_if_unused_or_if_empty_refuses_a_used_or_full_queue_with_406() {
+    let mut h = running();
+    let declare = |channel| {
+        frame(
+            channel,
+            Method::QueueDeclare(QueueDeclare {
+                queue: "q".into(),
+                ..Default::default()
+            }),
+        )
+    };
+    let delete = |channel, if_unused, if_empty| {
+        frame(
+            channel,
+            Method::QueueDelete(QueueDelete {
+                queue: "q".into(),
+                if_unused,
+                if_empty,
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&declare(1));
+    h.run();
+    sent(&mut h);
+    // A consumer of this connection: in use.
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.data(&frame(2, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&delete(2, true, false));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(2, Method::ChannelOpenOk(_)), Frame::Method(2, Method::ChannelClose(c))]
+        if c.reply_code == PRECONDITION_FAILED && c.reply_text == "PRECONDITION_FAILED - queue 'q' in vhost '/' in use"
+    ));
+    h.data(&frame(2, Method::ChannelCloseOk(ChannelCloseOk {})));
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    // A message waits in the queue: the route that checks it is handed it.
+    h.produce(magnetar_sdk::OutboundMessage {
+        topic: "amqp".into(),
+        key: None,
+        payload: b"waiting".to_vec(),
+        properties: vec![magnetar_sdk::Property {
+            key: "amqp.key".into(),
+            value: "%.q".into(),
+        }],
+    });
+    h.data(&frame(3, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&delete(3, true, true));
+    h.run();
+    let frames = sent(&mut h);
+    assert!(
+        matches!(&frames[..], [Frame::Method(3, Method::ChannelOpenOk(_)), Frame::Method(3, Method::ChannelClose(c))]
+        if c.reply_text.ends_with("not empty")),
+        "{frames:?}"
+    );
+    assert!(h.kv().contains_key("amqp/q/q"));
+    // Without conditions it goes.
+    h.data(&delete(1, false, false));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::QueueDeleteOk(_))]
+    ));
+    assert!(!h.kv().contains_key("amqp/q/q"));
+}
