@@ -177,6 +177,44 @@ def test_consumer_is_told_when_its_queue_is_deleted(amqp_server):
         conn.close()
 
 
+def test_consumers_on_other_connections_are_told_when_their_queue_is_deleted(amqp_server):
+    """RabbitMQ cancels every consumer of a deleted queue, on whatever connection; the
+    gateway's consumers on other connections learn it from the queue's record (within a
+    second). A queue deleted and declared again at once cancels them too."""
+    consumer = pika.BlockingConnection(params(amqp_server))
+    deleter = pika.BlockingConnection(params(amqp_server))
+    try:
+        q, again = unique("doomed-elsewhere"), unique("redeclared")
+        cch = consumer.channel()
+        cancelled = []
+        cch.add_on_cancel_callback(lambda frame: cancelled.append(frame.method.consumer_tag))
+        dch = deleter.channel()
+        dch.queue_declare(q)
+        dch.queue_declare(again)
+        tag = cch.basic_consume(q, lambda *args: None)
+        tag_again = cch.basic_consume(again, lambda *args: None)
+        dch.queue_delete(q)
+        dch.queue_delete(again)
+        dch.queue_declare(again)
+        deadline = time.monotonic() + 10
+        while len(cancelled) < 2 and time.monotonic() < deadline:
+            consumer.process_data_events(time_limit=0.1)
+        assert sorted(cancelled) == sorted([tag, tag_again])
+        # The consumer's connection and channel go on; the deleted queue is gone for it too.
+        assert cch.is_open
+        assert not exists(consumer, q)
+        # The queue declared again is a queue: a message published into it arrives.
+        dch.confirm_delivery()
+        dch.basic_publish("", again, b"new incarnation")
+        got = wait_until(lambda: cch.basic_get(again, auto_ack=True)[2], what="the message")
+        assert got == b"new incarnation"
+        dch.queue_delete(again)
+    finally:
+        for c in (consumer, deleter):
+            if c.is_open:
+                c.close()
+
+
 def test_queue_with_x_expires_goes_once_unused_for_that_long(amqp_server):
     """`x-expires` 1000 ms: a queue nobody uses goes after a second; one with a consumer
     stays, and goes a second after its consumer is cancelled. A passive declaration counts

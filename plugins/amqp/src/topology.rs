@@ -138,6 +138,10 @@ pub struct Queue {
     /// An exclusive queue's owner: the id of the connection that declared it
     /// ([`lease_key`] says whether that connection still lives).
     pub owner: Option<String>,
+    /// This incarnation of the queue (its declaring connection's id and a number): a queue
+    /// deleted and declared again under its name is another queue for its old consumers.
+    /// `None` in records written before it existed.
+    pub id: Option<String>,
 }
 
 fn flag(t: &FieldTable, name: &str) -> bool {
@@ -206,6 +210,9 @@ impl Queue {
         if let Some(owner) = &self.owner {
             t.insert("owner", long(owner));
         }
+        if let Some(id) = &self.id {
+            t.insert("id", long(id));
+        }
         encode_table(&t)
     }
 
@@ -238,6 +245,7 @@ impl Queue {
             },
             bindings,
             owner: text(&t, "owner"),
+            id: text(&t, "id"),
         })
     }
 
@@ -542,6 +550,7 @@ mod tests {
         let owned = Queue {
             exclusive: true,
             owner: Some("c0ffee-1".into()),
+            id: Some("c0ffee-1-7".into()),
             ..q
         };
         assert_eq!(Queue::decode(&owned.encode()), Some(owned));

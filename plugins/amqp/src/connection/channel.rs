@@ -120,6 +120,8 @@ pub(crate) struct PendingConsume {
     auto_delete: Option<Queue>,
     /// The queue's `x-expires`.
     expires: Option<u64>,
+    /// The queue's incarnation (`Queue::id`), watched while the consumer lasts.
+    queue_id: Option<String>,
 }
 
 /// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
@@ -848,6 +850,7 @@ impl AmqpConnection {
             policy: QueuePolicy::default(),
             auto_delete: None,
             expires: None,
+            queue_id: None,
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -888,6 +891,7 @@ impl AmqpConnection {
                 if let Some(expires) = c.expires {
                     self.consuming_expiring(&c.queue, expires);
                 }
+                self.watch_queue(&c.queue, c.queue_id.take());
                 if !c.no_wait {
                     self.send_method(
                         c.channel,
@@ -1182,6 +1186,7 @@ impl AmqpConnection {
                         self.close_channel(channel, e.caused_by(&cause));
                     }
                     None => {
+                        let incarnation = self.ops.token();
                         let queue = Queue {
                             durable: m.durable,
                             exclusive: m.exclusive,
@@ -1189,6 +1194,7 @@ impl AmqpConnection {
                             arguments: m.arguments.clone(),
                             bindings: Vec::new(),
                             owner: m.exclusive.then(|| self.conn_id().to_string()),
+                            id: Some(format!("{}-{incarnation}", self.conn_id())),
                         };
                         self.queue_used(&name, &queue);
                         if m.exclusive {
@@ -1418,6 +1424,7 @@ impl AmqpConnection {
                         consume.policy = QueuePolicy::of(&name, &q);
                         consume.auto_delete = q.auto_delete.then(|| q.clone());
                         consume.expires = crate::queue_policy::expires(&q);
+                        consume.queue_id = q.id.clone();
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),

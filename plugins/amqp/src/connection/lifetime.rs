@@ -7,9 +7,12 @@
 //!   connection ends.
 //! - An **auto-delete** queue is deleted when its last consumer goes (cancelled, its channel
 //!   or connection closed), never if it had none.
-//! - When this connection deletes a queue, its consumers of that queue get `basic.cancel`
-//!   from the server if the client announced `consumer_cancel_notify` (RabbitMQ's consumer
-//!   cancel notifications), and are dropped silently otherwise.
+//! - When a queue is deleted, its consumers get `basic.cancel` from the server if the client
+//!   announced `consumer_cancel_notify` (RabbitMQ's consumer cancel notifications), and are
+//!   dropped silently otherwise: at once on the connection that deletes it, and within
+//!   [`WATCH_MS`] on the others, which read the records of the queues they consume that
+//!   often (the host tells a plugin of no topology change); a queue deleted and declared
+//!   again meanwhile is another incarnation (`Queue::id`) and cancels them too.
 //!
 //! Across gateways there is no connection to ask whether it still lives, so ownership is a
 //! lease in the kv ([`topology::lease_key`]): a connection that owns exclusive queues renews
@@ -38,6 +41,10 @@ use magnetar_sdk::{ErrorKind, OpError, RouteSpec, SubId};
 use super::*;
 use crate::topology::{self, Queue};
 
+/// How often a connection reads the records of the queues it consumes, to end (with
+/// `basic.cancel`) the consumers of a queue that another connection deleted.
+pub(super) const WATCH_MS: u64 = 1000;
+
 /// Tries at opening the route of a queue being deleted while consumers still hold its
 /// subscription (this connection's own just closed), and the wait between two.
 const REAP_ATTEMPTS: u32 = 10;
@@ -53,6 +60,9 @@ pub(crate) struct Reap {
     force: bool,
     /// The route, once open.
     sub: Option<SubId>,
+    /// A queue whose record another connection deleted while this one's consumers held its
+    /// route: only the route goes, with its backlog.
+    orphan: bool,
 }
 
 /// RabbitMQ's 405 text.
@@ -266,6 +276,83 @@ impl AmqpConnection {
         }
     }
 
+    /// Starts reading the record of `queue` every [`WATCH_MS`] while this connection
+    /// consumes it: `id` is the incarnation its consumers started on.
+    pub(super) fn watch_queue(&mut self, queue: &str, id: Option<String>) {
+        self.watched.insert(queue.to_string(), id);
+        if self.watch_timer.is_none() {
+            let token = self.ops.token();
+            self.watch_timer = Some(token);
+            self.out.push(Action::SetTimer {
+                token,
+                delay_ms: WATCH_MS,
+            });
+        }
+    }
+
+    /// The watch timer: the records of the queues still consumed are read.
+    pub(super) fn on_watch_timer(&mut self, token: u64) -> bool {
+        if self.watch_timer != Some(token) {
+            return false;
+        }
+        self.watch_timer = None;
+        if self.phase != Phase::Running {
+            return true;
+        }
+        let consumed: std::collections::HashSet<&str> =
+            self.consumers.values().map(|c| c.3.as_str()).collect();
+        self.watched.retain(|q, _| consumed.contains(q.as_str()));
+        let queues: Vec<String> = self.watched.keys().cloned().collect();
+        for queue in queues {
+            let key = topology::queue_key(&queue);
+            let token = self.ops.start(Op::Watch { queue });
+            self.out.push(Action::KvGet { token, key });
+        }
+        if !self.watched.is_empty() {
+            let token = self.ops.token();
+            self.watch_timer = Some(token);
+            self.out.push(Action::SetTimer {
+                token,
+                delay_ms: WATCH_MS,
+            });
+        }
+        true
+    }
+
+    /// A consumed queue's record: if the queue is gone (or is another incarnation), its
+    /// consumers here end with `basic.cancel`, and its route, which they kept the deleting
+    /// connection from taking, goes with its backlog (unless declared again).
+    pub(super) fn on_watched(&mut self, queue: String, result: Result<Option<Vec<u8>>, OpError>) {
+        // A failed read says nothing.
+        let Ok(record) = result else {
+            return;
+        };
+        let Some(id) = self.watched.get(&queue) else {
+            return;
+        };
+        let gone = match &record {
+            None => true,
+            Some(bytes) => Queue::decode(bytes).is_some_and(|q| id.is_some() && q.id != *id),
+        };
+        if !gone {
+            return;
+        }
+        self.watched.remove(&queue);
+        self.cancel_consumers_of(&queue);
+        if record.is_none() {
+            self.reaps += 1;
+            let queue_record = Queue::default();
+            self.open_reap_route(Reap {
+                name: queue,
+                queue: queue_record,
+                attempts: 0,
+                force: false,
+                sub: None,
+                orphan: true,
+            });
+        }
+    }
+
     /// Deletes `name` in the background: its route opened (refused while other consumers
     /// hold the queue), its record, then the route with its backlog.
     pub(super) fn start_reap(&mut self, name: String, queue: Queue, force: bool) {
@@ -276,6 +363,7 @@ impl AmqpConnection {
             attempts: 0,
             force,
             sub: None,
+            orphan: false,
         });
     }
 
@@ -294,6 +382,10 @@ impl AmqpConnection {
 
     pub(super) fn on_reap_route(&mut self, mut reap: Reap, result: Result<SubId, OpError>) {
         match result {
+            Ok(sub) if reap.orphan => {
+                self.out.push(Action::Unsubscribe { sub, delete: true });
+                return self.reap_done();
+            }
             Ok(sub) => reap.sub = Some(sub),
             Err(e) if e.kind == ErrorKind::Backend && reap.attempts < REAP_ATTEMPTS => {
                 reap.attempts += 1;

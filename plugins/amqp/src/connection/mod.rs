@@ -112,6 +112,10 @@ enum Op {
     },
     /// The lease of this connection's exclusive queues, or a queue's expiry, written.
     Lease,
+    /// The record of a queue this connection consumes, read to see whether it still exists.
+    Watch {
+        queue: String,
+    },
     /// A queue being deleted in the background.
     Reap(lifetime::Reap),
     /// The route or consumer that checks `queue.delete`'s `if-unused` / `if-empty`.
@@ -230,6 +234,11 @@ pub struct AmqpConnection {
     expiry_timer: Option<u64>,
     /// The timer that renews its lease, while it has one.
     lease_timer: Option<u64>,
+    /// The queues it consumes, with the incarnation its consumers started on
+    /// (`lifetime::watch_queue`).
+    watched: HashMap<String, Option<String>>,
+    /// The timer that reads their records again, while there are some.
+    watch_timer: Option<u64>,
     /// Queues being deleted in the background.
     reaps: usize,
     /// The connection ends once they are: `Some(true)` with `close-ok`.
@@ -281,6 +290,8 @@ impl AmqpConnection {
             draining: HashMap::new(),
             expiry_timer: None,
             lease_timer: None,
+            watched: HashMap::new(),
+            watch_timer: None,
             reaps: 0,
             ending: None,
         };
@@ -629,6 +640,7 @@ impl AmqpConnection {
             || self.on_lease_timer(token)
             || self.on_block_timer(token)
             || self.on_expiry_timer(token)
+            || self.on_watch_timer(token)
         {
             return;
         }
@@ -690,6 +702,7 @@ impl Machine for AmqpConnection {
             Event::KvResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Kv(result)),
                 Some(Op::Reap(r)) => self.on_reap_record(r, result),
+                Some(Op::Watch { queue }) => self.on_watched(queue, result),
                 Some(Op::Lease) => {
                     if let Err(e) = result {
                         self.log(LogLevel::Warn, format!("lease: {}", e.message));

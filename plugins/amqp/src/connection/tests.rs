@@ -980,3 +980,60 @@ fn delete_if_unused_or_if_empty_refuses_a_used_or_full_queue_with_406() {
     ));
     assert!(!h.kv().contains_key("amqp/q/q"));
 }
+
+#[test]
+fn consumers_of_a_queue_deleted_elsewhere_end_and_its_route_goes() {
+    let mut h = running();
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    // Still there: nothing happens.
+    h.advance(super::lifetime::WATCH_MS);
+    h.run();
+    assert!(!h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Unsubscribe { .. })));
+    // Another connection deletes it.
+    h.kv_mut().remove("amqp/q/q");
+    h.advance(super::lifetime::WATCH_MS);
+    h.run();
+    let actions = h.take_actions();
+    let unsubscribed: Vec<bool> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unsubscribe { delete, .. } => Some(*delete),
+            _ => None,
+        })
+        .collect();
+    // The consumer closes, then the queue's route goes with its backlog.
+    assert_eq!(unsubscribed, [false, true], "{actions:?}");
+    // Its tag is free again on the channel: the consumer is gone.
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicCancelOk(_))]
+    ));
+}
