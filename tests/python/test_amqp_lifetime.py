@@ -2,6 +2,8 @@
 RabbitMQ, then Magnetar): exclusive queues belong to their connection (405 RESOURCE_LOCKED
 for the others) and go with it, auto-delete queues go with their last consumer, and a
 consumer whose queue is deleted is told with basic.cancel."""
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +20,8 @@ from amqp_servers import (  # noqa: F401 (fixtures)
     unique,
     wait_until,
 )
-from test_amqp_connection import params
+from pamqp import commands, frame as pframe
+from test_amqp_connection import Raw, params
 
 
 def exists(conn, queue) -> bool:
@@ -106,7 +109,8 @@ time.sleep(60)
 
 def test_exclusive_queue_goes_when_its_connection_drops_without_close(amqp_server):
     """The owner's process is killed: no connection.close. RabbitMQ deletes the queue at
-    once; the gateway once the owner's lease has run out (EXCLUSIVE_LEASE_MS here)."""
+    once; the gateway too (the connection's will gives its lease up), well before the lease
+    (EXCLUSIVE_LEASE_MS) would have run out."""
     q = unique("dropped")
     owner = subprocess.Popen(
         [sys.executable, "-c", OWNER_SCRIPT, str(amqp_server.amqp_port), q],
@@ -119,16 +123,47 @@ def test_exclusive_queue_goes_when_its_connection_drops_without_close(amqp_serve
         assert refused(conn, lambda c: c.queue_declare(q, passive=True)) == 405
         owner.kill()
         owner.wait(timeout=10)
-        wait_until(
-            lambda: not exists(conn, q),
-            timeout=EXCLUSIVE_LEASE_MS / 1000 + 10,
-            what="the dropped owner's queue to go",
-        )
+        wait_until(lambda: not exists(conn, q), timeout=10, what="the dropped owner's queue to go")
+        assert EXCLUSIVE_LEASE_MS >= 30_000
         # Its name is free again.
         assert conn.channel().queue_declare(q, exclusive=True).method.queue == q
     finally:
         owner.kill()
         owner.wait(timeout=10)
+        conn.close()
+
+
+def test_an_abruptly_closed_socket_takes_its_exclusive_queue_and_auto_delete_consumer(amqp_server):
+    """A client's socket is reset (no connection.close): its exclusive queue is gone and
+    so is the auto-delete queue it alone consumed, as soon as the server sees the socket go
+    (the gateway: the connection's will gives its lease up; the auto-delete queue is found
+    unused by the next connection that uses it), well before the lease would run out."""
+    excl, auto = unique("excl-reset"), unique("auto-reset")
+    raw = Raw(amqp_server)
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        raw.handshake()
+        raw.send(pframe.marshal(commands.Channel.Open(), 1))
+        assert isinstance(raw.method()[1], commands.Channel.OpenOk)
+        raw.send(pframe.marshal(commands.Queue.Declare(queue=excl, exclusive=True), 1))
+        assert isinstance(raw.method()[1], commands.Queue.DeclareOk)
+        raw.send(pframe.marshal(commands.Queue.Declare(queue=auto, auto_delete=True), 1))
+        assert isinstance(raw.method()[1], commands.Queue.DeclareOk)
+        raw.send(pframe.marshal(commands.Basic.Consume(queue=auto, consumer_tag="t"), 1))
+        assert isinstance(raw.method()[1], commands.Basic.ConsumeOk)
+        assert refused(conn, lambda c: c.queue_declare(excl, passive=True)) == 405
+        assert exists(conn, auto)
+        # A reset, not a close: SO_LINGER with a zero timeout.
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.sock.close()
+        wait_until(
+            lambda: not exists(conn, excl) and not exists(conn, auto),
+            timeout=10,
+            what="the reset connection's queues to go",
+        )
+        assert EXCLUSIVE_LEASE_MS >= 30_000
+    finally:
+        raw.close()
         conn.close()
 
 

@@ -106,6 +106,11 @@ pub fn lease_key(owner: &str) -> String {
     format!("amqp/c/{owner}")
 }
 
+/// The topic into which the host publishes, for a connection that ends without
+/// `connection.close` while it owns exclusive queues, a message naming it (its will, which
+/// also deletes its lease: [`lease_key`]). Nothing reads it.
+pub const ENDED_TOPIC: &str = "amqp-ended";
+
 /// When a queue with `x-expires` expires unless used before (8 bytes, as a lease): its
 /// connections move it on while they consume it, and at each declaration and `basic.get`.
 pub fn expiry_key(queue: &str) -> String {
@@ -138,6 +143,9 @@ pub struct Queue {
     /// An exclusive queue's owner: the id of the connection that declared it
     /// ([`lease_key`] says whether that connection still lives).
     pub owner: Option<String>,
+    /// An auto-delete queue that has had a consumer: once none is left it is gone (RabbitMQ
+    /// deletes it then), also when its last consumer's connection ended without a word.
+    pub consumed: bool,
     /// This incarnation of the queue (its declaring connection's id and a number): a queue
     /// deleted and declared again under its name is another queue for its old consumers.
     /// `None` in records written before it existed.
@@ -213,6 +221,9 @@ impl Queue {
         if let Some(id) = &self.id {
             t.insert("id", long(id));
         }
+        if self.consumed {
+            t.insert("consumed", FieldValue::Bool(true));
+        }
         encode_table(&t)
     }
 
@@ -246,6 +257,7 @@ impl Queue {
             bindings,
             owner: text(&t, "owner"),
             id: text(&t, "id"),
+            consumed: flag(&t, "consumed"),
         })
     }
 
@@ -551,6 +563,7 @@ mod tests {
             exclusive: true,
             owner: Some("c0ffee-1".into()),
             id: Some("c0ffee-1-7".into()),
+            consumed: true,
             ..q
         };
         assert_eq!(Queue::decode(&owned.encode()), Some(owned));

@@ -208,6 +208,23 @@ pub(crate) enum Task {
     ConsumeQueue {
         consume: PendingConsume,
     },
+    /// An auto-delete queue's first consumer marked it `consumed`: go on with the consumer.
+    ConsumeMarked {
+        consume: PendingConsume,
+        queue: Queue,
+    },
+    /// An auto-delete queue that had consumers, used by a connection that has none of them:
+    /// its route opened (none left: it goes) or refused (it stays), then `task`.
+    AutoDeleteProbe {
+        task: Box<Task>,
+        name: String,
+        record: Vec<u8>,
+    },
+    /// The probed queue's record is deleted: its route goes with its backlog, then `task`.
+    AutoDeleted {
+        task: Box<Task>,
+        sub: SubId,
+    },
     /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
     /// a restart): close it, then open the consumer.
     ConsumeRoute {
@@ -1042,6 +1059,18 @@ impl AmqpConnection {
                         },
                     );
                 }
+                // An auto-delete queue whose consumers may all be gone without a word.
+                if q.auto_delete && q.consumed && !self.consumes(&name) {
+                    let record = bytes.clone();
+                    let spec = lifetime::probe_route(&name, &q);
+                    let task = Box::new(task);
+                    let token =
+                        self.ops
+                            .start(Op::Task(Task::AutoDeleteProbe { task, name, record }));
+                    self.out.push(Action::OpenRoute { token, spec });
+                    self.busy = true;
+                    return;
+                }
                 // A queue with `x-expires`: has it been unused for that long?
                 if crate::queue_policy::expires(&q).is_some() {
                     let record = bytes.clone();
@@ -1063,7 +1092,7 @@ impl AmqpConnection {
     }
 
     /// [`Self::step`] once the queue the task uses is known to be there for it.
-    fn step_checked(&mut self, task: Task, outcome: Outcome) {
+    pub(super) fn step_checked(&mut self, task: Task, outcome: Outcome) {
         let failed = |s: &mut Self, channel: u16, e: &OpError| {
             let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
             s.close_channel(channel, err);
@@ -1122,6 +1151,20 @@ impl AmqpConnection {
             (Task::Reaped { task, name, queue }, Outcome::Kv(_)) => {
                 self.store_route(&name, &queue, Task::ReapedRoute { task });
             }
+            (task, outcome @ Outcome::Sub(_)) if matches!(task, Task::AutoDeleteProbe { .. }) => {
+                self.on_auto_delete_probe(task, outcome)
+            }
+            (Task::AutoDeleted { task, sub }, Outcome::Kv(_)) => {
+                self.out.push(Action::Unsubscribe { sub, delete: true });
+                self.step(*task, Outcome::Kv(Ok(None)));
+            }
+            (Task::ConsumeMarked { consume, queue }, Outcome::Kv(r)) => match r {
+                Ok(_) => {
+                    let name = consume.queue.clone();
+                    self.store_route(&name, &queue, Task::ConsumeRoute { consume });
+                }
+                Err(e) => failed(self, consume.channel, &e),
+            },
             (Task::ReapedRoute { task }, Outcome::Sub(r)) => {
                 if let Ok(sub) = r {
                     self.out.push(Action::Unsubscribe { sub, delete: true });
@@ -1195,6 +1238,7 @@ impl AmqpConnection {
                             bindings: Vec::new(),
                             owner: m.exclusive.then(|| self.conn_id().to_string()),
                             id: Some(format!("{}-{incarnation}", self.conn_id())),
+                            consumed: false,
                         };
                         self.queue_used(&name, &queue);
                         if m.exclusive {
@@ -1425,6 +1469,19 @@ impl AmqpConnection {
                         consume.auto_delete = q.auto_delete.then(|| q.clone());
                         consume.expires = crate::queue_policy::expires(&q);
                         consume.queue_id = q.id.clone();
+                        if q.auto_delete && !q.consumed {
+                            // Marked before its first consumer: from then on, no consumer
+                            // left means the queue is gone.
+                            let queue = Queue {
+                                consumed: true,
+                                ..q
+                            };
+                            return self.wait_kv_put(
+                                topology::queue_key(&name),
+                                Some(queue.encode()),
+                                Task::ConsumeMarked { consume, queue },
+                            );
+                        }
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),

@@ -19,7 +19,7 @@
 //! Once the conditions hold, the queue is deleted through the route or consumer that
 //! checked them ([`AmqpConnection::delete_queue`]).
 
-use magnetar_sdk::{ErrorKind, OpError, RouteSpec, SubId};
+use magnetar_sdk::{ErrorKind, OpError, SubId};
 
 use super::channel::Task;
 use super::*;
@@ -71,14 +71,7 @@ impl AmqpConnection {
     fn open_delete_check(&mut self, p: PendingDelete) {
         let name = p.m.queue.clone();
         let action = if p.by_route() {
-            let spec = RouteSpec {
-                source: topology::SOURCE.into(),
-                filters: p.queue.filters(&name),
-                max_unacked: 1,
-                max_queued: 1,
-                queue: Some(topology::queue_topic(&name)),
-                key_property: Some(topology::KEY_PROPERTY.into()),
-            };
+            let spec = lifetime::probe_route(&name, &p.queue);
             let token = self.ops.start(Op::DeleteCheck(p));
             Action::OpenRoute { token, spec }
         } else {

@@ -18,10 +18,17 @@
 //! lease in the kv ([`topology::lease_key`]): a connection that owns exclusive queues renews
 //! it every third of [`Config::exclusive_lease_ms`]. A connection that ends cleanly
 //! (`connection.close`) deletes its exclusive queues and its lease before `close-ok`. One
-//! whose socket went away or whose gateway crashed cannot (the host takes no call from a
-//! closed connection); its queues stay until its lease runs out, and then the first other
-//! connection that uses one deletes it and goes on as RabbitMQ would once the queue is gone
-//! (a declaration creates it again, a passive one is 404).
+//! whose socket went away cannot act any more (the host takes no call from a closed
+//! connection), but its last will does: registered with the lease, it deletes the lease as
+//! the connection ends (and publishes a note to [`topology::ENDED_TOPIC`]). Without a lease
+//! its queues are gone: the first other connection that uses one deletes it and goes on as
+//! RabbitMQ would once the queue is gone (a declaration creates it again, a passive one is
+//! 404). Only a crash of its gateway (which loses wills) leaves them to the lease's end.
+//!
+//! - An auto-delete queue whose last consumer's connection ended without a word is found by
+//!   the next connection that uses it: a queue marked `consumed` whose route the backend
+//!   lets this connection open has no consumer left, so it is deleted then, and the method
+//!   goes on without it, as RabbitMQ would have deleted it when that consumer went.
 //!
 //! - A queue with **`x-expires`** is deleted once unused for that long (no consumer, no
 //!   `basic.get`, not declared again). Its last use is a record in the kv
@@ -36,8 +43,9 @@
 //! opening its route once this connection's last consumer of it is gone (a few tries, while
 //! the backend lets that consumer go); if another consumer holds it, it stays.
 
-use magnetar_sdk::{ErrorKind, OpError, RouteSpec, SubId};
+use magnetar_sdk::{ErrorKind, KvWrite, OpError, OutboundMessage, RouteSpec, SubId, Will};
 
+use super::channel::{Outcome, Task};
 use super::*;
 use crate::topology::{self, Queue};
 
@@ -63,6 +71,19 @@ pub(crate) struct Reap {
     /// A queue whose record another connection deleted while this one's consumers held its
     /// route: only the route goes, with its backlog.
     orphan: bool,
+}
+
+/// The spec of a queue's route opened to look at it or delete it: refused while consumers
+/// hold the queue's subscription.
+pub(super) fn probe_route(name: &str, queue: &Queue) -> RouteSpec {
+    RouteSpec {
+        source: topology::SOURCE.into(),
+        filters: queue.filters(name),
+        max_unacked: 1,
+        max_queued: 1,
+        queue: Some(topology::queue_topic(name)),
+        key_property: Some(topology::KEY_PROPERTY.into()),
+    }
 }
 
 /// RabbitMQ's 405 text.
@@ -147,13 +168,31 @@ impl AmqpConnection {
 
     pub(super) fn lease_started(&mut self) {
         if self.lease_timer.is_none() {
-            let token = self.ops.token();
-            self.lease_timer = Some(token);
-            self.out.push(Action::SetTimer {
-                token,
-                delay_ms: self.config.exclusive_lease_ms / 3,
-            });
+            self.arm_lease_timer();
+            // Its will deletes the lease if the connection ends without a word.
+            self.out.push(Action::SetWill(Some(Will {
+                msg: OutboundMessage {
+                    topic: topology::ENDED_TOPIC.into(),
+                    key: None,
+                    payload: self.conn_id.as_bytes().to_vec(),
+                    properties: Vec::new(),
+                },
+                kv: Some(KvWrite {
+                    key: topology::lease_key(&self.conn_id),
+                    value: None,
+                }),
+                delay_ms: 0,
+            })));
         }
+    }
+
+    fn arm_lease_timer(&mut self) {
+        let token = self.ops.token();
+        self.lease_timer = Some(token);
+        self.out.push(Action::SetTimer {
+            token,
+            delay_ms: self.config.exclusive_lease_ms / 3,
+        });
     }
 
     /// The lease timer: renewed while this connection owns exclusive queues.
@@ -175,7 +214,9 @@ impl AmqpConnection {
             value,
         });
         if renewed {
-            self.lease_started();
+            self.arm_lease_timer();
+        } else {
+            self.out.push(Action::SetWill(None));
         }
         true
     }
@@ -276,6 +317,28 @@ impl AmqpConnection {
         }
     }
 
+    /// Whether a consumer of this connection reads `queue`.
+    pub(super) fn consumes(&self, queue: &str) -> bool {
+        self.consumers.values().any(|c| c.3 == queue)
+    }
+
+    /// The probe of an auto-delete queue answered: refused (consumers hold it) → `task`
+    /// goes on with the queue; opened → nobody consumes it any more, so it goes first.
+    pub(super) fn on_auto_delete_probe(&mut self, task: Task, outcome: Outcome) {
+        let (Task::AutoDeleteProbe { task, name, record }, Outcome::Sub(r)) = (task, outcome)
+        else {
+            return;
+        };
+        match r {
+            Ok(sub) => self.wait_kv_put(
+                topology::queue_key(&name),
+                None,
+                Task::AutoDeleted { task, sub },
+            ),
+            Err(_) => self.step_checked(*task, Outcome::Kv(Ok(Some(record)))),
+        }
+    }
+
     /// Starts reading the record of `queue` every [`WATCH_MS`] while this connection
     /// consumes it: `id` is the incarnation its consumers started on.
     pub(super) fn watch_queue(&mut self, queue: &str, id: Option<String>) {
@@ -368,14 +431,7 @@ impl AmqpConnection {
     }
 
     fn open_reap_route(&mut self, reap: Reap) {
-        let spec = RouteSpec {
-            source: topology::SOURCE.into(),
-            filters: reap.queue.filters(&reap.name),
-            max_unacked: 1,
-            max_queued: 1,
-            queue: Some(topology::queue_topic(&reap.name)),
-            key_property: Some(topology::KEY_PROPERTY.into()),
-        };
+        let spec = probe_route(&reap.name, &reap.queue);
         let token = self.ops.start(Op::Reap(reap));
         self.out.push(Action::OpenRoute { token, spec });
     }
@@ -477,6 +533,7 @@ impl AmqpConnection {
             return;
         };
         if self.lease_timer.take().is_some() {
+            self.out.push(Action::SetWill(None));
             let token = self.ops.start(Op::Lease);
             self.out.push(Action::KvPut {
                 token,

@@ -1037,3 +1037,53 @@ fn consumers_of_a_queue_deleted_elsewhere_end_and_its_route_goes() {
         [Frame::Method(1, Method::BasicCancelOk(_))]
     ));
 }
+
+#[test]
+fn the_will_gives_up_the_lease_and_an_unconsumed_auto_delete_queue_goes() {
+    let mut h = running();
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "mine".into(),
+            exclusive: true,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    let will = h.will().cloned().expect("a will with the lease");
+    let lease = will.kv.expect("the lease's deletion");
+    assert!(lease.key.starts_with("amqp/c/") && lease.value.is_none());
+    assert!(h.kv().contains_key(&lease.key));
+    assert_eq!(will.msg.topic, crate::topology::ENDED_TOPIC);
+    // An auto-delete queue that had a consumer, none now (its connection went): the
+    // backend lets this connection open its route, so the queue is gone.
+    let queue = crate::topology::Queue {
+        auto_delete: true,
+        consumed: true,
+        ..Default::default()
+    };
+    h.kv_mut().insert("amqp/q/auto".into(), queue.encode());
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "auto".into(),
+            passive: true,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert_eq!(
+        channel_close_code(&sent(&mut h)).map(|c| c.0),
+        Some(NOT_FOUND)
+    );
+    assert!(!h.kv().contains_key("amqp/q/auto"));
+    // A clean close deletes the lease itself: no will left.
+    h.data(&frame(
+        0,
+        Method::ConnectionClose(ConnectionClose::default()),
+    ));
+    h.run();
+    assert!(h.will().is_none());
+    assert!(!h.kv().contains_key(&lease.key));
+}
