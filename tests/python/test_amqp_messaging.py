@@ -17,6 +17,7 @@ from amqp_servers import (  # noqa: F401 (fixtures)
     magnetar_amqp_server,
     rabbitmq_server,
     unique,
+    wait_until,
 )
 from test_amqp_connection import params
 
@@ -163,6 +164,46 @@ def test_prefetch_one_gives_work_to_the_consumer_that_is_free(amqp_server):
     finally:
         a.close()
         b.close()
+
+
+def test_global_qos_limits_the_channels_consumers_together(conn):
+    """RabbitMQ's `global` prefetch: a limit for all the channel's consumers together,
+    beside each consumer's own (`global` false)."""
+    ch = conn.channel()
+    queues = [unique(f"global-{i}") for i in range(3)]
+    pub = conn.channel()
+    pub.confirm_delivery()
+    for q in queues:
+        ch.queue_declare(q)
+        for i in range(2):
+            pub.basic_publish("", q, f"{q}/{i}".encode())
+    ch.basic_qos(prefetch_count=1)
+    ch.basic_qos(prefetch_count=2, global_qos=True)
+    got = []
+    for q in queues:
+        ch.basic_consume(q, lambda c, m, p, body: got.append((m.delivery_tag, body)))
+
+    def settle(n, quiet=1.0):
+        """Waits for `n` deliveries in all, then `quiet` s in which no more may come."""
+        wait_until(lambda: conn.process_data_events(0.05) or len(got) >= n, what=f"{n} deliveries")
+        deadline = time.monotonic() + quiet
+        while time.monotonic() < deadline:
+            conn.process_data_events(0.05)
+        assert len(got) == n, got
+
+    # Two for the channel, each from another consumer (one each).
+    settle(2)
+    assert len({body.split(b"/")[0] for _, body in got}) == 2
+    # An ack opens the channel's window by one.
+    ch.basic_ack(got[0][0])
+    settle(3)
+    # Without the channel's limit, each consumer's own (1) is all that holds them.
+    ch.basic_qos(prefetch_count=0, global_qos=True)
+    settle(4)
+    ch.basic_ack(0, multiple=True)
+    settle(6, quiet=0.5)
+    assert sorted(body for _, body in got) == sorted(f"{q}/{i}".encode() for q in queues for i in range(2))
+    ch.basic_ack(0, multiple=True)
 
 
 def test_nack_with_requeue_delivers_again_with_redelivered(conn):

@@ -37,8 +37,14 @@ pub(super) struct ChannelState {
     /// `confirm.select` was received; the number of the last publish.
     confirm: bool,
     publish_seq: u64,
-    /// `basic.qos` prefetch-count (0: none).
+    /// `basic.qos` prefetch-count (0: none) of the consumers started from now on.
     prefetch: u16,
+    /// `basic.qos` prefetch-count with `global` (0: none): RabbitMQ's limit of the
+    /// unacknowledged deliveries of all the channel's consumers together.
+    global_prefetch: u16,
+    /// Messages the host handed the channel's consumers beyond that limit: delivered as
+    /// acknowledgements open it again.
+    pub(super) held: std::collections::VecDeque<Message>,
     /// A publish whose content is arriving.
     content: Option<Content>,
     /// Consumers by tag: their subscription.
@@ -457,6 +463,7 @@ impl AmqpConnection {
         state.consumers.clear();
         state.getters.clear();
         state.unacked.clear();
+        state.held.clear();
         for sub in consumers {
             self.end_consumer(sub, false);
         }
@@ -555,12 +562,18 @@ impl AmqpConnection {
                 }
             }
             Method::BasicQos(q) => {
-                // RabbitMQ: prefetch_count applies to consumers started afterwards on the
-                // channel (per consumer, `global` = false, its default in every client).
+                // RabbitMQ (`per_consumer_qos`): without `global`, prefetch_count applies to
+                // each consumer started afterwards on the channel (the default in every
+                // client); with `global`, to the channel's consumers together, at once.
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    state.prefetch = q.prefetch_count;
+                    if q.global {
+                        state.global_prefetch = q.prefetch_count;
+                    } else {
+                        state.prefetch = q.prefetch_count;
+                    }
                 }
                 self.send_method(channel, Method::BasicQosOk(BasicQosOk {}));
+                self.deliver_held(channel);
             }
             Method::ExchangeDeclare(d) => self.exchange_declare(channel, d),
             Method::ExchangeDelete(d) => {
@@ -670,6 +683,7 @@ impl AmqpConnection {
                     let unacked = std::mem::take(&mut state.unacked);
                     self.apply_settle(unacked.into_values(), Some(true));
                 }
+                self.deliver_held(channel);
                 if matches!(m, Method::BasicRecover(_)) {
                     self.send_method(channel, Method::BasicRecoverOk(BasicRecoverOk {}));
                 }
@@ -855,6 +869,11 @@ impl AmqpConnection {
         let prefetch = match state.prefetch {
             0 => UNLIMITED_PREFETCH,
             n => u32::from(n),
+        };
+        // The host hands one consumer no more than the channel may hold.
+        let prefetch = match state.global_prefetch {
+            0 => prefetch,
+            n => prefetch.min(u32::from(n)),
         };
         let consume = PendingConsume {
             channel,
@@ -2058,6 +2077,43 @@ impl AmqpConnection {
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
+        let Some((channel, no_ack)) = self
+            .consumers
+            .get(&m.subscription)
+            .map(|(channel, _, no_ack, _)| (*channel, *no_ack))
+        else {
+            return;
+        };
+        if let Some(state) = self.channels.get_mut(&channel) {
+            let limit = usize::from(state.global_prefetch);
+            if !no_ack && limit > 0 && (state.unacked.len() >= limit || !state.held.is_empty()) {
+                state.held.push_back(m);
+                return;
+            }
+        }
+        self.deliver(m);
+    }
+
+    /// Delivers the messages held back by the channel's `global` prefetch limit while it
+    /// allows (§1.8.3.1 basic.qos, RabbitMQ's meaning of `global`).
+    pub(super) fn deliver_held(&mut self, channel: u16) {
+        loop {
+            let Some(state) = self.channels.get_mut(&channel) else {
+                return;
+            };
+            let limit = usize::from(state.global_prefetch);
+            if limit > 0 && state.unacked.len() >= limit {
+                return;
+            }
+            let Some(m) = state.held.pop_front() else {
+                return;
+            };
+            self.deliver(m);
+        }
+    }
+
+    /// `basic.deliver` of a consumer's message, unless it expired.
+    fn deliver(&mut self, m: Message) {
         let Some((channel, tag, no_ack)) = self
             .consumers
             .get(&m.subscription)
@@ -2126,6 +2182,7 @@ impl AmqpConnection {
         if let Some(settled) = self.tx_holds_settle(channel, settled, requeue) {
             self.apply_settle(settled.into_iter().map(|(_, u)| u), requeue);
         }
+        self.deliver_held(channel);
     }
 
     /// Acknowledges (`requeue` `None`), requeues or rejects settled deliveries.

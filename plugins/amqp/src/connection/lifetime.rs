@@ -230,7 +230,16 @@ impl AmqpConnection {
         };
         self.policies.remove(&sub);
         self.out.push(Action::Unsubscribe { sub, delete: false });
+        self.drop_held(channel, sub);
         self.consumer_gone(channel, tag, queue, notify);
+    }
+
+    /// What the host handed a consumer that ends beyond its channel's `global` prefetch
+    /// limit is never delivered: it goes back to the queue as the consumer closes.
+    fn drop_held(&mut self, channel: u16, sub: SubId) {
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.held.retain(|m| m.subscription != sub);
+        }
     }
 
     /// The client cancelled a consumer that holds unacknowledged deliveries: RabbitMQ keeps
@@ -251,6 +260,7 @@ impl AmqpConnection {
             return;
         };
         self.draining.insert(sub, channel);
+        self.drop_held(channel, sub);
         self.consumer_gone(channel, tag, queue, false);
     }
 

@@ -1087,3 +1087,62 @@ fn the_will_gives_up_the_lease_and_an_unconsumed_auto_delete_queue_goes() {
     assert!(h.will().is_none());
     assert!(!h.kv().contains_key(&lease.key));
 }
+
+#[test]
+fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicQos(BasicQos {
+            prefetch_count: 1,
+            global: true,
+            ..Default::default()
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let message = |id: u64| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: id,
+        message_id: vec![],
+        key: None,
+        payload: b"body".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    };
+    h.feed(Event::Message(message(7)));
+    h.feed(Event::Message(message(8)));
+    let delivered = |frames: &[Frame]| {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Method(1, Method::BasicDeliver(d)) => Some(d.delivery_tag),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(delivered(&sent(&mut h)), [1]);
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        }),
+    ));
+    assert_eq!(delivered(&sent(&mut h)), [2]);
+}
