@@ -1,7 +1,7 @@
 """What RabbitMQ does with a queue's waiting, unacknowledged, expired and rejected messages,
 and the gateway the same: `queue.purge`, `basic.recover`, per-message `expiration` and
 `x-message-ttl`, dead-letter exchanges with the `x-death` header, `queue.delete`'s
-`if-unused` and `if-empty`. Each test runs against a private RabbitMQ and against Magnetar
+`if-unused` and `if-empty`, `x-max-length` (drop-head). Each test runs against a private RabbitMQ and against Magnetar
 (`amqp_server`), with pika."""
 import datetime
 import time
@@ -255,3 +255,37 @@ def test_expired_message_is_dead_lettered_with_reason_expired(conn):
         "200",
     )
     assert dprops.headers["x-first-death-reason"] == "expired"
+
+
+def test_max_length_keeps_the_newest_and_dead_letters_the_rest_as_maxlen(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    dlx, dlq, fan = unique("dlx"), unique("dlq"), unique("fan")
+    ch.exchange_declare(dlx, "fanout")
+    ch.queue_declare(dlq)
+    ch.queue_bind(dlq, dlx)
+    q, witness = unique("capped"), unique("witness")
+    ch.queue_declare(q, arguments={"x-max-length": 2, "x-dead-letter-exchange": dlx})
+    ch.queue_declare(witness)
+    ch.exchange_declare(fan, "fanout")
+    ch.queue_bind(q, fan)
+    ch.queue_bind(witness, fan)
+    for i in range(5):
+        ch.basic_publish(fan, "", f"m-{i}".encode())
+    # Both queues take every message together: once the witness has all five, so has q.
+    assert len(receive(ch, witness, 5, auto_ack=True)) == 5
+    ch.cancel()
+    survivors = receive(ch, q, 5, timeout=3.0, auto_ack=True)
+    assert [body for _, _, body in survivors] == [b"m-3", b"m-4"]
+    ch.cancel()
+    dead = receive(ch, dlq, 4, timeout=3.0, auto_ack=True)
+    assert bodies(dead) == [b"m-0", b"m-1", b"m-2"]
+    for _, props, _ in dead:
+        [death] = props.headers["x-death"]
+        assert (death["reason"], death["queue"]) == ("maxlen", q)
+    ch.cancel()
+    # An overflow RabbitMQ does not know: 406.
+    bad = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        bad.queue_declare(unique("bad"), arguments={"x-overflow": "drop-tail"})
+    assert e.value.reply_code == 406

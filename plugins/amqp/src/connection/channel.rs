@@ -479,6 +479,7 @@ impl AmqpConnection {
         for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
+            self.caps.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -921,6 +922,7 @@ impl AmqpConnection {
                 self.consumers
                     .insert(sub, (c.channel, c.tag.clone(), c.no_ack, c.queue.clone()));
                 self.policies.insert(sub, c.policy.clone());
+                self.cap_opened(sub);
                 if let Some(q) = c.auto_delete.take() {
                     self.auto_delete.insert(c.queue.clone(), q);
                 }
@@ -1957,6 +1959,7 @@ impl AmqpConnection {
                     Some(g) => {
                         g.sub = Some(sub);
                         self.policies.insert(sub, g.policy.clone());
+                        self.cap_opened(sub);
                         self.getters.insert(sub, (channel, queue));
                     }
                     None => self.out.push(Action::Unsubscribe { sub, delete: false }),
@@ -2074,6 +2077,9 @@ impl AmqpConnection {
         if self.on_delete_check_message(m.subscription) {
             return;
         }
+        let Some(m) = self.cap_hold(m) else {
+            return;
+        };
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
@@ -2221,9 +2227,21 @@ impl AmqpConnection {
         })
     }
 
-    /// Settles `m` instead of delivering it if its TTL passed (dead-lettered, or dropped):
-    /// whether it did.
+    /// Settles `m` instead of delivering it if its queue's `x-max-length` dropped it or its
+    /// TTL passed (dead-lettered, or dropped): whether it did.
     fn expire(&mut self, m: &Message) -> bool {
+        // Dropped from the head by `x-max-length` before its TTL could count.
+        if self.beyond_max_length(m) {
+            let (exchange, routing_key, properties) = delivery_fields(m);
+            let d = Delivered {
+                exchange,
+                routing_key,
+                properties,
+                payload: m.payload.clone(),
+            };
+            self.dead_letter(m.subscription, m.delivery_id, d, Reason::Maxlen);
+            return true;
+        }
         let Some(policy) = self.policies.get(&m.subscription) else {
             return false;
         };

@@ -229,6 +229,7 @@ impl AmqpConnection {
             return;
         };
         self.policies.remove(&sub);
+        self.caps.remove(&sub);
         self.out.push(Action::Unsubscribe { sub, delete: false });
         self.drop_held(channel, sub);
         self.consumer_gone(channel, tag, queue, notify);
@@ -281,6 +282,7 @@ impl AmqpConnection {
     pub(super) fn end_draining(&mut self, sub: SubId) {
         if self.draining.remove(&sub).is_some() {
             self.policies.remove(&sub);
+            self.caps.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -448,9 +450,13 @@ impl AmqpConnection {
 
     pub(super) fn on_reap_route(&mut self, mut reap: Reap, result: Result<SubId, OpError>) {
         match result {
+            // Held now: is the queue still gone (not declared again meanwhile)?
             Ok(sub) if reap.orphan => {
-                self.out.push(Action::Unsubscribe { sub, delete: true });
-                return self.reap_done();
+                let key = topology::queue_key(&reap.name);
+                reap.sub = Some(sub);
+                let token = self.ops.start(Op::Reap(reap));
+                self.out.push(Action::KvGet { token, key });
+                return;
             }
             Ok(sub) => reap.sub = Some(sub),
             Err(e) if e.kind == ErrorKind::Backend && reap.attempts < REAP_ATTEMPTS => {
@@ -489,8 +495,25 @@ impl AmqpConnection {
         true
     }
 
-    /// The record is deleted: the route goes with its backlog.
+    /// The record is deleted: the route goes with its backlog. For an orphan, the record
+    /// was read again: still gone, the route goes; declared again meanwhile, the route
+    /// stays and gets the new queue's filters back (opening it stored the old default's).
     pub(super) fn on_reap_record(&mut self, reap: Reap, result: Result<Option<Vec<u8>>, OpError>) {
+        if reap.orphan {
+            if let Some(sub) = reap.sub {
+                let gone = matches!(result, Ok(None));
+                self.out.push(Action::Unsubscribe { sub, delete: gone });
+                if let Ok(Some(bytes)) = &result {
+                    if let Some(q) = Queue::decode(bytes) {
+                        // Answered by `apply`'s fallback, which closes the route.
+                        let token = self.ops.token();
+                        let spec = probe_route(&reap.name, &q);
+                        self.out.push(Action::OpenRoute { token, spec });
+                    }
+                }
+            }
+            return self.reap_done();
+        }
         if let Err(e) = result {
             self.log(
                 LogLevel::Warn,

@@ -49,6 +49,7 @@ mod blocked;
 mod channel;
 mod delete;
 mod lifetime;
+mod max_length;
 pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
@@ -120,6 +121,10 @@ enum Op {
     Reap(lifetime::Reap),
     /// The route or consumer that checks `queue.delete`'s `if-unused` / `if-empty`.
     DeleteCheck(delete::PendingDelete),
+    /// The last message id of a capped queue's topic (`max_length`), for a consumer.
+    Tail {
+        sub: SubId,
+    },
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
         channel: u16,
@@ -202,6 +207,8 @@ pub struct AmqpConnection {
     /// The queue arguments that act on the messages of each consumer and `basic.get`
     /// consumer (expiry, dead-lettering).
     policies: HashMap<SubId, crate::queue_policy::QueuePolicy>,
+    /// What the consumers of queues with `x-max-length` know of their topic's end.
+    caps: max_length::Caps,
     /// A `basic.get` waiting for a message.
     pending_get: Option<channel::PendingGet>,
     /// A `queue.delete` with `if-empty` waiting to see whether the queue has a message.
@@ -274,6 +281,7 @@ impl AmqpConnection {
             consumers: HashMap::new(),
             getters: HashMap::new(),
             policies: HashMap::new(),
+            caps: HashMap::new(),
             pending_get: None,
             deleting: None,
             name_seed: 0,
@@ -739,16 +747,15 @@ impl Machine for AmqpConnection {
                 Some(Op::TxPublish { channel }) => self.on_tx_published(channel, result),
                 _ => {}
             },
-            Event::Position { token, result } => {
-                if let Some(Op::PurgeSeek {
+            Event::Position { token, result } => match self.ops.complete(token) {
+                Some(Op::PurgeSeek {
                     channel,
                     sub,
                     no_wait,
-                }) = self.ops.complete(token)
-                {
-                    self.on_purged(channel, sub, no_wait, result.map(|_| ()));
-                }
-            }
+                }) => self.on_purged(channel, sub, no_wait, result.map(|_| ())),
+                Some(Op::Tail { sub }) => self.on_tail(sub, result),
+                _ => {}
+            },
             Event::Message(m) => self.on_message(m),
             // A queue's message, seen by the route that checks `queue.delete`'s `if-empty`;
             // other deliveries of routes opened to store a queue's filters are not ours to

@@ -1146,3 +1146,79 @@ fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
     ));
     assert_eq!(delivered(&sent(&mut h)), [2]);
 }
+
+#[test]
+fn max_length_drops_all_but_the_newest_once_the_topics_end_is_known() {
+    let mut h = running();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length", FieldValue::I32(1));
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue {
+            arguments: args,
+            ..Default::default()
+        }
+        .encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.complete_next();
+    h.complete_next();
+    h.complete_next();
+    sent(&mut h);
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let tail_token = h
+        .pending()
+        .iter()
+        .find_map(|a| match a {
+            Action::LastMessageId { token, .. } => Some(*token),
+            _ => None,
+        })
+        .expect("the topic's end is read");
+    // Entries 1 to 3 of the queue's topic (a serialized MessageIdData).
+    let message = |entry: u8| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: u64::from(entry),
+        message_id: vec![0x08, 1, 0x10, entry],
+        key: None,
+        payload: vec![entry],
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    };
+    for entry in 1..=3 {
+        h.feed(Event::Message(message(entry)));
+    }
+    // They wait for the end of the topic.
+    assert!(sent(&mut h).is_empty());
+    h.feed(Event::Position {
+        token: tail_token,
+        result: Ok(Some(vec![0x08, 1, 0x10, 3])),
+    });
+    let bodies: Vec<Vec<u8>> = sent(&mut h)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Body(1, b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, [vec![3]]);
+    // The two dropped ones are settled in the queue.
+    let acked: Vec<u64> = h
+        .take_actions()
+        .into_iter()
+        .flat_map(|a| match a {
+            Action::Ack { delivery_id, .. } => vec![delivery_id],
+            Action::AckMany { delivery_ids, .. } => delivery_ids,
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(acked, [1, 2]);
+}
