@@ -206,6 +206,46 @@ def test_global_qos_limits_the_channels_consumers_together(conn):
     ch.basic_ack(0, multiple=True)
 
 
+def test_exchange_to_exchange_binding_routes_through_both_exchanges(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    src, dst = unique("src"), unique("dst")
+    ch.exchange_declare(src, "topic")
+    ch.exchange_declare(dst, "direct")
+    q, other = unique("e2e"), unique("e2e-other")
+    ch.queue_declare(q)
+    ch.queue_declare(other)
+    ch.queue_bind(q, dst, "a.b")
+    ch.queue_bind(other, dst, "x.y")
+    ch.exchange_bind(destination=dst, source=src, routing_key="a.*")
+    ch.basic_publish(src, "a.b", b"through both", mandatory=True)
+    ch.basic_publish(src, "x.y", b"stopped by src")
+    ch.basic_publish(src, "a.c", b"stopped by dst")
+    ch.basic_publish(dst, "x.y", b"straight to dst")
+    assert bodies(receive(ch, q, 2, timeout=3.0, auto_ack=True)) == [b"through both"]
+    ch.cancel()
+    assert bodies(receive(ch, other, 2, timeout=3.0, auto_ack=True)) == [b"straight to dst"]
+    ch.cancel()
+    # A queue bound to the destination afterwards is reached through the binding too.
+    late = unique("e2e-late")
+    ch.queue_declare(late)
+    ch.queue_bind(late, dst, "a.z")
+    ch.basic_publish(src, "a.z", b"late")
+    assert bodies(receive(ch, late, 1, auto_ack=True)) == [b"late"]
+    ch.cancel()
+    # Unbound: nothing goes through any more; the destination still routes its own.
+    ch.exchange_unbind(destination=dst, source=src, routing_key="a.*")
+    ch.basic_publish(src, "a.b", b"after unbind")
+    ch.basic_publish(dst, "a.b", b"direct")
+    assert bodies(receive(ch, q, 2, timeout=3.0, auto_ack=True)) == [b"direct"]
+    ch.cancel()
+    # A missing source: 404 on the channel.
+    bad = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        bad.exchange_bind(destination=dst, source=unique("missing"), routing_key="k")
+    assert e.value.reply_code == 404
+
+
 def test_nack_with_requeue_delivers_again_with_redelivered(conn):
     ch = conn.channel()
     q = unique("nack")

@@ -205,6 +205,10 @@ pub(crate) enum Task {
         sub: SubId,
         reply: Option<Box<Method>>,
     },
+    /// `exchange.bind` / `unbind`: its source, then its destination, read.
+    XBind(Box<super::exchange_bind::XBind>),
+    /// Queue bindings derived again through exchange-to-exchange bindings.
+    Propagate(Box<super::exchange_bind::Propagation>),
     /// Read the exchange of a publish.
     PublishExchange {
         channel: u16,
@@ -491,7 +495,7 @@ impl AmqpConnection {
     }
 
     /// Starts a host operation that the channel method waits for.
-    fn wait_kv_get(&mut self, key: String, task: Task) {
+    pub(super) fn wait_kv_get(&mut self, key: String, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::KvGet { token, key });
         self.busy = true;
@@ -597,6 +601,7 @@ impl AmqpConnection {
                 );
             }
             Method::QueueDeclare(d) => self.queue_declare(channel, d),
+            Method::ExchangeBind(_) | Method::ExchangeUnbind(_) => self.exchange_bind(channel, m),
             Method::QueueBind(b) => {
                 let change = BindChange {
                     queue: b.queue,
@@ -750,6 +755,7 @@ impl AmqpConnection {
                     durable: d.durable,
                     auto_delete: d.auto_delete,
                     internal: d.internal,
+                    sources: Vec::new(),
                 };
                 self.wait_kv_put(
                     topology::exchange_key(&d.exchange),
@@ -1390,8 +1396,10 @@ impl AmqpConnection {
                     );
                     return self.close_channel(channel, e.caused_by(&cause));
                 };
-                if let Some(x) = topology::predeclared(&change.exchange) {
-                    return self.bind_with(channel, change, queue, Some(x));
+                // The default exchange has no record; `amq.*` ones may (their sources).
+                if change.exchange.is_empty() {
+                    let x = topology::predeclared("");
+                    return self.bind_with(channel, change, queue, x);
                 }
                 let key = topology::exchange_key(&change.exchange);
                 self.wait_kv_get(
@@ -1412,7 +1420,10 @@ impl AmqpConnection {
                 Outcome::Kv(r),
             ) => match r {
                 Ok(v) => {
-                    let x = v.as_deref().and_then(Exchange::decode);
+                    let x = v
+                        .as_deref()
+                        .and_then(Exchange::decode)
+                        .or_else(|| topology::predeclared(&change.exchange));
                     self.bind_with(channel, change, queue, x);
                 }
                 Err(e) => failed(self, channel, &e),
@@ -1451,6 +1462,8 @@ impl AmqpConnection {
                 Err(e) => failed(self, channel, &e),
             },
             (task @ Task::DeleteRoute { .. }, Outcome::Sub(r)) => self.on_delete_route(task, r),
+            (Task::XBind(x), outcome) => self.on_xbind(*x, outcome),
+            (Task::Propagate(p), outcome) => self.on_propagation(*p, outcome),
             (
                 Task::DeleteHeld {
                     channel,
@@ -1646,9 +1659,11 @@ impl AmqpConnection {
             kind: x.kind,
             routing_key: change.routing_key.clone(),
             arguments: change.arguments.clone(),
+            via: Vec::new(),
         };
         let same = |b: &Binding| {
-            b.exchange == binding.exchange
+            b.via.is_empty()
+                && b.exchange == binding.exchange
                 && b.routing_key == binding.routing_key
                 && b.arguments == binding.arguments
         };
@@ -1664,6 +1679,10 @@ impl AmqpConnection {
             (true, false) => Some(Box::new(Method::QueueBindOk(QueueBindOk {}))),
             (false, _) => Some(Box::new(Method::QueueUnbindOk(QueueUnbindOk {}))),
         };
+        // Through exchange-to-exchange bindings, the queue's bindings are derived again.
+        if !x.sources.is_empty() || queue.bindings.iter().any(|b| !b.via.is_empty()) {
+            return self.rebind_queue(channel, change.queue, queue, reply);
+        }
         let value = queue.encode();
         self.wait_kv_put(
             topology::queue_key(&change.queue),

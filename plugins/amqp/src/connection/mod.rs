@@ -48,6 +48,7 @@ use crate::config::Config;
 mod blocked;
 mod channel;
 mod delete;
+mod exchange_bind;
 mod lifetime;
 mod max_length;
 pub use channel::name_seed;

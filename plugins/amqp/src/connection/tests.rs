@@ -568,6 +568,7 @@ fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
             kind: crate::topology::ExchangeType::Direct,
             routing_key: "a".into(),
             arguments: FieldTable::default(),
+            via: Vec::new(),
         }],
         ..Default::default()
     };
@@ -1221,4 +1222,89 @@ fn max_length_drops_all_but_the_newest_once_the_topics_end_is_known() {
         })
         .collect();
     assert_eq!(acked, [1, 2]);
+}
+
+#[test]
+fn exchange_bind_stores_the_edge_and_gives_queues_its_bindings() {
+    let mut h = running();
+    let declare = |name: &str, kind: &str| {
+        frame(
+            1,
+            Method::ExchangeDeclare(ExchangeDeclare {
+                exchange: name.into(),
+                kind: kind.into(),
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&declare("src", "topic"));
+    h.data(&declare("dst", "direct"));
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::QueueBind(QueueBind {
+            queue: "q".into(),
+            exchange: "dst".into(),
+            routing_key: "a.b".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.data(&frame(
+        1,
+        Method::ExchangeBind(ExchangeBind {
+            destination: "dst".into(),
+            source: "src".into(),
+            routing_key: "a.*".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ExchangeBindOk(_))]
+    ));
+    let q = crate::topology::Queue::decode(&h.kv()["amqp/q/q"]).unwrap();
+    assert_eq!(
+        q.filters("q"),
+        [
+            magnetar_sdk::Filter::Exact("%.q".into()),
+            magnetar_sdk::Filter::Exact("dst.a.b".into()),
+            magnetar_sdk::Filter::Exact("src.a.b".into()),
+        ]
+    );
+    // The route was opened with them.
+    let last_route = h
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::OpenRoute { spec, .. } => Some(spec.filters),
+            _ => None,
+        })
+        .last();
+    assert_eq!(last_route.as_deref(), Some(&q.filters("q")[..]));
+    // Unbound: the derived binding goes.
+    h.data(&frame(
+        1,
+        Method::ExchangeUnbind(ExchangeUnbind {
+            destination: "dst".into(),
+            source: "src".into(),
+            routing_key: "a.*".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ExchangeUnbindOk(_))]
+    ));
+    let q = crate::topology::Queue::decode(&h.kv()["amqp/q/q"]).unwrap();
+    assert_eq!(q.filters("q").len(), 2);
 }
