@@ -170,19 +170,16 @@ pub(crate) enum Task {
         change: BindChange,
         queue: Queue,
     },
-    /// The queue's record was written (or deleted): open its route with its filters (and
-    /// delete it with its backlog).
+    /// The queue's record was written: open its route with its filters.
     StoreRoute {
         channel: u16,
         name: String,
         queue: Queue,
-        delete: bool,
         reply: Option<Box<Method>>,
     },
-    /// The route is open (its filters stored): close or delete it and reply.
+    /// The route is open (its filters stored): close it and reply.
     RouteOpened {
         channel: u16,
-        delete: bool,
         reply: Option<Box<Method>>,
     },
     /// Read the queue to delete.
@@ -513,14 +510,7 @@ impl AmqpConnection {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::OpenRoute {
             token,
-            spec: RouteSpec {
-                source: topology::SOURCE.into(),
-                filters: queue.filters(name),
-                max_unacked: 1,
-                max_queued: 1,
-                queue: Some(topology::queue_topic(name)),
-                key_property: Some(topology::KEY_PROPERTY.into()),
-            },
+            spec: queue_route(name, queue),
         });
         self.busy = true;
     }
@@ -1089,7 +1079,7 @@ impl AmqpConnection {
                 // An auto-delete queue whose consumers may all be gone without a word.
                 if q.auto_delete && q.consumed && !self.consumes(&name) {
                     let record = bytes.clone();
-                    let spec = lifetime::probe_route(&name, &q);
+                    let spec = queue_route(&name, &q);
                     let task = Box::new(task);
                     let token =
                         self.ops
@@ -1217,7 +1207,6 @@ impl AmqpConnection {
                             channel,
                             name,
                             queue,
-                            delete: false,
                             reply,
                         },
                     );
@@ -1292,7 +1281,6 @@ impl AmqpConnection {
                                 channel,
                                 name,
                                 queue,
-                                delete: false,
                                 reply,
                             },
                         );
@@ -1331,15 +1319,7 @@ impl AmqpConnection {
                             // starts feeding the queue on a gateway that just started.
                             None => {
                                 self.queue_used(&name, &q);
-                                self.store_route(
-                                    &name,
-                                    &q,
-                                    Task::RouteOpened {
-                                        channel,
-                                        delete: false,
-                                        reply,
-                                    },
-                                )
+                                self.store_route(&name, &q, Task::RouteOpened { channel, reply })
                             }
                         }
                     }
@@ -1350,32 +1330,16 @@ impl AmqpConnection {
                     channel,
                     name,
                     queue,
-                    delete,
                     reply,
                 },
                 Outcome::Kv(r),
             ) => match r {
-                Ok(_) => self.store_route(
-                    &name,
-                    &queue,
-                    Task::RouteOpened {
-                        channel,
-                        delete,
-                        reply,
-                    },
-                ),
+                Ok(_) => self.store_route(&name, &queue, Task::RouteOpened { channel, reply }),
                 Err(e) => failed(self, channel, &e),
             },
-            (
-                Task::RouteOpened {
-                    channel,
-                    delete,
-                    reply,
-                },
-                Outcome::Sub(r),
-            ) => match r {
+            (Task::RouteOpened { channel, reply }, Outcome::Sub(r)) => match r {
                 Ok(sub) => {
-                    self.out.push(Action::Unsubscribe { sub, delete });
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
                     self.reply(channel, reply);
                 }
                 // The filters are stored before the route subscribes to its queue: a queue
@@ -1691,7 +1655,6 @@ impl AmqpConnection {
                 channel,
                 name: change.queue,
                 queue,
-                delete: false,
                 reply,
             },
         );
@@ -2407,6 +2370,20 @@ fn delivery_fields(m: &Message) -> (String, String, Vec<u8>) {
 /// A seed for the names of a connection's server-named queues.
 pub fn name_seed(conn: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(conn)
+}
+
+/// The queue's durable route on the `amqp` source, with its bindings' filters: opened to
+/// store them, to look at the queue (refused while consumers hold its subscription) or to
+/// delete it.
+pub(super) fn queue_route(name: &str, queue: &Queue) -> RouteSpec {
+    RouteSpec {
+        source: topology::SOURCE.into(),
+        filters: queue.filters(name),
+        max_unacked: 1,
+        max_queued: 1,
+        queue: Some(topology::queue_topic(name)),
+        key_property: Some(topology::KEY_PROPERTY.into()),
+    }
 }
 
 /// A consumer on a queue's topic: the queue's shared subscription, from its start, with

@@ -71,7 +71,7 @@ impl AmqpConnection {
     fn open_delete_check(&mut self, p: PendingDelete) {
         let name = p.m.queue.clone();
         let action = if p.by_route() {
-            let spec = lifetime::probe_route(&name, &p.queue);
+            let spec = channel::queue_route(&name, &p.queue);
             let token = self.ops.start(Op::DeleteCheck(p));
             Action::OpenRoute { token, spec }
         } else {

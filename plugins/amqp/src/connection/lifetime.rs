@@ -43,9 +43,9 @@
 //! opening its route once this connection's last consumer of it is gone (a few tries, while
 //! the backend lets that consumer go); if another consumer holds it, it stays.
 
-use magnetar_sdk::{ErrorKind, KvWrite, OpError, OutboundMessage, RouteSpec, SubId, Will};
+use magnetar_sdk::{ErrorKind, KvWrite, OpError, OutboundMessage, SubId, Will};
 
-use super::channel::{Outcome, Task};
+use super::channel::{queue_route, Outcome, Task};
 use super::*;
 use crate::topology::{self, Queue};
 
@@ -71,19 +71,6 @@ pub(crate) struct Reap {
     /// A queue whose record another connection deleted while this one's consumers held its
     /// route: only the route goes, with its backlog.
     orphan: bool,
-}
-
-/// The spec of a queue's route opened to look at it or delete it: refused while consumers
-/// hold the queue's subscription.
-pub(super) fn probe_route(name: &str, queue: &Queue) -> RouteSpec {
-    RouteSpec {
-        source: topology::SOURCE.into(),
-        filters: queue.filters(name),
-        max_unacked: 1,
-        max_queued: 1,
-        queue: Some(topology::queue_topic(name)),
-        key_property: Some(topology::KEY_PROPERTY.into()),
-    }
 }
 
 /// RabbitMQ's 405 text.
@@ -443,7 +430,7 @@ impl AmqpConnection {
     }
 
     fn open_reap_route(&mut self, reap: Reap) {
-        let spec = probe_route(&reap.name, &reap.queue);
+        let spec = queue_route(&reap.name, &reap.queue);
         let token = self.ops.start(Op::Reap(reap));
         self.out.push(Action::OpenRoute { token, spec });
     }
@@ -507,7 +494,7 @@ impl AmqpConnection {
                     if let Some(q) = Queue::decode(bytes) {
                         // Answered by `apply`'s fallback, which closes the route.
                         let token = self.ops.token();
-                        let spec = probe_route(&reap.name, &q);
+                        let spec = queue_route(&reap.name, &q);
                         self.out.push(Action::OpenRoute { token, spec });
                     }
                 }
