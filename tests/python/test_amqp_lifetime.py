@@ -2,6 +2,8 @@
 RabbitMQ, then Magnetar): exclusive queues belong to their connection (405 RESOURCE_LOCKED
 for the others) and go with it, auto-delete queues go with their last consumer, and a
 consumer whose queue is deleted is told with basic.cancel."""
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +20,8 @@ from amqp_servers import (  # noqa: F401 (fixtures)
     unique,
     wait_until,
 )
-from test_amqp_connection import params
+from pamqp import commands, frame as pframe
+from test_amqp_connection import Raw, params
 
 
 def exists(conn, queue) -> bool:
@@ -106,7 +109,8 @@ time.sleep(60)
 
 def test_exclusive_queue_goes_when_its_connection_drops_without_close(amqp_server):
     """The owner's process is killed: no connection.close. RabbitMQ deletes the queue at
-    once; the gateway once the owner's lease has run out (EXCLUSIVE_LEASE_MS here)."""
+    once; the gateway too (the connection's will gives its lease up), well before the lease
+    (EXCLUSIVE_LEASE_MS) would have run out."""
     q = unique("dropped")
     owner = subprocess.Popen(
         [sys.executable, "-c", OWNER_SCRIPT, str(amqp_server.amqp_port), q],
@@ -119,16 +123,47 @@ def test_exclusive_queue_goes_when_its_connection_drops_without_close(amqp_serve
         assert refused(conn, lambda c: c.queue_declare(q, passive=True)) == 405
         owner.kill()
         owner.wait(timeout=10)
-        wait_until(
-            lambda: not exists(conn, q),
-            timeout=EXCLUSIVE_LEASE_MS / 1000 + 10,
-            what="the dropped owner's queue to go",
-        )
+        wait_until(lambda: not exists(conn, q), timeout=10, what="the dropped owner's queue to go")
+        assert EXCLUSIVE_LEASE_MS >= 30_000
         # Its name is free again.
         assert conn.channel().queue_declare(q, exclusive=True).method.queue == q
     finally:
         owner.kill()
         owner.wait(timeout=10)
+        conn.close()
+
+
+def test_an_abruptly_closed_socket_takes_its_exclusive_queue_and_auto_delete_consumer(amqp_server):
+    """A client's socket is reset (no connection.close): its exclusive queue is gone and
+    so is the auto-delete queue it alone consumed, as soon as the server sees the socket go
+    (the gateway: the connection's will gives its lease up; the auto-delete queue is found
+    unused by the next connection that uses it), well before the lease would run out."""
+    excl, auto = unique("excl-reset"), unique("auto-reset")
+    raw = Raw(amqp_server)
+    conn = pika.BlockingConnection(params(amqp_server))
+    try:
+        raw.handshake()
+        raw.send(pframe.marshal(commands.Channel.Open(), 1))
+        assert isinstance(raw.method()[1], commands.Channel.OpenOk)
+        raw.send(pframe.marshal(commands.Queue.Declare(queue=excl, exclusive=True), 1))
+        assert isinstance(raw.method()[1], commands.Queue.DeclareOk)
+        raw.send(pframe.marshal(commands.Queue.Declare(queue=auto, auto_delete=True), 1))
+        assert isinstance(raw.method()[1], commands.Queue.DeclareOk)
+        raw.send(pframe.marshal(commands.Basic.Consume(queue=auto, consumer_tag="t"), 1))
+        assert isinstance(raw.method()[1], commands.Basic.ConsumeOk)
+        assert refused(conn, lambda c: c.queue_declare(excl, passive=True)) == 405
+        assert exists(conn, auto)
+        # A reset, not a close: SO_LINGER with a zero timeout.
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.sock.close()
+        wait_until(
+            lambda: not exists(conn, excl) and not exists(conn, auto),
+            timeout=10,
+            what="the reset connection's queues to go",
+        )
+        assert EXCLUSIVE_LEASE_MS >= 30_000
+    finally:
+        raw.close()
         conn.close()
 
 
@@ -175,6 +210,44 @@ def test_consumer_is_told_when_its_queue_is_deleted(amqp_server):
         cch.queue_declare(unique("after"), auto_delete=True)
     finally:
         conn.close()
+
+
+def test_consumers_on_other_connections_are_told_when_their_queue_is_deleted(amqp_server):
+    """RabbitMQ cancels every consumer of a deleted queue, on whatever connection; the
+    gateway's consumers on other connections learn it from the queue's record (within a
+    second). A queue deleted and declared again at once cancels them too."""
+    consumer = pika.BlockingConnection(params(amqp_server))
+    deleter = pika.BlockingConnection(params(amqp_server))
+    try:
+        q, again = unique("doomed-elsewhere"), unique("redeclared")
+        cch = consumer.channel()
+        cancelled = []
+        cch.add_on_cancel_callback(lambda frame: cancelled.append(frame.method.consumer_tag))
+        dch = deleter.channel()
+        dch.queue_declare(q)
+        dch.queue_declare(again)
+        tag = cch.basic_consume(q, lambda *args: None)
+        tag_again = cch.basic_consume(again, lambda *args: None)
+        dch.queue_delete(q)
+        dch.queue_delete(again)
+        dch.queue_declare(again)
+        deadline = time.monotonic() + 10
+        while len(cancelled) < 2 and time.monotonic() < deadline:
+            consumer.process_data_events(time_limit=0.1)
+        assert sorted(cancelled) == sorted([tag, tag_again])
+        # The consumer's connection and channel go on; the deleted queue is gone for it too.
+        assert cch.is_open
+        assert not exists(consumer, q)
+        # The queue declared again is a queue: a message published into it arrives.
+        dch.confirm_delivery()
+        dch.basic_publish("", again, b"new incarnation")
+        got = wait_until(lambda: cch.basic_get(again, auto_ack=True)[2], what="the message")
+        assert got == b"new incarnation"
+        dch.queue_delete(again)
+    finally:
+        for c in (consumer, deleter):
+            if c.is_open:
+                c.close()
 
 
 def test_queue_with_x_expires_goes_once_unused_for_that_long(amqp_server):

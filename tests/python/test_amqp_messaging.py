@@ -17,6 +17,7 @@ from amqp_servers import (  # noqa: F401 (fixtures)
     magnetar_amqp_server,
     rabbitmq_server,
     unique,
+    wait_until,
 )
 from test_amqp_connection import params
 
@@ -163,6 +164,86 @@ def test_prefetch_one_gives_work_to_the_consumer_that_is_free(amqp_server):
     finally:
         a.close()
         b.close()
+
+
+def test_global_qos_limits_the_channels_consumers_together(conn):
+    """RabbitMQ's `global` prefetch: a limit for all the channel's consumers together,
+    beside each consumer's own (`global` false)."""
+    ch = conn.channel()
+    queues = [unique(f"global-{i}") for i in range(3)]
+    pub = conn.channel()
+    pub.confirm_delivery()
+    for q in queues:
+        ch.queue_declare(q)
+        for i in range(2):
+            pub.basic_publish("", q, f"{q}/{i}".encode())
+    ch.basic_qos(prefetch_count=1)
+    ch.basic_qos(prefetch_count=2, global_qos=True)
+    got = []
+    for q in queues:
+        ch.basic_consume(q, lambda c, m, p, body: got.append((m.delivery_tag, body)))
+
+    def settle(n, quiet=1.0):
+        """Waits for `n` deliveries in all, then `quiet` s in which no more may come."""
+        wait_until(lambda: conn.process_data_events(0.05) or len(got) >= n, what=f"{n} deliveries")
+        deadline = time.monotonic() + quiet
+        while time.monotonic() < deadline:
+            conn.process_data_events(0.05)
+        assert len(got) == n, got
+
+    # Two for the channel, each from another consumer (one each).
+    settle(2)
+    assert len({body.split(b"/")[0] for _, body in got}) == 2
+    # An ack opens the channel's window by one.
+    ch.basic_ack(got[0][0])
+    settle(3)
+    # Without the channel's limit, each consumer's own (1) is all that holds them.
+    ch.basic_qos(prefetch_count=0, global_qos=True)
+    settle(4)
+    ch.basic_ack(0, multiple=True)
+    settle(6, quiet=0.5)
+    assert sorted(body for _, body in got) == sorted(f"{q}/{i}".encode() for q in queues for i in range(2))
+    ch.basic_ack(0, multiple=True)
+
+
+def test_exchange_to_exchange_binding_routes_through_both_exchanges(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    src, dst = unique("src"), unique("dst")
+    ch.exchange_declare(src, "topic")
+    ch.exchange_declare(dst, "direct")
+    q, other = unique("e2e"), unique("e2e-other")
+    ch.queue_declare(q)
+    ch.queue_declare(other)
+    ch.queue_bind(q, dst, "a.b")
+    ch.queue_bind(other, dst, "x.y")
+    ch.exchange_bind(destination=dst, source=src, routing_key="a.*")
+    ch.basic_publish(src, "a.b", b"through both", mandatory=True)
+    ch.basic_publish(src, "x.y", b"stopped by src")
+    ch.basic_publish(src, "a.c", b"stopped by dst")
+    ch.basic_publish(dst, "x.y", b"straight to dst")
+    assert bodies(receive(ch, q, 2, timeout=3.0, auto_ack=True)) == [b"through both"]
+    ch.cancel()
+    assert bodies(receive(ch, other, 2, timeout=3.0, auto_ack=True)) == [b"straight to dst"]
+    ch.cancel()
+    # A queue bound to the destination afterwards is reached through the binding too.
+    late = unique("e2e-late")
+    ch.queue_declare(late)
+    ch.queue_bind(late, dst, "a.z")
+    ch.basic_publish(src, "a.z", b"late")
+    assert bodies(receive(ch, late, 1, auto_ack=True)) == [b"late"]
+    ch.cancel()
+    # Unbound: nothing goes through any more; the destination still routes its own.
+    ch.exchange_unbind(destination=dst, source=src, routing_key="a.*")
+    ch.basic_publish(src, "a.b", b"after unbind")
+    ch.basic_publish(dst, "a.b", b"direct")
+    assert bodies(receive(ch, q, 2, timeout=3.0, auto_ack=True)) == [b"direct"]
+    ch.cancel()
+    # A missing source: 404 on the channel.
+    bad = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        bad.exchange_bind(destination=dst, source=unique("missing"), routing_key="k")
+    assert e.value.reply_code == 404
 
 
 def test_nack_with_requeue_delivers_again_with_redelivered(conn):

@@ -1,6 +1,7 @@
 """What RabbitMQ does with a queue's waiting, unacknowledged, expired and rejected messages,
 and the gateway the same: `queue.purge`, `basic.recover`, per-message `expiration` and
-`x-message-ttl`, dead-letter exchanges with the `x-death` header. Each test runs against a private RabbitMQ and against Magnetar
+`x-message-ttl`, dead-letter exchanges with the `x-death` header, `queue.delete`'s
+`if-unused` and `if-empty`, `x-max-length` (drop-head). Each test runs against a private RabbitMQ and against Magnetar
 (`amqp_server`), with pika."""
 import datetime
 import time
@@ -15,6 +16,7 @@ from amqp_servers import (  # noqa: F401 (fixtures)
     rabbitmq_server,
     unique,
 )
+from test_amqp_connection import params
 from test_amqp_messaging import bodies, conn, receive  # noqa: F401 (fixture)
 
 
@@ -40,6 +42,54 @@ def test_purge_of_a_missing_queue_closes_the_channel_with_404(conn):
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
         ch.queue_purge(unique("missing"))
     assert e.value.reply_code == 404
+
+
+def delete_refused(conn, queue, **conditions) -> tuple[int, str]:
+    """The reply code and text of the channel error of `queue.delete` with `conditions`."""
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        ch.queue_delete(queue, **conditions)
+    return e.value.reply_code, e.value.reply_text
+
+
+def test_delete_if_unused_and_if_empty_refuse_a_used_or_full_queue_with_406(amqp_server):
+    a = pika.BlockingConnection(params(amqp_server))
+    b = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("cond")
+        ach = a.channel()
+        ach.queue_declare(q)
+        in_use = (406, f"PRECONDITION_FAILED - queue '{q}' in vhost '/' in use")
+        # A consumer on another connection, then one on the same connection: in use.
+        bch = b.channel()
+        btag = bch.basic_consume(q, lambda *args: None)
+        assert delete_refused(a, q, if_unused=True) == in_use
+        bch.basic_cancel(btag)
+        atag = ach.basic_consume(q, lambda *args: None)
+        assert delete_refused(a, q, if_unused=True) == in_use
+        ach.basic_cancel(atag)
+        # A ready message (delivered once, given back unacknowledged): not empty.
+        ach.basic_publish("", q, b"waiting")
+        assert bodies(receive(ach, q, 1)) == [b"waiting"]
+        ach.close()
+        not_empty = (406, f"PRECONDITION_FAILED - queue '{q}' in vhost '/' not empty")
+        assert delete_refused(a, q, if_empty=True) == not_empty
+        assert delete_refused(a, q, if_unused=True, if_empty=True) == not_empty
+        # The queue is as it was: its message is still there.
+        ch = a.channel()
+        assert bodies(receive(ch, q, 1, auto_ack=True)) == [b"waiting"]
+        ch.cancel()
+        # Unused and empty now: deleted.
+        ok = a.channel().queue_delete(q, if_unused=True, if_empty=True)
+        assert ok.method.NAME == "Queue.DeleteOk"
+        ch = a.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            ch.queue_declare(q, passive=True)
+        assert e.value.reply_code == 404
+    finally:
+        for c in (a, b):
+            if c.is_open:
+                c.close()
 
 
 def test_recover_redelivers_every_unacknowledged_message(conn):
@@ -205,3 +255,37 @@ def test_expired_message_is_dead_lettered_with_reason_expired(conn):
         "200",
     )
     assert dprops.headers["x-first-death-reason"] == "expired"
+
+
+def test_max_length_keeps_the_newest_and_dead_letters_the_rest_as_maxlen(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    dlx, dlq, fan = unique("dlx"), unique("dlq"), unique("fan")
+    ch.exchange_declare(dlx, "fanout")
+    ch.queue_declare(dlq)
+    ch.queue_bind(dlq, dlx)
+    q, witness = unique("capped"), unique("witness")
+    ch.queue_declare(q, arguments={"x-max-length": 2, "x-dead-letter-exchange": dlx})
+    ch.queue_declare(witness)
+    ch.exchange_declare(fan, "fanout")
+    ch.queue_bind(q, fan)
+    ch.queue_bind(witness, fan)
+    for i in range(5):
+        ch.basic_publish(fan, "", f"m-{i}".encode())
+    # Both queues take every message together: once the witness has all five, so has q.
+    assert len(receive(ch, witness, 5, auto_ack=True)) == 5
+    ch.cancel()
+    survivors = receive(ch, q, 5, timeout=3.0, auto_ack=True)
+    assert [body for _, _, body in survivors] == [b"m-3", b"m-4"]
+    ch.cancel()
+    dead = receive(ch, dlq, 4, timeout=3.0, auto_ack=True)
+    assert bodies(dead) == [b"m-0", b"m-1", b"m-2"]
+    for _, props, _ in dead:
+        [death] = props.headers["x-death"]
+        assert (death["reason"], death["queue"]) == ("maxlen", q)
+    ch.cancel()
+    # An overflow RabbitMQ does not know: 406.
+    bad = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        bad.queue_declare(unique("bad"), arguments={"x-overflow": "drop-tail"})
+    assert e.value.reply_code == 406

@@ -14,6 +14,8 @@ pub mod codec;
 pub mod config;
 /// The connection state machine.
 pub mod connection;
+/// Exchange-to-exchange bindings, followed into the bindings of queues.
+pub mod exchange_graph;
 /// Queue arguments that act on messages: expiry and dead-lettering.
 pub mod queue_policy;
 /// Exchanges, queues and bindings, and their mapping onto topics, routes and the kv.

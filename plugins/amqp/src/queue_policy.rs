@@ -24,6 +24,9 @@ pub struct QueuePolicy {
     pub dead_letter_exchange: Option<String>,
     /// `x-dead-letter-routing-key`: their routing key there (else their own).
     pub dead_letter_routing_key: Option<String>,
+    /// `x-max-length` with the `drop-head` overflow (RabbitMQ's default): the most messages
+    /// the queue keeps, its newest.
+    pub max_length: Option<u64>,
 }
 
 /// Why a message is dead-lettered (the `reason` of `x-death`).
@@ -33,6 +36,8 @@ pub enum Reason {
     Rejected,
     /// Its TTL passed.
     Expired,
+    /// `x-max-length` dropped it from the head of its queue.
+    Maxlen,
 }
 
 impl Reason {
@@ -40,6 +45,7 @@ impl Reason {
         match self {
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
+            Reason::Maxlen => "maxlen",
         }
     }
 }
@@ -58,6 +64,9 @@ fn integer(v: &FieldValue) -> Option<i64> {
     })
 }
 
+/// The values of `x-overflow` RabbitMQ 3.10 takes.
+const OVERFLOWS: [&str; 3] = ["drop-head", "reject-publish", "reject-publish-dlx"];
+
 /// A queue argument RabbitMQ refuses (406 PRECONDITION_FAILED), and why.
 pub fn invalid_argument(args: &FieldTable) -> Option<(&'static str, String)> {
     if let Some(ttl) = args.get("x-message-ttl") {
@@ -65,6 +74,24 @@ pub fn invalid_argument(args: &FieldTable) -> Option<(&'static str, String)> {
             None => return Some(("x-message-ttl", "not an integer".into())),
             Some(n) if n < 0 => return Some(("x-message-ttl", format!("{{value_negative,{n}}}"))),
             Some(_) => {}
+        }
+    }
+    for arg in ["x-max-length", "x-max-length-bytes"] {
+        if let Some(v) = args.get(arg) {
+            match integer(v) {
+                None => return Some((arg, "not an integer".into())),
+                Some(n) if n < 0 => return Some((arg, format!("{{value_negative,{n}}}"))),
+                Some(_) => {}
+            }
+        }
+    }
+    if let Some(v) = args.get("x-overflow") {
+        let kind = v.as_str().unwrap_or_default();
+        if !OVERFLOWS.contains(&kind) {
+            return Some((
+                "x-overflow",
+                format!("{{unknown_overflow_type,<<\"{kind}\">>}}"),
+            ));
         }
     }
     // RabbitMQ: a queue's expiry is a positive number of milliseconds.
@@ -111,6 +138,13 @@ impl QueuePolicy {
                 .and_then(|n| u64::try_from(n).ok()),
             dead_letter_exchange: text("x-dead-letter-exchange"),
             dead_letter_routing_key: text("x-dead-letter-routing-key"),
+            // The other overflows refuse publishes, which the plugin cannot decide alone
+            // (`connection::max_length`): not applied.
+            max_length: args
+                .get("x-max-length")
+                .and_then(integer)
+                .and_then(|n| u64::try_from(n).ok())
+                .filter(|_| text("x-overflow").is_none_or(|o| o == "drop-head")),
         }
     }
 

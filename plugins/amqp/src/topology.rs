@@ -70,6 +70,8 @@ pub struct Exchange {
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
+    /// The exchanges bound to this one (`exchange.bind` with this one as destination).
+    pub sources: Vec<crate::exchange_graph::Edge>,
 }
 
 /// The exchanges every vhost has (§3.1.3.1, RabbitMQ's `amq.match`).
@@ -86,6 +88,7 @@ pub fn predeclared(name: &str) -> Option<Exchange> {
         durable: true,
         auto_delete: false,
         internal: false,
+        sources: Vec::new(),
     })
 }
 
@@ -106,6 +109,11 @@ pub fn lease_key(owner: &str) -> String {
     format!("amqp/c/{owner}")
 }
 
+/// The topic into which the host publishes, for a connection that ends without
+/// `connection.close` while it owns exclusive queues, a message naming it (its will, which
+/// also deletes its lease: [`lease_key`]). Nothing reads it.
+pub const ENDED_TOPIC: &str = "amqp-ended";
+
 /// When a queue with `x-expires` expires unless used before (8 bytes, as a lease): its
 /// connections move it on while they consume it, and at each declaration and `basic.get`.
 pub fn expiry_key(queue: &str) -> String {
@@ -125,6 +133,9 @@ pub struct Binding {
     pub kind: ExchangeType,
     pub routing_key: String,
     pub arguments: FieldTable,
+    /// Empty for the queue's own bindings; for one that follows exchange-to-exchange
+    /// bindings, their ids ([`crate::exchange_graph::Edge::id`]) from the queue's side.
+    pub via: Vec<String>,
 }
 
 /// A declared queue.
@@ -138,17 +149,24 @@ pub struct Queue {
     /// An exclusive queue's owner: the id of the connection that declared it
     /// ([`lease_key`] says whether that connection still lives).
     pub owner: Option<String>,
+    /// An auto-delete queue that has had a consumer: once none is left it is gone (RabbitMQ
+    /// deletes it then), also when its last consumer's connection ended without a word.
+    pub consumed: bool,
+    /// This incarnation of the queue (its declaring connection's id and a number): a queue
+    /// deleted and declared again under its name is another queue for its old consumers.
+    /// `None` in records written before it existed.
+    pub id: Option<String>,
 }
 
 fn flag(t: &FieldTable, name: &str) -> bool {
     matches!(t.get(name), Some(FieldValue::Bool(true)))
 }
 
-fn text(t: &FieldTable, name: &str) -> Option<String> {
+pub(crate) fn text(t: &FieldTable, name: &str) -> Option<String> {
     t.get(name).and_then(|v| v.as_str()).map(str::to_string)
 }
 
-fn long(s: &str) -> FieldValue {
+pub(crate) fn long(s: &str) -> FieldValue {
     FieldValue::LongStr(s.as_bytes().to_vec())
 }
 
@@ -169,6 +187,14 @@ impl Exchange {
             .insert("durable", FieldValue::Bool(self.durable))
             .insert("auto_delete", FieldValue::Bool(self.auto_delete))
             .insert("internal", FieldValue::Bool(self.internal));
+        if !self.sources.is_empty() {
+            let sources = self
+                .sources
+                .iter()
+                .map(|e| FieldValue::Table(e.encode()))
+                .collect();
+            t.insert("sources", FieldValue::Array(sources));
+        }
         encode_table(&t)
     }
 
@@ -179,6 +205,16 @@ impl Exchange {
             durable: flag(&t, "durable"),
             auto_delete: flag(&t, "auto_delete"),
             internal: flag(&t, "internal"),
+            sources: match t.get("sources") {
+                Some(FieldValue::Array(items)) => items
+                    .iter()
+                    .map(|i| match i {
+                        FieldValue::Table(e) => crate::exchange_graph::Edge::decode(e),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()?,
+                _ => Vec::new(),
+            },
         })
     }
 }
@@ -194,6 +230,10 @@ impl Queue {
                     .insert("type", long(b.kind.name()))
                     .insert("routing_key", long(&b.routing_key))
                     .insert("arguments", FieldValue::Table(b.arguments.clone()));
+                if !b.via.is_empty() {
+                    let via = b.via.iter().map(|v| long(v)).collect();
+                    t.insert("via", FieldValue::Array(via));
+                }
                 FieldValue::Table(t)
             })
             .collect();
@@ -205,6 +245,12 @@ impl Queue {
             .insert("bindings", FieldValue::Array(bindings));
         if let Some(owner) = &self.owner {
             t.insert("owner", long(owner));
+        }
+        if let Some(id) = &self.id {
+            t.insert("id", long(id));
+        }
+        if self.consumed {
+            t.insert("consumed", FieldValue::Bool(true));
         }
         encode_table(&t)
     }
@@ -225,6 +271,13 @@ impl Queue {
                         Some(FieldValue::Table(a)) => a.clone(),
                         _ => FieldTable::default(),
                     },
+                    via: match b.get("via") {
+                        Some(FieldValue::Array(v)) => v
+                            .iter()
+                            .map(|v| v.as_str().map(str::to_string))
+                            .collect::<Option<Vec<_>>>()?,
+                        _ => Vec::new(),
+                    },
                 });
             }
         }
@@ -238,6 +291,8 @@ impl Queue {
             },
             bindings,
             owner: text(&t, "owner"),
+            id: text(&t, "id"),
+            consumed: flag(&t, "consumed"),
         })
     }
 
@@ -388,7 +443,7 @@ pub fn filter_matches(filter: &Filter, key: &str, properties: &[Property]) -> bo
 }
 
 /// AMQP topic matching: words split by `.`, `*` one word, `#` any number of words.
-fn topic_matches(filter: &str, key: &str) -> bool {
+pub(crate) fn topic_matches(filter: &str, key: &str) -> bool {
     let f: Vec<&str> = filter.split('.').collect();
     let k: Vec<&str> = key.split('.').collect();
     // reach[j]: the filter's first i words match the key's first j words.
@@ -443,6 +498,7 @@ mod tests {
             kind,
             routing_key: key.into(),
             arguments: FieldTable::default(),
+            via: Vec::new(),
         }
     }
 
@@ -542,13 +598,29 @@ mod tests {
         let owned = Queue {
             exclusive: true,
             owner: Some("c0ffee-1".into()),
+            id: Some("c0ffee-1-7".into()),
+            consumed: true,
+            bindings: vec![Binding {
+                via: vec!["s>d:k".into()],
+                ..binding("s", ExchangeType::Direct, "k")
+            }],
             ..q
         };
         assert_eq!(Queue::decode(&owned.encode()), Some(owned));
         assert_eq!(lease_until(&42u64.to_be_bytes()), Some(42));
         assert_eq!(lease_until(b"short"), None);
         let x = predeclared("amq.fanout").unwrap();
-        assert_eq!(Exchange::decode(&x.encode()), Some(x));
+        assert_eq!(Exchange::decode(&x.encode()), Some(x.clone()));
+        let with_source = Exchange {
+            sources: vec![crate::exchange_graph::Edge {
+                source: "s".into(),
+                kind: ExchangeType::Topic,
+                routing_key: "a.#".into(),
+                arguments: FieldTable::default(),
+            }],
+            ..x
+        };
+        assert_eq!(Exchange::decode(&with_source.encode()), Some(with_source));
         assert_eq!(unhex(&hex(&[0, 1, 254, 255])), Some(vec![0, 1, 254, 255]));
         assert_eq!(queue_topic("a b.c"), "amqp-q-a%20b.c");
         assert_eq!(route_key("amq.topic", "x.y"), "amq%2Etopic.x.y");

@@ -37,8 +37,14 @@ pub(super) struct ChannelState {
     /// `confirm.select` was received; the number of the last publish.
     confirm: bool,
     publish_seq: u64,
-    /// `basic.qos` prefetch-count (0: none).
+    /// `basic.qos` prefetch-count (0: none) of the consumers started from now on.
     prefetch: u16,
+    /// `basic.qos` prefetch-count with `global` (0: none): RabbitMQ's limit of the
+    /// unacknowledged deliveries of all the channel's consumers together.
+    global_prefetch: u16,
+    /// Messages the host handed the channel's consumers beyond that limit: delivered as
+    /// acknowledgements open it again.
+    pub(super) held: std::collections::VecDeque<Message>,
     /// A publish whose content is arriving.
     content: Option<Content>,
     /// Consumers by tag: their subscription.
@@ -120,6 +126,8 @@ pub(crate) struct PendingConsume {
     auto_delete: Option<Queue>,
     /// The queue's `x-expires`.
     expires: Option<u64>,
+    /// The queue's incarnation (`Queue::id`), watched while the consumer lasts.
+    queue_id: Option<String>,
 }
 
 /// A `queue.purge` whose consumer is being opened (the queue's topic is purged by moving
@@ -162,19 +170,16 @@ pub(crate) enum Task {
         change: BindChange,
         queue: Queue,
     },
-    /// The queue's record was written (or deleted): open its route with its filters (and
-    /// delete it with its backlog).
+    /// The queue's record was written: open its route with its filters.
     StoreRoute {
         channel: u16,
         name: String,
         queue: Queue,
-        delete: bool,
         reply: Option<Box<Method>>,
     },
-    /// The route is open (its filters stored): close or delete it and reply.
+    /// The route is open (its filters stored): close it and reply.
     RouteOpened {
         channel: u16,
-        delete: bool,
         reply: Option<Box<Method>>,
     },
     /// Read the queue to delete.
@@ -182,6 +187,25 @@ pub(crate) enum Task {
         channel: u16,
         m: QueueDelete,
     },
+    /// The deleted queue's record is gone: open its route to delete it with its backlog
+    /// (tried again while consumers let go of it).
+    DeleteRoute {
+        channel: u16,
+        name: String,
+        queue: Queue,
+        reply: Option<Box<Method>>,
+        attempts: u32,
+    },
+    /// The record of a queue whose route this connection holds is gone: delete the route.
+    DeleteHeld {
+        channel: u16,
+        sub: SubId,
+        reply: Option<Box<Method>>,
+    },
+    /// `exchange.bind` / `unbind`: its source, then its destination, read.
+    XBind(Box<super::exchange_bind::XBind>),
+    /// Queue bindings derived again through exchange-to-exchange bindings.
+    Propagate(Box<super::exchange_bind::Propagation>),
     /// Read the exchange of a publish.
     PublishExchange {
         channel: u16,
@@ -190,6 +214,23 @@ pub(crate) enum Task {
     /// Read the queue of a consumer.
     ConsumeQueue {
         consume: PendingConsume,
+    },
+    /// An auto-delete queue's first consumer marked it `consumed`: go on with the consumer.
+    ConsumeMarked {
+        consume: PendingConsume,
+        queue: Queue,
+    },
+    /// An auto-delete queue that had consumers, used by a connection that has none of them:
+    /// its route opened (none left: it goes) or refused (it stays), then `task`.
+    AutoDeleteProbe {
+        task: Box<Task>,
+        name: String,
+        record: Vec<u8>,
+    },
+    /// The probed queue's record is deleted: its route goes with its backlog, then `task`.
+    AutoDeleted {
+        task: Box<Task>,
+        sub: SubId,
     },
     /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
     /// a restart): close it, then open the consumer.
@@ -394,7 +435,7 @@ impl AmqpConnection {
 
     /// Sends `channel.close` (a channel error, §1.5.2.5): the channel ignores frames until
     /// `channel.close-ok`; the connection and its other channels go on.
-    fn close_channel(&mut self, channel: u16, e: ConnError) {
+    pub(super) fn close_channel(&mut self, channel: u16, e: ConnError) {
         self.drop_consumers(channel);
         self.send_method(
             channel,
@@ -423,6 +464,7 @@ impl AmqpConnection {
         state.consumers.clear();
         state.getters.clear();
         state.unacked.clear();
+        state.held.clear();
         for sub in consumers {
             self.end_consumer(sub, false);
         }
@@ -438,24 +480,25 @@ impl AmqpConnection {
         for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
+            self.caps.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
 
-    fn reply(&mut self, channel: u16, reply: Option<Box<Method>>) {
+    pub(super) fn reply(&mut self, channel: u16, reply: Option<Box<Method>>) {
         if let Some(m) = reply {
             self.send_method(channel, *m);
         }
     }
 
     /// Starts a host operation that the channel method waits for.
-    fn wait_kv_get(&mut self, key: String, task: Task) {
+    pub(super) fn wait_kv_get(&mut self, key: String, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::KvGet { token, key });
         self.busy = true;
     }
 
-    fn wait_kv_put(&mut self, key: String, value: Option<Vec<u8>>, task: Task) {
+    pub(super) fn wait_kv_put(&mut self, key: String, value: Option<Vec<u8>>, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::KvPut { token, key, value });
         self.busy = true;
@@ -463,18 +506,11 @@ impl AmqpConnection {
 
     /// Opens the queue's durable route with its filters: the host stores them (and feeds
     /// the queue from then on); the route itself is closed at once (`Task::RouteOpened`).
-    fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
+    pub(super) fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(Action::OpenRoute {
             token,
-            spec: RouteSpec {
-                source: topology::SOURCE.into(),
-                filters: queue.filters(name),
-                max_unacked: 1,
-                max_queued: 1,
-                queue: Some(topology::queue_topic(name)),
-                key_property: Some(topology::KEY_PROPERTY.into()),
-            },
+            spec: queue_route(name, queue),
         });
         self.busy = true;
     }
@@ -521,12 +557,18 @@ impl AmqpConnection {
                 }
             }
             Method::BasicQos(q) => {
-                // RabbitMQ: prefetch_count applies to consumers started afterwards on the
-                // channel (per consumer, `global` = false, its default in every client).
+                // RabbitMQ (`per_consumer_qos`): without `global`, prefetch_count applies to
+                // each consumer started afterwards on the channel (the default in every
+                // client); with `global`, to the channel's consumers together, at once.
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    state.prefetch = q.prefetch_count;
+                    if q.global {
+                        state.global_prefetch = q.prefetch_count;
+                    } else {
+                        state.prefetch = q.prefetch_count;
+                    }
                 }
                 self.send_method(channel, Method::BasicQosOk(BasicQosOk {}));
+                self.deliver_held(channel);
             }
             Method::ExchangeDeclare(d) => self.exchange_declare(channel, d),
             Method::ExchangeDelete(d) => {
@@ -549,6 +591,7 @@ impl AmqpConnection {
                 );
             }
             Method::QueueDeclare(d) => self.queue_declare(channel, d),
+            Method::ExchangeBind(_) | Method::ExchangeUnbind(_) => self.exchange_bind(channel, m),
             Method::QueueBind(b) => {
                 let change = BindChange {
                     queue: b.queue,
@@ -636,6 +679,7 @@ impl AmqpConnection {
                     let unacked = std::mem::take(&mut state.unacked);
                     self.apply_settle(unacked.into_values(), Some(true));
                 }
+                self.deliver_held(channel);
                 if matches!(m, Method::BasicRecover(_)) {
                     self.send_method(channel, Method::BasicRecoverOk(BasicRecoverOk {}));
                 }
@@ -701,6 +745,7 @@ impl AmqpConnection {
                     durable: d.durable,
                     auto_delete: d.auto_delete,
                     internal: d.internal,
+                    sources: Vec::new(),
                 };
                 self.wait_kv_put(
                     topology::exchange_key(&d.exchange),
@@ -822,6 +867,11 @@ impl AmqpConnection {
             0 => UNLIMITED_PREFETCH,
             n => u32::from(n),
         };
+        // The host hands one consumer no more than the channel may hold.
+        let prefetch = match state.global_prefetch {
+            0 => prefetch,
+            n => prefetch.min(u32::from(n)),
+        };
         let consume = PendingConsume {
             channel,
             tag,
@@ -833,6 +883,7 @@ impl AmqpConnection {
             policy: QueuePolicy::default(),
             auto_delete: None,
             expires: None,
+            queue_id: None,
         };
         let key = topology::queue_key(&c.queue);
         self.wait_kv_get(key, Task::ConsumeQueue { consume });
@@ -867,12 +918,14 @@ impl AmqpConnection {
                 self.consumers
                     .insert(sub, (c.channel, c.tag.clone(), c.no_ack, c.queue.clone()));
                 self.policies.insert(sub, c.policy.clone());
+                self.cap_opened(sub);
                 if let Some(q) = c.auto_delete.take() {
                     self.auto_delete.insert(c.queue.clone(), q);
                 }
                 if let Some(expires) = c.expires {
                     self.consuming_expiring(&c.queue, expires);
                 }
+                self.watch_queue(&c.queue, c.queue_id.take());
                 if !c.no_wait {
                     self.send_method(
                         c.channel,
@@ -1023,6 +1076,18 @@ impl AmqpConnection {
                         },
                     );
                 }
+                // An auto-delete queue whose consumers may all be gone without a word.
+                if q.auto_delete && q.consumed && !self.consumes(&name) {
+                    let record = bytes.clone();
+                    let spec = queue_route(&name, &q);
+                    let task = Box::new(task);
+                    let token =
+                        self.ops
+                            .start(Op::Task(Task::AutoDeleteProbe { task, name, record }));
+                    self.out.push(Action::OpenRoute { token, spec });
+                    self.busy = true;
+                    return;
+                }
                 // A queue with `x-expires`: has it been unused for that long?
                 if crate::queue_policy::expires(&q).is_some() {
                     let record = bytes.clone();
@@ -1044,7 +1109,7 @@ impl AmqpConnection {
     }
 
     /// [`Self::step`] once the queue the task uses is known to be there for it.
-    fn step_checked(&mut self, task: Task, outcome: Outcome) {
+    pub(super) fn step_checked(&mut self, task: Task, outcome: Outcome) {
         let failed = |s: &mut Self, channel: u16, e: &OpError| {
             let err = ConnError::new(INTERNAL_ERROR, e.message.clone());
             s.close_channel(channel, err);
@@ -1103,6 +1168,20 @@ impl AmqpConnection {
             (Task::Reaped { task, name, queue }, Outcome::Kv(_)) => {
                 self.store_route(&name, &queue, Task::ReapedRoute { task });
             }
+            (task, outcome @ Outcome::Sub(_)) if matches!(task, Task::AutoDeleteProbe { .. }) => {
+                self.on_auto_delete_probe(task, outcome)
+            }
+            (Task::AutoDeleted { task, sub }, Outcome::Kv(_)) => {
+                self.out.push(Action::Unsubscribe { sub, delete: true });
+                self.step(*task, Outcome::Kv(Ok(None)));
+            }
+            (Task::ConsumeMarked { consume, queue }, Outcome::Kv(r)) => match r {
+                Ok(_) => {
+                    let name = consume.queue.clone();
+                    self.store_route(&name, &queue, Task::ConsumeRoute { consume });
+                }
+                Err(e) => failed(self, consume.channel, &e),
+            },
             (Task::ReapedRoute { task }, Outcome::Sub(r)) => {
                 if let Ok(sub) = r {
                     self.out.push(Action::Unsubscribe { sub, delete: true });
@@ -1128,7 +1207,6 @@ impl AmqpConnection {
                             channel,
                             name,
                             queue,
-                            delete: false,
                             reply,
                         },
                     );
@@ -1167,6 +1245,7 @@ impl AmqpConnection {
                         self.close_channel(channel, e.caused_by(&cause));
                     }
                     None => {
+                        let incarnation = self.ops.token();
                         let queue = Queue {
                             durable: m.durable,
                             exclusive: m.exclusive,
@@ -1174,6 +1253,8 @@ impl AmqpConnection {
                             arguments: m.arguments.clone(),
                             bindings: Vec::new(),
                             owner: m.exclusive.then(|| self.conn_id().to_string()),
+                            id: Some(format!("{}-{incarnation}", self.conn_id())),
+                            consumed: false,
                         };
                         self.queue_used(&name, &queue);
                         if m.exclusive {
@@ -1200,7 +1281,6 @@ impl AmqpConnection {
                                 channel,
                                 name,
                                 queue,
-                                delete: false,
                                 reply,
                             },
                         );
@@ -1239,15 +1319,7 @@ impl AmqpConnection {
                             // starts feeding the queue on a gateway that just started.
                             None => {
                                 self.queue_used(&name, &q);
-                                self.store_route(
-                                    &name,
-                                    &q,
-                                    Task::RouteOpened {
-                                        channel,
-                                        delete: false,
-                                        reply,
-                                    },
-                                )
+                                self.store_route(&name, &q, Task::RouteOpened { channel, reply })
                             }
                         }
                     }
@@ -1258,32 +1330,16 @@ impl AmqpConnection {
                     channel,
                     name,
                     queue,
-                    delete,
                     reply,
                 },
                 Outcome::Kv(r),
             ) => match r {
-                Ok(_) => self.store_route(
-                    &name,
-                    &queue,
-                    Task::RouteOpened {
-                        channel,
-                        delete,
-                        reply,
-                    },
-                ),
+                Ok(_) => self.store_route(&name, &queue, Task::RouteOpened { channel, reply }),
                 Err(e) => failed(self, channel, &e),
             },
-            (
-                Task::RouteOpened {
-                    channel,
-                    delete,
-                    reply,
-                },
-                Outcome::Sub(r),
-            ) => match r {
+            (Task::RouteOpened { channel, reply }, Outcome::Sub(r)) => match r {
                 Ok(sub) => {
-                    self.out.push(Action::Unsubscribe { sub, delete });
+                    self.out.push(Action::Unsubscribe { sub, delete: false });
                     self.reply(channel, reply);
                 }
                 // The filters are stored before the route subscribes to its queue: a queue
@@ -1304,8 +1360,10 @@ impl AmqpConnection {
                     );
                     return self.close_channel(channel, e.caused_by(&cause));
                 };
-                if let Some(x) = topology::predeclared(&change.exchange) {
-                    return self.bind_with(channel, change, queue, Some(x));
+                // The default exchange has no record; `amq.*` ones may (their sources).
+                if change.exchange.is_empty() {
+                    let x = topology::predeclared("");
+                    return self.bind_with(channel, change, queue, x);
                 }
                 let key = topology::exchange_key(&change.exchange);
                 self.wait_kv_get(
@@ -1326,7 +1384,10 @@ impl AmqpConnection {
                 Outcome::Kv(r),
             ) => match r {
                 Ok(v) => {
-                    let x = v.as_deref().and_then(Exchange::decode);
+                    let x = v
+                        .as_deref()
+                        .and_then(Exchange::decode)
+                        .or_else(|| topology::predeclared(&change.exchange));
                     self.bind_with(channel, change, queue, x);
                 }
                 Err(e) => failed(self, channel, &e),
@@ -1336,26 +1397,52 @@ impl AmqpConnection {
                     Ok(v) => v.as_deref().and_then(Queue::decode),
                     Err(e) => return failed(self, channel, &e),
                 };
-                let reply = (!m.no_wait)
-                    .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
-                // Its consumers here end first (with `basic.cancel`), so that the route
-                // that deletes it can take its subscription.
-                self.cancel_consumers_of(&m.queue);
-                self.owned.remove(&m.queue);
                 match queue {
-                    // RabbitMQ 3.x: deleting a queue that does not exist succeeds.
-                    None => self.reply(channel, reply),
-                    Some(q) => self.wait_kv_put(
-                        topology::queue_key(&m.queue),
-                        None,
-                        Task::StoreRoute {
-                            channel,
-                            name: m.queue,
-                            queue: q,
-                            delete: true,
-                            reply,
-                        },
-                    ),
+                    Some(q) if m.if_unused || m.if_empty => self.delete_if(channel, m, q),
+                    queue => self.delete_queue(channel, m, queue),
+                }
+            }
+            (
+                Task::DeleteRoute {
+                    channel,
+                    name,
+                    queue,
+                    reply,
+                    attempts,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(_) => self.store_route(
+                    &name.clone(),
+                    &queue.clone(),
+                    Task::DeleteRoute {
+                        channel,
+                        name,
+                        queue,
+                        reply,
+                        attempts,
+                    },
+                ),
+                Err(e) => failed(self, channel, &e),
+            },
+            (task @ Task::DeleteRoute { .. }, Outcome::Sub(r)) => self.on_delete_route(task, r),
+            (Task::XBind(x), outcome) => self.on_xbind(*x, outcome),
+            (Task::Propagate(p), outcome) => self.on_propagation(*p, outcome),
+            (
+                Task::DeleteHeld {
+                    channel,
+                    sub,
+                    reply,
+                },
+                Outcome::Kv(r),
+            ) => {
+                self.out.push(Action::Unsubscribe {
+                    sub,
+                    delete: r.is_ok(),
+                });
+                match r {
+                    Ok(_) => self.reply(channel, reply),
+                    Err(e) => failed(self, channel, &e),
                 }
             }
             (Task::PublishExchange { channel, content }, Outcome::Kv(r)) => match r {
@@ -1379,6 +1466,20 @@ impl AmqpConnection {
                         consume.policy = QueuePolicy::of(&name, &q);
                         consume.auto_delete = q.auto_delete.then(|| q.clone());
                         consume.expires = crate::queue_policy::expires(&q);
+                        consume.queue_id = q.id.clone();
+                        if q.auto_delete && !q.consumed {
+                            // Marked before its first consumer: from then on, no consumer
+                            // left means the queue is gone.
+                            let queue = Queue {
+                                consumed: true,
+                                ..q
+                            };
+                            return self.wait_kv_put(
+                                topology::queue_key(&name),
+                                Some(queue.encode()),
+                                Task::ConsumeMarked { consume, queue },
+                            );
+                        }
                         self.store_route(&name, &q, Task::ConsumeRoute { consume });
                     }
                     None => self.open_consumer(consume),
@@ -1522,9 +1623,11 @@ impl AmqpConnection {
             kind: x.kind,
             routing_key: change.routing_key.clone(),
             arguments: change.arguments.clone(),
+            via: Vec::new(),
         };
         let same = |b: &Binding| {
-            b.exchange == binding.exchange
+            b.via.is_empty()
+                && b.exchange == binding.exchange
                 && b.routing_key == binding.routing_key
                 && b.arguments == binding.arguments
         };
@@ -1540,6 +1643,10 @@ impl AmqpConnection {
             (true, false) => Some(Box::new(Method::QueueBindOk(QueueBindOk {}))),
             (false, _) => Some(Box::new(Method::QueueUnbindOk(QueueUnbindOk {}))),
         };
+        // Through exchange-to-exchange bindings, the queue's bindings are derived again.
+        if !x.sources.is_empty() || queue.bindings.iter().any(|b| !b.via.is_empty()) {
+            return self.rebind_queue(channel, change.queue, queue, reply);
+        }
         let value = queue.encode();
         self.wait_kv_put(
             topology::queue_key(&change.queue),
@@ -1548,7 +1655,6 @@ impl AmqpConnection {
                 channel,
                 name: change.queue,
                 queue,
-                delete: false,
                 reply,
             },
         );
@@ -1835,6 +1941,7 @@ impl AmqpConnection {
                     Some(g) => {
                         g.sub = Some(sub);
                         self.policies.insert(sub, g.policy.clone());
+                        self.cap_opened(sub);
                         self.getters.insert(sub, (channel, queue));
                     }
                     None => self.out.push(Action::Unsubscribe { sub, delete: false }),
@@ -1949,9 +2056,52 @@ impl AmqpConnection {
     }
 
     pub(super) fn on_message(&mut self, m: Message) {
+        if self.on_delete_check_message(m.subscription) {
+            return;
+        }
+        let Some(m) = self.cap_hold(m) else {
+            return;
+        };
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
+        let Some((channel, no_ack)) = self
+            .consumers
+            .get(&m.subscription)
+            .map(|(channel, _, no_ack, _)| (*channel, *no_ack))
+        else {
+            return;
+        };
+        if let Some(state) = self.channels.get_mut(&channel) {
+            let limit = usize::from(state.global_prefetch);
+            if !no_ack && limit > 0 && (state.unacked.len() >= limit || !state.held.is_empty()) {
+                state.held.push_back(m);
+                return;
+            }
+        }
+        self.deliver(m);
+    }
+
+    /// Delivers the messages held back by the channel's `global` prefetch limit while it
+    /// allows (§1.8.3.1 basic.qos, RabbitMQ's meaning of `global`).
+    pub(super) fn deliver_held(&mut self, channel: u16) {
+        loop {
+            let Some(state) = self.channels.get_mut(&channel) else {
+                return;
+            };
+            let limit = usize::from(state.global_prefetch);
+            if limit > 0 && state.unacked.len() >= limit {
+                return;
+            }
+            let Some(m) = state.held.pop_front() else {
+                return;
+            };
+            self.deliver(m);
+        }
+    }
+
+    /// `basic.deliver` of a consumer's message, unless it expired.
+    fn deliver(&mut self, m: Message) {
         let Some((channel, tag, no_ack)) = self
             .consumers
             .get(&m.subscription)
@@ -2020,6 +2170,7 @@ impl AmqpConnection {
         if let Some(settled) = self.tx_holds_settle(channel, settled, requeue) {
             self.apply_settle(settled.into_iter().map(|(_, u)| u), requeue);
         }
+        self.deliver_held(channel);
     }
 
     /// Acknowledges (`requeue` `None`), requeues or rejects settled deliveries.
@@ -2058,9 +2209,21 @@ impl AmqpConnection {
         })
     }
 
-    /// Settles `m` instead of delivering it if its TTL passed (dead-lettered, or dropped):
-    /// whether it did.
+    /// Settles `m` instead of delivering it if its queue's `x-max-length` dropped it or its
+    /// TTL passed (dead-lettered, or dropped): whether it did.
     fn expire(&mut self, m: &Message) -> bool {
+        // Dropped from the head by `x-max-length` before its TTL could count.
+        if self.beyond_max_length(m) {
+            let (exchange, routing_key, properties) = delivery_fields(m);
+            let d = Delivered {
+                exchange,
+                routing_key,
+                properties,
+                payload: m.payload.clone(),
+            };
+            self.dead_letter(m.subscription, m.delivery_id, d, Reason::Maxlen);
+            return true;
+        }
         let Some(policy) = self.policies.get(&m.subscription) else {
             return false;
         };
@@ -2209,9 +2372,27 @@ pub fn name_seed(conn: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(conn)
 }
 
+/// The queue's durable route on the `amqp` source, with its bindings' filters: opened to
+/// store them, to look at the queue (refused while consumers hold its subscription) or to
+/// delete it.
+pub(super) fn queue_route(name: &str, queue: &Queue) -> RouteSpec {
+    RouteSpec {
+        source: topology::SOURCE.into(),
+        filters: queue.filters(name),
+        max_unacked: 1,
+        max_queued: 1,
+        queue: Some(topology::queue_topic(name)),
+        key_property: Some(topology::KEY_PROPERTY.into()),
+    }
+}
+
 /// A consumer on a queue's topic: the queue's shared subscription, from its start, with
 /// `max_unacked` deliveries in flight.
-fn queue_consumer(topic: String, max_unacked: u32, consumer_name: Option<String>) -> ConsumerSpec {
+pub(super) fn queue_consumer(
+    topic: String,
+    max_unacked: u32,
+    consumer_name: Option<String>,
+) -> ConsumerSpec {
     ConsumerSpec {
         topic: TopicRef {
             name: topic,

@@ -7,18 +7,28 @@
 //!   connection ends.
 //! - An **auto-delete** queue is deleted when its last consumer goes (cancelled, its channel
 //!   or connection closed), never if it had none.
-//! - When this connection deletes a queue, its consumers of that queue get `basic.cancel`
-//!   from the server if the client announced `consumer_cancel_notify` (RabbitMQ's consumer
-//!   cancel notifications), and are dropped silently otherwise.
+//! - When a queue is deleted, its consumers get `basic.cancel` from the server if the client
+//!   announced `consumer_cancel_notify` (RabbitMQ's consumer cancel notifications), and are
+//!   dropped silently otherwise: at once on the connection that deletes it, and within
+//!   [`WATCH_MS`] on the others, which read the records of the queues they consume that
+//!   often (the host tells a plugin of no topology change); a queue deleted and declared
+//!   again meanwhile is another incarnation (`Queue::id`) and cancels them too.
 //!
 //! Across gateways there is no connection to ask whether it still lives, so ownership is a
 //! lease in the kv ([`topology::lease_key`]): a connection that owns exclusive queues renews
 //! it every third of [`Config::exclusive_lease_ms`]. A connection that ends cleanly
 //! (`connection.close`) deletes its exclusive queues and its lease before `close-ok`. One
-//! whose socket went away or whose gateway crashed cannot (the host takes no call from a
-//! closed connection); its queues stay until its lease runs out, and then the first other
-//! connection that uses one deletes it and goes on as RabbitMQ would once the queue is gone
-//! (a declaration creates it again, a passive one is 404).
+//! whose socket went away cannot act any more (the host takes no call from a closed
+//! connection), but its last will does: registered with the lease, it deletes the lease as
+//! the connection ends (and publishes a note to [`topology::ENDED_TOPIC`]). Without a lease
+//! its queues are gone: the first other connection that uses one deletes it and goes on as
+//! RabbitMQ would once the queue is gone (a declaration creates it again, a passive one is
+//! 404). Only a crash of its gateway (which loses wills) leaves them to the lease's end.
+//!
+//! - An auto-delete queue whose last consumer's connection ended without a word is found by
+//!   the next connection that uses it: a queue marked `consumed` whose route the backend
+//!   lets this connection open has no consumer left, so it is deleted then, and the method
+//!   goes on without it, as RabbitMQ would have deleted it when that consumer went.
 //!
 //! - A queue with **`x-expires`** is deleted once unused for that long (no consumer, no
 //!   `basic.get`, not declared again). Its last use is a record in the kv
@@ -33,10 +43,15 @@
 //! opening its route once this connection's last consumer of it is gone (a few tries, while
 //! the backend lets that consumer go); if another consumer holds it, it stays.
 
-use magnetar_sdk::{ErrorKind, OpError, RouteSpec, SubId};
+use magnetar_sdk::{ErrorKind, KvWrite, OpError, OutboundMessage, SubId, Will};
 
+use super::channel::{queue_route, Outcome, Task};
 use super::*;
 use crate::topology::{self, Queue};
+
+/// How often a connection reads the records of the queues it consumes, to end (with
+/// `basic.cancel`) the consumers of a queue that another connection deleted.
+pub(super) const WATCH_MS: u64 = 1000;
 
 /// Tries at opening the route of a queue being deleted while consumers still hold its
 /// subscription (this connection's own just closed), and the wait between two.
@@ -53,6 +68,9 @@ pub(crate) struct Reap {
     force: bool,
     /// The route, once open.
     sub: Option<SubId>,
+    /// A queue whose record another connection deleted while this one's consumers held its
+    /// route: only the route goes, with its backlog.
+    orphan: bool,
 }
 
 /// RabbitMQ's 405 text.
@@ -137,13 +155,31 @@ impl AmqpConnection {
 
     pub(super) fn lease_started(&mut self) {
         if self.lease_timer.is_none() {
-            let token = self.ops.token();
-            self.lease_timer = Some(token);
-            self.out.push(Action::SetTimer {
-                token,
-                delay_ms: self.config.exclusive_lease_ms / 3,
-            });
+            self.arm_lease_timer();
+            // Its will deletes the lease if the connection ends without a word.
+            self.out.push(Action::SetWill(Some(Will {
+                msg: OutboundMessage {
+                    topic: topology::ENDED_TOPIC.into(),
+                    key: None,
+                    payload: self.conn_id.as_bytes().to_vec(),
+                    properties: Vec::new(),
+                },
+                kv: Some(KvWrite {
+                    key: topology::lease_key(&self.conn_id),
+                    value: None,
+                }),
+                delay_ms: 0,
+            })));
         }
+    }
+
+    fn arm_lease_timer(&mut self) {
+        let token = self.ops.token();
+        self.lease_timer = Some(token);
+        self.out.push(Action::SetTimer {
+            token,
+            delay_ms: self.config.exclusive_lease_ms / 3,
+        });
     }
 
     /// The lease timer: renewed while this connection owns exclusive queues.
@@ -165,7 +201,9 @@ impl AmqpConnection {
             value,
         });
         if renewed {
-            self.lease_started();
+            self.arm_lease_timer();
+        } else {
+            self.out.push(Action::SetWill(None));
         }
         true
     }
@@ -178,8 +216,18 @@ impl AmqpConnection {
             return;
         };
         self.policies.remove(&sub);
+        self.caps.remove(&sub);
         self.out.push(Action::Unsubscribe { sub, delete: false });
+        self.drop_held(channel, sub);
         self.consumer_gone(channel, tag, queue, notify);
+    }
+
+    /// What the host handed a consumer that ends beyond its channel's `global` prefetch
+    /// limit is never delivered: it goes back to the queue as the consumer closes.
+    fn drop_held(&mut self, channel: u16, sub: SubId) {
+        if let Some(state) = self.channels.get_mut(&channel) {
+            state.held.retain(|m| m.subscription != sub);
+        }
     }
 
     /// The client cancelled a consumer that holds unacknowledged deliveries: RabbitMQ keeps
@@ -200,6 +248,7 @@ impl AmqpConnection {
             return;
         };
         self.draining.insert(sub, channel);
+        self.drop_held(channel, sub);
         self.consumer_gone(channel, tag, queue, false);
     }
 
@@ -220,6 +269,7 @@ impl AmqpConnection {
     pub(super) fn end_draining(&mut self, sub: SubId) {
         if self.draining.remove(&sub).is_some() {
             self.policies.remove(&sub);
+            self.caps.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -266,6 +316,105 @@ impl AmqpConnection {
         }
     }
 
+    /// Whether a consumer of this connection reads `queue`.
+    pub(super) fn consumes(&self, queue: &str) -> bool {
+        self.consumers.values().any(|c| c.3 == queue)
+    }
+
+    /// The probe of an auto-delete queue answered: refused (consumers hold it) → `task`
+    /// goes on with the queue; opened → nobody consumes it any more, so it goes first.
+    pub(super) fn on_auto_delete_probe(&mut self, task: Task, outcome: Outcome) {
+        let (Task::AutoDeleteProbe { task, name, record }, Outcome::Sub(r)) = (task, outcome)
+        else {
+            return;
+        };
+        match r {
+            Ok(sub) => self.wait_kv_put(
+                topology::queue_key(&name),
+                None,
+                Task::AutoDeleted { task, sub },
+            ),
+            Err(_) => self.step_checked(*task, Outcome::Kv(Ok(Some(record)))),
+        }
+    }
+
+    /// Starts reading the record of `queue` every [`WATCH_MS`] while this connection
+    /// consumes it: `id` is the incarnation its consumers started on.
+    pub(super) fn watch_queue(&mut self, queue: &str, id: Option<String>) {
+        self.watched.insert(queue.to_string(), id);
+        if self.watch_timer.is_none() {
+            let token = self.ops.token();
+            self.watch_timer = Some(token);
+            self.out.push(Action::SetTimer {
+                token,
+                delay_ms: WATCH_MS,
+            });
+        }
+    }
+
+    /// The watch timer: the records of the queues still consumed are read.
+    pub(super) fn on_watch_timer(&mut self, token: u64) -> bool {
+        if self.watch_timer != Some(token) {
+            return false;
+        }
+        self.watch_timer = None;
+        if self.phase != Phase::Running {
+            return true;
+        }
+        let consumed: std::collections::HashSet<&str> =
+            self.consumers.values().map(|c| c.3.as_str()).collect();
+        self.watched.retain(|q, _| consumed.contains(q.as_str()));
+        let queues: Vec<String> = self.watched.keys().cloned().collect();
+        for queue in queues {
+            let key = topology::queue_key(&queue);
+            let token = self.ops.start(Op::Watch { queue });
+            self.out.push(Action::KvGet { token, key });
+        }
+        if !self.watched.is_empty() {
+            let token = self.ops.token();
+            self.watch_timer = Some(token);
+            self.out.push(Action::SetTimer {
+                token,
+                delay_ms: WATCH_MS,
+            });
+        }
+        true
+    }
+
+    /// A consumed queue's record: if the queue is gone (or is another incarnation), its
+    /// consumers here end with `basic.cancel`, and its route, which they kept the deleting
+    /// connection from taking, goes with its backlog (unless declared again).
+    pub(super) fn on_watched(&mut self, queue: String, result: Result<Option<Vec<u8>>, OpError>) {
+        // A failed read says nothing.
+        let Ok(record) = result else {
+            return;
+        };
+        let Some(id) = self.watched.get(&queue) else {
+            return;
+        };
+        let gone = match &record {
+            None => true,
+            Some(bytes) => Queue::decode(bytes).is_some_and(|q| id.is_some() && q.id != *id),
+        };
+        if !gone {
+            return;
+        }
+        self.watched.remove(&queue);
+        self.cancel_consumers_of(&queue);
+        if record.is_none() {
+            self.reaps += 1;
+            let queue_record = Queue::default();
+            self.open_reap_route(Reap {
+                name: queue,
+                queue: queue_record,
+                attempts: 0,
+                force: false,
+                sub: None,
+                orphan: true,
+            });
+        }
+    }
+
     /// Deletes `name` in the background: its route opened (refused while other consumers
     /// hold the queue), its record, then the route with its backlog.
     pub(super) fn start_reap(&mut self, name: String, queue: Queue, force: bool) {
@@ -276,24 +425,26 @@ impl AmqpConnection {
             attempts: 0,
             force,
             sub: None,
+            orphan: false,
         });
     }
 
     fn open_reap_route(&mut self, reap: Reap) {
-        let spec = RouteSpec {
-            source: topology::SOURCE.into(),
-            filters: reap.queue.filters(&reap.name),
-            max_unacked: 1,
-            max_queued: 1,
-            queue: Some(topology::queue_topic(&reap.name)),
-            key_property: Some(topology::KEY_PROPERTY.into()),
-        };
+        let spec = queue_route(&reap.name, &reap.queue);
         let token = self.ops.start(Op::Reap(reap));
         self.out.push(Action::OpenRoute { token, spec });
     }
 
     pub(super) fn on_reap_route(&mut self, mut reap: Reap, result: Result<SubId, OpError>) {
         match result {
+            // Held now: is the queue still gone (not declared again meanwhile)?
+            Ok(sub) if reap.orphan => {
+                let key = topology::queue_key(&reap.name);
+                reap.sub = Some(sub);
+                let token = self.ops.start(Op::Reap(reap));
+                self.out.push(Action::KvGet { token, key });
+                return;
+            }
             Ok(sub) => reap.sub = Some(sub),
             Err(e) if e.kind == ErrorKind::Backend && reap.attempts < REAP_ATTEMPTS => {
                 reap.attempts += 1;
@@ -331,8 +482,25 @@ impl AmqpConnection {
         true
     }
 
-    /// The record is deleted: the route goes with its backlog.
+    /// The record is deleted: the route goes with its backlog. For an orphan, the record
+    /// was read again: still gone, the route goes; declared again meanwhile, the route
+    /// stays and gets the new queue's filters back (opening it stored the old default's).
     pub(super) fn on_reap_record(&mut self, reap: Reap, result: Result<Option<Vec<u8>>, OpError>) {
+        if reap.orphan {
+            if let Some(sub) = reap.sub {
+                let gone = matches!(result, Ok(None));
+                self.out.push(Action::Unsubscribe { sub, delete: gone });
+                if let Ok(Some(bytes)) = &result {
+                    if let Some(q) = Queue::decode(bytes) {
+                        // Answered by `apply`'s fallback, which closes the route.
+                        let token = self.ops.token();
+                        let spec = queue_route(&reap.name, &q);
+                        self.out.push(Action::OpenRoute { token, spec });
+                    }
+                }
+            }
+            return self.reap_done();
+        }
         if let Err(e) = result {
             self.log(
                 LogLevel::Warn,
@@ -385,6 +553,7 @@ impl AmqpConnection {
             return;
         };
         if self.lease_timer.take().is_some() {
+            self.out.push(Action::SetWill(None));
             let token = self.ops.start(Op::Lease);
             self.out.push(Action::KvPut {
                 token,

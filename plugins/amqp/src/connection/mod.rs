@@ -47,7 +47,10 @@ use crate::config::Config;
 
 mod blocked;
 mod channel;
+mod delete;
+mod exchange_bind;
 mod lifetime;
+mod max_length;
 pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
@@ -111,8 +114,18 @@ enum Op {
     },
     /// The lease of this connection's exclusive queues, or a queue's expiry, written.
     Lease,
+    /// The record of a queue this connection consumes, read to see whether it still exists.
+    Watch {
+        queue: String,
+    },
     /// A queue being deleted in the background.
     Reap(lifetime::Reap),
+    /// The route or consumer that checks `queue.delete`'s `if-unused` / `if-empty`.
+    DeleteCheck(delete::PendingDelete),
+    /// The last message id of a capped queue's topic (`max_length`), for a consumer.
+    Tail {
+        sub: SubId,
+    },
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
         channel: u16,
@@ -195,8 +208,12 @@ pub struct AmqpConnection {
     /// The queue arguments that act on the messages of each consumer and `basic.get`
     /// consumer (expiry, dead-lettering).
     policies: HashMap<SubId, crate::queue_policy::QueuePolicy>,
+    /// What the consumers of queues with `x-max-length` know of their topic's end.
+    caps: max_length::Caps,
     /// A `basic.get` waiting for a message.
     pending_get: Option<channel::PendingGet>,
+    /// A `queue.delete` with `if-empty` waiting to see whether the queue has a message.
+    deleting: Option<delete::PendingDelete>,
     /// Names this connection gives server-named queues.
     name_seed: u64,
     names_given: u64,
@@ -225,6 +242,11 @@ pub struct AmqpConnection {
     expiry_timer: Option<u64>,
     /// The timer that renews its lease, while it has one.
     lease_timer: Option<u64>,
+    /// The queues it consumes, with the incarnation its consumers started on
+    /// (`lifetime::watch_queue`).
+    watched: HashMap<String, Option<String>>,
+    /// The timer that reads their records again, while there are some.
+    watch_timer: Option<u64>,
     /// Queues being deleted in the background.
     reaps: usize,
     /// The connection ends once they are: `Some(true)` with `close-ok`.
@@ -260,7 +282,9 @@ impl AmqpConnection {
             consumers: HashMap::new(),
             getters: HashMap::new(),
             policies: HashMap::new(),
+            caps: HashMap::new(),
             pending_get: None,
+            deleting: None,
             name_seed: 0,
             names_given: 0,
             now_ms,
@@ -275,6 +299,8 @@ impl AmqpConnection {
             draining: HashMap::new(),
             expiry_timer: None,
             lease_timer: None,
+            watched: HashMap::new(),
+            watch_timer: None,
             reaps: 0,
             ending: None,
         };
@@ -617,10 +643,13 @@ impl AmqpConnection {
     fn on_timer(&mut self, now_ms: u64, token: u64) {
         if self.on_retry(token)
             || self.on_get_timer(token)
+            || self.on_delete_timer(token)
+            || self.on_delete_route_timer(token)
             || self.on_reap_timer(token)
             || self.on_lease_timer(token)
             || self.on_block_timer(token)
             || self.on_expiry_timer(token)
+            || self.on_watch_timer(token)
         {
             return;
         }
@@ -682,6 +711,7 @@ impl Machine for AmqpConnection {
             Event::KvResult { token, result } => match self.ops.complete(token) {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Kv(result)),
                 Some(Op::Reap(r)) => self.on_reap_record(r, result),
+                Some(Op::Watch { queue }) => self.on_watched(queue, result),
                 Some(Op::Lease) => {
                     if let Err(e) = result {
                         self.log(LogLevel::Warn, format!("lease: {}", e.message));
@@ -698,6 +728,7 @@ impl Machine for AmqpConnection {
                     self.on_getter_result(channel, queue, result)
                 }
                 Some(Op::Reap(r)) => self.on_reap_route(r, result),
+                Some(Op::DeleteCheck(p)) => self.on_delete_check(p, result),
                 _ => {
                     // A route opened only to store its filters, answered after the
                     // connection moved on: close it.
@@ -717,19 +748,22 @@ impl Machine for AmqpConnection {
                 Some(Op::TxPublish { channel }) => self.on_tx_published(channel, result),
                 _ => {}
             },
-            Event::Position { token, result } => {
-                if let Some(Op::PurgeSeek {
+            Event::Position { token, result } => match self.ops.complete(token) {
+                Some(Op::PurgeSeek {
                     channel,
                     sub,
                     no_wait,
-                }) = self.ops.complete(token)
-                {
-                    self.on_purged(channel, sub, no_wait, result.map(|_| ()));
-                }
-            }
+                }) => self.on_purged(channel, sub, no_wait, result.map(|_| ())),
+                Some(Op::Tail { sub }) => self.on_tail(sub, result),
+                _ => {}
+            },
             Event::Message(m) => self.on_message(m),
-            // Deliveries of a route opened to store a queue's filters: not ours to take.
-            Event::Delivery(_) => {}
+            // A queue's message, seen by the route that checks `queue.delete`'s `if-empty`;
+            // other deliveries of routes opened to store a queue's filters are not ours to
+            // take.
+            Event::Delivery(d) => {
+                self.on_delete_check_message(d.subscription);
+            }
             Event::Closed => {
                 self.phase = Phase::Done;
                 self.input.clear();

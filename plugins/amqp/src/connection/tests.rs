@@ -568,6 +568,7 @@ fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
             kind: crate::topology::ExchangeType::Direct,
             routing_key: "a".into(),
             arguments: FieldTable::default(),
+            via: Vec::new(),
         }],
         ..Default::default()
     };
@@ -894,4 +895,416 @@ fn guest_logs_in_from_loopback_only_and_falls_back_to_anonymous() {
         &creds[..],
         [Credentials::Password(p), Credentials::Anonymous] if p.user == "guest"
     ));
+}
+
+#[test]
+fn delete_if_unused_or_if_empty_refuses_a_used_or_full_queue_with_406() {
+    let mut h = running();
+    let declare = |channel| {
+        frame(
+            channel,
+            Method::QueueDeclare(QueueDeclare {
+                queue: "q".into(),
+                ..Default::default()
+            }),
+        )
+    };
+    let delete = |channel, if_unused, if_empty| {
+        frame(
+            channel,
+            Method::QueueDelete(QueueDelete {
+                queue: "q".into(),
+                if_unused,
+                if_empty,
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&declare(1));
+    h.run();
+    sent(&mut h);
+    // A consumer of this connection: in use.
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.data(&frame(2, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&delete(2, true, false));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(2, Method::ChannelOpenOk(_)), Frame::Method(2, Method::ChannelClose(c))]
+        if c.reply_code == PRECONDITION_FAILED && c.reply_text == "PRECONDITION_FAILED - queue 'q' in vhost '/' in use"
+    ));
+    h.data(&frame(2, Method::ChannelCloseOk(ChannelCloseOk {})));
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    // A message waits in the queue: the route that checks it is handed it.
+    h.produce(magnetar_sdk::OutboundMessage {
+        topic: "amqp".into(),
+        key: None,
+        payload: b"waiting".to_vec(),
+        properties: vec![magnetar_sdk::Property {
+            key: "amqp.key".into(),
+            value: "%.q".into(),
+        }],
+    });
+    h.data(&frame(3, Method::ChannelOpen(ChannelOpen::default())));
+    h.data(&delete(3, true, true));
+    h.run();
+    let frames = sent(&mut h);
+    assert!(
+        matches!(&frames[..], [Frame::Method(3, Method::ChannelOpenOk(_)), Frame::Method(3, Method::ChannelClose(c))]
+        if c.reply_text.ends_with("not empty")),
+        "{frames:?}"
+    );
+    assert!(h.kv().contains_key("amqp/q/q"));
+    // Without conditions it goes.
+    h.data(&delete(1, false, false));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::QueueDeleteOk(_))]
+    ));
+    assert!(!h.kv().contains_key("amqp/q/q"));
+}
+
+#[test]
+fn consumers_of_a_queue_deleted_elsewhere_end_and_its_route_goes() {
+    let mut h = running();
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    // Still there: nothing happens.
+    h.advance(super::lifetime::WATCH_MS);
+    h.run();
+    assert!(!h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Unsubscribe { .. })));
+    // Another connection deletes it.
+    h.kv_mut().remove("amqp/q/q");
+    h.advance(super::lifetime::WATCH_MS);
+    h.run();
+    let actions = h.take_actions();
+    let unsubscribed: Vec<bool> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unsubscribe { delete, .. } => Some(*delete),
+            _ => None,
+        })
+        .collect();
+    // The consumer closes, then the queue's route goes with its backlog.
+    assert_eq!(unsubscribed, [false, true], "{actions:?}");
+    // Its tag is free again on the channel: the consumer is gone.
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicCancelOk(_))]
+    ));
+}
+
+#[test]
+fn the_will_gives_up_the_lease_and_an_unconsumed_auto_delete_queue_goes() {
+    let mut h = running();
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "mine".into(),
+            exclusive: true,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    let will = h.will().cloned().expect("a will with the lease");
+    let lease = will.kv.expect("the lease's deletion");
+    assert!(lease.key.starts_with("amqp/c/") && lease.value.is_none());
+    assert!(h.kv().contains_key(&lease.key));
+    assert_eq!(will.msg.topic, crate::topology::ENDED_TOPIC);
+    // An auto-delete queue that had a consumer, none now (its connection went): the
+    // backend lets this connection open its route, so the queue is gone.
+    let queue = crate::topology::Queue {
+        auto_delete: true,
+        consumed: true,
+        ..Default::default()
+    };
+    h.kv_mut().insert("amqp/q/auto".into(), queue.encode());
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "auto".into(),
+            passive: true,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert_eq!(
+        channel_close_code(&sent(&mut h)).map(|c| c.0),
+        Some(NOT_FOUND)
+    );
+    assert!(!h.kv().contains_key("amqp/q/auto"));
+    // A clean close deletes the lease itself: no will left.
+    h.data(&frame(
+        0,
+        Method::ConnectionClose(ConnectionClose::default()),
+    ));
+    h.run();
+    assert!(h.will().is_none());
+    assert!(!h.kv().contains_key(&lease.key));
+}
+
+#[test]
+fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicQos(BasicQos {
+            prefetch_count: 1,
+            global: true,
+            ..Default::default()
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let message = |id: u64| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: id,
+        message_id: vec![],
+        key: None,
+        payload: b"body".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    };
+    h.feed(Event::Message(message(7)));
+    h.feed(Event::Message(message(8)));
+    let delivered = |frames: &[Frame]| {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Method(1, Method::BasicDeliver(d)) => Some(d.delivery_tag),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(delivered(&sent(&mut h)), [1]);
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        }),
+    ));
+    assert_eq!(delivered(&sent(&mut h)), [2]);
+}
+
+#[test]
+fn max_length_drops_all_but_the_newest_once_the_topics_end_is_known() {
+    let mut h = running();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length", FieldValue::I32(1));
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue {
+            arguments: args,
+            ..Default::default()
+        }
+        .encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.complete_next();
+    h.complete_next();
+    h.complete_next();
+    sent(&mut h);
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let tail_token = h
+        .pending()
+        .iter()
+        .find_map(|a| match a {
+            Action::LastMessageId { token, .. } => Some(*token),
+            _ => None,
+        })
+        .expect("the topic's end is read");
+    // Entries 1 to 3 of the queue's topic (a serialized MessageIdData).
+    let message = |entry: u8| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: u64::from(entry),
+        message_id: vec![0x08, 1, 0x10, entry],
+        key: None,
+        payload: vec![entry],
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    };
+    for entry in 1..=3 {
+        h.feed(Event::Message(message(entry)));
+    }
+    // They wait for the end of the topic.
+    assert!(sent(&mut h).is_empty());
+    h.feed(Event::Position {
+        token: tail_token,
+        result: Ok(Some(vec![0x08, 1, 0x10, 3])),
+    });
+    let bodies: Vec<Vec<u8>> = sent(&mut h)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Body(1, b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, [vec![3]]);
+    // The two dropped ones are settled in the queue.
+    let acked: Vec<u64> = h
+        .take_actions()
+        .into_iter()
+        .flat_map(|a| match a {
+            Action::Ack { delivery_id, .. } => vec![delivery_id],
+            Action::AckMany { delivery_ids, .. } => delivery_ids,
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(acked, [1, 2]);
+}
+
+#[test]
+fn exchange_bind_stores_the_edge_and_gives_queues_its_bindings() {
+    let mut h = running();
+    let declare = |name: &str, kind: &str| {
+        frame(
+            1,
+            Method::ExchangeDeclare(ExchangeDeclare {
+                exchange: name.into(),
+                kind: kind.into(),
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&declare("src", "topic"));
+    h.data(&declare("dst", "direct"));
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::QueueBind(QueueBind {
+            queue: "q".into(),
+            exchange: "dst".into(),
+            routing_key: "a.b".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.data(&frame(
+        1,
+        Method::ExchangeBind(ExchangeBind {
+            destination: "dst".into(),
+            source: "src".into(),
+            routing_key: "a.*".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ExchangeBindOk(_))]
+    ));
+    let q = crate::topology::Queue::decode(&h.kv()["amqp/q/q"]).unwrap();
+    assert_eq!(
+        q.filters("q"),
+        [
+            magnetar_sdk::Filter::Exact("%.q".into()),
+            magnetar_sdk::Filter::Exact("dst.a.b".into()),
+            magnetar_sdk::Filter::Exact("src.a.b".into()),
+        ]
+    );
+    // The route was opened with them.
+    let last_route = h
+        .take_actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::OpenRoute { spec, .. } => Some(spec.filters),
+            _ => None,
+        })
+        .last();
+    assert_eq!(last_route.as_deref(), Some(&q.filters("q")[..]));
+    // Unbound: the derived binding goes.
+    h.data(&frame(
+        1,
+        Method::ExchangeUnbind(ExchangeUnbind {
+            destination: "dst".into(),
+            source: "src".into(),
+            routing_key: "a.*".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ExchangeUnbindOk(_))]
+    ));
+    let q = crate::topology::Queue::decode(&h.kv()["amqp/q/q"]).unwrap();
+    assert_eq!(q.filters("q").len(), 2);
 }
