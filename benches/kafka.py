@@ -128,7 +128,8 @@ class Tansu:
             **os.environ,
             "ADVERTISED_LISTENER_URL": f"tcp://127.0.0.1:{port}",
             "LISTENER_URL": f"tcp://127.0.0.1:{port}",
-            "STORAGE_ENGINE": f"sqlite://{tmp}/tansu.db",
+            # Relative to the working directory (Tansu prefixes it).
+            "STORAGE_ENGINE": "sqlite://tansu.db",
             "CLUSTER_ID": "bench",
         }
         self.proc = subprocess.Popen(
