@@ -43,10 +43,14 @@ pub(super) struct Indexed {
     next_entry: u64,
     /// Per (topic, producer name): the next sequence id expected and the last five
     /// appends stored (first and last sequence id, the answer), as the host keeps them.
-    dedup: BTreeMap<(String, String), (u64, Vec<(u64, u64, Appended)>)>,
+    dedup: BTreeMap<(String, String), ProducerSequences>,
     pub(super) readers: BTreeMap<SubId, SimReader>,
     pub(super) topics: BTreeMap<String, u32>,
 }
+
+/// A de-duplicating producer's next sequence id and its last appends (first and last
+/// sequence id, the answer).
+type ProducerSequences = (u64, Vec<(u64, u64, Appended)>);
 
 /// The simulated id of entry `number` (the same shape as [`super::message_id`]).
 fn entry_id(number: u64) -> Vec<u8> {
