@@ -30,7 +30,6 @@ Run: `.venv/bin/python benches/kafka.py` after `cargo build --release` — env
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parents[1]
+# The test suite's port and process helpers (ports below the ephemeral range, bounded waits).
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+from conftest import free_ports, stop_process as stop, wait_for_port  # noqa: E402
 MAGNETAR = os.environ.get("MAGNETAR_BIN", str(ROOT / "target" / "release" / "magnetar"))
 TANSU = os.environ.get("TANSU_BIN", "/opt/tansu/bin/tansu")
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "50000"))
@@ -54,44 +56,9 @@ TICKS = os.sysconf("SC_CLK_TCK")
 QUIET = pulsar.ConsoleLogger(pulsar.LoggerLevel.Error)
 
 
-def free_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_port(port, proc, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what}: nothing listens on {port}")
-
-
 def cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def stop(proc):
-    if proc and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 class Gateway:
@@ -105,14 +72,14 @@ class Gateway:
             f'[[listeners]]\nname = "kafka"\nbind = "127.0.0.1:{self.kafka_port}"\nplugin = "kafka"\n\n'
             f"[plugins.config.kafka]\nadvertised_port = {self.kafka_port}\n"
         )
-        self.log = open(tmp / "magnetar.log", "ab")
+        log = tmp / "magnetar.log"
         self.proc = subprocess.Popen(
             [MAGNETAR, "--config", str(config), "--data-dir", str(tmp / "data")],
             stdout=subprocess.DEVNULL,
-            stderr=self.log,
+            stderr=open(log, "ab"),
         )
-        wait_port(self.kafka_port, self.proc, "magnetar")
-        wait_port(self.broker_port, self.proc, "magnetar")
+        wait_for_port(self.kafka_port, self.proc, log)
+        wait_for_port(self.broker_port, self.proc, log)
         self.bootstrap = f"127.0.0.1:{self.kafka_port}"
         self.service_url = f"pulsar://127.0.0.1:{self.broker_port}"
 
@@ -123,7 +90,7 @@ class Tansu:
     def __init__(self, tmp):
         (port,) = free_ports(1)
         self.bootstrap = f"127.0.0.1:{port}"
-        self.log = open(tmp / "tansu.log", "ab")
+        log = tmp / "tansu.log"
         env = {
             **os.environ,
             "ADVERTISED_LISTENER_URL": f"tcp://127.0.0.1:{port}",
@@ -132,10 +99,9 @@ class Tansu:
             "STORAGE_ENGINE": "sqlite://tansu.db",
             "CLUSTER_ID": "bench",
         }
-        self.proc = subprocess.Popen(
-            [TANSU, "broker"], stdout=self.log, stderr=self.log, env=env, cwd=tmp
-        )
-        wait_port(port, self.proc, "tansu")
+        out = open(log, "ab")
+        self.proc = subprocess.Popen([TANSU, "broker"], stdout=out, stderr=out, env=env, cwd=tmp)
+        wait_for_port(port, self.proc, log)
 
 
 def create_topic(bootstrap, topic, partitions):
