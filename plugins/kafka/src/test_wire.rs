@@ -50,3 +50,22 @@ pub(crate) fn response<R: Decodable + HeaderVersion>(
     assert!(frame.is_empty(), "trailing bytes");
     Some(body)
 }
+
+/// One request on the simulated host and its one response, every host call completed
+/// first; panics (naming why the connection closed, if it did) when none came.
+pub(crate) fn call<Q, R>(
+    host: &mut magnetar_sdk::testing::SimHost<crate::connection::KafkaConnection>,
+    key: ApiKey,
+    version: i16,
+    body: &Q,
+) -> R
+where
+    Q: Encodable + HeaderVersion,
+    R: Decodable + HeaderVersion,
+{
+    host.data(&request(key, version, 7, "test", body));
+    host.run();
+    let closed = host.closed().map(str::to_string);
+    response(&host.take_sent(), version, 7)
+        .unwrap_or_else(|| panic!("no {key:?} v{version} response (closed: {closed:?})"))
+}

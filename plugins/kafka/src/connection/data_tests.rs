@@ -22,7 +22,7 @@ use magnetar_sdk::{Property, RecordOut};
 use super::{error, KafkaConnection};
 use crate::codec::compression::{self, Codec};
 use crate::config::Config;
-use crate::test_wire;
+use crate::test_wire::{self, call};
 
 fn host() -> SimHost<KafkaConnection> {
     SimHost::new(1_000, KafkaConnection::new(Config::default()))
@@ -30,20 +30,6 @@ fn host() -> SimHost<KafkaConnection> {
 
 fn name(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_string()))
-}
-
-/// Sends one request and returns the decoded response (the host completes every host call
-/// first).
-fn call<Q, R>(host: &mut SimHost<KafkaConnection>, key: ApiKey, version: i16, body: &Q) -> R
-where
-    Q: Encodable + HeaderVersion,
-    R: Decodable + HeaderVersion,
-{
-    send(host, key, version, 7, body);
-    host.run();
-    let closed = host.closed().map(str::to_string);
-    receive(host, version, 7)
-        .unwrap_or_else(|| panic!("no {key:?} v{version} response (closed: {closed:?})"))
 }
 
 fn send<Q: Encodable + HeaderVersion>(

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -14,18 +14,7 @@ use magnetar_sdk::testing::SimHost;
 
 use super::{error, KafkaConnection};
 use crate::config::Config;
-use crate::test_wire;
-
-fn call<Q, R>(host: &mut SimHost<KafkaConnection>, key: ApiKey, version: i16, body: &Q) -> R
-where
-    Q: Encodable + HeaderVersion,
-    R: Decodable + HeaderVersion,
-{
-    host.data(&test_wire::request(key, version, 3, "test", body));
-    host.run();
-    test_wire::response(&host.take_sent(), version, 3)
-        .unwrap_or_else(|| panic!("no {key:?} response (closed: {:?})", host.closed()))
-}
+use crate::test_wire::call;
 
 /// An InitProducerId request of an idempotent producer (no transactional id).
 fn idempotent() -> InitProducerIdRequest {
