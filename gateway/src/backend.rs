@@ -240,7 +240,17 @@ impl Backend {
         &self,
         opts: &SubscribeOptions,
     ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
-        self.open_consumer(opts, false).await
+        self.open_consumer(opts, false, false).await
+    }
+
+    /// Opens a consumer like [`subscribe`](Self::subscribe) that receives each entry as one
+    /// message, a batch unsplit (its id without a batch index; the payload's metadata is the
+    /// batch's): for readers that want each entry's id and broker-entry metadata only.
+    pub async fn subscribe_entries(
+        &self,
+        opts: &SubscribeOptions,
+    ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
+        self.open_consumer(opts, false, true).await
     }
 
     /// Opens a consumer that gets nothing until the caller grants the broker flow permits
@@ -250,13 +260,14 @@ impl Backend {
         &self,
         opts: &SubscribeOptions,
     ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
-        self.open_consumer(opts, true).await
+        self.open_consumer(opts, true, false).await
     }
 
     async fn open_consumer(
         &self,
         opts: &SubscribeOptions,
         manual_flow: bool,
+        whole_entries: bool,
     ) -> Result<Consumer<Vec<u8>, TokioExecutor>, BackendError> {
         // A subscription held by another consumer is an answer, not an outage: without this,
         // the client would retry `ConsumerBusy` until the other consumer leaves.
@@ -264,6 +275,7 @@ impl Backend {
             .durable(opts.durable)
             .fail_if_busy(true);
         options.manual_flow = manual_flow;
+        options.whole_entries = whole_entries;
         options.initial_position = if opts.earliest {
             InitialPosition::Earliest
         } else {

@@ -331,8 +331,10 @@ fn backend_error(topic: &str, what: &str, e: impl std::fmt::Display) -> OpError 
 /// Opens the tail reader (first: it must read from before the first append) and the
 /// producer of a topic.
 async fn open(topic: &str, backend: &Backend) -> Result<Tail, OpError> {
+    // Whole entries: one delivery per append, not one per record (the index of an entry's
+    // last record is on the entry).
     let reader = backend
-        .subscribe(&SubscribeOptions {
+        .subscribe_entries(&SubscribeOptions {
             topic: topic.to_string(),
             subscription: format!("magnetar-tail-{:016x}", rand::random::<u64>()),
             sub_type: pulsar::SubType::Exclusive,
@@ -436,7 +438,6 @@ async fn append(
             .as_ref()
             .and_then(|b| b.broker_timestamp)
             .unwrap_or(msg.payload.metadata.publish_time);
-        // The other messages of this entry come next: skipped by the next append's read.
         let id = pulsar::proto::MessageIdData {
             ledger_id: entry.ledger_id,
             entry_id: entry.entry_id,

@@ -618,7 +618,10 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             }
         };
 
-        let payloads = if payload.metadata.num_messages_in_batch.is_some() {
+        // (magnetar patch) `whole_entries`: a batch goes to the application unsplit.
+        let payloads = if payload.metadata.num_messages_in_batch.is_some()
+            && !self.options.whole_entries
+        {
             BatchedMessageIterator::new(message.message_id, payload)?.collect()
         } else {
             vec![(message.message_id, payload)]

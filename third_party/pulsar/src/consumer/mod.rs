@@ -1001,6 +1001,72 @@ mod tests {
         feature = "tokio-rustls-runtime-aws-lc-rs",
         feature = "tokio-rustls-runtime-ring"
     ))]
+    async fn whole_entries_deliver_a_batch_unsplit() {
+        use crate::ProducerOptions;
+
+        let addr = "pulsar://127.0.0.1:6650";
+        let topic = format!("whole_entries_{}", rand::random::<u16>());
+        let client: Pulsar<_> = Pulsar::builder(addr, TokioExecutor).build().await.unwrap();
+        let mut consumer: Consumer<Vec<u8>, _> = client
+            .consumer()
+            .with_topic(&topic)
+            .with_subscription("whole_entries")
+            .with_options(ConsumerOptions {
+                receiver_queue_size: Some(10),
+                whole_entries: true,
+                ..Default::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        let mut producer = client
+            .producer()
+            .with_topic(&topic)
+            .with_options(ProducerOptions {
+                batch_size: Some(u32::MAX),
+                batch_timeout: None,
+                ..Default::default()
+            })
+            .build()
+            .await
+            .unwrap();
+        // Two entries: a batch of 50 messages (more than the receiver queue), then one alone.
+        let mut receipts = Vec::new();
+        for i in 0..50u8 {
+            receipts.push(producer.send_non_blocking(vec![i]).await.unwrap());
+        }
+        producer.send_batch().await.unwrap();
+        let mut ids = Vec::new();
+        for r in receipts {
+            ids.push(r.await.unwrap().message_id.unwrap());
+        }
+        let single = producer.send_non_blocking(vec![99]).await.unwrap();
+        producer.send_batch().await.unwrap();
+        let single = single.await.unwrap().message_id.unwrap();
+        for (entry, messages) in [(&ids[0], 50), (&single, 1)] {
+            let m = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("an entry")
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (m.message_id.id.ledger_id, m.message_id.id.entry_id),
+                (entry.ledger_id, entry.entry_id)
+            );
+            assert_eq!(
+                m.payload.metadata.num_messages_in_batch.unwrap_or(1),
+                messages
+            );
+        }
+        consumer.close().await.unwrap();
+    }
+
+#[tokio::test]
+    #[cfg(any(
+        feature = "tokio-runtime",
+        feature = "tokio-rustls-runtime-aws-lc-rs",
+        feature = "tokio-rustls-runtime-ring"
+    ))]
     async fn close_after_part_of_a_batch_larger_than_the_receiver_queue() {
         use crate::ProducerOptions;
 

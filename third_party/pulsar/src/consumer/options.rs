@@ -51,6 +51,14 @@ pub struct ConsumerOptions {
     ///
     /// default: false (the consumer grants `batch_size` permits at a time, as the stock crate)
     pub manual_flow: bool,
+    /// (magnetar patch) Each entry is delivered as one message, a batch unsplit: its id
+    /// without a batch index, its payload the batch's metadata and all its messages in the
+    /// batch format. For applications that want entries, not messages (the gateway's append
+    /// task reads back only each entry's id and broker-entry index); the stock crate splits
+    /// every batch into its messages, a copy and a delivery per message.
+    ///
+    /// default: false (batches are split, as the stock crate)
+    pub whole_entries: bool,
 }
 
 impl ConsumerOptions {
