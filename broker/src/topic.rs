@@ -81,8 +81,9 @@ const MAX_GROUP_COMMIT_BYTES: usize = 2 * 1024 * 1024;
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Most subscriptions per topic (subscription names come from clients).
 const MAX_SUBSCRIPTIONS: usize = 10_000;
-/// How long acks may wait before the cursors they moved are saved. Saving a cursor costs two
-/// fsyncs; saving after every ack would cap a subscription at a few thousand acks per second.
+/// How long acks may wait before the cursors they moved are saved. Saving the topic's moved
+/// cursors costs an fdatasync of its cursor journal; saving after every ack would cap a
+/// subscription at a few thousand acks per second.
 /// A crash loses at most this much of ack progress, so a few acked messages may be delivered
 /// again (as in Pulsar, whose mark-delete position is also persisted lazily); an unacked
 /// message is never lost.
@@ -352,8 +353,8 @@ type Appended = Result<(u64, Vec<Committed>), String>;
 /// What a group commit's blocking task returns.
 struct CommitOutcome {
     append: Appended,
-    /// The subscription whose cursor could not be saved, if any.
-    saved: Result<(), (String, std::io::Error)>,
+    /// The subscriptions whose cursors could not be saved, if the save failed.
+    saved: Result<(), (Vec<String>, std::io::Error)>,
     /// Message index of the group's first message (freed again if the append failed).
     start_index: u64,
     /// The topic's failure count when the commit started (see `Topic::committed`).
@@ -1220,12 +1221,13 @@ impl Topic {
                 panic_after_write,
                 &answered_end,
             );
-            let mut saved = Ok(());
-            for (name, cursor) in &dirty {
-                if let Err(e) = cursors.save(name, cursor) {
-                    saved = Err((name.clone(), e));
-                }
-            }
+            // One write and one fdatasync for every cursor that moved.
+            let saved = match dirty.is_empty() {
+                true => Ok(()),
+                false => cursors
+                    .save_all(&dirty)
+                    .map_err(|e| (dirty.into_iter().map(|(name, _)| name).collect(), e)),
+            };
             if let Some((snapshot, dir)) = snapshot {
                 // Without it, opening reads more entries; nothing else is lost.
                 if let Err(e) = snapshot.save(&dir) {
@@ -1275,10 +1277,12 @@ impl Topic {
                 return;
             }
         };
-        if let Err((sub, e)) = outcome.saved {
-            tracing::error!(topic = %self.name, subscription = %sub, error = %e, "saving cursor failed");
-            if let Some(s) = self.subscriptions.get_mut(&sub) {
-                s.dirty = true;
+        if let Err((subs, e)) = outcome.saved {
+            tracing::error!(topic = %self.name, subscriptions = ?subs, error = %e, "saving cursors failed");
+            for sub in subs {
+                if let Some(s) = self.subscriptions.get_mut(&sub) {
+                    s.dirty = true;
+                }
             }
         }
         match outcome.append {
