@@ -824,7 +824,11 @@ impl Topic {
                 let _ = reply.send(result);
             }
             TopicCommand::GetLastMessageId { key, reply } => {
-                let last = self.next_id.checked_sub(1).map(|id| {
+                // As for "latest": a message whose receipt went out counts, even before its
+                // commit is taken in here (a reader asking right after a send must find it;
+                // the entry is in the log by then).
+                let end = self.next_id.max(self.answered_end.load(Ordering::Acquire));
+                let last = end.checked_sub(1).map(|id| {
                     // A batch's last message is the last message id (Pulsar returns its
                     // batch index, so that readers see the whole batch as available).
                     let batch = self
@@ -1668,8 +1672,22 @@ mod tests {
         }
         assert_eq!(topic.next_id, 0);
         assert_eq!(topic.start_position(&latest_request()), 1);
+        // Nor does the last message id leave it out (a reader made right after the receipt
+        // must find it).
+        assert_eq!(last_message_id(&mut topic).await, Some((0, Some(0))));
         finish_oldest(&mut topic).await;
         assert_eq!(topic.start_position(&latest_request()), 1);
+        assert_eq!(last_message_id(&mut topic).await, Some((0, Some(0))));
+    }
+
+    /// `GetLastMessageId`'s answer, as a client gets it.
+    async fn last_message_id(topic: &mut Topic) -> Option<(u64, Option<i32>)> {
+        let (reply, answer) = oneshot::channel();
+        let key = latest_request().key;
+        topic
+            .handle(TopicCommand::GetLastMessageId { key, reply }, &mut None)
+            .await;
+        answer.await.unwrap().last
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
