@@ -81,8 +81,9 @@ const MAX_GROUP_COMMIT_BYTES: usize = 2 * 1024 * 1024;
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Most subscriptions per topic (subscription names come from clients).
 const MAX_SUBSCRIPTIONS: usize = 10_000;
-/// How long acks may wait before the cursors they moved are saved. Saving a cursor costs two
-/// fsyncs; saving after every ack would cap a subscription at a few thousand acks per second.
+/// How long acks may wait before the cursors they moved are saved. Saving the topic's moved
+/// cursors costs an fdatasync of its cursor journal; saving after every ack would cap a
+/// subscription at a few thousand acks per second.
 /// A crash loses at most this much of ack progress, so a few acked messages may be delivered
 /// again (as in Pulsar, whose mark-delete position is also persisted lazily); an unacked
 /// message is never lost.
@@ -352,8 +353,8 @@ type Appended = Result<(u64, Vec<Committed>), String>;
 /// What a group commit's blocking task returns.
 struct CommitOutcome {
     append: Appended,
-    /// The subscription whose cursor could not be saved, if any.
-    saved: Result<(), (String, std::io::Error)>,
+    /// The subscriptions whose cursors could not be saved, if the save failed.
+    saved: Result<(), (Vec<String>, std::io::Error)>,
     /// Message index of the group's first message (freed again if the append failed).
     start_index: u64,
     /// The topic's failure count when the commit started (see `Topic::committed`).
@@ -823,7 +824,11 @@ impl Topic {
                 let _ = reply.send(result);
             }
             TopicCommand::GetLastMessageId { key, reply } => {
-                let last = self.next_id.checked_sub(1).map(|id| {
+                // As for "latest": a message whose receipt went out counts, even before its
+                // commit is taken in here (a reader asking right after a send must find it;
+                // the entry is in the log by then).
+                let end = self.next_id.max(self.answered_end.load(Ordering::Acquire));
+                let last = end.checked_sub(1).map(|id| {
                     // A batch's last message is the last message id (Pulsar returns its
                     // batch index, so that readers see the whole batch as available).
                     let batch = self
@@ -1220,12 +1225,13 @@ impl Topic {
                 panic_after_write,
                 &answered_end,
             );
-            let mut saved = Ok(());
-            for (name, cursor) in &dirty {
-                if let Err(e) = cursors.save(name, cursor) {
-                    saved = Err((name.clone(), e));
-                }
-            }
+            // One write and one fdatasync for every cursor that moved.
+            let saved = match dirty.is_empty() {
+                true => Ok(()),
+                false => cursors
+                    .save_all(&dirty)
+                    .map_err(|e| (dirty.into_iter().map(|(name, _)| name).collect(), e)),
+            };
             if let Some((snapshot, dir)) = snapshot {
                 // Without it, opening reads more entries; nothing else is lost.
                 if let Err(e) = snapshot.save(&dir) {
@@ -1275,10 +1281,12 @@ impl Topic {
                 return;
             }
         };
-        if let Err((sub, e)) = outcome.saved {
-            tracing::error!(topic = %self.name, subscription = %sub, error = %e, "saving cursor failed");
-            if let Some(s) = self.subscriptions.get_mut(&sub) {
-                s.dirty = true;
+        if let Err((subs, e)) = outcome.saved {
+            tracing::error!(topic = %self.name, subscriptions = ?subs, error = %e, "saving cursors failed");
+            for sub in subs {
+                if let Some(s) = self.subscriptions.get_mut(&sub) {
+                    s.dirty = true;
+                }
             }
         }
         match outcome.append {
@@ -1664,8 +1672,22 @@ mod tests {
         }
         assert_eq!(topic.next_id, 0);
         assert_eq!(topic.start_position(&latest_request()), 1);
+        // Nor does the last message id leave it out (a reader made right after the receipt
+        // must find it).
+        assert_eq!(last_message_id(&mut topic).await, Some((0, Some(0))));
         finish_oldest(&mut topic).await;
         assert_eq!(topic.start_position(&latest_request()), 1);
+        assert_eq!(last_message_id(&mut topic).await, Some((0, Some(0))));
+    }
+
+    /// `GetLastMessageId`'s answer, as a client gets it.
+    async fn last_message_id(topic: &mut Topic) -> Option<(u64, Option<i32>)> {
+        let (reply, answer) = oneshot::channel();
+        let key = latest_request().key;
+        topic
+            .handle(TopicCommand::GetLastMessageId { key, reply }, &mut None)
+            .await;
+        answer.await.unwrap().last
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,12 +33,50 @@ def _check(data):
     return producer, int(i)
 
 
-def _read_cursor(path):
-    """The broker's persisted cursor file (`broker/src/cursor.rs`): MGC1 or MGC2, ack floor,
-    count, individually acked entry ids, under MGC2 the partly acked batches, CRC32C.
-    Returns (floor, set of acked ids above it)."""
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _journal_state(path, sub):
+    """The state of `sub` in a topic's cursor journal (`broker/src/cursor.rs`), as the broker
+    reads it at load: records `[u32 length][u32 CRC32C][kind][u32 name length][name][state]`
+    (big-endian) up to the first that is not whole (zeros, or a torn tail); a subscription's
+    last record is its state (kind 1) or its tombstone (kind 2). None if it has none."""
     data = path.read_bytes()
-    assert data[:4] in (b"MGC1", b"MGC2"), "cursor file magic"
+    pos, state = 0, None
+    while pos + 8 <= len(data):
+        length, crc = struct.unpack(">II", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if length == 0 or len(body) != length or _crc32c(body) != crc:
+            break
+        (name_len,) = struct.unpack(">I", body[1:5])
+        if body[5 : 5 + name_len].decode() == sub:
+            state = body[5 + name_len :] if body[0] == 1 else None
+        pos += 8 + length
+    return state
+
+
+def _read_cursor(data):
+    """A persisted cursor state (`broker/src/cursor.rs`): MGC1 or MGC2, ack floor, count,
+    individually acked entry ids, under MGC2 the partly acked batches, CRC32C.
+    Returns (floor, set of acked ids above it)."""
+    assert data[:4] in (b"MGC1", b"MGC2"), "cursor state magic"
     floor, count = struct.unpack(">QQ", data[4:20])
     end = 20 + 8 * count
     ids = struct.unpack(f">{count}Q", data[20:end])
@@ -145,10 +183,11 @@ def test_kill9_loop_under_load_loses_no_receipt_and_cursor_never_goes_back(broke
         for _ in range(5):
             time.sleep(rng.uniform(1.5, 4.5))
             broker.kill9()
-            files = list(Path(broker.data_dir).glob(f"**/cursors/{sub}.cursor"))
-            assert len(files) == 1, files
-            cursor_files = files
-            cursor = _read_cursor(files[0])
+            journals = list(Path(broker.data_dir).glob("**/cursors/journal"))
+            states = [s for s in (_journal_state(j, sub) for j in journals) if s is not None]
+            assert len(states) == 1, journals
+            cursor_files = [j for j in journals if _journal_state(j, sub) is not None]
+            cursor = _read_cursor(states[0])
             if snapshots:
                 prev = snapshots[-1][1]
                 assert cursor[0] >= prev[0], f"ack floor went back: {prev[0]} -> {cursor[0]}"
@@ -193,7 +232,7 @@ def test_kill9_loop_under_load_loses_no_receipt_and_cursor_never_goes_back(broke
     for restarted_at, cursor in snapshots:
         back = [(e, k) for t, e, k in received if t > restarted_at and _is_acked(cursor, e)]
         assert not back, f"persisted-acked entries delivered again: {back[:5]}"
-    final = _read_cursor(cursor_files[0]) if cursor_files else (0, set())
+    final = _read_cursor(_journal_state(cursor_files[0], sub)) if cursor_files else (0, set())
     assert snapshots[-1][1][0] > 0 and final[0] >= snapshots[-1][1][0]
     redelivered = len(received) - len({k for _, _, k in received})
     print(
