@@ -20,7 +20,7 @@ use crate::config::ActionName;
 use crate::crypto::KEY_PROPERTY;
 
 /// A plugin's message as the backend takes it. The host's own key property is dropped: only
-/// the host says which key sealed a payload.
+/// the host says which key sealed a payload (and which full queues refused it).
 pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
     OutMessage {
         key: msg.key,
@@ -28,7 +28,7 @@ pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
         properties: msg
             .properties
             .into_iter()
-            .filter(|p| p.key != KEY_PROPERTY)
+            .filter(|p| p.key != KEY_PROPERTY && p.key != super::caps::REFUSED_PROPERTY)
             .map(|p| (p.key, p.value))
             .collect(),
         encryption: None,
@@ -210,6 +210,7 @@ impl pubsub::Host for HostState {
         if let (true, Some(RouteRef::Durable { feeder, queue, .. })) = (delete, route) {
             // The route goes with its queue (whose subscription the task deletes).
             feeder.remove(&queue);
+            self.services.caps.remove(&queue);
             self.store_route(conn, &feeder, &queue, None);
         }
         if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {

@@ -8,8 +8,15 @@
 //! on a Shared subscription a consumer whose window is full gets nothing more and the
 //! others get the queue's messages (AMQP's prefetch). Other subscriptions let the client
 //! ask for `max-unacked` at a time as messages arrive, which keeps more in flight.
+//!
+//! A `messaging` consumer of a capped queue's subscription moves the queue's count (`caps`): what it
+//! hands the plugin leaves the ready messages, what it gives back (a nack, its end with
+//! deliveries unacknowledged) returns, a seek to the end (a purge) empties them; a delivery
+//! that `drop-head` dropped carries `caps::DROPPED_PROPERTY`. A durable route's reader of a
+//! queue whose count this process has not recovered yet recovers it from the subscription's
+//! backlog before the route is open.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::acks::{AckPlan, AckTracker};
+use super::caps::{QueueCount, DROPPED_PROPERTY};
 use super::context::op_error;
 use super::event::Event;
 use super::services::Services;
@@ -129,9 +137,31 @@ pub(super) async fn run_subscription(
             return;
         }
     };
+    let queue_of =
+        (opts.subscription == super::routing::QUEUE_SUBSCRIPTION).then(|| opts.topic.clone());
+    // A durable route's reader of a capped queue: the subscription's only consumer
+    // (Exclusive), so its whole backlog is ready.
+    let recovering = queue_of
+        .as_ref()
+        .and_then(|q| services.caps.get(q))
+        .filter(|c| c.needs_recovery() && opts.sub_type == pulsar::SubType::Exclusive);
+    if let Some(count) = recovering {
+        recover(&mut consumer, &count, &opts.topic).await;
+    }
+    // A `messaging` consumer of a capped queue moves its count (a route's own deliveries do
+    // not: its plugin hands them to nobody, e.g. AMQP's); looked up again for each batch (a
+    // route may cap the queue later).
+    let capped = |services: &Services| -> Option<Arc<QueueCount>> {
+        queue_of
+            .as_ref()
+            .filter(|_| windowed)
+            .and_then(|q| services.caps.get(q))
+    };
     if !subscribed(&events, conn, token, sub).await {
         return;
     }
+    // The deliveries of a capped queue not settled yet: their sizes (`None`: dropped).
+    let mut counted: HashMap<u64, Option<u64>> = HashMap::new();
     // Exclusive and Failover subscriptions have one active consumer reading in order, so a
     // run of acknowledged messages below every unacknowledged one is one cumulative ack.
     // Not where a message can be given back (a nack): a cumulative ack would cover it before
@@ -174,14 +204,23 @@ pub(super) async fn run_subscription(
                 let mut next = cmd;
                 while let Some(c) = next.take() {
                     match c {
-                        SubCmd::Ack(id) => acks.ack(id),
-                        SubCmd::AckMany(ids) => ids.into_iter().for_each(|id| acks.ack(id)),
+                        SubCmd::Ack(id) => {
+                            counted.remove(&id);
+                            acks.ack(id)
+                        }
+                        SubCmd::AckMany(ids) => ids.into_iter().for_each(|id| {
+                            counted.remove(&id);
+                            acks.ack(id)
+                        }),
                         SubCmd::Close { delete: d } => {
                             delete = d;
                             stop = true;
                             break;
                         }
                         SubCmd::Nack(id) => {
+                            if let (Some(count), Some(size)) = (capped(&services), counted.remove(&id)) {
+                                give_back(&count, size);
+                            }
                             if let (Some((topic, entry)), Shape::Messages { nack_delay, .. }) = (acks.nack(id), &shape) {
                                 nacks.push_back((Instant::now() + *nack_delay, topic, entry));
                             }
@@ -191,6 +230,12 @@ pub(super) async fn run_subscription(
                             if outcome.is_ok() {
                                 acks.reset();
                                 nacks.clear();
+                                counted.clear();
+                                if let (Some(count), SeekTarget::MessageId(id, _)) = (capped(&services), &target) {
+                                    if *id == message_id::latest() {
+                                        count.purged();
+                                    }
+                                }
                                 // A new consumer, granted nothing yet.
                                 permits = 0;
                                 if let (Shape::Messages { skip, .. }, SeekTarget::MessageId(id, inclusive)) = (&mut shape, target) {
@@ -248,6 +293,7 @@ pub(super) async fn run_subscription(
                 }
                 permits -= batch.len() as i64;
                 shared.output_relieved().await;
+                let count = capped(&services);
                 let mut deliveries = Vec::with_capacity(batch.len());
                 let mut messages = Vec::new();
                 for mut msg in batch {
@@ -285,6 +331,13 @@ pub(super) async fn run_subscription(
                         Shape::Deliveries => Vec::new(),
                     };
                     let delivery_id = acks.delivered(msg.topic, msg.message_id.id);
+                    if let Some(count) = &count {
+                        let dropped = count.delivered();
+                        if dropped {
+                            properties.push(types::Property { key: DROPPED_PROPERTY.to_string(), value: "maxlen".to_string() });
+                        }
+                        counted.insert(delivery_id, (!dropped).then_some(payload.len() as u64));
+                    }
                     match shape {
                         Shape::Deliveries => deliveries.push(types::Delivery {
                             subscription: sub,
@@ -324,12 +377,43 @@ pub(super) async fn run_subscription(
             }
         }
     }
+    // What the plugin had and did not settle goes back to the queue.
+    if let (Some(count), false) = (capped(&services), delete) {
+        for size in counted.into_values() {
+            give_back(&count, size);
+        }
+    }
     if delete {
         if let Err(e) = consumer.unsubscribe().await {
             tracing::warn!(conn, error = %e, "unsubscribe failed");
         }
     }
     let _ = consumer.close().await;
+}
+
+/// A delivery of a capped queue comes back: ready again, or to be dropped again.
+fn give_back(count: &QueueCount, size: Option<u64>) {
+    match size {
+        Some(size) => count.given_back(size),
+        None => count.dropped_again(),
+    }
+}
+
+/// Recovers a capped queue's count from its subscription's backlog (0 if the backend
+/// cannot say).
+async fn recover(
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+    count: &QueueCount,
+    topic: &str,
+) {
+    let backlog = match consumer.get_stats().await {
+        Ok(stats) => stats.iter().filter_map(|s| s.msg_backlog).sum(),
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "cannot read a capped queue's backlog");
+            0
+        }
+    };
+    count.recovered(backlog);
 }
 
 /// Tells the plugin its subscription could not be opened (a backend failure).
