@@ -119,19 +119,24 @@ impl Meter {
         );
     }
 
-    /// Takes one message of `bytes` from the buckets; returns how long to hold it back.
-    fn reserve_publish(&self, bytes: usize, now: Instant) -> Duration {
-        self.published_msgs.fetch_add(1, Ordering::Relaxed);
+    /// Takes `msgs` messages of `bytes` in all from the buckets; returns how long to hold
+    /// them back.
+    fn reserve_publish(&self, msgs: usize, bytes: usize, now: Instant) -> Duration {
+        self.published_msgs
+            .fetch_add(msgs as u64, Ordering::Relaxed);
         self.published_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
         let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        let a = l.1.as_mut().map_or(Duration::ZERO, |b| b.reserve(1.0, now));
+        let a =
+            l.1.as_mut()
+                .map_or(Duration::ZERO, |b| b.reserve(msgs as f64, now));
         let b =
             l.2.as_mut()
                 .map_or(Duration::ZERO, |b| b.reserve(bytes as f64, now));
         let wait = a.max(b);
         if !wait.is_zero() {
-            self.throttled_msgs.fetch_add(1, Ordering::Relaxed);
+            self.throttled_msgs
+                .fetch_add(msgs as u64, Ordering::Relaxed);
         }
         wait
     }
@@ -215,13 +220,14 @@ impl Meters {
         }
     }
 
-    /// The instant before which a publish of `bytes` must not reach the backend.
-    pub fn publish_at(&self, bytes: usize) -> Option<Instant> {
+    /// The instant before which a publish of `msgs` messages (one, or an append's records)
+    /// of `bytes` in all must not reach the backend.
+    pub fn publish_at(&self, msgs: usize, bytes: usize) -> Option<Instant> {
         let now = Instant::now();
         let wait = self
             .tenant
-            .reserve_publish(bytes, now)
-            .max(self.user.reserve_publish(bytes, now));
+            .reserve_publish(msgs, bytes, now)
+            .max(self.user.reserve_publish(msgs, bytes, now));
         (!wait.is_zero()).then(|| now + wait)
     }
 
@@ -359,5 +365,21 @@ mod tests {
         a.release(Gauge::Connections);
         assert!(b.admit(Gauge::Connections));
         assert_eq!(q.tenant_usage()[0].1.refused, 1);
+    }
+
+    #[test]
+    fn an_append_counts_each_of_its_records() {
+        let q = Quotas::default();
+        let user = LimitsConfig {
+            publish_msgs_per_sec: Some(100.0),
+            ..Default::default()
+        };
+        let m = q.meters("acme", LimitsConfig::default(), "carol", user);
+        // The burst (10 messages) and 40 more in one append: held back ~0.4 s.
+        let at = m.publish_at(50, 5_000).expect("held back");
+        let wait = at.saturating_duration_since(Instant::now()).as_secs_f64();
+        assert!((0.3..=0.41).contains(&wait), "{wait}");
+        let usage = m.user.usage();
+        assert_eq!((usage.published_msgs, usage.throttled_msgs), (50, 50));
     }
 }

@@ -98,12 +98,13 @@ pub use bindings::magnetar::plugin::messaging::{
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
 use bindings::magnetar::plugin::{
-    auth, caps, conn, homes, indexed, kv, messaging, pubsub, routing, session, timers, topics,
+    auth, caps, conn, homes, indexed, kv, messaging, pubsub, quota, routing, session, timers,
+    topics,
 };
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
-pub const ABI_VERSION: &str = "0.2.4";
+pub const ABI_VERSION: &str = "0.2.5";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -471,6 +472,13 @@ impl Conn {
     /// this one.
     pub fn home_holders(self, domain: &str) -> Vec<Holder> {
         homes::holders(self.0, domain)
+    }
+
+    /// The longest time, in milliseconds, that one of this connection's publishes or
+    /// appends issued since the previous call is held back by the publish-rate quotas of its
+    /// tenant and user (0: none was); each call starts a new count. ABI 0.2.5.
+    pub fn held_back_ms(self) -> u32 {
+        quota::held_back_ms(self.0)
     }
 
     /// [`Conn::open_route`] for a durable route whose queue keeps at most `cap` (`None`: no

@@ -77,6 +77,13 @@ fn plugin_built_against_abi_0_2_3_still_loads_and_echoes() {
     older_plugin_loads_and_echoes("echo-plugin-abi-0.2.3.wasm");
 }
 
+#[test]
+fn plugin_built_against_abi_0_2_4_still_loads_and_echoes() {
+    // 0.2.5 added the imported `quota` only: a 0.2.4 plugin is linked through 0.2.5's
+    // bindings (semver), its exports found by the same rule.
+    older_plugin_loads_and_echoes("echo-plugin-abi-0.2.4.wasm");
+}
+
 /// An echo plugin built against an older ABI: loads, echoes, calls another family than
 /// connection I/O, and is contained and rebuilt like any other.
 fn older_plugin_loads_and_echoes(wasm: &str) {

@@ -234,3 +234,69 @@ def test_one_group_name_in_two_tenants_is_two_groups(tenants):
 
     assert committed("alice") == 3
     assert committed("bob") == 5
+
+
+SLOW_RATE = 200
+
+
+class QuotaKafkaGateway(TenantKafkaGateway):
+    """The tenancy example plus carol, of alice's tenant, limited to SLOW_RATE records/s."""
+
+    def __init__(self, tmp):
+        super().__init__(tmp)
+        self.config.write_text(
+            self.config.read_text()
+            + '\n[[auth.users]]\nname = "carol"\npassword = "carol-secret"\ntenant = "acme"\n'
+            + f'namespace = "default"\n[auth.users.limits]\npublish_msgs_per_sec = {SLOW_RATE}\n'
+        )
+
+
+def produce_throttled(gw, user: str, password: str, topic: str, n: int) -> tuple:
+    """Produces n records as `user`: (offsets delivered, longest throttle_time_ms reported
+    to the throttle callback, seconds taken)."""
+    throttles = []
+    producer = Producer(
+        {
+            **sasl(gw, "SCRAM-SHA-256", user, password),
+            "linger.ms": 5,
+            "acks": "all",
+            "throttle_cb": lambda event: throttles.append(event.throttle_time),
+        }
+    )
+    delivered = []
+
+    def on_delivery(err, msg):
+        assert err is None, err
+        delivered.append(msg.offset())
+
+    started = time.monotonic()
+    for i in range(n):
+        producer.produce(topic, value=b"x" * 100, partition=0, on_delivery=on_delivery)
+        producer.poll(0)
+    assert producer.flush(TIMEOUT) == 0
+    took = time.monotonic() - started
+    producer.poll(0)
+    return delivered, max(throttles, default=0.0) * 1000, took
+
+
+def test_a_publish_rate_quota_is_answered_with_throttle_time(tmp_path):
+    """Kafka's answer to a quota: the records are all stored (never refused or dropped),
+    at the user's rate, and each Produce response says how long it was held back
+    (`throttle_time_ms`, reported by librdkafka's throttle callback); a user without a
+    limit in the same tenant is not throttled."""
+    gw = QuotaKafkaGateway(tmp_path).start()
+    try:
+        n = 3 * SLOW_RATE
+        delivered, throttle_ms, took = produce_throttled(gw, "carol", "carol-secret", topic_name(), n)
+        assert sorted(delivered) == list(range(n))
+        # The bucket lends a tenth of a second's burst, then paces: n records take
+        # (n - burst) / rate seconds at least.
+        assert took >= (n - SLOW_RATE / 10) / SLOW_RATE * 0.9, took
+        assert throttle_ms > 0, "no Produce response reported a throttle time"
+        assert throttle_ms <= took * 1000, (throttle_ms, took)
+
+        delivered, throttle_ms, _ = produce_throttled(gw, "alice", "alice-secret", topic_name(), n)
+        assert sorted(delivered) == list(range(n))
+        assert throttle_ms == 0
+    finally:
+        gw.stop()

@@ -41,6 +41,8 @@ pub(super) struct ConnSlot {
     pub(super) claims: Vec<String>,
     /// Its tenant's and user's quotas, once authenticated (holding one connection).
     pub(super) meters: Option<Meters>,
+    /// The longest hold-back of its publishes since the plugin last asked (`quota`).
+    pub(super) held_back_ms: u32,
     /// A SCRAM exchange waiting for the client's final message.
     pub(super) sasl: Option<crate::sasl::ScramPending>,
     /// Common name of the client certificate verified at the TLS handshake.
@@ -127,6 +129,7 @@ impl HostState {
                 shared,
                 principal: None,
                 meters: None,
+                held_back_ms: 0,
                 sasl: None,
                 client_cert,
                 peer,

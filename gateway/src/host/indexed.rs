@@ -147,11 +147,7 @@ impl indexed::Host for HostState {
             Ok(c) => c,
             Err(e) => return self.append_failed(conn, token, e),
         };
-        let not_before = self
-            .conns
-            .get(&conn)
-            .and_then(|s| s.meters.as_ref())
-            .and_then(|m| m.publish_at(bytes));
+        let not_before = self.hold_back(conn, messages.len(), bytes);
         let job = Job {
             conn,
             token,

@@ -15,7 +15,7 @@
 //!
 //! Layout: one context type, [`HostState`] (the store data of an instance, in `context`),
 //! and one file per family of host calls over it — `conn`, `auth`, `pubsub`, `kv`, `session`
-//! (claims and wills), `timers` (and the clock and log), `routing`, each implementing the
+//! (claims and wills), `timers` (and the clock and log), `routing`, `quota`, each implementing the
 //! interface of the same name of the current ABI (0.2.1); `v0_1` maps ABI 0.1.0's one `host`
 //! interface onto them. Routes are matched by the process-wide `router` (one reader per
 //! source topic, the pure index in `crate::routing`). The async plumbing has files of its own (`ops_task`, `subscription_task`,
@@ -39,6 +39,7 @@ mod op_queue;
 mod ops_task;
 mod ownership;
 mod pubsub;
+mod quota;
 mod router;
 mod routing;
 mod services;

@@ -78,11 +78,7 @@ impl HostState {
         });
         match topic.and_then(|t| self.services.seal(&t, &mut out).map(|_| t)) {
             Ok(topic) => {
-                let not_before = self
-                    .conns
-                    .get(&conn)
-                    .and_then(|s| s.meters.as_ref())
-                    .and_then(|m| m.publish_at(bytes));
+                let not_before = self.hold_back(conn, 1, bytes);
                 self.queue_op(
                     conn,
                     Op::Publish {

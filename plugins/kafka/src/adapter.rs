@@ -7,6 +7,7 @@ use std::rc::Rc;
 use magnetar_sdk::{Action, Conn, ConnInfo, Driver, Event, Machine, Plugin};
 
 use crate::config::Config;
+use crate::connection::throttle::HostQuota;
 use crate::connection::KafkaConnection;
 use crate::coordinator::directory::HostDirectory;
 use crate::coordinator::{GroupHome, DOMAIN};
@@ -72,7 +73,8 @@ impl Plugin for KafkaPlugin {
         });
         let machine = KafkaConnection::new(self.config)
             .with_sasl_mechanisms(mechanisms)
-            .with_directory(directory);
+            .with_directory(directory)
+            .with_quota(Rc::new(HostQuota(conn)));
         Driver::new(conn, KafkaMachine::Client(Box::new(machine)))
     }
 

@@ -625,3 +625,47 @@ fn every_served_version_is_answered() {
     }
     assert_eq!(host.closed(), None);
 }
+
+/// Hold-backs the quotas report, one per call (then 0).
+struct Reported(std::cell::RefCell<std::collections::VecDeque<u32>>);
+
+impl super::throttle::Quota for Reported {
+    fn held_back_ms(&self) -> u32 {
+        self.0.borrow_mut().pop_front().unwrap_or(0)
+    }
+}
+
+#[test]
+fn the_quota_hold_back_is_the_produce_throttle_time() {
+    let quota = std::rc::Rc::new(Reported(std::cell::RefCell::new(
+        [250, 40, 7_000].into_iter().collect(),
+    )));
+    let mut host = SimHost::new(
+        1_000,
+        KafkaConnection::new(Config::default()).with_quota(quota.clone()),
+    );
+    create(&mut host, "t", 1);
+    let throttle = |host: &mut SimHost<KafkaConnection>, version: i16| {
+        let r: ProduceResponse = call(
+            host,
+            ApiKey::Produce,
+            version,
+            &produce_request("t", 0, batch(1, Codec::None), -1),
+        );
+        assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+        r.throttle_time_ms
+    };
+    assert_eq!(throttle(&mut host, 8), 250);
+    // An unanswered request (acks 0) takes its own hold-back with it.
+    send(
+        &mut host,
+        ApiKey::Produce,
+        8,
+        3,
+        &produce_request("t", 0, batch(1, Codec::None), 0),
+    );
+    host.run();
+    assert!(host.take_sent().is_empty());
+    assert_eq!(throttle(&mut host, 3), 7_000);
+    assert_eq!(throttle(&mut host, 9), 0, "nothing held back");
+}

@@ -42,6 +42,7 @@ mod sasl;
 mod sasl_tests;
 #[cfg(test)]
 mod tests;
+pub mod throttle;
 mod topics;
 
 use std::rc::Rc;
@@ -174,6 +175,8 @@ pub struct KafkaConnection {
     sasl_mechanisms: Rc<[String]>,
     /// Where the group coordinators are (groups.rs).
     directory: Rc<dyn crate::coordinator::directory::Directory>,
+    /// What the quotas did to its publishes (throttle.rs).
+    quota: Rc<dyn throttle::Quota>,
     /// A request decoded that waits for authentication.
     held: Option<Current>,
     /// The request being served.
@@ -201,6 +204,7 @@ impl KafkaConnection {
                 host: config.advertised_host(),
                 port: i32::from(config.advertised_port),
             }),
+            quota: Rc::new(throttle::Unlimited),
             held: None,
             job: None,
             now_ms: 0,
@@ -222,6 +226,12 @@ impl KafkaConnection {
         directory: Rc<dyn crate::coordinator::directory::Directory>,
     ) -> Self {
         self.directory = directory;
+        self
+    }
+
+    /// What the quotas did to its publishes: the host's (default: no quotas).
+    pub fn with_quota(mut self, quota: Rc<dyn throttle::Quota>) -> Self {
+        self.quota = quota;
         self
     }
 

@@ -15,6 +15,8 @@
 //! - Idempotent producers' batches (a producer id) are de-duplicated appends
 //!   (idempotence.rs): a retry gets the original base offset, a gap
 //!   `OUT_OF_ORDER_SEQUENCE_NUMBER`.
+//! - `throttle_time_ms`: how long the tenant's publish-rate quota held the appends back
+//!   (throttle.rs).
 //! - A transactional producer (`transactional_id`) is refused
 //!   (`TRANSACTIONAL_ID_AUTHORIZATION_FAILED`): ApiVersions does not list the transaction
 //!   APIs.
@@ -124,6 +126,9 @@ impl KafkaConnection {
         {
             return Ok(false);
         }
+        // Taken for every request, answered or not (acks 0), so that the next response
+        // carries its own request's hold-back only.
+        let throttle_time_ms = super::throttle::throttle_time_ms(&*self.quota);
         if j.acks == 0 {
             return Ok(true);
         }
@@ -152,7 +157,9 @@ impl KafkaConnection {
             .collect();
         self.respond(
             header,
-            &ProduceResponse::default().with_responses(responses),
+            &ProduceResponse::default()
+                .with_responses(responses)
+                .with_throttle_time_ms(throttle_time_ms),
         )?;
         Ok(true)
     }
