@@ -319,17 +319,19 @@ impl Feeder {
 /// This gateway's feeders, by source topic.
 #[derive(Default)]
 pub struct Feeders {
-    feeders: Mutex<HashMap<String, Arc<Feeder>>>,
+    /// By `<source topic>@<key property>`: a source's feeders are one range.
+    feeders: Mutex<std::collections::BTreeMap<String, Arc<Feeder>>>,
 }
 
 impl Feeders {
     /// This gateway's feeders of the source `topic` (full name), whatever their key
     /// property.
     pub(super) fn of_source(&self, topic: &str) -> Vec<Arc<Feeder>> {
+        let prefix = format!("{topic}@");
         lock(&self.feeders)
-            .values()
-            .filter(|f| f.topic == topic)
-            .cloned()
+            .range(prefix.clone()..)
+            .take_while(|(id, _)| id.starts_with(&prefix))
+            .map(|(_, f)| f.clone())
             .collect()
     }
 
