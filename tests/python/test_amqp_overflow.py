@@ -69,6 +69,26 @@ def test_reject_publish_nacks_the_message_a_full_queue_refuses(conn):
     ch.cancel()
 
 
+def test_a_requeued_message_counts_again(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.basic_qos(prefetch_count=1)
+    q = unique("capped")
+    ch.queue_declare(q, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    assert publish_all(ch, "", q, [b"a"]) == [True]
+    [(m, _, _)] = receive(ch, q, 1)
+    ch.cancel()
+    # `a` is delivered and unacknowledged: one more is ready, then `a` comes back and the
+    # queue is full (requeued, it counts again), so the next publish is refused.
+    assert publish_all(ch, "", q, [b"b"]) == [True]
+    ch.basic_nack(m.delivery_tag, requeue=True)
+    assert publish_all(ch, "", q, [b"c"]) == [False]
+    got = receive(ch, q, 3, timeout=2.0, auto_ack=True)
+    assert bodies(got) == [b"a", b"b"]
+    assert [m.redelivered for m, _, body in got if body == b"a"] == [True]
+    ch.cancel()
+
+
 def test_reject_publish_dlx_dead_letters_the_refused_message_as_maxlen(conn):
     ch = conn.channel()
     ch.confirm_delivery()

@@ -5,8 +5,9 @@
 //!
 //! - What counts: the queue's ready messages and the sum of their payload sizes, as
 //!   RabbitMQ's `BQ:len` and `message_bytes_ready`. A message handed to a consumer of the
-//!   queue's subscription leaves the count; one given back (a negative ack, a consumer gone
-//!   with it unacknowledged) comes back at the head.
+//!   queue's subscription leaves the count (before the plugin has it); one given back comes
+//!   back at the head: a negative ack at its host call ([`Held`], so that the connection's
+//!   next publish is judged with it), a consumer gone with it unacknowledged as it closes.
 //! - `reject-publish` and `reject-publish-dlx`: a message that would take the queue over a
 //!   limit is refused by it when it is published (`caps.publish-capped` names the queues
 //!   that refused it, so that the plugin can nack its publisher, and dead-letter it for
@@ -194,16 +195,15 @@ impl QueueCount {
         lock(&self.state).ready.delivered()
     }
 
-    /// A delivered message comes back.
-    pub fn given_back(&self, size: u64) {
+    /// A delivery comes back: ready again (`None`: one that was to be dropped, dropped
+    /// again).
+    pub fn give_back(&self, size: Option<u64>) {
         let mut s = lock(&self.state);
         let cap = s.cap;
-        s.ready.given_back(&cap, size);
-    }
-
-    /// A delivery that was to be dropped comes back.
-    pub fn dropped_again(&self) {
-        lock(&self.state).ready.dropped_again();
+        match size {
+            Some(size) => s.ready.given_back(&cap, size),
+            None => s.ready.dropped_again(),
+        }
     }
 
     pub fn purged(&self) {
@@ -230,6 +230,65 @@ impl QueueCount {
     pub fn ready(&self) -> (u64, u64) {
         let s = lock(&self.state);
         (s.ready.len(), s.ready.bytes())
+    }
+}
+
+/// The deliveries of one `messaging` consumer of a queue's subscription that are not
+/// settled yet, with their sizes (`None`: dropped by `drop-head`), so that what comes back
+/// counts again: given back at the `nack` host call itself (the count is right for the
+/// connection's next publish), or when the consumer ends.
+#[derive(Debug)]
+pub struct Held {
+    /// The queue (full topic).
+    topic: String,
+    sizes: Mutex<HashMap<u64, Option<u64>>>,
+}
+
+impl Held {
+    pub fn new(topic: String) -> Arc<Self> {
+        Arc::new(Held {
+            topic,
+            sizes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Delivery `id` of `size` bytes left the ready messages (`None`: it was dropped).
+    pub fn delivered(&self, id: u64, size: Option<u64>) {
+        lock(&self.sizes).insert(id, size);
+    }
+
+    /// Delivery `id` was acknowledged: it will not come back.
+    pub fn settled(&self, id: u64) {
+        lock(&self.sizes).remove(&id);
+    }
+
+    /// Delivery `id` comes back (a negative ack): ready again, if its queue is capped.
+    pub fn given_back(&self, caps: &Caps, id: u64) {
+        let Some(size) = lock(&self.sizes).remove(&id) else {
+            return;
+        };
+        if let Some(count) = caps.get(&self.topic) {
+            count.give_back(size);
+        }
+    }
+
+    /// The consumer ended: every delivery not settled comes back.
+    pub fn all_given_back(&self, caps: &Caps) {
+        let sizes: Vec<Option<u64>> = lock(&self.sizes).drain().map(|(_, s)| s).collect();
+        if let Some(count) = caps.get(&self.topic) {
+            for size in sizes {
+                count.give_back(size);
+            }
+        }
+    }
+
+    /// A seek moved the consumer: what it held is settled.
+    pub fn clear(&self) {
+        lock(&self.sizes).clear();
     }
 }
 
@@ -335,6 +394,32 @@ mod tests {
         );
         assert_eq!((r.len(), r.bytes()), (0, 0));
         assert_eq!((0..4).filter(|_| r.delivered()).count(), 4);
+    }
+
+    #[test]
+    fn a_consumers_deliveries_come_back_once_at_a_nack_or_at_its_end() {
+        let caps = Caps::default();
+        let count = caps.counted("q", cap(Some(2), None, Overflow::RejectPublish));
+        assert!(count.admit(1) && count.admit(1));
+        let held = Held::new("q".into());
+        for id in [1, 2] {
+            assert!(!count.delivered());
+            held.delivered(id, Some(1));
+        }
+        assert_eq!(count.ready(), (0, 0));
+        held.given_back(&caps, 1);
+        held.given_back(&caps, 1);
+        assert_eq!(count.ready(), (1, 1), "given back once");
+        held.settled(2);
+        held.all_given_back(&caps);
+        assert_eq!(
+            count.ready(),
+            (1, 1),
+            "an acked delivery does not come back"
+        );
+        held.delivered(3, Some(5));
+        held.all_given_back(&caps);
+        assert_eq!(count.ready(), (2, 6));
     }
 
     #[test]

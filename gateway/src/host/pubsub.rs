@@ -7,6 +7,7 @@
 
 use tokio::sync::mpsc;
 
+use super::caps::Held;
 use super::context::{op_error, HostState};
 use super::event::Event;
 use super::ops_task::Op;
@@ -141,10 +142,17 @@ impl HostState {
         self.next_sub += 1;
         let max_unacked = opts.receiver_queue.max(1);
         let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked as usize + 16);
+        // A `messaging` consumer of a queue: what it holds counts for the queue's cap.
+        let held = (matches!(shape, Shape::Messages { .. })
+            && opts.subscription == super::routing::QUEUE_SUBSCRIPTION)
+            .then(|| Held::new(opts.topic.clone()));
         let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };
         slot.subs.insert(sub, cmd_tx);
+        if let Some(h) = &held {
+            slot.held.insert(sub, h.clone());
+        }
         let task = run_subscription(
             SubTask {
                 conn,
@@ -157,6 +165,7 @@ impl HostState {
                 services: self.services.clone(),
                 meters,
                 shape,
+                held,
             },
             opts,
             cmd_rx,
@@ -208,6 +217,9 @@ impl pubsub::Host for HostState {
             feeder.remove(&queue);
             self.services.caps.remove(&queue);
             self.store_route(conn, &feeder, &queue, None);
+        }
+        if let Some(slot) = self.conns.get_mut(&conn) {
+            slot.held.remove(&sub);
         }
         if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {
             let _ = tx.try_send(SubCmd::Close { delete });

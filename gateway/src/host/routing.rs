@@ -126,6 +126,7 @@ impl HostState {
             services: self.services.clone(),
             meters: meters.clone(),
             shape: Shape::Deliveries,
+            held: None,
         };
         let opts = SubscribeOptions {
             topic: queue.clone(),

@@ -16,7 +16,7 @@
 //! queue whose count this process has not recovered yet recovers it from the subscription's
 //! backlog before the route is open.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::acks::{AckPlan, AckTracker};
-use super::caps::{QueueCount, DROPPED_PROPERTY};
+use super::caps::{Held, QueueCount, DROPPED_PROPERTY};
 use super::context::op_error;
 use super::event::Event;
 use super::services::Services;
@@ -90,6 +90,9 @@ pub(super) struct SubTask {
     /// Quotas the subscription counts against (released when it ends).
     pub(super) meters: Option<Meters>,
     pub(super) shape: Shape,
+    /// A `messaging` consumer of a queue's subscription: its deliveries not settled yet,
+    /// shared with the host calls (`caps`).
+    pub(super) held: Option<Arc<Held>>,
 }
 
 /// Holds one subscription of a quota until the subscription's task ends.
@@ -121,6 +124,7 @@ pub(super) async fn run_subscription(
         services,
         meters,
         mut shape,
+        held,
     } = t;
     let _counted = SubscriptionCount(meters.clone());
     let windowed = matches!(shape, Shape::Messages { .. });
@@ -152,16 +156,11 @@ pub(super) async fn run_subscription(
     // not: its plugin hands them to nobody, e.g. AMQP's); looked up again for each batch (a
     // route may cap the queue later).
     let capped = |services: &Services| -> Option<Arc<QueueCount>> {
-        queue_of
-            .as_ref()
-            .filter(|_| windowed)
-            .and_then(|q| services.caps.get(q))
+        held.as_ref().and_then(|h| services.caps.get(h.topic()))
     };
     if !subscribed(&events, conn, token, sub).await {
         return;
     }
-    // The deliveries of a capped queue not settled yet: their sizes (`None`: dropped).
-    let mut counted: HashMap<u64, Option<u64>> = HashMap::new();
     // Exclusive and Failover subscriptions have one active consumer reading in order, so a
     // run of acknowledged messages below every unacknowledged one is one cumulative ack.
     // Not where a message can be given back (a nack): a cumulative ack would cover it before
@@ -205,11 +204,15 @@ pub(super) async fn run_subscription(
                 while let Some(c) = next.take() {
                     match c {
                         SubCmd::Ack(id) => {
-                            counted.remove(&id);
+                            if let Some(h) = &held {
+                                h.settled(id);
+                            }
                             acks.ack(id)
                         }
                         SubCmd::AckMany(ids) => ids.into_iter().for_each(|id| {
-                            counted.remove(&id);
+                            if let Some(h) = &held {
+                                h.settled(id);
+                            }
                             acks.ack(id)
                         }),
                         SubCmd::Close { delete: d } => {
@@ -218,8 +221,9 @@ pub(super) async fn run_subscription(
                             break;
                         }
                         SubCmd::Nack(id) => {
-                            if let (Some(count), Some(size)) = (capped(&services), counted.remove(&id)) {
-                                give_back(&count, size);
+                            // Given back at the host call already, unless it came another way.
+                            if let Some(h) = &held {
+                                h.given_back(&services.caps, id);
                             }
                             if let (Some((topic, entry)), Shape::Messages { nack_delay, .. }) = (acks.nack(id), &shape) {
                                 nacks.push_back((Instant::now() + *nack_delay, topic, entry));
@@ -230,7 +234,9 @@ pub(super) async fn run_subscription(
                             if outcome.is_ok() {
                                 acks.reset();
                                 nacks.clear();
-                                counted.clear();
+                                if let Some(h) = &held {
+                                    h.clear();
+                                }
                                 if let (Some(count), SeekTarget::MessageId(id, _)) = (capped(&services), &target) {
                                     if *id == message_id::latest() {
                                         count.purged();
@@ -336,7 +342,9 @@ pub(super) async fn run_subscription(
                         if dropped {
                             properties.push(types::Property { key: DROPPED_PROPERTY.to_string(), value: "maxlen".to_string() });
                         }
-                        counted.insert(delivery_id, (!dropped).then_some(payload.len() as u64));
+                        if let Some(h) = &held {
+                            h.delivered(delivery_id, (!dropped).then_some(payload.len() as u64));
+                        }
                     }
                     match shape {
                         Shape::Deliveries => deliveries.push(types::Delivery {
@@ -378,10 +386,8 @@ pub(super) async fn run_subscription(
         }
     }
     // What the plugin had and did not settle goes back to the queue.
-    if let (Some(count), false) = (capped(&services), delete) {
-        for size in counted.into_values() {
-            give_back(&count, size);
-        }
+    if let (Some(h), false) = (&held, delete) {
+        h.all_given_back(&services.caps);
     }
     if delete {
         if let Err(e) = consumer.unsubscribe().await {
@@ -389,14 +395,6 @@ pub(super) async fn run_subscription(
         }
     }
     let _ = consumer.close().await;
-}
-
-/// A delivery of a capped queue comes back: ready again, or to be dropped again.
-fn give_back(count: &QueueCount, size: Option<u64>) {
-    match size {
-        Some(size) => count.given_back(size),
-        None => count.dropped_again(),
-    }
 }
 
 /// Recovers a capped queue's count from its subscription's backlog (0 if the backend
