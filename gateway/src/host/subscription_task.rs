@@ -9,12 +9,12 @@
 //! others get the queue's messages (AMQP's prefetch). Other subscriptions let the client
 //! ask for `max-unacked` at a time as messages arrive, which keeps more in flight.
 //!
-//! A `messaging` consumer of a capped queue's subscription moves the queue's count (`caps`): what it
-//! hands the plugin leaves the ready messages, what it gives back (a nack, its end with
-//! deliveries unacknowledged) returns, a seek to the end (a purge) empties them; a delivery
-//! that `drop-head` dropped carries `caps::DROPPED_PROPERTY`. A durable route's reader of a
-//! queue whose count this process has not recovered yet recovers it from the subscription's
-//! backlog before the route is open.
+//! A `messaging` consumer of a capped queue's subscription moves the queue's count (`caps`):
+//! what it hands the plugin leaves the ready messages, what it gives back (a nack, its end
+//! with deliveries unacknowledged) returns, a seek to the end (a purge) empties them; a
+//! delivery that `drop-head` dropped carries `caps::DROPPED_PROPERTY`. A durable route's
+//! reader of a queue whose count this process has not recovered yet recovers it from the
+//! subscription's backlog before the route is open.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
