@@ -3,9 +3,10 @@
 //!
 //! - 0.2.5, the current one: `sdk/wit/plugin.wit`, the single source of truth of the ABI
 //!   (its header says how the ABI evolves); its plugins export `events`, `events2` and
-//!   `events3` beside `handler`. It also serves 0.2.4 plugins: 0.2.5 only added an imported
-//!   interface (`quota`), and wasmtime links imports and looks up exports by semver, so a
-//!   0.2.4 plugin's imports and exports match 0.2.5's (fixture `echo-plugin-abi-0.2.4.wasm`).
+//!   `events3` beside `handler`. It also serves 0.2.4 plugins: 0.2.5 only added imported
+//!   interfaces (`quota`, `caps`), and wasmtime links imports and looks up exports by
+//!   semver, so a 0.2.4 plugin's imports and exports match 0.2.5's (fixture
+//!   `echo-plugin-abi-0.2.4.wasm`).
 //! - 0.2.3: a frozen copy, `gateway/abi/0.2.3/plugin.wit`, for plugins that export `events2`
 //!   but no `events3`. Its imports are 0.2.4's but `homes`, so its bindings reuse 0.2.4's
 //!   interfaces; its exported `events` and `events2` have their own Rust types, which
@@ -293,6 +294,13 @@ mod tests {
             version(
                 &["magnetar:plugin/handler@0.2.5"],
                 &["magnetar:plugin/quota@0.2.5"]
+            ),
+            Ok(AbiVersion::V0_2)
+        );
+        assert_eq!(
+            version(
+                &["magnetar:plugin/handler@0.2.5"],
+                &["magnetar:plugin/caps@0.2.5"]
             ),
             Ok(AbiVersion::V0_2)
         );

@@ -120,6 +120,7 @@ impl Server {
             pulsar_e2e: Default::default(),
             router: Default::default(),
             feeders: Default::default(),
+            caps: Default::default(),
             homes: Default::default(),
         });
         // Shards of homes are held through the backend, so that gateways sharing it agree

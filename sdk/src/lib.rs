@@ -90,6 +90,7 @@ pub use bindings::exports::magnetar::plugin::events::{Message, Receipt};
 pub use bindings::exports::magnetar::plugin::events2::{
     AppendResult, Appended, Bounds, Entry, EntryAt, EntryMessage, TopicInfo,
 };
+pub use bindings::magnetar::plugin::caps::{Cap, Overflow, Refusal};
 pub use bindings::magnetar::plugin::homes::{Endpoint, Holder};
 pub use bindings::magnetar::plugin::indexed::{DedupSpec, ReaderSpec, RecordOut};
 pub use bindings::magnetar::plugin::messaging::{
@@ -97,7 +98,8 @@ pub use bindings::magnetar::plugin::messaging::{
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
 use bindings::magnetar::plugin::{
-    auth, conn, homes, indexed, kv, messaging, pubsub, quota, routing, session, timers, topics,
+    auth, caps, conn, homes, indexed, kv, messaging, pubsub, quota, routing, session, timers,
+    topics,
 };
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
@@ -477,6 +479,18 @@ impl Conn {
     /// tenant and user (0: none was); each call starts a new count. ABI 0.2.5.
     pub fn held_back_ms(self) -> u32 {
         quota::held_back_ms(self.0)
+    }
+
+    /// [`Conn::open_route`] for a durable route whose queue keeps at most `cap` (`None`: no
+    /// cap); completes with [`Connection::on_subscribe_result`].
+    pub fn open_capped_route(self, token: u64, spec: &RouteSpec, cap: Option<Cap>) {
+        caps::open_capped_route(self.0, token, spec, cap);
+    }
+
+    /// [`Conn::publish`], judged first by the caps of the queues the message reaches: the
+    /// queues that refused it (it is stored all the same, and completes as a publish does).
+    pub fn publish_capped(self, token: u64, msg: &OutboundMessage) -> Vec<Refusal> {
+        caps::publish_capped(self.0, token, msg)
     }
 
     /// The namespace's topics (all, or those of `names`) with their partition counts;

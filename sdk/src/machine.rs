@@ -51,10 +51,10 @@
 //! onto host calls; the order of the actions is the order of the calls.
 
 use crate::{
-    AppendResult, Appended, Bounds, Conn, Connection, ConsumerSpec, Credentials, DedupSpec,
+    AppendResult, Appended, Bounds, Cap, Conn, Connection, ConsumerSpec, Credentials, DedupSpec,
     Delivery, Entry, Filter, HomePost, KvEntry, LogLevel, Message, MessageOut, OpError,
-    OutboundMessage, Position, Principal, PublishResult, ReaderSpec, Receipt, RecordOut, RouteSpec,
-    SaslOutcome, SubId, SubscriptionSpec, TopicInfo, Will,
+    OutboundMessage, Position, Principal, PublishResult, ReaderSpec, Receipt, RecordOut, Refusal,
+    RouteSpec, SaslOutcome, SubId, SubscriptionSpec, TopicInfo, Will,
 };
 
 /// Something that happened to a connection: one SDK callback, as a value.
@@ -76,6 +76,14 @@ pub enum Event {
     PublishResult {
         token: u64,
         result: Result<(), OpError>,
+    },
+    /// The queues that refused a message of [`Action::PublishCapped`] (fed at once, before
+    /// its [`Event::PublishResult`]; never empty), and the message, given back (e.g. to
+    /// dead-letter it).
+    PublishRefused {
+        token: u64,
+        refusals: Vec<Refusal>,
+        msg: OutboundMessage,
     },
     /// Outcome of [`Action::Subscribe`]: the subscription's handle.
     SubscribeResult {
@@ -175,6 +183,15 @@ pub enum Action {
     Subscribe { token: u64, spec: SubscriptionSpec },
     /// [`Conn::open_route`]; completes with [`Event::SubscribeResult`].
     OpenRoute { token: u64, spec: RouteSpec },
+    /// [`Conn::open_capped_route`]; completes with [`Event::SubscribeResult`].
+    OpenCappedRoute {
+        token: u64,
+        spec: RouteSpec,
+        cap: Option<Cap>,
+    },
+    /// [`Conn::publish_capped`]: [`Event::PublishRefused`] at once if a queue refused the
+    /// message, then [`Event::PublishResult`].
+    PublishCapped { token: u64, msg: OutboundMessage },
     /// [`Conn::bind`]; a refused filter is logged.
     Bind { route: SubId, filter: Filter },
     /// [`Conn::unbind`].
@@ -270,8 +287,18 @@ pub enum Action {
 }
 
 impl Action {
-    /// Carries the action out on `conn`: the one host call it stands for.
-    pub fn call(self, conn: Conn) {
+    /// Carries the action out on `conn`: the one host call it stands for. The answer of a
+    /// call that answers at once, as an event for the machine (a [`Action::PublishCapped`]
+    /// that a queue refused).
+    pub fn call(self, conn: Conn) -> Option<Event> {
+        if let Action::PublishCapped { token, msg } = self {
+            let refusals = conn.publish_capped(token, &msg);
+            return (!refusals.is_empty()).then_some(Event::PublishRefused {
+                token,
+                refusals,
+                msg,
+            });
+        }
         match self {
             Action::Send(bytes) => conn.send(&bytes),
             Action::Close(reason) => conn.close(&reason),
@@ -285,6 +312,11 @@ impl Action {
             Action::Publish { token, msg } => conn.publish(token, &msg),
             Action::Subscribe { token, spec } => conn.subscribe(token, &spec),
             Action::OpenRoute { token, spec } => conn.open_route(token, &spec),
+            Action::OpenCappedRoute { token, spec, cap } => {
+                conn.open_capped_route(token, &spec, cap)
+            }
+            // Answered above.
+            Action::PublishCapped { .. } => {}
             Action::Bind { route, filter } => {
                 if let Err(e) = conn.bind(route, &filter) {
                     crate::log(
@@ -351,6 +383,7 @@ impl Action {
             Action::ReplyHome { post_id, payload } => conn.reply_home(post_id, &payload),
             Action::Log { level, message } => crate::log(level, &message),
         }
+        None
     }
 }
 
@@ -443,10 +476,12 @@ impl<M: Machine> Driver<M> {
     /// Drives `machine` on `conn`, first carrying out the actions it queued when it was
     /// built (e.g. a handshake timer).
     pub fn new(conn: Conn, mut machine: M) -> Self {
-        execute(conn, machine.take_actions());
-        Driver {
+        let actions = machine.take_actions();
+        let mut driver = Driver {
             machine: Box::new(machine),
-        }
+        };
+        driver.execute(conn, actions);
+        driver
     }
 
     /// The machine.
@@ -456,20 +491,31 @@ impl<M: Machine> Driver<M> {
 
     fn feed(&mut self, conn: Conn, event: Event) {
         let actions = self.machine.handle(crate::now_ms(), event);
-        execute(conn, actions);
+        self.execute(conn, actions);
     }
 
     fn feed_all(&mut self, conn: Conn, events: impl Iterator<Item = Event>) {
         let actions = self.machine.handle_all(crate::now_ms(), events);
-        execute(conn, actions);
+        self.execute(conn, actions);
+    }
+
+    /// Carries out actions in order; the answers of calls that answer at once are fed to
+    /// the machine once its actions are out, and so are the actions they cause.
+    fn execute(&mut self, conn: Conn, actions: Vec<Action>) {
+        let answers = execute(conn, actions);
+        if !answers.is_empty() {
+            let actions = self.machine.handle_all(crate::now_ms(), answers);
+            self.execute(conn, actions);
+        }
     }
 }
 
-/// Carries out actions in order.
-fn execute(conn: Conn, actions: Vec<Action>) {
-    for action in actions {
-        action.call(conn);
-    }
+/// Carries out actions in order; the answers of calls that answer at once.
+fn execute(conn: Conn, actions: Vec<Action>) -> Vec<Event> {
+    actions
+        .into_iter()
+        .filter_map(|action| action.call(conn))
+        .collect()
 }
 
 impl<M: Machine> Connection for Driver<M> {

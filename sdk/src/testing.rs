@@ -31,6 +31,11 @@
 //!   host reads the socket, the will (published when the connection ends without clearing
 //!   it), the claims held;
 //! - **log**: every action carried out, for exact assertions ([`SimHost::take_actions`]).
+//! - **caps** (ABI 0.2.5): [`Action::OpenCappedRoute`] opens the route as
+//!   [`Action::OpenRoute`] does and keeps the cap given ([`SimHost::caps`]);
+//!   [`Action::PublishCapped`] publishes as [`Action::Publish`] does, and is refused by the
+//!   queues the test names ([`SimHost::refuse_publishes`]): the host's counting of ready
+//!   messages is not simulated.
 //!
 //! What it does not simulate: tenancy and authorization (every operation succeeds unless the
 //! test fails it, authentication answers the configured principal), quotas, SASL (refused),
@@ -87,9 +92,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::machine::{Action, Event, Machine};
 use crate::{
-    ConsumerSpec, Delivery, EntryMessage, ErrorKind, Filter, InitialPosition, KvEntry, LogLevel,
-    Message, OpError, OutboundMessage, Position, Principal, RecordOut, RouteSpec, SubId, SubMode,
-    SubscriptionSpec, Will,
+    Cap, ConsumerSpec, Delivery, EntryMessage, ErrorKind, Filter, InitialPosition, KvEntry,
+    LogLevel, Message, OpError, OutboundMessage, Position, Principal, RecordOut, Refusal,
+    RouteSpec, SubId, SubMode, SubscriptionSpec, Will,
 };
 
 mod indexed;
@@ -171,6 +176,10 @@ pub struct SimHost<M> {
     /// A home's answers not taken yet ([`SimHost::take_replies`]).
     replies: Vec<(u64, Vec<u8>)>,
     next_post: u64,
+    /// The caps of capped routes' queues, by queue.
+    caps: BTreeMap<String, Option<Cap>>,
+    /// What every [`Action::PublishCapped`] is refused by.
+    refusals: Vec<Refusal>,
 }
 
 impl<M: Machine> SimHost<M> {
@@ -205,6 +214,8 @@ impl<M: Machine> SimHost<M> {
             posts: Vec::new(),
             replies: Vec::new(),
             next_post: 0,
+            caps: BTreeMap::new(),
+            refusals: Vec::new(),
         };
         let actions = host.machine.take_actions();
         host.carry_out(actions);
@@ -952,6 +963,18 @@ impl<M: Machine> SimHost<M> {
 
     // ---- kv ----------------------------------------------------------------------------
 
+    // ---- caps --------------------------------------------------------------------------
+
+    /// Every [`Action::PublishCapped`] from now on is refused by `refusals` (none: taken).
+    pub fn refuse_publishes(&mut self, refusals: Vec<Refusal>) {
+        self.refusals = refusals;
+    }
+
+    /// The caps [`Action::OpenCappedRoute`] gave, by queue (the last one given).
+    pub fn caps(&self) -> &BTreeMap<String, Option<Cap>> {
+        &self.caps
+    }
+
     /// The kv, in key order.
     pub fn kv(&self) -> &BTreeMap<String, Vec<u8>> {
         &self.kv
@@ -1094,6 +1117,7 @@ impl<M: Machine> SimHost<M> {
 
     /// Carries out actions in order; long operations wait in `pending`.
     fn carry_out(&mut self, actions: Vec<Action>) {
+        let mut answers = Vec::new();
         for action in actions {
             self.actions.push(action.clone());
             if self.closed.is_some() {
@@ -1148,8 +1172,27 @@ impl<M: Machine> SimHost<M> {
                         filters.retain(|f| *f != filter);
                     }
                 }
+                Action::OpenCappedRoute { token, spec, cap } => {
+                    if let Some(queue) = &spec.queue {
+                        self.caps.insert(queue.clone(), cap);
+                    }
+                    self.pending.push_back(Action::OpenRoute { token, spec });
+                }
+                Action::PublishCapped { token, msg } => {
+                    if !self.refusals.is_empty() {
+                        answers.push(Event::PublishRefused {
+                            token,
+                            refusals: self.refusals.clone(),
+                            msg: msg.clone(),
+                        });
+                    }
+                    self.pending.push_back(Action::Publish { token, msg });
+                }
                 long => self.pending.push_back(long),
             }
+        }
+        if !answers.is_empty() {
+            self.feed_all(answers);
         }
     }
 }

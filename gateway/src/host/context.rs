@@ -33,6 +33,8 @@ pub(super) struct ConnSlot {
     /// while there is work.
     pub(super) ops: Option<Arc<OpsQueue>>,
     pub(super) subs: HashMap<u64, mpsc::Sender<SubCmd>>,
+    /// The deliveries not settled of its consumers of capped queues (`caps`), by sub.
+    pub(super) held: HashMap<u64, Arc<super::caps::Held>>,
     /// Its routes (also in `subs`, which their acks and closing go through).
     pub(super) routes: HashMap<u64, RouteRef>,
     /// The last will to publish when the connection ends (`set-will`).
@@ -135,6 +137,7 @@ impl HostState {
                 peer,
                 ops: None,
                 subs: HashMap::new(),
+                held: HashMap::new(),
                 routes: HashMap::new(),
                 will: None,
                 claims: Vec::new(),

@@ -22,6 +22,9 @@
 //!   entry whole, so the readers of a queue that take one message at a time (AMQP consumers
 //!   with prefetch 1, competing on a Shared subscription) would otherwise see a batch go to
 //!   one of them while the others wait.
+//! - A queue may be capped (`caps`): its route's record holds the cap, and a message that a
+//!   full queue refused as it was published names that queue in
+//!   [`REFUSED_PROPERTY`](super::caps::REFUSED_PROPERTY); it is not copied there.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +34,7 @@ use futures::future::join_all;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use super::caps::{Cap, REFUSED_PROPERTY};
 use super::services::Services;
 use crate::backend::{OutMessage, SubscribeOptions};
 use crate::routing::{Filter, Index};
@@ -79,7 +83,8 @@ pub(super) fn take_published(properties: &mut Vec<crate::abi::types::Property>) 
 }
 
 /// A durable route as the kv keeps it: its filters (a JSON list, as before there was
-/// anything else to say), or its filters and that its copies go one per entry.
+/// anything else to say), or its filters, whether its copies go one per entry, and its
+/// queue's cap.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum Stored {
@@ -87,30 +92,50 @@ enum Stored {
     Queue {
         filters: Vec<Filter>,
         one_per_entry: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cap: Option<Cap>,
     },
 }
 
-/// A durable route's filters, and whether its copies are stored one message per entry, as
-/// the kv keeps them.
-pub(super) fn encode(filters: &[Filter], one_per_entry: bool) -> Vec<u8> {
-    let stored = if one_per_entry {
+/// What the kv keeps of a durable route.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RouteRecord {
+    pub(super) filters: Vec<Filter>,
+    /// Its copies are stored one message per entry.
+    pub(super) one_per_entry: bool,
+    pub(super) cap: Option<Cap>,
+}
+
+/// A durable route as the kv keeps it.
+pub(super) fn encode(route: &RouteRecord) -> Vec<u8> {
+    let stored = if route.one_per_entry || route.cap.is_some() {
         Stored::Queue {
-            filters: filters.to_vec(),
-            one_per_entry,
+            filters: route.filters.clone(),
+            one_per_entry: route.one_per_entry,
+            cap: route.cap,
         }
     } else {
-        Stored::Filters(filters.to_vec())
+        Stored::Filters(route.filters.clone())
     };
     serde_json::to_vec(&stored).unwrap_or_default()
 }
 
-fn decode(bytes: &[u8]) -> Option<(Vec<Filter>, bool)> {
+fn decode(bytes: &[u8]) -> Option<RouteRecord> {
     match serde_json::from_slice(bytes).ok()? {
-        Stored::Filters(filters) => Some((filters, false)),
+        Stored::Filters(filters) => Some(RouteRecord {
+            filters,
+            one_per_entry: false,
+            cap: None,
+        }),
         Stored::Queue {
             filters,
             one_per_entry,
-        } => Some((filters, one_per_entry)),
+            cap,
+        } => Some(RouteRecord {
+            filters,
+            one_per_entry,
+            cap,
+        }),
     }
 }
 
@@ -127,6 +152,8 @@ struct Queues {
     ids: HashMap<String, u64>,
     /// Queues whose copies are stored one message per entry.
     one_per_entry: std::collections::HashSet<u64>,
+    /// Capped queues' caps.
+    caps: HashMap<u64, Cap>,
     next: u64,
     /// Queues this gateway's connections changed, and when.
     local: HashMap<u64, Instant>,
@@ -144,14 +171,23 @@ impl Queues {
         self.next
     }
 
-    /// Replaces a queue's filters; the queue's id.
-    fn set(&mut self, queue: &str, filters: Vec<Filter>, one_per_entry: bool) -> u64 {
+    /// Replaces a queue's route; the queue's id.
+    fn set(&mut self, queue: &str, route: RouteRecord) -> u64 {
+        let RouteRecord {
+            filters,
+            one_per_entry,
+            cap,
+        } = route;
         let id = self.id(queue);
         if one_per_entry {
             self.one_per_entry.insert(id);
         } else {
             self.one_per_entry.remove(&id);
         }
+        match cap {
+            Some(cap) => self.caps.insert(id, cap),
+            None => self.caps.remove(&id),
+        };
         let old = self
             .queues
             .get_mut(&id)
@@ -179,6 +215,7 @@ impl Queues {
             }
             self.local.remove(&id);
             self.one_per_entry.remove(&id);
+            self.caps.remove(&id);
         }
     }
 }
@@ -197,11 +234,52 @@ pub(super) struct Feeder {
 }
 
 impl Feeder {
-    /// Sets a queue's filters, as this gateway's connection has them.
-    pub(super) fn set_local(&self, queue: &str, filters: Vec<Filter>, one_per_entry: bool) {
+    /// Sets a queue's route, as this gateway's connection has it.
+    pub(super) fn set_local(&self, queue: &str, route: RouteRecord) {
         let mut q = lock(&self.queues);
-        let id = q.set(queue, filters, one_per_entry);
+        let id = q.set(queue, route);
         q.local.insert(id, Instant::now());
+    }
+
+    /// The cap of `queue`, if it has one.
+    pub(super) fn cap(&self, queue: &str) -> Option<Cap> {
+        let q = lock(&self.queues);
+        q.ids.get(queue).and_then(|id| q.caps.get(id)).copied()
+    }
+
+    /// The capped queues (full topics) a message with `key` and `properties` reaches.
+    pub(super) fn capped_targets(
+        &self,
+        key: Option<&str>,
+        properties: &HashMap<String, String>,
+    ) -> Vec<(String, Cap)> {
+        let q = lock(&self.queues);
+        if q.caps.is_empty() {
+            return Vec::new();
+        }
+        let by_property = self
+            .key_property
+            .as_ref()
+            .and_then(|name| properties.get(name))
+            .map(String::as_str);
+        let key = by_property.or(key).unwrap_or_default();
+        let props: Vec<(&str, &str)> = if q.index.has_headers() {
+            properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut matched = Vec::new();
+        q.index.matches(key, &props, &mut matched);
+        matched
+            .iter()
+            .filter_map(|id| {
+                let cap = q.caps.get(id)?;
+                q.queues.get(id).map(|(t, _)| (t.clone(), *cap))
+            })
+            .collect()
     }
 
     /// Forgets a deleted queue.
@@ -241,10 +319,22 @@ impl Feeder {
 /// This gateway's feeders, by source topic.
 #[derive(Default)]
 pub struct Feeders {
-    feeders: Mutex<HashMap<String, Arc<Feeder>>>,
+    /// By `<source topic>@<key property>`: a source's feeders are one range.
+    feeders: Mutex<std::collections::BTreeMap<String, Arc<Feeder>>>,
 }
 
 impl Feeders {
+    /// This gateway's feeders of the source `topic` (full name), whatever their key
+    /// property.
+    pub(super) fn of_source(&self, topic: &str) -> Vec<Arc<Feeder>> {
+        let prefix = format!("{topic}@");
+        lock(&self.feeders)
+            .range(prefix.clone()..)
+            .take_while(|(id, _)| id.starts_with(&prefix))
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+
     /// The feeder of `source`, started if this gateway has none (or its last one failed to
     /// start).
     pub(super) fn get(
@@ -282,7 +372,7 @@ impl Feeders {
 /// Loads every queue's filters from the kv; queues changed here lately keep theirs.
 async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
     let prefix = feeder.registry_prefix();
-    let mut found: Vec<(String, (Vec<Filter>, bool))> = Vec::new();
+    let mut found: Vec<(String, RouteRecord)> = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = services
@@ -317,10 +407,14 @@ async fn refresh(services: &Services, feeder: &Feeder) -> Result<(), String> {
     for t in gone {
         q.remove(&t);
     }
-    for (topic, (filters, one_per_entry)) in found {
+    for (topic, route) in found {
         let local = q.ids.get(&topic).is_some_and(|id| q.local.contains_key(id));
         if !local {
-            q.set(&topic, filters, one_per_entry);
+            if let Some(cap) = route.cap {
+                // Counted from now on, by this gateway's consumers too.
+                services.caps.counted(&topic, cap);
+            }
+            q.set(&topic, route);
         }
     }
     Ok(())
@@ -421,6 +515,12 @@ async fn copy_until_failure(
             let key = by_property
                 .or(meta.partition_key.as_deref())
                 .unwrap_or_default();
+            let refused: Vec<&str> = meta
+                .properties
+                .iter()
+                .find(|p| p.key == REFUSED_PROPERTY)
+                .map(|p| p.value.split(' ').collect())
+                .unwrap_or_default();
             let targets: Vec<(String, bool)> = {
                 let q = lock(&feeder.queues);
                 let props: Vec<(&str, &str)> = if q.index.has_headers() {
@@ -438,6 +538,10 @@ async fn copy_until_failure(
                         let one = q.one_per_entry.contains(id);
                         q.queues.get(id).map(|(t, _)| (t.clone(), one))
                     })
+                    .filter(|(t, _)| {
+                        let short = t.rsplit('/').next().unwrap_or(t);
+                        !refused.contains(&short)
+                    })
                     .collect()
             };
             for (target, one_per_entry) in targets {
@@ -448,6 +552,7 @@ async fn copy_until_failure(
                     properties: meta
                         .properties
                         .iter()
+                        .filter(|p| p.key != REFUSED_PROPERTY)
                         .map(|p| (p.key.clone(), p.value.clone()))
                         .chain([(
                             PUBLISHED_PROPERTY.to_string(),

@@ -156,6 +156,10 @@ impl messaging::Host for HostState {
 
     /// `nack`: the message comes back after the consumer's nack delay.
     fn nack(&mut self, conn: u64, sub: u64, delivery_id: u64) {
+        // A capped queue counts it again now, before the connection's next publish.
+        if let Some(h) = self.conns.get(&conn).and_then(|s| s.held.get(&sub)) {
+            h.given_back(&self.services.caps, delivery_id);
+        }
         self.consumer_cmd(conn, sub, None, SubCmd::Nack(delivery_id));
     }
 

@@ -25,6 +25,7 @@
 mod acks;
 mod appender;
 mod auth;
+mod caps;
 mod conn;
 mod context;
 mod entry_reader;
@@ -50,6 +51,7 @@ mod timers;
 mod topics;
 mod v0_1;
 
+pub use caps::Caps;
 pub use context::HostState;
 pub use event::{Event, SaslStep};
 pub use feeder::Feeders;

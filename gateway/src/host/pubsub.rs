@@ -7,6 +7,7 @@
 
 use tokio::sync::mpsc;
 
+use super::caps::Held;
 use super::context::{op_error, HostState};
 use super::event::Event;
 use super::ops_task::Op;
@@ -20,7 +21,7 @@ use crate::config::ActionName;
 use crate::crypto::KEY_PROPERTY;
 
 /// A plugin's message as the backend takes it. The host's own key property is dropped: only
-/// the host says which key sealed a payload.
+/// the host says which key sealed a payload (and which full queues refused it).
 pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
     OutMessage {
         key: msg.key,
@@ -28,7 +29,7 @@ pub(super) fn backend_message(msg: types::OutboundMessage) -> OutMessage {
         properties: msg
             .properties
             .into_iter()
-            .filter(|p| p.key != KEY_PROPERTY)
+            .filter(|p| p.key != KEY_PROPERTY && p.key != super::caps::REFUSED_PROPERTY)
             .map(|p| (p.key, p.value))
             .collect(),
         encryption: None,
@@ -141,10 +142,17 @@ impl HostState {
         self.next_sub += 1;
         let max_unacked = opts.receiver_queue.max(1);
         let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked as usize + 16);
+        // A `messaging` consumer of a queue: what it holds counts for the queue's cap.
+        let held = (matches!(shape, Shape::Messages { .. })
+            && opts.subscription == super::routing::QUEUE_SUBSCRIPTION)
+            .then(|| Held::new(opts.topic.clone()));
         let Some(slot) = self.conns.get_mut(&conn) else {
             return;
         };
         slot.subs.insert(sub, cmd_tx);
+        if let Some(h) = &held {
+            slot.held.insert(sub, h.clone());
+        }
         let task = run_subscription(
             SubTask {
                 conn,
@@ -157,6 +165,7 @@ impl HostState {
                 services: self.services.clone(),
                 meters,
                 shape,
+                held,
             },
             opts,
             cmd_rx,
@@ -206,7 +215,11 @@ impl pubsub::Host for HostState {
         if let (true, Some(RouteRef::Durable { feeder, queue, .. })) = (delete, route) {
             // The route goes with its queue (whose subscription the task deletes).
             feeder.remove(&queue);
+            self.services.caps.remove(&queue);
             self.store_route(conn, &feeder, &queue, None);
+        }
+        if let Some(slot) = self.conns.get_mut(&conn) {
+            slot.held.remove(&sub);
         }
         if let Some(tx) = self.conns.get_mut(&conn).and_then(|s| s.subs.remove(&sub)) {
             let _ = tx.try_send(SubCmd::Close { delete });

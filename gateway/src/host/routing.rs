@@ -2,28 +2,35 @@
 //! `unsubscribe` are those of `pubsub`: a route is a subscription whose messages the host
 //! picked by filter — a live route's from the router's reader (`router`), a durable route's
 //! from its queue, which the source's feeder fills (`feeder`).
+//!
+//! Also the calls of `caps` (ABI 0.2.5): `open-capped-route` (a durable route whose queue
+//! has a cap) and `publish-capped` (a publish judged by the caps of the queues it reaches;
+//! see `caps`).
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::caps::{Cap, Overflow, REFUSED_PROPERTY};
 use super::context::{op_error, HostState};
 use super::event::Event;
-use super::feeder::{encode, Feeder, Feeders, Named};
+use super::feeder::{encode, Feeder, Feeders, Named, RouteRecord};
 use super::ops_task::Op;
 use super::router::{RouteOpen, Router, Source};
 use super::subscription_task::{
     run_subscription, subscribe_failed, Shape, SubTask, SubscriptionCount,
 };
-use crate::abi::types::{ErrorKind, OpError};
+use crate::abi::types::{self, ErrorKind, OpError};
+use crate::abi::v0_2::magnetar::plugin::caps;
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
 use crate::backend::SubscribeOptions;
 use crate::config::ActionName;
 use crate::quota::Gauge;
 use crate::routing::Filter;
 
-/// The subscription through which a durable route reads its queue.
-const QUEUE_SUBSCRIPTION: &str = "magnetar-queue";
+/// The subscription through which a durable route reads its queue (and the consumers of
+/// the queue read it).
+pub(super) const QUEUE_SUBSCRIPTION: &str = "magnetar-queue";
 
 /// A route of a connection.
 pub(super) enum RouteRef {
@@ -36,23 +43,33 @@ pub(super) enum RouteRef {
         filters: Vec<Filter>,
         /// Its copies are stored one message per entry (`max-unacked` 1, see `feeder`).
         one_per_entry: bool,
+        /// Its queue's cap.
+        cap: Option<Cap>,
     },
 }
 
+/// A cap given with `open-capped-route`: `None` keeps the queue's (`open-route`).
+type CapChange = Option<Option<Cap>>;
+
+/// A queue topic's name in its namespace.
+fn short(topic: &str) -> &str {
+    topic.rsplit('/').next().unwrap_or(topic)
+}
+
 impl HostState {
-    /// Stores a durable route's filters (`None`: deletes the route), in order with the
-    /// connection's other backend operations.
+    /// Stores a durable route (`None`: deletes it), in order with the connection's other
+    /// backend operations.
     pub(super) fn store_route(
         &mut self,
         conn: u64,
         feeder: &Feeder,
         queue: &str,
-        filters: Option<(&[Filter], bool)>,
+        route: Option<&RouteRecord>,
     ) {
         let op = Op::RouteWrite {
             topic: feeder.kv_topic().to_string(),
             key: feeder.key(queue),
-            value: filters.map(|(filters, one_per_entry)| encode(filters, one_per_entry)),
+            value: route.map(encode),
         };
         self.queue_op(conn, op);
     }
@@ -68,13 +85,26 @@ impl HostState {
         queue: &str,
         filters: Vec<Filter>,
         max_unacked: usize,
+        cap: CapChange,
     ) -> Result<(), OpError> {
         let queue = self.authorized_topic(conn, queue, ActionName::Consume)?;
         let kv_topic = self.kv_topic(conn)?;
         let feeder = Feeders::get(&self.services, &self.runtime, &source, &kv_topic);
         let one_per_entry = max_unacked == 1;
-        feeder.set_local(&queue, filters.clone(), one_per_entry);
-        self.store_route(conn, &feeder, &queue, Some((&filters, one_per_entry)));
+        let cap = cap.unwrap_or_else(|| feeder.cap(&queue));
+        match cap {
+            Some(cap) => {
+                self.services.caps.counted(&queue, cap);
+            }
+            None => self.services.caps.remove(&queue),
+        }
+        let record = RouteRecord {
+            filters: filters.clone(),
+            one_per_entry,
+            cap,
+        };
+        feeder.set_local(&queue, record.clone());
+        self.store_route(conn, &feeder, &queue, Some(&record));
         if !self.conns.contains_key(&conn) {
             return Ok(());
         }
@@ -96,6 +126,7 @@ impl HostState {
             services: self.services.clone(),
             meters: meters.clone(),
             shape: Shape::Deliveries,
+            held: None,
         };
         let opts = SubscribeOptions {
             topic: queue.clone(),
@@ -116,6 +147,7 @@ impl HostState {
                 queue,
                 filters,
                 one_per_entry,
+                cap,
             };
             slot.routes.insert(sub, route);
         }
@@ -140,14 +172,176 @@ impl HostState {
             queue,
             filters,
             one_per_entry,
+            cap,
         }) = self.conns.get(&conn).and_then(|s| s.routes.get(&route))
         else {
             return;
         };
-        let (feeder, queue, filters) = (feeder.clone(), queue.clone(), filters.clone());
-        let one_per_entry = *one_per_entry;
-        feeder.set_local(&queue, filters.clone(), one_per_entry);
-        self.store_route(conn, &feeder, &queue, Some((&filters, one_per_entry)));
+        let (feeder, queue) = (feeder.clone(), queue.clone());
+        let record = RouteRecord {
+            filters: filters.clone(),
+            one_per_entry: *one_per_entry,
+            cap: *cap,
+        };
+        feeder.set_local(&queue, record.clone());
+        self.store_route(conn, &feeder, &queue, Some(&record));
+    }
+
+    /// `caps.open-capped-route`: `open-route` for a durable route whose queue keeps at most
+    /// `cap` (`None`: no cap any more).
+    pub(super) fn open_capped_route(
+        &mut self,
+        conn: u64,
+        token: u64,
+        spec: routing::RouteSpec,
+        cap: Option<Cap>,
+    ) {
+        if spec.queue.is_none() {
+            return self.complete(Event::SubscribeResult {
+                conn,
+                token,
+                outcome: Err(invalid("a cap is for a durable route (with a queue)")),
+            });
+        }
+        self.open_route_with(conn, token, spec, Some(cap));
+    }
+
+    /// `caps.publish-capped`: `publish`, judged first by the caps of the queues the message
+    /// reaches through this gateway's durable routes on its topic. Returns the queues that
+    /// refused it (short topic names) and whether each dead-letters what it refuses
+    /// (`reject-publish-dlx`); the message is stored all the same and copied into the
+    /// other queues only.
+    pub(super) fn publish_capped(
+        &mut self,
+        conn: u64,
+        token: u64,
+        msg: types::OutboundMessage,
+    ) -> Vec<(String, bool)> {
+        let topic = self.authorized_topic(conn, &msg.topic, ActionName::Produce);
+        let mut out = super::pubsub::backend_message(msg);
+        let mut refused: Vec<(String, bool)> = Vec::new();
+        if let Ok(t) = &topic {
+            let size = out.payload.len() as u64;
+            for feeder in self.services.feeders.of_source(t) {
+                for (queue, cap) in feeder.capped_targets(out.key.as_deref(), &out.properties) {
+                    if !self.services.caps.counted(&queue, cap).admit(size) {
+                        let dlx = cap.overflow == Overflow::RejectPublishDlx;
+                        refused.push((short(&queue).to_string(), dlx));
+                    }
+                }
+            }
+            if !refused.is_empty() {
+                let names: Vec<&str> = refused.iter().map(|(q, _)| q.as_str()).collect();
+                out.properties
+                    .insert(REFUSED_PROPERTY.to_string(), names.join(" "));
+            }
+        }
+        self.queue_publish(conn, token, topic, out, false);
+        refused
+    }
+
+    /// `open-route`, with a change of the queue's cap for a durable route.
+    fn open_route_with(&mut self, conn: u64, token: u64, spec: routing::RouteSpec, cap: CapChange) {
+        let fail = |s: &Self, e: OpError| {
+            s.complete(Event::SubscribeResult {
+                conn,
+                token,
+                outcome: Err(e),
+            })
+        };
+        let topic = match self.authorized_topic(conn, &spec.source, ActionName::Consume) {
+            Ok(t) => t,
+            Err(e) => return fail(self, e),
+        };
+        let filters: Vec<Filter> = spec.filters.into_iter().map(filter).collect();
+        if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
+            return fail(self, invalid(e));
+        }
+        let max_unacked = spec.max_unacked.clamp(1, 10_000) as usize;
+        let max_queued = spec.max_queued.clamp(1, 1_000_000) as usize;
+        if let Some(queue) = &spec.queue {
+            let source = Named {
+                topic,
+                short: &spec.source,
+                key_property: spec.key_property.as_deref(),
+            };
+            if let Err(e) = self.open_durable(conn, token, source, queue, filters, max_unacked, cap)
+            {
+                fail(self, e);
+            }
+            return;
+        }
+        self.open_live(
+            conn,
+            token,
+            topic,
+            spec.key_property,
+            filters,
+            max_unacked,
+            max_queued,
+        );
+    }
+
+    /// A live route: registered with the router.
+    #[allow(clippy::too_many_arguments)]
+    fn open_live(
+        &mut self,
+        conn: u64,
+        token: u64,
+        topic: String,
+        key_property: Option<String>,
+        filters: Vec<Filter>,
+        max_unacked: usize,
+        max_queued: usize,
+    ) {
+        let fail = |s: &Self, e: OpError| {
+            s.complete(Event::SubscribeResult {
+                conn,
+                token,
+                outcome: Err(e),
+            })
+        };
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        let meters = match self.admit_subscription(conn) {
+            Ok(m) => m,
+            Err(e) => return fail(self, e),
+        };
+        let Some(slot) = self.conns.get(&conn) else {
+            return;
+        };
+        let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked + 16);
+        let open = RouteOpen {
+            conn,
+            sub,
+            token,
+            topic,
+            key_property,
+            filters,
+            max_unacked,
+            max_queued,
+            events: self.events.clone(),
+            shared: slot.shared.clone(),
+            meters,
+        };
+        match Router::open(&self.services, &self.runtime, open, cmd_rx) {
+            Ok((source, route)) => {
+                if let Some(slot) = self.conns.get_mut(&conn) {
+                    slot.subs.insert(sub, cmd_tx);
+                    slot.routes.insert(sub, RouteRef::Live { source, route });
+                }
+            }
+            // Validated above; the route task never started, so the quota is released here.
+            Err(e) => {
+                if let Some(m) = self.conns.get(&conn).and_then(|s| s.meters.as_ref()) {
+                    m.release(Gauge::Subscriptions);
+                }
+                fail(self, invalid(e))
+            }
+        }
     }
 }
 
@@ -172,75 +366,7 @@ impl routing::Host for HostState {
     /// `open-route`: registers the route with the router; completes with
     /// `on-subscribe-result` once its source is being read.
     fn open_route(&mut self, conn: u64, token: u64, spec: routing::RouteSpec) {
-        let fail = |s: &Self, e: OpError| {
-            s.complete(Event::SubscribeResult {
-                conn,
-                token,
-                outcome: Err(e),
-            })
-        };
-        let topic = match self.authorized_topic(conn, &spec.source, ActionName::Consume) {
-            Ok(t) => t,
-            Err(e) => return fail(self, e),
-        };
-        let filters: Vec<Filter> = spec.filters.into_iter().map(filter).collect();
-        if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
-            return fail(self, invalid(e));
-        }
-        let max_unacked = spec.max_unacked.clamp(1, 10_000) as usize;
-        let max_queued = spec.max_queued.clamp(1, 1_000_000) as usize;
-        if let Some(queue) = &spec.queue {
-            let source = Named {
-                topic,
-                short: &spec.source,
-                key_property: spec.key_property.as_deref(),
-            };
-            if let Err(e) = self.open_durable(conn, token, source, queue, filters, max_unacked) {
-                fail(self, e);
-            }
-            return;
-        }
-        let sub = self.next_sub;
-        self.next_sub += 1;
-        if !self.conns.contains_key(&conn) {
-            return;
-        }
-        let meters = match self.admit_subscription(conn) {
-            Ok(m) => m,
-            Err(e) => return fail(self, e),
-        };
-        let Some(slot) = self.conns.get(&conn) else {
-            return;
-        };
-        let (cmd_tx, cmd_rx) = mpsc::channel(max_unacked + 16);
-        let open = RouteOpen {
-            conn,
-            sub,
-            token,
-            topic,
-            key_property: spec.key_property,
-            filters,
-            max_unacked,
-            max_queued,
-            events: self.events.clone(),
-            shared: slot.shared.clone(),
-            meters,
-        };
-        match Router::open(&self.services, &self.runtime, open, cmd_rx) {
-            Ok((source, route)) => {
-                if let Some(slot) = self.conns.get_mut(&conn) {
-                    slot.subs.insert(sub, cmd_tx);
-                    slot.routes.insert(sub, RouteRef::Live { source, route });
-                }
-            }
-            // Validated above; the route task never started, so the quota is released here.
-            Err(e) => {
-                if let Some(m) = self.conns.get(&conn).and_then(|s| s.meters.as_ref()) {
-                    m.release(Gauge::Subscriptions);
-                }
-                fail(self, invalid(e))
-            }
-        }
+        self.open_route_with(conn, token, spec, None);
     }
 
     /// `bind`: adds a filter to an open route.
@@ -288,5 +414,40 @@ impl routing::Host for HostState {
                 }
             }
         }
+    }
+}
+
+impl caps::Host for HostState {
+    /// `open-capped-route`: `open-route` with the queue's cap.
+    fn open_capped_route(
+        &mut self,
+        conn: u64,
+        token: u64,
+        spec: routing::RouteSpec,
+        cap: Option<caps::Cap>,
+    ) {
+        let cap = cap.map(|c| Cap {
+            max_length: c.max_length,
+            max_bytes: c.max_length_bytes,
+            overflow: match c.overflow {
+                caps::Overflow::DropHead => Overflow::DropHead,
+                caps::Overflow::RejectPublish => Overflow::RejectPublish,
+                caps::Overflow::RejectPublishDlx => Overflow::RejectPublishDlx,
+            },
+        });
+        HostState::open_capped_route(self, conn, token, spec, cap);
+    }
+
+    /// `publish-capped`: `publish`, judged by the caps of the queues it reaches.
+    fn publish_capped(
+        &mut self,
+        conn: u64,
+        token: u64,
+        msg: types::OutboundMessage,
+    ) -> Vec<caps::Refusal> {
+        HostState::publish_capped(self, conn, token, msg)
+            .into_iter()
+            .map(|(queue, dead_letter)| caps::Refusal { queue, dead_letter })
+            .collect()
     }
 }

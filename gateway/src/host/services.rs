@@ -30,6 +30,8 @@ pub struct Services {
     pub router: super::router::Router,
     /// This gateway's feeders of durable routes, by source topic.
     pub feeders: super::feeder::Feeders,
+    /// The counts of capped queues (`caps`), by queue topic.
+    pub caps: super::caps::Caps,
     /// The append tasks of indexed topics (`indexed.append`), one per topic.
     pub appenders: super::appender::Appenders,
     /// The backend's admin API for `topics` calls; `None`: not reachable (an external

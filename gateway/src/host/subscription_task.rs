@@ -8,6 +8,13 @@
 //! on a Shared subscription a consumer whose window is full gets nothing more and the
 //! others get the queue's messages (AMQP's prefetch). Other subscriptions let the client
 //! ask for `max-unacked` at a time as messages arrive, which keeps more in flight.
+//!
+//! A `messaging` consumer of a capped queue's subscription moves the queue's count (`caps`):
+//! what it hands the plugin leaves the ready messages, what it gives back (a nack, its end
+//! with deliveries unacknowledged) returns, a seek to the end (a purge) empties them; a
+//! delivery that `drop-head` dropped carries `caps::DROPPED_PROPERTY`. A durable route's
+//! reader of a queue whose count this process has not recovered yet recovers it from the
+//! subscription's backlog before the route is open.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::acks::{AckPlan, AckTracker};
+use super::caps::{Held, QueueCount, DROPPED_PROPERTY};
 use super::context::op_error;
 use super::event::Event;
 use super::services::Services;
@@ -82,6 +90,9 @@ pub(super) struct SubTask {
     /// Quotas the subscription counts against (released when it ends).
     pub(super) meters: Option<Meters>,
     pub(super) shape: Shape,
+    /// A `messaging` consumer of a queue's subscription: its deliveries not settled yet,
+    /// shared with the host calls (`caps`).
+    pub(super) held: Option<Arc<Held>>,
 }
 
 /// Holds one subscription of a quota until the subscription's task ends.
@@ -113,6 +124,7 @@ pub(super) async fn run_subscription(
         services,
         meters,
         mut shape,
+        held,
     } = t;
     let _counted = SubscriptionCount(meters.clone());
     let windowed = matches!(shape, Shape::Messages { .. });
@@ -128,6 +140,23 @@ pub(super) async fn run_subscription(
             subscribe_failed(&events, conn, token, e.to_string()).await;
             return;
         }
+    };
+    let queue_of =
+        (opts.subscription == super::routing::QUEUE_SUBSCRIPTION).then(|| opts.topic.clone());
+    // A durable route's reader of a capped queue: the subscription's only consumer
+    // (Exclusive), so its whole backlog is ready.
+    let recovering = queue_of
+        .as_ref()
+        .and_then(|q| services.caps.get(q))
+        .filter(|c| c.needs_recovery() && opts.sub_type == pulsar::SubType::Exclusive);
+    if let Some(count) = recovering {
+        recover(&mut consumer, &count, &opts.topic).await;
+    }
+    // A `messaging` consumer of a capped queue moves its count (a route's own deliveries do
+    // not: its plugin hands them to nobody, e.g. AMQP's); looked up again for each batch (a
+    // route may cap the queue later).
+    let capped = |services: &Services| -> Option<Arc<QueueCount>> {
+        held.as_ref().and_then(|h| services.caps.get(h.topic()))
     };
     if !subscribed(&events, conn, token, sub).await {
         return;
@@ -174,14 +203,28 @@ pub(super) async fn run_subscription(
                 let mut next = cmd;
                 while let Some(c) = next.take() {
                     match c {
-                        SubCmd::Ack(id) => acks.ack(id),
-                        SubCmd::AckMany(ids) => ids.into_iter().for_each(|id| acks.ack(id)),
+                        SubCmd::Ack(id) => {
+                            if let Some(h) = &held {
+                                h.settled(id);
+                            }
+                            acks.ack(id)
+                        }
+                        SubCmd::AckMany(ids) => ids.into_iter().for_each(|id| {
+                            if let Some(h) = &held {
+                                h.settled(id);
+                            }
+                            acks.ack(id)
+                        }),
                         SubCmd::Close { delete: d } => {
                             delete = d;
                             stop = true;
                             break;
                         }
                         SubCmd::Nack(id) => {
+                            // Given back at the host call already, unless it came another way.
+                            if let Some(h) = &held {
+                                h.given_back(&services.caps, id);
+                            }
                             if let (Some((topic, entry)), Shape::Messages { nack_delay, .. }) = (acks.nack(id), &shape) {
                                 nacks.push_back((Instant::now() + *nack_delay, topic, entry));
                             }
@@ -191,6 +234,14 @@ pub(super) async fn run_subscription(
                             if outcome.is_ok() {
                                 acks.reset();
                                 nacks.clear();
+                                if let Some(h) = &held {
+                                    h.clear();
+                                }
+                                if let (Some(count), SeekTarget::MessageId(id, _)) = (capped(&services), &target) {
+                                    if *id == message_id::latest() {
+                                        count.purged();
+                                    }
+                                }
                                 // A new consumer, granted nothing yet.
                                 permits = 0;
                                 if let (Shape::Messages { skip, .. }, SeekTarget::MessageId(id, inclusive)) = (&mut shape, target) {
@@ -248,6 +299,7 @@ pub(super) async fn run_subscription(
                 }
                 permits -= batch.len() as i64;
                 shared.output_relieved().await;
+                let count = capped(&services);
                 let mut deliveries = Vec::with_capacity(batch.len());
                 let mut messages = Vec::new();
                 for mut msg in batch {
@@ -285,6 +337,15 @@ pub(super) async fn run_subscription(
                         Shape::Deliveries => Vec::new(),
                     };
                     let delivery_id = acks.delivered(msg.topic, msg.message_id.id);
+                    if let Some(count) = &count {
+                        let dropped = count.delivered();
+                        if dropped {
+                            properties.push(types::Property { key: DROPPED_PROPERTY.to_string(), value: "maxlen".to_string() });
+                        }
+                        if let Some(h) = &held {
+                            h.delivered(delivery_id, (!dropped).then_some(payload.len() as u64));
+                        }
+                    }
                     match shape {
                         Shape::Deliveries => deliveries.push(types::Delivery {
                             subscription: sub,
@@ -324,12 +385,33 @@ pub(super) async fn run_subscription(
             }
         }
     }
+    // What the plugin had and did not settle goes back to the queue.
+    if let (Some(h), false) = (&held, delete) {
+        h.all_given_back(&services.caps);
+    }
     if delete {
         if let Err(e) = consumer.unsubscribe().await {
             tracing::warn!(conn, error = %e, "unsubscribe failed");
         }
     }
     let _ = consumer.close().await;
+}
+
+/// Recovers a capped queue's count from its subscription's backlog (0 if the backend
+/// cannot say).
+async fn recover(
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+    count: &QueueCount,
+    topic: &str,
+) {
+    let backlog = match consumer.get_stats().await {
+        Ok(stats) => stats.iter().filter_map(|s| s.msg_backlog).sum(),
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "cannot read a capped queue's backlog");
+            0
+        }
+    };
+    count.recovered(backlog);
 }
 
 /// Tells the plugin its subscription could not be opened (a backend failure).

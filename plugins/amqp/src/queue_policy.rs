@@ -10,6 +10,8 @@
 //! expired message waits in the queue topic until a consumer reaches it, which no client
 //! sees, except in a queue's length (which the gateway does not report).
 
+use magnetar_sdk::{Cap, Overflow};
+
 use crate::codec::{BasicProperties, FieldTable, FieldValue};
 use crate::topology::Queue;
 
@@ -24,9 +26,6 @@ pub struct QueuePolicy {
     pub dead_letter_exchange: Option<String>,
     /// `x-dead-letter-routing-key`: their routing key there (else their own).
     pub dead_letter_routing_key: Option<String>,
-    /// `x-max-length` with the `drop-head` overflow (RabbitMQ's default): the most messages
-    /// the queue keeps, its newest.
-    pub max_length: Option<u64>,
 }
 
 /// Why a message is dead-lettered (the `reason` of `x-death`).
@@ -117,6 +116,32 @@ pub fn expires(queue: &Queue) -> Option<u64> {
         .filter(|n| *n > 0)
 }
 
+/// A queue's cap (`x-max-length`, `x-max-length-bytes`, `x-overflow`, RabbitMQ's default
+/// overflow `drop-head`), which the host applies (`connection::overflow`); `None` without
+/// either limit.
+pub fn cap(queue: &Queue) -> Option<Cap> {
+    let args = &queue.arguments;
+    let limit = |k: &str| {
+        args.get(k)
+            .and_then(integer)
+            .and_then(|n| u64::try_from(n).ok())
+    };
+    let (max_length, max_length_bytes) = (limit("x-max-length"), limit("x-max-length-bytes"));
+    if max_length.is_none() && max_length_bytes.is_none() {
+        return None;
+    }
+    let overflow = match args.get("x-overflow").and_then(|v| v.as_str()) {
+        Some("reject-publish") => Overflow::RejectPublish,
+        Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+        _ => Overflow::DropHead,
+    };
+    Some(Cap {
+        max_length,
+        max_length_bytes,
+        overflow,
+    })
+}
+
 /// Whether a message's `expiration` is one RabbitMQ takes: a non-negative integer of
 /// milliseconds, as text.
 pub fn valid_expiration(expiration: &str) -> bool {
@@ -138,13 +163,6 @@ impl QueuePolicy {
                 .and_then(|n| u64::try_from(n).ok()),
             dead_letter_exchange: text("x-dead-letter-exchange"),
             dead_letter_routing_key: text("x-dead-letter-routing-key"),
-            // The other overflows refuse publishes, which the plugin cannot decide alone
-            // (`connection::max_length`): not applied.
-            max_length: args
-                .get("x-max-length")
-                .and_then(integer)
-                .and_then(|n| u64::try_from(n).ok())
-                .filter(|_| text("x-overflow").is_none_or(|o| o == "drop-head")),
         }
     }
 

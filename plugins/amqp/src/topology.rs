@@ -343,6 +343,27 @@ pub fn queue_topic(queue: &str) -> String {
     format!("amqp-q-{}", escape(queue, true))
 }
 
+/// The queue whose topic is `topic` ([`queue_topic`] undone); `None` for another topic.
+pub fn queue_of_topic(topic: &str) -> Option<String> {
+    let escaped = topic.strip_prefix("amqp-q-")?;
+    if escaped == "%" {
+        return Some(String::new());
+    }
+    let mut bytes = Vec::with_capacity(escaped.len());
+    let mut rest = escaped.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = tail.get(2..)?;
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// The property that carries header `name` of a message published to headers exchange
 /// `exchange`.
 pub fn header_property(exchange: &str, name: &str) -> String {
@@ -500,6 +521,16 @@ mod tests {
             arguments: FieldTable::default(),
             via: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_queue_is_found_from_its_topic() {
+        for name in ["jobs", "", "a.b c/d%é", "amq.gen-Xy_z"] {
+            assert_eq!(queue_of_topic(&queue_topic(name)).as_deref(), Some(name));
+        }
+        assert_eq!(queue_of_topic("other"), None);
+        assert_eq!(queue_of_topic("amqp-q-%4"), None);
+        assert_eq!(queue_of_topic("amqp-q-%ZZ"), None);
     }
 
     #[test]

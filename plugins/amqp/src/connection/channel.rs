@@ -76,12 +76,12 @@ struct Unacked {
 }
 
 /// A delivered message as it would be dead-lettered.
-#[derive(Debug)]
-struct Delivered {
-    exchange: String,
-    routing_key: String,
-    properties: Vec<u8>,
-    payload: Vec<u8>,
+#[derive(Debug, Clone)]
+pub(super) struct Delivered {
+    pub(super) exchange: String,
+    pub(super) routing_key: String,
+    pub(super) properties: Vec<u8>,
+    pub(super) payload: Vec<u8>,
 }
 
 /// The consumer through which `basic.get` takes a queue's messages, one at a time (its
@@ -480,7 +480,6 @@ impl AmqpConnection {
         for sub in getters {
             self.getters.remove(&sub);
             self.policies.remove(&sub);
-            self.caps.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -508,10 +507,7 @@ impl AmqpConnection {
     /// the queue from then on); the route itself is closed at once (`Task::RouteOpened`).
     pub(super) fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
         let token = self.ops.start(Op::Task(task));
-        self.out.push(Action::OpenRoute {
-            token,
-            spec: queue_route(name, queue),
-        });
+        self.out.push(queue_route_action(token, name, queue));
         self.busy = true;
     }
 
@@ -918,7 +914,6 @@ impl AmqpConnection {
                 self.consumers
                     .insert(sub, (c.channel, c.tag.clone(), c.no_ack, c.queue.clone()));
                 self.policies.insert(sub, c.policy.clone());
-                self.cap_opened(sub);
                 if let Some(q) = c.auto_delete.take() {
                     self.auto_delete.insert(c.queue.clone(), q);
                 }
@@ -1079,12 +1074,14 @@ impl AmqpConnection {
                 // An auto-delete queue whose consumers may all be gone without a word.
                 if q.auto_delete && q.consumed && !self.consumes(&name) {
                     let record = bytes.clone();
-                    let spec = queue_route(&name, &q);
+                    let route = |token| queue_route_action(token, &name, &q);
                     let task = Box::new(task);
-                    let token =
-                        self.ops
-                            .start(Op::Task(Task::AutoDeleteProbe { task, name, record }));
-                    self.out.push(Action::OpenRoute { token, spec });
+                    let token = self.ops.start(Op::Task(Task::AutoDeleteProbe {
+                        task,
+                        name: name.clone(),
+                        record,
+                    }));
+                    self.out.push(route(token));
                     self.busy = true;
                     return;
                 }
@@ -1941,7 +1938,6 @@ impl AmqpConnection {
                     Some(g) => {
                         g.sub = Some(sub);
                         self.policies.insert(sub, g.policy.clone());
-                        self.cap_opened(sub);
                         self.getters.insert(sub, (channel, queue));
                     }
                     None => self.out.push(Action::Unsubscribe { sub, delete: false }),
@@ -2014,7 +2010,7 @@ impl AmqpConnection {
         });
         let token = self.ops.start(Op::Publish { channel, seq });
         self.publish_issued();
-        self.out.push(Action::Publish {
+        self.out.push(Action::PublishCapped {
             token,
             msg: OutboundMessage {
                 topic: topology::SOURCE.into(),
@@ -2025,11 +2021,14 @@ impl AmqpConnection {
         });
     }
 
+    /// A publish completed: in confirm mode `basic.ack` once stored, `basic.nack` if it
+    /// failed or a full queue `refused` it (RabbitMQ's `reject-publish`).
     pub(super) fn on_published(
         &mut self,
         channel: u16,
         seq: Option<u64>,
         result: Result<(), OpError>,
+        refused: bool,
     ) {
         self.publish_completed();
         let Some(seq) = seq else {
@@ -2042,11 +2041,11 @@ impl AmqpConnection {
             return;
         }
         let m = match result {
-            Ok(()) => Method::BasicAck(BasicAck {
+            Ok(()) if !refused => Method::BasicAck(BasicAck {
                 delivery_tag: seq,
                 multiple: false,
             }),
-            Err(_) => Method::BasicNack(BasicNack {
+            _ => Method::BasicNack(BasicNack {
                 delivery_tag: seq,
                 multiple: false,
                 requeue: false,
@@ -2059,9 +2058,6 @@ impl AmqpConnection {
         if self.on_delete_check_message(m.subscription) {
             return;
         }
-        let Some(m) = self.cap_hold(m) else {
-            return;
-        };
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
             return self.on_getter_message(channel, queue, m);
         }
@@ -2212,8 +2208,8 @@ impl AmqpConnection {
     /// Settles `m` instead of delivering it if its queue's `x-max-length` dropped it or its
     /// TTL passed (dead-lettered, or dropped): whether it did.
     fn expire(&mut self, m: &Message) -> bool {
-        // Dropped from the head by `x-max-length` before its TTL could count.
-        if self.beyond_max_length(m) {
+        // Dropped from the head by its queue's cap before its TTL could count.
+        if overflow::dropped_by_cap(m) {
             let (exchange, routing_key, properties) = delivery_fields(m);
             let d = Delivered {
                 exchange,
@@ -2253,11 +2249,22 @@ impl AmqpConnection {
     /// classic queues dead-letter: a crash between the two loses the message (settling once
     /// the copy is stored would need the consumer kept open past `basic.cancel` until then).
     fn dead_letter(&mut self, sub: SubId, delivery_id: u64, d: Delivered, reason: Reason) {
-        let Some(policy) = self.policies.get(&sub) else {
-            return self.out.ack(sub, delivery_id);
-        };
+        self.out.ack(sub, delivery_id);
+        if let Some(policy) = self.policies.get(&sub).cloned() {
+            self.publish_dead_letter(&policy, d, reason);
+        }
+    }
+
+    /// Publishes a dead-lettered message to `policy`'s dead-letter exchange, with its
+    /// `x-death` header; nothing if the queue has none.
+    pub(super) fn publish_dead_letter(
+        &mut self,
+        policy: &QueuePolicy,
+        d: Delivered,
+        reason: Reason,
+    ) {
         let Some((exchange, routing_key)) = policy.dead_letter_route(&d.routing_key) else {
-            return self.out.ack(sub, delivery_id);
+            return;
         };
         let props = BasicProperties::read(&d.properties).unwrap_or_default();
         let props = policy.dead_lettered(
@@ -2282,9 +2289,8 @@ impl AmqpConnection {
         // As published to a headers exchange: the header properties route it if the
         // dead-letter exchange is one (other exchanges' filters ignore them).
         let properties = message_properties_of(&publish, &header, ExchangeType::Headers);
-        self.out.ack(sub, delivery_id);
         let token = self.ops.start(Op::DeadLetter);
-        self.out.push(Action::Publish {
+        self.out.push(Action::PublishCapped {
             token,
             msg: OutboundMessage {
                 topic: topology::SOURCE.into(),
@@ -2349,8 +2355,14 @@ fn message_properties(content: &ContentDone, kind: ExchangeType) -> Vec<Property
 /// A delivered message's exchange, routing key and content-header property bytes (none for
 /// a message another protocol published).
 fn delivery_fields(m: &Message) -> (String, String, Vec<u8>) {
+    message_fields(&m.properties)
+}
+
+/// The exchange, routing key and content-header property bytes a message's properties
+/// carry.
+pub(super) fn message_fields(properties: &[Property]) -> (String, String, Vec<u8>) {
     let prop = |k: &str| {
-        m.properties
+        properties
             .iter()
             .find(|p| p.key == k)
             .map(|p| p.value.as_str())
@@ -2383,6 +2395,17 @@ pub(super) fn queue_route(name: &str, queue: &Queue) -> RouteSpec {
         max_queued: 1,
         queue: Some(topology::queue_topic(name)),
         key_property: Some(topology::KEY_PROPERTY.into()),
+    }
+}
+
+/// Opens the queue's durable route (`queue_route`) with its cap, as its arguments say
+/// (`x-max-length`, `x-max-length-bytes`, `x-overflow`; none: no cap), so that every
+/// opening stores the queue's cap with its filters.
+pub(super) fn queue_route_action(token: u64, name: &str, queue: &Queue) -> Action {
+    Action::OpenCappedRoute {
+        token,
+        spec: queue_route(name, queue),
+        cap: crate::queue_policy::cap(queue),
     }
 }
 

@@ -71,9 +71,9 @@ impl AmqpConnection {
     fn open_delete_check(&mut self, p: PendingDelete) {
         let name = p.m.queue.clone();
         let action = if p.by_route() {
-            let spec = channel::queue_route(&name, &p.queue);
+            let queue = p.queue.clone();
             let token = self.ops.start(Op::DeleteCheck(p));
-            Action::OpenRoute { token, spec }
+            channel::queue_route_action(token, &name, &queue)
         } else {
             let spec = channel::queue_consumer(topology::queue_topic(&name), 1, None);
             let token = self.ops.start(Op::DeleteCheck(p));

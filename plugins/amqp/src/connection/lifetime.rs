@@ -45,7 +45,7 @@
 
 use magnetar_sdk::{ErrorKind, KvWrite, OpError, OutboundMessage, SubId, Will};
 
-use super::channel::{queue_route, Outcome, Task};
+use super::channel::{queue_route_action, Outcome, Task};
 use super::*;
 use crate::topology::{self, Queue};
 
@@ -216,7 +216,6 @@ impl AmqpConnection {
             return;
         };
         self.policies.remove(&sub);
-        self.caps.remove(&sub);
         self.out.push(Action::Unsubscribe { sub, delete: false });
         self.drop_held(channel, sub);
         self.consumer_gone(channel, tag, queue, notify);
@@ -269,7 +268,6 @@ impl AmqpConnection {
     pub(super) fn end_draining(&mut self, sub: SubId) {
         if self.draining.remove(&sub).is_some() {
             self.policies.remove(&sub);
-            self.caps.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
     }
@@ -430,9 +428,9 @@ impl AmqpConnection {
     }
 
     fn open_reap_route(&mut self, reap: Reap) {
-        let spec = queue_route(&reap.name, &reap.queue);
+        let (name, queue) = (reap.name.clone(), reap.queue.clone());
         let token = self.ops.start(Op::Reap(reap));
-        self.out.push(Action::OpenRoute { token, spec });
+        self.out.push(queue_route_action(token, &name, &queue));
     }
 
     pub(super) fn on_reap_route(&mut self, mut reap: Reap, result: Result<SubId, OpError>) {
@@ -494,8 +492,7 @@ impl AmqpConnection {
                     if let Some(q) = Queue::decode(bytes) {
                         // Answered by `apply`'s fallback, which closes the route.
                         let token = self.ops.token();
-                        let spec = queue_route(&reap.name, &q);
-                        self.out.push(Action::OpenRoute { token, spec });
+                        self.out.push(queue_route_action(token, &reap.name, &q));
                     }
                 }
             }

@@ -50,7 +50,7 @@ mod channel;
 mod delete;
 mod exchange_bind;
 mod lifetime;
-mod max_length;
+mod overflow;
 pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
@@ -122,9 +122,11 @@ enum Op {
     Reap(lifetime::Reap),
     /// The route or consumer that checks `queue.delete`'s `if-unused` / `if-empty`.
     DeleteCheck(delete::PendingDelete),
-    /// The last message id of a capped queue's topic (`max_length`), for a consumer.
-    Tail {
-        sub: SubId,
+    /// The record of a `reject-publish-dlx` queue that refused a message, read to
+    /// dead-letter it (`overflow`).
+    RefusedDeadLetter {
+        queue: String,
+        d: Box<channel::Delivered>,
     },
     /// `basic.get`'s consumer of a queue being opened.
     Getter {
@@ -208,8 +210,8 @@ pub struct AmqpConnection {
     /// The queue arguments that act on the messages of each consumer and `basic.get`
     /// consumer (expiry, dead-lettering).
     policies: HashMap<SubId, crate::queue_policy::QueuePolicy>,
-    /// What the consumers of queues with `x-max-length` know of their topic's end.
-    caps: max_length::Caps,
+    /// Publishes a full queue refused (`overflow`).
+    refused: overflow::Refused,
     /// A `basic.get` waiting for a message.
     pending_get: Option<channel::PendingGet>,
     /// A `queue.delete` with `if-empty` waiting to see whether the queue has a message.
@@ -282,7 +284,7 @@ impl AmqpConnection {
             consumers: HashMap::new(),
             getters: HashMap::new(),
             policies: HashMap::new(),
-            caps: HashMap::new(),
+            refused: Default::default(),
             pending_get: None,
             deleting: None,
             name_seed: 0,
@@ -712,6 +714,9 @@ impl Machine for AmqpConnection {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Kv(result)),
                 Some(Op::Reap(r)) => self.on_reap_record(r, result),
                 Some(Op::Watch { queue }) => self.on_watched(queue, result),
+                Some(Op::RefusedDeadLetter { queue, d }) => {
+                    self.on_refused_record(queue, *d, result)
+                }
                 Some(Op::Lease) => {
                     if let Err(e) = result {
                         self.log(LogLevel::Warn, format!("lease: {}", e.message));
@@ -742,21 +747,33 @@ impl Machine for AmqpConnection {
                     self.step(task, channel::Outcome::Scan(result));
                 }
             }
+            Event::PublishRefused {
+                token,
+                refusals,
+                msg,
+            } => self.on_publish_refused(token, refusals, msg),
             Event::PublishResult { token, result } => match self.ops.complete(token) {
-                Some(Op::Publish { channel, seq }) => self.on_published(channel, seq, result),
+                Some(Op::Publish { channel, seq }) => {
+                    let refused = self.take_refused(token);
+                    self.on_published(channel, seq, result, refused)
+                }
                 Some(Op::DeadLetter) => self.on_dead_lettered(result),
-                Some(Op::TxPublish { channel }) => self.on_tx_published(channel, result),
+                Some(Op::TxPublish { channel }) => {
+                    self.take_refused(token);
+                    self.on_tx_published(channel, result)
+                }
                 _ => {}
             },
-            Event::Position { token, result } => match self.ops.complete(token) {
-                Some(Op::PurgeSeek {
+            Event::Position { token, result } => {
+                if let Some(Op::PurgeSeek {
                     channel,
                     sub,
                     no_wait,
-                }) => self.on_purged(channel, sub, no_wait, result.map(|_| ())),
-                Some(Op::Tail { sub }) => self.on_tail(sub, result),
-                _ => {}
-            },
+                }) = self.ops.complete(token)
+                {
+                    self.on_purged(channel, sub, no_wait, result.map(|_| ()))
+                }
+            }
             Event::Message(m) => self.on_message(m),
             // A queue's message, seen by the route that checks `queue.delete`'s `if-empty`;
             // other deliveries of routes opened to store a queue's filters are not ours to

@@ -361,7 +361,7 @@ fn a_queue_is_a_durable_route_whose_filters_are_its_bindings() {
         .take_actions()
         .into_iter()
         .filter_map(|a| match a {
-            Action::OpenRoute { spec, .. } => Some(spec),
+            Action::OpenCappedRoute { spec, .. } => Some(spec),
             _ => None,
         })
         .collect();
@@ -733,7 +733,7 @@ fn expired_and_rejected_messages_go_to_the_dead_letter_exchange_and_recover_requ
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Publish { msg, .. } => msg
+                Action::PublishCapped { msg, .. } => msg
                     .properties
                     .iter()
                     .find(|p| p.key == "amqp.key")
@@ -1148,19 +1148,170 @@ fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
     assert_eq!(delivered(&sent(&mut h)), [2]);
 }
 
+/// A publish of `body` to the default exchange with routing key `q`, on channel 1.
+fn publish_to_q(body: &[u8]) -> Vec<u8> {
+    let mut bytes = frame(
+        1,
+        Method::BasicPublish(BasicPublish {
+            routing_key: "q".into(),
+            ..Default::default()
+        }),
+    );
+    Frame::Header(
+        1,
+        ContentHeader {
+            class_id: 60,
+            body_size: body.len() as u64,
+            properties: vec![0, 0],
+        },
+    )
+    .write(&mut bytes);
+    Frame::Body(1, body.to_vec()).write(&mut bytes);
+    bytes
+}
+
+/// The `x-death` reasons of the dead-lettered copies among `actions`, with their routing
+/// keys.
+fn dead_lettered(actions: &[Action]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::PublishCapped { msg, .. } => {
+                let prop = |k: &str| {
+                    msg.properties
+                        .iter()
+                        .find(|p| p.key == k)
+                        .map(|p| p.value.clone())
+                };
+                let raw = crate::topology::unhex(&prop("amqp.properties")?)?;
+                let props = BasicProperties::read(&raw).ok()?;
+                let death = match props.headers?.get("x-death")? {
+                    FieldValue::Array(a) => a.first().cloned()?,
+                    _ => return None,
+                };
+                let FieldValue::Table(death) = death else {
+                    return None;
+                };
+                let reason = death.get("reason")?.as_str()?.to_string();
+                Some((reason, prop("amqp.key")?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn max_length_drops_all_but_the_newest_once_the_topics_end_is_known() {
+fn every_route_of_a_queue_carries_its_cap() {
     let mut h = running();
     let mut args = FieldTable::default();
-    args.insert("x-max-length", FieldValue::I32(1));
-    h.kv_mut().insert(
-        "amqp/q/q".into(),
-        crate::topology::Queue {
+    args.insert("x-max-length", FieldValue::I32(2))
+        .insert("x-max-length-bytes", FieldValue::I64(100))
+        .insert(
+            "x-overflow",
+            FieldValue::LongStr(b"reject-publish-dlx".to_vec()),
+        );
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "capped".into(),
             arguments: args,
             ..Default::default()
-        }
-        .encode(),
+        }),
+    ));
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "plain".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    let cap = |q: &str| h.caps().get(q).cloned();
+    assert_eq!(
+        cap("amqp-q-capped"),
+        Some(Some(magnetar_sdk::Cap {
+            max_length: Some(2),
+            max_length_bytes: Some(100),
+            overflow: magnetar_sdk::Overflow::RejectPublishDlx,
+        }))
     );
+    assert_eq!(cap("amqp-q-plain"), Some(None), "no cap, said so");
+    assert!(h
+        .take_actions()
+        .iter()
+        .all(|a| !matches!(a, Action::OpenRoute { .. })));
+}
+
+#[test]
+fn a_publish_a_full_queue_refused_is_nacked_and_dead_lettered_by_a_dlx_queue() {
+    let mut h = running();
+    let mut queue = crate::topology::Queue::default();
+    queue
+        .arguments
+        .insert("x-max-length", FieldValue::I32(1))
+        .insert(
+            "x-overflow",
+            FieldValue::LongStr(b"reject-publish-dlx".to_vec()),
+        )
+        .insert(
+            "x-dead-letter-exchange",
+            FieldValue::LongStr(b"dlx".to_vec()),
+        );
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
+    h.data(&frame(1, Method::ConfirmSelect(ConfirmSelect::default())));
+    sent(&mut h);
+    // Taken: acked.
+    h.data(&publish_to_q(b"one"));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicAck(a))] if a.delivery_tag == 1)
+    );
+    h.take_actions();
+    // Refused by the full queue: stored all the same (other queues may take it), nacked,
+    // and dead-lettered from the queue with reason `maxlen`.
+    h.refuse_publishes(vec![magnetar_sdk::Refusal {
+        queue: "amqp-q-q".into(),
+        dead_letter: true,
+    }]);
+    h.data(&publish_to_q(b"two"));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicNack(n))] if n.delivery_tag == 2 && !n.multiple)
+    );
+    assert_eq!(
+        dead_lettered(&h.take_actions()),
+        [("maxlen".to_string(), "dlx.q".to_string())]
+    );
+    assert_eq!(
+        h.published().len(),
+        3,
+        "two publishes and the dead-lettered copy"
+    );
+    // A plain `reject-publish` refusal: nacked, not dead-lettered.
+    h.refuse_publishes(vec![magnetar_sdk::Refusal {
+        queue: "amqp-q-q".into(),
+        dead_letter: false,
+    }]);
+    h.data(&publish_to_q(b"three"));
+    h.run();
+    assert!(
+        matches!(&sent(&mut h)[..], [Frame::Method(1, Method::BasicNack(n))] if n.delivery_tag == 3)
+    );
+    assert!(dead_lettered(&h.take_actions()).is_empty());
+}
+
+#[test]
+fn a_delivery_the_cap_dropped_is_dead_lettered_instead_of_delivered() {
+    let mut h = running();
+    let mut queue = crate::topology::Queue::default();
+    queue
+        .arguments
+        .insert("x-max-length", FieldValue::I32(1))
+        .insert(
+            "x-dead-letter-exchange",
+            FieldValue::LongStr(b"dlx".to_vec()),
+        );
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
     h.data(&frame(
         1,
         Method::BasicConsume(BasicConsume {
@@ -1169,59 +1320,44 @@ fn max_length_drops_all_but_the_newest_once_the_topics_end_is_known() {
             ..Default::default()
         }),
     ));
-    h.complete_next();
-    h.complete_next();
-    h.complete_next();
+    h.run();
     sent(&mut h);
+    h.take_actions();
     let sub = *h.machine().consumers.keys().next().unwrap();
-    let tail_token = h
-        .pending()
-        .iter()
-        .find_map(|a| match a {
-            Action::LastMessageId { token, .. } => Some(*token),
-            _ => None,
-        })
-        .expect("the topic's end is read");
-    // Entries 1 to 3 of the queue's topic (a serialized MessageIdData).
-    let message = |entry: u8| magnetar_sdk::Message {
+    let message = |id: u64, dropped: bool| magnetar_sdk::Message {
         subscription: sub,
-        delivery_id: u64::from(entry),
-        message_id: vec![0x08, 1, 0x10, entry],
+        delivery_id: id,
+        message_id: vec![],
         key: None,
-        payload: vec![entry],
-        properties: vec![],
-        publish_time_ms: 0,
+        payload: vec![id as u8],
+        properties: [("amqp.routing-key", "q"), ("amqp.exchange", "")]
+            .into_iter()
+            .chain(dropped.then_some(("__magnetar.dropped", "maxlen")))
+            .map(|(k, v)| magnetar_sdk::Property {
+                key: k.into(),
+                value: v.into(),
+            })
+            .collect(),
+        publish_time_ms: T0,
         event_time_ms: None,
         redelivery_count: 0,
     };
-    for entry in 1..=3 {
-        h.feed(Event::Message(message(entry)));
-    }
-    // They wait for the end of the topic.
-    assert!(sent(&mut h).is_empty());
-    h.feed(Event::Position {
-        token: tail_token,
-        result: Ok(Some(vec![0x08, 1, 0x10, 3])),
-    });
-    let bodies: Vec<Vec<u8>> = sent(&mut h)
-        .into_iter()
-        .filter_map(|f| match f {
-            Frame::Body(1, b) => Some(b),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(bodies, [vec![3]]);
-    // The two dropped ones are settled in the queue.
-    let acked: Vec<u64> = h
-        .take_actions()
-        .into_iter()
-        .flat_map(|a| match a {
-            Action::Ack { delivery_id, .. } => vec![delivery_id],
-            Action::AckMany { delivery_ids, .. } => delivery_ids,
-            _ => vec![],
-        })
-        .collect();
-    assert_eq!(acked, [1, 2]);
+    h.feed(Event::Message(message(1, true)));
+    assert!(sent(&mut h).is_empty(), "not delivered");
+    let actions = h.take_actions();
+    assert_eq!(
+        dead_lettered(&actions),
+        [("maxlen".to_string(), "dlx.q".to_string())]
+    );
+    assert!(actions.iter().any(
+        |a| matches!(a, Action::AckMany { delivery_ids, .. } if delivery_ids == &[1])
+            || matches!(a, Action::Ack { delivery_id: 1, .. })
+    ));
+    h.feed(Event::Message(message(2, false)));
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicDeliver(_)), ..]
+    ));
 }
 
 #[test]
@@ -1285,10 +1421,10 @@ fn exchange_bind_stores_the_edge_and_gives_queues_its_bindings() {
         .take_actions()
         .into_iter()
         .filter_map(|a| match a {
-            Action::OpenRoute { spec, .. } => Some(spec.filters),
+            Action::OpenCappedRoute { spec, .. } => Some(spec.filters),
             _ => None,
         })
-        .last();
+        .next_back();
     assert_eq!(last_route.as_deref(), Some(&q.filters("q")[..]));
     // Unbound: the derived binding goes.
     h.data(&frame(

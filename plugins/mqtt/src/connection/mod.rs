@@ -499,7 +499,8 @@ impl Machine for MqttConnection {
                 | Event::Bounds { .. }
                 | Event::TopicsResult { .. }
                 | Event::HomePost(_)
-                | Event::HomeReply { .. } => {}
+                | Event::HomeReply { .. }
+                | Event::PublishRefused { .. } => {}
             }
             // New bytes, or an event that lifted a pause (CONNACK sent, a publish stored).
             self.process_input(now_ms);

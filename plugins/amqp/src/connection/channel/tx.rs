@@ -111,7 +111,7 @@ impl AmqpConnection {
             let properties = message_properties(&content, kind);
             let token = self.ops.start(Op::TxPublish { channel });
             self.publish_issued();
-            self.out.push(Action::Publish {
+            self.out.push(Action::PublishCapped {
                 token,
                 msg: OutboundMessage {
                     topic: topology::SOURCE.into(),
