@@ -247,6 +247,10 @@ impl Host {
             Action::PostHome { .. } | Action::ReplyHome { .. } => {
                 panic!("the MQTT plugin used homes: {a:?}")
             }
+            // Nor queue caps (ABI 0.2.5, AMQP's x-max-length).
+            Action::OpenCappedRoute { .. } | Action::PublishCapped { .. } => {
+                panic!("the MQTT plugin used caps: {a:?}")
+            }
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
