@@ -319,6 +319,34 @@ fn running() -> SimHost<AmqpConnection> {
     h
 }
 
+/// A running connection consuming queue `q` (channel 1), whose record has `argument` and the
+/// dead-letter exchange `dlx`: the host and the consumer's subscription.
+fn consuming_with_dead_letters(
+    argument: &str,
+    value: FieldValue,
+) -> (SimHost<AmqpConnection>, u64) {
+    let mut h = running();
+    let mut queue = crate::topology::Queue::default();
+    queue.arguments.insert(argument, value).insert(
+        "x-dead-letter-exchange",
+        FieldValue::LongStr(b"dlx".to_vec()),
+    );
+    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    (h, sub)
+}
+
 fn channel_close_code(frames: &[Frame]) -> Option<(u16, String)> {
     frames.iter().find_map(|f| match f {
         Frame::Method(1, Method::ChannelClose(m)) => Some((m.reply_code, m.reply_text.clone())),
@@ -693,28 +721,7 @@ fn heartbeats_count_while_a_method_waits_for_the_host() {
 
 #[test]
 fn expired_and_rejected_messages_go_to_the_dead_letter_exchange_and_recover_requeues() {
-    let mut h = running();
-    let mut queue = crate::topology::Queue::default();
-    queue
-        .arguments
-        .insert("x-message-ttl", FieldValue::I32(1000))
-        .insert(
-            "x-dead-letter-exchange",
-            FieldValue::LongStr(b"dlx".to_vec()),
-        );
-    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
-    h.data(&frame(
-        1,
-        Method::BasicConsume(BasicConsume {
-            queue: "q".into(),
-            consumer_tag: "c1".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
-    sent(&mut h);
-    h.take_actions();
-    let sub = *h.machine().consumers.keys().next().unwrap();
+    let (mut h, sub) = consuming_with_dead_letters("x-message-ttl", FieldValue::I32(1000));
     let message = |id: u64, publish_time_ms: u64| magnetar_sdk::Message {
         subscription: sub,
         delivery_id: id,
@@ -1302,28 +1309,7 @@ fn a_publish_a_full_queue_refused_is_nacked_and_dead_lettered_by_a_dlx_queue() {
 
 #[test]
 fn a_delivery_the_cap_dropped_is_dead_lettered_instead_of_delivered() {
-    let mut h = running();
-    let mut queue = crate::topology::Queue::default();
-    queue
-        .arguments
-        .insert("x-max-length", FieldValue::I32(1))
-        .insert(
-            "x-dead-letter-exchange",
-            FieldValue::LongStr(b"dlx".to_vec()),
-        );
-    h.kv_mut().insert("amqp/q/q".into(), queue.encode());
-    h.data(&frame(
-        1,
-        Method::BasicConsume(BasicConsume {
-            queue: "q".into(),
-            consumer_tag: "c".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
-    sent(&mut h);
-    h.take_actions();
-    let sub = *h.machine().consumers.keys().next().unwrap();
+    let (mut h, sub) = consuming_with_dead_letters("x-max-length", FieldValue::I32(1));
     let message = |id: u64, dropped: bool| magnetar_sdk::Message {
         subscription: sub,
         delivery_id: id,
