@@ -20,6 +20,7 @@ from amqp_servers import (  # noqa: F401 (fixtures)
 )
 from test_amqp_connection import params
 from test_amqp_messaging import bodies, conn, receive  # noqa: F401 (fixture)
+from test_amqp_queues import assert_dead_lettered_as_maxlen, capped_beside_witness, dead_letter_target
 
 
 def publish_all(ch, exchange, key, payloads, props=None) -> list[bool]:
@@ -92,10 +93,7 @@ def test_a_requeued_message_counts_again(conn):
 def test_reject_publish_dlx_dead_letters_the_refused_message_as_maxlen(conn):
     ch = conn.channel()
     ch.confirm_delivery()
-    dlx, dlq, q = unique("dlx"), unique("dlq"), unique("capped")
-    ch.exchange_declare(dlx, "fanout")
-    ch.queue_declare(dlq)
-    ch.queue_bind(dlq, dlx)
+    (dlx, dlq), q = dead_letter_target(ch), unique("capped")
     ch.queue_declare(
         q,
         arguments={
@@ -133,16 +131,8 @@ def test_reject_publish_dlx_dead_letters_the_refused_message_as_maxlen(conn):
 def test_max_length_bytes_with_drop_head_keeps_the_newest_bytes(conn):
     ch = conn.channel()
     ch.confirm_delivery()
-    dlx, dlq, fan = unique("dlx"), unique("dlq"), unique("fan")
-    ch.exchange_declare(dlx, "fanout")
-    ch.queue_declare(dlq)
-    ch.queue_bind(dlq, dlx)
-    q, witness = unique("capped"), unique("witness")
-    ch.queue_declare(q, arguments={"x-max-length-bytes": 10, "x-dead-letter-exchange": dlx})
-    ch.queue_declare(witness)
-    ch.exchange_declare(fan, "fanout")
-    ch.queue_bind(q, fan)
-    ch.queue_bind(witness, fan)
+    dlx, dlq = dead_letter_target(ch)
+    q, witness, fan = capped_beside_witness(ch, {"x-max-length-bytes": 10, "x-dead-letter-exchange": dlx})
     # Five bodies of 4 bytes: the newest two (8 bytes) fit in 10, three would not.
     sent = [f"m-0{i}".encode() for i in range(5)]
     assert publish_all(ch, fan, "", sent) == [True] * 5
@@ -151,12 +141,7 @@ def test_max_length_bytes_with_drop_head_keeps_the_newest_bytes(conn):
     survivors = receive(ch, q, 5, timeout=3.0, auto_ack=True)
     assert [body for _, _, body in survivors] == [b"m-03", b"m-04"]
     ch.cancel()
-    dead = receive(ch, dlq, 4, timeout=3.0, auto_ack=True)
-    assert bodies(dead) == [b"m-00", b"m-01", b"m-02"]
-    for _, props, _ in dead:
-        [death] = props.headers["x-death"]
-        assert (death["reason"], death["queue"]) == ("maxlen", q)
-    ch.cancel()
+    assert_dead_lettered_as_maxlen(ch, dlq, q, [b"m-00", b"m-01", b"m-02"])
 
 
 def test_max_length_bytes_with_reject_publish_refuses_what_would_not_fit(conn):

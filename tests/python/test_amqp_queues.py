@@ -20,6 +20,39 @@ from test_amqp_connection import params
 from test_amqp_messaging import bodies, conn, receive  # noqa: F401 (fixture)
 
 
+def dead_letter_target(ch) -> tuple:
+    """A fresh fanout dead-letter exchange and the queue bound to it: (exchange, queue)."""
+    dlx, dlq = unique("dlx"), unique("dlq")
+    ch.exchange_declare(dlx, "fanout")
+    ch.queue_declare(dlq)
+    ch.queue_bind(dlq, dlx)
+    return dlx, dlq
+
+
+def capped_beside_witness(ch, arguments: dict) -> tuple:
+    """A queue declared with `arguments` and an uncapped witness queue, both bound to a fresh
+    fanout exchange, so that once the witness holds what was published, so has the queue:
+    (queue, witness, exchange)."""
+    q, witness, fan = unique("capped"), unique("witness"), unique("fan")
+    ch.queue_declare(q, arguments=arguments)
+    ch.queue_declare(witness)
+    ch.exchange_declare(fan, "fanout")
+    ch.queue_bind(q, fan)
+    ch.queue_bind(witness, fan)
+    return q, witness, fan
+
+
+def assert_dead_lettered_as_maxlen(ch, dlq: str, q: str, expected: list) -> None:
+    """The dead-letter queue holds `expected` (bodies, in order), each died in `q` for
+    `maxlen`."""
+    dead = receive(ch, dlq, len(expected) + 1, timeout=3.0, auto_ack=True)
+    assert bodies(dead) == expected
+    for _, props, _ in dead:
+        [death] = props.headers["x-death"]
+        assert (death["reason"], death["queue"]) == ("maxlen", q)
+    ch.cancel()
+
+
 def test_purge_drops_the_waiting_messages(conn):
     q = unique("purge")
     ch1 = conn.channel()
@@ -260,16 +293,8 @@ def test_expired_message_is_dead_lettered_with_reason_expired(conn):
 def test_max_length_keeps_the_newest_and_dead_letters_the_rest_as_maxlen(conn):
     ch = conn.channel()
     ch.confirm_delivery()
-    dlx, dlq, fan = unique("dlx"), unique("dlq"), unique("fan")
-    ch.exchange_declare(dlx, "fanout")
-    ch.queue_declare(dlq)
-    ch.queue_bind(dlq, dlx)
-    q, witness = unique("capped"), unique("witness")
-    ch.queue_declare(q, arguments={"x-max-length": 2, "x-dead-letter-exchange": dlx})
-    ch.queue_declare(witness)
-    ch.exchange_declare(fan, "fanout")
-    ch.queue_bind(q, fan)
-    ch.queue_bind(witness, fan)
+    dlx, dlq = dead_letter_target(ch)
+    q, witness, fan = capped_beside_witness(ch, {"x-max-length": 2, "x-dead-letter-exchange": dlx})
     for i in range(5):
         ch.basic_publish(fan, "", f"m-{i}".encode())
     # Both queues take every message together: once the witness has all five, so has q.
@@ -278,12 +303,7 @@ def test_max_length_keeps_the_newest_and_dead_letters_the_rest_as_maxlen(conn):
     survivors = receive(ch, q, 5, timeout=3.0, auto_ack=True)
     assert [body for _, _, body in survivors] == [b"m-3", b"m-4"]
     ch.cancel()
-    dead = receive(ch, dlq, 4, timeout=3.0, auto_ack=True)
-    assert bodies(dead) == [b"m-0", b"m-1", b"m-2"]
-    for _, props, _ in dead:
-        [death] = props.headers["x-death"]
-        assert (death["reason"], death["queue"]) == ("maxlen", q)
-    ch.cancel()
+    assert_dead_lettered_as_maxlen(ch, dlq, q, [b"m-0", b"m-1", b"m-2"])
     # An overflow RabbitMQ does not know: 406.
     bad = conn.channel()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
