@@ -319,6 +319,21 @@ fn running() -> SimHost<AmqpConnection> {
     h
 }
 
+/// Consumes queue `q` on channel 1 as `c`; what that sent and asked of the host is cleared.
+fn consume_q(h: &mut SimHost<AmqpConnection>) {
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(h);
+    h.take_actions();
+}
+
 /// A running connection consuming queue `q` (channel 1), whose record has `argument` and the
 /// dead-letter exchange `dlx`: the host and the consumer's subscription.
 fn consuming_with_dead_letters(
@@ -332,17 +347,7 @@ fn consuming_with_dead_letters(
         FieldValue::LongStr(b"dlx".to_vec()),
     );
     h.kv_mut().insert("amqp/q/q".into(), queue.encode());
-    h.data(&frame(
-        1,
-        Method::BasicConsume(BasicConsume {
-            queue: "q".into(),
-            consumer_tag: "c".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
-    sent(&mut h);
-    h.take_actions();
+    consume_q(&mut h);
     let sub = *h.machine().consumers.keys().next().unwrap();
     (h, sub)
 }
@@ -999,17 +1004,7 @@ fn consumers_of_a_queue_deleted_elsewhere_end_and_its_route_goes() {
             ..Default::default()
         }),
     ));
-    h.data(&frame(
-        1,
-        Method::BasicConsume(BasicConsume {
-            queue: "q".into(),
-            consumer_tag: "c".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
-    sent(&mut h);
-    h.take_actions();
+    consume_q(&mut h);
     // Still there: nothing happens.
     h.advance(super::lifetime::WATCH_MS);
     h.run();
