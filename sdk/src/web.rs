@@ -30,16 +30,19 @@
 //! ```
 //! use magnetar_sdk::web::{decode, Direction, Frame, Response};
 //!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // The plugin accepts the upgrade, then says hello.
 //! let mut out = Frame::Response(Response::switching_protocols()).encode();
 //! out.extend(Frame::Text("hello".into()).encode());
 //! // The host reads what the plugin sent, however the chunks fell.
-//! let (first, used) = decode(Direction::ToHost, &out, 1 << 20).unwrap().unwrap();
+//! let (first, used) = decode(Direction::ToHost, &out, 1 << 20)?.ok_or("half a frame")?;
 //! assert_eq!(first, Frame::Response(Response::switching_protocols()));
-//! let (second, _) = decode(Direction::ToHost, &out[used..], 1 << 20).unwrap().unwrap();
+//! let (second, _) = decode(Direction::ToHost, &out[used..], 1 << 20)?.ok_or("half a frame")?;
 //! assert_eq!(second, Frame::Text("hello".into()));
 //! // Half a frame is not an error: wait for the rest.
 //! assert_eq!(decode(Direction::ToHost, &out[..3], 1 << 20), Ok(None));
+//! # Ok(())
+//! # }
 //! ```
 
 use std::fmt;

@@ -43,4 +43,5 @@ pub mod coordinator;
 /// Kafka records as Pulsar messages and back.
 pub mod message;
 #[cfg(test)]
+#[path = "tests/wire.rs"]
 mod test_wire;

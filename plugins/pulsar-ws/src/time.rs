@@ -53,15 +53,15 @@ pub fn parse(text: &str) -> Result<i64, ParseError> {
     let b = text.as_bytes();
     let mut p = Cursor { b, pos: 0 };
     let year = p.digits(4).ok_or_else(|| err(p.pos))?;
-    p.expect(b'-').ok_or_else(|| err(p.pos))?;
+    p.eat(b'-').ok_or_else(|| err(p.pos))?;
     let month = p.digits(2).ok_or_else(|| err(p.pos))?;
-    p.expect(b'-').ok_or_else(|| err(p.pos))?;
+    p.eat(b'-').ok_or_else(|| err(p.pos))?;
     let day = p.digits(2).ok_or_else(|| err(p.pos))?;
-    if !p.expect_ci(b'T') {
+    if !p.eat_ci(b'T') {
         return Err(err(p.pos));
     }
     let hour = p.digits(2).ok_or_else(|| err(p.pos))?;
-    p.expect(b':').ok_or_else(|| err(p.pos))?;
+    p.eat(b':').ok_or_else(|| err(p.pos))?;
     let minute = p.digits(2).ok_or_else(|| err(p.pos))?;
     let (mut second, mut nanos) = (0, 0u64);
     if p.peek() == Some(b':') {
@@ -81,7 +81,7 @@ pub fn parse(text: &str) -> Result<i64, ParseError> {
         }
     }
     let offset_at = p.pos;
-    let offset_secs: i64 = if p.expect_ci(b'Z') {
+    let offset_secs: i64 = if p.eat_ci(b'Z') {
         0
     } else {
         let sign = match p.peek() {
@@ -91,7 +91,7 @@ pub fn parse(text: &str) -> Result<i64, ParseError> {
         };
         p.pos += 1;
         let oh = p.digits(2).ok_or_else(|| err(offset_at))?;
-        p.expect(b':').ok_or_else(|| err(offset_at))?;
+        p.eat(b':').ok_or_else(|| err(offset_at))?;
         let om = p.digits(2).ok_or_else(|| err(offset_at))?;
         let mut os = 0;
         if p.peek() == Some(b':') {
@@ -140,11 +140,11 @@ impl Cursor<'_> {
         Some(s.iter().fold(0, |v, c| v * 10 + i64::from(c - b'0')))
     }
 
-    fn expect(&mut self, c: u8) -> Option<()> {
+    fn eat(&mut self, c: u8) -> Option<()> {
         (self.peek() == Some(c)).then(|| self.pos += 1)
     }
 
-    fn expect_ci(&mut self, c: u8) -> bool {
+    fn eat_ci(&mut self, c: u8) -> bool {
         let hit = self.peek().is_some_and(|x| x.eq_ignore_ascii_case(&c));
         if hit {
             self.pos += 1;

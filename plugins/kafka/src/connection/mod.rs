@@ -25,22 +25,27 @@
 
 pub mod api_versions;
 #[cfg(test)]
+#[path = "tests/data.rs"]
 mod data_tests;
 mod describe;
 mod fetch;
 mod groups;
 mod idempotence;
 #[cfg(test)]
+#[path = "tests/idempotence.rs"]
 mod idempotence_tests;
 #[cfg(test)]
+#[path = "tests/legacy.rs"]
 mod legacy_tests;
 mod list_offsets;
 mod produce;
 mod produce_v0;
 mod sasl;
 #[cfg(test)]
+#[path = "tests/sasl.rs"]
 mod sasl_tests;
 #[cfg(test)]
+#[path = "tests/connection.rs"]
 mod tests;
 pub mod throttle;
 mod topics;

@@ -519,7 +519,7 @@ fn offset_commit_v0_v1_and_offset_fetch_v0() {
 /// whole: nine responses, the connection open, so that fuzzing starts from these paths.
 #[test]
 fn the_fuzz_seed_of_old_versions_is_served() {
-    let seed = include_bytes!("../../fuzz/corpus/kafka_connection/old-versions");
+    let seed = include_bytes!("../../../fuzz/corpus/kafka_connection/old-versions");
     let mut client = host_with(Config::default());
     let mut home = SimHost::new(1_000, GroupHome::new(Timing::default()));
     let mut rest = &seed[..];
