@@ -174,7 +174,9 @@ pub struct UserConfig {
     /// Plain password, hashed with argon2 when the config is loaded.
     #[serde(default)]
     pub password: Option<String>,
-    /// An argon2 PHC string (`$argon2id$v=19$...`), as `magnetar hash-password` prints.
+    /// A stored hash: an argon2 PHC string (`$argon2id$v=19$...`), as `magnetar
+    /// hash-password` prints, or Mosquitto's sha512-pbkdf2 (`$7$...`), as `mosquitto_passwd`
+    /// writes and `magnetar import-mosquitto-passwd` carries over (`crate::password`).
     #[serde(default)]
     pub password_hash: Option<String>,
     #[serde(default = "default_tenant")]

@@ -42,6 +42,8 @@ pub mod crypto;
 pub mod kv;
 /// Recently verified password logins, so that a reconnecting fleet skips argon2.
 pub mod login_cache;
+/// Stored password hashes (argon2id, Mosquitto's sha512-pbkdf2) and their checks.
+pub mod password;
 /// Quotas and usage per tenant and user.
 pub mod quota;
 /// SASL PLAIN and SCRAM, run by the host for plugins.

@@ -47,6 +47,17 @@ enum Command {
     },
     /// Reads a password from stdin and prints its argon2 hash for `auth.users.password_hash`.
     HashPassword,
+    /// Reads a Mosquitto password file (`mosquitto_passwd`'s `user:$7$...` lines) and prints
+    /// its users as `[[auth.users]]` entries of `tenant`/`namespace`, their hashes as they
+    /// are: the devices keep their passwords.
+    ImportMosquittoPasswd {
+        /// The password file.
+        file: PathBuf,
+        #[arg(long, default_value = "public")]
+        tenant: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +97,29 @@ fn main() -> anyhow::Result<()> {
             )
             .map_err(|e| anyhow::anyhow!("hashing: {e}"))?;
             println!("{hash}");
+            Ok(())
+        }
+        Some(Command::ImportMosquittoPasswd {
+            file,
+            tenant,
+            namespace,
+        }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let (users, refused) =
+                magnetar::password::import_mosquitto_passwd(&text, &tenant, &namespace);
+            for (line, reason) in &refused {
+                eprintln!("{}:{line}: left out: {reason}", file.display());
+            }
+            print!(
+                "{}",
+                toml::to_string(&users).context("writing the users as TOML")?
+            );
+            eprintln!(
+                "{} users imported, {} lines left out",
+                users.auth.users.len(),
+                refused.len()
+            );
             Ok(())
         }
     }

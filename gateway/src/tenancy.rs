@@ -7,8 +7,9 @@
 //! `..`, `%`-escapes); the host alone builds the `persistent://tenant/ns/name` URL.
 //!
 //! Mechanisms, all behind [`Tenancy::authenticate`]:
-//! - passwords, stored only as argon2id hashes (a plain password in the config is hashed when
-//!   it is loaded); verification runs on the blocking pool, never on a socket task;
+//! - passwords, stored only as hashes ([`crate::password`]: argon2id, which a plain password in
+//!   the config is hashed to when it is loaded, or a `password_hash` imported from Mosquitto's
+//!   `mosquitto_passwd`); verification runs on the blocking pool, never on a socket task;
 //! - JWT tokens as Pulsar issues them (`sub` = user name, optional `exp`), HS256 or RS256,
 //!   checked by [`magnetar_broker::auth::verify`] — the same code the embedded broker uses;
 //! - anonymous access, where the config allows it.
@@ -33,7 +34,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::Argon2;
 
 use crate::login_cache::LoginCache;
@@ -110,7 +111,7 @@ pub enum TenancyError {
 /// A user as the directory keeps it.
 #[derive(Debug, Clone)]
 struct User {
-    /// argon2 PHC string.
+    /// Stored hash ([`crate::password`]), empty for a token-only user.
     hash: String,
     principal: Principal,
     permissions: Vec<PermissionConfig>,
@@ -165,6 +166,41 @@ pub struct UserView {
 struct Directory {
     tenants: HashMap<String, TenantConfig>,
     users: HashMap<String, User>,
+    /// Users whose stored hash is Mosquitto's PBKDF2 (the others: argon2, or none).
+    mosquitto_hashes: usize,
+}
+
+impl Directory {
+    /// Adds or replaces a user.
+    fn put(&mut self, name: String, user: User) {
+        self.mosquitto_hashes += usize::from(is_mosquitto(&user.hash));
+        if let Some(old) = self.users.insert(name, user) {
+            self.mosquitto_hashes -= usize::from(is_mosquitto(&old.hash));
+        }
+    }
+
+    /// Removes a user; whether there was one.
+    fn remove(&mut self, name: &str) -> bool {
+        let old = self.users.remove(name);
+        if let Some(old) = &old {
+            self.mosquitto_hashes -= usize::from(is_mosquitto(&old.hash));
+        }
+        old.is_some()
+    }
+
+    /// The hash an unknown user's password is checked against, so that a refusal takes as
+    /// long as most known users' would: of the kind most users have.
+    fn dummy_hash(&self) -> &'static str {
+        if self.mosquitto_hashes * 2 > self.users.len() {
+            DUMMY_MOSQUITTO_HASH
+        } else {
+            dummy_argon2_hash()
+        }
+    }
+}
+
+fn is_mosquitto(hash: &str) -> bool {
+    hash.starts_with("$7$")
 }
 
 /// Keys that check (and possibly sign) tokens.
@@ -239,12 +275,6 @@ pub fn hash_password(password: &[u8]) -> Result<String, String> {
         .hash_password(password, &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
-}
-
-fn verify_password(hash: &str, password: &[u8]) -> bool {
-    PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(password, &h).is_ok())
-        .unwrap_or(false)
 }
 
 /// Tenants, users, token keys and what anonymous clients may do.
@@ -456,7 +486,7 @@ impl Tenancy {
         let hash = match (&u.password, &u.password_hash) {
             (Some(p), None) => hash_password(p.as_bytes()).map_err(err)?,
             (None, Some(h)) => {
-                PasswordHash::new(h).map_err(|e| err(format!("password_hash: {e}")))?;
+                crate::password::check(h).map_err(|e| err(format!("password_hash: {e}")))?;
                 h.clone()
             }
             // Token-only user: no password can match.
@@ -483,7 +513,7 @@ impl Tenancy {
         };
         self.login_cache
             .rebind(&u.name, &hash, u.password.as_deref().map(str::as_bytes));
-        self.write().users.insert(
+        self.write().put(
             u.name.clone(),
             User {
                 hash,
@@ -531,7 +561,7 @@ impl Tenancy {
 
     pub fn delete_user(&self, name: &str) -> bool {
         self.login_cache.forget(name);
-        self.write().users.remove(name).is_some()
+        self.write().remove(name)
     }
 
     pub fn users(&self) -> Vec<UserView> {
@@ -680,11 +710,14 @@ impl Tenancy {
                         _ => Err(AuthError::BadToken("the token is another user's".into())),
                     };
                 }
-                let found = self
-                    .read()
-                    .users
-                    .get(&user)
-                    .map(|u| (u.hash.clone(), u.principal.clone()));
+                let (found, dummy) = {
+                    let dir = self.read();
+                    let found = dir
+                        .users
+                        .get(&user)
+                        .map(|u| (u.hash.clone(), u.principal.clone()));
+                    (found, dir.dummy_hash())
+                };
                 // Unknown users cost the same hash as known ones.
                 let (hash, principal) = match found {
                     Some((h, p)) if !h.is_empty() => {
@@ -694,7 +727,7 @@ impl Tenancy {
                         }
                         (h, Some(p))
                     }
-                    _ => (dummy_hash().to_string(), None),
+                    _ => (dummy.to_string(), None),
                 };
                 let gate = self.verify_gate(&user);
                 let _turn = gate.lock().await;
@@ -766,7 +799,7 @@ impl Tenancy {
             .map_err(|_| AuthError::Busy)?;
         let (hash, password) = (hash.to_string(), password.to_vec());
         Ok(
-            tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+            tokio::task::spawn_blocking(move || crate::password::verify(&hash, &password))
                 .await
                 .unwrap_or(false),
         )
@@ -790,10 +823,15 @@ impl Tenancy {
 }
 
 /// A fixed argon2 hash, checked for unknown users so that their answer takes as long.
-fn dummy_hash() -> &'static str {
+fn dummy_argon2_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| hash_password(b"magnetar-unknown-user").unwrap_or_default())
 }
+
+/// A fixed hash in Mosquitto's default form (101 iterations), checked for unknown users
+/// where most users' hashes came from `mosquitto_passwd`.
+const DUMMY_MOSQUITTO_HASH: &str =
+    "$7$101$bWFnbmV0YXItZHVt$8JtxAdV6cBaE3RKxvAdp38mSVXV/Yr1RXd07nL2F8/V4YYhJt18B8Gt7OwJvvUnb64uRw+5wtJ4ZBYRHB05wHQ==";
 
 /// `*` matches any run of characters; everything else matches itself.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -927,6 +965,54 @@ mod tests {
             .authenticate(Credentials::Token(token), None)
             .await
             .is_ok());
+    }
+
+    /// `mosquitto_passwd -b passwd dev-1 s3cret` (Mosquitto 2.0).
+    const DEV_1: &str = "$7$101$iaEkTP/5Y7MypDX8$m3ZQg+NFzGdXAIK6j67Lq2vO8jpsLwfFlL4Qexh/rHMl3DcTZcDEo3bnrolFHwp6gSHYYRKfrgd86wCxtwvYnA==";
+
+    #[tokio::test]
+    async fn a_hash_from_mosquitto_passwd_logs_its_user_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse(&format!(
+            "[auth]\nallow_anonymous = false\n[[auth.users]]\nname = \"dev-1\"\npassword_hash = {DEV_1:?}\ntenant = \"acme\"\n"
+        ))
+        .unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let t = Tenancy::from_config(&config).unwrap();
+        let login = |password: &[u8]| {
+            t.authenticate(
+                Credentials::Password {
+                    user: "dev-1".into(),
+                    password: password.to_vec(),
+                },
+                None,
+            )
+        };
+        assert_eq!(login(b"s3cret").await.map(|p| p.tenant), Ok("acme".into()));
+        // Served by the login cache now; one byte off is checked against the hash, refused.
+        assert!(login(b"s3cret").await.is_ok());
+        assert_eq!(login(b"s3creT").await, Err(AuthError::BadPassword));
+        assert_eq!(t.login_cache_stats(), (1, 2));
+        // Where most users' hashes came from Mosquitto, an unknown user is checked against
+        // a hash of that kind, so its refusal takes as long as theirs.
+        assert_eq!(t.read().dummy_hash(), DUMMY_MOSQUITTO_HASH);
+        t.put_user_config(&UserConfig {
+            name: "alice".into(),
+            password: Some("a".into()),
+            password_hash: None,
+            ..config.auth.users[0].clone()
+        })
+        .unwrap();
+        assert_ne!(t.read().dummy_hash(), DUMMY_MOSQUITTO_HASH);
+        assert!(t.delete_user("alice"));
+        assert_eq!(t.read().dummy_hash(), DUMMY_MOSQUITTO_HASH);
+        // $6$ (one round of SHA-512) is refused with the reason.
+        let weak = UserConfig {
+            password_hash: Some("$6$c2FsdA==$aGFzaA==".into()),
+            ..config.auth.users[0].clone()
+        };
+        let err = t.put_user_config(&weak).unwrap_err().to_string();
+        assert!(err.contains("too weak"), "{err}");
     }
 
     #[tokio::test]

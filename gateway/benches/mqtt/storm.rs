@@ -23,6 +23,11 @@
 //! `restart`; default all) picks rows, e.g. for a profile (the gateway's pid is printed; attach
 //! `perf record -p <pid>`). Devices connect from 127.0.0.1-4 in turn, so that long runs do
 //! not run out of client ports.
+//!
+//! `BENCH_STORM_HASHES=mosquitto`: the gateway's users are Mosquitto's own password file,
+//! imported with `magnetar import-mosquitto-passwd` (each user its PBKDF2-SHA512 hash, as
+//! Mosquitto checks it), instead of argon2: the cold row then compares the two servers with
+//! the same stored hashes.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -174,9 +179,10 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn start(dir: &Path, tls: &Tls, users: usize) -> Gateway {
+    /// `imported`: the users as `magnetar import-mosquitto-passwd` printed them (else
+    /// `users` devices with one argon2 hash).
+    fn start(dir: &Path, tls: &Tls, users: usize, imported: Option<String>) -> Gateway {
         let [broker, mqtt, mqtts, admin] = free_ports();
-        let hash = hash_password();
         let mut config = format!(
             "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{}\"\n\n[tls]\ncert = {:?}\nkey = {:?}\n\n\
              [[listeners]]\nname = \"mqtt\"\nbind = \"{mqtt}\"\nplugin = \"mqtt\"\n\n\
@@ -186,10 +192,17 @@ impl Gateway {
             tls.cert,
             tls.key
         );
-        for i in 0..users {
-            config.push_str(&format!(
-                "\n[[auth.users]]\nname = \"dev-{i}\"\npassword_hash = \"{hash}\"\ntenant = \"public\"\n"
-            ));
+        match imported {
+            // `[auth]` is the last table above: the imported `[[auth.users]]` join it.
+            Some(users) => config.push_str(users.trim_start_matches("[auth]\n")),
+            None => {
+                let hash = hash_password();
+                for i in 0..users {
+                    config.push_str(&format!(
+                        "\n[[auth.users]]\nname = \"dev-{i}\"\npassword_hash = \"{hash}\"\ntenant = \"public\"\n"
+                    ));
+                }
+            }
         }
         let path = dir.join("storm-magnetar.toml");
         std::fs::write(&path, config).expect("config");
@@ -306,21 +319,37 @@ struct Mosquitto {
     mqtts: SocketAddr,
 }
 
-fn start_mosquitto(dir: &Path, tls: &Tls, users: usize) -> Option<Mosquitto> {
+/// A Mosquitto password file of `users` devices (PBKDF2-SHA512, Mosquitto 2.0's default).
+fn write_passwd(dir: &Path, users: usize) -> Option<std::path::PathBuf> {
     let passwd = dir.join("storm-passwd");
     let plain: String = (0..users)
         .map(|i| format!("dev-{i}:{PASSWORD}\n"))
         .collect();
     std::fs::write(&passwd, plain).ok()?;
-    // Hashes the plain-text file in place (PBKDF2-SHA512, Mosquitto 2.0's default).
+    // Hashes the plain-text file in place.
     let hashed = Command::new("mosquitto_passwd")
         .arg("-U")
         .arg(&passwd)
         .status()
         .ok()?;
-    if !hashed.success() {
-        return None;
-    }
+    hashed.success().then_some(passwd)
+}
+
+/// The users of a Mosquitto password file as `[[auth.users]]`, from
+/// `magnetar import-mosquitto-passwd`.
+fn import_passwd(passwd: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_magnetar"))
+        .arg("import-mosquitto-passwd")
+        .arg(passwd)
+        .output()
+        .expect("magnetar import-mosquitto-passwd");
+    assert!(out.status.success(), "import-mosquitto-passwd failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn start_mosquitto(tls: &Tls, passwd: Option<&Path>) -> Option<Mosquitto> {
+    let passwd = passwd?;
+    let dir = passwd.parent()?;
     let [anonymous, mqtt, mqtts] = free_ports();
     let text = format!(
         "user root\nper_listener_settings true\n\
@@ -377,9 +406,23 @@ pub fn table(rt: &tokio::runtime::Runtime, dir: &Path, tls: &Tls, sizes: &[usize
     println!("\nConnect storms ({IN_FLIGHT} logins in flight; devices dev-<i> with their own users; connections per second; server CPU µs per connection; median of {rounds} round(s)):\n");
     println!("| fleet | login | magnetar conn/s | mosquitto conn/s | magnetar / mosquitto | magnetar CPU µs/conn | mosquitto CPU µs/conn |");
     println!("|---|---|---|---|---|---|---|");
-    let mut gw = Gateway::start(dir, tls, largest);
+    let passwd = write_passwd(dir, largest);
+    let mosquitto_hashes = std::env::var("BENCH_STORM_HASHES").is_ok_and(|h| h == "mosquitto");
+    let imported = passwd
+        .as_deref()
+        .filter(|_| mosquitto_hashes)
+        .map(import_passwd);
+    if mosquitto_hashes {
+        println!(
+            "(the gateway's users: Mosquitto's password file, imported: {} users)",
+            imported
+                .as_deref()
+                .map_or(0, |t| t.matches("[[auth.users]]").count())
+        );
+    }
+    let mut gw = Gateway::start(dir, tls, largest, imported);
     println!("(storm gateway pid {})", gw.pid());
-    let mosquitto = start_mosquitto(dir, tls, largest);
+    let mosquitto = start_mosquitto(tls, passwd.as_deref());
     let tls_connector = crate::idle::connector(&tls.der);
     let tokens = Kind::Token(Arc::new(gw.tokens(100)));
     let row = |n: usize, what: &str, (m, q): (Rate, Option<Rate>)| {
