@@ -98,13 +98,13 @@ pub use bindings::magnetar::plugin::messaging::{
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
 use bindings::magnetar::plugin::{
-    auth, caps, conn, homes, indexed, kv, messaging, pubsub, quota, routing, session, timers,
+    auth, caps, conn, flow, homes, indexed, kv, messaging, pubsub, quota, routing, session, timers,
     topics,
 };
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
-pub const ABI_VERSION: &str = "0.2.5";
+pub const ABI_VERSION: &str = "0.2.6";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -398,6 +398,12 @@ impl Conn {
     /// Negative ack: the message comes back after the consumer's nack delay.
     pub fn nack(self, sub: SubId, delivery_id: u64) {
         messaging::nack(self.0, sub, delivery_id);
+    }
+
+    /// The consumer takes no more messages but stays open for what it delivered, which is
+    /// still acked or nacked; closed with [`Conn::unsubscribe`] as usual. ABI 0.2.6.
+    pub fn drain(self, sub: SubId) {
+        flow::drain(self.0, sub);
     }
 
     /// Moves a consumer; completes with [`Connection::on_position`].

@@ -231,6 +231,8 @@ pub enum Action {
     OpenConsumer { token: u64, spec: ConsumerSpec },
     /// [`Conn::nack`].
     Nack { sub: SubId, delivery_id: u64 },
+    /// [`Conn::drain`].
+    Drain { sub: SubId },
     /// [`Conn::seek`]; completes with [`Event::Position`].
     Seek {
         token: u64,
@@ -343,6 +345,7 @@ impl Action {
             Action::SendMessage { token, msg } => conn.send_message(token, &msg),
             Action::OpenConsumer { token, spec } => conn.open_consumer(token, &spec),
             Action::Nack { sub, delivery_id } => conn.nack(sub, delivery_id),
+            Action::Drain { sub } => conn.drain(sub),
             Action::Seek {
                 token,
                 sub,

@@ -36,6 +36,8 @@
 //!   [`Action::PublishCapped`] publishes as [`Action::Publish`] does, and is refused by the
 //!   queues the test names ([`SimHost::refuse_publishes`]): the host's counting of ready
 //!   messages is not simulated.
+//! - **flow** (ABI 0.2.6): a consumer drained by [`Action::Drain`] is handed nothing more
+//!   and still takes acks and nacks ([`SimHost::drained`]).
 //!
 //! What it does not simulate: tenancy and authorization (every operation succeeds unless the
 //! test fails it, authentication answers the configured principal), quotas, SASL (refused),
@@ -147,6 +149,8 @@ struct Sub {
     key_property: Option<String>,
     /// A `messaging` consumer: its messages are `Event::Message`s.
     messages: bool,
+    /// Drained ([`Action::Drain`]): hands out nothing more.
+    drained: bool,
 }
 
 /// The gateway, simulated for one connection at a time: see the module docs.
@@ -699,6 +703,11 @@ impl<M: Machine> SimHost<M> {
         self.indexed.readers.keys().copied().collect()
     }
 
+    /// Whether `sub` was drained ([`Action::Drain`]).
+    pub fn drained(&self, sub: SubId) -> bool {
+        self.subs.get(&sub).is_some_and(|s| s.drained)
+    }
+
     /// Deliveries of `sub` handed out and not acked.
     pub fn unacked(&self, sub: SubId) -> usize {
         self.subs.get(&sub).map_or(0, |s| s.unacked.len())
@@ -712,7 +721,7 @@ impl<M: Machine> SimHost<M> {
         for id in ids {
             let mut batch = Vec::new();
             if let Some(sub) = self.subs.get_mut(&id) {
-                if !sub.attached || self.closed.is_some() {
+                if !sub.attached || sub.drained || self.closed.is_some() {
                     continue;
                 }
                 let window = usize::try_from(sub.spec.max_unacked.max(1)).unwrap_or(usize::MAX);
@@ -907,6 +916,7 @@ impl<M: Machine> SimHost<M> {
             filters: None,
             key_property: None,
             messages: false,
+            drained: false,
         };
         if sub.spec.durable {
             let earlier = self
@@ -1142,6 +1152,11 @@ impl<M: Machine> SimHost<M> {
                 }
                 Action::Ack { sub, delivery_id } => self.ack(sub, delivery_id),
                 Action::Nack { sub, delivery_id } => self.nack(sub, delivery_id),
+                Action::Drain { sub } => {
+                    if let Some(s) = self.subs.get_mut(&sub) {
+                        s.drained = true;
+                    }
+                }
                 Action::AckMany { sub, delivery_ids } => {
                     for id in delivery_ids {
                         self.ack(sub, id);

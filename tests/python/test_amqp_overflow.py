@@ -70,17 +70,7 @@ def test_reject_publish_nacks_the_message_a_full_queue_refuses(conn):
     ch.cancel()
 
 
-def test_a_requeued_message_counts_again(conn, request):
-    if request.node.callspec.params.get("amqp_server") == "magnetar":
-        # A known race (docs/amqp.md, the queue caps' limits): the cancelled consumer still
-        # holds `a`, so it stays open and the backend may hand it `b` before the nack; the
-        # host then counts `b` as delivered and `c` fits. Seen in about one run in four.
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="a cancelled consumer holding a delivery still receives, counted as delivered",
-                strict=False,
-            )
-        )
+def test_a_requeued_message_counts_again(conn):
     ch = conn.channel()
     ch.confirm_delivery()
     ch.basic_qos(prefetch_count=1)

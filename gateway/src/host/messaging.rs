@@ -1,5 +1,6 @@
 //! Host calls of messaging (ABI 0.2.2): `send-message`, `open-consumer`, `nack`, `seek`,
-//! `last-message-id` — Pulsar's own message model for plugins that expose it.
+//! `last-message-id` — Pulsar's own message model for plugins that expose it; and of `flow`
+//! (ABI 0.2.6): `drain`, a consumer that takes nothing more but keeps what it holds.
 //!
 //! The same paths as pubsub's, with more said: a publish goes through the connection's
 //! ordered operations (checked, sealed, metered) and completes with the stored message's id;
@@ -15,6 +16,7 @@ use super::event::Event;
 use super::pubsub::{backend_message, sub_type, MAX_UNACKED};
 use super::subscription_task::{SeekTarget, Shape, SubCmd};
 use crate::abi::types::{self, ErrorKind, OpError};
+use crate::abi::v0_2::magnetar::plugin::flow;
 use crate::abi::v0_2::magnetar::plugin::messaging::{
     self, ConsumerSpec, MessageOut, Position, TopicRef,
 };
@@ -64,7 +66,7 @@ impl HostState {
                 )),
             }),
             (_, None) => {
-                tracing::warn!(plugin = %self.plugin, conn, sub, "negative ack dropped: no such consumer or too many queued")
+                tracing::warn!(plugin = %self.plugin, conn, sub, "negative ack or drain dropped: no such consumer or too many queued")
             }
         }
     }
@@ -178,5 +180,13 @@ impl messaging::Host for HostState {
     /// `last-message-id`: the topic's last message; completes with `events.on-position`.
     fn last_message_id(&mut self, conn: u64, token: u64, sub: u64) {
         self.consumer_cmd(conn, sub, Some(token), SubCmd::LastId { token });
+    }
+}
+
+impl flow::Host for HostState {
+    /// `drain`: the consumer takes no more messages; acks and nacks of what it delivered
+    /// still reach it.
+    fn drain(&mut self, conn: u64, sub: u64) {
+        self.consumer_cmd(conn, sub, None, SubCmd::Drain);
     }
 }

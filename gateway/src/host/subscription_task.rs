@@ -9,6 +9,11 @@
 //! others get the queue's messages (AMQP's prefetch). Other subscriptions let the client
 //! ask for `max-unacked` at a time as messages arrive, which keeps more in flight.
 //!
+//! A drained `messaging` consumer (`flow.drain`, AMQP's `basic.cancel` of a consumer that
+//! holds deliveries) grants no more permits and hands the plugin nothing more: what the
+//! broker still sends it (permits granted before) goes back at once with a negative ack,
+//! never counted by a capped queue. It keeps taking acks and nacks until it is closed.
+//!
 //! A `messaging` consumer of a capped queue's subscription moves the queue's count (`caps`):
 //! what it hands the plugin leaves the ready messages, what it gives back (a nack, its end
 //! with deliveries unacknowledged) returns, a seek to the end (a purge) empties them; a
@@ -46,6 +51,8 @@ pub(super) enum SubCmd {
     },
     /// A negative ack (`messaging.nack`).
     Nack(u64),
+    /// `flow.drain`: nothing more for the plugin; what it holds stays open.
+    Drain,
     /// `messaging.seek`.
     Seek {
         token: u64,
@@ -176,8 +183,14 @@ pub(super) async fn run_subscription(
     // A windowed consumer's permits granted and not yet taken (a batch entry can take more
     // than its permits: then below zero).
     let mut permits: i64 = 0;
+    // Drained (`flow.drain`): no room, ever again.
+    let mut draining = false;
     loop {
-        let room = max_unacked.saturating_sub(acks.unacked());
+        let room = if draining {
+            0
+        } else {
+            max_unacked.saturating_sub(acks.unacked())
+        };
         if windowed {
             let free = room as i64 - permits;
             // At once when nothing is on the way, else half a window at a time: one flow
@@ -220,6 +233,9 @@ pub(super) async fn run_subscription(
                             stop = true;
                             break;
                         }
+                        // Only a windowed consumer's permits stop (another's client grants
+                        // them itself: what it took back would come again).
+                        SubCmd::Drain => draining = windowed,
                         SubCmd::Nack(id) => {
                             // Given back at the host call already, unless it came another way.
                             if let Some(h) = &held {
@@ -281,7 +297,7 @@ pub(super) async fn run_subscription(
                     }
                 }
             },
-            msg = consumer.next(), if room > 0 => {
+            msg = consumer.next(), if room > 0 || draining => {
                 // The first message, then every one the consumer already holds, up to the
                 // room left: one event to the worker for the lot.
                 let mut batch = Vec::new();
@@ -298,6 +314,18 @@ pub(super) async fn run_subscription(
                     }
                 }
                 permits -= batch.len() as i64;
+                if draining {
+                    // Nobody takes it: back to the subscription, for another consumer.
+                    for m in batch {
+                        if let Err(e) = consumer.nack_with_id(&m.topic, m.message_id.id).await {
+                            tracing::warn!(conn, error = %e, "negative ack failed");
+                        }
+                    }
+                    if ended {
+                        break;
+                    }
+                    continue;
+                }
                 shared.output_relieved().await;
                 let count = capped(&services);
                 let mut deliveries = Vec::with_capacity(batch.len());

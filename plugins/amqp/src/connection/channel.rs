@@ -2055,7 +2055,7 @@ impl AmqpConnection {
     }
 
     pub(super) fn on_message(&mut self, m: Message) {
-        if self.on_delete_check_message(m.subscription) {
+        if self.on_delete_check_message(m.subscription) || self.drained_consumer_message(&m) {
             return;
         }
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {

@@ -43,7 +43,7 @@
 //! opening its route once this connection's last consumer of it is gone (a few tries, while
 //! the backend lets that consumer go); if another consumer holds it, it stays.
 
-use magnetar_sdk::{ErrorKind, KvWrite, OpError, OutboundMessage, SubId, Will};
+use magnetar_sdk::{ErrorKind, KvWrite, Message, OpError, OutboundMessage, SubId, Will};
 
 use super::channel::{queue_route_action, Outcome, Task};
 use super::*;
@@ -231,9 +231,12 @@ impl AmqpConnection {
 
     /// The client cancelled a consumer that holds unacknowledged deliveries: RabbitMQ keeps
     /// them on the channel for a later ack, nack or reject, so its subscription stays open
-    /// (delivering nothing more to the client) until they are settled ([`Self::drained`]);
-    /// what the host hands it meanwhile goes back to the queue when it closes. Not for an
-    /// auto-delete queue, which goes with its last consumer at once.
+    /// until they are settled ([`Self::drained`]), but takes nothing more from the queue
+    /// (`rabbit_queue_consumers`: a cancelled consumer gets no deliveries): it is drained
+    /// (ABI 0.2.6 `flow.drain`, the host asks the backend for no more messages for it), and
+    /// what it was handed and the client did not see goes back to the queue at once, ready
+    /// again for a capped queue's count. Not for an auto-delete queue, which goes with its
+    /// last consumer at once.
     pub(super) fn cancel_consumer(&mut self, channel: u16, sub: SubId) {
         let holds = self.channels.get(&channel).is_some_and(|s| s.holds(sub));
         let auto_delete = self
@@ -247,8 +250,42 @@ impl AmqpConnection {
             return;
         };
         self.draining.insert(sub, channel);
-        self.drop_held(channel, sub);
+        // Drained before anything is given back: no permit follows the nacks.
+        self.out.push(Action::Drain { sub });
+        self.give_back_held(channel, sub);
         self.consumer_gone(channel, tag, queue, false);
+    }
+
+    /// What the channel's `global` prefetch limit held back for a cancelled consumer goes
+    /// back to the queue now (the client never saw it).
+    fn give_back_held(&mut self, channel: u16, sub: SubId) {
+        let Some(state) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let (gone, kept): (std::collections::VecDeque<Message>, _) =
+            std::mem::take(&mut state.held)
+                .into_iter()
+                .partition(|m| m.subscription == sub);
+        state.held = kept;
+        for m in gone {
+            self.out.push(Action::Nack {
+                sub,
+                delivery_id: m.delivery_id,
+            });
+        }
+    }
+
+    /// A message the host handed a cancelled consumer before it was drained: the client
+    /// never sees it, it goes back to the queue at once. Whether it was one.
+    pub(super) fn drained_consumer_message(&mut self, m: &Message) -> bool {
+        if !self.draining.contains_key(&m.subscription) {
+            return false;
+        }
+        self.out.push(Action::Nack {
+            sub: m.subscription,
+            delivery_id: m.delivery_id,
+        });
+        true
     }
 
     /// Deliveries of `subs` were settled: a cancelled consumer whose last one it was closes.

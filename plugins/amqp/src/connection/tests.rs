@@ -1150,6 +1150,148 @@ fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
     assert_eq!(delivered(&sent(&mut h)), [2]);
 }
 
+/// What the machine asked of the host since the last call, but the bytes it sent.
+fn host_calls(h: &mut SimHost<AmqpConnection>) -> Vec<Action> {
+    h.take_actions()
+        .into_iter()
+        .filter(|a| !matches!(a, Action::Send(_)))
+        .collect()
+}
+
+#[test]
+fn a_cancelled_consumer_holding_a_delivery_is_drained_and_gives_back_what_comes_after() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicQos(BasicQos {
+            prefetch_count: 1,
+            ..Default::default()
+        }),
+    ));
+    consume_q(&mut h);
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    let message = |id: u64| magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: id,
+        message_id: vec![],
+        key: None,
+        payload: b"body".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    };
+    h.feed(Event::Message(message(7)));
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicDeliver(d)), Frame::Header(..), Frame::Body(..)]
+        if d.delivery_tag == 1
+    ));
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicCancelOk(_))]
+    ));
+    // It keeps delivery 1 open, and takes nothing more from the queue (RabbitMQ's cancelled
+    // consumer): the host asks the backend for nothing more.
+    let actions = host_calls(&mut h);
+    assert!(
+        matches!(&actions[..], [Action::Drain { sub: s }] if *s == sub),
+        "{actions:?}"
+    );
+    assert!(h.drained(sub));
+    // What the host handed it before the drain goes back at once, unseen.
+    h.feed(Event::Message(message(8)));
+    assert!(sent(&mut h).is_empty());
+    let actions = host_calls(&mut h);
+    assert!(
+        matches!(&actions[..], [Action::Nack { delivery_id: 8, .. }]),
+        "{actions:?}"
+    );
+    // Delivery 1 requeued: given back, then the consumer closes.
+    h.data(&frame(
+        1,
+        Method::BasicNack(BasicNack {
+            delivery_tag: 1,
+            multiple: false,
+            requeue: true,
+        }),
+    ));
+    let actions = host_calls(&mut h);
+    assert!(
+        matches!(&actions[..], [Action::Nack { delivery_id: 7, .. }, Action::Unsubscribe { sub: s, delete: false }] if *s == sub),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn a_cancelled_consumer_gives_back_what_the_global_prefetch_held_for_it() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    h.data(&frame(
+        1,
+        Method::BasicQos(BasicQos {
+            prefetch_count: 1,
+            global: true,
+            ..Default::default()
+        }),
+    ));
+    consume_q(&mut h);
+    let sub = *h.machine().consumers.keys().next().unwrap();
+    for id in [7, 8] {
+        h.feed(Event::Message(magnetar_sdk::Message {
+            subscription: sub,
+            delivery_id: id,
+            message_id: vec![],
+            key: None,
+            payload: b"body".to_vec(),
+            properties: vec![],
+            publish_time_ms: 0,
+            event_time_ms: None,
+            redelivery_count: 0,
+        }));
+    }
+    sent(&mut h);
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: true,
+        }),
+    ));
+    // Delivery 8 waited for the channel's limit: the client never sees it.
+    let actions = host_calls(&mut h);
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::Drain { .. }, Action::Nack { delivery_id: 8, .. }]
+        ),
+        "{actions:?}"
+    );
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        }),
+    ));
+    assert!(sent(&mut h).is_empty(), "nothing more is delivered");
+}
+
 /// A publish of `body` to the default exchange with routing key `q`, on channel 1.
 fn publish_to_q(body: &[u8]) -> Vec<u8> {
     let mut bytes = frame(

@@ -251,6 +251,8 @@ impl Host {
             Action::OpenCappedRoute { .. } | Action::PublishCapped { .. } => {
                 panic!("the MQTT plugin used caps: {a:?}")
             }
+            // Nor consumer flow (ABI 0.2.6, AMQP's basic.cancel with deliveries held).
+            Action::Drain { .. } => panic!("the MQTT plugin used flow: {a:?}"),
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
