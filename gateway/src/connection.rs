@@ -16,7 +16,7 @@
 //! [`ConnShared`] (in `conn_shared`) is what the worker thread and the task share.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, Read};
+use std::io::IoSlice;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -53,40 +53,11 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn wants_write(&self) -> bool {
         false
     }
-
-    /// The client's first bytes if the stream has them at once, without waiting: a TLS
-    /// stream often does (a client sends its first packet with its handshake's last
-    /// message, and the handshake's read took both). Nothing, the end or an error: `None`,
-    /// and the connection's own reads find out. Nothing is waited for: a wait of 2 ms for a
-    /// plain socket's first bytes saved thread switches but no measurable CPU in a storm, and
-    /// would delay a protocol where the server speaks first (docs/performance-log.md,
-    /// 2026-12-06 16:38-17:44).
-    fn first_bytes(&mut self) -> Option<Bytes> {
-        let mut buf = BytesMut::with_capacity(FIRST_READ);
-        match self.read_buf(&mut buf).now_or_never() {
-            Some(Ok(n)) if n > 0 => Some(buf.freeze()),
-            _ => None,
-        }
-    }
 }
 
 impl Transport for TcpStream {
     fn tcp(&self) -> &TcpStream {
         self
-    }
-
-    /// Asks the socket itself: the runtime has not polled a just-accepted socket, so its
-    /// readiness says "nothing" even when the client's first packet is in, and a read through
-    /// the runtime would not try. In a connect storm the packet always is in (connections
-    /// wait in the accept queue), and sent with the open it saves the plugin worker an
-    /// event and a wake-up per connection.
-    fn first_bytes(&mut self) -> Option<Bytes> {
-        let mut chunk = [0u8; FIRST_READ];
-        match (&*socket2::SockRef::from(&*self)).read(&mut chunk) {
-            Ok(n) if n > 0 => chunk.get(..n).map(Bytes::copy_from_slice),
-            // Would block (nothing yet), the end, or an error: the connection's reads see.
-            _ => None,
-        }
     }
 }
 
@@ -137,7 +108,7 @@ pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker:
     } = opening;
     let first = match first {
         Some(f) => Some(f),
-        None => stream.first_bytes(),
+        None => first_bytes(&mut stream).await,
     };
     if let Some(f) = &first {
         shared.input_read(f.len());
@@ -153,6 +124,20 @@ pub async fn open_and_run<S: Transport>(mut stream: S, opening: Opening, worker:
         return;
     }
     run(stream, conn, shared, worker).await
+}
+
+/// The client's first bytes if the stream has them at once: a TLS stream often does (a
+/// client sends its first packet with its handshake's last message, and the handshake's
+/// read took both). Nothing is waited for: a wait of 2 ms for a plain socket's first bytes
+/// saved thread switches but no measurable CPU in a storm, and would delay a protocol where
+/// the server speaks first (docs/performance-log.md, 2026-12-06 16:38-17:44).
+async fn first_bytes<S: Transport>(stream: &mut S) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    match stream.read_buf(&mut buf).now_or_never() {
+        Some(Ok(n)) if n > 0 => Some(buf.freeze()),
+        // Nothing yet, the end, or an error: the connection's own reads find out.
+        _ => None,
+    }
 }
 
 /// Serves one opened connection until either side ends it, then tells the worker.
