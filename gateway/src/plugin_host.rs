@@ -29,8 +29,10 @@ use wasmtime_wasi::WasiCtxBuilder;
 use crate::abi::{self, AbiVersion};
 use crate::host::{Event, HostState, SaslStep, Services};
 
-/// How often the epoch advances; deadlines are counted in these ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+mod epoch;
+
+use epoch::{EpochTicker, EPOCH_TICK};
+
 /// Events queued per worker before senders wait.
 const WORKER_QUEUE: usize = 4096;
 /// Most completions of the instance's own (`HostState::finish_now`) delivered in a row
@@ -65,6 +67,7 @@ pub struct InstanceLimits {
 /// The wasmtime engine shared by all plugins, with its epoch ticker.
 pub struct PluginHost {
     engine: Engine,
+    ticker: Arc<EpochTicker>,
     linker: Arc<Linker<HostState>>,
     limits: InstanceLimits,
 }
@@ -95,17 +98,7 @@ impl PluginHost {
         }
         let engine =
             Engine::new(&config).map_err(|e| anyhow!("creating the wasmtime engine: {e}"))?;
-        let ticker = engine.weak();
-        std::thread::Builder::new()
-            .name("magnetar-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(EPOCH_TICK);
-                match ticker.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
-                }
-            })
-            .context("starting the epoch ticker")?;
+        let ticker = Arc::new(EpochTicker::start(&engine)?);
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
@@ -116,6 +109,7 @@ impl PluginHost {
             .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {
             engine,
+            ticker,
             linker: Arc::new(linker),
             limits,
         })
@@ -149,6 +143,7 @@ impl PluginHost {
             let mut worker = Worker {
                 name: Arc::from(name),
                 engine: self.engine.clone(),
+                ticker: self.ticker.clone(),
                 linker: self.linker.clone(),
                 plugin: plugin.clone(),
                 config_text: config_text.clone(),
@@ -421,6 +416,7 @@ struct Instance {
 struct Worker {
     name: Arc<str>,
     engine: Engine,
+    ticker: Arc<EpochTicker>,
     linker: Arc<Linker<HostState>>,
     plugin: CompiledPlugin,
     config_text: String,
@@ -433,6 +429,8 @@ struct Worker {
 
 impl Worker {
     fn instantiate(&self) -> anyhow::Result<Instance> {
+        // Instantiation and `init` run plugin code under the deadline too.
+        let _call = self.ticker.call();
         let wasi = WasiCtxBuilder::new().inherit_stderr().build();
         let state = HostState::new(
             self.name.clone(),
@@ -536,7 +534,11 @@ impl Worker {
                 }
                 continue;
             };
-            if let Err(trap) = deliver(instance, event, ticks) {
+            let delivered = {
+                let _call = self.ticker.call();
+                deliver(instance, event, ticks)
+            };
+            if let Err(trap) = delivered {
                 tracing::error!(plugin = %self.name, conn, error = %trap, cause = %trap.root_cause(), "plugin instance trapped; closing its connections and starting a new instance");
                 if let Some(mut dead) = self.instance.take() {
                     dead.store.data_mut().close_all();
