@@ -53,10 +53,15 @@ impl EpochTicker {
                     return;
                 }
                 // No call running: sleep until one starts (`call` unparks; a wake-up that
-                // comes first leaves its token, so this park returns at once).
+                // comes first leaves its token, so this park returns at once). Once woken,
+                // tick at least once before looking again: a storm's calls are short, and
+                // parking again at once cost a wake-up of this thread per call (3 more
+                // futex calls per connect on a quiet machine, 07:08).
                 if ticking.calls.load(Ordering::Acquire) == 0 {
                     std::thread::park();
-                    continue;
+                    if ticking.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
                 }
                 std::thread::sleep(EPOCH_TICK);
                 match engine.upgrade() {
