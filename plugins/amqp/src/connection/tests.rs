@@ -1117,17 +1117,7 @@ fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
     h.run();
     sent(&mut h);
     let sub = *h.machine().consumers.keys().next().unwrap();
-    let message = |id: u64| magnetar_sdk::Message {
-        subscription: sub,
-        delivery_id: id,
-        message_id: vec![],
-        key: None,
-        payload: b"body".to_vec(),
-        properties: vec![],
-        publish_time_ms: 0,
-        event_time_ms: None,
-        redelivery_count: 0,
-    };
+    let message = |id: u64| body_message(sub, id);
     h.feed(Event::Message(message(7)));
     h.feed(Event::Message(message(8)));
     let delivered = |frames: &[Frame]| {
@@ -1148,6 +1138,21 @@ fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
         }),
     ));
     assert_eq!(delivered(&sent(&mut h)), [2]);
+}
+
+/// A message of `sub` with the body `body`, as the host hands it over.
+fn body_message(sub: u64, id: u64) -> magnetar_sdk::Message {
+    magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id: id,
+        message_id: vec![],
+        key: None,
+        payload: b"body".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    }
 }
 
 /// What the machine asked of the host since the last call, but the bytes it sent.
@@ -1174,17 +1179,7 @@ fn a_cancelled_consumer_holding_a_delivery_is_drained_and_gives_back_what_comes_
     ));
     consume_q(&mut h);
     let sub = *h.machine().consumers.keys().next().unwrap();
-    let message = |id: u64| magnetar_sdk::Message {
-        subscription: sub,
-        delivery_id: id,
-        message_id: vec![],
-        key: None,
-        payload: b"body".to_vec(),
-        properties: vec![],
-        publish_time_ms: 0,
-        event_time_ms: None,
-        redelivery_count: 0,
-    };
+    let message = |id: u64| body_message(sub, id);
     h.feed(Event::Message(message(7)));
     assert!(matches!(
         &sent(&mut h)[..],
