@@ -1091,8 +1091,9 @@ fn the_will_gives_up_the_lease_and_an_unconsumed_auto_delete_queue_goes() {
     assert!(!h.kv().contains_key(&lease.key));
 }
 
-#[test]
-fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
+/// A running connection whose namespace has the queue `q`, channel 1 with prefetch 1
+/// (`global`: the channel's limit).
+fn queue_q_with_prefetch_1(global: bool) -> SimHost<AmqpConnection> {
     let mut h = running();
     h.kv_mut().insert(
         "amqp/q/q".into(),
@@ -1102,10 +1103,16 @@ fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
         1,
         Method::BasicQos(BasicQos {
             prefetch_count: 1,
-            global: true,
+            global,
             ..Default::default()
         }),
     ));
+    h
+}
+
+#[test]
+fn a_global_prefetch_holds_deliveries_until_acks_open_the_channel() {
+    let mut h = queue_q_with_prefetch_1(true);
     h.data(&frame(
         1,
         Method::BasicConsume(BasicConsume {
@@ -1165,18 +1172,7 @@ fn host_calls(h: &mut SimHost<AmqpConnection>) -> Vec<Action> {
 
 #[test]
 fn a_cancelled_consumer_holding_a_delivery_is_drained_and_gives_back_what_comes_after() {
-    let mut h = running();
-    h.kv_mut().insert(
-        "amqp/q/q".into(),
-        crate::topology::Queue::default().encode(),
-    );
-    h.data(&frame(
-        1,
-        Method::BasicQos(BasicQos {
-            prefetch_count: 1,
-            ..Default::default()
-        }),
-    ));
+    let mut h = queue_q_with_prefetch_1(false);
     consume_q(&mut h);
     let sub = *h.machine().consumers.keys().next().unwrap();
     let message = |id: u64| body_message(sub, id);
@@ -1232,19 +1228,7 @@ fn a_cancelled_consumer_holding_a_delivery_is_drained_and_gives_back_what_comes_
 
 #[test]
 fn a_cancelled_consumer_gives_back_what_the_global_prefetch_held_for_it() {
-    let mut h = running();
-    h.kv_mut().insert(
-        "amqp/q/q".into(),
-        crate::topology::Queue::default().encode(),
-    );
-    h.data(&frame(
-        1,
-        Method::BasicQos(BasicQos {
-            prefetch_count: 1,
-            global: true,
-            ..Default::default()
-        }),
-    ));
+    let mut h = queue_q_with_prefetch_1(true);
     consume_q(&mut h);
     let sub = *h.machine().consumers.keys().next().unwrap();
     for id in [7, 8] {
