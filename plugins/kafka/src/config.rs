@@ -11,6 +11,7 @@
 //! advertised_port = 9092         # the port Metadata names for this gateway (its listener's)
 //! auto_create_topics = 1         # Metadata creates unknown topics (Kafka's auto.create.topics.enable)
 //! default_partitions = 1         # partitions of an auto-created topic (Kafka's num.partitions)
+//! max_partitions = 1000          # most partitions a topic may have (the embedded broker's limit)
 //! initial_rebalance_delay_ms = 3000    # group.initial.rebalance.delay.ms
 //! group_min_session_timeout_ms = 6000  # group.min.session.timeout.ms
 //! group_max_session_timeout_ms = 1800000    # group.max.session.timeout.ms
@@ -35,6 +36,10 @@ pub struct Config {
     /// Partitions of an auto-created topic, and of CreateTopics' `-1` (Kafka's
     /// `num.partitions`).
     pub default_partitions: u32,
+    /// Most partitions CreateTopics and CreatePartitions may ask for; more is
+    /// `INVALID_PARTITIONS` before the backend is asked (the embedded broker's own limit is
+    /// 1,000; a Pulsar cluster has none by default, and each partition is a topic there).
+    pub max_partitions: u32,
     /// The group coordinator's delays and limits (Kafka's `group.*` broker settings).
     pub groups: crate::coordinator::group::Timing,
     /// Shards of the group coordinator per namespace, each held by one gateway (Kafka's
@@ -54,6 +59,7 @@ impl Default for Config {
             advertised_port: 9092,
             auto_create_topics: true,
             default_partitions: 1,
+            max_partitions: 1_000,
             groups: crate::coordinator::group::Timing::default(),
             coordinator_shards: 16,
         }
@@ -100,8 +106,15 @@ impl Config {
                     config.groups.max_session_timeout_ms = s.within(1, i32::MAX as u64)? as i32
                 }
                 "coordinator_shards" => config.coordinator_shards = s.within(1, 1024)? as u32,
+                "max_partitions" => config.max_partitions = s.within(1, 100_000)? as u32,
                 _ => return Err(s.unknown()),
             }
+        }
+        if config.default_partitions > config.max_partitions {
+            return Err(format!(
+                "kafka config: default_partitions ({}) is more than max_partitions ({})",
+                config.default_partitions, config.max_partitions
+            ));
         }
         Ok(config)
     }
@@ -132,6 +145,12 @@ mod tests {
             (19092, false, 3)
         );
         assert!(Config::parse("advertised_port = 0").is_err());
+        assert_eq!(
+            Config::parse("max_partitions = 5").unwrap().max_partitions,
+            5
+        );
+        assert!(Config::parse("default_partitions = 6\nmax_partitions = 5").is_err());
+        assert!(Config::parse("max_partitions = 0").is_err());
         let c =
             Config::parse("initial_rebalance_delay_ms = 0\ngroup_min_session_timeout_ms = 1000")
                 .unwrap();

@@ -9,6 +9,11 @@ use crate::{
     ReaderSpec, RecordOut, SubId, TopicInfo,
 };
 
+/// The embedded broker's limit on a topic's partitions, kept here so that a plugin's tests
+/// meet the refusal the gateway would give.
+const MAX_PARTITIONS: u32 = 1_000;
+const TOO_MANY_PARTITIONS: &str = "partitions must be 1..=1000";
+
 /// One stored entry.
 #[derive(Debug, Clone)]
 pub(super) struct SimEntry {
@@ -294,6 +299,9 @@ impl Indexed {
         if self.topics.contains_key(&topic) {
             return Err(error(ErrorKind::InvalidName, "the topic exists"));
         }
+        if partitions > MAX_PARTITIONS {
+            return Err(error(ErrorKind::Backend, TOO_MANY_PARTITIONS));
+        }
         self.topics.insert(topic.clone(), partitions);
         Ok(vec![TopicInfo {
             name: topic,
@@ -319,6 +327,9 @@ impl Indexed {
         let Some(now) = self.topics.get_mut(&topic) else {
             return Err(error(ErrorKind::NotFound, "no such topic"));
         };
+        if partitions > MAX_PARTITIONS {
+            return Err(error(ErrorKind::Backend, TOO_MANY_PARTITIONS));
+        }
         if *now == 0 || partitions < *now {
             return Err(error(
                 ErrorKind::InvalidName,

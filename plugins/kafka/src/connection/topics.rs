@@ -60,6 +60,14 @@ pub fn partition_topic(name: &str, partitions: u32, p: i32) -> Option<String> {
     }
 }
 
+/// The refusal of a partition count above the configured limit.
+fn too_many(count: i32, config: &crate::config::Config) -> String {
+    format!(
+        "{count} partitions asked for; at most {} per topic (max_partitions)",
+        config.max_partitions
+    )
+}
+
 /// Kafka's partition count of a topic with `partitions` backend partitions.
 pub fn kafka_partitions(partitions: u32) -> i32 {
     i32::try_from(partitions.max(1)).unwrap_or(i32::MAX)
@@ -361,6 +369,11 @@ impl KafkaConnection {
                         error::INVALID_PARTITIONS,
                         Some("the number of partitions must be at least 1".to_string()),
                     ))
+                } else if i64::from(count) > i64::from(self.config.max_partitions) {
+                    Some((
+                        error::INVALID_PARTITIONS,
+                        Some(too_many(count, &self.config)),
+                    ))
                 } else if !t.assignments.is_empty() {
                     Some((
                         error::INVALID_REQUEST,
@@ -586,6 +599,11 @@ impl KafkaConnection {
                             Some(0) => refuse(format!("{name} is not partitioned")),
                             Some(p) if i64::from(*count) <= i64::from(p) => {
                                 refuse(format!("{name} has {p} partitions already"))
+                            }
+                            Some(_)
+                                if i64::from(*count) > i64::from(self.config.max_partitions) =>
+                            {
+                                refuse(too_many(*count, &self.config))
                             }
                             Some(_) if j.validate_only => Some((error::NONE, None)),
                             Some(_) => {

@@ -521,6 +521,17 @@ fn topics_are_created_grown_and_deleted() {
     assert_eq!(grow(&mut host, "t", 4), 0);
     assert_eq!(host.topics().get("t"), Some(&4));
     assert_eq!(grow(&mut host, "t", 3), error::INVALID_PARTITIONS);
+    // More than max_partitions (1,000 by default) is refused before the backend is asked:
+    // a Metadata answer lists every partition, so 2^31 of them would exhaust memory.
+    assert_eq!(
+        create(&mut host, "huge", i32::MAX),
+        error::INVALID_PARTITIONS
+    );
+    assert_eq!(create(&mut host, "huge", 1_001), error::INVALID_PARTITIONS);
+    assert_eq!(host.topics().get("huge"), None);
+    assert_eq!(grow(&mut host, "t", i32::MAX), error::INVALID_PARTITIONS);
+    assert_eq!(host.topics().get("t"), Some(&4));
+    assert_eq!(create(&mut host, "big", 1_000), 0);
     assert_eq!(
         grow(&mut host, "nope", 3),
         error::UNKNOWN_TOPIC_OR_PARTITION
