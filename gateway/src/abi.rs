@@ -4,7 +4,7 @@
 //! - 0.2.6, the current one: `sdk/wit/plugin.wit`, the single source of truth of the ABI
 //!   (its header says how the ABI evolves); its plugins export `events`, `events2` and
 //!   `events3` beside `handler`. It also serves 0.2.4 and 0.2.5 plugins: 0.2.5 and 0.2.6
-//!   only added imported interfaces (`quota`, `caps`; `flow`), and wasmtime links imports
+//!   only added imported interfaces (`quota`, `caps`; `flow`, `durable`), and wasmtime links imports
 //!   and looks up exports by semver, so a 0.2.4 plugin's imports and exports match 0.2.6's
 //!   (fixture `echo-plugin-abi-0.2.4.wasm`).
 //! - 0.2.3: a frozen copy, `gateway/abi/0.2.3/plugin.wit`, for plugins that export `events2`

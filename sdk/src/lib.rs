@@ -98,8 +98,8 @@ pub use bindings::magnetar::plugin::messaging::{
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
 use bindings::magnetar::plugin::{
-    auth, caps, conn, flow, homes, indexed, kv, messaging, pubsub, quota, routing, session, timers,
-    topics,
+    auth, caps, conn, durable, flow, homes, indexed, kv, messaging, pubsub, quota, routing,
+    session, timers, topics,
 };
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
@@ -491,6 +491,14 @@ impl Conn {
     /// cap); completes with [`Connection::on_subscribe_result`].
     pub fn open_capped_route(self, token: u64, spec: &RouteSpec, cap: Option<Cap>) {
         caps::open_capped_route(self.0, token, spec, cap);
+    }
+
+    /// Stores a durable route (its filters and its queue's `cap`; the source's feeder copies
+    /// into the queue from then on) without reading its queue: no reader takes the queue's
+    /// subscription or its messages. Completes with [`Connection::on_kv_result`] (`None`).
+    /// ABI 0.2.6.
+    pub fn store_route(self, token: u64, spec: &RouteSpec, cap: Option<Cap>) {
+        durable::store_route(self.0, token, spec, cap);
     }
 
     /// [`Conn::publish`], judged first by the caps of the queues the message reaches: the

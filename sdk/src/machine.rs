@@ -189,6 +189,12 @@ pub enum Action {
         spec: RouteSpec,
         cap: Option<Cap>,
     },
+    /// [`Conn::store_route`]; completes with [`Event::KvResult`].
+    StoreRoute {
+        token: u64,
+        spec: RouteSpec,
+        cap: Option<Cap>,
+    },
     /// [`Conn::publish_capped`]: [`Event::PublishRefused`] at once if a queue refused the
     /// message, then [`Event::PublishResult`].
     PublishCapped { token: u64, msg: OutboundMessage },
@@ -317,6 +323,7 @@ impl Action {
             Action::OpenCappedRoute { token, spec, cap } => {
                 conn.open_capped_route(token, &spec, cap)
             }
+            Action::StoreRoute { token, spec, cap } => conn.store_route(token, &spec, cap),
             // Answered above.
             Action::PublishCapped { .. } => {}
             Action::Bind { route, filter } => {

@@ -38,6 +38,9 @@
 //!   messages is not simulated.
 //! - **flow** (ABI 0.2.6): a consumer drained by [`Action::Drain`] is handed nothing more
 //!   and still takes acks and nacks ([`SimHost::drained`]).
+//! - **durable** (ABI 0.2.6): [`Action::StoreRoute`] keeps the route as one opened and
+//!   closed at once would be (its queue's backlog kept; the filters of that queue's route
+//!   changed if one is open) and its cap ([`SimHost::caps`]), and completes as a kv write.
 //!
 //! What it does not simulate: tenancy and authorization (every operation succeeds unless the
 //! test fails it, authentication answers the configured principal), quotas, SASL (refused),
@@ -511,6 +514,10 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: Ok(self.open_route(spec)),
             },
+            Action::StoreRoute { token, spec, cap } => Event::KvResult {
+                token,
+                result: self.store_route(spec, cap).map(|()| None),
+            },
             Action::KvGet { token, key } => Event::KvResult {
                 token,
                 result: Ok(self.kv.get(&key).cloned()),
@@ -955,6 +962,31 @@ impl<M: Machine> SimHost<M> {
         id
     }
 
+    /// Stores a durable route without a reader of its queue ([`Action::StoreRoute`]).
+    fn store_route(&mut self, spec: RouteSpec, cap: Option<Cap>) -> Result<(), OpError> {
+        let Some(queue) = spec.queue.clone() else {
+            return Err(OpError {
+                kind: ErrorKind::InvalidName,
+                message: "a stored route needs a queue".into(),
+            });
+        };
+        self.caps.insert(queue.clone(), cap);
+        let open = self
+            .subs
+            .values_mut()
+            .find(|s| s.attached && s.spec.durable && s.filters.is_some() && s.spec.name == queue);
+        if let Some(open) = open {
+            open.filters = Some(spec.filters);
+            open.key_property = spec.key_property;
+            return Ok(());
+        }
+        let id = self.open_route(spec);
+        if let Some(s) = self.subs.get_mut(&id) {
+            s.attached = false;
+        }
+        Ok(())
+    }
+
     /// The filters bound to a route, in binding order.
     pub fn route_filters(&self, route: SubId) -> Option<&[Filter]> {
         self.subs.get(&route).and_then(|s| s.filters.as_deref())
@@ -1220,6 +1252,7 @@ fn op_token(action: &Action) -> Option<u64> {
         | Action::Publish { token, .. }
         | Action::Subscribe { token, .. }
         | Action::OpenRoute { token, .. }
+        | Action::StoreRoute { token, .. }
         | Action::KvGet { token, .. }
         | Action::KvPut { token, .. }
         | Action::KvScan { token, .. }

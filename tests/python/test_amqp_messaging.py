@@ -261,6 +261,25 @@ def test_nack_with_requeue_delivers_again_with_redelivered(conn):
     assert receive(ch, q, 1, timeout=1.0) == []
 
 
+def test_declaring_and_binding_a_queue_again_hands_out_nothing(conn):
+    # A queue that holds messages is declared and bound again and again before anyone
+    # consumes it: none of that hands a message to anybody, so every first delivery comes
+    # with `redelivered` unset. (The gateway once opened a reader of the queue for each
+    # declaration and bind, which could take the first message and give it back counted.)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = unique("redeclare")
+    ch.queue_declare(q)
+    for i in range(5):
+        ch.basic_publish("", q, f"{i}".encode())
+    for i in range(10):
+        ch.queue_declare(q)
+        ch.queue_bind(q, "amq.direct", routing_key=f"k{i}")
+    got = receive(ch, q, 5)
+    assert bodies(got) == [f"{i}".encode() for i in range(5)]
+    assert [m.redelivered for m, _, _ in got] == [False] * 5
+
+
 def test_publisher_confirms_ack_each_stored_message(conn):
     ch = conn.channel()
     ch.confirm_delivery()

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::context::{op_error, HostState};
 use super::event::Event;
+use super::feeder::Feeder;
 use super::op_queue::{OpQueue, Queued};
 use super::services::Services;
 use crate::abi::types::{self, ErrorKind};
@@ -54,6 +55,8 @@ pub(super) enum Op {
         topic: String,
         key: String,
         value: Option<Vec<u8>>,
+        /// `durable.store-route`'s: completed for the plugin once stored and fed.
+        stored: Option<RouteStored>,
     },
     KvScan {
         token: u64,
@@ -64,6 +67,15 @@ pub(super) enum Op {
         start_after: Option<String>,
         limit: usize,
     },
+}
+
+/// What `durable.store-route` waits for once its route is written: the source's feeder
+/// reading, and the queue's subscription (`routing::prepare_queue`).
+pub(super) struct RouteStored {
+    pub(super) token: u64,
+    pub(super) feeder: Arc<Feeder>,
+    /// The queue (full topic).
+    pub(super) queue: String,
 }
 
 /// A connection's backend operations waiting to run, shared by the worker (which queues)
@@ -138,6 +150,14 @@ impl HostState {
             Op::KvScan { token, .. } => Event::KvScanResult {
                 conn,
                 token,
+                outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
+            },
+            Op::RouteWrite {
+                stored: Some(stored),
+                ..
+            } => Event::KvResult {
+                conn,
+                token: stored.token,
                 outcome: Err(op_error(ErrorKind::QuotaExceeded, message)),
             },
             Op::RouteWrite { key, .. } => {
@@ -270,11 +290,61 @@ async fn run_ops(
                 )
                 .await;
             }
-            Op::RouteWrite { topic, key, value } => {
-                if let Err(e) = Box::pin(services.kv.put(&topic, &key, value)).await {
-                    tracing::warn!(conn, key, error = %e, "cannot store a durable route");
+            Op::RouteWrite {
+                topic,
+                key,
+                value,
+                stored,
+            } => {
+                let written = Box::pin(services.kv.put(&topic, &key, value)).await;
+                match (stored, written) {
+                    (None, written) => {
+                        if let Err(e) = written {
+                            tracing::warn!(conn, key, error = %e, "cannot store a durable route");
+                        }
+                        shared.op_finished();
+                    }
+                    (Some(stored), Err(e)) => {
+                        let outcome = Err(op_error(ErrorKind::Backend, e.to_string()));
+                        let token = stored.token;
+                        op_done(
+                            &shared,
+                            &events,
+                            Event::KvResult {
+                                conn,
+                                token,
+                                outcome,
+                            },
+                        )
+                        .await;
+                    }
+                    // The feeder and the queue's subscription are waited for beside the
+                    // connection's next operations, which do not depend on them.
+                    (Some(stored), Ok(_)) => {
+                        let (services, events, shared) =
+                            (services.clone(), events.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            let outcome = match stored.feeder.ready().await {
+                                Ok(()) => {
+                                    super::routing::prepare_queue(&services, &stored.queue).await;
+                                    Ok(None)
+                                }
+                                Err(e) => Err(op_error(ErrorKind::Backend, e)),
+                            };
+                            let token = stored.token;
+                            op_done(
+                                &shared,
+                                &events,
+                                Event::KvResult {
+                                    conn,
+                                    token,
+                                    outcome,
+                                },
+                            )
+                            .await;
+                        });
+                    }
                 }
-                shared.op_finished();
             }
             Op::KvPut {
                 token,

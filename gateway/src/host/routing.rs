@@ -5,7 +5,8 @@
 //!
 //! Also the calls of `caps` (ABI 0.2.5): `open-capped-route` (a durable route whose queue
 //! has a cap) and `publish-capped` (a publish judged by the caps of the queues it reaches;
-//! see `caps`).
+//! see `caps`); and of `durable` (ABI 0.2.6): `store-route`, a durable route stored and fed
+//! with no reader of its queue.
 
 use std::sync::Arc;
 
@@ -15,14 +16,15 @@ use super::caps::{Cap, Overflow, REFUSED_PROPERTY};
 use super::context::{op_error, HostState};
 use super::event::Event;
 use super::feeder::{encode, Feeder, Feeders, Named, RouteRecord};
-use super::ops_task::Op;
+use super::ops_task::{Op, RouteStored};
 use super::router::{RouteOpen, Router, Source};
+use super::services::Services;
 use super::subscription_task::{
-    run_subscription, subscribe_failed, Shape, SubTask, SubscriptionCount,
+    recover, run_subscription, subscribe_failed, Shape, SubTask, SubscriptionCount,
 };
 use crate::abi::types::{self, ErrorKind, OpError};
-use crate::abi::v0_2::magnetar::plugin::caps;
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
+use crate::abi::v0_2::magnetar::plugin::{caps, durable};
 use crate::backend::SubscribeOptions;
 use crate::config::ActionName;
 use crate::quota::Gauge;
@@ -70,8 +72,96 @@ impl HostState {
             topic: feeder.kv_topic().to_string(),
             key: feeder.key(queue),
             value: route.map(encode),
+            stored: None,
         };
         self.queue_op(conn, op);
+    }
+
+    /// A durable route's record (its filters, how its copies are stored, its queue's cap),
+    /// given to the source's feeder (which copies into the queue from then on) and to the
+    /// caps; not stored yet. Its feeder and its queue (full topic).
+    fn durable_record(
+        &mut self,
+        conn: u64,
+        source: Named<'_>,
+        queue: &str,
+        filters: Vec<Filter>,
+        one_per_entry: bool,
+        cap: CapChange,
+    ) -> Result<(Arc<Feeder>, String, RouteRecord), OpError> {
+        let queue = self.authorized_topic(conn, queue, ActionName::Consume)?;
+        let kv_topic = self.kv_topic(conn)?;
+        let feeder = Feeders::get(&self.services, &self.runtime, &source, &kv_topic);
+        let cap = cap.unwrap_or_else(|| feeder.cap(&queue));
+        match cap {
+            Some(cap) => {
+                self.services.caps.counted(&queue, cap);
+            }
+            None => self.services.caps.remove(&queue),
+        }
+        let record = RouteRecord {
+            filters,
+            one_per_entry,
+            cap,
+        };
+        feeder.set_local(&queue, record.clone());
+        Ok((feeder, queue, record))
+    }
+
+    /// `durable.store-route`: a durable route stored and fed, with no reader of its queue.
+    /// Completes as a kv write (in order with the connection's operations) once it is
+    /// stored, its queue's subscription exists and the feeder reads the source
+    /// (`ops_task`).
+    pub(super) fn store_durable(
+        &mut self,
+        conn: u64,
+        token: u64,
+        spec: routing::RouteSpec,
+        cap: Option<Cap>,
+    ) {
+        let fail = |s: &Self, e: OpError| {
+            s.complete(Event::KvResult {
+                conn,
+                token,
+                outcome: Err(e),
+            })
+        };
+        let Some(queue) = spec.queue.as_deref() else {
+            return fail(
+                self,
+                invalid("a stored route is a durable route (with a queue)"),
+            );
+        };
+        let topic = match self.authorized_topic(conn, &spec.source, ActionName::Consume) {
+            Ok(t) => t,
+            Err(e) => return fail(self, e),
+        };
+        let filters: Vec<Filter> = spec.filters.iter().cloned().map(filter).collect();
+        if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
+            return fail(self, invalid(e));
+        }
+        let source = Named {
+            topic,
+            short: &spec.source,
+            key_property: spec.key_property.as_deref(),
+        };
+        let one_per_entry = spec.max_unacked <= 1;
+        match self.durable_record(conn, source, queue, filters, one_per_entry, Some(cap)) {
+            Ok((feeder, queue, record)) => {
+                let op = Op::RouteWrite {
+                    topic: feeder.kv_topic().to_string(),
+                    key: feeder.key(&queue),
+                    value: Some(encode(&record)),
+                    stored: Some(RouteStored {
+                        token,
+                        feeder,
+                        queue,
+                    }),
+                };
+                self.queue_op(conn, op);
+            }
+            Err(e) => fail(self, e),
+        }
     }
 
     /// Opens a durable route: stores its filters, gives them to the source's feeder, and
@@ -87,23 +177,10 @@ impl HostState {
         max_unacked: usize,
         cap: CapChange,
     ) -> Result<(), OpError> {
-        let queue = self.authorized_topic(conn, queue, ActionName::Consume)?;
-        let kv_topic = self.kv_topic(conn)?;
-        let feeder = Feeders::get(&self.services, &self.runtime, &source, &kv_topic);
         let one_per_entry = max_unacked == 1;
-        let cap = cap.unwrap_or_else(|| feeder.cap(&queue));
-        match cap {
-            Some(cap) => {
-                self.services.caps.counted(&queue, cap);
-            }
-            None => self.services.caps.remove(&queue),
-        }
-        let record = RouteRecord {
-            filters: filters.clone(),
-            one_per_entry,
-            cap,
-        };
-        feeder.set_local(&queue, record.clone());
+        let (feeder, queue, record) =
+            self.durable_record(conn, source, queue, filters.clone(), one_per_entry, cap)?;
+        let cap = record.cap;
         self.store_route(conn, &feeder, &queue, Some(&record));
         if !self.conns.contains_key(&conn) {
             return Ok(());
@@ -345,6 +422,43 @@ impl HostState {
     }
 }
 
+/// Readies a stored route's queue (`durable.store-route`) for consumers that need no
+/// reader of the route: its subscription exists (from the queue's start, so the copies the
+/// feeder stores before the first consumer wait for it), and a capped queue whose count this
+/// process has not recovered yet gets it from the subscription's backlog. Through a
+/// consumer that grants the backend no flow permit, so nothing of the queue is handed out
+/// or counted as redelivered: Shared (beside the queue's consumers), or Exclusive where the
+/// count is recovered (then the subscription's only consumer, so its whole backlog is
+/// ready). Refused (others hold the subscription): the subscription exists, and the count
+/// is recovered by the next route or store that finds the queue free.
+pub(super) async fn prepare_queue(services: &Services, queue: &str) {
+    let recovering = services.caps.get(queue).filter(|c| c.needs_recovery());
+    let opts = SubscribeOptions {
+        topic: queue.to_string(),
+        subscription: QUEUE_SUBSCRIPTION.to_string(),
+        sub_type: if recovering.is_some() {
+            pulsar::SubType::Exclusive
+        } else {
+            pulsar::SubType::Shared
+        },
+        durable: true,
+        earliest: true,
+        receiver_queue: 1,
+        start_message_id: None,
+        dead_letter: None,
+        consumer_name: None,
+    };
+    match services.backend.subscribe_windowed(&opts).await {
+        Ok(mut consumer) => {
+            if let Some(count) = recovering {
+                recover(&mut consumer, &count, queue).await;
+            }
+            let _ = consumer.close().await;
+        }
+        Err(e) => tracing::debug!(queue, error = %e, "a stored route's queue is held"),
+    }
+}
+
 fn filter(f: AbiFilter) -> Filter {
     match f {
         AbiFilter::Mqtt(f) => Filter::Mqtt(f),
@@ -417,6 +531,32 @@ impl routing::Host for HostState {
     }
 }
 
+impl durable::Host for HostState {
+    /// `store-route`: a durable route stored and fed, with no reader of its queue.
+    fn store_route(
+        &mut self,
+        conn: u64,
+        token: u64,
+        spec: routing::RouteSpec,
+        cap: Option<caps::Cap>,
+    ) {
+        HostState::store_durable(self, conn, token, spec, cap.map(abi_cap));
+    }
+}
+
+/// A cap as the ABI gives it.
+fn abi_cap(c: caps::Cap) -> Cap {
+    Cap {
+        max_length: c.max_length,
+        max_bytes: c.max_length_bytes,
+        overflow: match c.overflow {
+            caps::Overflow::DropHead => Overflow::DropHead,
+            caps::Overflow::RejectPublish => Overflow::RejectPublish,
+            caps::Overflow::RejectPublishDlx => Overflow::RejectPublishDlx,
+        },
+    }
+}
+
 impl caps::Host for HostState {
     /// `open-capped-route`: `open-route` with the queue's cap.
     fn open_capped_route(
@@ -426,16 +566,7 @@ impl caps::Host for HostState {
         spec: routing::RouteSpec,
         cap: Option<caps::Cap>,
     ) {
-        let cap = cap.map(|c| Cap {
-            max_length: c.max_length,
-            max_bytes: c.max_length_bytes,
-            overflow: match c.overflow {
-                caps::Overflow::DropHead => Overflow::DropHead,
-                caps::Overflow::RejectPublish => Overflow::RejectPublish,
-                caps::Overflow::RejectPublishDlx => Overflow::RejectPublishDlx,
-            },
-        });
-        HostState::open_capped_route(self, conn, token, spec, cap);
+        HostState::open_capped_route(self, conn, token, spec, cap.map(abi_cap));
     }
 
     /// `publish-capped`: `publish`, judged by the caps of the queues it reaches.

@@ -427,7 +427,7 @@ pub(super) async fn run_subscription(
 
 /// Recovers a capped queue's count from its subscription's backlog (0 if the backend
 /// cannot say).
-async fn recover(
+pub(super) async fn recover(
     consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
     count: &QueueCount,
     topic: &str,

@@ -177,8 +177,8 @@ pub(crate) enum Task {
         queue: Queue,
         reply: Option<Box<Method>>,
     },
-    /// The route is open (its filters stored): close it and reply.
-    RouteOpened {
+    /// The route is stored (`durable.store-route`): reply.
+    RouteStored {
         channel: u16,
         reply: Option<Box<Method>>,
     },
@@ -232,8 +232,8 @@ pub(crate) enum Task {
         task: Box<Task>,
         sub: SubId,
     },
-    /// The queue's route was opened again (so that this gateway feeds the queue, e.g. after
-    /// a restart): close it, then open the consumer.
+    /// The queue's route was stored again (so that this gateway feeds the queue, e.g. after
+    /// a restart): open the consumer.
     ConsumeRoute {
         consume: PendingConsume,
     },
@@ -503,9 +503,23 @@ impl AmqpConnection {
         self.busy = true;
     }
 
-    /// Opens the queue's durable route with its filters: the host stores them (and feeds
-    /// the queue from then on); the route itself is closed at once (`Task::RouteOpened`).
+    /// Stores the queue's durable route with its filters and cap, with no reader of the
+    /// queue (`durable.store-route`): the host feeds the queue from then on, and nothing of
+    /// it is read (so no message is redelivered, and the queue's consumers may hold its
+    /// subscription meanwhile). Completes as a kv write (`Outcome::Kv`).
     pub(super) fn store_route(&mut self, name: &str, queue: &Queue, task: Task) {
+        let token = self.ops.start(Op::Task(task));
+        self.out.push(Action::StoreRoute {
+            token,
+            spec: queue_route(name, queue),
+            cap: crate::queue_policy::cap(queue),
+        });
+        self.busy = true;
+    }
+
+    /// Opens the queue's durable route (a reader of the queue, refused while consumers
+    /// hold its subscription): to delete the queue with it. Completes with `Outcome::Sub`.
+    pub(super) fn open_queue_route(&mut self, name: &str, queue: &Queue, task: Task) {
         let token = self.ops.start(Op::Task(task));
         self.out.push(queue_route_action(token, name, queue));
         self.busy = true;
@@ -1163,7 +1177,7 @@ impl AmqpConnection {
                 );
             }
             (Task::Reaped { task, name, queue }, Outcome::Kv(_)) => {
-                self.store_route(&name, &queue, Task::ReapedRoute { task });
+                self.open_queue_route(&name, &queue, Task::ReapedRoute { task });
             }
             (task, outcome @ Outcome::Sub(_)) if matches!(task, Task::AutoDeleteProbe { .. }) => {
                 self.on_auto_delete_probe(task, outcome)
@@ -1316,7 +1330,7 @@ impl AmqpConnection {
                             // starts feeding the queue on a gateway that just started.
                             None => {
                                 self.queue_used(&name, &q);
-                                self.store_route(&name, &q, Task::RouteOpened { channel, reply })
+                                self.store_route(&name, &q, Task::RouteStored { channel, reply })
                             }
                         }
                     }
@@ -1331,17 +1345,11 @@ impl AmqpConnection {
                 },
                 Outcome::Kv(r),
             ) => match r {
-                Ok(_) => self.store_route(&name, &queue, Task::RouteOpened { channel, reply }),
+                Ok(_) => self.store_route(&name, &queue, Task::RouteStored { channel, reply }),
                 Err(e) => failed(self, channel, &e),
             },
-            (Task::RouteOpened { channel, reply }, Outcome::Sub(r)) => match r {
-                Ok(sub) => {
-                    self.out.push(Action::Unsubscribe { sub, delete: false });
-                    self.reply(channel, reply);
-                }
-                // The filters are stored before the route subscribes to its queue: a queue
-                // whose consumers hold its subscription (the backend says busy) has them.
-                Err(e) if e.kind == ErrorKind::Backend => self.reply(channel, reply),
+            (Task::RouteStored { channel, reply }, Outcome::Kv(r)) => match r {
+                Ok(_) => self.reply(channel, reply),
                 Err(e) => failed(self, channel, &e),
             },
             (Task::BindQueue { channel, change }, Outcome::Kv(r)) => {
@@ -1409,7 +1417,7 @@ impl AmqpConnection {
                 },
                 Outcome::Kv(r),
             ) => match r {
-                Ok(_) => self.store_route(
+                Ok(_) => self.open_queue_route(
                     &name.clone(),
                     &queue.clone(),
                     Task::DeleteRoute {
@@ -1572,13 +1580,8 @@ impl AmqpConnection {
                     self.return_unroutable(channel, content);
                 }
             }
-            (Task::ConsumeRoute { consume }, Outcome::Sub(r)) => match r {
-                Ok(sub) => {
-                    self.out.push(Action::Unsubscribe { sub, delete: false });
-                    self.open_consumer(consume);
-                }
-                // Other consumers hold the queue's subscription: its route is stored.
-                Err(e) if e.kind == ErrorKind::Backend => self.open_consumer(consume),
+            (Task::ConsumeRoute { consume }, Outcome::Kv(r)) => match r {
+                Ok(_) => self.open_consumer(consume),
                 Err(e) => failed(self, consume.channel, &e),
             },
             (task, _) => self.log(LogLevel::Warn, format!("unexpected outcome for {task:?}")),

@@ -267,7 +267,7 @@ impl AmqpConnection {
         if let Some(Op::Task(task @ Task::DeleteRoute { .. })) = self.ops.complete(token) {
             if let Task::DeleteRoute { name, queue, .. } = &task {
                 let (name, queue) = (name.clone(), queue.clone());
-                self.store_route(&name, &queue, task);
+                self.open_queue_route(&name, &queue, task);
             }
         }
         true

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use magnetar_sdk::{ErrorKind, KvEntry};
+use magnetar_sdk::KvEntry;
 
 use super::channel::{Outcome, Task};
 use super::*;
@@ -289,12 +289,9 @@ impl AmqpConnection {
                 }
                 Err(e) => fail(self, p.channel, e),
             },
-            (Stage::Route, Outcome::Sub(r)) => {
-                match r {
-                    Ok(sub) => self.out.push(Action::Unsubscribe { sub, delete: false }),
-                    // Consumers hold the queue: its filters are stored all the same.
-                    Err(e) if e.kind == ErrorKind::Backend => {}
-                    Err(e) => return fail(self, p.channel, e),
+            (Stage::Route, Outcome::Kv(r)) => {
+                if let Err(e) = r {
+                    return fail(self, p.channel, e);
                 }
                 p.changed.pop();
                 self.rewrite(p);

@@ -390,11 +390,15 @@ fn a_queue_is_a_durable_route_whose_filters_are_its_bindings() {
         &sent(&mut h)[..],
         [Frame::Method(1, Method::QueueBindOk(_))]
     ));
-    let routes: Vec<RouteSpec> = h
-        .take_actions()
+    let actions = h.take_actions();
+    // Stored without a reader of the queue (which could take, and so redeliver, a message).
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::OpenCappedRoute { .. } | Action::OpenRoute { .. })));
+    let routes: Vec<RouteSpec> = actions
         .into_iter()
         .filter_map(|a| match a {
-            Action::OpenCappedRoute { spec, .. } => Some(spec),
+            Action::StoreRoute { spec, .. } => Some(spec),
             _ => None,
         })
         .collect();
@@ -1518,12 +1522,12 @@ fn exchange_bind_stores_the_edge_and_gives_queues_its_bindings() {
             magnetar_sdk::Filter::Exact("src.a.b".into()),
         ]
     );
-    // The route was opened with them.
+    // The route was stored with them.
     let last_route = h
         .take_actions()
         .into_iter()
         .filter_map(|a| match a {
-            Action::OpenCappedRoute { spec, .. } => Some(spec.filters),
+            Action::StoreRoute { spec, .. } => Some(spec.filters),
             _ => None,
         })
         .next_back();
