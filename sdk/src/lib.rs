@@ -102,6 +102,14 @@ use bindings::magnetar::plugin::{
     session, timers, topics,
 };
 
+/// The count a [`Conn::queue_backlog`] completion carries: `None` where the backend could
+/// not say (no value, or not the 8 bytes of a big-endian u64).
+pub fn decode_backlog(value: Option<&[u8]>) -> Option<u64> {
+    value
+        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+        .map(u64::from_be_bytes)
+}
+
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
 pub const ABI_VERSION: &str = "0.2.6";
@@ -499,6 +507,13 @@ impl Conn {
     /// ABI 0.2.6.
     pub fn store_route(self, token: u64, spec: &RouteSpec, cap: Option<Cap>) {
         durable::store_route(self.0, token, spec, cap);
+    }
+
+    /// How many messages a durable route's queue holds (not acknowledged yet, delivered
+    /// ones too), read without taking any. Completes with [`Connection::on_kv_result`]:
+    /// [`decode_backlog`] reads it. ABI 0.2.6.
+    pub fn queue_backlog(self, token: u64, queue: &str) {
+        durable::queue_backlog(self.0, token, queue);
     }
 
     /// [`Conn::publish`], judged first by the caps of the queues the message reaches: the

@@ -195,6 +195,9 @@ pub enum Action {
         spec: RouteSpec,
         cap: Option<Cap>,
     },
+    /// [`Conn::queue_backlog`]; completes with [`Event::KvResult`] (decode with
+    /// [`crate::decode_backlog`]).
+    QueueBacklog { token: u64, queue: String },
     /// [`Conn::publish_capped`]: [`Event::PublishRefused`] at once if a queue refused the
     /// message, then [`Event::PublishResult`].
     PublishCapped { token: u64, msg: OutboundMessage },
@@ -324,6 +327,7 @@ impl Action {
                 conn.open_capped_route(token, &spec, cap)
             }
             Action::StoreRoute { token, spec, cap } => conn.store_route(token, &spec, cap),
+            Action::QueueBacklog { token, queue } => conn.queue_backlog(token, &queue),
             // Answered above.
             Action::PublishCapped { .. } => {}
             Action::Bind { route, filter } => {

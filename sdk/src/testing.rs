@@ -40,7 +40,8 @@
 //!   and still takes acks and nacks ([`SimHost::drained`]).
 //! - **durable** (ABI 0.2.6): [`Action::StoreRoute`] keeps the route as one opened and
 //!   closed at once would be (its queue's backlog kept; the filters of that queue's route
-//!   changed if one is open) and its cap ([`SimHost::caps`]), and completes as a kv write.
+//!   changed if one is open) and its cap ([`SimHost::caps`]), and completes as a kv write;
+//!   [`Action::QueueBacklog`] counts what the queue topic's durable subscriptions hold.
 //!
 //! What it does not simulate: tenancy and authorization (every operation succeeds unless the
 //! test fails it, authentication answers the configured principal), quotas, SASL (refused),
@@ -518,6 +519,10 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: self.store_route(spec, cap).map(|()| None),
             },
+            Action::QueueBacklog { token, queue } => Event::KvResult {
+                token,
+                result: Ok(Some(self.queue_backlog(&queue).to_be_bytes().to_vec())),
+            },
             Action::KvGet { token, key } => Event::KvResult {
                 token,
                 result: Ok(self.kv.get(&key).cloned()),
@@ -987,6 +992,19 @@ impl<M: Machine> SimHost<M> {
         Ok(())
     }
 
+    /// What [`Action::QueueBacklog`] answers: the messages waiting or unacknowledged in the
+    /// queue topic's durable subscriptions (the fullest), or, with none, every message
+    /// stored on the topic.
+    fn queue_backlog(&self, queue: &str) -> u64 {
+        let subs = self
+            .subs
+            .values()
+            .filter(|s| s.spec.durable && s.spec.topic == queue)
+            .map(|s| (s.backlog.len() + s.unacked.len()) as u64)
+            .max();
+        subs.unwrap_or_else(|| self.published.iter().filter(|m| m.topic == queue).count() as u64)
+    }
+
     /// The filters bound to a route, in binding order.
     pub fn route_filters(&self, route: SubId) -> Option<&[Filter]> {
         self.subs.get(&route).and_then(|s| s.filters.as_deref())
@@ -1253,6 +1271,7 @@ fn op_token(action: &Action) -> Option<u64> {
         | Action::Subscribe { token, .. }
         | Action::OpenRoute { token, .. }
         | Action::StoreRoute { token, .. }
+        | Action::QueueBacklog { token, .. }
         | Action::KvGet { token, .. }
         | Action::KvPut { token, .. }
         | Action::KvScan { token, .. }

@@ -280,6 +280,21 @@ def test_declaring_and_binding_a_queue_again_hands_out_nothing(conn):
     assert [m.redelivered for m, _, _ in got] == [False] * 5
 
 
+def test_declare_ok_and_purge_ok_count_the_queues_messages(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = unique("count")
+    assert ch.queue_declare(q).method.message_count == 0
+    for i in range(7):
+        ch.basic_publish("", q, f"{i}".encode())
+    # Confirmed; the gateway's copy into the queue may follow the confirm (docs/amqp.md).
+    wait_until(lambda: ch.queue_declare(q, passive=True).method.message_count == 7)
+    again = ch.queue_declare(q).method
+    assert (again.message_count, again.consumer_count) == (7, 0)
+    assert ch.queue_purge(q).method.message_count == 7
+    assert ch.queue_declare(q, passive=True).method.message_count == 0
+
+
 def test_publisher_confirms_ack_each_stored_message(conn):
     ch = conn.channel()
     ch.confirm_delivery()

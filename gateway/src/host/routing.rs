@@ -459,6 +459,39 @@ pub(super) async fn prepare_queue(services: &Services, queue: &str) {
     }
 }
 
+/// A queue's messages not acknowledged yet, as the backend counts them, through a consumer
+/// of its subscription that grants no flow permit (Shared, beside the queue's consumers);
+/// `None` if the backend cannot say (an Exclusive reader holds the subscription).
+async fn queue_backlog(services: &Services, queue: &str) -> Option<u64> {
+    let opts = SubscribeOptions {
+        topic: queue.to_string(),
+        subscription: QUEUE_SUBSCRIPTION.to_string(),
+        sub_type: pulsar::SubType::Shared,
+        durable: true,
+        earliest: true,
+        receiver_queue: 1,
+        start_message_id: None,
+        dead_letter: None,
+        consumer_name: None,
+    };
+    let mut consumer = match services.backend.subscribe_windowed(&opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(queue, error = %e, "a queue's backlog not read");
+            return None;
+        }
+    };
+    let backlog = match consumer.get_stats().await {
+        Ok(stats) => Some(stats.iter().filter_map(|s| s.msg_backlog).sum()),
+        Err(e) => {
+            tracing::debug!(queue, error = %e, "a queue's backlog not read");
+            None
+        }
+    };
+    let _ = consumer.close().await;
+    backlog
+}
+
 fn filter(f: AbiFilter) -> Filter {
     match f {
         AbiFilter::Mqtt(f) => Filter::Mqtt(f),
@@ -541,6 +574,32 @@ impl durable::Host for HostState {
         cap: Option<caps::Cap>,
     ) {
         HostState::store_durable(self, conn, token, spec, cap.map(abi_cap));
+    }
+
+    /// `queue-backlog`: the messages a queue holds, read without taking any.
+    fn queue_backlog(&mut self, conn: u64, token: u64, queue: String) {
+        let topic = match self.authorized_topic(conn, &queue, ActionName::Consume) {
+            Ok(t) => t,
+            Err(e) => {
+                return self.complete(Event::KvResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
+        let (services, events) = (self.services.clone(), self.events.clone());
+        self.runtime.spawn(async move {
+            let backlog = queue_backlog(&services, &topic).await;
+            let outcome = Ok(backlog.map(|n| n.to_be_bytes().to_vec()));
+            let _ = events
+                .send(Event::KvResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
+        });
     }
 }
 

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 
 use magnetar_sdk::{
-    ConsumerSpec, ErrorKind, Message, OpError, OutboundMessage, Position, Property, RouteSpec,
-    SubId, SubMode, TopicRef,
+    decode_backlog, ConsumerSpec, ErrorKind, Message, OpError, OutboundMessage, Position, Property,
+    RouteSpec, SubId, SubMode, TopicRef,
 };
 
 use super::*;
@@ -138,6 +138,8 @@ pub(crate) struct PendingPurge {
     queue: String,
     no_wait: bool,
     attempts: u32,
+    /// The queue's messages before the purge (`purge-ok`'s message_count).
+    count: u64,
 }
 
 /// A channel method waiting for the host, with what it does next.
@@ -177,10 +179,20 @@ pub(crate) enum Task {
         queue: Queue,
         reply: Option<Box<Method>>,
     },
-    /// The route is stored (`durable.store-route`): reply.
+    /// The route is stored (`durable.store-route`): count the queue's messages, reply.
     RouteStored {
         channel: u16,
+        name: String,
         reply: Option<Box<Method>>,
+    },
+    /// The queue's messages counted (`durable.queue-backlog`): put them in the reply.
+    Counted {
+        channel: u16,
+        reply: Box<Method>,
+    },
+    /// The queue's messages counted before its purge: open the purge's consumer.
+    PurgeCount {
+        purge: PendingPurge,
     },
     /// Read the queue to delete.
     QueueDelete {
@@ -488,6 +500,20 @@ impl AmqpConnection {
         if let Some(m) = reply {
             self.send_method(channel, *m);
         }
+    }
+
+    /// [`Self::reply`] with the queue `name`'s messages counted first (`declare-ok`'s
+    /// message_count: those not acknowledged yet, as the backend counts them).
+    pub(super) fn reply_counted(&mut self, channel: u16, reply: Option<Box<Method>>, name: &str) {
+        let Some(reply) = reply else {
+            return;
+        };
+        let token = self.ops.start(Op::Task(Task::Counted { channel, reply }));
+        self.out.push(Action::QueueBacklog {
+            token,
+            queue: topology::queue_topic(name),
+        });
+        self.busy = true;
     }
 
     /// Starts a host operation that the channel method waits for.
@@ -1018,6 +1044,7 @@ impl AmqpConnection {
                     channel: p.channel,
                     sub,
                     no_wait: p.no_wait,
+                    count: p.count,
                 });
                 self.out.push(Action::Seek {
                     token,
@@ -1047,15 +1074,16 @@ impl AmqpConnection {
         &mut self,
         channel: u16,
         sub: SubId,
-        no_wait: bool,
+        (no_wait, count): (bool, u64),
         result: Result<(), OpError>,
     ) {
         self.busy = false;
         self.out.push(Action::Unsubscribe { sub, delete: false });
+        let message_count = u32::try_from(count).unwrap_or(u32::MAX);
         match result {
             Ok(()) if !no_wait => self.send_method(
                 channel,
-                Method::QueuePurgeOk(QueuePurgeOk { message_count: 0 }),
+                Method::QueuePurgeOk(QueuePurgeOk { message_count }),
             ),
             Ok(()) => {}
             Err(e) => {
@@ -1300,7 +1328,7 @@ impl AmqpConnection {
                     // queue's expiry timer).
                     Some(q) if m.passive => {
                         self.queue_used(&name, &q);
-                        self.reply(channel, reply)
+                        self.reply_counted(channel, reply, &name)
                     }
                     // RabbitMQ's strict check: `exclusive` must be what the queue has.
                     Some(q) if q.exclusive != m.exclusive => {
@@ -1330,7 +1358,12 @@ impl AmqpConnection {
                             // starts feeding the queue on a gateway that just started.
                             None => {
                                 self.queue_used(&name, &q);
-                                self.store_route(&name, &q, Task::RouteStored { channel, reply })
+                                let task = Task::RouteStored {
+                                    channel,
+                                    name: name.clone(),
+                                    reply,
+                                };
+                                self.store_route(&name, &q, task)
                             }
                         }
                     }
@@ -1345,13 +1378,45 @@ impl AmqpConnection {
                 },
                 Outcome::Kv(r),
             ) => match r {
-                Ok(_) => self.store_route(&name, &queue, Task::RouteStored { channel, reply }),
+                // A new queue: nothing to count (`name` empty).
+                Ok(_) => {
+                    let task = Task::RouteStored {
+                        channel,
+                        name: String::new(),
+                        reply,
+                    };
+                    self.store_route(&name, &queue, task)
+                }
                 Err(e) => failed(self, channel, &e),
             },
-            (Task::RouteStored { channel, reply }, Outcome::Kv(r)) => match r {
-                Ok(_) => self.reply(channel, reply),
+            (
+                Task::RouteStored {
+                    channel,
+                    name,
+                    reply,
+                },
+                Outcome::Kv(r),
+            ) => match r {
+                Ok(_) if name.is_empty() => self.reply(channel, reply),
+                Ok(_) => self.reply_counted(channel, reply, &name),
                 Err(e) => failed(self, channel, &e),
             },
+            (Task::Counted { channel, mut reply }, Outcome::Kv(r)) => {
+                // Unknown (the backend could not say): 0, as before counts were read.
+                let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
+                let count = u32::try_from(count.unwrap_or(0)).unwrap_or(u32::MAX);
+                if let Method::QueueDeclareOk(ok) = reply.as_mut() {
+                    ok.message_count = count;
+                }
+                self.send_method(channel, *reply);
+            }
+            (Task::PurgeCount { mut purge }, Outcome::Kv(r)) => {
+                purge.count = r
+                    .ok()
+                    .and_then(|v| decode_backlog(v.as_deref()))
+                    .unwrap_or(0);
+                self.open_purge_consumer(purge);
+            }
             (Task::BindQueue { channel, change }, Outcome::Kv(r)) => {
                 let queue = match r {
                     Ok(v) => v.as_deref().and_then(Queue::decode),
@@ -1500,12 +1565,22 @@ impl AmqpConnection {
                 Err(e) => failed(self, consume.channel, &e),
             },
             (Task::PurgeQueue { channel, m }, Outcome::Kv(r)) => match r {
-                Ok(Some(_)) => self.open_purge_consumer(PendingPurge {
-                    channel,
-                    queue: m.queue,
-                    no_wait: m.no_wait,
-                    attempts: 0,
-                }),
+                Ok(Some(_)) => {
+                    let purge = PendingPurge {
+                        channel,
+                        queue: m.queue,
+                        no_wait: m.no_wait,
+                        attempts: 0,
+                        count: 0,
+                    };
+                    if purge.no_wait {
+                        return self.open_purge_consumer(purge);
+                    }
+                    let queue = topology::queue_topic(&purge.queue);
+                    let token = self.ops.start(Op::Task(Task::PurgeCount { purge }));
+                    self.out.push(Action::QueueBacklog { token, queue });
+                    self.busy = true;
+                }
                 Ok(None) => {
                     let e =
                         ConnError::new(NOT_FOUND, vhost_text(&format!("no queue '{}'", m.queue)));

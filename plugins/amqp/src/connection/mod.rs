@@ -111,6 +111,7 @@ enum Op {
         channel: u16,
         sub: SubId,
         no_wait: bool,
+        count: u64,
     },
     /// The lease of this connection's exclusive queues, or a queue's expiry, written.
     Lease,
@@ -769,9 +770,10 @@ impl Machine for AmqpConnection {
                     channel,
                     sub,
                     no_wait,
+                    count,
                 }) = self.ops.complete(token)
                 {
-                    self.on_purged(channel, sub, no_wait, result.map(|_| ()))
+                    self.on_purged(channel, sub, (no_wait, count), result.map(|_| ()))
                 }
             }
             Event::Message(m) => self.on_message(m),

@@ -1550,3 +1550,57 @@ fn exchange_bind_stores_the_edge_and_gives_queues_its_bindings() {
     let q = crate::topology::Queue::decode(&h.kv()["amqp/q/q"]).unwrap();
     assert_eq!(q.filters("q").len(), 2);
 }
+
+#[test]
+fn declare_ok_and_purge_ok_count_the_queues_messages() {
+    let mut h = running();
+    let declare = |passive: bool| {
+        frame(
+            1,
+            Method::QueueDeclare(QueueDeclare {
+                queue: "jobs".into(),
+                passive,
+                ..Default::default()
+            }),
+        )
+    };
+    h.data(&declare(false));
+    h.run();
+    sent(&mut h);
+    for _ in 0..3 {
+        h.produce(magnetar_sdk::OutboundMessage {
+            topic: "amqp-q-jobs".into(),
+            key: None,
+            payload: b"job".to_vec(),
+            properties: Vec::new(),
+        });
+    }
+    // Passive, and declared again: both count what the queue holds.
+    for passive in [true, false] {
+        h.data(&declare(passive));
+        h.run();
+        assert!(
+            matches!(
+                &sent(&mut h)[..],
+                [Frame::Method(1, Method::QueueDeclareOk(ok))] if ok.message_count == 3
+            ),
+            "passive: {passive}"
+        );
+    }
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::QueueBacklog { queue, .. } if queue == "amqp-q-jobs")));
+    h.data(&frame(
+        1,
+        Method::QueuePurge(QueuePurge {
+            queue: "jobs".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::QueuePurgeOk(ok))] if ok.message_count == 3
+    ));
+}

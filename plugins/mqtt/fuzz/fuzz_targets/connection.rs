@@ -254,7 +254,9 @@ impl Host {
             // Nor consumer flow (ABI 0.2.6, AMQP's basic.cancel with deliveries held).
             Action::Drain { .. } => panic!("the MQTT plugin used flow: {a:?}"),
             // Nor routes stored without a reader (ABI 0.2.6, AMQP's declarations).
-            Action::StoreRoute { .. } => panic!("the MQTT plugin stored a route: {a:?}"),
+            Action::StoreRoute { .. } | Action::QueueBacklog { .. } => {
+                panic!("the MQTT plugin used durable: {a:?}")
+            }
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
