@@ -293,6 +293,10 @@ def test_declare_ok_and_purge_ok_count_the_queues_messages(conn):
     assert (again.message_count, again.consumer_count) == (7, 0)
     assert ch.queue_purge(q).method.message_count == 7
     assert ch.queue_declare(q, passive=True).method.message_count == 0
+    for i in range(3):
+        ch.basic_publish("", q, f"{i}".encode())
+    wait_until(lambda: ch.queue_declare(q, passive=True).method.message_count == 3)
+    assert ch.queue_delete(q).method.message_count == 3
 
 
 def test_publisher_confirms_ack_each_stored_message(conn):

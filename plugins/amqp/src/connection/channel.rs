@@ -194,6 +194,12 @@ pub(crate) enum Task {
     PurgeCount {
         purge: PendingPurge,
     },
+    /// The queue's messages counted before it is deleted (`delete-ok`'s message_count).
+    DeleteCount {
+        channel: u16,
+        m: QueueDelete,
+        queue: Queue,
+    },
     /// Read the queue to delete.
     QueueDelete {
         channel: u16,
@@ -1409,6 +1415,10 @@ impl AmqpConnection {
                     ok.message_count = count;
                 }
                 self.send_method(channel, *reply);
+            }
+            (Task::DeleteCount { channel, m, queue }, Outcome::Kv(r)) => {
+                let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
+                self.delete_counted(channel, m, Some(queue), count.unwrap_or(0));
             }
             (Task::PurgeCount { mut purge }, Outcome::Kv(r)) => {
                 purge.count = r

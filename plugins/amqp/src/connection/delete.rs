@@ -192,9 +192,35 @@ impl AmqpConnection {
     /// `queue.delete`, its conditions met (or none): this connection's consumers of the
     /// queue end first (with `basic.cancel`), so that the route that deletes it can take its
     /// subscription; then its record, then its route with its backlog.
+    /// `delete-ok` says how many messages went with the queue: counted first
+    /// (`durable.queue-backlog`).
     pub(super) fn delete_queue(&mut self, channel: u16, m: QueueDelete, queue: Option<Queue>) {
-        let reply = (!m.no_wait)
-            .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
+        match queue {
+            Some(queue) if !m.no_wait => {
+                let topic = topology::queue_topic(&m.queue);
+                let task = Task::DeleteCount { channel, m, queue };
+                let token = self.ops.start(Op::Task(task));
+                self.out.push(Action::QueueBacklog {
+                    token,
+                    queue: topic,
+                });
+                self.busy = true;
+            }
+            queue => self.delete_counted(channel, m, queue, 0),
+        }
+    }
+
+    /// [`Self::delete_queue`] once the queue's messages (`count`) are known.
+    pub(super) fn delete_counted(
+        &mut self,
+        channel: u16,
+        m: QueueDelete,
+        queue: Option<Queue>,
+        count: u64,
+    ) {
+        let message_count = u32::try_from(count).unwrap_or(u32::MAX);
+        let reply =
+            (!m.no_wait).then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count })));
         self.cancel_consumers_of(&m.queue);
         self.owned.remove(&m.queue);
         match queue {

@@ -1603,4 +1603,23 @@ fn declare_ok_and_purge_ok_count_the_queues_messages() {
         &sent(&mut h)[..],
         [Frame::Method(1, Method::QueuePurgeOk(ok))] if ok.message_count == 3
     ));
+    // delete-ok counts what goes with the queue.
+    h.produce(magnetar_sdk::OutboundMessage {
+        topic: "amqp-q-jobs".into(),
+        key: None,
+        payload: b"late".to_vec(),
+        properties: Vec::new(),
+    });
+    h.data(&frame(
+        1,
+        Method::QueueDelete(QueueDelete {
+            queue: "jobs".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::QueueDeleteOk(ok))] if ok.message_count > 0
+    ));
 }
