@@ -70,7 +70,7 @@ pub(super) enum Op {
 }
 
 /// What `durable.store-route` waits for once its route is written: the source's feeder
-/// reading, and the queue's subscription (`routing::prepare_queue`).
+/// reading, and the queue's subscription (`routing::route_stored`).
 pub(super) struct RouteStored {
     pub(super) token: u64,
     pub(super) feeder: Arc<Feeder>,
@@ -296,54 +296,32 @@ async fn run_ops(
                 value,
                 stored,
             } => {
-                let written = Box::pin(services.kv.put(&topic, &key, value)).await;
-                match (stored, written) {
-                    (None, written) => {
-                        if let Err(e) = written {
-                            tracing::warn!(conn, key, error = %e, "cannot store a durable route");
-                        }
-                        shared.op_finished();
-                    }
-                    (Some(stored), Err(e)) => {
-                        let outcome = Err(op_error(ErrorKind::Backend, e.to_string()));
-                        let token = stored.token;
-                        op_done(
-                            &shared,
-                            &events,
-                            Event::KvResult {
-                                conn,
-                                token,
-                                outcome,
-                            },
-                        )
-                        .await;
-                    }
+                let written = Box::pin(services.kv.put(&topic, &key, value))
+                    .await
+                    .map_err(|e| op_error(ErrorKind::Backend, e.to_string()));
+                if let Some(stored) = stored {
                     // The feeder and the queue's subscription are waited for beside the
                     // connection's next operations, which do not depend on them.
-                    (Some(stored), Ok(_)) => {
-                        let (services, events, shared) =
-                            (services.clone(), events.clone(), shared.clone());
-                        tokio::spawn(async move {
-                            let outcome = match stored.feeder.ready().await {
-                                Ok(()) => {
-                                    super::routing::prepare_queue(&services, &stored.queue).await;
-                                    Ok(None)
-                                }
-                                Err(e) => Err(op_error(ErrorKind::Backend, e)),
-                            };
-                            let token = stored.token;
-                            op_done(
-                                &shared,
-                                &events,
-                                Event::KvResult {
-                                    conn,
-                                    token,
-                                    outcome,
-                                },
-                            )
-                            .await;
-                        });
+                    let (services, events, shared) =
+                        (services.clone(), events.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        let outcome = match written {
+                            Ok(_) => super::routing::route_stored(&services, &stored).await,
+                            Err(e) => Err(e),
+                        };
+                        let token = stored.token;
+                        let event = Event::KvResult {
+                            conn,
+                            token,
+                            outcome,
+                        };
+                        op_done(&shared, &events, event).await;
+                    });
+                } else {
+                    if let Err(e) = written {
+                        tracing::warn!(conn, key, error = %e.message, "cannot store a durable route");
                     }
+                    shared.op_finished();
                 }
             }
             Op::KvPut {

@@ -422,21 +422,74 @@ impl HostState {
     }
 }
 
-/// Readies a stored route's queue (`durable.store-route`) for consumers that need no
-/// reader of the route: its subscription exists (from the queue's start, so the copies the
-/// feeder stores before the first consumer wait for it), and a capped queue whose count this
-/// process has not recovered yet gets it from the subscription's backlog. Through a
-/// consumer that grants the backend no flow permit, so nothing of the queue is handed out
-/// or counted as redelivered: Shared (beside the queue's consumers), or Exclusive where the
-/// count is recovered (then the subscription's only consumer, so its whole backlog is
-/// ready). Refused (others hold the subscription): the subscription exists, and the count
-/// is recovered by the next route or store that finds the queue free.
-pub(super) async fn prepare_queue(services: &Services, queue: &str) {
+/// A stored route (`durable.store-route`) once written: its source's feeder reads, and its
+/// queue is ready for consumers that need no reader of the route (`prepare_queue`).
+pub(super) async fn route_stored(
+    services: &Services,
+    stored: &RouteStored,
+) -> Result<Option<Vec<u8>>, OpError> {
+    stored
+        .feeder
+        .ready()
+        .await
+        .map_err(|e| op_error(ErrorKind::Backend, e))?;
+    prepare_queue(services, &stored.queue).await;
+    Ok(None)
+}
+
+/// Readies a stored route's queue for consumers that need no reader of the route: its
+/// subscription exists (from the queue's start, so the copies the feeder stores before the
+/// first consumer wait for it), and a capped queue whose count this process has not
+/// recovered yet gets it from the subscription's backlog, through an Exclusive consumer
+/// (then the subscription's only one, so its whole backlog is ready). Refused (others hold
+/// the subscription): the subscription exists, and the count is recovered by the next route
+/// or store that finds the queue free.
+async fn prepare_queue(services: &Services, queue: &str) {
     let recovering = services.caps.get(queue).filter(|c| c.needs_recovery());
+    let exclusive = recovering.is_some();
+    match permitless_consumer(services, queue, exclusive).await {
+        Ok(mut consumer) => {
+            if let Some(count) = recovering {
+                recover(&mut consumer, &count, queue).await;
+            }
+            let _ = consumer.close().await;
+        }
+        Err(e) => tracing::debug!(queue, error = %e, "a stored route's queue is held"),
+    }
+}
+
+/// A queue's messages not acknowledged yet, as the backend counts them; `None` if the
+/// backend cannot say (an Exclusive reader holds the subscription).
+async fn queue_backlog(services: &Services, queue: &str) -> Option<u64> {
+    let read = async {
+        let mut consumer = permitless_consumer(services, queue, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        let stats = consumer.get_stats().await.map_err(|e| e.to_string());
+        let _ = consumer.close().await;
+        stats
+    };
+    match read.await {
+        Ok(stats) => Some(stats.iter().filter_map(|s| s.msg_backlog).sum()),
+        Err(e) => {
+            tracing::debug!(queue, error = %e, "a queue's backlog not read");
+            None
+        }
+    }
+}
+
+/// A consumer of `queue`'s subscription (created from the queue's start if new) that
+/// grants the backend no flow permit, so it is handed nothing and no message it holds is
+/// ever redelivered: Shared, beside the queue's consumers, or Exclusive.
+async fn permitless_consumer(
+    services: &Services,
+    queue: &str,
+    exclusive: bool,
+) -> Result<pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>, crate::backend::BackendError> {
     let opts = SubscribeOptions {
         topic: queue.to_string(),
         subscription: QUEUE_SUBSCRIPTION.to_string(),
-        sub_type: if recovering.is_some() {
+        sub_type: if exclusive {
             pulsar::SubType::Exclusive
         } else {
             pulsar::SubType::Shared
@@ -448,48 +501,7 @@ pub(super) async fn prepare_queue(services: &Services, queue: &str) {
         dead_letter: None,
         consumer_name: None,
     };
-    match services.backend.subscribe_windowed(&opts).await {
-        Ok(mut consumer) => {
-            if let Some(count) = recovering {
-                recover(&mut consumer, &count, queue).await;
-            }
-            let _ = consumer.close().await;
-        }
-        Err(e) => tracing::debug!(queue, error = %e, "a stored route's queue is held"),
-    }
-}
-
-/// A queue's messages not acknowledged yet, as the backend counts them, through a consumer
-/// of its subscription that grants no flow permit (Shared, beside the queue's consumers);
-/// `None` if the backend cannot say (an Exclusive reader holds the subscription).
-async fn queue_backlog(services: &Services, queue: &str) -> Option<u64> {
-    let opts = SubscribeOptions {
-        topic: queue.to_string(),
-        subscription: QUEUE_SUBSCRIPTION.to_string(),
-        sub_type: pulsar::SubType::Shared,
-        durable: true,
-        earliest: true,
-        receiver_queue: 1,
-        start_message_id: None,
-        dead_letter: None,
-        consumer_name: None,
-    };
-    let mut consumer = match services.backend.subscribe_windowed(&opts).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(queue, error = %e, "a queue's backlog not read");
-            return None;
-        }
-    };
-    let backlog = match consumer.get_stats().await {
-        Ok(stats) => Some(stats.iter().filter_map(|s| s.msg_backlog).sum()),
-        Err(e) => {
-            tracing::debug!(queue, error = %e, "a queue's backlog not read");
-            None
-        }
-    };
-    let _ = consumer.close().await;
-    backlog
+    services.backend.subscribe_windowed(&opts).await
 }
 
 fn filter(f: AbiFilter) -> Filter {
