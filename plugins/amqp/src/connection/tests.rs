@@ -1591,16 +1591,17 @@ fn declare_ok_and_purge_ok_count_the_queues_messages() {
         .take_actions()
         .iter()
         .any(|a| matches!(a, Action::QueueBacklog { queue, .. } if queue == "amqp-q-jobs")));
-    h.data(&frame(
-        1,
-        Method::QueuePurge(QueuePurge {
-            queue: "jobs".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
+    let ask = |h: &mut SimHost<AmqpConnection>, m: Method| {
+        h.data(&frame(1, m));
+        h.run();
+        sent(h)
+    };
+    let purge = QueuePurge {
+        queue: "jobs".into(),
+        ..Default::default()
+    };
     assert!(matches!(
-        &sent(&mut h)[..],
+        &ask(&mut h, Method::QueuePurge(purge))[..],
         [Frame::Method(1, Method::QueuePurgeOk(ok))] if ok.message_count == 3
     ));
     // delete-ok counts what goes with the queue.
@@ -1610,16 +1611,12 @@ fn declare_ok_and_purge_ok_count_the_queues_messages() {
         payload: b"late".to_vec(),
         properties: Vec::new(),
     });
-    h.data(&frame(
-        1,
-        Method::QueueDelete(QueueDelete {
-            queue: "jobs".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
+    let delete = QueueDelete {
+        queue: "jobs".into(),
+        ..Default::default()
+    };
     assert!(matches!(
-        &sent(&mut h)[..],
+        &ask(&mut h, Method::QueueDelete(delete))[..],
         [Frame::Method(1, Method::QueueDeleteOk(ok))] if ok.message_count > 0
     ));
 }
