@@ -132,14 +132,10 @@ impl HostState {
                 invalid("a stored route is a durable route (with a queue)"),
             );
         };
-        let topic = match self.authorized_topic(conn, &spec.source, ActionName::Consume) {
-            Ok(t) => t,
+        let (topic, filters) = match self.route_source(conn, &spec) {
+            Ok(checked) => checked,
             Err(e) => return fail(self, e),
         };
-        let filters: Vec<Filter> = spec.filters.iter().cloned().map(filter).collect();
-        if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
-            return fail(self, invalid(e));
-        }
         let source = Named {
             topic,
             short: &spec.source,
@@ -317,6 +313,20 @@ impl HostState {
         refused
     }
 
+    /// A route's source topic, authorized for consumption, and its filters, validated.
+    fn route_source(
+        &self,
+        conn: u64,
+        spec: &routing::RouteSpec,
+    ) -> Result<(String, Vec<Filter>), OpError> {
+        let topic = self.authorized_topic(conn, &spec.source, ActionName::Consume)?;
+        let filters: Vec<Filter> = spec.filters.iter().cloned().map(filter).collect();
+        if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
+            return Err(invalid(e));
+        }
+        Ok((topic, filters))
+    }
+
     /// `open-route`, with a change of the queue's cap for a durable route.
     fn open_route_with(&mut self, conn: u64, token: u64, spec: routing::RouteSpec, cap: CapChange) {
         let fail = |s: &Self, e: OpError| {
@@ -326,14 +336,10 @@ impl HostState {
                 outcome: Err(e),
             })
         };
-        let topic = match self.authorized_topic(conn, &spec.source, ActionName::Consume) {
-            Ok(t) => t,
+        let (topic, filters) = match self.route_source(conn, &spec) {
+            Ok(checked) => checked,
             Err(e) => return fail(self, e),
         };
-        let filters: Vec<Filter> = spec.filters.into_iter().map(filter).collect();
-        if let Some(e) = filters.iter().find_map(|f| f.validate().err()) {
-            return fail(self, invalid(e));
-        }
         let max_unacked = spec.max_unacked.clamp(1, 10_000) as usize;
         let max_queued = spec.max_queued.clamp(1, 1_000_000) as usize;
         if let Some(queue) = &spec.queue {
@@ -590,20 +596,15 @@ impl durable::Host for HostState {
 
     /// `queue-backlog`: the messages a queue holds, read without taking any.
     fn queue_backlog(&mut self, conn: u64, token: u64, queue: String) {
-        let topic = match self.authorized_topic(conn, &queue, ActionName::Consume) {
-            Ok(t) => t,
-            Err(e) => {
-                return self.complete(Event::KvResult {
-                    conn,
-                    token,
-                    outcome: Err(e),
-                })
-            }
-        };
+        let topic = self.authorized_topic(conn, &queue, ActionName::Consume);
         let (services, events) = (self.services.clone(), self.events.clone());
         self.runtime.spawn(async move {
-            let backlog = queue_backlog(&services, &topic).await;
-            let outcome = Ok(backlog.map(|n| n.to_be_bytes().to_vec()));
+            let outcome = match topic {
+                Ok(t) => Ok(queue_backlog(&services, &t)
+                    .await
+                    .map(|n| n.to_be_bytes().to_vec())),
+                Err(e) => Err(e),
+            };
             let _ = events
                 .send(Event::KvResult {
                     conn,

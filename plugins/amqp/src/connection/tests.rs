@@ -1236,17 +1236,7 @@ fn a_cancelled_consumer_gives_back_what_the_global_prefetch_held_for_it() {
     consume_q(&mut h);
     let sub = *h.machine().consumers.keys().next().unwrap();
     for id in [7, 8] {
-        h.feed(Event::Message(magnetar_sdk::Message {
-            subscription: sub,
-            delivery_id: id,
-            message_id: vec![],
-            key: None,
-            payload: b"body".to_vec(),
-            properties: vec![],
-            publish_time_ms: 0,
-            event_time_ms: None,
-            redelivery_count: 0,
-        }));
+        h.feed(Event::Message(body_message(sub, id)));
     }
     sent(&mut h);
     h.data(&frame(
