@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 
-use crate::harness::{Gateway, Options};
+use crate::harness::{Gateway, Options, ADMIN_TOKEN};
 use crate::mqtt::{assert_quiet, connect, drive, options, publish_all, receive, receive_full};
 use crate::storm::{login_session, runtime};
-use crate::tenancy::token;
+use crate::tenancy::{http, token};
 
 /// Commands the application sends each device, and telemetry messages each device sends.
 const PER_DEVICE: usize = 2;
@@ -256,7 +256,18 @@ async fn wait_for(
     what: &str,
     bound: Duration,
     failure: &Failure,
+    progress: impl FnMut() -> (usize, usize),
+) {
+    wait_or_explain(what, bound, failure, progress, String::new).await;
+}
+
+/// `wait_for`, with `explain()` added to the failure's message.
+async fn wait_or_explain(
+    what: &str,
+    bound: Duration,
+    failure: &Failure,
     mut progress: impl FnMut() -> (usize, usize),
+    explain: impl FnOnce() -> String,
 ) {
     let deadline = Instant::now() + bound;
     loop {
@@ -265,23 +276,54 @@ async fn wait_for(
         if have >= want {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {have} of {want} after {bound:?}"
-        );
+        if Instant::now() >= deadline {
+            panic!("{what}: {have} of {want} after {bound:?}{}", explain());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Waits until every device has received its `PER_DEVICE` distinct commands.
-async fn wait_for_commands(devices: &[(Peer, bool)], bound: Duration, failure: &Failure) {
-    wait_for("devices with all their commands", bound, failure, || {
-        let done = devices
+/// Waits until every device has received its `PER_DEVICE` distinct commands; on failure
+/// names the first devices still waiting, with the backend's view of their session queues.
+async fn wait_for_commands(
+    gw: &Gateway,
+    devices: &[(Peer, bool)],
+    bound: Duration,
+    failure: &Failure,
+) {
+    let waiting = || {
+        devices
             .iter()
-            .filter(|(d, _)| d.inbox.distinct() >= PER_DEVICE)
-            .count();
-        (done, devices.len())
-    })
+            .enumerate()
+            .filter(|(_, (d, _))| d.inbox.distinct() < PER_DEVICE)
+            .map(|(i, _)| i)
+    };
+    let explain = || {
+        let Some(web) = gw.web else {
+            return String::new();
+        };
+        let stats = |topic: &str| {
+            let path = format!("/admin/v2/persistent/public/default/{topic}/stats");
+            let (status, body) = http(web, "GET", &path, Some(ADMIN_TOKEN), "");
+            format!("{status} {body}")
+        };
+        let mut out = String::new();
+        for i in waiting().take(3) {
+            let got = devices[i].0.inbox.distinct();
+            let queue = stats(&format!("mqtt-session-dev-{i}"));
+            out.push_str(&format!("\n  dev-{i} has {got}; its queue: {queue}"));
+        }
+        out.push_str(&format!("\n  the source: {}", stats("mqtt")));
+        out
+    };
+    let progress = || (devices.len() - waiting().count(), devices.len());
+    wait_or_explain(
+        "devices with all their commands",
+        bound,
+        failure,
+        progress,
+        explain,
+    )
     .await;
 }
 
@@ -383,7 +425,7 @@ fn fleet_devices_get_only_their_own_commands_and_the_application_all_telemetry()
             (app.inbox.acked.load(Ordering::Relaxed), acks_due)
         })
         .await;
-        wait_for_commands(&devices, bound, &failure).await;
+        wait_for_commands(&gw, &devices, bound, &failure).await;
         let commands = started.elapsed();
 
         // Telemetry: each device at its own QoS.
@@ -437,7 +479,10 @@ fn fleet_persistent_sessions_get_their_queued_commands_after_gateway_kill9() {
     let _one = one_fleet_at_a_time();
     let n = fleet_size();
     let bound = phase_bound(n);
-    let mut gw = Gateway::start(Options::default());
+    let mut gw = Gateway::start(Options {
+        web: true,
+        ..Options::default()
+    });
     let rt = runtime();
     let failure = Arc::new(Failure::default());
     let started = Instant::now();
@@ -488,7 +533,7 @@ fn fleet_persistent_sessions_get_their_queued_commands_after_gateway_kill9() {
             absent.len(),
             &absent[..absent.len().min(10)]
         );
-        wait_for_commands(&devices, bound, &failure).await;
+        wait_for_commands(&gw, &devices, bound, &failure).await;
         let delivered = started.elapsed();
 
         tokio::time::sleep(SETTLE).await;

@@ -17,6 +17,8 @@ pub struct Gateway {
     pub mqtt: SocketAddr,
     pub mqtts: SocketAddr,
     pub echo: Option<SocketAddr>,
+    /// The web port (Pulsar's admin REST API under `/admin/v2/`), with [`Options::web`].
+    pub web: Option<SocketAddr>,
     /// The admin HTTP API; its token is [`ADMIN_TOKEN`].
     pub admin: SocketAddr,
 }
@@ -36,6 +38,9 @@ pub struct Options {
     /// No embedded broker: use this one (a first gateway's), with this token (its
     /// superuser role's), as a second gateway of a deployment would.
     pub backend: Option<(SocketAddr, String)>,
+    /// Also serve a web port (the `pulsar-ws` plugin with `web = true`): the backend's
+    /// topic stats for a test's failure message.
+    pub web: bool,
 }
 
 impl Gateway {
@@ -75,7 +80,7 @@ impl Gateway {
     fn configure(opts: Options) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         // All ports are held until all are chosen, so one gateway never gets a port twice.
-        let held: Vec<TcpListener> = (0..5).map(|_| listener_below_ephemeral()).collect();
+        let held: Vec<TcpListener> = (0..6).map(|_| listener_below_ephemeral()).collect();
         let ports: Vec<SocketAddr> = held
             .iter()
             .map(|l| l.local_addr().expect("local addr"))
@@ -83,6 +88,7 @@ impl Gateway {
         drop(held);
         let (mut broker, mqtt, mqtts, admin) = (ports[0], ports[1], ports[2], ports[3]);
         let echo = opts.echo_plugin.then_some(ports[4]);
+        let web = opts.web.then_some(ports[5]);
         let mut config = match &opts.backend {
             None => format!("[broker]\nlisten = \"{broker}\"\n\n"),
             Some((remote, token)) => {
@@ -108,6 +114,11 @@ impl Gateway {
                 "\n[[listeners]]\nname = \"echo\"\nbind = \"{echo}\"\nplugin = \"echo_plugin\"\n"
             ));
         }
+        if let Some(web) = web {
+            config.push_str(&format!(
+                "\n[[listeners]]\nname = \"web\"\nbind = \"{web}\"\nplugin = \"pulsar-ws\"\nweb = true\n"
+            ));
+        }
         config.push_str(&opts.extra);
         let config_path = dir.path().join("magnetar.toml");
         std::fs::write(&config_path, config).expect("writing config");
@@ -119,6 +130,7 @@ impl Gateway {
             mqtt,
             mqtts,
             echo,
+            web,
             admin,
         }
     }
@@ -133,6 +145,7 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut ports = vec![self.mqtt, self.mqtts, self.broker, self.admin];
         ports.extend(self.echo);
+        ports.extend(self.web);
         for addr in ports {
             while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
                 if let Some(status) = self
