@@ -22,6 +22,11 @@
 //!   entry whole, so the readers of a queue that take one message at a time (AMQP consumers
 //!   with prefetch 1, competing on a Shared subscription) would otherwise see a batch go to
 //!   one of them while the others wait.
+//! - A caller that must see every message stored in the source before it asked reflected in
+//!   the queues (a queue's count, AMQP's `basic.get` on an empty queue) waits for
+//!   [`Feeder::caught_up`]: the feeder takes the source's last message id and answers once it
+//!   acknowledged that message (at once if everything was acknowledged already, or if another
+//!   gateway's feeder is the active one, whose progress this one cannot see).
 //! - A queue may be capped (`caps`): its route's record holds the cap, and a message that a
 //!   full queue refused as it was published names that queue in
 //!   [`REFUSED_PROPERTY`](super::caps::REFUSED_PROPERTY); it is not copied there.
@@ -32,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch, Notify};
 
 use super::caps::{Cap, REFUSED_PROPERTY};
 use super::services::Services;
@@ -231,9 +236,43 @@ pub(super) struct Feeder {
     kv_topic: String,
     queues: Mutex<Queues>,
     ready: watch::Receiver<Option<Result<(), String>>>,
+    /// Callers of [`Feeder::caught_up`] the feeding task has not taken yet, and its wake-up.
+    barriers: Mutex<Vec<oneshot::Sender<()>>>,
+    barrier_asked: Notify,
+    /// The last source message acknowledged (all copies stored), by any of its consumers.
+    copied: Mutex<Option<Position>>,
+}
+
+/// (ledger, entry, batch index): a message's place in its topic.
+type Position = (u64, u64, i32);
+
+fn position(id: &pulsar::proto::MessageIdData) -> Position {
+    (id.ledger_id, id.entry_id, id.batch_index.unwrap_or(-1))
+}
+
+/// Whether the source's message at `target` is acknowledged once `copied` is.
+fn reached(copied: Position, target: Position) -> bool {
+    let (c, t) = ((copied.0, copied.1), (target.0, target.1));
+    c > t || (c == t && (target.2 < 0 || copied.2 >= target.2))
 }
 
 impl Feeder {
+    /// Returns once every message the source held when called has its copies stored, or
+    /// this gateway's feeder knows it is not the one feeding, or its consumer failed (to be
+    /// bounded by the caller: a feeder that never started never answers).
+    pub(super) async fn caught_up(&self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        lock(&self.barriers).push(tx);
+        self.barrier_asked.notify_one();
+        // Answered by dropping the sender.
+        let _ = rx.await;
+    }
+
+    /// Whether this feeder holds `queue` (full topic).
+    pub(super) fn feeds(&self, queue: &str) -> bool {
+        lock(&self.queues).ids.contains_key(queue)
+    }
+
     /// Sets a queue's route, as this gateway's connection has it.
     pub(super) fn set_local(&self, queue: &str, route: RouteRecord) {
         let mut q = lock(&self.queues);
@@ -324,6 +363,15 @@ pub struct Feeders {
 }
 
 impl Feeders {
+    /// This gateway's feeders that hold the queue `queue` (full topic).
+    pub(super) fn of_queue(&self, queue: &str) -> Vec<Arc<Feeder>> {
+        lock(&self.feeders)
+            .values()
+            .filter(|f| f.feeds(queue))
+            .cloned()
+            .collect()
+    }
+
     /// This gateway's feeders of the source `topic` (full name), whatever their key
     /// property.
     pub(super) fn of_source(&self, topic: &str) -> Vec<Arc<Feeder>> {
@@ -362,6 +410,9 @@ impl Feeders {
             kv_topic: kv_topic.to_string(),
             queues: Mutex::new(Queues::default()),
             ready: rx,
+            barriers: Mutex::new(Vec::new()),
+            barrier_asked: Notify::new(),
+            copied: Mutex::new(None),
         });
         feeders.insert(id, feeder.clone());
         runtime.spawn(feed(services.clone(), feeder.clone(), tx));
@@ -477,6 +528,34 @@ async fn feed(
     }
 }
 
+/// Where the callers of `caught_up` that asked now must wait for the feeder to be: the
+/// source's last message; `None` (they are answered, by dropping them) if there is nothing
+/// to wait for: everything acknowledged, the source empty, another gateway feeding, or the
+/// backend cannot say.
+async fn barrier_target(
+    feeder: &Feeder,
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+) -> Option<Position> {
+    if consumer.is_active() == Some(false) {
+        return None;
+    }
+    let last = consumer.get_last_message_id().await.ok()?;
+    let target = position(last.first()?);
+    if target.0 == u64::MAX || target.1 == u64::MAX {
+        return None;
+    }
+    if lock(&feeder.copied).is_some_and(|c| reached(c, target)) {
+        return None;
+    }
+    // A consumer that has not acknowledged anything yet (a gateway that just started):
+    // nothing left in the subscription means nothing left to copy.
+    let stats = consumer.get_stats().await.ok()?;
+    if stats.iter().filter_map(|s| s.msg_backlog).sum::<u64>() == 0 {
+        return None;
+    }
+    Some(target)
+}
+
 /// Copies what the source delivers into the matching queues, acknowledging each batch once
 /// its copies are stored; returns (closing the consumer) when a copy or the source fails.
 async fn copy_until_failure(
@@ -486,11 +565,20 @@ async fn copy_until_failure(
 ) {
     let mut tick = tokio::time::interval(REFRESH);
     let mut matched = Vec::new();
+    // `caught_up` callers waiting for the source's message at their position.
+    let mut waiting: Vec<(Position, oneshot::Sender<()>)> = Vec::new();
     loop {
         let first = tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = refresh(services, feeder).await {
                     tracing::warn!(topic = %feeder.topic, error = %e, "cannot reload durable routes");
+                }
+                continue;
+            }
+            () = feeder.barrier_asked.notified() => {
+                let asked = std::mem::take(&mut *lock(&feeder.barriers));
+                if let Some(target) = barrier_target(feeder, &mut consumer).await {
+                    waiting.extend(asked.into_iter().map(|tx| (target, tx)));
                 }
                 continue;
             }
@@ -586,8 +674,13 @@ async fn copy_until_failure(
             let _ = consumer.close().await;
             return;
         }
-        if let Err(e) = consumer.cumulative_ack_with_id(&last.0, last.1).await {
-            tracing::warn!(topic = %feeder.topic, error = %e, "feeder's ack failed");
+        let at = position(&last.1);
+        match consumer.cumulative_ack_with_id(&last.0, last.1).await {
+            Ok(()) => {
+                *lock(&feeder.copied) = Some(at);
+                waiting.retain(|(target, _)| !reached(at, *target));
+            }
+            Err(e) => tracing::warn!(topic = %feeder.topic, error = %e, "feeder's ack failed"),
         }
         if ended {
             break;

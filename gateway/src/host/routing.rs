@@ -9,7 +9,9 @@
 //! with no reader of its queue.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::future::join_all;
 use tokio::sync::mpsc;
 
 use super::caps::{Cap, Overflow, REFUSED_PROPERTY};
@@ -464,9 +466,22 @@ async fn prepare_queue(services: &Services, queue: &str) {
     }
 }
 
-/// A queue's messages not acknowledged yet, as the backend counts them; `None` if the
-/// backend cannot say (an Exclusive reader holds the subscription).
+/// How long a count waits for the feeders to copy what their sources held.
+const CATCH_UP_BOUND: Duration = Duration::from_secs(1);
+
+/// A queue's messages not acknowledged yet, as the backend counts them, once the copies of
+/// every message its sources held when asked are stored (so a message confirmed before the
+/// question counts; bounded by [`CATCH_UP_BOUND`]); `None` if the backend cannot say (an
+/// Exclusive reader holds the subscription).
 async fn queue_backlog(services: &Services, queue: &str) -> Option<u64> {
+    let feeders = services.feeders.of_queue(queue);
+    let caught_up = join_all(feeders.iter().map(|f| f.caught_up()));
+    if tokio::time::timeout(CATCH_UP_BOUND, caught_up)
+        .await
+        .is_err()
+    {
+        tracing::debug!(queue, "counted before its feeder caught up");
+    }
     let read = async {
         let mut consumer = permitless_consumer(services, queue, false)
             .await

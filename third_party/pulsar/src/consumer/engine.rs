@@ -2,7 +2,7 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -61,7 +61,15 @@ pub struct ConsumerEngine<Exe: Executor> {
     /// (magnetar patch) the consumer is being replaced after a seek: a broker's close of it
     /// is expected and not followed by a resubscription (`TopicConsumer::seek_for_replacement`)
     replacing: Arc<AtomicBool>,
+    /// (magnetar patch) what the broker last said of a Failover consumer
+    /// (`CommandActiveConsumerChange`): [`ACTIVE_UNKNOWN`], [`ACTIVE`] or [`INACTIVE`]
+    active: Arc<AtomicU8>,
 }
+
+/// (magnetar patch) states of [`ConsumerEngine::active`]
+pub(crate) const ACTIVE_UNKNOWN: u8 = 0;
+pub(crate) const ACTIVE: u8 = 1;
+pub(crate) const INACTIVE: u8 = 2;
 
 impl<Exe: Executor> ConsumerEngine<Exe> {
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
@@ -81,6 +89,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
         dead_letter_policy: Option<DeadLetterPolicy>,
         options: ConsumerOptions,
         replacing: Arc<AtomicBool>,
+        active: Arc<AtomicU8>,
     ) -> ConsumerEngine<Exe> {
         let (event_tx, event_rx) = mpsc::unbounded();
         ConsumerEngine {
@@ -106,6 +115,7 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
             dead_letter_policy,
             options,
             replacing,
+            active,
         }
     }
 
@@ -451,7 +461,12 @@ impl<Exe: Executor> ConsumerEngine<Exe> {
                     },
                 ..
             } => {
-                // TODO: Communicate this status to the Consumer and expose it
+                let state = match active_consumer_change.is_active {
+                    Some(true) => ACTIVE,
+                    Some(false) => INACTIVE,
+                    None => ACTIVE_UNKNOWN,
+                };
+                self.active.store(state, Ordering::Release);
                 debug!(
                     "Active consumer change for {} - Active: {:?}",
                     self.debug_format(),

@@ -291,6 +291,16 @@ impl<T: DeserializeMessage, Exe: Executor> Consumer<T, Exe> {
         }
     }
 
+    /// (magnetar patch) Whether the broker last said this Failover consumer is the active one
+    /// (`CommandActiveConsumerChange`); `None` before it said anything, and for a consumer of
+    /// several topics.
+    pub fn is_active(&self) -> Option<bool> {
+        match &self.inner {
+            InnerConsumer::Single(c) => c.is_active(),
+            InnerConsumer::Multi(_) => None,
+        }
+    }
+
     /// returns the list of topics this consumer is subscribed on
     #[cfg_attr(feature = "telemetry", tracing::instrument(skip_all))]
     pub fn topics(&self) -> Vec<String> {
@@ -1059,6 +1069,47 @@ mod tests {
             );
         }
         consumer.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    #[cfg(any(
+        feature = "tokio-runtime",
+        feature = "tokio-rustls-runtime-aws-lc-rs",
+        feature = "tokio-rustls-runtime-ring"
+    ))]
+    async fn failover_consumers_hear_whether_they_are_active() {
+        let addr = "pulsar://127.0.0.1:6650";
+        let topic = format!("failover_active_{}", rand::random::<u16>());
+        let client: Pulsar<_> = Pulsar::builder(addr, TokioExecutor).build().await.unwrap();
+        let consumer = |name: &'static str| {
+            client
+                .consumer()
+                .with_topic(&topic)
+                .with_subscription("failover_active")
+                .with_subscription_type(SubType::Failover)
+                .with_consumer_name(name)
+                .build::<Vec<u8>>()
+        };
+        let first: Consumer<Vec<u8>, _> = consumer("a").await.unwrap();
+        let second: Consumer<Vec<u8>, _> = consumer("b").await.unwrap();
+        // The broker's notices come after the subscribe answers. Which one is active
+        // depends on the topic's name (a hash ring, for a topic without partitions).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (mut active, mut standby) = loop {
+            match (first.is_active(), second.is_active()) {
+                (Some(true), Some(false)) => break (first, second),
+                (Some(false), Some(true)) => break (second, first),
+                other => assert!(std::time::Instant::now() < deadline, "active: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The active one leaves: the other hears it is active now.
+        active.close().await.unwrap();
+        while standby.is_active() != Some(true) {
+            assert!(std::time::Instant::now() < deadline, "still standing by");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        standby.close().await.unwrap();
     }
 
 #[tokio::test]

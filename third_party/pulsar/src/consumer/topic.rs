@@ -2,7 +2,7 @@ use std::{
     marker::PhantomData,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     task::{Context, Poll},
@@ -40,6 +40,8 @@ pub struct TopicConsumer<T: DeserializeMessage, Exe: Executor> {
     /// (magnetar patch) set by [`TopicConsumer::seek_for_replacement`]: the engine does not
     /// resubscribe when the broker closes the consumer after the seek
     replacing: Arc<AtomicBool>,
+    /// (magnetar patch) what the broker last said of this Failover consumer (the engine's)
+    active: Arc<AtomicU8>,
     data_type: PhantomData<fn(Payload) -> T::Output>,
     pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
     pub(super) last_message_received: Option<DateTime<Utc>>,
@@ -111,6 +113,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
         let receiver_queue_size = options.receiver_queue_size.unwrap_or(1000);
         let (tx, rx) = mpsc::channel(receiver_queue_size as usize);
         let replacing = Arc::new(AtomicBool::new(false));
+        let active = Arc::new(AtomicU8::new(super::engine::ACTIVE_UNKNOWN));
         let mut c = ConsumerEngine::new(
             client.clone(),
             connection.clone(),
@@ -127,6 +130,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             dead_letter_policy.clone(),
             options.clone(),
             replacing.clone(),
+            active.clone(),
         );
         let engine_task = client.executor.spawn(Box::pin(async move {
             c.engine()
@@ -146,6 +150,7 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             messages: Box::pin(rx),
             engine_tx,
             replacing,
+            active,
             data_type: PhantomData,
             dead_letter_policy,
             last_message_received: None,
@@ -298,6 +303,16 @@ impl<T: DeserializeMessage, Exe: Executor> TopicConsumer<T, Exe> {
             .seek(consumer_id, message_id, timestamp)
             .await?;
         Ok(())
+    }
+
+    /// (magnetar patch) Whether the broker last said this (Failover) consumer is the active
+    /// one; `None` before it said anything.
+    pub fn is_active(&self) -> Option<bool> {
+        match self.active.load(Ordering::Acquire) {
+            super::engine::ACTIVE => Some(true),
+            super::engine::INACTIVE => Some(false),
+            _ => None,
+        }
     }
 
     /// (magnetar patch) A seek after which this consumer is replaced by a new one
