@@ -993,16 +993,26 @@ impl<M: Machine> SimHost<M> {
     }
 
     /// What [`Action::QueueBacklog`] answers: the messages waiting or unacknowledged in the
-    /// queue topic's durable subscriptions (the fullest), or, with none, every message
-    /// stored on the topic.
+    /// queue topic's durable subscriptions (the fullest; with none, every message stored on
+    /// the topic), or in the durable route of that queue, which holds the queue's copies
+    /// here, if it holds more.
     fn queue_backlog(&self, queue: &str) -> u64 {
-        let subs = self
+        let held = |s: &&Sub| (s.backlog.len() + s.unacked.len()) as u64;
+        let on_topic = self
             .subs
             .values()
             .filter(|s| s.spec.durable && s.spec.topic == queue)
-            .map(|s| (s.backlog.len() + s.unacked.len()) as u64)
-            .max();
-        subs.unwrap_or_else(|| self.published.iter().filter(|m| m.topic == queue).count() as u64)
+            .map(|s| held(&s))
+            .max()
+            .unwrap_or_else(|| self.published.iter().filter(|m| m.topic == queue).count() as u64);
+        let routed = self
+            .subs
+            .values()
+            .filter(|s| s.spec.durable && s.filters.is_some() && s.spec.name == queue)
+            .map(|s| held(&s))
+            .max()
+            .unwrap_or(0);
+        on_topic.max(routed)
     }
 
     /// The filters bound to a route, in binding order.

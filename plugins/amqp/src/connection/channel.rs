@@ -190,6 +190,14 @@ pub(crate) enum Task {
         channel: u16,
         reply: Box<Method>,
     },
+    /// The queue's messages counted for the pending `basic.get` whose deadline is `timer`:
+    /// none (the host counts once every copy of what was published before is in),
+    /// `get-empty` at once; some, the get waits as long as a first one for one of them.
+    GetCount {
+        timer: u64,
+    },
+    /// The queue of a `queue.delete` with `if-empty` counted.
+    EmptyCount(Box<super::delete::PendingDelete>),
     /// The queue's messages counted before its purge: open the purge's consumer.
     PurgeCount {
         purge: PendingPurge,
@@ -1416,6 +1424,20 @@ impl AmqpConnection {
                 }
                 self.send_method(channel, *reply);
             }
+            (Task::GetCount { timer }, Outcome::Kv(r)) => {
+                match r.ok().and_then(|v| decode_backlog(v.as_deref())) {
+                    Some(0) => {
+                        self.on_get_timer(timer);
+                    }
+                    Some(_) => self.extend_get(timer),
+                    // Unknown: the get waits for a message until its deadline, as before.
+                    None => {}
+                }
+            }
+            (Task::EmptyCount(p), Outcome::Kv(r)) => {
+                let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
+                self.on_empty_count(*p, count);
+            }
             (Task::DeleteCount { channel, m, queue }, Outcome::Kv(r)) => {
                 let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
                 self.delete_counted(channel, m, Some(queue), count.unwrap_or(0));
@@ -1943,6 +1965,12 @@ impl AmqpConnection {
                 GET_WAIT_MS
             },
         });
+        // An empty queue answers at once, as RabbitMQ's does, rather than at the deadline.
+        let count = self.ops.start(Op::Task(Task::GetCount { timer }));
+        self.out.push(Action::QueueBacklog {
+            token: count,
+            queue: topology::queue_topic(&queue),
+        });
         self.pending_get = Some(PendingGet {
             channel,
             queue,
@@ -2038,6 +2066,20 @@ impl AmqpConnection {
                 self.log(LogLevel::Warn, format!("basic.get consumer: {}", e.message));
             }
         }
+    }
+
+    /// The pending `basic.get` whose deadline is `timer` waits for a message the queue has
+    /// (ready, or held by a consumer that may give it back) as long as a first get does.
+    fn extend_get(&mut self, timer: u64) {
+        let Some(g) = self.pending_get.as_mut().filter(|g| g.timer == timer) else {
+            return;
+        };
+        let token = self.ops.token();
+        g.timer = token;
+        self.out.push(Action::SetTimer {
+            token,
+            delay_ms: GET_FIRST_WAIT_MS,
+        });
     }
 
     /// A pending `basic.get`'s deadline: `get-empty`.

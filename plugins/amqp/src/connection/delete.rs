@@ -9,12 +9,14 @@
 //!   hold the queue's subscription in the backend, which then refuses the queue's route (an
 //!   Exclusive reader of the same subscription). So `if-unused` opens the route: refused
 //!   (after a few tries, while a route that a declaration opened closes) means in use.
-//! - Ready messages: the ABI has no backlog count, so `if-empty` looks: the route (with
-//!   `if-unused`) or a consumer of the queue's shared subscription (without) is handed the
-//!   queue's first waiting message, if there is one, within [`EMPTY_WAIT_MS`]. None by then
-//!   means empty. A message seen this way goes back to the queue when the route or consumer
-//!   closes, counted by the backend as a redelivery (its `redelivered` flag is then set,
-//!   where RabbitMQ's is not).
+//! - Ready messages: `if-empty` counts the queue first (`durable.queue-backlog`, which counts
+//!   once the copies of everything published before are in). None: empty, at once. Some:
+//!   they may all be held by consumers (delivered, not acknowledged), which RabbitMQ does not
+//!   count, so it looks: the route (with `if-unused`) or a consumer of the queue's shared
+//!   subscription (without) is handed the queue's first ready message, if there is one,
+//!   within [`EMPTY_WAIT_MS`]. None by then means empty. A message seen this way goes back
+//!   to the queue when the route or consumer closes, counted by the backend as a redelivery
+//!   (its `redelivered` flag is then set, where RabbitMQ's is not).
 //!
 //! Once the conditions hold, the queue is deleted through the route or consumer that
 //! checked them ([`AmqpConnection::delete_queue`]).
@@ -44,6 +46,8 @@ pub(crate) struct PendingDelete {
     sub: Option<SubId>,
     /// The end of the wait for a first message.
     timer: u64,
+    /// The queue counted no message: `if-empty` holds without a look.
+    counted_empty: bool,
 }
 
 impl PendingDelete {
@@ -58,14 +62,40 @@ impl AmqpConnection {
         if m.if_unused && self.consumers.values().any(|c| c.3 == m.queue) {
             return self.delete_refused(channel, m, "in use");
         }
-        self.open_delete_check(PendingDelete {
+        let p = PendingDelete {
             channel,
             m,
             queue,
             attempts: 0,
             sub: None,
             timer: 0,
+            counted_empty: false,
+        };
+        if !p.m.if_empty {
+            return self.open_delete_check(p);
+        }
+        let topic = topology::queue_topic(&p.m.queue);
+        let token = self.ops.start(Op::Task(Task::EmptyCount(Box::new(p))));
+        self.out.push(Action::QueueBacklog {
+            token,
+            queue: topic,
         });
+        self.busy = true;
+    }
+
+    /// The queue of an `if-empty` delete counted: none, the condition holds (with
+    /// `if-unused` still to check, through the route); some or unknown, it looks for a
+    /// ready one.
+    pub(super) fn on_empty_count(&mut self, mut p: PendingDelete, count: Option<u64>) {
+        p.counted_empty = count == Some(0);
+        if p.counted_empty && !p.by_route() {
+            self.busy = false;
+            let PendingDelete {
+                channel, m, queue, ..
+            } = p;
+            return self.delete_queue(channel, m, Some(queue));
+        }
+        self.open_delete_check(p);
     }
 
     fn open_delete_check(&mut self, p: PendingDelete) {
@@ -97,7 +127,7 @@ impl AmqpConnection {
         match result {
             Ok(sub) => {
                 p.sub = Some(sub);
-                if !p.m.if_empty {
+                if !p.m.if_empty || p.counted_empty {
                     // Unused (the route is this connection's alone): delete it.
                     return self.delete_checked(p);
                 }

@@ -651,7 +651,7 @@ fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
 }
 
 #[test]
-fn basic_get_answers_a_waiting_message_or_get_empty_after_its_wait() {
+fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() {
     let mut h = running();
     h.kv_mut().insert(
         "amqp/q/q".into(),
@@ -666,7 +666,30 @@ fn basic_get_answers_a_waiting_message_or_get_empty_after_its_wait() {
             }),
         )
     };
+    // The queue counts no message: get-empty at once.
     h.data(&get());
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicGetEmpty(_))]
+    ));
+    // The backend cannot count it: the get waits for a message, then says get-empty.
+    h.data(&get());
+    let count = loop {
+        let count = h.pending().iter().find_map(|a| match a {
+            Action::QueueBacklog { token, .. } => Some(*token),
+            _ => None,
+        });
+        if let Some(count) = count {
+            break count;
+        }
+        assert!(h.complete_next(), "the get counts the queue");
+    };
+    let unknown = OpError {
+        kind: ErrorKind::Backend,
+        message: "held".into(),
+    };
+    assert!(h.fail(count, unknown));
     h.run();
     assert!(sent(&mut h).is_empty(), "waiting for a message");
     h.advance(channel::GET_FIRST_WAIT_MS);
@@ -996,6 +1019,45 @@ fn delete_if_unused_or_if_empty_refuses_a_used_or_full_queue_with_406() {
         [Frame::Method(1, Method::QueueDeleteOk(_))]
     ));
     assert!(!h.kv().contains_key("amqp/q/q"));
+}
+
+#[test]
+fn delete_if_empty_of_a_queue_that_counts_nothing_answers_without_a_wait() {
+    let mut h = running();
+    for (name, if_unused) in [("a", false), ("b", true)] {
+        h.data(&frame(
+            1,
+            Method::QueueDeclare(QueueDeclare {
+                queue: name.into(),
+                ..Default::default()
+            }),
+        ));
+        h.run();
+        sent(&mut h);
+        h.take_actions();
+        h.data(&frame(
+            1,
+            Method::QueueDelete(QueueDelete {
+                queue: name.into(),
+                if_unused,
+                if_empty: true,
+                ..Default::default()
+            }),
+        ));
+        h.run();
+        // No timer ran: the count said empty.
+        assert!(
+            matches!(&sent(&mut h)[..], [Frame::Method(1, Method::QueueDeleteOk(_))]),
+            "{name}"
+        );
+        assert!(!h.kv().contains_key(&format!("amqp/q/{name}")));
+        // Without if-unused nothing looked at the queue.
+        let looked = h
+            .take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::OpenConsumer { .. }));
+        assert!(!looked || if_unused, "{name}");
+    }
 }
 
 #[test]
