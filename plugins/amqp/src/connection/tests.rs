@@ -1047,7 +1047,10 @@ fn delete_if_empty_of_a_queue_that_counts_nothing_answers_without_a_wait() {
         h.run();
         // No timer ran: the count said empty.
         assert!(
-            matches!(&sent(&mut h)[..], [Frame::Method(1, Method::QueueDeleteOk(_))]),
+            matches!(
+                &sent(&mut h)[..],
+                [Frame::Method(1, Method::QueueDeleteOk(_))]
+            ),
             "{name}"
         );
         assert!(!h.kv().contains_key(&format!("amqp/q/{name}")));
