@@ -20,8 +20,12 @@
 //! first publish on (the gateway process; RabbitMQ's whole process group), in parentheses the
 //! bench process's own (its clients), and Magnetar / RabbitMQ.
 //!
+//! Then a polling row (tag `get`): one client's `basic.get`s, one at a time, on a queue
+//! that stays empty (an application that polls instead of consuming): gets/s of each server
+//! and the ratio.
+//!
 //! Run: `cargo bench -p magnetar --bench amqp` — env `BENCH_MESSAGES` (per run, default
-//! 20000), `BENCH_ONLY` (rows by tag, comma-separated: `1/64`, `4/1024`, `fanout`),
+//! 20000), `BENCH_ONLY` (rows by tag, comma-separated: `1/64`, `4/1024`, `fanout`, `get`),
 //! `BENCH_WINDOW` (default 100), `RABBITMQ_SERVER` (default
 //! `/usr/lib/rabbitmq/bin/rabbitmq-server`; without it the RabbitMQ columns stay empty),
 //! and the gateway knobs of `support/server.rs`. Every wait is bounded: a run stops after
@@ -34,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
@@ -372,6 +376,33 @@ async fn run_once(
     (results, start)
 }
 
+/// `basic.get`s of the polling row.
+const POLLS: usize = 500;
+
+/// One client's `basic.get`s on a queue that stays empty, one at a time: gets per second.
+async fn poll_empty(server: &Server) -> f64 {
+    let conn = connect(server.amqp).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let q = "bench-get-empty";
+    ch.queue_declare(q.into(), QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("queue.declare");
+    let get = || async {
+        let got = ch
+            .basic_get(q.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        assert!(got.is_none(), "the queue stays empty");
+    };
+    // The first get of a queue on a channel opens the server's reader of it.
+    get().await;
+    let start = Instant::now();
+    for _ in 0..POLLS {
+        get().await;
+    }
+    POLLS as f64 / start.elapsed().as_secs_f64()
+}
+
 fn run(rt: &tokio::runtime::Runtime, server: &Server, shape: Shape, tag: &str) -> Figures {
     let mut before = (0.0, 0.0);
     let (results, start) = rt.block_on(run_once(server, shape, tag, &mut before));
@@ -492,6 +523,22 @@ fn main() {
                 ours.as_ref().map(|f| f.cpu_per_msg_us),
                 theirs.as_ref().map(|f| f.cpu_per_msg_us)
             ),
+        );
+    }
+    if wanted("get") {
+        let rates: Vec<(&str, f64)> = servers
+            .iter()
+            .map(|s| (s.name, rt.block_on(poll_empty(s))))
+            .collect();
+        let of = |name: &str| rates.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
+        println!(
+            "\n| polling row | Magnetar gets/s | RabbitMQ gets/s | Magnetar / RabbitMQ |\n|---|---|---|---|"
+        );
+        println!(
+            "| {POLLS} basic.get on an empty queue, one client | {} | {} | {} |",
+            of("magnetar").map_or("–".into(), |r| format!("{r:.0}")),
+            of("rabbitmq").map_or("–".into(), |r| format!("{r:.0}")),
+            ratio(of("magnetar"), of("rabbitmq")),
         );
     }
 }
