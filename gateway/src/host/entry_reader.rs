@@ -113,8 +113,8 @@ pub(super) async fn run_reader(
                         SubCmd::Close { .. } => { stop = true; break; }
                         // Entries are not given back: a reader seeks instead.
                         SubCmd::Nack(_) => {}
-                        // For `messaging` consumers only.
-                        SubCmd::Drain => {}
+                        // For `messaging` consumers of queues only (dropped: no count).
+                        SubCmd::Drain | SubCmd::Backlog(_) => {}
                         SubCmd::Seek { token, target } => {
                             let outcome = seek(&mut consumer, &services, &target).await;
                             if outcome.is_ok() {

@@ -593,8 +593,8 @@ fn on_command(cmd: SubCmd, unacked: &mut HashSet<u64>, stop: &mut bool) {
         SubCmd::Nack(id) => {
             unacked.remove(&id);
         }
-        SubCmd::Seek { .. } | SubCmd::LastId { .. } | SubCmd::Drain => {
-            tracing::debug!("a seek, last-id query or drain on a live route ignored")
+        SubCmd::Seek { .. } | SubCmd::LastId { .. } | SubCmd::Drain | SubCmd::Backlog(_) => {
+            tracing::debug!("a seek, last-id query, drain or count on a live route ignored")
         }
     }
 }

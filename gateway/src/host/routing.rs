@@ -22,7 +22,7 @@ use super::ops_task::{Op, RouteStored};
 use super::router::{RouteOpen, Router, Source};
 use super::services::Services;
 use super::subscription_task::{
-    recover, run_subscription, subscribe_failed, Shape, SubTask, SubscriptionCount,
+    recover, run_subscription, subscribe_failed, Shape, SubCmd, SubTask, SubscriptionCount,
 };
 use crate::abi::types::{self, ErrorKind, OpError};
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
@@ -473,7 +473,11 @@ const CATCH_UP_BOUND: Duration = Duration::from_secs(1);
 /// every message its sources held when asked are stored (so a message confirmed before the
 /// question counts; bounded by [`CATCH_UP_BOUND`]); `None` if the backend cannot say (an
 /// Exclusive reader holds the subscription).
-async fn queue_backlog(services: &Services, queue: &str) -> Option<u64> {
+async fn queue_backlog(
+    services: &Services,
+    queue: &str,
+    reader: Option<mpsc::Sender<SubCmd>>,
+) -> Option<u64> {
     let feeders = services.feeders.of_queue(queue);
     let caught_up = join_all(feeders.iter().map(|f| f.caught_up()));
     if tokio::time::timeout(CATCH_UP_BOUND, caught_up)
@@ -481,6 +485,16 @@ async fn queue_backlog(services: &Services, queue: &str) -> Option<u64> {
         .is_err()
     {
         tracing::debug!(queue, "counted before its feeder caught up");
+    }
+    // Through the connection's own consumer of the queue, if it has one (AMQP's getter or
+    // consumer): no consumer opened and closed for the count.
+    if let Some(reader) = reader {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if reader.send(SubCmd::Backlog(tx)).await.is_ok() {
+            if let Ok(Some(n)) = rx.await {
+                return Some(n);
+            }
+        }
     }
     let read = async {
         let mut consumer = permitless_consumer(services, queue, false)
@@ -612,10 +626,18 @@ impl durable::Host for HostState {
     /// `queue-backlog`: the messages a queue holds, read without taking any.
     fn queue_backlog(&mut self, conn: u64, token: u64, queue: String) {
         let topic = self.authorized_topic(conn, &queue, ActionName::Consume);
+        let reader = match (&topic, self.conns.get(&conn)) {
+            (Ok(t), Some(slot)) => slot
+                .held
+                .iter()
+                .find(|(_, h)| h.topic() == t)
+                .and_then(|(sub, _)| slot.subs.get(sub).cloned()),
+            _ => None,
+        };
         let (services, events) = (self.services.clone(), self.events.clone());
         self.runtime.spawn(async move {
             let outcome = match topic {
-                Ok(t) => Ok(queue_backlog(&services, &t)
+                Ok(t) => Ok(queue_backlog(&services, &t, reader)
                     .await
                     .map(|n| n.to_be_bytes().to_vec())),
                 Err(e) => Err(e),

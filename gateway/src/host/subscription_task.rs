@@ -62,6 +62,9 @@ pub(super) enum SubCmd {
     LastId {
         token: u64,
     },
+    /// The subscription's backlog as the backend counts it (`durable.queue-backlog` of the
+    /// queue this consumer reads): `None` if the backend cannot say.
+    Backlog(tokio::sync::oneshot::Sender<Option<u64>>),
 }
 
 /// Where a seek moves a consumer.
@@ -268,6 +271,14 @@ pub(super) async fn run_subscription(
                             if events.send(Event::Position { conn, token, outcome }).await.is_err() {
                                 stop = true;
                             }
+                        }
+                        SubCmd::Backlog(reply) => {
+                            // The acks taken before the question count first.
+                            if let Err(e) = send_acks(&mut consumer, acks.plan()).await {
+                                tracing::warn!(conn, error = %e, "ack failed");
+                            }
+                            let stats = consumer.get_stats().await.ok();
+                            let _ = reply.send(stats.map(|s| s.iter().filter_map(|s| s.msg_backlog).sum()));
                         }
                         SubCmd::LastId { token } => {
                             let outcome = match consumer.get_last_message_id().await {
