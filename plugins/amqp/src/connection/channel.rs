@@ -192,9 +192,12 @@ pub(crate) enum Task {
     },
     /// The queue's messages counted for the pending `basic.get` whose deadline is `timer`:
     /// none (the host counts once every copy of what was published before is in),
-    /// `get-empty` at once; some, the get waits as long as a first one for one of them.
+    /// `get-empty` at once; some, the get waits as long as a first one for one of them;
+    /// unknown, as long as it did before counts.
     GetCount {
         timer: u64,
+        /// The channel's first get of the queue (its consumer just opened).
+        first: bool,
     },
     /// The queue of a `queue.delete` with `if-empty` counted.
     EmptyCount(Box<super::delete::PendingDelete>),
@@ -311,10 +314,13 @@ pub(crate) enum Task {
     },
 }
 
-/// How long `basic.get` waits for a message of a consumer it just opened, and of one that
-/// was open already, before it answers `get-empty`.
+/// How long `basic.get` waits for a message, once its queue is counted, before it answers
+/// `get-empty`: for one the queue counts, or for the first get of a queue on a channel (its
+/// consumer just opened) that could not count it; and for a later get that could not.
 pub(super) const GET_FIRST_WAIT_MS: u64 = 500;
 const GET_WAIT_MS: u64 = 100;
+/// How long `basic.get` waits for the queue's count (the host's takes up to a second).
+const GET_COUNT_WAIT_MS: u64 = 2_000;
 /// Queue records read per kv scan.
 const SCAN_LIMIT: u32 = 1000;
 
@@ -1424,14 +1430,15 @@ impl AmqpConnection {
                 }
                 self.send_method(channel, *reply);
             }
-            (Task::GetCount { timer }, Outcome::Kv(r)) => {
+            (Task::GetCount { timer, first }, Outcome::Kv(r)) => {
                 match r.ok().and_then(|v| decode_backlog(v.as_deref())) {
                     Some(0) => {
                         self.on_get_timer(timer);
                     }
-                    Some(_) => self.extend_get(timer),
-                    // Unknown: the get waits for a message until its deadline, as before.
-                    None => {}
+                    Some(_) => self.extend_get(timer, GET_FIRST_WAIT_MS),
+                    // Unknown: the get waits for a message as it did before counts.
+                    None if first => self.extend_get(timer, GET_FIRST_WAIT_MS),
+                    None => self.extend_get(timer, GET_WAIT_MS),
                 }
             }
             (Task::EmptyCount(p), Outcome::Kv(r)) => {
@@ -1956,17 +1963,16 @@ impl AmqpConnection {
                 spec: queue_consumer(topology::queue_topic(&queue), 1, None),
             });
         }
+        // The queue is counted first (the host counts once the copies of what was confirmed
+        // before are in): an empty queue answers at once, as RabbitMQ's does; the wait for
+        // a message starts with the count. This deadline only bounds a count that never
+        // comes.
         let timer = self.ops.token();
         self.out.push(Action::SetTimer {
             token: timer,
-            delay_ms: if first {
-                GET_FIRST_WAIT_MS
-            } else {
-                GET_WAIT_MS
-            },
+            delay_ms: GET_COUNT_WAIT_MS,
         });
-        // An empty queue answers at once, as RabbitMQ's does, rather than at the deadline.
-        let count = self.ops.start(Op::Task(Task::GetCount { timer }));
+        let count = self.ops.start(Op::Task(Task::GetCount { timer, first }));
         self.out.push(Action::QueueBacklog {
             token: count,
             queue: topology::queue_topic(&queue),
@@ -2068,18 +2074,16 @@ impl AmqpConnection {
         }
     }
 
-    /// The pending `basic.get` whose deadline is `timer` waits for a message the queue has
-    /// (ready, or held by a consumer that may give it back) as long as a first get does.
-    fn extend_get(&mut self, timer: u64) {
+    /// The pending `basic.get` whose deadline is `timer` waits `delay_ms` more for a
+    /// message: one the queue counts (ready, or held by a consumer that may give it back),
+    /// or one it could not count.
+    fn extend_get(&mut self, timer: u64, delay_ms: u64) {
         let Some(g) = self.pending_get.as_mut().filter(|g| g.timer == timer) else {
             return;
         };
         let token = self.ops.token();
         g.timer = token;
-        self.out.push(Action::SetTimer {
-            token,
-            delay_ms: GET_FIRST_WAIT_MS,
-        });
+        self.out.push(Action::SetTimer { token, delay_ms });
     }
 
     /// A pending `basic.get`'s deadline: `get-empty`.
