@@ -384,9 +384,13 @@ async fn poll_empty(server: &Server) -> f64 {
     let conn = connect(server.amqp).await;
     let ch = conn.create_channel().await.expect("channel");
     let q = "bench-get-empty";
-    ch.queue_declare(q.into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .expect("queue.declare");
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare");
     let get = || async {
         let got = ch
             .basic_get(q.into(), BasicGetOptions { no_ack: true })
