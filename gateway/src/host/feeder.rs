@@ -549,8 +549,7 @@ async fn barrier_target(
     }
     // A consumer that has not acknowledged anything yet (a gateway that just started):
     // nothing left in the subscription means nothing left to copy.
-    let stats = consumer.get_stats().await.ok()?;
-    if stats.iter().filter_map(|s| s.msg_backlog).sum::<u64>() == 0 {
+    if super::subscription_task::backlog(consumer).await.ok()? == 0 {
         return None;
     }
     Some(target)

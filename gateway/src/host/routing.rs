@@ -22,7 +22,7 @@ use super::ops_task::{Op, RouteStored};
 use super::router::{RouteOpen, Router, Source};
 use super::services::Services;
 use super::subscription_task::{
-    recover, run_subscription, subscribe_failed, Shape, SubCmd, SubTask, SubscriptionCount,
+    backlog, recover, run_subscription, subscribe_failed, Shape, SubCmd, SubTask, SubscriptionCount,
 };
 use crate::abi::types::{self, ErrorKind, OpError};
 use crate::abi::v0_2::magnetar::plugin::routing::{self, Filter as AbiFilter};
@@ -500,12 +500,12 @@ async fn queue_backlog(
         let mut consumer = permitless_consumer(services, queue, false)
             .await
             .map_err(|e| e.to_string())?;
-        let stats = consumer.get_stats().await.map_err(|e| e.to_string());
+        let count = backlog(&mut consumer).await.map_err(|e| e.to_string());
         let _ = consumer.close().await;
-        stats
+        count
     };
     match read.await {
-        Ok(stats) => Some(stats.iter().filter_map(|s| s.msg_backlog).sum()),
+        Ok(n) => Some(n),
         Err(e) => {
             tracing::debug!(queue, error = %e, "a queue's backlog not read");
             None

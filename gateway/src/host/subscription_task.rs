@@ -277,8 +277,7 @@ pub(super) async fn run_subscription(
                             if let Err(e) = send_acks(&mut consumer, acks.plan()).await {
                                 tracing::warn!(conn, error = %e, "ack failed");
                             }
-                            let stats = consumer.get_stats().await.ok();
-                            let _ = reply.send(stats.map(|s| s.iter().filter_map(|s| s.msg_backlog).sum()));
+                            let _ = reply.send(backlog(&mut consumer).await.ok());
                         }
                         SubCmd::LastId { token } => {
                             let outcome = match consumer.get_last_message_id().await {
@@ -436,6 +435,15 @@ pub(super) async fn run_subscription(
     let _ = consumer.close().await;
 }
 
+/// The backlog of `consumer`'s subscription as the backend counts it: its messages not
+/// acknowledged yet (delivered ones too).
+pub(super) async fn backlog(
+    consumer: &mut pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
+) -> Result<u64, pulsar::Error> {
+    let stats = consumer.get_stats().await?;
+    Ok(stats.iter().filter_map(|s| s.msg_backlog).sum())
+}
+
 /// Recovers a capped queue's count from its subscription's backlog (0 if the backend
 /// cannot say).
 pub(super) async fn recover(
@@ -443,8 +451,8 @@ pub(super) async fn recover(
     count: &QueueCount,
     topic: &str,
 ) {
-    let backlog = match consumer.get_stats().await {
-        Ok(stats) => stats.iter().filter_map(|s| s.msg_backlog).sum(),
+    let backlog = match backlog(consumer).await {
+        Ok(n) => n,
         Err(e) => {
             tracing::warn!(topic, error = %e, "cannot read a capped queue's backlog");
             0
