@@ -321,6 +321,11 @@ pub(super) const GET_FIRST_WAIT_MS: u64 = 500;
 const GET_WAIT_MS: u64 = 100;
 /// How long `basic.get` waits for the queue's count (the host's takes up to a second).
 const GET_COUNT_WAIT_MS: u64 = 2_000;
+/// A queue's count from `durable.queue-backlog`'s outcome; `None` if the host could not say.
+fn count_of(r: Result<Option<Vec<u8>>, OpError>) -> Option<u64> {
+    r.ok().and_then(|v| decode_backlog(v.as_deref()))
+}
+
 /// Queue records read per kv scan.
 const SCAN_LIMIT: u32 = 1000;
 
@@ -528,7 +533,12 @@ impl AmqpConnection {
         let Some(reply) = reply else {
             return;
         };
-        let token = self.ops.start(Op::Task(Task::Counted { channel, reply }));
+        self.wait_count(name, Task::Counted { channel, reply });
+    }
+
+    /// Counts the queue `name` (`durable.queue-backlog`); `task` goes on with the count.
+    pub(super) fn wait_count(&mut self, name: &str, task: Task) {
+        let token = self.ops.start(Op::Task(task));
         self.out.push(Action::QueueBacklog {
             token,
             queue: topology::queue_topic(name),
@@ -1423,7 +1433,7 @@ impl AmqpConnection {
             },
             (Task::Counted { channel, mut reply }, Outcome::Kv(r)) => {
                 // Unknown (the backend could not say): 0, as before counts were read.
-                let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
+                let count = count_of(r);
                 let count = u32::try_from(count.unwrap_or(0)).unwrap_or(u32::MAX);
                 if let Method::QueueDeclareOk(ok) = reply.as_mut() {
                     ok.message_count = count;
@@ -1431,7 +1441,7 @@ impl AmqpConnection {
                 self.send_method(channel, *reply);
             }
             (Task::GetCount { timer, first }, Outcome::Kv(r)) => {
-                match r.ok().and_then(|v| decode_backlog(v.as_deref())) {
+                match count_of(r) {
                     Some(0) => {
                         self.on_get_timer(timer);
                     }
@@ -1442,18 +1452,13 @@ impl AmqpConnection {
                 }
             }
             (Task::EmptyCount(p), Outcome::Kv(r)) => {
-                let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
-                self.on_empty_count(*p, count);
+                self.on_empty_count(*p, count_of(r));
             }
             (Task::DeleteCount { channel, m, queue }, Outcome::Kv(r)) => {
-                let count = r.ok().and_then(|v| decode_backlog(v.as_deref()));
-                self.delete_counted(channel, m, Some(queue), count.unwrap_or(0));
+                self.delete_counted(channel, m, Some(queue), count_of(r).unwrap_or(0));
             }
             (Task::PurgeCount { mut purge }, Outcome::Kv(r)) => {
-                purge.count = r
-                    .ok()
-                    .and_then(|v| decode_backlog(v.as_deref()))
-                    .unwrap_or(0);
+                purge.count = count_of(r).unwrap_or(0);
                 self.open_purge_consumer(purge);
             }
             (Task::BindQueue { channel, change }, Outcome::Kv(r)) => {
@@ -1615,10 +1620,8 @@ impl AmqpConnection {
                     if purge.no_wait {
                         return self.open_purge_consumer(purge);
                     }
-                    let queue = topology::queue_topic(&purge.queue);
-                    let token = self.ops.start(Op::Task(Task::PurgeCount { purge }));
-                    self.out.push(Action::QueueBacklog { token, queue });
-                    self.busy = true;
+                    let name = purge.queue.clone();
+                    self.wait_count(&name, Task::PurgeCount { purge });
                 }
                 Ok(None) => {
                     let e =
@@ -1972,11 +1975,7 @@ impl AmqpConnection {
             token: timer,
             delay_ms: GET_COUNT_WAIT_MS,
         });
-        let count = self.ops.start(Op::Task(Task::GetCount { timer, first }));
-        self.out.push(Action::QueueBacklog {
-            token: count,
-            queue: topology::queue_topic(&queue),
-        });
+        self.wait_count(&queue, Task::GetCount { timer, first });
         self.pending_get = Some(PendingGet {
             channel,
             queue,

@@ -74,13 +74,8 @@ impl AmqpConnection {
         if !p.m.if_empty {
             return self.open_delete_check(p);
         }
-        let topic = topology::queue_topic(&p.m.queue);
-        let token = self.ops.start(Op::Task(Task::EmptyCount(Box::new(p))));
-        self.out.push(Action::QueueBacklog {
-            token,
-            queue: topic,
-        });
-        self.busy = true;
+        let name = p.m.queue.clone();
+        self.wait_count(&name, Task::EmptyCount(Box::new(p)));
     }
 
     /// The queue of an `if-empty` delete counted: none, the condition holds (with
@@ -227,14 +222,8 @@ impl AmqpConnection {
     pub(super) fn delete_queue(&mut self, channel: u16, m: QueueDelete, queue: Option<Queue>) {
         match queue {
             Some(queue) if !m.no_wait => {
-                let topic = topology::queue_topic(&m.queue);
-                let task = Task::DeleteCount { channel, m, queue };
-                let token = self.ops.start(Op::Task(task));
-                self.out.push(Action::QueueBacklog {
-                    token,
-                    queue: topic,
-                });
-                self.busy = true;
+                let name = m.queue.clone();
+                self.wait_count(&name, Task::DeleteCount { channel, m, queue });
             }
             queue => self.delete_counted(channel, m, queue, 0),
         }
