@@ -233,7 +233,8 @@ def magnetar_amqp_server():
         yield server.start()
     finally:
         server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("MAGNETAR_TEST_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(params=["rabbitmq", "magnetar"])

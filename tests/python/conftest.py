@@ -128,7 +128,7 @@ class Gateway:
             [MAGNETAR, "--config", str(self.config), "--data-dir", str(self.data_dir)],
             stdout=subprocess.DEVNULL,
             stderr=logf,
-            env={**os.environ, "RUST_LOG": "info"},
+            env={**os.environ, "RUST_LOG": os.environ.get("MAGNETAR_TEST_LOG", "info")},
         )
         ports = (self.broker_port, self.mqtt_port, self.mqtts_port, self.admin_port)
         for port in ports + ((self.ws_port, self.wss_port) if self.ws_port else ()):

@@ -400,15 +400,20 @@ def test_basic_get_sees_every_confirmed_message_and_an_empty_queue_at_once(conn)
         ch.basic_publish("", q, f"m{i}".encode())
     got = []
     for _ in range(3):
+        start = time.monotonic()
         method, _, body = ch.basic_get(q)
-        assert method is not None, f"a confirmed message is in the queue (got {got})"
+        took = time.monotonic() - start
+        assert method is not None, f"a confirmed message is in the queue (got {got}; {took:.3f} s)"
         got.append(body)
         ch.basic_ack(method.delivery_tag)
     assert sorted(got) == [b"m0", b"m1", b"m2"]
     assert ch.basic_get(q) == (None, None, None)
     ch.basic_publish("", q, b"again")
+    start = time.monotonic()
     method, _, body = ch.basic_get(q, auto_ack=True)
-    assert body == b"again"
+    took = time.monotonic() - start
+    # The time tells a count that missed the message (at once) from a wait that ran out.
+    assert body == b"again", f"get-empty after {took:.3f} s"
     assert ch.basic_get(q) == (None, None, None)
 
 

@@ -523,7 +523,13 @@ async fn feed(
         if std::mem::take(&mut first) {
             let _ = ready.send(Some(Ok(())));
         }
-        copy_until_failure(&services, &feeder, consumer).await;
+        // Callers still waiting for copies wait for the next consumer's (bounded by them):
+        // answered now, they would count a queue whose copies are held up by the failure.
+        let waiting = copy_until_failure(&services, &feeder, consumer).await;
+        if !waiting.is_empty() {
+            lock(&feeder.barriers).extend(waiting);
+            feeder.barrier_asked.notify_one();
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -556,17 +562,18 @@ async fn barrier_target(
 }
 
 /// Copies what the source delivers into the matching queues, acknowledging each batch once
-/// its copies are stored; returns (closing the consumer) when a copy or the source fails.
+/// its copies are stored; returns (closing the consumer) when a copy or the source fails,
+/// with the `caught_up` callers it had not answered yet.
 async fn copy_until_failure(
     services: &Services,
     feeder: &Feeder,
     mut consumer: pulsar::Consumer<Vec<u8>, pulsar::TokioExecutor>,
-) {
+) -> Vec<oneshot::Sender<()>> {
     let mut tick = tokio::time::interval(REFRESH);
     let mut matched = Vec::new();
     // `caught_up` callers waiting for the source's message at their position.
     let mut waiting: Vec<(Position, oneshot::Sender<()>)> = Vec::new();
-    loop {
+    'feed: loop {
         let first = tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = refresh(services, feeder).await {
@@ -661,8 +668,7 @@ async fn copy_until_failure(
                     Ok(receipt) => receipts.push(receipt),
                     Err(e) => {
                         tracing::warn!(queue = %target, error = %e, "cannot copy into a queue");
-                        let _ = consumer.close().await;
-                        return;
+                        break 'feed;
                     }
                 }
             }
@@ -670,8 +676,7 @@ async fn copy_until_failure(
         if let Some(e) = join_all(receipts).await.into_iter().find_map(Result::err) {
             // Not acked: the backend hands the batch out again once the consumer is gone.
             tracing::warn!(topic = %feeder.topic, error = %e, "a queue did not store a copy; feeding again");
-            let _ = consumer.close().await;
-            return;
+            break;
         }
         let at = position(&last.1);
         match consumer.cumulative_ack_with_id(&last.0, last.1).await {
@@ -686,4 +691,5 @@ async fn copy_until_failure(
         }
     }
     let _ = consumer.close().await;
+    waiting.into_iter().map(|(_, tx)| tx).collect()
 }

@@ -466,8 +466,11 @@ async fn prepare_queue(services: &Services, queue: &str) {
     }
 }
 
-/// How long a count waits for the feeders to copy what their sources held.
-const CATCH_UP_BOUND: Duration = Duration::from_secs(1);
+/// How long a count waits for the feeders to copy what their sources held: past the
+/// backend's Failover takeover delay (1 s, a feeder that just started or reconnected after a
+/// failed copy copies nothing before it) and a loaded machine's slow writes; it only bounds
+/// a feeder that is not running (one that fails hands its waiters to its next consumer).
+const CATCH_UP_BOUND: Duration = Duration::from_secs(5);
 
 /// A queue's messages not acknowledged yet, as the backend counts them, once the copies of
 /// every message its sources held when asked are stored (so a message confirmed before the

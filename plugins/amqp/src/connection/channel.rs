@@ -315,12 +315,16 @@ pub(crate) enum Task {
 }
 
 /// How long `basic.get` waits for a message, once its queue is counted, before it answers
-/// `get-empty`: for one the queue counts, or for the first get of a queue on a channel (its
-/// consumer just opened) that could not count it; and for a later get that could not.
+/// `get-empty`: for one the queue counts (stored, so it comes unless other consumers hold
+/// every counted message: long enough for a loaded machine), for the first get of a queue
+/// on a channel (its consumer just opened) that could not count it, and for a later get
+/// that could not.
+const GET_COUNTED_WAIT_MS: u64 = 2_000;
 pub(super) const GET_FIRST_WAIT_MS: u64 = 500;
 const GET_WAIT_MS: u64 = 100;
-/// How long `basic.get` waits for the queue's count (the host's takes up to a second).
-const GET_COUNT_WAIT_MS: u64 = 2_000;
+/// How long `basic.get` waits for the queue's count (the host's waits up to 5 s for the
+/// feeders' copies).
+const GET_COUNT_WAIT_MS: u64 = 10_000;
 /// A queue's count from `durable.queue-backlog`'s outcome; `None` if the host could not say.
 fn count_of(r: Result<Option<Vec<u8>>, OpError>) -> Option<u64> {
     r.ok().and_then(|v| decode_backlog(v.as_deref()))
@@ -1445,7 +1449,7 @@ impl AmqpConnection {
                     Some(0) => {
                         self.on_get_timer(timer);
                     }
-                    Some(_) => self.extend_get(timer, GET_FIRST_WAIT_MS),
+                    Some(_) => self.extend_get(timer, GET_COUNTED_WAIT_MS),
                     // Unknown: the get waits for a message as it did before counts.
                     None if first => self.extend_get(timer, GET_FIRST_WAIT_MS),
                     None => self.extend_get(timer, GET_WAIT_MS),
