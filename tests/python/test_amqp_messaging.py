@@ -246,6 +246,52 @@ def test_exchange_to_exchange_binding_routes_through_both_exchanges(conn):
     assert e.value.reply_code == 404
 
 
+def test_exchange_delete_if_unused_refuses_a_source_and_a_delete_takes_its_bindings(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    src, mid, dst, sink = (unique(f"xdel-{n}") for n in ("src", "mid", "dst", "sink"))
+    for x in (src, mid, dst, sink):
+        ch.exchange_declare(x, "direct")
+    q, kept = unique("xdel-q"), unique("xdel-kept")
+    ch.queue_declare(q)
+    ch.queue_declare(kept)
+    ch.queue_bind(q, mid, "k")
+    ch.queue_bind(kept, dst, "k")
+    ch.exchange_bind(destination=mid, source=src, routing_key="k")
+    ch.exchange_bind(destination=sink, source=src, routing_key="k")
+    # `if-unused`: the source of a queue's binding or of an exchange's is in use (406, the
+    # channel closes); one that is only a destination is not.
+    for x in (mid, src):
+        bad = conn.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            bad.exchange_delete(x, if_unused=True)
+        assert (e.value.reply_code, e.value.reply_text) == (
+            406,
+            f"PRECONDITION_FAILED - exchange '{x}' in vhost '/' in use",
+        )
+    ch.exchange_delete(sink, if_unused=True)
+    ch.basic_publish(src, "k", b"through src and mid", mandatory=True)
+    assert bodies(receive(ch, q, 1, auto_ack=True)) == [b"through src and mid"]
+    ch.cancel()
+    # Deleted, an exchange takes its bindings along: declared again, it routes nothing, and
+    # nothing reaches the queue through it; the others' bindings stay.
+    ch.exchange_delete(mid)
+    ch.exchange_declare(mid, "direct")
+    with pytest.raises(pika.exceptions.UnroutableError):
+        ch.basic_publish(mid, "k", b"no binding left", mandatory=True)
+    with pytest.raises(pika.exceptions.UnroutableError):
+        ch.basic_publish(src, "k", b"no edge left", mandatory=True)
+    ch.basic_publish(dst, "k", b"kept", mandatory=True)
+    assert bodies(receive(ch, kept, 1, auto_ack=True)) == [b"kept"]
+    ch.cancel()
+    assert receive(ch, q, 1, timeout=1.0, auto_ack=True) == []
+    ch.cancel()
+    # Deleting an exchange that does not exist is fine, with `if-unused` too.
+    ch.exchange_delete(unique("xdel-none"))
+    ch.exchange_delete(unique("xdel-none"), if_unused=True)
+    assert conn.is_open
+
+
 def test_nack_with_requeue_delivers_again_with_redelivered(conn):
     ch = conn.channel()
     q = unique("nack")

@@ -652,13 +652,7 @@ impl AmqpConnection {
                     );
                     return self.close_channel(channel, e.caused_by(&Method::ExchangeDelete(d)));
                 }
-                let reply =
-                    (!d.no_wait).then(|| Box::new(Method::ExchangeDeleteOk(ExchangeDeleteOk {})));
-                self.wait_kv_put(
-                    topology::exchange_key(&d.exchange),
-                    None,
-                    Task::Reply { channel, reply },
-                );
+                self.exchange_delete(channel, d.exchange, d.if_unused, d.no_wait);
             }
             Method::QueueDeclare(d) => self.queue_declare(channel, d),
             Method::ExchangeBind(_) | Method::ExchangeUnbind(_) => self.exchange_bind(channel, m),

@@ -8,6 +8,8 @@
 //! before `bind-ok` / `unbind-ok`. A `queue.bind` or `queue.unbind` on an exchange that has
 //! sources (or of a queue that has derived bindings) derives that queue's bindings the same
 //! way. Errors as RabbitMQ: the default exchange is 403, a missing source or destination 404.
+//! `exchange.delete` is a propagation too: the deleted exchange's edges (as source and as
+//! destination) and the queues' own bindings on it go, then every queue is derived again.
 
 use std::collections::HashMap;
 
@@ -45,12 +47,27 @@ pub(crate) struct Propagation {
     stage: Stage,
     /// The queues whose bindings changed, to write.
     changed: Vec<(String, Queue)>,
+    /// An `exchange.delete`: the exchange's bindings go with it.
+    deleting: Option<Deleting>,
+}
+
+/// An `exchange.delete` on its way (a [`Propagation`] of every queue).
+#[derive(Debug, Clone)]
+struct Deleting {
+    name: String,
+    if_unused: bool,
+    /// The exchange is the source of a binding (to a queue or an exchange).
+    in_use: bool,
+    /// Exchange records to write before the queues (`None`: delete), the deleted one first.
+    records: Vec<(String, Option<Exchange>)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Stage {
     Exchanges,
     Queues,
+    /// The last of `Deleting::records` was written.
+    ExchangeRecord,
     /// The record of the last queue of `changed` was written: its route next.
     Record,
     /// Its route was opened with the new filters.
@@ -169,6 +186,7 @@ impl AmqpConnection {
             graph: HashMap::new(),
             stage: Stage::Exchanges,
             changed: Vec::new(),
+            deleting: None,
         };
         // Written, then the graph is scanned (`on_propagation` with the put's outcome).
         self.wait_kv_put(
@@ -176,6 +194,34 @@ impl AmqpConnection {
             Some(dest.encode()),
             Task::Propagate(Box::new(p)),
         );
+    }
+
+    /// `exchange.delete`: as RabbitMQ, the exchange goes with every binding it is the
+    /// source or the destination of (queue bindings derived through it too), unless
+    /// `if_unused` and it is the source of one (406); deleting one that does not exist is
+    /// `delete-ok`. One kv scan of the exchanges and one of the queues, as `exchange.bind`.
+    pub(super) fn exchange_delete(
+        &mut self,
+        channel: u16,
+        name: String,
+        if_unused: bool,
+        no_wait: bool,
+    ) {
+        let p = Propagation {
+            channel,
+            reply: (!no_wait).then(|| Box::new(Method::ExchangeDeleteOk(ExchangeDeleteOk {}))),
+            only: None,
+            graph: HashMap::new(),
+            stage: Stage::Exchanges,
+            changed: Vec::new(),
+            deleting: Some(Deleting {
+                records: vec![(name.clone(), None)],
+                name,
+                if_unused,
+                in_use: false,
+            }),
+        };
+        self.scan(p, None);
     }
 
     /// A `queue.bind` / `unbind` whose queue's bindings may follow edges: they are derived
@@ -194,6 +240,7 @@ impl AmqpConnection {
             graph: HashMap::new(),
             stage: Stage::Exchanges,
             changed: Vec::new(),
+            deleting: None,
         };
         self.scan(p, None);
     }
@@ -231,12 +278,24 @@ impl AmqpConnection {
                     Err(e) => return fail(self, p.channel, e),
                 };
                 for entry in &entries {
-                    let (Some(name), Some(x)) = (
+                    let (Some(name), Some(mut x)) = (
                         entry.key.strip_prefix("amqp/x/"),
                         Exchange::decode(&entry.value),
                     ) else {
                         continue;
                     };
+                    if let Some(d) = p.deleting.as_mut() {
+                        if name == d.name {
+                            // Its sources' edges end with it.
+                            continue;
+                        }
+                        let before = x.sources.len();
+                        x.sources.retain(|e| e.source != d.name);
+                        if x.sources.len() != before {
+                            d.in_use = true;
+                            d.records.push((name.to_string(), Some(x.clone())));
+                        }
+                    }
                     if !x.sources.is_empty() {
                         p.graph.insert(name.to_string(), x.sources);
                     }
@@ -269,6 +328,13 @@ impl AmqpConnection {
                         continue;
                     };
                     let before = queue.bindings.clone();
+                    if let Some(d) = p.deleting.as_mut() {
+                        let own = |b: &topology::Binding| b.via.is_empty() && b.exchange == d.name;
+                        if queue.bindings.iter().any(own) {
+                            d.in_use = true;
+                            queue.bindings.retain(|b| !own(b));
+                        }
+                    }
                     rederive(&mut queue, &p.graph);
                     if queue.bindings != before {
                         p.changed.push((name.to_string(), queue));
@@ -277,8 +343,31 @@ impl AmqpConnection {
                 if let Some(last) = next_page(&entries) {
                     return self.scan(p, Some(last));
                 }
-                self.rewrite(p);
+                match p.deleting.take() {
+                    Some(d) if d.if_unused && d.in_use => {
+                        let e = ConnError::new(
+                            PRECONDITION_FAILED,
+                            format!("exchange '{}' in vhost '/' in use", d.name),
+                        );
+                        let cause = Method::ExchangeDelete(ExchangeDelete::default());
+                        self.close_channel(p.channel, e.caused_by(&cause));
+                    }
+                    Some(d) => {
+                        p.deleting = Some(d);
+                        self.write_exchanges(p);
+                    }
+                    None => self.rewrite(p),
+                }
             }
+            (Stage::ExchangeRecord, Outcome::Kv(r)) => match r {
+                Ok(_) => {
+                    if let Some(d) = p.deleting.as_mut() {
+                        d.records.pop();
+                    }
+                    self.write_exchanges(p);
+                }
+                Err(e) => fail(self, p.channel, e),
+            },
             (Stage::Record, Outcome::Kv(r)) => match r {
                 Ok(_) => {
                     let Some((name, queue)) = p.changed.last().cloned() else {
@@ -301,6 +390,20 @@ impl AmqpConnection {
                 format!("unexpected outcome for a propagation at {stage:?}"),
             ),
         }
+    }
+
+    /// Writes the next exchange record an `exchange.delete` changes (the deleted one last
+    /// of them, so that a failure leaves it to be deleted again), then the queues.
+    fn write_exchanges(&mut self, mut p: Propagation) {
+        let Some((name, record)) = p.deleting.as_ref().and_then(|d| d.records.last()) else {
+            return self.rewrite(p);
+        };
+        let (key, value) = (
+            topology::exchange_key(name),
+            record.as_ref().map(Exchange::encode),
+        );
+        p.stage = Stage::ExchangeRecord;
+        self.wait_kv_put(key, value, Task::Propagate(Box::new(p)));
     }
 
     /// Writes the next changed queue (its record, then its route), or replies.
