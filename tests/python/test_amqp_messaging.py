@@ -463,6 +463,35 @@ def test_basic_get_sees_every_confirmed_message_and_an_empty_queue_at_once(conn)
     assert ch.basic_get(q) == (None, None, None)
 
 
+def test_get_ok_says_how_many_messages_are_left_so_a_drain_loop_takes_them_all(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    q = unique("getleft")
+    ch.queue_declare(q)
+    for i in range(3):
+        ch.basic_publish("", q, f"m{i}".encode())
+    left = []
+    for auto_ack in (False, False, True):
+        method, _, _ = ch.basic_get(q, auto_ack=auto_ack)
+        left.append(method.message_count)
+        if not auto_ack:
+            ch.basic_ack(method.delivery_tag)
+    assert left == [2, 1, 0]
+    # The loop RabbitMQ applications write: get until the queue says none are left.
+    sent = [f"d{i}".encode() for i in range(5)]
+    for body in sent:
+        ch.basic_publish("", q, body)
+    got = []
+    while True:
+        method, _, body = ch.basic_get(q, auto_ack=True)
+        assert method is not None, f"get-empty after {got}"
+        got.append(body)
+        if method.message_count == 0:
+            break
+    assert got == sent
+    assert ch.basic_get(q) == (None, None, None)
+
+
 def test_basic_get_takes_one_message_at_a_time_then_says_empty(conn):
     ch = conn.channel()
     q = unique("get")

@@ -100,6 +100,9 @@ pub(crate) struct PendingGet {
     queue: String,
     no_ack: bool,
     timer: u64,
+    /// The queue's count once it came (`Some(None)`: the host could not say); `get-ok`
+    /// reports the messages left from it. A message waits for the count.
+    count: Option<Option<u64>>,
 }
 
 /// A publish and its content so far (§4.2.6).
@@ -1439,15 +1442,7 @@ impl AmqpConnection {
                 self.send_method(channel, *reply);
             }
             (Task::GetCount { timer, first }, Outcome::Kv(r)) => {
-                match count_of(r) {
-                    Some(0) => {
-                        self.on_get_timer(timer);
-                    }
-                    Some(_) => self.extend_get(timer, GET_COUNTED_WAIT_MS),
-                    // Unknown: the get waits for a message as it did before counts.
-                    None if first => self.extend_get(timer, GET_FIRST_WAIT_MS),
-                    None => self.extend_get(timer, GET_WAIT_MS),
-                }
+                self.on_get_count(timer, first, count_of(r));
             }
             (Task::EmptyCount(p), Outcome::Kv(r)) => {
                 self.on_empty_count(*p, count_of(r));
@@ -1933,26 +1928,11 @@ impl AmqpConnection {
     }
 
     fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool, policy: QueuePolicy) {
-        loop {
-            let Some(state) = self.channels.get_mut(&channel) else {
-                return;
-            };
-            let getter = state.getters.entry(queue.clone()).or_default();
-            getter.policy = policy.clone();
-            let Some(m) = getter.ready.pop_front() else {
-                break;
-            };
-            if !self.expire(&m) {
-                return self.get_ok(channel, m, no_ack);
-            }
-        }
-        let Some(getter) = self
-            .channels
-            .get_mut(&channel)
-            .and_then(|s| s.getters.get_mut(&queue))
-        else {
+        let Some(state) = self.channels.get_mut(&channel) else {
             return;
         };
+        let getter = state.getters.entry(queue.clone()).or_default();
+        getter.policy = policy;
         let first = getter.sub.is_none();
         if first {
             let token = self.ops.start(Op::Getter {
@@ -1966,7 +1946,8 @@ impl AmqpConnection {
         }
         // The queue is counted first (the host counts once the copies of what was confirmed
         // before are in): an empty queue answers at once, as RabbitMQ's does; the wait for
-        // a message starts with the count. This deadline only bounds a count that never
+        // a message starts with the count, and `get-ok` says how many are left (also for a
+        // message its consumer already holds). This deadline only bounds a count that never
         // comes.
         let timer = self.ops.token();
         self.out.push(Action::SetTimer {
@@ -1979,6 +1960,7 @@ impl AmqpConnection {
             queue,
             no_ack,
             timer,
+            count: None,
         });
         self.busy = true;
     }
@@ -2008,7 +1990,31 @@ impl AmqpConnection {
         Some(delivery_tag)
     }
 
-    fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool) {
+    /// The messages a `basic.get` of `queue` leaves, from the queue's `count` (before
+    /// the get): RabbitMQ's ready ones, so not the one handed now nor those the channel's
+    /// gets hold unacknowledged (the backend counts them). Messages other consumers hold
+    /// are counted too (more than RabbitMQ says); 0 if unknown.
+    fn left_after_get(&self, channel: u16, queue: &str, count: Option<u64>) -> u32 {
+        let Some(n) = count else {
+            return 0;
+        };
+        let held = self.held_by_getter(channel, queue);
+        u32::try_from(n.saturating_sub(held + 1)).unwrap_or(u32::MAX)
+    }
+
+    /// The messages the channel's gets of `queue` hold unacknowledged.
+    fn held_by_getter(&self, channel: u16, queue: &str) -> u64 {
+        let state = self.channels.get(&channel);
+        let sub = state.and_then(|s| s.getters.get(queue)).and_then(|g| g.sub);
+        match (state, sub) {
+            (Some(state), Some(sub)) => {
+                state.unacked.values().filter(|u| u.sub == sub).count() as u64
+            }
+            _ => 0,
+        }
+    }
+
+    fn get_ok(&mut self, channel: u16, m: Message, no_ack: bool, message_count: u32) {
         let (exchange, routing_key, properties) = delivery_fields(&m);
         let dead_letter = self.keep_for_dead_letter(&m, &exchange, &routing_key, &properties);
         let Some(delivery_tag) = self.next_delivery(channel, &m, no_ack, dead_letter) else {
@@ -2023,7 +2029,7 @@ impl AmqpConnection {
                 redelivered: m.redelivery_count > 0,
                 exchange,
                 routing_key,
-                message_count: 0,
+                message_count,
             }),
         );
         Frame::Header(
@@ -2083,10 +2089,65 @@ impl AmqpConnection {
         self.out.push(Action::SetTimer { token, delay_ms });
     }
 
-    /// A pending `basic.get`'s deadline: `get-empty`.
+    /// The pending `basic.get`'s queue was counted: a message its consumer holds answers
+    /// it; none counted, `get-empty`; else it waits for one.
+    fn on_get_count(&mut self, timer: u64, first: bool, count: Option<u64>) {
+        let Some(g) = self.pending_get.as_mut().filter(|g| g.timer == timer) else {
+            return;
+        };
+        g.count = Some(count);
+        let (channel, queue) = (g.channel, g.queue.clone());
+        if self.answer_get_from_ready() {
+            return;
+        }
+        // The getter's consumer takes one message at a time: one the channel holds
+        // unacknowledged is all it gets until the client settles it (RabbitMQ would hand
+        // the next one).
+        let held = self.held_by_getter(channel, &queue);
+        match count {
+            Some(n) if n == 0 || held > 0 => {
+                self.on_get_timer(timer);
+            }
+            Some(_) => self.extend_get(timer, GET_COUNTED_WAIT_MS),
+            // Unknown: the get waits for a message as it did before counts.
+            None if first => self.extend_get(timer, GET_FIRST_WAIT_MS),
+            None => self.extend_get(timer, GET_WAIT_MS),
+        }
+    }
+
+    /// Answers the pending `basic.get` with the first unexpired message its queue's
+    /// consumer holds, if any: whether it did.
+    fn answer_get_from_ready(&mut self) -> bool {
+        let Some(g) = self.pending_get.clone() else {
+            return false;
+        };
+        loop {
+            let Some(m) = self
+                .channels
+                .get_mut(&g.channel)
+                .and_then(|s| s.getters.get_mut(&g.queue))
+                .and_then(|getter| getter.ready.pop_front())
+            else {
+                return false;
+            };
+            if self.expire(&m) {
+                continue;
+            }
+            self.pending_get = None;
+            self.busy = false;
+            let left = self.left_after_get(g.channel, &g.queue, g.count.flatten());
+            self.get_ok(g.channel, m, g.no_ack, left);
+            return true;
+        }
+    }
+
+    /// A pending `basic.get`'s deadline: a message that came meanwhile, or `get-empty`.
     pub(super) fn on_get_timer(&mut self, token: u64) -> bool {
         if self.pending_get.as_ref().is_none_or(|g| g.timer != token) {
             return false;
+        }
+        if self.answer_get_from_ready() {
+            return true;
         }
         if let Some(g) = self.pending_get.take() {
             self.busy = false;
@@ -2106,9 +2167,10 @@ impl AmqpConnection {
             return;
         }
         match self.pending_get.take() {
-            Some(g) if g.channel == channel && g.queue == queue => {
+            Some(g) if g.channel == channel && g.queue == queue && g.count.is_some() => {
                 self.busy = false;
-                self.get_ok(channel, m, g.no_ack);
+                let left = self.left_after_get(channel, &queue, g.count.flatten());
+                self.get_ok(channel, m, g.no_ack, left);
             }
             other => {
                 self.pending_get = other;
