@@ -84,13 +84,25 @@ pub(super) struct Delivered {
     pub(super) payload: Vec<u8>,
 }
 
-/// The consumer through which `basic.get` takes a queue's messages, one at a time (its
-/// window is 1: the next message comes once the last one is settled).
+/// The consumers through which `basic.get` takes a queue's messages, one at a time (each
+/// one's window is 1: its next message comes once the last one is settled): the first,
+/// kept while the channel lives, and one more for each message the channel's gets hold
+/// unacknowledged (RabbitMQ hands the next message meanwhile), each closed once the client
+/// settled what it got through it.
 #[derive(Debug, Default)]
 struct Getter {
     sub: Option<SubId>,
+    extra: Vec<SubId>,
+    /// A consumer is being opened.
+    opening: bool,
     ready: std::collections::VecDeque<Message>,
     policy: QueuePolicy,
+}
+
+impl Getter {
+    fn subs(&self) -> impl Iterator<Item = SubId> + '_ {
+        self.sub.iter().chain(&self.extra).copied()
+    }
 }
 
 /// A `basic.get` waiting for a message or for its deadline (then `get-empty`).
@@ -504,7 +516,7 @@ impl AmqpConnection {
             return;
         };
         let consumers: Vec<SubId> = state.consumers.values().copied().collect();
-        let getters: Vec<SubId> = state.getters.values().filter_map(|g| g.sub).collect();
+        let getters: Vec<SubId> = state.getters.values().flat_map(Getter::subs).collect();
         state.consumers.clear();
         state.getters.clear();
         state.unacked.clear();
@@ -1933,8 +1945,18 @@ impl AmqpConnection {
         };
         let getter = state.getters.entry(queue.clone()).or_default();
         getter.policy = policy;
-        let first = getter.sub.is_none();
+        let subs = getter.subs().count() as u64;
+        let opening = getter.opening;
+        // Every consumer holds its message unacknowledged: one more.
+        let first = !opening && self.held_by_getter(channel, &queue) >= subs;
         if first {
+            if let Some(g) = self
+                .channels
+                .get_mut(&channel)
+                .and_then(|s| s.getters.get_mut(&queue))
+            {
+                g.opening = true;
+            }
             let token = self.ops.start(Op::Getter {
                 channel,
                 queue: queue.clone(),
@@ -2004,13 +2026,43 @@ impl AmqpConnection {
 
     /// The messages the channel's gets of `queue` hold unacknowledged.
     fn held_by_getter(&self, channel: u16, queue: &str) -> u64 {
-        let state = self.channels.get(&channel);
-        let sub = state.and_then(|s| s.getters.get(queue)).and_then(|g| g.sub);
-        match (state, sub) {
-            (Some(state), Some(sub)) => {
-                state.unacked.values().filter(|u| u.sub == sub).count() as u64
+        let Some(state) = self.channels.get(&channel) else {
+            return 0;
+        };
+        let Some(getter) = state.getters.get(queue) else {
+            return 0;
+        };
+        let subs: Vec<SubId> = getter.subs().collect();
+        state
+            .unacked
+            .values()
+            .filter(|u| subs.contains(&u.sub))
+            .count() as u64
+    }
+
+    /// Closes the extra getter consumers among `subs` that hold nothing any more.
+    pub(super) fn retire_getters(&mut self, subs: &[SubId]) {
+        for sub in subs {
+            let Some((channel, queue)) = self.getters.get(sub).cloned() else {
+                continue;
+            };
+            let Some(state) = self.channels.get_mut(&channel) else {
+                continue;
+            };
+            let held = state.unacked.values().any(|u| u.sub == *sub);
+            let Some(g) = state.getters.get_mut(&queue) else {
+                continue;
+            };
+            if held || !g.extra.contains(sub) || g.ready.iter().any(|m| m.subscription == *sub) {
+                continue;
             }
-            _ => 0,
+            g.extra.retain(|s| s != sub);
+            self.getters.remove(sub);
+            self.policies.remove(sub);
+            self.out.push(Action::Unsubscribe {
+                sub: *sub,
+                delete: false,
+            });
         }
     }
 
@@ -2061,7 +2113,11 @@ impl AmqpConnection {
                     .and_then(|s| s.getters.get_mut(&queue))
                 {
                     Some(g) => {
-                        g.sub = Some(sub);
+                        g.opening = false;
+                        match g.sub {
+                            None => g.sub = Some(sub),
+                            Some(_) => g.extra.push(sub),
+                        }
                         self.policies.insert(sub, g.policy.clone());
                         self.getters.insert(sub, (channel, queue));
                     }
@@ -2070,7 +2126,12 @@ impl AmqpConnection {
             }
             Err(e) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
-                    state.getters.remove(&queue);
+                    match state.getters.get_mut(&queue) {
+                        Some(g) if g.sub.is_some() => g.opening = false,
+                        _ => {
+                            state.getters.remove(&queue);
+                        }
+                    }
                 }
                 self.log(LogLevel::Warn, format!("basic.get consumer: {}", e.message));
             }
@@ -2100,12 +2161,10 @@ impl AmqpConnection {
         if self.answer_get_from_ready() {
             return;
         }
-        // The getter's consumer takes one message at a time: one the channel holds
-        // unacknowledged is all it gets until the client settles it (RabbitMQ would hand
-        // the next one).
+        // What the channel's gets hold is counted, not left.
         let held = self.held_by_getter(channel, &queue);
         match count {
-            Some(n) if n == 0 || held > 0 => {
+            Some(n) if n <= held => {
                 self.on_get_timer(timer);
             }
             Some(_) => self.extend_get(timer, GET_COUNTED_WAIT_MS),
@@ -2376,6 +2435,7 @@ impl AmqpConnection {
                 _ => self.out.ack(sub, delivery_id),
             }
         }
+        self.retire_getters(&subs);
         self.drained(subs);
     }
 
