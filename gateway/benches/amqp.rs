@@ -20,9 +20,10 @@
 //! first publish on (the gateway process; RabbitMQ's whole process group), in parentheses the
 //! bench process's own (its clients), and Magnetar / RabbitMQ.
 //!
-//! Then a polling row (tag `get`): one client's `basic.get`s, one at a time, on a queue
-//! that stays empty (an application that polls instead of consuming): gets/s of each server
-//! and the ratio.
+//! Then two polling rows (tag `get`): one client's `basic.get`s, one at a time, on a queue
+//! that stays empty (an application that polls instead of consuming), and on a queue of
+//! messages published (persistent, confirmed) before, each acknowledged, until `get-ok` says
+//! none is left (an application draining a queue): gets/s of each server and the ratio.
 //!
 //! Run: `cargo bench -p magnetar --bench amqp` — env `BENCH_MESSAGES` (per run, default
 //! 20000), `BENCH_ONLY` (rows by tag, comma-separated: `1/64`, `4/1024`, `fanout`, `get`),
@@ -407,6 +408,63 @@ async fn poll_empty(server: &Server) -> f64 {
     POLLS as f64 / start.elapsed().as_secs_f64()
 }
 
+/// One client's `basic.get`s of [`POLLS`] messages, each acknowledged before the next get,
+/// until `get-ok` says none is left: gets per second.
+async fn poll_drain(server: &Server) -> f64 {
+    let conn = connect(server.amqp).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let q = "bench-get-drain";
+    ch.queue_declare(
+        q.into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue.declare");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut confirms = Vec::with_capacity(POLLS);
+    for _ in 0..POLLS {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                q.into(),
+                BasicPublishOptions::default(),
+                &[0x5a_u8; 64],
+                props.clone(),
+            )
+            .await
+            .expect("basic.publish");
+        confirms.push(confirm);
+    }
+    for confirm in confirms {
+        confirm.await.expect("confirm");
+    }
+    let start = Instant::now();
+    let mut got = 0;
+    loop {
+        let Some(m) = ch
+            .basic_get(q.into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get")
+        else {
+            panic!("get-empty after {got} of {POLLS} messages");
+        };
+        m.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("basic.ack");
+        got += 1;
+        if m.message_count == 0 {
+            break;
+        }
+    }
+    assert_eq!(got, POLLS, "get-ok said none was left");
+    got as f64 / start.elapsed().as_secs_f64()
+}
+
 fn run(rt: &tokio::runtime::Runtime, server: &Server, shape: Shape, tag: &str) -> Figures {
     let mut before = (0.0, 0.0);
     let (results, start) = rt.block_on(run_once(server, shape, tag, &mut before));
@@ -530,19 +588,31 @@ fn main() {
         );
     }
     if wanted("get") {
-        let rates: Vec<(&str, f64)> = servers
-            .iter()
-            .map(|s| (s.name, rt.block_on(poll_empty(s))))
-            .collect();
-        let of = |name: &str| rates.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
         println!(
             "\n| polling row | Magnetar gets/s | RabbitMQ gets/s | Magnetar / RabbitMQ |\n|---|---|---|---|"
         );
-        println!(
-            "| {POLLS} basic.get on an empty queue, one client | {} | {} | {} |",
-            of("magnetar").map_or("–".into(), |r| format!("{r:.0}")),
-            of("rabbitmq").map_or("–".into(), |r| format!("{r:.0}")),
-            ratio(of("magnetar"), of("rabbitmq")),
-        );
+        for drain in [false, true] {
+            let rates: Vec<(&str, f64)> = servers
+                .iter()
+                .map(|s| {
+                    let rate = match drain {
+                        false => rt.block_on(poll_empty(s)),
+                        true => rt.block_on(poll_drain(s)),
+                    };
+                    (s.name, rate)
+                })
+                .collect();
+            let of = |name: &str| rates.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
+            let what = match drain {
+                false => "basic.get on an empty queue",
+                true => "basic.get + ack of a queue's messages (64 B), until none is left",
+            };
+            println!(
+                "| {POLLS} {what}, one client | {} | {} | {} |",
+                of("magnetar").map_or("–".into(), |r| format!("{r:.0}")),
+                of("rabbitmq").map_or("–".into(), |r| format!("{r:.0}")),
+                ratio(of("magnetar"), of("rabbitmq")),
+            );
+        }
     }
 }
