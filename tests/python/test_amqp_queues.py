@@ -119,6 +119,15 @@ def test_delete_if_unused_and_if_empty_refuse_a_used_or_full_queue_with_406(amqp
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
             ch.queue_declare(q, passive=True)
         assert e.value.reply_code == 404
+        # `if-unused` alone on a queue of messages: `delete-ok` counts them.
+        full = unique("cond-full")
+        ch = a.channel()
+        ch.confirm_delivery()
+        ch.queue_declare(full)
+        for body in (b"one", b"two"):
+            ch.basic_publish("", full, body)
+        ok = ch.queue_delete(full, if_unused=True)
+        assert ok.method.message_count == 2
     finally:
         for c in (a, b):
             if c.is_open:

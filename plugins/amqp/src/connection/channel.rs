@@ -207,15 +207,16 @@ pub(crate) enum Task {
     },
     /// The queue's messages counted for the pending `basic.get` whose deadline is `timer`:
     /// none (the host counts once every copy of what was published before is in),
-    /// `get-empty` at once; some, the get waits as long as a first one for one of them;
-    /// unknown, as long as it did before counts.
+    /// `get-empty` at once (also when the channel's gets hold all it counts); some, the get
+    /// waits for one of them (`GET_COUNTED_WAIT_MS`); unknown, as long as it did before
+    /// counts.
     GetCount {
         timer: u64,
         /// The channel's first get of the queue (its consumer just opened).
         first: bool,
     },
-    /// The queue of a `queue.delete` with `if-empty` counted.
-    EmptyCount(Box<super::delete::PendingDelete>),
+    /// The queue of a `queue.delete` with `if-unused` or `if-empty` counted.
+    ConditionCount(Box<super::delete::PendingDelete>),
     /// The queue's messages counted before its purge: open the purge's consumer.
     PurgeCount {
         purge: PendingPurge,
@@ -1456,8 +1457,8 @@ impl AmqpConnection {
             (Task::GetCount { timer, first }, Outcome::Kv(r)) => {
                 self.on_get_count(timer, first, count_of(r));
             }
-            (Task::EmptyCount(p), Outcome::Kv(r)) => {
-                self.on_empty_count(*p, count_of(r));
+            (Task::ConditionCount(p), Outcome::Kv(r)) => {
+                self.on_condition_count(*p, count_of(r));
             }
             (Task::DeleteCount { channel, m, queue }, Outcome::Kv(r)) => {
                 self.delete_counted(channel, m, Some(queue), count_of(r).unwrap_or(0));
@@ -2190,6 +2191,7 @@ impl AmqpConnection {
                 return false;
             };
             if self.expire(&m) {
+                self.retire_getters(&[m.subscription]);
                 continue;
             }
             self.pending_get = None;
@@ -2223,6 +2225,7 @@ impl AmqpConnection {
     /// A message of a getter's consumer: the pending `basic.get` takes it, or it waits.
     fn on_getter_message(&mut self, channel: u16, queue: String, m: Message) {
         if self.expire(&m) {
+            self.retire_getters(&[m.subscription]);
             return;
         }
         match self.pending_get.take() {

@@ -19,7 +19,9 @@
 //!   (its `redelivered` flag is then set, where RabbitMQ's is not).
 //!
 //! Once the conditions hold, the queue is deleted through the route or consumer that
-//! checked them ([`AmqpConnection::delete_queue`]).
+//! checked them ([`AmqpConnection::delete_queue`]). `delete-ok` reports the messages
+//! deleted: with `if-empty` none were ready (RabbitMQ's count, 0); with `if-unused` alone,
+//! the queue's count taken before its route was opened.
 
 use magnetar_sdk::{ErrorKind, OpError, SubId};
 
@@ -48,6 +50,9 @@ pub(crate) struct PendingDelete {
     timer: u64,
     /// The queue counted no message: `if-empty` holds without a look.
     counted_empty: bool,
+    /// The queue's messages, counted before the route of an `if-unused` delete (without
+    /// `if-empty`) holds it: `delete-ok` reports them.
+    count: u64,
 }
 
 impl PendingDelete {
@@ -70,18 +75,20 @@ impl AmqpConnection {
             sub: None,
             timer: 0,
             counted_empty: false,
+            count: 0,
         };
-        if !p.m.if_empty {
-            return self.open_delete_check(p);
-        }
         let name = p.m.queue.clone();
-        self.wait_count(&name, Task::EmptyCount(Box::new(p)));
+        self.wait_count(&name, Task::ConditionCount(Box::new(p)));
     }
 
-    /// The queue of an `if-empty` delete counted: none, the condition holds (with
-    /// `if-unused` still to check, through the route); some or unknown, it looks for a
-    /// ready one.
-    pub(super) fn on_empty_count(&mut self, mut p: PendingDelete, count: Option<u64>) {
+    /// The queue of a conditional delete counted. `if-unused` alone: kept for `delete-ok`,
+    /// then the route checks. `if-empty`: none, the condition holds (with `if-unused` still
+    /// to check, through the route); some or unknown, it looks for a ready one.
+    pub(super) fn on_condition_count(&mut self, mut p: PendingDelete, count: Option<u64>) {
+        if !p.m.if_empty {
+            p.count = count.unwrap_or(0);
+            return self.open_delete_check(p);
+        }
         p.counted_empty = count == Some(0);
         if p.counted_empty && !p.by_route() {
             self.busy = false;
@@ -201,8 +208,10 @@ impl AmqpConnection {
         }
         self.cancel_consumers_of(&p.m.queue);
         self.owned.remove(&p.m.queue);
+        // With `if-empty` the queue held no ready message, RabbitMQ's count.
+        let message_count = u32::try_from(p.count).unwrap_or(u32::MAX);
         let reply = (!p.m.no_wait)
-            .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count: 0 })));
+            .then(|| Box::new(Method::QueueDeleteOk(QueueDeleteOk { message_count })));
         self.wait_kv_put(
             topology::queue_key(&p.m.queue),
             None,

@@ -730,6 +730,80 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
 }
 
 #[test]
+fn gets_that_hold_their_messages_open_one_more_getter_closed_once_settled() {
+    let mut h = running();
+    h.kv_mut().insert(
+        "amqp/q/q".into(),
+        crate::topology::Queue::default().encode(),
+    );
+    let get = || {
+        frame(
+            1,
+            Method::BasicGet(BasicGet {
+                queue: "q".into(),
+                ..Default::default()
+            }),
+        )
+    };
+    let message = |sub, delivery_id| {
+        Event::Message(magnetar_sdk::Message {
+            subscription: sub,
+            delivery_id,
+            message_id: vec![],
+            key: None,
+            payload: b"m".to_vec(),
+            properties: vec![],
+            publish_time_ms: 0,
+            event_time_ms: None,
+            redelivery_count: 0,
+        })
+    };
+    let got = |h: &mut SimHost<AmqpConnection>| match &sent(h)[..] {
+        [Frame::Method(1, Method::BasicGetOk(ok)), ..] => Some(ok.delivery_tag),
+        [Frame::Method(1, Method::BasicGetEmpty(_))] => None,
+        other => panic!("{other:?}"),
+    };
+    // The first get opens the getter's consumer.
+    h.data(&get());
+    h.run();
+    assert_eq!(got(&mut h), None);
+    let first = *h.machine().getters.keys().next().unwrap();
+    // Its message is got and held unacknowledged: the next get opens one more consumer.
+    h.feed(message(first, 1));
+    h.data(&get());
+    h.run();
+    assert_eq!(got(&mut h), Some(1));
+    h.data(&get());
+    h.run();
+    assert_eq!(
+        got(&mut h),
+        None,
+        "nothing came for the second consumer yet"
+    );
+    assert_eq!(h.machine().getters.len(), 2);
+    let second = *h.machine().getters.keys().find(|s| **s != first).unwrap();
+    h.feed(message(second, 2));
+    h.data(&get());
+    h.run();
+    assert_eq!(got(&mut h), Some(2));
+    // Settled, the second consumer closes; the first stays.
+    h.take_actions();
+    h.data(&frame(
+        1,
+        Method::BasicAck(BasicAck {
+            delivery_tag: 2,
+            multiple: false,
+        }),
+    ));
+    h.run();
+    assert!(h
+        .take_actions()
+        .iter()
+        .any(|a| matches!(a, Action::Unsubscribe { sub, .. } if *sub == second)));
+    assert_eq!(h.machine().getters.keys().collect::<Vec<_>>(), [&first]);
+}
+
+#[test]
 fn heartbeats_count_while_a_method_waits_for_the_host() {
     let mut h = host();
     open(&mut h, 2);
