@@ -58,6 +58,8 @@ def test_every_confirmed_message_survives_kill9_mid_stream(restartable_amqp_serv
         )
         ch = await conn.channel()  # publisher confirms on
         await ch.declare_queue(queue, durable=True)
+        # The test is about messages: the declaration must outlive the kill on both.
+        server.persist_topology()
         n = 0
         killed = False
 
