@@ -380,11 +380,10 @@ async fn run_once(
 /// `basic.get`s of the polling row.
 const POLLS: usize = 500;
 
-/// One client's `basic.get`s on a queue that stays empty, one at a time: gets per second.
-async fn poll_empty(server: &Server) -> f64 {
+/// A connection to `server` and a channel on which the queue `q` is declared.
+async fn declared(server: &Server, q: &str) -> (Connection, lapin::Channel) {
     let conn = connect(server.amqp).await;
     let ch = conn.create_channel().await.expect("channel");
-    let q = "bench-get-empty";
     ch.queue_declare(
         q.into(),
         QueueDeclareOptions::default(),
@@ -392,6 +391,13 @@ async fn poll_empty(server: &Server) -> f64 {
     )
     .await
     .expect("queue.declare");
+    (conn, ch)
+}
+
+/// One client's `basic.get`s on a queue that stays empty, one at a time: gets per second.
+async fn poll_empty(server: &Server) -> f64 {
+    let q = "bench-get-empty";
+    let (_conn, ch) = declared(server, q).await;
     let get = || async {
         let got = ch
             .basic_get(q.into(), BasicGetOptions { no_ack: true })
@@ -411,16 +417,8 @@ async fn poll_empty(server: &Server) -> f64 {
 /// One client's `basic.get`s of [`POLLS`] messages, each acknowledged before the next get,
 /// until `get-ok` says none is left: gets per second.
 async fn poll_drain(server: &Server) -> f64 {
-    let conn = connect(server.amqp).await;
-    let ch = conn.create_channel().await.expect("channel");
     let q = "bench-get-drain";
-    ch.queue_declare(
-        q.into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("queue.declare");
+    let (_conn, ch) = declared(server, q).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm.select");

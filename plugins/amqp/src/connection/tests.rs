@@ -650,22 +650,30 @@ fn an_unroutable_mandatory_message_is_returned_then_confirmed() {
     assert_eq!(h.published().len(), 1);
 }
 
-#[test]
-fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() {
+/// A running connection whose namespace has the queue `q`.
+fn with_queue_q() -> SimHost<AmqpConnection> {
     let mut h = running();
     h.kv_mut().insert(
         "amqp/q/q".into(),
         crate::topology::Queue::default().encode(),
     );
-    let get = || {
-        frame(
-            1,
-            Method::BasicGet(BasicGet {
-                queue: "q".into(),
-                ..Default::default()
-            }),
-        )
-    };
+    h
+}
+
+/// `basic.get` of the queue `q` on channel 1.
+fn get() -> Vec<u8> {
+    frame(
+        1,
+        Method::BasicGet(BasicGet {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+#[test]
+fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() {
+    let mut h = with_queue_q();
     // The queue counts no message: get-empty at once.
     h.data(&get());
     h.run();
@@ -731,20 +739,7 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
 
 #[test]
 fn gets_that_hold_their_messages_open_one_more_getter_closed_once_settled() {
-    let mut h = running();
-    h.kv_mut().insert(
-        "amqp/q/q".into(),
-        crate::topology::Queue::default().encode(),
-    );
-    let get = || {
-        frame(
-            1,
-            Method::BasicGet(BasicGet {
-                queue: "q".into(),
-                ..Default::default()
-            }),
-        )
-    };
+    let mut h = with_queue_q();
     let message = |sub, delivery_id| {
         Event::Message(magnetar_sdk::Message {
             subscription: sub,
