@@ -827,7 +827,7 @@ impl Topic {
                 // As for "latest": a message whose receipt went out counts, even before its
                 // commit is taken in here (a reader asking right after a send must find it;
                 // the entry is in the log by then).
-                let end = self.next_id.max(self.answered_end.load(Ordering::Acquire));
+                let end = self.stored_end();
                 let last = end.checked_sub(1).map(|id| {
                     // A batch's last message is the last message id (Pulsar returns its
                     // batch index, so that readers see the whole batch as available).
@@ -843,9 +843,11 @@ impl Topic {
                 let _ = reply.send(LastMessageId { last, mark_delete });
             }
             TopicCommand::ConsumerStats { key, reply } => {
-                let next_id = self.next_id;
+                // Counts what a producer was told is stored, also before its commit is taken
+                // in here (a count right after a confirm must find the message).
+                let end = self.stored_end();
                 let stats = self.subscription_of(key).and_then(|s| {
-                    let backlog = s.cursor.unacked_below(next_id);
+                    let backlog = s.cursor.unacked_below(end);
                     s.consumer_stats(key).map(|c| (c, backlog))
                 });
                 let _ = reply.send(stats);
@@ -870,7 +872,7 @@ impl Topic {
                 name: s.name.clone(),
                 sub_type: format!("{:?}", s.sub_type),
                 durable: s.durable,
-                backlog: s.cursor.unacked_below(self.next_id),
+                backlog: s.cursor.unacked_below(self.stored_end()),
                 consumers: s.consumer_count(),
             })
             .collect();
@@ -1114,9 +1116,15 @@ impl Topic {
         Ok(())
     }
 
+    /// The end of what is stored: past every message whose receipt went out, also one whose
+    /// commit the actor has not taken in yet (`next_id` moves then).
+    fn stored_end(&self) -> u64 {
+        self.next_id.max(self.answered_end.load(Ordering::Acquire))
+    }
+
     /// Where a new subscription starts (its initial ack floor).
     fn start_position(&self, req: &SubscribeRequest) -> u64 {
-        let latest = self.next_id.max(self.answered_end.load(Ordering::Acquire));
+        let latest = self.stored_end();
         if let (Some(id), false) = (&req.start_message_id, req.durable) {
             // As Pulsar: delivery starts at the start id's entry; the client drops it (or
             // the part of its batch before the id) unless it asked for an inclusive start.
@@ -1678,6 +1686,34 @@ mod tests {
         finish_oldest(&mut topic).await;
         assert_eq!(topic.start_position(&latest_request()), 1);
         assert_eq!(last_message_id(&mut topic).await, Some((0, Some(0))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriptions_backlog_counts_a_message_whose_receipt_went_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut topic = open_topic(dir.path());
+        topic.subscribe(latest_request()).await.unwrap();
+        send(&mut topic, 1);
+        start(&mut topic);
+        while !topic.storing.front().is_some_and(|s| s.task.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(topic.next_id, 0, "the commit is not taken in yet");
+        // A count right after the producer's receipt (AMQP's declare-ok or get-ok after a
+        // confirm) finds the message.
+        assert_eq!(backlog(&mut topic).await, Some(1));
+        finish_oldest(&mut topic).await;
+        assert_eq!(backlog(&mut topic).await, Some(1));
+    }
+
+    /// `ConsumerStats`' backlog of `latest_request`'s subscription.
+    async fn backlog(topic: &mut Topic) -> Option<u64> {
+        let (reply, answer) = oneshot::channel();
+        let key = latest_request().key;
+        topic
+            .handle(TopicCommand::ConsumerStats { key, reply }, &mut None)
+            .await;
+        answer.await.unwrap().map(|(_, backlog)| backlog)
     }
 
     /// `GetLastMessageId`'s answer, as a client gets it.
