@@ -660,6 +660,21 @@ fn with_queue_q() -> SimHost<AmqpConnection> {
     h
 }
 
+/// A queue's message `m` for the consumer `sub`.
+fn queued(sub: SubId, delivery_id: u64) -> Event {
+    Event::Message(magnetar_sdk::Message {
+        subscription: sub,
+        delivery_id,
+        message_id: vec![],
+        key: None,
+        payload: b"m".to_vec(),
+        properties: vec![],
+        publish_time_ms: 0,
+        event_time_ms: None,
+        redelivery_count: 0,
+    })
+}
+
 /// `basic.get` of the queue `q` on channel 1.
 fn get() -> Vec<u8> {
     frame(
@@ -707,17 +722,7 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
     ));
     // A message arrives for the getter's consumer while nobody asks: the next get takes it.
     let sub = *h.machine().getters.keys().next().unwrap();
-    h.feed(Event::Message(magnetar_sdk::Message {
-        subscription: sub,
-        delivery_id: 3,
-        message_id: vec![],
-        key: None,
-        payload: b"m".to_vec(),
-        properties: vec![],
-        publish_time_ms: 0,
-        event_time_ms: None,
-        redelivery_count: 0,
-    }));
+    h.feed(queued(sub, 3));
     h.data(&get());
     h.run();
     let frames = sent(&mut h);
@@ -740,19 +745,6 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
 #[test]
 fn gets_that_hold_their_messages_open_one_more_getter_closed_once_settled() {
     let mut h = with_queue_q();
-    let message = |sub, delivery_id| {
-        Event::Message(magnetar_sdk::Message {
-            subscription: sub,
-            delivery_id,
-            message_id: vec![],
-            key: None,
-            payload: b"m".to_vec(),
-            properties: vec![],
-            publish_time_ms: 0,
-            event_time_ms: None,
-            redelivery_count: 0,
-        })
-    };
     let got = |h: &mut SimHost<AmqpConnection>| match &sent(h)[..] {
         [Frame::Method(1, Method::BasicGetOk(ok)), ..] => Some(ok.delivery_tag),
         [Frame::Method(1, Method::BasicGetEmpty(_))] => None,
@@ -764,7 +756,7 @@ fn gets_that_hold_their_messages_open_one_more_getter_closed_once_settled() {
     assert_eq!(got(&mut h), None);
     let first = *h.machine().getters.keys().next().unwrap();
     // Its message is got and held unacknowledged: the next get opens one more consumer.
-    h.feed(message(first, 1));
+    h.feed(queued(first, 1));
     h.data(&get());
     h.run();
     assert_eq!(got(&mut h), Some(1));
@@ -777,7 +769,7 @@ fn gets_that_hold_their_messages_open_one_more_getter_closed_once_settled() {
     );
     assert_eq!(h.machine().getters.len(), 2);
     let second = *h.machine().getters.keys().find(|s| **s != first).unwrap();
-    h.feed(message(second, 2));
+    h.feed(queued(second, 2));
     h.data(&get());
     h.run();
     assert_eq!(got(&mut h), Some(2));
