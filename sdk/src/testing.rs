@@ -171,6 +171,8 @@ pub struct SimHost<M> {
     next_sub: SubId,
     next_delivery: u64,
     published: Vec<OutboundMessage>,
+    /// When each of `published` was stored.
+    published_at: Vec<u64>,
     sent: Vec<u8>,
     closed: Option<String>,
     reading: bool,
@@ -211,6 +213,7 @@ impl<M: Machine> SimHost<M> {
             next_sub: 1,
             next_delivery: 1,
             published: Vec::new(),
+            published_at: Vec::new(),
             sent: Vec::new(),
             closed: None,
             reading: true,
@@ -812,6 +815,7 @@ impl<M: Machine> SimHost<M> {
             seq,
             vec![entry],
         );
+        self.published_at.push(stored.publish_time_ms);
         self.published.push(stored.msg);
         seq
     }
@@ -833,7 +837,7 @@ impl<M: Machine> SimHost<M> {
             .filter(|(_, m)| m.topic == topic)
             .map(|(seq, m)| Stored {
                 msg: m.clone(),
-                publish_time_ms: self.now_ms,
+                publish_time_ms: self.published_at.get(seq).copied().unwrap_or(self.now_ms),
                 seq: seq as u64,
                 event_time_ms: None,
                 redeliveries: 0,

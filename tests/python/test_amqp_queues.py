@@ -285,7 +285,8 @@ def test_expired_message_is_dead_lettered_with_reason_expired(conn):
     dlx, dlq, q = dead_letter_setup(ch, **{"x-dead-letter-routing-key": "dead"})
     ch.basic_publish("", q, b"late", pika.BasicProperties(expiration="200"))
     time.sleep(0.5)
-    # RabbitMQ dead-letters it on its own; the gateway once a consumer reaches it.
+    # Dead-lettered on its own (the gateway: swept by the connection that declared the
+    # queue), so a consumer finds nothing.
     assert receive(ch, q, 1, timeout=1.0) == []
     ch.cancel()
     [(dm, dprops, body)] = receive(ch, dlq, 1, auto_ack=True)
@@ -297,6 +298,96 @@ def test_expired_message_is_dead_lettered_with_reason_expired(conn):
         "200",
     )
     assert dprops.headers["x-first-death-reason"] == "expired"
+
+
+def assert_expired_from(messages: list, queue: str, routing_key: str) -> None:
+    """Each of `messages` was dead-lettered once from `queue`, expired, through the default
+    exchange with `routing_key`."""
+    for m, props, _ in messages:
+        assert (m.exchange, m.routing_key, m.redelivered) == ("", routing_key, False)
+        [death] = props.headers["x-death"]
+        assert (death["reason"], death["queue"], death["count"]) == ("expired", queue, 1)
+
+
+def test_a_wait_queue_nobody_consumes_dead_letters_each_message_once_its_ttl_passed(conn):
+    """Delayed retries: messages wait in a queue with a TTL that nobody consumes, and its
+    dead-letter exchange hands each to the work queue once the TTL passed."""
+    ch = conn.channel()
+    work, wait = unique("work"), unique("wait")
+    ch.queue_declare(work)
+    args = {"x-message-ttl": 600, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": work}
+    ch.queue_declare(wait, arguments=args)
+    ch.confirm_delivery()
+    started = time.monotonic()
+    for i in range(3):
+        ch.basic_publish("", wait, f"retry-{i}".encode())
+    got = receive(ch, work, 3, timeout=8.0, auto_ack=True)
+    waited = time.monotonic() - started
+    assert [body for _, _, body in got] == [b"retry-0", b"retry-1", b"retry-2"]
+    assert_expired_from(got, wait, work)
+    # Not before the TTL, and (the first) not long after it.
+    assert waited >= 0.55, waited
+    ch.cancel()
+    assert ch.queue_declare(wait, passive=True).method.message_count == 0
+    # A message published after the queue was swept empty waits its TTL too.
+    started = time.monotonic()
+    ch.basic_publish("", wait, b"later")
+    [later] = receive(ch, work, 1, timeout=8.0, auto_ack=True)
+    assert later[2] == b"later" and time.monotonic() - started >= 0.55
+    assert_expired_from([later], wait, work)
+    ch.cancel()
+
+
+def test_a_delay_queue_dead_letters_each_message_once_its_own_expiration_passed(conn):
+    """Delays per message: a queue without a TTL that nobody consumes, messages published to
+    it with an `expiration`; the head expires first (RabbitMQ expires at the head only)."""
+    ch = conn.channel()
+    work, delay = unique("work"), unique("delay")
+    ch.queue_declare(work)
+    ch.queue_declare(
+        delay, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": work}
+    )
+    ch.confirm_delivery()
+    started = time.monotonic()
+    ch.basic_publish("", delay, b"short", pika.BasicProperties(expiration="300"))
+    ch.basic_publish("", delay, b"shorter", pika.BasicProperties(expiration="100"))
+    got = receive(ch, work, 2, timeout=8.0, auto_ack=True)
+    assert [body for _, _, body in got] == [b"short", b"shorter"]
+    assert time.monotonic() - started >= 0.3
+    assert_expired_from(got, delay, work)
+    assert got[0][1].headers["x-death"][0]["original-expiration"] == "300"
+    ch.cancel()
+
+
+def test_a_dead_letter_cycle_without_a_rejection_is_broken(conn):
+    """Two TTL queues that dead-letter into each other (and into a witness each), nobody
+    consuming them: RabbitMQ drops the message where it would go round again without a
+    client having rejected it, so each witness sees it once and the cycle stops."""
+    ch = conn.channel()
+    a, b, fan_a, fan_b = unique("cycle-a"), unique("cycle-b"), unique("fan-a"), unique("fan-b")
+    witness_a, witness_b = unique("witness-a"), unique("witness-b")
+    for fan, to, witness in ((fan_a, b, witness_a), (fan_b, a, witness_b)):
+        ch.exchange_declare(fan, "fanout")
+        ch.queue_declare(witness)
+        ch.queue_bind(witness, fan)
+    for q, fan in ((a, fan_a), (b, fan_b)):
+        ch.queue_declare(q, arguments={"x-message-ttl": 100, "x-dead-letter-exchange": fan})
+    ch.queue_bind(b, fan_a)
+    ch.queue_bind(a, fan_b)
+    ch.confirm_delivery()
+    ch.basic_publish("", a, b"round")
+    [(_, props_a, _)] = receive(ch, witness_a, 1, timeout=8.0, auto_ack=True)
+    ch.cancel()
+    [(_, props_b, _)] = receive(ch, witness_b, 1, timeout=8.0, auto_ack=True)
+    ch.cancel()
+    reasons = lambda props: [(d["queue"], d["reason"]) for d in props.headers["x-death"]]
+    assert reasons(props_a) == [(a, "expired")]
+    assert reasons(props_b) == [(b, "expired"), (a, "expired")]
+    # Round once more would take a few TTLs (and sweeps): nothing comes.
+    assert receive(ch, witness_a, 1, timeout=3.0) == []
+    ch.cancel()
+    for q in (a, b, witness_a, witness_b):
+        assert ch.queue_declare(q, passive=True).method.message_count == 0, q
 
 
 def test_max_length_keeps_the_newest_and_dead_letters_the_rest_as_maxlen(conn):

@@ -6,9 +6,10 @@
 //!
 //! Expiry is applied where a message leaves the queue: a consumer or `basic.get` that
 //! receives an expired message settles it (dead-lettered, or dropped) instead of handing it
-//! to the client. RabbitMQ drops expired messages at the head of the queue as well; here an
-//! expired message waits in the queue topic until a consumer reaches it, which no client
-//! sees, except in a queue's length (which the gateway does not report).
+//! to the client. RabbitMQ drops expired messages at the head of the queue as well; here a
+//! dead-lettering queue that nobody consumes is swept by the connections that declared it
+//! (`connection::sweep`), and an expired message of any other queue waits in the queue
+//! topic until a consumer reaches it, which no client sees, except in a queue's length.
 
 use magnetar_sdk::{Cap, Overflow};
 
@@ -40,7 +41,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
@@ -177,18 +178,22 @@ impl QueuePolicy {
     /// A message whose TTL is 0 expires unless delivered at once, in RabbitMQ; here, in the
     /// millisecond it was published.
     pub fn expired(&self, properties: &BasicProperties, published_ms: u64, now_ms: u64) -> bool {
+        self.expires_at(properties, published_ms)
+            .is_some_and(|at| now_ms >= at)
+    }
+
+    /// The first millisecond at which a message published at `published_ms` with
+    /// `properties` has expired; `None` if it never expires.
+    pub fn expires_at(&self, properties: &BasicProperties, published_ms: u64) -> Option<u64> {
         let own = properties
             .expiration
             .as_deref()
             .and_then(|e| e.parse::<u64>().ok());
         let ttl = match (self.message_ttl, own) {
             (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(t) => t,
-                None => return false,
-            },
+            (a, b) => a.or(b)?,
         };
-        now_ms.saturating_sub(published_ms) > ttl
+        Some(published_ms.saturating_add(ttl).saturating_add(1))
     }
 
     /// Where a dead-lettered message goes: the exchange and routing keys, or `None` when the
@@ -200,6 +205,37 @@ impl QueuePolicy {
             .clone()
             .unwrap_or_else(|| routing_key.to_string());
         Some((exchange, key))
+    }
+
+    /// Whether dead-lettering a message with `properties` from this queue for `reason`
+    /// would go round a dead-letter cycle with no rejection in it, which RabbitMQ breaks by
+    /// dropping the message (`rabbit_dead_letter:detect_cycles`): the reason is automatic
+    /// (expired, maxlen), the message died in this queue before, and every death since
+    /// (that one too) was automatic. RabbitMQ checks the queues the dead-letter exchange
+    /// routes to, before the message enters them; the gateway routes after the publish, so
+    /// it checks the queue the message dies in now, and a cycle goes round once more here
+    /// before it is broken.
+    pub fn closes_automatic_cycle(&self, properties: &BasicProperties, reason: Reason) -> bool {
+        if reason == Reason::Rejected {
+            return false;
+        }
+        let deaths = match properties.headers.as_ref().and_then(|h| h.get("x-death")) {
+            Some(FieldValue::Array(deaths)) => deaths,
+            _ => return false,
+        };
+        for death in deaths {
+            let FieldValue::Table(t) = death else {
+                continue;
+            };
+            let field = |k: &str| t.get(k).and_then(FieldValue::as_str);
+            if field("reason") == Some(Reason::Rejected.name()) {
+                return false;
+            }
+            if field("queue") == Some(self.queue.as_str()) {
+                return true;
+            }
+        }
+        false
     }
 
     /// A message's properties once dead-lettered from this queue for `reason` at
@@ -322,9 +358,33 @@ mod tests {
         assert!(p.expired(&props, 10_000, 11_001));
         props.expiration = Some("100".into());
         assert!(p.expired(&props, 10_000, 10_101));
+        assert_eq!(p.expires_at(&props, 10_000), Some(10_101));
         assert!(!policy(&[]).expired(&BasicProperties::default(), 0, u64::MAX));
+        assert_eq!(policy(&[]).expires_at(&BasicProperties::default(), 0), None);
         props.expiration = Some("not a number".into());
         assert!(!policy(&[]).expired(&props, 0, u64::MAX));
+    }
+
+    #[test]
+    fn an_automatic_dead_letter_cycle_is_broken_where_it_comes_round() {
+        let dlx = ("x-dead-letter-exchange", long("dlx"));
+        let (a, b) = (policy(&[dlx.clone()]), {
+            let mut p = policy(&[dlx]);
+            p.queue = "other".into();
+            p
+        });
+        let fresh = BasicProperties::default();
+        assert!(!a.closes_automatic_cycle(&fresh, Reason::Expired));
+        // work -> other -> work, each time expired: the second death in work closes it.
+        let once = a.dead_lettered(&fresh, Reason::Expired, "", "k", 1);
+        assert!(!b.closes_automatic_cycle(&once, Reason::Expired));
+        let twice = b.dead_lettered(&once, Reason::Expired, "dlx", "k", 2);
+        assert!(a.closes_automatic_cycle(&twice, Reason::Expired));
+        assert!(a.closes_automatic_cycle(&twice, Reason::Maxlen));
+        // A rejection anywhere since breaks nothing: a client chose it.
+        assert!(!a.closes_automatic_cycle(&twice, Reason::Rejected));
+        let rejected = b.dead_lettered(&once, Reason::Rejected, "dlx", "k", 2);
+        assert!(!a.closes_automatic_cycle(&rejected, Reason::Expired));
     }
 
     #[test]

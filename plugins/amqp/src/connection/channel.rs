@@ -1048,6 +1048,17 @@ impl AmqpConnection {
                 }
                 true
             }
+            Some(Op::Getter { .. }) => {
+                if let Some(Op::Getter {
+                    channel,
+                    queue,
+                    attempts,
+                }) = self.ops.complete(token)
+                {
+                    self.open_getter(channel, queue, attempts);
+                }
+                true
+            }
             _ => false,
         }
     }
@@ -1853,9 +1864,16 @@ impl AmqpConnection {
         let expiration = BasicProperties::read(&header.properties)
             .ok()
             .and_then(|p| p.expiration);
-        if let Some(e) = expiration.filter(|e| !crate::queue_policy::valid_expiration(e)) {
+        if let Some(e) = expiration
+            .as_deref()
+            .filter(|e| !crate::queue_policy::valid_expiration(e))
+        {
             let err = ConnError::new(PRECONDITION_FAILED, format!("invalid expiration '{e}'"));
             return self.close_channel(channel, err.caused_by(&Method::BasicPublish(publish)));
+        }
+        if publish.exchange.is_empty() {
+            let own = expiration.and_then(|e| e.parse::<u64>().ok());
+            self.sweep_published(&publish.routing_key, own);
         }
         let content = ContentDone {
             publish,
@@ -1940,6 +1958,17 @@ impl AmqpConnection {
         }
     }
 
+    /// Opens a `basic.get` consumer of `queue` (try `attempts + 1`).
+    fn open_getter(&mut self, channel: u16, queue: String, attempts: u32) {
+        let spec = queue_consumer(topology::queue_topic(&queue), 1, None);
+        let token = self.ops.start(Op::Getter {
+            channel,
+            queue,
+            attempts,
+        });
+        self.out.push(Action::OpenConsumer { token, spec });
+    }
+
     fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool, policy: QueuePolicy) {
         let Some(state) = self.channels.get_mut(&channel) else {
             return;
@@ -1958,14 +1987,7 @@ impl AmqpConnection {
             {
                 g.opening = true;
             }
-            let token = self.ops.start(Op::Getter {
-                channel,
-                queue: queue.clone(),
-            });
-            self.out.push(Action::OpenConsumer {
-                token,
-                spec: queue_consumer(topology::queue_topic(&queue), 1, None),
-            });
+            self.open_getter(channel, queue.clone(), 0);
         }
         // The queue is counted first (the host counts once the copies of what was confirmed
         // before are in): an empty queue answers at once, as RabbitMQ's does; the wait for
@@ -2103,6 +2125,7 @@ impl AmqpConnection {
         &mut self,
         channel: u16,
         queue: String,
+        attempts: u32,
         result: Result<SubId, OpError>,
     ) {
         match result {
@@ -2124,6 +2147,19 @@ impl AmqpConnection {
                     }
                     None => self.out.push(Action::Unsubscribe { sub, delete: false }),
                 }
+            }
+            // A route or a sweep (an Exclusive reader) holds the queue for a moment.
+            Err(e) if e.kind == ErrorKind::Backend && attempts < CONSUME_ATTEMPTS => {
+                let token = self.ops.start(Op::Getter {
+                    channel,
+                    queue,
+                    attempts: attempts + 1,
+                });
+                // A short wait, then the consumer is opened again (`on_retry`).
+                self.out.push(Action::SetTimer {
+                    token,
+                    delay_ms: 20,
+                });
             }
             Err(e) => {
                 if let Some(state) = self.channels.get_mut(&channel) {
@@ -2310,7 +2346,10 @@ impl AmqpConnection {
     }
 
     pub(super) fn on_message(&mut self, m: Message) {
-        if self.on_delete_check_message(m.subscription) || self.drained_consumer_message(&m) {
+        if self.on_delete_check_message(m.subscription)
+            || self.drained_consumer_message(&m)
+            || self.on_sweep_message(&m)
+        {
             return;
         }
         if let Some((channel, queue)) = self.getters.get(&m.subscription).cloned() {
@@ -2463,7 +2502,7 @@ impl AmqpConnection {
 
     /// Settles `m` instead of delivering it if its queue's `x-max-length` dropped it or its
     /// TTL passed (dead-lettered, or dropped): whether it did.
-    fn expire(&mut self, m: &Message) -> bool {
+    pub(super) fn expire(&mut self, m: &Message) -> bool {
         // Dropped from the head by its queue's cap before its TTL could count.
         if overflow::dropped_by_cap(m) {
             let (exchange, routing_key, properties) = delivery_fields(m);
@@ -2523,6 +2562,14 @@ impl AmqpConnection {
             return;
         };
         let props = BasicProperties::read(&d.properties).unwrap_or_default();
+        if policy.closes_automatic_cycle(&props, reason) {
+            let text = format!(
+                "a message dead-lettered from queue '{}' ({}) went round a dead-letter cycle with no rejection in it: dropped",
+                policy.queue,
+                reason.name()
+            );
+            return self.log(LogLevel::Warn, text);
+        }
         let props = policy.dead_lettered(
             &props,
             reason,

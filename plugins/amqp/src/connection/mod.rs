@@ -51,6 +51,7 @@ mod delete;
 mod exchange_bind;
 mod lifetime;
 mod overflow;
+mod sweep;
 pub use channel::name_seed;
 #[cfg(test)]
 mod tests;
@@ -129,10 +130,20 @@ enum Op {
         queue: String,
         d: Box<channel::Delivered>,
     },
-    /// `basic.get`'s consumer of a queue being opened.
+    /// `basic.get`'s consumer of a queue being opened (or its retry timer): the try.
     Getter {
         channel: u16,
         queue: String,
+        attempts: u32,
+    },
+    /// The record of a queue about to be swept (`sweep`), read.
+    SweepRecord {
+        queue: String,
+    },
+    /// A sweep's consumer being opened.
+    Sweep {
+        queue: String,
+        policy: crate::queue_policy::QueuePolicy,
     },
 }
 
@@ -252,6 +263,8 @@ pub struct AmqpConnection {
     watch_timer: Option<u64>,
     /// Queues being deleted in the background.
     reaps: usize,
+    /// The dead-lettering queues it declared, swept for expired messages (`sweep`).
+    sweeps: HashMap<String, sweep::Sweep>,
     /// The connection ends once they are: `Some(true)` with `close-ok`.
     ending: Option<bool>,
 }
@@ -305,6 +318,7 @@ impl AmqpConnection {
             watched: HashMap::new(),
             watch_timer: None,
             reaps: 0,
+            sweeps: HashMap::new(),
             ending: None,
         };
         c.name_seed = seed;
@@ -653,6 +667,7 @@ impl AmqpConnection {
             || self.on_block_timer(token)
             || self.on_expiry_timer(token)
             || self.on_watch_timer(token)
+            || self.on_sweep_timer(token)
         {
             return;
         }
@@ -715,6 +730,7 @@ impl Machine for AmqpConnection {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Kv(result)),
                 Some(Op::Reap(r)) => self.on_reap_record(r, result),
                 Some(Op::Watch { queue }) => self.on_watched(queue, result),
+                Some(Op::SweepRecord { queue }) => self.on_sweep_record(queue, result),
                 Some(Op::RefusedDeadLetter { queue, d }) => {
                     self.on_refused_record(queue, *d, result)
                 }
@@ -730,11 +746,14 @@ impl Machine for AmqpConnection {
                 Some(Op::Task(task)) => self.step(task, channel::Outcome::Sub(result)),
                 Some(Op::Consume(c)) => self.on_consume_result(c, result),
                 Some(Op::Purge(p)) => self.on_purge_consumer(p, result),
-                Some(Op::Getter { channel, queue }) => {
-                    self.on_getter_result(channel, queue, result)
-                }
+                Some(Op::Getter {
+                    channel,
+                    queue,
+                    attempts,
+                }) => self.on_getter_result(channel, queue, attempts, result),
                 Some(Op::Reap(r)) => self.on_reap_route(r, result),
                 Some(Op::DeleteCheck(p)) => self.on_delete_check(p, result),
+                Some(Op::Sweep { queue, policy }) => self.on_sweep_opened(queue, policy, result),
                 _ => {
                     // A route opened only to store its filters, answered after the
                     // connection moved on: close it.

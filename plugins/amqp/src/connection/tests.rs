@@ -3,7 +3,7 @@
 use super::*;
 use crate::codec::{BasicProperties, ContentHeader};
 use magnetar_sdk::testing::SimHost;
-use magnetar_sdk::{ErrorKind, RouteSpec};
+use magnetar_sdk::{ErrorKind, OutboundMessage, RouteSpec, SubMode};
 
 const T0: u64 = 1_000_000;
 
@@ -1735,4 +1735,119 @@ fn declare_ok_and_purge_ok_count_the_queues_messages() {
         &ask(&mut h, Method::QueueDelete(delete))[..],
         [Frame::Method(1, Method::QueueDeleteOk(ok))] if ok.message_count > 0
     ));
+}
+
+#[test]
+fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
+    let mut h = running();
+    let mut arguments = FieldTable::default();
+    arguments
+        .insert("x-message-ttl", FieldValue::I32(1000))
+        .insert("x-dead-letter-exchange", FieldValue::LongStr(Vec::new()))
+        .insert(
+            "x-dead-letter-routing-key",
+            FieldValue::LongStr(b"work".to_vec()),
+        );
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "wait".into(),
+            arguments,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    h.produce(OutboundMessage {
+        topic: "amqp-q-wait".into(),
+        key: None,
+        payload: b"retry me".to_vec(),
+        properties: vec![magnetar_sdk::Property {
+            key: "amqp.routing-key".into(),
+            value: "wait".into(),
+        }],
+    });
+    let dead_lettered = |actions: &[Action]| -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::PublishCapped { msg, .. } => msg
+                    .properties
+                    .iter()
+                    .find(|p| p.key == "amqp.key")
+                    .map(|p| p.value.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let sweepers = |actions: &[Action]| -> Vec<(SubMode, u32)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::OpenConsumer { spec, .. } => Some((spec.mode, spec.max_unacked)),
+                _ => None,
+            })
+            .collect()
+    };
+    let closed = |actions: &[Action]| {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Unsubscribe { delete: false, .. }))
+            .count()
+    };
+    // The first sweep, a second after the declaration: the message is not due yet, so it
+    // goes back and the next sweep comes at its expiry.
+    h.advance(1000);
+    h.run();
+    let actions = h.take_actions();
+    assert_eq!(sweepers(&actions), [(SubMode::Exclusive, 1)]);
+    assert!(dead_lettered(&actions).is_empty());
+    assert_eq!(closed(&actions), 1);
+    assert!(sent(&mut h).is_empty(), "a sweep sends the client nothing");
+    // At its expiry (the sweeps' least gap later): dead-lettered to the default exchange
+    // with the dead-letter routing key, acknowledged in its queue.
+    h.advance(100);
+    h.run();
+    let actions = h.take_actions();
+    assert_eq!(sweepers(&actions).len(), 1);
+    assert_eq!(dead_lettered(&actions), ["%.work"]);
+    assert!(actions.iter().any(|a| matches!(a, Action::Ack { .. })));
+    // Nothing more within the wait: the sweep ends, the next a TTL later.
+    h.advance(200);
+    h.run();
+    assert_eq!(closed(&h.take_actions()), 1);
+    // A consumer of this connection expires what it reaches itself: no sweep meanwhile.
+    h.data(&frame(
+        1,
+        Method::BasicConsume(BasicConsume {
+            queue: "wait".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    h.advance(1000);
+    h.run();
+    assert!(sweepers(&h.take_actions()).is_empty());
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    // The queue deleted (elsewhere): the sweeps end at the next one.
+    h.kv_mut().remove("amqp/q/wait");
+    h.advance(1000);
+    h.run();
+    assert!(sweepers(&h.take_actions()).is_empty());
+    assert!(h.machine().sweeps.is_empty());
+    // No timer left behind but heartbeats'.
+    h.advance(10_000);
+    h.run();
+    assert!(sweepers(&h.take_actions()).is_empty());
 }
