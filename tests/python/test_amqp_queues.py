@@ -338,6 +338,24 @@ def test_a_wait_queue_nobody_consumes_dead_letters_each_message_once_its_ttl_pas
     ch.cancel()
 
 
+def test_a_ttl_queue_nobody_consumes_empties_once_its_messages_expired(conn):
+    """Without a dead-letter exchange expired messages just go: a queue of stale readings
+    nobody reads stays as long as its TTL allows."""
+    ch = conn.channel()
+    q = unique("stale")
+    ch.queue_declare(q, arguments={"x-message-ttl": 1500})
+    ch.confirm_delivery()
+    for i in range(5):
+        ch.basic_publish("", q, f"reading-{i}".encode())
+    assert ch.queue_declare(q, passive=True).method.message_count == 5
+    deadline = time.monotonic() + 8
+    while ch.queue_declare(q, passive=True).method.message_count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ch.queue_declare(q, passive=True).method.message_count == 0
+    assert receive(ch, q, 1, timeout=0.5) == []
+    ch.cancel()
+
+
 def test_a_delay_queue_dead_letters_each_message_once_its_own_expiration_passed(conn):
     """Delays per message: a queue without a TTL that nobody consumes, messages published to
     it with an `expiration`; the head expires first (RabbitMQ expires at the head only)."""

@@ -7,9 +7,8 @@
 //! Expiry is applied where a message leaves the queue: a consumer or `basic.get` that
 //! receives an expired message settles it (dead-lettered, or dropped) instead of handing it
 //! to the client. RabbitMQ drops expired messages at the head of the queue as well; here a
-//! dead-lettering queue that nobody consumes is swept by the connections that declared it
-//! (`connection::sweep`), and an expired message of any other queue waits in the queue
-//! topic until a consumer reaches it, which no client sees, except in a queue's length.
+//! queue that nobody consumes is swept by the connections that declared it
+//! (`connection::sweep`).
 
 use magnetar_sdk::{Cap, Overflow};
 

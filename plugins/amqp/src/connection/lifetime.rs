@@ -92,7 +92,7 @@ impl AmqpConnection {
     }
 
     /// The queue was used now (declared, or a `basic.get`): it expires `x-expires` from now
-    /// (if it has one), and this connection sweeps it if it dead-letters (`sweep`).
+    /// (if it has one), and this connection sweeps it for expired messages (`sweep`).
     pub(super) fn queue_used(&mut self, name: &str, queue: &Queue) {
         if let Some(expires) = crate::queue_policy::expires(queue) {
             self.put_expiry(name, Some(self.now_ms + expires));

@@ -263,7 +263,7 @@ pub struct AmqpConnection {
     watch_timer: Option<u64>,
     /// Queues being deleted in the background.
     reaps: usize,
-    /// The dead-lettering queues it declared, swept for expired messages (`sweep`).
+    /// The queues it declared, swept for expired messages (`sweep`).
     sweeps: HashMap<String, sweep::Sweep>,
     /// The connection ends once they are: `Some(true)` with `close-ok`.
     ending: Option<bool>,

@@ -1,31 +1,31 @@
 //! Expiry with nobody consuming. RabbitMQ drops expired messages at the head of a queue on
-//! its own (`rabbit_amqqueue_process:drop_expired_msgs`, at the head's expiry), so a queue
-//! with a TTL and a dead-letter exchange that nobody consumes, the "wait queue" of delayed
-//! retries, hands each message to its dead-letter exchange once its TTL passed. Here a
-//! consumer or `basic.get` expires what it reaches (`channel::expire`); a dead-lettering
-//! queue nobody consumes is swept by the connections that declared it:
+//! its own (`rabbit_amqqueue_process:drop_expired_msgs`, at the head's expiry): a queue
+//! with a TTL that nobody consumes stays as long as its TTL allows, and one with a
+//! dead-letter exchange too, the "wait queue" of delayed retries, hands each message to
+//! that exchange once its TTL passed. Here a consumer or `basic.get` expires what it
+//! reaches (`channel::expire`); a queue nobody consumes is swept by the connections that
+//! declared it:
 //!
 //! - When: a queue with `x-message-ttl`, within [`FIRST_SWEEP_MS`] of its declaration (what
 //!   waited in it meanwhile may have expired), then at the expiry of the message a sweep
 //!   stopped at, or a TTL (at least [`IDLE_GAP_MS`]) after a sweep that found the queue
-//!   empty or held by consumers; and at the expiry of each message this connection
-//!   publishes to it through the default exchange (for a queue without `x-message-ttl`, a
-//!   message with an `expiration`: the per-message delay pattern). Never closer than
-//!   [`MIN_GAP_MS`] to the last sweep.
+//!   empty or held by consumers; and any queue at the expiry of each message this
+//!   connection publishes to it through the default exchange (for a queue without
+//!   `x-message-ttl`, a message with an `expiration`: the per-message delay pattern). Never
+//!   closer than [`MIN_GAP_MS`] to the last sweep.
 //! - How: the queue's record is read (gone, or declared anew by someone else: the sweeps
 //!   end), then an Exclusive consumer of its subscription with a window of one message is
 //!   opened. The backend refuses it while consumers hold the queue: they expire what they
-//!   reach themselves. Expired messages are dead-lettered as a consumer dead-letters them,
-//!   one after the other, until the first unexpired message (its expiry is the next sweep)
-//!   or [`EMPTY_WAIT_MS`] without a message; then the consumer closes.
+//!   reach themselves. Expired messages are dead-lettered (or dropped, without a
+//!   dead-letter exchange) as a consumer settles them, one after the other, until the first
+//!   unexpired message (its expiry is the next sweep) or [`EMPTY_WAIT_MS`] without a
+//!   message; then the consumer closes.
 //!
 //! What it costs, besides a kv read and a consumer per sweep: the unexpired message a sweep
 //! stopped at goes back to the queue as a redelivery (the backend counts it), so a consumer
 //! that takes it before it expires sees `redelivered` set where RabbitMQ's is not; while a
 //! sweep holds the queue (a round trip, at most [`EMPTY_WAIT_MS`]), consumers opened on it
-//! elsewhere retry and a count of the queue is not known (0). Queues without a dead-letter
-//! exchange are not swept: their expired messages are dropped when reached, which no
-//! client sees but in the queue's count.
+//! elsewhere retry and a count of the queue is not known (0).
 
 use magnetar_sdk::{Message, OpError, SubId, SubMode};
 
@@ -41,12 +41,12 @@ const FIRST_SWEEP_MS: u64 = 1000;
 /// Least time between two sweeps of a queue (a busy wait queue is swept in batches).
 const MIN_GAP_MS: u64 = 100;
 /// How long a sweep waits for a message before it takes the queue as empty.
-const EMPTY_WAIT_MS: u64 = 200;
+const EMPTY_WAIT_MS: u64 = 100;
 /// Least time from a sweep that found the queue empty or held to the next (unless this
 /// connection publishes to it meanwhile).
 const IDLE_GAP_MS: u64 = 1000;
 
-/// A dead-lettering queue this connection declared, and its sweeps.
+/// A queue this connection declared, and its sweeps.
 #[derive(Debug, Default)]
 pub(crate) struct Sweep {
     /// The queue's incarnation when declared (`Queue::id`).
@@ -67,14 +67,10 @@ pub(crate) struct Sweep {
 }
 
 impl AmqpConnection {
-    /// `name` was declared with `queue`'s arguments: a dead-lettering queue is swept, the
-    /// first time soon if it has a TTL.
+    /// `name` was declared with `queue`'s arguments: it is swept, the first time soon if it
+    /// has a TTL.
     pub(super) fn sweep_declared(&mut self, name: &str, queue: &Queue) {
         let policy = QueuePolicy::of(name, queue);
-        if !policy.dead_letters() {
-            self.sweeps.remove(name);
-            return;
-        }
         let s = self.sweeps.entry(name.to_string()).or_default();
         s.id = queue.id.clone();
         s.ttl = policy.message_ttl;
