@@ -499,7 +499,7 @@ async fn queue_backlog(
             }
         }
     }
-    let read = async {
+    let read = || async {
         let mut consumer = permitless_consumer(services, queue, false)
             .await
             .map_err(|e| e.to_string())?;
@@ -507,14 +507,25 @@ async fn queue_backlog(
         let _ = consumer.close().await;
         count
     };
-    match read.await {
-        Ok(n) => Some(n),
-        Err(e) => {
-            tracing::debug!(queue, error = %e, "a queue's backlog not read");
-            None
+    for attempt in 1..=COUNT_ATTEMPTS {
+        match read().await {
+            Ok(n) => return Some(n),
+            Err(e) if attempt == COUNT_ATTEMPTS => {
+                tracing::debug!(queue, error = %e, "a queue's backlog not read");
+            }
+            // An Exclusive reader (a route probing the queue, a plugin's sweep of it) holds
+            // the subscription for a moment.
+            Err(_) => tokio::time::sleep(COUNT_RETRY).await,
         }
     }
+    None
 }
+
+/// Tries at reading a queue's backlog while an Exclusive reader holds its subscription,
+/// and the wait between two: past a probe's round trip and an AMQP sweep's wait for a
+/// message (100 ms).
+const COUNT_ATTEMPTS: u32 = 4;
+const COUNT_RETRY: Duration = Duration::from_millis(60);
 
 /// A consumer of `queue`'s subscription (created from the queue's start if new) that
 /// grants the backend no flow permit, so it is handed nothing and no message it holds is

@@ -1851,3 +1851,41 @@ fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
     h.run();
     assert!(sweepers(&h.take_actions()).is_empty());
 }
+
+#[test]
+fn a_get_whose_consumer_the_backend_refuses_for_a_moment_opens_it_again() {
+    let mut h = with_queue_q();
+    h.data(&get());
+    // The queue's record read, then the getter's consumer asked for: refused once (a
+    // route or a sweep holds the queue), as the backend refuses a Shared consumer beside
+    // an Exclusive one.
+    let open = loop {
+        let found = h.pending().iter().find_map(|a| match a {
+            Action::OpenConsumer { token, .. } => Some(*token),
+            _ => None,
+        });
+        if let Some(token) = found {
+            break token;
+        }
+        assert!(h.complete_next(), "no consumer opened for basic.get");
+    };
+    let busy = OpError {
+        kind: ErrorKind::Backend,
+        message: "Exclusive consumer is already connected".into(),
+    };
+    assert!(h.fail(open, busy));
+    assert!(h.machine().getters.is_empty());
+    // A moment later it is opened again, and the get is answered through it.
+    h.advance(20);
+    h.produce(OutboundMessage {
+        topic: "amqp-q-q".into(),
+        key: None,
+        payload: b"m".to_vec(),
+        properties: vec![],
+    });
+    h.run();
+    assert_eq!(h.machine().getters.len(), 1);
+    assert!(sent(&mut h)
+        .iter()
+        .any(|f| matches!(f, Frame::Method(1, Method::BasicGetOk(_)))));
+}
