@@ -70,6 +70,36 @@ def test_purge_drops_the_waiting_messages(conn):
     assert bodies(receive(ch2, q, 2, timeout=3.0)) == [b"after"]
 
 
+@pytest.mark.parametrize("holder_on", ["same connection", "other connection"])
+def test_purge_keeps_what_consumers_hold_unacknowledged(amqp_server, holder_on):
+    """Only the ready messages go: those a consumer holds unacknowledged stay with it, and
+    come back to the queue when it rejects them."""
+    conn = pika.BlockingConnection(params(amqp_server))
+    other = pika.BlockingConnection(params(amqp_server)) if holder_on == "other connection" else conn
+    try:
+        q = unique("purge-held")
+        ch = conn.channel()
+        ch.queue_declare(q)
+        ch.confirm_delivery()
+        for i in range(5):
+            ch.basic_publish("", q, f"p-{i}".encode())
+        holder = other.channel()
+        holder.basic_qos(prefetch_count=2)
+        held = receive(holder, q, 2)
+        assert [body for _, _, body in held] == [b"p-0", b"p-1"]
+        assert ch.queue_purge(q).method.message_count == 3
+        holder.cancel()
+        holder.basic_nack(held[-1][0].delivery_tag, multiple=True, requeue=True)
+        back = receive(ch, q, 3, timeout=2.0)
+        assert [(body, m.redelivered) for m, _, body in back] == [(b"p-0", True), (b"p-1", True)]
+        ch.basic_ack(back[-1][0].delivery_tag, multiple=True)
+        ch.cancel()
+        assert ch.queue_declare(q, passive=True).method.message_count == 0
+    finally:
+        for c in {id(conn): conn, id(other): other}.values():
+            c.close()
+
+
 def test_purge_of_a_missing_queue_closes_the_channel_with_404(conn):
     ch = conn.channel()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:

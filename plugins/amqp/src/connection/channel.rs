@@ -21,6 +21,7 @@ use crate::codec::BasicProperties;
 use crate::queue_policy::{QueuePolicy, Reason};
 use crate::topology::{self, Binding, Exchange, ExchangeType, Queue};
 
+pub(super) mod purge;
 mod tx;
 
 /// Most unacknowledged deliveries a consumer without a prefetch limit holds.
@@ -155,6 +156,9 @@ pub(crate) struct PendingPurge {
     attempts: u32,
     /// The queue's messages before the purge (`purge-ok`'s message_count).
     count: u64,
+    /// Consumers hold the queue: its ready messages are taken and acknowledged one by one
+    /// (`purge`), not skipped by a seek.
+    drain: bool,
 }
 
 /// A channel method waiting for the host, with what it does next.
@@ -1063,91 +1067,6 @@ impl AmqpConnection {
         }
     }
 
-    /// `queue.purge` (§1.7.2.7): the queue's ready messages are dropped by moving its
-    /// shared subscription to the end of its topic, through a consumer of its own. RabbitMQ
-    /// keeps the messages delivered and not yet acknowledged; here the backend counts them
-    /// as acknowledged too and the queue's consumers reconnect, so a purge while consumers
-    /// hold messages drops those as well. `purge-ok` reports 0 messages (the gateway does
-    /// not count a queue's backlog).
-    fn open_purge_consumer(&mut self, p: PendingPurge) {
-        let topic = topology::queue_topic(&p.queue);
-        let token = self.ops.start(Op::Purge(p));
-        self.out.push(Action::OpenConsumer {
-            token,
-            spec: queue_consumer(topic, 1, None),
-        });
-        self.busy = true;
-    }
-
-    /// The purge's consumer opened: seek it to the end.
-    pub(super) fn on_purge_consumer(
-        &mut self,
-        mut p: PendingPurge,
-        result: Result<SubId, OpError>,
-    ) {
-        match result {
-            Ok(sub) => {
-                // Messages that wait for `basic.get` on this channel go too.
-                if let Some(g) = self
-                    .channels
-                    .get_mut(&p.channel)
-                    .and_then(|s| s.getters.get_mut(&p.queue))
-                {
-                    g.ready.clear();
-                }
-                let token = self.ops.start(Op::PurgeSeek {
-                    channel: p.channel,
-                    sub,
-                    no_wait: p.no_wait,
-                    count: p.count,
-                });
-                self.out.push(Action::Seek {
-                    token,
-                    sub,
-                    position: Position::Latest,
-                });
-            }
-            // The route a declaration opened may still hold the queue's subscription.
-            Err(e) if e.kind == ErrorKind::Backend && p.attempts < CONSUME_ATTEMPTS => {
-                p.attempts += 1;
-                let token = self.ops.start(Op::Purge(p));
-                self.out.push(Action::SetTimer {
-                    token,
-                    delay_ms: 20,
-                });
-            }
-            Err(e) => {
-                self.busy = false;
-                let err = ConnError::new(INTERNAL_ERROR, format!("purge: {}", e.message));
-                self.close_channel(p.channel, err);
-            }
-        }
-    }
-
-    /// The purge's seek is done: close its consumer and answer.
-    pub(super) fn on_purged(
-        &mut self,
-        channel: u16,
-        sub: SubId,
-        (no_wait, count): (bool, u64),
-        result: Result<(), OpError>,
-    ) {
-        self.busy = false;
-        self.out.push(Action::Unsubscribe { sub, delete: false });
-        let message_count = u32::try_from(count).unwrap_or(u32::MAX);
-        match result {
-            Ok(()) if !no_wait => self.send_method(
-                channel,
-                Method::QueuePurgeOk(QueuePurgeOk { message_count }),
-            ),
-            Ok(()) => {}
-            Err(e) => {
-                let err = ConnError::new(INTERNAL_ERROR, format!("purge: {}", e.message));
-                self.close_channel(channel, err);
-            }
-        }
-    }
-
     /// The next step of a task, with what the host answered.
     pub(super) fn step(&mut self, task: Task, outcome: Outcome) {
         self.busy = false;
@@ -1633,6 +1552,7 @@ impl AmqpConnection {
                         no_wait: m.no_wait,
                         attempts: 0,
                         count: 0,
+                        drain: false,
                     };
                     if purge.no_wait {
                         return self.open_purge_consumer(purge);
@@ -2349,6 +2269,7 @@ impl AmqpConnection {
         if self.on_delete_check_message(m.subscription)
             || self.drained_consumer_message(&m)
             || self.on_sweep_message(&m)
+            || self.on_purge_drain_message(&m)
         {
             return;
         }

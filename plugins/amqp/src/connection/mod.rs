@@ -228,6 +228,8 @@ pub struct AmqpConnection {
     pending_get: Option<channel::PendingGet>,
     /// A `queue.delete` with `if-empty` waiting to see whether the queue has a message.
     deleting: Option<delete::PendingDelete>,
+    /// A `queue.purge` taking the ready messages of a queue that consumers hold.
+    purge_drain: Option<channel::purge::PurgeDrain>,
     /// Names this connection gives server-named queues.
     name_seed: u64,
     names_given: u64,
@@ -301,6 +303,7 @@ impl AmqpConnection {
             refused: Default::default(),
             pending_get: None,
             deleting: None,
+            purge_drain: None,
             name_seed: 0,
             names_given: 0,
             now_ms,
@@ -668,6 +671,7 @@ impl AmqpConnection {
             || self.on_expiry_timer(token)
             || self.on_watch_timer(token)
             || self.on_sweep_timer(token)
+            || self.on_purge_drain_timer(token)
         {
             return;
         }
