@@ -1889,3 +1889,72 @@ fn a_get_whose_consumer_the_backend_refuses_for_a_moment_opens_it_again() {
         .iter()
         .any(|f| matches!(f, Frame::Method(1, Method::BasicGetOk(_)))));
 }
+
+#[test]
+fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
+    let mut h = with_queue_q();
+    h.data(&frame(
+        1,
+        Method::BasicQos(BasicQos {
+            prefetch_count: 1,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    consume_q(&mut h);
+    let consumer = *h.machine().consumers.keys().next().unwrap();
+    for _ in 0..3 {
+        h.produce(OutboundMessage {
+            topic: "amqp-q-q".into(),
+            key: None,
+            payload: b"m".to_vec(),
+            properties: vec![],
+        });
+    }
+    h.run();
+    assert_eq!(
+        h.unacked(consumer),
+        1,
+        "the consumer holds one (prefetch 1)"
+    );
+    sent(&mut h);
+    h.take_actions();
+    h.data(&frame(
+        1,
+        Method::QueuePurge(QueuePurge {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    let actions = h.take_actions();
+    // No seek (it would drop what the consumer holds): a Shared consumer took the rest.
+    assert!(!actions.iter().any(|a| matches!(a, Action::Seek { .. })));
+    let drain: Vec<(SubMode, u32)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::OpenConsumer { spec, .. } => Some((spec.mode, spec.max_unacked)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drain, [(SubMode::Shared, 256)]);
+    // Each message it is handed is acknowledged; none for a while ends the purge.
+    h.advance(100);
+    h.run();
+    let frames = sent(&mut h);
+    let purged = frames.iter().find_map(|f| match f {
+        Frame::Method(1, Method::QueuePurgeOk(ok)) => Some(ok.message_count),
+        _ => None,
+    });
+    let acked = actions
+        .iter()
+        .chain(&h.take_actions())
+        .filter(|a| matches!(a, Action::Ack { sub, .. } if *sub != consumer))
+        .count();
+    // (The simulated host gives a second consumer of the subscription its whole backlog;
+    // the backend hands it the ready messages only.)
+    assert!(acked >= 2);
+    assert_eq!(purged, Some(acked as u32));
+    assert_eq!(h.unacked(consumer), 1, "what the consumer holds stays");
+}
