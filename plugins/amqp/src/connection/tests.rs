@@ -660,6 +660,26 @@ fn with_queue_q() -> SimHost<AmqpConnection> {
     h
 }
 
+/// Completes the host's operations in order until one that `pick` names is pending, then
+/// fails that one as the backend would, with `message`.
+fn fail_when_pending(
+    h: &mut SimHost<AmqpConnection>,
+    pick: impl Fn(&Action) -> Option<u64>,
+    message: &str,
+) {
+    let token = loop {
+        if let Some(token) = h.pending().iter().find_map(&pick) {
+            break token;
+        }
+        assert!(h.complete_next(), "never asked for: {message}");
+    };
+    let error = OpError {
+        kind: ErrorKind::Backend,
+        message: message.into(),
+    };
+    assert!(h.fail(token, error));
+}
+
 /// A queue's message `m` for the consumer `sub`.
 fn queued(sub: SubId, delivery_id: u64) -> Event {
     Event::Message(magnetar_sdk::Message {
@@ -698,21 +718,14 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
     ));
     // The backend cannot count it: the get waits for a message, then says get-empty.
     h.data(&get());
-    let count = loop {
-        let count = h.pending().iter().find_map(|a| match a {
+    fail_when_pending(
+        &mut h,
+        |a| match a {
             Action::QueueBacklog { token, .. } => Some(*token),
             _ => None,
-        });
-        if let Some(count) = count {
-            break count;
-        }
-        assert!(h.complete_next(), "the get counts the queue");
-    };
-    let unknown = OpError {
-        kind: ErrorKind::Backend,
-        message: "held".into(),
-    };
-    assert!(h.fail(count, unknown));
+        },
+        "held",
+    );
     h.run();
     assert!(sent(&mut h).is_empty(), "waiting for a message");
     h.advance(channel::GET_FIRST_WAIT_MS);
@@ -1859,21 +1872,14 @@ fn a_get_whose_consumer_the_backend_refuses_for_a_moment_opens_it_again() {
     // The queue's record read, then the getter's consumer asked for: refused once (a
     // route or a sweep holds the queue), as the backend refuses a Shared consumer beside
     // an Exclusive one.
-    let open = loop {
-        let found = h.pending().iter().find_map(|a| match a {
+    fail_when_pending(
+        &mut h,
+        |a| match a {
             Action::OpenConsumer { token, .. } => Some(*token),
             _ => None,
-        });
-        if let Some(token) = found {
-            break token;
-        }
-        assert!(h.complete_next(), "no consumer opened for basic.get");
-    };
-    let busy = OpError {
-        kind: ErrorKind::Backend,
-        message: "Exclusive consumer is already connected".into(),
-    };
-    assert!(h.fail(open, busy));
+        },
+        "Exclusive consumer is already connected",
+    );
     assert!(h.machine().getters.is_empty());
     // A moment later it is opened again, and the get is answered through it.
     h.advance(20);
