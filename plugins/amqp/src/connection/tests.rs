@@ -680,6 +680,32 @@ fn fail_when_pending(
     assert!(h.fail(token, error));
 }
 
+/// The routing keys (`amqp.key`) of the dead-lettered messages among `actions`.
+fn dead_letter_keys(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::PublishCapped { msg, .. } => msg
+                .properties
+                .iter()
+                .find(|p| p.key == "amqp.key")
+                .map(|p| p.value.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The mode and window of each consumer `actions` open.
+fn opened_consumers(actions: &[Action]) -> Vec<(SubMode, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::OpenConsumer { spec, .. } => Some((spec.mode, spec.max_unacked)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A queue's message `m` for the consumer `sub`.
 fn queued(sub: SubId, delivery_id: u64) -> Event {
     Event::Message(magnetar_sdk::Message {
@@ -842,23 +868,10 @@ fn expired_and_rejected_messages_go_to_the_dead_letter_exchange_and_recover_requ
         event_time_ms: None,
         redelivery_count: 0,
     };
-    let dead_letters = |actions: &[Action]| -> Vec<String> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::PublishCapped { msg, .. } => msg
-                    .properties
-                    .iter()
-                    .find(|p| p.key == "amqp.key")
-                    .map(|p| p.value.clone()),
-                _ => None,
-            })
-            .collect()
-    };
     // Older than the queue's TTL: not delivered, dead-lettered with its own routing key.
     h.feed(Event::Message(message(7, T0 - 5000)));
     assert!(sent(&mut h).is_empty());
-    assert_eq!(dead_letters(&h.take_actions()), ["dlx.q"]);
+    assert_eq!(dead_letter_keys(&h.take_actions()), ["dlx.q"]);
     // Fresh: delivered; rejected without requeue: dead-lettered.
     h.feed(Event::Message(message(8, T0)));
     h.feed(Event::Message(message(9, T0)));
@@ -871,7 +884,7 @@ fn expired_and_rejected_messages_go_to_the_dead_letter_exchange_and_recover_requ
             requeue: false,
         }),
     ));
-    assert_eq!(dead_letters(&h.take_actions()), ["dlx.q"]);
+    assert_eq!(dead_letter_keys(&h.take_actions()), ["dlx.q"]);
     // Recover: the one left is given back.
     h.data(&frame(
         1,
@@ -1781,28 +1794,6 @@ fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
             value: "wait".into(),
         }],
     });
-    let dead_lettered = |actions: &[Action]| -> Vec<String> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::PublishCapped { msg, .. } => msg
-                    .properties
-                    .iter()
-                    .find(|p| p.key == "amqp.key")
-                    .map(|p| p.value.clone()),
-                _ => None,
-            })
-            .collect()
-    };
-    let sweepers = |actions: &[Action]| -> Vec<(SubMode, u32)> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::OpenConsumer { spec, .. } => Some((spec.mode, spec.max_unacked)),
-                _ => None,
-            })
-            .collect()
-    };
     let closed = |actions: &[Action]| {
         actions
             .iter()
@@ -1814,8 +1805,8 @@ fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
     h.advance(1000);
     h.run();
     let actions = h.take_actions();
-    assert_eq!(sweepers(&actions), [(SubMode::Exclusive, 1)]);
-    assert!(dead_lettered(&actions).is_empty());
+    assert_eq!(opened_consumers(&actions), [(SubMode::Exclusive, 1)]);
+    assert!(dead_letter_keys(&actions).is_empty());
     assert_eq!(closed(&actions), 1);
     assert!(sent(&mut h).is_empty(), "a sweep sends the client nothing");
     // At its expiry (the sweeps' least gap later): dead-lettered to the default exchange
@@ -1823,8 +1814,8 @@ fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
     h.advance(100);
     h.run();
     let actions = h.take_actions();
-    assert_eq!(sweepers(&actions).len(), 1);
-    assert_eq!(dead_lettered(&actions), ["%.work"]);
+    assert_eq!(opened_consumers(&actions).len(), 1);
+    assert_eq!(dead_letter_keys(&actions), ["%.work"]);
     assert!(actions.iter().any(|a| matches!(a, Action::Ack { .. })));
     // Nothing more within the wait: the sweep ends, the next a TTL later.
     h.advance(200);
@@ -1844,7 +1835,7 @@ fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
     h.take_actions();
     h.advance(1000);
     h.run();
-    assert!(sweepers(&h.take_actions()).is_empty());
+    assert!(opened_consumers(&h.take_actions()).is_empty());
     h.data(&frame(
         1,
         Method::BasicCancel(BasicCancel {
@@ -1857,12 +1848,12 @@ fn a_dead_lettering_queue_nobody_consumes_is_swept_at_its_heads_expiry() {
     h.kv_mut().remove("amqp/q/wait");
     h.advance(1000);
     h.run();
-    assert!(sweepers(&h.take_actions()).is_empty());
+    assert!(opened_consumers(&h.take_actions()).is_empty());
     assert!(h.machine().sweeps.is_empty());
     // No timer left behind but heartbeats'.
     h.advance(10_000);
     h.run();
-    assert!(sweepers(&h.take_actions()).is_empty());
+    assert!(opened_consumers(&h.take_actions()).is_empty());
 }
 
 #[test]
@@ -1937,14 +1928,7 @@ fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
     let actions = h.take_actions();
     // No seek (it would drop what the consumer holds): a Shared consumer took the rest.
     assert!(!actions.iter().any(|a| matches!(a, Action::Seek { .. })));
-    let drain: Vec<(SubMode, u32)> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::OpenConsumer { spec, .. } => Some((spec.mode, spec.max_unacked)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(drain, [(SubMode::Shared, 256)]);
+    assert_eq!(opened_consumers(&actions), [(SubMode::Shared, 256)]);
     // Each message it is handed is acknowledged; none for a while ends the purge.
     h.advance(100);
     h.run();
