@@ -8,11 +8,13 @@
 //!
 //! - When: a queue with `x-message-ttl`, within [`FIRST_SWEEP_MS`] of its declaration (what
 //!   waited in it meanwhile may have expired), then at the expiry of the message a sweep
-//!   stopped at, or a TTL (at least [`IDLE_GAP_MS`]) after a sweep that found the queue
-//!   empty or held by consumers; and any queue at the expiry of each message this
-//!   connection publishes to it through the default exchange (for a queue without
-//!   `x-message-ttl`, a message with an `expiration`: the per-message delay pattern). Never
-//!   closer than [`MIN_GAP_MS`] to the last sweep.
+//!   stopped at, or a TTL (at least [`IDLE_GAP_MS`]) after a sweep that took nothing: that
+//!   wait doubles after each sweep in a row that found the queue held by consumers, or
+//!   empty for a queue without a dead-letter exchange, up to [`MAX_IDLE_GAP_MS`]; and any
+//!   queue at the expiry of each message this connection publishes to it through the
+//!   default exchange (for a queue without `x-message-ttl`, a message with an
+//!   `expiration`: the per-message delay pattern). Never closer than [`MIN_GAP_MS`] to the
+//!   last sweep.
 //! - How: the queue's record is read (gone, or declared anew by someone else: the sweeps
 //!   end), then an Exclusive consumer of its subscription with a window of one message is
 //!   opened. The backend refuses it while consumers hold the queue: they expire what they
@@ -25,7 +27,7 @@
 //! stopped at goes back to the queue as a redelivery (the backend counts it), so a consumer
 //! that takes it before it expires sees `redelivered` set where RabbitMQ's is not; while a
 //! sweep holds the queue (a round trip, at most [`EMPTY_WAIT_MS`]), consumers opened on it
-//! elsewhere retry and a count of the queue is not known (0).
+//! elsewhere retry, and so does the host's count of it.
 
 use magnetar_sdk::{Message, OpError, SubId, SubMode};
 
@@ -45,6 +47,8 @@ const EMPTY_WAIT_MS: u64 = 100;
 /// Least time from a sweep that found the queue empty or held to the next (unless this
 /// connection publishes to it meanwhile).
 const IDLE_GAP_MS: u64 = 1000;
+/// Most time between two sweeps of a queue while they find it held or quiet.
+const MAX_IDLE_GAP_MS: u64 = 60_000;
 
 /// A queue this connection declared, and its sweeps.
 #[derive(Debug, Default)]
@@ -64,6 +68,20 @@ pub(crate) struct Sweep {
     again: Option<u64>,
     /// When the last sweep started.
     last_ms: u64,
+    /// The queue has a dead-letter exchange (a late expiry is seen, not only counted).
+    dead_letters: bool,
+    /// Sweeps in a row that found the queue held (or, without a dead-letter exchange,
+    /// empty): each doubles the wait before the next, up to [`MAX_IDLE_GAP_MS`].
+    quiet: u32,
+}
+
+/// Why a sweep took nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// The queue had no message.
+    Empty,
+    /// Consumers (or another connection's sweep) hold it, or its record could not be read.
+    Held,
 }
 
 impl AmqpConnection {
@@ -74,6 +92,8 @@ impl AmqpConnection {
         let s = self.sweeps.entry(name.to_string()).or_default();
         s.id = queue.id.clone();
         s.ttl = policy.message_ttl;
+        s.dead_letters = policy.dead_letters();
+        s.quiet = 0;
         if let Some(ttl) = s.ttl {
             let due = self.now_ms + ttl.min(FIRST_SWEEP_MS);
             self.schedule_sweep(name, due);
@@ -83,9 +103,10 @@ impl AmqpConnection {
     /// A message (with an `expiration` of `own` ms, if any) was published to `queue`
     /// through the default exchange: a swept queue is swept at its expiry.
     pub(super) fn sweep_published(&mut self, queue: &str, own: Option<u64>) {
-        let Some(s) = self.sweeps.get(queue) else {
+        let Some(s) = self.sweeps.get_mut(queue) else {
             return;
         };
+        s.quiet = 0;
         let ttl = match (s.ttl, own) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => match a.or(b) {
@@ -97,12 +118,21 @@ impl AmqpConnection {
         self.schedule_sweep(queue, due);
     }
 
-    /// When to sweep again after a sweep found the queue empty or held by consumers: a TTL
-    /// later (what comes meanwhile expires no sooner), at least [`IDLE_GAP_MS`]. `None`
-    /// for a queue without a TTL (a publish with an `expiration` asks again).
-    fn idle_next(&self, name: &str) -> Option<u64> {
-        let ttl = self.sweeps.get(name)?.ttl?;
-        Some(self.now_ms + ttl.max(IDLE_GAP_MS))
+    /// When to sweep again after a sweep that took nothing: a TTL later (what comes
+    /// meanwhile expires no sooner), at least [`IDLE_GAP_MS`], doubled for each such sweep
+    /// in a row that found the queue held, or empty without a dead-letter exchange (many
+    /// quiet queues, or many connections sweeping one, cost little), up to
+    /// [`MAX_IDLE_GAP_MS`]. `None` for a queue without a TTL (a publish with an
+    /// `expiration` asks again).
+    fn idle_next(&mut self, name: &str, why: Idle) -> Option<u64> {
+        let now = self.now_ms;
+        let s = self.sweeps.get_mut(name)?;
+        let gap = s.ttl?.max(IDLE_GAP_MS);
+        let backed_off = gap.saturating_mul(1 << s.quiet.min(6)).min(MAX_IDLE_GAP_MS);
+        if why == Idle::Held || !s.dead_letters {
+            s.quiet += 1;
+        }
+        Some(now + gap.max(backed_off))
     }
 
     /// Sweeps `name` at `due` (or sooner, if a sweep is due sooner already).
@@ -142,7 +172,7 @@ impl AmqpConnection {
             return false;
         };
         if waited {
-            let next = self.idle_next(&name);
+            let next = self.idle_next(&name, Idle::Empty);
             self.end_sweep(&name, next);
         } else {
             self.start_sweep(&name);
@@ -163,7 +193,7 @@ impl AmqpConnection {
         }
         if consumed {
             // This connection's consumers expire what they reach.
-            if let Some(next) = self.idle_next(name) {
+            if let Some(next) = self.idle_next(name, Idle::Held) {
                 self.schedule_sweep(name, next);
             }
             return;
@@ -192,7 +222,7 @@ impl AmqpConnection {
         let record = match result {
             Ok(v) => v.as_deref().and_then(Queue::decode),
             Err(_) => {
-                let next = self.idle_next(&queue);
+                let next = self.idle_next(&queue, Idle::Held);
                 return self.end_sweep(&queue, next);
             }
         };
@@ -229,7 +259,7 @@ impl AmqpConnection {
             }
             (_, Ok(sub)) => self.out.push(Action::Unsubscribe { sub, delete: false }),
             (Some(_), Err(_)) => {
-                let next = self.idle_next(&queue);
+                let next = self.idle_next(&queue, Idle::Held);
                 self.end_sweep(&queue, next);
             }
             (None, Err(_)) => {}
@@ -247,6 +277,9 @@ impl AmqpConnection {
         else {
             return false;
         };
+        if let Some(s) = self.sweeps.get_mut(&name) {
+            s.quiet = 0;
+        }
         if self.expire(m) {
             let wait = self.ops.token();
             if let Some(s) = self.sweeps.get_mut(&name) {

@@ -1948,3 +1948,49 @@ fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
     assert_eq!(purged, Some(acked as u32));
     assert_eq!(h.unacked(consumer), 1, "what the consumer holds stays");
 }
+
+#[test]
+fn sweeps_of_a_queue_others_hold_come_less_and_less_often() {
+    let mut h = running();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl", FieldValue::I32(1000));
+    h.data(&frame(
+        1,
+        Method::QueueDeclare(QueueDeclare {
+            queue: "held".into(),
+            arguments,
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.take_actions();
+    // The first sweep, a second after the declaration; then each waits for the last one's
+    // timer.
+    let mut wait = 1000;
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        h.advance(wait);
+        // Consumers elsewhere hold it: the backend refuses the sweep's Exclusive consumer.
+        fail_when_pending(
+            &mut h,
+            |a| match a {
+                Action::OpenConsumer { token, .. } => Some(*token),
+                _ => None,
+            },
+            "Exclusive consumer is already connected",
+        );
+        h.run();
+        wait = h
+            .take_actions()
+            .iter()
+            .filter_map(|a| match a {
+                Action::SetTimer { delay_ms, .. } => Some(*delay_ms),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        waits.push(wait);
+    }
+    assert_eq!(waits, [1000, 2000, 4000, 8000]);
+}
