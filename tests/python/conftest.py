@@ -12,6 +12,11 @@ from pathlib import Path
 
 import pytest
 
+# The AMQP suite's servers (RabbitMQ and a gateway, session-scoped): defined once here, so
+# that every test module shares them. A module that imported the fixtures instead got its
+# own copy of each, started again per module.
+pytest_plugins = ["amqp_servers"]
+
 ROOT = Path(__file__).resolve().parents[2]
 MAGNETAR = os.environ.get("MAGNETAR_BIN", str(ROOT / "target" / "release" / "magnetar"))
 

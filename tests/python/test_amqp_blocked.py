@@ -7,12 +7,7 @@ import time
 
 import pika
 
-from amqp_servers import (  # noqa: F401 (fixtures)
-    amqp_server,
-    magnetar_amqp_server,
-    rabbitmq_server,
-    unique,
-)
+from amqp_servers import unique
 from test_amqp_messaging import receive
 
 

@@ -17,13 +17,7 @@ from pamqp import commands, frame as pframe, header as pheader
 
 from conftest import Gateway, hold_ports, wait_for_port
 
-from amqp_servers import (  # noqa: F401 (fixtures)
-    PASSWORD,
-    USER,
-    amqp_server,
-    magnetar_amqp_server,
-    rabbitmq_server,
-)
+from amqp_servers import PASSWORD, USER
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 

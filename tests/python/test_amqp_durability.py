@@ -7,7 +7,7 @@ import aio_pika
 import pika
 import pika.exceptions
 
-from amqp_servers import PASSWORD, USER, restartable_amqp_server  # noqa: F401 (fixture)
+from amqp_servers import PASSWORD, USER
 from test_amqp_connection import params
 from test_amqp_messaging import receive
 

@@ -12,14 +12,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from amqp_servers import (  # noqa: F401 (fixtures)
-    EXCLUSIVE_LEASE_MS,
-    amqp_server,
-    magnetar_amqp_server,
-    rabbitmq_server,
-    unique,
-    wait_until,
-)
+from amqp_servers import EXCLUSIVE_LEASE_MS, unique, wait_until
 from pamqp import commands, frame as pframe
 from test_amqp_connection import Raw, params
 

@@ -10,15 +10,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from amqp_servers import (  # noqa: F401 (fixtures)
-    PASSWORD,
-    USER,
-    amqp_server,
-    magnetar_amqp_server,
-    rabbitmq_server,
-    unique,
-    wait_until,
-)
+from amqp_servers import PASSWORD, USER, unique, wait_until
 from test_amqp_connection import params
 
 

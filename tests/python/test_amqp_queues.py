@@ -10,12 +10,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from amqp_servers import (  # noqa: F401 (fixtures)
-    amqp_server,
-    magnetar_amqp_server,
-    rabbitmq_server,
-    unique,
-)
+from amqp_servers import unique
 from test_amqp_connection import params
 from test_amqp_messaging import bodies, conn, receive  # noqa: F401 (fixture)
 

@@ -7,7 +7,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from amqp_servers import amqp_server, magnetar_amqp_server, rabbitmq_server, unique  # noqa: F401
+from amqp_servers import unique
 from test_amqp_messaging import conn  # noqa: F401 (fixture)
 
 
