@@ -188,10 +188,7 @@ impl QueuePolicy {
             .expiration
             .as_deref()
             .and_then(|e| e.parse::<u64>().ok());
-        let ttl = match (self.message_ttl, own) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
+        let ttl = lower(self.message_ttl, own)?;
         Some(published_ms.saturating_add(ttl).saturating_add(1))
     }
 
@@ -317,6 +314,15 @@ impl QueuePolicy {
         out.headers = Some(headers);
         out.expiration = None;
         out
+    }
+}
+
+/// The lower of two optional values (a queue's TTL and a message's own, two due times);
+/// `None` if neither is set.
+pub fn lower(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -29,6 +29,8 @@ const UNLIMITED_PREFETCH: u32 = 1000;
 /// Most times a consumer is opened again while the queue's route still holds its
 /// subscription (the route opened by a declaration closes asynchronously).
 const CONSUME_ATTEMPTS: u32 = 50;
+/// The wait between two of those tries.
+const RETRY_MS: u64 = 20;
 
 /// The state of one open channel.
 #[derive(Debug, Default)]
@@ -1021,12 +1023,7 @@ impl AmqpConnection {
             // The route a declaration opened may still hold the queue's subscription.
             Err(e) if e.kind == ErrorKind::Backend && c.attempts < CONSUME_ATTEMPTS => {
                 c.attempts += 1;
-                let token = self.ops.start(Op::Consume(c));
-                // A short wait, then the consumer is opened again (`on_retry`).
-                self.out.push(Action::SetTimer {
-                    token,
-                    delay_ms: 20,
-                });
+                self.open_again_soon(Op::Consume(c));
             }
             Err(e) => {
                 self.busy = false;
@@ -1035,6 +1032,16 @@ impl AmqpConnection {
                 self.close_channel(ch, err);
             }
         }
+    }
+
+    /// A short wait ([`RETRY_MS`]), then the consumer of `op` (a consume, a get, a purge)
+    /// is opened again (`on_retry`).
+    pub(super) fn open_again_soon(&mut self, op: Op) {
+        let token = self.ops.start(op);
+        self.out.push(Action::SetTimer {
+            token,
+            delay_ms: RETRY_MS,
+        });
     }
 
     /// A consumer's retry timer fired.
@@ -2070,15 +2077,10 @@ impl AmqpConnection {
             }
             // A route or a sweep (an Exclusive reader) holds the queue for a moment.
             Err(e) if e.kind == ErrorKind::Backend && attempts < CONSUME_ATTEMPTS => {
-                let token = self.ops.start(Op::Getter {
+                self.open_again_soon(Op::Getter {
                     channel,
                     queue,
                     attempts: attempts + 1,
-                });
-                // A short wait, then the consumer is opened again (`on_retry`).
-                self.out.push(Action::SetTimer {
-                    token,
-                    delay_ms: 20,
                 });
             }
             Err(e) => {

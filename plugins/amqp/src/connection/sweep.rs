@@ -34,7 +34,7 @@ use magnetar_sdk::{Message, OpError, SubId, SubMode};
 use super::channel::queue_consumer;
 use super::*;
 use crate::codec::BasicProperties;
-use crate::queue_policy::QueuePolicy;
+use crate::queue_policy::{lower, QueuePolicy};
 use crate::topology::{self, Queue};
 
 /// The first sweep of a queue with `x-message-ttl` comes at most this long after its
@@ -107,12 +107,8 @@ impl AmqpConnection {
             return;
         };
         s.quiet = 0;
-        let ttl = match (s.ttl, own) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(t) => t,
-                None => return,
-            },
+        let Some(ttl) = lower(s.ttl, own) else {
+            return;
         };
         let due = self.now_ms.saturating_add(ttl).saturating_add(1);
         self.schedule_sweep(queue, due);
@@ -143,7 +139,7 @@ impl AmqpConnection {
         };
         let due = due.max(s.last_ms + MIN_GAP_MS);
         if s.running {
-            s.again = Some(s.again.map_or(due, |a| a.min(due)));
+            s.again = lower(s.again, Some(due));
             return;
         }
         if s.next.is_some_and(|(_, at)| at <= due) {
@@ -246,9 +242,9 @@ impl AmqpConnection {
         policy: QueuePolicy,
         result: Result<SubId, OpError>,
     ) {
-        let wait = self.ops.token();
         match (self.sweeps.get_mut(&queue), result) {
             (Some(s), Ok(sub)) if self.phase == Phase::Running => {
+                let wait = self.ops.token();
                 s.sub = Some(sub);
                 s.wait = wait;
                 self.policies.insert(sub, policy);
@@ -313,11 +309,7 @@ impl AmqpConnection {
             self.policies.remove(&sub);
             self.out.push(Action::Unsubscribe { sub, delete: false });
         }
-        let next = match (next, again) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(due) = next {
+        if let Some(due) = lower(next, again) {
             self.schedule_sweep(name, due);
         }
     }

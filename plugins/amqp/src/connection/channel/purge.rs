@@ -87,11 +87,7 @@ impl AmqpConnection {
             // A route or a sweep (an Exclusive reader) holds the subscription for a moment.
             Err(e) if e.kind == ErrorKind::Backend && p.attempts < CONSUME_ATTEMPTS => {
                 p.attempts += 1;
-                let token = self.ops.start(Op::Purge(p));
-                self.out.push(Action::SetTimer {
-                    token,
-                    delay_ms: 20,
-                });
+                self.open_again_soon(Op::Purge(p));
             }
             Err(e) => {
                 self.busy = false;
