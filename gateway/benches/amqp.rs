@@ -115,12 +115,16 @@ fn group_cpu_seconds(pgid: i32) -> f64 {
 fn start_gateway(dir: &Path) -> Server {
     let [broker, admin, amqp] = free_ports();
     let config = dir.join("magnetar.toml");
+    // A/B runs of the plugin alone: a directory whose `amqp.wasm` replaces the built-in one.
+    let plugins = std::env::var("BENCH_PLUGIN_DIR")
+        .map(|d| format!("\n[plugins]\ndir = \"{d}\"\n"))
+        .unwrap_or_default();
     std::fs::write(
         &config,
         format!(
             "[broker]\nlisten = \"{broker}\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
              [[listeners]]\nname = \"amqp\"\nbind = \"{amqp}\"\nplugin = \"amqp\"\n\n\
-             [[auth.users]]\nname = \"guest\"\npassword = \"guest\"\n"
+             [[auth.users]]\nname = \"guest\"\npassword = \"guest\"\n{plugins}"
         ),
     )
     .expect("writing the gateway config");

@@ -243,6 +243,38 @@ def test_consumers_on_other_connections_are_told_when_their_queue_is_deleted(amq
                 c.close()
 
 
+def test_a_polling_get_learns_that_another_connection_deleted_its_queue(amqp_server):
+    """A channel polling a queue with basic.get gets 404 once another connection deleted
+    it: at once from RabbitMQ; from the gateway, whose polling channel reads the queue's
+    record once a second rather than once per get, within about a second (meanwhile a get
+    may say get-empty). The messages it polled before are its own to settle."""
+    poller = pika.BlockingConnection(params(amqp_server))
+    deleter = pika.BlockingConnection(params(amqp_server))
+    try:
+        q = unique("polled")
+        dch = deleter.channel()
+        dch.queue_declare(q)
+        dch.confirm_delivery()
+        dch.basic_publish("", q, b"one")
+        pch = poller.channel()
+        got = wait_until(lambda: pch.basic_get(q)[0], what="the message")
+        assert pch.basic_get(q) == (None, None, None)
+        dch.queue_delete(q)
+        started = time.monotonic()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            while time.monotonic() - started < 5:
+                assert pch.basic_get(q) == (None, None, None)
+                time.sleep(0.05)
+        assert e.value.reply_code == 404
+        assert time.monotonic() - started < 3
+        assert got.delivery_tag == 1
+        assert poller.is_open
+    finally:
+        for c in (poller, deleter):
+            if c.is_open:
+                c.close()
+
+
 def test_queue_with_x_expires_goes_once_unused_for_that_long(amqp_server):
     """`x-expires` 1000 ms: a queue nobody uses goes after a second; one with a consumer
     stays, and goes a second after its consumer is cancelled. A passive declaration counts

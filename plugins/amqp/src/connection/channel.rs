@@ -100,6 +100,9 @@ struct Getter {
     opening: bool,
     ready: std::collections::VecDeque<Message>,
     policy: QueuePolicy,
+    /// The queue's record as a get last read it, and when (`now_ms`): gets within
+    /// [`GET_RECORD_FRESH_MS`] of that read use it instead of reading it again.
+    record: Option<(Queue, u64)>,
 }
 
 impl Getter {
@@ -344,6 +347,10 @@ pub(crate) enum Task {
 const GET_COUNTED_WAIT_MS: u64 = 2_000;
 pub(super) const GET_FIRST_WAIT_MS: u64 = 500;
 const GET_WAIT_MS: u64 = 100;
+/// How long a channel's gets of a queue trust the queue's record they last read: as long as
+/// the consumers of a queue another connection deleted take to learn it
+/// ([`super::lifetime::WATCH_MS`]).
+pub(super) const GET_RECORD_FRESH_MS: u64 = super::lifetime::WATCH_MS;
 /// How long `basic.get` waits for the queue's count (the host's waits up to 5 s for the
 /// feeders' copies).
 const GET_COUNT_WAIT_MS: u64 = 10_000;
@@ -719,6 +726,11 @@ impl AmqpConnection {
             }
             Method::BasicConsume(c) => self.basic_consume(channel, c),
             Method::BasicGet(g) => {
+                if let Some(queue) = self.fresh_get_record(channel, &g.queue) {
+                    self.queue_used(&g.queue, &queue);
+                    let policy = QueuePolicy::of(&g.queue, &queue);
+                    return self.basic_get(channel, g.queue, g.no_ack, policy);
+                }
                 let key = topology::queue_key(&g.queue);
                 self.wait_kv_get(key, Task::GetQueue { channel, m: g });
             }
@@ -1581,9 +1593,19 @@ impl AmqpConnection {
                         self.queue_used(&m.queue, q);
                     }
                     let policy = queue
-                        .map(|q| QueuePolicy::of(&m.queue, &q))
+                        .as_ref()
+                        .map(|q| QueuePolicy::of(&m.queue, q))
                         .unwrap_or_default();
-                    self.basic_get(channel, m.queue, m.no_ack, policy)
+                    let name = m.queue.clone();
+                    self.basic_get(channel, m.queue, m.no_ack, policy);
+                    let now = self.now_ms;
+                    if let Some(g) = self
+                        .channels
+                        .get_mut(&channel)
+                        .and_then(|s| s.getters.get_mut(&name))
+                    {
+                        g.record = queue.map(|q| (q, now));
+                    }
                 }
                 Ok(None) => {
                     let e =
@@ -1894,6 +1916,24 @@ impl AmqpConnection {
             attempts,
         });
         self.out.push(Action::OpenConsumer { token, spec });
+    }
+
+    /// The record of `queue` this channel's gets read less than [`GET_RECORD_FRESH_MS`]
+    /// ago, while its getter's consumer is open: a polling loop reads it once a second,
+    /// not once per get.
+    fn fresh_get_record(&self, channel: u16, queue: &str) -> Option<Queue> {
+        let g = self.channels.get(&channel)?.getters.get(queue)?;
+        let (record, read_ms) = g.record.as_ref().filter(|_| g.sub.is_some())?;
+        (self.now_ms.saturating_sub(*read_ms) < GET_RECORD_FRESH_MS).then(|| record.clone())
+    }
+
+    /// The queue is gone: the next get of it reads its record (and finds it gone).
+    pub(super) fn forget_get_records(&mut self, queue: &str) {
+        for state in self.channels.values_mut() {
+            if let Some(g) = state.getters.get_mut(queue) {
+                g.record = None;
+            }
+        }
     }
 
     fn basic_get(&mut self, channel: u16, queue: String, no_ack: bool, policy: QueuePolicy) {

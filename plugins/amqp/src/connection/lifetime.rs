@@ -342,6 +342,7 @@ impl AmqpConnection {
     /// being deleted.
     pub(super) fn cancel_consumers_of(&mut self, queue: &str) {
         self.auto_delete.remove(queue);
+        self.forget_get_records(queue);
         let subs: Vec<SubId> = self
             .consumers
             .iter()

@@ -782,6 +782,61 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
 }
 
 #[test]
+fn a_polling_channel_reads_its_queues_record_once_a_second_and_again_once_deleted() {
+    let mut h = with_queue_q();
+    let records_read = |h: &mut SimHost<AmqpConnection>| {
+        h.take_actions()
+            .iter()
+            .filter(|a| matches!(a, Action::KvGet { key, .. } if key == "amqp/q/q"))
+            .count()
+    };
+    let empty = |h: &mut SimHost<AmqpConnection>| {
+        matches!(&sent(h)[..], [Frame::Method(1, Method::BasicGetEmpty(_))])
+    };
+    // The first get reads the record; the next ones within a second do not.
+    for _ in 0..3 {
+        h.data(&get());
+        h.run();
+        assert!(empty(&mut h));
+    }
+    assert_eq!(records_read(&mut h), 1);
+    // Another connection deletes the queue: gets learn it once their record is a second old.
+    h.kv_mut().remove("amqp/q/q");
+    h.advance(channel::GET_RECORD_FRESH_MS);
+    h.take_actions();
+    h.data(&get());
+    h.run();
+    assert_eq!(records_read(&mut h), 1);
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ChannelClose(c))] if c.reply_code == 404
+    ));
+}
+
+#[test]
+fn a_queue_this_connection_deletes_is_404_to_its_next_get_at_once() {
+    let mut h = with_queue_q();
+    h.data(&get());
+    h.run();
+    sent(&mut h);
+    h.data(&frame(
+        1,
+        Method::QueueDelete(QueueDelete {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    h.data(&get());
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::ChannelClose(c))] if c.reply_code == 404
+    ));
+}
+
+#[test]
 fn gets_that_hold_their_messages_open_one_more_getter_closed_once_settled() {
     let mut h = with_queue_q();
     let got = |h: &mut SimHost<AmqpConnection>| match &sent(h)[..] {
