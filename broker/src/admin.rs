@@ -433,6 +433,11 @@ async fn unload(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A subscription's consumers as Pulsar's stats list them (`consumerName`).
+fn consumers_json(names: &[String]) -> Vec<serde_json::Value> {
+    names.iter().map(|n| json!({ "consumerName": n })).collect()
+}
+
 async fn stats(
     State(a): Shared,
     headers: HeaderMap,
@@ -451,7 +456,7 @@ async fn stats(
                     "msgBacklog": sub.backlog,
                     "type": sub.sub_type,
                     "isDurable": sub.durable,
-                    "consumers": vec![json!({}); sub.consumers],
+                    "consumers": consumers_json(&sub.consumers),
                 }),
             )
         })
@@ -504,7 +509,7 @@ async fn non_persistent_stats(
                     "msgBacklog": 0,
                     "type": sub.sub_type,
                     "isDurable": sub.durable,
-                    "consumers": vec![json!({}); sub.consumers],
+                    "consumers": consumers_json(&sub.consumers),
                     "msgDropCounter": dropped.get(&sub.name).copied().unwrap_or(0),
                 }),
             )

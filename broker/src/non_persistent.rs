@@ -548,7 +548,7 @@ impl Topic {
                 sub_type: format!("{:?}", s.sub_type),
                 durable: s.durable,
                 backlog: 0,
-                consumers: s.consumers.len(),
+                consumers: s.consumers.iter().map(|c| c.name.clone()).collect(),
             })
             .collect();
         subscriptions.sort_by(|a, b| a.name.cmp(&b.name));

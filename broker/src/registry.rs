@@ -428,7 +428,7 @@ impl Registry {
             if h.tx.send(TopicCommand::Stats { reply }).await.is_ok() {
                 if let Ok(stats) = done.await {
                     if !stats.producers.is_empty()
-                        || stats.subscriptions.iter().any(|s| s.consumers > 0)
+                        || stats.subscriptions.iter().any(|s| !s.consumers.is_empty())
                     {
                         return Err(RegistryError::Busy(format!("topic {name}")));
                     }

@@ -316,8 +316,9 @@ impl Subscription {
         !self.consumers.is_empty()
     }
 
-    pub fn consumer_count(&self) -> usize {
-        self.consumers.len()
+    /// Its consumers' names, in the order they joined.
+    pub fn consumer_names(&self) -> Vec<String> {
+        self.consumers.iter().map(|c| c.name.clone()).collect()
     }
 
     /// What `CommandConsumerStats` reports of the consumer `key`, if it is attached here.

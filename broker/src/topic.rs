@@ -269,7 +269,8 @@ pub struct SubscriptionStats {
     pub durable: bool,
     /// Entries not yet acknowledged.
     pub backlog: u64,
-    pub consumers: usize,
+    /// The names of its consumers (`CommandSubscribe.consumer_name`), in the order they joined.
+    pub consumers: Vec<String>,
 }
 
 /// Where a seek goes.
@@ -873,7 +874,7 @@ impl Topic {
                 sub_type: format!("{:?}", s.sub_type),
                 durable: s.durable,
                 backlog: s.cursor.unacked_below(self.stored_end()),
-                consumers: s.consumer_count(),
+                consumers: s.consumer_names(),
             })
             .collect();
         subscriptions.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1,7 +1,7 @@
 //! Loading plugins and running their instances.
 //!
 //! A plugin is a WebAssembly component speaking one of the plugin ABI versions this host
-//! supports (`magnetar:plugin@0.2.6`, see `sdk/wit/plugin.wit`, or an older one; see
+//! supports (`magnetar:plugin@0.2.7`, see `sdk/wit/plugin.wit`, or an older one; see
 //! `abi`): a component of another version is refused when it is compiled, with a message
 //! naming its version and the supported ones. It is compiled once per process (and cached
 //! on disk across restarts by wasmtime's cache) and instantiated once per worker thread. One instance serves many connections — the
@@ -104,7 +104,7 @@ impl PluginHost {
             .map_err(|e| anyhow!("linking WASI: {e}"))?;
         // Every supported ABI version's imports, all served by the same host calls.
         abi::v0_2::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| anyhow!("linking the host API 0.2.6: {e}"))?;
+            .map_err(|e| anyhow!("linking the host API 0.2.7: {e}"))?;
         abi::v0_1::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| anyhow!("linking the host API 0.1.0: {e}"))?;
         Ok(PluginHost {

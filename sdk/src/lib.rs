@@ -98,7 +98,7 @@ pub use bindings::magnetar::plugin::messaging::{
 };
 pub use bindings::magnetar::plugin::routing::{Filter, HeadersFilter, RouteSpec};
 use bindings::magnetar::plugin::{
-    auth, caps, conn, durable, flow, homes, indexed, kv, messaging, pubsub, quota, routing,
+    auth, caps, conn, durable, flow, homes, indexed, kv, messaging, pubsub, queues, quota, routing,
     session, timers, topics,
 };
 
@@ -112,7 +112,7 @@ pub fn decode_backlog(value: Option<&[u8]>) -> Option<u64> {
 
 /// The version of the plugin ABI (the WIT package `magnetar:plugin`) this SDK builds
 /// plugins against; a gateway refuses a plugin whose ABI it does not support.
-pub const ABI_VERSION: &str = "0.2.6";
+pub const ABI_VERSION: &str = "0.2.7";
 pub use bindings::magnetar::plugin::types::{
     ConnInfo, Credentials, Delivery, ErrorKind, InitialPosition, KvEntry, KvWrite, LogLevel,
     OpError, OutboundMessage, Principal, Property, PublishResult, SaslOutcome, SaslSuccess,
@@ -514,6 +514,13 @@ impl Conn {
     /// [`decode_backlog`] reads it. ABI 0.2.6.
     pub fn queue_backlog(self, token: u64, queue: &str) {
         durable::queue_backlog(self.0, token, queue);
+    }
+
+    /// How many consumers whose name starts with `prefix` read a durable route's queue, on
+    /// every gateway. Completes with [`Connection::on_kv_result`]: [`decode_backlog`] reads
+    /// it (the same 8 bytes). ABI 0.2.7.
+    pub fn consumer_count(self, token: u64, queue: &str, prefix: &str) {
+        queues::consumer_count(self.0, token, queue, prefix);
     }
 
     /// [`Conn::publish`], judged first by the caps of the queues the message reaches: the

@@ -198,6 +198,13 @@ pub enum Action {
     /// [`Conn::queue_backlog`]; completes with [`Event::KvResult`] (decode with
     /// [`crate::decode_backlog`]).
     QueueBacklog { token: u64, queue: String },
+    /// [`Conn::consumer_count`]; completes with [`Event::KvResult`] (decode with
+    /// [`crate::decode_backlog`]).
+    ConsumerCount {
+        token: u64,
+        queue: String,
+        prefix: String,
+    },
     /// [`Conn::publish_capped`]: [`Event::PublishRefused`] at once if a queue refused the
     /// message, then [`Event::PublishResult`].
     PublishCapped { token: u64, msg: OutboundMessage },
@@ -328,6 +335,11 @@ impl Action {
             }
             Action::StoreRoute { token, spec, cap } => conn.store_route(token, &spec, cap),
             Action::QueueBacklog { token, queue } => conn.queue_backlog(token, &queue),
+            Action::ConsumerCount {
+                token,
+                queue,
+                prefix,
+            } => conn.consumer_count(token, &queue, &prefix),
             // Answered above.
             Action::PublishCapped { .. } => {}
             Action::Bind { route, filter } => {

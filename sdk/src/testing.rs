@@ -42,6 +42,8 @@
 //!   closed at once would be (its queue's backlog kept; the filters of that queue's route
 //!   changed if one is open) and its cap ([`SimHost::caps`]), and completes as a kv write;
 //!   [`Action::QueueBacklog`] counts what the queue topic's durable subscriptions hold.
+//! - **queues** (ABI 0.2.7): [`Action::ConsumerCount`] counts the open consumers of the
+//!   queue topic whose `consumer-name` starts with the prefix.
 //!
 //! What it does not simulate: tenancy and authorization (every operation succeeds unless the
 //! test fails it, authentication answers the configured principal), quotas, SASL (refused),
@@ -153,6 +155,8 @@ struct Sub {
     key_property: Option<String>,
     /// A `messaging` consumer: its messages are `Event::Message`s.
     messages: bool,
+    /// A `messaging` consumer's `consumer-name`.
+    consumer_name: Option<String>,
     /// Drained ([`Action::Drain`]): hands out nothing more.
     drained: bool,
 }
@@ -522,6 +526,26 @@ impl<M: Machine> SimHost<M> {
                 token,
                 result: self.store_route(spec, cap).map(|()| None),
             },
+            Action::ConsumerCount {
+                token,
+                queue,
+                prefix,
+            } => {
+                let count = self
+                    .subs
+                    .values()
+                    .filter(|s| s.attached && s.spec.topic == queue)
+                    .filter(|s| {
+                        s.consumer_name
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with(&prefix))
+                    })
+                    .count() as u64;
+                Event::KvResult {
+                    token,
+                    result: Ok(Some(count.to_be_bytes().to_vec())),
+                }
+            }
             Action::QueueBacklog { token, queue } => Event::KvResult {
                 token,
                 result: Ok(Some(self.queue_backlog(&queue).to_be_bytes().to_vec())),
@@ -871,6 +895,7 @@ impl<M: Machine> SimHost<M> {
         let backlog = (!resumes).then(|| self.stored_from(&spec.topic.name, &spec.start));
         if let Some(s) = self.subs.get_mut(&id) {
             s.messages = true;
+            s.consumer_name = spec.consumer_name.clone();
             if let Some(b) = backlog {
                 s.backlog = b;
             }
@@ -933,6 +958,7 @@ impl<M: Machine> SimHost<M> {
             key_property: None,
             messages: false,
             drained: false,
+            consumer_name: None,
         };
         if sub.spec.durable {
             let earlier = self
@@ -1286,6 +1312,7 @@ fn op_token(action: &Action) -> Option<u64> {
         | Action::OpenRoute { token, .. }
         | Action::StoreRoute { token, .. }
         | Action::QueueBacklog { token, .. }
+        | Action::ConsumerCount { token, .. }
         | Action::KvGet { token, .. }
         | Action::KvPut { token, .. }
         | Action::KvScan { token, .. }

@@ -79,8 +79,9 @@ fn plugin_built_against_abi_0_2_3_still_loads_and_echoes() {
 
 #[test]
 fn plugin_built_against_abi_0_2_4_still_loads_and_echoes() {
-    // 0.2.5 and 0.2.6 added imports only (`quota`, `caps`, `flow`): a 0.2.4 plugin is
-    // linked through 0.2.6's bindings (semver), its exports found by the same rule.
+    // 0.2.5 to 0.2.7 added imports only (`quota`, `caps`, `flow`, `durable`, `queues`): a
+    // 0.2.4 plugin is linked through 0.2.7's bindings (semver), its exports found by the
+    // same rule.
     older_plugin_loads_and_echoes("echo-plugin-abi-0.2.4.wasm");
 }
 

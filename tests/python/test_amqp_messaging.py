@@ -339,6 +339,32 @@ def test_declare_ok_and_purge_ok_count_the_queues_messages(conn):
     assert ch.queue_delete(q).method.message_count == 3
 
 
+def test_declare_ok_counts_the_queues_consumers_on_every_connection(amqp_server, conn):
+    """declare-ok's consumer_count: the queue's consumers, whatever connection or channel
+    holds them; a basic.get is none; a cancelled consumer and a closed connection's
+    consumers leave the count (RabbitMQ at once, the gateway as the backend lets them go)."""
+    ch = conn.channel()
+    q = unique("consumers")
+    assert ch.queue_declare(q).method.consumer_count == 0
+    other = pika.BlockingConnection(params(amqp_server))
+    try:
+        och = other.channel()
+        och.basic_consume(q, lambda *args: None)
+        tag = ch.basic_consume(q, lambda *args: None)
+        ch.connection.channel().basic_consume(q, lambda *args: None)
+        och.basic_get(q)
+        counted = lambda: ch.queue_declare(q, passive=True).method.consumer_count  # noqa: E731
+        assert counted() == 3
+        ch.basic_cancel(tag)
+        wait_until(lambda: counted() == 2, timeout=5, what="the cancelled consumer to go")
+        other.close()
+        wait_until(lambda: counted() == 1, timeout=5, what="the closed connection's consumer")
+    finally:
+        if other.is_open:
+            other.close()
+    ch.queue_delete(q)
+
+
 def test_publisher_confirms_ack_each_stored_message(conn):
     ch = conn.channel()
     ch.confirm_delivery()

@@ -9,6 +9,9 @@
 //! with the `manage` permission. With an external backend, the same REST calls go over
 //! HTTP/1.1 to `[backend] admin_url` (an Apache Pulsar broker's web service, or another
 //! process's embedded broker); without one every call fails.
+//!
+//! And `queues.consumer-count` (ABI 0.2.7): a queue's consumers, from the same API's topic
+//! statistics (Pulsar's `consumers` of the queue's subscription, by `consumerName`).
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Method, Request, StatusCode};
@@ -19,7 +22,7 @@ use super::context::{op_error, HostState};
 use super::event::Event;
 use crate::abi::types::{ErrorKind, OpError};
 use crate::abi::v0_2::exports::magnetar::plugin::events2::TopicInfo;
-use crate::abi::v0_2::magnetar::plugin::topics;
+use crate::abi::v0_2::magnetar::plugin::{queues, topics};
 use crate::config::ActionName;
 
 /// Largest admin answer read (topic lists of one namespace).
@@ -182,6 +185,89 @@ impl TopicAdmin {
     }
 }
 
+/// How many of the consumers of `subscription`, in the topic statistics `stats` (Pulsar's
+/// shape: `subscriptions.<name>.consumers[].consumerName`), have a name starting with
+/// `prefix`.
+fn consumers_named(stats: &serde_json::Value, subscription: &str, prefix: &str) -> u64 {
+    stats
+        .get("subscriptions")
+        .and_then(|s| s.get(subscription))
+        .and_then(|s| s.get("consumers"))
+        .and_then(|c| c.as_array())
+        .map(|consumers| {
+            consumers
+                .iter()
+                .filter_map(|c| c.get("consumerName").and_then(|n| n.as_str()))
+                .filter(|n| n.starts_with(prefix))
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+impl TopicAdmin {
+    /// The consumers of `subscription` on the topic at `path` whose name starts with
+    /// `prefix`; 0 for a topic that does not exist (nobody ever read it).
+    async fn consumer_count(
+        &self,
+        path: &str,
+        subscription: &str,
+        prefix: &str,
+    ) -> Result<u64, OpError> {
+        let body = match self
+            .call(Method::GET, &format!("{path}/stats"), String::new())
+            .await
+        {
+            Ok(body) => body,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let stats: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| op_error(ErrorKind::Backend, format!("admin answer: {e}")))?;
+        Ok(consumers_named(&stats, subscription, prefix))
+    }
+}
+
+impl queues::Host for HostState {
+    /// `consumer-count`: completes with `on-kv-result` (8 bytes, big-endian).
+    fn consumer_count(&mut self, conn: u64, token: u64, queue: String, prefix: String) {
+        let checked = (|| {
+            let admin = self.services.topic_admin.clone().ok_or_else(|| {
+                op_error(
+                    ErrorKind::Internal,
+                    "consumer counts need the embedded broker or [backend] admin_url",
+                )
+            })?;
+            let url = self.authorized_topic(conn, &queue, ActionName::Consume)?;
+            let rest = url.strip_prefix("persistent://").unwrap_or(&url);
+            Ok((admin, format!("/admin/v2/persistent/{rest}")))
+        })();
+        let (admin, path) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                return self.complete(Event::KvResult {
+                    conn,
+                    token,
+                    outcome: Err(e),
+                })
+            }
+        };
+        let events = self.events.clone();
+        self.runtime.spawn(async move {
+            let outcome = admin
+                .consumer_count(&path, super::routing::QUEUE_SUBSCRIPTION, &prefix)
+                .await
+                .map(|n| Some(n.to_be_bytes().to_vec()));
+            let _ = events
+                .send(Event::KvResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
+        });
+    }
+}
+
 /// What a `topics` call asks.
 enum TopicsCall {
     Create(u32),
@@ -304,5 +390,30 @@ impl topics::Host for HostState {
 
     fn describe(&mut self, conn: u64, token: u64, names: Vec<String>) {
         self.topics_call(conn, token, "", TopicsCall::Describe(names));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consumers_named;
+    use serde_json::json;
+
+    #[test]
+    fn consumers_are_counted_by_name_prefix_on_their_subscription_only() {
+        let stats = json!({
+            "subscriptions": {
+                "magnetar-queue": {"consumers": [
+                    {"consumerName": "amqp:ctag-1"},
+                    {"consumerName": "amqp:ctag-2"},
+                    {"consumerName": "f3a9c"},
+                    {}
+                ]},
+                "other": {"consumers": [{"consumerName": "amqp:x"}]}
+            }
+        });
+        assert_eq!(consumers_named(&stats, "magnetar-queue", "amqp:"), 2);
+        assert_eq!(consumers_named(&stats, "magnetar-queue", ""), 3);
+        assert_eq!(consumers_named(&stats, "missing", "amqp:"), 0);
+        assert_eq!(consumers_named(&json!({}), "magnetar-queue", "amqp:"), 0);
     }
 }

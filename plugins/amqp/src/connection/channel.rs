@@ -209,8 +209,15 @@ pub(crate) enum Task {
         name: String,
         reply: Option<Box<Method>>,
     },
-    /// The queue's messages counted (`durable.queue-backlog`): put them in the reply.
+    /// The queue's messages counted (`durable.queue-backlog`): put them in the reply
+    /// (a `declare-ok` counts the queue's consumers next).
     Counted {
+        channel: u16,
+        reply: Box<Method>,
+    },
+    /// The queue's consumers counted (`queues.consumer-count`): put them in the
+    /// `declare-ok`, reply.
+    ConsumersCounted {
         channel: u16,
         reply: Box<Method>,
     },
@@ -355,6 +362,11 @@ pub(super) const GET_RECORD_FRESH_MS: u64 = super::lifetime::WATCH_MS;
 /// feeders' copies).
 const GET_COUNT_WAIT_MS: u64 = 10_000;
 /// A queue's count from `durable.queue-backlog`'s outcome; `None` if the host could not say.
+/// What the name of every `basic.consume` consumer starts with (then its consumer tag), so
+/// that a queue's consumer count (`queues.consumer-count`) leaves out the plugin's other
+/// readers of the queue (`basic.get`'s, sweeps, purges, probes) and the host's.
+pub(super) const CONSUMER_NAME_PREFIX: &str = "amqp-consumer:";
+
 fn count_of(r: Result<Option<Vec<u8>>, OpError>) -> Option<u64> {
     r.ok().and_then(|v| decode_backlog(v.as_deref()))
 }
@@ -994,7 +1006,7 @@ impl AmqpConnection {
             spec: queue_consumer(
                 topology::queue_topic(&consume.queue),
                 consume.prefetch,
-                Some(consume.tag.clone()),
+                Some(format!("{CONSUMER_NAME_PREFIX}{}", consume.tag)),
             ),
         });
         self.busy = true;
@@ -1400,6 +1412,25 @@ impl AmqpConnection {
                 let count = u32::try_from(count.unwrap_or(0)).unwrap_or(u32::MAX);
                 if let Method::QueueDeclareOk(ok) = reply.as_mut() {
                     ok.message_count = count;
+                    let queue = topology::queue_topic(&ok.queue);
+                    let token = self
+                        .ops
+                        .start(Op::Task(Task::ConsumersCounted { channel, reply }));
+                    self.out.push(Action::ConsumerCount {
+                        token,
+                        queue,
+                        prefix: CONSUMER_NAME_PREFIX.into(),
+                    });
+                    self.busy = true;
+                    return;
+                }
+                self.send_method(channel, *reply);
+            }
+            (Task::ConsumersCounted { channel, mut reply }, Outcome::Kv(r)) => {
+                // Unknown (no admin API to ask): 0, as before consumers were counted.
+                let count = u32::try_from(count_of(r).unwrap_or(0)).unwrap_or(u32::MAX);
+                if let Method::QueueDeclareOk(ok) = reply.as_mut() {
+                    ok.consumer_count = count;
                 }
                 self.send_method(channel, *reply);
             }

@@ -1749,6 +1749,48 @@ fn exchange_bind_stores_the_edge_and_gives_queues_its_bindings() {
 }
 
 #[test]
+fn declare_ok_counts_the_queues_consumers_but_not_its_gets() {
+    let mut h = with_queue_q();
+    let consumers = |h: &mut SimHost<AmqpConnection>| {
+        h.data(&frame(
+            1,
+            Method::QueueDeclare(QueueDeclare {
+                queue: "q".into(),
+                passive: true,
+                ..Default::default()
+            }),
+        ));
+        h.run();
+        match &sent(h)[..] {
+            [Frame::Method(1, Method::QueueDeclareOk(ok))] => ok.consumer_count,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(consumers(&mut h), 0);
+    consume_q(&mut h);
+    // A get's consumer of the queue is not a consumer of it.
+    h.data(&get());
+    h.run();
+    sent(&mut h);
+    assert_eq!(consumers(&mut h), 1);
+    assert!(h.take_actions().iter().any(|a| matches!(
+        a,
+        Action::ConsumerCount { queue, prefix, .. }
+            if queue == "amqp-q-q" && prefix == channel::CONSUMER_NAME_PREFIX
+    )));
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    sent(&mut h);
+    assert_eq!(consumers(&mut h), 0);
+}
+
+#[test]
 fn declare_ok_and_purge_ok_count_the_queues_messages() {
     let mut h = running();
     let declare = |passive: bool| {

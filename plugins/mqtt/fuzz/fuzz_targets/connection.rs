@@ -257,6 +257,8 @@ impl Host {
             Action::StoreRoute { .. } | Action::QueueBacklog { .. } => {
                 panic!("the MQTT plugin used durable: {a:?}")
             }
+            // Nor queue consumer counts (ABI 0.2.7, AMQP's declare-ok).
+            Action::ConsumerCount { .. } => panic!("the MQTT plugin used queues: {a:?}"),
             Action::Publish { token, .. } => Event::PublishResult {
                 token,
                 result: fail(self.fail_next.take()).map_or(Ok(()), Err),
