@@ -111,6 +111,16 @@ impl Getter {
     }
 }
 
+/// A `declare-ok` waiting for the queue's counts, both asked at once: its messages and its
+/// consumers (`None` until each came).
+#[derive(Debug)]
+pub(crate) struct CountedReply {
+    channel: u16,
+    reply: Box<Method>,
+    messages: Option<u32>,
+    consumers: Option<u32>,
+}
+
 /// A `basic.get` waiting for a message or for its deadline (then `get-empty`).
 #[derive(Debug, Clone)]
 pub(crate) struct PendingGet {
@@ -209,17 +219,11 @@ pub(crate) enum Task {
         name: String,
         reply: Option<Box<Method>>,
     },
-    /// The queue's messages counted (`durable.queue-backlog`): put them in the reply
-    /// (a `declare-ok` counts the queue's consumers next).
+    /// One of a `declare-ok`'s two counts ([`CountedReply`] `id`) came: the queue's
+    /// consumers (`queues.consumer-count`) or its messages (`durable.queue-backlog`).
     Counted {
-        channel: u16,
-        reply: Box<Method>,
-    },
-    /// The queue's consumers counted (`queues.consumer-count`): put them in the
-    /// `declare-ok`, reply.
-    ConsumersCounted {
-        channel: u16,
-        reply: Box<Method>,
+        id: u64,
+        consumers: bool,
     },
     /// The queue's messages counted for the pending `basic.get` whose deadline is `timer`:
     /// none (the host counts once every copy of what was published before is in),
@@ -578,7 +582,32 @@ impl AmqpConnection {
         let Some(reply) = reply else {
             return;
         };
-        self.wait_count(name, Task::Counted { channel, reply });
+        let id = self.ops.token();
+        self.counted_replies.insert(
+            id,
+            CountedReply {
+                channel,
+                reply,
+                messages: None,
+                consumers: None,
+            },
+        );
+        self.wait_count(
+            name,
+            Task::Counted {
+                id,
+                consumers: false,
+            },
+        );
+        let token = self.ops.start(Op::Task(Task::Counted {
+            id,
+            consumers: true,
+        }));
+        self.out.push(Action::ConsumerCount {
+            token,
+            queue: topology::queue_topic(name),
+            prefix: CONSUMER_NAME_PREFIX.into(),
+        });
     }
 
     /// Counts the queue `name` (`durable.queue-backlog`); `task` goes on with the count.
@@ -1406,33 +1435,30 @@ impl AmqpConnection {
                 Ok(_) => self.reply_counted(channel, reply, &name),
                 Err(e) => failed(self, channel, &e),
             },
-            (Task::Counted { channel, mut reply }, Outcome::Kv(r)) => {
-                // Unknown (the backend could not say): 0, as before counts were read.
-                let count = count_of(r);
-                let count = u32::try_from(count.unwrap_or(0)).unwrap_or(u32::MAX);
-                if let Method::QueueDeclareOk(ok) = reply.as_mut() {
-                    ok.message_count = count;
-                    let queue = topology::queue_topic(&ok.queue);
-                    let token = self
-                        .ops
-                        .start(Op::Task(Task::ConsumersCounted { channel, reply }));
-                    self.out.push(Action::ConsumerCount {
-                        token,
-                        queue,
-                        prefix: CONSUMER_NAME_PREFIX.into(),
-                    });
+            (Task::Counted { id, consumers }, Outcome::Kv(r)) => {
+                // Unknown (the backend, or no admin API, could not say): 0, as before
+                // counts were read.
+                let count = u32::try_from(count_of(r).unwrap_or(0)).unwrap_or(u32::MAX);
+                let Some(c) = self.counted_replies.get_mut(&id) else {
+                    return;
+                };
+                if consumers {
+                    c.consumers = Some(count);
+                } else {
+                    c.messages = Some(count);
+                }
+                let (Some(messages), Some(consumers)) = (c.messages, c.consumers) else {
+                    // The other count is still on its way: the channel goes on waiting.
                     self.busy = true;
                     return;
+                };
+                if let Some(mut c) = self.counted_replies.remove(&id) {
+                    if let Method::QueueDeclareOk(ok) = c.reply.as_mut() {
+                        ok.message_count = messages;
+                        ok.consumer_count = consumers;
+                    }
+                    self.send_method(c.channel, *c.reply);
                 }
-                self.send_method(channel, *reply);
-            }
-            (Task::ConsumersCounted { channel, mut reply }, Outcome::Kv(r)) => {
-                // Unknown (no admin API to ask): 0, as before consumers were counted.
-                let count = u32::try_from(count_of(r).unwrap_or(0)).unwrap_or(u32::MAX);
-                if let Method::QueueDeclareOk(ok) = reply.as_mut() {
-                    ok.consumer_count = count;
-                }
-                self.send_method(channel, *reply);
             }
             (Task::GetCount { timer, first }, Outcome::Kv(r)) => {
                 self.on_get_count(timer, first, count_of(r));

@@ -219,6 +219,8 @@ pub struct AmqpConnection {
     consumers: HashMap<SubId, (u16, String, bool, String)>,
     /// `basic.get` consumers by subscription: channel and queue.
     getters: HashMap<SubId, (u16, String)>,
+    /// `declare-ok`s waiting for their counts, by id.
+    counted_replies: HashMap<u64, channel::CountedReply>,
     /// The queue arguments that act on the messages of each consumer and `basic.get`
     /// consumer (expiry, dead-lettering).
     policies: HashMap<SubId, crate::queue_policy::QueuePolicy>,
@@ -299,6 +301,7 @@ impl AmqpConnection {
             busy: false,
             consumers: HashMap::new(),
             getters: HashMap::new(),
+            counted_replies: HashMap::new(),
             policies: HashMap::new(),
             refused: Default::default(),
             pending_get: None,
