@@ -269,6 +269,27 @@ impl HostState {
             let _ = events.send(event).await;
         });
     }
+
+    /// Runs `outcome` on the runtime and completes the operation `token` with it as a kv
+    /// result (`on-kv-result`: the counts of `durable` and `queues` answer this way).
+    pub(super) fn complete_kv_later(
+        &self,
+        conn: u64,
+        token: u64,
+        outcome: impl std::future::Future<Output = Result<Option<Vec<u8>>, OpError>> + Send + 'static,
+    ) {
+        let events = self.events.clone();
+        self.runtime.spawn(async move {
+            let outcome = outcome.await;
+            let _ = events
+                .send(Event::KvResult {
+                    conn,
+                    token,
+                    outcome,
+                })
+                .await;
+        });
+    }
 }
 
 impl types::Host for HostState {}

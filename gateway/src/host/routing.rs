@@ -648,21 +648,12 @@ impl durable::Host for HostState {
                 .and_then(|(sub, _)| slot.subs.get(sub).cloned()),
             _ => None,
         };
-        let (services, events) = (self.services.clone(), self.events.clone());
-        self.runtime.spawn(async move {
-            let outcome = match topic {
-                Ok(t) => Ok(queue_backlog(&services, &t, reader)
-                    .await
-                    .map(|n| n.to_be_bytes().to_vec())),
-                Err(e) => Err(e),
-            };
-            let _ = events
-                .send(Event::KvResult {
-                    conn,
-                    token,
-                    outcome,
-                })
-                .await;
+        let services = self.services.clone();
+        self.complete_kv_later(conn, token, async move {
+            let t = topic?;
+            Ok(queue_backlog(&services, &t, reader)
+                .await
+                .map(|n| n.to_be_bytes().to_vec()))
         });
     }
 }

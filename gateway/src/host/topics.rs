@@ -251,19 +251,11 @@ impl queues::Host for HostState {
                 })
             }
         };
-        let events = self.events.clone();
-        self.runtime.spawn(async move {
-            let outcome = admin
+        self.complete_kv_later(conn, token, async move {
+            admin
                 .consumer_count(&path, super::routing::QUEUE_SUBSCRIPTION, &prefix)
                 .await
-                .map(|n| Some(n.to_be_bytes().to_vec()));
-            let _ = events
-                .send(Event::KvResult {
-                    conn,
-                    token,
-                    outcome,
-                })
-                .await;
+                .map(|n| Some(n.to_be_bytes().to_vec()))
         });
     }
 }

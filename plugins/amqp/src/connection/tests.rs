@@ -781,6 +781,16 @@ fn basic_get_answers_a_waiting_message_or_get_empty_at_once_or_after_its_wait() 
     ));
 }
 
+/// A `basic.get` of `q` closes channel 1 with 404 NOT_FOUND.
+fn assert_get_is_404(h: &mut SimHost<AmqpConnection>) {
+    h.data(&get());
+    h.run();
+    assert!(matches!(
+        &sent(h)[..],
+        [Frame::Method(1, Method::ChannelClose(c))] if c.reply_code == 404
+    ));
+}
+
 #[test]
 fn a_polling_channel_reads_its_queues_record_once_a_second_and_again_once_deleted() {
     let mut h = with_queue_q();
@@ -804,13 +814,8 @@ fn a_polling_channel_reads_its_queues_record_once_a_second_and_again_once_delete
     h.kv_mut().remove("amqp/q/q");
     h.advance(channel::GET_RECORD_FRESH_MS);
     h.take_actions();
-    h.data(&get());
-    h.run();
+    assert_get_is_404(&mut h);
     assert_eq!(records_read(&mut h), 1);
-    assert!(matches!(
-        &sent(&mut h)[..],
-        [Frame::Method(1, Method::ChannelClose(c))] if c.reply_code == 404
-    ));
 }
 
 #[test]
@@ -828,12 +833,7 @@ fn a_queue_this_connection_deletes_is_404_to_its_next_get_at_once() {
     ));
     h.run();
     sent(&mut h);
-    h.data(&get());
-    h.run();
-    assert!(matches!(
-        &sent(&mut h)[..],
-        [Frame::Method(1, Method::ChannelClose(c))] if c.reply_code == 404
-    ));
+    assert_get_is_404(&mut h);
 }
 
 #[test]
