@@ -2279,7 +2279,7 @@ impl AmqpConnection {
 
     /// A message of a getter's consumer: the pending `basic.get` takes it, or it waits.
     fn on_getter_message(&mut self, channel: u16, queue: String, m: Message) {
-        if self.expire(&m) {
+        if self.expire(&m) || self.purge_takes_got(&queue, &m) {
             self.retire_getters(&[m.subscription]);
             return;
         }

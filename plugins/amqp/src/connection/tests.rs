@@ -2047,6 +2047,53 @@ fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
 }
 
 #[test]
+fn what_a_get_consumer_is_handed_while_a_purge_drains_goes_with_the_purge() {
+    let mut h = with_queue_q();
+    // A get opens the channel's get consumer; a message comes for it and waits (ready).
+    h.data(&get());
+    h.run();
+    sent(&mut h);
+    let getter = *h.machine().getters.keys().next().unwrap();
+    h.feed(queued(getter, 1));
+    h.take_actions();
+    // The get consumer holds the queue here: the purge drains it, and takes the waiting one.
+    h.data(&frame(
+        1,
+        Method::QueuePurge(QueuePurge {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+    // The get consumer's window opened: the backend hands it the next message meanwhile.
+    h.feed(queued(getter, 2));
+    h.advance(100);
+    h.run();
+    let purged = sent(&mut h).iter().find_map(|f| match f {
+        Frame::Method(1, Method::QueuePurgeOk(ok)) => Some(ok.message_count),
+        _ => None,
+    });
+    assert_eq!(purged, Some(2));
+    let acked: Vec<u64> = h
+        .take_actions()
+        .iter()
+        .flat_map(|a| match a {
+            Action::Ack { sub, delivery_id } if *sub == getter => vec![*delivery_id],
+            Action::AckMany { sub, delivery_ids } if *sub == getter => delivery_ids.clone(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(acked, [1, 2]);
+    // Nothing waits for the next get.
+    h.data(&get());
+    h.run();
+    assert!(matches!(
+        &sent(&mut h)[..],
+        [Frame::Method(1, Method::BasicGetEmpty(_))]
+    ));
+}
+
+#[test]
 fn sweeps_of_a_queue_others_hold_come_less_and_less_often() {
     let mut h = running();
     let mut arguments = FieldTable::default();

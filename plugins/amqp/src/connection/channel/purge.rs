@@ -12,7 +12,8 @@
 //!   acknowledged, and the consumers reconnect), so a Shared consumer with a window of
 //!   [`DRAIN_WINDOW`] takes the ready messages instead, acknowledging each, until the count
 //!   taken before is reached or none came for [`DRAIN_IDLE_MS`]; messages this connection's
-//!   `basic.get` consumers hold for the client (ready, in RabbitMQ's eyes) go too.
+//!   `basic.get` consumers hold for the client (ready, in RabbitMQ's eyes) go too, and so
+//!   does what they are handed while the purge drains.
 //!   `purge-ok` reports what it took. Consumers with room in their prefetch keep taking
 //!   messages meanwhile (RabbitMQ would have pushed them those already).
 
@@ -27,6 +28,7 @@ const DRAIN_IDLE_MS: u64 = 100;
 #[derive(Debug)]
 pub(crate) struct PurgeDrain {
     channel: u16,
+    queue: String,
     sub: SubId,
     no_wait: bool,
     /// Messages taken and acknowledged.
@@ -135,6 +137,7 @@ impl AmqpConnection {
         let limit = if p.count > 0 { p.count } else { u64::MAX };
         self.purge_drain = Some(PurgeDrain {
             channel: p.channel,
+            queue: p.queue.clone(),
             sub,
             no_wait: p.no_wait,
             purged,
@@ -162,11 +165,19 @@ impl AmqpConnection {
 
     /// A message reached the purge's consumer: acknowledged, gone. Whether it was one.
     pub(in crate::connection) fn on_purge_drain_message(&mut self, m: &Message) -> bool {
-        let Some(d) = self
-            .purge_drain
-            .as_mut()
-            .filter(|d| d.sub == m.subscription)
-        else {
+        let sub = m.subscription;
+        self.purge_drain_takes(m, |d| d.sub == sub)
+    }
+
+    /// A message reached a `basic.get` consumer of `queue`: while a purge drains that
+    /// queue, it goes with the others (it is ready for the client). Whether it went.
+    pub(in crate::connection) fn purge_takes_got(&mut self, queue: &str, m: &Message) -> bool {
+        self.purge_drain_takes(m, |d| d.queue == queue)
+    }
+
+    /// `m` acknowledged and counted by the running purge, if `applies` to it.
+    fn purge_drain_takes(&mut self, m: &Message, applies: impl Fn(&PurgeDrain) -> bool) -> bool {
+        let Some(d) = self.purge_drain.as_mut().filter(|d| applies(d)) else {
             return false;
         };
         d.purged += 1;
