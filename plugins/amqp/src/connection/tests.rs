@@ -1984,6 +1984,26 @@ fn a_get_whose_consumer_the_backend_refuses_for_a_moment_opens_it_again() {
         .any(|f| matches!(f, Frame::Method(1, Method::BasicGetOk(_)))));
 }
 
+/// `queue.purge` of `q` on channel 1, run.
+fn purge_q(h: &mut SimHost<AmqpConnection>) {
+    h.data(&frame(
+        1,
+        Method::QueuePurge(QueuePurge {
+            queue: "q".into(),
+            ..Default::default()
+        }),
+    ));
+    h.run();
+}
+
+/// The message count of the `purge-ok` among `frames`, if one is there.
+fn purge_ok_count(frames: &[Frame]) -> Option<u32> {
+    frames.iter().find_map(|f| match f {
+        Frame::Method(1, Method::QueuePurgeOk(ok)) => Some(ok.message_count),
+        _ => None,
+    })
+}
+
 #[test]
 fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
     let mut h = with_queue_q();
@@ -2014,14 +2034,7 @@ fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
     );
     sent(&mut h);
     h.take_actions();
-    h.data(&frame(
-        1,
-        Method::QueuePurge(QueuePurge {
-            queue: "q".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
+    purge_q(&mut h);
     let actions = h.take_actions();
     // No seek (it would drop what the consumer holds): a Shared consumer took the rest.
     assert!(!actions.iter().any(|a| matches!(a, Action::Seek { .. })));
@@ -2029,11 +2042,7 @@ fn a_purge_beside_a_consumer_takes_the_ready_messages_one_by_one() {
     // Each message it is handed is acknowledged; none for a while ends the purge.
     h.advance(100);
     h.run();
-    let frames = sent(&mut h);
-    let purged = frames.iter().find_map(|f| match f {
-        Frame::Method(1, Method::QueuePurgeOk(ok)) => Some(ok.message_count),
-        _ => None,
-    });
+    let purged = purge_ok_count(&sent(&mut h));
     let acked = actions
         .iter()
         .chain(&h.take_actions())
@@ -2057,22 +2066,12 @@ fn what_a_get_consumer_is_handed_while_a_purge_drains_goes_with_the_purge() {
     h.feed(queued(getter, 1));
     h.take_actions();
     // The get consumer holds the queue here: the purge drains it, and takes the waiting one.
-    h.data(&frame(
-        1,
-        Method::QueuePurge(QueuePurge {
-            queue: "q".into(),
-            ..Default::default()
-        }),
-    ));
-    h.run();
+    purge_q(&mut h);
     // The get consumer's window opened: the backend hands it the next message meanwhile.
     h.feed(queued(getter, 2));
     h.advance(100);
     h.run();
-    let purged = sent(&mut h).iter().find_map(|f| match f {
-        Frame::Method(1, Method::QueuePurgeOk(ok)) => Some(ok.message_count),
-        _ => None,
-    });
+    let purged = purge_ok_count(&sent(&mut h));
     assert_eq!(purged, Some(2));
     let acked: Vec<u64> = h
         .take_actions()
