@@ -334,6 +334,19 @@ fn consume_q(h: &mut SimHost<AmqpConnection>) {
     h.take_actions();
 }
 
+/// Cancels the consumer `c` of channel 1; what that sent is cleared.
+fn cancel_c(h: &mut SimHost<AmqpConnection>) {
+    h.data(&frame(
+        1,
+        Method::BasicCancel(BasicCancel {
+            consumer_tag: "c".into(),
+            no_wait: false,
+        }),
+    ));
+    h.run();
+    sent(h);
+}
+
 /// A running connection consuming queue `q` (channel 1), whose record has `argument` and the
 /// dead-letter exchange `dlx`: the host and the consumer's subscription.
 fn consuming_with_dead_letters(
@@ -1124,15 +1137,7 @@ fn delete_if_unused_or_if_empty_refuses_a_used_or_full_queue_with_406() {
         if c.reply_code == PRECONDITION_FAILED && c.reply_text == "PRECONDITION_FAILED - queue 'q' in vhost '/' in use"
     ));
     h.data(&frame(2, Method::ChannelCloseOk(ChannelCloseOk {})));
-    h.data(&frame(
-        1,
-        Method::BasicCancel(BasicCancel {
-            consumer_tag: "c".into(),
-            no_wait: false,
-        }),
-    ));
-    h.run();
-    sent(&mut h);
+    cancel_c(&mut h);
     // A message waits in the queue: the route that checks it is handed it.
     h.produce(magnetar_sdk::OutboundMessage {
         topic: "amqp".into(),
@@ -1778,15 +1783,7 @@ fn declare_ok_counts_the_queues_consumers_but_not_its_gets() {
         Action::ConsumerCount { queue, prefix, .. }
             if queue == "amqp-q-q" && prefix == channel::CONSUMER_NAME_PREFIX
     )));
-    h.data(&frame(
-        1,
-        Method::BasicCancel(BasicCancel {
-            consumer_tag: "c".into(),
-            no_wait: false,
-        }),
-    ));
-    h.run();
-    sent(&mut h);
+    cancel_c(&mut h);
     assert_eq!(consumers(&mut h), 0);
 }
 
