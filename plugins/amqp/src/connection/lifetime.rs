@@ -367,11 +367,14 @@ impl AmqpConnection {
             return;
         };
         match r {
-            Ok(sub) => self.wait_kv_put(
-                topology::queue_key(&name),
-                None,
-                Task::AutoDeleted { task, sub },
-            ),
+            Ok(sub) => {
+                self.forget_get_records(&name);
+                self.wait_kv_put(
+                    topology::queue_key(&name),
+                    None,
+                    Task::AutoDeleted { task, sub },
+                )
+            }
             Err(_) => self.step_checked(*task, Outcome::Kv(Ok(Some(record)))),
         }
     }
@@ -501,6 +504,7 @@ impl AmqpConnection {
             ),
         }
         let key = topology::queue_key(&reap.name);
+        self.forget_get_records(&reap.name);
         let token = self.ops.start(Op::Reap(reap));
         self.out.push(Action::KvPut {
             token,
