@@ -230,33 +230,41 @@ impl TopicAdmin {
 impl queues::Host for HostState {
     /// `consumer-count`: completes with `on-kv-result` (8 bytes, big-endian).
     fn consumer_count(&mut self, conn: u64, token: u64, queue: String, prefix: String) {
-        let checked = (|| {
-            let admin = self.services.topic_admin.clone().ok_or_else(|| {
-                op_error(
-                    ErrorKind::Internal,
-                    "consumer counts need the embedded broker or [backend] admin_url",
-                )
-            })?;
-            let url = self.authorized_topic(conn, &queue, ActionName::Consume)?;
-            let rest = url.strip_prefix("persistent://").unwrap_or(&url);
-            Ok((admin, format!("/admin/v2/persistent/{rest}")))
-        })();
-        let (admin, path) = match checked {
-            Ok(c) => c,
-            Err(e) => {
-                return self.complete(Event::KvResult {
-                    conn,
-                    token,
-                    outcome: Err(e),
-                })
-            }
-        };
+        let checked = self.topic_admin("consumer counts").and_then(|admin| {
+            let path = self.admin_topic_path(conn, &queue, ActionName::Consume)?;
+            Ok((admin, path))
+        });
         self.complete_kv_later(conn, token, async move {
+            let (admin, path) = checked?;
             admin
                 .consumer_count(&path, super::routing::QUEUE_SUBSCRIPTION, &prefix)
                 .await
                 .map(|n| Some(n.to_be_bytes().to_vec()))
         });
+    }
+}
+
+impl HostState {
+    /// The backend's admin API, or the error `what` gets without one.
+    fn topic_admin(&self, what: &str) -> Result<std::sync::Arc<TopicAdmin>, OpError> {
+        self.services.topic_admin.clone().ok_or_else(|| {
+            op_error(
+                ErrorKind::Internal,
+                format!("{what} need the embedded broker or [backend] admin_url"),
+            )
+        })
+    }
+
+    /// The admin API's path of the connection's `topic`, once `action` on it is allowed.
+    fn admin_topic_path(
+        &self,
+        conn: u64,
+        topic: &str,
+        action: ActionName,
+    ) -> Result<String, OpError> {
+        let url = self.authorized_topic(conn, topic, action)?;
+        let rest = url.strip_prefix("persistent://").unwrap_or(&url);
+        Ok(format!("/admin/v2/persistent/{rest}"))
     }
 }
 
@@ -278,22 +286,13 @@ impl HostState {
             TopicsCall::Describe(_) => ActionName::Consume,
         };
         let checked = (|| {
-            let admin = self.services.topic_admin.clone().ok_or_else(|| {
-                op_error(
-                    ErrorKind::Internal,
-                    "topics need the embedded broker or [backend] admin_url",
-                )
-            })?;
+            let admin = self.topic_admin("topics")?;
             let path = match &call {
                 TopicsCall::Describe(_) => {
                     let p = self.principal(conn)?;
                     format!("/admin/v2/persistent/{}/{}", p.tenant, p.namespace)
                 }
-                _ => {
-                    let url = self.authorized_topic(conn, topic, action)?;
-                    let rest = url.strip_prefix("persistent://").unwrap_or(&url);
-                    format!("/admin/v2/persistent/{rest}")
-                }
+                _ => self.admin_topic_path(conn, topic, action)?,
             };
             if let TopicsCall::Describe(names) = &call {
                 for n in names {
